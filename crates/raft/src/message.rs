@@ -1,0 +1,156 @@
+//! The messages Raft nodes exchange. The runtime carries them between nodes;
+//! their encoding on the wire belongs to the transport (`docs/`).
+
+use bytes::Bytes;
+
+use crate::types::{EntryPayload, LogIndex, NodeId, ReadId, SnapshotMeta, Term};
+use crate::Entry;
+
+/// One message from one member of a group to another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The sender.
+    pub from: NodeId,
+    /// The receiver.
+    pub to: NodeId,
+    /// The sender's term. Forwarded requests ([`MessageBody::is_forward`])
+    /// carry term 0: they are not part of the term protocol.
+    pub term: Term,
+    /// What the message says.
+    pub body: MessageBody,
+}
+
+/// Why a follower rejected an append, with a hint that lets the leader skip a
+/// whole conflicting term at once instead of probing one index at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejectHint {
+    /// The largest index at which the follower may match the leader.
+    pub index: LogIndex,
+    /// The follower's term at `index`.
+    pub term: Term,
+}
+
+/// The kinds of message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageBody {
+    /// AppendEntries (§5.3): entries after `prev_index`, and the commit index.
+    Append {
+        /// The index of the entry just before `entries`.
+        prev_index: LogIndex,
+        /// The term of that entry.
+        prev_term: Term,
+        /// The entries to append; empty for a pure probe.
+        entries: Vec<Entry>,
+        /// The leader's commit index.
+        commit: LogIndex,
+    },
+    /// The answer to an append or a snapshot.
+    AppendResponse {
+        /// On success, the highest index known to match the leader. On
+        /// rejection, the `prev_index` that did not match.
+        index: LogIndex,
+        /// Set when the append was rejected.
+        reject: Option<RejectHint>,
+    },
+    /// RequestVote (§5.2), or a pre-vote (§9.6) that changes no term.
+    Vote {
+        /// True for a pre-vote.
+        pre_vote: bool,
+        /// The candidate's last log index.
+        last_index: LogIndex,
+        /// The candidate's last log term.
+        last_term: Term,
+        /// True when the campaign follows a leadership transfer: voters
+        /// grant it even if they heard from a leader recently.
+        transfer: bool,
+    },
+    /// The answer to a vote or pre-vote.
+    VoteResponse {
+        /// True for a pre-vote answer.
+        pre_vote: bool,
+        /// True when the vote is granted.
+        granted: bool,
+    },
+    /// The leader's heartbeat; `round` numbers it so that read requests and
+    /// the leader lease can tell which heartbeats a quorum acknowledged.
+    Heartbeat {
+        /// The commit index, capped at what the follower is known to hold.
+        commit: LogIndex,
+        /// The leader's heartbeat round.
+        round: u64,
+    },
+    /// The answer to a heartbeat.
+    HeartbeatResponse {
+        /// The round being acknowledged.
+        round: u64,
+    },
+    /// InstallSnapshot (§7). Only the metadata travels here: the runtime
+    /// streams the state machine's data beside it and steps this message in
+    /// once the data is in place.
+    Snapshot {
+        /// What the snapshot stands for.
+        meta: SnapshotMeta,
+    },
+    /// Tells the target of a leadership transfer to campaign now (§3.10).
+    TimeoutNow,
+    /// A follower forwards read requests to its leader.
+    ReadIndex {
+        /// The requests, answered together.
+        ids: Vec<ReadId>,
+    },
+    /// The leader's answer to forwarded read requests.
+    ReadIndexResponse {
+        /// The commit index the reads must wait for.
+        index: LogIndex,
+        /// The requests answered.
+        ids: Vec<ReadId>,
+    },
+    /// A follower forwards proposals to its leader.
+    Propose {
+        /// The commands to append.
+        payloads: Vec<EntryPayload>,
+    },
+    /// A follower forwards a leadership transfer request to its leader.
+    TransferLeader {
+        /// The node that should become leader.
+        target: NodeId,
+    },
+}
+
+impl MessageBody {
+    /// True for requests a follower forwards to its leader. They carry term 0
+    /// and are handled outside the term protocol.
+    pub fn is_forward(&self) -> bool {
+        matches!(
+            self,
+            MessageBody::ReadIndex { .. }
+                | MessageBody::Propose { .. }
+                | MessageBody::TransferLeader { .. }
+        )
+    }
+
+    /// A short name, for logs and metrics.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            MessageBody::Append { .. } => "append",
+            MessageBody::AppendResponse { .. } => "append_response",
+            MessageBody::Vote { pre_vote: true, .. } => "pre_vote",
+            MessageBody::Vote { .. } => "vote",
+            MessageBody::VoteResponse { pre_vote: true, .. } => "pre_vote_response",
+            MessageBody::VoteResponse { .. } => "vote_response",
+            MessageBody::Heartbeat { .. } => "heartbeat",
+            MessageBody::HeartbeatResponse { .. } => "heartbeat_response",
+            MessageBody::Snapshot { .. } => "snapshot",
+            MessageBody::TimeoutNow => "timeout_now",
+            MessageBody::ReadIndex { .. } => "read_index",
+            MessageBody::ReadIndexResponse { .. } => "read_index_response",
+            MessageBody::Propose { .. } => "propose",
+            MessageBody::TransferLeader { .. } => "transfer_leader",
+        }
+    }
+}
+
+/// A convenience for building normal payloads.
+pub fn normal(data: impl Into<Bytes>) -> EntryPayload {
+    EntryPayload::Normal(data.into())
+}

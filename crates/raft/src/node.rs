@@ -1,0 +1,337 @@
+//! [`RaftNode`]: the API the runtime drives, and [`Ready`], the batch of work
+//! it collects.
+//!
+//! The loop a runtime runs:
+//! 1. feed input: [`RaftNode::tick`], [`RaftNode::step`], proposals, reads;
+//! 2. take a [`Ready`] when [`RaftNode::has_ready`];
+//! 3. send `ready.messages` at once (a leader's appends go out before its own
+//!    fsync: pipelining);
+//! 4. persist `ready.snapshot`, then `ready.entries` (which may overwrite a
+//!    suffix), then `ready.hard_state`; then call
+//!    [`RaftNode::on_persisted`] with `ready.number` and only then send
+//!    `ready.persisted_messages`;
+//! 5. apply `ready.committed_entries` (possibly on another task) and report
+//!    progress with [`RaftNode::advance_apply`].
+//!
+//! Several readies may be in flight before the first is persisted, as long
+//! as they are persisted in order.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::message::Message;
+use crate::progress::ProgressState;
+use crate::raft::{Proposed, Raft};
+use crate::storage::Storage;
+use crate::types::{
+    ConfChange, Entry, HardState, LogIndex, Membership, NodeId, ReadId, ReadState, Role,
+    SnapshotMeta, SoftState, Term,
+};
+
+/// One batch of work for the runtime; see the module documentation for the
+/// order in which to handle its parts.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Acknowledge with [`RaftNode::on_persisted`] once durable.
+    pub number: u64,
+    /// Leader and role, when they changed.
+    pub soft_state: Option<SoftState>,
+    /// Hard state to persist, when it changed.
+    pub hard_state: Option<HardState>,
+    /// A snapshot from the leader to install and persist before `entries`.
+    pub snapshot: Option<SnapshotMeta>,
+    /// Entries to persist; the first may overwrite a stored suffix.
+    pub entries: Vec<Entry>,
+    /// Messages to send now.
+    pub messages: Vec<Message>,
+    /// Messages to send only after this ready is durable.
+    pub persisted_messages: Vec<Message>,
+    /// Committed, durable entries to apply, in order.
+    pub committed_entries: Vec<Entry>,
+    /// Confirmed reads: serve each once `index` is applied.
+    pub read_states: Vec<ReadState>,
+}
+
+impl Ready {
+    /// True when nothing needs persisting.
+    pub fn is_persist_free(&self) -> bool {
+        self.hard_state.is_none() && self.snapshot.is_none() && self.entries.is_empty()
+    }
+}
+
+/// A readiness record kept until the runtime acknowledges persistence.
+#[derive(Debug)]
+struct PersistRecord {
+    number: u64,
+    last_entry: Option<(LogIndex, Term)>,
+    snapshot_index: Option<LogIndex>,
+}
+
+/// A member's replication state as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The member.
+    pub node: NodeId,
+    /// The highest index known to match the leader.
+    pub match_index: LogIndex,
+    /// Its flow-control state.
+    pub state: ProgressState,
+}
+
+/// A snapshot of a node's state, for status endpoints and tests.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// This node.
+    pub id: NodeId,
+    /// Role, leader and removal.
+    pub soft_state: SoftState,
+    /// Term, vote and commit index.
+    pub hard_state: HardState,
+    /// The index handed out for applying.
+    pub applying: LogIndex,
+    /// The index the runtime reported applied.
+    pub applied: LogIndex,
+    /// The last log index.
+    pub last_index: LogIndex,
+    /// The first index still in the log.
+    pub first_index: LogIndex,
+    /// The durable prefix of the log.
+    pub persisted: LogIndex,
+    /// The committed membership.
+    pub membership: Membership,
+    /// Leader only: each member's progress.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One node of one Raft group, as the runtime drives it.
+pub struct RaftNode<S: Storage> {
+    raft: Raft<S>,
+    previous_soft_state: SoftState,
+    previous_hard_state: HardState,
+    next_ready_number: u64,
+    unacknowledged: VecDeque<PersistRecord>,
+}
+
+impl<S: Storage> RaftNode<S> {
+    /// Builds a node from its configuration and its storage.
+    pub fn new(config: Config, storage: S) -> Result<RaftNode<S>> {
+        let raft = Raft::new(config, storage)?;
+        let previous_hard_state = HardState {
+            commit: LogIndex(u64::MAX),
+            ..HardState::default()
+        };
+        Ok(RaftNode {
+            previous_soft_state: raft.soft_state(),
+            previous_hard_state,
+            raft,
+            next_ready_number: 1,
+            unacknowledged: VecDeque::new(),
+        })
+    }
+
+    /// Advances the clock by one tick.
+    pub fn tick(&mut self) {
+        self.raft.tick();
+        self.raft.assert_invariants();
+    }
+
+    /// Handles a message from a peer.
+    pub fn step(&mut self, message: Message) -> Result<()> {
+        let result = self.raft.step(message);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Proposes application commands; see [`Proposed`].
+    pub fn propose(&mut self, commands: Vec<Bytes>) -> Result<Proposed> {
+        let result = self.raft.propose(commands);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Proposes a membership change.
+    pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<Proposed> {
+        let result = self.raft.propose_conf_change(change);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Asks for a linearizable read, answered by a [`ReadState`].
+    pub fn read_index(&mut self, id: ReadId) -> Result<()> {
+        let result = self.raft.read_index(id);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Hands leadership to `target`.
+    pub fn transfer_leader(&mut self, target: NodeId) -> Result<()> {
+        let result = self.raft.transfer_leader(target);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Hands leadership to the most up-to-date voter.
+    pub fn step_down(&mut self) -> Result<()> {
+        self.raft.step_down()
+    }
+
+    /// Proposes this node's own removal (leave-on-terminate).
+    pub fn leave(&mut self) -> Result<Proposed> {
+        self.raft.leave()
+    }
+
+    /// UNSAFE: see [`Raft::force_remove`].
+    pub fn force_remove(&mut self, node: NodeId) -> Result<()> {
+        let result = self.raft.force_remove(node);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Starts an election now.
+    pub fn campaign(&mut self) {
+        self.raft.campaign();
+        self.raft.assert_invariants();
+    }
+
+    /// The transport could not reach `node`.
+    pub fn report_unreachable(&mut self, node: NodeId) {
+        self.raft.report_unreachable(node);
+    }
+
+    /// A snapshot transfer to `node` finished or failed.
+    pub fn report_snapshot(&mut self, node: NodeId, success: bool) {
+        self.raft.report_snapshot(node, success);
+    }
+
+    /// True when [`RaftNode::ready`] has something to hand out.
+    pub fn has_ready(&self) -> bool {
+        let raft = &self.raft;
+        raft.soft_state() != self.previous_soft_state
+            || raft.hard_state() != self.previous_hard_state
+            || raft.log.has_unhanded_snapshot()
+            || raft.log.has_unhanded_entries()
+            || !raft.msgs.is_empty()
+            || !raft.msgs_after_persist.is_empty()
+            || !raft.read_states.is_empty()
+            || raft.log.has_entries_to_apply()
+    }
+
+    /// Collects the work accumulated since the last call.
+    pub fn ready(&mut self) -> Result<Ready> {
+        let number = self.next_ready_number;
+        self.next_ready_number += 1;
+        let soft_state = self.raft.soft_state();
+        let hard_state = self.raft.hard_state();
+        let snapshot = self.raft.log.take_unhanded_snapshot();
+        let entries = self.raft.log.take_unhanded_entries();
+        let apply_bytes_max = self.raft.apply_batch_bytes_max();
+        let committed_entries = self.raft.log.take_entries_to_apply(apply_bytes_max)?;
+        let ready = Ready {
+            number,
+            soft_state: (soft_state != self.previous_soft_state).then_some(soft_state),
+            hard_state: (hard_state != self.previous_hard_state).then_some(hard_state),
+            snapshot,
+            entries,
+            messages: std::mem::take(&mut self.raft.msgs),
+            persisted_messages: std::mem::take(&mut self.raft.msgs_after_persist),
+            committed_entries,
+            read_states: std::mem::take(&mut self.raft.read_states),
+        };
+        self.previous_soft_state = soft_state;
+        self.previous_hard_state = hard_state;
+        if !ready.is_persist_free() {
+            self.unacknowledged.push_back(PersistRecord {
+                number,
+                last_entry: ready.entries.last().map(|entry| (entry.index, entry.term)),
+                snapshot_index: ready.snapshot.as_ref().map(|snapshot| snapshot.index),
+            });
+        }
+        Ok(ready)
+    }
+
+    /// Every ready up to `number` is durable.
+    pub fn on_persisted(&mut self, number: u64) {
+        while self
+            .unacknowledged
+            .front()
+            .is_some_and(|record| record.number <= number)
+        {
+            let Some(record) = self.unacknowledged.pop_front() else { break };
+            if let Some(index) = record.snapshot_index {
+                self.raft.log.stable_snapshot_to(index);
+            }
+            if let Some((index, term)) = record.last_entry {
+                self.raft.on_persisted_entries(index, term);
+            }
+        }
+        self.raft.assert_invariants();
+    }
+
+    /// The state machine applied every entry up to `index`.
+    pub fn advance_apply(&mut self, index: LogIndex) {
+        self.raft.log.applied_to(index);
+    }
+
+    /// Node state for status reports.
+    pub fn status(&self) -> Status {
+        let raft = &self.raft;
+        Status {
+            id: raft.id,
+            soft_state: raft.soft_state(),
+            hard_state: raft.hard_state(),
+            applying: raft.log.applying,
+            applied: raft.log.applied,
+            last_index: raft.log.last_index(),
+            first_index: raft.log.first_index(),
+            persisted: raft.log.persisted,
+            membership: raft.membership().clone(),
+            peers: raft
+                .progress_summary()
+                .into_iter()
+                .map(|(node, match_index, state)| PeerStatus {
+                    node,
+                    match_index,
+                    state,
+                })
+                .collect(),
+        }
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.raft.role
+    }
+
+    /// The current term.
+    pub fn term(&self) -> Term {
+        self.raft.term
+    }
+
+    /// The leader this node believes in.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.leader
+    }
+
+    /// The membership after applying entries up to `index`.
+    pub fn membership_at(&self, index: LogIndex) -> Membership {
+        self.raft.membership_at(index)
+    }
+
+    /// Metadata for a state machine snapshot at an applied `index`.
+    pub fn snapshot_meta_at(&self, index: LogIndex) -> Result<SnapshotMeta> {
+        self.raft.snapshot_meta_at(index)
+    }
+
+    /// The storage, to read.
+    pub fn storage(&self) -> &S {
+        &self.raft.log.storage
+    }
+
+    /// The storage, to persist what a ready handed out.
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.raft.log.storage
+    }
+}
