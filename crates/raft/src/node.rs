@@ -315,6 +315,22 @@ impl<S: Storage> RaftNode<S> {
         self.raft.leader
     }
 
+    /// The term of the log entry at `index`, persisted or not; `None` when
+    /// the index is compacted or past the end.
+    pub fn log_term(&self, index: LogIndex) -> Option<Term> {
+        self.raft.log.term(index).ok()
+    }
+
+    /// The last index of the log, persisted or not.
+    pub fn last_index(&self) -> LogIndex {
+        self.raft.log.last_index()
+    }
+
+    /// The membership of the latest committed membership entry.
+    pub fn committed_membership(&self) -> Membership {
+        self.raft.committed_membership()
+    }
+
     /// The membership after applying entries up to `index`.
     pub fn membership_at(&self, index: LogIndex) -> Membership {
         self.raft.membership_at(index)

@@ -60,6 +60,10 @@ impl Inflights {
         }
     }
 
+    fn free_first(&mut self) {
+        self.last_indexes.pop_front();
+    }
+
     fn reset(&mut self) {
         self.last_indexes.clear();
     }
@@ -163,6 +167,17 @@ impl Progress {
             }
             ProgressState::Probe => self.probe_sent = true,
             ProgressState::Snapshot => {}
+        }
+    }
+
+    /// A heartbeat answer shows the follower is alive: if the window is
+    /// full (appends lost, e.g. to a crash), let one more append through so
+    /// that its answer can resynchronise the follower.
+    pub(crate) fn on_heartbeat_response(&mut self) {
+        self.recent_active = true;
+        self.probe_sent = false;
+        if self.state == ProgressState::Replicate && self.inflights.is_full() {
+            self.inflights.free_first();
         }
     }
 

@@ -89,17 +89,19 @@ pub struct Raft<S: Storage> {
     pub(crate) role: Role,
     pub(crate) leader: Option<NodeId>,
     pub(crate) log: RaftLog<S>,
-    /// The committed membership in force.
+    /// The membership in force: the latest in the log, committed or not
+    /// (thesis §4.1). Always equal to the last entry of `history`.
     membership: Membership,
-    /// Committed memberships and the index each took effect at; the first
-    /// is the membership at the snapshot.
+    /// Every membership in the log and the index it took effect at; the
+    /// first is the membership at the snapshot.
     history: Vec<(LogIndex, Membership)>,
-    /// Membership changes in the log above the commit index.
-    pending_changes: VecDeque<(LogIndex, ConfChange)>,
     /// Leader: the index of the last membership change it appended.
     pending_conf_index: LogIndex,
     was_member: bool,
     removed: bool,
+    /// The commit index before the latest advance, to spot newly committed
+    /// membership entries.
+    log_committed_before_advance: LogIndex,
     progress: BTreeMap<NodeId, Progress>,
     votes: BTreeMap<NodeId, bool>,
     election_elapsed: u64,
@@ -136,10 +138,10 @@ impl<S: Storage> Raft<S> {
             log: RaftLog::new(storage),
             membership: Membership::default(),
             history: Vec::new(),
-            pending_changes: VecDeque::new(),
             pending_conf_index: LogIndex(0),
             was_member: false,
             removed: false,
+            log_committed_before_advance: LogIndex(0),
             progress: BTreeMap::new(),
             votes: BTreeMap::new(),
             election_elapsed: 0,
@@ -167,7 +169,7 @@ impl<S: Storage> Raft<S> {
         if storage_is_empty && !raft.config.initial_voters.is_empty() {
             raft.bootstrap();
         }
-        raft.was_member = raft.membership.contains(raft.id);
+        raft.update_removed();
         raft.reset_randomized_election_timeout();
         raft.assert_invariants();
         Ok(raft)
@@ -209,6 +211,9 @@ impl<S: Storage> Raft<S> {
             next = last.index.next();
             self.track_conf_changes(&batch);
         }
+        if let Some((_, latest)) = self.history.last() {
+            self.membership = latest.clone();
+        }
         Ok(())
     }
 
@@ -247,21 +252,20 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// The committed membership in force.
+    /// The membership in force: the latest in the log, committed or not.
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// The membership of the latest committed membership entry.
+    pub fn committed_membership(&self) -> Membership {
+        self.membership_at(self.log.committed)
     }
 
     /// The membership in force after applying entries up to `index`, which
     /// is what a snapshot at `index` must carry.
     pub fn membership_at(&self, index: LogIndex) -> Membership {
-        self.history
-            .iter()
-            .rev()
-            .find(|(effective, _)| *effective <= index)
-            .or(self.history.first())
-            .map(|(_, membership)| membership.clone())
-            .unwrap_or_default()
+        self.membership_ref_at(index).cloned().unwrap_or_default()
     }
 
     /// Snapshot metadata for a state machine snapshot taken at `index`.
@@ -283,8 +287,29 @@ impl<S: Storage> Raft<S> {
         self.config.apply_batch_bytes_max
     }
 
+    /// May campaign: a voter in the latest membership, or in the committed
+    /// one while its removal or demotion is uncommitted. Without the second
+    /// case, a node holding the only up-to-date log could sit out forever
+    /// behind its own uncommitted removal. Votes are still counted in the
+    /// latest membership, and a leader outside it hands over once the
+    /// change commits (thesis §4.2.2).
     fn promotable(&self) -> bool {
-        self.membership.is_voter(self.id) && !self.removed
+        if self.removed {
+            return false;
+        }
+        self.membership.is_voter(self.id)
+            || self
+                .membership_ref_at(self.log.committed)
+                .is_some_and(|membership| membership.is_voter(self.id))
+    }
+
+    fn membership_ref_at(&self, index: LogIndex) -> Option<&Membership> {
+        self.history
+            .iter()
+            .rev()
+            .find(|(effective, _)| *effective <= index)
+            .or(self.history.first())
+            .map(|(_, membership)| membership)
     }
 
     fn is_single_voter(&self) -> bool {
@@ -411,7 +436,7 @@ impl<S: Storage> Raft<S> {
         self.election_elapsed += 1;
         if self.promotable() && self.election_elapsed >= self.randomized_election_timeout {
             self.election_elapsed = 0;
-            self.campaign_with(false);
+            self.start_election();
         }
     }
 
@@ -464,14 +489,25 @@ impl<S: Storage> Raft<S> {
 
     /// Starts an election now (pre-vote first when enabled).
     pub fn campaign(&mut self) {
-        self.campaign_with(false);
+        self.start_election();
     }
 
-    fn campaign_with(&mut self, transfer: bool) {
+    /// An election after a timeout: pre-vote first when enabled.
+    fn start_election(&mut self) {
+        let kind = if self.config.pre_vote {
+            CampaignKind::PreVote
+        } else {
+            CampaignKind::Vote
+        };
+        self.campaign_with(kind);
+    }
+
+    fn campaign_with(&mut self, kind: CampaignKind) {
         if self.role == Role::Leader || !self.promotable() {
             return;
         }
-        let pre_vote = self.config.pre_vote && !transfer;
+        let pre_vote = kind == CampaignKind::PreVote;
+        let transfer = kind == CampaignKind::Transfer;
         let vote_term = if pre_vote {
             self.become_pre_candidate();
             self.term.next()
@@ -500,7 +536,7 @@ impl<S: Storage> Raft<S> {
 
     fn on_election_won(&mut self, pre_vote: bool) {
         if pre_vote {
-            self.campaign_with(false);
+            self.campaign_with(CampaignKind::Vote);
         } else {
             self.become_leader();
             self.broadcast_append();
@@ -720,7 +756,7 @@ impl<S: Storage> Raft<S> {
             }
             MessageBody::TimeoutNow => {
                 // A transfer: campaign at once, past the voters' stickiness.
-                self.campaign_with(true);
+                self.campaign_with(CampaignKind::Transfer);
             }
             MessageBody::ReadIndexResponse { index, ids } => {
                 let states = ids.into_iter().map(|id| ReadState { id, index });
@@ -817,25 +853,27 @@ impl<S: Storage> Raft<S> {
         let index = meta.index;
         self.membership = meta.membership.clone();
         self.history = vec![(index, meta.membership.clone())];
-        self.pending_changes.clear();
         self.log.restore(meta);
+        self.log_committed_before_advance = index;
         self.on_membership_changed();
+        self.update_removed();
         self.reply(from, MessageBody::AppendResponse { index, reject: None });
     }
 
     /// Appends entries to the log and tracks the membership changes and
-    /// uncommitted bytes they carry.
+    /// uncommitted bytes they carry. A membership change takes effect when
+    /// appended, and is undone if a new leader truncates it away.
     fn append_to_log(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
-        while self
-            .pending_changes
-            .back()
-            .is_some_and(|(index, _)| *index >= first.index)
+        let mut changed = false;
+        while self.history.len() > 1
+            && self.history.last().is_some_and(|(index, _)| *index >= first.index)
         {
-            self.pending_changes.pop_back();
+            self.history.pop();
+            changed = true;
         }
         self.log.append(entries);
-        self.track_conf_changes(entries);
+        changed |= self.track_conf_changes(entries);
         if self.role == Role::Leader {
             for entry in entries {
                 if let EntryPayload::Normal(_) = entry.payload {
@@ -845,14 +883,30 @@ impl<S: Storage> Raft<S> {
                 }
             }
         }
+        if changed {
+            self.on_membership_changed();
+        }
     }
 
-    fn track_conf_changes(&mut self, entries: &[Entry]) {
+    /// Records the memberships the entries set; true if any did. A change
+    /// that is invalid where it stands is a no-op on every node alike.
+    fn track_conf_changes(&mut self, entries: &[Entry]) -> bool {
+        let mut changed = false;
         for entry in entries {
             if let EntryPayload::ConfChange(change) = &entry.payload {
-                self.pending_changes.push_back((entry.index, change.clone()));
+                let current = self.history.last().map(|(_, m)| m.clone()).unwrap_or_default();
+                if let Ok(next) = current.apply(change) {
+                    self.history.push((entry.index, next));
+                    changed = true;
+                }
             }
         }
+        if changed {
+            if let Some((_, latest)) = self.history.last() {
+                self.membership = latest.clone();
+            }
+        }
+        changed
     }
 
     // ---------------------------------------------------------------------
@@ -866,20 +920,6 @@ impl<S: Storage> Raft<S> {
 
     fn on_commit_advanced(&mut self) {
         let committed = self.log.committed;
-        let mut changed = false;
-        while let Some((index, change)) = self.pending_changes.front().cloned() {
-            if index > committed {
-                break;
-            }
-            self.pending_changes.pop_front();
-            // An invalid change is a no-op; the leader refuses those, so
-            // only a forced or corrupt entry could be one.
-            if let Ok(next) = self.membership.apply(&change) {
-                self.membership = next.clone();
-                self.history.push((index, next));
-                changed = true;
-            }
-        }
         while self
             .uncommitted
             .front()
@@ -889,8 +929,17 @@ impl<S: Storage> Raft<S> {
                 self.uncommitted_bytes -= size;
             }
         }
-        if changed {
-            self.on_membership_changed();
+        let previous = self.log_committed_before_advance;
+        let membership_committed = self
+            .history
+            .iter()
+            .any(|(index, _)| *index > previous && *index <= committed);
+        self.log_committed_before_advance = committed;
+        if membership_committed {
+            self.update_removed();
+            if self.role == Role::Leader {
+                self.leader_on_membership_committed();
+            }
         }
         if self.role == Role::Leader && !self.committed_in_term {
             if self.log.term(committed).is_ok_and(|term| term == self.term) {
@@ -900,11 +949,32 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    fn on_membership_changed(&mut self) {
-        if self.membership.contains(self.id) {
+    /// Shutdown-on-remove is signalled only once the removal is committed:
+    /// an uncommitted removal may still be truncated away.
+    fn update_removed(&mut self) {
+        let committed = self.committed_membership();
+        if committed.contains(self.id) {
             self.was_member = true;
         }
-        self.removed = self.was_member && !self.membership.contains(self.id);
+        self.removed = self.was_member && !committed.contains(self.id);
+        self.trim_history();
+    }
+
+    /// Forgets memberships below the log's start, keeping the one in force
+    /// there, so that history stays as short as the log.
+    fn trim_history(&mut self) {
+        let floor = self.log.first_index().prev().min(self.log.committed);
+        let in_force = self.history.iter().rposition(|(index, _)| *index <= floor).unwrap_or(0);
+        if in_force > 0 {
+            self.history.drain(..in_force);
+        }
+    }
+
+    /// The membership in the log changed (appended or truncated).
+    fn on_membership_changed(&mut self) {
+        if let Some((_, latest)) = self.history.last() {
+            self.membership = latest.clone();
+        }
         match self.role {
             Role::Leader => self.leader_on_membership_changed(),
             Role::Candidate | Role::PreCandidate if !self.promotable() => {
@@ -914,32 +984,50 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    /// Starts replicating to new members at once; removed members keep
+    /// their progress (uncounted) until their removal commits, so that they
+    /// learn of it.
     fn leader_on_membership_changed(&mut self) {
         let last_index = self.log.last_index();
         let members: Vec<NodeId> = self.membership.members().collect();
-        for node in &members {
-            if !self.progress.contains_key(node) {
+        for node in members {
+            if !self.progress.contains_key(&node) {
                 let mut progress = self.new_progress(last_index);
                 progress.recent_active = true;
-                self.progress.insert(*node, progress);
+                self.progress.insert(node, progress);
             }
         }
-        let id = self.id;
-        self.progress
-            .retain(|node, _| *node == id || members.contains(node));
         if let Some((target, _)) = self.transfer {
             if !self.membership.is_voter(target) {
                 self.abort_transfer();
             }
         }
+        if self.maybe_commit() {
+            self.broadcast_append();
+        }
+    }
+
+    /// A membership change committed on the leader: drop the progress of
+    /// removed members (telling them the commit index), and hand leadership
+    /// over if this node is no longer a voter.
+    fn leader_on_membership_committed(&mut self) {
+        let committed = self.log.committed;
+        let id = self.id;
+        let gone: Vec<(NodeId, LogIndex)> = self
+            .progress
+            .iter()
+            .filter(|(node, _)| **node != id && !self.membership.contains(**node))
+            .map(|(node, progress)| (*node, progress.match_index.min(committed)))
+            .collect();
+        for (node, commit) in gone {
+            self.progress.remove(&node);
+            let round = self.reads.round;
+            self.reply(node, MessageBody::Heartbeat { commit, round });
+        }
         if !self.membership.is_voter(self.id) && self.transfer.is_none() {
-            // Demoted or removed: hand leadership to the best voter.
             if let Some(target) = self.best_transfer_target() {
                 let _ = self.start_transfer(target);
             }
-        }
-        if self.maybe_commit() {
-            self.broadcast_append();
         }
     }
 
@@ -1096,12 +1184,14 @@ impl<S: Storage> Raft<S> {
     fn handle_heartbeat_response(&mut self, from: NodeId, round: u64) -> Result<()> {
         let last_index = self.log.last_index();
         let Some(progress) = self.progress.get_mut(&from) else { return Ok(()) };
-        progress.recent_active = true;
-        progress.probe_sent = false;
+        progress.on_heartbeat_response();
         progress.acked_round = progress.acked_round.max(round);
+        // A follower behind us gets an append even if it carries nothing
+        // new: appends lost in flight leave `next_index` past what it holds,
+        // and its rejection of this one resynchronises it.
         let behind = progress.match_index < last_index;
         if behind {
-            self.send_append(from, false);
+            self.send_append(from, true);
         }
         self.advance_read_rounds();
         Ok(())
@@ -1205,10 +1295,11 @@ impl<S: Storage> Raft<S> {
         if let ConfChange::Bootstrap { .. } = change {
             return refused("bootstrap is only valid as the first entry of a new cluster".into());
         }
-        if self.pending_conf_index > self.log.committed {
+        let latest_change = self.history.last().map(|(index, _)| *index).unwrap_or_default();
+        let pending = self.pending_conf_index.max(latest_change);
+        if pending > self.log.committed {
             return refused(format!(
-                "another change (index {}) is not yet committed; retry once it is",
-                self.pending_conf_index
+                "an earlier change or the new leader's first entry (index {pending}) is not yet committed; retry once it is"
             ));
         }
         let next = self.membership.apply(change)?;
@@ -1552,9 +1643,11 @@ impl<S: Storage> Raft<S> {
         if self.role == Role::Leader {
             assert_eq!(self.leader, Some(self.id), "leader does not know itself");
         }
-        if let Some((index, _)) = self.pending_changes.front() {
-            assert!(*index > self.log.committed, "committed change left pending");
-        }
+        assert_eq!(
+            self.history.last().map(|(_, m)| m),
+            Some(&self.membership),
+            "membership is not the latest in the log"
+        );
     }
 
     /// Leader-side view of each member, for status.
@@ -1578,6 +1671,18 @@ fn is_well_formed(message_term: Term, prev_index: LogIndex, prev_term: Term, ent
         previous_term = entry.term;
     }
     true
+}
+
+/// Why a node campaigns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CampaignKind {
+    /// Ask first, without raising the term (§9.6).
+    PreVote,
+    /// A real election in a new term.
+    Vote,
+    /// A real election ordered by the leader (TimeoutNow); voters grant it
+    /// even while they hear from that leader.
+    Transfer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
