@@ -158,15 +158,17 @@ impl Progress {
         true
     }
 
-    /// Bookkeeping after sending entries up to `last_index`.
-    pub(crate) fn sent_entries(&mut self, last_index: LogIndex) {
-        match self.state {
-            ProgressState::Replicate => {
+    /// Bookkeeping after sending an append; `last_index` is its last entry,
+    /// `None` for an append that only carries the commit index. Only appends
+    /// with entries take a slot of the in-flight window.
+    pub(crate) fn sent_append(&mut self, last_index: Option<LogIndex>) {
+        match (self.state, last_index) {
+            (ProgressState::Replicate, Some(last_index)) => {
                 self.next_index = last_index.next();
                 self.inflights.add(last_index);
             }
-            ProgressState::Probe => self.probe_sent = true,
-            ProgressState::Snapshot => {}
+            (ProgressState::Probe, _) => self.probe_sent = true,
+            _ => {}
         }
     }
 

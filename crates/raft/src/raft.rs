@@ -391,7 +391,12 @@ impl<S: Storage> Raft<S> {
         self.role = Role::Leader;
         self.leader = Some(self.id);
         let last_index = self.log.last_index();
-        let members: Vec<NodeId> = self.membership.members().collect();
+        // Members whose removal is not yet committed still hear from us, so
+        // that they neither time out and campaign nor miss their removal.
+        let committed = self.committed_membership();
+        let mut members: Vec<NodeId> = self.membership.members().chain(committed.members()).collect();
+        members.sort();
+        members.dedup();
         for node in members {
             self.progress.insert(node, self.new_progress(last_index));
         }
@@ -561,11 +566,15 @@ impl<S: Storage> Raft<S> {
     }
 
     /// Stickiness: this node heard from a live leader within the election
-    /// timeout (or has just started and may have, before a restart).
+    /// timeout. With lease reads, a node that has just started counts as
+    /// having heard from one: before a restart it may have acknowledged a
+    /// heartbeat that a leader's lease still rests on.
     fn in_lease(&self) -> bool {
+        let just_started = self.config.read_mode == ReadMode::LeaseBased
+            && self.ticks < self.config.election_timeout_ticks;
         self.config.check_quorum
             && self.election_elapsed < self.config.election_timeout_ticks
-            && (self.leader.is_some() || self.ticks < self.config.election_timeout_ticks)
+            && (self.leader.is_some() || just_started)
     }
 
     fn handle_vote(&mut self, message: &Message, pre_vote: bool, last_index: LogIndex, last_term: Term) {
@@ -1020,9 +1029,13 @@ impl<S: Storage> Raft<S> {
             .map(|(node, progress)| (*node, progress.match_index.min(committed)))
             .collect();
         for (node, commit) in gone {
+            // One last append (or heartbeat) carries the commit index, so
+            // that a removed node that holds its removal learns of it.
+            if !self.send_append(node, true) {
+                let round = self.reads.round;
+                self.reply(node, MessageBody::Heartbeat { commit, round });
+            }
             self.progress.remove(&node);
-            let round = self.reads.round;
-            self.reply(node, MessageBody::Heartbeat { commit, round });
         }
         if !self.membership.is_voter(self.id) && self.transfer.is_none() {
             if let Some(target) = self.best_transfer_target() {
@@ -1092,8 +1105,7 @@ impl<S: Storage> Raft<S> {
         }
         let commit = self.log.committed;
         if let Some(progress) = self.progress.get_mut(&to) {
-            let last_sent = entries.last().map(|entry| entry.index).unwrap_or(prev_index);
-            progress.sent_entries(last_sent);
+            progress.sent_append(entries.last().map(|entry| entry.index));
         }
         self.reply(
             to,

@@ -56,6 +56,12 @@ pub struct SimOptions {
     pub pre_vote: bool,
     pub check_quorum: bool,
     pub lease_reads: bool,
+    /// Small values split the log into one-entry appends, which exposes
+    /// commit-by-counting bugs (Figure 8).
+    pub message_size_bytes_max: u64,
+    /// Deliver messages out of order on a link (TCP keeps order; a
+    /// reconnect or a UDP-like transport does not).
+    pub reorder: bool,
     pub verbose: bool,
 }
 
@@ -71,7 +77,7 @@ impl SimOptions {
             voters,
             spare_nodes: 2,
             chaos_ticks: 300,
-            liveness_ticks_max: 200,
+            liveness_ticks_max: 600,
             drop_per_mille: rng.range(0, 100),
             duplicate_per_mille: rng.range(0, 50),
             delay_units_max: rng.range(1, 3 * TICK_UNITS),
@@ -79,12 +85,16 @@ impl SimOptions {
             crashes: rng.chance(4, 5),
             torn_writes: rng.chance(1, 2),
             partitions: rng.chance(4, 5),
-            membership_changes: rng.chance(3, 5),
+            // Without PreVote or CheckQuorum a removed node can depose
+            // leaders forever (thesis §4.2.3); churn only with one of them.
+            membership_changes: rng.chance(3, 5) && (defaults || check_quorum),
             transfers: rng.chance(3, 5),
             compaction: rng.chance(3, 5),
             pre_vote: defaults || rng.chance(1, 2),
             check_quorum,
             lease_reads: check_quorum && rng.chance(1, 3),
+            message_size_bytes_max: if rng.chance(1, 3) { 1 } else { rng.range(64, 2048) },
+            reorder: rng.chance(1, 4),
             verbose: std::env::var("SIM_VERBOSE").is_ok(),
         }
     }
@@ -161,6 +171,8 @@ pub struct Sim {
     in_flight: HashMap<u64, Message>,
     next_sequence: u64,
     blocked: Vec<(NodeId, NodeId)>,
+    /// The latest delivery time per link, to keep links in order.
+    link_tail: HashMap<(NodeId, NodeId), u64>,
     heal_partition_at: Option<u64>,
     checker: Checker,
     next_read: u64,
@@ -190,6 +202,7 @@ impl Sim {
             in_flight: HashMap::new(),
             next_sequence: 0,
             blocked: Vec::new(),
+            link_tail: HashMap::new(),
             heal_partition_at: None,
             checker: Checker::default(),
             next_read: 1,
@@ -232,7 +245,7 @@ impl Sim {
         };
         config.applied = applied;
         config.initial_voters = initial_voters.to_vec();
-        config.message_size_bytes_max = 512;
+        config.message_size_bytes_max = self.options.message_size_bytes_max;
         config.inflight_messages_max = 8;
         config.uncommitted_size_bytes_max = 16 * 1024;
         config
@@ -346,11 +359,16 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let delay = self.rng.range(1, self.options.delay_units_max + 1);
+            let mut at = self.now + self.rng.range(1, self.options.delay_units_max + 1);
+            if !self.options.reorder {
+                let tail = self.link_tail.entry((message.from, message.to)).or_insert(0);
+                at = at.max(*tail);
+                *tail = at;
+            }
             let sequence = self.next_sequence;
             self.next_sequence += 1;
             self.in_flight.insert(sequence, message.clone());
-            self.network.push(Reverse((self.now + delay, sequence, sequence)));
+            self.network.push(Reverse((at, sequence, sequence)));
         }
     }
 

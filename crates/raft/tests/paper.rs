@@ -1,0 +1,873 @@
+//! Scenario tests organised by the Raft paper's sections (and the thesis
+//! for reads, transfer and membership). Each test opens with its goal.
+
+mod cluster;
+
+use bytes::Bytes;
+use cluster::{is_append_to, n, Cluster};
+use regatta_raft::{
+    ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Message, MessageBody, NodeId,
+    Proposed, RaftNode, ReadId, ReadMode, Role, Term,
+};
+
+fn no_pre_vote(config: &mut Config) {
+    config.pre_vote = false;
+    config.check_quorum = false;
+}
+
+fn leader_of(cluster: &Cluster) -> Option<u64> {
+    cluster
+        .nodes
+        .iter()
+        .find(|(_, node)| node.role() == Role::Leader)
+        .map(|(id, _)| id.0)
+}
+
+// ---------------------------------------------------------------------------
+// §5.2 Leader election
+
+mod election {
+    use super::*;
+
+    /// §5.2: a single-node cluster elects itself on timeout and commits a
+    /// proposal as soon as it is persisted.
+    #[test]
+    fn single_node_cluster_elects_itself_and_commits() {
+        let mut c = Cluster::new(&[1]);
+        c.tick_all(20);
+        assert_eq!(c.role(1), Role::Leader);
+        c.propose(1, "a").expect("leader accepts");
+        c.settle();
+        assert_eq!(c.applied_commands(1), vec!["a"]);
+    }
+
+    /// §5.2: an election makes one leader; the others follow it in its term.
+    #[test]
+    fn election_makes_one_leader_that_others_follow() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        assert_eq!(c.term(1), Term(2));
+        for id in [2, 3] {
+            assert_eq!(c.role(id), Role::Follower);
+            assert_eq!(c.nodes[&n(id)].leader(), Some(n(1)));
+            assert_eq!(c.term(id), Term(2));
+        }
+    }
+
+    /// §5.2: randomized timeouts elect a leader with no outside help.
+    #[test]
+    fn randomized_timeouts_elect_a_leader() {
+        let mut c = Cluster::new(&[1, 2, 3, 4, 5]);
+        c.tick_all(40);
+        let leaders = c.nodes.values().filter(|node| node.role() == Role::Leader).count();
+        assert_eq!(leaders, 1);
+    }
+
+    fn vote_request(from: u64, to: u64, term: u64, last_index: u64, last_term: u64) -> Message {
+        Message {
+            from: n(from),
+            to: n(to),
+            term: Term(term),
+            body: MessageBody::Vote {
+                pre_vote: false,
+                last_index: LogIndex(last_index),
+                last_term: Term(last_term),
+                transfer: false,
+            },
+        }
+    }
+
+    fn vote_answers(node: &mut RaftNode<MemStorage>) -> Vec<bool> {
+        let ready = node.ready().expect("ready");
+        assert!(ready.messages.is_empty(), "a vote must wait for persistence");
+        ready
+            .persisted_messages
+            .iter()
+            .filter_map(|message| match message.body {
+                MessageBody::VoteResponse { granted, .. } => Some(granted),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// §5.2: a node votes at most once per term, and only after persisting.
+    #[test]
+    fn a_node_votes_once_per_term() {
+        let mut c = Cluster::with_config(&[1, 2, 3], no_pre_vote);
+        let node = c.node(3);
+        node.step(vote_request(1, 3, 2, 1, 1)).expect("step");
+        assert_eq!(vote_answers(node), vec![true]);
+        node.step(vote_request(2, 3, 2, 1, 1)).expect("step");
+        assert_eq!(vote_answers(node), vec![false]);
+        assert_eq!(node.status().hard_state.vote, Some(n(1)));
+    }
+
+    /// §5.4.1: a vote goes only to a candidate whose log is at least as up
+    /// to date as the voter's.
+    #[test]
+    fn no_vote_for_a_candidate_with_a_stale_log() {
+        let mut c = Cluster::with_config(&[1, 2, 3], no_pre_vote);
+        c.elect(1);
+        c.isolate(3);
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        c.heal();
+        let node = c.node(2);
+        let stale = vote_request(3, 2, 9, 2, 2);
+        node.step(stale).expect("step");
+        assert_eq!(vote_answers(node), vec![false]);
+        c.node(3).campaign();
+        c.settle();
+        assert_ne!(c.role(3), Role::Leader);
+    }
+
+    /// §9.6 PreVote: an isolated node keeps campaigning without raising its
+    /// term, so it does not depose the leader when it returns.
+    #[test]
+    fn pre_vote_keeps_an_isolated_node_from_raising_its_term() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let term = c.term(1);
+        c.isolate(3);
+        for _ in 0..100 {
+            c.tick(3);
+            c.settle();
+        }
+        assert_eq!(c.term(3), term);
+        c.heal();
+        c.tick_all(30);
+        assert_eq!(c.role(1), Role::Leader);
+        assert_eq!(c.term(1), term);
+    }
+
+    /// §6.2 CheckQuorum: a leader that stops hearing from a quorum steps
+    /// down within an election timeout.
+    #[test]
+    fn check_quorum_makes_an_isolated_leader_step_down() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.isolate(1);
+        for _ in 0..20 {
+            c.tick(1);
+            c.settle();
+        }
+        assert_eq!(c.role(1), Role::Follower);
+    }
+
+    /// §4.2.3 stickiness: a follower that hears from a live leader ignores
+    /// (pre-)vote requests; the leader keeps its term.
+    #[test]
+    fn followers_ignore_votes_while_the_leader_is_alive() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let term = c.term(1);
+        let answers_before = c.count_delivered("pre_vote_response");
+        c.node(3).campaign();
+        c.settle();
+        assert_eq!(c.count_delivered("pre_vote_response"), answers_before);
+        c.tick_all(3);
+        assert_eq!(c.role(1), Role::Leader);
+        assert_eq!(c.term(1), term);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// §5.3 Log replication
+
+mod replication {
+    use super::*;
+
+    /// §5.3: committed entries are applied in the same order everywhere.
+    #[test]
+    fn entries_commit_and_apply_in_order_on_every_node() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        for command in ["a", "b", "c"] {
+            c.propose(1, command).expect("leader");
+        }
+        c.settle();
+        c.tick_all(1);
+        for id in [1, 2, 3] {
+            assert_eq!(c.applied_commands(id), vec!["a", "b", "c"], "node {id}");
+        }
+    }
+
+    /// §5.3: a follower's conflicting uncommitted suffix is overwritten by
+    /// the new leader's log.
+    #[test]
+    fn a_conflicting_suffix_is_overwritten() {
+        let mut c = Cluster::with_config(&[1, 2, 3], no_pre_vote);
+        c.elect(1);
+        c.isolate(1);
+        c.propose(1, "lost-1").expect("leader");
+        c.propose(1, "lost-2").expect("leader");
+        c.settle();
+        c.elect(2);
+        c.propose(2, "kept").expect("leader");
+        c.settle();
+        c.heal();
+        c.tick_all(2);
+        assert_eq!(c.role(1), Role::Follower);
+        assert_eq!(c.applied_commands(1), vec!["kept"]);
+        assert_eq!(c.last_index(1), c.last_index(2));
+    }
+
+    /// §5.3 (optimisation): a rejection carries the conflicting term, so the
+    /// leader skips a whole divergent term in one round trip instead of one
+    /// index at a time.
+    #[test]
+    fn fast_back_off_skips_a_divergent_term() {
+        let mut c = Cluster::with_config(&[1, 2, 3], no_pre_vote);
+        c.elect(3);
+        c.isolate(3);
+        for i in 0..50 {
+            c.propose(3, &format!("divergent-{i}")).expect("leader");
+        }
+        c.settle();
+        c.elect(1);
+        for i in 0..50 {
+            c.propose(1, &format!("kept-{i}")).expect("leader");
+        }
+        c.settle();
+        c.heal();
+        let before = c.delivered.len();
+        c.tick_all(3);
+        let appends_to_3 = c.delivered[before..]
+            .iter()
+            .filter(|message| is_append_to(message, 3))
+            .count();
+        assert!(appends_to_3 <= 6, "took {appends_to_3} appends to converge");
+        assert_eq!(c.last_index(3), c.last_index(1));
+        assert_eq!(c.applied_commands(3).len(), 50);
+    }
+
+    /// Appends respect `message_size_bytes_max` (one entry always fits).
+    #[test]
+    fn appends_respect_the_message_size_limit() {
+        fn small_messages(config: &mut Config) {
+            config.message_size_bytes_max = 200;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], small_messages);
+        c.elect(1);
+        c.isolate(3);
+        for i in 0..10 {
+            c.propose(1, &format!("{i:064}")).expect("leader");
+        }
+        c.settle();
+        c.heal();
+        let before = c.delivered.len();
+        c.tick_all(3);
+        let mut catch_up_appends = 0;
+        for message in &c.delivered[before..] {
+            if let MessageBody::Append { entries, .. } = &message.body {
+                let bytes: u64 = entries.iter().map(|entry| entry.size_bytes()).sum();
+                assert!(entries.len() <= 1 || bytes <= 200, "append of {bytes} bytes");
+                catch_up_appends += usize::from(message.to == n(3) && !entries.is_empty());
+            }
+        }
+        assert!(catch_up_appends >= 5, "10 entries of 88 bytes need 5 appends");
+        assert_eq!(c.applied_commands(3).len(), 10);
+    }
+
+    /// Flow control: at most `inflight_messages_max` appends are in flight to
+    /// a follower that does not answer.
+    #[test]
+    fn the_inflight_window_bounds_unacknowledged_appends() {
+        fn window_of_three(config: &mut Config) {
+            config.inflight_messages_max = 3;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], window_of_three);
+        c.elect(1);
+        c.blocked.insert((n(2), n(1)));
+        let before = c.delivered.len();
+        for i in 0..10 {
+            c.propose(1, &format!("p{i}")).expect("leader");
+            c.settle();
+        }
+        let to_2 = c.delivered[before..]
+            .iter()
+            .filter(|m| matches!(&m.body, MessageBody::Append { entries, .. } if !entries.is_empty() && m.to == n(2)))
+            .count();
+        assert_eq!(to_2, 3);
+    }
+
+    /// Proposals are refused with a distinct error once the uncommitted
+    /// tail passes `uncommitted_size_bytes_max`, and accepted again after
+    /// it commits.
+    #[test]
+    fn the_uncommitted_size_limit_refuses_proposals() {
+        fn small_uncommitted(config: &mut Config) {
+            config.uncommitted_size_bytes_max = 1000;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], small_uncommitted);
+        c.elect(1);
+        c.isolate(1);
+        let payload = "x".repeat(100);
+        let mut accepted = 0;
+        let error = loop {
+            match c.propose(1, &payload) {
+                Ok(_) => accepted += 1,
+                Err(error) => break error,
+            }
+            assert!(accepted < 100, "the limit never applied");
+        };
+        assert!(matches!(error, Error::UncommittedSizeExceeded { limit_bytes: 1000, .. }));
+        assert_eq!(accepted, 8);
+        c.heal();
+        c.tick_all(2);
+        assert!(c.propose(1, &payload).is_ok());
+    }
+
+    /// §5.3 with asynchronous persistence: the leader sends appends before
+    /// its own fsync, commits on two followers' acknowledgements alone, but
+    /// hands an entry out for applying only once it is durable locally.
+    #[test]
+    fn the_leader_replicates_before_persisting() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(1).propose(vec![Bytes::from_static(b"async")]).expect("leader");
+        let ready = c.node(1).ready().expect("ready");
+        assert_eq!(ready.entries.len(), 1);
+        let appends: Vec<Message> = ready.messages.clone();
+        assert_eq!(appends.len(), 2, "appends go out before the leader persists");
+        for message in appends {
+            let to = message.to;
+            c.node(to.0).step(message).expect("step");
+            c.process(to);
+        }
+        while let Some(message) = c.queue.pop_front() {
+            c.node(message.to.0).step(message).expect("step");
+        }
+        let commit = c.commit(1);
+        assert_eq!(commit, ready.entries[0].index, "followers alone commit it");
+        let early = c.node(1).ready().expect("ready");
+        assert!(early.committed_entries.is_empty(), "not applied before it is durable here");
+        let node = c.node(1);
+        node.storage_mut().append(&ready.entries);
+        node.storage_mut().set_hard_state(ready.hard_state.unwrap_or_default());
+        node.on_persisted(ready.number);
+        let late = node.ready().expect("ready");
+        assert_eq!(late.committed_entries.len(), 1);
+    }
+
+    /// Followers forward proposals to the leader.
+    #[test]
+    fn a_follower_forwards_proposals() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let proposed = c.propose(2, "via-follower").expect("forwarded");
+        assert_eq!(proposed, Proposed::Forwarded { leader: n(1) });
+        c.settle();
+        assert_eq!(c.applied_commands(1), vec!["via-follower"]);
+    }
+
+    /// Without forwarding, a follower names the leader; with no leader, the
+    /// error says so.
+    #[test]
+    fn not_leader_errors_carry_the_leader_hint() {
+        fn no_forwarding(config: &mut Config) {
+            config.forward_to_leader = false;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], no_forwarding);
+        let error = c.propose(1, "x").expect_err("no leader yet");
+        assert_eq!(error, Error::NotLeader { leader_hint: None });
+        c.elect(1);
+        let error = c.propose(2, "x").expect_err("not leader");
+        assert_eq!(error, Error::NotLeader { leader_hint: Some(n(1)) });
+        assert!(error.to_string().contains("the leader is node 1"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// §5.4 Safety
+
+mod safety {
+    use super::*;
+
+    fn one_entry_per_append(config: &mut Config) {
+        no_pre_vote(config);
+        config.message_size_bytes_max = 1;
+    }
+
+    /// §5.4.2 (Figure 8): a leader never commits an entry of an earlier term
+    /// by counting replicas; it commits it only through an entry of its own
+    /// term stored on a majority.
+    #[test]
+    fn figure_8_no_commit_of_earlier_terms_by_counting() {
+        let mut c = Cluster::with_config(&[1, 2, 3, 4, 5], one_entry_per_append);
+        c.elect(1); // Term 2; its no-op (index 2) commits everywhere.
+        for other in [3, 4, 5] {
+            c.blocked.insert((n(1), n(other)));
+        }
+        c.propose(1, "x").expect("leader"); // Index 3, term 2, on S1 and S2.
+        c.settle();
+        let s1 = c.stop(1);
+        // S5 wins term 3 with S3 and S4, appends index 3 of term 3, crashes.
+        c.heal();
+        c.node(5).campaign();
+        c.process_all();
+        while c.role(5) != Role::Leader {
+            assert!(c.deliver_one(), "S5 should win");
+        }
+        let _ = c.stop(5);
+        c.queue.retain(|message| message.from != n(5) && message.to != n(5));
+        // S1 returns and wins term 4.
+        c.restart(1, s1);
+        // Its first campaign lands in term 3, where S3 and S4 voted already.
+        for _attempt in 0..3 {
+            c.node(1).campaign();
+            c.process_all();
+            while c.role(1) != Role::Leader && c.deliver_one() {}
+            if c.role(1) == Role::Leader {
+                break;
+            }
+        }
+        assert_eq!(c.role(1), Role::Leader, "S1 should win");
+        let own_index = c.last_index(1);
+        let own_term = c.term(1);
+        while c.deliver_one() {
+            if c.commit(1) >= LogIndex(3) {
+                let holders = c
+                    .nodes
+                    .values()
+                    .filter(|node| node.log_term(own_index) == Some(own_term))
+                    .count();
+                assert!(
+                    holders >= 3,
+                    "index 3 (term 2) committed while the term-{own_term} entry is on {holders} nodes"
+                );
+            }
+        }
+        assert!(c.commit(1) >= own_index);
+    }
+
+    /// §5.4.2: a new leader appends an empty entry of its term at once.
+    #[test]
+    fn a_new_leader_appends_a_no_op() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(2);
+        let applied = &c.applied[&n(2)];
+        let last = applied.last().expect("the no-op is applied");
+        assert_eq!(last.payload, EntryPayload::Empty);
+        assert_eq!(last.term, c.term(2));
+    }
+
+    /// A restart keeps term, vote and log, and does not re-apply entries.
+    #[test]
+    fn a_restart_keeps_term_vote_and_log() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "a").expect("leader");
+        c.settle();
+        let before = c.nodes[&n(2)].status();
+        let storage = c.stop(2);
+        c.restart(2, storage);
+        let after = c.nodes[&n(2)].status();
+        assert_eq!(after.hard_state.term, before.hard_state.term);
+        assert_eq!(after.hard_state.vote, before.hard_state.vote);
+        assert_eq!(after.last_index, before.last_index);
+        assert!(!c.node(2).has_ready() || c.node(2).ready().expect("ready").committed_entries.is_empty());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// §6 (paper) / §4 (thesis) Cluster membership changes
+
+mod membership {
+    use super::*;
+
+    fn change(c: &mut Cluster, at: u64, change: ConfChange) -> regatta_raft::Result<Proposed> {
+        let result = c.node(at).propose_conf_change(change);
+        c.process(n(at));
+        result
+    }
+
+    fn voters(c: &Cluster, id: u64) -> Vec<u64> {
+        c.nodes[&n(id)].status().membership.voters.iter().map(|n| n.0).collect()
+    }
+
+    /// Thesis §4.2.1: a node joins as a learner, catches up without voting,
+    /// and is promoted to voter.
+    #[test]
+    fn add_learner_catch_up_then_promote() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "before").expect("leader");
+        c.settle();
+        c.add_empty(4);
+        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("accepted");
+        c.settle();
+        c.tick_all(30);
+        assert_eq!(c.applied_commands(4), vec!["before"]);
+        assert!(c.nodes[&n(4)].status().membership.learners.contains(&n(4)));
+        assert_eq!(c.role(4), Role::Follower, "a learner never campaigns");
+        change(&mut c, 1, ConfChange::Promote { node: n(4) }).expect("caught up");
+        c.settle();
+        assert_eq!(voters(&c, 1), vec![1, 2, 3, 4]);
+        assert_eq!(voters(&c, 4), vec![1, 2, 3, 4]);
+    }
+
+    /// A learner marked for automatic promotion becomes a voter once caught up.
+    #[test]
+    fn auto_promotion_after_catch_up() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.add_empty(4);
+        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: true }).expect("accepted");
+        c.settle();
+        c.tick_all(3);
+        assert_eq!(voters(&c, 1), vec![1, 2, 3, 4]);
+    }
+
+    /// Promoting a learner that has not caught up is refused clearly.
+    #[test]
+    fn promoting_a_lagging_learner_is_refused() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.add_empty(4);
+        c.cut(1, 4);
+        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("accepted");
+        c.settle();
+        let error = change(&mut c, 1, ConfChange::Promote { node: n(4) }).expect_err("lagging");
+        assert!(error.to_string().contains("has not caught up"), "{error}");
+    }
+
+    /// Thesis §4.1: one change at a time; the next waits for the commit.
+    #[test]
+    fn one_change_at_a_time() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.cut(1, 2);
+        c.cut(1, 3);
+        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("first");
+        let error = change(&mut c, 1, ConfChange::AddLearner { node: n(5), auto_promote: false })
+            .expect_err("second");
+        assert!(error.to_string().contains("not yet committed"), "{error}");
+    }
+
+    /// A change that leaves no voter, or a quorum it cannot reach, is refused.
+    #[test]
+    fn unsafe_changes_are_refused() {
+        let mut c = Cluster::new(&[1]);
+        c.tick_all(20);
+        let error = change(&mut c, 1, ConfChange::Remove { node: n(1) }).expect_err("last voter");
+        assert!(error.to_string().contains("zero voters"), "{error}");
+        let error = change(&mut c, 1, ConfChange::Demote { node: n(1) }).expect_err("last voter");
+        assert!(error.to_string().contains("zero voters"), "{error}");
+
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let _ = c.stop(3);
+        for _ in 0..25 {
+            c.tick(1);
+            c.settle();
+        }
+        let error = change(&mut c, 1, ConfChange::Remove { node: n(2) }).expect_err("quorum");
+        assert!(error.to_string().contains("reachable"), "{error}");
+        change(&mut c, 1, ConfChange::Remove { node: n(3) }).expect("removing the dead node is fine");
+        c.settle();
+        assert_eq!(voters(&c, 1), vec![1, 2]);
+    }
+
+    /// Removing the leader hands leadership to another voter, and the old
+    /// leader learns that it was removed (shutdown-on-remove signal).
+    #[test]
+    fn removing_the_leader_hands_over_leadership() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        change(&mut c, 1, ConfChange::Remove { node: n(1) }).expect("accepted");
+        c.settle();
+        c.tick_all(2);
+        let leader = leader_of(&c).expect("a new leader");
+        assert_ne!(leader, 1);
+        assert!(c.nodes[&n(1)].status().soft_state.removed);
+        assert_eq!(voters(&c, leader), vec![2, 3]);
+        c.propose(leader, "after").expect("new leader works");
+        c.settle();
+        assert_eq!(c.applied_commands(leader), vec!["after"]);
+    }
+
+    /// Leave-on-terminate: a follower asks to remove itself.
+    #[test]
+    fn a_node_can_leave() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(3).leave().expect("forwarded");
+        c.settle();
+        c.tick_all(1);
+        assert_eq!(voters(&c, 1), vec![1, 2]);
+        assert!(c.nodes[&n(3)].status().soft_state.removed);
+    }
+
+    /// Thesis §4.2.3: a removed node that never learnt of its removal
+    /// campaigns, but cannot disrupt the cluster.
+    #[test]
+    fn a_removed_node_does_not_disrupt() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.isolate(3);
+        change(&mut c, 1, ConfChange::Remove { node: n(3) }).expect("accepted");
+        c.settle();
+        let term = c.term(1);
+        c.heal();
+        c.tick_all(60);
+        assert_eq!(c.role(1), Role::Leader);
+        assert_eq!(c.term(1), term);
+    }
+
+    /// A node that joins starts empty and learns the membership from the
+    /// leader.
+    #[test]
+    fn a_joining_node_learns_the_membership() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.add_empty(4);
+        assert!(c.nodes[&n(4)].status().membership.voters.is_empty());
+        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("accepted");
+        c.settle();
+        c.tick_all(2);
+        assert_eq!(voters(&c, 4), vec![1, 2, 3]);
+    }
+
+    /// The unsafe override: a survivor of a group that lost its quorum
+    /// removes the dead voters locally and carries on alone.
+    #[test]
+    fn force_remove_recovers_a_group_that_lost_quorum() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "before").expect("leader");
+        c.settle();
+        let _ = c.stop(2);
+        let _ = c.stop(3);
+        for _ in 0..30 {
+            c.tick(1);
+        }
+        assert_ne!(c.role(1), Role::Leader, "no quorum, no leader");
+        c.node(1).force_remove(n(2)).expect("forced");
+        c.node(1).force_remove(n(3)).expect("forced");
+        c.process(n(1));
+        c.tick_all(30);
+        assert_eq!(c.role(1), Role::Leader);
+        assert_eq!(voters(&c, 1), vec![1]);
+        c.propose(1, "after").expect("leader");
+        c.settle();
+        assert_eq!(c.applied_commands(1), vec!["before", "after"]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// §7 Log compaction
+
+mod compaction {
+    use super::*;
+
+    /// §7: a follower that needs compacted entries receives a snapshot,
+    /// installs it (with its membership) and then follows the log again.
+    #[test]
+    fn a_lagging_follower_catches_up_through_a_snapshot() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.isolate(3);
+        for i in 0..20 {
+            c.propose(1, &format!("e{i}")).expect("leader");
+        }
+        c.settle();
+        let applied = c.nodes[&n(1)].status().applied;
+        let meta = c.nodes[&n(1)].snapshot_meta_at(applied).expect("meta");
+        assert_eq!(meta.membership.voters.len(), 3, "the snapshot carries the membership");
+        c.node(1).storage_mut().create_snapshot(meta.clone());
+        c.heal();
+        c.tick_all(3);
+        assert_eq!(c.count_delivered("snapshot"), 1);
+        let status = c.nodes[&n(3)].status();
+        assert_eq!(status.first_index, meta.index.next());
+        assert_eq!(status.membership, meta.membership);
+        c.propose(1, "after").expect("leader");
+        c.settle();
+        c.tick_all(1);
+        assert_eq!(c.last_index(3), c.last_index(1));
+        assert_eq!(c.applied_commands(3), vec!["after"]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// §8 (paper) / §6 (thesis) Client interaction: reads and leadership transfer
+
+mod client {
+    use super::*;
+
+    /// Thesis §6.4: ReadIndex answers only after a heartbeat round, and one
+    /// round confirms every read queued while the previous one was in flight.
+    #[test]
+    fn read_index_batches_reads_per_heartbeat_round() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let before = c.count_delivered("heartbeat");
+        c.read(1, 1).expect("leader");
+        assert!(c.confirmed_reads(1).is_empty(), "not before a round");
+        for read in 2..=10 {
+            c.read(1, read).expect("leader");
+        }
+        c.settle();
+        let confirmed = c.confirmed_reads(1);
+        assert_eq!(confirmed.len(), 10);
+        assert!(confirmed.iter().all(|read| read.index == c.commit(1)));
+        let rounds = (c.count_delivered("heartbeat") - before) / 2;
+        assert_eq!(rounds, 2, "read 1 starts a round; reads 2..10 share the next");
+    }
+
+    /// Thesis §6.4: a new leader answers reads only after an entry of its
+    /// own term commits.
+    #[test]
+    fn reads_wait_for_the_leader_to_commit_in_its_term() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.node(1).campaign();
+        c.process_all();
+        while c.role(1) != Role::Leader {
+            assert!(c.deliver_one());
+        }
+        let no_op_index = c.last_index(1);
+        c.read(1, 7).expect("leader");
+        assert!(c.confirmed_reads(1).is_empty());
+        c.settle();
+        let confirmed = c.confirmed_reads(1);
+        assert_eq!(confirmed.len(), 1);
+        assert!(confirmed[0].index >= no_op_index);
+    }
+
+    /// Followers forward reads to the leader and get its commit index back.
+    #[test]
+    fn a_follower_read_is_forwarded() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        c.read(2, 5).expect("forwarded");
+        c.settle();
+        let confirmed = c.confirmed_reads(2);
+        assert_eq!(confirmed.len(), 1);
+        assert_eq!(confirmed[0].id, ReadId(5));
+        assert_eq!(confirmed[0].index, c.commit(1));
+    }
+
+    /// Thesis §6.4.1: with the lease, the leader answers at once while a
+    /// quorum acknowledged a recent heartbeat, and not after the lease ends.
+    #[test]
+    fn lease_reads_hold_only_while_the_lease_does() {
+        fn lease(config: &mut Config) {
+            config.read_mode = ReadMode::LeaseBased;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], lease);
+        c.tick_all(10);
+        c.elect(1);
+        c.tick_all(2);
+        c.read(1, 1).expect("leader");
+        assert_eq!(c.confirmed_reads(1).len(), 1, "answered without a round");
+        c.isolate(1);
+        for _ in 0..9 {
+            c.tick(1);
+            c.settle();
+        }
+        c.read(1, 2).expect("still leader");
+        c.settle();
+        assert_eq!(c.confirmed_reads(1).len(), 1, "no answer once the lease ran out");
+    }
+
+    /// Thesis §3.10: leadership moves to the chosen node, catching it up
+    /// first; proposals are refused meanwhile.
+    #[test]
+    fn leadership_transfer_to_a_lagging_node() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.isolate(3);
+        for i in 0..5 {
+            c.propose(1, &format!("e{i}")).expect("leader");
+        }
+        c.settle();
+        c.heal();
+        c.node(1).transfer_leader(n(3)).expect("started");
+        let error = c.propose(1, "during").expect_err("refused during transfer");
+        assert!(matches!(error, Error::TransferInProgress { target } if target == n(3)));
+        c.settle();
+        assert_eq!(c.role(3), Role::Leader);
+        assert_eq!(c.last_index(3), c.last_index(1));
+    }
+
+    /// A transfer that cannot complete is abandoned after an election
+    /// timeout, and the leader accepts proposals again.
+    #[test]
+    fn a_stuck_transfer_is_aborted() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.cut(1, 3);
+        c.node(1).transfer_leader(n(3)).expect("started");
+        assert!(c.propose(1, "x").is_err());
+        for _ in 0..12 {
+            c.tick(1);
+            c.settle();
+        }
+        assert_eq!(c.role(1), Role::Leader);
+        assert!(c.propose(1, "x").is_ok());
+    }
+
+    /// Transfer requests to non-voters are refused; a follower forwards them.
+    #[test]
+    fn transfer_requests_are_validated_and_forwarded() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let error = c.node(1).transfer_leader(n(9)).expect_err("not a voter");
+        assert!(error.to_string().contains("not a voter"));
+        c.node(2).transfer_leader(n(2)).expect("forwarded");
+        c.settle();
+        assert_eq!(c.role(2), Role::Leader);
+    }
+
+    /// Step-down before shutdown picks the most up-to-date voter.
+    #[test]
+    fn step_down_hands_over_to_a_caught_up_voter() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.cut(1, 2);
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        c.node(1).step_down().expect("started");
+        c.settle();
+        assert_eq!(c.role(3), Role::Leader);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+/// Invalid configurations are refused at construction, naming the field.
+#[test]
+fn invalid_configurations_name_the_field() {
+    let cases: Vec<(fn(&mut Config), &str)> = vec![
+        (|c| c.id = NodeId(0), "id"),
+        (|c| c.election_timeout_ticks = 1, "election_timeout_ticks"),
+        (|c| c.heartbeat_interval_ticks = 0, "heartbeat_interval_ticks"),
+        (|c| c.message_size_bytes_max = 0, "message_size_bytes_max"),
+        (|c| c.inflight_messages_max = 0, "inflight_messages_max"),
+        (|c| c.uncommitted_size_bytes_max = 0, "uncommitted_size_bytes_max"),
+        (|c| c.pending_reads_max = 0, "pending_reads_max"),
+        (
+            |c| {
+                c.read_mode = ReadMode::LeaseBased;
+                c.check_quorum = false;
+            },
+            "check_quorum",
+        ),
+        (|c| c.initial_voters = vec![NodeId(1), NodeId(1)], "twice"),
+        (|c| c.initial_voters = vec![NodeId(2)], "must include this node"),
+    ];
+    for (mutate, expected) in cases {
+        let mut config = Config::new(NodeId(1));
+        mutate(&mut config);
+        let error = match RaftNode::new(config, MemStorage::new()) {
+            Ok(_) => panic!("accepted a config that should mention {expected}"),
+            Err(error) => error,
+        };
+        assert!(matches!(error, Error::InvalidConfig(_)));
+        assert!(error.to_string().contains(expected), "{error} lacks {expected}");
+    }
+}
