@@ -349,7 +349,10 @@ impl<S: Storage> RaftLog<S> {
             self.committed,
             self.persisted
         );
-        assert!(self.committed <= self.last_index(), "committed > last index");
+        assert!(
+            self.committed <= self.last_index(),
+            "committed > last index"
+        );
         if let Some(first) = self.unstable.first() {
             assert_eq!(first.index, self.offset, "unstable offset");
         }

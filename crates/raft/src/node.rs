@@ -259,7 +259,9 @@ impl<S: Storage> RaftNode<S> {
             .front()
             .is_some_and(|record| record.number <= number)
         {
-            let Some(record) = self.unacknowledged.pop_front() else { break };
+            let Some(record) = self.unacknowledged.pop_front() else {
+                break;
+            };
             if let Some(index) = record.snapshot_index {
                 self.raft.log.stable_snapshot_to(index);
             }

@@ -206,7 +206,9 @@ impl<S: Storage> Raft<S> {
         let mut next = self.log.first_index();
         let last_index = self.log.last_index();
         while next <= last_index {
-            let batch = self.log.entries(next, last_index.next(), SCAN_BATCH_BYTES)?;
+            let batch = self
+                .log
+                .entries(next, last_index.next(), SCAN_BATCH_BYTES)?;
             let Some(last) = batch.last() else { break };
             next = last.index.next();
             self.track_conf_changes(&batch);
@@ -386,7 +388,10 @@ impl<S: Storage> Raft<S> {
     }
 
     fn become_leader(&mut self) {
-        assert!(self.role != Role::Follower, "a follower cannot become leader");
+        assert!(
+            self.role != Role::Follower,
+            "a follower cannot become leader"
+        );
         self.reset(self.term);
         self.role = Role::Leader;
         self.leader = Some(self.id);
@@ -394,7 +399,11 @@ impl<S: Storage> Raft<S> {
         // Members whose removal is not yet committed still hear from us, so
         // that they neither time out and campaign nor miss their removal.
         let committed = self.committed_membership();
-        let mut members: Vec<NodeId> = self.membership.members().chain(committed.members()).collect();
+        let mut members: Vec<NodeId> = self
+            .membership
+            .members()
+            .chain(committed.members())
+            .collect();
         members.sort();
         members.dedup();
         for node in members {
@@ -481,7 +490,9 @@ impl<S: Storage> Raft<S> {
             .membership
             .voters
             .iter()
-            .filter(|voter| **voter == id || self.progress.get(voter).is_some_and(|p| p.recent_active))
+            .filter(|voter| {
+                **voter == id || self.progress.get(voter).is_some_and(|p| p.recent_active)
+            })
             .count();
         for (node, progress) in self.progress.iter_mut() {
             progress.recent_active = *node == id;
@@ -527,7 +538,13 @@ impl<S: Storage> Raft<S> {
         let last_index = self.log.last_index();
         let last_term = self.log.last_term();
         let id = self.id;
-        let voters: Vec<NodeId> = self.membership.voters.iter().copied().filter(|v| *v != id).collect();
+        let voters: Vec<NodeId> = self
+            .membership
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != id)
+            .collect();
         for voter in voters {
             let body = MessageBody::Vote {
                 pre_vote,
@@ -577,7 +594,13 @@ impl<S: Storage> Raft<S> {
             && (self.leader.is_some() || just_started)
     }
 
-    fn handle_vote(&mut self, message: &Message, pre_vote: bool, last_index: LogIndex, last_term: Term) {
+    fn handle_vote(
+        &mut self,
+        message: &Message,
+        pre_vote: bool,
+        last_index: LogIndex,
+        last_term: Term,
+    ) {
         let can_vote = self.vote == Some(message.from)
             || (self.vote.is_none() && self.leader.is_none())
             || (pre_vote && message.term > self.term);
@@ -662,7 +685,9 @@ impl<S: Storage> Raft<S> {
                 pre_vote: true,
                 granted: true,
             } => {}
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } | MessageBody::Snapshot { .. } => {
+            MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::Snapshot { .. } => {
                 self.become_follower(message.term, Some(message.from));
             }
             _ => self.become_follower(message.term, None),
@@ -717,7 +742,9 @@ impl<S: Storage> Raft<S> {
     fn step_candidate(&mut self, message: Message) -> Result<()> {
         let from = message.from;
         match message.body {
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } | MessageBody::Snapshot { .. } => {
+            MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::Snapshot { .. } => {
                 self.become_follower(message.term, Some(from));
                 self.step_follower(message)?;
             }
@@ -815,7 +842,13 @@ impl<S: Storage> Raft<S> {
         }
         if prev_index < self.log.committed {
             let index = self.log.committed;
-            self.reply(from, MessageBody::AppendResponse { index, reject: None });
+            self.reply(
+                from,
+                MessageBody::AppendResponse {
+                    index,
+                    reject: None,
+                },
+            );
             return;
         }
         if !self.log.match_term(prev_index, prev_term) {
@@ -849,14 +882,26 @@ impl<S: Storage> Raft<S> {
     fn handle_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
         if meta.index <= self.log.committed {
             let index = self.log.committed;
-            self.reply(from, MessageBody::AppendResponse { index, reject: None });
+            self.reply(
+                from,
+                MessageBody::AppendResponse {
+                    index,
+                    reject: None,
+                },
+            );
             return;
         }
         if self.log.match_term(meta.index, meta.term) {
             // We already hold the snapshot's last entry: fast-forward.
             self.commit_to(meta.index);
             let index = self.log.committed;
-            self.reply(from, MessageBody::AppendResponse { index, reject: None });
+            self.reply(
+                from,
+                MessageBody::AppendResponse {
+                    index,
+                    reject: None,
+                },
+            );
             return;
         }
         let index = meta.index;
@@ -866,7 +911,13 @@ impl<S: Storage> Raft<S> {
         self.log_committed_before_advance = index;
         self.on_membership_changed();
         self.update_removed();
-        self.reply(from, MessageBody::AppendResponse { index, reject: None });
+        self.reply(
+            from,
+            MessageBody::AppendResponse {
+                index,
+                reject: None,
+            },
+        );
     }
 
     /// Appends entries to the log and tracks the membership changes and
@@ -876,7 +927,10 @@ impl<S: Storage> Raft<S> {
         let Some(first) = entries.first() else { return };
         let mut changed = false;
         while self.history.len() > 1
-            && self.history.last().is_some_and(|(index, _)| *index >= first.index)
+            && self
+                .history
+                .last()
+                .is_some_and(|(index, _)| *index >= first.index)
         {
             self.history.pop();
             changed = true;
@@ -903,7 +957,11 @@ impl<S: Storage> Raft<S> {
         let mut changed = false;
         for entry in entries {
             if let EntryPayload::ConfChange(change) = &entry.payload {
-                let current = self.history.last().map(|(_, m)| m.clone()).unwrap_or_default();
+                let current = self
+                    .history
+                    .last()
+                    .map(|(_, m)| m.clone())
+                    .unwrap_or_default();
                 if let Ok(next) = current.apply(change) {
                     self.history.push((entry.index, next));
                     changed = true;
@@ -950,11 +1008,10 @@ impl<S: Storage> Raft<S> {
                 self.leader_on_membership_committed();
             }
         }
-        if self.role == Role::Leader && !self.committed_in_term {
-            if self.log.term(committed).is_ok_and(|term| term == self.term) {
-                self.committed_in_term = true;
-                self.release_reads_waiting_for_commit();
-            }
+        let committed_own_term = self.log.term(committed).is_ok_and(|term| term == self.term);
+        if self.role == Role::Leader && !self.committed_in_term && committed_own_term {
+            self.committed_in_term = true;
+            self.release_reads_waiting_for_commit();
         }
     }
 
@@ -973,7 +1030,11 @@ impl<S: Storage> Raft<S> {
     /// there, so that history stays as short as the log.
     fn trim_history(&mut self) {
         let floor = self.log.first_index().prev().min(self.log.committed);
-        let in_force = self.history.iter().rposition(|(index, _)| *index <= floor).unwrap_or(0);
+        let in_force = self
+            .history
+            .iter()
+            .rposition(|(index, _)| *index <= floor)
+            .unwrap_or(0);
         if in_force > 0 {
             self.history.drain(..in_force);
         }
@@ -1077,7 +1138,12 @@ impl<S: Storage> Raft<S> {
     // Leader side of replication.
 
     pub(crate) fn broadcast_append(&mut self) {
-        let targets: Vec<NodeId> = self.progress.keys().copied().filter(|n| *n != self.id).collect();
+        let targets: Vec<NodeId> = self
+            .progress
+            .keys()
+            .copied()
+            .filter(|n| *n != self.id)
+            .collect();
         for target in targets {
             self.send_append(target, true);
         }
@@ -1085,7 +1151,9 @@ impl<S: Storage> Raft<S> {
 
     /// Sends the follower what it lacks; true if a message went out.
     fn send_append(&mut self, to: NodeId, send_if_empty: bool) -> bool {
-        let Some(progress) = self.progress.get(&to) else { return false };
+        let Some(progress) = self.progress.get(&to) else {
+            return false;
+        };
         if progress.is_paused() {
             return false;
         }
@@ -1093,9 +1161,11 @@ impl<S: Storage> Raft<S> {
         let prev_index = next_index.prev();
         let last_index = self.log.last_index();
         let prev_term = self.log.term(prev_index);
-        let entries = self
-            .log
-            .entries(next_index, last_index.next(), self.config.message_size_bytes_max);
+        let entries = self.log.entries(
+            next_index,
+            last_index.next(),
+            self.config.message_size_bytes_max,
+        );
         let (prev_term, entries) = match (prev_term, entries) {
             (Ok(term), Ok(entries)) => (term, entries),
             _ => return self.send_snapshot(to),
@@ -1142,7 +1212,9 @@ impl<S: Storage> Raft<S> {
         reject: Option<RejectHint>,
     ) -> Result<()> {
         let last_index = self.log.last_index();
-        let Some(progress) = self.progress.get_mut(&from) else { return Ok(()) };
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return Ok(());
+        };
         progress.recent_active = true;
         if let Some(hint) = reject {
             let match_hint = if hint.term.0 > 0 {
@@ -1150,7 +1222,9 @@ impl<S: Storage> Raft<S> {
             } else {
                 hint.index
             };
-            let Some(progress) = self.progress.get_mut(&from) else { return Ok(()) };
+            let Some(progress) = self.progress.get_mut(&from) else {
+                return Ok(());
+            };
             if progress.maybe_decrease_to(index, match_hint) {
                 if progress.state == ProgressState::Replicate {
                     progress.become_probe();
@@ -1185,7 +1259,10 @@ impl<S: Storage> Raft<S> {
             self.send_append(from, false);
         }
         while self.send_append(from, false) {}
-        let caught_up = self.progress.get(&from).is_some_and(|p| p.match_index == self.log.last_index());
+        let caught_up = self
+            .progress
+            .get(&from)
+            .is_some_and(|p| p.match_index == self.log.last_index());
         if self.transfer.is_some_and(|(target, _)| target == from) && caught_up {
             self.reply(from, MessageBody::TimeoutNow);
         }
@@ -1195,7 +1272,9 @@ impl<S: Storage> Raft<S> {
 
     fn handle_heartbeat_response(&mut self, from: NodeId, round: u64) -> Result<()> {
         let last_index = self.log.last_index();
-        let Some(progress) = self.progress.get_mut(&from) else { return Ok(()) };
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return Ok(());
+        };
         progress.on_heartbeat_response();
         progress.acked_round = progress.acked_round.max(round);
         // A follower behind us gets an append even if it carries nothing
@@ -1215,7 +1294,9 @@ impl<S: Storage> Raft<S> {
     /// Proposes application commands.
     pub fn propose(&mut self, commands: Vec<Bytes>) -> Result<Proposed> {
         if commands.is_empty() {
-            return Err(Error::InvalidProposal("a proposal needs at least one command".into()));
+            return Err(Error::InvalidProposal(
+                "a proposal needs at least one command".into(),
+            ));
         }
         let payloads = commands.into_iter().map(EntryPayload::Normal).collect();
         self.propose_or_forward(payloads)
@@ -1243,7 +1324,9 @@ impl<S: Storage> Raft<S> {
     /// Appends payloads as the leader after every check.
     fn propose_payloads(&mut self, payloads: Vec<EntryPayload>) -> Result<Proposed> {
         if payloads.is_empty() {
-            return Err(Error::InvalidProposal("a proposal needs at least one command".into()));
+            return Err(Error::InvalidProposal(
+                "a proposal needs at least one command".into(),
+            ));
         }
         if let Some((target, _)) = self.transfer {
             return Err(Error::TransferInProgress { target });
@@ -1282,7 +1365,10 @@ impl<S: Storage> Raft<S> {
         }
         let first = last_index.next();
         let last = last_index.plus(entries.len() as u64);
-        if entries.iter().any(|e| matches!(e.payload, EntryPayload::ConfChange(_))) {
+        if entries
+            .iter()
+            .any(|e| matches!(e.payload, EntryPayload::ConfChange(_)))
+        {
             self.pending_conf_index = last;
         }
         self.append_to_log(&entries);
@@ -1307,7 +1393,11 @@ impl<S: Storage> Raft<S> {
         if let ConfChange::Bootstrap { .. } = change {
             return refused("bootstrap is only valid as the first entry of a new cluster".into());
         }
-        let latest_change = self.history.last().map(|(index, _)| *index).unwrap_or_default();
+        let latest_change = self
+            .history
+            .last()
+            .map(|(index, _)| *index)
+            .unwrap_or_default();
         let pending = self.pending_conf_index.max(latest_change);
         if pending > self.log.committed {
             return refused(format!(
@@ -1316,7 +1406,11 @@ impl<S: Storage> Raft<S> {
         }
         let next = self.membership.apply(change)?;
         if let ConfChange::Promote { node } = change {
-            let matched = self.progress.get(node).map(|p| p.match_index).unwrap_or_default();
+            let matched = self
+                .progress
+                .get(node)
+                .map(|p| p.match_index)
+                .unwrap_or_default();
             if matched < self.log.committed {
                 return refused(format!(
                     "learner {node} has not caught up (holds {matched}, commit is {}); retry later",
@@ -1350,9 +1444,8 @@ impl<S: Storage> Raft<S> {
             .get(&node)
             .is_some_and(|p| p.match_index >= self.log.committed);
         if caught_up && self.pending_conf_index <= self.log.committed {
-            let _ = self.propose_payloads(vec![EntryPayload::ConfChange(ConfChange::Promote {
-                node,
-            })]);
+            let _ =
+                self.propose_payloads(vec![EntryPayload::ConfChange(ConfChange::Promote { node })]);
         }
     }
 
@@ -1435,7 +1528,11 @@ impl<S: Storage> Raft<S> {
             .voters
             .iter()
             .filter(|voter| **voter != self.id)
-            .filter_map(|voter| self.progress.get(voter).map(|p| (p.recent_active, p.match_index, *voter)))
+            .filter_map(|voter| {
+                self.progress
+                    .get(voter)
+                    .map(|p| (p.recent_active, p.match_index, *voter))
+            })
             .max()
             .map(|(_, _, voter)| voter)
     }
@@ -1533,7 +1630,13 @@ impl<S: Storage> Raft<S> {
     fn release_read(&mut self, id: ReadId, from: Option<NodeId>, index: LogIndex) {
         match from {
             None => self.read_states.push(ReadState { id, index }),
-            Some(node) => self.reply(node, MessageBody::ReadIndexResponse { index, ids: vec![id] }),
+            Some(node) => self.reply(
+                node,
+                MessageBody::ReadIndexResponse {
+                    index,
+                    ids: vec![id],
+                },
+            ),
         }
     }
 
@@ -1636,7 +1739,9 @@ impl<S: Storage> Raft<S> {
 
     /// The runtime finished (or failed) sending a snapshot to `node`.
     pub fn report_snapshot(&mut self, node: NodeId, success: bool) {
-        let Some(progress) = self.progress.get_mut(&node) else { return };
+        let Some(progress) = self.progress.get_mut(&node) else {
+            return;
+        };
         if progress.state != ProgressState::Snapshot {
             return;
         }
@@ -1651,7 +1756,10 @@ impl<S: Storage> Raft<S> {
     /// Checks the invariants that must hold after every call.
     pub(crate) fn assert_invariants(&self) {
         self.log.assert_invariants();
-        assert!(self.log.last_term() <= self.term, "log term above current term");
+        assert!(
+            self.log.last_term() <= self.term,
+            "log term above current term"
+        );
         if self.role == Role::Leader {
             assert_eq!(self.leader, Some(self.id), "leader does not know itself");
         }
@@ -1673,11 +1781,17 @@ impl<S: Storage> Raft<S> {
 
 /// Entries must follow `prev_index` without gaps, with terms that never go
 /// down and never exceed the sender's term.
-fn is_well_formed(message_term: Term, prev_index: LogIndex, prev_term: Term, entries: &[Entry]) -> bool {
+fn is_well_formed(
+    message_term: Term,
+    prev_index: LogIndex,
+    prev_term: Term,
+    entries: &[Entry],
+) -> bool {
     let mut previous_term = prev_term;
     for (position, entry) in entries.iter().enumerate() {
         let expected_index = prev_index.plus(position as u64 + 1);
-        if entry.index != expected_index || entry.term < previous_term || entry.term > message_term {
+        if entry.index != expected_index || entry.term < previous_term || entry.term > message_term
+        {
             return false;
         }
         previous_term = entry.term;

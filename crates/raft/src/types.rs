@@ -220,7 +220,9 @@ impl Membership {
                     return Err(refused("bootstrap applies only to an empty membership"));
                 }
                 if voters.is_empty() || voters.contains(&NodeId(0)) {
-                    return Err(refused("bootstrap needs at least one voter and no node id 0"));
+                    return Err(refused(
+                        "bootstrap needs at least one voter and no node id 0",
+                    ));
                 }
                 next.voters = voters.iter().copied().collect();
             }

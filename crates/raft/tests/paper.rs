@@ -59,7 +59,11 @@ mod election {
     fn randomized_timeouts_elect_a_leader() {
         let mut c = Cluster::new(&[1, 2, 3, 4, 5]);
         c.tick_all(40);
-        let leaders = c.nodes.values().filter(|node| node.role() == Role::Leader).count();
+        let leaders = c
+            .nodes
+            .values()
+            .filter(|node| node.role() == Role::Leader)
+            .count();
         assert_eq!(leaders, 1);
     }
 
@@ -79,7 +83,10 @@ mod election {
 
     fn vote_answers(node: &mut RaftNode<MemStorage>) -> Vec<bool> {
         let ready = node.ready().expect("ready");
-        assert!(ready.messages.is_empty(), "a vote must wait for persistence");
+        assert!(
+            ready.messages.is_empty(),
+            "a vote must wait for persistence"
+        );
         ready
             .persisted_messages
             .iter()
@@ -261,11 +268,17 @@ mod replication {
         for message in &c.delivered[before..] {
             if let MessageBody::Append { entries, .. } = &message.body {
                 let bytes: u64 = entries.iter().map(|entry| entry.size_bytes()).sum();
-                assert!(entries.len() <= 1 || bytes <= 200, "append of {bytes} bytes");
+                assert!(
+                    entries.len() <= 1 || bytes <= 200,
+                    "append of {bytes} bytes"
+                );
                 catch_up_appends += usize::from(message.to == n(3) && !entries.is_empty());
             }
         }
-        assert!(catch_up_appends >= 5, "10 entries of 88 bytes need 5 appends");
+        assert!(
+            catch_up_appends >= 5,
+            "10 entries of 88 bytes need 5 appends"
+        );
         assert_eq!(c.applied_commands(3).len(), 10);
     }
 
@@ -311,7 +324,13 @@ mod replication {
             }
             assert!(accepted < 100, "the limit never applied");
         };
-        assert!(matches!(error, Error::UncommittedSizeExceeded { limit_bytes: 1000, .. }));
+        assert!(matches!(
+            error,
+            Error::UncommittedSizeExceeded {
+                limit_bytes: 1000,
+                ..
+            }
+        ));
         assert_eq!(accepted, 8);
         c.heal();
         c.tick_all(2);
@@ -325,11 +344,17 @@ mod replication {
     fn the_leader_replicates_before_persisting() {
         let mut c = Cluster::new(&[1, 2, 3]);
         c.elect(1);
-        c.node(1).propose(vec![Bytes::from_static(b"async")]).expect("leader");
+        c.node(1)
+            .propose(vec![Bytes::from_static(b"async")])
+            .expect("leader");
         let ready = c.node(1).ready().expect("ready");
         assert_eq!(ready.entries.len(), 1);
         let appends: Vec<Message> = ready.messages.clone();
-        assert_eq!(appends.len(), 2, "appends go out before the leader persists");
+        assert_eq!(
+            appends.len(),
+            2,
+            "appends go out before the leader persists"
+        );
         for message in appends {
             let to = message.to;
             c.node(to.0).step(message).expect("step");
@@ -341,10 +366,14 @@ mod replication {
         let commit = c.commit(1);
         assert_eq!(commit, ready.entries[0].index, "followers alone commit it");
         let early = c.node(1).ready().expect("ready");
-        assert!(early.committed_entries.is_empty(), "not applied before it is durable here");
+        assert!(
+            early.committed_entries.is_empty(),
+            "not applied before it is durable here"
+        );
         let node = c.node(1);
         node.storage_mut().append(&ready.entries);
-        node.storage_mut().set_hard_state(ready.hard_state.unwrap_or_default());
+        node.storage_mut()
+            .set_hard_state(ready.hard_state.unwrap_or_default());
         node.on_persisted(ready.number);
         let late = node.ready().expect("ready");
         assert_eq!(late.committed_entries.len(), 1);
@@ -373,7 +402,12 @@ mod replication {
         assert_eq!(error, Error::NotLeader { leader_hint: None });
         c.elect(1);
         let error = c.propose(2, "x").expect_err("not leader");
-        assert_eq!(error, Error::NotLeader { leader_hint: Some(n(1)) });
+        assert_eq!(
+            error,
+            Error::NotLeader {
+                leader_hint: Some(n(1))
+            }
+        );
         assert!(error.to_string().contains("the leader is node 1"));
     }
 }
@@ -410,7 +444,8 @@ mod safety {
             assert!(c.deliver_one(), "S5 should win");
         }
         let _ = c.stop(5);
-        c.queue.retain(|message| message.from != n(5) && message.to != n(5));
+        c.queue
+            .retain(|message| message.from != n(5) && message.to != n(5));
         // S1 returns and wins term 4.
         c.restart(1, s1);
         // Its first campaign lands in term 3, where S3 and S4 voted already.
@@ -466,7 +501,14 @@ mod safety {
         assert_eq!(after.hard_state.term, before.hard_state.term);
         assert_eq!(after.hard_state.vote, before.hard_state.vote);
         assert_eq!(after.last_index, before.last_index);
-        assert!(!c.node(2).has_ready() || c.node(2).ready().expect("ready").committed_entries.is_empty());
+        assert!(
+            !c.node(2).has_ready()
+                || c.node(2)
+                    .ready()
+                    .expect("ready")
+                    .committed_entries
+                    .is_empty()
+        );
     }
 }
 
@@ -483,7 +525,13 @@ mod membership {
     }
 
     fn voters(c: &Cluster, id: u64) -> Vec<u64> {
-        c.nodes[&n(id)].status().membership.voters.iter().map(|n| n.0).collect()
+        c.nodes[&n(id)]
+            .status()
+            .membership
+            .voters
+            .iter()
+            .map(|n| n.0)
+            .collect()
     }
 
     /// Thesis §4.2.1: a node joins as a learner, catches up without voting,
@@ -495,7 +543,15 @@ mod membership {
         c.propose(1, "before").expect("leader");
         c.settle();
         c.add_empty(4);
-        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("accepted");
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: false,
+            },
+        )
+        .expect("accepted");
         c.settle();
         c.tick_all(30);
         assert_eq!(c.applied_commands(4), vec!["before"]);
@@ -513,7 +569,15 @@ mod membership {
         let mut c = Cluster::new(&[1, 2, 3]);
         c.elect(1);
         c.add_empty(4);
-        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: true }).expect("accepted");
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: true,
+            },
+        )
+        .expect("accepted");
         c.settle();
         c.tick_all(3);
         assert_eq!(voters(&c, 1), vec![1, 2, 3, 4]);
@@ -526,7 +590,15 @@ mod membership {
         c.elect(1);
         c.add_empty(4);
         c.cut(1, 4);
-        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("accepted");
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: false,
+            },
+        )
+        .expect("accepted");
         c.settle();
         let error = change(&mut c, 1, ConfChange::Promote { node: n(4) }).expect_err("lagging");
         assert!(error.to_string().contains("has not caught up"), "{error}");
@@ -539,9 +611,24 @@ mod membership {
         c.elect(1);
         c.cut(1, 2);
         c.cut(1, 3);
-        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("first");
-        let error = change(&mut c, 1, ConfChange::AddLearner { node: n(5), auto_promote: false })
-            .expect_err("second");
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: false,
+            },
+        )
+        .expect("first");
+        let error = change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(5),
+                auto_promote: false,
+            },
+        )
+        .expect_err("second");
         assert!(error.to_string().contains("not yet committed"), "{error}");
     }
 
@@ -564,7 +651,8 @@ mod membership {
         }
         let error = change(&mut c, 1, ConfChange::Remove { node: n(2) }).expect_err("quorum");
         assert!(error.to_string().contains("reachable"), "{error}");
-        change(&mut c, 1, ConfChange::Remove { node: n(3) }).expect("removing the dead node is fine");
+        change(&mut c, 1, ConfChange::Remove { node: n(3) })
+            .expect("removing the dead node is fine");
         c.settle();
         assert_eq!(voters(&c, 1), vec![1, 2]);
     }
@@ -623,7 +711,15 @@ mod membership {
         c.elect(1);
         c.add_empty(4);
         assert!(c.nodes[&n(4)].status().membership.voters.is_empty());
-        change(&mut c, 1, ConfChange::AddLearner { node: n(4), auto_promote: false }).expect("accepted");
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: false,
+            },
+        )
+        .expect("accepted");
         c.settle();
         c.tick_all(2);
         assert_eq!(voters(&c, 4), vec![1, 2, 3]);
@@ -674,7 +770,11 @@ mod compaction {
         c.settle();
         let applied = c.nodes[&n(1)].status().applied;
         let meta = c.nodes[&n(1)].snapshot_meta_at(applied).expect("meta");
-        assert_eq!(meta.membership.voters.len(), 3, "the snapshot carries the membership");
+        assert_eq!(
+            meta.membership.voters.len(),
+            3,
+            "the snapshot carries the membership"
+        );
         c.node(1).storage_mut().create_snapshot(meta.clone());
         c.heal();
         c.tick_all(3);
@@ -713,7 +813,10 @@ mod client {
         assert_eq!(confirmed.len(), 10);
         assert!(confirmed.iter().all(|read| read.index == c.commit(1)));
         let rounds = (c.count_delivered("heartbeat") - before) / 2;
-        assert_eq!(rounds, 2, "read 1 starts a round; reads 2..10 share the next");
+        assert_eq!(
+            rounds, 2,
+            "read 1 starts a round; reads 2..10 share the next"
+        );
     }
 
     /// Thesis §6.4: a new leader answers reads only after an entry of its
@@ -770,7 +873,11 @@ mod client {
         }
         c.read(1, 2).expect("still leader");
         c.settle();
-        assert_eq!(c.confirmed_reads(1).len(), 1, "no answer once the lease ran out");
+        assert_eq!(
+            c.confirmed_reads(1).len(),
+            1,
+            "no answer once the lease ran out"
+        );
     }
 
     /// Thesis §3.10: leadership moves to the chosen node, catching it up
@@ -842,13 +949,20 @@ mod client {
 /// Invalid configurations are refused at construction, naming the field.
 #[test]
 fn invalid_configurations_name_the_field() {
-    let cases: Vec<(fn(&mut Config), &str)> = vec![
+    type Case = (fn(&mut Config), &'static str);
+    let cases: Vec<Case> = vec![
         (|c| c.id = NodeId(0), "id"),
         (|c| c.election_timeout_ticks = 1, "election_timeout_ticks"),
-        (|c| c.heartbeat_interval_ticks = 0, "heartbeat_interval_ticks"),
+        (
+            |c| c.heartbeat_interval_ticks = 0,
+            "heartbeat_interval_ticks",
+        ),
         (|c| c.message_size_bytes_max = 0, "message_size_bytes_max"),
         (|c| c.inflight_messages_max = 0, "inflight_messages_max"),
-        (|c| c.uncommitted_size_bytes_max = 0, "uncommitted_size_bytes_max"),
+        (
+            |c| c.uncommitted_size_bytes_max = 0,
+            "uncommitted_size_bytes_max",
+        ),
         (|c| c.pending_reads_max = 0, "pending_reads_max"),
         (
             |c| {
@@ -858,7 +972,10 @@ fn invalid_configurations_name_the_field() {
             "check_quorum",
         ),
         (|c| c.initial_voters = vec![NodeId(1), NodeId(1)], "twice"),
-        (|c| c.initial_voters = vec![NodeId(2)], "must include this node"),
+        (
+            |c| c.initial_voters = vec![NodeId(2)],
+            "must include this node",
+        ),
     ];
     for (mutate, expected) in cases {
         let mut config = Config::new(NodeId(1));
@@ -868,6 +985,9 @@ fn invalid_configurations_name_the_field() {
             Err(error) => error,
         };
         assert!(matches!(error, Error::InvalidConfig(_)));
-        assert!(error.to_string().contains(expected), "{error} lacks {expected}");
+        assert!(
+            error.to_string().contains(expected),
+            "{error} lacks {expected}"
+        );
     }
 }

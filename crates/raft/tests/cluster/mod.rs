@@ -103,7 +103,9 @@ impl Cluster {
 
     /// Handles every ready of one node: persist, acknowledge, queue messages.
     pub fn process(&mut self, id: NodeId) {
-        let Some(node) = self.nodes.get_mut(&id) else { return };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
         while node.has_ready() {
             let ready = node.ready().expect("ready");
             self.queue.extend(ready.messages);
@@ -136,7 +138,9 @@ impl Cluster {
 
     /// Delivers one queued message; false when the queue is empty.
     pub fn deliver_one(&mut self) -> bool {
-        let Some(message) = self.queue.pop_front() else { return false };
+        let Some(message) = self.queue.pop_front() else {
+            return false;
+        };
         if self.blocked.contains(&(message.from, message.to)) {
             return true;
         }
@@ -226,7 +230,9 @@ impl Cluster {
                 entries
                     .iter()
                     .filter_map(|entry| match &entry.payload {
-                        EntryPayload::Normal(data) => Some(String::from_utf8_lossy(data).into_owned()),
+                        EntryPayload::Normal(data) => {
+                            Some(String::from_utf8_lossy(data).into_owned())
+                        }
                         _ => None,
                     })
                     .collect()

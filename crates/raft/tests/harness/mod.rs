@@ -28,8 +28,8 @@ use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 use regatta_raft::{
-    ConfChange, Config, Entry, EntryPayload, HardState, LogIndex, MemStorage, Message,
-    MessageBody, NodeId, RaftNode, ReadId, ReadMode, Rng, Role, SnapshotMeta, Term,
+    ConfChange, Config, Entry, EntryPayload, HardState, LogIndex, MemStorage, Message, MessageBody,
+    NodeId, RaftNode, ReadId, ReadMode, Rng, Role, SnapshotMeta, Term,
 };
 
 /// Simulated time units per tick.
@@ -93,7 +93,11 @@ impl SimOptions {
             pre_vote: defaults || rng.chance(1, 2),
             check_quorum,
             lease_reads: check_quorum && rng.chance(1, 3),
-            message_size_bytes_max: if rng.chance(1, 3) { 1 } else { rng.range(64, 2048) },
+            message_size_bytes_max: if rng.chance(1, 3) {
+                1
+            } else {
+                rng.range(64, 2048)
+            },
             reorder: rng.chance(1, 4),
             verbose: std::env::var("SIM_VERBOSE").is_ok(),
         }
@@ -233,9 +237,19 @@ impl Sim {
         sim
     }
 
-    fn config(&self, id: NodeId, applied: LogIndex, initial_voters: &[NodeId], incarnation: u64) -> Config {
+    fn config(
+        &self,
+        id: NodeId,
+        applied: LogIndex,
+        initial_voters: &[NodeId],
+        incarnation: u64,
+    ) -> Config {
         let mut config = Config::new(id);
-        config.seed = self.options.seed.wrapping_mul(31).wrapping_add(id.0 * 1009 + incarnation);
+        config.seed = self
+            .options
+            .seed
+            .wrapping_mul(31)
+            .wrapping_add(id.0 * 1009 + incarnation);
         config.pre_vote = self.options.pre_vote;
         config.check_quorum = self.options.check_quorum;
         config.read_mode = if self.options.lease_reads {
@@ -361,7 +375,10 @@ impl Sim {
         for _ in 0..copies {
             let mut at = self.now + self.rng.range(1, self.options.delay_units_max + 1);
             if !self.options.reorder {
-                let tail = self.link_tail.entry((message.from, message.to)).or_insert(0);
+                let tail = self
+                    .link_tail
+                    .entry((message.from, message.to))
+                    .or_insert(0);
                 at = at.max(*tail);
                 *tail = at;
             }
@@ -378,7 +395,9 @@ impl Sim {
                 break;
             }
             self.network.pop();
-            let Some(message) = self.in_flight.remove(&key) else { continue };
+            let Some(message) = self.in_flight.remove(&key) else {
+                continue;
+            };
             if self.blocked.contains(&(message.from, message.to)) {
                 continue;
             }
@@ -389,7 +408,11 @@ impl Sim {
                 // The snapshot data travels with the message: check that the
                 // sender's state at that index is the one everyone applied.
                 let expected = self.checker.state_hash_at(meta.index);
-                assert!(expected.is_some(), "snapshot at {} of unapplied state", meta.index);
+                assert!(
+                    expected.is_some(),
+                    "snapshot at {} of unapplied state",
+                    meta.index
+                );
             }
             let text = format!("deliver {:?}", message);
             self.log(|| text);
@@ -415,7 +438,9 @@ impl Sim {
 
     fn drain_ready(&mut self, id: NodeId) {
         for _ in 0..64 {
-            let Some(raft) = self.node_mut(id) else { return };
+            let Some(raft) = self.node_mut(id) else {
+                return;
+            };
             if !raft.has_ready() {
                 return;
             }
@@ -425,7 +450,10 @@ impl Sim {
             };
             let term = raft.term();
             let role = raft.role();
-            if ready.soft_state.is_some_and(|soft| soft.role == Role::Leader) {
+            if ready
+                .soft_state
+                .is_some_and(|soft| soft.role == Role::Leader)
+            {
                 self.on_new_leader(id, term);
             }
             if let (Some(hard_state), Role::Leader) = (ready.hard_state, role) {
@@ -461,11 +489,16 @@ impl Sim {
             if node.raft.is_none() {
                 return;
             }
-            let due = node.writes.front().is_some_and(|write| write.done_at <= self.now);
+            let due = node
+                .writes
+                .front()
+                .is_some_and(|write| write.done_at <= self.now);
             if !due {
                 return;
             }
-            let Some(write) = node.writes.pop_front() else { return };
+            let Some(write) = node.writes.pop_front() else {
+                return;
+            };
             self.persist(id, &write);
             let node = self.nodes.get_mut(&id).expect("node exists");
             if let Some(raft) = node.raft.as_mut() {
@@ -479,7 +512,10 @@ impl Sim {
 
     fn persist(&mut self, id: NodeId, write: &PendingWrite) {
         if let Some(meta) = &write.snapshot {
-            let hash = self.checker.state_hash_at(meta.index).expect("snapshot of applied state");
+            let hash = self
+                .checker
+                .state_hash_at(meta.index)
+                .expect("snapshot of applied state");
             let node = self.nodes.get_mut(&id).expect("node exists");
             let raft = node.raft.as_mut().expect("node is up");
             raft.storage_mut().apply_snapshot(meta.clone());
@@ -537,7 +573,10 @@ impl Sim {
         self.checker.elections += 1;
         self.log(|| format!("node {id} became leader in term {term}"));
         if let Some(other) = self.checker.leaders.insert(term, id) {
-            assert_eq!(other, id, "election safety: nodes {other} and {id} both led term {term}");
+            assert_eq!(
+                other, id,
+                "election safety: nodes {other} and {id} both led term {term}"
+            );
         }
         let raft = self.nodes[&id].raft.as_ref().expect("leader is up");
         let first_index = raft.status().first_index;
@@ -570,7 +609,10 @@ impl Sim {
             let entry_term = raft.log_term(index);
             if let Some((known_term, commit_term)) = committed.get_mut(position) {
                 if let Some(entry_term) = entry_term {
-                    assert_eq!(*known_term, entry_term, "committed entry {index} changed term");
+                    assert_eq!(
+                        *known_term, entry_term,
+                        "committed entry {index} changed term"
+                    );
                 }
                 *commit_term = (*commit_term).min(term);
                 continue;
@@ -655,13 +697,22 @@ impl Sim {
     }
 
     pub fn client_propose(&mut self) {
-        let Some(id) = self.random_up_node() else { return };
-        let count = if self.rng.chance(1, 4) { self.rng.range(2, 20) } else { 1 };
+        let Some(id) = self.random_up_node() else {
+            return;
+        };
+        let count = if self.rng.chance(1, 4) {
+            self.rng.range(2, 20)
+        } else {
+            1
+        };
         let commands: Vec<Bytes> = (0..count)
             .map(|_| {
                 let command = self.next_command;
                 self.next_command += 1;
-                Bytes::from(format!("cmd-{command}-{}", "x".repeat((command % 40) as usize)))
+                Bytes::from(format!(
+                    "cmd-{command}-{}",
+                    "x".repeat((command % 40) as usize)
+                ))
             })
             .collect();
         if let Some(raft) = self.node_mut(id) {
@@ -670,18 +721,24 @@ impl Sim {
     }
 
     pub fn client_read(&mut self) {
-        let Some(id) = self.random_up_node() else { return };
+        let Some(id) = self.random_up_node() else {
+            return;
+        };
         let read = ReadId(self.next_read);
         self.next_read += 1;
         let required = LogIndex(self.checker.applied.len() as u64);
-        let Some(raft) = self.node_mut(id) else { return };
+        let Some(raft) = self.node_mut(id) else {
+            return;
+        };
         if raft.read_index(read).is_ok() {
             self.checker.reads.insert(read, (id, required));
         }
     }
 
     fn crash_random(&mut self) {
-        let Some(id) = self.random_up_node() else { return };
+        let Some(id) = self.random_up_node() else {
+            return;
+        };
         let down_units = self.rng.range(5, 50) * TICK_UNITS;
         self.crash(id, self.now + down_units);
     }
@@ -873,15 +930,21 @@ impl Sim {
 
     fn compact_random(&mut self) {
         use regatta_raft::Storage;
-        let Some(id) = self.random_up_node() else { return };
+        let Some(id) = self.random_up_node() else {
+            return;
+        };
         let node = self.nodes.get_mut(&id).expect("node exists");
         let index = node.sm.durable_applied;
-        let Some(raft) = node.raft.as_mut() else { return };
+        let Some(raft) = node.raft.as_mut() else {
+            return;
+        };
         let storage = raft.storage();
         if index <= storage.snapshot().index || index > storage.last_index() {
             return;
         }
-        let Ok(meta) = raft.snapshot_meta_at(index) else { return };
+        let Ok(meta) = raft.snapshot_meta_at(index) else {
+            return;
+        };
         raft.storage_mut().create_snapshot(meta);
     }
 
@@ -896,8 +959,12 @@ impl Sim {
         let membership = self.latest_membership();
         for id in ids {
             let node = &self.nodes[&id];
-            let knows_removed = node.raft.as_ref().is_some_and(|raft| raft.status().soft_state.removed);
-            let is_member = !knows_removed && membership.as_ref().map(|m| m.contains(id)).unwrap_or(true);
+            let knows_removed = node
+                .raft
+                .as_ref()
+                .is_some_and(|raft| raft.status().soft_state.removed);
+            let is_member =
+                !knows_removed && membership.as_ref().map(|m| m.contains(id)).unwrap_or(true);
             if !is_member {
                 // Shutdown-on-remove: a removed node stops.
                 if let Some(raft) = self.nodes.get_mut(&id).and_then(|n| n.raft.take()) {
@@ -926,12 +993,16 @@ impl Sim {
         let mut proposed_at: Option<(NodeId, LogIndex, Term)> = None;
         while self.now < deadline {
             self.step();
-            let Some(leader) = self.leader() else { continue };
+            let Some(leader) = self.leader() else {
+                continue;
+            };
             let raft = self.nodes[&leader].raft.as_ref().expect("leader is up");
             let term = raft.term();
             match proposed_at {
                 None => {
-                    let Some(raft) = self.node_mut(leader) else { continue };
+                    let Some(raft) = self.node_mut(leader) else {
+                        continue;
+                    };
                     if let Ok(regatta_raft::Proposed::Appended { last, term, .. }) =
                         raft.propose(vec![Bytes::from_static(b"liveness")])
                     {
@@ -968,7 +1039,9 @@ impl Checker {
         if index.0 == 0 {
             return Some(0);
         }
-        self.applied.get(index.0 as usize - 1).map(|(_, hash)| *hash)
+        self.applied
+            .get(index.0 as usize - 1)
+            .map(|(_, hash)| *hash)
     }
 
     fn check_apply(&mut self, id: NodeId, entry: &Entry, hash: u64) {
@@ -982,7 +1055,11 @@ impl Checker {
                 term
             ),
             None => {
-                assert_eq!(position, self.applied.len(), "applied past the known prefix");
+                assert_eq!(
+                    position,
+                    self.applied.len(),
+                    "applied past the known prefix"
+                );
                 self.applied.push((entry.term, hash));
                 if let EntryPayload::Normal(_) = entry.payload {
                     self.proposals_applied += 1;
@@ -1029,7 +1106,9 @@ fn check_pair(a_id: NodeId, a: &MemStorage, b_id: NodeId, b: &MemStorage) {
     let high = a.last_index().min(b.last_index());
     let mut index = high;
     while index >= low && index.0 > 0 {
-        let (Ok(term_a), Ok(term_b)) = (a.term(index), b.term(index)) else { break };
+        let (Ok(term_a), Ok(term_b)) = (a.term(index), b.term(index)) else {
+            break;
+        };
         if term_a == term_b {
             let mut below = index;
             while below >= low && below.0 > 0 {
@@ -1047,4 +1126,3 @@ fn check_pair(a_id: NodeId, a: &MemStorage, b_id: NodeId, b: &MemStorage) {
         index = index.prev();
     }
 }
-
