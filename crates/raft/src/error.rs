@@ -49,6 +49,25 @@ pub enum Error {
     /// The proposal was empty or malformed.
     #[error("invalid proposal: {0}")]
     InvalidProposal(String),
+    /// Too many reads wait for confirmation on this leader.
+    #[error(
+        "{queued} reads already wait for confirmation (pending_reads_max {limit}); retry later"
+    )]
+    TooManyPendingReads {
+        /// Reads queued now.
+        queued: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A snapshot was asked for at an index the state machine has not
+    /// applied yet.
+    #[error("cannot describe a snapshot at index {index}: only {applied} is applied")]
+    SnapshotIndexNotApplied {
+        /// The index asked for.
+        index: LogIndex,
+        /// The highest applied (or handed out) index.
+        applied: LogIndex,
+    },
     /// This node has been removed from the group.
     #[error("node has been removed from the group")]
     Removed,

@@ -272,11 +272,9 @@ impl<S: Storage> Raft<S> {
 
     /// Snapshot metadata for a state machine snapshot taken at `index`.
     pub fn snapshot_meta_at(&self, index: LogIndex) -> Result<SnapshotMeta> {
-        if index > self.log.applied.max(self.log.applying) || index > self.log.committed {
-            return Err(Error::InvalidProposal(format!(
-                "snapshot index {index} is past the applied index {}",
-                self.log.applied
-            )));
+        let applied = self.log.applied.max(self.log.applying);
+        if index > applied || index > self.log.committed {
+            return Err(Error::SnapshotIndexNotApplied { index, applied });
         }
         Ok(SnapshotMeta {
             index,
@@ -1575,9 +1573,10 @@ impl<S: Storage> Raft<S> {
     fn leader_read(&mut self, id: ReadId, from: Option<NodeId>) -> Result<()> {
         let queued = self.reads.pending.len() + self.reads.waiting_for_commit.len();
         if queued >= self.config.pending_reads_max {
-            return Err(Error::InvalidProposal(format!(
-                "{queued} reads already wait for confirmation (pending_reads_max); retry later"
-            )));
+            return Err(Error::TooManyPendingReads {
+                queued,
+                limit: self.config.pending_reads_max,
+            });
         }
         if !self.committed_in_term {
             self.reads.waiting_for_commit.push((id, from));

@@ -56,13 +56,13 @@ fn run_seeds(voters: u64, default_seeds: u64) {
 /// membership churn) under every fault, over many seeds.
 #[test]
 fn sim_three_voters_many_seeds() {
-    run_seeds(3, 1500);
+    run_seeds(3, 4000);
 }
 
 /// The same with 5 voters (plus 2 spares).
 #[test]
 fn sim_five_voters_many_seeds() {
-    run_seeds(5, 700);
+    run_seeds(5, 2000);
 }
 
 /// Replays one seed: `SIM_SEED=N SIM_VOTERS=3 ... sim_replay -- --nocapture`,
