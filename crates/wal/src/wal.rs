@@ -1,0 +1,1192 @@
+//! [`Wal`]: one segmented log shared by every Raft group of a node.
+//!
+//! Writes go through one writer thread. It takes every request queued at
+//! that moment (up to `batch_bytes_max`, waiting at most
+//! `batch_wait_micros_max` for more), writes them with one `write` and
+//! makes them durable with one `fdatasync`, then updates the index and
+//! acknowledges each request. Reads take a shared lock on the index and read
+//! record bodies from the cache or with `pread`.
+//!
+//! Invariants:
+//! - a request is acknowledged only after the fsync covering it succeeded;
+//! - after any failed write or fsync, nothing more is acknowledged;
+//! - the index only ever points at fsynced records;
+//! - segments are deleted only as a prefix, never the active one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regatta_raft::{Entry, HardState, LogIndex, SnapshotMeta, Term};
+
+use crate::cache::RecordCache;
+use crate::error::{Error, Result};
+use crate::format::{
+    check_segment_header, encode_record, encode_segment_header, scan_segment, HeaderProblem,
+    SegmentEnd, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+};
+use crate::index::{GroupState, Index, Location};
+use crate::record::{entries_body_bytes, Record};
+
+/// The id of a Raft group in the log. Id 0 is invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u64);
+
+/// Whether appends wait for `fdatasync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Every batch is made durable before it is acknowledged.
+    Fdatasync,
+    /// No fsync at all: acknowledged data can be lost. Tests only.
+    NoSyncForTestsOnly,
+}
+
+/// Configuration of a [`Wal`]. Every limit carries its unit.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    /// Directory of the segments.
+    pub dir: PathBuf,
+    /// A segment is rolled before it would pass this size. Default 64 MiB.
+    pub segment_size_bytes_max: u64,
+    /// Bytes of queued requests coalesced into one write. Default 4 MiB.
+    pub batch_bytes_max: u64,
+    /// How long the writer waits for more requests before writing; 0 takes
+    /// only what is already queued. Default 0.
+    pub batch_wait_micros_max: u64,
+    /// Requests waiting for the writer; `submit` blocks beyond. Default 4096.
+    pub queue_requests_max: usize,
+    /// Durability of appends. Default [`SyncMode::Fdatasync`].
+    pub sync_mode: SyncMode,
+    /// Bytes of decoded records kept in memory. Default 64 MiB.
+    pub cache_bytes_max: u64,
+    /// When more than this many segments follow the oldest one, the groups
+    /// pinning it are rewritten forward. Default 4.
+    pub rewrite_after_segments: u64,
+}
+
+impl WalConfig {
+    /// The defaults for a WAL in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> WalConfig {
+        WalConfig {
+            dir: dir.into(),
+            segment_size_bytes_max: 64 * 1024 * 1024,
+            batch_bytes_max: 4 * 1024 * 1024,
+            batch_wait_micros_max: 0,
+            queue_requests_max: 4096,
+            sync_mode: SyncMode::Fdatasync,
+            cache_bytes_max: 64 * 1024 * 1024,
+            rewrite_after_segments: 4,
+        }
+    }
+
+    /// Checks every field and names the first one that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field: &str, rule: &str| Error::InvalidUpdate {
+            group: 0,
+            reason: format!("invalid WAL config: {field} {rule}"),
+        };
+        if self.segment_size_bytes_max < 4096 {
+            return Err(invalid("segment_size_bytes_max", "must be at least 4096"));
+        }
+        if self.batch_bytes_max == 0 {
+            return Err(invalid("batch_bytes_max", "must be at least 1"));
+        }
+        if self.queue_requests_max == 0 {
+            return Err(invalid("queue_requests_max", "must be at least 1"));
+        }
+        if self.rewrite_after_segments == 0 {
+            return Err(invalid("rewrite_after_segments", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// One change to one group's persisted state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// Append entries, truncating a conflicting suffix first.
+    Entries {
+        /// The group.
+        group: GroupId,
+        /// Contiguous entries.
+        entries: Vec<Entry>,
+    },
+    /// Replace the hard state.
+    HardState {
+        /// The group.
+        group: GroupId,
+        /// The new hard state.
+        state: HardState,
+    },
+    /// Record a snapshot; one the log does not contain replaces the log.
+    Snapshot {
+        /// The group.
+        group: GroupId,
+        /// The snapshot's metadata.
+        meta: SnapshotMeta,
+    },
+    /// Discard entries up to `index`, which a snapshot must cover.
+    Compact {
+        /// The group.
+        group: GroupId,
+        /// The last index to discard.
+        index: LogIndex,
+    },
+    /// Forget the group.
+    RemoveGroup {
+        /// The group.
+        group: GroupId,
+    },
+}
+
+/// Updates made durable together by one call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// The updates, applied in order.
+    pub updates: Vec<Update>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    /// Adds entries of a group.
+    pub fn entries(&mut self, group: GroupId, entries: Vec<Entry>) -> &mut Self {
+        self.updates.push(Update::Entries { group, entries });
+        self
+    }
+
+    /// Adds a hard state of a group.
+    pub fn hard_state(&mut self, group: GroupId, state: HardState) -> &mut Self {
+        self.updates.push(Update::HardState { group, state });
+        self
+    }
+
+    /// Adds a snapshot marker of a group.
+    pub fn snapshot(&mut self, group: GroupId, meta: SnapshotMeta) -> &mut Self {
+        self.updates.push(Update::Snapshot { group, meta });
+        self
+    }
+
+    /// Adds a compaction of a group.
+    pub fn compact(&mut self, group: GroupId, index: LogIndex) -> &mut Self {
+        self.updates.push(Update::Compact { group, index });
+        self
+    }
+
+    /// Removes a group.
+    pub fn remove_group(&mut self, group: GroupId) -> &mut Self {
+        self.updates.push(Update::RemoveGroup { group });
+        self
+    }
+
+    fn size_bytes_estimate(&self) -> u64 {
+        self.updates
+            .iter()
+            .map(|update| match update {
+                Update::Entries { entries, .. } => entries_body_bytes(entries) as u64,
+                _ => 64,
+            })
+            .sum::<u64>()
+            + (RECORD_HEADER_BYTES * self.updates.len()) as u64
+    }
+}
+
+/// Counters, for benchmarks, status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Requests acknowledged.
+    pub requests: u64,
+    /// Batches written (each one write and at most one fsync).
+    pub batches: u64,
+    /// fsyncs done.
+    pub fsyncs: u64,
+    /// Bytes written to segments.
+    pub bytes_written: u64,
+    /// Segments on disk.
+    pub segments: u64,
+    /// Bytes of all segments on disk.
+    pub size_bytes: u64,
+    /// Groups rewritten forward by garbage collection.
+    pub groups_rewritten: u64,
+}
+
+type Done = Box<dyn FnOnce(Result<()>) + Send>;
+
+struct Request {
+    batch: WriteBatch,
+    done: Done,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    batches: AtomicU64,
+    fsyncs: AtomicU64,
+    bytes_written: AtomicU64,
+    groups_rewritten: AtomicU64,
+}
+
+struct Shared {
+    config: WalConfig,
+    index: RwLock<Index>,
+    /// Read handles of every segment on disk, and their sizes.
+    segments: Mutex<BTreeMap<u64, (Arc<File>, u64)>>,
+    cache: Mutex<RecordCache>,
+    failure: Mutex<Option<String>>,
+    counters: Counters,
+}
+
+/// The shared write-ahead log of a node.
+pub struct Wal {
+    shared: Arc<Shared>,
+    sender: Option<SyncSender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks is a bug already reported; the
+    // data they guard stays consistent, so carry on.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
+    dir.join(format!("{sequence:020}.seg"))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    let handle =
+        File::open(dir).map_err(|e| Error::io(format!("open directory {}", dir.display()), e))?;
+    handle
+        .sync_all()
+        .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `config.dir`, replaying every segment.
+    pub fn open(config: WalConfig) -> Result<Wal> {
+        config.validate()?;
+        fs::create_dir_all(&config.dir)
+            .map_err(|e| Error::io(format!("create {}", config.dir.display()), e))?;
+        if let Some(parent) = config.dir.parent() {
+            if !parent.as_os_str().is_empty() {
+                sync_dir(parent)?;
+            }
+        }
+        let mut index = Index::default();
+        let mut segments = BTreeMap::new();
+        let sequences = list_segments(&config.dir)?;
+        for (position, sequence) in sequences.iter().enumerate() {
+            let is_last = position + 1 == sequences.len();
+            if let Some(size) = replay_segment(&config.dir, *sequence, is_last, &mut index)? {
+                let path = segment_path(&config.dir, *sequence);
+                let file = File::open(&path)
+                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                segments.insert(*sequence, (Arc::new(file), size));
+            }
+        }
+        let shared = Arc::new(Shared {
+            index: RwLock::new(index),
+            segments: Mutex::new(segments),
+            cache: Mutex::new(RecordCache::new(config.cache_bytes_max)),
+            failure: Mutex::new(None),
+            counters: Counters::default(),
+            config,
+        });
+        let active = Writer::open_active(&shared)?;
+        let (sender, receiver) = mpsc::sync_channel(shared.config.queue_requests_max);
+        let writer_shared = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("regatta-wal-writer".into())
+            .spawn(move || Writer::new(writer_shared, active).run(receiver))
+            .map_err(|e| Error::io("spawn the WAL writer thread", e))?;
+        Ok(Wal {
+            shared,
+            sender: Some(sender),
+            writer: Some(writer),
+        })
+    }
+
+    /// Queues a batch; `done` runs on the writer thread once the batch is
+    /// durable (or failed). Blocks while `queue_requests_max` requests wait.
+    pub fn submit(&self, batch: WriteBatch, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let request = Request {
+            batch,
+            done: Box::new(done),
+        };
+        let Some(sender) = &self.sender else {
+            (request.done)(Err(Error::Closed));
+            return;
+        };
+        if let Err(mpsc::SendError(request)) = sender.send(request) {
+            (request.done)(Err(Error::Closed));
+        }
+    }
+
+    /// Appends a batch and returns once it is durable.
+    pub fn append(&self, batch: WriteBatch) -> Result<()> {
+        let (sender, receiver) = mpsc::sync_channel(1);
+        self.submit(batch, move |result| {
+            let _ = sender.send(result);
+        });
+        receiver.recv().unwrap_or(Err(Error::Closed))
+    }
+
+    fn with_group<T>(&self, group: GroupId, read: impl FnOnce(&GroupState) -> T) -> Option<T> {
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        index.groups.get(&group.0).map(read)
+    }
+
+    /// Every group with state in the log.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        let mut groups: Vec<GroupId> = index.groups.keys().map(|g| GroupId(*g)).collect();
+        groups.sort();
+        groups
+    }
+
+    /// The group's hard state (default if the group is unknown).
+    pub fn hard_state(&self, group: GroupId) -> HardState {
+        self.with_group(group, |state| state.hard_state)
+            .unwrap_or_default()
+    }
+
+    /// The group's latest snapshot marker.
+    pub fn snapshot(&self, group: GroupId) -> Option<SnapshotMeta> {
+        self.with_group(group, |state| state.snapshot.clone())
+            .flatten()
+    }
+
+    /// The first index held as an entry.
+    pub fn first_index(&self, group: GroupId) -> LogIndex {
+        self.with_group(group, GroupState::first_index)
+            .unwrap_or(LogIndex(1))
+    }
+
+    /// The last index held (the compaction point when no entry is held).
+    pub fn last_index(&self, group: GroupId) -> LogIndex {
+        self.with_group(group, GroupState::last_index)
+            .unwrap_or_default()
+    }
+
+    /// The term of the entry at `index` (or of the compaction point).
+    pub fn term(&self, group: GroupId, index: LogIndex) -> Result<Term> {
+        let found = self.with_group(group, |state| (state.term(index), state.last_index()));
+        match found {
+            Some((Ok(Some(term)), _)) => Ok(term),
+            Some((Err(compacted_to), _)) => Err(Error::Compacted {
+                group: group.0,
+                compacted_to,
+            }),
+            Some((Ok(None), last_index)) => Err(Error::Unavailable {
+                group: group.0,
+                index,
+                last_index,
+            }),
+            None if index.0 == 0 => Ok(Term(0)),
+            None => Err(Error::Unavailable {
+                group: group.0,
+                index,
+                last_index: LogIndex(0),
+            }),
+        }
+    }
+
+    /// Entries in `[low, high)`, stopping before `size_bytes_max` is passed
+    /// but always returning at least one entry.
+    pub fn entries(
+        &self,
+        group: GroupId,
+        low: LogIndex,
+        high: LogIndex,
+        size_bytes_max: u64,
+    ) -> Result<Vec<Entry>> {
+        read_entries(&self.shared, group, low, high, size_bytes_max)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WalStats {
+        let counters = &self.shared.counters;
+        let segments = lock(&self.shared.segments);
+        WalStats {
+            requests: counters.requests.load(Ordering::Relaxed),
+            batches: counters.batches.load(Ordering::Relaxed),
+            fsyncs: counters.fsyncs.load(Ordering::Relaxed),
+            bytes_written: counters.bytes_written.load(Ordering::Relaxed),
+            segments: segments.len() as u64,
+            size_bytes: segments.values().map(|(_, size)| *size).sum(),
+            groups_rewritten: counters.groups_rewritten.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The failure that stopped the log, if any.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
+    }
+
+    /// Stops the writer after it has handled every queued request.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.sender = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut sequences = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".seg") else {
+            continue;
+        };
+        if stem.len() == 20 {
+            if let Ok(sequence) = stem.parse::<u64>() {
+                sequences.push(sequence);
+            }
+        }
+    }
+    sequences.sort_unstable();
+    Ok(sequences)
+}
+
+/// Replays one segment into `index`. Returns its size, or `None` when it
+/// was a torn, empty last segment and has been deleted.
+fn replay_segment(
+    dir: &Path,
+    sequence: u64,
+    is_last: bool,
+    index: &mut Index,
+) -> Result<Option<u64>> {
+    let path = segment_path(dir, sequence);
+    let bytes = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let corruption = |offset: u64, reason: String| Error::Corruption {
+        segment: path.clone(),
+        offset,
+        reason,
+    };
+    match check_segment_header(&bytes, sequence) {
+        Ok(()) => {}
+        Err(HeaderProblem::Version(version)) => {
+            return Err(Error::UnsupportedVersion {
+                file: path.clone(),
+                version,
+                supported: FORMAT_VERSION,
+            })
+        }
+        Err(problem) => {
+            let nothing_after = scan_segment(&bytes).records.is_empty();
+            if is_last && nothing_after && problem != HeaderProblem::Sequence(sequence) {
+                // Torn while being created: it never held a record.
+                fs::remove_file(&path)
+                    .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+                sync_dir(dir)?;
+                return Ok(None);
+            }
+            return Err(corruption(0, format!("bad segment header: {problem:?}")));
+        }
+    }
+    let bytes = Bytes::from(bytes);
+    let scan = scan_segment(&bytes);
+    for raw in &scan.records {
+        let body =
+            bytes.slice(raw.body_offset as usize..(raw.body_offset + raw.body_len as u64) as usize);
+        let record =
+            Record::decode(raw.kind, &body).map_err(|reason| corruption(raw.offset, reason))?;
+        let location = Location {
+            segment: sequence,
+            body_offset: raw.body_offset,
+            body_len: raw.body_len,
+        };
+        index
+            .apply(raw.group, &record, location)
+            .map_err(|error| corruption(raw.offset, format!("group {}: {}", raw.group, error.0)))?;
+    }
+    match scan.end {
+        SegmentEnd::Clean => Ok(Some(bytes.len() as u64)),
+        SegmentEnd::Torn { offset } if is_last => {
+            truncate_file(&path, offset)?;
+            Ok(Some(offset))
+        }
+        SegmentEnd::Torn { offset } => Err(corruption(
+            offset,
+            "damaged record in a segment that is not the last".into(),
+        )),
+        SegmentEnd::Corrupt { offset, reason } => Err(corruption(offset, reason)),
+    }
+}
+
+fn truncate_file(path: &Path, length: u64) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    file.set_len(length)
+        .map_err(|e| Error::io(format!("truncate {}", path.display()), e))?;
+    file.sync_all()
+        .map_err(|e| Error::io(format!("fsync {}", path.display()), e))
+}
+
+fn read_entries(
+    shared: &Shared,
+    group: GroupId,
+    low: LogIndex,
+    high: LogIndex,
+    size_bytes_max: u64,
+) -> Result<Vec<Entry>> {
+    let (spans, handles) = {
+        let index = shared.index.read().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = index.groups.get(&group.0) else {
+            return Err(Error::Unavailable {
+                group: group.0,
+                index: high.prev(),
+                last_index: LogIndex(0),
+            });
+        };
+        if low < state.first_index() {
+            return Err(Error::Compacted {
+                group: group.0,
+                compacted_to: state.compacted.0,
+            });
+        }
+        if high > state.last_index().next() {
+            return Err(Error::Unavailable {
+                group: group.0,
+                index: high.prev(),
+                last_index: state.last_index(),
+            });
+        }
+        let start = state.spans.partition_point(|span| span.last < low);
+        let spans: Vec<_> = state
+            .spans
+            .iter()
+            .skip(start)
+            .take_while(|span| span.first < high)
+            .copied()
+            .collect();
+        // Take the file handles under the index lock: a concurrent garbage
+        // collection may delete a segment, but an open handle stays valid.
+        let segments = lock(&shared.segments);
+        let handles: HashMap<u64, Arc<File>> = spans
+            .iter()
+            .filter_map(|span| {
+                segments
+                    .get(&span.location.segment)
+                    .map(|(file, _)| (span.location.segment, Arc::clone(file)))
+            })
+            .collect();
+        (spans, handles)
+    };
+    let mut result = Vec::new();
+    let mut used_bytes = 0u64;
+    for span in spans {
+        let record = load_record(shared, &handles, span.location)?;
+        for entry in record
+            .iter()
+            .filter(|e| e.index >= low.max(span.first) && e.index < high && e.index <= span.last)
+        {
+            used_bytes += entry.size_bytes();
+            if !result.is_empty() && used_bytes > size_bytes_max {
+                return Ok(result);
+            }
+            result.push(entry.clone());
+        }
+    }
+    Ok(result)
+}
+
+fn load_record(
+    shared: &Shared,
+    handles: &HashMap<u64, Arc<File>>,
+    location: Location,
+) -> Result<Arc<Vec<Entry>>> {
+    if let Some(record) = lock(&shared.cache).get(&location) {
+        return Ok(record);
+    }
+    let path = segment_path(&shared.config.dir, location.segment);
+    let Some(file) = handles.get(&location.segment) else {
+        return Err(Error::io(
+            format!("read {}", path.display()),
+            std::io::Error::other("segment deleted"),
+        ));
+    };
+    let mut body = vec![0u8; location.body_len as usize];
+    file.read_exact_at(&mut body, location.body_offset)
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let corruption = |reason: String| Error::Corruption {
+        segment: path.clone(),
+        offset: location.body_offset - RECORD_HEADER_BYTES as u64,
+        reason,
+    };
+    let record = Record::decode(crate::format::RecordType::Entries, &Bytes::from(body))
+        .map_err(corruption)?;
+    let Record::Entries(entries) = record else {
+        return Err(corruption("expected an entries record".into()));
+    };
+    let entries = Arc::new(entries);
+    lock(&shared.cache).insert(location, Arc::clone(&entries));
+    Ok(entries)
+}
+
+/// The segment being appended to.
+struct ActiveSegment {
+    sequence: u64,
+    file: File,
+    size_bytes: u64,
+}
+
+/// What a request will write, checked against the log as it will be.
+struct Encoded {
+    records: Vec<(u64, Record, u64, u32)>,
+}
+
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    active: ActiveSegment,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, active: ActiveSegment) -> Writer {
+        Writer { shared, active }
+    }
+
+    /// Opens the last segment for appending, or creates the first one.
+    fn open_active(shared: &Shared) -> Result<ActiveSegment> {
+        let last = lock(&shared.segments)
+            .iter()
+            .next_back()
+            .map(|(s, (_, size))| (*s, *size));
+        match last {
+            Some((sequence, size)) if size < shared.config.segment_size_bytes_max => {
+                let path = segment_path(&shared.config.dir, sequence);
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                Ok(ActiveSegment {
+                    sequence,
+                    file,
+                    size_bytes: size,
+                })
+            }
+            Some((sequence, _)) => create_segment(shared, sequence + 1),
+            None => create_segment(shared, 1),
+        }
+    }
+
+    fn run(mut self, receiver: Receiver<Request>) {
+        while let Ok(first) = receiver.recv() {
+            let requests = self.collect_batch(first, &receiver);
+            self.write_batch(requests);
+            if lock(&self.shared.failure).is_none() {
+                if let Err(error) = self.collect_garbage() {
+                    self.fail(error.to_string());
+                }
+            }
+        }
+    }
+
+    /// Takes the requests queued now, within the batch size and wait bounds.
+    fn collect_batch(&self, first: Request, receiver: &Receiver<Request>) -> Vec<Request> {
+        let config = &self.shared.config;
+        let mut size_bytes = first.batch.size_bytes_estimate();
+        let mut requests = vec![first];
+        let deadline = Instant::now() + Duration::from_micros(config.batch_wait_micros_max);
+        while size_bytes < config.batch_bytes_max {
+            let next = match receiver.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match receiver.recv_timeout(deadline - now) {
+                        Ok(request) => request,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            size_bytes += next.batch.size_bytes_estimate();
+            requests.push(next);
+        }
+        requests
+    }
+
+    fn fail(&self, reason: String) {
+        let mut failure = lock(&self.shared.failure);
+        if failure.is_none() {
+            *failure = Some(reason);
+        }
+    }
+
+    fn failed(&self) -> Option<Error> {
+        lock(&self.shared.failure)
+            .clone()
+            .map(|reason| Error::Failed { reason })
+    }
+
+    fn write_batch(&mut self, requests: Vec<Request>) {
+        if let Some(error) = self.failed() {
+            for request in requests {
+                (request.done)(Err(error.clone()));
+            }
+            return;
+        }
+        let mut buffer = Vec::new();
+        let mut accepted = Vec::new();
+        {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            let mut view = BatchView::new(&index);
+            for request in requests {
+                match view.encode(&request.batch, &mut buffer) {
+                    Ok(encoded) => accepted.push((request.done, encoded)),
+                    Err(error) => (request.done)(Err(error)),
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        match self.write_durably(&buffer) {
+            Ok(base) => {
+                self.publish(&accepted, base);
+                self.shared
+                    .counters
+                    .requests
+                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                for (done, _) in accepted {
+                    done(Ok(()));
+                }
+            }
+            Err(error) => {
+                self.fail(error.to_string());
+                let error = self.failed().unwrap_or(error);
+                for (done, _) in accepted {
+                    done(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes `buffer` at the end of the active segment (rolling first if it
+    /// would not fit) and makes it durable. Returns where it starts.
+    fn write_durably(&mut self, buffer: &[u8]) -> Result<u64> {
+        let header = SEGMENT_HEADER_BYTES as u64;
+        let full = self.active.size_bytes + buffer.len() as u64
+            > self.shared.config.segment_size_bytes_max;
+        if full && self.active.size_bytes > header {
+            self.active = create_segment(&self.shared, self.active.sequence + 1)?;
+        }
+        let path = segment_path(&self.shared.config.dir, self.active.sequence);
+        self.active
+            .file
+            .write_all(buffer)
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        if self.shared.config.sync_mode == SyncMode::Fdatasync {
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| Error::io(format!("fdatasync {}", path.display()), e))?;
+            self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        let base = self.active.size_bytes;
+        self.active.size_bytes += buffer.len() as u64;
+        if let Some((_, size)) = lock(&self.shared.segments).get_mut(&self.active.sequence) {
+            *size = self.active.size_bytes;
+        }
+        let counters = &self.shared.counters;
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters
+            .bytes_written
+            .fetch_add(buffer.len() as u64, Ordering::Relaxed);
+        Ok(base)
+    }
+
+    /// Points the index at the durable records and caches fresh entries.
+    fn publish(&self, accepted: &[(Done, Encoded)], base: u64) {
+        let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(&self.shared.cache);
+        for (_, encoded) in accepted {
+            for (group, record, body_offset, body_len) in &encoded.records {
+                let location = Location {
+                    segment: self.active.sequence,
+                    body_offset: base + body_offset,
+                    body_len: *body_len,
+                };
+                if let Err(error) = index.apply(*group, record, location) {
+                    // The batch view accepted it: a disagreement is a bug.
+                    drop(cache);
+                    drop(index);
+                    self.fail(format!(
+                        "index rejected a checked record of group {group}: {}",
+                        error.0
+                    ));
+                    return;
+                }
+                if let Record::Entries(entries) = record {
+                    cache.insert(location, Arc::new(entries.clone()));
+                }
+            }
+        }
+    }
+
+    /// Deletes segments no group needs; rewrites cold groups that pin old
+    /// segments so that they do not keep the disk growing.
+    fn collect_garbage(&mut self) -> Result<()> {
+        self.delete_unneeded_segments()?;
+        let oldest = lock(&self.shared.segments).keys().next().copied();
+        let Some(oldest) = oldest else { return Ok(()) };
+        if self.active.sequence - oldest <= self.shared.config.rewrite_after_segments {
+            return Ok(());
+        }
+        let pinning = self
+            .shared
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .groups_pinning(oldest);
+        for group in pinning {
+            self.rewrite_group(group)?;
+        }
+        self.delete_unneeded_segments()
+    }
+
+    fn delete_unneeded_segments(&mut self) -> Result<()> {
+        let needed = self
+            .shared
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .oldest_segment_needed();
+        let keep_from = needed
+            .unwrap_or(self.active.sequence)
+            .min(self.active.sequence);
+        let doomed: Vec<u64> = lock(&self.shared.segments)
+            .range(..keep_from)
+            .map(|(s, _)| *s)
+            .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for sequence in &doomed {
+            let path = segment_path(&self.shared.config.dir, *sequence);
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+            lock(&self.shared.segments).remove(sequence);
+            lock(&self.shared.cache).forget_segment(*sequence);
+        }
+        sync_dir(&self.shared.config.dir)
+    }
+
+    /// Appends a group's live state again, in the active segment.
+    fn rewrite_group(&mut self, group: u64) -> Result<()> {
+        let Some(state) = self
+            .shared
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .groups
+            .get(&group)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        if state.compacted.0 .0 > 0 {
+            records.push(Record::Compaction {
+                index: state.compacted.0,
+                term: state.compacted.1,
+            });
+        }
+        let mut next = state.first_index();
+        while next <= state.last_index() {
+            let chunk = read_entries(
+                &self.shared,
+                GroupId(group),
+                next,
+                state.last_index().next(),
+                self.shared.config.batch_bytes_max,
+            )?;
+            let Some(last) = chunk.last() else { break };
+            next = last.index.next();
+            records.push(Record::Entries(chunk));
+        }
+        if let Some(meta) = state.snapshot.clone() {
+            records.push(Record::Snapshot(meta));
+        }
+        records.push(Record::HardState(state.hard_state));
+        let mut buffer = Vec::new();
+        let mut encoded = Encoded {
+            records: Vec::new(),
+        };
+        for record in records {
+            push_record(group, record, &mut buffer, &mut encoded);
+        }
+        let base = self.write_durably(&buffer)?;
+        let done: Done = Box::new(|_| {});
+        self.publish(&[(done, encoded)], base);
+        self.shared
+            .counters
+            .groups_rewritten
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn push_record(group: u64, record: Record, buffer: &mut Vec<u8>, encoded: &mut Encoded) {
+    let mut body = Vec::new();
+    record.encode_body(&mut body);
+    let body_offset = (buffer.len() + RECORD_HEADER_BYTES) as u64;
+    encode_record(record.kind(), group, &body, buffer);
+    encoded
+        .records
+        .push((group, record, body_offset, body.len() as u32));
+}
+
+fn create_segment(shared: &Shared, sequence: u64) -> Result<ActiveSegment> {
+    let dir = &shared.config.dir;
+    let path = segment_path(dir, sequence);
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    file.write_all(&encode_segment_header(sequence))
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    file.sync_all()
+        .map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
+    sync_dir(dir)?;
+    let reader = File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    lock(&shared.segments).insert(sequence, (Arc::new(reader), SEGMENT_HEADER_BYTES as u64));
+    Ok(ActiveSegment {
+        sequence,
+        file,
+        size_bytes: SEGMENT_HEADER_BYTES as u64,
+    })
+}
+
+/// What validation needs of a group, as earlier requests of the batch leave
+/// it: cheap to copy, unlike the group's whole index.
+#[derive(Clone, Debug, Default)]
+struct Bounds {
+    compacted: (LogIndex, Term),
+    last: LogIndex,
+    snapshot_index: Option<LogIndex>,
+    /// Terms of entries appended in this batch, from `overlay_start`.
+    overlay_start: LogIndex,
+    overlay: Vec<Term>,
+    /// The indexed entries no longer count (snapshot installed, removed).
+    hide_indexed: bool,
+}
+
+impl Bounds {
+    fn of(state: Option<&GroupState>) -> Bounds {
+        match state {
+            Some(state) => Bounds {
+                compacted: state.compacted,
+                last: state.last_index(),
+                snapshot_index: state.snapshot.as_ref().map(|meta| meta.index),
+                overlay_start: state.last_index().next(),
+                overlay: Vec::new(),
+                hide_indexed: false,
+            },
+            None => Bounds {
+                overlay_start: LogIndex(1),
+                ..Bounds::default()
+            },
+        }
+    }
+
+    fn term(&self, indexed: Option<&GroupState>, index: LogIndex) -> Option<Term> {
+        if index == self.compacted.0 {
+            return Some(self.compacted.1);
+        }
+        if index < self.compacted.0 || index > self.last {
+            return None;
+        }
+        if index >= self.overlay_start {
+            return self
+                .overlay
+                .get(index.distance_from(self.overlay_start) as usize)
+                .copied();
+        }
+        if self.hide_indexed {
+            return None;
+        }
+        indexed.and_then(|state| state.term(index).ok().flatten())
+    }
+}
+
+/// Checks the requests of one batch in order against the log as each will
+/// leave it, and encodes the accepted ones.
+struct BatchView<'a> {
+    index: &'a Index,
+    /// Groups changed by earlier requests of this batch.
+    changed: HashMap<u64, Bounds>,
+}
+
+impl<'a> BatchView<'a> {
+    fn new(index: &'a Index) -> BatchView<'a> {
+        BatchView {
+            index,
+            changed: HashMap::new(),
+        }
+    }
+
+    /// Checks every update of a request; encodes all of it or none.
+    fn encode(&mut self, batch: &WriteBatch, buffer: &mut Vec<u8>) -> Result<Encoded> {
+        let mut staged: HashMap<u64, Bounds> = HashMap::new();
+        let mut records = Vec::new();
+        for update in &batch.updates {
+            let group = update_group(update);
+            if group == 0 {
+                return Err(Error::InvalidUpdate {
+                    group,
+                    reason: "group id 0 is invalid".into(),
+                });
+            }
+            let indexed = self.index.groups.get(&group);
+            let bounds = staged.entry(group).or_insert_with(|| {
+                self.changed
+                    .get(&group)
+                    .cloned()
+                    .unwrap_or_else(|| Bounds::of(indexed))
+            });
+            let record = check_update(update, bounds, indexed)
+                .map_err(|reason| Error::InvalidUpdate { group, reason })?;
+            records.push((group, record));
+        }
+        self.changed.extend(staged);
+        let mut encoded = Encoded {
+            records: Vec::new(),
+        };
+        for (group, record) in records {
+            push_record(group, record, buffer, &mut encoded);
+        }
+        Ok(encoded)
+    }
+}
+
+fn update_group(update: &Update) -> u64 {
+    match update {
+        Update::Entries { group, .. }
+        | Update::HardState { group, .. }
+        | Update::Snapshot { group, .. }
+        | Update::Compact { group, .. }
+        | Update::RemoveGroup { group } => group.0,
+    }
+}
+
+/// Checks one update against `bounds`, advances them, and gives its record.
+fn check_update(
+    update: &Update,
+    bounds: &mut Bounds,
+    indexed: Option<&GroupState>,
+) -> Result<Record, String> {
+    match update {
+        Update::Entries { entries, .. } => {
+            let Some(first) = entries.first().map(|entry| entry.index) else {
+                return Err("an entries update with no entries".into());
+            };
+            if first <= bounds.compacted.0 {
+                return Err(format!(
+                    "entries from {first} would overwrite the compacted prefix up to {}",
+                    bounds.compacted.0
+                ));
+            }
+            if first > bounds.last.next() {
+                return Err(format!(
+                    "entries from {first} leave a gap after the last index {}",
+                    bounds.last
+                ));
+            }
+            if entries
+                .iter()
+                .enumerate()
+                .any(|(p, e)| e.index != first.plus(p as u64))
+            {
+                return Err("entries are not contiguous".into());
+            }
+            if first < bounds.overlay_start {
+                bounds.overlay.clear();
+                bounds.overlay_start = first;
+            } else {
+                bounds
+                    .overlay
+                    .truncate(first.distance_from(bounds.overlay_start) as usize);
+            }
+            bounds
+                .overlay
+                .extend(entries.iter().map(|entry| entry.term));
+            bounds.last = bounds
+                .overlay_start
+                .plus(bounds.overlay.len() as u64)
+                .prev();
+            Ok(Record::Entries(entries.clone()))
+        }
+        Update::HardState { state, .. } => Ok(Record::HardState(*state)),
+        Update::Snapshot { meta, .. } => {
+            if bounds.term(indexed, meta.index) != Some(meta.term) {
+                *bounds = Bounds {
+                    compacted: (meta.index, meta.term),
+                    last: meta.index,
+                    snapshot_index: None,
+                    overlay_start: meta.index.next(),
+                    overlay: Vec::new(),
+                    hide_indexed: true,
+                };
+            }
+            bounds.snapshot_index = Some(meta.index);
+            Ok(Record::Snapshot(meta.clone()))
+        }
+        Update::Compact { index, .. } => {
+            let covered = bounds
+                .snapshot_index
+                .is_some_and(|snapshot| snapshot >= *index);
+            match bounds.term(indexed, *index) {
+                Some(term) if covered => {
+                    if *index > bounds.compacted.0 {
+                        bounds.compacted = (*index, term);
+                    }
+                    Ok(Record::Compaction { index: *index, term })
+                }
+                _ => Err(format!("cannot compact to {index}: it must be held in the log and covered by a snapshot")),
+            }
+        }
+        Update::RemoveGroup { .. } => {
+            *bounds = Bounds {
+                overlay_start: LogIndex(1),
+                hide_indexed: true,
+                ..Bounds::default()
+            };
+            Ok(Record::GroupRemoved)
+        }
+    }
+}
