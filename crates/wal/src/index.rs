@@ -85,8 +85,14 @@ impl GroupState {
         Ok(position.checked_sub(1).map(|p| self.term_runs[p].1))
     }
 
-    fn contains(&self, index: LogIndex, term: Term) -> bool {
-        self.term(index).ok().flatten() == Some(term)
+    /// A group whose log, as far as replay is concerned, starts after
+    /// `floor`, set by the record in `segment` (see `Wal::open`).
+    pub fn starting_at(floor: (LogIndex, Term), segment: u64) -> GroupState {
+        GroupState {
+            compacted: floor,
+            compacted_segment: Some(segment),
+            ..GroupState::default()
+        }
     }
 
     /// The oldest segment this group still needs.
@@ -111,16 +117,22 @@ impl GroupState {
                 self.hard_state = *state;
                 self.hard_state_segment = Some(segment);
             }
-            Record::Snapshot(meta) => {
-                if !self.contains(meta.index, meta.term) {
-                    // Installed from a leader: the log restarts after it.
+            Record::Snapshot { meta, installed } => {
+                if *installed && meta.index > self.compacted.0 {
+                    // From a leader: the log restarts after it.
                     self.spans.clear();
                     self.term_runs.clear();
                     self.compacted = (meta.index, meta.term);
                     self.compacted_segment = Some(segment);
                 }
-                self.snapshot = Some(meta.clone());
-                self.snapshot_segment = Some(segment);
+                let newer = self
+                    .snapshot
+                    .as_ref()
+                    .is_none_or(|known| known.index <= meta.index);
+                if newer {
+                    self.snapshot = Some(meta.clone());
+                    self.snapshot_segment = Some(segment);
+                }
             }
             Record::Compaction { index, term } => {
                 self.compact(*index, *term);
@@ -381,13 +393,15 @@ mod tests {
             term: Term(1),
             membership: Default::default(),
         };
-        group
-            .apply(&Record::Snapshot(meta.clone()), at(2))
-            .expect("snapshot");
+        let taken = Record::Snapshot {
+            meta: meta.clone(),
+            installed: false,
+        };
+        group.apply(&taken, at(2)).expect("snapshot");
         assert_eq!(
             group.last_index(),
             LogIndex(5),
-            "a matching snapshot keeps the log"
+            "a snapshot taken here keeps the log"
         );
         let foreign = SnapshotMeta {
             index: LogIndex(20),
@@ -395,7 +409,13 @@ mod tests {
             ..meta
         };
         group
-            .apply(&Record::Snapshot(foreign), at(3))
+            .apply(
+                &Record::Snapshot {
+                    meta: foreign,
+                    installed: true,
+                },
+                at(3),
+            )
             .expect("install");
         assert_eq!(group.first_index(), LogIndex(21));
         assert_eq!(group.last_index(), LogIndex(20));

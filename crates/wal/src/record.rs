@@ -16,8 +16,14 @@ pub enum Record {
     Entries(Vec<Entry>),
     /// The group's hard state.
     HardState(HardState),
-    /// A snapshot exists (or was installed) at the meta's index.
-    Snapshot(SnapshotMeta),
+    /// A snapshot exists at the meta's index; `installed` when it came from
+    /// a leader and replaces the log.
+    Snapshot {
+        /// What the snapshot stands for.
+        meta: SnapshotMeta,
+        /// True when it replaces the log.
+        installed: bool,
+    },
     /// Entries up to `index` are discarded.
     Compaction {
         /// The last discarded index.
@@ -35,7 +41,7 @@ impl Record {
         match self {
             Record::Entries(_) => RecordType::Entries,
             Record::HardState(_) => RecordType::HardState,
-            Record::Snapshot(_) => RecordType::Snapshot,
+            Record::Snapshot { .. } => RecordType::Snapshot,
             Record::Compaction { .. } => RecordType::Compaction,
             Record::GroupRemoved => RecordType::GroupRemoved,
         }
@@ -50,9 +56,10 @@ impl Record {
                 out.extend_from_slice(&state.vote.map(|v| v.0).unwrap_or(0).to_le_bytes());
                 out.extend_from_slice(&state.commit.0.to_le_bytes());
             }
-            Record::Snapshot(meta) => {
+            Record::Snapshot { meta, installed } => {
                 out.extend_from_slice(&meta.index.0.to_le_bytes());
                 out.extend_from_slice(&meta.term.0.to_le_bytes());
+                out.push(u8::from(*installed));
                 encode_membership(&meta.membership, out);
             }
             Record::Compaction { index, term } => {
@@ -77,15 +84,21 @@ impl Record {
                 }))
             }
             RecordType::Snapshot => {
-                if body.len() < 16 {
+                if body.len() < 17 {
                     return Err(format!("snapshot marker of {} bytes", body.len()));
                 }
-                let membership = decode_membership(&body[16..]).map_err(|e| e.to_string())?;
-                Ok(Record::Snapshot(SnapshotMeta {
+                let installed = match body[16] {
+                    0 => false,
+                    1 => true,
+                    other => return Err(format!("snapshot flags {other}")),
+                };
+                let membership = decode_membership(&body[17..]).map_err(|e| e.to_string())?;
+                let meta = SnapshotMeta {
                     index: LogIndex(read_u64(body, 0)),
                     term: Term(read_u64(body, 8)),
                     membership,
-                }))
+                };
+                Ok(Record::Snapshot { meta, installed })
             }
             RecordType::Compaction => {
                 expect_len(body, 16)?;
@@ -210,11 +223,16 @@ mod tests {
             commit: LogIndex(9),
         }));
         round_trip(Record::HardState(HardState::default()));
-        round_trip(Record::Snapshot(SnapshotMeta {
-            index: LogIndex(100),
-            term: Term(7),
-            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
-        }));
+        for installed in [false, true] {
+            round_trip(Record::Snapshot {
+                meta: SnapshotMeta {
+                    index: LogIndex(100),
+                    term: Term(7),
+                    membership: Membership::with_voters([NodeId(1), NodeId(2)]),
+                },
+                installed,
+            });
+        }
         round_trip(Record::Compaction {
             index: LogIndex(50),
             term: Term(6),

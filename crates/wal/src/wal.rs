@@ -31,7 +31,7 @@ use crate::cache::RecordCache;
 use crate::error::{Error, Result};
 use crate::format::{
     check_segment_header, encode_record, encode_segment_header, scan_segment, HeaderProblem,
-    SegmentEnd, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+    RawRecord, RecordType, SegmentEnd, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 use crate::index::{GroupState, Index, Location};
 use crate::record::{entries_body_bytes, Record};
@@ -126,8 +126,16 @@ pub enum Update {
         /// The new hard state.
         state: HardState,
     },
-    /// Record a snapshot; one the log does not contain replaces the log.
+    /// Record that the state machine took a snapshot; the log is kept.
     Snapshot {
+        /// The group.
+        group: GroupId,
+        /// The snapshot's metadata.
+        meta: SnapshotMeta,
+    },
+    /// Record a snapshot received from the leader; it replaces the log,
+    /// which restarts after it.
+    InstallSnapshot {
         /// The group.
         group: GroupId,
         /// The snapshot's metadata.
@@ -172,9 +180,15 @@ impl WriteBatch {
         self
     }
 
-    /// Adds a snapshot marker of a group.
+    /// Records a snapshot the state machine took.
     pub fn snapshot(&mut self, group: GroupId, meta: SnapshotMeta) -> &mut Self {
         self.updates.push(Update::Snapshot { group, meta });
+        self
+    }
+
+    /// Records a snapshot installed from the leader, replacing the log.
+    pub fn install_snapshot(&mut self, group: GroupId, meta: SnapshotMeta) -> &mut Self {
+        self.updates.push(Update::InstallSnapshot { group, meta });
         self
     }
 
@@ -285,18 +299,7 @@ impl Wal {
                 sync_dir(parent)?;
             }
         }
-        let mut index = Index::default();
-        let mut segments = BTreeMap::new();
-        let sequences = list_segments(&config.dir)?;
-        for (position, sequence) in sequences.iter().enumerate() {
-            let is_last = position + 1 == sequences.len();
-            if let Some(size) = replay_segment(&config.dir, *sequence, is_last, &mut index)? {
-                let path = segment_path(&config.dir, *sequence);
-                let file = File::open(&path)
-                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                segments.insert(*sequence, (Arc::new(file), size));
-            }
-        }
+        let (index, segments) = replay(&config.dir)?;
         let shared = Arc::new(Shared {
             index: RwLock::new(index),
             segments: Mutex::new(segments),
@@ -416,6 +419,13 @@ impl Wal {
         read_entries(&self.shared, group, low, high, size_bytes_max)
     }
 
+    /// Returns once every request submitted before it has been handled,
+    /// along with the garbage collection that followed it. An empty batch
+    /// costs no write and no fsync.
+    pub fn barrier(&self) -> Result<()> {
+        self.append(WriteBatch::new())
+    }
+
     /// Counters.
     pub fn stats(&self) -> WalStats {
         let counters = &self.shared.counters;
@@ -475,70 +485,217 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(sequences)
 }
 
-/// Replays one segment into `index`. Returns its size, or `None` when it
-/// was a torn, empty last segment and has been deleted.
-fn replay_segment(
+/// Where a record is: (segment, offset). Orders records in log order.
+type Position = (u64, u64);
+
+/// What the first pass learns of a group: where its log last restarted and
+/// how far its prefix is compacted.
+#[derive(Clone, Copy, Debug, Default)]
+struct Floor {
+    /// The last removal of the group: everything before it is dead.
+    removed_at: Option<Position>,
+    /// The last installed snapshot after that: entries before it are dead.
+    installed_at: Option<Position>,
+    /// The highest compaction point (or install) after the removal, with
+    /// its term and the segment of the record that set it.
+    floor: Option<(LogIndex, Term, u64)>,
+}
+
+type SegmentHandles = BTreeMap<u64, (Arc<File>, u64)>;
+
+/// Replays every segment in two passes.
+///
+/// Pass 1 checks each segment, truncates a torn tail, and finds each
+/// group's [`Floor`]. Pass 2 applies the records, starting each group at its
+/// floor. Records the floor makes dead are skipped: entries at or below the
+/// compaction point, entries before the last install, and anything before
+/// the last removal. Garbage collection deletes only whole segments before
+/// the oldest one any group needs, so the kept segments may begin with such
+/// dead records. Without the floor, replaying them would look like a gap.
+fn replay(dir: &Path) -> Result<(Index, SegmentHandles)> {
+    let sequences = list_segments(dir)?;
+    let mut floors: HashMap<u64, Floor> = HashMap::new();
+    let mut kept = Vec::new();
+    for (position, sequence) in sequences.iter().enumerate() {
+        let is_last = position + 1 == sequences.len();
+        if let Some(size) = first_pass(dir, *sequence, is_last, &mut floors)? {
+            kept.push((*sequence, size));
+        }
+    }
+    let mut index = Index::default();
+    let mut segments = BTreeMap::new();
+    for (sequence, size) in kept {
+        second_pass(dir, sequence, size, &floors, &mut index)?;
+        let path = segment_path(dir, sequence);
+        let file =
+            File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        segments.insert(sequence, (Arc::new(file), size));
+    }
+    Ok((index, segments))
+}
+
+fn corruption(path: &Path, offset: u64, reason: String) -> Error {
+    Error::Corruption {
+        segment: path.to_path_buf(),
+        offset,
+        reason,
+    }
+}
+
+/// A segment's bytes (up to `size`), its valid records and how it ends.
+type SegmentRead = (Bytes, Vec<RawRecord>, SegmentEnd);
+
+fn read_segment(path: &Path, sequence: u64, size: Option<u64>) -> Result<SegmentRead> {
+    let mut bytes = fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    if let Some(size) = size {
+        bytes.truncate(size as usize);
+    }
+    if let Err(HeaderProblem::Version(version)) = check_segment_header(&bytes, sequence) {
+        return Err(Error::UnsupportedVersion {
+            file: path.to_path_buf(),
+            version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let scan = scan_segment(&bytes);
+    Ok((Bytes::from(bytes), scan.records, scan.end))
+}
+
+fn decode_at(path: &Path, bytes: &Bytes, raw: &RawRecord) -> Result<Record> {
+    let end = (raw.body_offset + raw.body_len as u64) as usize;
+    let body = bytes.slice(raw.body_offset as usize..end);
+    Record::decode(raw.kind, &body).map_err(|reason| corruption(path, raw.offset, reason))
+}
+
+/// Pass 1 over one segment. Returns its valid size, or `None` when it was
+/// a torn, empty last segment and has been deleted.
+fn first_pass(
     dir: &Path,
     sequence: u64,
     is_last: bool,
-    index: &mut Index,
+    floors: &mut HashMap<u64, Floor>,
 ) -> Result<Option<u64>> {
     let path = segment_path(dir, sequence);
-    let bytes = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-    let corruption = |offset: u64, reason: String| Error::Corruption {
-        segment: path.clone(),
-        offset,
-        reason,
-    };
-    match check_segment_header(&bytes, sequence) {
-        Ok(()) => {}
-        Err(HeaderProblem::Version(version)) => {
-            return Err(Error::UnsupportedVersion {
-                file: path.clone(),
-                version,
-                supported: FORMAT_VERSION,
-            })
+    let (bytes, records, end) = read_segment(&path, sequence, None)?;
+    if let Err(problem) = check_segment_header(&bytes, sequence) {
+        if is_last && records.is_empty() && !matches!(problem, HeaderProblem::Sequence(_)) {
+            // Torn while being created: it never held a record.
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+            sync_dir(dir)?;
+            return Ok(None);
         }
-        Err(problem) => {
-            let nothing_after = scan_segment(&bytes).records.is_empty();
-            if is_last && nothing_after && problem != HeaderProblem::Sequence(sequence) {
-                // Torn while being created: it never held a record.
-                fs::remove_file(&path)
-                    .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
-                sync_dir(dir)?;
-                return Ok(None);
+        return Err(corruption(
+            &path,
+            0,
+            format!("bad segment header: {problem:?}"),
+        ));
+    }
+    for raw in &records {
+        let position = (sequence, raw.offset);
+        let floor = floors.entry(raw.group).or_default();
+        match raw.kind {
+            RecordType::GroupRemoved => {
+                *floor = Floor {
+                    removed_at: Some(position),
+                    ..Floor::default()
+                }
             }
-            return Err(corruption(0, format!("bad segment header: {problem:?}")));
+            RecordType::Snapshot | RecordType::Compaction => match decode_at(&path, &bytes, raw)? {
+                Record::Snapshot {
+                    meta,
+                    installed: true,
+                } => {
+                    floor.installed_at = Some(position);
+                    floor.floor = Some((meta.index, meta.term, sequence));
+                }
+                Record::Compaction { index, term }
+                    if floor.floor.is_none_or(|(known, _, _)| index > known) =>
+                {
+                    floor.floor = Some((index, term, sequence));
+                }
+                _ => {}
+            },
+            RecordType::Entries | RecordType::HardState => {}
         }
     }
-    let bytes = Bytes::from(bytes);
-    let scan = scan_segment(&bytes);
-    for raw in &scan.records {
-        let body =
-            bytes.slice(raw.body_offset as usize..(raw.body_offset + raw.body_len as u64) as usize);
-        let record =
-            Record::decode(raw.kind, &body).map_err(|reason| corruption(raw.offset, reason))?;
-        let location = Location {
-            segment: sequence,
-            body_offset: raw.body_offset,
-            body_len: raw.body_len,
-        };
-        index
-            .apply(raw.group, &record, location)
-            .map_err(|error| corruption(raw.offset, format!("group {}: {}", raw.group, error.0)))?;
-    }
-    match scan.end {
-        SegmentEnd::Clean => Ok(Some(bytes.len() as u64)),
+    let size = bytes.len() as u64;
+    match end {
+        SegmentEnd::Clean => Ok(Some(size)),
         SegmentEnd::Torn { offset } if is_last => {
             truncate_file(&path, offset)?;
             Ok(Some(offset))
         }
         SegmentEnd::Torn { offset } => Err(corruption(
+            &path,
             offset,
             "damaged record in a segment that is not the last".into(),
         )),
-        SegmentEnd::Corrupt { offset, reason } => Err(corruption(offset, reason)),
+        SegmentEnd::Corrupt { offset, reason } => Err(corruption(&path, offset, reason)),
     }
+}
+
+/// Pass 2 over one segment: applies its live records to `index`.
+fn second_pass(
+    dir: &Path,
+    sequence: u64,
+    size: u64,
+    floors: &HashMap<u64, Floor>,
+    index: &mut Index,
+) -> Result<()> {
+    let path = segment_path(dir, sequence);
+    let (bytes, records, _) = read_segment(&path, sequence, Some(size))?;
+    for raw in &records {
+        let position = (sequence, raw.offset);
+        let floor = floors.get(&raw.group).copied().unwrap_or_default();
+        if floor.removed_at.is_some_and(|removed| position <= removed) {
+            continue;
+        }
+        let mut record = decode_at(&path, &bytes, raw)?;
+        match &mut record {
+            Record::Entries(entries) => {
+                if floor
+                    .installed_at
+                    .is_some_and(|installed| position < installed)
+                {
+                    continue;
+                }
+                if let Some((floor_index, _, _)) = floor.floor {
+                    entries.retain(|entry| entry.index > floor_index);
+                }
+                if entries.is_empty() {
+                    continue;
+                }
+            }
+            Record::Snapshot { installed, .. } => {
+                // Only the last install restarts the log; the floor holds it.
+                *installed = *installed && Some(position) == floor.installed_at;
+            }
+            _ => {}
+        }
+        let location = Location {
+            segment: sequence,
+            body_offset: raw.body_offset,
+            body_len: raw.body_len,
+        };
+        let state = index
+            .groups
+            .entry(raw.group)
+            .or_insert_with(|| match floor.floor {
+                Some((floor_index, term, segment)) => {
+                    GroupState::starting_at((floor_index, term), segment)
+                }
+                None => GroupState::default(),
+            });
+        state.apply(&record, location).map_err(|error| {
+            corruption(
+                &path,
+                raw.offset,
+                format!("group {}: {}", raw.group, error.0),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn truncate_file(path: &Path, length: u64) -> Result<()> {
@@ -643,8 +800,7 @@ fn load_record(
         offset: location.body_offset - RECORD_HEADER_BYTES as u64,
         reason,
     };
-    let record = Record::decode(crate::format::RecordType::Entries, &Bytes::from(body))
-        .map_err(corruption)?;
+    let record = Record::decode(RecordType::Entries, &Bytes::from(body)).map_err(corruption)?;
     let Record::Entries(entries) = record else {
         return Err(corruption("expected an entries record".into()));
     };
@@ -771,7 +927,11 @@ impl Writer {
                 }
             }
         }
-        if accepted.is_empty() {
+        if buffer.is_empty() {
+            // Nothing to write (empty batches, barriers): no fsync needed.
+            for (done, _) in accepted {
+                done(Ok(()));
+            }
             return;
         }
         match self.write_durably(&buffer) {
@@ -939,7 +1099,10 @@ impl Writer {
             records.push(Record::Entries(chunk));
         }
         if let Some(meta) = state.snapshot.clone() {
-            records.push(Record::Snapshot(meta));
+            records.push(Record::Snapshot {
+                meta,
+                installed: false,
+            });
         }
         records.push(Record::HardState(state.hard_state));
         let mut buffer = Vec::new();
@@ -1099,6 +1262,7 @@ fn update_group(update: &Update) -> u64 {
         Update::Entries { group, .. }
         | Update::HardState { group, .. }
         | Update::Snapshot { group, .. }
+        | Update::InstallSnapshot { group, .. }
         | Update::Compact { group, .. }
         | Update::RemoveGroup { group } => group.0,
     }
@@ -1153,18 +1317,37 @@ fn check_update(
         }
         Update::HardState { state, .. } => Ok(Record::HardState(*state)),
         Update::Snapshot { meta, .. } => {
-            if bounds.term(indexed, meta.index) != Some(meta.term) {
-                *bounds = Bounds {
-                    compacted: (meta.index, meta.term),
-                    last: meta.index,
-                    snapshot_index: None,
-                    overlay_start: meta.index.next(),
-                    overlay: Vec::new(),
-                    hide_indexed: true,
-                };
+            if meta.index > bounds.last {
+                return Err(format!(
+                    "a snapshot taken at {} is past the last index {}; use an install",
+                    meta.index, bounds.last
+                ));
             }
-            bounds.snapshot_index = Some(meta.index);
-            Ok(Record::Snapshot(meta.clone()))
+            bounds.snapshot_index = bounds.snapshot_index.max(Some(meta.index));
+            Ok(Record::Snapshot {
+                meta: meta.clone(),
+                installed: false,
+            })
+        }
+        Update::InstallSnapshot { meta, .. } => {
+            if meta.index <= bounds.compacted.0 {
+                return Err(format!(
+                    "an installed snapshot at {} must be past the compacted prefix up to {}",
+                    meta.index, bounds.compacted.0
+                ));
+            }
+            *bounds = Bounds {
+                compacted: (meta.index, meta.term),
+                last: meta.index,
+                snapshot_index: Some(meta.index),
+                overlay_start: meta.index.next(),
+                overlay: Vec::new(),
+                hide_indexed: true,
+            };
+            Ok(Record::Snapshot {
+                meta: meta.clone(),
+                installed: true,
+            })
         }
         Update::Compact { index, .. } => {
             let covered = bounds

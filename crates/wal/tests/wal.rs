@@ -1,0 +1,439 @@
+//! Behaviour of the WAL through its public API: persistence of every record
+//! type across reopen, truncation, compaction, rolling, garbage collection,
+//! cold-group rewrite, group commit, refusals and corruption handling.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use regatta_raft::{
+    Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, SnapshotMeta, Term,
+};
+use regatta_wal::{Error, GroupId, SyncMode, Wal, WalConfig, WriteBatch};
+
+fn entries(first: u64, count: u64, term: u64, tag: &str) -> Vec<Entry> {
+    (first..first + count)
+        .map(|index| Entry {
+            term: Term(term),
+            index: LogIndex(index),
+            payload: EntryPayload::Normal(Bytes::from(format!("{tag}-{index}"))),
+        })
+        .collect()
+}
+
+fn config(dir: &Path) -> WalConfig {
+    let mut config = WalConfig::new(dir);
+    config.segment_size_bytes_max = 64 * 1024;
+    config
+}
+
+fn append_entries(wal: &Wal, group: u64, entries: Vec<Entry>) {
+    let mut batch = WriteBatch::new();
+    batch.entries(GroupId(group), entries);
+    wal.append(batch).expect("append");
+}
+
+fn all_entries(wal: &Wal, group: u64) -> Vec<Entry> {
+    let group = GroupId(group);
+    let (first, last) = (wal.first_index(group), wal.last_index(group));
+    if last < first {
+        return Vec::new();
+    }
+    wal.entries(group, first, last.next(), u64::MAX)
+        .expect("entries")
+}
+
+fn meta(index: u64, term: u64) -> SnapshotMeta {
+    SnapshotMeta {
+        index: LogIndex(index),
+        term: Term(term),
+        membership: Membership::with_voters([NodeId(1), NodeId(2), NodeId(3)]),
+    }
+}
+
+/// Every record type is durable across a reopen.
+#[test]
+fn every_record_type_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hard_state = HardState {
+        term: Term(3),
+        vote: Some(NodeId(2)),
+        commit: LogIndex(5),
+    };
+    {
+        let wal = Wal::open(config(dir.path())).expect("open");
+        let mut batch = WriteBatch::new();
+        batch
+            .entries(GroupId(1), entries(1, 10, 3, "a"))
+            .hard_state(GroupId(1), hard_state)
+            .snapshot(GroupId(1), meta(4, 3))
+            .compact(GroupId(1), LogIndex(4))
+            .entries(GroupId(2), entries(1, 3, 1, "b"))
+            .entries(GroupId(3), entries(1, 3, 1, "c"));
+        wal.append(batch).expect("append");
+        let mut batch = WriteBatch::new();
+        batch.remove_group(GroupId(3));
+        wal.append(batch).expect("remove");
+    }
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.groups(), vec![GroupId(1), GroupId(2)]);
+    assert_eq!(wal.hard_state(GroupId(1)), hard_state);
+    assert_eq!(wal.snapshot(GroupId(1)), Some(meta(4, 3)));
+    assert_eq!(wal.first_index(GroupId(1)), LogIndex(5));
+    assert_eq!(wal.term(GroupId(1), LogIndex(4)), Ok(Term(3)));
+    assert_eq!(all_entries(&wal, 1), entries(5, 6, 3, "a"));
+    assert_eq!(all_entries(&wal, 2), entries(1, 3, 1, "b"));
+    assert!(matches!(
+        wal.entries(GroupId(1), LogIndex(2), LogIndex(6), u64::MAX),
+        Err(Error::Compacted {
+            compacted_to: LogIndex(4),
+            ..
+        })
+    ));
+    assert!(matches!(
+        wal.entries(GroupId(1), LogIndex(5), LogIndex(12), u64::MAX),
+        Err(Error::Unavailable { .. })
+    ));
+}
+
+/// A new leader's entries replace a conflicting suffix, durably.
+#[test]
+fn a_conflicting_suffix_is_truncated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let wal = Wal::open(config(dir.path())).expect("open");
+        append_entries(&wal, 1, entries(1, 10, 1, "old"));
+        append_entries(&wal, 1, entries(6, 2, 2, "new"));
+        assert_eq!(wal.last_index(GroupId(1)), LogIndex(7));
+    }
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    let mut expected = entries(1, 5, 1, "old");
+    expected.extend(entries(6, 2, 2, "new"));
+    assert_eq!(all_entries(&wal, 1), expected);
+    assert_eq!(wal.term(GroupId(1), LogIndex(6)), Ok(Term(2)));
+}
+
+/// An installed snapshot replaces a log that does not contain it.
+#[test]
+fn an_installed_snapshot_replaces_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    append_entries(&wal, 1, entries(1, 5, 1, "old"));
+    let mut batch = WriteBatch::new();
+    batch.install_snapshot(GroupId(1), meta(100, 4));
+    wal.append(batch).expect("install");
+    assert_eq!(wal.first_index(GroupId(1)), LogIndex(101));
+    assert_eq!(wal.last_index(GroupId(1)), LogIndex(100));
+    append_entries(&wal, 1, entries(101, 2, 4, "after"));
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(all_entries(&wal, 1), entries(101, 2, 4, "after"));
+    assert_eq!(wal.term(GroupId(1), LogIndex(100)), Ok(Term(4)));
+}
+
+/// Bad updates are refused with a clear error; nothing of that request is
+/// written and the log keeps working.
+#[test]
+fn invalid_updates_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    append_entries(&wal, 1, entries(1, 3, 1, "a"));
+    let mut gap = WriteBatch::new();
+    gap.hard_state(GroupId(1), HardState::default())
+        .entries(GroupId(1), entries(9, 1, 1, "gap"));
+    let error = wal.append(gap).expect_err("gap");
+    assert!(
+        error.to_string().contains("gap after the last index 3"),
+        "{error}"
+    );
+    let mut no_snapshot = WriteBatch::new();
+    no_snapshot.compact(GroupId(1), LogIndex(2));
+    let error = wal
+        .append(no_snapshot)
+        .expect_err("compaction without a snapshot");
+    assert!(
+        error.to_string().contains("covered by a snapshot"),
+        "{error}"
+    );
+    let mut zero = WriteBatch::new();
+    zero.entries(GroupId(0), entries(1, 1, 1, "z"));
+    assert!(wal.append(zero).is_err());
+    append_entries(&wal, 1, entries(4, 1, 1, "a"));
+    assert_eq!(all_entries(&wal, 1), entries(1, 4, 1, "a"));
+    assert_eq!(wal.hard_state(GroupId(1)), HardState::default());
+}
+
+/// Reads stop at the byte budget but always return one entry.
+#[test]
+fn reads_respect_the_size_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    for first in (1..=100).step_by(10) {
+        append_entries(&wal, 1, entries(first, 10, 1, "x"));
+    }
+    let one = wal
+        .entries(GroupId(1), LogIndex(1), LogIndex(101), 1)
+        .expect("read");
+    assert_eq!(one.len(), 1);
+    let some = wal
+        .entries(GroupId(1), LogIndex(1), LogIndex(101), 300)
+        .expect("read");
+    assert!(some.len() > 1 && some.len() < 100);
+    assert_eq!(some[0].index, LogIndex(1));
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("list")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Segments roll at the configured size; reads span segments and reopen.
+#[test]
+fn segments_roll_and_reads_cross_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let wal = Wal::open(config(dir.path())).expect("open");
+        for first in (1..=2000).step_by(20) {
+            append_entries(&wal, 1, entries(first, 20, 1, &"y".repeat(50)));
+        }
+        assert!(wal.stats().segments >= 3, "{:?}", wal.stats());
+    }
+    assert!(segment_files(dir.path()).len() >= 3);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(all_entries(&wal, 1), entries(1, 2000, 1, &"y".repeat(50)));
+}
+
+/// Garbage collection with many groups: once every group has compacted,
+/// old segments go, and what remains reopens to the same state.
+#[test]
+fn garbage_collection_with_many_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let groups = 100u64;
+    let wal = Wal::open(config(dir.path())).expect("open");
+    for round in 0..20u64 {
+        let mut batch = WriteBatch::new();
+        for group in 1..=groups {
+            batch.entries(
+                GroupId(group),
+                entries(round * 5 + 1, 5, 1, &"z".repeat(20)),
+            );
+        }
+        wal.append(batch).expect("append");
+    }
+    wal.barrier().expect("barrier");
+    let before = wal.stats().segments;
+    assert!(before >= 5, "{before} segments");
+    let mut batch = WriteBatch::new();
+    for group in 1..=groups {
+        batch
+            .snapshot(GroupId(group), meta(95, 1))
+            .compact(GroupId(group), LogIndex(95));
+    }
+    wal.append(batch).expect("compact");
+    wal.barrier().expect("barrier");
+    let after = wal.stats().segments;
+    assert!(after < before, "segments {before} -> {after}");
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    for group in [1, 50, 100] {
+        assert_eq!(all_entries(&wal, group), entries(96, 5, 1, &"z".repeat(20)));
+        assert_eq!(wal.snapshot(GroupId(group)), Some(meta(95, 1)));
+    }
+}
+
+/// A group that never writes again does not pin old segments forever: its
+/// live records are rewritten forward and the disk stays bounded.
+#[test]
+fn a_cold_group_is_rewritten_forward() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold_hard_state = HardState {
+        term: Term(9),
+        vote: Some(NodeId(1)),
+        commit: LogIndex(3),
+    };
+    {
+        let wal = Wal::open(config(dir.path())).expect("open");
+        let mut batch = WriteBatch::new();
+        batch
+            .entries(GroupId(7), entries(1, 3, 9, "cold"))
+            .hard_state(GroupId(7), cold_hard_state);
+        wal.append(batch).expect("cold");
+        let mut first = 1;
+        for _ in 0..1500 {
+            let mut batch = WriteBatch::new();
+            batch
+                .entries(GroupId(1), entries(first, 10, 1, &"h".repeat(40)))
+                .snapshot(GroupId(1), meta(first + 9, 1))
+                .compact(GroupId(1), LogIndex(first + 9));
+            wal.append(batch).expect("hot");
+            first += 10;
+        }
+        wal.barrier().expect("barrier");
+        let stats = wal.stats();
+        assert!(
+            stats.bytes_written > 15 * 64 * 1024,
+            "too little written: {stats:?}"
+        );
+        assert!(stats.groups_rewritten >= 1, "{stats:?}");
+        assert!(stats.segments <= 6, "disk keeps growing: {stats:?}");
+    }
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(all_entries(&wal, 7), entries(1, 3, 9, "cold"));
+    assert_eq!(wal.hard_state(GroupId(7)), cold_hard_state);
+    assert_eq!(wal.last_index(GroupId(1)), LogIndex(15_000));
+}
+
+/// Group commit is real: many concurrent writers share fsyncs.
+#[test]
+fn concurrent_appends_share_fsyncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Arc::new(Wal::open(config(dir.path())).expect("open"));
+    let writers = 32u64;
+    let appends = 40u64;
+    let threads: Vec<_> = (1..=writers)
+        .map(|group| {
+            let wal = Arc::clone(&wal);
+            std::thread::spawn(move || {
+                for index in 1..=appends {
+                    append_entries(&wal, group, entries(index, 1, 1, "c"));
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("writer");
+    }
+    let stats = wal.stats();
+    assert_eq!(stats.requests, writers * appends);
+    assert!(
+        stats.fsyncs * 2 <= stats.requests,
+        "{} fsyncs for {} requests: no coalescing",
+        stats.fsyncs,
+        stats.requests
+    );
+    for group in 1..=writers {
+        assert_eq!(wal.last_index(GroupId(group)), LogIndex(appends));
+    }
+}
+
+/// The no-sync mode exists for tests and never fsyncs.
+#[test]
+fn no_sync_mode_skips_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config(dir.path());
+    config.sync_mode = SyncMode::NoSyncForTestsOnly;
+    let wal = Wal::open(config).expect("open");
+    append_entries(&wal, 1, entries(1, 1, 1, "n"));
+    assert_eq!(wal.stats().fsyncs, 0);
+}
+
+/// Writes a small log whose last `tail_records` records follow the
+/// checkpoint; returns the segment path and the byte length at the
+/// checkpoint (everything before it must survive).
+fn small_log(dir: &Path, tail_records: u64) -> (PathBuf, u64) {
+    let wal = Wal::open(config(dir)).expect("open");
+    for index in 1..=5 {
+        append_entries(&wal, 1, entries(index, 1, 1, "synced"));
+    }
+    drop(wal);
+    let segment = segment_files(dir).pop().expect("segment");
+    let checkpoint = fs::metadata(&segment).expect("stat").len();
+    let wal = Wal::open(config(dir)).expect("open");
+    for index in 6..6 + tail_records {
+        append_entries(&wal, 1, entries(index, 1, 1, "tail"));
+    }
+    (segment, checkpoint)
+}
+
+fn check_recovers_synced_prefix(dir: &Path) {
+    match Wal::open(config(dir)) {
+        Ok(wal) => {
+            let recovered = all_entries(&wal, 1);
+            assert!(
+                recovered.len() >= 5,
+                "lost synced entries: {}",
+                recovered.len()
+            );
+            let mut expected = entries(1, 5, 1, "synced");
+            expected.extend(entries(6, recovered.len() as u64 - 5, 1, "tail"));
+            assert_eq!(
+                recovered, expected,
+                "recovered something that is not a prefix"
+            );
+        }
+        Err(Error::Corruption { segment, .. }) => assert!(segment.exists()),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+/// Truncation at every offset and a flipped byte at every offset of the
+/// tail written after the checkpoint: open recovers a prefix holding every
+/// record before the checkpoint, or reports corruption; never panics.
+#[test]
+fn damage_in_the_tail_recovers_a_prefix_or_reports_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (segment, checkpoint) = small_log(dir.path(), 3);
+    let good = fs::read(&segment).expect("read");
+    let work = tempfile::tempdir().expect("tempdir");
+    let target = work.path().join(segment.file_name().expect("name"));
+    for length in checkpoint..good.len() as u64 {
+        fs::write(&target, &good[..length as usize]).expect("write");
+        check_recovers_synced_prefix(work.path());
+        fs::remove_dir_all(work.path()).expect("clean");
+        fs::create_dir_all(work.path()).expect("mkdir");
+    }
+    for position in checkpoint as usize..good.len() {
+        let mut bad = good.clone();
+        bad[position] ^= 0x5A;
+        fs::write(&target, &bad).expect("write");
+        check_recovers_synced_prefix(work.path());
+        fs::remove_dir_all(work.path()).expect("clean");
+        fs::create_dir_all(work.path()).expect("mkdir");
+    }
+}
+
+/// A damaged record followed by valid ones is corruption: open fails and
+/// names the file and the offset, instead of skipping it.
+#[test]
+fn damage_before_valid_records_is_reported_with_file_and_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (segment, _) = small_log(dir.path(), 3);
+    let mut bytes = fs::read(&segment).expect("read");
+    let damaged_at = 32 + 20 + 3; // Inside the body of the first record.
+    bytes[damaged_at] ^= 0xFF;
+    fs::write(&segment, &bytes).expect("write");
+    match Wal::open(config(dir.path())) {
+        Err(Error::Corruption {
+            segment: file,
+            offset,
+            reason,
+        }) => {
+            assert_eq!(file, segment);
+            assert_eq!(offset, 32);
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(_) => panic!("opened a corrupt log"),
+    }
+}
+
+/// A segment header that is not ours is refused with the file named.
+#[test]
+fn a_foreign_segment_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (segment, _) = small_log(dir.path(), 0);
+    let mut bytes = fs::read(&segment).expect("read");
+    bytes[8] = 9; // Version.
+    fs::write(&segment, &bytes).expect("write");
+    let error = Wal::open(config(dir.path())).err().expect("refused");
+    assert!(
+        error.to_string().contains(&segment.display().to_string()),
+        "{error}"
+    );
+}
