@@ -26,6 +26,9 @@ pub enum RecordType {
     Compaction = 4,
     /// The group is gone.
     GroupRemoved = 5,
+    /// The group's live state was rewritten from the given position on;
+    /// its records before that position are dead.
+    Rewritten = 6,
 }
 
 impl RecordType {
@@ -37,6 +40,7 @@ impl RecordType {
             3 => Some(RecordType::Snapshot),
             4 => Some(RecordType::Compaction),
             5 => Some(RecordType::GroupRemoved),
+            6 => Some(RecordType::Rewritten),
             _ => None,
         }
     }

@@ -139,6 +139,8 @@ impl GroupState {
                 self.compacted_segment = Some(segment);
             }
             Record::GroupRemoved => *self = GroupState::default(),
+            // Replay uses it to skip dead records; the state is already whole.
+            Record::Rewritten { .. } => {}
         }
         self.assert_invariants();
         Ok(())
@@ -287,13 +289,21 @@ impl Index {
             .min()
     }
 
-    /// Groups that still need `segment`.
-    pub fn groups_pinning(&self, segment: u64) -> Vec<u64> {
-        let mut groups: Vec<u64> = self
+    /// Groups that still need `segment`, with the bytes of their live
+    /// entries records.
+    pub fn groups_pinning(&self, segment: u64) -> Vec<(u64, u64)> {
+        let mut groups: Vec<(u64, u64)> = self
             .groups
             .iter()
             .filter(|(_, state)| state.oldest_segment_needed() == Some(segment))
-            .map(|(group, _)| *group)
+            .map(|(group, state)| {
+                let live_bytes = state
+                    .spans
+                    .iter()
+                    .map(|span| span.location.body_len as u64)
+                    .sum();
+                (*group, live_bytes)
+            })
             .collect();
         groups.sort_unstable();
         groups

@@ -33,6 +33,14 @@ pub enum Record {
     },
     /// The group is gone.
     GroupRemoved,
+    /// The group's live state was rewritten starting at this position;
+    /// every earlier record of the group is dead.
+    Rewritten {
+        /// Segment of the first rewritten record.
+        segment: u64,
+        /// Offset of the first rewritten record.
+        offset: u64,
+    },
 }
 
 impl Record {
@@ -44,6 +52,7 @@ impl Record {
             Record::Snapshot { .. } => RecordType::Snapshot,
             Record::Compaction { .. } => RecordType::Compaction,
             Record::GroupRemoved => RecordType::GroupRemoved,
+            Record::Rewritten { .. } => RecordType::Rewritten,
         }
     }
 
@@ -67,6 +76,10 @@ impl Record {
                 out.extend_from_slice(&term.0.to_le_bytes());
             }
             Record::GroupRemoved => {}
+            Record::Rewritten { segment, offset } => {
+                out.extend_from_slice(&segment.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+            }
         }
     }
 
@@ -110,6 +123,13 @@ impl Record {
             RecordType::GroupRemoved => {
                 expect_len(body, 0)?;
                 Ok(Record::GroupRemoved)
+            }
+            RecordType::Rewritten => {
+                expect_len(body, 16)?;
+                Ok(Record::Rewritten {
+                    segment: read_u64(body, 0),
+                    offset: read_u64(body, 8),
+                })
             }
         }
     }
@@ -238,6 +258,10 @@ mod tests {
             term: Term(6),
         });
         round_trip(Record::GroupRemoved);
+        round_trip(Record::Rewritten {
+            segment: 9,
+            offset: 4096,
+        });
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct WalConfig {
     /// When more than this many segments follow the oldest one, the groups
     /// pinning it are rewritten forward. Default 4.
     pub rewrite_after_segments: u64,
+    /// Only groups whose live records take at most this many bytes are
+    /// rewritten; a larger group must be compacted by its owner. Default
+    /// 1 MiB.
+    pub rewrite_group_bytes_max: u64,
 }
 
 impl WalConfig {
@@ -84,6 +88,7 @@ impl WalConfig {
             sync_mode: SyncMode::Fdatasync,
             cache_bytes_max: 64 * 1024 * 1024,
             rewrite_after_segments: 4,
+            rewrite_group_bytes_max: 1024 * 1024,
         }
     }
 
@@ -101,6 +106,9 @@ impl WalConfig {
         }
         if self.queue_requests_max == 0 {
             return Err(invalid("queue_requests_max", "must be at least 1"));
+        }
+        if self.rewrite_group_bytes_max == 0 {
+            return Err(invalid("rewrite_group_bytes_max", "must be at least 1"));
         }
         if self.rewrite_after_segments == 0 {
             return Err(invalid("rewrite_after_segments", "must be at least 1"));
@@ -496,6 +504,8 @@ struct Floor {
     removed_at: Option<Position>,
     /// The last installed snapshot after that: entries before it are dead.
     installed_at: Option<Position>,
+    /// Where the last rewrite of the group starts: records before it are dead.
+    rewritten_from: Option<Position>,
     /// The highest compaction point (or install) after the removal, with
     /// its term and the segment of the record that set it.
     floor: Option<(LogIndex, Term, u64)>,
@@ -601,6 +611,13 @@ fn first_pass(
                     ..Floor::default()
                 }
             }
+            RecordType::Rewritten => {
+                if let Record::Rewritten { segment, offset } = decode_at(&path, &bytes, raw)? {
+                    let from = (segment, offset);
+                    floor.rewritten_from = floor.rewritten_from.max(Some(from));
+                    floor.installed_at = floor.installed_at.filter(|installed| *installed >= from);
+                }
+            }
             RecordType::Snapshot | RecordType::Compaction => match decode_at(&path, &bytes, raw)? {
                 Record::Snapshot {
                     meta,
@@ -648,7 +665,9 @@ fn second_pass(
     for raw in &records {
         let position = (sequence, raw.offset);
         let floor = floors.get(&raw.group).copied().unwrap_or_default();
-        if floor.removed_at.is_some_and(|removed| position <= removed) {
+        let dead = floor.removed_at.is_some_and(|removed| position <= removed)
+            || floor.rewritten_from.is_some_and(|from| position < from);
+        if dead {
             continue;
         }
         let mut record = decode_at(&path, &bytes, raw)?;
@@ -958,12 +977,7 @@ impl Writer {
     /// Writes `buffer` at the end of the active segment (rolling first if it
     /// would not fit) and makes it durable. Returns where it starts.
     fn write_durably(&mut self, buffer: &[u8]) -> Result<u64> {
-        let header = SEGMENT_HEADER_BYTES as u64;
-        let full = self.active.size_bytes + buffer.len() as u64
-            > self.shared.config.segment_size_bytes_max;
-        if full && self.active.size_bytes > header {
-            self.active = create_segment(&self.shared, self.active.sequence + 1)?;
-        }
+        self.make_room(buffer.len() as u64)?;
         let path = segment_path(&self.shared.config.dir, self.active.sequence);
         self.active
             .file
@@ -987,6 +1001,17 @@ impl Writer {
             .bytes_written
             .fetch_add(buffer.len() as u64, Ordering::Relaxed);
         Ok(base)
+    }
+
+    /// Rolls to a new segment if `size_bytes` would not fit in the active
+    /// one (unless it is empty: an oversized batch gets its own segment).
+    fn make_room(&mut self, size_bytes: u64) -> Result<()> {
+        let header = SEGMENT_HEADER_BYTES as u64;
+        let full = self.active.size_bytes + size_bytes > self.shared.config.segment_size_bytes_max;
+        if full && self.active.size_bytes > header {
+            self.active = create_segment(&self.shared, self.active.sequence + 1)?;
+        }
+        Ok(())
     }
 
     /// Points the index at the durable records and caches fresh entries.
@@ -1032,7 +1057,15 @@ impl Writer {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .groups_pinning(oldest);
-        for group in pinning {
+        // Rewrite only small groups, and at most a quarter segment per pass,
+        // so that rewriting never feeds on itself.
+        let mut budget_bytes = self.shared.config.segment_size_bytes_max / 4;
+        for (group, live_bytes) in pinning {
+            if live_bytes > self.shared.config.rewrite_group_bytes_max || live_bytes > budget_bytes
+            {
+                continue;
+            }
+            budget_bytes -= live_bytes;
             self.rewrite_group(group)?;
         }
         self.delete_unneeded_segments()
@@ -1112,6 +1145,14 @@ impl Writer {
         for record in records {
             push_record(group, record, &mut buffer, &mut encoded);
         }
+        // The marker goes last, in the same write: a torn rewrite leaves
+        // only duplicates, never a group whose old records are declared dead.
+        self.make_room((buffer.len() + RECORD_HEADER_BYTES + 16) as u64)?;
+        let start = Record::Rewritten {
+            segment: self.active.sequence,
+            offset: self.active.size_bytes,
+        };
+        push_record(group, start, &mut buffer, &mut encoded);
         let base = self.write_durably(&buffer)?;
         let done: Done = Box::new(|_| {});
         self.publish(&[(done, encoded)], base);

@@ -25,6 +25,7 @@ fn entries(first: u64, count: u64, term: u64, tag: &str) -> Vec<Entry> {
 fn config(dir: &Path) -> WalConfig {
     let mut config = WalConfig::new(dir);
     config.segment_size_bytes_max = 64 * 1024;
+    config.rewrite_group_bytes_max = 1024;
     config
 }
 
