@@ -359,12 +359,7 @@ impl Sim {
         let lost = self.blocked.contains(&(message.from, message.to))
             || (self.chaos && self.rng.chance(self.options.drop_per_mille, 1000));
         if lost {
-            // The transport reports a failed snapshot stream, as a real one does.
-            if let MessageBody::Snapshot { .. } = message.body {
-                if let Some(sender) = self.node_mut(message.from) {
-                    sender.report_snapshot(message.to, false);
-                }
-            }
+            self.report_lost_snapshot(&message);
             return;
         }
         let copies = if self.chaos && self.rng.chance(self.options.duplicate_per_mille, 1000) {
@@ -389,6 +384,15 @@ impl Sim {
         }
     }
 
+    /// The transport reports a failed snapshot stream, as a real one does.
+    fn report_lost_snapshot(&mut self, message: &Message) {
+        if let MessageBody::Snapshot { .. } = message.body {
+            if let Some(sender) = self.node_mut(message.from) {
+                sender.report_snapshot(message.to, false);
+            }
+        }
+    }
+
     fn deliver_due_messages(&mut self) {
         while let Some(Reverse((at, _, key))) = self.network.peek().copied() {
             if at > self.now {
@@ -399,6 +403,7 @@ impl Sim {
                 continue;
             };
             if self.blocked.contains(&(message.from, message.to)) {
+                self.report_lost_snapshot(&message);
                 continue;
             }
             let to = message.to;
