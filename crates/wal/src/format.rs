@@ -92,19 +92,31 @@ pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<(), HeaderPro
 
 /// Appends one framed record to `out`.
 pub fn encode_record(kind: RecordType, group: u64, body: &[u8], out: &mut Vec<u8>) {
+    encode_record_with(kind, group, out, |out| out.extend_from_slice(body));
+}
+
+/// Appends one framed record to `out`, its body written in place by
+/// `write_body` (no intermediate buffer); the header is filled in after.
+pub fn encode_record_with(
+    kind: RecordType,
+    group: u64,
+    out: &mut Vec<u8>,
+    write_body: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
+    write_body(out);
+    let body_len = out.len() - start - RECORD_HEADER_BYTES;
     assert!(
-        body.len() as u64 <= RECORD_BODY_BYTES_MAX as u64,
+        body_len as u64 <= RECORD_BODY_BYTES_MAX as u64,
         "record body too large"
     );
-    let start = out.len();
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.push(kind as u8);
-    out.extend_from_slice(&[0, 0, 0]);
-    out.extend_from_slice(&group.to_le_bytes());
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[start + 4] = kind as u8;
+    out[start + 8..start + 16].copy_from_slice(&group.to_le_bytes());
     let mut crc = crc32c::crc32c(&out[start..start + 16]);
-    crc = crc32c::crc32c_append(crc, body);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(body);
+    crc = crc32c::crc32c_append(crc, &out[start + RECORD_HEADER_BYTES..]);
+    out[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// One record found by [`scan_segment`].

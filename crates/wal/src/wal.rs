@@ -30,7 +30,7 @@ use regatta_raft::{Entry, HardState, LogIndex, SnapshotMeta, Term};
 use crate::cache::RecordCache;
 use crate::error::{Error, Result};
 use crate::format::{
-    check_segment_header, encode_record, encode_segment_header, scan_segment, HeaderProblem,
+    check_segment_header, encode_record_with, encode_segment_header, scan_segment, HeaderProblem,
     RawRecord, RecordType, SegmentEnd, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 use crate::index::{GroupState, Index, Location};
@@ -250,8 +250,14 @@ struct Request {
     done: Done,
 }
 
+/// Batches with at most this many requests are answered on the writer
+/// thread itself.
+const INLINE_ANSWERS_MAX: usize = 2;
+
 #[derive(Default)]
 struct Counters {
+    /// Batches of answers handed to the completion thread, not yet run.
+    completions_queued: AtomicU64,
     requests: AtomicU64,
     batches: AtomicU64,
     fsyncs: AtomicU64,
@@ -318,10 +324,27 @@ impl Wal {
         });
         let active = Writer::open_active(&shared)?;
         let (sender, receiver) = mpsc::sync_channel(shared.config.queue_requests_max);
+        let (completions, completion_receiver) = mpsc::channel::<Vec<(Done, Result<()>)>>();
+        let completer_shared = Arc::clone(&shared);
+        let completer = std::thread::Builder::new()
+            .name("regatta-wal-completer".into())
+            .spawn(move || {
+                for answers in completion_receiver {
+                    for (done, result) in answers {
+                        done(result);
+                    }
+                    let counters = &completer_shared.counters;
+                    counters.completions_queued.fetch_sub(1, Ordering::AcqRel);
+                }
+            })
+            .map_err(|e| Error::io("spawn the WAL completion thread", e))?;
         let writer_shared = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
             .name("regatta-wal-writer".into())
-            .spawn(move || Writer::new(writer_shared, active).run(receiver))
+            .spawn(move || {
+                Writer::new(writer_shared, active, completions).run(receiver);
+                let _ = completer.join();
+            })
             .map_err(|e| Error::io("spawn the WAL writer thread", e))?;
         Ok(Wal {
             shared,
@@ -844,11 +867,21 @@ struct Encoded {
 struct Writer {
     shared: Arc<Shared>,
     active: ActiveSegment,
+    /// Acknowledgements go to the completion thread, batch by batch.
+    completions: mpsc::Sender<Vec<(Done, Result<()>)>>,
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, active: ActiveSegment) -> Writer {
-        Writer { shared, active }
+    fn new(
+        shared: Arc<Shared>,
+        active: ActiveSegment,
+        completions: mpsc::Sender<Vec<(Done, Result<()>)>>,
+    ) -> Writer {
+        Writer {
+            shared,
+            active,
+            completions,
+        }
     }
 
     /// Opens the last segment for appending, or creates the first one.
@@ -875,6 +908,8 @@ impl Writer {
         }
     }
 
+    /// Runs until every sender is gone; dropping `self` at the end closes
+    /// the completion channel, so the completion thread drains and exits.
     fn run(mut self, receiver: Receiver<Request>) {
         while let Ok(first) = receiver.recv() {
             let requests = self.collect_batch(first, &receiver);
@@ -927,11 +962,18 @@ impl Writer {
             .map(|reason| Error::Failed { reason })
     }
 
+    /// Writes one batch and hands its acknowledgements to the completion
+    /// thread, in request order, so that the next write and fsync can start
+    /// while the callers of this one are being woken.
     fn write_batch(&mut self, requests: Vec<Request>) {
+        let mut answers: Vec<(Done, Result<()>)> = Vec::with_capacity(requests.len());
         if let Some(error) = self.failed() {
-            for request in requests {
-                (request.done)(Err(error.clone()));
-            }
+            answers.extend(
+                requests
+                    .into_iter()
+                    .map(|request| (request.done, Err(error.clone()))),
+            );
+            self.complete(answers);
             return;
         }
         let mut buffer = Vec::new();
@@ -942,34 +984,60 @@ impl Writer {
             for request in requests {
                 match view.encode(&request.batch, &mut buffer) {
                     Ok(encoded) => accepted.push((request.done, encoded)),
-                    Err(error) => (request.done)(Err(error)),
+                    Err(error) => answers.push((request.done, Err(error))),
                 }
             }
         }
-        if buffer.is_empty() {
-            // Nothing to write (empty batches, barriers): no fsync needed.
-            for (done, _) in accepted {
-                done(Ok(()));
-            }
-            return;
-        }
-        match self.write_durably(&buffer) {
-            Ok(base) => {
-                self.publish(&accepted, base);
-                self.shared
-                    .counters
+        // An empty buffer (empty batches, barriers) needs no write or fsync.
+        let written = if buffer.is_empty() {
+            Ok(())
+        } else {
+            self.write_durably(&buffer)
+                .map(|base| self.publish(&accepted, base))
+        };
+        let result = match written {
+            Ok(()) => {
+                let counters = &self.shared.counters;
+                counters
                     .requests
                     .fetch_add(accepted.len() as u64, Ordering::Relaxed);
-                for (done, _) in accepted {
-                    done(Ok(()));
-                }
+                Ok(())
             }
             Err(error) => {
                 self.fail(error.to_string());
-                let error = self.failed().unwrap_or(error);
-                for (done, _) in accepted {
-                    done(Err(error.clone()));
-                }
+                Err(self.failed().unwrap_or(error))
+            }
+        };
+        answers.extend(accepted.into_iter().map(|(done, _)| (done, result.clone())));
+        self.complete(answers);
+    }
+
+    fn complete(&self, answers: Vec<(Done, Result<()>)>) {
+        // A lone caller is answered here: a thread hop would only add
+        // latency. Only when no earlier answers are queued, to keep order.
+        let queued = self
+            .shared
+            .counters
+            .completions_queued
+            .load(Ordering::Acquire);
+        if answers.len() <= INLINE_ANSWERS_MAX && queued == 0 {
+            for (done, result) in answers {
+                done(result);
+            }
+            return;
+        }
+        self.shared
+            .counters
+            .completions_queued
+            .fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(answers)) = self.completions.send(answers) {
+            self.shared
+                .counters
+                .completions_queued
+                .fetch_sub(1, Ordering::AcqRel);
+            // The completion thread is gone (only at shutdown): answer here.
+            for (done, result) in answers {
+                done(result);
             }
         }
     }
@@ -1165,13 +1233,11 @@ impl Writer {
 }
 
 fn push_record(group: u64, record: Record, buffer: &mut Vec<u8>, encoded: &mut Encoded) {
-    let mut body = Vec::new();
-    record.encode_body(&mut body);
-    let body_offset = (buffer.len() + RECORD_HEADER_BYTES) as u64;
-    encode_record(record.kind(), group, &body, buffer);
-    encoded
-        .records
-        .push((group, record, body_offset, body.len() as u32));
+    let start = buffer.len();
+    let body_offset = (start + RECORD_HEADER_BYTES) as u64;
+    encode_record_with(record.kind(), group, buffer, |out| record.encode_body(out));
+    let body_len = (buffer.len() - start - RECORD_HEADER_BYTES) as u32;
+    encoded.records.push((group, record, body_offset, body_len));
 }
 
 fn create_segment(shared: &Shared, sequence: u64) -> Result<ActiveSegment> {
