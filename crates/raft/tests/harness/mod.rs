@@ -960,7 +960,14 @@ impl Sim {
         self.chaos = false;
         self.blocked.clear();
         self.heal_partition_at = None;
+        // Restart every crashed node first: the membership must be judged
+        // from every node's disk, not from whichever happened to be up.
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in &ids {
+            if self.nodes[id].raft.is_none() && self.nodes[id].restart_at.is_some() {
+                self.restart(*id);
+            }
+        }
         let membership = self.latest_membership();
         for id in ids {
             let node = &self.nodes[&id];
@@ -972,14 +979,9 @@ impl Sim {
                 !knows_removed && membership.as_ref().map(|m| m.contains(id)).unwrap_or(true);
             if !is_member {
                 // Shutdown-on-remove: a removed node stops.
-                if let Some(raft) = self.nodes.get_mut(&id).and_then(|n| n.raft.take()) {
-                    drop(raft);
-                }
-                self.nodes.get_mut(&id).expect("node exists").restart_at = None;
-                continue;
-            }
-            if node.raft.is_none() {
-                self.restart(id);
+                let node = self.nodes.get_mut(&id).expect("node exists");
+                node.raft = None;
+                node.restart_at = None;
             }
         }
         self.log(|| "healed".to_string());
