@@ -23,5 +23,31 @@ mod snapshot;
 mod wal;
 
 pub use error::{Error, Result};
+
+/// Reads `bytes` as segment `sequence` would be read at open: header check,
+/// record scan, body decode. Returns the number of valid records. For the
+/// fuzz target and tests; never panics, whatever the bytes.
+#[doc(hidden)]
+pub fn read_segment_bytes(bytes: &[u8], sequence: u64) -> Result<usize> {
+    let corrupt = |offset: u64, reason: String| Error::Corruption {
+        segment: std::path::PathBuf::from("<bytes>"),
+        offset,
+        reason,
+    };
+    if let Err(problem) = format::check_segment_header(bytes, sequence) {
+        return Err(corrupt(0, format!("bad segment header: {problem:?}")));
+    }
+    let bytes = bytes::Bytes::copy_from_slice(bytes);
+    let scan = format::scan_segment(&bytes);
+    for raw in &scan.records {
+        let end = (raw.body_offset + raw.body_len as u64) as usize;
+        let body = bytes.slice(raw.body_offset as usize..end);
+        record::Record::decode(raw.kind, &body).map_err(|reason| corrupt(raw.offset, reason))?;
+    }
+    match scan.end {
+        format::SegmentEnd::Corrupt { offset, reason } => Err(corrupt(offset, reason)),
+        _ => Ok(scan.records.len()),
+    }
+}
 pub use snapshot::{SnapshotFile, SnapshotStore, SnapshotWriter};
 pub use wal::{GroupId, SyncMode, Update, Wal, WalConfig, WalStats, WriteBatch};
