@@ -6,7 +6,8 @@
 //! ready; appends to one group are ordered by a per-group lock, as a
 //! group's readies are.
 //!
-//! `WAL_BENCH_SECONDS` sets the time per configuration (default 2).
+//! `WAL_BENCH_SECONDS` sets the time per configuration (default 2);
+//! `WAL_BENCH_ONLY=size,groups,writers` (e.g. `64,16,64`) runs one row.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -21,11 +22,14 @@ use regatta_wal::{GroupId, Wal, WalConfig, WriteBatch};
 
 fn bench_dir(name: &str) -> PathBuf {
     // Under target/: the same disk as the data, never a tmpfs.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("wal-bench")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("wal-bench");
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join(name);
     std::fs::create_dir_all(&dir).expect("bench dir");
+    // Let the deletions (TRIM on a `discard` mount) and the previous row's
+    // writeback finish, so that they do not land in this row's timing.
+    let _ = std::process::Command::new("sync").status();
+    std::thread::sleep(Duration::from_millis(1500));
     dir
 }
 
@@ -130,6 +134,85 @@ fn wal_appends(groups: u64, writers: u64, size: usize, duration: Duration) -> (M
     )
 }
 
+/// 64 logical writers, each with one append outstanding, resubmitting from
+/// the completion callback: how an async runtime drives the log, without an
+/// OS thread (and its context switches) per writer.
+fn wal_appends_callback_driven(
+    groups: u64,
+    writers: u64,
+    size: usize,
+    duration: Duration,
+) -> (Measured, u64) {
+    struct Driver {
+        wal: Wal,
+        next_index: Vec<Mutex<u64>>,
+        payload: Bytes,
+        groups: u64,
+        writers: u64,
+        deadline: Instant,
+        operations: AtomicU64,
+        finished: Mutex<u64>,
+        all_finished: std::sync::Condvar,
+    }
+    fn submit(driver: Arc<Driver>, writer: u64, turn: u64) {
+        let group = turn % driver.groups;
+        let mut next = driver.next_index[group as usize].lock().expect("lock");
+        let entry = Entry {
+            term: Term(1),
+            index: LogIndex(*next),
+            payload: EntryPayload::Normal(driver.payload.clone()),
+        };
+        *next += 1;
+        let mut batch = WriteBatch::new();
+        batch.entries(GroupId(group + 1), vec![entry]);
+        let again = Arc::clone(&driver);
+        driver.wal.submit(batch, move |result| {
+            result.expect("durable");
+            again.operations.fetch_add(1, Ordering::Relaxed);
+            if Instant::now() < again.deadline {
+                let next_turn = turn + again.writers;
+                submit(again, writer, next_turn);
+            } else {
+                *again.finished.lock().expect("lock") += 1;
+                again.all_finished.notify_all();
+            }
+        });
+        drop(next);
+    }
+    let dir = bench_dir(&format!("wal-callback-{groups}-{writers}-{size}"));
+    let start = Instant::now();
+    let driver = Arc::new(Driver {
+        wal: Wal::open(WalConfig::new(&dir)).expect("open"),
+        next_index: (0..groups).map(|_| Mutex::new(1)).collect(),
+        payload: Bytes::from(vec![0x5Au8; size]),
+        groups,
+        writers,
+        deadline: start + duration,
+        operations: AtomicU64::new(0),
+        finished: Mutex::new(0),
+        all_finished: std::sync::Condvar::new(),
+    });
+    for writer in 0..writers {
+        submit(Arc::clone(&driver), writer, writer);
+    }
+    let mut finished = driver.finished.lock().expect("lock");
+    while *finished < writers {
+        finished = driver.all_finished.wait(finished).expect("wait");
+    }
+    drop(finished);
+    let seconds = start.elapsed().as_secs_f64();
+    let operations = driver.operations.load(Ordering::Relaxed);
+    let fsyncs = driver.wal.stats().fsyncs;
+    (
+        Measured {
+            operations,
+            bytes: operations * size as u64,
+            seconds,
+        },
+        fsyncs,
+    )
+}
+
 fn main() {
     // `cargo test --benches` runs bench binaries with `--bench` absent: skip.
     if !std::env::args().any(|argument| argument == "--bench") {
@@ -140,6 +223,22 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let duration = Duration::from_secs(seconds);
+    let only: Option<(usize, u64, u64)> = std::env::var("WAL_BENCH_ONLY").ok().and_then(|value| {
+        let parts: Vec<u64> = value
+            .split(',')
+            .filter_map(|part| part.parse().ok())
+            .collect();
+        (parts.len() == 3).then(|| (parts[0] as usize, parts[1], parts[2]))
+    });
+    if let Some((size, groups, writers)) = only {
+        let (measured, fsyncs) = wal_appends(groups, writers, size, duration);
+        println!(
+            "{size} B, {groups} groups, {writers} writers: {:.0} appends/s, {:.1} per fsync",
+            measured.per_second(),
+            measured.operations as f64 / fsyncs.max(1) as f64
+        );
+        return;
+    }
     println!("| entry | groups | writers | appends/s | MB/s | appends per fsync | vs raw sync | vs 1 writer |");
     println!("|---|---|---|---|---|---|---|---|");
     for size in [64usize, 4096] {
@@ -165,6 +264,15 @@ fn main() {
                     rate / single,
                 );
             }
+            let (measured, fsyncs) = wal_appends_callback_driven(groups, 64, size, duration);
+            let rate = measured.per_second();
+            println!(
+                "| {size} B | {groups} | 64 callback-driven | {rate:.0} | {:.2} | {:.1} | {:.2} | {:.1}x |",
+                measured.megabytes_per_second(),
+                measured.operations as f64 / fsyncs.max(1) as f64,
+                rate / raw.per_second(),
+                rate / single,
+            );
         }
     }
 }
