@@ -154,7 +154,7 @@ fn wal_appends_callback_driven(
         finished: Mutex<u64>,
         all_finished: std::sync::Condvar,
     }
-    fn submit(driver: Arc<Driver>, writer: u64, turn: u64) {
+    fn submit(driver: Arc<Driver>, turn: u64) {
         let group = turn % driver.groups;
         let mut next = driver.next_index[group as usize].lock().expect("lock");
         let entry = Entry {
@@ -171,7 +171,7 @@ fn wal_appends_callback_driven(
             again.operations.fetch_add(1, Ordering::Relaxed);
             if Instant::now() < again.deadline {
                 let next_turn = turn + again.writers;
-                submit(again, writer, next_turn);
+                submit(again, next_turn);
             } else {
                 *again.finished.lock().expect("lock") += 1;
                 again.all_finished.notify_all();
@@ -193,7 +193,7 @@ fn wal_appends_callback_driven(
         all_finished: std::sync::Condvar::new(),
     });
     for writer in 0..writers {
-        submit(Arc::clone(&driver), writer, writer);
+        submit(Arc::clone(&driver), writer);
     }
     let mut finished = driver.finished.lock().expect("lock");
     while *finished < writers {
