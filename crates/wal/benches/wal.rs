@@ -7,7 +7,10 @@
 //! group's readies are.
 //!
 //! `WAL_BENCH_SECONDS` sets the time per configuration (default 2);
-//! `WAL_BENCH_ONLY=size,groups,writers` (e.g. `64,16,64`) runs one row.
+//! `WAL_BENCH_ONLY=size,groups,writers` (e.g. `64,16,64`) runs one row;
+//! `WAL_BENCH_PAIRED=1` alternates one writer and the raw loop over seven
+//! rounds per size and reports the medians (the fair single-writer ratio on
+//! a disk whose speed drifts).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -213,6 +216,28 @@ fn wal_appends_callback_driven(
     )
 }
 
+/// One writer against the raw loop, alternated over several rounds so that
+/// the disk's drift hits both alike: returns the medians of raw appends/s,
+/// WAL appends/s and their ratio.
+fn paired_single_writer(size: usize, groups: u64, rounds: usize) -> (f64, f64, f64) {
+    let slice = Duration::from_secs(1);
+    let mut raw = Vec::new();
+    let mut wal = Vec::new();
+    let mut ratios = Vec::new();
+    for _ in 0..rounds {
+        let raw_rate = raw_sync_loop(size, slice).per_second();
+        let wal_rate = wal_appends(groups, 1, size, slice).0.per_second();
+        raw.push(raw_rate);
+        wal.push(wal_rate);
+        ratios.push(wal_rate / raw_rate);
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(|a, b| a.total_cmp(b));
+        values[values.len() / 2]
+    };
+    (median(&mut raw), median(&mut wal), median(&mut ratios))
+}
+
 fn main() {
     // `cargo test --benches` runs bench binaries with `--bench` absent: skip.
     if !std::env::args().any(|argument| argument == "--bench") {
@@ -237,6 +262,15 @@ fn main() {
             measured.per_second(),
             measured.operations as f64 / fsyncs.max(1) as f64
         );
+        return;
+    }
+    if std::env::var("WAL_BENCH_PAIRED").is_ok() {
+        println!("| entry | raw appends/s (median) | WAL 1 writer appends/s (median) | median of paired ratios |");
+        println!("|---|---|---|---|");
+        for size in [64usize, 4096] {
+            let (raw, wal, ratio) = paired_single_writer(size, 16, 7);
+            println!("| {size} B | {raw:.0} | {wal:.0} | {ratio:.2} |");
+        }
         return;
     }
     println!("| entry | groups | writers | appends/s | MB/s | appends per fsync | vs raw sync | vs 1 writer |");
