@@ -75,6 +75,11 @@ struct ReadTracker {
     pending: VecDeque<PendingRead>,
     /// Reads that arrived before the leader committed an entry of its term.
     waiting_for_commit: Vec<(ReadId, Option<NodeId>)>,
+    /// A TimeoutNow went out in this term. Its target may campaign at any
+    /// later moment (the message can sit in the network past the transfer's
+    /// abort), and that campaign bypasses stickiness: no lease holds for
+    /// the rest of the term. Reset with the rest of the tracker.
+    lease_revoked: bool,
 }
 
 /// Round start ticks kept for the lease; older rounds lose their lease.
@@ -1262,7 +1267,7 @@ impl<S: Storage> Raft<S> {
             .get(&from)
             .is_some_and(|p| p.match_index == self.log.last_index());
         if self.transfer.is_some_and(|(target, _)| target == from) && caught_up {
-            self.reply(from, MessageBody::TimeoutNow);
+            self.send_timeout_now(from);
         }
         self.maybe_auto_promote(from);
         Ok(())
@@ -1510,11 +1515,18 @@ impl<S: Storage> Raft<S> {
             .get(&target)
             .is_some_and(|p| p.match_index == self.log.last_index());
         if caught_up {
-            self.reply(target, MessageBody::TimeoutNow);
+            self.send_timeout_now(target);
         } else {
             self.send_append(target, true);
         }
         Ok(())
+    }
+
+    /// Tells a transfer's target to campaign now, which ends the lease for
+    /// this term (see `ReadTracker::lease_revoked`).
+    fn send_timeout_now(&mut self, target: NodeId) {
+        self.reads.lease_revoked = true;
+        self.reply(target, MessageBody::TimeoutNow);
     }
 
     fn abort_transfer(&mut self) {
@@ -1609,7 +1621,8 @@ impl<S: Storage> Raft<S> {
     }
 
     fn lease_valid(&self) -> bool {
-        if self.config.read_mode != ReadMode::LeaseBased || self.transfer.is_some() {
+        let revoked = self.transfer.is_some() || self.reads.lease_revoked;
+        if self.config.read_mode != ReadMode::LeaseBased || revoked {
             return false;
         }
         let Some(start_tick) = self.reads.quorum_acked_start_tick else {

@@ -880,6 +880,44 @@ mod client {
         );
     }
 
+    /// Found by the simulation (seed 3219282): once TimeoutNow has gone
+    /// out, its target may campaign at any time, past stickiness, even
+    /// after the transfer is aborted. The old leader must not serve lease
+    /// reads for the rest of the term; ReadIndex rounds still work.
+    #[test]
+    fn no_lease_reads_after_a_timeout_now_in_the_term() {
+        fn lease(config: &mut Config) {
+            config.read_mode = ReadMode::LeaseBased;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], lease);
+        c.tick_all(10);
+        c.elect(1);
+        c.tick_all(2);
+        c.read(1, 1).expect("leader");
+        assert_eq!(c.confirmed_reads(1).len(), 1, "the lease holds");
+        c.node(1).transfer_leader(n(2)).expect("started");
+        c.process(n(1));
+        // The TimeoutNow is lost (or merely delayed): the transfer aborts.
+        c.drop_queued(|message| message.body == MessageBody::TimeoutNow);
+        for _ in 0..12 {
+            c.tick(1);
+            c.settle();
+        }
+        assert_eq!(c.role(1), Role::Leader);
+        c.read(1, 2).expect("leader");
+        assert_eq!(
+            c.confirmed_reads(1).len(),
+            1,
+            "no lease read after TimeoutNow"
+        );
+        c.settle();
+        assert_eq!(
+            c.confirmed_reads(1).len(),
+            2,
+            "a ReadIndex round answers it"
+        );
+    }
+
     /// Thesis §3.10: leadership moves to the chosen node, catching it up
     /// first; proposals are refused meanwhile.
     #[test]

@@ -71,9 +71,29 @@ fn sim_five_voters_many_seeds() {
 fn sim_replay() {
     let seed = env_u64("SIM_SEED", 42);
     let voters = env_u64("SIM_VOTERS", 3);
-    let report = run_seed(SimOptions::from_seed(seed, voters));
+    let options = SimOptions::from_seed(seed, voters);
+    if std::env::var("SIM_VERBOSE").is_ok() {
+        println!("{options:?}");
+    }
+    let report = run_seed(options);
     println!(
         "seed {seed}: {} elections, {} applied, {} reads, {} messages",
         report.elections, report.applied, report.reads_answered, report.messages
     );
+}
+
+/// Seeds that once failed, kept as regression tests with what they found.
+#[test]
+fn sim_regressions() {
+    let cases = [
+        // A lease read on a leader that had sent TimeoutNow in its term.
+        (3_219_282, 3),
+        // A snapshot lost to a partition in flight went unreported.
+        (3_103_357, 3),
+        // A removal committed on the leader only; the survivor needed it.
+        (3_000_011, 3),
+    ];
+    for (seed, voters) in cases {
+        run_seed(SimOptions::from_seed(seed, voters));
+    }
 }
