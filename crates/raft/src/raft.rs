@@ -208,7 +208,14 @@ impl<S: Storage> Raft<S> {
     /// Finds the membership changes in the stored log.
     fn scan_membership_changes(&mut self) -> Result<()> {
         const SCAN_BATCH_BYTES: u64 = 4 * 1024 * 1024;
-        let mut next = self.log.first_index();
+        // Entries up to the snapshot are already in its membership; a
+        // storage may keep them (compaction can lag the snapshot).
+        let snapshot_index = self
+            .history
+            .first()
+            .map(|(index, _)| *index)
+            .unwrap_or_default();
+        let mut next = self.log.first_index().max(snapshot_index.next());
         let last_index = self.log.last_index();
         while next <= last_index {
             let batch = self
