@@ -216,26 +216,34 @@ fn wal_appends_callback_driven(
     )
 }
 
-/// One writer against the raw loop, alternated over several rounds so that
-/// the disk's drift hits both alike: returns the medians of raw appends/s,
-/// WAL appends/s and their ratio.
-fn paired_single_writer(size: usize, groups: u64, rounds: usize) -> (f64, f64, f64) {
+/// Bytes one single-entry append puts on disk: record header (20), entries
+/// header (12), entry header (12) and payload tag (1) around the payload.
+const RECORD_OVERHEAD_BYTES: usize = 45;
+
+/// One writer against two raw loops (the payload size, and the exact bytes
+/// the WAL writes per append), alternated over several rounds so that the
+/// disk's drift hits all alike. Returns the medians.
+fn paired_single_writer(size: usize, groups: u64, rounds: usize) -> [f64; 5] {
     let slice = Duration::from_secs(1);
-    let mut raw = Vec::new();
-    let mut wal = Vec::new();
-    let mut ratios = Vec::new();
+    let mut samples: [Vec<f64>; 5] = Default::default();
     for _ in 0..rounds {
-        let raw_rate = raw_sync_loop(size, slice).per_second();
-        let wal_rate = wal_appends(groups, 1, size, slice).0.per_second();
-        raw.push(raw_rate);
-        wal.push(wal_rate);
-        ratios.push(wal_rate / raw_rate);
+        let raw_payload = raw_sync_loop(size, slice).per_second();
+        let raw_record = raw_sync_loop(size + RECORD_OVERHEAD_BYTES, slice).per_second();
+        let wal = wal_appends(groups, 1, size, slice).0.per_second();
+        for (samples, value) in samples.iter_mut().zip([
+            raw_payload,
+            raw_record,
+            wal,
+            wal / raw_payload,
+            wal / raw_record,
+        ]) {
+            samples.push(value);
+        }
     }
-    let median = |values: &mut Vec<f64>| {
+    samples.map(|mut values| {
         values.sort_by(|a, b| a.total_cmp(b));
         values[values.len() / 2]
-    };
-    (median(&mut raw), median(&mut wal), median(&mut ratios))
+    })
 }
 
 fn main() {
@@ -265,11 +273,15 @@ fn main() {
         return;
     }
     if std::env::var("WAL_BENCH_PAIRED").is_ok() {
-        println!("| entry | raw appends/s (median) | WAL 1 writer appends/s (median) | median of paired ratios |");
-        println!("|---|---|---|---|");
+        println!("| entry | raw, payload size | raw, WAL record size | WAL, 1 writer | WAL / raw payload | WAL / raw record |");
+        println!("|---|---|---|---|---|---|");
         for size in [64usize, 4096] {
-            let (raw, wal, ratio) = paired_single_writer(size, 16, 7);
-            println!("| {size} B | {raw:.0} | {wal:.0} | {ratio:.2} |");
+            let [raw_payload, raw_record, wal, versus_payload, versus_record] =
+                paired_single_writer(size, 16, 7);
+            println!(
+                "| {size} B | {raw_payload:.0} ({size} B) | {raw_record:.0} ({} B) | {wal:.0} | {versus_payload:.2} | {versus_record:.2} |",
+                size + RECORD_OVERHEAD_BYTES
+            );
         }
         return;
     }
