@@ -1,13 +1,23 @@
 //! `regatta-multiraft`: runs many Raft groups on one node, sharing one WAL,
 //! one transport and one runtime. See `docs/multiraft.md` for the design.
 //!
-//! Built so far: [`GroupStorage`], the Raft storage of one group over the
-//! shared WAL, and [`wire`], the encoding of Raft messages between nodes
-//! (`docs/transport-format.md`).
+//! Built so far:
+//! - [`NodeHost`]: group actors on tokio with pipelined persistence through
+//!   the shared WAL and a separate apply task per group;
+//! - [`GroupStorage`]: the Raft storage of one group over the shared WAL;
+//! - [`wire`]: the encoding of Raft messages between nodes
+//!   (`docs/transport-format.md`);
+//! - [`LocalTransport`]: hosts of one process wired together, for tests.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod error;
+mod host;
 mod storage;
+mod transport;
 pub mod wire;
 
+pub use error::Error;
+pub use host::{HostConfig, NodeHost, StateMachine};
 pub use storage::GroupStorage;
+pub use transport::{LocalTransport, Transport};

@@ -283,6 +283,9 @@ struct Shared {
 
 /// The shared write-ahead log of a node.
 pub struct Wal {
+    /// Held for the life of the log: a second `Wal` on the same directory
+    /// (another process, or a forgotten instance) is refused.
+    _lock: File,
     shared: Arc<Shared>,
     sender: Option<SyncSender<Request>>,
     writer: Option<JoinHandle<()>>,
@@ -319,6 +322,19 @@ impl Wal {
                 sync_dir(parent)?;
             }
         }
+        let lock_path = config.dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Io {
+                context: format!("lock {}", lock_path.display()),
+                message: "the log is in use by another process or instance; stop it first".into(),
+            });
+        }
         let (index, segments) = replay(&config.dir)?;
         let shared = Arc::new(Shared {
             index: RwLock::new(index),
@@ -353,6 +369,7 @@ impl Wal {
             })
             .map_err(|e| Error::io("spawn the WAL writer thread", e))?;
         Ok(Wal {
+            _lock: lock,
             shared,
             sender: Some(sender),
             writer: Some(writer),

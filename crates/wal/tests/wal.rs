@@ -438,3 +438,15 @@ fn a_foreign_segment_is_refused() {
         "{error}"
     );
 }
+
+/// A second instance on the same directory is refused while the first is
+/// open, with a message that says what to do; after a close it opens.
+#[test]
+fn a_second_instance_on_one_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Wal::open(config(dir.path())).expect("open");
+    let error = Wal::open(config(dir.path())).err().expect("refused");
+    assert!(error.to_string().contains("in use"), "{error}");
+    first.close();
+    Wal::open(config(dir.path())).expect("reopen after close");
+}

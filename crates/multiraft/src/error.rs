@@ -1,0 +1,53 @@
+//! The one error type of `regatta-multiraft`.
+//!
+//! A request error (`NotLeader`, `Dropped`, `Timeout`, ...) fails one
+//! call; `GroupStopped` means the group's actor is gone (fatal storage
+//! error, or the group was removed).
+
+use regatta_raft::NodeId;
+use regatta_wal::GroupId;
+
+/// Errors of the multi-Raft runtime.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The group is not hosted on this node.
+    #[error("group {} is not hosted on this node", .0 .0)]
+    UnknownGroup(GroupId),
+    /// The group is already hosted.
+    #[error("group {} is already hosted on this node", .0 .0)]
+    GroupExists(GroupId),
+    /// This node is not the group's leader.
+    #[error("not the leader of group {}; {}", group.0, match leader_hint { Some(id) => format!("the leader is node {id}"), None => "no leader is known, retry after an election".to_string() })]
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// The leader this node believes in.
+        leader_hint: Option<NodeId>,
+    },
+    /// The proposal's entry was overwritten by a new leader, or the leader
+    /// stepped down before it committed: it was not applied.
+    #[error("group {}: the proposal was dropped before it committed; it was not applied", .0 .0)]
+    Dropped(GroupId),
+    /// The group's inbox is full; retry later.
+    #[error("group {}: too many requests queued (group_inbox_max); retry later", .0 .0)]
+    Busy(GroupId),
+    /// The consensus core refused the request.
+    #[error("group {}: {source}", group.0)]
+    Raft {
+        /// The group.
+        group: GroupId,
+        /// The core's error.
+        source: regatta_raft::Error,
+    },
+    /// The group's actor stopped (a fatal error, or the group was removed).
+    #[error("group {}: stopped: {reason}", group.0)]
+    GroupStopped {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+    /// The log failed.
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] regatta_wal::Error),
+}

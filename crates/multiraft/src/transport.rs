@@ -1,0 +1,82 @@
+//! How a node host hands Raft messages to other nodes. The TCP transport
+//! (`docs/transport-format.md`) is still to come; [`LocalTransport`]
+//! connects hosts in one process, for tests, with partitions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use regatta_raft::{Message, NodeId};
+use regatta_wal::GroupId;
+
+use crate::host::NodeHost;
+
+/// Delivers messages to other nodes; never blocks, may drop (Raft
+/// retransmits), and counts what it drops.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends messages of one group; each carries its receiver.
+    fn send(&self, group: GroupId, messages: Vec<Message>);
+}
+
+/// Hosts in one process, wired together directly.
+#[derive(Default)]
+pub struct LocalTransport {
+    hosts: RwLock<BTreeMap<NodeId, NodeHost>>,
+    blocked: Mutex<BTreeSet<(NodeId, NodeId)>>,
+}
+
+impl LocalTransport {
+    /// An empty network.
+    pub fn new() -> Arc<LocalTransport> {
+        Arc::new(LocalTransport::default())
+    }
+
+    /// Connects a host.
+    pub fn register(&self, id: NodeId, host: NodeHost) {
+        self.hosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, host);
+    }
+
+    /// Disconnects a host (a crash).
+    pub fn unregister(&self, id: NodeId) {
+        self.hosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Cuts both directions between two nodes.
+    pub fn cut(&self, a: NodeId, b: NodeId) {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        blocked.insert((a, b));
+        blocked.insert((b, a));
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+impl Transport for LocalTransport {
+    fn send(&self, group: GroupId, messages: Vec<Message>) {
+        let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        let blocked = self
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for message in messages {
+            if blocked.contains(&(message.from, message.to)) {
+                continue;
+            }
+            if let Some(host) = hosts.get(&message.to) {
+                host.deliver(group, message);
+            }
+        }
+    }
+}

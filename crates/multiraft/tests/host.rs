@@ -1,0 +1,174 @@
+//! Three node hosts in one process, wired by `LocalTransport`, each with
+//! its own WAL on disk: elect, replicate, read linearizably on a follower,
+//! crash a follower and restart it from its WAL alone, and refuse
+//! proposals on followers with the leader's id.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regatta_multiraft::{Error, HostConfig, LocalTransport, NodeHost, StateMachine, Transport};
+use regatta_raft::{LogIndex, NodeId, Role};
+use regatta_wal::{GroupId, Wal, WalConfig};
+
+const GROUP: GroupId = GroupId(7);
+
+/// A key-value map; commands are `key=value`, queries are keys.
+#[derive(Default)]
+struct KvMachine {
+    data: Arc<Mutex<BTreeMap<String, String>>>,
+    applied: LogIndex,
+}
+
+impl StateMachine for KvMachine {
+    fn apply(&mut self, index: LogIndex, command: &Bytes) -> Bytes {
+        let text = String::from_utf8_lossy(command);
+        let (key, value) = text.split_once('=').unwrap_or((&text, ""));
+        let previous = self
+            .data
+            .lock()
+            .expect("lock")
+            .insert(key.to_string(), value.to_string());
+        self.applied = index;
+        Bytes::from(previous.unwrap_or_default())
+    }
+
+    fn read(&self, query: &Bytes) -> Bytes {
+        let key = String::from_utf8_lossy(query).to_string();
+        Bytes::from(
+            self.data
+                .lock()
+                .expect("lock")
+                .get(&key)
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+
+    fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+}
+
+fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[NodeId]) -> NodeHost {
+    let mut config = HostConfig::new(NodeId(id));
+    config.tick_interval = Duration::from_millis(5);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+    let transport_handle: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(
+        config,
+        wal,
+        transport_handle,
+        tokio::runtime::Handle::current(),
+    );
+    host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
+        .expect("group");
+    transport.register(NodeId(id), host.clone());
+    host
+}
+
+async fn wait_for_leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for (id, host) in hosts {
+            if host.status(GROUP).await.expect("status").soft_state.role == Role::Leader {
+                return *id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no leader within 10 s");
+}
+
+async fn read_until(host: &NodeHost, key: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(value) = host
+            .read_linearizable(GROUP, Bytes::from(key.to_string()))
+            .await
+        {
+            if value == expected.as_bytes() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never read {key}={expected}",
+            host.node_id()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Elect, replicate through the host, read linearizably on followers,
+/// crash and restart a follower from its WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_elect_replicate_read_and_recover() {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let transport = LocalTransport::new();
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        hosts.insert(
+            id,
+            start_host(dirs[id as usize - 1].path(), id, &transport, &voters),
+        );
+    }
+    let leader = wait_for_leader(&hosts).await;
+    for i in 0..100 {
+        let previous = hosts[&leader]
+            .propose(GROUP, Bytes::from(format!("k{}=v{i}", i % 10)))
+            .await
+            .expect("commit");
+        let expected = if i >= 10 {
+            format!("v{}", i - 10)
+        } else {
+            String::new()
+        };
+        assert_eq!(
+            previous,
+            expected.as_bytes(),
+            "the proposer gets the state machine's result"
+        );
+    }
+    for host in hosts.values() {
+        read_until(host, "k9", "v99").await;
+    }
+
+    // A follower proposes: refused, naming the leader.
+    let follower = (1..=3).find(|id| *id != leader).expect("follower");
+    let error = hosts[&follower]
+        .propose(GROUP, Bytes::from_static(b"x=1"))
+        .await
+        .expect_err("not leader");
+    assert!(
+        matches!(error, Error::NotLeader { leader_hint: Some(hint), .. } if hint == NodeId(leader)),
+        "{error}"
+    );
+
+    // Stop the follower (its WAL stays on disk), write more, restart it.
+    transport.unregister(NodeId(follower));
+    let stopped = hosts.remove(&follower).expect("follower");
+    stopped.stop().await;
+    drop(stopped);
+    for i in 0..20 {
+        hosts[&leader]
+            .propose(GROUP, Bytes::from(format!("after=v{i}")))
+            .await
+            .expect("commit with 2 of 3");
+    }
+    let restarted = start_host(
+        dirs[follower as usize - 1].path(),
+        follower,
+        &transport,
+        &[],
+    );
+    read_until(&restarted, "after", "v19").await;
+    read_until(&restarted, "k9", "v99").await;
+    let status = restarted.status(GROUP).await.expect("status");
+    assert!(status.hard_state.commit >= LogIndex(121), "{status:?}");
+}
