@@ -165,7 +165,7 @@ impl NodeHost {
         config.id = self.inner.config.node_id;
         config.applied = state_machine.applied_index();
         config.initial_voters = initial_voters;
-        config.seed = config.seed ^ group.0.rotate_left(17);
+        config.seed ^= group.0.rotate_left(17);
         let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
