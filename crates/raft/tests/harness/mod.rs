@@ -666,7 +666,7 @@ impl Sim {
     // Faults and client operations.
 
     fn inject_faults(&mut self) {
-        if self.now % TICK_UNITS != 0 {
+        if !self.now.is_multiple_of(TICK_UNITS) {
             return;
         }
         if self.rng.chance(3, 10) {
