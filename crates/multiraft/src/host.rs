@@ -124,6 +124,20 @@ pub struct NodeHost {
     inner: Arc<HostInner>,
 }
 
+/// A reference to a host that does not keep it alive: what a transport
+/// holds, since the host holds the transport.
+#[derive(Clone)]
+pub struct WeakNodeHost {
+    inner: std::sync::Weak<HostInner>,
+}
+
+impl WeakNodeHost {
+    /// The host, if it still exists.
+    pub fn upgrade(&self) -> Option<NodeHost> {
+        self.inner.upgrade().map(|inner| NodeHost { inner })
+    }
+}
+
 impl NodeHost {
     /// A host persisting to `wal` and talking through `transport`; its
     /// tasks run on `runtime`.
@@ -141,6 +155,13 @@ impl NodeHost {
                 groups: RwLock::new(HashMap::new()),
                 runtime,
             }),
+        }
+    }
+
+    /// A reference that does not keep the host alive.
+    pub fn downgrade(&self) -> WeakNodeHost {
+        WeakNodeHost {
+            inner: Arc::downgrade(&self.inner),
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`GroupStorage`]: the Raft storage of one group over the shared WAL;
 //! - [`wire`]: the encoding of Raft messages between nodes
 //!   (`docs/transport-format.md`);
+//! - [`TcpTransport`]: the peer transport over TCP (no TLS yet);
 //! - [`LocalTransport`]: hosts of one process wired together, for tests.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -14,10 +15,12 @@
 mod error;
 mod host;
 mod storage;
+mod tcp;
 mod transport;
 pub mod wire;
 
 pub use error::Error;
-pub use host::{HostConfig, NodeHost, StateMachine};
+pub use host::{HostConfig, NodeHost, StateMachine, WeakNodeHost};
 pub use storage::GroupStorage;
+pub use tcp::{TcpConfig, TcpStats, TcpTransport};
 pub use transport::{LocalTransport, Transport};

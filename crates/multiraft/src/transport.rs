@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use regatta_raft::{Message, NodeId};
 use regatta_wal::GroupId;
 
-use crate::host::NodeHost;
+use crate::host::{NodeHost, WeakNodeHost};
 
 /// Delivers messages to other nodes; never blocks, may drop (Raft
 /// retransmits), and counts what it drops.
@@ -20,7 +20,7 @@ pub trait Transport: Send + Sync + 'static {
 /// Hosts in one process, wired together directly.
 #[derive(Default)]
 pub struct LocalTransport {
-    hosts: RwLock<BTreeMap<NodeId, NodeHost>>,
+    hosts: RwLock<BTreeMap<NodeId, WeakNodeHost>>,
     blocked: Mutex<BTreeSet<(NodeId, NodeId)>>,
 }
 
@@ -30,12 +30,12 @@ impl LocalTransport {
         Arc::new(LocalTransport::default())
     }
 
-    /// Connects a host.
-    pub fn register(&self, id: NodeId, host: NodeHost) {
+    /// Connects a host (held weakly: the host owns its transport).
+    pub fn register(&self, id: NodeId, host: &NodeHost) {
         self.hosts
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, host);
+            .insert(id, host.downgrade());
     }
 
     /// Disconnects a host (a crash).
@@ -74,7 +74,7 @@ impl Transport for LocalTransport {
             if blocked.contains(&(message.from, message.to)) {
                 continue;
             }
-            if let Some(host) = hosts.get(&message.to) {
+            if let Some(host) = hosts.get(&message.to).and_then(WeakNodeHost::upgrade) {
                 host.deliver(group, message);
             }
         }

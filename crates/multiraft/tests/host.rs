@@ -65,7 +65,7 @@ fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[No
     );
     host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
         .expect("group");
-    transport.register(NodeId(id), host.clone());
+    transport.register(NodeId(id), &host);
     host
 }
 

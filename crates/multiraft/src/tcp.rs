@@ -1,0 +1,345 @@
+//! The TCP peer transport (`docs/transport-format.md`): one outbound
+//! connection per peer carrying every group's messages, batched per flush;
+//! bounded queues that drop Raft messages (counted) rather than block;
+//! reconnect with capped exponential back-off; CRC-checked frames.
+//!
+//! Not built yet: TLS, and the separate snapshot connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use regatta_raft::{Message, NodeId};
+use regatta_wal::GroupId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::host::{NodeHost, WeakNodeHost};
+use crate::transport::Transport;
+use crate::wire::{decode_batch, encode_batch};
+
+const HANDSHAKE_MAGIC: &[u8; 8] = b"RGRAFTv1";
+const FORMAT_VERSION: u32 = 1;
+const HANDSHAKE_BYTES: usize = 28;
+const ANSWER_ACCEPTED: u8 = 0;
+const ANSWER_WRONG_CLUSTER: u8 = 1;
+const ANSWER_WRONG_VERSION: u8 = 2;
+const FRAME_MESSAGE_BATCH: u8 = 1;
+
+/// Configuration of the TCP transport. Every limit carries its unit.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// Peers refuse connections from another cluster.
+    pub cluster_id: u64,
+    /// Where to reach each peer.
+    pub peers: HashMap<NodeId, SocketAddr>,
+    /// Messages queued per peer; beyond, messages are dropped and counted.
+    /// Default 16,384.
+    pub peer_queue_messages_max: usize,
+    /// The largest frame sent or accepted. Default 64 MiB.
+    pub frame_bytes_max: u32,
+    /// First reconnect delay, doubled up to `reconnect_delay_max`.
+    /// Default 10 ms.
+    pub reconnect_delay_min: Duration,
+    /// Longest reconnect delay. Default 1 s.
+    pub reconnect_delay_max: Duration,
+}
+
+impl TcpConfig {
+    /// Defaults for `node_id` in `cluster_id`.
+    pub fn new(node_id: NodeId, cluster_id: u64) -> TcpConfig {
+        TcpConfig {
+            node_id,
+            cluster_id,
+            peers: HashMap::new(),
+            peer_queue_messages_max: 16_384,
+            frame_bytes_max: 64 * 1024 * 1024,
+            reconnect_delay_min: Duration::from_millis(10),
+            reconnect_delay_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters, for status and metrics.
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// Messages dropped because a peer's queue was full.
+    pub dropped_messages: AtomicU64,
+    /// Frames sent.
+    pub frames_sent: AtomicU64,
+    /// Messages sent.
+    pub messages_sent: AtomicU64,
+    /// Connections that failed or broke.
+    pub connection_failures: AtomicU64,
+    /// Frames refused (checksum, size, type, decoding).
+    pub frames_refused: AtomicU64,
+}
+
+/// The TCP transport of one node.
+pub struct TcpTransport {
+    config: TcpConfig,
+    queues: HashMap<NodeId, mpsc::Sender<(GroupId, Message)>>,
+    host: Arc<OnceLock<WeakNodeHost>>,
+    stats: Arc<TcpStats>,
+    /// Every task this transport spawned, for `shutdown`.
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpTransport {
+    /// Starts serving `listener` and connecting to the peers. Incoming
+    /// messages wait for [`TcpTransport::attach`] (they are dropped until a
+    /// host is attached, as if lost).
+    pub fn start(config: TcpConfig, listener: TcpListener) -> Arc<TcpTransport> {
+        let host: Arc<OnceLock<WeakNodeHost>> = Arc::new(OnceLock::new());
+        let stats = Arc::new(TcpStats::default());
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let mut queues = HashMap::new();
+        let mut spawned = Vec::new();
+        for (peer, address) in &config.peers {
+            if *peer == config.node_id {
+                continue;
+            }
+            let (sender, receiver) = mpsc::channel(config.peer_queue_messages_max);
+            queues.insert(*peer, sender);
+            let writer = tokio::spawn(peer_writer(
+                config.clone(),
+                *address,
+                receiver,
+                Arc::clone(&stats),
+            ));
+            spawned.push(writer.abort_handle());
+        }
+        let acceptor = accept_loop(
+            config.clone(),
+            listener,
+            Arc::clone(&host),
+            Arc::clone(&stats),
+            Arc::clone(&tasks),
+        );
+        spawned.push(tokio::spawn(acceptor).abort_handle());
+        tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(spawned);
+        Arc::new(TcpTransport {
+            config,
+            queues,
+            host,
+            stats,
+            tasks,
+        })
+    }
+
+    /// Hands incoming messages to `host` from now on. Held weakly: the
+    /// host owns the transport, not the other way round.
+    pub fn attach(&self, host: &NodeHost) {
+        let _ = self.host.set(host.downgrade());
+    }
+
+    /// Stops every task: the listener closes, connections drop (a crash,
+    /// as far as peers can tell).
+    pub fn shutdown(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &TcpStats {
+        &self.stats
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.config.node_id
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, group: GroupId, messages: Vec<Message>) {
+        for message in messages {
+            let Some(queue) = self.queues.get(&message.to) else {
+                continue;
+            };
+            if queue.try_send((group, message)).is_err() {
+                self.stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Sends one peer's queue: connect, handshake, then one frame per wake-up
+/// holding everything queued; on any failure, reconnect with back-off (the
+/// messages of a failed frame are lost; Raft retransmits).
+async fn peer_writer(
+    config: TcpConfig,
+    address: SocketAddr,
+    mut queue: mpsc::Receiver<(GroupId, Message)>,
+    stats: Arc<TcpStats>,
+) {
+    let mut delay = config.reconnect_delay_min;
+    let mut pending: Vec<(GroupId, Message)> = Vec::new();
+    loop {
+        let mut stream = match connect(&config, address).await {
+            Ok(stream) => {
+                delay = config.reconnect_delay_min;
+                stream
+            }
+            Err(_) => {
+                stats.connection_failures.fetch_add(1, Ordering::Relaxed);
+                // Do not let the queue fill with stale messages meanwhile.
+                while queue.try_recv().is_ok() {}
+                if queue.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(config.reconnect_delay_max);
+                continue;
+            }
+        };
+        loop {
+            if pending.is_empty() {
+                match queue.recv().await {
+                    Some(message) => pending.push(message),
+                    None => return,
+                }
+            }
+            while let Ok(message) = queue.try_recv() {
+                pending.push(message);
+            }
+            let frame = encode_frame(&pending);
+            let count = pending.len() as u64;
+            pending.clear();
+            if frame.len() > config.frame_bytes_max as usize + 9 {
+                stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
+                continue;
+            }
+            if stream.write_all(&frame).await.is_err() {
+                stats.connection_failures.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+            stats.messages_sent.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let mut handshake = Vec::with_capacity(HANDSHAKE_BYTES);
+    handshake.extend_from_slice(HANDSHAKE_MAGIC);
+    handshake.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    handshake.extend_from_slice(&config.cluster_id.to_le_bytes());
+    handshake.extend_from_slice(&config.node_id.0.to_le_bytes());
+    stream.write_all(&handshake).await?;
+    let answer = stream.read_u8().await?;
+    if answer != ANSWER_ACCEPTED {
+        return Err(std::io::Error::other(format!(
+            "peer refused the handshake ({answer})"
+        )));
+    }
+    Ok(stream)
+}
+
+fn encode_frame(messages: &[(GroupId, Message)]) -> Vec<u8> {
+    let mut body = vec![FRAME_MESSAGE_BATCH];
+    encode_batch(messages, &mut body);
+    let mut frame = Vec::with_capacity(body.len() + 8);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+async fn accept_loop(
+    config: TcpConfig,
+    listener: TcpListener,
+    host: Arc<OnceLock<WeakNodeHost>>,
+    stats: Arc<TcpStats>,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = tokio::spawn(serve_connection(
+            config.clone(),
+            stream,
+            Arc::clone(&host),
+            Arc::clone(&stats),
+        ));
+        let mut tasks = tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(connection.abort_handle());
+    }
+}
+
+/// Reads one peer's frames until the connection ends or a frame is bad.
+async fn serve_connection(
+    config: TcpConfig,
+    mut stream: TcpStream,
+    host: Arc<OnceLock<WeakNodeHost>>,
+    stats: Arc<TcpStats>,
+) {
+    let mut handshake = [0u8; HANDSHAKE_BYTES];
+    if stream.read_exact(&mut handshake).await.is_err() || &handshake[0..8] != HANDSHAKE_MAGIC {
+        return;
+    }
+    let version = u32::from_le_bytes([handshake[8], handshake[9], handshake[10], handshake[11]]);
+    let mut cluster = [0u8; 8];
+    cluster.copy_from_slice(&handshake[12..20]);
+    let answer = if version != FORMAT_VERSION {
+        ANSWER_WRONG_VERSION
+    } else if u64::from_le_bytes(cluster) != config.cluster_id {
+        ANSWER_WRONG_CLUSTER
+    } else {
+        ANSWER_ACCEPTED
+    };
+    if stream.write_u8(answer).await.is_err() || answer != ANSWER_ACCEPTED {
+        return;
+    }
+    loop {
+        let Ok(length) = stream.read_u32_le().await else {
+            return;
+        };
+        let Ok(checksum) = stream.read_u32_le().await else {
+            return;
+        };
+        if length == 0 || length > config.frame_bytes_max {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut body = vec![0u8; length as usize];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        if crc32c::crc32c(&body) != checksum || body[0] != FRAME_MESSAGE_BATCH {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let batch = Bytes::from(body).slice(1..);
+        let Ok(messages) = decode_batch(&batch) else {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
+            for (group, message) in messages {
+                host.deliver(group, message);
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Three node hosts over real TCP on 127.0.0.1, on ports the test chooses:
+//! elect, replicate, read; a node crashes (its transport and host stop) and
+//! comes back on the same address from its WAL; a peer of another cluster
+//! is refused at the handshake.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regatta_multiraft::{HostConfig, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport};
+use regatta_raft::{LogIndex, NodeId, Role};
+use regatta_wal::{GroupId, Wal, WalConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const GROUPS: [GroupId; 3] = [GroupId(1), GroupId(2), GroupId(3)];
+const CLUSTER: u64 = 42;
+
+#[derive(Default)]
+struct Register {
+    value: Arc<Mutex<String>>,
+    applied: LogIndex,
+}
+
+impl StateMachine for Register {
+    fn apply(&mut self, index: LogIndex, command: &Bytes) -> Bytes {
+        *self.value.lock().expect("lock") = String::from_utf8_lossy(command).to_string();
+        self.applied = index;
+        Bytes::new()
+    }
+
+    fn read(&self, _query: &Bytes) -> Bytes {
+        Bytes::from(self.value.lock().expect("lock").clone())
+    }
+
+    fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+}
+
+struct Node {
+    host: NodeHost,
+    transport: Arc<TcpTransport>,
+}
+
+async fn start_node(
+    dir: &Path,
+    id: u64,
+    listener: TcpListener,
+    peers: &HashMap<NodeId, SocketAddr>,
+    bootstrap: bool,
+) -> Node {
+    let mut tcp = TcpConfig::new(NodeId(id), CLUSTER);
+    tcp.peers = peers.clone();
+    let transport = TcpTransport::start(tcp, listener);
+    let mut config = HostConfig::new(NodeId(id));
+    config.tick_interval = Duration::from_millis(10);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+    let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+    transport.attach(&host);
+    let voters: Vec<NodeId> = if bootstrap {
+        peers.keys().copied().collect()
+    } else {
+        Vec::new()
+    };
+    for group in GROUPS {
+        host.start_group(group, voters.clone(), Box::new(Register::default()))
+            .expect("group");
+    }
+    Node { host, transport }
+}
+
+async fn leader_of(nodes: &BTreeMap<u64, Node>, group: GroupId) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        for (id, node) in nodes {
+            if node
+                .host
+                .status(group)
+                .await
+                .expect("status")
+                .soft_state
+                .role
+                == Role::Leader
+            {
+                return *id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("group {} elected no leader", group.0);
+}
+
+async fn read_until(host: &NodeHost, group: GroupId, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(value) = host.read_linearizable(group, Bytes::new()).await {
+            if value == expected.as_bytes() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never read {expected} in group {}",
+            host.node_id(),
+            group.0
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Three groups on three nodes over TCP: every group elects and commits;
+/// a crashed node rejoins on the same address and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_tcp() {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut listeners = Vec::new();
+    let mut peers = HashMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        peers.insert(NodeId(id), listener.local_addr().expect("address"));
+        listeners.push(listener);
+    }
+    let mut nodes = BTreeMap::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        nodes.insert(
+            id,
+            start_node(dirs[position].path(), id, listener, &peers, true).await,
+        );
+    }
+    for group in GROUPS {
+        let leader = leader_of(&nodes, group).await;
+        for i in 0..50 {
+            nodes[&leader]
+                .host
+                .propose(group, Bytes::from(format!("g{}-v{i}", group.0)))
+                .await
+                .expect("commit");
+        }
+    }
+    for node in nodes.values() {
+        for group in GROUPS {
+            read_until(&node.host, group, &format!("g{}-v49", group.0)).await;
+        }
+    }
+    assert!(
+        nodes[&1]
+            .transport
+            .stats()
+            .frames_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // Crash node 3: its transport stops (port released) and its host stops.
+    let crashed = nodes.remove(&3).expect("node 3");
+    crashed.transport.shutdown();
+    crashed.host.stop().await;
+    drop(crashed);
+    for group in GROUPS {
+        let leader = leader_of(&nodes, group).await;
+        nodes[&leader]
+            .host
+            .propose(group, Bytes::from_static(b"while-down"))
+            .await
+            .expect("commit with 2 of 3");
+    }
+    let listener = TcpListener::bind(peers[&NodeId(3)])
+        .await
+        .expect("rebind the same port");
+    let restarted = start_node(dirs[2].path(), 3, listener, &peers, false).await;
+    for group in GROUPS {
+        read_until(&restarted.host, group, "while-down").await;
+    }
+    for node in nodes.values() {
+        node.transport.shutdown();
+        node.host.stop().await;
+    }
+    restarted.transport.shutdown();
+    restarted.host.stop().await;
+}
+
+/// A peer claiming another cluster id is refused at the handshake.
+#[tokio::test]
+async fn a_peer_of_another_cluster_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let transport = TcpTransport::start(TcpConfig::new(NodeId(1), CLUSTER), listener);
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    let mut handshake = b"RGRAFTv1".to_vec();
+    handshake.extend_from_slice(&1u32.to_le_bytes());
+    handshake.extend_from_slice(&(CLUSTER + 1).to_le_bytes());
+    handshake.extend_from_slice(&2u64.to_le_bytes());
+    stream.write_all(&handshake).await.expect("write");
+    assert_eq!(stream.read_u8().await.expect("answer"), 1, "wrong cluster");
+    transport.shutdown();
+}
