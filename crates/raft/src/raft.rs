@@ -713,13 +713,8 @@ impl<S: Storage> Raft<S> {
             MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
                 if self.config.check_quorum || self.config.pre_vote =>
             {
-                self.reply(
-                    message.from,
-                    MessageBody::AppendResponse {
-                        index: LogIndex(0),
-                        reject: None,
-                    },
-                );
+                // Our term in the answer makes the stale leader step down.
+                self.acknowledge(message.from, LogIndex(0));
             }
             MessageBody::Vote { pre_vote: true, .. } => {
                 self.reply(
@@ -851,14 +846,7 @@ impl<S: Storage> Raft<S> {
             return; // Malformed input from the network is dropped.
         }
         if prev_index < self.log.committed {
-            let index = self.log.committed;
-            self.reply(
-                from,
-                MessageBody::AppendResponse {
-                    index,
-                    reject: None,
-                },
-            );
+            self.acknowledge(from, self.log.committed);
             return;
         }
         if !self.log.match_term(prev_index, prev_term) {
@@ -880,10 +868,15 @@ impl<S: Storage> Raft<S> {
             self.append_to_log(&entries[position..]);
         }
         self.commit_to(commit.min(last_new));
+        self.acknowledge(from, last_new);
+    }
+
+    /// Tells the leader that the log matches it up to `index`.
+    fn acknowledge(&mut self, to: NodeId, index: LogIndex) {
         self.reply(
-            from,
+            to,
             MessageBody::AppendResponse {
-                index: last_new,
+                index,
                 reject: None,
             },
         );
@@ -891,27 +884,13 @@ impl<S: Storage> Raft<S> {
 
     fn handle_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
         if meta.index <= self.log.committed {
-            let index = self.log.committed;
-            self.reply(
-                from,
-                MessageBody::AppendResponse {
-                    index,
-                    reject: None,
-                },
-            );
+            self.acknowledge(from, self.log.committed);
             return;
         }
         if self.log.match_term(meta.index, meta.term) {
             // We already hold the snapshot's last entry: fast-forward.
             self.commit_to(meta.index);
-            let index = self.log.committed;
-            self.reply(
-                from,
-                MessageBody::AppendResponse {
-                    index,
-                    reject: None,
-                },
-            );
+            self.acknowledge(from, self.log.committed);
             return;
         }
         let index = meta.index;
@@ -921,13 +900,7 @@ impl<S: Storage> Raft<S> {
         self.log_committed_before_advance = index;
         self.on_membership_changed();
         self.update_removed();
-        self.reply(
-            from,
-            MessageBody::AppendResponse {
-                index,
-                reject: None,
-            },
-        );
+        self.acknowledge(from, index);
     }
 
     /// Appends entries to the log and tracks the membership changes and

@@ -141,6 +141,22 @@ struct SimNode {
     incarnation: u64,
 }
 
+impl SimNode {
+    /// A node with an empty disk, started or not.
+    fn new(id: NodeId, tick_phase: u64, raft: Option<RaftNode<MemStorage>>) -> SimNode {
+        SimNode {
+            id,
+            raft,
+            storage: MemStorage::new(),
+            writes: VecDeque::new(),
+            sm: StateMachine::default(),
+            tick_phase,
+            restart_at: None,
+            incarnation: 0,
+        }
+    }
+}
+
 /// Records and checks the safety invariants.
 #[derive(Default)]
 struct Checker {
@@ -219,16 +235,7 @@ impl Sim {
         for id in 1..=sim.options.voters {
             let id = NodeId(id);
             let tick_phase = sim.rng.range(0, TICK_UNITS);
-            let mut node = SimNode {
-                id,
-                raft: None,
-                storage: MemStorage::new(),
-                writes: VecDeque::new(),
-                sm: StateMachine::default(),
-                tick_phase,
-                restart_at: None,
-                incarnation: 0,
-            };
+            let mut node = SimNode::new(id, tick_phase, None);
             if voters.contains(&id) {
                 node.raft = Some(sim.start_raft(id, MemStorage::new(), LogIndex(0), &voters, 0));
             }
@@ -916,19 +923,8 @@ impl Sim {
         let id = NodeId(self.nodes.keys().map(|id| id.0).max().unwrap_or(0) + 1);
         let raft = self.start_raft(id, MemStorage::new(), LogIndex(0), &[], 0);
         let tick_phase = self.rng.range(0, TICK_UNITS);
-        self.nodes.insert(
-            id,
-            SimNode {
-                id,
-                raft: Some(raft),
-                storage: MemStorage::new(),
-                writes: VecDeque::new(),
-                sm: StateMachine::default(),
-                tick_phase,
-                restart_at: None,
-                incarnation: 0,
-            },
-        );
+        self.nodes
+            .insert(id, SimNode::new(id, tick_phase, Some(raft)));
         self.log(|| format!("new node {id}"));
         id
     }
