@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use regatta_raft::{
-    Config, Entry, EntryPayload, LogIndex, Message, NodeId, Proposed, RaftNode, ReadId, Role,
-    Status, Term,
+    Config, Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, Proposed, RaftNode,
+    ReadId, Role, Status, Term,
 };
 use regatta_wal::{GroupId, Wal, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
@@ -53,6 +53,10 @@ pub struct HostConfig {
     pub tick_interval: Duration,
     /// Requests queued per group before callers get `Busy`. Default 4096.
     pub group_inbox_max: usize,
+    /// A group with no activity (proposals, reads, log growth, messages
+    /// other than heartbeats) for this many ticks stops ticking until
+    /// something arrives; 0 never quiesces. Default 200 (2 s at 10 ms).
+    pub quiesce_after_ticks: u64,
     /// The Raft settings every group starts from (id, applied index and
     /// initial voters are filled in per group).
     pub raft: Config,
@@ -65,6 +69,7 @@ impl HostConfig {
             node_id,
             tick_interval: Duration::from_millis(10),
             group_inbox_max: 4096,
+            quiesce_after_ticks: 200,
             raft: Config::new(node_id),
         }
     }
@@ -75,10 +80,20 @@ type Reply = oneshot::Sender<Result<Bytes, Error>>;
 /// Requests from clients and peers, bounded by `group_inbox_max`.
 enum Input {
     Message(Message),
-    Propose { command: Bytes, reply: Reply },
-    Read { query: Bytes, reply: Reply },
-    Status { reply: oneshot::Sender<Status> },
+    Propose {
+        command: Bytes,
+        reply: Reply,
+    },
+    Read {
+        query: Bytes,
+        reply: Reply,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
     Campaign,
+    /// Resume ticking: a peer was lost, so a leader may be gone.
+    Wake,
 }
 
 /// Completions from the WAL and the apply task; unbounded, because losing
@@ -112,6 +127,8 @@ struct GroupHandle {
 
 struct HostInner {
     config: HostConfig,
+    /// Groups not ticking now.
+    quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
     wal: Arc<Wal>,
     transport: Arc<dyn Transport>,
     groups: RwLock<HashMap<GroupId, GroupHandle>>,
@@ -150,6 +167,7 @@ impl NodeHost {
         NodeHost {
             inner: Arc::new(HostInner {
                 config,
+                quiesced_groups: Arc::default(),
                 wal,
                 transport,
                 groups: RwLock::new(HashMap::new()),
@@ -208,6 +226,11 @@ impl NodeHost {
             reads: HashMap::new(),
             next_read: 1,
             unsent: VecDeque::new(),
+            quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
+            idle_ticks: 0,
+            quiesced: false,
+            last_index_seen: LogIndex(0),
+            quiesced_groups: Arc::clone(&self.inner.quiesced_groups),
         };
         let tick_interval = self.inner.config.tick_interval;
         let actor = self
@@ -293,6 +316,23 @@ impl NodeHost {
         }
     }
 
+    /// Wakes every quiesced group, e.g. when a peer's connection is lost: a
+    /// leader may be gone, and only ticking followers will notice.
+    pub fn wake_all(&self) {
+        let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
+        for handle in groups.values() {
+            // A full inbox means the group is busy, hence awake.
+            let _ = handle.inbox.try_send(Input::Wake);
+        }
+    }
+
+    /// How many groups are quiesced (not ticking) now.
+    pub fn quiesced_group_count(&self) -> u64 {
+        self.inner
+            .quiesced_groups
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Makes this node campaign in `group` now.
     pub fn campaign(&self, group: GroupId) -> Result<(), Error> {
         self.enqueue(group, Input::Campaign)
@@ -320,6 +360,13 @@ struct GroupActor {
     next_read: u64,
     /// Persisted messages of readies not yet durable, in ready order.
     unsent: VecDeque<(u64, Vec<Message>)>,
+    quiesce_after_ticks: u64,
+    /// Ticks since the last activity.
+    idle_ticks: u64,
+    /// Not ticking: no heartbeats sent, no election timer running.
+    quiesced: bool,
+    last_index_seen: LogIndex,
+    quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Inputs handled per loop turn before the ready is taken.
@@ -344,14 +391,14 @@ impl GroupActor {
                     }
                 }
                 input = inbox.recv() => match input {
-                    Some(input) => self.handle_input(input),
-                    None => return,
+                    Some(input) => self.accept_input(input),
+                    None => break,
                 },
-                _ = ticker.tick() => self.raft.tick(),
+                _ = ticker.tick(), if !self.quiesced => self.tick(),
             }
             for _ in 0..INPUTS_PER_TURN_MAX {
                 match inbox.try_recv() {
-                    Ok(input) => self.handle_input(input),
+                    Ok(input) => self.accept_input(input),
                     Err(_) => break,
                 }
             }
@@ -365,7 +412,66 @@ impl GroupActor {
                 self.fail_all(reason);
                 return;
             }
+            let last_index = self.raft.last_index();
+            if last_index != self.last_index_seen {
+                self.last_index_seen = last_index;
+                self.note_activity();
+            }
         }
+        self.set_quiesced(false);
+    }
+
+    fn tick(&mut self) {
+        self.raft.tick();
+        self.idle_ticks += 1;
+        let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
+            && self.raft.leader().is_some();
+        if self.quiesce_after_ticks > 0 && self.idle_ticks >= self.quiesce_after_ticks && settled {
+            self.set_quiesced(true);
+        }
+    }
+
+    /// Any real work keeps the group ticking for another quiet period.
+    fn note_activity(&mut self) {
+        self.idle_ticks = 0;
+        self.set_quiesced(false);
+    }
+
+    fn set_quiesced(&mut self, quiesced: bool) {
+        if self.quiesced == quiesced {
+            return;
+        }
+        self.quiesced = quiesced;
+        let counter = &self.quiesced_groups;
+        if quiesced {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Classifies an input for quiescence, then handles it. A heartbeat
+    /// wakes a quiesced group without resetting its idle count, so that
+    /// leader and followers go quiet within a tick of each other.
+    fn accept_input(&mut self, input: Input) {
+        match &input {
+            Input::Message(message) => {
+                let heartbeat = matches!(
+                    message.body,
+                    MessageBody::Heartbeat { .. } | MessageBody::HeartbeatResponse { .. }
+                );
+                if heartbeat {
+                    self.set_quiesced(false);
+                } else {
+                    self.note_activity();
+                }
+            }
+            Input::Status { .. } => {}
+            Input::Propose { .. } | Input::Read { .. } | Input::Campaign | Input::Wake => {
+                self.note_activity()
+            }
+        }
+        self.handle_input(input);
     }
 
     fn handle_input(&mut self, input: Input) {
@@ -413,6 +519,7 @@ impl GroupActor {
                 let _ = reply.send(self.raft.status());
             }
             Input::Campaign => self.raft.campaign(),
+            Input::Wake => {}
         }
     }
 

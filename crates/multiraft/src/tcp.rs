@@ -112,6 +112,7 @@ impl TcpTransport {
                 *address,
                 receiver,
                 Arc::clone(&stats),
+                Arc::clone(&host),
             ));
             spawned.push(writer.abort_handle());
         }
@@ -187,6 +188,7 @@ async fn peer_writer(
     address: SocketAddr,
     mut queue: mpsc::Receiver<(GroupId, Message)>,
     stats: Arc<TcpStats>,
+    host: Arc<OnceLock<WeakNodeHost>>,
 ) {
     let mut delay = config.reconnect_delay_min;
     let mut pending: Vec<(GroupId, Message)> = Vec::new();
@@ -208,30 +210,61 @@ async fn peer_writer(
                 continue;
             }
         };
-        loop {
-            if pending.is_empty() {
-                match queue.recv().await {
-                    Some(message) => pending.push(message),
-                    None => return,
-                }
-            }
-            while let Ok(message) = queue.try_recv() {
-                pending.push(message);
-            }
-            let frame = encode_frame(&pending);
-            let count = pending.len() as u64;
-            pending.clear();
-            if frame.len() > config.frame_bytes_max as usize + 9 {
-                stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
-                continue;
-            }
-            if stream.write_all(&frame).await.is_err() {
-                stats.connection_failures.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-            stats.messages_sent.fetch_add(count, Ordering::Relaxed);
+        if !send_until_broken(&config, &mut stream, &mut queue, &mut pending, &stats).await {
+            return;
         }
+        // Lost after being connected: wake once; retries while the peer
+        // stays down do not wake anything again.
+        stats.connection_failures.fetch_add(1, Ordering::Relaxed);
+        wake_groups(&host);
+    }
+}
+
+/// A lost peer may have been a leader: quiesced groups must tick again to
+/// notice.
+fn wake_groups(host: &OnceLock<WeakNodeHost>) {
+    if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
+        host.wake_all();
+    }
+}
+
+/// Sends frames until the connection breaks (true) or the queue closes
+/// (false). The peer never writes after the handshake, so a readable
+/// socket means end of file: the peer is gone even if we had nothing to
+/// send.
+async fn send_until_broken(
+    config: &TcpConfig,
+    stream: &mut TcpStream,
+    queue: &mut mpsc::Receiver<(GroupId, Message)>,
+    pending: &mut Vec<(GroupId, Message)>,
+    stats: &TcpStats,
+) -> bool {
+    let mut probe = [0u8; 1];
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                message = queue.recv() => match message {
+                    Some(message) => pending.push(message),
+                    None => return false,
+                },
+                _ = stream.read(&mut probe) => return true,
+            }
+        }
+        while let Ok(message) = queue.try_recv() {
+            pending.push(message);
+        }
+        let frame = encode_frame(pending);
+        let count = pending.len() as u64;
+        pending.clear();
+        if frame.len() > config.frame_bytes_max as usize + 9 {
+            stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
+            continue;
+        }
+        if stream.write_all(&frame).await.is_err() {
+            return true;
+        }
+        stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        stats.messages_sent.fetch_add(count, Ordering::Relaxed);
     }
 }
 

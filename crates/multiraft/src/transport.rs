@@ -38,12 +38,14 @@ impl LocalTransport {
             .insert(id, host.downgrade());
     }
 
-    /// Disconnects a host (a crash).
+    /// Disconnects a host (a crash). The others notice the lost peer and
+    /// wake their quiesced groups, as the TCP transport does.
     pub fn unregister(&self, id: NodeId) {
-        self.hosts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        let mut hosts = self.hosts.write().unwrap_or_else(|p| p.into_inner());
+        hosts.remove(&id);
+        for host in hosts.values().filter_map(WeakNodeHost::upgrade) {
+            host.wake_all();
+        }
     }
 
     /// Cuts both directions between two nodes.
