@@ -50,4 +50,7 @@ pub enum Error {
     /// The log failed.
     #[error("write-ahead log: {0}")]
     Wal(#[from] regatta_wal::Error),
+    /// TLS material is invalid; the message says which part.
+    #[error("TLS: {0}")]
+    Tls(String),
 }

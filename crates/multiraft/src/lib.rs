@@ -22,5 +22,5 @@ pub mod wire;
 pub use error::Error;
 pub use host::{HostConfig, NodeHost, StateMachine, WeakNodeHost};
 pub use storage::GroupStorage;
-pub use tcp::{TcpConfig, TcpStats, TcpTransport};
+pub use tcp::{PeerTls, TcpConfig, TcpStats, TcpTransport};
 pub use transport::{LocalTransport, Transport};

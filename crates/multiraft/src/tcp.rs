@@ -3,7 +3,10 @@
 //! bounded queues that drop Raft messages (counted) rather than block;
 //! reconnect with capped exponential back-off; CRC-checked frames.
 //!
-//! Not built yet: TLS, and the separate snapshot connection.
+//! With [`PeerTls`], every connection is TLS 1.2/1.3 with mutual
+//! authentication: each side presents a certificate signed by the
+//! cluster's CA. Not built yet: allowed-CN checks, certificate reload, and
+//! the separate snapshot connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,10 +17,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use regatta_raft::{Message, NodeId};
 use regatta_wal::GroupId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::transport::Transport;
 use crate::wire::{decode_batch, encode_batch};
@@ -29,6 +35,95 @@ const ANSWER_ACCEPTED: u8 = 0;
 const ANSWER_WRONG_CLUSTER: u8 = 1;
 const ANSWER_WRONG_VERSION: u8 = 2;
 const FRAME_MESSAGE_BATCH: u8 = 1;
+
+/// TLS for peer connections, with mutual authentication.
+#[derive(Clone)]
+pub struct PeerTls {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("PeerTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerTls {
+    /// TLS from PEM: the cluster CA (to verify peers), this node's
+    /// certificate chain and private key, and the name every node's
+    /// certificate carries (checked by the connecting side).
+    pub fn from_pem(
+        ca_pem: &[u8],
+        certificate_chain_pem: &[u8],
+        key_pem: &[u8],
+        server_name: &str,
+    ) -> Result<PeerTls, Error> {
+        let tls = |what: &str| {
+            let what = what.to_string();
+            move |error: &dyn std::fmt::Display| Error::Tls(format!("{what}: {error}"))
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(ca_pem) {
+            let certificate = certificate.map_err(|e| tls("reading the CA certificate")(&e))?;
+            roots
+                .add(certificate)
+                .map_err(|e| tls("adding the CA certificate")(&e))?;
+        }
+        if roots.is_empty() {
+            return Err(Error::Tls("the CA file holds no certificate".into()));
+        }
+        let roots = Arc::new(roots);
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(certificate_chain_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| tls("reading the node certificate")(&e))?;
+        if chain.is_empty() {
+            return Err(Error::Tls(
+                "the certificate file holds no certificate".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| tls("reading the private key")(&e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&roots),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| tls("building the client verifier")(&e))?;
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls("choosing protocol versions")(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| tls("loading the node certificate")(&e))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls("choosing protocol versions")(&e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls("loading the client certificate")(&e))?;
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| tls("the server name")(&e))?;
+        Ok(PeerTls {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            server_name,
+        })
+    }
+}
+
+/// A connection, plain or TLS.
+trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerStream for T {}
+
+type BoxedStream = Box<dyn PeerStream>;
 
 /// Configuration of the TCP transport. Every limit carries its unit.
 #[derive(Clone, Debug)]
@@ -49,6 +144,8 @@ pub struct TcpConfig {
     pub reconnect_delay_min: Duration,
     /// Longest reconnect delay. Default 1 s.
     pub reconnect_delay_max: Duration,
+    /// TLS with mutual authentication, or plain TCP when `None`.
+    pub tls: Option<PeerTls>,
 }
 
 impl TcpConfig {
@@ -62,6 +159,7 @@ impl TcpConfig {
             frame_bytes_max: 64 * 1024 * 1024,
             reconnect_delay_min: Duration::from_millis(10),
             reconnect_delay_max: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -79,6 +177,8 @@ pub struct TcpStats {
     pub connection_failures: AtomicU64,
     /// Frames refused (checksum, size, type, decoding).
     pub frames_refused: AtomicU64,
+    /// Incoming connections refused at the TLS or Regatta handshake.
+    pub handshakes_refused: AtomicU64,
 }
 
 /// The TCP transport of one node.
@@ -234,7 +334,7 @@ fn wake_groups(host: &OnceLock<WeakNodeHost>) {
 /// send.
 async fn send_until_broken(
     config: &TcpConfig,
-    stream: &mut TcpStream,
+    stream: &mut BoxedStream,
     queue: &mut mpsc::Receiver<(GroupId, Message)>,
     pending: &mut Vec<(GroupId, Message)>,
     stats: &TcpStats,
@@ -260,7 +360,7 @@ async fn send_until_broken(
             stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
             continue;
         }
-        if stream.write_all(&frame).await.is_err() {
+        if stream.write_all(&frame).await.is_err() || stream.flush().await.is_err() {
             return true;
         }
         stats.frames_sent.fetch_add(1, Ordering::Relaxed);
@@ -268,15 +368,23 @@ async fn send_until_broken(
     }
 }
 
-async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
+async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<BoxedStream> {
+    let tcp = TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream: BoxedStream = match &config.tls {
+        Some(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
+            Box::new(connector.connect(tls.server_name.clone(), tcp).await?)
+        }
+        None => Box::new(tcp),
+    };
     let mut handshake = Vec::with_capacity(HANDSHAKE_BYTES);
     handshake.extend_from_slice(HANDSHAKE_MAGIC);
     handshake.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     handshake.extend_from_slice(&config.cluster_id.to_le_bytes());
     handshake.extend_from_slice(&config.node_id.0.to_le_bytes());
     stream.write_all(&handshake).await?;
+    stream.flush().await?;
     let answer = stream.read_u8().await?;
     if answer != ANSWER_ACCEPTED {
         return Err(std::io::Error::other(format!(
@@ -321,15 +429,39 @@ async fn accept_loop(
     }
 }
 
-/// Reads one peer's frames until the connection ends or a frame is bad.
+/// Accepts one connection (TLS first, when configured), then reads the
+/// peer's frames until the connection ends or a frame is bad.
 async fn serve_connection(
     config: TcpConfig,
-    mut stream: TcpStream,
+    tcp: TcpStream,
+    host: Arc<OnceLock<WeakNodeHost>>,
+    stats: Arc<TcpStats>,
+) {
+    let stream: BoxedStream = match &config.tls {
+        Some(tls) => match tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server))
+            .accept(tcp)
+            .await
+        {
+            Ok(stream) => Box::new(stream),
+            Err(_) => {
+                stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        },
+        None => Box::new(tcp),
+    };
+    serve_stream(config, stream, host, stats).await;
+}
+
+async fn serve_stream(
+    config: TcpConfig,
+    mut stream: BoxedStream,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
 ) {
     let mut handshake = [0u8; HANDSHAKE_BYTES];
     if stream.read_exact(&mut handshake).await.is_err() || &handshake[0..8] != HANDSHAKE_MAGIC {
+        stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let version = u32::from_le_bytes([handshake[8], handshake[9], handshake[10], handshake[11]]);
@@ -342,7 +474,9 @@ async fn serve_connection(
     } else {
         ANSWER_ACCEPTED
     };
-    if stream.write_u8(answer).await.is_err() || answer != ANSWER_ACCEPTED {
+    let answered = stream.write_u8(answer).await.is_ok() && stream.flush().await.is_ok();
+    if !answered || answer != ANSWER_ACCEPTED {
+        stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
     loop {
