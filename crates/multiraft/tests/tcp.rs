@@ -202,3 +202,80 @@ async fn a_peer_of_another_cluster_is_refused() {
     assert_eq!(stream.read_u8().await.expect("answer"), 1, "wrong cluster");
     transport.shutdown();
 }
+
+/// 1,000 groups across three nodes over TCP: every group elects a leader
+/// and commits a proposal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_groups_elect_and_commit() {
+    let groups = 1000u64;
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut listeners = Vec::new();
+    let mut peers = HashMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        peers.insert(NodeId(id), listener.local_addr().expect("address"));
+        listeners.push(listener);
+    }
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut nodes = Vec::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        let mut tcp = TcpConfig::new(NodeId(id), CLUSTER);
+        tcp.peers = peers.clone();
+        let transport = TcpTransport::start(tcp, listener);
+        let mut config = HostConfig::new(NodeId(id));
+        config.tick_interval = Duration::from_millis(50);
+        let wal = Arc::new(Wal::open(WalConfig::new(dirs[position].path())).expect("wal"));
+        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+        transport.attach(&host);
+        for group in 1..=groups {
+            host.start_group(
+                GroupId(group),
+                voters.clone(),
+                Box::new(Register::default()),
+            )
+            .expect("group");
+        }
+        nodes.push(Node { host, transport });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut committed = 0u64;
+    for group in 1..=groups {
+        let group = GroupId(group);
+        'this_group: loop {
+            for node in &nodes {
+                if node
+                    .host
+                    .status(group)
+                    .await
+                    .expect("status")
+                    .soft_state
+                    .role
+                    == Role::Leader
+                    && node
+                        .host
+                        .propose(group, Bytes::from_static(b"x"))
+                        .await
+                        .is_ok()
+                {
+                    committed += 1;
+                    break 'this_group;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {} had no leader in time ({committed} committed)",
+                group.0
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(committed, groups);
+    for node in &nodes {
+        node.transport.shutdown();
+        node.host.stop().await;
+    }
+}
