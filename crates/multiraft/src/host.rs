@@ -1,23 +1,27 @@
-//! [`NodeHost`]: runs many Raft groups on one node. Each group is an actor
-//! (a tokio task) that owns its `RaftNode`; an apply task per group owns the
-//! state machine, so applying never blocks the Raft loop.
+//! [`NodeHost`]: runs many Raft groups on one node. Groups are spread over
+//! a few *workers* (tokio tasks); a worker owns its groups' `RaftNode`s and
+//! handles every group that has work in one wake-up, so the cost of a
+//! wake-up, a WAL submission and a tick is shared by every busy group. An
+//! apply task per group owns the state machine, so applying never blocks
+//! Raft.
 //!
-//! The actor's loop: handle every queued input (peer messages, proposals,
-//! reads, ticks, persistence and apply completions), then take the `Ready`:
+//! A worker's turn: handle every queued input (peer messages, proposals,
+//! reads, ticks, persistence and apply completions), then take the `Ready`
+//! of every group touched:
 //! 1. `messages` go to the transport at once: a leader's appends leave
 //!    before its own fsync (pipelining);
-//! 2. snapshot, entries and hard state go to the shared WAL in one
-//!    `WriteBatch` (group commit across groups); its completion comes back
-//!    as a control message, and only then are `persisted_messages` sent;
-//! 3. committed entries go to the apply task, which resolves proposals with
-//!    the state machine's result and serves reads once their index is
-//!    applied.
+//! 2. every group's snapshot, entries and hard state go into **one**
+//!    `WriteBatch` for the whole turn; its completion comes back as one
+//!    control message, and only then are each group's `persisted_messages`
+//!    sent;
+//! 3. committed entries go to each group's apply task, which resolves
+//!    proposals with the state machine's result and serves reads once
+//!    their index is applied.
 //!
-//! Not built yet (see `docs/multiraft.md`): TCP transport, snapshot
-//! streaming, automatic compaction, quiescence, forwarding of proposals
-//! from followers with request ids.
+//! Not built yet (see `docs/multiraft.md`): snapshot streaming, automatic
+//! compaction, forwarding of proposals from followers with request ids.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -51,8 +55,10 @@ pub struct HostConfig {
     pub node_id: NodeId,
     /// Wall-clock length of one Raft tick. Default 10 ms.
     pub tick_interval: Duration,
-    /// Requests queued per group before callers get `Busy`. Default 4096.
+    /// Requests queued per worker before callers get `Busy`. Default 4096.
     pub group_inbox_max: usize,
+    /// Worker tasks the groups are spread over. Default 2.
+    pub workers: usize,
     /// A group with no activity (proposals, reads, log growth, messages
     /// other than heartbeats) for this many ticks stops ticking until
     /// something arrives; 0 never quiesces. Default 200 (2 s at 10 ms).
@@ -69,6 +75,7 @@ impl HostConfig {
             node_id,
             tick_interval: Duration::from_millis(10),
             group_inbox_max: 4096,
+            workers: 2,
             quiesce_after_ticks: 200,
             raft: Config::new(node_id),
         }
@@ -80,33 +87,32 @@ type Reply = oneshot::Sender<Result<Bytes, Error>>;
 /// Requests from clients and peers, bounded by `group_inbox_max`.
 enum Input {
     Message(Message),
-    Propose {
-        command: Bytes,
-        reply: Reply,
-    },
-    Read {
-        query: Bytes,
-        reply: Reply,
-    },
-    Status {
-        reply: oneshot::Sender<Status>,
-    },
+    Propose { command: Bytes, reply: Reply },
+    Read { query: Bytes, reply: Reply },
+    Status { reply: oneshot::Sender<Status> },
     Campaign,
-    /// Resume ticking: a peer was lost, so a leader may be gone.
-    Wake,
 }
 
-/// Completions from the WAL and the apply task; unbounded, because losing
-/// one would stall the group.
+/// Completions from the WAL and the apply tasks, to a worker; unbounded,
+/// because losing one would stall a group.
 enum Control {
+    /// One WAL batch, holding these groups' readies, is durable (or not).
     Persisted {
-        number: u64,
+        readies: Vec<(GroupId, u64)>,
         result: Result<(), regatta_wal::Error>,
     },
     Applied {
+        group: GroupId,
         index: LogIndex,
         results: Vec<(LogIndex, Term, Bytes)>,
     },
+}
+
+/// What a worker receives from the host.
+enum WorkerInput {
+    Group(GroupId, Input),
+    Start(GroupId, Box<Group>),
+    WakeAll,
 }
 
 /// Work for the apply task.
@@ -119,19 +125,16 @@ enum ApplyWork {
     },
 }
 
-#[derive(Clone)]
-struct GroupHandle {
-    inbox: mpsc::Sender<Input>,
-    actor: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
-}
-
 struct HostInner {
     config: HostConfig,
-    /// Groups not ticking now.
+    /// Groups not ticking now, across the workers.
     quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
     wal: Arc<Wal>,
-    transport: Arc<dyn Transport>,
-    groups: RwLock<HashMap<GroupId, GroupHandle>>,
+    /// Each worker's inbox and control channel; emptied by `stop`.
+    workers: RwLock<Vec<(mpsc::Sender<WorkerInput>, mpsc::UnboundedSender<Control>)>>,
+    worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Which worker runs each group.
+    groups: RwLock<HashMap<GroupId, usize>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -164,12 +167,31 @@ impl NodeHost {
         transport: Arc<dyn Transport>,
         runtime: tokio::runtime::Handle,
     ) -> NodeHost {
+        let quiesced_groups: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let mut workers = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..config.workers.max(1) {
+            let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
+            let (control_sender, control) = mpsc::unbounded_channel();
+            let worker = Worker {
+                groups: HashMap::new(),
+                active: BTreeSet::new(),
+                wal: Arc::clone(&wal),
+                transport: Arc::clone(&transport),
+                control_sender: control_sender.clone(),
+                quiesced_groups: Arc::clone(&quiesced_groups),
+                quiesced_published: 0,
+            };
+            tasks.push(runtime.spawn(worker.run(inbox, control, config.tick_interval)));
+            workers.push((inbox_sender, control_sender));
+        }
         NodeHost {
             inner: Arc::new(HostInner {
                 config,
-                quiesced_groups: Arc::default(),
+                quiesced_groups,
                 wal,
-                transport,
+                workers: RwLock::new(workers),
+                worker_tasks: Mutex::new(tasks),
                 groups: RwLock::new(HashMap::new()),
                 runtime,
             }),
@@ -208,19 +230,21 @@ impl NodeHost {
         let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
-        let (inbox_sender, inbox) = mpsc::channel(self.inner.config.group_inbox_max);
-        let (control_sender, control) = mpsc::unbounded_channel();
+        let worker_index = (group.0 % self.inner.config.workers.max(1) as u64) as usize;
+        let (inbox, control) = {
+            let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+            match workers.get(worker_index) {
+                Some((inbox, control)) => (inbox.clone(), control.clone()),
+                None => return Err(stopped(group)),
+            }
+        };
         let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
-        let apply_control = control_sender.clone();
         self.inner
             .runtime
-            .spawn(apply_loop(state_machine, apply_inbox, apply_control));
-        let actor = GroupActor {
+            .spawn(apply_loop(group, state_machine, apply_inbox, control));
+        let state = Group {
             group,
             raft,
-            wal: Arc::clone(&self.inner.wal),
-            transport: Arc::clone(&self.inner.transport),
-            control_sender,
             apply: apply_sender,
             proposals: BTreeMap::new(),
             reads: HashMap::new(),
@@ -230,39 +254,31 @@ impl NodeHost {
             idle_ticks: 0,
             quiesced: false,
             last_index_seen: LogIndex(0),
-            quiesced_groups: Arc::clone(&self.inner.quiesced_groups),
         };
-        let tick_interval = self.inner.config.tick_interval;
-        let actor = self
-            .inner
-            .runtime
-            .spawn(actor.run(inbox, control, tick_interval));
-        let handle = GroupHandle {
-            inbox: inbox_sender,
-            actor: Arc::new(Mutex::new(Some(actor))),
-        };
-        groups.insert(group, handle);
+        inbox
+            .try_send(WorkerInput::Start(group, Box::new(state)))
+            .map_err(|_| Error::Busy(group))?;
+        groups.insert(group, worker_index);
         Ok(())
     }
 
-    fn handle(&self, group: GroupId) -> Result<GroupHandle, Error> {
-        let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
-        groups
-            .get(&group)
-            .cloned()
-            .ok_or(Error::UnknownGroup(group))
-    }
-
     fn enqueue(&self, group: GroupId, input: Input) -> Result<(), Error> {
-        self.handle(group)?
-            .inbox
-            .try_send(input)
+        let worker = {
+            let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
+            *groups.get(&group).ok_or(Error::UnknownGroup(group))?
+        };
+        let inbox = {
+            let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+            workers
+                .get(worker)
+                .map(|(inbox, _)| inbox.clone())
+                .ok_or_else(|| stopped(group))?
+        };
+        inbox
+            .try_send(WorkerInput::Group(group, input))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => Error::Busy(group),
-                mpsc::error::TrySendError::Closed(_) => Error::GroupStopped {
-                    group,
-                    reason: "the group's actor has exited".into(),
-                },
+                mpsc::error::TrySendError::Closed(_) => stopped(group),
             })
     }
 
@@ -295,34 +311,39 @@ impl NodeHost {
         answer.await.map_err(|_| stopped(group))
     }
 
-    /// Stops every group and waits for their actors to exit. Requests still
+    /// Stops every group and waits for the workers to exit. Requests still
     /// queued are dropped; their callers get `GroupStopped`. The WAL closes
     /// once the last clone of this host is gone.
     pub async fn stop(&self) {
-        let handles: Vec<GroupHandle> = {
-            let mut groups = self.inner.groups.write().unwrap_or_else(|p| p.into_inner());
-            groups.drain().map(|(_, handle)| handle).collect()
-        };
-        for handle in handles {
-            let actor = handle
-                .actor
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.inner
+            .workers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let tasks = std::mem::take(
+            &mut *self
+                .inner
+                .worker_tasks
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            drop(handle);
-            if let Some(actor) = actor {
-                let _ = actor.await;
-            }
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for task in tasks {
+            let _ = task.await;
         }
     }
 
     /// Wakes every quiesced group, e.g. when a peer's connection is lost: a
     /// leader may be gone, and only ticking followers will notice.
     pub fn wake_all(&self) {
-        let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
-        for handle in groups.values() {
-            // A full inbox means the group is busy, hence awake.
-            let _ = handle.inbox.try_send(Input::Wake);
+        let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+        for (inbox, _) in workers.iter() {
+            // A full inbox means the worker is busy, hence awake.
+            let _ = inbox.try_send(WorkerInput::WakeAll);
         }
     }
 
@@ -342,17 +363,14 @@ impl NodeHost {
 fn stopped(group: GroupId) -> Error {
     Error::GroupStopped {
         group,
-        reason: "the group's actor has exited".into(),
+        reason: "the group's worker has exited".into(),
     }
 }
 
-/// One group's Raft loop.
-struct GroupActor {
+/// One group's state inside its worker.
+struct Group {
     group: GroupId,
     raft: RaftNode<GroupStorage>,
-    wal: Arc<Wal>,
-    transport: Arc<dyn Transport>,
-    control_sender: mpsc::UnboundedSender<Control>,
     apply: mpsc::UnboundedSender<ApplyWork>,
     /// Proposals by index, with the term they were appended in.
     proposals: BTreeMap<LogIndex, (Term, Reply)>,
@@ -366,94 +384,215 @@ struct GroupActor {
     /// Not ticking: no heartbeats sent, no election timer running.
     quiesced: bool,
     last_index_seen: LogIndex,
-    quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Inputs handled per loop turn before the ready is taken.
-const INPUTS_PER_TURN_MAX: usize = 256;
+/// Inputs handled per turn before the readies are taken.
+const INPUTS_PER_TURN_MAX: usize = 1024;
 
-impl GroupActor {
+/// Runs many groups: one wake-up, one WAL batch and one tick timer serve
+/// every group with work.
+struct Worker {
+    groups: HashMap<GroupId, Group>,
+    /// Groups that are not quiesced, hence ticked.
+    active: BTreeSet<GroupId>,
+    wal: Arc<Wal>,
+    transport: Arc<dyn Transport>,
+    control_sender: mpsc::UnboundedSender<Control>,
+    quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
+    /// This worker's share of `quiesced_groups`.
+    quiesced_published: u64,
+}
+
+impl Worker {
     async fn run(
         mut self,
-        mut inbox: mpsc::Receiver<Input>,
+        mut inbox: mpsc::Receiver<WorkerInput>,
         mut control: mpsc::UnboundedReceiver<Control>,
         tick_interval: Duration,
     ) {
         let mut ticker = tokio::time::interval(tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut touched: BTreeSet<GroupId> = BTreeSet::new();
         loop {
             tokio::select! {
                 biased;
-                Some(event) = control.recv() => {
-                    if let Err(reason) = self.handle_control(event) {
-                        self.fail_all(reason);
-                        return;
-                    }
-                }
+                Some(event) = control.recv() => self.handle_control(event, &mut touched),
                 input = inbox.recv() => match input {
-                    Some(input) => self.accept_input(input),
+                    Some(input) => self.accept(input, &mut touched),
                     None => break,
                 },
-                _ = ticker.tick(), if !self.quiesced => self.tick(),
+                _ = ticker.tick(), if !self.active.is_empty() => self.tick(&mut touched),
             }
             for _ in 0..INPUTS_PER_TURN_MAX {
                 match inbox.try_recv() {
-                    Ok(input) => self.accept_input(input),
+                    Ok(input) => self.accept(input, &mut touched),
                     Err(_) => break,
                 }
             }
             while let Ok(event) = control.try_recv() {
-                if let Err(reason) = self.handle_control(event) {
-                    self.fail_all(reason);
-                    return;
-                }
+                self.handle_control(event, &mut touched);
             }
-            if let Err(reason) = self.process_ready() {
-                self.fail_all(reason);
-                return;
-            }
-            let last_index = self.raft.last_index();
-            if last_index != self.last_index_seen {
-                self.last_index_seen = last_index;
-                self.note_activity();
-            }
+            self.process_readies(&mut touched);
+            self.publish_quiesced();
         }
-        self.set_quiesced(false);
+        self.active.clear();
+        for (group, mut state) in std::mem::take(&mut self.groups) {
+            state.fail_all(format!("group {} stopped with its host", group.0));
+        }
+        self.publish_quiesced();
     }
 
+    fn accept(&mut self, input: WorkerInput, touched: &mut BTreeSet<GroupId>) {
+        match input {
+            WorkerInput::Start(group, state) => {
+                self.groups.insert(group, *state);
+                self.active.insert(group);
+                touched.insert(group);
+            }
+            WorkerInput::Group(group, input) => {
+                let Some(state) = self.groups.get_mut(&group) else {
+                    return;
+                };
+                if state.accept_input(input) {
+                    self.active.insert(group);
+                }
+                touched.insert(group);
+            }
+            WorkerInput::WakeAll => {
+                for (group, state) in self.groups.iter_mut() {
+                    state.note_activity();
+                    self.active.insert(*group);
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, touched: &mut BTreeSet<GroupId>) {
+        let active: Vec<GroupId> = self.active.iter().copied().collect();
+        for group in active {
+            let Some(state) = self.groups.get_mut(&group) else {
+                self.active.remove(&group);
+                continue;
+            };
+            state.tick();
+            touched.insert(group);
+            if state.quiesced {
+                self.active.remove(&group);
+            }
+        }
+    }
+
+    /// Each worker owns a share of the host-wide count of quiesced groups
+    /// and reports changes to it as deltas.
+    fn publish_quiesced(&mut self) {
+        let quiesced = self.groups.len().saturating_sub(self.active.len()) as u64;
+        let counter = &self.quiesced_groups;
+        if quiesced > self.quiesced_published {
+            counter.fetch_add(
+                quiesced - self.quiesced_published,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        } else {
+            counter.fetch_sub(
+                self.quiesced_published - quiesced,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        self.quiesced_published = quiesced;
+    }
+
+    fn handle_control(&mut self, event: Control, touched: &mut BTreeSet<GroupId>) {
+        match event {
+            Control::Persisted { readies, result } => {
+                for (group, number) in readies {
+                    let Some(state) = self.groups.get_mut(&group) else {
+                        continue;
+                    };
+                    if let Err(error) = &result {
+                        // Never acknowledge after a failed write: stop the group.
+                        state.fail_all(format!("persisting failed: {error}"));
+                        self.groups.remove(&group);
+                        self.active.remove(&group);
+                        continue;
+                    }
+                    state.on_persisted(number, self.transport.as_ref());
+                    touched.insert(group);
+                }
+            }
+            Control::Applied {
+                group,
+                index,
+                results,
+            } => {
+                if let Some(state) = self.groups.get_mut(&group) {
+                    state.on_applied(index, results);
+                    touched.insert(group);
+                }
+            }
+        }
+    }
+
+    /// Takes the ready of every touched group; one WAL batch for all.
+    fn process_readies(&mut self, touched: &mut BTreeSet<GroupId>) {
+        let mut batch = WriteBatch::new();
+        let mut readies = Vec::new();
+        let mut failed = Vec::new();
+        for group in std::mem::take(touched) {
+            let Some(state) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            if let Err(reason) =
+                state.process_ready(self.transport.as_ref(), &mut batch, &mut readies)
+            {
+                state.fail_all(reason);
+                failed.push(group);
+                continue;
+            }
+            let last_index = state.raft.last_index();
+            if last_index != state.last_index_seen {
+                state.last_index_seen = last_index;
+                state.note_activity();
+                self.active.insert(group);
+            }
+        }
+        for group in failed {
+            self.groups.remove(&group);
+            self.active.remove(&group);
+        }
+        if readies.is_empty() {
+            return;
+        }
+        let control = self.control_sender.clone();
+        // Empty batches too: the WAL answers them in order, so persisted
+        // messages never overtake an earlier ready's fsync.
+        self.wal.submit(batch, move |result| {
+            let _ = control.send(Control::Persisted { readies, result });
+        });
+    }
+}
+
+impl Group {
     fn tick(&mut self) {
         self.raft.tick();
         self.idle_ticks += 1;
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some();
         if self.quiesce_after_ticks > 0 && self.idle_ticks >= self.quiesce_after_ticks && settled {
-            self.set_quiesced(true);
+            self.quiesced = true;
         }
     }
 
     /// Any real work keeps the group ticking for another quiet period.
     fn note_activity(&mut self) {
         self.idle_ticks = 0;
-        self.set_quiesced(false);
+        self.quiesced = false;
     }
 
-    fn set_quiesced(&mut self, quiesced: bool) {
-        if self.quiesced == quiesced {
-            return;
-        }
-        self.quiesced = quiesced;
-        let counter = &self.quiesced_groups;
-        if quiesced {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// Classifies an input for quiescence, then handles it. A heartbeat
-    /// wakes a quiesced group without resetting its idle count, so that
-    /// leader and followers go quiet within a tick of each other.
-    fn accept_input(&mut self, input: Input) {
+    /// Classifies an input for quiescence, then handles it; true when the
+    /// group must tick again. A heartbeat wakes a quiesced group without
+    /// resetting its idle count, so that leader and followers go quiet
+    /// within a tick of each other.
+    fn accept_input(&mut self, input: Input) -> bool {
         match &input {
             Input::Message(message) => {
                 let heartbeat = matches!(
@@ -461,17 +600,16 @@ impl GroupActor {
                     MessageBody::Heartbeat { .. } | MessageBody::HeartbeatResponse { .. }
                 );
                 if heartbeat {
-                    self.set_quiesced(false);
+                    self.quiesced = false;
                 } else {
                     self.note_activity();
                 }
             }
             Input::Status { .. } => {}
-            Input::Propose { .. } | Input::Read { .. } | Input::Campaign | Input::Wake => {
-                self.note_activity()
-            }
+            Input::Propose { .. } | Input::Read { .. } | Input::Campaign => self.note_activity(),
         }
         self.handle_input(input);
+        !self.quiesced
     }
 
     fn handle_input(&mut self, input: Input) {
@@ -519,62 +657,67 @@ impl GroupActor {
                 let _ = reply.send(self.raft.status());
             }
             Input::Campaign => self.raft.campaign(),
-            Input::Wake => {}
         }
     }
 
-    fn handle_control(&mut self, event: Control) -> Result<(), String> {
-        match event {
-            Control::Persisted { number, result } => {
-                result.map_err(|error| format!("persisting failed: {error}"))?;
-                self.raft.on_persisted(number);
-                while self
-                    .unsent
-                    .front()
-                    .is_some_and(|(ready, _)| *ready <= number)
-                {
-                    if let Some((_, messages)) = self.unsent.pop_front() {
-                        self.transport.send(self.group, messages);
-                    }
-                }
-            }
-            Control::Applied { index, results } => {
-                self.raft.advance_apply(index);
-                for (entry_index, entry_term, result) in results {
-                    if let Some((term, reply)) = self.proposals.remove(&entry_index) {
-                        let outcome = if term == entry_term {
-                            Ok(result)
-                        } else {
-                            Err(Error::Dropped(self.group))
-                        };
-                        let _ = reply.send(outcome);
-                    }
-                }
-                // Proposals at or below the applied index whose entry was
-                // not a command of theirs were overwritten.
-                let group = self.group;
-                while let Some(entry) = self.proposals.first_entry() {
-                    if *entry.key() > index {
-                        break;
-                    }
-                    let (_, reply) = entry.remove();
-                    let _ = reply.send(Err(Error::Dropped(group)));
+    /// The ready `number` is durable: acknowledge it and send the messages
+    /// that were waiting for it.
+    fn on_persisted(&mut self, number: u64, transport: &dyn Transport) {
+        self.raft.on_persisted(number);
+        while self
+            .unsent
+            .front()
+            .is_some_and(|(ready, _)| *ready <= number)
+        {
+            if let Some((_, messages)) = self.unsent.pop_front() {
+                if !messages.is_empty() {
+                    transport.send(self.group, messages);
                 }
             }
         }
-        Ok(())
     }
 
-    fn process_ready(&mut self) -> Result<(), String> {
+    /// The apply task applied up to `index`: resolve the proposals.
+    fn on_applied(&mut self, index: LogIndex, results: Vec<(LogIndex, Term, Bytes)>) {
+        self.raft.advance_apply(index);
+        for (entry_index, entry_term, result) in results {
+            if let Some((term, reply)) = self.proposals.remove(&entry_index) {
+                let outcome = if term == entry_term {
+                    Ok(result)
+                } else {
+                    Err(Error::Dropped(self.group))
+                };
+                let _ = reply.send(outcome);
+            }
+        }
+        // Proposals at or below the applied index whose entry was not a
+        // command of theirs were overwritten.
+        let group = self.group;
+        while let Some(entry) = self.proposals.first_entry() {
+            if *entry.key() > index {
+                break;
+            }
+            let (_, reply) = entry.remove();
+            let _ = reply.send(Err(Error::Dropped(group)));
+        }
+    }
+
+    /// Takes this group's readies: messages out at once, persistence into
+    /// the worker's batch, committed entries and reads to the apply task.
+    fn process_ready(
+        &mut self,
+        transport: &dyn Transport,
+        batch: &mut WriteBatch,
+        readies: &mut Vec<(GroupId, u64)>,
+    ) -> Result<(), String> {
         while self.raft.has_ready() {
             let ready = self
                 .raft
                 .ready()
                 .map_err(|error| format!("raft: {error}"))?;
             if !ready.messages.is_empty() {
-                self.transport.send(self.group, ready.messages);
+                transport.send(self.group, ready.messages);
             }
-            let mut batch = WriteBatch::new();
             if let Some(meta) = ready.snapshot {
                 batch.install_snapshot(self.group, meta);
             }
@@ -586,13 +729,7 @@ impl GroupActor {
             }
             self.unsent
                 .push_back((ready.number, ready.persisted_messages));
-            let control = self.control_sender.clone();
-            let number = ready.number;
-            // Empty batches too: the WAL answers them in order, so persisted
-            // messages never overtake an earlier ready's fsync.
-            self.wal.submit(batch, move |result| {
-                let _ = control.send(Control::Persisted { number, result });
-            });
+            readies.push((self.group, ready.number));
             if !ready.committed_entries.is_empty() {
                 let _ = self.apply.send(ApplyWork::Entries(ready.committed_entries));
             }
@@ -627,6 +764,7 @@ impl GroupActor {
 /// Applies committed entries in order and serves reads once their index is
 /// applied; reports progress and results back to the actor.
 async fn apply_loop(
+    group: GroupId,
     mut state_machine: Box<dyn StateMachine>,
     mut work: mpsc::UnboundedReceiver<ApplyWork>,
     control: mpsc::UnboundedSender<Control>,
@@ -645,6 +783,7 @@ async fn apply_loop(
                     applied = applied.max(entry.index);
                 }
                 let _ = control.send(Control::Applied {
+                    group,
                     index: applied,
                     results,
                 });
