@@ -115,15 +115,23 @@ enum WorkerInput {
     WakeAll,
 }
 
-/// Work for the apply task.
+/// Work for a worker's apply task, which owns its groups' state machines.
 enum ApplyWork {
-    Entries(Vec<Entry>),
+    Register(GroupId, Box<dyn StateMachine>),
+    Entries(GroupId, Vec<Entry>),
     Read {
+        group: GroupId,
         index: LogIndex,
         query: Bytes,
         reply: Reply,
     },
 }
+
+type WorkerChannels = (
+    mpsc::Sender<WorkerInput>,
+    mpsc::UnboundedSender<Control>,
+    mpsc::UnboundedSender<ApplyWork>,
+);
 
 struct HostInner {
     config: HostConfig,
@@ -131,11 +139,10 @@ struct HostInner {
     quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
     wal: Arc<Wal>,
     /// Each worker's inbox and control channel; emptied by `stop`.
-    workers: RwLock<Vec<(mpsc::Sender<WorkerInput>, mpsc::UnboundedSender<Control>)>>,
+    workers: RwLock<Vec<WorkerChannels>>,
     worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Which worker runs each group.
     groups: RwLock<HashMap<GroupId, usize>>,
-    runtime: tokio::runtime::Handle,
 }
 
 /// Runs the Raft groups of one node.
@@ -173,6 +180,8 @@ impl NodeHost {
         for _ in 0..config.workers.max(1) {
             let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
             let (control_sender, control) = mpsc::unbounded_channel();
+            let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
+            tasks.push(runtime.spawn(apply_loop(apply_inbox, control_sender.clone())));
             let worker = Worker {
                 groups: HashMap::new(),
                 active: BTreeSet::new(),
@@ -183,7 +192,7 @@ impl NodeHost {
                 quiesced_published: 0,
             };
             tasks.push(runtime.spawn(worker.run(inbox, control, config.tick_interval)));
-            workers.push((inbox_sender, control_sender));
+            workers.push((inbox_sender, control_sender, apply_sender));
         }
         NodeHost {
             inner: Arc::new(HostInner {
@@ -193,7 +202,6 @@ impl NodeHost {
                 workers: RwLock::new(workers),
                 worker_tasks: Mutex::new(tasks),
                 groups: RwLock::new(HashMap::new()),
-                runtime,
             }),
         }
     }
@@ -231,21 +239,20 @@ impl NodeHost {
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
         let worker_index = (group.0 % self.inner.config.workers.max(1) as u64) as usize;
-        let (inbox, control) = {
+        let (inbox, apply) = {
             let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
             match workers.get(worker_index) {
-                Some((inbox, control)) => (inbox.clone(), control.clone()),
+                Some((inbox, _, apply)) => (inbox.clone(), apply.clone()),
                 None => return Err(stopped(group)),
             }
         };
-        let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
-        self.inner
-            .runtime
-            .spawn(apply_loop(group, state_machine, apply_inbox, control));
+        apply
+            .send(ApplyWork::Register(group, state_machine))
+            .map_err(|_| stopped(group))?;
         let state = Group {
             group,
             raft,
-            apply: apply_sender,
+            apply,
             proposals: BTreeMap::new(),
             reads: HashMap::new(),
             next_read: 1,
@@ -271,7 +278,7 @@ impl NodeHost {
             let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
             workers
                 .get(worker)
-                .map(|(inbox, _)| inbox.clone())
+                .map(|(inbox, _, _)| inbox.clone())
                 .ok_or_else(|| stopped(group))?
         };
         inbox
@@ -341,7 +348,7 @@ impl NodeHost {
     /// leader may be gone, and only ticking followers will notice.
     pub fn wake_all(&self) {
         let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
-        for (inbox, _) in workers.iter() {
+        for (inbox, _, _) in workers.iter() {
             // A full inbox means the worker is busy, hence awake.
             let _ = inbox.try_send(WorkerInput::WakeAll);
         }
@@ -731,11 +738,14 @@ impl Group {
                 .push_back((ready.number, ready.persisted_messages));
             readies.push((self.group, ready.number));
             if !ready.committed_entries.is_empty() {
-                let _ = self.apply.send(ApplyWork::Entries(ready.committed_entries));
+                let _ = self
+                    .apply
+                    .send(ApplyWork::Entries(self.group, ready.committed_entries));
             }
             for state in ready.read_states {
                 if let Some((query, reply)) = self.reads.remove(&state.id) {
                     let _ = self.apply.send(ApplyWork::Read {
+                        group: self.group,
                         index: state.index,
                         query,
                         reply,
@@ -761,50 +771,92 @@ impl Group {
     }
 }
 
-/// Applies committed entries in order and serves reads once their index is
-/// applied; reports progress and results back to the actor.
+/// One group's state machine inside its worker's apply task.
+struct Applier {
+    state_machine: Box<dyn StateMachine>,
+    applied: LogIndex,
+    waiting: Vec<(LogIndex, Bytes, Reply)>,
+}
+
+/// Applies committed entries in order for every group of a worker, and
+/// serves reads once their index is applied. Everything queued is handled
+/// per wake-up; each touched group gets one `Applied` report.
 async fn apply_loop(
-    group: GroupId,
-    mut state_machine: Box<dyn StateMachine>,
     mut work: mpsc::UnboundedReceiver<ApplyWork>,
     control: mpsc::UnboundedSender<Control>,
 ) {
-    let mut applied = state_machine.applied_index();
-    let mut waiting: Vec<(LogIndex, Bytes, Reply)> = Vec::new();
-    while let Some(item) = work.recv().await {
-        match item {
-            ApplyWork::Entries(entries) => {
-                let mut results = Vec::new();
-                for entry in &entries {
-                    if let EntryPayload::Normal(command) = &entry.payload {
-                        let result = state_machine.apply(entry.index, command);
-                        results.push((entry.index, entry.term, result));
-                    }
-                    applied = applied.max(entry.index);
-                }
-                let _ = control.send(Control::Applied {
-                    group,
-                    index: applied,
-                    results,
-                });
-                let (ready, still_waiting): (Vec<_>, Vec<_>) = waiting
-                    .into_iter()
-                    .partition(|(index, _, _)| *index <= applied);
-                waiting = still_waiting;
-                for (_, query, reply) in ready {
-                    let _ = reply.send(Ok(state_machine.read(&query)));
-                }
-            }
-            ApplyWork::Read {
+    let mut appliers: HashMap<GroupId, Applier> = HashMap::new();
+    let mut reports: BTreeMap<GroupId, Vec<(LogIndex, Term, Bytes)>> = BTreeMap::new();
+    while let Some(first) = work.recv().await {
+        let mut next = Some(first);
+        while let Some(item) = next {
+            apply_one(item, &mut appliers, &mut reports);
+            next = work.try_recv().ok();
+        }
+        for (group, results) in std::mem::take(&mut reports) {
+            let Some(applier) = appliers.get_mut(&group) else {
+                continue;
+            };
+            let index = applier.applied;
+            let _ = control.send(Control::Applied {
+                group,
                 index,
-                query,
-                reply,
-            } => {
-                if index <= applied {
-                    let _ = reply.send(Ok(state_machine.read(&query)));
-                } else {
-                    waiting.push((index, query, reply));
+                results,
+            });
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut applier.waiting)
+                .into_iter()
+                .partition(|(read_index, _, _)| *read_index <= index);
+            applier.waiting = waiting;
+            for (_, query, reply) in ready {
+                let _ = reply.send(Ok(applier.state_machine.read(&query)));
+            }
+        }
+    }
+}
+
+fn apply_one(
+    item: ApplyWork,
+    appliers: &mut HashMap<GroupId, Applier>,
+    reports: &mut BTreeMap<GroupId, Vec<(LogIndex, Term, Bytes)>>,
+) {
+    match item {
+        ApplyWork::Register(group, state_machine) => {
+            let applied = state_machine.applied_index();
+            appliers.insert(
+                group,
+                Applier {
+                    state_machine,
+                    applied,
+                    waiting: Vec::new(),
+                },
+            );
+        }
+        ApplyWork::Entries(group, entries) => {
+            let Some(applier) = appliers.get_mut(&group) else {
+                return;
+            };
+            let results = reports.entry(group).or_default();
+            for entry in &entries {
+                if let EntryPayload::Normal(command) = &entry.payload {
+                    let result = applier.state_machine.apply(entry.index, command);
+                    results.push((entry.index, entry.term, result));
                 }
+                applier.applied = applier.applied.max(entry.index);
+            }
+        }
+        ApplyWork::Read {
+            group,
+            index,
+            query,
+            reply,
+        } => {
+            let Some(applier) = appliers.get_mut(&group) else {
+                return;
+            };
+            if index <= applier.applied {
+                let _ = reply.send(Ok(applier.state_machine.read(&query)));
+            } else {
+                applier.waiting.push((index, query, reply));
             }
         }
     }
