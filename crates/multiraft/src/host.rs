@@ -596,9 +596,12 @@ impl Group {
     }
 
     /// Classifies an input for quiescence, then handles it; true when the
-    /// group must tick again. A heartbeat wakes a quiesced group without
-    /// resetting its idle count, so that leader and followers go quiet
-    /// within a tick of each other.
+    /// group must tick. Heartbeats and their answers are handled without
+    /// resuming ticks: a quiet group needs no timer to answer, and if a
+    /// woken leader sent heartbeats on its next tick, they would wake the
+    /// followers, whose answers would wake the leader again, and the group
+    /// would never settle. A leader's failure is noticed through the lost
+    /// peer instead (`wake_all`).
     fn accept_input(&mut self, input: Input) -> bool {
         match &input {
             Input::Message(message) => {
@@ -606,9 +609,7 @@ impl Group {
                     message.body,
                     MessageBody::Heartbeat { .. } | MessageBody::HeartbeatResponse { .. }
                 );
-                if heartbeat {
-                    self.quiesced = false;
-                } else {
+                if !heartbeat {
                     self.note_activity();
                 }
             }
