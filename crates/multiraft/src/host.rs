@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use regatta_raft::{
-    Config, Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, Proposed, RaftNode,
-    ReadId, Role, Status, Term,
+    ConfChange, Config, Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, Proposed,
+    RaftNode, ReadId, Role, Status, Term,
 };
 use regatta_wal::{GroupId, Wal, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
@@ -91,6 +91,9 @@ enum Input {
     Read { query: Bytes, reply: Reply },
     Status { reply: oneshot::Sender<Status> },
     Campaign,
+    ConfChange { change: ConfChange, reply: Reply },
+    TransferLeader { target: NodeId, reply: Reply },
+    StaleRead { query: Bytes, reply: Reply },
 }
 
 /// Completions from the WAL and the apply tasks, to a worker; unbounded,
@@ -361,6 +364,36 @@ impl NodeHost {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Proposes a membership change of `group` on its leader; resolves once
+    /// the change is applied.
+    pub async fn change_membership(&self, group: GroupId, change: ConfChange) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(group, Input::ConfChange { change, reply })?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(stopped(group)))
+            .map(|_| ())
+    }
+
+    /// Asks the group's leader (this node, or forwarded to it) to hand
+    /// leadership to `target`; returns once the request is under way.
+    pub async fn transfer_leader(&self, group: GroupId, target: NodeId) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(group, Input::TransferLeader { target, reply })?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(stopped(group)))
+            .map(|_| ())
+    }
+
+    /// A read from this node's state machine as it is now: no Raft round,
+    /// possibly stale (serializable).
+    pub async fn read_stale(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(group, Input::StaleRead { query, reply })?;
+        answer.await.unwrap_or_else(|_| Err(stopped(group)))
+    }
+
     /// Makes this node campaign in `group` now.
     pub fn campaign(&self, group: GroupId) -> Result<(), Error> {
         self.enqueue(group, Input::Campaign)
@@ -614,7 +647,12 @@ impl Group {
                 }
             }
             Input::Status { .. } => {}
-            Input::Propose { .. } | Input::Read { .. } | Input::Campaign => self.note_activity(),
+            Input::StaleRead { .. } => {}
+            Input::Propose { .. }
+            | Input::Read { .. }
+            | Input::Campaign
+            | Input::ConfChange { .. }
+            | Input::TransferLeader { .. } => self.note_activity(),
         }
         self.handle_input(input);
         !self.quiesced
@@ -665,6 +703,40 @@ impl Group {
                 let _ = reply.send(self.raft.status());
             }
             Input::Campaign => self.raft.campaign(),
+            Input::ConfChange { change, reply } => {
+                if self.raft.role() != Role::Leader {
+                    let leader_hint = self.raft.leader();
+                    let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
+                    return;
+                }
+                match self.raft.propose_conf_change(change) {
+                    // Resolved like a proposal: once applied in this term.
+                    Ok(Proposed::Appended { last, term, .. }) => {
+                        self.proposals.insert(last, (term, reply));
+                    }
+                    Ok(Proposed::Forwarded { leader }) => {
+                        let _ = reply.send(Err(Error::NotLeader {
+                            group,
+                            leader_hint: Some(leader),
+                        }));
+                    }
+                    Err(source) => {
+                        let _ = reply.send(Err(Error::Raft { group, source }));
+                    }
+                }
+            }
+            Input::TransferLeader { target, reply } => {
+                let result = self.raft.transfer_leader(target).map(|()| Bytes::new());
+                let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
+            }
+            Input::StaleRead { query, reply } => {
+                let _ = self.apply.send(ApplyWork::Read {
+                    group,
+                    index: LogIndex(0),
+                    query,
+                    reply,
+                });
+            }
         }
     }
 
@@ -838,9 +910,16 @@ fn apply_one(
             };
             let results = reports.entry(group).or_default();
             for entry in &entries {
-                if let EntryPayload::Normal(command) = &entry.payload {
-                    let result = applier.state_machine.apply(entry.index, command);
-                    results.push((entry.index, entry.term, result));
+                match &entry.payload {
+                    EntryPayload::Normal(command) => {
+                        let result = applier.state_machine.apply(entry.index, command);
+                        results.push((entry.index, entry.term, result));
+                    }
+                    // A membership change resolves its proposer when applied.
+                    EntryPayload::ConfChange(_) => {
+                        results.push((entry.index, entry.term, Bytes::new()))
+                    }
+                    EntryPayload::Empty => {}
                 }
                 applier.applied = applier.applied.max(entry.index);
             }

@@ -172,3 +172,81 @@ async fn three_hosts_elect_replicate_read_and_recover() {
     let status = restarted.status(GROUP).await.expect("status");
     assert!(status.hard_state.commit >= LogIndex(121), "{status:?}");
 }
+
+/// Grow a group from 3 to 4 nodes through the host API: the new node joins
+/// as a learner, is promoted automatically, takes leadership by transfer
+/// and serves reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_and_takes_leadership() {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let transport = LocalTransport::new();
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        hosts.insert(
+            id,
+            start_host(dirs[id as usize - 1].path(), id, &transport, &voters),
+        );
+    }
+    let leader = wait_for_leader(&hosts).await;
+    hosts[&leader]
+        .propose(GROUP, Bytes::from_static(b"a=1"))
+        .await
+        .expect("commit");
+    // Node 4 starts empty: it joins, it does not bootstrap.
+    hosts.insert(4, start_host(dirs[3].path(), 4, &transport, &[]));
+    let change = regatta_raft::ConfChange::AddLearner {
+        node: NodeId(4),
+        auto_promote: true,
+    };
+    hosts[&leader]
+        .change_membership(GROUP, change)
+        .await
+        .expect("learner added");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = hosts[&leader].status(GROUP).await.expect("status");
+        if status.membership.voters.contains(&NodeId(4)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 was never promoted: {:?}",
+            status.membership
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hosts[&leader]
+        .transfer_leader(GROUP, NodeId(4))
+        .await
+        .expect("transfer started");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hosts[&4]
+        .status(GROUP)
+        .await
+        .expect("status")
+        .soft_state
+        .role
+        != Role::Leader
+    {
+        assert!(Instant::now() < deadline, "node 4 never took leadership");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hosts[&4]
+        .propose(GROUP, Bytes::from_static(b"a=2"))
+        .await
+        .expect("commit on the new leader");
+    assert_eq!(
+        hosts[&4]
+            .read_stale(GROUP, Bytes::from_static(b"a"))
+            .await
+            .expect("read"),
+        "2".as_bytes()
+    );
+    read_until(&hosts[&1], "a", "2").await;
+    for host in hosts.values() {
+        host.stop().await;
+    }
+}
