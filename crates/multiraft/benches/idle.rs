@@ -24,6 +24,12 @@ impl StateMachine for Idle {
     fn applied_index(&self) -> LogIndex {
         LogIndex(0)
     }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::new()
+    }
+
+    fn restore(&mut self, _index: LogIndex, _data: &Bytes) {}
 }
 
 /// CPU seconds this process has used (user + system).

@@ -33,6 +33,14 @@ impl StateMachine for Sink {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::new()
+    }
+
+    fn restore(&mut self, index: LogIndex, _data: &Bytes) {
+        self.applied = index;
+    }
 }
 
 struct Cluster {

@@ -46,6 +46,12 @@ pub trait StateMachine: Send + 'static {
     /// The highest index applied (persisted with the data by real state
     /// machines, so that a restart does not apply an entry twice).
     fn applied_index(&self) -> LogIndex;
+    /// A consistent copy of the whole state as of `applied_index()`, to
+    /// send to a follower that needs compacted entries.
+    fn snapshot(&self) -> Bytes;
+    /// Replaces the whole state with a snapshot taken at `index`. Like
+    /// `apply`, it must be durable when it returns.
+    fn restore(&mut self, index: LogIndex, data: &Bytes);
 }
 
 /// Configuration of a host. Every limit carries its unit.
@@ -59,6 +65,12 @@ pub struct HostConfig {
     pub group_inbox_max: usize,
     /// Worker tasks the groups are spread over. Default 2.
     pub workers: usize,
+    /// Take a snapshot and compact the log every this many applied
+    /// entries; 0 never compacts. Default 10,000.
+    pub snapshot_every_entries: u64,
+    /// Entries kept below a compaction, for followers slightly behind.
+    /// Default 1,000.
+    pub compaction_overhead_entries: u64,
     /// A group with no activity (proposals, reads, log growth, messages
     /// other than heartbeats) for this many ticks stops ticking until
     /// something arrives; 0 never quiesces. Default 200 (2 s at 10 ms).
@@ -76,6 +88,8 @@ impl HostConfig {
             tick_interval: Duration::from_millis(10),
             group_inbox_max: 4096,
             workers: 2,
+            snapshot_every_entries: 10_000,
+            compaction_overhead_entries: 1_000,
             quiesce_after_ticks: 200,
             raft: Config::new(node_id),
         }
@@ -87,13 +101,40 @@ type Reply = oneshot::Sender<Result<Bytes, Error>>;
 /// Requests from clients and peers, bounded by `group_inbox_max`.
 enum Input {
     Message(Message),
-    Propose { command: Bytes, reply: Reply },
-    Read { query: Bytes, reply: Reply },
-    Status { reply: oneshot::Sender<Status> },
+    Propose {
+        command: Bytes,
+        reply: Reply,
+    },
+    Read {
+        query: Bytes,
+        reply: Reply,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
     Campaign,
-    ConfChange { change: ConfChange, reply: Reply },
-    TransferLeader { target: NodeId, reply: Reply },
-    StaleRead { query: Bytes, reply: Reply },
+    ConfChange {
+        change: ConfChange,
+        reply: Reply,
+    },
+    TransferLeader {
+        target: NodeId,
+        reply: Reply,
+    },
+    StaleRead {
+        query: Bytes,
+        reply: Reply,
+    },
+    /// A snapshot message from the leader with the state it stands for.
+    Snapshot {
+        message: Message,
+        data: Bytes,
+    },
+    /// The transport finished (or failed) sending a snapshot to `to`.
+    SnapshotReport {
+        to: NodeId,
+        delivered: bool,
+    },
 }
 
 /// Completions from the WAL and the apply tasks, to a worker; unbounded,
@@ -108,6 +149,13 @@ enum Control {
         group: GroupId,
         index: LogIndex,
         results: Vec<(LogIndex, Term, Bytes)>,
+    },
+    /// The apply task copied the state at `index` for an outgoing snapshot.
+    SnapshotReady {
+        group: GroupId,
+        message: Message,
+        index: LogIndex,
+        data: Bytes,
     },
 }
 
@@ -127,6 +175,17 @@ enum ApplyWork {
         index: LogIndex,
         query: Bytes,
         reply: Reply,
+    },
+    /// Copy the state for this outgoing snapshot message.
+    TakeSnapshot {
+        group: GroupId,
+        message: Message,
+    },
+    /// Replace the state with a snapshot received from the leader.
+    Restore {
+        group: GroupId,
+        index: LogIndex,
+        data: Bytes,
     },
 }
 
@@ -264,6 +323,11 @@ impl NodeHost {
             idle_ticks: 0,
             quiesced: false,
             last_index_seen: LogIndex(0),
+            pending_install: None,
+            snapshot_every_entries: self.inner.config.snapshot_every_entries,
+            compaction_overhead_entries: self.inner.config.compaction_overhead_entries,
+            compacted_at: LogIndex(0),
+            pending_compaction: None,
         };
         inbox
             .try_send(WorkerInput::Start(group, Box::new(state)))
@@ -296,6 +360,18 @@ impl NodeHost {
     /// retransmission) when the group is unknown or its inbox is full.
     pub fn deliver(&self, group: GroupId, message: Message) {
         let _ = self.enqueue(group, Input::Message(message));
+    }
+
+    /// Hands a snapshot message and the state it stands for to a group.
+    /// Returns false when the group cannot take it now.
+    pub fn deliver_snapshot(&self, group: GroupId, message: Message, data: Bytes) -> bool {
+        self.enqueue(group, Input::Snapshot { message, data })
+            .is_ok()
+    }
+
+    /// The transport tells the group how sending a snapshot to `to` ended.
+    pub fn report_snapshot(&self, group: GroupId, to: NodeId, delivered: bool) {
+        let _ = self.enqueue(group, Input::SnapshotReport { to, delivered });
     }
 
     /// Proposes a command on this node, which must lead the group; resolves
@@ -424,6 +500,14 @@ struct Group {
     /// Not ticking: no heartbeats sent, no election timer running.
     quiesced: bool,
     last_index_seen: LogIndex,
+    /// The data of a snapshot message stepped in, until its ready.
+    pending_install: Option<Bytes>,
+    snapshot_every_entries: u64,
+    compaction_overhead_entries: u64,
+    /// Applied index of the last compaction.
+    compacted_at: LogIndex,
+    /// A snapshot marker and compaction to persist with the next ready.
+    pending_compaction: Option<(regatta_raft::SnapshotMeta, LogIndex)>,
 }
 
 /// Inputs handled per turn before the readies are taken.
@@ -559,6 +643,27 @@ impl Worker {
                     touched.insert(group);
                 }
             }
+            Control::SnapshotReady {
+                group,
+                mut message,
+                index,
+                data,
+            } => {
+                let Some(state) = self.groups.get_mut(&group) else {
+                    return;
+                };
+                let to = message.to;
+                match state.raft.snapshot_meta_at(index) {
+                    Ok(meta) => {
+                        // The state copied is at `index`, maybe newer than
+                        // the one Raft named: describe what is sent.
+                        message.body = MessageBody::Snapshot { meta };
+                        self.transport.send_snapshot(group, message, data);
+                    }
+                    Err(_) => state.raft.report_snapshot(to, false),
+                }
+                touched.insert(group);
+            }
             Control::Applied {
                 group,
                 index,
@@ -647,12 +752,13 @@ impl Group {
                 }
             }
             Input::Status { .. } => {}
-            Input::StaleRead { .. } => {}
+            Input::StaleRead { .. } | Input::SnapshotReport { .. } => {}
             Input::Propose { .. }
             | Input::Read { .. }
             | Input::Campaign
             | Input::ConfChange { .. }
-            | Input::TransferLeader { .. } => self.note_activity(),
+            | Input::TransferLeader { .. }
+            | Input::Snapshot { .. } => self.note_activity(),
         }
         self.handle_input(input);
         !self.quiesced
@@ -729,6 +835,11 @@ impl Group {
                 let result = self.raft.transfer_leader(target).map(|()| Bytes::new());
                 let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
             }
+            Input::Snapshot { message, data } => {
+                self.pending_install = Some(data);
+                let _ = self.raft.step(message);
+            }
+            Input::SnapshotReport { to, delivered } => self.raft.report_snapshot(to, delivered),
             Input::StaleRead { query, reply } => {
                 let _ = self.apply.send(ApplyWork::Read {
                     group,
@@ -757,9 +868,30 @@ impl Group {
         }
     }
 
+    /// Every `snapshot_every_entries` applied entries: record a snapshot
+    /// marker at `applied` (the state machine holds that state durably)
+    /// and compact the log below it, keeping the overhead for followers.
+    fn maybe_schedule_compaction(&mut self, applied: LogIndex) {
+        let every = self.snapshot_every_entries;
+        if every == 0 || applied.distance_from(self.compacted_at) < every {
+            return;
+        }
+        let compact_to = LogIndex(applied.0.saturating_sub(self.compaction_overhead_entries));
+        // Never ask the WAL for a compaction it would refuse: the whole
+        // worker's batch would fail with it.
+        if compact_to < self.raft.status().first_index {
+            return;
+        }
+        if let Ok(meta) = self.raft.snapshot_meta_at(applied) {
+            self.pending_compaction = Some((meta, compact_to));
+            self.compacted_at = applied;
+        }
+    }
+
     /// The apply task applied up to `index`: resolve the proposals.
     fn on_applied(&mut self, index: LogIndex, results: Vec<(LogIndex, Term, Bytes)>) {
         self.raft.advance_apply(index);
+        self.maybe_schedule_compaction(index);
         for (entry_index, entry_term, result) in results {
             if let Some((term, reply)) = self.proposals.remove(&entry_index) {
                 let outcome = if term == entry_term {
@@ -791,15 +923,40 @@ impl Group {
         readies: &mut Vec<(GroupId, u64)>,
     ) -> Result<(), String> {
         while self.raft.has_ready() {
-            let ready = self
+            let mut ready = self
                 .raft
                 .ready()
                 .map_err(|error| format!("raft: {error}"))?;
-            if !ready.messages.is_empty() {
-                transport.send(self.group, ready.messages);
+            // A snapshot message leaves only with the state it stands for:
+            // the apply task copies it first (see `Control::SnapshotReady`).
+            let (snapshots, messages): (Vec<Message>, Vec<Message>) =
+                std::mem::take(&mut ready.messages)
+                    .into_iter()
+                    .partition(|message| matches!(message.body, MessageBody::Snapshot { .. }));
+            for message in snapshots {
+                let _ = self.apply.send(ApplyWork::TakeSnapshot {
+                    group: self.group,
+                    message,
+                });
+            }
+            if !messages.is_empty() {
+                transport.send(self.group, messages);
             }
             if let Some(meta) = ready.snapshot {
+                let Some(data) = self.pending_install.take() else {
+                    return Err("a snapshot was accepted without its data".into());
+                };
+                let _ = self.apply.send(ApplyWork::Restore {
+                    group: self.group,
+                    index: meta.index,
+                    data,
+                });
+                self.compacted_at = meta.index;
                 batch.install_snapshot(self.group, meta);
+            }
+            if let Some((meta, compact_to)) = self.pending_compaction.take() {
+                batch.snapshot(self.group, meta);
+                batch.compact(self.group, compact_to);
             }
             if !ready.entries.is_empty() {
                 batch.entries(self.group, ready.entries);
@@ -810,6 +967,7 @@ impl Group {
             self.unsent
                 .push_back((ready.number, ready.persisted_messages));
             readies.push((self.group, ready.number));
+            self.pending_install = None;
             if !ready.committed_entries.is_empty() {
                 let _ = self
                     .apply
@@ -863,7 +1021,7 @@ async fn apply_loop(
     while let Some(first) = work.recv().await {
         let mut next = Some(first);
         while let Some(item) = next {
-            apply_one(item, &mut appliers, &mut reports);
+            apply_one(item, &mut appliers, &mut reports, &control);
             next = work.try_recv().ok();
         }
         for (group, results) in std::mem::take(&mut reports) {
@@ -891,6 +1049,7 @@ fn apply_one(
     item: ApplyWork,
     appliers: &mut HashMap<GroupId, Applier>,
     reports: &mut BTreeMap<GroupId, Vec<(LogIndex, Term, Bytes)>>,
+    control: &mpsc::UnboundedSender<Control>,
 ) {
     match item {
         ApplyWork::Register(group, state_machine) => {
@@ -923,6 +1082,26 @@ fn apply_one(
                 }
                 applier.applied = applier.applied.max(entry.index);
             }
+        }
+        ApplyWork::TakeSnapshot { group, message } => {
+            let Some(applier) = appliers.get_mut(&group) else {
+                return;
+            };
+            let data = applier.state_machine.snapshot();
+            let index = applier.applied;
+            let _ = control.send(Control::SnapshotReady {
+                group,
+                message,
+                index,
+                data,
+            });
+        }
+        ApplyWork::Restore { group, index, data } => {
+            let Some(applier) = appliers.get_mut(&group) else {
+                return;
+            };
+            applier.state_machine.restore(index, &data);
+            applier.applied = index;
         }
         ApplyWork::Read {
             group,

@@ -35,6 +35,7 @@ const ANSWER_ACCEPTED: u8 = 0;
 const ANSWER_WRONG_CLUSTER: u8 = 1;
 const ANSWER_WRONG_VERSION: u8 = 2;
 const FRAME_MESSAGE_BATCH: u8 = 1;
+const FRAME_SNAPSHOT: u8 = 2;
 
 /// TLS for peer connections, with mutual authentication.
 #[derive(Clone)]
@@ -268,6 +269,37 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
+    /// A snapshot travels on a connection of its own, so that a large one
+    /// never holds up heartbeats; the outcome is reported to this node's
+    /// host. Chunking of snapshots larger than `frame_bytes_max` is not
+    /// built yet: such a send fails and is reported as failed.
+    fn send_snapshot(&self, group: GroupId, message: Message, data: Bytes) {
+        let to = message.to;
+        let report = {
+            let host = Arc::clone(&self.host);
+            move |delivered: bool| {
+                if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
+                    host.report_snapshot(group, to, delivered);
+                }
+            }
+        };
+        let Some(address) = self.config.peers.get(&to).copied() else {
+            report(false);
+            return;
+        };
+        let config = self.config.clone();
+        let task = tokio::spawn(async move {
+            let frame = encode_snapshot_frame(group, &message, &data);
+            let delivered = frame.len() <= config.frame_bytes_max as usize + 8
+                && send_frame(&config, address, &frame).await.is_ok();
+            report(delivered);
+        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task.abort_handle());
+    }
+
     fn send(&self, group: GroupId, messages: Vec<Message>) {
         for message in messages {
             let Some(queue) = self.queues.get(&message.to) else {
@@ -394,6 +426,28 @@ async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<Box
     Ok(stream)
 }
 
+/// One snapshot frame: the message (as a batch of one), then the data.
+fn encode_snapshot_frame(group: GroupId, message: &Message, data: &[u8]) -> Vec<u8> {
+    let mut encoded = Vec::new();
+    encode_batch(&[(group, message.clone())], &mut encoded);
+    let mut body = vec![FRAME_SNAPSHOT];
+    body.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+    body.extend_from_slice(&encoded);
+    body.extend_from_slice(data);
+    let mut frame = Vec::with_capacity(body.len() + 8);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+async fn send_frame(config: &TcpConfig, address: SocketAddr, frame: &[u8]) -> std::io::Result<()> {
+    let mut stream = connect(config, address).await?;
+    stream.write_all(frame).await?;
+    stream.flush().await?;
+    stream.shutdown().await
+}
+
 fn encode_frame(messages: &[(GroupId, Message)]) -> Vec<u8> {
     let mut body = vec![FRAME_MESSAGE_BATCH];
     encode_batch(messages, &mut body);
@@ -494,7 +548,17 @@ async fn serve_stream(
         if stream.read_exact(&mut body).await.is_err() {
             return;
         }
-        if crc32c::crc32c(&body) != checksum || body[0] != FRAME_MESSAGE_BATCH {
+        if crc32c::crc32c(&body) != checksum {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if body[0] == FRAME_SNAPSHOT {
+            if !deliver_snapshot_frame(Bytes::from(body), &host) {
+                stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if body[0] != FRAME_MESSAGE_BATCH {
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -509,4 +573,27 @@ async fn serve_stream(
             }
         }
     }
+}
+
+/// Decodes a snapshot frame body and hands it to the host; false when the
+/// frame is malformed.
+fn deliver_snapshot_frame(body: Bytes, host: &OnceLock<WeakNodeHost>) -> bool {
+    if body.len() < 5 {
+        return false;
+    }
+    let length = u32::from_le_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    if length > body.len() - 5 {
+        return false;
+    }
+    let Ok(mut messages) = decode_batch(&body.slice(5..5 + length)) else {
+        return false;
+    };
+    let (Some((group, message)), true) = (messages.pop(), messages.is_empty()) else {
+        return false;
+    };
+    let data = body.slice(5 + length..);
+    if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
+        host.deliver_snapshot(group, message, data);
+    }
+    true
 }

@@ -15,6 +15,11 @@ use crate::host::{NodeHost, WeakNodeHost};
 pub trait Transport: Send + Sync + 'static {
     /// Sends messages of one group; each carries its receiver.
     fn send(&self, group: GroupId, messages: Vec<Message>);
+
+    /// Sends a snapshot message with the state it stands for, apart from
+    /// the other messages, and reports the outcome to the sending host
+    /// (`NodeHost::report_snapshot`): Raft waits for that report.
+    fn send_snapshot(&self, group: GroupId, message: Message, data: bytes::Bytes);
 }
 
 /// Hosts in one process, wired together directly.
@@ -65,6 +70,22 @@ impl LocalTransport {
 }
 
 impl Transport for LocalTransport {
+    fn send_snapshot(&self, group: GroupId, message: Message, data: bytes::Bytes) {
+        let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        let blocked = self
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(message.from, message.to));
+        let (from, to) = (message.from, message.to);
+        let receiver = hosts.get(&to).and_then(WeakNodeHost::upgrade);
+        let delivered =
+            !blocked && receiver.is_some_and(|host| host.deliver_snapshot(group, message, data));
+        if let Some(sender) = hosts.get(&from).and_then(WeakNodeHost::upgrade) {
+            sender.report_snapshot(group, to, delivered);
+        }
+    }
+
     fn send(&self, group: GroupId, messages: Vec<Message>) {
         let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
         let blocked = self

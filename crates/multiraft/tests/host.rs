@@ -50,6 +50,27 @@ impl StateMachine for KvMachine {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
+
+    fn snapshot(&self) -> Bytes {
+        let data = self.data.lock().expect("lock");
+        let lines: Vec<String> = data
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        Bytes::from(lines.join("\n"))
+    }
+
+    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+        let text = String::from_utf8_lossy(data);
+        let mut map = self.data.lock().expect("lock");
+        map.clear();
+        for line in text.lines() {
+            if let Some((key, value)) = line.split_once('=') {
+                map.insert(key.to_string(), value.to_string());
+            }
+        }
+        self.applied = index;
+    }
 }
 
 fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[NodeId]) -> NodeHost {

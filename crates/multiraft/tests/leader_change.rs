@@ -35,6 +35,16 @@ impl StateMachine for Journal {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::from(self.applied_commands.lock().expect("lock").join("\n"))
+    }
+
+    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+        let text = String::from_utf8_lossy(data);
+        *self.applied_commands.lock().expect("lock") = text.lines().map(str::to_string).collect();
+        self.applied = index;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

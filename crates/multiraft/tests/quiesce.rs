@@ -30,6 +30,14 @@ impl StateMachine for Counter {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::new()
+    }
+
+    fn restore(&mut self, index: LogIndex, _data: &Bytes) {
+        self.applied = index;
+    }
 }
 
 fn host(dir: &Path, id: u64, transport: &Arc<LocalTransport>) -> NodeHost {

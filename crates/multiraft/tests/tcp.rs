@@ -39,6 +39,15 @@ impl StateMachine for Register {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::from(self.value.lock().expect("lock").clone())
+    }
+
+    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+        *self.value.lock().expect("lock") = String::from_utf8_lossy(data).to_string();
+        self.applied = index;
+    }
 }
 
 struct Node {

@@ -71,6 +71,15 @@ impl StateMachine for Register {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
+
+    fn snapshot(&self) -> Bytes {
+        self.value.clone()
+    }
+
+    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+        self.value = data.clone();
+        self.applied = index;
+    }
 }
 
 struct Node {

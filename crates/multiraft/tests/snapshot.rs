@@ -1,0 +1,255 @@
+//! Snapshots through the host: the leader compacts its log every N applied
+//! entries, so a node that joins later can only catch up through a
+//! snapshot copied from the leader's state machine. Over the in-process
+//! transport and over TCP (a connection of its own per snapshot).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regatta_multiraft::{
+    HostConfig, LocalTransport, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport,
+};
+use regatta_raft::{ConfChange, LogIndex, NodeId, Role};
+use regatta_wal::{GroupId, Wal, WalConfig};
+use tokio::net::TcpListener;
+
+const GROUP: GroupId = GroupId(5);
+
+/// A key-value map; commands are `key=value`, queries are keys.
+#[derive(Default)]
+struct Kv {
+    data: Arc<Mutex<BTreeMap<String, String>>>,
+    applied: LogIndex,
+    restored_at: Arc<Mutex<Option<LogIndex>>>,
+}
+
+impl StateMachine for Kv {
+    fn apply(&mut self, index: LogIndex, command: &Bytes) -> Bytes {
+        let text = String::from_utf8_lossy(command);
+        let (key, value) = text.split_once('=').unwrap_or((&text, ""));
+        self.data
+            .lock()
+            .expect("lock")
+            .insert(key.to_string(), value.to_string());
+        self.applied = index;
+        Bytes::new()
+    }
+    fn read(&self, query: &Bytes) -> Bytes {
+        let key = String::from_utf8_lossy(query).to_string();
+        Bytes::from(
+            self.data
+                .lock()
+                .expect("lock")
+                .get(&key)
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+    fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+    fn snapshot(&self) -> Bytes {
+        let data = self.data.lock().expect("lock");
+        Bytes::from(
+            data.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    }
+    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+        let mut map = self.data.lock().expect("lock");
+        map.clear();
+        for line in String::from_utf8_lossy(data).lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                map.insert(k.to_string(), v.to_string());
+            }
+        }
+        self.applied = index;
+        *self.restored_at.lock().expect("lock") = Some(index);
+    }
+}
+
+fn config(id: u64) -> HostConfig {
+    let mut config = HostConfig::new(NodeId(id));
+    config.tick_interval = Duration::from_millis(10);
+    config.snapshot_every_entries = 50;
+    config.compaction_overhead_entries = 10;
+    config
+}
+
+async fn leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        for (id, host) in hosts {
+            if host.status(GROUP).await.expect("status").soft_state.role == Role::Leader {
+                return *id;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Writes enough to compact, adds node 5 as a learner, and checks that it
+/// restored from a snapshot and holds exactly the leader's state.
+async fn join_through_snapshot(
+    hosts: &BTreeMap<u64, NodeHost>,
+    joiner: &NodeHost,
+    restored_at: &Arc<Mutex<Option<LogIndex>>>,
+) {
+    let leader = leader(hosts).await;
+    for i in 0..200 {
+        hosts[&leader]
+            .propose(GROUP, Bytes::from(format!("k{}=v{i}", i % 7)))
+            .await
+            .expect("commit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while hosts[&leader]
+        .status(GROUP)
+        .await
+        .expect("status")
+        .first_index
+        <= LogIndex(100)
+    {
+        assert!(Instant::now() < deadline, "the leader never compacted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let change = ConfChange::AddLearner {
+        node: joiner.node_id(),
+        auto_promote: false,
+    };
+    hosts[&leader]
+        .change_membership(GROUP, change)
+        .await
+        .expect("learner added");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for key in 0..7 {
+        let expected = (0..200)
+            .filter(|i| i % 7 == key)
+            .max()
+            .map(|i| format!("v{i}"))
+            .unwrap_or_default();
+        loop {
+            let value = joiner
+                .read_stale(GROUP, Bytes::from(format!("k{key}")))
+                .await
+                .expect("read");
+            if value == expected.as_bytes() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "k{key} never reached {expected} on the new node"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let restored = *restored_at.lock().expect("lock");
+    assert!(
+        restored.is_some_and(|index| index > LogIndex(100)),
+        "the new node did not restore a snapshot: {restored:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_catches_up_through_a_snapshot_in_process() {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let transport = LocalTransport::new();
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let start = |id: u64,
+                 dir: &std::path::Path,
+                 voters: &[NodeId],
+                 restored_at: Arc<Mutex<Option<LogIndex>>>| {
+        let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let host = NodeHost::new(
+            config(id),
+            wal,
+            as_transport,
+            tokio::runtime::Handle::current(),
+        );
+        transport.register(NodeId(id), &host);
+        let machine = Kv {
+            restored_at,
+            ..Kv::default()
+        };
+        host.start_group(GROUP, voters.to_vec(), Box::new(machine))
+            .expect("group");
+        host
+    };
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        hosts.insert(
+            id,
+            start(id, dirs[id as usize - 1].path(), &voters, Arc::default()),
+        );
+    }
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let joiner = start(5, dirs[3].path(), &[], Arc::clone(&restored_at));
+    join_through_snapshot(&hosts, &joiner, &restored_at).await;
+    for host in hosts.values().chain([&joiner]) {
+        host.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_catches_up_through_a_snapshot_over_tcp() {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut listeners = Vec::new();
+    let mut peers: HashMap<NodeId, SocketAddr> = HashMap::new();
+    for id in [1u64, 2, 3, 5] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        peers.insert(NodeId(id), listener.local_addr().expect("address"));
+        listeners.push((id, listener));
+    }
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut hosts = BTreeMap::new();
+    let mut transports = Vec::new();
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let mut joiner = None;
+    for (position, (id, listener)) in listeners.into_iter().enumerate() {
+        let mut tcp = TcpConfig::new(NodeId(id), 9);
+        tcp.peers = peers.clone();
+        let transport = TcpTransport::start(tcp, listener);
+        let wal = Arc::new(Wal::open(WalConfig::new(dirs[position].path())).expect("wal"));
+        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let host = NodeHost::new(
+            config(id),
+            wal,
+            as_transport,
+            tokio::runtime::Handle::current(),
+        );
+        transport.attach(&host);
+        transports.push(transport);
+        if id == 5 {
+            let machine = Kv {
+                restored_at: Arc::clone(&restored_at),
+                ..Kv::default()
+            };
+            host.start_group(GROUP, Vec::new(), Box::new(machine))
+                .expect("group");
+            joiner = Some(host);
+        } else {
+            host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
+                .expect("group");
+            hosts.insert(id, host);
+        }
+    }
+    let joiner = joiner.expect("node 5");
+    join_through_snapshot(&hosts, &joiner, &restored_at).await;
+    for transport in &transports {
+        transport.shutdown();
+    }
+    for host in hosts.values().chain([&joiner]) {
+        host.stop().await;
+    }
+}
