@@ -28,6 +28,15 @@ pub enum Error {
     /// stepped down before it committed: it was not applied.
     #[error("group {}: the proposal was dropped before it committed; it was not applied", .0 .0)]
     Dropped(GroupId),
+    /// The request did not complete in time. For a proposal the outcome is
+    /// unknown: it may still be applied.
+    #[error("group {}: no answer within {timeout_ms} ms; the outcome is unknown, so check before retrying a write", group.0)]
+    Timeout {
+        /// The group.
+        group: GroupId,
+        /// The deadline that passed.
+        timeout_ms: u64,
+    },
     /// The group's inbox is full; retry later.
     #[error("group {}: too many requests queued (group_inbox_max); retry later", .0 .0)]
     Busy(GroupId),

@@ -65,6 +65,10 @@ pub struct HostConfig {
     pub group_inbox_max: usize,
     /// Worker tasks the groups are spread over. Default 2.
     pub workers: usize,
+    /// How long a proposal, read or membership change may wait for its
+    /// answer before failing with `Timeout`; a partitioned node would
+    /// otherwise keep callers waiting. Default 10 s.
+    pub request_timeout: Duration,
     /// Take a snapshot and compact the log every this many applied
     /// entries; 0 never compacts. Default 10,000.
     pub snapshot_every_entries: u64,
@@ -88,6 +92,7 @@ impl HostConfig {
             tick_interval: Duration::from_millis(10),
             group_inbox_max: 4096,
             workers: 2,
+            request_timeout: Duration::from_secs(10),
             snapshot_every_entries: 10_000,
             compaction_overhead_entries: 1_000,
             quiesce_after_ticks: 200,
@@ -379,7 +384,7 @@ impl NodeHost {
     pub async fn propose(&self, group: GroupId, command: Bytes) -> Result<Bytes, Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::Propose { command, reply })?;
-        answer.await.unwrap_or_else(|_| Err(stopped(group)))
+        self.answer(group, answer).await
     }
 
     /// A linearizable read (ReadIndex, batched by the core; forwarded to the
@@ -387,7 +392,7 @@ impl NodeHost {
     pub async fn read_linearizable(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::Read { query, reply })?;
-        answer.await.unwrap_or_else(|_| Err(stopped(group)))
+        self.answer(group, answer).await
     }
 
     /// The group's Raft status on this node.
@@ -445,10 +450,7 @@ impl NodeHost {
     pub async fn change_membership(&self, group: GroupId, change: ConfChange) -> Result<(), Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::ConfChange { change, reply })?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(stopped(group)))
-            .map(|_| ())
+        self.answer(group, answer).await.map(|_| ())
     }
 
     /// Asks the group's leader (this node, or forwarded to it) to hand
@@ -456,10 +458,7 @@ impl NodeHost {
     pub async fn transfer_leader(&self, group: GroupId, target: NodeId) -> Result<(), Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::TransferLeader { target, reply })?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(stopped(group)))
-            .map(|_| ())
+        self.answer(group, answer).await.map(|_| ())
     }
 
     /// A read from this node's state machine as it is now: no Raft round,
@@ -467,12 +466,27 @@ impl NodeHost {
     pub async fn read_stale(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::StaleRead { query, reply })?;
-        answer.await.unwrap_or_else(|_| Err(stopped(group)))
+        self.answer(group, answer).await
     }
 
     /// Makes this node campaign in `group` now.
     pub fn campaign(&self, group: GroupId) -> Result<(), Error> {
         self.enqueue(group, Input::Campaign)
+    }
+}
+
+impl NodeHost {
+    /// Waits for an answer within `request_timeout`.
+    async fn answer<T>(&self, group: GroupId, answer: oneshot::Receiver<Result<T, Error>>) -> Result<T, Error> {
+        let timeout = self.inner.config.request_timeout;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped(group)),
+            Err(_) => Err(Error::Timeout {
+                group,
+                timeout_ms: timeout.as_millis() as u64,
+            }),
+        }
     }
 }
 
