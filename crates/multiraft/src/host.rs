@@ -477,7 +477,11 @@ impl NodeHost {
 
 impl NodeHost {
     /// Waits for an answer within `request_timeout`.
-    async fn answer<T>(&self, group: GroupId, answer: oneshot::Receiver<Result<T, Error>>) -> Result<T, Error> {
+    async fn answer<T>(
+        &self,
+        group: GroupId,
+        answer: oneshot::Receiver<Result<T, Error>>,
+    ) -> Result<T, Error> {
         let timeout = self.inner.config.request_timeout;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
