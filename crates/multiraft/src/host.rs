@@ -782,6 +782,33 @@ impl Group {
         !self.quiesced
     }
 
+    /// Proposes on this node if it leads, and tracks the entry so that
+    /// `on_applied` resolves `reply`; otherwise answers `NotLeader`.
+    fn propose_on_leader(
+        &mut self,
+        reply: Reply,
+        propose: impl FnOnce(&mut RaftNode<GroupStorage>) -> regatta_raft::Result<Proposed>,
+    ) {
+        let group = self.group;
+        if self.raft.role() != Role::Leader {
+            let leader_hint = self.raft.leader();
+            let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
+            return;
+        }
+        match propose(&mut self.raft) {
+            Ok(Proposed::Appended { last, term, .. }) => {
+                self.proposals.insert(last, (term, reply));
+            }
+            Ok(Proposed::Forwarded { leader }) => {
+                let leader_hint = Some(leader);
+                let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
+            }
+            Err(source) => {
+                let _ = reply.send(Err(Error::Raft { group, source }));
+            }
+        }
+    }
+
     fn handle_input(&mut self, input: Input) {
         let group = self.group;
         match input {
@@ -791,25 +818,7 @@ impl Group {
                 let _ = self.raft.step(message);
             }
             Input::Propose { command, reply } => {
-                if self.raft.role() != Role::Leader {
-                    let leader_hint = self.raft.leader();
-                    let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
-                    return;
-                }
-                match self.raft.propose(vec![command]) {
-                    Ok(Proposed::Appended { last, term, .. }) => {
-                        self.proposals.insert(last, (term, reply));
-                    }
-                    Ok(Proposed::Forwarded { leader }) => {
-                        let _ = reply.send(Err(Error::NotLeader {
-                            group,
-                            leader_hint: Some(leader),
-                        }));
-                    }
-                    Err(source) => {
-                        let _ = reply.send(Err(Error::Raft { group, source }));
-                    }
-                }
+                self.propose_on_leader(reply, |raft| raft.propose(vec![command]));
             }
             Input::Read { query, reply } => {
                 let id = ReadId(self.next_read);
@@ -828,26 +837,8 @@ impl Group {
             }
             Input::Campaign => self.raft.campaign(),
             Input::ConfChange { change, reply } => {
-                if self.raft.role() != Role::Leader {
-                    let leader_hint = self.raft.leader();
-                    let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
-                    return;
-                }
-                match self.raft.propose_conf_change(change) {
-                    // Resolved like a proposal: once applied in this term.
-                    Ok(Proposed::Appended { last, term, .. }) => {
-                        self.proposals.insert(last, (term, reply));
-                    }
-                    Ok(Proposed::Forwarded { leader }) => {
-                        let _ = reply.send(Err(Error::NotLeader {
-                            group,
-                            leader_hint: Some(leader),
-                        }));
-                    }
-                    Err(source) => {
-                        let _ = reply.send(Err(Error::Raft { group, source }));
-                    }
-                }
+                // Resolved like a proposal: once applied in this term.
+                self.propose_on_leader(reply, |raft| raft.propose_conf_change(change));
             }
             Input::TransferLeader { target, reply } => {
                 let result = self.raft.transfer_leader(target).map(|()| Bytes::new());
