@@ -7,7 +7,8 @@
 //! - [`GroupStorage`]: the Raft storage of one group over the shared WAL;
 //! - [`wire`]: the encoding of Raft messages between nodes
 //!   (`docs/transport-format.md`);
-//! - [`TcpTransport`]: the peer transport over TCP (no TLS yet);
+//! - [`TcpTransport`]: the peer transport over TCP, with optional mutual
+//!   TLS and chunked snapshot streams;
 //! - [`LocalTransport`]: hosts of one process wired together, for tests.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]

@@ -5,8 +5,12 @@
 //!
 //! With [`PeerTls`], every connection is TLS 1.2/1.3 with mutual
 //! authentication: each side presents a certificate signed by the
-//! cluster's CA. Not built yet: allowed-CN checks, certificate reload, and
-//! the separate snapshot connection.
+//! cluster's CA. Not built yet: allowed-CN checks and certificate reload.
+//!
+//! A snapshot travels on a connection of its own, as a header frame and
+//! chunks of at most `snapshot_chunk_bytes`, optionally paced to
+//! `snapshot_bytes_per_second_max`; the receiver answers one byte once it
+//! has handed the whole snapshot to its host.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::transport::Transport;
-use crate::wire::{decode_batch, encode_batch};
+use crate::wire::{decode_batch, encode_batch, encode_message};
 
 const HANDSHAKE_MAGIC: &[u8; 8] = b"RGRAFTv1";
 const FORMAT_VERSION: u32 = 1;
@@ -35,7 +39,10 @@ const ANSWER_ACCEPTED: u8 = 0;
 const ANSWER_WRONG_CLUSTER: u8 = 1;
 const ANSWER_WRONG_VERSION: u8 = 2;
 const FRAME_MESSAGE_BATCH: u8 = 1;
-const FRAME_SNAPSHOT: u8 = 2;
+const FRAME_SNAPSHOT_HEADER: u8 = 2;
+const FRAME_SNAPSHOT_CHUNK: u8 = 3;
+/// The receiver's answer once a whole snapshot reached its host.
+const ANSWER_SNAPSHOT_DELIVERED: u8 = 0;
 
 /// TLS for peer connections, with mutual authentication.
 #[derive(Clone)]
@@ -147,6 +154,15 @@ pub struct TcpConfig {
     pub reconnect_delay_max: Duration,
     /// TLS with mutual authentication, or plain TCP when `None`.
     pub tls: Option<PeerTls>,
+    /// Snapshot data per chunk frame; must be below `frame_bytes_max`.
+    /// Default 1 MiB.
+    pub snapshot_chunk_bytes: u32,
+    /// The largest snapshot accepted (it is assembled in memory).
+    /// Default 4 GiB.
+    pub snapshot_bytes_max: u64,
+    /// Pacing of each outgoing snapshot, or unpaced when `None`. Default
+    /// `None`.
+    pub snapshot_bytes_per_second_max: Option<u64>,
 }
 
 impl TcpConfig {
@@ -161,6 +177,9 @@ impl TcpConfig {
             reconnect_delay_min: Duration::from_millis(10),
             reconnect_delay_max: Duration::from_secs(1),
             tls: None,
+            snapshot_chunk_bytes: 1024 * 1024,
+            snapshot_bytes_max: 4 * 1024 * 1024 * 1024,
+            snapshot_bytes_per_second_max: None,
         }
     }
 }
@@ -180,6 +199,12 @@ pub struct TcpStats {
     pub frames_refused: AtomicU64,
     /// Incoming connections refused at the TLS or Regatta handshake.
     pub handshakes_refused: AtomicU64,
+    /// Snapshots the receiver confirmed.
+    pub snapshots_sent: AtomicU64,
+    /// Snapshot chunk frames sent.
+    pub snapshot_chunks_sent: AtomicU64,
+    /// Snapshots received whole and handed to the host.
+    pub snapshots_received: AtomicU64,
 }
 
 /// The TCP transport of one node.
@@ -270,9 +295,8 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     /// A snapshot travels on a connection of its own, so that a large one
-    /// never holds up heartbeats; the outcome is reported to this node's
-    /// host. Chunking of snapshots larger than `frame_bytes_max` is not
-    /// built yet: such a send fails and is reported as failed.
+    /// never holds up heartbeats; it is delivered only when the receiver
+    /// confirms it, and the outcome is reported to this node's host.
     fn send_snapshot(&self, group: GroupId, message: Message, data: Bytes) {
         let to = message.to;
         let report = {
@@ -288,16 +312,21 @@ impl Transport for TcpTransport {
             return;
         };
         let config = self.config.clone();
+        let stats = Arc::clone(&self.stats);
         let task = tokio::spawn(async move {
-            let frame = encode_snapshot_frame(group, &message, &data);
-            let delivered = frame.len() <= config.frame_bytes_max as usize + 8
-                && send_frame(&config, address, &frame).await.is_ok();
+            let delivered = send_snapshot_stream(&config, address, group, &message, &data, &stats)
+                .await
+                .is_ok();
+            if delivered {
+                stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.connection_failures.fetch_add(1, Ordering::Relaxed);
+            }
             report(delivered);
         });
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(task.abort_handle());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task.abort_handle());
     }
 
     fn send(&self, group: GroupId, messages: Vec<Message>) {
@@ -385,18 +414,26 @@ async fn send_until_broken(
         while let Ok(message) = queue.try_recv() {
             pending.push(message);
         }
-        let frame = encode_frame(pending);
         let count = pending.len() as u64;
+        let (frames, oversized) = encode_frames(pending, config.frame_bytes_max as usize);
         pending.clear();
-        if frame.len() > config.frame_bytes_max as usize + 9 {
-            stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
-            continue;
+        stats
+            .dropped_messages
+            .fetch_add(oversized, Ordering::Relaxed);
+        for frame in &frames {
+            if stream.write_all(frame).await.is_err() {
+                return true;
+            }
         }
-        if stream.write_all(&frame).await.is_err() || stream.flush().await.is_err() {
+        if stream.flush().await.is_err() {
             return true;
         }
-        stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-        stats.messages_sent.fetch_add(count, Ordering::Relaxed);
+        stats
+            .frames_sent
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        stats
+            .messages_sent
+            .fetch_add(count - oversized, Ordering::Relaxed);
     }
 }
 
@@ -426,35 +463,116 @@ async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<Box
     Ok(stream)
 }
 
-/// One snapshot frame: the message (as a batch of one), then the data.
-fn encode_snapshot_frame(group: GroupId, message: &Message, data: &[u8]) -> Vec<u8> {
-    let mut encoded = Vec::new();
-    encode_batch(&[(group, message.clone())], &mut encoded);
-    let mut body = vec![FRAME_SNAPSHOT];
-    body.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-    body.extend_from_slice(&encoded);
-    body.extend_from_slice(data);
-    let mut frame = Vec::with_capacity(body.len() + 8);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    frame.extend_from_slice(&body);
-    frame
-}
-
-async fn send_frame(config: &TcpConfig, address: SocketAddr, frame: &[u8]) -> std::io::Result<()> {
+/// Streams one snapshot: connect, a header frame (data length, then the
+/// message as a batch of one), chunk frames, then wait for the receiver's
+/// confirmation.
+async fn send_snapshot_stream(
+    config: &TcpConfig,
+    address: SocketAddr,
+    group: GroupId,
+    message: &Message,
+    data: &Bytes,
+    stats: &TcpStats,
+) -> std::io::Result<()> {
+    let chunk_bytes = config
+        .snapshot_chunk_bytes
+        .clamp(1, config.frame_bytes_max.saturating_sub(1).max(1)) as usize;
+    let mut header = vec![FRAME_SNAPSHOT_HEADER];
+    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    encode_batch(&[(group, message.clone())], &mut header);
+    if header.len() > config.frame_bytes_max as usize {
+        return Err(std::io::Error::other(
+            "snapshot message over frame_bytes_max",
+        ));
+    }
     let mut stream = connect(config, address).await?;
-    stream.write_all(frame).await?;
+    write_frame_parts(&mut stream, &header[..1], &header[1..]).await?;
+    let started = tokio::time::Instant::now();
+    let mut sent_bytes: u64 = 0;
+    for chunk in data.chunks(chunk_bytes) {
+        write_frame_parts(&mut stream, &[FRAME_SNAPSHOT_CHUNK], chunk).await?;
+        stats.snapshot_chunks_sent.fetch_add(1, Ordering::Relaxed);
+        sent_bytes += chunk.len() as u64;
+        if let Some(rate) = config.snapshot_bytes_per_second_max.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(sent_bytes as f64 / rate as f64);
+            tokio::time::sleep_until(started + due).await;
+        }
+    }
     stream.flush().await?;
-    stream.shutdown().await
+    if stream.read_u8().await? != ANSWER_SNAPSHOT_DELIVERED {
+        return Err(std::io::Error::other("snapshot refused"));
+    }
+    Ok(())
 }
 
-fn encode_frame(messages: &[(GroupId, Message)]) -> Vec<u8> {
+/// Writes one frame whose body is `kind` followed by `data`, without
+/// copying `data`.
+async fn write_frame_parts(
+    stream: &mut BoxedStream,
+    kind: &[u8],
+    data: &[u8],
+) -> std::io::Result<()> {
+    let length = (kind.len() + data.len()) as u32;
+    let checksum = crc32c::crc32c_append(crc32c::crc32c(kind), data);
+    let mut prefix = Vec::with_capacity(8 + kind.len());
+    prefix.extend_from_slice(&length.to_le_bytes());
+    prefix.extend_from_slice(&checksum.to_le_bytes());
+    prefix.extend_from_slice(kind);
+    stream.write_all(&prefix).await?;
+    stream.write_all(data).await
+}
+
+/// Encodes `messages` as message-batch frames of at most `body_bytes_max`
+/// each: usually one frame; more when the batch is larger. A single
+/// message over the limit is dropped; the count of those is returned.
+fn encode_frames(messages: &[(GroupId, Message)], body_bytes_max: usize) -> (Vec<Vec<u8>>, u64) {
     let mut body = vec![FRAME_MESSAGE_BATCH];
     encode_batch(messages, &mut body);
+    if body.len() <= body_bytes_max {
+        return (vec![seal_frame(&body)], 0);
+    }
+    // Too large as one frame: pack message by message.
+    let mut frames = Vec::new();
+    let mut oversized = 0;
+    let mut packed: Vec<u8> = Vec::new();
+    let mut packed_count: u32 = 0;
+    let mut one = Vec::new();
+    for (group, message) in messages {
+        one.clear();
+        encode_message(*group, message, &mut one);
+        if 5 + one.len() > body_bytes_max {
+            oversized += 1;
+            continue;
+        }
+        if 5 + packed.len() + one.len() > body_bytes_max {
+            frames.push(batch_frame(packed_count, &packed));
+            packed.clear();
+            packed_count = 0;
+        }
+        packed.extend_from_slice(&one);
+        packed_count += 1;
+    }
+    if packed_count > 0 {
+        frames.push(batch_frame(packed_count, &packed));
+    }
+    (frames, oversized)
+}
+
+/// A message-batch frame of `count` already encoded messages.
+fn batch_frame(count: u32, messages: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(5 + messages.len());
+    body.push(FRAME_MESSAGE_BATCH);
+    body.extend_from_slice(&count.to_le_bytes());
+    body.extend_from_slice(messages);
+    seal_frame(&body)
+}
+
+/// Prefixes a frame body with its length and checksum.
+fn seal_frame(body: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(body.len() + 8);
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    frame.extend_from_slice(&body);
+    frame.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    frame.extend_from_slice(body);
     frame
 }
 
@@ -534,28 +652,11 @@ async fn serve_stream(
         return;
     }
     loop {
-        let Ok(length) = stream.read_u32_le().await else {
+        let Some(body) = read_frame(&config, &mut stream, &stats).await else {
             return;
         };
-        let Ok(checksum) = stream.read_u32_le().await else {
-            return;
-        };
-        if length == 0 || length > config.frame_bytes_max {
-            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let mut body = vec![0u8; length as usize];
-        if stream.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        if crc32c::crc32c(&body) != checksum {
-            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if body[0] == FRAME_SNAPSHOT {
-            if !deliver_snapshot_frame(Bytes::from(body), &host) {
-                stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            }
+        if body[0] == FRAME_SNAPSHOT_HEADER {
+            receive_snapshot(&config, &mut stream, Bytes::from(body), &host, &stats).await;
             return;
         }
         if body[0] != FRAME_MESSAGE_BATCH {
@@ -575,25 +676,135 @@ async fn serve_stream(
     }
 }
 
-/// Decodes a snapshot frame body and hands it to the host; false when the
-/// frame is malformed.
-fn deliver_snapshot_frame(body: Bytes, host: &OnceLock<WeakNodeHost>) -> bool {
-    if body.len() < 5 {
-        return false;
+/// Reads one frame body (at least the type byte); `None` when the
+/// connection ended or the frame is bad (counted).
+async fn read_frame(
+    config: &TcpConfig,
+    stream: &mut BoxedStream,
+    stats: &TcpStats,
+) -> Option<Vec<u8>> {
+    let length = stream.read_u32_le().await.ok()?;
+    let checksum = stream.read_u32_le().await.ok()?;
+    if length == 0 || length > config.frame_bytes_max {
+        stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        return None;
     }
-    let length = u32::from_le_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    if length > body.len() - 5 {
-        return false;
+    let mut body = vec![0u8; length as usize];
+    stream.read_exact(&mut body).await.ok()?;
+    if crc32c::crc32c(&body) != checksum {
+        stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        return None;
     }
-    let Ok(mut messages) = decode_batch(&body.slice(5..5 + length)) else {
-        return false;
+    Some(body)
+}
+
+/// Receives the rest of a snapshot whose header frame is `header`:
+/// assembles exactly the announced bytes from chunk frames, hands the
+/// snapshot to the host, and confirms it. Anything malformed or over
+/// `snapshot_bytes_max` closes the connection unconfirmed (counted).
+async fn receive_snapshot(
+    config: &TcpConfig,
+    stream: &mut BoxedStream,
+    header: Bytes,
+    host: &OnceLock<WeakNodeHost>,
+    stats: &TcpStats,
+) {
+    let Some((group, message, total_bytes)) = decode_snapshot_header(&header) else {
+        stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        return;
     };
-    let (Some((group, message)), true) = (messages.pop(), messages.is_empty()) else {
-        return false;
-    };
-    let data = body.slice(5 + length..);
-    if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
-        host.deliver_snapshot(group, message, data);
+    if total_bytes > config.snapshot_bytes_max {
+        stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        return;
     }
-    true
+    // Grows with what actually arrives, never with the announced size.
+    let mut data = bytes::BytesMut::new();
+    while (data.len() as u64) < total_bytes {
+        let Some(body) = read_frame(config, stream, stats).await else {
+            return;
+        };
+        let chunk = &body[1..];
+        if body[0] != FRAME_SNAPSHOT_CHUNK
+            || chunk.is_empty()
+            || data.len() as u64 + chunk.len() as u64 > total_bytes
+        {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        data.extend_from_slice(chunk);
+    }
+    let Some(host) = host.get().and_then(WeakNodeHost::upgrade) else {
+        return;
+    };
+    host.deliver_snapshot(group, message, data.freeze());
+    stats.snapshots_received.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.write_u8(ANSWER_SNAPSHOT_DELIVERED).await;
+    let _ = stream.flush().await;
+}
+
+/// Decodes a snapshot header body: type, data length u64, then a batch of
+/// exactly one message, which must be a `Snapshot`.
+fn decode_snapshot_header(body: &Bytes) -> Option<(GroupId, Message, u64)> {
+    if body.len() < 9 {
+        return None;
+    }
+    let mut length = [0u8; 8];
+    length.copy_from_slice(&body[1..9]);
+    let mut messages = decode_batch(&body.slice(9..)).ok()?;
+    let (group, message) = messages.pop()?;
+    if !messages.is_empty() || !matches!(message.body, regatta_raft::MessageBody::Snapshot { .. }) {
+        return None;
+    }
+    Some((group, message, u64::from_le_bytes(length)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regatta_raft::{MessageBody, Term};
+
+    fn heartbeat(round: u64) -> (GroupId, Message) {
+        let message = Message {
+            from: NodeId(1),
+            to: NodeId(2),
+            term: Term(1),
+            body: MessageBody::Heartbeat {
+                commit: regatta_raft::LogIndex(0),
+                round,
+            },
+        };
+        (GroupId(round), message)
+    }
+
+    fn decode_frames(frames: &[Vec<u8>], body_bytes_max: usize) -> Vec<(GroupId, Message)> {
+        let mut messages = Vec::new();
+        for frame in frames {
+            let body = &frame[8..];
+            assert!(body.len() <= body_bytes_max, "frame over the limit");
+            assert_eq!(body[0], FRAME_MESSAGE_BATCH);
+            let checksum = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+            assert_eq!(crc32c::crc32c(body), checksum);
+            let batch = Bytes::copy_from_slice(&body[1..]);
+            messages.extend(decode_batch(&batch).expect("decodes"));
+        }
+        messages
+    }
+
+    #[test]
+    fn a_large_batch_is_split_into_frames_under_the_limit() {
+        let messages: Vec<_> = (0..1_000).map(heartbeat).collect();
+        let (one, dropped) = encode_frames(&messages, 64 * 1024 * 1024);
+        assert_eq!((one.len(), dropped), (1, 0));
+        assert_eq!(decode_frames(&one, 64 * 1024 * 1024), messages);
+        let (many, dropped) = encode_frames(&messages, 1_000);
+        assert_eq!(dropped, 0);
+        assert!(many.len() > 10, "{} frames", many.len());
+        assert_eq!(decode_frames(&many, 1_000), messages, "order kept");
+    }
+
+    #[test]
+    fn a_message_over_the_limit_alone_is_dropped() {
+        let (frames, dropped) = encode_frames(&[heartbeat(1)], 20);
+        assert_eq!((frames.len(), dropped), (0, 1));
+    }
 }

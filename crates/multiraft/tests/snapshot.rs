@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,13 @@ fn config(id: u64) -> HostConfig {
     config
 }
 
+/// Appends small enough for the 256 KiB frames of the chunked test.
+fn config_large(id: u64) -> HostConfig {
+    let mut config = config(id);
+    config.raft.message_size_bytes_max = 128 * 1024;
+    config
+}
+
 async fn leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -94,17 +102,26 @@ async fn leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
     }
 }
 
+/// The value written for `i`: `v{i}` padded with `padding_bytes` dots.
+fn value(i: usize, padding_bytes: usize) -> String {
+    format!("v{i}{}", ".".repeat(padding_bytes))
+}
+
 /// Writes enough to compact, adds node 5 as a learner, and checks that it
 /// restored from a snapshot and holds exactly the leader's state.
 async fn join_through_snapshot(
     hosts: &BTreeMap<u64, NodeHost>,
     joiner: &NodeHost,
     restored_at: &Arc<Mutex<Option<LogIndex>>>,
+    padding_bytes: usize,
 ) {
     let leader = leader(hosts).await;
     for i in 0..200 {
         hosts[&leader]
-            .propose(GROUP, Bytes::from(format!("k{}=v{i}", i % 7)))
+            .propose(
+                GROUP,
+                Bytes::from(format!("k{}={}", i % 7, value(i, padding_bytes))),
+            )
             .await
             .expect("commit");
     }
@@ -132,7 +149,7 @@ async fn join_through_snapshot(
         let expected = (0..200)
             .filter(|i| i % 7 == key)
             .max()
-            .map(|i| format!("v{i}"))
+            .map(|i| value(i, padding_bytes))
             .unwrap_or_default();
         loop {
             let value = joiner
@@ -144,7 +161,8 @@ async fn join_through_snapshot(
             }
             assert!(
                 Instant::now() < deadline,
-                "k{key} never reached {expected} on the new node"
+                "k{key} never reached v{}… on the new node",
+                expected.trim_end_matches('.')
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -193,14 +211,17 @@ async fn a_new_node_catches_up_through_a_snapshot_in_process() {
     }
     let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
     let joiner = start(5, dirs[3].path(), &[], Arc::clone(&restored_at));
-    join_through_snapshot(&hosts, &joiner, &restored_at).await;
+    join_through_snapshot(&hosts, &joiner, &restored_at, 0).await;
     for host in hosts.values().chain([&joiner]) {
         host.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_node_catches_up_through_a_snapshot_over_tcp() {
+/// Over TCP, with values large enough that the snapshot (7 × 64 KiB) is
+/// larger than a frame (256 KiB): it must travel in chunks, here of 16 KiB,
+/// paced at 20 MB/s.
+async fn a_new_node_catches_up_through_a_chunked_snapshot_over_tcp() {
     let dirs: Vec<tempfile::TempDir> = (0..4)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
@@ -219,11 +240,14 @@ async fn a_new_node_catches_up_through_a_snapshot_over_tcp() {
     for (position, (id, listener)) in listeners.into_iter().enumerate() {
         let mut tcp = TcpConfig::new(NodeId(id), 9);
         tcp.peers = peers.clone();
+        tcp.frame_bytes_max = 256 * 1024;
+        tcp.snapshot_chunk_bytes = 16 * 1024;
+        tcp.snapshot_bytes_per_second_max = Some(20_000_000);
         let transport = TcpTransport::start(tcp, listener);
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[position].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let host = NodeHost::new(
-            config(id),
+            config_large(id),
             wal,
             as_transport,
             tokio::runtime::Handle::current(),
@@ -245,7 +269,17 @@ async fn a_new_node_catches_up_through_a_snapshot_over_tcp() {
         }
     }
     let joiner = joiner.expect("node 5");
-    join_through_snapshot(&hosts, &joiner, &restored_at).await;
+    join_through_snapshot(&hosts, &joiner, &restored_at, 64 * 1024).await;
+    let chunks: u64 = transports
+        .iter()
+        .map(|t| t.stats().snapshot_chunks_sent.load(Ordering::Relaxed))
+        .sum();
+    let received: u64 = transports
+        .iter()
+        .map(|t| t.stats().snapshots_received.load(Ordering::Relaxed))
+        .sum();
+    assert!(chunks >= 28, "7 × 64 KiB in 16 KiB chunks, sent {chunks}");
+    assert!(received >= 1, "received {received}");
     for transport in &transports {
         transport.shutdown();
     }

@@ -1,7 +1,7 @@
 //! Three node hosts over real TCP on 127.0.0.1, on ports the test chooses:
 //! elect, replicate, read; a node crashes (its transport and host stop) and
 //! comes back on the same address from its WAL; a peer of another cluster
-//! is refused at the handshake.
+//! is refused at the handshake; malformed snapshot streams are refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regatta_multiraft::{HostConfig, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport};
-use regatta_raft::{LogIndex, NodeId, Role};
+use regatta_raft::{LogIndex, Membership, Message, MessageBody, NodeId, Role, SnapshotMeta, Term};
 use regatta_wal::{GroupId, Wal, WalConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -209,6 +209,110 @@ async fn a_peer_of_another_cluster_is_refused() {
     handshake.extend_from_slice(&2u64.to_le_bytes());
     stream.write_all(&handshake).await.expect("write");
     assert_eq!(stream.read_u8().await.expect("answer"), 1, "wrong cluster");
+    transport.shutdown();
+}
+
+/// Opens a connection to `address` as node 2 of `CLUSTER`.
+async fn handshake(address: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    let mut handshake = b"RGRAFTv1".to_vec();
+    handshake.extend_from_slice(&1u32.to_le_bytes());
+    handshake.extend_from_slice(&CLUSTER.to_le_bytes());
+    handshake.extend_from_slice(&2u64.to_le_bytes());
+    stream.write_all(&handshake).await.expect("write");
+    assert_eq!(stream.read_u8().await.expect("answer"), 0, "accepted");
+    stream
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// A snapshot header frame announcing `total` bytes of data for `body`.
+fn snapshot_header(total: u64, body: MessageBody) -> Vec<u8> {
+    let message = Message {
+        from: NodeId(2),
+        to: NodeId(1),
+        term: Term(3),
+        body,
+    };
+    let mut header = vec![2u8];
+    header.extend_from_slice(&total.to_le_bytes());
+    regatta_multiraft::wire::encode_batch(&[(GroupId(1), message)], &mut header);
+    frame(&header)
+}
+
+/// Waits until the peer closes the connection without confirming.
+async fn closed_unconfirmed(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the receiver closes the connection");
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "no confirmation: {rest:?}"
+    );
+}
+
+/// A receiver refuses, without confirming and without allocating what was
+/// announced: a snapshot over `snapshot_bytes_max`, a chunk past the
+/// announced length, and a header whose message is not a snapshot.
+#[tokio::test]
+async fn malformed_snapshot_streams_are_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let mut config = TcpConfig::new(NodeId(1), CLUSTER);
+    config.snapshot_bytes_max = 1_000;
+    let transport = TcpTransport::start(config, listener);
+    let snapshot = MessageBody::Snapshot {
+        meta: SnapshotMeta {
+            index: LogIndex(10),
+            term: Term(3),
+            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
+        },
+    };
+
+    let mut stream = handshake(address).await;
+    stream
+        .write_all(&snapshot_header(u64::MAX, snapshot.clone()))
+        .await
+        .expect("write");
+    closed_unconfirmed(&mut stream).await;
+
+    let mut stream = handshake(address).await;
+    stream
+        .write_all(&snapshot_header(10, snapshot.clone()))
+        .await
+        .expect("write");
+    let mut chunk = vec![3u8];
+    chunk.extend_from_slice(&[7u8; 20]);
+    stream.write_all(&frame(&chunk)).await.expect("write");
+    closed_unconfirmed(&mut stream).await;
+
+    let mut stream = handshake(address).await;
+    stream
+        .write_all(&snapshot_header(10, MessageBody::TimeoutNow))
+        .await
+        .expect("write");
+    closed_unconfirmed(&mut stream).await;
+
+    assert_eq!(
+        transport
+            .stats()
+            .frames_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        transport
+            .stats()
+            .snapshots_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     transport.shutdown();
 }
 
