@@ -148,6 +148,8 @@ enum Control {
     /// One WAL batch, holding these groups' readies, is durable (or not).
     Persisted {
         readies: Vec<(GroupId, u64)>,
+        /// Groups whose removal this batch recorded, with their callers.
+        removed: Vec<Removal>,
         result: Result<(), regatta_wal::Error>,
     },
     Applied {
@@ -164,16 +166,22 @@ enum Control {
     },
 }
 
+/// A group being removed, and who waits for its removal to be durable.
+type Removal = (GroupId, oneshot::Sender<Result<(), Error>>);
+
 /// What a worker receives from the host.
 enum WorkerInput {
     Group(GroupId, Input),
     Start(GroupId, Box<Group>),
+    Remove(Removal),
     WakeAll,
 }
 
 /// Work for a worker's apply task, which owns its groups' state machines.
 enum ApplyWork {
     Register(GroupId, Box<dyn StateMachine>),
+    /// Drop the group's state machine; its waiting reads fail.
+    Unregister(GroupId),
     Entries(GroupId, Vec<Entry>),
     Read {
         group: GroupId,
@@ -257,6 +265,7 @@ impl NodeHost {
                 control_sender: control_sender.clone(),
                 quiesced_groups: Arc::clone(&quiesced_groups),
                 quiesced_published: 0,
+                removing: Vec::new(),
             };
             tasks.push(runtime.spawn(worker.run(inbox, control, config.tick_interval)));
             workers.push((inbox_sender, control_sender, apply_sender));
@@ -395,6 +404,34 @@ impl NodeHost {
         self.answer(group, answer).await
     }
 
+    /// Stops hosting `group` on this node and removes its log and state
+    /// from the WAL; resolves once that removal is durable. Its pending
+    /// requests fail with `GroupStopped`. The state machine is dropped:
+    /// its own data is the application's to delete. This does not change
+    /// the group's membership: remove the node from the group first (or
+    /// remove the group on every member), or its peers will keep
+    /// replicating to it.
+    pub async fn remove_group(&self, group: GroupId) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
+            let worker = *groups.get(&group).ok_or(Error::UnknownGroup(group))?;
+            let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+            let (inbox, _, _) = workers.get(worker).ok_or_else(|| stopped(group))?;
+            inbox
+                .try_send(WorkerInput::Remove((group, reply)))
+                .map_err(|error| match error {
+                    mpsc::error::TrySendError::Full(_) => Error::Busy(group),
+                    mpsc::error::TrySendError::Closed(_) => stopped(group),
+                })?;
+        }
+        // The id stays taken until the removal is durable, so that a
+        // `start_group` of the same id (GroupExists meanwhile) never reads
+        // the old group's log from the WAL.
+        let _release = ReleaseGroupId { host: self, group };
+        answer.await.map_err(|_| stopped(group))?
+    }
+
     /// The group's Raft status on this node.
     pub async fn status(&self, group: GroupId) -> Result<Status, Error> {
         let (reply, answer) = oneshot::channel();
@@ -494,6 +531,24 @@ impl NodeHost {
     }
 }
 
+/// Frees a removed group's id in the host's map when dropped, whether
+/// `remove_group` completed or its caller gave up waiting.
+struct ReleaseGroupId<'a> {
+    host: &'a NodeHost,
+    group: GroupId,
+}
+
+impl Drop for ReleaseGroupId<'_> {
+    fn drop(&mut self) {
+        self.host
+            .inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.group);
+    }
+}
+
 fn stopped(group: GroupId) -> Error {
     Error::GroupStopped {
         group,
@@ -543,6 +598,8 @@ struct Worker {
     quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
     /// This worker's share of `quiesced_groups`.
     quiesced_published: u64,
+    /// Groups removed this turn; the turn's WAL batch records it.
+    removing: Vec<Removal>,
 }
 
 impl Worker {
@@ -600,6 +657,15 @@ impl Worker {
                 }
                 touched.insert(group);
             }
+            WorkerInput::Remove((group, reply)) => {
+                if let Some(mut state) = self.groups.remove(&group) {
+                    state.fail_all(format!("group {} was removed from this node", group.0));
+                    let _ = state.apply.send(ApplyWork::Unregister(group));
+                }
+                self.active.remove(&group);
+                touched.remove(&group);
+                self.removing.push((group, reply));
+            }
             WorkerInput::WakeAll => {
                 for (group, state) in self.groups.iter_mut() {
                     state.note_activity();
@@ -645,7 +711,14 @@ impl Worker {
 
     fn handle_control(&mut self, event: Control, touched: &mut BTreeSet<GroupId>) {
         match event {
-            Control::Persisted { readies, result } => {
+            Control::Persisted {
+                readies,
+                removed,
+                result,
+            } => {
+                for (_, reply) in removed {
+                    let _ = reply.send(result.clone().map_err(Error::Wal));
+                }
                 for (group, number) in readies {
                     let Some(state) = self.groups.get_mut(&group) else {
                         continue;
@@ -722,14 +795,22 @@ impl Worker {
             self.groups.remove(&group);
             self.active.remove(&group);
         }
-        if readies.is_empty() {
+        let removed = std::mem::take(&mut self.removing);
+        for (group, _) in &removed {
+            batch.remove_group(*group);
+        }
+        if readies.is_empty() && removed.is_empty() {
             return;
         }
         let control = self.control_sender.clone();
         // Empty batches too: the WAL answers them in order, so persisted
         // messages never overtake an earlier ready's fsync.
         self.wal.submit(batch, move |result| {
-            let _ = control.send(Control::Persisted { readies, result });
+            let _ = control.send(Control::Persisted {
+                readies,
+                removed,
+                result,
+            });
         });
     }
 }
@@ -1071,6 +1152,17 @@ fn apply_one(
                     waiting: Vec::new(),
                 },
             );
+        }
+        ApplyWork::Unregister(group) => {
+            if let Some(applier) = appliers.remove(&group) {
+                for (_, _, reply) in applier.waiting {
+                    let _ = reply.send(Err(Error::GroupStopped {
+                        group,
+                        reason: format!("group {} was removed from this node", group.0),
+                    }));
+                }
+            }
+            reports.remove(&group);
         }
         ApplyWork::Entries(group, entries) => {
             let Some(applier) = appliers.get_mut(&group) else {

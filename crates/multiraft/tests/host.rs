@@ -271,3 +271,75 @@ async fn a_fourth_node_joins_and_takes_leadership() {
         host.stop().await;
     }
 }
+
+/// Deleting a group removes its log and state from every node's WAL: its
+/// requests then fail with `UnknownGroup`, a reopened WAL no longer knows
+/// it, and the same id can host a new, empty group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_group_leaves_nothing_in_the_wal() {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let transport = LocalTransport::new();
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        hosts.insert(
+            id,
+            start_host(dirs[id as usize - 1].path(), id, &transport, &voters),
+        );
+    }
+    let leader = wait_for_leader(&hosts).await;
+    for i in 0..50 {
+        hosts[&leader]
+            .propose(GROUP, Bytes::from(format!("k{i}=v{i}")))
+            .await
+            .expect("commit");
+    }
+    for host in hosts.values() {
+        read_until(host, "k49", "v49").await;
+    }
+
+    for host in hosts.values() {
+        host.remove_group(GROUP).await.expect("removed");
+        let error = host
+            .propose(GROUP, Bytes::from_static(b"x=1"))
+            .await
+            .expect_err("gone");
+        assert_eq!(error, Error::UnknownGroup(GROUP));
+        assert_eq!(
+            host.remove_group(GROUP).await,
+            Err(Error::UnknownGroup(GROUP))
+        );
+    }
+
+    // The same id starts afresh: a new group with none of the old data.
+    for (id, host) in &hosts {
+        host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
+            .unwrap_or_else(|e| panic!("node {id} restarts the group: {e}"));
+    }
+    let leader = wait_for_leader(&hosts).await;
+    hosts[&leader]
+        .propose(GROUP, Bytes::from_static(b"fresh=1"))
+        .await
+        .expect("commit in the new group");
+    for host in hosts.values() {
+        read_until(host, "fresh", "1").await;
+        read_until(host, "k49", "").await;
+    }
+    for host in hosts.values() {
+        host.remove_group(GROUP).await.expect("removed again");
+    }
+    for (id, host) in std::mem::take(&mut hosts) {
+        transport.unregister(NodeId(id));
+        host.stop().await;
+    }
+
+    for dir in &dirs {
+        let wal = Wal::open(WalConfig::new(dir.path())).expect("reopen");
+        assert!(!wal.groups().contains(&GROUP), "{:?}", wal.groups());
+        assert_eq!(wal.last_index(GROUP), LogIndex(0));
+        assert_eq!(wal.hard_state(GROUP), regatta_raft::HardState::default());
+        assert!(wal.snapshot(GROUP).is_none());
+    }
+}
