@@ -163,6 +163,10 @@ pub struct TcpConfig {
     /// Pacing of each outgoing snapshot, or unpaced when `None`. Default
     /// `None`.
     pub snapshot_bytes_per_second_max: Option<u64>,
+    /// Incoming snapshots received at once; more are refused (the leader
+    /// retries later). Bounds memory to this many × `snapshot_bytes_max`.
+    /// Default 4.
+    pub incoming_snapshots_max: usize,
 }
 
 impl TcpConfig {
@@ -180,6 +184,7 @@ impl TcpConfig {
             snapshot_chunk_bytes: 1024 * 1024,
             snapshot_bytes_max: 4 * 1024 * 1024 * 1024,
             snapshot_bytes_per_second_max: None,
+            incoming_snapshots_max: 4,
         }
     }
 }
@@ -205,6 +210,9 @@ pub struct TcpStats {
     pub snapshot_chunks_sent: AtomicU64,
     /// Snapshots received whole and handed to the host.
     pub snapshots_received: AtomicU64,
+    /// Incoming snapshots refused because `incoming_snapshots_max` were
+    /// already being received.
+    pub snapshots_refused: AtomicU64,
 }
 
 /// The TCP transport of one node.
@@ -583,6 +591,7 @@ async fn accept_loop(
     stats: Arc<TcpStats>,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 ) {
+    let snapshot_slots = Arc::new(tokio::sync::Semaphore::new(config.incoming_snapshots_max));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -594,6 +603,7 @@ async fn accept_loop(
             stream,
             Arc::clone(&host),
             Arc::clone(&stats),
+            Arc::clone(&snapshot_slots),
         ));
         let mut tasks = tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|task| !task.is_finished());
@@ -608,6 +618,7 @@ async fn serve_connection(
     tcp: TcpStream,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
 ) {
     let stream: BoxedStream = match &config.tls {
         Some(tls) => match tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server))
@@ -622,7 +633,7 @@ async fn serve_connection(
         },
         None => Box::new(tcp),
     };
-    serve_stream(config, stream, host, stats).await;
+    serve_stream(config, stream, host, stats, snapshot_slots).await;
 }
 
 async fn serve_stream(
@@ -630,6 +641,7 @@ async fn serve_stream(
     mut stream: BoxedStream,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
 ) {
     let mut handshake = [0u8; HANDSHAKE_BYTES];
     if stream.read_exact(&mut handshake).await.is_err() || &handshake[0..8] != HANDSHAKE_MAGIC {
@@ -656,6 +668,10 @@ async fn serve_stream(
             return;
         };
         if body[0] == FRAME_SNAPSHOT_HEADER {
+            let Ok(_slot) = snapshot_slots.try_acquire() else {
+                stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
             receive_snapshot(&config, &mut stream, Bytes::from(body), &host, &stats).await;
             return;
         }

@@ -316,6 +316,53 @@ async fn malformed_snapshot_streams_are_refused() {
     transport.shutdown();
 }
 
+/// Beyond `incoming_snapshots_max` snapshots being received at once, a
+/// new one is refused at its header; once one finishes, the slot is free.
+#[tokio::test]
+async fn concurrent_incoming_snapshots_are_bounded() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let mut config = TcpConfig::new(NodeId(1), CLUSTER);
+    config.incoming_snapshots_max = 1;
+    let transport = TcpTransport::start(config, listener);
+    let refused = || {
+        transport
+            .stats()
+            .snapshots_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let header = snapshot_header(
+        100,
+        MessageBody::Snapshot {
+            meta: SnapshotMeta {
+                index: LogIndex(10),
+                term: Term(3),
+                membership: Membership::with_voters([NodeId(1), NodeId(2)]),
+            },
+        },
+    );
+
+    // The first holds the only slot: its header is in, its data is not.
+    let mut first = handshake(address).await;
+    first.write_all(&header).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = handshake(address).await;
+    second.write_all(&header).await.expect("write");
+    closed_unconfirmed(&mut second).await;
+    assert_eq!(refused(), 1);
+
+    // The first ends (the sender gave up): the slot is free again.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = handshake(address).await;
+    third.write_all(&header).await.expect("write");
+    let mut byte = [0u8; 1];
+    let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut byte)).await;
+    assert!(waited.is_err(), "the third is being received, not closed");
+    assert_eq!(refused(), 1);
+    transport.shutdown();
+}
+
 /// 1,000 groups across three nodes over TCP: every group elects a leader
 /// and commits a proposal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
