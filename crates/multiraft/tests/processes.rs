@@ -1,7 +1,8 @@
 //! Three nodes as separate processes on 127.0.0.1, with ports the test
 //! chooses: elect, replicate, read; kill -9 the leader while writes go on;
 //! restart it on its data directory. No acknowledged write is lost: every
-//! one reads back, linearizably, on every node.
+//! one reads back, linearizably, on every node. A node whose data is wiped
+//! is removed, re-added, and recovers everything through a snapshot.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -33,7 +34,12 @@ fn free_address() -> SocketAddr {
 }
 
 fn spawn(node: &Node, dir: &Path, peers: &str) -> Child {
+    spawn_with(node, dir, peers, &[])
+}
+
+fn spawn_with(node: &Node, dir: &Path, peers: &str, extra: &[&str]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_test_node"))
+        .args(extra)
         .args(["--id", &node.id.to_string()])
         .args(["--dir", &dir.display().to_string()])
         .args(["--raft", &node.raft.to_string()])
@@ -183,6 +189,133 @@ fn three_processes_survive_kill_9_of_the_leader() {
             }
         }
     }
+    for node in nodes.values_mut() {
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_three(extra: &[&str]) -> (Vec<tempfile::TempDir>, BTreeMap<u64, Node>, String) {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes: BTreeMap<u64, Node> = (1..=3)
+        .map(|id| {
+            (
+                id,
+                Node {
+                    id,
+                    raft: free_address(),
+                    client: free_address(),
+                    child: None,
+                },
+            )
+        })
+        .collect();
+    let peers = nodes
+        .values()
+        .map(|n| format!("{}={}", n.id, n.raft))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (id, node) in nodes.iter_mut() {
+        node.child = Some(spawn_with(
+            node,
+            dirs[*id as usize - 1].path(),
+            &peers,
+            extra,
+        ));
+    }
+    (dirs, nodes, peers)
+}
+
+/// Sends `line` to the leader until it answers `OK`.
+fn on_leader_until_ok(nodes: &BTreeMap<u64, Node>, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let id = wait_for_leader(nodes);
+        let answer = request(nodes[&id].client, line);
+        if answer.as_deref() == Some("OK") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{line}: {answer:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_wiped_node_recovers_through_a_snapshot() {
+    let (dirs, mut nodes, peers) = start_three(&["--snapshot-every", "20"]);
+    let leader = wait_for_leader(&nodes);
+    let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..100 {
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        if put(&nodes, &key, &value) {
+            acknowledged.insert(key, value);
+        }
+    }
+    assert!(acknowledged.len() >= 95, "too few writes acknowledged");
+
+    // kill -9 a follower and wipe its data directory.
+    let wiped = (1..=3).find(|id| *id != leader).expect("a follower");
+    let node = nodes.get_mut(&wiped).expect("node");
+    let mut child = node.child.take().expect("running");
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let dir = dirs[wiped as usize - 1].path();
+    std::fs::remove_dir_all(dir).expect("wipe");
+    std::fs::create_dir(dir).expect("empty directory");
+
+    // Its old identity goes; it comes back empty as a learner. The leader
+    // has compacted, so only a snapshot can bring it up to date.
+    on_leader_until_ok(&nodes, &format!("REMOVE {wiped}"));
+    for i in 100..120 {
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        if put(&nodes, &key, &value) {
+            acknowledged.insert(key, value);
+        }
+    }
+    let leader = wait_for_leader(&nodes);
+    let first: u64 = request(nodes[&leader].client, "FIRST")
+        .and_then(|answer| answer.strip_prefix("FIRST ")?.parse().ok())
+        .expect("first index");
+    assert!(
+        first > 50,
+        "the leader has not compacted: first index {first}"
+    );
+    on_leader_until_ok(&nodes, &format!("ADD {wiped}"));
+    let node = nodes.get_mut(&wiped).expect("node");
+    node.child = Some(spawn_with(
+        node,
+        dir,
+        &peers,
+        &["--snapshot-every", "20", "--join", "true"],
+    ));
+
+    let node = &nodes[&wiped];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (key, value) in &acknowledged {
+        loop {
+            if request(node.client, &format!("GET {key}")).as_deref()
+                == Some(format!("VAL {value}").as_str())
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the wiped node never recovered acknowledged {key}={value}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let first: u64 = request(node.client, "FIRST")
+        .and_then(|answer| answer.strip_prefix("FIRST ")?.parse().ok())
+        .expect("first index");
+    assert!(
+        first > 50,
+        "the wiped node's log starts at {first}: it replayed entries, not a snapshot"
+    );
     for node in nodes.values_mut() {
         if let Some(mut child) = node.child.take() {
             let _ = child.kill();

@@ -1,14 +1,23 @@
 //! A test node for process-level tests of `regatta-multiraft` (not the
 //! product binary: that is `regatta`). It runs one Raft group over TCP
-//! with an in-memory key-value state machine (no compaction, so a restart
-//! rebuilds it from the WAL) and answers a line protocol on a client port:
+//! with an in-memory key-value state machine and answers a line protocol
+//! on a client port:
 //!
 //! - `PUT key value` → `OK` once applied, or `ERR <reason>`;
 //! - `GET key` → `VAL <value>` (linearizable), or `ERR <reason>`;
-//! - `LEADER` → `LEADER <id>` (0 when unknown).
+//! - `LEADER` → `LEADER <id>` (0 when unknown);
+//! - `ADD id` → `OK` once node `id` is a learner (promoted automatically
+//!   when caught up); `REMOVE id` → `OK` once it is removed;
+//! - `FIRST` → `FIRST <index>`, the first index in this node's log.
 //!
 //! Usage: `test_node --id 1 --dir D --raft 127.0.0.1:7001
-//! --client 127.0.0.1:8001 --peers 1=127.0.0.1:7001,2=...,3=...`
+//! --client 127.0.0.1:8001 --peers 1=127.0.0.1:7001,2=...,3=...
+//! [--snapshot-every N] [--join true]`
+//!
+//! Compaction is off unless `--snapshot-every` is given. The state machine
+//! is in memory, so a node compacting this way must not be restarted on
+//! its data directory: only wiped (it then rejoins with `--join true`,
+//! through a snapshot).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -17,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use regatta_multiraft::{HostConfig, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport};
-use regatta_raft::{LogIndex, NodeId};
+use regatta_raft::{ConfChange, LogIndex, NodeId};
 use regatta_wal::{GroupId, Wal, WalConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -85,6 +94,8 @@ struct Arguments {
     raft: SocketAddr,
     client: SocketAddr,
     peers: HashMap<NodeId, SocketAddr>,
+    snapshot_every_entries: u64,
+    join: bool,
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -122,6 +133,17 @@ fn parse_arguments() -> Result<Arguments, String> {
         raft: address("raft")?,
         client: address("client")?,
         peers,
+        snapshot_every_entries: match values.get("snapshot-every") {
+            Some(value) => value
+                .parse()
+                .map_err(|e| format!("--snapshot-every: {e}"))?,
+            None => 0,
+        },
+        join: match values.get("join").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(format!("--join: {other} is not true or false")),
+        },
     })
 }
 
@@ -152,7 +174,29 @@ async fn serve_client(host: NodeHost, stream: tokio::net::TcpStream) {
                 ),
                 Err(error) => format!("ERR {error}"),
             },
-            _ => "ERR unknown command; use PUT key value, GET key or LEADER".to_string(),
+            (Some(verb @ ("ADD" | "REMOVE")), Some(id), None) => match id.parse::<u64>() {
+                Ok(id) => {
+                    let change = if verb == "ADD" {
+                        ConfChange::AddLearner {
+                            node: NodeId(id),
+                            auto_promote: true,
+                        }
+                    } else {
+                        ConfChange::Remove { node: NodeId(id) }
+                    };
+                    match host.change_membership(GROUP, change).await {
+                        Ok(()) => "OK".to_string(),
+                        Err(error) => format!("ERR {error}"),
+                    }
+                }
+                Err(error) => format!("ERR node id {id}: {error}"),
+            },
+            (Some("FIRST"), None, None) => match host.status(GROUP).await {
+                Ok(status) => format!("FIRST {}", status.first_index.0),
+                Err(error) => format!("ERR {error}"),
+            },
+            _ => "ERR unknown command; use PUT key value, GET key, LEADER, ADD id, REMOVE id or FIRST"
+                .to_string(),
         };
         if write
             .write_all(format!("{answer}\n").as_bytes())
@@ -195,13 +239,20 @@ fn main() {
             tcp.peers = arguments.peers.clone();
             let transport = TcpTransport::start(tcp, raft_listener);
             let mut config = HostConfig::new(NodeId(arguments.id));
-            config.snapshot_every_entries = 0;
+            config.snapshot_every_entries = arguments.snapshot_every_entries;
+            // Keep few entries behind a compaction, so that a node joining
+            // later needs the snapshot.
+            config.compaction_overhead_entries = 10;
             let wal =
                 Arc::new(Wal::open(WalConfig::new(&arguments.dir)).map_err(|e| e.to_string())?);
             let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
             let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
             transport.attach(&host);
-            let mut voters: Vec<NodeId> = arguments.peers.keys().copied().collect();
+            let mut voters: Vec<NodeId> = if arguments.join {
+                Vec::new()
+            } else {
+                arguments.peers.keys().copied().collect()
+            };
             voters.sort();
             host.start_group(GROUP, voters, Box::new(Kv::default()))
                 .map_err(|e| e.to_string())?;
