@@ -167,6 +167,11 @@ pub struct TcpConfig {
     /// retries later). Bounds memory to this many × `snapshot_bytes_max`.
     /// Default 4.
     pub incoming_snapshots_max: usize,
+    /// The longest one step of a snapshot stream may take (connecting,
+    /// writing or reading one chunk, waiting for the confirmation) before
+    /// the stream is abandoned: reported as not delivered, so the leader
+    /// retries, and the receiver's slot is freed. Default 10 s.
+    pub snapshot_idle_timeout: Duration,
 }
 
 impl TcpConfig {
@@ -185,6 +190,7 @@ impl TcpConfig {
             snapshot_bytes_max: 4 * 1024 * 1024 * 1024,
             snapshot_bytes_per_second_max: None,
             incoming_snapshots_max: 4,
+            snapshot_idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -493,12 +499,21 @@ async fn send_snapshot_stream(
             "snapshot message over frame_bytes_max",
         ));
     }
-    let mut stream = connect(config, address).await?;
-    write_frame_parts(&mut stream, &header[..1], &header[1..]).await?;
+    let idle = config.snapshot_idle_timeout;
+    let mut stream = within(idle, connect(config, address)).await?;
+    within(
+        idle,
+        write_frame_parts(&mut stream, &header[..1], &header[1..]),
+    )
+    .await?;
     let started = tokio::time::Instant::now();
     let mut sent_bytes: u64 = 0;
     for chunk in data.chunks(chunk_bytes) {
-        write_frame_parts(&mut stream, &[FRAME_SNAPSHOT_CHUNK], chunk).await?;
+        within(
+            idle,
+            write_frame_parts(&mut stream, &[FRAME_SNAPSHOT_CHUNK], chunk),
+        )
+        .await?;
         stats.snapshot_chunks_sent.fetch_add(1, Ordering::Relaxed);
         sent_bytes += chunk.len() as u64;
         if let Some(rate) = config.snapshot_bytes_per_second_max.filter(|r| *r > 0) {
@@ -506,11 +521,25 @@ async fn send_snapshot_stream(
             tokio::time::sleep_until(started + due).await;
         }
     }
-    stream.flush().await?;
-    if stream.read_u8().await? != ANSWER_SNAPSHOT_DELIVERED {
+    within(idle, stream.flush()).await?;
+    if within(idle, stream.read_u8()).await? != ANSWER_SNAPSHOT_DELIVERED {
         return Err(std::io::Error::other("snapshot refused"));
     }
     Ok(())
+}
+
+/// Runs `operation`, failing with `TimedOut` when it takes over `limit`.
+async fn within<T>(
+    limit: Duration,
+    operation: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "a snapshot stream step took longer than snapshot_idle_timeout",
+        )),
+    }
 }
 
 /// Writes one frame whose body is `kind` followed by `data`, without
@@ -736,7 +765,11 @@ async fn receive_snapshot(
     // Grows with what actually arrives, never with the announced size.
     let mut data = bytes::BytesMut::new();
     while (data.len() as u64) < total_bytes {
-        let Some(body) = read_frame(config, stream, stats).await else {
+        let frame = tokio::time::timeout(
+            config.snapshot_idle_timeout,
+            read_frame(config, stream, stats),
+        );
+        let Ok(Some(body)) = frame.await else {
             return;
         };
         let chunk = &body[1..];

@@ -317,13 +317,15 @@ async fn malformed_snapshot_streams_are_refused() {
 }
 
 /// Beyond `incoming_snapshots_max` snapshots being received at once, a
-/// new one is refused at its header; once one finishes, the slot is free.
+/// new one is refused at its header; once one finishes or stalls past
+/// `snapshot_idle_timeout`, the slot is free.
 #[tokio::test]
 async fn concurrent_incoming_snapshots_are_bounded() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let mut config = TcpConfig::new(NodeId(1), CLUSTER);
     config.incoming_snapshots_max = 1;
+    config.snapshot_idle_timeout = Duration::from_secs(1);
     let transport = TcpTransport::start(config, listener);
     let refused = || {
         transport
@@ -359,6 +361,15 @@ async fn concurrent_incoming_snapshots_are_bounded() {
     let mut byte = [0u8; 1];
     let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut byte)).await;
     assert!(waited.is_err(), "the third is being received, not closed");
+    assert_eq!(refused(), 1);
+
+    // A sender that stalls is dropped after `snapshot_idle_timeout`
+    // (here 1 s), which frees its slot.
+    closed_unconfirmed(&mut third).await;
+    let mut fourth = handshake(address).await;
+    fourth.write_all(&header).await.expect("write");
+    let waited = tokio::time::timeout(Duration::from_millis(300), fourth.read(&mut byte)).await;
+    assert!(waited.is_err(), "the fourth is being received, not closed");
     assert_eq!(refused(), 1);
     transport.shutdown();
 }
