@@ -41,6 +41,18 @@ use crate::transport::Transport;
 pub trait StateMachine: Send + 'static {
     /// Applies one committed command; returns its result for the proposer.
     fn apply(&mut self, index: LogIndex, command: &Bytes) -> Bytes;
+    /// Applies consecutive committed commands, in index order, and returns
+    /// exactly one result per command. The host calls this with everything
+    /// committed since its last call (membership entries and no-ops split
+    /// a batch). The default applies them one by one; a state machine with
+    /// its own storage overrides it to make the whole batch durable in one
+    /// write, together with the last index.
+    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> Vec<Bytes> {
+        commands
+            .iter()
+            .map(|(index, command)| self.apply(*index, command))
+            .collect()
+    }
     /// Serves a read from the local state.
     fn read(&self, query: &Bytes) -> Bytes;
     /// The highest index applied (persisted with the data by real state
@@ -1135,6 +1147,30 @@ async fn apply_loop(
     }
 }
 
+/// Applies the commands gathered so far as one batch, and clears them.
+fn apply_commands(
+    applier: &mut Applier,
+    commands: &mut Vec<(LogIndex, Bytes)>,
+    terms: &mut Vec<Term>,
+    results: &mut Vec<(LogIndex, Term, Bytes)>,
+) {
+    let Some(&(last, _)) = commands.last() else {
+        return;
+    };
+    let answers = applier.state_machine.apply_batch(commands);
+    assert_eq!(
+        answers.len(),
+        commands.len(),
+        "StateMachine::apply_batch must return one result per command"
+    );
+    for (((index, _), term), answer) in commands.iter().zip(terms.iter()).zip(answers) {
+        results.push((*index, *term, answer));
+    }
+    applier.applied = applier.applied.max(last);
+    commands.clear();
+    terms.clear();
+}
+
 fn apply_one(
     item: ApplyWork,
     appliers: &mut HashMap<GroupId, Applier>,
@@ -1169,20 +1205,22 @@ fn apply_one(
                 return;
             };
             let results = reports.entry(group).or_default();
+            let mut commands: Vec<(LogIndex, Bytes)> = Vec::new();
+            let mut terms: Vec<Term> = Vec::new();
             for entry in &entries {
-                match &entry.payload {
-                    EntryPayload::Normal(command) => {
-                        let result = applier.state_machine.apply(entry.index, command);
-                        results.push((entry.index, entry.term, result));
-                    }
-                    // A membership change resolves its proposer when applied.
-                    EntryPayload::ConfChange(_) => {
-                        results.push((entry.index, entry.term, Bytes::new()))
-                    }
-                    EntryPayload::Empty => {}
+                if let EntryPayload::Normal(command) = &entry.payload {
+                    commands.push((entry.index, command.clone()));
+                    terms.push(entry.term);
+                    continue;
+                }
+                apply_commands(applier, &mut commands, &mut terms, results);
+                // A membership change resolves its proposer when applied.
+                if let EntryPayload::ConfChange(_) = &entry.payload {
+                    results.push((entry.index, entry.term, Bytes::new()));
                 }
                 applier.applied = applier.applied.max(entry.index);
             }
+            apply_commands(applier, &mut commands, &mut terms, results);
         }
         ApplyWork::TakeSnapshot { group, message } => {
             let Some(applier) = appliers.get_mut(&group) else {

@@ -343,3 +343,88 @@ async fn a_removed_group_leaves_nothing_in_the_wal() {
         assert!(wal.snapshot(GROUP).is_none());
     }
 }
+
+/// Answers each command with its own index, and records the size of every
+/// batch it is given.
+#[derive(Default)]
+struct BatchRecorder {
+    batches: Arc<Mutex<Vec<usize>>>,
+    applied: LogIndex,
+}
+
+impl StateMachine for BatchRecorder {
+    fn apply(&mut self, _index: LogIndex, _command: &Bytes) -> Bytes {
+        panic!("the host must call apply_batch");
+    }
+    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> Vec<Bytes> {
+        self.batches.lock().expect("lock").push(commands.len());
+        let mut previous = self.applied;
+        for (index, _) in commands {
+            assert!(*index > previous, "in index order");
+            previous = *index;
+        }
+        self.applied = previous;
+        commands
+            .iter()
+            .map(|(index, _)| Bytes::from(index.0.to_string()))
+            .collect()
+    }
+    fn read(&self, _query: &Bytes) -> Bytes {
+        Bytes::new()
+    }
+    fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+    fn snapshot(&self) -> Bytes {
+        Bytes::new()
+    }
+    fn restore(&mut self, index: LogIndex, _data: &Bytes) {
+        self.applied = index;
+    }
+}
+
+/// Concurrent proposals reach the state machine in batches, and each
+/// proposer gets the result of its own entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_commands_are_applied_in_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let mut config = HostConfig::new(NodeId(1));
+    config.tick_interval = Duration::from_millis(5);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+    let transport_handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(
+        config,
+        wal,
+        transport_handle,
+        tokio::runtime::Handle::current(),
+    );
+    transport.register(NodeId(1), &host);
+    let machine = BatchRecorder::default();
+    let batches = Arc::clone(&machine.batches);
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
+        .expect("group");
+    let hosts = BTreeMap::from([(1u64, host.clone())]);
+    wait_for_leader(&hosts).await;
+
+    let proposals: Vec<_> = (0..500)
+        .map(|i| {
+            let host = host.clone();
+            tokio::spawn(async move { host.propose(GROUP, Bytes::from(format!("c{i}"))).await })
+        })
+        .collect();
+    let mut indexes = std::collections::BTreeSet::new();
+    for proposal in proposals {
+        let result = proposal.await.expect("task").expect("committed");
+        let index: u64 = String::from_utf8_lossy(&result).parse().expect("an index");
+        assert!(indexes.insert(index), "two proposers got index {index}");
+    }
+    assert_eq!(indexes.len(), 500);
+    let batches = batches.lock().expect("lock").clone();
+    assert_eq!(batches.iter().sum::<usize>(), 500, "{batches:?}");
+    assert!(
+        batches.iter().any(|size| *size > 1),
+        "never more than one command per batch: {batches:?}"
+    );
+    host.stop().await;
+}
