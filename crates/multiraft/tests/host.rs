@@ -90,6 +90,27 @@ fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[No
     host
 }
 
+/// Three hosts, each with its own WAL in a new directory, bootstrapping
+/// `GROUP` with voters 1, 2 and 3.
+fn start_three_hosts() -> (
+    Vec<tempfile::TempDir>,
+    Arc<LocalTransport>,
+    BTreeMap<u64, NodeHost>,
+) {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let transport = LocalTransport::new();
+    let hosts = (1..=3u64)
+        .map(|id| {
+            let host = start_host(dirs[id as usize - 1].path(), id, &transport, &voters);
+            (id, host)
+        })
+        .collect();
+    (dirs, transport, hosts)
+}
+
 async fn wait_for_leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -127,18 +148,7 @@ async fn read_until(host: &NodeHost, key: &str, expected: &str) {
 /// crash and restart a follower from its WAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_elect_replicate_read_and_recover() {
-    let dirs: Vec<tempfile::TempDir> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let voters = [NodeId(1), NodeId(2), NodeId(3)];
-    let transport = LocalTransport::new();
-    let mut hosts = BTreeMap::new();
-    for id in 1..=3u64 {
-        hosts.insert(
-            id,
-            start_host(dirs[id as usize - 1].path(), id, &transport, &voters),
-        );
-    }
+    let (dirs, transport, mut hosts) = start_three_hosts();
     let leader = wait_for_leader(&hosts).await;
     for i in 0..100 {
         let previous = hosts[&leader]
@@ -277,18 +287,8 @@ async fn a_fourth_node_joins_and_takes_leadership() {
 /// it, and the same id can host a new, empty group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_group_leaves_nothing_in_the_wal() {
-    let dirs: Vec<tempfile::TempDir> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let (dirs, transport, mut hosts) = start_three_hosts();
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
-    let transport = LocalTransport::new();
-    let mut hosts = BTreeMap::new();
-    for id in 1..=3u64 {
-        hosts.insert(
-            id,
-            start_host(dirs[id as usize - 1].path(), id, &transport, &voters),
-        );
-    }
     let leader = wait_for_leader(&hosts).await;
     for i in 0..50 {
         hosts[&leader]

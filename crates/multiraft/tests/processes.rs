@@ -100,30 +100,7 @@ fn put(nodes: &BTreeMap<u64, Node>, key: &str, value: &str) -> bool {
 
 #[test]
 fn three_processes_survive_kill_9_of_the_leader() {
-    let dirs: Vec<tempfile::TempDir> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let mut nodes: BTreeMap<u64, Node> = (1..=3)
-        .map(|id| {
-            (
-                id,
-                Node {
-                    id,
-                    raft: free_address(),
-                    client: free_address(),
-                    child: None,
-                },
-            )
-        })
-        .collect();
-    let peers = nodes
-        .values()
-        .map(|n| format!("{}={}", n.id, n.raft))
-        .collect::<Vec<_>>()
-        .join(",");
-    for (id, node) in nodes.iter_mut() {
-        node.child = Some(spawn(node, dirs[*id as usize - 1].path(), &peers));
-    }
+    let (dirs, mut nodes, peers) = start_three(&[]);
     let first_leader = wait_for_leader(&nodes);
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
     for i in 0..50 {

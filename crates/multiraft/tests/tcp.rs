@@ -202,24 +202,26 @@ async fn a_peer_of_another_cluster_is_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let transport = TcpTransport::start(TcpConfig::new(NodeId(1), CLUSTER), listener);
-    let mut stream = TcpStream::connect(address).await.expect("connect");
-    let mut handshake = b"RGRAFTv1".to_vec();
-    handshake.extend_from_slice(&1u32.to_le_bytes());
-    handshake.extend_from_slice(&(CLUSTER + 1).to_le_bytes());
-    handshake.extend_from_slice(&2u64.to_le_bytes());
-    stream.write_all(&handshake).await.expect("write");
+    let mut stream = send_handshake(address, CLUSTER + 1).await;
     assert_eq!(stream.read_u8().await.expect("answer"), 1, "wrong cluster");
     transport.shutdown();
 }
 
-/// Opens a connection to `address` as node 2 of `CLUSTER`.
-async fn handshake(address: SocketAddr) -> TcpStream {
+/// Connects to `address` and sends the handshake of node 2 of `cluster`;
+/// the answer is left for the caller to read.
+async fn send_handshake(address: SocketAddr, cluster: u64) -> TcpStream {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     let mut handshake = b"RGRAFTv1".to_vec();
     handshake.extend_from_slice(&1u32.to_le_bytes());
-    handshake.extend_from_slice(&CLUSTER.to_le_bytes());
+    handshake.extend_from_slice(&cluster.to_le_bytes());
     handshake.extend_from_slice(&2u64.to_le_bytes());
     stream.write_all(&handshake).await.expect("write");
+    stream
+}
+
+/// Opens a connection to `address` as node 2 of `CLUSTER`, accepted.
+async fn handshake(address: SocketAddr) -> TcpStream {
+    let mut stream = send_handshake(address, CLUSTER).await;
     assert_eq!(stream.read_u8().await.expect("answer"), 0, "accepted");
     stream
 }
