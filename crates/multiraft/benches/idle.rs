@@ -53,11 +53,12 @@ fn cpu_seconds() -> f64 {
 async fn measure(groups: u64, quiesce_after_ticks: u64, window: Duration) -> (f64, u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let mut config = HostConfig::new(NodeId(1));
+    let mut config = HostConfig::new(NodeId(1), dir.path());
     config.quiesce_after_ticks = quiesce_after_ticks;
     let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
     let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+    let host =
+        NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current()).expect("host");
     transport.register(NodeId(1), &host);
     for group in 1..=groups {
         host.start_group(GroupId(group), vec![NodeId(1)], Box::new(Idle))

@@ -70,11 +70,12 @@ async fn start_cluster(groups: u64) -> Cluster {
         let mut tcp = TcpConfig::new(NodeId(id), 1);
         tcp.peers = peers.clone();
         let transport = TcpTransport::start(tcp, listener);
-        let mut config = HostConfig::new(NodeId(id));
+        let mut config = HostConfig::new(NodeId(id), dir.path());
         config.tick_interval = Duration::from_millis(50);
         let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
+            .expect("host");
         transport.attach(&host);
         for group in 1..=groups {
             host.start_group(

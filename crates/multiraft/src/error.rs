@@ -56,6 +56,33 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A request older than its client's last applied request: it was not
+    /// applied, and its client has moved on.
+    #[error("group {}: request {sequence} of client {client} is older than the client's last applied request {last}; it was not applied", group.0)]
+    StaleRequest {
+        /// The group.
+        group: GroupId,
+        /// The request's client.
+        client: u64,
+        /// The request's sequence.
+        sequence: u64,
+        /// The client's last applied sequence.
+        last: u64,
+    },
+    /// A retry of a request applied before this node restarted; it was not
+    /// applied again, but its result was not kept.
+    #[error("group {}: request {sequence} of client {client} was already applied; its result was not kept across a restart", group.0)]
+    AlreadyApplied {
+        /// The group.
+        group: GroupId,
+        /// The request's client.
+        client: u64,
+        /// The request's sequence.
+        sequence: u64,
+    },
+    /// The host's own files (session tables) could not be read or written.
+    #[error("host state: {0}")]
+    State(String),
     /// The log failed.
     #[error("write-ahead log: {0}")]
     Wal(#[from] regatta_wal::Error),

@@ -22,18 +22,21 @@
 //! compaction, forwarding of proposals from followers with request ids.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::Read;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use regatta_raft::{
     ConfChange, Config, Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, Proposed,
-    RaftNode, ReadId, Role, Status, Term,
+    RaftNode, ReadId, RequestId, Role, SnapshotMeta, Status, Term,
 };
-use regatta_wal::{GroupId, Wal, WriteBatch};
+use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::session::{Outcome, SessionTable, Verdict};
 use crate::storage::GroupStorage;
 use crate::transport::Transport;
 
@@ -71,6 +74,13 @@ pub trait StateMachine: Send + 'static {
 pub struct HostConfig {
     /// This node.
     pub node_id: NodeId,
+    /// Where the host keeps its own files: each group's session table,
+    /// under `sessions/`. Must survive restarts like the WAL.
+    pub state_dir: PathBuf,
+    /// A client whose last request is this many entries below the applied
+    /// index is forgotten, and a retry of it would be applied again.
+    /// Default 1,000,000 entries.
+    pub session_expiry_entries: u64,
     /// Wall-clock length of one Raft tick. Default 10 ms.
     pub tick_interval: Duration,
     /// Requests queued per worker before callers get `Busy`. Default 4096.
@@ -97,10 +107,12 @@ pub struct HostConfig {
 }
 
 impl HostConfig {
-    /// Defaults for node `id`.
-    pub fn new(node_id: NodeId) -> HostConfig {
+    /// Defaults for node `node_id`, keeping its files in `state_dir`.
+    pub fn new(node_id: NodeId, state_dir: impl Into<PathBuf>) -> HostConfig {
         HostConfig {
             node_id,
+            state_dir: state_dir.into(),
+            session_expiry_entries: 1_000_000,
             tick_interval: Duration::from_millis(10),
             group_inbox_max: 4096,
             workers: 2,
@@ -119,6 +131,11 @@ type Reply = oneshot::Sender<Result<Bytes, Error>>;
 enum Input {
     Message(Message),
     Propose {
+        command: Bytes,
+        reply: Reply,
+    },
+    ProposeWithId {
+        id: RequestId,
         command: Bytes,
         reply: Reply,
     },
@@ -167,8 +184,18 @@ enum Control {
     Applied {
         group: GroupId,
         index: LogIndex,
-        results: Vec<(LogIndex, Term, Bytes)>,
+        results: Vec<AppliedResult>,
     },
+    /// The apply task saved the group's session table as of `index` (or
+    /// failed to); a compaction may now drop entries up to there.
+    SessionsSaved {
+        group: GroupId,
+        index: LogIndex,
+        result: Result<(), Error>,
+    },
+    /// The apply task cannot go on with the group (a snapshot it could not
+    /// install); the group stops.
+    Failed { group: GroupId, reason: String },
     /// The apply task copied the state at `index` for an outgoing snapshot.
     SnapshotReady {
         group: GroupId,
@@ -176,6 +203,15 @@ enum Control {
         index: LogIndex,
         data: Bytes,
     },
+}
+
+/// The outcome of one applied entry, for whoever proposed it.
+struct AppliedResult {
+    index: LogIndex,
+    term: Term,
+    /// The request id of a session command.
+    id: Option<RequestId>,
+    result: Result<Bytes, Error>,
 }
 
 /// A group being removed, and who waits for its removal to be durable.
@@ -191,7 +227,9 @@ enum WorkerInput {
 
 /// Work for a worker's apply task, which owns its groups' state machines.
 enum ApplyWork {
-    Register(GroupId, Box<dyn StateMachine>),
+    Register(GroupId, Box<dyn StateMachine>, SessionTable),
+    /// Save the group's session table before a compaction.
+    SaveSessions(GroupId),
     /// Drop the group's state machine; its waiting reads fail.
     Unregister(GroupId),
     Entries(GroupId, Vec<Entry>),
@@ -209,7 +247,7 @@ enum ApplyWork {
     /// Replace the state with a snapshot received from the leader.
     Restore {
         group: GroupId,
-        index: LogIndex,
+        meta: SnapshotMeta,
         data: Bytes,
     },
 }
@@ -225,6 +263,8 @@ struct HostInner {
     /// Groups not ticking now, across the workers.
     quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
     wal: Arc<Wal>,
+    /// Each group's session table, saved at compactions.
+    sessions: SnapshotStore,
     /// Each worker's inbox and control channel; emptied by `stop`.
     workers: RwLock<Vec<WorkerChannels>>,
     worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -254,13 +294,15 @@ impl WeakNodeHost {
 
 impl NodeHost {
     /// A host persisting to `wal` and talking through `transport`; its
-    /// tasks run on `runtime`.
+    /// tasks run on `runtime`. Fails when `state_dir` cannot be opened.
     pub fn new(
         config: HostConfig,
         wal: Arc<Wal>,
         transport: Arc<dyn Transport>,
         runtime: tokio::runtime::Handle,
-    ) -> NodeHost {
+    ) -> Result<NodeHost, Error> {
+        let sessions = SnapshotStore::open(config.state_dir.join("sessions"), 1)
+            .map_err(|error| Error::State(format!("open the session tables: {error}")))?;
         let quiesced_groups: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut workers = Vec::new();
         let mut tasks = Vec::new();
@@ -268,7 +310,12 @@ impl NodeHost {
             let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
             let (control_sender, control) = mpsc::unbounded_channel();
             let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
-            tasks.push(runtime.spawn(apply_loop(apply_inbox, control_sender.clone())));
+            let context = ApplyContext {
+                control: control_sender.clone(),
+                sessions: sessions.clone(),
+                session_expiry_entries: config.session_expiry_entries,
+            };
+            tasks.push(runtime.spawn(apply_loop(apply_inbox, context)));
             let worker = Worker {
                 groups: HashMap::new(),
                 active: BTreeSet::new(),
@@ -278,20 +325,22 @@ impl NodeHost {
                 quiesced_groups: Arc::clone(&quiesced_groups),
                 quiesced_published: 0,
                 removing: Vec::new(),
+                sessions: sessions.clone(),
             };
             tasks.push(runtime.spawn(worker.run(inbox, control, config.tick_interval)));
             workers.push((inbox_sender, control_sender, apply_sender));
         }
-        NodeHost {
+        Ok(NodeHost {
             inner: Arc::new(HostInner {
                 config,
                 quiesced_groups,
                 wal,
+                sessions,
                 workers: RwLock::new(workers),
                 worker_tasks: Mutex::new(tasks),
                 groups: RwLock::new(HashMap::new()),
             }),
-        }
+        })
     }
 
     /// A reference that does not keep the host alive.
@@ -323,6 +372,13 @@ impl NodeHost {
         config.applied = state_machine.applied_index();
         config.initial_voters = initial_voters;
         config.seed ^= group.0.rotate_left(17);
+        let sessions = load_sessions(
+            &self.inner.sessions,
+            &self.inner.wal,
+            group,
+            config.applied,
+            self.inner.config.session_expiry_entries,
+        )?;
         let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
@@ -335,24 +391,27 @@ impl NodeHost {
             }
         };
         apply
-            .send(ApplyWork::Register(group, state_machine))
+            .send(ApplyWork::Register(group, state_machine, sessions))
             .map_err(|_| stopped(group))?;
         let state = Group {
             group,
             raft,
             apply,
             proposals: BTreeMap::new(),
+            waiting_ids: HashMap::new(),
             reads: HashMap::new(),
             next_read: 1,
             unsent: VecDeque::new(),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
             idle_ticks: 0,
+            ticks: 0,
             quiesced: false,
             last_index_seen: LogIndex(0),
             pending_install: None,
             snapshot_every_entries: self.inner.config.snapshot_every_entries,
             compaction_overhead_entries: self.inner.config.compaction_overhead_entries,
             compacted_at: LogIndex(0),
+            saving_sessions: false,
             pending_compaction: None,
         };
         inbox
@@ -405,6 +464,24 @@ impl NodeHost {
     pub async fn propose(&self, group: GroupId, command: Bytes) -> Result<Bytes, Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::Propose { command, reply })?;
+        self.answer(group, answer).await
+    }
+
+    /// Proposes a command sent by request `id`: applied at most once however
+    /// often it is proposed, on this node or another. A retry with the same
+    /// id (after a `Timeout`, a `Dropped` or a lost connection) gets the
+    /// first application's result, or `AlreadyApplied` when that result was
+    /// lost to a restart; an id older than its client's last applied one
+    /// gets `StaleRequest`. On a follower, the proposal is forwarded to the
+    /// leader and resolves once this node applies it.
+    pub async fn propose_with_id(
+        &self,
+        group: GroupId,
+        id: RequestId,
+        command: Bytes,
+    ) -> Result<Bytes, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(group, Input::ProposeWithId { id, command, reply })?;
         self.answer(group, answer).await
     }
 
@@ -575,6 +652,9 @@ struct Group {
     apply: mpsc::UnboundedSender<ApplyWork>,
     /// Proposals by index, with the term they were appended in.
     proposals: BTreeMap<LogIndex, (Term, Reply)>,
+    /// Proposals with a request id forwarded to the leader, resolved when
+    /// an entry with their id is applied here.
+    waiting_ids: HashMap<RequestId, Vec<Reply>>,
     reads: HashMap<ReadId, (Bytes, Reply)>,
     next_read: u64,
     /// Persisted messages of readies not yet durable, in ready order.
@@ -582,6 +662,8 @@ struct Group {
     quiesce_after_ticks: u64,
     /// Ticks since the last activity.
     idle_ticks: u64,
+    /// Ticks since the group started here.
+    ticks: u64,
     /// Not ticking: no heartbeats sent, no election timer running.
     quiesced: bool,
     last_index_seen: LogIndex,
@@ -591,9 +673,14 @@ struct Group {
     compaction_overhead_entries: u64,
     /// Applied index of the last compaction.
     compacted_at: LogIndex,
+    /// The apply task is saving the session table for a compaction.
+    saving_sessions: bool,
     /// A snapshot marker and compaction to persist with the next ready.
     pending_compaction: Option<(regatta_raft::SnapshotMeta, LogIndex)>,
 }
+
+/// Ticks between sweeps of forwarded proposals nobody waits for.
+const WAITING_SWEEP_TICKS: u64 = 100;
 
 /// Inputs handled per turn before the readies are taken.
 const INPUTS_PER_TURN_MAX: usize = 1024;
@@ -612,6 +699,8 @@ struct Worker {
     quiesced_published: u64,
     /// Groups removed this turn; the turn's WAL batch records it.
     removing: Vec<Removal>,
+    /// The session tables, deleted with their groups.
+    sessions: SnapshotStore,
 }
 
 impl Worker {
@@ -728,8 +817,16 @@ impl Worker {
                 removed,
                 result,
             } => {
-                for (_, reply) in removed {
-                    let _ = reply.send(result.clone().map_err(Error::Wal));
+                for (group, reply) in removed {
+                    let outcome = result.clone().map_err(Error::Wal).and_then(|()| {
+                        self.sessions.remove_group(group).map_err(|error| {
+                            Error::State(format!(
+                                "remove the session table of group {}: {error}",
+                                group.0
+                            ))
+                        })
+                    });
+                    let _ = reply.send(outcome);
                 }
                 for (group, number) in readies {
                     let Some(state) = self.groups.get_mut(&group) else {
@@ -776,6 +873,23 @@ impl Worker {
                     state.on_applied(index, results);
                     touched.insert(group);
                 }
+            }
+            Control::SessionsSaved {
+                group,
+                index,
+                result,
+            } => {
+                if let Some(state) = self.groups.get_mut(&group) {
+                    state.on_sessions_saved(index, result);
+                    touched.insert(group);
+                }
+            }
+            Control::Failed { group, reason } => {
+                if let Some(mut state) = self.groups.remove(&group) {
+                    state.fail_all(reason);
+                }
+                self.active.remove(&group);
+                touched.remove(&group);
             }
         }
     }
@@ -831,6 +945,15 @@ impl Group {
     fn tick(&mut self) {
         self.raft.tick();
         self.idle_ticks += 1;
+        self.ticks += 1;
+        // Forwarded proposals whose callers gave up (their entry may never
+        // come) are forgotten now and then.
+        if self.ticks.is_multiple_of(WAITING_SWEEP_TICKS) {
+            self.waiting_ids.retain(|_, replies| {
+                replies.retain(|reply| !reply.is_closed());
+                !replies.is_empty()
+            });
+        }
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some();
         if self.quiesce_after_ticks > 0 && self.idle_ticks >= self.quiesce_after_ticks && settled {
@@ -865,6 +988,7 @@ impl Group {
             Input::Status { .. } => {}
             Input::StaleRead { .. } | Input::SnapshotReport { .. } => {}
             Input::Propose { .. }
+            | Input::ProposeWithId { .. }
             | Input::Read { .. }
             | Input::Campaign
             | Input::ConfChange { .. }
@@ -888,6 +1012,18 @@ impl Group {
             let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
             return;
         }
+        self.propose_and_track(reply, propose);
+    }
+
+    /// Proposes, and tracks an appended entry so that `on_applied` resolves
+    /// `reply`; a forwarded proposal without a request id cannot be
+    /// tracked, so it is answered `NotLeader`.
+    fn propose_and_track(
+        &mut self,
+        reply: Reply,
+        propose: impl FnOnce(&mut RaftNode<GroupStorage>) -> regatta_raft::Result<Proposed>,
+    ) {
+        let group = self.group;
         match propose(&mut self.raft) {
             Ok(Proposed::Appended { last, term, .. }) => {
                 self.proposals.insert(last, (term, reply));
@@ -912,6 +1048,24 @@ impl Group {
             }
             Input::Propose { command, reply } => {
                 self.propose_on_leader(reply, |raft| raft.propose(vec![command]));
+            }
+            Input::ProposeWithId { id, command, reply } => {
+                if self.raft.role() == Role::Leader {
+                    self.propose_and_track(reply, |raft| raft.propose_with_id(id, command));
+                    return;
+                }
+                // Forwarded: answered when this node applies the id.
+                match self.raft.propose_with_id(id, command) {
+                    Ok(Proposed::Appended { last, term, .. }) => {
+                        self.proposals.insert(last, (term, reply));
+                    }
+                    Ok(Proposed::Forwarded { .. }) => {
+                        self.waiting_ids.entry(id).or_default().push(reply);
+                    }
+                    Err(source) => {
+                        let _ = reply.send(Err(Error::Raft { group, source }));
+                    }
+                }
             }
             Input::Read { query, reply } => {
                 let id = ReadId(self.next_read);
@@ -970,38 +1124,61 @@ impl Group {
         }
     }
 
-    /// Every `snapshot_every_entries` applied entries: record a snapshot
-    /// marker at `applied` (the state machine holds that state durably)
-    /// and compact the log below it, keeping the overhead for followers.
+    /// Every `snapshot_every_entries` applied entries, compaction starts:
+    /// the apply task saves the session table first (the entries the
+    /// compaction drops are no longer there to rebuild it from), then
+    /// `on_sessions_saved` compacts.
     fn maybe_schedule_compaction(&mut self, applied: LogIndex) {
         let every = self.snapshot_every_entries;
-        if every == 0 || applied.distance_from(self.compacted_at) < every {
+        if every == 0 || self.saving_sessions || applied.distance_from(self.compacted_at) < every {
             return;
         }
-        let compact_to = LogIndex(applied.0.saturating_sub(self.compaction_overhead_entries));
+        self.saving_sessions = true;
+        self.compacted_at = applied;
+        let _ = self.apply.send(ApplyWork::SaveSessions(self.group));
+    }
+
+    /// The session table is durable as of `saved`: record a snapshot
+    /// marker (the state machine holds at least that state durably) and
+    /// compact the log below it, keeping the overhead for followers. The
+    /// entries after `saved` stay, so a restart can rebuild the table.
+    fn on_sessions_saved(&mut self, saved: LogIndex, result: Result<(), Error>) {
+        self.saving_sessions = false;
+        if result.is_err() {
+            // Keep every entry; the next interval tries again.
+            return;
+        }
+        let status = self.raft.status();
+        let marker = saved.min(status.applied);
+        let compact_to = LogIndex(marker.0.saturating_sub(self.compaction_overhead_entries));
         // Never ask the WAL for a compaction it would refuse: the whole
         // worker's batch would fail with it.
-        if compact_to < self.raft.status().first_index {
+        if compact_to < status.first_index {
             return;
         }
-        if let Ok(meta) = self.raft.snapshot_meta_at(applied) {
+        if let Ok(meta) = self.raft.snapshot_meta_at(marker) {
             self.pending_compaction = Some((meta, compact_to));
-            self.compacted_at = applied;
         }
     }
 
     /// The apply task applied up to `index`: resolve the proposals.
-    fn on_applied(&mut self, index: LogIndex, results: Vec<(LogIndex, Term, Bytes)>) {
+    fn on_applied(&mut self, index: LogIndex, results: Vec<AppliedResult>) {
         self.raft.advance_apply(index);
         self.maybe_schedule_compaction(index);
-        for (entry_index, entry_term, result) in results {
-            if let Some((term, reply)) = self.proposals.remove(&entry_index) {
-                let outcome = if term == entry_term {
-                    Ok(result)
+        for applied in results {
+            let result = applied.result;
+            if let Some((term, reply)) = self.proposals.remove(&applied.index) {
+                let outcome = if term == applied.term {
+                    result.clone()
                 } else {
                     Err(Error::Dropped(self.group))
                 };
                 let _ = reply.send(outcome);
+            }
+            if let Some(id) = applied.id {
+                for reply in self.waiting_ids.remove(&id).unwrap_or_default() {
+                    let _ = reply.send(result.clone());
+                }
             }
         }
         // Proposals at or below the applied index whose entry was not a
@@ -1050,7 +1227,7 @@ impl Group {
                 };
                 let _ = self.apply.send(ApplyWork::Restore {
                     group: self.group,
-                    index: meta.index,
+                    meta: meta.clone(),
                     data,
                 });
                 self.compacted_at = meta.index;
@@ -1101,6 +1278,11 @@ impl Group {
         for (_, (_, reply)) in std::mem::take(&mut self.reads) {
             let _ = reply.send(Err(error()));
         }
+        for (_, replies) in std::mem::take(&mut self.waiting_ids) {
+            for reply in replies {
+                let _ = reply.send(Err(error()));
+            }
+        }
     }
 }
 
@@ -1109,21 +1291,26 @@ struct Applier {
     state_machine: Box<dyn StateMachine>,
     applied: LogIndex,
     waiting: Vec<(LogIndex, Bytes, Reply)>,
+    sessions: SessionTable,
+}
+
+/// What every apply task shares.
+struct ApplyContext {
+    control: mpsc::UnboundedSender<Control>,
+    sessions: SnapshotStore,
+    session_expiry_entries: u64,
 }
 
 /// Applies committed entries in order for every group of a worker, and
 /// serves reads once their index is applied. Everything queued is handled
 /// per wake-up; each touched group gets one `Applied` report.
-async fn apply_loop(
-    mut work: mpsc::UnboundedReceiver<ApplyWork>,
-    control: mpsc::UnboundedSender<Control>,
-) {
+async fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContext) {
     let mut appliers: HashMap<GroupId, Applier> = HashMap::new();
-    let mut reports: BTreeMap<GroupId, Vec<(LogIndex, Term, Bytes)>> = BTreeMap::new();
+    let mut reports: BTreeMap<GroupId, Vec<AppliedResult>> = BTreeMap::new();
     while let Some(first) = work.recv().await {
         let mut next = Some(first);
         while let Some(item) = next {
-            apply_one(item, &mut appliers, &mut reports, &control);
+            apply_one(item, &mut appliers, &mut reports, &context);
             next = work.try_recv().ok();
         }
         for (group, results) in std::mem::take(&mut reports) {
@@ -1131,7 +1318,7 @@ async fn apply_loop(
                 continue;
             };
             let index = applier.applied;
-            let _ = control.send(Control::Applied {
+            let _ = context.control.send(Control::Applied {
                 group,
                 index,
                 results,
@@ -1147,38 +1334,212 @@ async fn apply_loop(
     }
 }
 
-/// Applies the commands gathered so far as one batch, and clears them.
-fn apply_commands(
-    applier: &mut Applier,
-    commands: &mut Vec<(LogIndex, Bytes)>,
-    terms: &mut Vec<Term>,
-    results: &mut Vec<(LogIndex, Term, Bytes)>,
-) {
-    let Some(&(last, _)) = commands.last() else {
+/// Consecutive commands chosen for the state machine, applied as one
+/// batch.
+#[derive(Default)]
+struct Run {
+    commands: Vec<(LogIndex, Bytes)>,
+    /// Per command: its term and, for a session command, its id.
+    origins: Vec<(Term, Option<RequestId>)>,
+}
+
+/// Applies the commands gathered so far as one batch, records the results
+/// of session commands, and clears the run.
+fn apply_run(applier: &mut Applier, run: &mut Run, results: &mut Vec<AppliedResult>) {
+    let Some(&(last, _)) = run.commands.last() else {
         return;
     };
-    let answers = applier.state_machine.apply_batch(commands);
+    let answers = applier.state_machine.apply_batch(&run.commands);
     assert_eq!(
         answers.len(),
-        commands.len(),
+        run.commands.len(),
         "StateMachine::apply_batch must return one result per command"
     );
-    for (((index, _), term), answer) in commands.iter().zip(terms.iter()).zip(answers) {
-        results.push((*index, *term, answer));
+    for (((index, _), (term, id)), answer) in run.commands.iter().zip(&run.origins).zip(answers) {
+        if let Some(id) = id {
+            applier.sessions.complete(id.client, *index, answer.clone());
+        }
+        results.push(AppliedResult {
+            index: *index,
+            term: *term,
+            id: *id,
+            result: Ok(answer),
+        });
     }
     applier.applied = applier.applied.max(last);
-    commands.clear();
-    terms.clear();
+    run.commands.clear();
+    run.origins.clear();
+}
+
+/// The answer to a session command that is not applied again.
+fn not_applied_again(group: GroupId, id: RequestId, verdict: Verdict) -> Result<Bytes, Error> {
+    match verdict {
+        Verdict::Duplicate(Outcome::Known(result)) => Ok(result),
+        Verdict::Stale { last } => Err(Error::StaleRequest {
+            group,
+            client: id.client,
+            sequence: id.sequence,
+            last,
+        }),
+        _ => Err(Error::AlreadyApplied {
+            group,
+            client: id.client,
+            sequence: id.sequence,
+        }),
+    }
+}
+
+/// Applies committed entries: commands in runs, each session command only
+/// if its request was not applied before.
+fn apply_entries(
+    group: GroupId,
+    applier: &mut Applier,
+    entries: &[Entry],
+    results: &mut Vec<AppliedResult>,
+    session_expiry_entries: u64,
+) {
+    let mut run = Run::default();
+    for entry in entries {
+        match &entry.payload {
+            EntryPayload::Normal(command) => {
+                run.commands.push((entry.index, command.clone()));
+                run.origins.push((entry.term, None));
+                applier.sessions.advance(entry.index);
+            }
+            EntryPayload::Session { id, command } => {
+                let mut verdict = applier.sessions.check(*id);
+                if verdict == Verdict::Flush {
+                    // A retry of a command in this very run: its result
+                    // comes from applying the run.
+                    apply_run(applier, &mut run, results);
+                    verdict = applier.sessions.check(*id);
+                }
+                if verdict == Verdict::Apply {
+                    applier.sessions.expire(entry.index, session_expiry_entries);
+                    applier.sessions.record(*id, entry.index, Outcome::Pending);
+                    run.commands.push((entry.index, command.clone()));
+                    run.origins.push((entry.term, Some(*id)));
+                    continue;
+                }
+                assert_ne!(
+                    verdict,
+                    Verdict::Flush,
+                    "a flushed run leaves nothing pending"
+                );
+                results.push(AppliedResult {
+                    index: entry.index,
+                    term: entry.term,
+                    id: Some(*id),
+                    result: not_applied_again(group, *id, verdict),
+                });
+                applier.applied = applier.applied.max(entry.index);
+            }
+            EntryPayload::ConfChange(_) | EntryPayload::Empty => {
+                apply_run(applier, &mut run, results);
+                // A membership change resolves its proposer when applied.
+                if let EntryPayload::ConfChange(_) = &entry.payload {
+                    results.push(AppliedResult {
+                        index: entry.index,
+                        term: entry.term,
+                        id: None,
+                        result: Ok(Bytes::new()),
+                    });
+                }
+                applier.applied = applier.applied.max(entry.index);
+            }
+        }
+    }
+    apply_run(applier, &mut run, results);
+}
+
+/// Writes the session table to its file (fsynced, atomically replaced).
+fn save_sessions(
+    store: &SnapshotStore,
+    group: GroupId,
+    table: &SessionTable,
+) -> Result<LogIndex, Error> {
+    let failed = |error: regatta_wal::Error| {
+        Error::State(format!(
+            "save the session table of group {}: {error}",
+            group.0
+        ))
+    };
+    // The file's term and membership are unused: only the index matters.
+    let meta = SnapshotMeta {
+        index: table.index(),
+        ..SnapshotMeta::default()
+    };
+    let mut writer = store.writer(group, &meta).map_err(failed)?;
+    writer.write(&table.encode()).map_err(failed)?;
+    writer.finish().map_err(failed)?;
+    Ok(table.index())
+}
+
+/// The session table of `group` as of the state machine's `applied`
+/// index: the saved table, then the session commands of the WAL's entries
+/// up to `applied` (not applied again, so their results are unknown).
+/// Entries after `applied` are applied as usual and complete the table.
+fn load_sessions(
+    store: &SnapshotStore,
+    wal: &Wal,
+    group: GroupId,
+    applied: LogIndex,
+    expiry_entries: u64,
+) -> Result<SessionTable, Error> {
+    let failed = |what: String| Error::State(format!("group {}: {what}", group.0));
+    let saved = match store.latest(group).map_err(|e| failed(e.to_string()))? {
+        Some(file) => {
+            let mut bytes = Vec::new();
+            file.data()
+                .and_then(|mut data| {
+                    data.read_to_end(&mut bytes)
+                        .map_err(|e| regatta_wal::Error::io("read the session table", e))
+                })
+                .map_err(|e| failed(e.to_string()))?;
+            let table = SessionTable::decode(&Bytes::from(bytes))
+                .map_err(|e| failed(format!("session table: {}", e.0)))?;
+            Some(table)
+        }
+        None => None,
+    };
+    let first_index = wal.first_index(group);
+    let mut table = match saved {
+        // A table ahead of the state machine means the state machine lost
+        // entries (it keeps its state in memory): they are applied again,
+        // and rebuild the table as they go.
+        Some(table) if table.index() <= applied => table,
+        _ => SessionTable::new(LogIndex(first_index.0.saturating_sub(1))),
+    };
+    let mut low = LogIndex(table.index().0 + 1).max(first_index);
+    while low <= applied {
+        let entries = wal
+            .entries(group, low, LogIndex(applied.0 + 1), 4 << 20)
+            .map_err(|e| failed(format!("read the log to rebuild the session table: {e}")))?;
+        let Some(last) = entries.last().map(|entry| entry.index) else {
+            break;
+        };
+        for entry in &entries {
+            if let EntryPayload::Session { id, .. } = &entry.payload {
+                if table.check(*id) == Verdict::Apply {
+                    table.expire(entry.index, expiry_entries);
+                    table.record(*id, entry.index, Outcome::Unknown);
+                }
+            }
+        }
+        low = LogIndex(last.0 + 1);
+    }
+    table.advance(applied);
+    Ok(table)
 }
 
 fn apply_one(
     item: ApplyWork,
     appliers: &mut HashMap<GroupId, Applier>,
-    reports: &mut BTreeMap<GroupId, Vec<(LogIndex, Term, Bytes)>>,
-    control: &mpsc::UnboundedSender<Control>,
+    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    context: &ApplyContext,
 ) {
     match item {
-        ApplyWork::Register(group, state_machine) => {
+        ApplyWork::Register(group, state_machine, sessions) => {
             let applied = state_machine.applied_index();
             appliers.insert(
                 group,
@@ -1186,6 +1547,7 @@ fn apply_one(
                     state_machine,
                     applied,
                     waiting: Vec::new(),
+                    sessions,
                 },
             );
         }
@@ -1205,42 +1567,66 @@ fn apply_one(
                 return;
             };
             let results = reports.entry(group).or_default();
-            let mut commands: Vec<(LogIndex, Bytes)> = Vec::new();
-            let mut terms: Vec<Term> = Vec::new();
-            for entry in &entries {
-                if let EntryPayload::Normal(command) = &entry.payload {
-                    commands.push((entry.index, command.clone()));
-                    terms.push(entry.term);
-                    continue;
-                }
-                apply_commands(applier, &mut commands, &mut terms, results);
-                // A membership change resolves its proposer when applied.
-                if let EntryPayload::ConfChange(_) = &entry.payload {
-                    results.push((entry.index, entry.term, Bytes::new()));
-                }
-                applier.applied = applier.applied.max(entry.index);
-            }
-            apply_commands(applier, &mut commands, &mut terms, results);
+            apply_entries(
+                group,
+                applier,
+                &entries,
+                results,
+                context.session_expiry_entries,
+            );
+        }
+        ApplyWork::SaveSessions(group) => {
+            let Some(applier) = appliers.get(&group) else {
+                return;
+            };
+            let (index, result) = match save_sessions(&context.sessions, group, &applier.sessions) {
+                Ok(index) => (index, Ok(())),
+                Err(error) => (LogIndex(0), Err(error)),
+            };
+            let _ = context.control.send(Control::SessionsSaved {
+                group,
+                index,
+                result,
+            });
         }
         ApplyWork::TakeSnapshot { group, message } => {
             let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
-            let data = applier.state_machine.snapshot();
+            let data = encode_snapshot(&applier.sessions, applier.state_machine.snapshot());
             let index = applier.applied;
-            let _ = control.send(Control::SnapshotReady {
+            let _ = context.control.send(Control::SnapshotReady {
                 group,
                 message,
                 index,
                 data,
             });
         }
-        ApplyWork::Restore { group, index, data } => {
+        ApplyWork::Restore { group, meta, data } => {
             let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
-            applier.state_machine.restore(index, &data);
-            applier.applied = index;
+            let installed = decode_snapshot(&data).and_then(|(mut sessions, state)| {
+                applier.state_machine.restore(meta.index, &state);
+                sessions.advance(meta.index);
+                save_sessions(&context.sessions, group, &sessions)
+                    .map_err(|error| error.to_string())?;
+                applier.sessions = sessions;
+                applier.applied = meta.index;
+                Ok(())
+            });
+            if let Err(reason) = installed {
+                let reason = format!("cannot install the snapshot at {}: {reason}", meta.index.0);
+                if let Some(applier) = appliers.remove(&group) {
+                    for (_, _, reply) in applier.waiting {
+                        let _ = reply.send(Err(Error::GroupStopped {
+                            group,
+                            reason: reason.clone(),
+                        }));
+                    }
+                }
+                let _ = context.control.send(Control::Failed { group, reason });
+            }
         }
         ApplyWork::Read {
             group,
@@ -1258,4 +1644,35 @@ fn apply_one(
             }
         }
     }
+}
+
+/// A snapshot's data: the session table's length (u32) and encoding, then
+/// the state machine's bytes (`docs/transport-format.md`).
+fn encode_snapshot(sessions: &SessionTable, state: Bytes) -> Bytes {
+    let table = sessions.encode();
+    let mut data = Vec::with_capacity(4 + table.len() + state.len());
+    data.extend_from_slice(&(table.len() as u32).to_le_bytes());
+    data.extend_from_slice(&table);
+    data.extend_from_slice(&state);
+    Bytes::from(data)
+}
+
+/// Splits a snapshot's data into the session table and the state
+/// machine's bytes.
+fn decode_snapshot(data: &Bytes) -> Result<(SessionTable, Bytes), String> {
+    let Some(length) = data.get(..4) else {
+        return Err("the snapshot is shorter than its session table's length".into());
+    };
+    let mut buffer = [0u8; 4];
+    buffer.copy_from_slice(length);
+    let table_end = 4usize.saturating_add(u32::from_le_bytes(buffer) as usize);
+    if table_end > data.len() {
+        return Err(format!(
+            "the session table needs {table_end} bytes, the snapshot has {}",
+            data.len()
+        ));
+    }
+    let sessions = SessionTable::decode(&data.slice(4..table_end))
+        .map_err(|error| format!("session table: {}", error.0))?;
+    Ok((sessions, data.slice(table_end..)))
 }

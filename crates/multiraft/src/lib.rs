@@ -15,6 +15,7 @@
 
 mod error;
 mod host;
+mod session;
 mod storage;
 mod tcp;
 mod transport;

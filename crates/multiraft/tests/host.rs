@@ -74,7 +74,7 @@ impl StateMachine for KvMachine {
 }
 
 fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[NodeId]) -> NodeHost {
-    let mut config = HostConfig::new(NodeId(id));
+    let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(5);
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let transport_handle: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
@@ -83,7 +83,8 @@ fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[No
         wal,
         transport_handle,
         tokio::runtime::Handle::current(),
-    );
+    )
+    .expect("host");
     host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
         .expect("group");
     transport.register(NodeId(id), &host);
@@ -389,7 +390,7 @@ impl StateMachine for BatchRecorder {
 async fn committed_commands_are_applied_in_batches() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let mut config = HostConfig::new(NodeId(1));
+    let mut config = HostConfig::new(NodeId(1), dir.path());
     config.tick_interval = Duration::from_millis(5);
     let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
     let transport_handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
@@ -398,7 +399,8 @@ async fn committed_commands_are_applied_in_batches() {
         wal,
         transport_handle,
         tokio::runtime::Handle::current(),
-    );
+    )
+    .expect("host");
     transport.register(NodeId(1), &host);
     let machine = BatchRecorder::default();
     let batches = Arc::clone(&machine.batches);

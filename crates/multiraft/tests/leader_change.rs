@@ -57,11 +57,12 @@ async fn proposals_survive_leader_changes_exactly_once() {
     let mut hosts = BTreeMap::new();
     let mut journals = BTreeMap::new();
     for id in 1..=3u64 {
-        let mut config = HostConfig::new(NodeId(id));
+        let mut config = HostConfig::new(NodeId(id), dirs[id as usize - 1].path());
         config.tick_interval = Duration::from_millis(5);
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[id as usize - 1].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
+            .expect("host");
         transport.register(NodeId(id), &host);
         let journal: Arc<Mutex<Vec<String>>> = Arc::default();
         let machine = Journal {

@@ -161,13 +161,14 @@ async fn an_isolated_leader_is_replaced_and_rejoins() {
             .map(|to| (NodeId(*to), proxies[&(id, *to)].address))
             .collect();
         let transport = TcpTransport::start(tcp, listeners.remove(&id).expect("listener"));
-        let mut config = HostConfig::new(NodeId(id));
+        let mut config = HostConfig::new(NodeId(id), dirs[id as usize - 1].path());
         config.tick_interval = Duration::from_millis(10);
         // The isolated node's reads must fail, not wait for ever.
         config.request_timeout = Duration::from_secs(2);
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[id as usize - 1].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
+            .expect("host");
         transport.attach(&host);
         host.start_group(GROUP, voters.clone(), Box::new(Register::default()))
             .expect("group");

@@ -41,12 +41,13 @@ impl StateMachine for Counter {
 }
 
 fn host(dir: &Path, id: u64, transport: &Arc<LocalTransport>) -> NodeHost {
-    let mut config = HostConfig::new(NodeId(id));
+    let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(5);
     config.quiesce_after_ticks = 20;
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let as_transport: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+    let host =
+        NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current()).expect("host");
     transport.register(NodeId(id), &host);
     host
 }

@@ -74,8 +74,8 @@ impl StateMachine for Kv {
     }
 }
 
-fn config(id: u64) -> HostConfig {
-    let mut config = HostConfig::new(NodeId(id));
+fn config(id: u64, dir: &std::path::Path) -> HostConfig {
+    let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(10);
     config.snapshot_every_entries = 50;
     config.compaction_overhead_entries = 10;
@@ -83,8 +83,8 @@ fn config(id: u64) -> HostConfig {
 }
 
 /// Appends small enough for the 256 KiB frames of the chunked test.
-fn config_large(id: u64) -> HostConfig {
-    let mut config = config(id);
+fn config_large(id: u64, dir: &std::path::Path) -> HostConfig {
+    let mut config = config(id, dir);
     config.raft.message_size_bytes_max = 128 * 1024;
     config
 }
@@ -188,11 +188,12 @@ async fn a_new_node_catches_up_through_a_snapshot_in_process() {
         let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let host = NodeHost::new(
-            config(id),
+            config(id, dir),
             wal,
             as_transport,
             tokio::runtime::Handle::current(),
-        );
+        )
+        .expect("host");
         transport.register(NodeId(id), &host);
         let machine = Kv {
             restored_at,
@@ -247,11 +248,12 @@ async fn a_new_node_catches_up_through_a_chunked_snapshot_over_tcp() {
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[position].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let host = NodeHost::new(
-            config_large(id),
+            config_large(id, dirs[position].path()),
             wal,
             as_transport,
             tokio::runtime::Handle::current(),
-        );
+        )
+        .expect("host");
         transport.attach(&host);
         transports.push(transport);
         if id == 5 {

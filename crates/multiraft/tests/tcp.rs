@@ -65,11 +65,12 @@ async fn start_node(
     let mut tcp = TcpConfig::new(NodeId(id), CLUSTER);
     tcp.peers = peers.clone();
     let transport = TcpTransport::start(tcp, listener);
-    let mut config = HostConfig::new(NodeId(id));
+    let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(10);
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+    let host =
+        NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current()).expect("host");
     transport.attach(&host);
     let voters: Vec<NodeId> = if bootstrap {
         peers.keys().copied().collect()
@@ -398,11 +399,12 @@ async fn a_thousand_groups_elect_and_commit() {
         let mut tcp = TcpConfig::new(NodeId(id), CLUSTER);
         tcp.peers = peers.clone();
         let transport = TcpTransport::start(tcp, listener);
-        let mut config = HostConfig::new(NodeId(id));
+        let mut config = HostConfig::new(NodeId(id), dirs[position].path());
         config.tick_interval = Duration::from_millis(50);
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[position].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+        let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
+            .expect("host");
         transport.attach(&host);
         for group in 1..=groups {
             host.start_group(

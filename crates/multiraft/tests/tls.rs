@@ -100,11 +100,12 @@ fn start(
     tcp.peers = peers.clone();
     tcp.tls = Some(tls);
     let transport = TcpTransport::start(tcp, listener);
-    let mut config = HostConfig::new(NodeId(id));
+    let mut config = HostConfig::new(NodeId(id), dir.path());
     config.tick_interval = Duration::from_millis(10);
     let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
     let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+    let host =
+        NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current()).expect("host");
     transport.attach(&host);
     host.start_group(GROUP, voters.to_vec(), Box::new(Register::default()))
         .expect("group");

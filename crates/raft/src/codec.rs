@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 
-use crate::types::{ConfChange, EntryPayload, Membership, NodeId};
+use crate::types::{ConfChange, EntryPayload, Membership, NodeId, RequestId};
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +29,7 @@ fn error(what: &'static str, reason: impl Into<String>) -> CodecError {
 const PAYLOAD_EMPTY: u8 = 0;
 const PAYLOAD_NORMAL: u8 = 1;
 const PAYLOAD_CONF_CHANGE: u8 = 2;
+const PAYLOAD_SESSION: u8 = 3;
 
 const CHANGE_BOOTSTRAP: u8 = 0;
 const CHANGE_ADD_LEARNER: u8 = 1;
@@ -44,6 +45,7 @@ pub fn payload_size_bytes(payload: &EntryPayload) -> usize {
     match payload {
         EntryPayload::Empty => 1,
         EntryPayload::Normal(data) => 1 + data.len(),
+        EntryPayload::Session { command, .. } => 1 + 16 + command.len(),
         EntryPayload::ConfChange(ConfChange::Bootstrap { voters }) => 2 + 4 + 8 * voters.len(),
         EntryPayload::ConfChange(ConfChange::AddLearner { .. }) => 2 + 9,
         EntryPayload::ConfChange(_) => 2 + 8,
@@ -61,6 +63,12 @@ pub fn encode_payload(payload: &EntryPayload, out: &mut Vec<u8>) {
         EntryPayload::ConfChange(change) => {
             out.push(PAYLOAD_CONF_CHANGE);
             encode_conf_change(change, out);
+        }
+        EntryPayload::Session { id, command } => {
+            out.push(PAYLOAD_SESSION);
+            out.extend_from_slice(&id.client.to_le_bytes());
+            out.extend_from_slice(&id.sequence.to_le_bytes());
+            out.extend_from_slice(command);
         }
     }
 }
@@ -105,6 +113,22 @@ pub fn decode_payload(bytes: &Bytes) -> Result<EntryPayload, CodecError> {
             let change = decode_conf_change(&mut reader)?;
             reader.finish()?;
             Ok(EntryPayload::ConfChange(change))
+        }
+        PAYLOAD_SESSION => {
+            let mut reader = Reader::new(&bytes[1..], "session command");
+            let client = reader.u64()?;
+            let sequence = reader.u64()?;
+            let id = RequestId { client, sequence };
+            if !id.is_valid() {
+                return Err(error(
+                    "session command",
+                    "client and sequence must be non-zero",
+                ));
+            }
+            Ok(EntryPayload::Session {
+                id,
+                command: bytes.slice(17..),
+            })
         }
         other => Err(error("entry payload", format!("unknown tag {other}"))),
     }
@@ -280,6 +304,16 @@ mod tests {
             })),
             vec![2, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
         );
+        assert_eq!(
+            round_trip(EntryPayload::Session {
+                id: RequestId {
+                    client: 2,
+                    sequence: 5
+                },
+                command: Bytes::from_static(b"x"),
+            }),
+            vec![3, 2, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, b'x']
+        );
         for change in [
             ConfChange::Promote { node: NodeId(3) },
             ConfChange::Demote { node: NodeId(3) },
@@ -325,6 +359,11 @@ mod tests {
                 let _ = decode_membership(&changed);
             }
         }
+        let mut zero_client = vec![3u8];
+        zero_client.extend_from_slice(&0u64.to_le_bytes());
+        zero_client.extend_from_slice(&1u64.to_le_bytes());
+        assert!(decode_payload(&Bytes::from(zero_client)).is_err());
+        assert!(decode_payload(&Bytes::from_static(&[3, 1, 0, 0])).is_err());
         let error = decode_payload(&Bytes::from_static(&[9])).expect_err("unknown tag");
         assert_eq!(
             error.to_string(),

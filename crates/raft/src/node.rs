@@ -27,7 +27,7 @@ use crate::progress::ProgressState;
 use crate::raft::{Proposed, Raft};
 use crate::storage::Storage;
 use crate::types::{
-    ConfChange, Entry, HardState, LogIndex, Membership, NodeId, ReadId, ReadState, Role,
+    ConfChange, Entry, HardState, LogIndex, Membership, NodeId, ReadId, ReadState, RequestId, Role,
     SnapshotMeta, SoftState, Term,
 };
 
@@ -148,6 +148,14 @@ impl<S: Storage> RaftNode<S> {
     /// Proposes application commands; see [`Proposed`].
     pub fn propose(&mut self, commands: Vec<Bytes>) -> Result<Proposed> {
         let result = self.raft.propose(commands);
+        self.raft.assert_invariants();
+        result
+    }
+
+    /// Proposes one command with the id of the request that sent it, so
+    /// that the runtime can apply a retry once; see [`Proposed`].
+    pub fn propose_with_id(&mut self, id: RequestId, command: Bytes) -> Result<Proposed> {
+        let result = self.raft.propose_with_id(id, command);
         self.raft.assert_invariants();
         result
     }

@@ -24,7 +24,7 @@ use crate::rng::Rng;
 use crate::storage::Storage;
 use crate::types::{
     ConfChange, Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, ReadId, ReadState,
-    Role, SnapshotMeta, SoftState, Term,
+    RequestId, Role, SnapshotMeta, SoftState, Term,
 };
 
 /// Where a proposal went.
@@ -922,7 +922,7 @@ impl<S: Storage> Raft<S> {
         changed |= self.track_conf_changes(entries);
         if self.role == Role::Leader {
             for entry in entries {
-                if let EntryPayload::Normal(_) = entry.payload {
+                if let EntryPayload::Normal(_) | EntryPayload::Session { .. } = entry.payload {
                     let size = entry.size_bytes();
                     self.uncommitted.push_back((entry.index, size));
                     self.uncommitted_bytes += size;
@@ -1283,6 +1283,17 @@ impl<S: Storage> Raft<S> {
         }
         let payloads = commands.into_iter().map(EntryPayload::Normal).collect();
         self.propose_or_forward(payloads)
+    }
+
+    /// Proposes one application command carrying the id of the request
+    /// that sent it (see [`EntryPayload::Session`]).
+    pub fn propose_with_id(&mut self, id: RequestId, command: Bytes) -> Result<Proposed> {
+        if !id.is_valid() {
+            return Err(Error::InvalidProposal(
+                "a request id needs a non-zero client and sequence".into(),
+            ));
+        }
+        self.propose_or_forward(vec![EntryPayload::Session { id, command }])
     }
 
     fn propose_or_forward(&mut self, payloads: Vec<EntryPayload>) -> Result<Proposed> {

@@ -128,6 +128,33 @@ pub enum EntryPayload {
     Normal(Bytes),
     /// A membership change.
     ConfChange(ConfChange),
+    /// An application command with the id of the request that sent it, so
+    /// that the runtime applies a retried request once. Raft treats it like
+    /// `Normal`.
+    Session {
+        /// Who sent it, and its place in that client's order.
+        id: RequestId,
+        /// The command, opaque to Raft.
+        command: Bytes,
+    },
+}
+
+/// The id of a client's request: a client (never 0) and the request's
+/// sequence number (from 1, increasing) among that client's requests. A
+/// client reuses an id only to retry the same request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId {
+    /// The client; 0 is not a valid client.
+    pub client: u64,
+    /// The request's place among the client's requests; 0 is not valid.
+    pub sequence: u64,
+}
+
+impl RequestId {
+    /// Whether both parts are non-zero.
+    pub fn is_valid(&self) -> bool {
+        self.client != 0 && self.sequence != 0
+    }
 }
 
 /// One entry of the replicated log.
@@ -151,6 +178,7 @@ impl Entry {
         let payload = match &self.payload {
             EntryPayload::Empty => 0,
             EntryPayload::Normal(data) => data.len() as u64,
+            EntryPayload::Session { command, .. } => 16 + command.len() as u64,
             EntryPayload::ConfChange(ConfChange::Bootstrap { voters }) => 8 * voters.len() as u64,
             EntryPayload::ConfChange(_) => 16,
         };

@@ -238,7 +238,7 @@ fn main() {
             let mut tcp = TcpConfig::new(NodeId(arguments.id), 1);
             tcp.peers = arguments.peers.clone();
             let transport = TcpTransport::start(tcp, raft_listener);
-            let mut config = HostConfig::new(NodeId(arguments.id));
+            let mut config = HostConfig::new(NodeId(arguments.id), &arguments.dir);
             config.snapshot_every_entries = arguments.snapshot_every_entries;
             // Keep few entries behind a compaction, so that a node joining
             // later needs the snapshot.
@@ -246,7 +246,8 @@ fn main() {
             let wal =
                 Arc::new(Wal::open(WalConfig::new(&arguments.dir)).map_err(|e| e.to_string())?);
             let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-            let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current());
+            let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
+                .map_err(|e| e.to_string())?;
             transport.attach(&host);
             let mut voters: Vec<NodeId> = if arguments.join {
                 Vec::new()

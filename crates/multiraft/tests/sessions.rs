@@ -1,0 +1,416 @@
+//! De-duplication of retried proposals by request id
+//! (`docs/decisions/0002-proposal-deduplication.md`): a counter state
+//! machine counts every application, so a request applied twice shows as a
+//! count too high. Its state lives outside the host, as a durable state
+//! machine's would, so it survives a host's restart.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regatta_multiraft::{Error, HostConfig, LocalTransport, NodeHost, StateMachine, Transport};
+use regatta_raft::{ConfChange, LogIndex, NodeId, RequestId, Role};
+use regatta_wal::{GroupId, Wal, WalConfig};
+
+const GROUP: GroupId = GroupId(3);
+
+/// What a durable state machine keeps on disk: the count and its index.
+#[derive(Default)]
+struct Durable {
+    count: u64,
+    applied: LogIndex,
+    restores: u64,
+}
+
+/// Every command adds one; its result is the count after it.
+struct Counter {
+    state: Arc<Mutex<Durable>>,
+}
+
+impl StateMachine for Counter {
+    fn apply(&mut self, index: LogIndex, _command: &Bytes) -> Bytes {
+        let mut state = self.state.lock().expect("lock");
+        state.count += 1;
+        state.applied = index;
+        Bytes::from(state.count.to_string())
+    }
+
+    fn read(&self, _query: &Bytes) -> Bytes {
+        Bytes::from(self.state.lock().expect("lock").count.to_string())
+    }
+
+    fn applied_index(&self) -> LogIndex {
+        self.state.lock().expect("lock").applied
+    }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::from(self.state.lock().expect("lock").count.to_string())
+    }
+
+    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+        let mut state = self.state.lock().expect("lock");
+        state.count = String::from_utf8_lossy(data).parse().expect("a count");
+        state.applied = index;
+        state.restores += 1;
+    }
+}
+
+struct Cluster {
+    dirs: Vec<tempfile::TempDir>,
+    states: Vec<Arc<Mutex<Durable>>>,
+    transport: Arc<LocalTransport>,
+    hosts: BTreeMap<u64, NodeHost>,
+    tune: fn(&mut HostConfig),
+}
+
+impl Cluster {
+    /// `voters` nodes bootstrapping `GROUP`, and room for `spare` more.
+    fn start(voters: u64, spare: u64, tune: fn(&mut HostConfig)) -> Cluster {
+        let nodes = voters + spare;
+        let mut cluster = Cluster {
+            dirs: (0..nodes)
+                .map(|_| tempfile::tempdir().expect("tempdir"))
+                .collect(),
+            states: (0..nodes).map(|_| Arc::default()).collect(),
+            transport: LocalTransport::new(),
+            hosts: BTreeMap::new(),
+            tune,
+        };
+        let members: Vec<NodeId> = (1..=voters).map(NodeId).collect();
+        for id in 1..=voters {
+            cluster.start_node(id, &members);
+        }
+        cluster
+    }
+
+    fn start_node(&mut self, id: u64, voters: &[NodeId]) {
+        let position = id as usize - 1;
+        let host = start_host(
+            self.dirs[position].path(),
+            id,
+            &self.transport,
+            voters,
+            Arc::clone(&self.states[position]),
+            self.tune,
+        );
+        self.hosts.insert(id, host);
+    }
+
+    async fn stop_node(&mut self, id: u64) {
+        if let Some(host) = self.hosts.remove(&id) {
+            self.transport.unregister(NodeId(id));
+            host.stop().await;
+        }
+    }
+
+    fn count(&self, id: u64) -> u64 {
+        self.states[id as usize - 1].lock().expect("lock").count
+    }
+
+    async fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            for (id, host) in &self.hosts {
+                let status = host.status(GROUP).await.expect("status");
+                if status.soft_state.role == Role::Leader {
+                    return *id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no leader within 10 s");
+    }
+
+    /// Waits until every running node has applied exactly `count`.
+    async fn converge(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts: Vec<u64> = self.hosts.keys().map(|id| self.count(*id)).collect();
+            if counts.iter().all(|c| *c == count) {
+                return;
+            }
+            assert!(
+                counts.iter().all(|c| *c <= count),
+                "a request was applied twice: counts {counts:?}, expected {count}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "counts {counts:?} never reached {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        for host in self.hosts.values() {
+            host.stop().await;
+        }
+    }
+}
+
+fn start_host(
+    dir: &Path,
+    id: u64,
+    transport: &Arc<LocalTransport>,
+    voters: &[NodeId],
+    state: Arc<Mutex<Durable>>,
+    tune: fn(&mut HostConfig),
+) -> NodeHost {
+    let mut config = HostConfig::new(NodeId(id), dir);
+    config.tick_interval = Duration::from_millis(5);
+    tune(&mut config);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+    let handle: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(config, wal, handle, tokio::runtime::Handle::current()).expect("host");
+    host.start_group(GROUP, voters.to_vec(), Box::new(Counter { state }))
+        .expect("group");
+    transport.register(NodeId(id), &host);
+    host
+}
+
+fn id(client: u64, sequence: u64) -> RequestId {
+    RequestId { client, sequence }
+}
+
+async fn propose(host: &NodeHost, request: RequestId) -> Result<String, Error> {
+    host.propose_with_id(GROUP, request, Bytes::from_static(b"+1"))
+        .await
+        .map(|result| String::from_utf8_lossy(&result).to_string())
+}
+
+/// Proposes on the leader, retrying through elections.
+async fn propose_on_leader(cluster: &Cluster, request: RequestId) -> Result<String, Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let leader = cluster.leader().await;
+        match propose(&cluster.hosts[&leader], request).await {
+            Err(Error::NotLeader { .. }) | Err(Error::Dropped(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn no_tuning(_: &mut HostConfig) {}
+
+/// Concurrent copies of one request, a copy whose caller gave up, and
+/// copies sent through followers: each request is applied once, and every
+/// copy gets the first application's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_is_applied_once_and_answered_with_its_result() {
+    let cluster = Cluster::start(3, 0, no_tuning);
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let (first, second, forwarded) = tokio::join!(
+        propose(&cluster.hosts[&leader], id(1, 1)),
+        propose(&cluster.hosts[&leader], id(1, 1)),
+        propose(&cluster.hosts[&follower], id(1, 1)),
+    );
+    assert_eq!(first.expect("first"), "1");
+    assert_eq!(second.expect("second copy"), "1");
+    assert_eq!(forwarded.expect("copy through a follower"), "1");
+    cluster.converge(1).await;
+
+    // The caller gives up before the answer: its request is queued by the
+    // first poll, then its future is dropped.
+    {
+        let mut abandoned = Box::pin(propose(&cluster.hosts[&leader], id(2, 1)));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(abandoned.as_mut().poll(&mut context).is_pending());
+    }
+    cluster.converge(2).await;
+    assert_eq!(
+        propose(&cluster.hosts[&follower], id(2, 1))
+            .await
+            .expect("retry"),
+        "2",
+        "the retry gets the result of the lost answer"
+    );
+
+    assert_eq!(
+        propose(&cluster.hosts[&leader], id(1, 2))
+            .await
+            .expect("next"),
+        "3"
+    );
+    match propose(&cluster.hosts[&leader], id(1, 1)).await {
+        Err(Error::StaleRequest {
+            client: 1,
+            sequence: 1,
+            last: 2,
+            ..
+        }) => {}
+        other => panic!("an older request must be refused as stale: {other:?}"),
+    }
+    assert!(matches!(
+        propose(&cluster.hosts[&leader], id(0, 1)).await,
+        Err(Error::Raft { .. })
+    ));
+    cluster.converge(3).await;
+    cluster.stop().await;
+}
+
+fn compact_often(config: &mut HostConfig) {
+    config.snapshot_every_entries = 20;
+    config.compaction_overhead_entries = 5;
+}
+
+/// Retries across a leader change, then across a restart of every node
+/// with compactions in between, still apply once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_across_a_leader_change_and_a_full_restart_apply_once() {
+    let mut cluster = Cluster::start(3, 0, compact_often);
+    assert_eq!(
+        propose_on_leader(&cluster, id(2, 1)).await.expect("c2"),
+        "1"
+    );
+    for sequence in 1..=60 {
+        let expected = (sequence + 1).to_string();
+        assert_eq!(
+            propose_on_leader(&cluster, id(1, sequence))
+                .await
+                .expect("c1"),
+            expected
+        );
+    }
+    cluster.converge(61).await;
+
+    let leader = cluster.leader().await;
+    let target = (1..=3).find(|id| *id != leader).expect("another node");
+    cluster.hosts[&leader]
+        .transfer_leader(GROUP, NodeId(target))
+        .await
+        .expect("transfer");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.leader().await == leader {
+        assert!(Instant::now() < deadline, "leadership never moved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 60)).await.expect("retry"),
+        "61",
+        "the new leader answers a retry with the old leader's result"
+    );
+    cluster.converge(61).await;
+
+    for id in 1..=3 {
+        cluster.stop_node(id).await;
+    }
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    for id in 1..=3 {
+        cluster.start_node(id, &voters);
+    }
+    let first_index = cluster.hosts[&1]
+        .status(GROUP)
+        .await
+        .expect("status")
+        .first_index;
+    assert!(
+        first_index > LogIndex(2),
+        "the log was compacted past client 2's request: {first_index:?}"
+    );
+    // Client 2's request is below the compaction: only the saved table
+    // remembers it, with its result.
+    assert_eq!(
+        propose_on_leader(&cluster, id(2, 1)).await.expect("retry"),
+        "1"
+    );
+    match propose_on_leader(&cluster, id(1, 60)).await {
+        Ok(result) => assert_eq!(result, "61"),
+        Err(Error::AlreadyApplied {
+            client: 1,
+            sequence: 60,
+            ..
+        }) => {}
+        other => panic!("a retry after a restart must not apply again: {other:?}"),
+    }
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 61)).await.expect("new"),
+        "62"
+    );
+    cluster.converge(62).await;
+    cluster.stop().await;
+}
+
+fn expire_fast(config: &mut HostConfig) {
+    config.session_expiry_entries = 10;
+}
+
+/// A client silent for more than `session_expiry_entries` is forgotten:
+/// its retry is applied again, exactly as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_is_forgotten_after_the_documented_window() {
+    let cluster = Cluster::start(1, 0, expire_fast);
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 1)).await.expect("c1"),
+        "1"
+    );
+    for sequence in 1..=5 {
+        propose_on_leader(&cluster, id(2, sequence))
+            .await
+            .expect("c2");
+    }
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 1)).await.expect("within"),
+        "1",
+        "within the window, a retry is a duplicate"
+    );
+    for sequence in 6..=15 {
+        propose_on_leader(&cluster, id(2, sequence))
+            .await
+            .expect("c2");
+    }
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 1)).await.expect("after"),
+        "17",
+        "past the window, the retry is applied again"
+    );
+    cluster.converge(17).await;
+    cluster.stop().await;
+}
+
+/// A node that joins through a snapshot gets the session table with it,
+/// and answers a retry sent through it like the leader would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_through_a_snapshot_deduplicates_like_the_leader() {
+    let mut cluster = Cluster::start(3, 1, compact_often);
+    for sequence in 1..=60 {
+        propose_on_leader(&cluster, id(1, sequence))
+            .await
+            .expect("c1");
+    }
+    cluster.converge(60).await;
+    cluster.start_node(4, &[]);
+    let leader = cluster.leader().await;
+    cluster.hosts[&leader]
+        .change_membership(
+            GROUP,
+            ConfChange::AddLearner {
+                node: NodeId(4),
+                auto_promote: false,
+            },
+        )
+        .await
+        .expect("learner");
+    cluster.converge(60).await;
+    assert_eq!(
+        cluster.states[3].lock().expect("lock").restores,
+        1,
+        "node 4 caught up through a snapshot"
+    );
+    assert_eq!(
+        propose(&cluster.hosts[&4], id(1, 60)).await.expect("retry"),
+        "60",
+        "the retry through the new node gets the first result"
+    );
+    assert_eq!(
+        propose(&cluster.hosts[&4], id(1, 61)).await.expect("new"),
+        "61"
+    );
+    cluster.converge(61).await;
+    cluster.stop().await;
+}
