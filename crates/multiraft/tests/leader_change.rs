@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regatta_multiraft::{Error, HostConfig, LocalTransport, NodeHost, StateMachine, Transport};
-use regatta_raft::{LogIndex, NodeId, Role};
+use regatta_raft::{LogIndex, NodeId, RequestId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
 
 const GROUP: GroupId = GroupId(3);
@@ -47,8 +47,18 @@ impl StateMachine for Journal {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proposals_survive_leader_changes_exactly_once() {
+type Journals = BTreeMap<u64, Arc<Mutex<Vec<String>>>>;
+
+/// Three hosts bootstrapping `GROUP`, each with a journal of what it
+/// applies.
+fn start_cluster(
+    request_timeout: Duration,
+) -> (
+    Vec<tempfile::TempDir>,
+    Arc<LocalTransport>,
+    BTreeMap<u64, NodeHost>,
+    Journals,
+) {
     let dirs: Vec<tempfile::TempDir> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
@@ -59,6 +69,7 @@ async fn proposals_survive_leader_changes_exactly_once() {
     for id in 1..=3u64 {
         let mut config = HostConfig::new(NodeId(id), dirs[id as usize - 1].path());
         config.tick_interval = Duration::from_millis(5);
+        config.request_timeout = request_timeout;
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[id as usize - 1].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
@@ -74,6 +85,62 @@ async fn proposals_survive_leader_changes_exactly_once() {
         hosts.insert(id, host);
         journals.insert(id, journal);
     }
+    (dirs, transport, hosts, journals)
+}
+
+/// Moves leadership around the three nodes, `rounds` times.
+async fn move_leadership(hosts: &BTreeMap<u64, NodeHost>, rounds: u64) {
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let target = NodeId(round % 3 + 1);
+        for host in hosts.values() {
+            if host.status(GROUP).await.expect("status").soft_state.role == Role::Leader {
+                let _ = host.transfer_leader(GROUP, target).await;
+            }
+        }
+    }
+}
+
+/// Waits until every node applied what the leader committed.
+async fn wait_until_applied_everywhere(hosts: &BTreeMap<u64, NodeHost>) {
+    let leader_index = loop {
+        let mut found = None;
+        for host in hosts.values() {
+            let status = host.status(GROUP).await.expect("status");
+            if status.soft_state.role == Role::Leader {
+                found = Some(status.hard_state.commit);
+            }
+        }
+        if let Some(commit) = found {
+            break commit;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for host in hosts.values() {
+        while host.status(GROUP).await.expect("status").applied < leader_index {
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not catch up",
+                host.node_id()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// How many times each command was applied on a node.
+fn application_counts(journal: &Arc<Mutex<Vec<String>>>) -> HashMap<String, usize> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for command in journal.lock().expect("lock").iter() {
+        *counts.entry(command.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_survive_leader_changes_exactly_once() {
+    let (_dirs, _transport, hosts, journals) = start_cluster(Duration::from_secs(10));
     let hosts = Arc::new(hosts);
     let outcomes: Arc<Mutex<HashMap<String, Result<(), Error>>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -102,44 +169,13 @@ async fn proposals_survive_leader_changes_exactly_once() {
         }));
     }
     // Move leadership around while the proposers run.
-    for round in 0..12u64 {
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        let target = NodeId(round % 3 + 1);
-        for host in hosts.values() {
-            if host.status(GROUP).await.expect("status").soft_state.role == Role::Leader {
-                let _ = host.transfer_leader(GROUP, target).await;
-            }
-        }
-    }
+    move_leadership(&hosts, 12).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for proposer in proposers {
         proposer.await.expect("proposer");
     }
     // Let every node apply everything that committed.
-    let leader_index = loop {
-        let mut found = None;
-        for host in hosts.values() {
-            let status = host.status(GROUP).await.expect("status");
-            if status.soft_state.role == Role::Leader {
-                found = Some(status.hard_state.commit);
-            }
-        }
-        if let Some(commit) = found {
-            break commit;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for host in hosts.values() {
-        while host.status(GROUP).await.expect("status").applied < leader_index {
-            assert!(
-                Instant::now() < deadline,
-                "node {} did not catch up",
-                host.node_id()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    wait_until_applied_everywhere(&hosts).await;
     let outcomes = outcomes.lock().expect("lock").clone();
     let succeeded = outcomes.values().filter(|outcome| outcome.is_ok()).count();
     let dropped = outcomes
@@ -160,30 +196,118 @@ async fn proposals_survive_leader_changes_exactly_once() {
     assert!(term.0 >= 5, "leadership barely moved (term {term})");
     assert!(succeeded > 100, "too few proposals succeeded: {succeeded}");
     for (id, journal) in &journals {
-        let applied = journal.lock().expect("lock").clone();
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for command in &applied {
-            *counts.entry(command.as_str()).or_default() += 1;
-        }
+        let counts = application_counts(journal);
         for (command, count) in &counts {
             assert_eq!(*count, 1, "node {id} applied {command} {count} times");
         }
         for (command, outcome) in &outcomes {
             match outcome {
                 Ok(()) => assert!(
-                    counts.contains_key(command.as_str()),
+                    counts.contains_key(command),
                     "node {id} lacks acknowledged {command}"
                 ),
                 // Dropped, and refused by the core (e.g. during a transfer):
                 // definitely not applied.
                 Err(Error::Dropped(_) | Error::Raft { .. }) => {
                     assert!(
-                        !counts.contains_key(command.as_str()),
+                        !counts.contains_key(command),
                         "node {id} applied refused {command}"
                     )
                 }
                 Err(_) => {}
             }
+        }
+    }
+    for host in hosts.values() {
+        host.stop().await;
+    }
+}
+
+/// The same churn, with clients that retry every failed request with its
+/// id, through whichever node they reach (followers forward): every
+/// request ends applied, each exactly once on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_requests_survive_leader_changes_applied_exactly_once() {
+    let (_dirs, transport, hosts, journals) = start_cluster(Duration::from_millis(15));
+    let hosts = Arc::new(hosts);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for client in 1..=6u64 {
+        let (hosts, stop, retries) = (Arc::clone(&hosts), Arc::clone(&stop), Arc::clone(&retries));
+        clients.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut sequence = 1u64;
+            let mut attempt = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = RequestId { client, sequence };
+                let command = format!("c{client}-{sequence}");
+                // Rotate over every node, followers included.
+                let host = &hosts[&(attempt % 3 + 1)];
+                attempt += 1;
+                match host
+                    .propose_with_id(GROUP, id, Bytes::from(command.clone()))
+                    .await
+                {
+                    Ok(_) => {
+                        done.push(command);
+                        sequence += 1;
+                    }
+                    Err(
+                        Error::NotLeader { .. }
+                        | Error::Dropped(_)
+                        | Error::Timeout { .. }
+                        | Error::Raft { .. },
+                    ) => {
+                        retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(other) => panic!("request {command}: unexpected {other}"),
+                }
+            }
+            done
+        }));
+    }
+    // Leadership moves, and the leader is cut off for less than an
+    // election timeout: its appended entries commit after the heal, while
+    // their callers have timed out and retried elsewhere.
+    move_leadership(&hosts, 6).await;
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for (id, host) in hosts.iter() {
+            if host.status(GROUP).await.expect("status").soft_state.role == Role::Leader {
+                for other in (1..=3).filter(|other| other != id) {
+                    transport.cut(NodeId(*id), NodeId(other));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        transport.heal();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    for client in clients {
+        acknowledged.extend(client.await.expect("client"));
+    }
+    wait_until_applied_everywhere(&hosts).await;
+    let retries = retries.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "{} requests acknowledged after {retries} retries",
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() > 100,
+        "too few requests: {}",
+        acknowledged.len()
+    );
+    assert!(retries > 0, "leadership changes never made a client retry");
+    for (id, journal) in &journals {
+        let counts = application_counts(journal);
+        for (command, count) in &counts {
+            assert_eq!(*count, 1, "node {id} applied {command} {count} times");
+        }
+        for command in &acknowledged {
+            assert!(counts.contains_key(command), "node {id} lacks {command}");
         }
     }
     for host in hosts.values() {
