@@ -25,11 +25,14 @@ impl StateMachine for Idle {
         LogIndex(0)
     }
 
-    fn snapshot(&self) -> Bytes {
-        Bytes::new()
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::new() };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, _index: LogIndex, _data: &Bytes) {}
+    fn restore(&mut self, _index: LogIndex, _data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// CPU seconds this process has used (user + system).

@@ -22,7 +22,7 @@
 //! compaction, forwarding of proposals from followers with request ids.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::session::{Outcome, SessionTable, Verdict};
+use crate::snapshot::{SnapshotData, SnapshotDir, SnapshotSource};
 use crate::storage::GroupStorage;
 use crate::transport::Transport;
 
@@ -61,12 +62,15 @@ pub trait StateMachine: Send + 'static {
     /// The highest index applied (persisted with the data by real state
     /// machines, so that a restart does not apply an entry twice).
     fn applied_index(&self) -> LogIndex;
-    /// A consistent copy of the whole state as of `applied_index()`, to
-    /// send to a follower that needs compacted entries.
-    fn snapshot(&self) -> Bytes;
-    /// Replaces the whole state with a snapshot taken at `index`. Like
-    /// `apply`, it must be durable when it returns.
-    fn restore(&mut self, index: LogIndex, data: &Bytes);
+    /// A point-in-time copy of the whole state as of `applied_index()`, for
+    /// a follower that needs compacted entries. It is taken on the apply
+    /// task, so it should be cheap (a storage engine's snapshot); the host
+    /// writes it out on another thread while applies go on.
+    fn snapshot(&self) -> Box<dyn SnapshotSource>;
+    /// Replaces the whole state with a snapshot taken at `index`, read from
+    /// `data` to its end. Like `apply`, it must be durable when it returns.
+    /// An error stops the group on this node (`GroupStopped`).
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()>;
 }
 
 /// Configuration of a host. Every limit carries its unit.
@@ -162,7 +166,7 @@ enum Input {
     /// A snapshot message from the leader with the state it stands for.
     Snapshot {
         message: Message,
-        data: Bytes,
+        data: SnapshotData,
     },
     /// The transport finished (or failed) sending a snapshot to `to`.
     SnapshotReport {
@@ -196,12 +200,13 @@ enum Control {
     /// The apply task cannot go on with the group (a snapshot it could not
     /// install); the group stops.
     Failed { group: GroupId, reason: String },
-    /// The apply task copied the state at `index` for an outgoing snapshot.
+    /// The apply task copied the state at `index` for an outgoing snapshot
+    /// (or failed to write it out).
     SnapshotReady {
         group: GroupId,
         message: Message,
         index: LogIndex,
-        data: Bytes,
+        data: Result<SnapshotData, String>,
     },
 }
 
@@ -248,7 +253,7 @@ enum ApplyWork {
     Restore {
         group: GroupId,
         meta: SnapshotMeta,
-        data: Bytes,
+        data: SnapshotData,
     },
 }
 
@@ -265,6 +270,8 @@ struct HostInner {
     wal: Arc<Wal>,
     /// Each group's session table, saved at compactions.
     sessions: SnapshotStore,
+    /// Transient files of snapshots being sent and received.
+    snapshots: SnapshotDir,
     /// Each worker's inbox and control channel; emptied by `stop`.
     workers: RwLock<Vec<WorkerChannels>>,
     worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -303,6 +310,9 @@ impl NodeHost {
     ) -> Result<NodeHost, Error> {
         let sessions = SnapshotStore::open(config.state_dir.join("sessions"), 1)
             .map_err(|error| Error::State(format!("open the session tables: {error}")))?;
+        let snapshots_path = config.state_dir.join("snapshots");
+        let snapshots = SnapshotDir::open(&snapshots_path)
+            .map_err(|error| Error::State(format!("open {}: {error}", snapshots_path.display())))?;
         let quiesced_groups: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut workers = Vec::new();
         let mut tasks = Vec::new();
@@ -313,6 +323,7 @@ impl NodeHost {
             let context = ApplyContext {
                 control: control_sender.clone(),
                 sessions: sessions.clone(),
+                snapshots: snapshots.clone(),
                 session_expiry_entries: config.session_expiry_entries,
             };
             tasks.push(runtime.spawn(apply_loop(apply_inbox, context)));
@@ -336,6 +347,7 @@ impl NodeHost {
                 quiesced_groups,
                 wal,
                 sessions,
+                snapshots,
                 workers: RwLock::new(workers),
                 worker_tasks: Mutex::new(tasks),
                 groups: RwLock::new(HashMap::new()),
@@ -449,9 +461,14 @@ impl NodeHost {
 
     /// Hands a snapshot message and the state it stands for to a group.
     /// Returns false when the group cannot take it now.
-    pub fn deliver_snapshot(&self, group: GroupId, message: Message, data: Bytes) -> bool {
+    pub fn deliver_snapshot(&self, group: GroupId, message: Message, data: SnapshotData) -> bool {
         self.enqueue(group, Input::Snapshot { message, data })
             .is_ok()
+    }
+
+    /// Where a transport writes the snapshots it receives.
+    pub fn snapshot_dir(&self) -> &SnapshotDir {
+        &self.inner.snapshots
     }
 
     /// The transport tells the group how sending a snapshot to `to` ended.
@@ -668,7 +685,7 @@ struct Group {
     quiesced: bool,
     last_index_seen: LogIndex,
     /// The data of a snapshot message stepped in, until its ready.
-    pending_install: Option<Bytes>,
+    pending_install: Option<SnapshotData>,
     snapshot_every_entries: u64,
     compaction_overhead_entries: u64,
     /// Applied index of the last compaction.
@@ -853,8 +870,15 @@ impl Worker {
                     return;
                 };
                 let to = message.to;
-                match state.raft.snapshot_meta_at(index) {
-                    Ok(meta) => {
+                let meta = data.and_then(|data| {
+                    let meta = state
+                        .raft
+                        .snapshot_meta_at(index)
+                        .map_err(|error| error.to_string())?;
+                    Ok((meta, data))
+                });
+                match meta {
+                    Ok((meta, data)) => {
                         // The state copied is at `index`, maybe newer than
                         // the one Raft named: describe what is sent.
                         message.body = MessageBody::Snapshot { meta };
@@ -1298,6 +1322,7 @@ struct Applier {
 struct ApplyContext {
     control: mpsc::UnboundedSender<Control>,
     sessions: SnapshotStore,
+    snapshots: SnapshotDir,
     session_expiry_entries: u64,
 }
 
@@ -1593,21 +1618,33 @@ fn apply_one(
             let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
-            let data = encode_snapshot(&applier.sessions, applier.state_machine.snapshot());
+            // The copy is taken here, at `index`; writing it out happens
+            // on a blocking thread while the apply task goes on.
+            let source = applier.state_machine.snapshot();
+            let table = applier.sessions.encode();
             let index = applier.applied;
-            let _ = context.control.send(Control::SnapshotReady {
-                group,
-                message,
-                index,
-                data,
+            let control = context.control.clone();
+            let snapshots = context.snapshots.clone();
+            tokio::task::spawn_blocking(move || {
+                let data = write_snapshot(&snapshots, &table, source)
+                    .map_err(|error| format!("write the snapshot at {}: {error}", index.0));
+                let _ = control.send(Control::SnapshotReady {
+                    group,
+                    message,
+                    index,
+                    data,
+                });
             });
         }
         ApplyWork::Restore { group, meta, data } => {
             let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
-            let installed = decode_snapshot(&data).and_then(|(mut sessions, state)| {
-                applier.state_machine.restore(meta.index, &state);
+            let installed = read_snapshot(&data).and_then(|(mut sessions, mut state)| {
+                applier
+                    .state_machine
+                    .restore(meta.index, &mut state)
+                    .map_err(|error| format!("the state machine's restore failed: {error}"))?;
                 sessions.advance(meta.index);
                 save_sessions(&context.sessions, group, &sessions)
                     .map_err(|error| error.to_string())?;
@@ -1646,33 +1683,77 @@ fn apply_one(
     }
 }
 
-/// A snapshot's data: the session table's length (u32) and encoding, then
-/// the state machine's bytes (`docs/transport-format.md`).
-fn encode_snapshot(sessions: &SessionTable, state: Bytes) -> Bytes {
-    let table = sessions.encode();
-    let mut data = Vec::with_capacity(4 + table.len() + state.len());
-    data.extend_from_slice(&(table.len() as u32).to_le_bytes());
-    data.extend_from_slice(&table);
-    data.extend_from_slice(&state);
-    Bytes::from(data)
+/// Writes a snapshot's data to a new file: the session table's length
+/// (u32) and encoding, then the state machine's stream
+/// (`docs/transport-format.md`).
+fn write_snapshot(
+    snapshots: &SnapshotDir,
+    table: &[u8],
+    source: Box<dyn SnapshotSource>,
+) -> std::io::Result<SnapshotData> {
+    let (file, pending) = snapshots.create()?;
+    let mut out = CountingWriter {
+        inner: std::io::BufWriter::new(file),
+        written: 0,
+    };
+    let table_len = u32::try_from(table.len())
+        .map_err(|_| std::io::Error::other("the session table is over 4 GiB"))?;
+    out.write_all(&table_len.to_le_bytes())?;
+    out.write_all(table)?;
+    source.write_to(&mut out)?;
+    out.flush()?;
+    Ok(pending.finish(out.written))
 }
 
-/// Splits a snapshot's data into the session table and the state
-/// machine's bytes.
-fn decode_snapshot(data: &Bytes) -> Result<(SessionTable, Bytes), String> {
-    let Some(length) = data.get(..4) else {
-        return Err("the snapshot is shorter than its session table's length".into());
-    };
-    let mut buffer = [0u8; 4];
-    buffer.copy_from_slice(length);
-    let table_end = 4usize.saturating_add(u32::from_le_bytes(buffer) as usize);
-    if table_end > data.len() {
-        return Err(format!(
-            "the session table needs {table_end} bytes, the snapshot has {}",
-            data.len()
-        ));
+/// Counts what goes through it.
+struct CountingWriter<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for CountingWriter<W> {
+    fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(buffer)?;
+        self.written += written as u64;
+        Ok(written)
     }
-    let sessions = SessionTable::decode(&data.slice(4..table_end))
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Opens a snapshot's data: the session table, and a reader positioned at
+/// the state machine's stream, limited to the file's announced length.
+fn read_snapshot(
+    data: &SnapshotData,
+) -> Result<
+    (
+        SessionTable,
+        std::io::Take<std::io::BufReader<std::fs::File>>,
+    ),
+    String,
+> {
+    let file = data
+        .open()
+        .map_err(|error| format!("open {}: {error}", data.path().display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut length = [0u8; 4];
+    reader
+        .read_exact(&mut length)
+        .map_err(|_| "the snapshot is shorter than its session table's length".to_string())?;
+    let table_len = u64::from(u32::from_le_bytes(length));
+    let state_len = data.len().checked_sub(4 + table_len).ok_or_else(|| {
+        format!(
+            "the session table needs {table_len} bytes, the snapshot has {}",
+            data.len()
+        )
+    })?;
+    let mut table = vec![0u8; table_len as usize];
+    reader
+        .read_exact(&mut table)
+        .map_err(|error| format!("read the session table: {error}"))?;
+    let sessions = SessionTable::decode(&Bytes::from(table))
         .map_err(|error| format!("session table: {}", error.0))?;
-    Ok((sessions, data.slice(table_end..)))
+    Ok((sessions, reader.take(state_len)))
 }

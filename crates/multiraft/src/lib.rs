@@ -16,6 +16,7 @@
 mod error;
 mod host;
 mod session;
+mod snapshot;
 mod storage;
 mod tcp;
 mod transport;
@@ -23,6 +24,7 @@ pub mod wire;
 
 pub use error::Error;
 pub use host::{HostConfig, NodeHost, StateMachine, WeakNodeHost};
+pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;
 pub use tcp::{PeerTls, TcpConfig, TcpStats, TcpTransport};
 pub use transport::{LocalTransport, Transport};

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
+use crate::snapshot::SnapshotData;
 use crate::transport::Transport;
 use crate::wire::{decode_batch, encode_batch, encode_message};
 
@@ -157,14 +158,15 @@ pub struct TcpConfig {
     /// Snapshot data per chunk frame; must be below `frame_bytes_max`.
     /// Default 1 MiB.
     pub snapshot_chunk_bytes: u32,
-    /// The largest snapshot accepted (it is assembled in memory).
+    /// The largest snapshot accepted (written to the host's snapshot
+    /// directory as it arrives).
     /// Default 4 GiB.
     pub snapshot_bytes_max: u64,
     /// Pacing of each outgoing snapshot, or unpaced when `None`. Default
     /// `None`.
     pub snapshot_bytes_per_second_max: Option<u64>,
     /// Incoming snapshots received at once; more are refused (the leader
-    /// retries later). Bounds memory to this many × `snapshot_bytes_max`.
+    /// retries later). Bounds disk use to this many × `snapshot_bytes_max`.
     /// Default 4.
     pub incoming_snapshots_max: usize,
     /// The longest one step of a snapshot stream may take (connecting,
@@ -311,7 +313,7 @@ impl Transport for TcpTransport {
     /// A snapshot travels on a connection of its own, so that a large one
     /// never holds up heartbeats; it is delivered only when the receiver
     /// confirms it, and the outcome is reported to this node's host.
-    fn send_snapshot(&self, group: GroupId, message: Message, data: Bytes) {
+    fn send_snapshot(&self, group: GroupId, message: Message, data: SnapshotData) {
         let to = message.to;
         let report = {
             let host = Arc::clone(&self.host);
@@ -485,14 +487,14 @@ async fn send_snapshot_stream(
     address: SocketAddr,
     group: GroupId,
     message: &Message,
-    data: &Bytes,
+    data: &SnapshotData,
     stats: &TcpStats,
 ) -> std::io::Result<()> {
     let chunk_bytes = config
         .snapshot_chunk_bytes
         .clamp(1, config.frame_bytes_max.saturating_sub(1).max(1)) as usize;
     let mut header = vec![FRAME_SNAPSHOT_HEADER];
-    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    header.extend_from_slice(&data.len().to_le_bytes());
     encode_batch(&[(group, message.clone())], &mut header);
     if header.len() > config.frame_bytes_max as usize {
         return Err(std::io::Error::other(
@@ -500,6 +502,7 @@ async fn send_snapshot_stream(
         ));
     }
     let idle = config.snapshot_idle_timeout;
+    let mut file = tokio::fs::File::open(data.path()).await?;
     let mut stream = within(idle, connect(config, address)).await?;
     within(
         idle,
@@ -508,7 +511,11 @@ async fn send_snapshot_stream(
     .await?;
     let started = tokio::time::Instant::now();
     let mut sent_bytes: u64 = 0;
-    for chunk in data.chunks(chunk_bytes) {
+    let mut chunk = vec![0u8; chunk_bytes];
+    while sent_bytes < data.len() {
+        let wanted = (data.len() - sent_bytes).min(chunk_bytes as u64) as usize;
+        let chunk = &mut chunk[..wanted];
+        file.read_exact(chunk).await?;
         within(
             idle,
             write_frame_parts(&mut stream, &[FRAME_SNAPSHOT_CHUNK], chunk),
@@ -762,9 +769,17 @@ async fn receive_snapshot(
         stats.frames_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    // Grows with what actually arrives, never with the announced size.
-    let mut data = bytes::BytesMut::new();
-    while (data.len() as u64) < total_bytes {
+    // Written to disk as it arrives; never held whole in memory.
+    let Some(receiver) = host.get().and_then(WeakNodeHost::upgrade) else {
+        return;
+    };
+    let Ok((file, pending)) = receiver.snapshot_dir().create() else {
+        return;
+    };
+    drop(receiver);
+    let mut file = tokio::io::BufWriter::new(tokio::fs::File::from_std(file));
+    let mut received: u64 = 0;
+    while received < total_bytes {
         let frame = tokio::time::timeout(
             config.snapshot_idle_timeout,
             read_frame(config, stream, stats),
@@ -775,17 +790,26 @@ async fn receive_snapshot(
         let chunk = &body[1..];
         if body[0] != FRAME_SNAPSHOT_CHUNK
             || chunk.is_empty()
-            || data.len() as u64 + chunk.len() as u64 > total_bytes
+            || received + chunk.len() as u64 > total_bytes
         {
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        data.extend_from_slice(chunk);
+        if file.write_all(chunk).await.is_err() {
+            return;
+        }
+        received += chunk.len() as u64;
     }
+    if file.flush().await.is_err() {
+        return;
+    }
+    let data = pending.finish(total_bytes);
     let Some(host) = host.get().and_then(WeakNodeHost::upgrade) else {
         return;
     };
-    host.deliver_snapshot(group, message, data.freeze());
+    if !host.deliver_snapshot(group, message, data) {
+        return;
+    }
     stats.snapshots_received.fetch_add(1, Ordering::Relaxed);
     let _ = stream.write_u8(ANSWER_SNAPSHOT_DELIVERED).await;
     let _ = stream.flush().await;

@@ -1,6 +1,7 @@
-//! How a node host hands Raft messages to other nodes. The TCP transport
-//! (`docs/transport-format.md`) is still to come; [`LocalTransport`]
-//! connects hosts in one process, for tests, with partitions.
+//! How a node host hands Raft messages to other nodes: the [`Transport`]
+//! trait, which `TcpTransport` implements (`docs/transport-format.md`),
+//! and [`LocalTransport`], which connects hosts in one process, for tests,
+//! with partitions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,6 +10,7 @@ use regatta_raft::{Message, NodeId};
 use regatta_wal::GroupId;
 
 use crate::host::{NodeHost, WeakNodeHost};
+use crate::snapshot::SnapshotData;
 
 /// Delivers messages to other nodes; never blocks, may drop (Raft
 /// retransmits), and counts what it drops.
@@ -19,7 +21,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends a snapshot message with the state it stands for, apart from
     /// the other messages, and reports the outcome to the sending host
     /// (`NodeHost::report_snapshot`): Raft waits for that report.
-    fn send_snapshot(&self, group: GroupId, message: Message, data: bytes::Bytes);
+    fn send_snapshot(&self, group: GroupId, message: Message, data: SnapshotData);
 }
 
 /// Hosts in one process, wired together directly.
@@ -70,7 +72,7 @@ impl LocalTransport {
 }
 
 impl Transport for LocalTransport {
-    fn send_snapshot(&self, group: GroupId, message: Message, data: bytes::Bytes) {
+    fn send_snapshot(&self, group: GroupId, message: Message, data: SnapshotData) {
         let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
         let blocked = self
             .blocked

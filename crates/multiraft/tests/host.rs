@@ -51,16 +51,22 @@ impl StateMachine for KvMachine {
         self.applied
     }
 
-    fn snapshot(&self) -> Bytes {
-        let data = self.data.lock().expect("lock");
-        let lines: Vec<String> = data
-            .iter()
-            .map(|(key, value)| format!("{key}={value}"))
-            .collect();
-        Bytes::from(lines.join("\n"))
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = {
+            let data = self.data.lock().expect("lock");
+            let lines: Vec<String> = data
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            Bytes::from(lines.join("\n"))
+        };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         let text = String::from_utf8_lossy(data);
         let mut map = self.data.lock().expect("lock");
         map.clear();
@@ -70,6 +76,7 @@ impl StateMachine for KvMachine {
             }
         }
         self.applied = index;
+        Ok(())
     }
 }
 
@@ -376,11 +383,13 @@ impl StateMachine for BatchRecorder {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
-    fn snapshot(&self) -> Bytes {
-        Bytes::new()
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::new() };
+        Box::new(bytes)
     }
-    fn restore(&mut self, index: LogIndex, _data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, _data: &mut dyn std::io::Read) -> std::io::Result<()> {
         self.applied = index;
+        Ok(())
     }
 }
 

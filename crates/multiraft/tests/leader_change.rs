@@ -36,14 +36,19 @@ impl StateMachine for Journal {
         self.applied
     }
 
-    fn snapshot(&self) -> Bytes {
-        Bytes::from(self.applied_commands.lock().expect("lock").join("\n"))
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::from(self.applied_commands.lock().expect("lock").join("\n")) };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         let text = String::from_utf8_lossy(data);
         *self.applied_commands.lock().expect("lock") = text.lines().map(str::to_string).collect();
         self.applied = index;
+        Ok(())
     }
 }
 

@@ -82,12 +82,17 @@ impl StateMachine for Register {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
-    fn snapshot(&self) -> Bytes {
-        Bytes::from(self.value.lock().expect("lock").clone())
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::from(self.value.lock().expect("lock").clone()) };
+        Box::new(bytes)
     }
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         *self.value.lock().expect("lock") = String::from_utf8_lossy(data).to_string();
         self.applied = index;
+        Ok(())
     }
 }
 

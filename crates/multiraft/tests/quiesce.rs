@@ -31,12 +31,14 @@ impl StateMachine for Counter {
         self.applied
     }
 
-    fn snapshot(&self) -> Bytes {
-        Bytes::new()
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::new() };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, index: LogIndex, _data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, _data: &mut dyn std::io::Read) -> std::io::Result<()> {
         self.applied = index;
+        Ok(())
     }
 }
 

@@ -46,15 +46,20 @@ impl StateMachine for Counter {
         self.state.lock().expect("lock").applied
     }
 
-    fn snapshot(&self) -> Bytes {
-        Bytes::from(self.state.lock().expect("lock").count.to_string())
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::from(self.state.lock().expect("lock").count.to_string()) };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         let mut state = self.state.lock().expect("lock");
         state.count = String::from_utf8_lossy(data).parse().expect("a count");
         state.applied = index;
         state.restores += 1;
+        Ok(())
     }
 }
 

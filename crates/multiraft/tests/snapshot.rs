@@ -52,16 +52,22 @@ impl StateMachine for Kv {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
-    fn snapshot(&self) -> Bytes {
-        let data = self.data.lock().expect("lock");
-        Bytes::from(
-            data.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        )
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = {
+            let data = self.data.lock().expect("lock");
+            Bytes::from(
+                data.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        };
+        Box::new(bytes)
     }
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         let mut map = self.data.lock().expect("lock");
         map.clear();
         for line in String::from_utf8_lossy(data).lines() {
@@ -71,6 +77,7 @@ impl StateMachine for Kv {
         }
         self.applied = index;
         *self.restored_at.lock().expect("lock") = Some(index);
+        Ok(())
     }
 }
 
@@ -282,6 +289,20 @@ async fn a_new_node_catches_up_through_a_chunked_snapshot_over_tcp() {
         .sum();
     assert!(chunks >= 28, "7 × 64 KiB in 16 KiB chunks, sent {chunks}");
     assert!(received >= 1, "received {received}");
+    // Snapshot data is transient: sent and received files are deleted once
+    // streamed and installed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for dir in &dirs {
+        let snapshots = dir.path().join("snapshots");
+        while std::fs::read_dir(&snapshots).expect("list").count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "snapshot files left in {}",
+                snapshots.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     for transport in &transports {
         transport.shutdown();
     }

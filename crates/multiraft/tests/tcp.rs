@@ -40,13 +40,18 @@ impl StateMachine for Register {
         self.applied
     }
 
-    fn snapshot(&self) -> Bytes {
-        Bytes::from(self.value.lock().expect("lock").clone())
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { Bytes::from(self.value.lock().expect("lock").clone()) };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         *self.value.lock().expect("lock") = String::from_utf8_lossy(data).to_string();
         self.applied = index;
+        Ok(())
     }
 }
 
@@ -82,6 +87,22 @@ async fn start_node(
             .expect("group");
     }
     Node { host, transport }
+}
+
+/// A host with no group behind `transport`: the receiver writes incoming
+/// snapshots into its directory.
+fn attach_bare_host(transport: &Arc<TcpTransport>, dir: &Path) -> NodeHost {
+    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+    let as_transport: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(
+        HostConfig::new(NodeId(1), dir),
+        wal,
+        as_transport,
+        tokio::runtime::Handle::current(),
+    )
+    .expect("host");
+    transport.attach(&host);
+    host
 }
 
 async fn leader_of(nodes: &BTreeMap<u64, Node>, group: GroupId) -> u64 {
@@ -270,6 +291,8 @@ async fn malformed_snapshot_streams_are_refused() {
     let mut config = TcpConfig::new(NodeId(1), CLUSTER);
     config.snapshot_bytes_max = 1_000;
     let transport = TcpTransport::start(config, listener);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _host = attach_bare_host(&transport, dir.path());
     let snapshot = MessageBody::Snapshot {
         meta: SnapshotMeta {
             index: LogIndex(10),
@@ -330,6 +353,8 @@ async fn concurrent_incoming_snapshots_are_bounded() {
     config.incoming_snapshots_max = 1;
     config.snapshot_idle_timeout = Duration::from_secs(1);
     let transport = TcpTransport::start(config, listener);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _host = attach_bare_host(&transport, dir.path());
     let refused = || {
         transport
             .stats()

@@ -72,13 +72,18 @@ impl StateMachine for Register {
         self.applied
     }
 
-    fn snapshot(&self) -> Bytes {
-        self.value.clone()
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = { self.value.clone() };
+        Box::new(bytes)
     }
 
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         self.value = data.clone();
         self.applied = index;
+        Ok(())
     }
 }
 

@@ -62,20 +62,26 @@ impl StateMachine for Kv {
     fn applied_index(&self) -> LogIndex {
         self.applied
     }
-    fn snapshot(&self) -> Bytes {
-        let data = self
-            .data
-            .lock()
-            .map(|data| data.clone())
-            .unwrap_or_default();
-        Bytes::from(
-            data.iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        )
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        let bytes: Bytes = {
+            let data = self
+                .data
+                .lock()
+                .map(|data| data.clone())
+                .unwrap_or_default();
+            Bytes::from(
+                data.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        };
+        Box::new(bytes)
     }
-    fn restore(&mut self, index: LogIndex, data: &Bytes) {
+    fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(data, &mut buffer)?;
+        let data = &Bytes::from(buffer);
         if let Ok(mut map) = self.data.lock() {
             map.clear();
             for line in String::from_utf8_lossy(data).lines() {
@@ -85,6 +91,7 @@ impl StateMachine for Kv {
             }
         }
         self.applied = index;
+        Ok(())
     }
 }
 
