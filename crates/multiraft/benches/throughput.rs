@@ -5,7 +5,9 @@
 //! payloads. Prints proposals/s and the p50/p99 latency of a proposal
 //! (submit at the leader until the leader applied it).
 //!
-//! `THROUGHPUT_SECONDS` sets the time per row (default 5).
+//! `THROUGHPUT_SECONDS` sets the time per row (default 5);
+//! `THROUGHPUT_GROUPS` (1 or 64) and `THROUGHPUT_PAYLOAD_BYTES` (64 or
+//! 1024) run one row only, e.g. under a profiler.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,8 +183,20 @@ fn main() {
     println!("| groups | payload | proposers | proposals/s | p50 | p99 |");
     println!("|---|---|---|---|---|---|");
     runtime.block_on(async {
+        let only_groups: Option<u64> = std::env::var("THROUGHPUT_GROUPS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let only_payload: Option<usize> = std::env::var("THROUGHPUT_PAYLOAD_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok());
         for groups in [1u64, 64] {
+            if only_groups.is_some_and(|only| only != groups) {
+                continue;
+            }
             for payload_bytes in [64usize, 1024] {
+                if only_payload.is_some_and(|only| only != payload_bytes) {
+                    continue;
+                }
                 let (rate, p50, p99) =
                     run_row(groups, payload_bytes, Duration::from_secs(seconds)).await;
                 println!(
