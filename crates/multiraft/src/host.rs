@@ -49,18 +49,31 @@ pub trait StateMachine: Send + 'static {
     /// exactly one result per command. The host calls this with everything
     /// committed since its last call (membership entries and no-ops split
     /// a batch). The default applies them one by one; a state machine with
-    /// its own storage overrides it to make the whole batch durable in one
-    /// write, together with the last index.
-    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> Vec<Bytes> {
-        commands
+    /// its own storage overrides it to write the whole batch at once,
+    /// together with the last index.
+    ///
+    /// An error (the state machine's storage failed) stops the group on
+    /// this node (`GroupStopped`): nothing after it is applied or
+    /// acknowledged.
+    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> std::io::Result<Vec<Bytes>> {
+        Ok(commands
             .iter()
             .map(|(index, command)| self.apply(*index, command))
-            .collect()
+            .collect())
     }
     /// Serves a read from the local state.
     fn read(&self, query: &Bytes) -> Bytes;
-    /// The highest index applied (persisted with the data by real state
-    /// machines, so that a restart does not apply an entry twice).
+    /// Makes everything applied so far durable. The host calls it before
+    /// each compaction, since the entries the compaction drops can no
+    /// longer be applied again; applies in between need no fsync of their
+    /// own (the WAL holds them). The default does nothing, for state
+    /// machines whose `apply` is already durable.
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The highest index applied, stored atomically with the data, so that
+    /// a restart does not apply an entry twice. After a restart it must be
+    /// at least the index of the last `sync`.
     fn applied_index(&self) -> LogIndex;
     /// A point-in-time copy of the whole state as of `applied_index()`, for
     /// a follower that needs compacted entries. It is taken on the apply
@@ -68,7 +81,8 @@ pub trait StateMachine: Send + 'static {
     /// writes it out on another thread while applies go on.
     fn snapshot(&self) -> Box<dyn SnapshotSource>;
     /// Replaces the whole state with a snapshot taken at `index`, read from
-    /// `data` to its end. Like `apply`, it must be durable when it returns.
+    /// `data` to its end. Unlike `apply`, it must be durable when it
+    /// returns: the log before `index` is gone.
     /// An error stops the group on this node (`GroupStopped`).
     fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()>;
 }
@@ -1370,11 +1384,18 @@ struct Run {
 
 /// Applies the commands gathered so far as one batch, records the results
 /// of session commands, and clears the run.
-fn apply_run(applier: &mut Applier, run: &mut Run, results: &mut Vec<AppliedResult>) {
+fn apply_run(
+    applier: &mut Applier,
+    run: &mut Run,
+    results: &mut Vec<AppliedResult>,
+) -> Result<(), String> {
     let Some(&(last, _)) = run.commands.last() else {
-        return;
+        return Ok(());
     };
-    let answers = applier.state_machine.apply_batch(&run.commands);
+    let answers = applier
+        .state_machine
+        .apply_batch(&run.commands)
+        .map_err(|error| format!("the state machine failed to apply: {error}"))?;
     assert_eq!(
         answers.len(),
         run.commands.len(),
@@ -1394,6 +1415,7 @@ fn apply_run(applier: &mut Applier, run: &mut Run, results: &mut Vec<AppliedResu
     applier.applied = applier.applied.max(last);
     run.commands.clear();
     run.origins.clear();
+    Ok(())
 }
 
 /// The answer to a session command that is not applied again.
@@ -1422,7 +1444,7 @@ fn apply_entries(
     entries: &[Entry],
     results: &mut Vec<AppliedResult>,
     session_expiry_entries: u64,
-) {
+) -> Result<(), String> {
     let mut run = Run::default();
     for entry in entries {
         match &entry.payload {
@@ -1436,7 +1458,7 @@ fn apply_entries(
                 if verdict == Verdict::Flush {
                     // A retry of a command in this very run: its result
                     // comes from applying the run.
-                    apply_run(applier, &mut run, results);
+                    apply_run(applier, &mut run, results)?;
                     verdict = applier.sessions.check(*id);
                 }
                 if verdict == Verdict::Apply {
@@ -1460,7 +1482,7 @@ fn apply_entries(
                 applier.applied = applier.applied.max(entry.index);
             }
             EntryPayload::ConfChange(_) | EntryPayload::Empty => {
-                apply_run(applier, &mut run, results);
+                apply_run(applier, &mut run, results)?;
                 // A membership change resolves its proposer when applied.
                 if let EntryPayload::ConfChange(_) = &entry.payload {
                     results.push(AppliedResult {
@@ -1474,7 +1496,7 @@ fn apply_entries(
             }
         }
     }
-    apply_run(applier, &mut run, results);
+    apply_run(applier, &mut run, results)
 }
 
 /// Writes the session table to its file (fsynced, atomically replaced).
@@ -1592,19 +1614,30 @@ fn apply_one(
                 return;
             };
             let results = reports.entry(group).or_default();
-            apply_entries(
+            let applied = apply_entries(
                 group,
                 applier,
                 &entries,
                 results,
                 context.session_expiry_entries,
             );
+            if let Err(reason) = applied {
+                stop_applier(group, reason, appliers, reports, context);
+            }
         }
         ApplyWork::SaveSessions(group) => {
-            let Some(applier) = appliers.get(&group) else {
+            let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
-            let (index, result) = match save_sessions(&context.sessions, group, &applier.sessions) {
+            let synced = applier.state_machine.sync().map_err(|error| {
+                Error::State(format!(
+                    "make the state machine of group {} durable: {error}",
+                    group.0
+                ))
+            });
+            let saved =
+                synced.and_then(|()| save_sessions(&context.sessions, group, &applier.sessions));
+            let (index, result) = match saved {
                 Ok(index) => (index, Ok(())),
                 Err(error) => (LogIndex(0), Err(error)),
             };
@@ -1654,15 +1687,7 @@ fn apply_one(
             });
             if let Err(reason) = installed {
                 let reason = format!("cannot install the snapshot at {}: {reason}", meta.index.0);
-                if let Some(applier) = appliers.remove(&group) {
-                    for (_, _, reply) in applier.waiting {
-                        let _ = reply.send(Err(Error::GroupStopped {
-                            group,
-                            reason: reason.clone(),
-                        }));
-                    }
-                }
-                let _ = context.control.send(Control::Failed { group, reason });
+                stop_applier(group, reason, appliers, reports, context);
             }
         }
         ApplyWork::Read {
@@ -1681,6 +1706,27 @@ fn apply_one(
             }
         }
     }
+}
+
+/// The apply task cannot go on with `group`: its waiting reads fail, and
+/// the worker stops the group.
+fn stop_applier(
+    group: GroupId,
+    reason: String,
+    appliers: &mut HashMap<GroupId, Applier>,
+    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    context: &ApplyContext,
+) {
+    reports.remove(&group);
+    if let Some(applier) = appliers.remove(&group) {
+        for (_, _, reply) in applier.waiting {
+            let _ = reply.send(Err(Error::GroupStopped {
+                group,
+                reason: reason.clone(),
+            }));
+        }
+    }
+    let _ = context.control.send(Control::Failed { group, reason });
 }
 
 /// Writes a snapshot's data to a new file: the session table's length

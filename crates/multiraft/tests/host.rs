@@ -364,7 +364,7 @@ impl StateMachine for BatchRecorder {
     fn apply(&mut self, _index: LogIndex, _command: &Bytes) -> Bytes {
         panic!("the host must call apply_batch");
     }
-    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> Vec<Bytes> {
+    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> std::io::Result<Vec<Bytes>> {
         self.batches.lock().expect("lock").push(commands.len());
         let mut previous = self.applied;
         for (index, _) in commands {
@@ -372,10 +372,10 @@ impl StateMachine for BatchRecorder {
             previous = *index;
         }
         self.applied = previous;
-        commands
+        Ok(commands
             .iter()
             .map(|(index, _)| Bytes::from(index.0.to_string()))
-            .collect()
+            .collect())
     }
     fn read(&self, _query: &Bytes) -> Bytes {
         Bytes::new()

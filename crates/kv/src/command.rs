@@ -1,0 +1,288 @@
+//! The commands a table applies and the queries it answers, with their
+//! results. They travel inside Raft entries and read queries, encoded as a
+//! format version byte followed by postcard (`docs/kv-format.md`). The
+//! semantics follow etcd's v3 KV API; the server maps both wire APIs onto
+//! these types.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The encoding's version byte.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// One key's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value; empty when only keys were asked for.
+    pub value: Vec<u8>,
+    /// The revision (table index) that created the key.
+    pub create_revision: u64,
+    /// The revision of its last change.
+    pub mod_revision: u64,
+    /// Changes since creation, from 1.
+    pub version: u64,
+}
+
+/// Which keys: `key` alone when `range_end` is empty; every key from `key`
+/// on when `range_end` is `[0]`; otherwise `[key, range_end)`. A `key` of
+/// `[0]` with a `range_end` of `[0]` means every key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    /// The first key.
+    pub key: Vec<u8>,
+    /// The end of the range, exclusive (see above).
+    pub range_end: Vec<u8>,
+}
+
+/// A read of a range.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    /// The keys.
+    pub range: KeyRange,
+    /// At most this many keys; 0 for no limit.
+    pub limit: u64,
+    /// Leave values out.
+    pub keys_only: bool,
+    /// Only count.
+    pub count_only: bool,
+    /// Stop adding keys once the response holds this many bytes of keys
+    /// and values (at least one key is returned); 0 for no limit.
+    pub bytes_max: u64,
+}
+
+/// The keys found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeResult {
+    /// The keys, in key order.
+    pub kvs: Vec<KeyValue>,
+    /// Keys in the range, regardless of the limit.
+    pub count: u64,
+    /// Whether keys were left out by `limit` or `bytes_max`.
+    pub more: bool,
+}
+
+/// Sets a key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// The key; never empty.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Return the previous state.
+    pub prev_kv: bool,
+}
+
+/// The outcome of a put.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutResult {
+    /// The previous state, when asked for and the key existed.
+    pub prev_kv: Option<KeyValue>,
+}
+
+/// Deletes a range of keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRangeRequest {
+    /// The keys.
+    pub range: KeyRange,
+    /// Return the deleted keys.
+    pub prev_kv: bool,
+}
+
+/// The outcome of a delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRangeResult {
+    /// How many keys were deleted.
+    pub deleted: u64,
+    /// The deleted keys, when asked for.
+    pub prev_kvs: Vec<KeyValue>,
+}
+
+/// What a compare looks at, and the operand.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    /// The value; a missing key never matches.
+    Value(Vec<u8>),
+    /// The version; a missing key has version 0.
+    Version(i64),
+    /// The create revision; 0 for a missing key.
+    CreateRevision(i64),
+    /// The mod revision; 0 for a missing key.
+    ModRevision(i64),
+}
+
+/// How the key's side compares with the operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareResult {
+    /// Equal.
+    Equal,
+    /// Greater than the operand.
+    Greater,
+    /// Less than the operand.
+    Less,
+    /// Not equal.
+    NotEqual,
+}
+
+/// One condition of a transaction; over a range, every key must hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    /// The keys.
+    pub range: KeyRange,
+    /// What to compare.
+    pub target: CompareTarget,
+    /// The relation that must hold.
+    pub result: CompareResult,
+}
+
+/// One operation of a transaction branch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestOp {
+    /// A read.
+    Range(RangeRequest),
+    /// A put.
+    Put(PutRequest),
+    /// A delete.
+    DeleteRange(DeleteRangeRequest),
+    /// A nested transaction.
+    Txn(TxnRequest),
+}
+
+/// The result of one operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseOp {
+    /// Of a read.
+    Range(RangeResult),
+    /// Of a put.
+    Put(PutResult),
+    /// Of a delete.
+    DeleteRange(DeleteRangeResult),
+    /// Of a nested transaction.
+    Txn(TxnResult),
+}
+
+/// Compares, then one branch, atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRequest {
+    /// Conditions; all must hold for `success` to run.
+    pub compare: Vec<Compare>,
+    /// Run when every compare holds.
+    pub success: Vec<RequestOp>,
+    /// Run otherwise.
+    pub failure: Vec<RequestOp>,
+}
+
+impl TxnRequest {
+    /// Whether no branch writes, so that it can be served as a read.
+    pub fn is_read_only(&self) -> bool {
+        self.success.iter().chain(&self.failure).all(|op| match op {
+            RequestOp::Range(_) => true,
+            RequestOp::Txn(txn) => txn.is_read_only(),
+            RequestOp::Put(_) | RequestOp::DeleteRange(_) => false,
+        })
+    }
+}
+
+/// The outcome of a transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResult {
+    /// Whether the compares held.
+    pub succeeded: bool,
+    /// One result per operation of the branch that ran.
+    pub responses: Vec<ResponseOp>,
+}
+
+/// A write, proposed through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets a key.
+    Put(PutRequest),
+    /// Deletes keys.
+    DeleteRange(DeleteRangeRequest),
+    /// A transaction.
+    Txn(TxnRequest),
+}
+
+/// A read, served from the local state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// A range read.
+    Range(RangeRequest),
+    /// A read-only transaction.
+    Txn(TxnRequest),
+}
+
+/// A command's or query's answer, with the table's revision (its applied
+/// index) when it was served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The table's revision.
+    pub revision: u64,
+    /// The result, or why the request failed (deterministically, so every
+    /// replica fails it the same way).
+    pub result: std::result::Result<ResponseOp, String>,
+}
+
+/// Encodes a value: the version byte, then postcard.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let out = vec![FORMAT_VERSION];
+    // Encoding into a Vec fails only if serde itself fails, which these
+    // plain types never do.
+    match postcard::to_extend(value, out) {
+        Ok(out) => out,
+        Err(error) => panic!("postcard cannot encode a kv type: {error}"),
+    }
+}
+
+/// Decodes what `encode` produced; bad input is an error, never a panic.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => postcard::from_bytes(rest)
+            .map_err(|error| Error::Decode(format!("kv request or result: {error}"))),
+        Some((version, _)) => Err(Error::Decode(format!(
+            "kv format version {version} is not known (expected {FORMAT_VERSION})"
+        ))),
+        None => Err(Error::Decode("an empty kv request or result".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_bad_bytes_are_errors() {
+        let command = Command::Txn(TxnRequest {
+            compare: vec![Compare {
+                range: KeyRange {
+                    key: b"a".to_vec(),
+                    range_end: Vec::new(),
+                },
+                target: CompareTarget::ModRevision(7),
+                result: CompareResult::Less,
+            }],
+            success: vec![RequestOp::Put(PutRequest {
+                key: b"a".to_vec(),
+                value: b"1".to_vec(),
+                prev_kv: true,
+            })],
+            failure: vec![RequestOp::Range(RangeRequest::default())],
+        });
+        let bytes = encode(&command);
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(decode::<Command>(&bytes).expect("decode"), command);
+        for length in 0..bytes.len() {
+            assert!(decode::<Command>(&bytes[..length]).is_err());
+        }
+        let mut other_version = bytes.clone();
+        other_version[0] = 9;
+        assert!(decode::<Command>(&other_version).is_err());
+        for position in 1..bytes.len() {
+            let mut changed = bytes.clone();
+            changed[position] = 0xFF;
+            let _ = decode::<Command>(&changed);
+        }
+    }
+}

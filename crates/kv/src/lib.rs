@@ -1,0 +1,17 @@
+//! `regatta-kv`: the state machine of a Regatta table. Each table is a Raft
+//! group (`regatta-multiraft`); its keys live in a partition of the node's
+//! fjall keyspace (`docs/decisions/0003-table-engine.md`), with etcd's
+//! revisions: a table's revision is its applied Raft index.
+//!
+//! - [`command`]: the commands and queries, with their results, and their
+//!   encoding (`docs/kv-format.md`);
+//! - [`Store`] and [`Table`]: the storage, and the `StateMachine`.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod command;
+mod error;
+mod table;
+
+pub use error::{Error, Result};
+pub use table::{Store, Table};

@@ -1,0 +1,470 @@
+//! The table state machine on its own: etcd's range, put, delete and
+//! transaction semantics, revisions, atomic batches, durability of the
+//! applied index, snapshots and table removal.
+
+use bytes::Bytes;
+use regatta_kv::command::{
+    decode, encode, Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyRange,
+    PutRequest, Query, RangeRequest, RequestOp, Response, ResponseOp,
+};
+use regatta_kv::{Store, Table};
+use regatta_multiraft::StateMachine;
+use regatta_raft::LogIndex;
+
+fn put(key: &str, value: &str) -> Command {
+    Command::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        prev_kv: true,
+    })
+}
+
+fn range(key: &str, range_end: &[u8]) -> KeyRange {
+    KeyRange {
+        key: key.into(),
+        range_end: range_end.to_vec(),
+    }
+}
+
+/// Applies commands at consecutive indexes after the table's applied one.
+fn apply(table: &mut Table, commands: &[Command]) -> Vec<Response> {
+    let first = table.applied_index().0 + 1;
+    let batch: Vec<(LogIndex, Bytes)> = commands
+        .iter()
+        .enumerate()
+        .map(|(offset, command)| {
+            (
+                LogIndex(first + offset as u64),
+                Bytes::from(encode(command)),
+            )
+        })
+        .collect();
+    table
+        .apply_batch(&batch)
+        .expect("apply")
+        .iter()
+        .map(|bytes| decode::<Response>(bytes).expect("response"))
+        .collect()
+}
+
+fn get(table: &Table, request: RangeRequest) -> regatta_kv::command::RangeResult {
+    let bytes = table.read(&Bytes::from(encode(&Query::Range(request))));
+    match decode::<Response>(&bytes).expect("response").result {
+        Ok(ResponseOp::Range(result)) => result,
+        other => panic!("a range result, not {other:?}"),
+    }
+}
+
+fn keys(result: &regatta_kv::command::RangeResult) -> Vec<String> {
+    result
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).to_string())
+        .collect()
+}
+
+#[test]
+fn puts_ranges_and_deletes_follow_etcd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table(1).expect("table");
+    let responses = apply(
+        &mut table,
+        &[
+            put("a", "1"),
+            put("b/1", "x"),
+            put("b/2", "y"),
+            put("c", "3"),
+            put("a", "2"),
+        ],
+    );
+    assert_eq!(responses[4].revision, 5);
+    match &responses[4].result {
+        Ok(ResponseOp::Put(result)) => {
+            let previous = result.prev_kv.as_ref().expect("prev_kv");
+            assert_eq!(previous.value, b"1");
+            assert_eq!(
+                (
+                    previous.create_revision,
+                    previous.mod_revision,
+                    previous.version
+                ),
+                (1, 1, 1)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let a = get(
+        &table,
+        RangeRequest {
+            range: range("a", b""),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(a.count, 1);
+    let kv = &a.kvs[0];
+    assert_eq!(
+        (
+            kv.value.as_slice(),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ),
+        (b"2".as_slice(), 1, 5, 2)
+    );
+
+    let prefix = get(
+        &table,
+        RangeRequest {
+            range: range("b/", b"b0"),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(keys(&prefix), ["b/1", "b/2"]);
+    let from_key = get(
+        &table,
+        RangeRequest {
+            range: range("b/2", &[0]),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(keys(&from_key), ["b/2", "c"]);
+    let all = get(
+        &table,
+        RangeRequest {
+            range: KeyRange {
+                key: vec![0],
+                range_end: vec![0],
+            },
+            limit: 2,
+            keys_only: true,
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(
+        (keys(&all), all.count, all.more),
+        (vec!["a".to_string(), "b/1".to_string()], 4, true)
+    );
+    assert!(all.kvs.iter().all(|kv| kv.value.is_empty()));
+    let counted = get(
+        &table,
+        RangeRequest {
+            range: range("a", &[0]),
+            count_only: true,
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(
+        (counted.count, counted.kvs.len(), counted.more),
+        (4, 0, false)
+    );
+    let inverted = get(
+        &table,
+        RangeRequest {
+            range: range("c", b"a"),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(inverted.count, 0);
+    let capped = get(
+        &table,
+        RangeRequest {
+            range: range("a", &[0]),
+            bytes_max: 1,
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!((capped.kvs.len(), capped.more), (1, true));
+
+    let deleted = apply(
+        &mut table,
+        &[Command::DeleteRange(DeleteRangeRequest {
+            range: range("b/", b"b0"),
+            prev_kv: true,
+        })],
+    );
+    match &deleted[0].result {
+        Ok(ResponseOp::DeleteRange(result)) => {
+            assert_eq!(result.deleted, 2);
+            assert_eq!(result.prev_kvs.len(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    let all = get(
+        &table,
+        RangeRequest {
+            range: range("a", &[0]),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(keys(&all), ["a", "c"]);
+    // A key created again starts a new life.
+    apply(&mut table, &[put("b/1", "again")]);
+    let b1 = get(
+        &table,
+        RangeRequest {
+            range: range("b/1", b""),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!((b1.kvs[0].create_revision, b1.kvs[0].version), (7, 1));
+}
+
+fn txn(compare: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>) -> Command {
+    Command::Txn(regatta_kv::command::TxnRequest {
+        compare,
+        success,
+        failure,
+    })
+}
+
+fn compare(key: &str, target: CompareTarget, result: CompareResult) -> Compare {
+    Compare {
+        range: range(key, b""),
+        target,
+        result,
+    }
+}
+
+fn succeeded(response: &Response) -> bool {
+    match &response.result {
+        Ok(ResponseOp::Txn(result)) => result.succeeded,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn transactions_compare_then_apply_one_branch_atomically() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table(1).expect("table");
+    let set = |key: &str, value: &str| {
+        RequestOp::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            prev_kv: false,
+        })
+    };
+    // One batch: each command sees the writes of those before it.
+    let responses = apply(
+        &mut table,
+        &[
+            // Missing key: version 0, create 0, and a value compare fails.
+            txn(
+                vec![compare(
+                    "k",
+                    CompareTarget::Version(0),
+                    CompareResult::Equal,
+                )],
+                vec![set("k", "1")],
+                vec![],
+            ),
+            txn(
+                vec![compare(
+                    "k",
+                    CompareTarget::Value(b"1".to_vec()),
+                    CompareResult::Equal,
+                )],
+                vec![set("k", "2")],
+                vec![set("k", "wrong")],
+            ),
+            txn(
+                vec![compare(
+                    "missing",
+                    CompareTarget::Value(Vec::new()),
+                    CompareResult::Equal,
+                )],
+                vec![],
+                vec![set("m", "1")],
+            ),
+            txn(
+                vec![
+                    compare("k", CompareTarget::ModRevision(2), CompareResult::Equal),
+                    compare("k", CompareTarget::CreateRevision(1), CompareResult::Equal),
+                    compare("k", CompareTarget::Version(1), CompareResult::Greater),
+                ],
+                vec![
+                    set("k", "3"),
+                    RequestOp::Range(RangeRequest {
+                        range: range("k", b""),
+                        ..RangeRequest::default()
+                    }),
+                ],
+                vec![],
+            ),
+            txn(
+                vec![
+                    compare(
+                        "k",
+                        CompareTarget::Value(b"9".to_vec()),
+                        CompareResult::Less,
+                    ),
+                    compare("k", CompareTarget::Version(5), CompareResult::NotEqual),
+                ],
+                vec![],
+                vec![set("never", "1")],
+            ),
+        ],
+    );
+    let outcomes: Vec<bool> = responses.iter().map(succeeded).collect();
+    assert_eq!(outcomes, [true, true, false, true, true]);
+    match &responses[3].result {
+        Ok(ResponseOp::Txn(result)) => match &result.responses[1] {
+            ResponseOp::Range(range) => {
+                assert_eq!(
+                    range.kvs[0].value, b"3",
+                    "a range in a txn sees its own writes"
+                );
+                assert_eq!(range.kvs[0].mod_revision, 4);
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let all = get(
+        &table,
+        RangeRequest {
+            range: range("a", &[0]),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(keys(&all), ["k", "m"]);
+    assert_eq!(all.kvs[0].version, 3);
+    // A read-only transaction is served as a query; one that writes is not.
+    let read_only = regatta_kv::command::TxnRequest {
+        compare: vec![],
+        success: vec![RequestOp::Range(RangeRequest {
+            range: range("k", b""),
+            ..RangeRequest::default()
+        })],
+        failure: vec![],
+    };
+    let response = decode::<Response>(&table.read(&Bytes::from(encode(&Query::Txn(read_only)))))
+        .expect("response");
+    assert!(succeeded(&response));
+    let writing = regatta_kv::command::TxnRequest {
+        compare: vec![],
+        success: vec![set("x", "1")],
+        failure: vec![],
+    };
+    let response = decode::<Response>(&table.read(&Bytes::from(encode(&Query::Txn(writing)))))
+        .expect("response");
+    assert!(response.result.is_err());
+    // Garbage is an error response, never a panic.
+    let response =
+        decode::<Response>(&table.read(&Bytes::from_static(b"\x01\xff\xff"))).expect("response");
+    assert!(response.result.is_err());
+    let responses = apply_raw(&mut table, b"\x07junk");
+    assert!(responses[0].result.is_err());
+}
+
+fn apply_raw(table: &mut Table, command: &'static [u8]) -> Vec<Response> {
+    let index = LogIndex(table.applied_index().0 + 1);
+    table
+        .apply_batch(&[(index, Bytes::from_static(command))])
+        .expect("apply")
+        .iter()
+        .map(|bytes| decode::<Response>(bytes).expect("response"))
+        .collect()
+}
+
+#[test]
+fn data_and_applied_index_survive_a_reopen_and_tables_are_separate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path()).expect("store");
+        let mut one = store.open_table(1).expect("table");
+        let mut two = store.open_table(2).expect("table");
+        apply(&mut one, &[put("a", "1"), put("b", "2")]);
+        apply(&mut two, &[put("a", "other")]);
+        one.sync().expect("sync");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let one = store.open_table(1).expect("table");
+    let two = store.open_table(2).expect("table");
+    assert_eq!(one.applied_index(), LogIndex(2));
+    assert_eq!(two.applied_index(), LogIndex(1));
+    let a = get(
+        &one,
+        RangeRequest {
+            range: range("a", b""),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(a.kvs[0].value, b"1");
+    let a = get(
+        &two,
+        RangeRequest {
+            range: range("a", b""),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(a.kvs[0].value, b"other");
+    drop((one, two));
+    store.remove_table(1).expect("remove");
+    let one = store.open_table(1).expect("table");
+    assert_eq!(one.applied_index(), LogIndex(0));
+    assert_eq!(
+        get(
+            &one,
+            RangeRequest {
+                range: range("a", &[0]),
+                ..RangeRequest::default()
+            }
+        )
+        .count,
+        0
+    );
+}
+
+#[test]
+fn a_snapshot_restores_the_same_table_and_a_bad_one_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut source = store.open_table(1).expect("table");
+    let commands: Vec<Command> = (0..500)
+        .map(|i| put(&format!("key/{i:04}"), &"v".repeat(i % 50)))
+        .collect();
+    apply(&mut source, &commands);
+    let snapshot = source.snapshot();
+    // Writes after the snapshot are not in it.
+    apply(&mut source, &[put("late", "1")]);
+    let mut bytes = Vec::new();
+    snapshot.write_to(&mut bytes).expect("write");
+
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other = Store::open(other_dir.path()).expect("store");
+    let mut target = other.open_table(1).expect("table");
+    apply(&mut target, &[put("stale", "gone after restore")]);
+    target
+        .restore(LogIndex(500), &mut bytes.as_slice())
+        .expect("restore");
+    assert_eq!(target.applied_index(), LogIndex(500));
+    let everything = RangeRequest {
+        range: range("a", &[0]),
+        ..RangeRequest::default()
+    };
+    let restored = get(&target, everything.clone());
+    assert_eq!(restored.count, 500);
+    let mut original = get(&source, everything.clone());
+    original.kvs.retain(|kv| kv.key != b"late");
+    assert_eq!(restored.kvs, original.kvs);
+
+    // Damaged: truncated, and a wrong version. The table keeps its data.
+    assert!(target
+        .restore(LogIndex(900), &mut &bytes[..bytes.len() - 3])
+        .is_err());
+    assert!(target
+        .restore(LogIndex(900), &mut &[9u8, 0, 0][..])
+        .is_err());
+    assert_eq!(target.applied_index(), LogIndex(500));
+    assert_eq!(get(&target, everything.clone()).kvs, restored.kvs);
+
+    // After a reopen, the restored generation is the one in use.
+    drop(target);
+    drop(other);
+    let other = Store::open(other_dir.path()).expect("reopen");
+    let target = other.open_table(1).expect("table");
+    assert_eq!(target.applied_index(), LogIndex(500));
+    assert_eq!(get(&target, everything).kvs, restored.kvs);
+}
