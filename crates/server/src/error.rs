@@ -1,0 +1,64 @@
+//! The one error type of `regatta-server`, and its gRPC status.
+
+use tonic::{Code, Status};
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Storage could not be opened or used.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request is over a configured limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such table.
+    #[error("table {0:?} does not exist")]
+    TableNotFound(String),
+    /// The table exists already.
+    #[error("table {0:?} already exists")]
+    TableExists(String),
+    /// A revision that is not the current one.
+    #[error("{0}")]
+    Revision(String),
+    /// The cluster cannot serve now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The Raft runtime refused or failed the request.
+    #[error(transparent)]
+    Raft(#[from] regatta_multiraft::Error),
+    /// A bug: something that should not happen.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        use regatta_multiraft::Error as Raft;
+        let code = match &error {
+            Error::Config(_) | Error::Storage(_) | Error::Internal(_) => Code::Internal,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::TooLarge(_) => Code::ResourceExhausted,
+            Error::TableNotFound(_) => Code::NotFound,
+            Error::TableExists(_) => Code::AlreadyExists,
+            Error::Revision(_) => Code::OutOfRange,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Raft(raft) => match raft {
+                Raft::Timeout { .. } => Code::DeadlineExceeded,
+                Raft::NotLeader { .. } | Raft::Busy(_) | Raft::Dropped(_) => Code::Unavailable,
+                Raft::GroupStopped { .. } | Raft::UnknownGroup(_) => Code::Unavailable,
+                Raft::AlreadyApplied { .. } => Code::Unknown,
+                _ => Code::Internal,
+            },
+        };
+        Status::new(code, error.to_string())
+    }
+}

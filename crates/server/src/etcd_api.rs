@@ -1,0 +1,585 @@
+//! The etcd v3 API (`etcdserverpb`) over the etcd table: KV,
+//! Maintenance.Status and Cluster.MemberList. The other methods answer
+//! UNIMPLEMENTED with a message naming what Regatta does not serve.
+
+use std::sync::Arc;
+
+use regatta_kv::command::{
+    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest,
+    Query, RangeRequest, RangeResult, RequestOp, Response as KvResponse, ResponseOp, TxnRequest,
+    TxnResult,
+};
+use regatta_wal::GroupId;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::proto::etcdserverpb as pb;
+use crate::proto::mvccpb;
+use crate::validate;
+
+/// The etcd API served by a node.
+#[derive(Clone)]
+pub struct EtcdApi {
+    node: Arc<Node>,
+}
+
+impl EtcdApi {
+    /// The API over `node`'s etcd table.
+    pub fn new(node: Arc<Node>) -> EtcdApi {
+        EtcdApi { node }
+    }
+
+    fn group(&self) -> Result<GroupId> {
+        self.node.table_group(&self.node.config().etcd_table)
+    }
+
+    fn header(&self, group: GroupId, revision: u64) -> Option<pb::ResponseHeader> {
+        Some(pb::ResponseHeader {
+            cluster_id: self.node.config().cluster_id,
+            member_id: self.node.config().node_id.0,
+            revision: revision as i64,
+            raft_term: self.node.facts(group).term,
+        })
+    }
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "Regatta does not implement etcd's {what}; it serves KV, Maintenance.Status and Cluster.MemberList"
+    ))
+}
+
+fn key_value(kv: KeyValue) -> mvccpb::KeyValue {
+    mvccpb::KeyValue {
+        key: kv.key,
+        create_revision: kv.create_revision as i64,
+        mod_revision: kv.mod_revision as i64,
+        version: kv.version as i64,
+        value: kv.value,
+        lease: 0,
+    }
+}
+
+fn result(response: KvResponse) -> Result<(u64, ResponseOp)> {
+    response
+        .result
+        .map(|op| (response.revision, op))
+        .map_err(Error::Internal)
+}
+
+/// What a range asks for beyond the key order, applied after the read.
+struct Sort {
+    order: pb::range_request::SortOrder,
+    target: pb::range_request::SortTarget,
+    limit: u64,
+}
+
+fn range_request(
+    config: &crate::node::NodeConfig,
+    request: &pb::RangeRequest,
+) -> Result<(RangeRequest, Option<Sort>)> {
+    use pb::range_request::{SortOrder, SortTarget};
+    let range = validate::range(config, &request.key, &request.range_end)?;
+    let limit = validate::limit(request.limit)?;
+    validate::no_revision_filters(
+        request.min_mod_revision,
+        request.max_mod_revision,
+        request.min_create_revision,
+        request.max_create_revision,
+    )?;
+    let order = SortOrder::try_from(request.sort_order).map_err(|_| {
+        Error::InvalidArgument(format!("unknown sort_order {}", request.sort_order))
+    })?;
+    let target = SortTarget::try_from(request.sort_target).map_err(|_| {
+        Error::InvalidArgument(format!("unknown sort_target {}", request.sort_target))
+    })?;
+    let natural =
+        order == SortOrder::None || (order == SortOrder::Ascend && target == SortTarget::Key);
+    let sort = (!natural).then_some(Sort {
+        order,
+        target,
+        limit,
+    });
+    Ok((
+        RangeRequest {
+            range,
+            limit: if sort.is_some() { 0 } else { limit },
+            keys_only: request.keys_only,
+            count_only: request.count_only,
+            bytes_max: 0,
+        },
+        sort,
+    ))
+}
+
+fn apply_sort(result: &mut RangeResult, sort: &Sort) {
+    use pb::range_request::{SortOrder, SortTarget};
+    result.kvs.sort_by(|a, b| {
+        let ordering = match sort.target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        // Ties keep key order, as etcd does.
+        let ordering = ordering.then_with(|| a.key.cmp(&b.key));
+        if sort.order == SortOrder::Descend {
+            ordering.reverse()
+        } else {
+            ordering
+        }
+    });
+    if sort.limit > 0 && result.kvs.len() as u64 > sort.limit {
+        result.kvs.truncate(sort.limit as usize);
+        result.more = true;
+    }
+}
+
+fn check_revision(requested: i64, current: u64) -> Result<()> {
+    if requested <= 0 || requested as u64 == current {
+        return Ok(());
+    }
+    if (requested as u64) < current {
+        return Err(Error::Revision(
+            "etcdserver: mvcc: required revision has been compacted (Regatta keeps only the current revision)".into(),
+        ));
+    }
+    Err(Error::Revision(
+        "etcdserver: mvcc: required revision is a future revision".into(),
+    ))
+}
+
+fn range_response(result: RangeResult) -> pb::RangeResponse {
+    pb::RangeResponse {
+        header: None,
+        kvs: result.kvs.into_iter().map(key_value).collect(),
+        more: result.more,
+        count: result.count as i64,
+    }
+}
+
+fn put_request(config: &crate::node::NodeConfig, request: &pb::PutRequest) -> Result<PutRequest> {
+    validate::key(config, &request.key)?;
+    validate::value(config, &request.value)?;
+    if request.lease != 0 {
+        return Err(Error::InvalidArgument(
+            "leases are not supported (the Lease API is not implemented)".into(),
+        ));
+    }
+    if request.ignore_value || request.ignore_lease {
+        return Err(Error::InvalidArgument(
+            "ignore_value and ignore_lease are not supported".into(),
+        ));
+    }
+    Ok(PutRequest {
+        key: request.key.clone(),
+        value: request.value.clone(),
+        prev_kv: request.prev_kv,
+    })
+}
+
+fn delete_request(
+    config: &crate::node::NodeConfig,
+    request: &pb::DeleteRangeRequest,
+) -> Result<DeleteRangeRequest> {
+    Ok(DeleteRangeRequest {
+        range: validate::range(config, &request.key, &request.range_end)?,
+        prev_kv: request.prev_kv,
+    })
+}
+
+fn compare(config: &crate::node::NodeConfig, compare: &pb::Compare) -> Result<Compare> {
+    use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+    let range = validate::range(config, &compare.key, &compare.range_end)?;
+    let result = match R::try_from(compare.result) {
+        Ok(R::Equal) => CompareResult::Equal,
+        Ok(R::Greater) => CompareResult::Greater,
+        Ok(R::Less) => CompareResult::Less,
+        Ok(R::NotEqual) => CompareResult::NotEqual,
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown compare result {}",
+                compare.result
+            )))
+        }
+    };
+    let target = match (T::try_from(compare.target), &compare.target_union) {
+        (Ok(T::Value), Some(U::Value(value))) => CompareTarget::Value(value.clone()),
+        (Ok(T::Value), None) => CompareTarget::Value(Vec::new()),
+        (Ok(T::Version), Some(U::Version(version))) => CompareTarget::Version(*version),
+        (Ok(T::Version), None) => CompareTarget::Version(0),
+        (Ok(T::Create), Some(U::CreateRevision(revision))) => {
+            CompareTarget::CreateRevision(*revision)
+        }
+        (Ok(T::Create), None) => CompareTarget::CreateRevision(0),
+        (Ok(T::Mod), Some(U::ModRevision(revision))) => CompareTarget::ModRevision(*revision),
+        (Ok(T::Mod), None) => CompareTarget::ModRevision(0),
+        (Ok(T::Lease), _) => {
+            return Err(Error::InvalidArgument(
+                "lease compares are not supported (the Lease API is not implemented)".into(),
+            ))
+        }
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "compare target {} does not match its operand",
+                compare.target
+            )))
+        }
+    };
+    Ok(Compare {
+        range,
+        target,
+        result,
+    })
+}
+
+fn txn_request(
+    config: &crate::node::NodeConfig,
+    request: &pb::TxnRequest,
+    depth: usize,
+) -> Result<TxnRequest> {
+    validate::txn_shape(
+        depth,
+        request.compare.len(),
+        request.success.len(),
+        request.failure.len(),
+    )?;
+    let ops = |ops: &[pb::RequestOp]| -> Result<Vec<RequestOp>> {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(pb::request_op::Request::RequestRange(range)) => {
+                    let (request, sort) = range_request(config, range)?;
+                    if sort.is_some() || range.revision != 0 {
+                        return Err(Error::InvalidArgument(
+                            "ranges inside a transaction cannot sort or ask for a revision".into(),
+                        ));
+                    }
+                    Ok(RequestOp::Range(request))
+                }
+                Some(pb::request_op::Request::RequestPut(put)) => {
+                    Ok(RequestOp::Put(put_request(config, put)?))
+                }
+                Some(pb::request_op::Request::RequestDeleteRange(delete)) => {
+                    Ok(RequestOp::DeleteRange(delete_request(config, delete)?))
+                }
+                Some(pb::request_op::Request::RequestTxn(txn)) => {
+                    Ok(RequestOp::Txn(txn_request(config, txn, depth + 1)?))
+                }
+                None => Err(Error::InvalidArgument(
+                    "a transaction operation is empty".into(),
+                )),
+            })
+            .collect()
+    };
+    Ok(TxnRequest {
+        compare: request
+            .compare
+            .iter()
+            .map(|c| compare(config, c))
+            .collect::<Result<_>>()?,
+        success: ops(&request.success)?,
+        failure: ops(&request.failure)?,
+    })
+}
+
+fn response_op(op: ResponseOp) -> pb::ResponseOp {
+    use pb::response_op::Response as R;
+    let response = match op {
+        ResponseOp::Range(range) => R::ResponseRange(range_response(range)),
+        ResponseOp::Put(put) => R::ResponsePut(pb::PutResponse {
+            header: None,
+            prev_kv: put.prev_kv.map(key_value),
+        }),
+        ResponseOp::DeleteRange(delete) => R::ResponseDeleteRange(pb::DeleteRangeResponse {
+            header: None,
+            deleted: delete.deleted as i64,
+            prev_kvs: delete.prev_kvs.into_iter().map(key_value).collect(),
+        }),
+        ResponseOp::Txn(txn) => R::ResponseTxn(txn_response(txn)),
+    };
+    pb::ResponseOp {
+        response: Some(response),
+    }
+}
+
+fn txn_response(txn: TxnResult) -> pb::TxnResponse {
+    pb::TxnResponse {
+        header: None,
+        succeeded: txn.succeeded,
+        responses: txn.responses.into_iter().map(response_op).collect(),
+    }
+}
+
+fn unexpected(op: ResponseOp) -> Status {
+    Error::Internal(format!("unexpected result {op:?}")).into()
+}
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for EtcdApi {
+    async fn range(
+        &self,
+        request: Request<pb::RangeRequest>,
+    ) -> std::result::Result<Response<pb::RangeResponse>, Status> {
+        let request = request.into_inner();
+        let (query, sort) = range_request(self.node.config(), &request)?;
+        let group = self.group()?;
+        let response = self
+            .node
+            .read(group, &Query::Range(query), !request.serializable)
+            .await?;
+        let (revision, op) = result(response)?;
+        check_revision(request.revision, revision)?;
+        let ResponseOp::Range(mut range) = op else {
+            return Err(unexpected(op));
+        };
+        if let Some(sort) = sort {
+            apply_sort(&mut range, &sort);
+        }
+        let mut response = range_response(range);
+        response.header = self.header(group, revision);
+        Ok(Response::new(response))
+    }
+
+    type RangeStreamStream =
+        tokio_stream::Empty<std::result::Result<pb::RangeStreamResponse, Status>>;
+
+    async fn range_stream(
+        &self,
+        _request: Request<pb::RangeRequest>,
+    ) -> std::result::Result<Response<Self::RangeStreamStream>, Status> {
+        Err(unimplemented("KV.RangeStream (use Range)"))
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> std::result::Result<Response<pb::PutResponse>, Status> {
+        let put = put_request(self.node.config(), request.get_ref())?;
+        let group = self.group()?;
+        let (revision, op) = result(self.node.write(group, &Command::Put(put)).await?)?;
+        let ResponseOp::Put(put) = op else {
+            return Err(unexpected(op));
+        };
+        Ok(Response::new(pb::PutResponse {
+            header: self.header(group, revision),
+            prev_kv: put.prev_kv.map(key_value),
+        }))
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<pb::DeleteRangeRequest>,
+    ) -> std::result::Result<Response<pb::DeleteRangeResponse>, Status> {
+        let delete = delete_request(self.node.config(), request.get_ref())?;
+        let group = self.group()?;
+        let command = Command::DeleteRange(delete);
+        let (revision, op) = result(self.node.write(group, &command).await?)?;
+        let ResponseOp::DeleteRange(delete) = op else {
+            return Err(unexpected(op));
+        };
+        Ok(Response::new(pb::DeleteRangeResponse {
+            header: self.header(group, revision),
+            deleted: delete.deleted as i64,
+            prev_kvs: delete.prev_kvs.into_iter().map(key_value).collect(),
+        }))
+    }
+
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> std::result::Result<Response<pb::TxnResponse>, Status> {
+        let txn = txn_request(self.node.config(), request.get_ref(), 0)?;
+        let group = self.group()?;
+        let response = if txn.is_read_only() {
+            self.node.read(group, &Query::Txn(txn), true).await?
+        } else {
+            self.node.write(group, &Command::Txn(txn)).await?
+        };
+        let (revision, op) = result(response)?;
+        let ResponseOp::Txn(txn) = op else {
+            return Err(unexpected(op));
+        };
+        let mut response = txn_response(txn);
+        response.header = self.header(group, revision);
+        Ok(Response::new(response))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactionRequest>,
+    ) -> std::result::Result<Response<pb::CompactionResponse>, Status> {
+        // Regatta keeps no history, so every past revision is compacted
+        // already; only a future one is an error.
+        let group = self.group()?;
+        let revision = current_revision(&self.node, group).await?;
+        let requested = request.get_ref().revision;
+        if requested > revision as i64 {
+            return Err(Error::Revision(
+                "etcdserver: mvcc: required revision is a future revision".into(),
+            )
+            .into());
+        }
+        Ok(Response::new(pb::CompactionResponse {
+            header: self.header(group, revision),
+        }))
+    }
+}
+
+/// The table's current revision, read linearizably.
+async fn current_revision(node: &Node, group: GroupId) -> Result<u64> {
+    let probe = Query::Range(RangeRequest {
+        range: regatta_kv::command::KeyRange {
+            key: vec![0],
+            range_end: Vec::new(),
+        },
+        count_only: true,
+        ..RangeRequest::default()
+    });
+    Ok(node.read(group, &probe, true).await?.revision)
+}
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for EtcdApi {
+    async fn alarm(
+        &self,
+        _request: Request<pb::AlarmRequest>,
+    ) -> std::result::Result<Response<pb::AlarmResponse>, Status> {
+        let group = self.group()?;
+        Ok(Response::new(pb::AlarmResponse {
+            header: self.header(group, 0),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> std::result::Result<Response<pb::StatusResponse>, Status> {
+        let group = self.group()?;
+        let status = self.node.host().status(group).await.map_err(Error::Raft)?;
+        Ok(Response::new(pb::StatusResponse {
+            header: self.header(group, status.applied.0),
+            version: ETCD_API_VERSION.into(),
+            db_size: 0,
+            leader: status.soft_state.leader.map_or(0, |id| id.0),
+            raft_index: status.hard_state.commit.0,
+            raft_term: status.hard_state.term.0,
+            raft_applied_index: status.applied.0,
+            errors: Vec::new(),
+            db_size_in_use: 0,
+            is_learner: !status
+                .membership
+                .voters
+                .contains(&self.node.config().node_id),
+            storage_version: String::new(),
+            db_size_quota: 0,
+            downgrade_info: None,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _request: Request<pb::DefragmentRequest>,
+    ) -> std::result::Result<Response<pb::DefragmentResponse>, Status> {
+        Err(unimplemented("Maintenance.Defragment"))
+    }
+
+    async fn hash(
+        &self,
+        _request: Request<pb::HashRequest>,
+    ) -> std::result::Result<Response<pb::HashResponse>, Status> {
+        Err(unimplemented("Maintenance.Hash"))
+    }
+
+    async fn hash_kv(
+        &self,
+        _request: Request<pb::HashKvRequest>,
+    ) -> std::result::Result<Response<pb::HashKvResponse>, Status> {
+        Err(unimplemented("Maintenance.HashKV"))
+    }
+
+    type SnapshotStream = tokio_stream::Empty<std::result::Result<pb::SnapshotResponse, Status>>;
+
+    async fn snapshot(
+        &self,
+        _request: Request<pb::SnapshotRequest>,
+    ) -> std::result::Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented("Maintenance.Snapshot (use regatta backup)"))
+    }
+
+    async fn move_leader(
+        &self,
+        _request: Request<pb::MoveLeaderRequest>,
+    ) -> std::result::Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(unimplemented("Maintenance.MoveLeader"))
+    }
+
+    async fn downgrade(
+        &self,
+        _request: Request<pb::DowngradeRequest>,
+    ) -> std::result::Result<Response<pb::DowngradeResponse>, Status> {
+        Err(unimplemented("Maintenance.Downgrade"))
+    }
+}
+
+/// The etcd API level reported by Maintenance.Status: the one whose
+/// methods this server implements.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for EtcdApi {
+    async fn member_add(
+        &self,
+        _request: Request<pb::MemberAddRequest>,
+    ) -> std::result::Result<Response<pb::MemberAddResponse>, Status> {
+        Err(unimplemented(
+            "Cluster.MemberAdd (membership changes come with `regatta member`)",
+        ))
+    }
+
+    async fn member_remove(
+        &self,
+        _request: Request<pb::MemberRemoveRequest>,
+    ) -> std::result::Result<Response<pb::MemberRemoveResponse>, Status> {
+        Err(unimplemented("Cluster.MemberRemove"))
+    }
+
+    async fn member_update(
+        &self,
+        _request: Request<pb::MemberUpdateRequest>,
+    ) -> std::result::Result<Response<pb::MemberUpdateResponse>, Status> {
+        Err(unimplemented("Cluster.MemberUpdate"))
+    }
+
+    async fn member_list(
+        &self,
+        _request: Request<pb::MemberListRequest>,
+    ) -> std::result::Result<Response<pb::MemberListResponse>, Status> {
+        let group = self.group()?;
+        let config = self.node.config();
+        let members = config
+            .members
+            .iter()
+            .map(|(id, raft_address)| pb::Member {
+                id: id.0,
+                name: format!("node-{}", id.0),
+                peer_ur_ls: vec![format!("http://{raft_address}")],
+                client_ur_ls: config.client_urls.get(id).cloned().into_iter().collect(),
+                is_learner: false,
+            })
+            .collect();
+        Ok(Response::new(pb::MemberListResponse {
+            header: self.header(group, 0),
+            members,
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _request: Request<pb::MemberPromoteRequest>,
+    ) -> std::result::Result<Response<pb::MemberPromoteResponse>, Status> {
+        Err(unimplemented("Cluster.MemberPromote"))
+    }
+}

@@ -1,0 +1,81 @@
+//! `regatta-server`: one node's gRPC services. Regatta's own API
+//! (`regatta.v1`) and etcd's v3 API (`etcdserverpb`) share one port; both
+//! map onto `regatta_kv` commands on the node's tables.
+//!
+//! - [`Node`]: the groups of one node, the table catalogue, reads and
+//!   writes;
+//! - [`serve`]: every service on one listener.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+mod etcd_api;
+mod node;
+mod unimplemented;
+mod validate;
+
+/// Generated protobuf and gRPC code (`proto/`).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    /// Regatta's API.
+    pub mod regatta {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("regatta.v1");
+        }
+    }
+    /// Regatta's shared messages.
+    pub mod mvcc {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mvcc.v1");
+        }
+    }
+    /// etcd's v3 API.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    /// etcd's key-value messages.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// etcd's auth messages.
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+}
+
+use std::sync::Arc;
+
+pub use error::{Error, Result};
+pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
+pub use node::{GroupFacts, Node, NodeConfig, TableEntry, META_GROUP};
+
+/// Serves every API of `node` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    use proto::etcdserverpb as etcd;
+    let api = EtcdApi::new(Arc::clone(&node));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(etcd::kv_server::KvServer::new(api.clone()))
+        .add_service(etcd::maintenance_server::MaintenanceServer::new(
+            api.clone(),
+        ))
+        .add_service(etcd::cluster_server::ClusterServer::new(api))
+        .add_service(etcd::watch_server::WatchServer::new(
+            unimplemented::Unimplemented,
+        ))
+        .add_service(etcd::lease_server::LeaseServer::new(
+            unimplemented::Unimplemented,
+        ))
+        .add_service(etcd::auth_server::AuthServer::new(
+            unimplemented::Unimplemented,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|error| Error::Config(format!("the API server failed: {error}")))
+}

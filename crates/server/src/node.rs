@@ -1,0 +1,594 @@
+//! [`Node`]: one Regatta node. It hosts the metadata group (the table
+//! catalogue) and one Raft group per table, over one WAL, one fjall store
+//! and one peer transport, and reconciles its running groups with the
+//! catalogue. The gRPC services call it; it speaks `regatta_kv` commands.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regatta_kv::command::{
+    decode, encode, Command, Compare, CompareResult, CompareTarget, KeyRange, PutRequest, Query,
+    RangeRequest, RequestOp, Response, ResponseOp, TxnRequest,
+};
+use regatta_kv::Store;
+use regatta_multiraft::{HostConfig, NodeHost, TcpConfig, TcpTransport, Transport};
+use regatta_raft::{NodeId, RequestId, Role};
+use regatta_wal::{GroupId, Wal, WalConfig};
+use tokio::net::TcpListener;
+
+use crate::error::{Error, Result};
+
+/// The metadata group: the table catalogue.
+pub const META_GROUP: GroupId = GroupId(1);
+/// The first group id given to a table.
+const FIRST_TABLE_GROUP: u64 = 2;
+const CATALOGUE_PREFIX: &[u8] = b"table/";
+const NEXT_ID_KEY: &[u8] = b"next-group-id";
+const BOOTSTRAPPED_KEY: &[u8] = b"bootstrapped";
+/// How often a node compares its groups with the catalogue.
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How a node runs. Every limit carries its unit.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id in every group.
+    pub node_id: NodeId,
+    /// The cluster's id; peers of another cluster are refused.
+    pub cluster_id: u64,
+    /// Where the WAL, the table store and the host's files live.
+    pub data_dir: PathBuf,
+    /// The peer address of every member, this node included.
+    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// The client URL of members, where known (shown by MemberList).
+    pub client_urls: BTreeMap<NodeId, String>,
+    /// Bootstrap the cluster (true) or join one (false).
+    pub bootstrap: bool,
+    /// The table behind the etcd API, created at bootstrap.
+    pub etcd_table: String,
+    /// The longest key accepted.
+    pub key_bytes_max: usize,
+    /// The longest value accepted.
+    pub value_bytes_max: usize,
+    /// How long a request may wait for Raft.
+    pub request_timeout: Duration,
+    /// Snapshot and compact each group every this many entries.
+    pub snapshot_every_entries: u64,
+}
+
+impl NodeConfig {
+    /// A single-node cluster in `data_dir`, peers on `raft_address`.
+    pub fn single(data_dir: impl Into<PathBuf>, raft_address: SocketAddr) -> NodeConfig {
+        NodeConfig {
+            node_id: NodeId(1),
+            cluster_id: 1,
+            data_dir: data_dir.into(),
+            members: [(NodeId(1), raft_address)].into(),
+            client_urls: BTreeMap::new(),
+            bootstrap: true,
+            etcd_table: "etcd".into(),
+            key_bytes_max: 1024,
+            value_bytes_max: 2 * 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+            snapshot_every_entries: 10_000,
+        }
+    }
+}
+
+/// A table in the catalogue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    /// Its name.
+    pub name: String,
+    /// Its Raft group.
+    pub group: GroupId,
+}
+
+/// Raft facts about a group on this node, refreshed in the background.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupFacts {
+    /// The leader this node knows, 0 when none.
+    pub leader: u64,
+    /// The current term.
+    pub term: u64,
+}
+
+/// One Regatta node.
+pub struct Node {
+    config: NodeConfig,
+    host: NodeHost,
+    store: Store,
+    transport: Arc<TcpTransport>,
+    /// Tables by name, as last read from the catalogue.
+    tables: RwLock<BTreeMap<String, GroupId>>,
+    facts: RwLock<HashMap<GroupId, GroupFacts>>,
+    /// This process's client id for request de-duplication; random, so
+    /// that a restart never reuses an old sequence.
+    client_id: u64,
+    sequence: AtomicU64,
+    started: Instant,
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish().max(1)
+}
+
+impl Node {
+    /// Opens the node's storage, binds its peer listener and starts its
+    /// groups and background tasks.
+    pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
+        let own_address = *config.members.get(&config.node_id).ok_or_else(|| {
+            Error::Config(format!(
+                "node {} is not among the members {:?}",
+                config.node_id.0,
+                config.members.keys().map(|id| id.0).collect::<Vec<_>>()
+            ))
+        })?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+            Error::Config(format!("create {}: {error}", config.data_dir.display()))
+        })?;
+        let listener = TcpListener::bind(own_address)
+            .await
+            .map_err(|error| Error::Config(format!("bind {own_address}: {error}")))?;
+        let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
+        tcp.peers = config
+            .members
+            .iter()
+            .filter(|(id, _)| **id != config.node_id)
+            .map(|(id, address)| (*id, *address))
+            .collect();
+        let transport = TcpTransport::start(tcp, listener);
+        let wal = Wal::open(WalConfig::new(config.data_dir.join("wal")))
+            .map_err(|error| Error::Storage(format!("open the WAL: {error}")))?;
+        let store = Store::open(&config.data_dir.join("tables"))
+            .map_err(|error| Error::Storage(format!("open the table store: {error}")))?;
+        let mut host_config = HostConfig::new(config.node_id, config.data_dir.join("host"));
+        host_config.request_timeout = config.request_timeout;
+        host_config.snapshot_every_entries = config.snapshot_every_entries;
+        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let host = NodeHost::new(
+            host_config,
+            Arc::new(wal),
+            as_transport,
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(|error| Error::Storage(error.to_string()))?;
+        transport.attach(&host);
+        let node = Arc::new(Node {
+            config,
+            host,
+            store,
+            transport,
+            tables: RwLock::new(BTreeMap::new()),
+            facts: RwLock::new(HashMap::new()),
+            client_id: random_u64(),
+            sequence: AtomicU64::new(1),
+            started: Instant::now(),
+        });
+        node.start_group(META_GROUP)?;
+        tokio::spawn(Arc::clone(&node).reconcile_loop());
+        Ok(node)
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// How long the node has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The multi-Raft host.
+    pub fn host(&self) -> &NodeHost {
+        &self.host
+    }
+
+    fn voters(&self) -> Vec<NodeId> {
+        if self.config.bootstrap {
+            self.config.members.keys().copied().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn start_group(&self, group: GroupId) -> Result<()> {
+        let table = self
+            .store
+            .open_table(group.0)
+            .map_err(|error| Error::Storage(format!("open table group {}: {error}", group.0)))?;
+        self.host
+            .start_group(group, self.voters(), Box::new(table))
+            .map_err(|error| Error::Storage(format!("start group {}: {error}", group.0)))
+    }
+
+    /// Stops the node's groups.
+    pub async fn stop(&self) {
+        self.host.stop().await;
+        self.transport.shutdown();
+    }
+
+    /// The tables in the catalogue, as this node last read it.
+    pub fn tables(&self) -> Vec<TableEntry> {
+        self.tables
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, group)| TableEntry {
+                name: name.clone(),
+                group: *group,
+            })
+            .collect()
+    }
+
+    /// The group of table `name`.
+    pub fn table_group(&self, name: &str) -> Result<GroupId> {
+        self.tables
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::TableNotFound(name.to_string()))
+    }
+
+    /// Leader and term of `group`, as last seen.
+    pub fn facts(&self, group: GroupId) -> GroupFacts {
+        self.facts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Proposes `command` to `group` with a fresh request id, retrying it
+    /// (with the same id, so it applies once) while there is no leader.
+    pub async fn write(&self, group: GroupId, command: &Command) -> Result<Response> {
+        let id = RequestId {
+            client: self.client_id,
+            sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
+        };
+        let payload = Bytes::from(encode(command));
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            match self.host.propose_with_id(group, id, payload.clone()).await {
+                Ok(bytes) => return decode_response(&bytes),
+                Err(error) if retryable(&error) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => return Err(Error::Raft(error)),
+            }
+        }
+    }
+
+    /// Reads from `group`: linearizable (ReadIndex) or from local state.
+    pub async fn read(
+        &self,
+        group: GroupId,
+        query: &Query,
+        linearizable: bool,
+    ) -> Result<Response> {
+        let payload = Bytes::from(encode(query));
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let answer = if linearizable {
+                self.host.read_linearizable(group, payload.clone()).await
+            } else {
+                self.host.read_stale(group, payload.clone()).await
+            };
+            match answer {
+                Ok(bytes) => return decode_response(&bytes),
+                Err(error) if retryable(&error) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => return Err(Error::Raft(error)),
+            }
+        }
+    }
+
+    /// Creates table `name`; fails with `TableExists` when it is there.
+    pub async fn create_table(&self, name: &str) -> Result<TableEntry> {
+        validate_table_name(name)?;
+        self.create_table_once(name, false).await
+    }
+
+    /// Creates a table: one compare-and-set on the catalogue entry and the
+    /// group id counter. With `bootstrap`, also on the bootstrap marker, so
+    /// that it happens once per cluster.
+    async fn create_table_once(&self, name: &str, bootstrap: bool) -> Result<TableEntry> {
+        let count = |key: &[u8]| {
+            RequestOp::Range(RangeRequest {
+                range: KeyRange {
+                    key: key.to_vec(),
+                    range_end: Vec::new(),
+                },
+                count_only: true,
+                ..RangeRequest::default()
+            })
+        };
+        for _ in 0..16 {
+            let next = self.next_group_id().await?;
+            let key = catalogue_key(name);
+            let mut command = TxnRequest {
+                compare: vec![
+                    compare(&key, CompareTarget::CreateRevision(0)),
+                    compare(NEXT_ID_KEY, CompareTarget::Version(next.1)),
+                ],
+                success: vec![
+                    put(&key, &next.0.to_le_bytes()),
+                    put(NEXT_ID_KEY, &(next.0 + 1).to_le_bytes()),
+                ],
+                failure: vec![count(&key), count(BOOTSTRAPPED_KEY)],
+            };
+            if bootstrap {
+                command
+                    .compare
+                    .push(compare(BOOTSTRAPPED_KEY, CompareTarget::CreateRevision(0)));
+                command.success.push(put(BOOTSTRAPPED_KEY, b"1"));
+            }
+            let command = Command::Txn(command);
+            let response = self.write(META_GROUP, &command).await?;
+            match response.result {
+                Ok(ResponseOp::Txn(txn)) if txn.succeeded => {
+                    self.refresh_catalogue().await?;
+                    return Ok(TableEntry {
+                        name: name.to_string(),
+                        group: GroupId(next.0),
+                    });
+                }
+                Ok(ResponseOp::Txn(txn)) => {
+                    let found = |position: usize| {
+                        matches!(
+                            txn.responses.get(position),
+                            Some(ResponseOp::Range(range)) if range.count > 0
+                        )
+                    };
+                    if bootstrap && found(1) {
+                        return Err(Error::TableExists(name.to_string()));
+                    }
+                    if found(0) {
+                        return Err(Error::TableExists(name.to_string()));
+                    }
+                    // Another table took the id meanwhile: try the next.
+                }
+                Ok(other) => return Err(Error::Internal(format!("unexpected {other:?}"))),
+                Err(error) => return Err(Error::Internal(error)),
+            }
+        }
+        Err(Error::Unavailable(
+            "tables are being created concurrently; retry".into(),
+        ))
+    }
+
+    /// Deletes table `name` from the catalogue; every node then removes
+    /// its group and data.
+    pub async fn delete_table(&self, name: &str) -> Result<()> {
+        validate_table_name(name)?;
+        let key = catalogue_key(name);
+        let command = Command::DeleteRange(regatta_kv::command::DeleteRangeRequest {
+            range: KeyRange {
+                key,
+                range_end: Vec::new(),
+            },
+            prev_kv: false,
+        });
+        match self.write(META_GROUP, &command).await?.result {
+            Ok(ResponseOp::DeleteRange(result)) if result.deleted == 1 => {
+                self.refresh_catalogue().await?;
+                Ok(())
+            }
+            Ok(ResponseOp::DeleteRange(_)) => Err(Error::TableNotFound(name.to_string())),
+            Ok(other) => Err(Error::Internal(format!("unexpected {other:?}"))),
+            Err(error) => Err(Error::Internal(error)),
+        }
+    }
+
+    /// The next free group id and the version of its counter (0 before
+    /// the first table).
+    async fn next_group_id(&self) -> Result<(u64, i64)> {
+        let query = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: NEXT_ID_KEY.to_vec(),
+                range_end: Vec::new(),
+            },
+            ..RangeRequest::default()
+        });
+        match self.read(META_GROUP, &query, true).await?.result {
+            Ok(ResponseOp::Range(range)) => match range.kvs.first() {
+                Some(kv) if kv.value.len() == 8 => {
+                    let mut bytes = [0u8; 8];
+                    bytes.copy_from_slice(&kv.value);
+                    Ok((u64::from_le_bytes(bytes), kv.version as i64))
+                }
+                Some(_) => Err(Error::Internal("a malformed group id counter".into())),
+                None => Ok((FIRST_TABLE_GROUP, 0)),
+            },
+            Ok(other) => Err(Error::Internal(format!("unexpected {other:?}"))),
+            Err(error) => Err(Error::Internal(error)),
+        }
+    }
+
+    /// Reads the catalogue from the local metadata group.
+    async fn refresh_catalogue(&self) -> Result<()> {
+        let query = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: CATALOGUE_PREFIX.to_vec(),
+                range_end: prefix_end(CATALOGUE_PREFIX),
+            },
+            ..RangeRequest::default()
+        });
+        let response = self.read(META_GROUP, &query, false).await?;
+        let Ok(ResponseOp::Range(range)) = response.result else {
+            return Err(Error::Internal("the catalogue read failed".into()));
+        };
+        let mut tables = BTreeMap::new();
+        for kv in range.kvs {
+            let name = String::from_utf8_lossy(&kv.key[CATALOGUE_PREFIX.len()..]).to_string();
+            if kv.value.len() == 8 {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(&kv.value);
+                tables.insert(name, GroupId(u64::from_le_bytes(bytes)));
+            }
+        }
+        *self.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
+        Ok(())
+    }
+
+    /// Bootstraps the catalogue once per cluster, with the etcd table.
+    async fn bootstrap_catalogue(&self) -> Result<()> {
+        match self.create_table_once(&self.config.etcd_table, true).await {
+            Ok(_) | Err(Error::TableExists(_)) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Keeps the running groups equal to the catalogue, and the facts
+    /// fresh.
+    async fn reconcile_loop(self: Arc<Node>) {
+        let mut bootstrapped = false;
+        let mut running: BTreeMap<GroupId, ()> = [(META_GROUP, ())].into();
+        loop {
+            tokio::time::sleep(RECONCILE_INTERVAL).await;
+            let meta = match self.host.status(META_GROUP).await {
+                Ok(status) => status,
+                Err(_) => return, // stopped
+            };
+            if !bootstrapped
+                && self.config.bootstrap
+                && meta.soft_state.role == Role::Leader
+                && self.bootstrap_catalogue().await.is_ok()
+            {
+                bootstrapped = true;
+            }
+            if self.refresh_catalogue().await.is_err() {
+                continue;
+            }
+            let wanted: BTreeMap<GroupId, ()> = self
+                .tables()
+                .iter()
+                .map(|table| (table.group, ()))
+                .chain([(META_GROUP, ())])
+                .collect();
+            for group in wanted.keys() {
+                if !running.contains_key(group) {
+                    match self.start_group(*group) {
+                        Ok(()) => {
+                            running.insert(*group, ());
+                        }
+                        Err(error) => {
+                            tracing::error!(group = group.0, %error, "cannot start a table")
+                        }
+                    }
+                }
+            }
+            let gone: Vec<GroupId> = running
+                .keys()
+                .filter(|group| !wanted.contains_key(group))
+                .copied()
+                .collect();
+            for group in gone {
+                if self.host.remove_group(group).await.is_ok() {
+                    if let Err(error) = self.store.remove_table(group.0) {
+                        tracing::error!(group = group.0, %error, "cannot delete a table's data");
+                    }
+                    running.remove(&group);
+                }
+            }
+            let mut facts = HashMap::new();
+            for group in running.keys() {
+                if let Ok(status) = self.host.status(*group).await {
+                    facts.insert(
+                        *group,
+                        GroupFacts {
+                            leader: status.soft_state.leader.map_or(0, |id| id.0),
+                            term: status.hard_state.term.0,
+                        },
+                    );
+                }
+            }
+            *self.facts.write().unwrap_or_else(|p| p.into_inner()) = facts;
+        }
+    }
+}
+
+fn retryable(error: &regatta_multiraft::Error) -> bool {
+    matches!(
+        error,
+        regatta_multiraft::Error::NotLeader {
+            leader_hint: None,
+            ..
+        } | regatta_multiraft::Error::Dropped(_)
+            | regatta_multiraft::Error::Busy(_)
+    )
+}
+
+fn decode_response(bytes: &Bytes) -> Result<Response> {
+    decode::<Response>(bytes).map_err(|error| Error::Internal(error.to_string()))
+}
+
+fn catalogue_key(name: &str) -> Vec<u8> {
+    let mut key = CATALOGUE_PREFIX.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn compare(key: &[u8], target: CompareTarget) -> Compare {
+    Compare {
+        range: KeyRange {
+            key: key.to_vec(),
+            range_end: Vec::new(),
+        },
+        target,
+        result: CompareResult::Equal,
+    }
+}
+
+fn put(key: &[u8], value: &[u8]) -> RequestOp {
+    RequestOp::Put(PutRequest {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        prev_kv: false,
+    })
+}
+
+/// The end of the range of every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Table names: 1 to 128 characters of letters, digits, `-`, `_`, `.`.
+pub fn validate_table_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "table name {name:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}

@@ -1,0 +1,106 @@
+//! Checks of client input shared by both APIs: every refusal is a precise
+//! `Error` (and so a gRPC status), never a panic.
+
+use regatta_kv::command::KeyRange;
+
+use crate::error::{Error, Result};
+use crate::node::NodeConfig;
+
+/// A key that must be there and within the limit.
+pub fn key(config: &NodeConfig, key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidArgument("key must not be empty".into()));
+    }
+    if key.len() > config.key_bytes_max {
+        return Err(Error::TooLarge(format!(
+            "key of {} bytes is over the limit of {} bytes (--kv.key-bytes-max)",
+            key.len(),
+            config.key_bytes_max
+        )));
+    }
+    Ok(())
+}
+
+/// A value within the limit.
+pub fn value(config: &NodeConfig, value: &[u8]) -> Result<()> {
+    if value.len() > config.value_bytes_max {
+        return Err(Error::TooLarge(format!(
+            "value of {} bytes is over the limit of {} bytes (--kv.value-bytes-max)",
+            value.len(),
+            config.value_bytes_max
+        )));
+    }
+    Ok(())
+}
+
+/// A key and range end: etcd's rules (`KeyRange`), and never inverted.
+pub fn range(config: &NodeConfig, key_bytes: &[u8], range_end: &[u8]) -> Result<KeyRange> {
+    key(config, key_bytes)?;
+    if range_end.len() > config.key_bytes_max {
+        return Err(Error::TooLarge(format!(
+            "range_end of {} bytes is over the limit of {} bytes (--kv.key-bytes-max)",
+            range_end.len(),
+            config.key_bytes_max
+        )));
+    }
+    let open = range_end.is_empty() || range_end == [0];
+    if !open && range_end <= key_bytes {
+        return Err(Error::InvalidArgument(
+            "range_end must be greater than key (or empty for one key, or \"\\0\" for every key from key on)".into(),
+        ));
+    }
+    Ok(KeyRange {
+        key: key_bytes.to_vec(),
+        range_end: range_end.to_vec(),
+    })
+}
+
+/// A limit: not negative.
+pub fn limit(limit: i64) -> Result<u64> {
+    u64::try_from(limit)
+        .map_err(|_| Error::InvalidArgument(format!("limit must not be negative, got {limit}")))
+}
+
+/// A table name given as bytes.
+pub fn table_name(table: &[u8]) -> Result<String> {
+    if table.is_empty() {
+        return Err(Error::InvalidArgument("table must not be empty".into()));
+    }
+    String::from_utf8(table.to_vec())
+        .map_err(|_| Error::InvalidArgument("table must be UTF-8".into()))
+}
+
+/// Range filters this server does not apply.
+pub fn no_revision_filters(
+    min_mod: i64,
+    max_mod: i64,
+    min_create: i64,
+    max_create: i64,
+) -> Result<()> {
+    if min_mod != 0 || max_mod != 0 || min_create != 0 || max_create != 0 {
+        return Err(Error::InvalidArgument(
+            "min/max_mod_revision and min/max_create_revision filters are not supported".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Transactions nested deeper than this are refused.
+pub const TXN_DEPTH_MAX: usize = 8;
+/// Operations in one transaction branch, and compares, at most.
+pub const TXN_OPS_MAX: usize = 1024;
+
+/// The size of a transaction: depth and branch lengths.
+pub fn txn_shape(depth: usize, compares: usize, success: usize, failure: usize) -> Result<()> {
+    if depth > TXN_DEPTH_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "transactions nest at most {TXN_DEPTH_MAX} deep"
+        )));
+    }
+    if compares > TXN_OPS_MAX || success > TXN_OPS_MAX || failure > TXN_OPS_MAX {
+        return Err(Error::TooLarge(format!(
+            "a transaction holds at most {TXN_OPS_MAX} compares and {TXN_OPS_MAX} operations per branch"
+        )));
+    }
+    Ok(())
+}
