@@ -1,0 +1,257 @@
+//! `regatta`: runs a Regatta node. `regatta leader --dev` starts a
+//! single-node leader cluster on 127.0.0.1, serving Regatta's and etcd's
+//! APIs on `--api.address`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use regatta_raft::NodeId;
+use regatta_server::{Node, NodeConfig};
+
+/// Regatta: a geo-distributed key-value store with etcd's v3 API.
+///
+/// A leader cluster takes writes; follower clusters replicate it (not
+/// built yet). Every table is its own Raft group. etcdctl and etcd clients
+/// work against `--api.address`; the etcd API uses the table named by
+/// `--etcd.table`.
+#[derive(Parser, Debug)]
+#[command(name = "regatta", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs a node of the leader cluster, which accepts writes.
+    Leader(LeaderArgs),
+    /// Runs a node of a follower cluster (cross-location replication is
+    /// not built yet: this exits with an error).
+    Follower(LeaderArgs),
+}
+
+#[derive(Args, Debug)]
+struct LeaderArgs {
+    /// Development mode: a single node (id 1) with defaults for every
+    /// flag, keeping its data in `--data-dir` (default ./regatta-data).
+    #[arg(long)]
+    dev: bool,
+
+    /// This node's id: non-zero, unique in the cluster.
+    #[arg(long = "raft.node-id", default_value_t = 1)]
+    raft_node_id: u64,
+
+    /// The cluster's id; nodes of another cluster are refused.
+    #[arg(long = "raft.cluster-id", default_value_t = 1)]
+    raft_cluster_id: u64,
+
+    /// The address this node's peers reach it on (Raft traffic).
+    #[arg(long = "raft.address", default_value = "127.0.0.1:5012")]
+    raft_address: SocketAddr,
+
+    /// Every initial member as `id=host:port`, comma-separated, this node
+    /// included. Empty means a single-node cluster of this node.
+    #[arg(long = "raft.initial-members", value_delimiter = ',')]
+    raft_initial_members: Vec<String>,
+
+    /// Join an existing cluster instead of bootstrapping a new one.
+    #[arg(long = "raft.join")]
+    raft_join: bool,
+
+    /// Where the WAL and the tables are kept.
+    #[arg(long = "data-dir", default_value = "regatta-data")]
+    data_dir: PathBuf,
+
+    /// The address of the client APIs (Regatta's and etcd's).
+    #[arg(long = "api.address", default_value = "127.0.0.1:8443")]
+    api_address: SocketAddr,
+
+    /// The table that backs the etcd API; created at bootstrap.
+    #[arg(long = "etcd.table", default_value = "etcd")]
+    etcd_table: String,
+
+    /// The longest key accepted, in bytes.
+    #[arg(long = "kv.key-bytes-max", default_value_t = 1024)]
+    kv_key_bytes_max: usize,
+
+    /// The longest value accepted, in bytes.
+    #[arg(long = "kv.value-bytes-max", default_value_t = 2 * 1024 * 1024)]
+    kv_value_bytes_max: usize,
+
+    /// How long a request may wait for the cluster, in milliseconds.
+    #[arg(long = "api.request-timeout-ms", default_value_t = 10_000)]
+    api_request_timeout_ms: u64,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long = "log-level", default_value = "info")]
+    log_level: tracing::Level,
+}
+
+/// `1=127.0.0.1:5012,2=...` into a member map.
+fn parse_members(values: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+    let mut members = BTreeMap::new();
+    for value in values.iter().filter(|v| !v.is_empty()) {
+        let (id, address) = value
+            .split_once('=')
+            .ok_or_else(|| format!("--raft.initial-members: {value:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("--raft.initial-members: {id:?} is not a node id"))?;
+        if id == 0 {
+            return Err("--raft.initial-members: node ids must be non-zero".into());
+        }
+        let address: SocketAddr = address
+            .trim()
+            .parse()
+            .map_err(|error| format!("--raft.initial-members: {address:?}: {error}"))?;
+        if members.insert(NodeId(id), address).is_some() {
+            return Err(format!("--raft.initial-members: node {id} appears twice"));
+        }
+    }
+    Ok(members)
+}
+
+fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
+    if args.raft_node_id == 0 {
+        return Err("--raft.node-id must be non-zero".into());
+    }
+    let node_id = NodeId(args.raft_node_id);
+    let mut config = NodeConfig::single(&args.data_dir, args.raft_address);
+    config.node_id = node_id;
+    config.cluster_id = args.raft_cluster_id;
+    if !args.dev {
+        let members = parse_members(&args.raft_initial_members)?;
+        if !members.is_empty() {
+            match members.get(&node_id) {
+                Some(address) if *address == args.raft_address => {}
+                Some(address) => {
+                    return Err(format!(
+                        "--raft.initial-members gives node {} the address {address}, but --raft.address is {}",
+                        node_id.0, args.raft_address
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "--raft.initial-members does not include this node ({})",
+                        node_id.0
+                    ))
+                }
+            }
+            config.members = members;
+        } else {
+            config.members = [(node_id, args.raft_address)].into();
+        }
+        config.bootstrap = !args.raft_join;
+    }
+    config
+        .client_urls
+        .insert(node_id, format!("http://{}", args.api_address));
+    config.etcd_table = args.etcd_table.clone();
+    config.key_bytes_max = args.kv_key_bytes_max;
+    config.value_bytes_max = args.kv_value_bytes_max;
+    config.request_timeout = Duration::from_millis(args.api_request_timeout_ms.max(1));
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+async fn run_leader(args: LeaderArgs) -> Result<(), String> {
+    let config = node_config(&args)?;
+    let api = tokio::net::TcpListener::bind(args.api_address)
+        .await
+        .map_err(|error| format!("--api.address {}: {error}", args.api_address))?;
+    tracing::info!(
+        node = config.node_id.0,
+        data_dir = %config.data_dir.display(),
+        raft = %args.raft_address,
+        api = %args.api_address,
+        "starting regatta leader node"
+    );
+    let node = Node::start(config)
+        .await
+        .map_err(|error| error.to_string())?;
+    // Say when the cluster can serve, so that a user knows when to connect.
+    let ready_node = std::sync::Arc::clone(&node);
+    let api_address = args.api_address;
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let etcd_table = ready_node.config().etcd_table.clone();
+            if let Ok(group) = ready_node.table_group(&etcd_table) {
+                if ready_node.facts(group).leader != 0 {
+                    tracing::info!(
+                        api = %api_address,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "ready: try `etcdctl --endpoints={api_address} put hello world`"
+                    );
+                    return;
+                }
+            }
+        }
+    });
+    let served = regatta_server::serve(std::sync::Arc::clone(&node), api, shutdown_signal()).await;
+    tracing::info!("shutting down");
+    node.stop().await;
+    served.map_err(|error| error.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match &cli.command {
+        Command::Leader(args) | Command::Follower(args) => args.log_level,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("regatta: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Leader(args) => runtime.block_on(run_leader(args)),
+        Command::Follower(_) => {
+            Err("follower clusters are not built yet (cross-location replication, issue 7)".into())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("regatta: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Starts real `regatta` processes on 127.0.0.1, on ports the test picks.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free port on 127.0.0.1 (bound, then released for the child).
+pub fn free_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
+}
+
+/// A running single-node leader.
+pub struct Regatta {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub raft: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl Regatta {
+    /// Starts `regatta leader --dev` on `dir`, with fresh ports.
+    pub fn start(dir: &Path) -> Regatta {
+        Regatta::start_on(dir, free_address(), free_address(), &[])
+    }
+
+    /// Starts it on the given addresses, with extra flags.
+    pub fn start_on(dir: &Path, api: SocketAddr, raft: SocketAddr, extra: &[&str]) -> Regatta {
+        let log = std::fs::File::create(dir.with_extension("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_regatta"))
+            .args(["leader", "--dev", "--log-level", "warn"])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--api.address")
+            .arg(api.to_string())
+            .arg("--raft.address")
+            .arg(raft.to_string())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn regatta");
+        Regatta {
+            child,
+            api,
+            raft,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The endpoint for clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Regatta {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A client connected once the node serves the etcd table.
+pub async fn connect(regatta: &Regatta) -> etcd_client::Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut client) = etcd_client::Client::connect([regatta.endpoint()], None).await {
+            if client.get("ready-probe", None).await.is_ok() {
+                return client;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "regatta on {} never served; see {}",
+            regatta.api,
+            regatta.dir.with_extension("log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
