@@ -86,6 +86,11 @@ struct LeaderArgs {
     #[arg(long = "api.request-timeout-ms", default_value_t = 10_000)]
     api_request_timeout_ms: u64,
 
+    /// Compact each table's log every this many applied entries (after
+    /// making the table's data durable); 0 never compacts.
+    #[arg(long = "raft.snapshot-entries", default_value_t = 10_000)]
+    raft_snapshot_entries: u64,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log-level", default_value = "info")]
     log_level: tracing::Level,
@@ -155,6 +160,7 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     config.key_bytes_max = args.kv_key_bytes_max;
     config.value_bytes_max = args.kv_value_bytes_max;
     config.request_timeout = Duration::from_millis(args.api_request_timeout_ms.max(1));
+    config.snapshot_every_entries = args.raft_snapshot_entries;
     Ok(config)
 }
 
