@@ -56,6 +56,15 @@ impl From<Error> for Status {
                 Raft::NotLeader { .. } | Raft::Busy(_) | Raft::Dropped(_) => Code::Unavailable,
                 Raft::GroupStopped { .. } | Raft::UnknownGroup(_) => Code::Unavailable,
                 Raft::AlreadyApplied { .. } => Code::Unknown,
+                Raft::Raft { source, .. } => match source {
+                    regatta_raft::Error::NotLeader { .. }
+                    | regatta_raft::Error::TransferInProgress { .. }
+                    | regatta_raft::Error::Removed => Code::Unavailable,
+                    regatta_raft::Error::UncommittedSizeExceeded { .. }
+                    | regatta_raft::Error::TooManyPendingReads { .. } => Code::ResourceExhausted,
+                    regatta_raft::Error::InvalidProposal(_) => Code::InvalidArgument,
+                    _ => Code::Internal,
+                },
                 _ => Code::Internal,
             },
         };

@@ -11,6 +11,7 @@
 mod error;
 mod etcd_api;
 mod node;
+mod regatta_api;
 mod unimplemented;
 mod validate;
 
@@ -50,6 +51,7 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
 pub use node::{GroupFacts, Node, NodeConfig, TableEntry, META_GROUP};
+pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 
 /// Serves every API of `node` on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -58,9 +60,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     use proto::etcdserverpb as etcd;
+    use proto::regatta::v1 as regatta;
+    let own = RegattaApi::new(Arc::clone(&node));
     let api = EtcdApi::new(Arc::clone(&node));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
+        .add_service(regatta::kv_server::KvServer::new(own.clone()))
+        .add_service(regatta::tables_server::TablesServer::new(own.clone()))
+        .add_service(regatta::cluster_server::ClusterServer::new(own))
         .add_service(etcd::kv_server::KvServer::new(api.clone()))
         .add_service(etcd::maintenance_server::MaintenanceServer::new(
             api.clone(),

@@ -525,15 +525,22 @@ impl Node {
     }
 }
 
+/// Errors that an election or a moment's patience may cure: the request
+/// is tried again (with the same request id) until its deadline.
 fn retryable(error: &regatta_multiraft::Error) -> bool {
-    matches!(
-        error,
-        regatta_multiraft::Error::NotLeader {
-            leader_hint: None,
-            ..
-        } | regatta_multiraft::Error::Dropped(_)
-            | regatta_multiraft::Error::Busy(_)
-    )
+    use regatta_multiraft::Error as E;
+    use regatta_raft::Error as R;
+    match error {
+        E::NotLeader { .. } | E::Dropped(_) | E::Busy(_) => true,
+        E::Raft { source, .. } => matches!(
+            source,
+            R::NotLeader { .. }
+                | R::TransferInProgress { .. }
+                | R::UncommittedSizeExceeded { .. }
+                | R::TooManyPendingReads { .. }
+        ),
+        _ => false,
+    }
 }
 
 fn decode_response(bytes: &Bytes) -> Result<Response> {

@@ -1,0 +1,225 @@
+//! Regatta's own API (`regatta.v1`) against a real `regatta` process:
+//! tables created and deleted at runtime, KV on them, paged iteration,
+//! and precise errors.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{connect, Regatta};
+use regatta_server::proto::mvcc::v1 as mvcc;
+use regatta_server::proto::regatta::v1 as pb;
+use tonic::Code;
+
+async fn clients(
+    regatta: &Regatta,
+) -> (
+    pb::kv_client::KvClient<tonic::transport::Channel>,
+    pb::tables_client::TablesClient<tonic::transport::Channel>,
+    pb::cluster_client::ClusterClient<tonic::transport::Channel>,
+) {
+    drop(connect(regatta).await);
+    let channel = tonic::transport::Endpoint::from_shared(regatta.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    (
+        pb::kv_client::KvClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+        pb::tables_client::TablesClient::new(channel.clone()),
+        pb::cluster_client::ClusterClient::new(channel),
+    )
+}
+
+fn put(table: &str, key: &str, value: Vec<u8>) -> pb::PutRequest {
+    pb::PutRequest {
+        table: table.into(),
+        key: key.into(),
+        value,
+        prev_kv: false,
+    }
+}
+
+/// Writes to a new table until its group has a leader.
+async fn put_when_ready(
+    kv: &mut pb::kv_client::KvClient<tonic::transport::Channel>,
+    request: pb::PutRequest,
+) -> pb::PutResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match kv.put(request.clone()).await {
+            Ok(response) => return response.into_inner(),
+            Err(status) if Instant::now() < deadline => {
+                assert!(
+                    matches!(status.code(), Code::NotFound | Code::Unavailable),
+                    "{status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("the new table never took a write: {status:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_kv_and_paged_iteration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regatta = Regatta::start(&dir.path().join("node"));
+    let (mut kv, mut tables, mut cluster) = clients(&regatta).await;
+
+    let listed = tables
+        .list(pb::ListTablesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let names: Vec<&str> = listed.tables.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["etcd"], "the etcd table exists from bootstrap");
+
+    let created = tables
+        .create(pb::CreateTableRequest {
+            name: "users".into(),
+            config: None,
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(!created.id.is_empty());
+    let again = tables
+        .create(pb::CreateTableRequest {
+            name: "users".into(),
+            config: None,
+        })
+        .await
+        .expect_err("exists");
+    assert_eq!(again.code(), Code::AlreadyExists);
+    let bad = tables
+        .create(pb::CreateTableRequest {
+            name: "no spaces".into(),
+            config: None,
+        })
+        .await
+        .expect_err("bad name");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let first = put_when_ready(&mut kv, put("users", "alice", b"1".to_vec())).await;
+    let header = first.header.expect("header");
+    assert_eq!(header.replica_id, 1);
+    assert!(header.revision > 0 && header.shard_id > 1);
+
+    // Six values of 1 MiB: more than one 4 MiB page.
+    for i in 0..6 {
+        kv.put(put("users", &format!("big/{i}"), vec![b'x'; 1 << 20]))
+            .await
+            .expect("put big");
+    }
+    let range = |key: &str, range_end: &[u8]| pb::RangeRequest {
+        table: "users".into(),
+        key: key.into(),
+        range_end: range_end.to_vec(),
+        linearizable: true,
+        ..pb::RangeRequest::default()
+    };
+    let single = kv
+        .range(range("big/", b"big0"))
+        .await
+        .expect("range")
+        .into_inner();
+    assert!(single.more, "one response is capped");
+    assert_eq!(single.count, 6);
+    assert!(single.kvs.len() < 6);
+    let mut pages = kv
+        .iterate_range(range("big/", b"big0"))
+        .await
+        .expect("iterate")
+        .into_inner();
+    let mut keys = Vec::new();
+    let mut page_count = 0;
+    while let Some(page) = pages.message().await.expect("page") {
+        page_count += 1;
+        keys.extend(page.kvs.into_iter().map(|kv| kv.key));
+    }
+    assert!(page_count >= 2, "{page_count} pages");
+    assert_eq!(keys.len(), 6);
+    assert!(keys.windows(2).all(|pair| pair[0] < pair[1]));
+
+    // A transaction on the value.
+    let txn = pb::TxnRequest {
+        table: "users".into(),
+        compare: vec![mvcc::Compare {
+            result: mvcc::compare::CompareResult::Equal as i32,
+            target: mvcc::compare::CompareTarget::Value as i32,
+            key: b"alice".to_vec(),
+            range_end: Vec::new(),
+            target_union: Some(mvcc::compare::TargetUnion::Value(b"1".to_vec())),
+        }],
+        success: vec![mvcc::RequestOp {
+            request: Some(mvcc::request_op::Request::RequestPut(
+                mvcc::request_op::Put {
+                    key: b"alice".to_vec(),
+                    value: b"2".to_vec(),
+                    prev_kv: true,
+                },
+            )),
+        }],
+        failure: vec![],
+    };
+    let response = kv.txn(txn).await.expect("txn").into_inner();
+    assert!(response.succeeded);
+
+    // Errors.
+    let missing = kv
+        .range(pb::RangeRequest {
+            table: "nope".into(),
+            key: b"a".to_vec(),
+            ..pb::RangeRequest::default()
+        })
+        .await
+        .expect_err("unknown table");
+    assert_eq!(missing.code(), Code::NotFound);
+    let inverted = kv.range(range("z", b"a")).await.expect_err("inverted");
+    assert_eq!(inverted.code(), Code::InvalidArgument);
+    let empty = kv
+        .put(put("users", "", b"v".to_vec()))
+        .await
+        .expect_err("empty key");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+
+    let status = cluster
+        .status(pb::StatusRequest { config: false })
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.tables.contains_key("users"), "{status:?}");
+    assert_eq!(status.tables["users"].leader, "1");
+    let members = cluster
+        .member_list(pb::MemberListRequest {})
+        .await
+        .expect("members")
+        .into_inner();
+    assert_eq!(members.members.len(), 1);
+
+    // Deleting the table removes it everywhere.
+    tables
+        .delete(pb::DeleteTableRequest {
+            name: "users".into(),
+        })
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match kv.range(range("alice", b"")).await {
+            Err(status) if status.code() == Code::NotFound => break,
+            other => {
+                assert!(Instant::now() < deadline, "still served: {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let gone = tables
+        .delete(pb::DeleteTableRequest {
+            name: "users".into(),
+        })
+        .await
+        .expect_err("gone");
+    assert_eq!(gone.code(), Code::NotFound);
+}
