@@ -8,9 +8,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use regatta_raft::NodeId;
 use regatta_server::{Node, NodeConfig};
+
+mod bench;
+mod client;
+mod config;
 
 /// Regatta: a geo-distributed key-value store with etcd's v3 API.
 ///
@@ -19,7 +23,7 @@ use regatta_server::{Node, NodeConfig};
 /// work against `--api.address`; the etcd API uses the table named by
 /// `--etcd.table`.
 #[derive(Parser, Debug)]
-#[command(name = "regatta", version, about, long_about = None)]
+#[command(name = "regatta", version, about, long_about = None, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,67 +36,130 @@ enum Command {
     /// Runs a node of a follower cluster (cross-location replication is
     /// not built yet: this exits with an error).
     Follower(LeaderArgs),
+    /// Prints the version.
+    Version,
+    /// Reads and writes keys of a table through the regatta.v1 API.
+    Kv {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: client::KvCommand,
+    },
+    /// Creates, lists and deletes tables.
+    Table {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: client::TableCommand,
+    },
+    /// Load generator over the etcd v3 API (for Regatta or etcd).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
 struct LeaderArgs {
+    /// A YAML file with the same keys as these flags (nested or dotted);
+    /// flags and REGATTA_… environment variables override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// Development mode: a single node (id 1) with defaults for every
     /// flag, keeping its data in `--data-dir` (default ./regatta-data).
-    #[arg(long)]
+    #[arg(long, env = "REGATTA_DEV")]
     dev: bool,
 
     /// This node's id: non-zero, unique in the cluster.
-    #[arg(long = "raft.node-id", default_value_t = 1)]
+    #[arg(
+        long = "raft.node-id",
+        default_value_t = 1,
+        env = "REGATTA_RAFT_NODE_ID"
+    )]
     raft_node_id: u64,
 
     /// The cluster's id; nodes of another cluster are refused.
-    #[arg(long = "raft.cluster-id", default_value_t = 1)]
+    #[arg(
+        long = "raft.cluster-id",
+        default_value_t = 1,
+        env = "REGATTA_RAFT_CLUSTER_ID"
+    )]
     raft_cluster_id: u64,
 
     /// The address this node's peers reach it on (Raft traffic).
-    #[arg(long = "raft.address", default_value = "127.0.0.1:5012")]
+    #[arg(
+        long = "raft.address",
+        default_value = "127.0.0.1:5012",
+        env = "REGATTA_RAFT_ADDRESS"
+    )]
     raft_address: SocketAddr,
 
     /// Every initial member as `id=host:port`, comma-separated, this node
     /// included. Empty means a single-node cluster of this node.
-    #[arg(long = "raft.initial-members", value_delimiter = ',')]
+    #[arg(
+        long = "raft.initial-members",
+        value_delimiter = ',',
+        env = "REGATTA_RAFT_INITIAL_MEMBERS"
+    )]
     raft_initial_members: Vec<String>,
 
     /// Join an existing cluster instead of bootstrapping a new one.
-    #[arg(long = "raft.join")]
+    #[arg(long = "raft.join", env = "REGATTA_RAFT_JOIN")]
     raft_join: bool,
 
     /// Where the WAL and the tables are kept.
-    #[arg(long = "data-dir", default_value = "regatta-data")]
+    #[arg(
+        long = "data-dir",
+        default_value = "regatta-data",
+        env = "REGATTA_DATA_DIR"
+    )]
     data_dir: PathBuf,
 
     /// The address of the client APIs (Regatta's and etcd's).
-    #[arg(long = "api.address", default_value = "127.0.0.1:8443")]
+    #[arg(
+        long = "api.address",
+        default_value = "127.0.0.1:8443",
+        env = "REGATTA_API_ADDRESS"
+    )]
     api_address: SocketAddr,
 
     /// The table that backs the etcd API; created at bootstrap.
-    #[arg(long = "etcd.table", default_value = "etcd")]
+    #[arg(
+        long = "etcd.table",
+        default_value = "etcd",
+        env = "REGATTA_ETCD_TABLE"
+    )]
     etcd_table: String,
 
     /// The longest key accepted, in bytes.
-    #[arg(long = "kv.key-bytes-max", default_value_t = 1024)]
+    #[arg(
+        long = "kv.key-bytes-max",
+        default_value_t = 1024,
+        env = "REGATTA_KV_KEY_BYTES_MAX"
+    )]
     kv_key_bytes_max: usize,
 
     /// The longest value accepted, in bytes.
-    #[arg(long = "kv.value-bytes-max", default_value_t = 2 * 1024 * 1024)]
+    #[arg(long = "kv.value-bytes-max", default_value_t = 2 * 1024 * 1024, env = "REGATTA_KV_VALUE_BYTES_MAX")]
     kv_value_bytes_max: usize,
 
     /// How long a request may wait for the cluster, in milliseconds.
-    #[arg(long = "api.request-timeout-ms", default_value_t = 10_000)]
+    #[arg(
+        long = "api.request-timeout-ms",
+        default_value_t = 10_000,
+        env = "REGATTA_API_REQUEST_TIMEOUT_MS"
+    )]
     api_request_timeout_ms: u64,
 
     /// Compact each table's log every this many applied entries (after
     /// making the table's data durable); 0 never compacts.
-    #[arg(long = "raft.snapshot-entries", default_value_t = 10_000)]
+    #[arg(
+        long = "raft.snapshot-entries",
+        default_value_t = 10_000,
+        env = "REGATTA_RAFT_SNAPSHOT_ENTRIES"
+    )]
     raft_snapshot_entries: u64,
 
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long = "log-level", default_value = "info")]
+    #[arg(long = "log-level", default_value = "info", env = "REGATTA_LOG_LEVEL")]
     log_level: tracing::Level,
 }
 
@@ -228,14 +295,39 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
     served.map_err(|error| error.to_string())
 }
 
+/// The long flag names of `leader`, which a config file may set.
+fn leader_keys() -> std::collections::BTreeSet<String> {
+    let command = Cli::command();
+    command
+        .find_subcommand("leader")
+        .map(|leader| {
+            leader
+                .get_arguments()
+                .filter_map(|argument| argument.get_long().map(str::to_string))
+                .filter(|name| name != "config" && name != "help")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let arguments: Vec<String> = std::env::args().collect();
+    let arguments = match config::expand(arguments, &leader_keys()) {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            eprintln!("regatta: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(arguments);
     let level = match &cli.command {
         Command::Leader(args) | Command::Follower(args) => args.log_level,
+        _ => tracing::Level::WARN,
     };
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -252,6 +344,20 @@ fn main() -> ExitCode {
         Command::Follower(_) => {
             Err("follower clusters are not built yet (cross-location replication, issue 7)".into())
         }
+        Command::Version => {
+            println!("regatta {}", env!("CARGO_PKG_VERSION"));
+            println!("etcd API {}", regatta_server::ETCD_API_VERSION);
+            Ok(())
+        }
+        Command::Kv {
+            connection,
+            command,
+        } => runtime.block_on(client::kv(&connection, command)),
+        Command::Table {
+            connection,
+            command,
+        } => runtime.block_on(client::table(&connection, command)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

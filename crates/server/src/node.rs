@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -106,11 +105,48 @@ pub struct Node {
     /// Tables by name, as last read from the catalogue.
     tables: RwLock<BTreeMap<String, GroupId>>,
     facts: RwLock<HashMap<GroupId, GroupFacts>>,
-    /// This process's client id for request de-duplication; random, so
-    /// that a restart never reuses an old sequence.
-    client_id: u64,
-    sequence: AtomicU64,
+    /// Client sessions for request de-duplication (see `SessionPool`).
+    sessions: SessionPool,
+    /// Groups started on this node.
+    running: std::sync::Mutex<std::collections::BTreeSet<GroupId>>,
     started: Instant,
+}
+
+/// Client sessions for de-duplication. A session carries one request at a
+/// time, so its sequence numbers reach the log in order; concurrent writes
+/// check out different sessions. The pool grows to the highest concurrency
+/// seen, which bounds the session tables. Client ids are random, so a
+/// restarted process never reuses an old sequence.
+#[derive(Default)]
+struct SessionPool {
+    free: std::sync::Mutex<Vec<Session>>,
+}
+
+struct Session {
+    id: RequestId,
+}
+
+impl SessionPool {
+    fn check_out(&self) -> Session {
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        reused.unwrap_or_else(|| Session {
+            id: RequestId {
+                client: random_u64(),
+                sequence: 1,
+            },
+        })
+    }
+
+    /// Returns a session after its request ended, whatever the outcome: a
+    /// late application of that request only makes the next one stale
+    /// relative to it, never applies anything twice.
+    fn check_in(&self, mut session: Session) {
+        session.id.sequence += 1;
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(session);
+    }
 }
 
 fn random_u64() -> u64 {
@@ -174,8 +210,8 @@ impl Node {
             transport,
             tables: RwLock::new(BTreeMap::new()),
             facts: RwLock::new(HashMap::new()),
-            client_id: random_u64(),
-            sequence: AtomicU64::new(1),
+            sessions: SessionPool::default(),
+            running: std::sync::Mutex::new([META_GROUP].into()),
             started: Instant::now(),
         });
         node.start_group(META_GROUP)?;
@@ -258,21 +294,21 @@ impl Node {
     /// Proposes `command` to `group` with a fresh request id, retrying it
     /// (with the same id, so it applies once) while there is no leader.
     pub async fn write(&self, group: GroupId, command: &Command) -> Result<Response> {
-        let id = RequestId {
-            client: self.client_id,
-            sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
-        };
+        let session = self.sessions.check_out();
+        let id = session.id;
         let payload = Bytes::from(encode(command));
         let deadline = Instant::now() + self.config.request_timeout;
-        loop {
+        let result = loop {
             match self.host.propose_with_id(group, id, payload.clone()).await {
-                Ok(bytes) => return decode_response(&bytes),
+                Ok(bytes) => break decode_response(&bytes),
                 Err(error) if retryable(&error) && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(error) => return Err(Error::Raft(error)),
+                Err(error) => break Err(Error::Raft(error)),
             }
-        }
+        };
+        self.sessions.check_in(session);
+        result
     }
 
     /// Reads from `group`: linearizable (ReadIndex) or from local state.
@@ -345,6 +381,7 @@ impl Node {
             match response.result {
                 Ok(ResponseOp::Txn(txn)) if txn.succeeded => {
                     self.refresh_catalogue().await?;
+                    self.reconcile_groups().await;
                     return Ok(TableEntry {
                         name: name.to_string(),
                         group: GroupId(next.0),
@@ -389,6 +426,7 @@ impl Node {
         match self.write(META_GROUP, &command).await?.result {
             Ok(ResponseOp::DeleteRange(result)) if result.deleted == 1 => {
                 self.refresh_catalogue().await?;
+                self.reconcile_groups().await;
                 Ok(())
             }
             Ok(ResponseOp::DeleteRange(_)) => Err(Error::TableNotFound(name.to_string())),
@@ -456,11 +494,55 @@ impl Node {
         }
     }
 
+    /// Starts the groups of new tables and removes those of deleted ones,
+    /// from the catalogue as this node last read it.
+    async fn reconcile_groups(&self) {
+        let wanted: std::collections::BTreeSet<GroupId> = self
+            .tables()
+            .iter()
+            .map(|table| table.group)
+            .chain([META_GROUP])
+            .collect();
+        let running: Vec<GroupId> = self.running_groups();
+        for group in &wanted {
+            if !running.contains(group) {
+                match self.start_group(*group) {
+                    Ok(()) => {
+                        self.running
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(*group);
+                    }
+                    Err(error) => tracing::error!(group = group.0, %error, "cannot start a table"),
+                }
+            }
+        }
+        for group in running.iter().filter(|group| !wanted.contains(group)) {
+            if self.host.remove_group(*group).await.is_ok() {
+                if let Err(error) = self.store.remove_table(group.0) {
+                    tracing::error!(group = group.0, %error, "cannot delete a table's data");
+                }
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(group);
+            }
+        }
+    }
+
+    fn running_groups(&self) -> Vec<GroupId> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// Keeps the running groups equal to the catalogue, and the facts
     /// fresh.
     async fn reconcile_loop(self: Arc<Node>) {
         let mut bootstrapped = false;
-        let mut running: BTreeMap<GroupId, ()> = [(META_GROUP, ())].into();
         loop {
             tokio::time::sleep(RECONCILE_INTERVAL).await;
             let meta = match self.host.status(META_GROUP).await {
@@ -477,39 +559,10 @@ impl Node {
             if self.refresh_catalogue().await.is_err() {
                 continue;
             }
-            let wanted: BTreeMap<GroupId, ()> = self
-                .tables()
-                .iter()
-                .map(|table| (table.group, ()))
-                .chain([(META_GROUP, ())])
-                .collect();
-            for group in wanted.keys() {
-                if !running.contains_key(group) {
-                    match self.start_group(*group) {
-                        Ok(()) => {
-                            running.insert(*group, ());
-                        }
-                        Err(error) => {
-                            tracing::error!(group = group.0, %error, "cannot start a table")
-                        }
-                    }
-                }
-            }
-            let gone: Vec<GroupId> = running
-                .keys()
-                .filter(|group| !wanted.contains_key(group))
-                .copied()
-                .collect();
-            for group in gone {
-                if self.host.remove_group(group).await.is_ok() {
-                    if let Err(error) = self.store.remove_table(group.0) {
-                        tracing::error!(group = group.0, %error, "cannot delete a table's data");
-                    }
-                    running.remove(&group);
-                }
-            }
+            self.reconcile_groups().await;
+            let running = self.running_groups();
             let mut facts = HashMap::new();
-            for group in running.keys() {
+            for group in &running {
                 if let Ok(status) = self.host.status(*group).await {
                     facts.insert(
                         *group,

@@ -1,0 +1,393 @@
+//! `regatta kv …` and `regatta table …`: a client of the `regatta.v1` API.
+
+use clap::{Args, Subcommand, ValueEnum};
+use regatta_server::proto::mvcc::v1 as mvcc;
+use regatta_server::proto::regatta::v1 as pb;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Lines of text.
+    Text,
+    /// One JSON document (keys and values as UTF-8, lossily).
+    Json,
+}
+
+/// Where and how to talk to a node.
+#[derive(Args, Debug)]
+pub struct Connection {
+    /// The node's API address.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8443",
+        env = "REGATTA_ADDRESS",
+        global = true
+    )]
+    pub address: String,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub output: Output,
+}
+
+/// Key-value commands on a table.
+#[derive(Subcommand, Debug)]
+pub enum KvCommand {
+    /// Reads a key, a prefix or a range.
+    Get {
+        /// The table.
+        table: String,
+        /// The key (the first key of a range).
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long, conflicts_with = "range_end")]
+        prefix: bool,
+        /// The end of the range, exclusive.
+        #[arg(long)]
+        range_end: Option<String>,
+        /// At most this many keys (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+        /// Only keys, no values.
+        #[arg(long)]
+        keys_only: bool,
+        /// Only the count.
+        #[arg(long)]
+        count_only: bool,
+        /// A linearizable read instead of the local state.
+        #[arg(long)]
+        linearizable: bool,
+    },
+    /// Sets a key.
+    Put {
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Deletes a key or a prefix.
+    Delete {
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Compares values, then puts or deletes atomically.
+    Txn {
+        /// The table.
+        table: String,
+        /// A condition `key=value` (repeatable); all must hold.
+        #[arg(long = "if-value")]
+        compare: Vec<String>,
+        /// When all hold: `put:key=value` or `delete:key` (repeatable).
+        #[arg(long = "then")]
+        success: Vec<String>,
+        /// Otherwise: `put:key=value` or `delete:key` (repeatable).
+        #[arg(long = "else")]
+        failure: Vec<String>,
+    },
+}
+
+/// Table commands.
+#[derive(Subcommand, Debug)]
+pub enum TableCommand {
+    /// Creates a table.
+    Create {
+        /// Its name: letters, digits, '-', '_' or '.'.
+        name: String,
+    },
+    /// Lists the tables.
+    List,
+    /// Deletes a table and its data on every node.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+async fn channel(address: &str) -> Result<Channel, String> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|error| format!("--address {address}: {error}"))?
+        .connect()
+        .await
+        .map_err(|error| format!("cannot reach {url}: {error}"))
+}
+
+fn status(error: tonic::Status) -> String {
+    format!("{:?}: {}", error.code(), error.message())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).to_string()
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn op(spec: &str) -> Result<mvcc::RequestOp, String> {
+    use mvcc::request_op::{DeleteRange, Put, Request};
+    let request = if let Some(pair) = spec.strip_prefix("put:") {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{spec:?}: expected put:key=value"))?;
+        Request::RequestPut(Put {
+            key: key.into(),
+            value: value.into(),
+            prev_kv: false,
+        })
+    } else if let Some(key) = spec.strip_prefix("delete:") {
+        Request::RequestDeleteRange(DeleteRange {
+            key: key.into(),
+            range_end: Vec::new(),
+            prev_kv: false,
+            count: false,
+        })
+    } else {
+        return Err(format!("{spec:?}: expected put:key=value or delete:key"));
+    };
+    Ok(mvcc::RequestOp {
+        request: Some(request),
+    })
+}
+
+fn print(output: Output, value: Value, lines: Vec<String>) {
+    match output {
+        Output::Json => println!("{value}"),
+        Output::Text => {
+            for line in lines {
+                println!("{line}");
+            }
+        }
+    }
+}
+
+/// Runs a `kv` command.
+pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), String> {
+    let mut client = pb::kv_client::KvClient::new(channel(&connection.address).await?)
+        .max_decoding_message_size(64 << 20);
+    match command {
+        KvCommand::Get {
+            table,
+            key,
+            prefix,
+            range_end,
+            limit,
+            keys_only,
+            count_only,
+            linearizable,
+        } => {
+            let range_end = match (prefix, range_end) {
+                (true, _) => prefix_end(key.as_bytes()),
+                (false, Some(end)) => end.into_bytes(),
+                (false, None) => Vec::new(),
+            };
+            let response = client
+                .range(pb::RangeRequest {
+                    table: table.into_bytes(),
+                    key: key.into_bytes(),
+                    range_end,
+                    limit,
+                    linearizable,
+                    keys_only,
+                    count_only,
+                    ..pb::RangeRequest::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let revision = response.header.map_or(0, |header| header.revision);
+            let kvs: Vec<Value> = response
+                .kvs
+                .iter()
+                .map(|kv| {
+                    json!({
+                        "key": text(&kv.key),
+                        "value": text(&kv.value),
+                        "create_revision": kv.create_revision,
+                        "mod_revision": kv.mod_revision,
+                    })
+                })
+                .collect();
+            let mut lines = Vec::new();
+            if count_only {
+                lines.push(response.count.to_string());
+            }
+            for kv in &response.kvs {
+                lines.push(text(&kv.key));
+                if !keys_only {
+                    lines.push(text(&kv.value));
+                }
+            }
+            print(
+                connection.output,
+                json!({"revision": revision, "count": response.count, "more": response.more, "kvs": kvs}),
+                lines,
+            );
+        }
+        KvCommand::Put { table, key, value } => {
+            let response = client
+                .put(pb::PutRequest {
+                    table: table.into_bytes(),
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    prev_kv: false,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let revision = response.header.map_or(0, |header| header.revision);
+            print(
+                connection.output,
+                json!({"revision": revision}),
+                vec!["OK".into()],
+            );
+        }
+        KvCommand::Delete { table, key, prefix } => {
+            let range_end = if prefix {
+                prefix_end(key.as_bytes())
+            } else {
+                Vec::new()
+            };
+            let response = client
+                .delete_range(pb::DeleteRangeRequest {
+                    table: table.into_bytes(),
+                    key: key.into_bytes(),
+                    range_end,
+                    prev_kv: false,
+                    count: true,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let revision = response.header.map_or(0, |header| header.revision);
+            print(
+                connection.output,
+                json!({"revision": revision, "deleted": response.deleted}),
+                vec![response.deleted.to_string()],
+            );
+        }
+        KvCommand::Txn {
+            table,
+            compare,
+            success,
+            failure,
+        } => {
+            let compare = compare
+                .iter()
+                .map(|spec| {
+                    let (key, value) = spec
+                        .split_once('=')
+                        .ok_or_else(|| format!("--if-value {spec:?}: expected key=value"))?;
+                    Ok(mvcc::Compare {
+                        result: mvcc::compare::CompareResult::Equal as i32,
+                        target: mvcc::compare::CompareTarget::Value as i32,
+                        key: key.into(),
+                        range_end: Vec::new(),
+                        target_union: Some(mvcc::compare::TargetUnion::Value(value.into())),
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let success = success.iter().map(|s| op(s)).collect::<Result<_, _>>()?;
+            let failure = failure.iter().map(|s| op(s)).collect::<Result<_, _>>()?;
+            let response = client
+                .txn(pb::TxnRequest {
+                    table: table.into_bytes(),
+                    compare,
+                    success,
+                    failure,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let revision = response.header.map_or(0, |header| header.revision);
+            let verdict = if response.succeeded {
+                "SUCCESS"
+            } else {
+                "FAILURE"
+            };
+            print(
+                connection.output,
+                json!({"revision": revision, "succeeded": response.succeeded}),
+                vec![verdict.into()],
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `table` command.
+pub async fn table(connection: &Connection, command: TableCommand) -> Result<(), String> {
+    let mut client = pb::tables_client::TablesClient::new(channel(&connection.address).await?);
+    match command {
+        TableCommand::Create { name } => {
+            let response = client
+                .create(pb::CreateTableRequest {
+                    name: name.clone(),
+                    config: None,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(
+                connection.output,
+                json!({"name": name, "id": response.id}),
+                vec![format!("created table {name} (id {})", response.id)],
+            );
+        }
+        TableCommand::List => {
+            let response = client
+                .list(pb::ListTablesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let tables: Vec<Value> = response
+                .tables
+                .iter()
+                .map(|table| json!({"name": table.name, "id": table.id}))
+                .collect();
+            let lines = response
+                .tables
+                .iter()
+                .map(|table| format!("{}\t{}", table.name, table.id))
+                .collect();
+            print(connection.output, json!({ "tables": tables }), lines);
+        }
+        TableCommand::Delete { name } => {
+            client
+                .delete(pb::DeleteTableRequest { name: name.clone() })
+                .await
+                .map_err(status)?;
+            print(
+                connection.output,
+                json!({"name": name, "deleted": true}),
+                vec![format!("deleted table {name}")],
+            );
+        }
+    }
+    Ok(())
+}

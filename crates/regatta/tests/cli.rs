@@ -1,0 +1,137 @@
+//! The `regatta` command line: `--help`, `version`, a YAML `--config` with
+//! environment overrides, the `kv` and `table` client commands with text
+//! and JSON output, and `bench` against a real node.
+
+mod common;
+
+use std::process::Command;
+
+use common::{connect, free_address, Regatta};
+
+fn regatta(arguments: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_regatta"))
+        .args(arguments)
+        .output()
+        .expect("run regatta");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+#[test]
+fn help_and_version_explain_themselves() {
+    let (success, help, _) = regatta(&["leader", "--help"]);
+    assert!(success);
+    for flag in [
+        "--dev",
+        "--raft.node-id",
+        "--raft.initial-members",
+        "--api.address",
+        "--data-dir",
+        "--etcd.table",
+        "--config",
+        "REGATTA_RAFT_NODE_ID",
+    ] {
+        assert!(help.contains(flag), "leader --help lacks {flag}:\n{help}");
+    }
+    let (success, version, _) = regatta(&["version"]);
+    assert!(success && version.starts_with("regatta "), "{version}");
+    let (success, _, error) = regatta(&[
+        "leader",
+        "--raft.node-id",
+        "0",
+        "--data-dir",
+        "/nonexistent/x",
+    ]);
+    assert!(
+        !success && error.contains("--raft.node-id must be non-zero"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_with_env_overrides_and_the_client_commands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (api, raft, unused) = (free_address(), free_address(), free_address());
+    // The file names one API address, the environment another: the
+    // environment wins over the file.
+    let config = dir.path().join("regatta.yaml");
+    std::fs::write(
+        &config,
+        format!("dev: true\napi:\n  address: {unused}\nraft:\n  address: {raft}\n"),
+    )
+    .expect("config");
+    let data = dir.path().join("node");
+    let log = std::fs::File::create(dir.path().join("node.log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_regatta"))
+        .args(["leader", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("REGATTA_API_ADDRESS", api.to_string())
+        .env("REGATTA_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let node = Regatta {
+        child,
+        api,
+        raft,
+        dir: data,
+    };
+    drop(connect(&node).await);
+    let address = api.to_string();
+    let a = address.as_str();
+
+    let (success, out, error) = regatta(&["table", "create", "users", "--address", a]);
+    assert!(success, "{error}");
+    assert!(out.starts_with("created table users"), "{out}");
+    let (success, out, _) = regatta(&["table", "list", "--address", a, "-o", "json"]);
+    assert!(success && out.contains("\"name\":\"users\""), "{out}");
+    let (success, out, error) = regatta(&["kv", "put", "users", "k1", "v1", "--address", a]);
+    assert!(success && out.trim() == "OK", "{out}{error}");
+    let (success, out, _) = regatta(&["kv", "get", "users", "k", "--prefix", "--address", a]);
+    assert!(success && out == "k1\nv1\n", "{out}");
+    let (success, out, _) = regatta(&[
+        "kv",
+        "txn",
+        "users",
+        "--if-value",
+        "k1=v1",
+        "--then",
+        "put:k1=v2",
+        "--else",
+        "delete:k1",
+        "--address",
+        a,
+    ]);
+    assert!(success && out.trim() == "SUCCESS", "{out}");
+    let (success, out, _) = regatta(&["kv", "get", "users", "k1", "-o", "json", "--address", a]);
+    assert!(success && out.contains("\"value\":\"v2\""), "{out}");
+    let (success, out, _) = regatta(&["kv", "delete", "users", "k", "--prefix", "--address", a]);
+    assert!(success && out.trim() == "1", "{out}");
+    let (success, _, error) = regatta(&["kv", "get", "nope", "k", "--address", a]);
+    assert!(!success && error.contains("NotFound"), "{error}");
+    let (success, out, error) = regatta(&[
+        "bench",
+        "put",
+        "--endpoints",
+        a,
+        "--total",
+        "200",
+        "--clients",
+        "8",
+        "--conns",
+        "2",
+    ]);
+    assert!(success, "{error}");
+    assert!(
+        out.contains("RESULT workload=Put total=200") && out.contains("errors=0"),
+        "{out}"
+    );
+    let (success, out, _) = regatta(&["table", "delete", "users", "--address", a]);
+    assert!(success && out.contains("deleted table users"), "{out}");
+}
