@@ -16,6 +16,17 @@ use common::{connect, free_address, Regatta};
 use etcd_client::GetOptions;
 
 fn start_node(root: &Path, id: u64, api: SocketAddr, raft: SocketAddr, members: &str) -> Regatta {
+    start_node_with(root, id, api, raft, members, &[])
+}
+
+fn start_node_with(
+    root: &Path,
+    id: u64,
+    api: SocketAddr,
+    raft: SocketAddr,
+    members: &str,
+    extra: &[&str],
+) -> Regatta {
     let dir = root.join(format!("node{id}"));
     let log = std::fs::File::create(dir.with_extension("log")).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_regatta"))
@@ -29,6 +40,7 @@ fn start_node(root: &Path, id: u64, api: SocketAddr, raft: SocketAddr, members: 
         .arg(members)
         .arg("--data-dir")
         .arg(&dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -137,4 +149,75 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
         .count();
     // Writes whose answer was lost with the leader may have applied too.
     assert!(total >= acknowledged.len() as i64, "{total} keys");
+}
+
+/// With two of three nodes killed, the survivor cannot serve writes or
+/// linearizable reads: each fails within about the request timeout with
+/// DEADLINE_EXCEEDED or UNAVAILABLE, never hangs and never succeeds; a
+/// serializable read still answers from local state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_quorum_fails_requests_in_time() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let addresses: Vec<(SocketAddr, SocketAddr)> =
+        (0..3).map(|_| (free_address(), free_address())).collect();
+    let members = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, (_, raft))| format!("{}={raft}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = BTreeMap::new();
+    for (i, (api, raft)) in addresses.iter().enumerate() {
+        let id = i as u64 + 1;
+        let extra = ["--api.request-timeout-ms", "1000"];
+        nodes.insert(
+            id,
+            start_node_with(root.path(), id, *api, *raft, &members, &extra),
+        );
+    }
+    let mut client = connect(&nodes[&1]).await;
+    client.put("k", "v", None).await.expect("put");
+    // Wait until node 1 has applied it, then cut it off.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&mut client, "k").await.is_none() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in [2, 3] {
+        nodes.get_mut(&id).expect("node").kill();
+    }
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let error = client
+            .put("k", "w", None)
+            .await
+            .expect_err("no quorum, no write");
+        let elapsed = started.elapsed();
+        match error {
+            etcd_client::Error::GRpcStatus(status) => assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
+                ),
+                "attempt {attempt}: {status:?}"
+            ),
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+        assert!(
+            elapsed < Duration::from_secs(4),
+            "attempt {attempt} took {elapsed:?}"
+        );
+        let started = Instant::now();
+        let read = client.get("k", None).await;
+        assert!(
+            read.is_err(),
+            "a linearizable read without quorum: {read:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+    let local = client
+        .get("k", Some(GetOptions::new().with_serializable()))
+        .await
+        .expect("serializable read");
+    assert_eq!(local.kvs()[0].value(), b"v");
 }
