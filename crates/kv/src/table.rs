@@ -84,6 +84,20 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes table `group`'s data takes on disk (its fjall partition's
+    /// segments; writes still only in memory or the journal not counted).
+    pub fn table_disk_bytes(&self, group: u64) -> Result<u64> {
+        let (generation, _) = self.read_meta(group)?;
+        let name = partition_name(group, generation);
+        if !self.keyspace.partition_exists(&name) {
+            return Ok(0);
+        }
+        let data = self
+            .keyspace
+            .open_partition(&name, PartitionCreateOptions::default())?;
+        Ok(data.disk_space())
+    }
+
     /// The table's data generation and applied index.
     fn read_meta(&self, group: u64) -> Result<(u64, u64)> {
         match self.meta.get(group.to_be_bytes())? {

@@ -462,13 +462,13 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         Ok(Response::new(pb::StatusResponse {
             header: self.header(group, status.applied.0),
             version: ETCD_API_VERSION.into(),
-            db_size: 0,
+            db_size: self.node.table_disk_bytes(group) as i64,
             leader: status.soft_state.leader.map_or(0, |id| id.0),
             raft_index: status.hard_state.commit.0,
             raft_term: status.hard_state.term.0,
             raft_applied_index: status.applied.0,
             errors: Vec::new(),
-            db_size_in_use: 0,
+            db_size_in_use: self.node.table_disk_bytes(group) as i64,
             is_learner: !status
                 .membership
                 .voters

@@ -281,6 +281,11 @@ impl Node {
             .ok_or_else(|| Error::TableNotFound(name.to_string()))
     }
 
+    /// Bytes table `group`'s data takes on disk; 0 when unknown.
+    pub fn table_disk_bytes(&self, group: GroupId) -> u64 {
+        self.store.table_disk_bytes(group.0).unwrap_or(0)
+    }
+
     /// Leader and term of `group`, as last seen.
     pub fn facts(&self, group: GroupId) -> GroupFacts {
         self.facts

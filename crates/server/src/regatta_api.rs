@@ -444,10 +444,10 @@ impl pb::cluster_server::Cluster for RegattaApi {
                     tables.insert(
                         table.name,
                         pb::TableStatus {
-                            // Sizes in bytes come with the operations work
-                            // (issue 8); 0 means not measured.
+                            // The log's size in bytes comes with the
+                            // operations work (issue 8); 0: not measured.
                             log_size: 0,
-                            db_size: 0,
+                            db_size: self.node.table_disk_bytes(table.group) as i64,
                             leader: status
                                 .soft_state
                                 .leader
