@@ -1,6 +1,7 @@
 //! `regatta kv …` and `regatta table …`: a client of the `regatta.v1` API.
 
 use clap::{Args, Subcommand, ValueEnum};
+use regatta_server::prefix_end;
 use regatta_server::proto::mvcc::v1 as mvcc;
 use regatta_server::proto::regatta::v1 as pb;
 use serde_json::{json, Value};
@@ -136,17 +137,6 @@ fn status(error: tonic::Status) -> String {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).to_string()
-}
-
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 fn op(spec: &str) -> Result<mvcc::RequestOp, String> {

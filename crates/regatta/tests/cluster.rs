@@ -9,7 +9,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{connect, free_address, Regatta};
@@ -28,29 +27,7 @@ fn start_node_with(
     extra: &[&str],
 ) -> Regatta {
     let dir = root.join(format!("node{id}"));
-    let log = std::fs::File::create(dir.with_extension("log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_regatta"))
-        .args(["leader", "--log-level", "warn", "--raft.node-id"])
-        .arg(id.to_string())
-        .arg("--raft.address")
-        .arg(raft.to_string())
-        .arg("--api.address")
-        .arg(api.to_string())
-        .arg("--raft.initial-members")
-        .arg(members)
-        .arg("--data-dir")
-        .arg(&dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn regatta");
-    Regatta {
-        child,
-        api,
-        raft,
-        dir,
-    }
+    Regatta::start_member(&dir, id, api, raft, members, extra)
 }
 
 async fn get(client: &mut etcd_client::Client, key: &str) -> Option<Vec<u8>> {

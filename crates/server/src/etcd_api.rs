@@ -5,9 +5,8 @@
 use std::sync::Arc;
 
 use regatta_kv::command::{
-    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest,
-    Query, RangeRequest, RangeResult, RequestOp, Response as KvResponse, ResponseOp, TxnRequest,
-    TxnResult,
+    Command, Compare, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest, Query, RangeRequest,
+    RangeResult, RequestOp, Response as KvResponse, ResponseOp, TxnRequest, TxnResult,
 };
 use regatta_wal::GroupId;
 use tonic::{Request, Response, Status};
@@ -191,20 +190,9 @@ fn delete_request(
 }
 
 fn compare(config: &crate::node::NodeConfig, compare: &pb::Compare) -> Result<Compare> {
-    use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+    use pb::compare::{CompareTarget as T, TargetUnion as U};
     let range = validate::range(config, &compare.key, &compare.range_end)?;
-    let result = match R::try_from(compare.result) {
-        Ok(R::Equal) => CompareResult::Equal,
-        Ok(R::Greater) => CompareResult::Greater,
-        Ok(R::Less) => CompareResult::Less,
-        Ok(R::NotEqual) => CompareResult::NotEqual,
-        Err(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown compare result {}",
-                compare.result
-            )))
-        }
-    };
+    let result = validate::compare_result(compare.result)?;
     let target = match (T::try_from(compare.target), &compare.target_union) {
         (Ok(T::Value), Some(U::Value(value))) => CompareTarget::Value(value.clone()),
         (Ok(T::Value), None) => CompareTarget::Value(Vec::new()),

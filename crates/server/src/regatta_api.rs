@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use regatta_kv::command::{
-    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest,
-    Query, RangeRequest, RangeResult, RequestOp, Response as KvResponse, ResponseOp, TxnRequest,
-    TxnResult,
+    Command, Compare, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest, Query, RangeRequest,
+    RangeResult, RequestOp, Response as KvResponse, ResponseOp, TxnRequest, TxnResult,
 };
 use regatta_wal::GroupId;
 use tokio_stream::wrappers::ReceiverStream;
@@ -96,7 +95,7 @@ fn range_response(result: RangeResult) -> pb::RangeResponse {
 }
 
 fn txn_request(config: &NodeConfig, request: &pb::TxnRequest) -> Result<TxnRequest> {
-    use mvcc::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+    use mvcc::compare::{CompareTarget as T, TargetUnion as U};
     use mvcc::request_op::Request as Op;
     validate::txn_shape(
         0,
@@ -108,18 +107,7 @@ fn txn_request(config: &NodeConfig, request: &pb::TxnRequest) -> Result<TxnReque
         .compare
         .iter()
         .map(|compare| {
-            let result = match R::try_from(compare.result) {
-                Ok(R::Equal) => CompareResult::Equal,
-                Ok(R::Greater) => CompareResult::Greater,
-                Ok(R::Less) => CompareResult::Less,
-                Ok(R::NotEqual) => CompareResult::NotEqual,
-                Err(_) => {
-                    return Err(Error::InvalidArgument(format!(
-                        "unknown compare result {}",
-                        compare.result
-                    )))
-                }
-            };
+            let result = validate::compare_result(compare.result)?;
             let target = match (T::try_from(compare.target), &compare.target_union) {
                 (Ok(T::Value), Some(U::Value(value))) => CompareTarget::Value(value.clone()),
                 (Ok(T::Value), None) => CompareTarget::Value(Vec::new()),

@@ -1,7 +1,7 @@
 //! Checks of client input shared by both APIs: every refusal is a precise
 //! `Error` (and so a gRPC status), never a panic.
 
-use regatta_kv::command::KeyRange;
+use regatta_kv::command::{CompareResult, KeyRange};
 
 use crate::error::{Error, Result};
 use crate::node::NodeConfig;
@@ -103,4 +103,18 @@ pub fn txn_shape(depth: usize, compares: usize, success: usize, failure: usize) 
         )));
     }
     Ok(())
+}
+
+/// A compare's relation. Both APIs number it alike: EQUAL 0, GREATER 1,
+/// LESS 2, NOT_EQUAL 3.
+pub fn compare_result(value: i32) -> Result<CompareResult> {
+    match value {
+        0 => Ok(CompareResult::Equal),
+        1 => Ok(CompareResult::Greater),
+        2 => Ok(CompareResult::Less),
+        3 => Ok(CompareResult::NotEqual),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown compare result {other}"
+        ))),
+    }
 }

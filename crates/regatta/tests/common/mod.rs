@@ -29,16 +29,43 @@ impl Regatta {
 
     /// Starts it on the given addresses, with extra flags.
     pub fn start_on(dir: &Path, api: SocketAddr, raft: SocketAddr, extra: &[&str]) -> Regatta {
+        let mut flags = vec!["--dev"];
+        flags.extend_from_slice(extra);
+        Regatta::spawn(dir, api, raft, &flags)
+    }
+
+    /// Starts member `id` of a cluster whose `--raft.initial-members` is
+    /// `members`.
+    pub fn start_member(
+        dir: &Path,
+        id: u64,
+        api: SocketAddr,
+        raft: SocketAddr,
+        members: &str,
+        extra: &[&str],
+    ) -> Regatta {
+        let id = id.to_string();
+        let mut flags = vec![
+            "--raft.node-id",
+            id.as_str(),
+            "--raft.initial-members",
+            members,
+        ];
+        flags.extend_from_slice(extra);
+        Regatta::spawn(dir, api, raft, &flags)
+    }
+
+    fn spawn(dir: &Path, api: SocketAddr, raft: SocketAddr, flags: &[&str]) -> Regatta {
         let log = std::fs::File::create(dir.with_extension("log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_regatta"))
-            .args(["leader", "--dev", "--log-level", "warn"])
+            .args(["leader", "--log-level", "warn"])
             .arg("--data-dir")
             .arg(dir)
             .arg("--api.address")
             .arg(api.to_string())
             .arg("--raft.address")
             .arg(raft.to_string())
-            .args(extra)
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
