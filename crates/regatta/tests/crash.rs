@@ -68,3 +68,44 @@ async fn acknowledged_writes_survive_kill_9() {
         assert_eq!(found.kvs()[0].value(), value.as_bytes());
     }
 }
+
+/// SIGTERM stops the node cleanly (exit status 0, promptly), and a second
+/// `regatta leader --dev` on the same directory serves every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_and_restart_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let (api, raft) = (free_address(), free_address());
+    let mut regatta = Regatta::start_on(&data, api, raft, &[]);
+    let mut client = connect(&regatta).await;
+    for i in 0..50 {
+        client
+            .put(format!("k{i}"), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &regatta.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(terminated.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = regatta.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "regatta did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    drop(regatta);
+    let regatta = Regatta::start_on(&data, api, raft, &[]);
+    let mut client = connect(&regatta).await;
+    for i in 0..50 {
+        let found = client.get(format!("k{i}"), None).await.expect("get");
+        assert_eq!(found.kvs()[0].value(), format!("v{i}").as_bytes());
+    }
+}

@@ -215,6 +215,23 @@ async fn tables_kv_and_paged_iteration() {
             }
         }
     }
+    // Its data is gone from disk too: no partition of its group is left.
+    let partitions = regatta.dir.join("tables").join("partitions");
+    let prefix = format!("t-{}-", created.id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = std::fs::read_dir(&partitions)
+            .expect("partitions")
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().to_string())
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left on disk: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let gone = tables
         .delete(pb::DeleteTableRequest {
             name: "users".into(),
