@@ -1,0 +1,8 @@
+//! `regatta-chaos`: Jepsen-style verification of Regatta (issue 6).
+//!
+//! Built so far: [`checker`], the linearizability checker for a key-value
+//! register model, tested on hand-written linearizable and
+//! non-linearizable histories. The harness that drives real `regatta`
+//! processes through faults comes next.
+
+pub mod checker;
