@@ -6,8 +6,9 @@
 //!   oracle;
 //! - [`proxy`]: the fault-injecting TCP proxy (cut, heal, slow).
 //!
-//! The harness that drives real `regatta` processes through faults comes
-//! next.
+//! - [`harness`]: real `regatta` processes behind proxies, recording
+//!   clients, a nemesis (kill and restart, partitions), and the check.
 
 pub mod checker;
+pub mod harness;
 pub mod proxy;

@@ -1,0 +1,150 @@
+//! `regatta-chaos`: runs the harness against the `regatta` binary and
+//! prints the seed, the fault schedule, the operation counts and the
+//! verdict; saves the history as JSON.
+//!
+//! `cargo run -p regatta-chaos -- --time-limit 600 --nemesis all --seed S`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use regatta_chaos::checker::Verdict;
+use regatta_chaos::harness::{self, Fault, RunConfig};
+
+/// Jepsen-style verification of Regatta: faults, concurrent clients, and
+/// a linearizability check of the history.
+#[derive(Parser, Debug)]
+#[command(name = "regatta-chaos", version, about)]
+struct Cli {
+    /// Seconds the workload runs.
+    #[arg(long, default_value_t = 30)]
+    time_limit: u64,
+    /// Faults: all, none, or a comma-separated list of kill, partition.
+    #[arg(long, default_value = "all")]
+    nemesis: String,
+    /// The seed of every random choice (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Nodes in the leader cluster (3 or 5).
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: u64,
+    /// Keys the clients share.
+    #[arg(long, default_value_t = 5)]
+    keys: u64,
+    /// The regatta binary (default: target/release/regatta, then
+    /// target/debug/regatta).
+    #[arg(long)]
+    regatta: Option<PathBuf>,
+    /// Where to save the history (JSON).
+    #[arg(long, default_value = "chaos-history.json")]
+    out: PathBuf,
+}
+
+fn faults(spec: &str) -> Result<Vec<Fault>, String> {
+    match spec {
+        "all" => Ok(vec![Fault::Kill, Fault::Partition]),
+        "none" => Ok(Vec::new()),
+        list => list
+            .split(',')
+            .map(|name| match name.trim() {
+                "kill" => Ok(Fault::Kill),
+                "partition" => Ok(Fault::Partition),
+                other => Err(format!(
+                    "--nemesis: unknown fault {other:?} (kill, partition, all, none)"
+                )),
+            })
+            .collect(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let faults = match faults(&cli.nemesis) {
+        Ok(faults) => faults,
+        Err(error) => {
+            eprintln!("regatta-chaos: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let binary = cli.regatta.clone().unwrap_or_else(|| {
+        let release = PathBuf::from("target/release/regatta");
+        if release.exists() {
+            release
+        } else {
+            PathBuf::from("target/debug/regatta")
+        }
+    });
+    if !binary.exists() {
+        eprintln!("regatta-chaos: {} does not exist; build it (cargo build --release -p regatta) or pass --regatta", binary.display());
+        return ExitCode::from(2);
+    }
+    let seed = cli.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1
+    });
+    let dir = std::env::temp_dir().join(format!("regatta-chaos-{seed}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("seed {seed}");
+    let config = RunConfig {
+        binary,
+        dir: dir.clone(),
+        nodes: cli.nodes,
+        clients: cli.clients,
+        keys: cli.keys,
+        duration: Duration::from_secs(cli.time_limit),
+        faults,
+        seed,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("regatta-chaos: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match runtime.block_on(harness::run(config)) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("regatta-chaos: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (at, event) in &report.schedule {
+        println!("{at:>8} ms  {event}");
+    }
+    println!(
+        "operations: {} ok, {} fail, {} info; lost acknowledged writes: {}",
+        report.ok, report.fail, report.info, report.lost_writes
+    );
+    match serde_json::to_vec_pretty(&report.history) {
+        Ok(json) => {
+            if let Err(error) = std::fs::write(&cli.out, json) {
+                eprintln!("regatta-chaos: write {}: {error}", cli.out.display());
+            } else {
+                println!("history saved to {}", cli.out.display());
+            }
+        }
+        Err(error) => eprintln!("regatta-chaos: {error}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    match &report.verdict {
+        Verdict::Linearizable if report.lost_writes == 0 => {
+            println!("verdict: linearizable (replay: --seed {seed})");
+            ExitCode::SUCCESS
+        }
+        verdict => {
+            println!("verdict: {verdict:?} (replay: --seed {seed})");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The CI-bounded chaos run: a 3-node leader cluster of real `regatta`
+//! processes behind fault-injecting proxies, clients on every node, kills
+//! and partitions for a few seconds per seed, then the linearizability
+//! check of the history and the count of lost acknowledged writes. Longer
+//! soaks: `cargo run -p regatta-chaos -- --time-limit 600 --nemesis all`.
+
+use std::time::Duration;
+
+use regatta_chaos::checker::Verdict;
+use regatta_chaos::harness::{self, Fault, RunConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_under_kills_and_partitions_are_linearizable() {
+    for seed in [1u64, 2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = RunConfig {
+            binary: env!("CARGO_BIN_EXE_regatta").into(),
+            dir: dir.path().to_path_buf(),
+            nodes: 3,
+            clients: 6,
+            keys: 4,
+            duration: Duration::from_secs(8),
+            faults: vec![Fault::Kill, Fault::Partition],
+            seed,
+        };
+        let report = harness::run(config).await.expect("run");
+        eprintln!(
+            "seed {seed}: {} ok, {} fail, {} info; schedule {:?}",
+            report.ok, report.fail, report.info, report.schedule
+        );
+        assert!(
+            report.ok > 200,
+            "seed {seed}: too few operations: {}",
+            report.ok
+        );
+        assert!(
+            !report.schedule.is_empty(),
+            "seed {seed}: no fault was injected"
+        );
+        if report.verdict != Verdict::Linearizable || report.lost_writes > 0 {
+            let path = std::env::temp_dir().join(format!("regatta-chaos-failure-{seed}.json"));
+            let _ = std::fs::write(
+                &path,
+                serde_json::to_vec(&report.history).unwrap_or_default(),
+            );
+            panic!(
+                "seed {seed}: {:?}, {} lost writes; history in {}; replay: cargo run -p regatta-chaos -- --time-limit 8 --seed {seed}",
+                report.verdict,
+                report.lost_writes,
+                path.display()
+            );
+        }
+    }
+}
