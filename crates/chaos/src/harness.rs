@@ -26,6 +26,8 @@ pub enum Fault {
     Kill,
     /// Cut every link to and from a node, heal later.
     Partition,
+    /// Delay every chunk on the links to and from a node by 50 ms.
+    Slow,
 }
 
 /// One run's settings.
@@ -199,6 +201,14 @@ impl Cluster {
             peer_proxies,
             client_proxies,
         })
+    }
+
+    fn slow(&self, node: u64, delay: Duration) {
+        for ((from, to), proxy) in &self.peer_proxies {
+            if *from == node || *to == node {
+                proxy.slow(delay);
+            }
+        }
     }
 
     fn partition(&self, node: u64, cut: bool) {
@@ -403,6 +413,10 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .partition(node, true),
+            Fault::Slow => cluster
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .slow(node, Duration::from_millis(50)),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let at = started.elapsed().as_millis() as u64;
@@ -414,6 +428,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                 guard.nodes[node as usize - 1].start(&binary)?;
             }
             Fault::Partition => guard.partition(node, false),
+            Fault::Slow => guard.slow(node, Duration::ZERO),
         }
     }
     for worker in workers {

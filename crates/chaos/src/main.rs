@@ -20,7 +20,8 @@ struct Cli {
     /// Seconds the workload runs.
     #[arg(long, default_value_t = 30)]
     time_limit: u64,
-    /// Faults: all, none, or a comma-separated list of kill, partition.
+    /// Faults: all, none, or a comma-separated list of kill, partition,
+    /// slow.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// The seed of every random choice (default: from the clock).
@@ -46,15 +47,16 @@ struct Cli {
 
 fn faults(spec: &str) -> Result<Vec<Fault>, String> {
     match spec {
-        "all" => Ok(vec![Fault::Kill, Fault::Partition]),
+        "all" => Ok(vec![Fault::Kill, Fault::Partition, Fault::Slow]),
         "none" => Ok(Vec::new()),
         list => list
             .split(',')
             .map(|name| match name.trim() {
                 "kill" => Ok(Fault::Kill),
                 "partition" => Ok(Fault::Partition),
+                "slow" => Ok(Fault::Slow),
                 other => Err(format!(
-                    "--nemesis: unknown fault {other:?} (kill, partition, all, none)"
+                    "--nemesis: unknown fault {other:?} (kill, partition, slow, all, none)"
                 )),
             })
             .collect(),

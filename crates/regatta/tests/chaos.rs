@@ -1,6 +1,6 @@
 //! The CI-bounded chaos run: a 3-node leader cluster of real `regatta`
-//! processes behind fault-injecting proxies, clients on every node, kills
-//! and partitions for a few seconds per seed, then the linearizability
+//! processes behind fault-injecting proxies, clients on every node, kills,
+//! partitions and slow links for a few seconds per seed, then the linearizability
 //! check of the history and the count of lost acknowledged writes. Longer
 //! soaks: `cargo run -p regatta-chaos -- --time-limit 600 --nemesis all`.
 
@@ -20,7 +20,7 @@ async fn histories_under_kills_and_partitions_are_linearizable() {
             clients: 6,
             keys: 4,
             duration: Duration::from_secs(8),
-            faults: vec![Fault::Kill, Fault::Partition],
+            faults: vec![Fault::Kill, Fault::Partition, Fault::Slow],
             seed,
         };
         let report = harness::run(config).await.expect("run");
