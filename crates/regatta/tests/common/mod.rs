@@ -105,12 +105,16 @@ pub async fn connect(regatta: &Regatta) -> etcd_client::Client {
                 return client;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "regatta on {} never served; see {}",
-            regatta.api,
-            regatta.dir.with_extension("log").display()
-        );
+        if Instant::now() >= deadline {
+            let log =
+                std::fs::read_to_string(regatta.dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "regatta on {} never served; the end of its log:\n{}",
+                regatta.api,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
