@@ -380,11 +380,7 @@ impl pb::kv_server::Kv for EtcdApi {
     ) -> std::result::Result<Response<pb::TxnResponse>, Status> {
         let txn = txn_request(self.node.config(), request.get_ref(), 0)?;
         let group = self.group()?;
-        let response = if txn.is_read_only() {
-            self.node.read(group, &Query::Txn(txn), true).await?
-        } else {
-            self.node.write(group, &Command::Txn(txn)).await?
-        };
+        let response = self.node.transact(group, txn).await?;
         let (revision, op) = result(response)?;
         let ResponseOp::Txn(txn) = op else {
             return Err(unexpected(op));

@@ -316,6 +316,16 @@ impl Node {
         result
     }
 
+    /// Runs a transaction: a read-only one as a linearizable read, without
+    /// a log entry; any other through Raft.
+    pub async fn transact(&self, group: GroupId, txn: TxnRequest) -> Result<Response> {
+        if txn.is_read_only() {
+            self.read(group, &Query::Txn(txn), true).await
+        } else {
+            self.write(group, &Command::Txn(txn)).await
+        }
+    }
+
     /// Reads from `group`: linearizable (ReadIndex) or from local state.
     pub async fn read(
         &self,

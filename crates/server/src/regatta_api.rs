@@ -344,11 +344,7 @@ impl pb::kv_server::Kv for RegattaApi {
         let request = request.into_inner();
         let group = self.table(&request.table)?;
         let txn = txn_request(self.node.config(), &request)?;
-        let response = if txn.is_read_only() {
-            self.node.read(group, &Query::Txn(txn), true).await?
-        } else {
-            self.node.write(group, &Command::Txn(txn)).await?
-        };
+        let response = self.node.transact(group, txn).await?;
         let (revision, op) = result(response)?;
         let ResponseOp::Txn(txn) = op else {
             return Err(unexpected(op));
