@@ -50,6 +50,7 @@ impl StateMachine for Sink {
 struct Cluster {
     hosts: Vec<NodeHost>,
     transports: Vec<Arc<TcpTransport>>,
+    wals: Vec<Arc<Wal>>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -65,6 +66,7 @@ async fn start_cluster(groups: u64) -> Cluster {
     let mut cluster = Cluster {
         hosts: Vec::new(),
         transports: Vec::new(),
+        wals: Vec::new(),
         _dirs: Vec::new(),
     };
     for (position, listener) in listeners.into_iter().enumerate() {
@@ -78,6 +80,7 @@ async fn start_cluster(groups: u64) -> Cluster {
         config.tick_interval = Duration::from_millis(50);
         let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        cluster.wals.push(Arc::clone(&wal));
         let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
             .expect("host");
         transport.attach(&host);
@@ -139,9 +142,24 @@ async fn run_row(
             latencies.lock().expect("lock").extend(mine);
         }));
     }
+    let before: Vec<_> = cluster.wals.iter().map(|wal| wal.stats()).collect();
     let start = Instant::now();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
+    if std::env::var_os("THROUGHPUT_WAL_STATS").is_some() {
+        for (node, (wal, before)) in cluster.wals.iter().zip(&before).enumerate() {
+            let after = wal.stats();
+            let seconds = duration.as_secs_f64();
+            eprintln!(
+                "node {}: {:.0} requests/s, {:.0} batches/s, {:.0} fsyncs/s, {:.0} KiB/s",
+                node + 1,
+                (after.requests - before.requests) as f64 / seconds,
+                (after.batches - before.batches) as f64 / seconds,
+                (after.fsyncs - before.fsyncs) as f64 / seconds,
+                (after.bytes_written - before.bytes_written) as f64 / seconds / 1024.0,
+            );
+        }
+    }
     for proposer in proposers {
         proposer.await.expect("proposer");
     }

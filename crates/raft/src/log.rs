@@ -1,27 +1,41 @@
 //! The Raft log as the core sees it: the durable prefix in [`Storage`] plus
-//! an *unstable* tail of entries (or a snapshot) handed to the runtime for
-//! persisting but not yet acknowledged.
+//! an in-memory *tail* of entries from `offset` on. The tail holds every
+//! entry not yet known durable (handed to the runtime for persisting, or
+//! not yet handed out) and, so that replication and apply do not read
+//! storage back, the durable entries not yet applied, within
+//! `RETAINED_BYTES_MAX`. A snapshot received from the leader waits in
+//! memory the same way until it is durable.
 //!
 //! Invariants (checked by `assert_invariants`):
 //! - `applied <= applying <= min(committed, persisted)`;
 //! - `committed <= last_index()`;
-//! - unstable entries are contiguous from `offset`;
-//! - `handed_out < offset + unstable.len()` (or the log end).
+//! - tail entries are contiguous from `offset`, and `tail_bytes` is their
+//!   size;
+//! - every entry before `offset` is durable in storage.
+
+use std::collections::VecDeque;
 
 use crate::error::StorageError;
-use crate::storage::{limit_size, Storage};
+use crate::storage::Storage;
 use crate::types::{Entry, LogIndex, SnapshotMeta, Term};
+
+/// Durable, unapplied entries kept in the tail beyond this are read back
+/// from storage when needed.
+const RETAINED_BYTES_MAX: u64 = 1 << 20;
 
 pub(crate) struct RaftLog<S: Storage> {
     pub(crate) storage: S,
     /// A snapshot received from the leader and not yet persisted.
     unstable_snapshot: Option<SnapshotMeta>,
     unstable_snapshot_handed_out: bool,
-    /// Entries not yet known durable; `unstable[0].index == offset`. Entries
-    /// at or after `offset` in storage are stale and being overwritten.
-    unstable: Vec<Entry>,
+    /// Entries from `offset` on: `tail[0].index == offset`. Those after
+    /// `persisted` are not known durable; entries in storage at or after
+    /// `offset` may be stale ones being overwritten.
+    tail: VecDeque<Entry>,
+    /// The size of `tail`, as `Entry::size_bytes` counts it.
+    tail_bytes: u64,
     offset: LogIndex,
-    /// The last unstable index already handed to a `Ready` for persisting.
+    /// The last tail index already handed to a `Ready` for persisting.
     handed_out: LogIndex,
     /// The highest index known committed.
     pub(crate) committed: LogIndex,
@@ -41,7 +55,8 @@ impl<S: Storage> RaftLog<S> {
             storage,
             unstable_snapshot: None,
             unstable_snapshot_handed_out: false,
-            unstable: Vec::new(),
+            tail: VecDeque::new(),
+            tail_bytes: 0,
             offset: last_index.next(),
             handed_out: last_index,
             committed: first_index.prev(),
@@ -59,7 +74,7 @@ impl<S: Storage> RaftLog<S> {
     }
 
     pub(crate) fn last_index(&self) -> LogIndex {
-        if let Some(last) = self.unstable.last() {
+        if let Some(last) = self.tail.back() {
             return last.index;
         }
         match &self.unstable_snapshot {
@@ -86,7 +101,7 @@ impl<S: Storage> RaftLog<S> {
         }
         if index >= self.offset {
             let position = index.distance_from(self.offset) as usize;
-            return match self.unstable.get(position) {
+            return match self.tail.get(position) {
                 Some(entry) => Ok(entry.term),
                 None => Err(StorageError::Unavailable {
                     index,
@@ -130,8 +145,8 @@ impl<S: Storage> RaftLog<S> {
         }
     }
 
-    /// Appends entries, truncating any conflicting unstable or stored
-    /// suffix. Returns the new last index.
+    /// Appends entries, truncating any conflicting suffix in the tail or in
+    /// storage. Returns the new last index.
     pub(crate) fn append(&mut self, entries: &[Entry]) -> LogIndex {
         let Some(first) = entries.first() else {
             return self.last_index();
@@ -149,17 +164,22 @@ impl<S: Storage> RaftLog<S> {
             self.last_index()
         );
         let after = first.index;
-        if after == self.offset.plus(self.unstable.len() as u64) {
-            self.unstable.extend_from_slice(entries);
-        } else if after <= self.offset {
-            // Replaces the whole unstable tail and a stored suffix.
+        if after <= self.offset {
+            // Replaces the whole tail and a stored suffix.
             self.offset = after;
-            self.unstable.clear();
-            self.unstable.extend_from_slice(entries);
+            self.tail.clear();
+            self.tail_bytes = 0;
         } else {
             let keep = after.distance_from(self.offset) as usize;
-            self.unstable.truncate(keep);
-            self.unstable.extend_from_slice(entries);
+            while self.tail.len() > keep {
+                if let Some(dropped) = self.tail.pop_back() {
+                    self.tail_bytes -= dropped.size_bytes();
+                }
+            }
+        }
+        for entry in entries {
+            self.tail_bytes += entry.size_bytes();
+            self.tail.push_back(entry.clone());
         }
         self.handed_out = self.handed_out.min(after.prev());
         self.persisted = self.persisted.min(after.prev());
@@ -200,17 +220,12 @@ impl<S: Storage> RaftLog<S> {
         if high > self.offset {
             let start = low.max(self.offset).distance_from(self.offset) as usize;
             let end = high.distance_from(self.offset) as usize;
-            let tail = &self.unstable[start..end];
-            if result.is_empty() {
-                result.extend_from_slice(limit_size(tail, size_bytes_max));
-            } else {
-                for entry in tail {
-                    used_bytes += entry.size_bytes();
-                    if used_bytes > size_bytes_max {
-                        break;
-                    }
-                    result.push(entry.clone());
+            for entry in self.tail.range(start..end) {
+                used_bytes += entry.size_bytes();
+                if !result.is_empty() && used_bytes > size_bytes_max {
+                    break;
                 }
+                result.push(entry.clone());
             }
         }
         Ok(result)
@@ -234,7 +249,8 @@ impl<S: Storage> RaftLog<S> {
     pub(crate) fn restore(&mut self, snapshot: SnapshotMeta) {
         let index = snapshot.index;
         assert!(index > self.committed, "restore below the commit index");
-        self.unstable.clear();
+        self.tail.clear();
+        self.tail_bytes = 0;
         self.offset = index.next();
         self.handed_out = index;
         self.committed = index;
@@ -258,17 +274,17 @@ impl<S: Storage> RaftLog<S> {
     }
 
     pub(crate) fn has_unhanded_entries(&self) -> bool {
-        self.last_index() > self.handed_out && !self.unstable.is_empty()
+        self.last_index() > self.handed_out && !self.tail.is_empty()
     }
 
-    /// The unstable entries not yet handed out for persisting.
+    /// The tail entries not yet handed out for persisting.
     pub(crate) fn take_unhanded_entries(&mut self) -> Vec<Entry> {
         if !self.has_unhanded_entries() {
             return Vec::new();
         }
         let start = self.handed_out.next().max(self.offset);
         let position = start.distance_from(self.offset) as usize;
-        let entries = self.unstable[position..].to_vec();
+        let entries: Vec<Entry> = self.tail.range(position..).cloned().collect();
         self.handed_out = self.last_index();
         entries
     }
@@ -279,7 +295,7 @@ impl<S: Storage> RaftLog<S> {
             return;
         }
         let position = index.distance_from(self.offset) as usize;
-        let Some(entry) = self.unstable.get(position) else {
+        let Some(entry) = self.tail.get(position) else {
             return;
         };
         // A mismatch means the entries were overwritten after being handed
@@ -287,9 +303,23 @@ impl<S: Storage> RaftLog<S> {
         if entry.term != term {
             return;
         }
-        self.unstable.drain(..=position);
-        self.offset = index.next();
         self.persisted = self.persisted.max(index);
+        self.trim_tail();
+    }
+
+    /// Drops durable entries from the front of the tail: all that are
+    /// applied, and more while the tail is over `RETAINED_BYTES_MAX`.
+    fn trim_tail(&mut self) {
+        while let Some(front) = self.tail.front() {
+            let durable = front.index <= self.persisted;
+            let unneeded = front.index <= self.applied || self.tail_bytes > RETAINED_BYTES_MAX;
+            if !(durable && unneeded) {
+                break;
+            }
+            self.tail_bytes -= front.size_bytes();
+            self.tail.pop_front();
+            self.offset = self.offset.next();
+        }
     }
 
     /// The runtime made the snapshot at `index` durable.
@@ -338,6 +368,7 @@ impl<S: Storage> RaftLog<S> {
             self.applying
         );
         self.applied = self.applied.max(index);
+        self.trim_tail();
     }
 
     pub(crate) fn assert_invariants(&self) {
@@ -353,8 +384,120 @@ impl<S: Storage> RaftLog<S> {
             self.committed <= self.last_index(),
             "committed > last index"
         );
-        if let Some(first) = self.unstable.first() {
-            assert_eq!(first.index, self.offset, "unstable offset");
+        if let Some(first) = self.tail.front() {
+            assert_eq!(first.index, self.offset, "tail offset");
         }
+        assert!(
+            self.offset <= self.persisted.next(),
+            "offset {} leaves non-durable entries out of the tail (persisted {})",
+            self.offset,
+            self.persisted
+        );
+        debug_assert_eq!(
+            self.tail_bytes,
+            self.tail.iter().map(Entry::size_bytes).sum::<u64>(),
+            "tail size"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::MemStorage;
+    use crate::types::EntryPayload;
+
+    fn entry(index: u64, term: u64, payload_bytes: usize) -> Entry {
+        Entry {
+            index: LogIndex(index),
+            term: Term(term),
+            payload: EntryPayload::Normal(Bytes::from(vec![7u8; payload_bytes])),
+        }
+    }
+
+    /// Persists what the log hands out, as a runtime would.
+    fn persist(log: &mut RaftLog<MemStorage>) {
+        let entries = log.take_unhanded_entries();
+        log.storage.append(&entries);
+        if let Some(last) = entries.last() {
+            log.stable_to(last.index, last.term);
+        }
+        log.assert_invariants();
+    }
+
+    #[test]
+    fn durable_entries_stay_in_memory_until_applied() {
+        let mut log = RaftLog::new(MemStorage::new());
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1, 16)).collect();
+        log.append(&entries);
+        persist(&mut log);
+        assert_eq!(log.persisted, LogIndex(10));
+        assert_eq!(
+            log.tail.len(),
+            10,
+            "durable, unapplied entries are retained"
+        );
+        log.commit_to(LogIndex(10));
+        let applying = log.take_entries_to_apply(u64::MAX).expect("entries");
+        assert_eq!(applying, entries);
+        log.applied_to(LogIndex(6));
+        log.assert_invariants();
+        assert_eq!(log.offset, LogIndex(7));
+        assert_eq!(log.tail.len(), 4);
+        // Reads spanning storage and memory see one log.
+        assert_eq!(
+            log.entries(LogIndex(2), LogIndex(11), u64::MAX)
+                .expect("read"),
+            entries[1..].to_vec()
+        );
+        assert_eq!(log.term(LogIndex(3)), Ok(Term(1)));
+        log.applied_to(LogIndex(10));
+        assert!(log.tail.is_empty());
+        assert_eq!(log.last_index(), LogIndex(10));
+        assert_eq!(log.last_term(), Term(1));
+    }
+
+    #[test]
+    fn retention_is_bounded_and_never_drops_unpersisted_entries() {
+        let mut log = RaftLog::new(MemStorage::new());
+        let payload_bytes = 64 * 1024;
+        let count = 2 * RETAINED_BYTES_MAX / payload_bytes as u64;
+        let entries: Vec<Entry> = (1..=count).map(|i| entry(i, 1, payload_bytes)).collect();
+        log.append(&entries);
+        log.assert_invariants();
+        assert_eq!(log.tail.len() as u64, count, "nothing durable yet");
+        persist(&mut log);
+        assert!(log.tail_bytes <= RETAINED_BYTES_MAX);
+        assert!(!log.tail.is_empty());
+        assert_eq!(
+            log.entries(LogIndex(1), LogIndex(count + 1), u64::MAX)
+                .expect("read"),
+            entries
+        );
+    }
+
+    #[test]
+    fn a_conflicting_append_replaces_retained_entries() {
+        let mut log = RaftLog::new(MemStorage::new());
+        log.append(&(1..=5).map(|i| entry(i, 1, 8)).collect::<Vec<_>>());
+        persist(&mut log);
+        log.commit_to(LogIndex(2));
+        // A new leader overwrites 3..=5 with its own entries of term 2.
+        let newer: Vec<Entry> = (3..=4).map(|i| entry(i, 2, 8)).collect();
+        log.append(&newer);
+        log.assert_invariants();
+        assert_eq!(log.persisted, LogIndex(2));
+        assert_eq!(log.last_index(), LogIndex(4));
+        assert_eq!(log.term(LogIndex(3)), Ok(Term(2)));
+        assert_eq!(log.term(LogIndex(2)), Ok(Term(1)));
+        persist(&mut log);
+        assert_eq!(log.persisted, LogIndex(4));
+        assert_eq!(
+            log.entries(LogIndex(1), LogIndex(5), u64::MAX)
+                .expect("read"),
+            [vec![entry(1, 1, 8), entry(2, 1, 8)], newer].concat()
+        );
     }
 }
