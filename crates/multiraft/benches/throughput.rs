@@ -143,6 +143,17 @@ async fn run_row(
         }));
     }
     let before: Vec<_> = cluster.wals.iter().map(|wal| wal.stats()).collect();
+    let frames_before: Vec<(u64, u64)> = cluster
+        .transports
+        .iter()
+        .map(|transport| {
+            let stats = transport.stats();
+            (
+                stats.frames_sent.load(Ordering::Relaxed),
+                stats.messages_sent.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
     let start = Instant::now();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
@@ -157,6 +168,18 @@ async fn run_row(
                 (after.batches - before.batches) as f64 / seconds,
                 (after.fsyncs - before.fsyncs) as f64 / seconds,
                 (after.bytes_written - before.bytes_written) as f64 / seconds / 1024.0,
+            );
+        }
+        for (node, (transport, (frames, messages))) in
+            cluster.transports.iter().zip(&frames_before).enumerate()
+        {
+            let stats = transport.stats();
+            let seconds = duration.as_secs_f64();
+            eprintln!(
+                "node {}: {:.0} frames/s, {:.0} messages/s sent",
+                node + 1,
+                (stats.frames_sent.load(Ordering::Relaxed) - frames) as f64 / seconds,
+                (stats.messages_sent.load(Ordering::Relaxed) - messages) as f64 / seconds,
             );
         }
     }
