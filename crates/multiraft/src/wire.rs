@@ -34,6 +34,9 @@ const KIND_READ_INDEX: u8 = 9;
 const KIND_READ_INDEX_RESPONSE: u8 = 10;
 const KIND_PROPOSE: u8 = 11;
 const KIND_TRANSFER_LEADER: u8 = 12;
+/// An append answered only on a mismatch (`wants_ack` false); the same
+/// fields as `KIND_APPEND`.
+const KIND_APPEND_QUIET: u8 = 13;
 
 /// Encodes a batch of messages, each addressed to a group.
 pub fn encode_batch(messages: &[(GroupId, Message)], out: &mut Vec<u8>) {
@@ -54,8 +57,13 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
             prev_term,
             entries,
             commit,
+            wants_ack,
         } => {
-            out.push(KIND_APPEND);
+            out.push(if *wants_ack {
+                KIND_APPEND
+            } else {
+                KIND_APPEND_QUIET
+            });
             put_u64(out, prev_index.0);
             put_u64(out, prev_term.0);
             put_u64(out, commit.0);
@@ -161,7 +169,8 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
     let term = Term(reader.u64()?);
     let kind = reader.u8()?;
     let body = match kind {
-        KIND_APPEND => decode_append(reader)?,
+        KIND_APPEND => decode_append(reader, true)?,
+        KIND_APPEND_QUIET => decode_append(reader, false)?,
         KIND_APPEND_RESPONSE => {
             let index = LogIndex(reader.u64()?);
             let reject = match reader.u8()? {
@@ -243,7 +252,7 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
     ))
 }
 
-fn decode_append(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+fn decode_append(reader: &mut Reader<'_>, wants_ack: bool) -> Result<MessageBody, WireError> {
     let prev_index = LogIndex(reader.u64()?);
     let prev_term = Term(reader.u64()?);
     let commit = LogIndex(reader.u64()?);
@@ -267,6 +276,7 @@ fn decode_append(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
         prev_term,
         entries,
         commit,
+        wants_ack,
     })
 }
 
@@ -390,6 +400,14 @@ mod tests {
                     },
                 ],
                 commit: LogIndex(9),
+                wants_ack: true,
+            },
+            MessageBody::Append {
+                prev_index: LogIndex(12),
+                prev_term: Term(7),
+                entries: Vec::new(),
+                commit: LogIndex(12),
+                wants_ack: false,
             },
             MessageBody::AppendResponse {
                 index: LogIndex(12),

@@ -43,6 +43,11 @@ pub enum MessageBody {
         entries: Vec<Entry>,
         /// The leader's commit index.
         commit: LogIndex,
+        /// False when only a mismatch needs an answer: the leader sends
+        /// such appends, with no entries, to carry a new commit index to a
+        /// follower it already replicates to, whose earlier answers
+        /// settle everything else.
+        wants_ack: bool,
     },
     /// The answer to an append or a snapshot.
     AppendResponse {

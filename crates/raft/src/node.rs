@@ -221,6 +221,7 @@ impl<S: Storage> RaftNode<S> {
             || raft.hard_state() != self.previous_hard_state
             || raft.log.has_unhanded_snapshot()
             || raft.log.has_unhanded_entries()
+            || raft.commit_unsent
             || !raft.msgs.is_empty()
             || !raft.msgs_after_persist.is_empty()
             || !raft.read_states.is_empty()
@@ -229,6 +230,7 @@ impl<S: Storage> RaftNode<S> {
 
     /// Collects the work accumulated since the last call.
     pub fn ready(&mut self) -> Result<Ready> {
+        self.raft.flush_commit();
         let number = self.next_ready_number;
         self.next_ready_number += 1;
         let soft_state = self.raft.soft_state();

@@ -86,6 +86,8 @@ pub(crate) struct Progress {
     pub(crate) inflights: Inflights,
     /// The latest heartbeat round this member acknowledged.
     pub(crate) acked_round: u64,
+    /// The commit index carried by the latest append sent.
+    pub(crate) commit_sent: LogIndex,
 }
 
 impl Progress {
@@ -99,6 +101,7 @@ impl Progress {
             recent_active: false,
             inflights: Inflights::new(inflight_messages_max),
             acked_round: 0,
+            commit_sent: LogIndex(0),
         }
     }
 

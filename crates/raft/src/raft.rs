@@ -121,6 +121,10 @@ pub struct Raft<S: Storage> {
     uncommitted: VecDeque<(LogIndex, u64)>,
     uncommitted_bytes: u64,
     reads: ReadTracker,
+    /// Leader: the commit index moved and some follower has not been sent
+    /// it. `flush_commit` (once per `Ready`) sends it, so that many
+    /// advances within one batch of input cost one append per follower.
+    pub(crate) commit_unsent: bool,
     /// Messages safe to send before this node persists anything.
     pub(crate) msgs: Vec<Message>,
     /// Messages to send only after the `Ready` they came with is durable.
@@ -158,6 +162,7 @@ impl<S: Storage> Raft<S> {
             uncommitted: VecDeque::new(),
             uncommitted_bytes: 0,
             reads: ReadTracker::default(),
+            commit_unsent: false,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
@@ -777,11 +782,19 @@ impl<S: Storage> Raft<S> {
                 prev_term,
                 entries,
                 commit,
+                wants_ack,
             } => {
                 self.election_elapsed = 0;
                 self.leader = Some(from);
-                let term = message.term;
-                self.handle_append(from, term, prev_index, prev_term, entries, commit);
+                let append = AppendArgs {
+                    term: message.term,
+                    prev_index,
+                    prev_term,
+                    entries,
+                    commit,
+                    wants_ack,
+                };
+                self.handle_append(from, append);
             }
             MessageBody::Heartbeat { commit, round } => {
                 self.election_elapsed = 0;
@@ -833,15 +846,15 @@ impl<S: Storage> Raft<S> {
     // Follower side of replication.
 
     #[allow(clippy::too_many_arguments)]
-    fn handle_append(
-        &mut self,
-        from: NodeId,
-        message_term: Term,
-        prev_index: LogIndex,
-        prev_term: Term,
-        entries: Vec<Entry>,
-        commit: LogIndex,
-    ) {
+    fn handle_append(&mut self, from: NodeId, append: AppendArgs) {
+        let AppendArgs {
+            term: message_term,
+            prev_index,
+            prev_term,
+            entries,
+            commit,
+            wants_ack,
+        } = append;
         if !is_well_formed(message_term, prev_index, prev_term, &entries) {
             return; // Malformed input from the network is dropped.
         }
@@ -868,7 +881,9 @@ impl<S: Storage> Raft<S> {
             self.append_to_log(&entries[position..]);
         }
         self.commit_to(commit.min(last_new));
-        self.acknowledge(from, last_new);
+        if wants_ack || !entries.is_empty() {
+            self.acknowledge(from, last_new);
+        }
     }
 
     /// Tells the leader that the log matches it up to `index`.
@@ -1158,6 +1173,14 @@ impl<S: Storage> Raft<S> {
         }
         let commit = self.log.committed;
         if let Some(progress) = self.progress.get_mut(&to) {
+            progress.commit_sent = commit;
+        }
+        // In the replicate state an empty append only carries the commit
+        // index: the follower answers it only on a mismatch (a lost
+        // append), which sends it back to probing.
+        let mut wants_ack = true;
+        if let Some(progress) = self.progress.get_mut(&to) {
+            wants_ack = !(entries.is_empty() && progress.state == ProgressState::Replicate);
             progress.sent_append(entries.last().map(|entry| entry.index));
         }
         self.reply(
@@ -1167,6 +1190,7 @@ impl<S: Storage> Raft<S> {
                 prev_term,
                 entries,
                 commit,
+                wants_ack,
             },
         );
         true
@@ -1237,9 +1261,7 @@ impl<S: Storage> Raft<S> {
             ProgressState::Snapshot => {}
         }
         if self.maybe_commit() {
-            self.broadcast_append();
-        } else if was_paused {
-            self.send_append(from, false);
+            self.commit_unsent = true;
         }
         while self.send_append(from, false) {}
         let caught_up = self
@@ -1727,7 +1749,25 @@ impl<S: Storage> Raft<S> {
             .get_mut(&self.id)
             .is_some_and(|own| own.maybe_update(persisted));
         if updated && self.maybe_commit() {
-            self.broadcast_append();
+            self.commit_unsent = true;
+        }
+    }
+
+    /// Leader: sends the commit index to every follower whose latest
+    /// append did not carry it (with any entries it still lacks).
+    pub(crate) fn flush_commit(&mut self) {
+        if !std::mem::take(&mut self.commit_unsent) || self.role != Role::Leader {
+            return;
+        }
+        let committed = self.log.committed;
+        let behind: Vec<NodeId> = self
+            .progress
+            .iter()
+            .filter(|(node, progress)| **node != self.id && progress.commit_sent < committed)
+            .map(|(node, _)| *node)
+            .collect();
+        for node in behind {
+            self.send_append(node, true);
         }
     }
 
@@ -1784,6 +1824,16 @@ impl<S: Storage> Raft<S> {
 
 /// Entries must follow `prev_index` without gaps, with terms that never go
 /// down and never exceed the sender's term.
+/// The fields of an append received from the leader.
+struct AppendArgs {
+    term: Term,
+    prev_index: LogIndex,
+    prev_term: Term,
+    entries: Vec<Entry>,
+    commit: LogIndex,
+    wants_ack: bool,
+}
+
 fn is_well_formed(
     message_term: Term,
     prev_index: LogIndex,

@@ -282,6 +282,97 @@ mod replication {
         assert_eq!(c.applied_commands(3).len(), 10);
     }
 
+    /// Steady state: an entry costs one append and one answer per follower;
+    /// the append that then carries the new commit index is answered by
+    /// nobody, yet every follower applies the entry.
+    #[test]
+    fn a_commit_only_append_needs_no_answer() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "warm-up").expect("leader");
+        c.settle();
+        let before = c.delivered.len();
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        let delivered = &c.delivered[before..];
+        let quiet_appends = delivered
+            .iter()
+            .filter(|m| {
+                matches!(&m.body, MessageBody::Append { entries, wants_ack: false, .. } if entries.is_empty())
+            })
+            .count();
+        let answers = delivered
+            .iter()
+            .filter(|m| matches!(m.body, MessageBody::AppendResponse { .. }))
+            .count();
+        assert_eq!(quiet_appends, 2, "one commit-only append per follower");
+        assert_eq!(answers, 2, "only the appends with the entry are answered");
+        for id in [1, 2, 3] {
+            assert_eq!(c.applied_commands(id), vec!["warm-up", "x"], "node {id}");
+        }
+    }
+
+    /// Answers that move the commit index several times within one batch of
+    /// input cost one commit-carrying append per follower, not one per
+    /// advance.
+    #[test]
+    fn commit_advances_in_one_batch_are_sent_once() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "warm-up").expect("leader");
+        c.settle();
+        c.propose(1, "a").expect("leader");
+        c.propose(1, "b").expect("leader");
+        // Deliver the appends; keep the followers' answers.
+        let mut answers = Vec::new();
+        while let Some(message) = c.queue.pop_front() {
+            if message.to == n(1) {
+                answers.push(message);
+                continue;
+            }
+            let to = message.to;
+            c.node(to.0).step(message).expect("step");
+            c.process(to);
+        }
+        assert_eq!(answers.len(), 4, "two appends to each of two followers");
+        for answer in answers {
+            c.node(1).step(answer).expect("step");
+        }
+        c.process(n(1));
+        let commit_appends = c
+            .queue
+            .iter()
+            .filter(
+                |m| matches!(&m.body, MessageBody::Append { entries, .. } if entries.is_empty()),
+            )
+            .count();
+        assert_eq!(commit_appends, 2, "one per follower: {:?}", c.queue);
+        c.settle();
+        for id in [1, 2, 3] {
+            assert_eq!(
+                c.applied_commands(id),
+                vec!["warm-up", "a", "b"],
+                "node {id}"
+            );
+        }
+    }
+
+    /// A follower that lost an append answers the commit-only append that
+    /// follows with a rejection, and the leader sends the entry again at
+    /// once, without waiting for a heartbeat.
+    #[test]
+    fn a_lost_append_is_repaired_through_the_quiet_append() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "warm-up").expect("leader");
+        c.settle();
+        c.propose(1, "x").expect("leader");
+        c.drop_queued(|m| is_append_to(m, 3));
+        c.settle();
+        assert_eq!(c.applied_commands(3), vec!["warm-up", "x"]);
+        assert_eq!(c.last_index(3), c.last_index(1));
+    }
+
     /// Flow control: at most `inflight_messages_max` appends are in flight to
     /// a follower that does not answer.
     #[test]
