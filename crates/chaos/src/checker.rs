@@ -329,7 +329,10 @@ pub fn lost_writes(history: &[Operation], final_values: &BTreeMap<String, Value>
         if followed {
             continue;
         }
-        let final_value = final_values.get(&write.key).cloned().flatten();
+        // A key whose final value is unknown cannot tell.
+        let Some(final_value) = final_values.get(&write.key) else {
+            continue;
+        };
         if final_value.as_deref() != Some(value.as_str()) {
             lost += 1;
         }
@@ -518,7 +521,19 @@ mod tests {
         let mut finals = BTreeMap::new();
         finals.insert("k".to_string(), Some("a".to_string()));
         finals.insert("x".to_string(), Some("1".to_string()));
+        assert_eq!(
+            lost_writes(&history, &finals),
+            0,
+            "y's final value is unknown"
+        );
+        finals.insert("y".to_string(), None);
         assert_eq!(lost_writes(&history, &finals), 1, "y is lost");
+        finals.insert("y".to_string(), Some("3".to_string()));
+        assert_eq!(
+            lost_writes(&history, &finals),
+            1,
+            "y was overwritten by nobody"
+        );
         finals.insert("y".to_string(), Some("2".to_string()));
         assert_eq!(lost_writes(&history, &finals), 0);
     }

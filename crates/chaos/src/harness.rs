@@ -2,8 +2,13 @@
 //! with a proxy on every peer link (one per ordered pair) and every client
 //! link; clients that run gets, puts, compare-and-sets and deletes on a
 //! small key set through etcd's API and record each operation's invoke and
-//! completion; a nemesis that kills, restarts and partitions nodes; then
-//! the checker over the history.
+//! completion; a nemesis that kills, pauses, partitions, slows and moves
+//! leadership (see [`Fault`]); then the checker over the history.
+//!
+//! Nodes compact their logs every `SNAPSHOT_ENTRIES` entries, keeping only
+//! `COMPACTION_OVERHEAD_ENTRIES`, so that a node that was down or cut off
+//! for a second usually catches up through a snapshot: every fault also
+//! exercises snapshot transfer and install.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,16 +24,71 @@ use tonic::transport::Channel;
 use crate::checker::{self, Op, Operation, Outcome, Value, Verdict};
 use crate::proxy::Proxy;
 
-/// Faults the nemesis may inject.
+/// Faults the nemesis may inject. Each lasts about a second and is then
+/// healed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Fault {
     /// SIGKILL a node, restart it later.
     Kill,
-    /// Cut every link to and from a node, heal later.
+    /// SIGSTOP a node, SIGCONT it later.
+    Pause,
+    /// Cut every peer link to and from a random node.
     Partition,
-    /// Delay every chunk on the links to and from a node by 50 ms.
+    /// Cut every peer link to and from the etcd table's leader.
+    IsolateLeader,
+    /// Split the nodes into a random minority and a majority.
+    Minority,
+    /// Split the nodes into two halves that only a bridge node connects.
+    Bridge,
+    /// Delay every chunk on the peer links of a node by 50 ms.
     Slow,
+    /// Move the etcd table's leadership to a random node
+    /// (Maintenance.MoveLeader).
+    TransferLeader,
+    /// SIGKILL a node, restart it once the others compacted past its log,
+    /// SIGKILL it again while it installs the snapshot, restart it.
+    SnapshotCrash,
 }
+
+impl Fault {
+    /// Every fault, the `all` nemesis.
+    pub const ALL: [Fault; 9] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Partition,
+        Fault::IsolateLeader,
+        Fault::Minority,
+        Fault::Bridge,
+        Fault::Slow,
+        Fault::TransferLeader,
+        Fault::SnapshotCrash,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Partition => "partition",
+            Fault::IsolateLeader => "isolate-leader",
+            Fault::Minority => "minority",
+            Fault::Bridge => "bridge",
+            Fault::Slow => "slow",
+            Fault::TransferLeader => "transfer-leader",
+            Fault::SnapshotCrash => "snapshot-crash",
+        }
+    }
+
+    /// The fault named `name` on the command line.
+    pub fn from_name(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|fault| fault.name() == name)
+    }
+}
+
+/// Nodes snapshot and compact their logs this often (entries)...
+const SNAPSHOT_ENTRIES: u64 = 200;
+/// ...keeping this many entries for followers that lag.
+const COMPACTION_OVERHEAD_ENTRIES: u64 = 50;
 
 /// One run's settings.
 #[derive(Clone, Debug)]
@@ -68,6 +128,11 @@ pub struct Report {
     pub verdict: Verdict,
     /// Acknowledged puts missing from the final state.
     pub lost_writes: usize,
+    /// Keys whose final value could not be read (lost writes are then not
+    /// counted for them).
+    pub unread_keys: u64,
+    /// Snapshots installed from a leader, counted in the nodes' logs.
+    pub snapshots_installed: usize,
     /// The whole history.
     pub history: Vec<Operation>,
 }
@@ -107,7 +172,7 @@ impl Node {
             .append(true)
             .open(self.dir.with_extension("log"))?;
         let child = Command::new(binary)
-            .args(["leader", "--log-level", "warn", "--raft.node-id"])
+            .args(["leader", "--log-level", "info", "--raft.node-id"])
             .arg(self.id.to_string())
             .arg("--raft.address")
             .arg(self.raft.to_string())
@@ -117,6 +182,10 @@ impl Node {
             .arg(self.api.to_string())
             .arg("--api.request-timeout-ms")
             .arg("2000")
+            .arg("--raft.snapshot-entries")
+            .arg(SNAPSHOT_ENTRIES.to_string())
+            .arg("--raft.compaction-overhead")
+            .arg(COMPACTION_OVERHEAD_ENTRIES.to_string())
             .arg("--data-dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -131,6 +200,23 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGSTOP (`pause`) or SIGCONT the process.
+    fn signal_pause(&self, pause: bool) {
+        use rustix::process::{kill_process, Pid, Signal};
+        let Some(child) = &self.child else {
+            return;
+        };
+        let Some(pid) = Pid::from_raw(child.id() as i32) else {
+            return;
+        };
+        let signal = if pause { Signal::STOP } else { Signal::CONT };
+        let _ = kill_process(pid, signal);
+    }
+
+    fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 }
 
@@ -211,17 +297,78 @@ impl Cluster {
         }
     }
 
-    fn partition(&self, node: u64, cut: bool) {
+    /// Cuts the peer links, both ways, between every node of `a` and every
+    /// node of `b`.
+    fn cut_between(&self, a: &[u64], b: &[u64]) {
         for ((from, to), proxy) in &self.peer_proxies {
-            if *from == node || *to == node {
-                if cut {
-                    proxy.cut();
-                } else {
-                    proxy.heal();
-                }
+            let across =
+                (a.contains(from) && b.contains(to)) || (b.contains(from) && a.contains(to));
+            if across {
+                proxy.cut();
             }
         }
     }
+
+    /// Cuts every peer link of `node`.
+    fn isolate(&self, node: u64) {
+        let others: Vec<u64> = (1..=self.nodes.len() as u64)
+            .filter(|other| *other != node)
+            .collect();
+        self.cut_between(&[node], &others);
+    }
+
+    fn heal_all(&self) {
+        for proxy in self.peer_proxies.values() {
+            proxy.heal();
+        }
+    }
+}
+
+/// The etcd table's leader as some node reports it.
+async fn find_leader(client_addresses: &[SocketAddr]) -> Option<u64> {
+    for address in client_addresses {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(1));
+        let mut client = pb::maintenance_client::MaintenanceClient::new(endpoint.connect_lazy());
+        if let Ok(status) = client.status(pb::StatusRequest {}).await {
+            let leader = status.into_inner().leader;
+            if leader != 0 {
+                return Some(leader);
+            }
+        }
+    }
+    None
+}
+
+/// Asks `address`'s node to move the etcd table's leadership to `target`.
+async fn move_leader(address: SocketAddr, target: u64) -> String {
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+        Ok(endpoint) => endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5)),
+        Err(error) => return format!("bad address: {error}"),
+    };
+    let mut client = pb::maintenance_client::MaintenanceClient::new(endpoint.connect_lazy());
+    match client
+        .move_leader(pb::MoveLeaderRequest { target_id: target })
+        .await
+    {
+        Ok(_) => "done".into(),
+        Err(status) => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+/// `count` distinct nodes of `1..=nodes`, drawn with `rng`.
+fn draw_nodes(rng: &mut Rng, nodes: u64, count: u64) -> Vec<u64> {
+    let mut pool: Vec<u64> = (1..=nodes).collect();
+    let mut drawn = Vec::new();
+    while (drawn.len() as u64) < count && !pool.is_empty() {
+        let position = (rng.next() % pool.len() as u64) as usize;
+        drawn.push(pool.swap_remove(position));
+    }
+    drawn
 }
 
 async fn connect(address: SocketAddr) -> Option<pb::kv_client::KvClient<Channel>> {
@@ -325,6 +472,108 @@ async fn run_op(client: &mut pb::kv_client::KvClient<Channel>, key: &str, op: &O
     }
 }
 
+/// What a node logs when it installed a snapshot from its leader.
+const SNAPSHOT_INSTALLED: &str = "installed a snapshot from the leader";
+
+fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
+    cluster.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts `fault` (on `node` where it takes one); returns what was done.
+async fn inject(
+    fault: Fault,
+    node: u64,
+    cluster: &Mutex<Cluster>,
+    client_addresses: &[SocketAddr],
+    rng: &mut Rng,
+) -> String {
+    let nodes = client_addresses.len() as u64;
+    match fault {
+        Fault::Kill | Fault::SnapshotCrash => {
+            lock(cluster).nodes[node as usize - 1].kill();
+            format!("{} node {node}: kill", fault.name())
+        }
+        Fault::Pause => {
+            lock(cluster).nodes[node as usize - 1].signal_pause(true);
+            format!("pause node {node}")
+        }
+        Fault::Partition => {
+            lock(cluster).isolate(node);
+            format!("isolate node {node}")
+        }
+        Fault::IsolateLeader => match find_leader(client_addresses).await {
+            Some(leader) => {
+                lock(cluster).isolate(leader);
+                format!("isolate the leader, node {leader}")
+            }
+            None => "isolate the leader: no leader known, nothing done".into(),
+        },
+        Fault::Minority => {
+            let minority = draw_nodes(rng, nodes, (nodes - 1) / 2);
+            let majority: Vec<u64> = (1..=nodes).filter(|n| !minority.contains(n)).collect();
+            lock(cluster).cut_between(&minority, &majority);
+            format!("cut minority {minority:?} from majority {majority:?}")
+        }
+        Fault::Bridge => {
+            let order = draw_nodes(rng, nodes, nodes);
+            let bridge = order[0];
+            let (left, right) = order[1..].split_at((order.len() - 1) / 2);
+            lock(cluster).cut_between(left, right);
+            format!("bridge node {bridge} alone joins {left:?} and {right:?}")
+        }
+        Fault::Slow => {
+            lock(cluster).slow(node, Duration::from_millis(50));
+            format!("slow node {node} by 50 ms")
+        }
+        Fault::TransferLeader => {
+            let via = 1 + rng.next() % nodes;
+            let outcome = move_leader(client_addresses[via as usize - 1], node).await;
+            format!("move the leadership to node {node}, asking node {via}: {outcome}")
+        }
+    }
+}
+
+/// Ends `fault`; returns what was done.
+async fn heal(
+    fault: Fault,
+    node: u64,
+    cluster: &Mutex<Cluster>,
+    binary: &Path,
+    rng: &mut Rng,
+) -> std::io::Result<String> {
+    let index = node as usize - 1;
+    Ok(match fault {
+        Fault::Kill => {
+            lock(cluster).nodes[index].start(binary)?;
+            format!("restart node {node}")
+        }
+        Fault::SnapshotCrash => {
+            // The others compacted past its log meanwhile: it restarts
+            // into a snapshot install, and is killed again within it.
+            lock(cluster).nodes[index].start(binary)?;
+            let delay_ms = 100 + rng.next() % 500;
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            lock(cluster).nodes[index].kill();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lock(cluster).nodes[index].start(binary)?;
+            format!("restart node {node}, kill it again after {delay_ms} ms, restart it")
+        }
+        Fault::Pause => {
+            lock(cluster).nodes[index].signal_pause(false);
+            format!("resume node {node}")
+        }
+        Fault::Partition | Fault::IsolateLeader | Fault::Minority | Fault::Bridge => {
+            lock(cluster).heal_all();
+            "heal every link".into()
+        }
+        Fault::Slow => {
+            lock(cluster).slow(node, Duration::ZERO);
+            format!("unslow node {node}")
+        }
+        Fault::TransferLeader => "nothing to heal".into(),
+    })
+}
+
 /// Runs the workload and the nemesis, then checks the history.
 pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     std::fs::create_dir_all(&config.dir)?;
@@ -404,32 +653,12 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         let fault = config.faults[(rng.next() % config.faults.len() as u64) as usize];
         let node = 1 + rng.next() % config.nodes;
         let at = started.elapsed().as_millis() as u64;
-        schedule.push((at, format!("{fault:?} node {node}")));
-        match fault {
-            Fault::Kill => {
-                cluster.lock().unwrap_or_else(|p| p.into_inner()).nodes[node as usize - 1].kill();
-            }
-            Fault::Partition => cluster
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .partition(node, true),
-            Fault::Slow => cluster
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .slow(node, Duration::from_millis(50)),
-        }
+        let what = inject(fault, node, &cluster, &client_addresses, &mut rng).await;
+        schedule.push((at, what));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let at = started.elapsed().as_millis() as u64;
-        schedule.push((at, format!("heal node {node}")));
-        let mut guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
-        match fault {
-            Fault::Kill => {
-                let binary = config.binary.clone();
-                guard.nodes[node as usize - 1].start(&binary)?;
-            }
-            Fault::Partition => guard.partition(node, false),
-            Fault::Slow => guard.slow(node, Duration::ZERO),
-        }
+        let what = heal(fault, node, &cluster, &config.binary, &mut rng).await?;
+        schedule.push((at, what));
     }
     for worker in workers {
         let _ = worker.await;
@@ -437,9 +666,13 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
 
     // Heal everything, then read the final state linearizably.
     {
-        let guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
-        for node in 1..=config.nodes {
-            guard.partition(node, false);
+        let mut guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
+        guard.heal_all();
+        for node in guard.nodes.iter_mut() {
+            node.signal_pause(false);
+            if !node.is_running() {
+                node.start(&config.binary)?;
+            }
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -465,10 +698,19 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let ok = count(|o| matches!(o, Outcome::Read(_) | Outcome::Done | Outcome::Swapped(_)));
     let fail = count(|o| *o == Outcome::Fail);
     let info = count(|o| *o == Outcome::Info);
-    let lost = if finals.len() as u64 == config.keys {
-        checker::lost_writes(&history, &finals)
-    } else {
-        0
+    let lost = checker::lost_writes(&history, &finals);
+    let unread_keys = config.keys - finals.len() as u64;
+    let snapshots_installed = {
+        let guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .nodes
+            .iter()
+            .map(|node| {
+                std::fs::read_to_string(node.dir.with_extension("log"))
+                    .map(|log| log.matches(SNAPSHOT_INSTALLED).count())
+                    .unwrap_or(0)
+            })
+            .sum()
     };
     let verdict = checker::check(&history);
     Ok(Report {
@@ -479,6 +721,8 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         info,
         verdict,
         lost_writes: lost,
+        unread_keys,
+        snapshots_installed,
         history,
     })
 }

@@ -1685,9 +1685,19 @@ fn apply_one(
                 applier.applied = meta.index;
                 Ok(())
             });
-            if let Err(reason) = installed {
-                let reason = format!("cannot install the snapshot at {}: {reason}", meta.index.0);
-                stop_applier(group, reason, appliers, reports, context);
+            match installed {
+                Ok(()) => tracing::info!(
+                    group = group.0,
+                    index = meta.index.0,
+                    term = meta.term.0,
+                    "installed a snapshot from the leader"
+                ),
+                Err(reason) => {
+                    let reason =
+                        format!("cannot install the snapshot at {}: {reason}", meta.index.0);
+                    tracing::error!(group = group.0, "{reason}; the group stops");
+                    stop_applier(group, reason, appliers, reports, context);
+                }
             }
         }
         ApplyWork::Read {

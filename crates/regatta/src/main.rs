@@ -158,6 +158,15 @@ struct LeaderArgs {
     )]
     raft_snapshot_entries: u64,
 
+    /// Entries a compaction leaves in the log, so that a follower lagging
+    /// by fewer than this catches up from the log instead of a snapshot.
+    #[arg(
+        long = "raft.compaction-overhead",
+        default_value_t = 1_000,
+        env = "REGATTA_RAFT_COMPACTION_OVERHEAD"
+    )]
+    raft_compaction_overhead: u64,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log-level", default_value = "info", env = "REGATTA_LOG_LEVEL")]
     log_level: tracing::Level,
@@ -228,6 +237,7 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     config.value_bytes_max = args.kv_value_bytes_max;
     config.request_timeout = Duration::from_millis(args.api_request_timeout_ms.max(1));
     config.snapshot_every_entries = args.raft_snapshot_entries;
+    config.compaction_overhead_entries = args.raft_compaction_overhead;
     Ok(config)
 }
 

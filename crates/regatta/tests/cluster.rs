@@ -69,6 +69,45 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
         }
     }
 
+    // Maintenance.MoveLeader, asked of any member, hands the etcd table's
+    // leadership to each node in turn; every node then reports it.
+    for target in [2u64, 3, 1] {
+        let asked = clients.get_mut(&(target % 3 + 1)).expect("client");
+        asked.move_leader(target).await.expect("move leader");
+        for (id, client) in clients.iter_mut() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let leader = client.status().await.expect("status").leader();
+                if leader == target {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {id} still reports leader {leader}, not {target}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let key = format!("after-move/{target}");
+        clients
+            .get_mut(&1)
+            .expect("client")
+            .put(key.as_str(), "m", None)
+            .await
+            .expect("put after a move");
+        acknowledged.insert(key, "m".to_string());
+    }
+    match clients.get_mut(&1).expect("client").move_leader(99).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(
+                status.message().contains("not a voting member"),
+                "{status:?}"
+            );
+        }
+        other => panic!("a move to a non-member must fail: {other:?}"),
+    }
+
     // Find the etcd table's leader and kill it while writes go on.
     let leader = clients
         .get_mut(&1)

@@ -45,7 +45,7 @@ impl EtcdApi {
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!(
-        "Regatta does not implement etcd's {what}; it serves KV, Maintenance.Status and Cluster.MemberList"
+        "Regatta does not implement etcd's {what}; it serves KV, Maintenance.Status, Maintenance.MoveLeader and Cluster.MemberList"
     ))
 }
 
@@ -493,11 +493,26 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         Err(unimplemented("Maintenance.Snapshot (use regatta backup)"))
     }
 
+    /// Moves the leadership of the etcd table's group (the only group the
+    /// etcd API sees) to `target_id`; any member may be asked.
     async fn move_leader(
         &self,
-        _request: Request<pb::MoveLeaderRequest>,
+        request: Request<pb::MoveLeaderRequest>,
     ) -> std::result::Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(unimplemented("Maintenance.MoveLeader"))
+        let target = request.into_inner().target_id;
+        if target == 0 {
+            return Err(Error::InvalidArgument(
+                "MoveLeader needs target_id, the member id of the new leader".into(),
+            )
+            .into());
+        }
+        let group = self.group()?;
+        self.node
+            .transfer_leader(group, regatta_raft::NodeId(target))
+            .await?;
+        Ok(Response::new(pb::MoveLeaderResponse {
+            header: self.header(group, 0),
+        }))
     }
 
     async fn downgrade(

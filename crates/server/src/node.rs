@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Snapshot and compact each group every this many entries.
     pub snapshot_every_entries: u64,
+    /// Entries a compaction leaves in the log, for followers that lag.
+    pub compaction_overhead_entries: u64,
 }
 
 impl NodeConfig {
@@ -74,6 +76,7 @@ impl NodeConfig {
             value_bytes_max: 2 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
             snapshot_every_entries: 10_000,
+            compaction_overhead_entries: 1_000,
         }
     }
 }
@@ -194,6 +197,7 @@ impl Node {
         let mut host_config = HostConfig::new(config.node_id, config.data_dir.join("host"));
         host_config.request_timeout = config.request_timeout;
         host_config.snapshot_every_entries = config.snapshot_every_entries;
+        host_config.compaction_overhead_entries = config.compaction_overhead_entries;
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let host = NodeHost::new(
             host_config,
@@ -314,6 +318,50 @@ impl Node {
         };
         self.sessions.check_in(session);
         result
+    }
+
+    /// Hands the leadership of `group` to `target`, one of its voters, and
+    /// returns once `target` leads it (at once if it already does).
+    pub async fn transfer_leader(&self, group: GroupId, target: NodeId) -> Result<()> {
+        let status = self.host.status(group).await?;
+        if !status.membership.voters.contains(&target) {
+            let voters: Vec<String> = status
+                .membership
+                .voters
+                .iter()
+                .map(|voter| voter.0.to_string())
+                .collect();
+            return Err(Error::InvalidArgument(format!(
+                "node {} is not a voting member of group {}; its voters are {}",
+                target.0,
+                group.0,
+                voters.join(", ")
+            )));
+        }
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let status = self.host.status(group).await?;
+            if status.soft_state.leader == Some(target) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Raft(regatta_multiraft::Error::Timeout {
+                    group,
+                    timeout_ms: self.config.request_timeout.as_millis() as u64,
+                }));
+            }
+            match self.host.transfer_leader(group, target).await {
+                Ok(()) => {}
+                // No leader yet, or a transfer already under way: wait.
+                Err(error) if retryable(&error) => {}
+                Err(regatta_multiraft::Error::Raft {
+                    source: regatta_raft::Error::TransferInProgress { .. },
+                    ..
+                }) => {}
+                Err(error) => return Err(Error::Raft(error)),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs a transaction: a read-only one as a linearizable read, without
