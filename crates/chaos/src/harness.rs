@@ -151,9 +151,32 @@ impl Rng {
     }
 }
 
-fn free_address() -> std::io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.local_addr()
+/// A free port on 127.0.0.1 for a node that may be killed and restarted on
+/// it. It is picked below Linux's ephemeral range (32768 and up), which
+/// the kernel hands to outgoing connections: a port from that range, free
+/// while its node is down, could be taken by any client's connection and
+/// the restart would fail to bind. Ports are drawn from a per-process
+/// sequence (so one test binary never hands one out twice) starting at a
+/// point derived from the process id (so concurrent binaries rarely meet),
+/// and bound once to check they are free.
+pub fn free_address() -> std::io::Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST_PORT: u32 = 20_000;
+    const PORTS: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (std::process::id().wrapping_mul(7_919)) % PORTS;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..PORTS {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
+        let port = (FIRST_PORT + offset) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr();
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port on 127.0.0.1 in 20000..32000",
+    ))
 }
 
 struct Node {

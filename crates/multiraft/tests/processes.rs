@@ -28,9 +28,19 @@ impl Drop for Node {
     }
 }
 
+/// A free port on 127.0.0.1 below the kernel's ephemeral range (32768 and
+/// up), so that no outgoing connection takes the port of a node that is
+/// down and about to restart on it. Drawn from a per-process sequence.
 fn free_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919);
+    loop {
+        let port = 20_000 + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().expect("address");
+        }
+    }
 }
 
 fn spawn(node: &Node, dir: &Path, peers: &str) -> Child {

@@ -2,15 +2,16 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free port on 127.0.0.1 (bound, then released for the child).
+/// A free port on 127.0.0.1 for a child, outside the kernel's ephemeral
+/// range so that a node restarted on it finds it still free (see
+/// `regatta_chaos::harness::free_address`).
 pub fn free_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address")
+    regatta_chaos::harness::free_address().expect("a free port on 127.0.0.1")
 }
 
 /// A running single-node leader.
