@@ -48,6 +48,23 @@ pub enum Error {
         /// The core's error.
         source: regatta_raft::Error,
     },
+    /// The entries asked for were compacted away: only a snapshot holds
+    /// them now.
+    #[error("group {}: the log is compacted up to index {}", group.0, compacted_to.0)]
+    Compacted {
+        /// The group.
+        group: GroupId,
+        /// The last index compacted away.
+        compacted_to: regatta_raft::LogIndex,
+    },
+    /// The group's log could not be read.
+    #[error("group {}: reading the log failed: {reason}", group.0)]
+    Storage {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
     /// The group's actor stopped (a fatal error, or the group was removed).
     #[error("group {}: stopped: {reason}", group.0)]
     GroupStopped {

@@ -33,7 +33,7 @@ use regatta_raft::{
     RaftNode, ReadId, RequestId, Role, SnapshotMeta, Status, Term,
 };
 use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Error;
 use crate::session::{Outcome, SessionTable, Verdict};
@@ -291,6 +291,8 @@ struct HostInner {
     worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Which worker runs each group.
     groups: RwLock<HashMap<GroupId, usize>>,
+    /// Each group's applied index, as the worker learns it.
+    applied: RwLock<HashMap<GroupId, watch::Receiver<LogIndex>>>,
 }
 
 /// Runs the Raft groups of one node.
@@ -365,6 +367,7 @@ impl NodeHost {
                 workers: RwLock::new(workers),
                 worker_tasks: Mutex::new(tasks),
                 groups: RwLock::new(HashMap::new()),
+                applied: RwLock::new(HashMap::new()),
             }),
         })
     }
@@ -405,6 +408,7 @@ impl NodeHost {
             config.applied,
             self.inner.config.session_expiry_entries,
         )?;
+        let initially_applied = config.applied;
         let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
@@ -419,10 +423,12 @@ impl NodeHost {
         apply
             .send(ApplyWork::Register(group, state_machine, sessions))
             .map_err(|_| stopped(group))?;
+        let (applied_sender, applied_receiver) = watch::channel(initially_applied);
         let state = Group {
             group,
             raft,
             apply,
+            applied: applied_sender,
             proposals: BTreeMap::new(),
             waiting_ids: HashMap::new(),
             reads: HashMap::new(),
@@ -444,7 +450,51 @@ impl NodeHost {
             .try_send(WorkerInput::Start(group, Box::new(state)))
             .map_err(|_| Error::Busy(group))?;
         groups.insert(group, worker_index);
+        self.inner
+            .applied
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group, applied_receiver);
         Ok(())
+    }
+
+    /// Follows the group's applied index on this node: the receiver sees
+    /// every advance (the latest value; intermediate ones may be skipped).
+    /// It closes when the group stops.
+    pub fn applied_index_watch(&self, group: GroupId) -> Result<watch::Receiver<LogIndex>, Error> {
+        self.inner
+            .applied
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+            .ok_or(Error::UnknownGroup(group))
+    }
+
+    /// Committed entries of the group's log in `[low, high)`, read from the
+    /// WAL (never through the group's worker), within `size_bytes_max`
+    /// but at least one. Entries at or below the group's applied index are
+    /// committed; the caller must not ask beyond it.
+    pub fn log_entries(
+        &self,
+        group: GroupId,
+        low: LogIndex,
+        high: LogIndex,
+        size_bytes_max: u64,
+    ) -> Result<Vec<regatta_raft::Entry>, Error> {
+        self.inner
+            .wal
+            .entries(group, low, high, size_bytes_max)
+            .map_err(|error| match error {
+                regatta_wal::Error::Compacted { compacted_to, .. } => Error::Compacted {
+                    group,
+                    compacted_to,
+                },
+                other => Error::Storage {
+                    group,
+                    reason: other.to_string(),
+                },
+            })
     }
 
     fn enqueue(&self, group: GroupId, input: Input) -> Result<(), Error> {
@@ -666,6 +716,12 @@ impl Drop for ReleaseGroupId<'_> {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.group);
+        self.host
+            .inner
+            .applied
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.group);
     }
 }
 
@@ -681,6 +737,8 @@ struct Group {
     group: GroupId,
     raft: RaftNode<GroupStorage>,
     apply: mpsc::UnboundedSender<ApplyWork>,
+    /// Publishes the applied index (`NodeHost::applied_index_watch`).
+    applied: watch::Sender<LogIndex>,
     /// Proposals by index, with the term they were appended in.
     proposals: BTreeMap<LogIndex, (Term, Reply)>,
     /// Proposals with a request id forwarded to the leader, resolved when
@@ -1202,6 +1260,13 @@ impl Group {
     /// The apply task applied up to `index`: resolve the proposals.
     fn on_applied(&mut self, index: LogIndex, results: Vec<AppliedResult>) {
         self.raft.advance_apply(index);
+        self.applied.send_if_modified(|applied| {
+            let advanced = index > *applied;
+            if advanced {
+                *applied = index;
+            }
+            advanced
+        });
         self.maybe_schedule_compaction(index);
         for applied in results {
             let result = applied.result;

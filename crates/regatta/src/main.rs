@@ -121,6 +121,11 @@ struct LeaderArgs {
     )]
     api_address: SocketAddr,
 
+    /// Serve the replication API (table metadata and log streams) for
+    /// follower clusters on this address; not served when unset.
+    #[arg(long = "replication.address", env = "REGATTA_REPLICATION_ADDRESS")]
+    replication_address: Option<SocketAddr>,
+
     /// The table that backs the etcd API; created at bootstrap.
     #[arg(
         long = "etcd.table",
@@ -276,9 +281,30 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
         api = %args.api_address,
         "starting regatta leader node"
     );
+    let replication_listener = match args.replication_address {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|error| format!("--replication.address {address}: {error}"))?,
+        ),
+        None => None,
+    };
     let node = Node::start(config)
         .await
         .map_err(|error| error.to_string())?;
+    let (stop_replication, replication_stopped) = tokio::sync::oneshot::channel::<()>();
+    let replication = replication_listener.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving the replication API");
+        }
+        tokio::spawn(regatta_replication::serve(
+            std::sync::Arc::clone(&node),
+            listener,
+            async move {
+                let _ = replication_stopped.await;
+            },
+        ))
+    });
     // Say when the cluster can serve, so that a user knows when to connect.
     let ready_node = std::sync::Arc::clone(&node);
     let api_address = args.api_address;
@@ -301,7 +327,18 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
     });
     let served = regatta_server::serve(std::sync::Arc::clone(&node), api, shutdown_signal()).await;
     tracing::info!("shutting down");
+    // Stopping the node ends the open log streams; then the replication
+    // server can finish.
+    let _ = stop_replication.send(());
     node.stop().await;
+    if let Some(mut replication) = replication {
+        match tokio::time::timeout(Duration::from_secs(5), &mut replication).await {
+            Ok(Ok(Err(error))) => tracing::error!("{error}"),
+            Ok(Err(error)) => tracing::error!("the replication API task failed: {error}"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => replication.abort(),
+        }
+    }
     served.map_err(|error| error.to_string())
 }
 

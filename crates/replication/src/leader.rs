@@ -1,0 +1,227 @@
+//! The leader cluster's side: `Metadata.Get` lists the tables, and
+//! `Log.Replicate` streams a table's log after a given index, then stays
+//! open and sends each new command as soon as it applies on this node.
+//!
+//! Entries are read from the WAL (`NodeHost::log_entries`), never through
+//! the table's Raft loop; the stream waits on the table's applied index
+//! (`NodeHost::applied_index_watch`), not on a timer. Any node of the
+//! leader cluster can serve: everything at or below its applied index is
+//! committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use regatta_multiraft::NodeHost;
+use regatta_raft::{EntryPayload, LogIndex};
+use regatta_server::Node;
+use regatta_wal::GroupId;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::proto;
+
+/// Commands in one `ReplicateResponse`, at most (bytes of payload).
+pub const RESPONSE_BYTES_MAX: u64 = 4 << 20;
+
+/// With nothing new for this long, the stream sends an empty response
+/// carrying the leader's applied index.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Responses buffered per stream before the sender waits for the client.
+const STREAM_BUFFER_RESPONSES: usize = 4;
+
+/// The replication API over one leader-cluster node.
+#[derive(Clone)]
+pub struct LeaderService {
+    node: Arc<Node>,
+}
+
+impl LeaderService {
+    /// Serves `node`'s tables.
+    pub fn new(node: Arc<Node>) -> LeaderService {
+        LeaderService { node }
+    }
+
+    fn table_group(&self, table: &[u8]) -> crate::Result<GroupId> {
+        let name = std::str::from_utf8(table)
+            .map_err(|_| Error::InvalidArgument("the table name is not UTF-8".into()))?;
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("the table name is empty".into()));
+        }
+        Ok(self.node.table_group(name)?)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::metadata_server::Metadata for LeaderService {
+    async fn get(
+        &self,
+        _request: Request<proto::MetadataRequest>,
+    ) -> Result<Response<proto::MetadataResponse>, Status> {
+        let mut tables: Vec<proto::Table> = self
+            .node
+            .tables()
+            .into_iter()
+            .map(|table| proto::Table {
+                name: table.name,
+                r#type: proto::table::Type::Replicated as i32,
+            })
+            .collect();
+        tables.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(proto::MetadataResponse { tables }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::log_server::Log for LeaderService {
+    type ReplicateStream = ReceiverStream<Result<proto::ReplicateResponse, Status>>;
+
+    async fn replicate(
+        &self,
+        request: Request<proto::ReplicateRequest>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let request = request.into_inner();
+        let group = self.table_group(&request.table)?;
+        let host = self.node.host().clone();
+        let applied = host.applied_index_watch(group).map_err(Error::from)?;
+        let commit = host
+            .status(group)
+            .await
+            .map_err(Error::from)?
+            .hard_state
+            .commit;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
+        if request.leader_index > commit.0 {
+            let response = error_response(proto::ReplicateError::LeaderBehind, commit.0);
+            let _ = sender.send(Ok(response)).await;
+        } else {
+            let after = LogIndex(request.leader_index);
+            tokio::spawn(stream_log(host, group, after, applied, sender));
+        }
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Serves the replication API (`Metadata`, `Log`) of `node` on `listener`
+/// until `shutdown` resolves.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let service = LeaderService::new(node);
+    // TCP_NODELAY: a lone command must not wait for a delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+        .map_err(|error| format!("the replication listener: {error}"))?;
+    tonic::transport::Server::builder()
+        .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
+        .add_service(proto::log_server::LogServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|error| format!("the replication API: {error}"))
+}
+
+fn error_response(error: proto::ReplicateError, leader_index: u64) -> proto::ReplicateResponse {
+    proto::ReplicateResponse {
+        response: Some(proto::replicate_response::Response::ErrorResponse(
+            proto::ReplicateErrResponse {
+                error: error as i32,
+            },
+        )),
+        leader_index,
+    }
+}
+
+fn commands_response(
+    commands: Vec<proto::ReplicateCommand>,
+    leader_index: u64,
+) -> proto::ReplicateResponse {
+    proto::ReplicateResponse {
+        response: Some(proto::replicate_response::Response::CommandsResponse(
+            proto::ReplicateCommandsResponse { commands },
+        )),
+        leader_index,
+    }
+}
+
+/// The table command an entry carries; empty for entries without one.
+fn command_bytes(payload: &EntryPayload) -> Vec<u8> {
+    match payload {
+        EntryPayload::Normal(command) => command.to_vec(),
+        EntryPayload::Session { command, .. } => command.to_vec(),
+        EntryPayload::Empty | EntryPayload::ConfChange(_) => Vec::new(),
+    }
+}
+
+/// Sends the log after `after`, then each new applied entry, until the
+/// client goes away, the group stops, or the log no longer reaches back.
+async fn stream_log(
+    host: NodeHost,
+    group: GroupId,
+    mut after: LogIndex,
+    mut applied: watch::Receiver<LogIndex>,
+    sender: mpsc::Sender<Result<proto::ReplicateResponse, Status>>,
+) {
+    loop {
+        let applied_index = *applied.borrow_and_update();
+        while after < applied_index {
+            let entries = host.log_entries(
+                group,
+                after.next(),
+                applied_index.next(),
+                RESPONSE_BYTES_MAX,
+            );
+            let response = match entries {
+                Ok(entries) => {
+                    let Some(last) = entries.last().map(|entry| entry.index) else {
+                        return;
+                    };
+                    debug_assert_eq!(entries[0].index, after.next(), "entries without a gap");
+                    let commands = entries
+                        .iter()
+                        .map(|entry| proto::ReplicateCommand {
+                            leader_index: entry.index.0,
+                            command: command_bytes(&entry.payload),
+                        })
+                        .collect();
+                    after = last;
+                    Ok(commands_response(commands, applied_index.0))
+                }
+                Err(regatta_multiraft::Error::Compacted { .. }) => {
+                    let response =
+                        error_response(proto::ReplicateError::UseSnapshot, applied_index.0);
+                    let _ = sender.send(Ok(response)).await;
+                    return;
+                }
+                Err(error) => Err(Status::from(Error::Raft(error))),
+            };
+            let failed = response.is_err();
+            if sender.send(response).await.is_err() || failed {
+                return;
+            }
+        }
+        match tokio::time::timeout(HEARTBEAT_INTERVAL, applied.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                let status = Status::unavailable(format!(
+                    "the table's group {} stopped on this node",
+                    group.0
+                ));
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+            Err(_) => {
+                let index = *applied.borrow();
+                if sender
+                    .send(Ok(commands_response(Vec::new(), index.0)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}

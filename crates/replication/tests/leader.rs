@@ -1,0 +1,201 @@
+//! The leader side of replication against a real single-node leader
+//! cluster (a `regatta_server::Node` on 127.0.0.1): table metadata, the
+//! log stream from the start with every index in order, a new write pushed
+//! to an open stream, `USE_SNAPSHOT` once the log is compacted,
+//! `LEADER_BEHIND`, and the errors for bad requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use regatta_kv::command::{decode, Command, PutRequest};
+use regatta_replication::proto::{self, log_client::LogClient, metadata_client::MetadataClient};
+use regatta_replication::LeaderService;
+use regatta_server::{Node, NodeConfig};
+use tokio_stream::StreamExt;
+
+fn free_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
+}
+
+struct Leader {
+    node: Arc<Node>,
+    address: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_leader(snapshot_every_entries: u64) -> Leader {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = NodeConfig::single(dir.path(), free_address());
+    config.snapshot_every_entries = snapshot_every_entries;
+    config.compaction_overhead_entries = 2;
+    let node = Node::start(config).await.expect("node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.table_group("etcd").is_err() {
+        assert!(Instant::now() < deadline, "the etcd table never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let service = LeaderService::new(Arc::clone(&node));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
+            .add_service(proto::log_server::LogServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Leader {
+        node,
+        address,
+        _dir: dir,
+    }
+}
+
+async fn put(node: &Node, key: &str) {
+    let group = node.table_group("etcd").expect("table");
+    let command = Command::Put(PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: false,
+    });
+    node.write(group, &command).await.expect("put");
+}
+
+fn channel(address: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect_lazy()
+}
+
+fn request(table: &str, leader_index: u64) -> proto::ReplicateRequest {
+    proto::ReplicateRequest {
+        table: table.as_bytes().to_vec(),
+        leader_index,
+    }
+}
+
+fn put_key(command: &proto::ReplicateCommand) -> Option<String> {
+    match decode::<Command>(&command.command) {
+        Ok(Command::Put(put)) => Some(String::from_utf8_lossy(&put.key).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_streams_in_order_and_new_writes_are_pushed() {
+    let leader = start_leader(10_000).await;
+    for i in 0..20 {
+        put(&leader.node, &format!("k{i}")).await;
+    }
+    let mut metadata = MetadataClient::new(channel(leader.address));
+    let tables = metadata
+        .get(proto::MetadataRequest {})
+        .await
+        .expect("metadata")
+        .into_inner()
+        .tables;
+    assert!(
+        tables.iter().any(|table| table.name == "etcd"),
+        "{tables:?}"
+    );
+
+    let mut log = LogClient::new(channel(leader.address));
+    let mut stream = log
+        .replicate(request("etcd", 0))
+        .await
+        .expect("replicate")
+        .into_inner();
+    let mut next = 1u64;
+    let mut keys = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys.len() < 20 {
+        assert!(Instant::now() < deadline, "only {keys:?} arrived");
+        let response = stream.next().await.expect("open").expect("response");
+        let Some(proto::replicate_response::Response::CommandsResponse(commands)) =
+            response.response
+        else {
+            panic!("unexpected {response:?}");
+        };
+        for command in &commands.commands {
+            assert_eq!(command.leader_index, next, "indices in order, no gap");
+            next += 1;
+            keys.extend(put_key(command));
+        }
+        assert!(response.leader_index >= next - 1);
+    }
+    let expected: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    assert_eq!(keys, expected);
+
+    // A write after the stream caught up is pushed on the open stream.
+    put(&leader.node, "late").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "the new write never arrived");
+        let response = stream.next().await.expect("open").expect("response");
+        let Some(proto::replicate_response::Response::CommandsResponse(commands)) =
+            response.response
+        else {
+            panic!("unexpected {response:?}");
+        };
+        let mut found = false;
+        for command in &commands.commands {
+            assert_eq!(command.leader_index, next, "indices in order, no gap");
+            next += 1;
+            found |= put_key(command).as_deref() == Some("late");
+        }
+        if found {
+            break;
+        }
+    }
+    leader.node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
+    let leader = start_leader(10).await;
+    for i in 0..40 {
+        put(&leader.node, &format!("k{i}")).await;
+    }
+    let mut log = LogClient::new(channel(leader.address));
+    // Compaction runs in the background after the applies.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = log
+            .replicate(request("etcd", 0))
+            .await
+            .expect("replicate")
+            .into_inner();
+        let response = stream.next().await.expect("open").expect("response");
+        if let Some(proto::replicate_response::Response::ErrorResponse(error)) = response.response {
+            assert_eq!(error.error, proto::ReplicateError::UseSnapshot as i32);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log was never compacted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut stream = log
+        .replicate(request("etcd", 1_000_000))
+        .await
+        .expect("replicate")
+        .into_inner();
+    let response = stream.next().await.expect("open").expect("response");
+    match response.response {
+        Some(proto::replicate_response::Response::ErrorResponse(error)) => {
+            assert_eq!(error.error, proto::ReplicateError::LeaderBehind as i32);
+        }
+        other => panic!("expected LEADER_BEHIND, got {other:?}"),
+    }
+
+    let status = log
+        .replicate(request("nope", 0))
+        .await
+        .expect_err("unknown table");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let status = log.replicate(request("", 0)).await.expect_err("empty name");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    leader.node.stop().await;
+}
