@@ -350,11 +350,10 @@ impl Cluster {
 /// The etcd table's leader as some node reports it.
 async fn find_leader(client_addresses: &[SocketAddr]) -> Option<u64> {
     for address in client_addresses {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(1));
-        let mut client = pb::maintenance_client::MaintenanceClient::new(endpoint.connect_lazy());
+        let Some(channel) = channel(*address, Duration::from_secs(1)) else {
+            continue;
+        };
+        let mut client = pb::maintenance_client::MaintenanceClient::new(channel);
         if let Ok(status) = client.status(pb::StatusRequest {}).await {
             let leader = status.into_inner().leader;
             if leader != 0 {
@@ -367,13 +366,10 @@ async fn find_leader(client_addresses: &[SocketAddr]) -> Option<u64> {
 
 /// Asks `address`'s node to move the etcd table's leadership to `target`.
 async fn move_leader(address: SocketAddr, target: u64) -> String {
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-        Ok(endpoint) => endpoint
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(5)),
-        Err(error) => return format!("bad address: {error}"),
+    let Some(channel) = channel(address, Duration::from_secs(5)) else {
+        return format!("bad address {address}");
     };
-    let mut client = pb::maintenance_client::MaintenanceClient::new(endpoint.connect_lazy());
+    let mut client = pb::maintenance_client::MaintenanceClient::new(channel);
     match client
         .move_leader(pb::MoveLeaderRequest { target_id: target })
         .await
@@ -394,12 +390,18 @@ fn draw_nodes(rng: &mut Rng, nodes: u64, count: u64) -> Vec<u64> {
     drawn
 }
 
-async fn connect(address: SocketAddr) -> Option<pb::kv_client::KvClient<Channel>> {
+/// A lazily connecting channel to `address`, each call bounded by
+/// `timeout`.
+fn channel(address: SocketAddr, timeout: Duration) -> Option<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .ok()?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(4));
-    Some(pb::kv_client::KvClient::new(endpoint.connect_lazy()))
+        .timeout(timeout);
+    Some(endpoint.connect_lazy())
+}
+
+async fn connect(address: SocketAddr) -> Option<pb::kv_client::KvClient<Channel>> {
+    channel(address, Duration::from_secs(4)).map(pb::kv_client::KvClient::new)
 }
 
 /// Whether a failed write may still have taken effect.

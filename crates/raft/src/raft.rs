@@ -1172,15 +1172,13 @@ impl<S: Storage> Raft<S> {
             return false;
         }
         let commit = self.log.committed;
-        if let Some(progress) = self.progress.get_mut(&to) {
-            progress.commit_sent = commit;
-        }
         // In the replicate state an empty append only carries the commit
         // index: the follower answers it only on a mismatch (a lost
         // append), which sends it back to probing.
         let mut wants_ack = true;
         if let Some(progress) = self.progress.get_mut(&to) {
             wants_ack = !(entries.is_empty() && progress.state == ProgressState::Replicate);
+            progress.commit_sent = commit;
             progress.sent_append(entries.last().map(|entry| entry.index));
         }
         self.reply(

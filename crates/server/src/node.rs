@@ -323,24 +323,23 @@ impl Node {
     /// Hands the leadership of `group` to `target`, one of its voters, and
     /// returns once `target` leads it (at once if it already does).
     pub async fn transfer_leader(&self, group: GroupId, target: NodeId) -> Result<()> {
-        let status = self.host.status(group).await?;
-        if !status.membership.voters.contains(&target) {
-            let voters: Vec<String> = status
-                .membership
-                .voters
-                .iter()
-                .map(|voter| voter.0.to_string())
-                .collect();
-            return Err(Error::InvalidArgument(format!(
-                "node {} is not a voting member of group {}; its voters are {}",
-                target.0,
-                group.0,
-                voters.join(", ")
-            )));
-        }
         let deadline = Instant::now() + self.config.request_timeout;
         loop {
             let status = self.host.status(group).await?;
+            if !status.membership.voters.contains(&target) {
+                let voters: Vec<String> = status
+                    .membership
+                    .voters
+                    .iter()
+                    .map(|voter| voter.0.to_string())
+                    .collect();
+                return Err(Error::InvalidArgument(format!(
+                    "node {} is not a voting member of group {}; its voters are {}",
+                    target.0,
+                    group.0,
+                    voters.join(", ")
+                )));
+            }
             if status.soft_state.leader == Some(target) {
                 return Ok(());
             }
