@@ -161,6 +161,8 @@ pub enum ResponseOp {
     DeleteRange(DeleteRangeResult),
     /// Of a nested transaction.
     Txn(TxnResult),
+    /// Of a replicated batch or a restore step, on a follower table.
+    Replicated(ReplicatedResult),
 }
 
 /// Compares, then one branch, atomically.
@@ -203,6 +205,51 @@ pub enum Command {
     DeleteRange(DeleteRangeRequest),
     /// A transaction.
     Txn(TxnRequest),
+    /// Follower tables only: commands of the leader cluster's table, in
+    /// its log order (`docs/decisions/0004-replication-protocol.md`).
+    Replicated(ReplicatedBatch),
+    /// Follower tables only: start filling a fresh copy of the table from
+    /// a leader snapshot, abandoning any unfinished one.
+    RestoreBegin {
+        /// Names this restore; later steps must carry it.
+        restore_id: u64,
+    },
+    /// Follower tables only: keys of the snapshot being restored.
+    RestoreChunk {
+        /// The restore, as begun.
+        restore_id: u64,
+        /// Keys and their stored records (the table snapshot's items).
+        items: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Follower tables only: the copy is complete and holds the leader's
+    /// table at `leader_index`; it replaces the table atomically.
+    RestoreCommit {
+        /// The restore, as begun.
+        restore_id: u64,
+        /// The leader index the snapshot holds.
+        leader_index: u64,
+    },
+}
+
+/// A run of the leader's commands, the first at `first_leader_index` and
+/// each next one at the next index. An empty command is an entry without
+/// one (a no-op); it only advances the leader index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedBatch {
+    /// The leader index of `commands[0]`.
+    pub first_leader_index: u64,
+    /// The commands, encoded as in the leader's log.
+    pub commands: Vec<Vec<u8>>,
+}
+
+/// What a follower table did with a replicated batch or restore step.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedResult {
+    /// Whether it applied: a batch that leaves a gap after the table's
+    /// leader index, or a restore step of another restore, does not.
+    pub accepted: bool,
+    /// The table's leader index after the command.
+    pub leader_index: u64,
 }
 
 /// A read, served from the local state.

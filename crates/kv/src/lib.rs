@@ -14,4 +14,4 @@ mod error;
 mod table;
 
 pub use error::{Error, Result};
-pub use table::{Store, Table};
+pub use table::{read_table_item, Store, Table, TableItems, TableMode};

@@ -15,14 +15,25 @@ use regatta_raft::LogIndex;
 use crate::command::{
     decode, encode, Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest,
     DeleteRangeResult, KeyRange, KeyValue, PutRequest, PutResult, Query, RangeRequest, RangeResult,
-    RequestOp, Response, ResponseOp, TxnRequest, TxnResult,
+    ReplicatedBatch, ReplicatedResult, RequestOp, Response, ResponseOp, TxnRequest, TxnResult,
 };
 use crate::error::{Error, Result};
 
 const META_PARTITION: &str = "meta";
 /// Bytes of a record before its value: create, mod revision and version.
 const RECORD_HEADER_BYTES: usize = 24;
-const SNAPSHOT_VERSION: u8 = 1;
+/// Snapshots are written in version 2; version 1 (no replica state) is
+/// still read.
+const SNAPSHOT_VERSION: u8 = 2;
+const SNAPSHOT_VERSION_1: u8 = 1;
+/// In a snapshot, a key length that ends the table's items and starts
+/// those of the unfinished restore.
+const SNAPSHOT_STAGING_MARKER: u32 = u32::MAX;
+/// Bytes of a `meta` value written before replica state existed.
+const META_V1_BYTES: usize = 16;
+/// Bytes of a `meta` value: generation, applied index, leader index,
+/// restore id, staging generation.
+const META_BYTES: usize = 40;
 /// Restores write batches of about this many bytes.
 const RESTORE_BATCH_BYTES: usize = 4 << 20;
 /// The longest key or value a snapshot may carry.
@@ -43,14 +54,23 @@ impl Store {
         Ok(Store { keyspace, meta })
     }
 
-    /// Opens table `group`, creating it empty if it is new. Partitions of
-    /// other generations that a crashed restore left are deleted.
+    /// Opens table `group` of the leader cluster, creating it empty if it
+    /// is new.
     pub fn open_table(&self, group: u64) -> Result<Table> {
-        let (generation, applied) = self.read_meta(group)?;
-        let current = partition_name(group, generation);
+        self.open_table_as(group, TableMode::Primary)
+    }
+
+    /// Opens table `group` in `mode`, creating it empty if it is new.
+    /// Partitions of other generations that a crashed restore left are
+    /// deleted.
+    pub fn open_table_as(&self, group: u64, mode: TableMode) -> Result<Table> {
+        let meta = self.read_meta(group)?;
+        let current = partition_name(group, meta.generation);
+        let staging_name = (meta.restore_id != 0).then(|| partition_name(group, meta.staging));
         for name in self.keyspace.list_partitions() {
             let name: &str = &name;
-            if name != current && name.starts_with(&format!("t-{group}-")) {
+            let kept = name == current || Some(name) == staging_name.as_deref();
+            if !kept && name.starts_with(&format!("t-{group}-")) {
                 let stale = self
                     .keyspace
                     .open_partition(name, PartitionCreateOptions::default())?;
@@ -60,24 +80,71 @@ impl Store {
         let data = self
             .keyspace
             .open_partition(&current, PartitionCreateOptions::default())?;
+        let restoring = match staging_name {
+            Some(name) => Some(Restoring {
+                restore_id: meta.restore_id,
+                generation: meta.staging,
+                data: self
+                    .keyspace
+                    .open_partition(&name, PartitionCreateOptions::default())?,
+            }),
+            None => None,
+        };
         Ok(Table {
             store: self.clone(),
             group,
-            generation,
+            mode,
+            generation: meta.generation,
             data,
-            applied: LogIndex(applied),
+            applied: LogIndex(meta.applied),
+            leader_index: meta.leader_index,
+            restoring,
         })
+    }
+
+    /// A consistent point-in-time copy of table `group`, for a follower
+    /// cluster: its revision (the applied index, which a follower calls
+    /// the leader index) and its items in snapshot order. Reads the
+    /// committed data, never the apply path.
+    pub fn table_snapshot(&self, group: u64) -> Result<(u64, TableItems)> {
+        let instant = self.keyspace.instant();
+        let meta = match self.meta.snapshot_at(instant).get(group.to_be_bytes())? {
+            Some(bytes) => Meta::decode(group, &bytes)?,
+            None => return Err(Error::Storage(format!("table {group} is not on this node"))),
+        };
+        let name = partition_name(group, meta.generation);
+        if !self.keyspace.partition_exists(&name) {
+            return Err(Error::Storage(format!(
+                "table {group} changed while its snapshot began; retry"
+            )));
+        }
+        let data = self
+            .keyspace
+            .open_partition(&name, PartitionCreateOptions::default())?;
+        let revision = if meta.leader_index > 0 {
+            meta.leader_index
+        } else {
+            meta.applied
+        };
+        Ok((
+            revision,
+            TableItems {
+                snapshot: data.snapshot_at(instant),
+            },
+        ))
     }
 
     /// Deletes table `group`'s data and metadata.
     pub fn remove_table(&self, group: u64) -> Result<()> {
-        let (generation, _) = self.read_meta(group)?;
-        let name = partition_name(group, generation);
-        if self.keyspace.partition_exists(&name) {
-            let data = self
-                .keyspace
-                .open_partition(&name, PartitionCreateOptions::default())?;
-            self.keyspace.delete_partition(data)?;
+        let prefix = format!("t-{group}-");
+        for name in self.keyspace.list_partitions() {
+            let name: &str = &name;
+            if name.starts_with(&prefix) {
+                let data = self
+                    .keyspace
+                    .open_partition(name, PartitionCreateOptions::default())?;
+                self.keyspace.delete_partition(data)?;
+            }
         }
         self.meta.remove(group.to_be_bytes())?;
         self.keyspace.persist(PersistMode::SyncAll)?;
@@ -87,8 +154,7 @@ impl Store {
     /// Bytes table `group`'s data takes on disk (its fjall partition's
     /// segments; writes still only in memory or the journal not counted).
     pub fn table_disk_bytes(&self, group: u64) -> Result<u64> {
-        let (generation, _) = self.read_meta(group)?;
-        let name = partition_name(group, generation);
+        let name = partition_name(group, self.read_meta(group)?.generation);
         if !self.keyspace.partition_exists(&name) {
             return Ok(0);
         }
@@ -98,28 +164,117 @@ impl Store {
         Ok(data.disk_space())
     }
 
-    /// The table's data generation and applied index.
-    fn read_meta(&self, group: u64) -> Result<(u64, u64)> {
+    /// The table's `meta` entry; all zero for a new table.
+    fn read_meta(&self, group: u64) -> Result<Meta> {
         match self.meta.get(group.to_be_bytes())? {
-            None => Ok((0, 0)),
-            Some(bytes) if bytes.len() == 16 => Ok((read_u64(&bytes[..8]), read_u64(&bytes[8..]))),
-            Some(bytes) => Err(Error::Decode(format!(
-                "metadata of table {group}: {} bytes, expected 16",
-                bytes.len()
-            ))),
+            None => Ok(Meta::default()),
+            Some(bytes) => Meta::decode(group, &bytes),
         }
     }
 }
 
-fn partition_name(group: u64, generation: u64) -> String {
-    format!("t-{group}-{generation}")
+/// How a table takes writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableMode {
+    /// A table of the leader cluster: clients' Put, DeleteRange and Txn;
+    /// its revision is its applied index.
+    Primary,
+    /// A table of a follower cluster: only the leader's replicated
+    /// commands and snapshot restores; its revision is the leader index.
+    Replica,
 }
 
-fn meta_value(generation: u64, applied: LogIndex) -> [u8; 16] {
-    let mut value = [0u8; 16];
-    value[..8].copy_from_slice(&generation.to_le_bytes());
-    value[8..].copy_from_slice(&applied.0.to_le_bytes());
-    value
+/// A table's `meta` entry (`docs/kv-format.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Meta {
+    generation: u64,
+    applied: u64,
+    leader_index: u64,
+    /// 0 when no restore is under way.
+    restore_id: u64,
+    /// The generation being filled by the restore.
+    staging: u64,
+}
+
+impl Meta {
+    fn decode(group: u64, bytes: &[u8]) -> Result<Meta> {
+        match bytes.len() {
+            META_V1_BYTES => Ok(Meta {
+                generation: read_u64(&bytes[0..8]),
+                applied: read_u64(&bytes[8..16]),
+                ..Meta::default()
+            }),
+            META_BYTES => Ok(Meta {
+                generation: read_u64(&bytes[0..8]),
+                applied: read_u64(&bytes[8..16]),
+                leader_index: read_u64(&bytes[16..24]),
+                restore_id: read_u64(&bytes[24..32]),
+                staging: read_u64(&bytes[32..40]),
+            }),
+            other => Err(Error::Decode(format!(
+                "metadata of table {group}: {other} bytes, expected {META_V1_BYTES} or {META_BYTES}"
+            ))),
+        }
+    }
+
+    fn encode(&self) -> [u8; META_BYTES] {
+        let mut value = [0u8; META_BYTES];
+        for (position, field) in [
+            self.generation,
+            self.applied,
+            self.leader_index,
+            self.restore_id,
+            self.staging,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            value[position * 8..position * 8 + 8].copy_from_slice(&field.to_le_bytes());
+        }
+        value
+    }
+}
+
+/// A table's items at one instant, written as the items of a table
+/// snapshot (`docs/kv-format.md`): key length u32 LE, key, record length
+/// u32 LE, record.
+pub struct TableItems {
+    snapshot: fjall::Snapshot,
+}
+
+impl TableItems {
+    /// Writes every item to `out`.
+    pub fn write_to(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        write_items(&self.snapshot, out)
+    }
+}
+
+fn write_items(snapshot: &fjall::Snapshot, out: &mut dyn Write) -> std::io::Result<()> {
+    for item in snapshot.iter() {
+        let (key, value) = item.map_err(std::io::Error::other)?;
+        out.write_all(&(key.len() as u32).to_le_bytes())?;
+        out.write_all(&key)?;
+        out.write_all(&(value.len() as u32).to_le_bytes())?;
+        out.write_all(&value)?;
+    }
+    Ok(())
+}
+
+/// Reads the items `write_items` wrote, one (key, record) at a time,
+/// checking each record's header; `None` at the end.
+pub fn read_table_item(data: &mut dyn Read) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let Some(key) = read_item(data, true)? else {
+        return Ok(None);
+    };
+    let Some(record) = read_item(data, false)? else {
+        return Err(Error::Decode("a table snapshot ends after a key".into()));
+    };
+    Record::decode(&record)?;
+    Ok(Some((key, record)))
+}
+
+fn partition_name(group: u64, generation: u64) -> String {
+    format!("t-{group}-{generation}")
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {
@@ -394,43 +549,172 @@ fn compare_record(record: Option<&Record>, compare: &Compare) -> bool {
 pub struct Table {
     store: Store,
     group: u64,
+    mode: TableMode,
     generation: u64,
     data: PartitionHandle,
     applied: LogIndex,
+    /// The leader cluster's index this table holds (replica tables).
+    leader_index: u64,
+    /// The restore being filled (replica tables).
+    restoring: Option<Restoring>,
+}
+
+/// A restore under way: a fresh generation being filled with the items
+/// of a leader snapshot.
+struct Restoring {
+    restore_id: u64,
+    generation: u64,
+    data: PartitionHandle,
+}
+
+/// Applies one client write (or an inner replicated one) at `revision`.
+fn apply_write(
+    view: &mut View<'_>,
+    command: Command,
+    revision: u64,
+) -> std::result::Result<ResponseOp, String> {
+    let result = match command {
+        Command::Put(put) => view.put(&put, revision).map(ResponseOp::Put),
+        Command::DeleteRange(delete) => view.delete_range(&delete).map(ResponseOp::DeleteRange),
+        Command::Txn(txn) => view.txn(&txn, revision).map(ResponseOp::Txn),
+        Command::Replicated(_)
+        | Command::RestoreBegin { .. }
+        | Command::RestoreChunk { .. }
+        | Command::RestoreCommit { .. } => {
+            return Err("a replication command cannot be nested".into())
+        }
+    };
+    result.map_err(|error| error.to_string())
+}
+
+/// Applies a replicated batch on top of `leader_index`: commands at or
+/// below it were applied before and are skipped; a batch that would leave
+/// a gap is refused whole.
+fn apply_replicated(
+    view: &mut View<'_>,
+    leader_index: &mut u64,
+    batch: ReplicatedBatch,
+) -> std::result::Result<ResponseOp, String> {
+    if batch.first_leader_index == 0 || batch.first_leader_index > *leader_index + 1 {
+        return Ok(ResponseOp::Replicated(ReplicatedResult {
+            accepted: false,
+            leader_index: *leader_index,
+        }));
+    }
+    for (offset, command) in batch.commands.iter().enumerate() {
+        let index = batch.first_leader_index + offset as u64;
+        if index <= *leader_index {
+            continue;
+        }
+        if !command.is_empty() {
+            // A command the leader could not decode or apply failed there
+            // without a change; it fails here the same way.
+            if let Ok(command) = decode::<Command>(command) {
+                let _ = apply_write(view, command, index);
+            }
+        }
+        *leader_index = index;
+    }
+    Ok(ResponseOp::Replicated(ReplicatedResult {
+        accepted: true,
+        leader_index: *leader_index,
+    }))
 }
 
 impl Table {
-    /// Applies commands as one atomic write with the last index.
-    fn apply_commands(&mut self, commands: &[(LogIndex, Bytes)]) -> Result<Vec<Bytes>> {
-        let mut view = View {
-            data: &self.data,
-            writes: BTreeMap::new(),
-        };
-        let mut results = Vec::with_capacity(commands.len());
-        for (index, command) in commands {
-            let revision = index.0;
-            let result = match decode::<Command>(command) {
-                Err(error) => Err(error.to_string()),
-                Ok(Command::Put(put)) => view
-                    .put(&put, revision)
-                    .map(ResponseOp::Put)
-                    .map_err(|e| e.to_string()),
-                Ok(Command::DeleteRange(delete)) => view
-                    .delete_range(&delete)
-                    .map(ResponseOp::DeleteRange)
-                    .map_err(|e| e.to_string()),
-                Ok(Command::Txn(txn)) => view
-                    .txn(&txn, revision)
-                    .map(ResponseOp::Txn)
-                    .map_err(|e| e.to_string()),
-            };
-            results.push(Bytes::from(encode(&Response { revision, result })));
+    /// The table's revision: its applied index on the leader cluster, the
+    /// leader index it holds on a follower cluster.
+    pub fn revision(&self) -> u64 {
+        match self.mode {
+            TableMode::Primary => self.applied.0,
+            TableMode::Replica => self.leader_index,
         }
-        let Some(&(last, _)) = commands.last() else {
-            return Ok(results);
-        };
+    }
+
+    fn meta(&self) -> Meta {
+        let (restore_id, staging) = self.restoring.as_ref().map_or((0, 0), |restoring| {
+            (restoring.restore_id, restoring.generation)
+        });
+        Meta {
+            generation: self.generation,
+            applied: self.applied.0,
+            leader_index: self.leader_index,
+            restore_id,
+            staging,
+        }
+    }
+
+    /// The first generation number no partition of this table uses.
+    fn next_generation(&self) -> u64 {
+        let staging = self.restoring.as_ref().map_or(0, |r| r.generation);
+        self.generation.max(staging) + 1
+    }
+
+    /// Applies commands as one atomic write with the last index; restore
+    /// steps commit what came before them and write on their own.
+    fn apply_commands(&mut self, commands: &[(LogIndex, Bytes)]) -> Result<Vec<Bytes>> {
+        let mut results = Vec::with_capacity(commands.len());
+        let mut writes = BTreeMap::new();
+        let mut pending = false;
+        for (index, command) in commands {
+            let decoded = decode::<Command>(command);
+            let restore_step = matches!(
+                decoded,
+                Ok(Command::RestoreBegin { .. }
+                    | Command::RestoreChunk { .. }
+                    | Command::RestoreCommit { .. })
+            );
+            if restore_step {
+                if pending {
+                    self.commit_writes(std::mem::take(&mut writes))?;
+                    pending = false;
+                }
+                let Ok(step) = decoded else {
+                    unreachable!("a restore step decoded")
+                };
+                let result = self.apply_restore_step(*index, step)?;
+                results.push(Bytes::from(encode(&Response {
+                    revision: self.revision(),
+                    result,
+                })));
+                continue;
+            }
+            let mut view = View {
+                data: &self.data,
+                writes: std::mem::take(&mut writes),
+            };
+            let result = match (decoded, self.mode) {
+                (Err(error), _) => Err(error.to_string()),
+                (Ok(Command::Replicated(batch)), TableMode::Replica) => {
+                    apply_replicated(&mut view, &mut self.leader_index, batch)
+                }
+                (Ok(Command::Replicated(_)), TableMode::Primary) => {
+                    Err("a table of the leader cluster takes no replicated commands".into())
+                }
+                (Ok(_), TableMode::Replica) => Err(
+                    "a table of a follower cluster takes writes only from the leader cluster"
+                        .into(),
+                ),
+                (Ok(command), TableMode::Primary) => apply_write(&mut view, command, index.0),
+            };
+            writes = view.writes;
+            self.applied = *index;
+            pending = true;
+            results.push(Bytes::from(encode(&Response {
+                revision: self.revision(),
+                result,
+            })));
+        }
+        if pending {
+            self.commit_writes(writes)?;
+        }
+        Ok(results)
+    }
+
+    /// Writes a batch's keys and the table's `meta` in one atomic write.
+    fn commit_writes(&mut self, writes: BTreeMap<Vec<u8>, Option<Record>>) -> Result<()> {
         let mut batch = self.store.keyspace.batch();
-        for (key, record) in view.writes {
+        for (key, record) in writes {
             match record {
                 Some(record) => batch.insert(&self.data, key, record.encode()),
                 None => batch.remove(&self.data, key),
@@ -439,11 +723,99 @@ impl Table {
         batch.insert(
             &self.store.meta,
             self.group.to_be_bytes(),
-            meta_value(self.generation, last),
+            self.meta().encode(),
         );
         batch.commit()?;
-        self.applied = last;
-        Ok(results)
+        Ok(())
+    }
+
+    /// Applies `RestoreBegin`, `RestoreChunk` or `RestoreCommit` at `index`.
+    fn apply_restore_step(
+        &mut self,
+        index: LogIndex,
+        step: Command,
+    ) -> Result<std::result::Result<ResponseOp, String>> {
+        self.applied = index;
+        if self.mode == TableMode::Primary {
+            self.commit_writes(BTreeMap::new())?;
+            return Ok(Err(
+                "a table of the leader cluster is not restored from a leader snapshot".into(),
+            ));
+        }
+        let current = self.restoring.as_ref().map(|r| r.restore_id);
+        let accepted = match step {
+            Command::RestoreBegin { restore_id } if restore_id != 0 => {
+                let generation = self.next_generation();
+                if let Some(abandoned) = self.restoring.take() {
+                    self.store.keyspace.delete_partition(abandoned.data)?;
+                }
+                let data = self.store.keyspace.open_partition(
+                    &partition_name(self.group, generation),
+                    PartitionCreateOptions::default(),
+                )?;
+                self.restoring = Some(Restoring {
+                    restore_id,
+                    generation,
+                    data,
+                });
+                self.commit_writes(BTreeMap::new())?;
+                true
+            }
+            Command::RestoreChunk { restore_id, items } if current == Some(restore_id) => {
+                if let Some((_, record)) = items
+                    .iter()
+                    .find(|(_, record)| Record::decode(record).is_err())
+                {
+                    self.commit_writes(BTreeMap::new())?;
+                    return Ok(Err(format!(
+                        "a restore chunk holds a record of {} bytes, shorter than its header",
+                        record.len()
+                    )));
+                }
+                let Some(restoring) = &self.restoring else {
+                    unreachable!("a restore under way")
+                };
+                let mut batch = self.store.keyspace.batch();
+                for (key, record) in items {
+                    batch.insert(&restoring.data, key, record);
+                }
+                batch.insert(
+                    &self.store.meta,
+                    self.group.to_be_bytes(),
+                    self.meta().encode(),
+                );
+                batch.commit()?;
+                true
+            }
+            Command::RestoreCommit {
+                restore_id,
+                leader_index,
+            } if current == Some(restore_id) => {
+                let Some(restoring) = self.restoring.take() else {
+                    unreachable!("a restore under way")
+                };
+                let keyspace = self.store.keyspace.clone();
+                // The copy is durable before the switch names it.
+                keyspace.persist(PersistMode::SyncAll)?;
+                let old = std::mem::replace(&mut self.data, restoring.data);
+                self.generation = restoring.generation;
+                self.leader_index = leader_index;
+                self.store
+                    .meta
+                    .insert(self.group.to_be_bytes(), self.meta().encode())?;
+                keyspace.persist(PersistMode::SyncAll)?;
+                keyspace.delete_partition(old)?;
+                true
+            }
+            _ => {
+                self.commit_writes(BTreeMap::new())?;
+                false
+            }
+        };
+        Ok(Ok(ResponseOp::Replicated(ReplicatedResult {
+            accepted,
+            leader_index: self.leader_index,
+        })))
     }
 
     /// Answers a query from the committed state.
@@ -455,14 +827,14 @@ impl Table {
         let result = match query {
             Query::Range(range) => view.range(range).map(ResponseOp::Range),
             Query::Txn(txn) if txn.is_read_only() => {
-                view.txn(txn, self.applied.0).map(ResponseOp::Txn)
+                view.txn(txn, self.revision()).map(ResponseOp::Txn)
             }
             Query::Txn(_) => Err(Error::Decode(
                 "a transaction that writes cannot be served as a read".into(),
             )),
         };
         Response {
-            revision: self.applied.0,
+            revision: self.revision(),
             result: result.map_err(|error| error.to_string()),
         }
     }
@@ -470,44 +842,93 @@ impl Table {
     fn restore_from(&mut self, index: LogIndex, data: &mut dyn Read) -> Result<()> {
         let mut version = [0u8; 1];
         data.read_exact(&mut version)?;
-        if version[0] != SNAPSHOT_VERSION {
-            return Err(Error::Decode(format!(
-                "table snapshot version {} is not known (expected {SNAPSHOT_VERSION})",
-                version[0]
-            )));
-        }
-        let generation = self.generation + 1;
-        let name = partition_name(self.group, generation);
-        let keyspace = &self.store.keyspace;
-        let fresh = keyspace.open_partition(&name, PartitionCreateOptions::default())?;
-        let filled = fill_from_snapshot(keyspace, &fresh, data);
+        let (leader_index, restore_id) = match version[0] {
+            SNAPSHOT_VERSION_1 => (0, 0),
+            SNAPSHOT_VERSION => {
+                let mut header = [0u8; 16];
+                data.read_exact(&mut header)?;
+                (read_u64(&header[..8]), read_u64(&header[8..]))
+            }
+            other => {
+                return Err(Error::Decode(format!(
+                    "table snapshot version {other} is not known (expected {SNAPSHOT_VERSION})"
+                )))
+            }
+        };
+        let generation = self.next_generation();
+        let keyspace = self.store.keyspace.clone();
+        let fresh = keyspace.open_partition(
+            &partition_name(self.group, generation),
+            PartitionCreateOptions::default(),
+        )?;
+        let mut staging = None;
+        let filled = fill_from_snapshot(&keyspace, &fresh, data).and_then(|marker| {
+            match (marker, restore_id) {
+                (false, 0) => Ok(()),
+                (true, id) if id != 0 => {
+                    let partition = keyspace.open_partition(
+                        &partition_name(self.group, generation + 1),
+                        PartitionCreateOptions::default(),
+                    )?;
+                    let filled = fill_from_snapshot(&keyspace, &partition, data);
+                    staging = Some(Restoring {
+                        restore_id: id,
+                        generation: generation + 1,
+                        data: partition,
+                    });
+                    match filled? {
+                        false => Ok(()),
+                        true => Err(Error::Decode(
+                            "a table snapshot has two staging marks".into(),
+                        )),
+                    }
+                }
+                _ => Err(Error::Decode(
+                    "a table snapshot's staging mark does not match its restore id".into(),
+                )),
+            }
+        });
         if let Err(error) = filled {
             let _ = keyspace.delete_partition(fresh);
+            if let Some(staging) = staging {
+                let _ = keyspace.delete_partition(staging.data);
+            }
             return Err(error);
         }
-        // The switch: one atomic write names the new generation.
-        keyspace.persist(PersistMode::SyncAll)?;
-        self.store
-            .meta
-            .insert(self.group.to_be_bytes(), meta_value(generation, index))?;
+        // The switch: one atomic write names the new generations.
         keyspace.persist(PersistMode::SyncAll)?;
         let old = std::mem::replace(&mut self.data, fresh);
+        let old_staging = std::mem::replace(&mut self.restoring, staging);
         self.generation = generation;
         self.applied = index;
+        self.leader_index = leader_index;
+        self.store
+            .meta
+            .insert(self.group.to_be_bytes(), self.meta().encode())?;
+        keyspace.persist(PersistMode::SyncAll)?;
         keyspace.delete_partition(old)?;
+        if let Some(old_staging) = old_staging {
+            keyspace.delete_partition(old_staging.data)?;
+        }
         Ok(())
     }
 }
 
-/// Reads (key, record) pairs to the end of `data` into `partition`.
+/// Reads (key, record) pairs into `partition` until the end of `data`
+/// (false) or the staging mark (true).
 fn fill_from_snapshot(
     keyspace: &Keyspace,
     partition: &PartitionHandle,
     data: &mut dyn Read,
-) -> Result<()> {
+) -> Result<bool> {
     let mut batch = keyspace.batch();
     let mut batch_bytes = 0usize;
-    while let Some(key) = read_item(data, true)? {
+    let marked = loop {
+        let key = match read_length(data, true)? {
+            None => break false,
+            Some(SNAPSHOT_STAGING_MARKER) => break true,
+            Some(length) => read_body(data, length)?,
+        };
         let Some(record) = read_item(data, false)? else {
             return Err(Error::Decode("a table snapshot ends after a key".into()));
         };
@@ -518,14 +939,14 @@ fn fill_from_snapshot(
             std::mem::replace(&mut batch, keyspace.batch()).commit()?;
             batch_bytes = 0;
         }
-    }
+    };
     batch.commit()?;
-    Ok(())
+    Ok(marked)
 }
 
-/// One length-prefixed item; `None` at a clean end of the stream when
+/// An item's length prefix; `None` at a clean end of the stream when
 /// `end_allowed`.
-fn read_item(data: &mut dyn Read, end_allowed: bool) -> Result<Option<Vec<u8>>> {
+fn read_length(data: &mut dyn Read, end_allowed: bool) -> Result<Option<u32>> {
     let mut length = [0u8; 4];
     let mut filled = 0;
     while filled < 4 {
@@ -538,7 +959,10 @@ fn read_item(data: &mut dyn Read, end_allowed: bool) -> Result<Option<Vec<u8>>> 
         }
         filled += read;
     }
-    let length = u32::from_le_bytes(length);
+    Ok(Some(u32::from_le_bytes(length)))
+}
+
+fn read_body(data: &mut dyn Read, length: u32) -> Result<Vec<u8>> {
     if length > SNAPSHOT_ITEM_BYTES_MAX {
         return Err(Error::Decode(format!(
             "a table snapshot item of {length} bytes is over the limit"
@@ -546,23 +970,36 @@ fn read_item(data: &mut dyn Read, end_allowed: bool) -> Result<Option<Vec<u8>>> 
     }
     let mut item = vec![0u8; length as usize];
     data.read_exact(&mut item)?;
-    Ok(Some(item))
+    Ok(item)
+}
+
+/// One length-prefixed item; `None` at a clean end of the stream when
+/// `end_allowed`.
+fn read_item(data: &mut dyn Read, end_allowed: bool) -> Result<Option<Vec<u8>>> {
+    match read_length(data, end_allowed)? {
+        None => Ok(None),
+        Some(length) => read_body(data, length).map(Some),
+    }
 }
 
 /// A point-in-time view of a table, written out as a snapshot stream.
 struct TableSnapshot {
-    snapshot: fjall::Snapshot,
+    leader_index: u64,
+    data: fjall::Snapshot,
+    /// The restore under way: its id and items.
+    staging: Option<(u64, fjall::Snapshot)>,
 }
 
 impl SnapshotSource for TableSnapshot {
     fn write_to(self: Box<Self>, out: &mut dyn Write) -> std::io::Result<()> {
         out.write_all(&[SNAPSHOT_VERSION])?;
-        for item in self.snapshot.iter() {
-            let (key, value) = item.map_err(std::io::Error::other)?;
-            out.write_all(&(key.len() as u32).to_le_bytes())?;
-            out.write_all(&key)?;
-            out.write_all(&(value.len() as u32).to_le_bytes())?;
-            out.write_all(&value)?;
+        out.write_all(&self.leader_index.to_le_bytes())?;
+        let restore_id = self.staging.as_ref().map_or(0, |(id, _)| *id);
+        out.write_all(&restore_id.to_le_bytes())?;
+        write_items(&self.data, out)?;
+        if let Some((_, staging)) = &self.staging {
+            out.write_all(&SNAPSHOT_STAGING_MARKER.to_le_bytes())?;
+            write_items(staging, out)?;
         }
         Ok(())
     }
@@ -585,7 +1022,7 @@ impl StateMachine for Table {
         let response = match decode::<Query>(query) {
             Ok(query) => self.query(&query),
             Err(error) => Response {
-                revision: self.applied.0,
+                revision: self.revision(),
                 result: Err(error.to_string()),
             },
         };
@@ -604,8 +1041,14 @@ impl StateMachine for Table {
     }
 
     fn snapshot(&self) -> Box<dyn SnapshotSource> {
+        let instant = self.store.keyspace.instant();
         Box::new(TableSnapshot {
-            snapshot: self.data.snapshot(),
+            leader_index: self.leader_index,
+            data: self.data.snapshot_at(instant),
+            staging: self
+                .restoring
+                .as_ref()
+                .map(|restoring| (restoring.restore_id, restoring.data.snapshot_at(instant))),
         })
     }
 

@@ -1,0 +1,275 @@
+//! Follower-cluster tables: replicated batches fenced by the leader index,
+//! restores from a leader snapshot through the follower's own log, and
+//! replica state carried by reopen and by Raft snapshots.
+
+use bytes::Bytes;
+use regatta_kv::command::{
+    decode, encode, Command, KeyRange, PutRequest, Query, RangeRequest, ReplicatedBatch,
+    ReplicatedResult, Response, ResponseOp,
+};
+use regatta_kv::{read_table_item, Store, Table, TableMode};
+use regatta_multiraft::StateMachine;
+use regatta_raft::LogIndex;
+
+fn put(key: &str, value: &str) -> Vec<u8> {
+    encode(&Command::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        prev_kv: false,
+    }))
+}
+
+fn apply(table: &mut Table, commands: &[Command]) -> Vec<Response> {
+    let first = table.applied_index().0 + 1;
+    let batch: Vec<(LogIndex, Bytes)> = commands
+        .iter()
+        .enumerate()
+        .map(|(offset, command)| {
+            (
+                LogIndex(first + offset as u64),
+                Bytes::from(encode(command)),
+            )
+        })
+        .collect();
+    table
+        .apply_batch(&batch)
+        .expect("apply")
+        .iter()
+        .map(|bytes| decode::<Response>(bytes).expect("response"))
+        .collect()
+}
+
+fn replicated(first_leader_index: u64, commands: Vec<Vec<u8>>) -> Command {
+    Command::Replicated(ReplicatedBatch {
+        first_leader_index,
+        commands,
+    })
+}
+
+fn outcome(response: &Response) -> ReplicatedResult {
+    match &response.result {
+        Ok(ResponseOp::Replicated(result)) => result.clone(),
+        other => panic!("a replicated result, not {other:?}"),
+    }
+}
+
+/// Every key with its value, create and mod revision and version.
+fn contents(table: &Table) -> Vec<(String, String, u64, u64, u64)> {
+    let query = Query::Range(RangeRequest {
+        range: KeyRange {
+            key: vec![0],
+            range_end: vec![0],
+        },
+        ..RangeRequest::default()
+    });
+    let response = decode::<Response>(&table.read(&Bytes::from(encode(&query)))).expect("decode");
+    let Ok(ResponseOp::Range(range)) = response.result else {
+        panic!("a range result, not {:?}", response.result);
+    };
+    range
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).to_string(),
+                String::from_utf8_lossy(&kv.value).to_string(),
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn replicated_batches_apply_once_in_leader_order_with_leader_revisions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table_as(7, TableMode::Replica).expect("table");
+
+    // Leader indexes 1..=3: a no-op, then two puts of one key.
+    let first = apply(
+        &mut table,
+        &[replicated(
+            1,
+            vec![Vec::new(), put("a", "1"), put("a", "2")],
+        )],
+    );
+    assert_eq!(
+        outcome(&first[0]),
+        ReplicatedResult {
+            accepted: true,
+            leader_index: 3
+        }
+    );
+    assert_eq!(first[0].revision, 3);
+    assert_eq!(contents(&table), vec![("a".into(), "2".into(), 2, 3, 2)]);
+
+    // A gap is refused whole; an overlap applies only what is new.
+    let gap = apply(&mut table, &[replicated(5, vec![put("gap", "x")])]);
+    assert_eq!(
+        outcome(&gap[0]),
+        ReplicatedResult {
+            accepted: false,
+            leader_index: 3
+        }
+    );
+    let overlap = apply(
+        &mut table,
+        &[replicated(
+            2,
+            vec![put("a", "again"), put("a", "again"), put("b", "1")],
+        )],
+    );
+    assert_eq!(
+        outcome(&overlap[0]),
+        ReplicatedResult {
+            accepted: true,
+            leader_index: 4
+        }
+    );
+    assert_eq!(
+        contents(&table),
+        vec![
+            ("a".into(), "2".into(), 2, 3, 2),
+            ("b".into(), "1".into(), 4, 4, 1)
+        ]
+    );
+
+    // Clients' writes never apply on a follower table; replication
+    // commands never apply on a leader table.
+    let direct = apply(&mut table, &[Command::Put(PutRequest::default())]);
+    assert!(direct[0].result.is_err());
+    let mut primary = store.open_table(8).expect("table");
+    let refused = apply(&mut primary, &[replicated(1, vec![put("a", "1")])]);
+    assert!(refused[0].result.is_err());
+    assert_eq!(contents(&primary), vec![]);
+
+    // The leader index survives a reopen with the data.
+    let applied = table.applied_index();
+    table.sync().expect("sync");
+    drop(table);
+    let table = store.open_table_as(7, TableMode::Replica).expect("reopen");
+    assert_eq!(table.applied_index(), applied);
+    assert_eq!(table.revision(), 4);
+    assert_eq!(contents(&table).len(), 2);
+}
+
+#[test]
+fn a_restore_replaces_the_table_at_commit_and_survives_reopens_and_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+
+    // The leader's table and its snapshot, as Snapshot.Stream serves it.
+    let mut leader = store.open_table(1).expect("leader table");
+    let puts: Vec<Command> = (0..300)
+        .map(|i| {
+            Command::Put(PutRequest {
+                key: format!("k{i:03}").into(),
+                value: format!("v{i}").into(),
+                prev_kv: false,
+            })
+        })
+        .collect();
+    apply(&mut leader, &puts);
+    leader.sync().expect("sync");
+    let (revision, items) = store.table_snapshot(1).expect("snapshot");
+    assert_eq!(revision, 300);
+    let mut stream = Vec::new();
+    items.write_to(&mut stream).expect("write");
+    let mut reader = stream.as_slice();
+    let mut all_items = Vec::new();
+    while let Some(item) = read_table_item(&mut reader).expect("item") {
+        all_items.push(item);
+    }
+    assert_eq!(all_items.len(), 300);
+
+    let mut follower = store
+        .open_table_as(2, TableMode::Replica)
+        .expect("follower");
+    apply(&mut follower, &[replicated(1, vec![put("stale", "x")])]);
+    // An abandoned restore, then the one that completes.
+    let begun = apply(&mut follower, &[Command::RestoreBegin { restore_id: 1 }]);
+    assert!(outcome(&begun[0]).accepted);
+    apply(
+        &mut follower,
+        &[Command::RestoreChunk {
+            restore_id: 1,
+            items: all_items[..10].to_vec(),
+        }],
+    );
+    apply(&mut follower, &[Command::RestoreBegin { restore_id: 2 }]);
+    let stale_chunk = apply(
+        &mut follower,
+        &[Command::RestoreChunk {
+            restore_id: 1,
+            items: all_items[..10].to_vec(),
+        }],
+    );
+    assert!(!outcome(&stale_chunk[0]).accepted);
+    apply(
+        &mut follower,
+        &[Command::RestoreChunk {
+            restore_id: 2,
+            items: all_items[..100].to_vec(),
+        }],
+    );
+    // Until the commit, reads see the old table.
+    assert_eq!(
+        contents(&follower),
+        vec![("stale".into(), "x".into(), 1, 1, 1)]
+    );
+
+    // A Raft snapshot taken mid-restore carries the restore: a replica
+    // installed from it accepts the remaining chunks like this one.
+    let mut raft_snapshot = Vec::new();
+    follower
+        .snapshot()
+        .write_to(&mut raft_snapshot)
+        .expect("write");
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other_store = Store::open(other_dir.path()).expect("store");
+    let mut other = other_store
+        .open_table_as(2, TableMode::Replica)
+        .expect("table");
+    other
+        .restore(follower.applied_index(), &mut raft_snapshot.as_slice())
+        .expect("install");
+
+    // And a reopen mid-restore keeps it too.
+    follower.sync().expect("sync");
+    drop(follower);
+    let mut follower = store.open_table_as(2, TableMode::Replica).expect("reopen");
+
+    let rest = [
+        Command::RestoreChunk {
+            restore_id: 2,
+            items: all_items[100..].to_vec(),
+        },
+        Command::RestoreCommit {
+            restore_id: 2,
+            leader_index: revision,
+        },
+    ];
+    for table in [&mut follower, &mut other] {
+        let responses = apply(table, &rest);
+        assert!(responses.iter().all(|response| outcome(response).accepted));
+        assert_eq!(table.revision(), 300);
+        assert_eq!(contents(table), contents(&leader));
+        // Replication resumes after the snapshot's index.
+        let next = apply(table, &[replicated(301, vec![put("k000", "new")])]);
+        assert!(outcome(&next[0]).accepted);
+        assert_eq!(contents(table)[0], ("k000".into(), "new".into(), 1, 301, 2));
+    }
+
+    // A commit of a restore that is not under way changes nothing.
+    let late = apply(
+        &mut follower,
+        &[Command::RestoreCommit {
+            restore_id: 2,
+            leader_index: 5,
+        }],
+    );
+    assert!(!outcome(&late[0]).accepted);
+    assert_eq!(follower.revision(), 301);
+}
