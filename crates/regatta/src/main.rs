@@ -18,8 +18,8 @@ mod config;
 
 /// Regatta: a geo-distributed key-value store with etcd's v3 API.
 ///
-/// A leader cluster takes writes; follower clusters replicate it (not
-/// built yet). Every table is its own Raft group. etcdctl and etcd clients
+/// A leader cluster takes writes; follower clusters in other locations
+/// replicate it and serve reads locally. Every table is its own Raft group. etcdctl and etcd clients
 /// work against `--api.address`; the etcd API uses the table named by
 /// `--etcd.table`.
 #[derive(Parser, Debug)]
@@ -33,9 +33,10 @@ struct Cli {
 enum Command {
     /// Runs a node of the leader cluster, which accepts writes.
     Leader(LeaderArgs),
-    /// Runs a node of a follower cluster (cross-location replication is
-    /// not built yet: this exits with an error).
-    Follower(LeaderArgs),
+    /// Runs a node of a follower cluster: it replicates every table of the
+    /// leader cluster at `--replication.leader-address`, serves reads
+    /// locally and forwards writes to the leader cluster.
+    Follower(FollowerArgs),
     /// Prints the version.
     Version,
     /// Reads and writes keys of a table through the regatta.v1 API.
@@ -177,6 +178,37 @@ struct LeaderArgs {
     log_level: tracing::Level,
 }
 
+#[derive(Args, Debug)]
+struct FollowerArgs {
+    #[command(flatten)]
+    node: LeaderArgs,
+
+    /// The leader cluster's replication API (its `--replication.address`),
+    /// as host:port or an http:// URL.
+    #[arg(
+        long = "replication.leader-address",
+        env = "REGATTA_REPLICATION_LEADER_ADDRESS"
+    )]
+    replication_leader_address: String,
+
+    /// How often the tables are compared with the leader cluster's, in
+    /// milliseconds.
+    #[arg(
+        long = "replication.metadata-interval-ms",
+        default_value_t = 1_000,
+        env = "REGATTA_REPLICATION_METADATA_INTERVAL_MS"
+    )]
+    replication_metadata_interval_ms: u64,
+
+    /// Leader snapshots installed at once on this node, at most.
+    #[arg(
+        long = "replication.max-snapshot-installs",
+        default_value_t = 2,
+        env = "REGATTA_REPLICATION_MAX_SNAPSHOT_INSTALLS"
+    )]
+    replication_max_snapshot_installs: usize,
+}
+
 /// `1=127.0.0.1:5012,2=...` into a member map.
 fn parse_members(values: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
     let mut members = BTreeMap::new();
@@ -269,8 +301,42 @@ async fn shutdown_signal() {
     }
 }
 
+async fn run_follower(args: FollowerArgs) -> Result<(), String> {
+    if args.node.replication_address.is_some() {
+        return Err(
+            "--replication.address is for leader clusters; a follower cluster replicates from \
+             --replication.leader-address and serves no replication API"
+                .into(),
+        );
+    }
+    let address = args.replication_leader_address.trim();
+    if address.is_empty() {
+        return Err("--replication.leader-address is empty".into());
+    }
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let mut follower = regatta_replication::FollowerConfig::new(url);
+    follower.metadata_interval =
+        Duration::from_millis(args.replication_metadata_interval_ms.max(10));
+    follower.snapshot_installs_max = args.replication_max_snapshot_installs.max(1);
+    run_node(args.node, Some(follower)).await
+}
+
 async fn run_leader(args: LeaderArgs) -> Result<(), String> {
-    let config = node_config(&args)?;
+    run_node(args, None).await
+}
+
+async fn run_node(
+    args: LeaderArgs,
+    follower: Option<regatta_replication::FollowerConfig>,
+) -> Result<(), String> {
+    let mut config = node_config(&args)?;
+    if follower.is_some() {
+        config.role = regatta_server::ClusterRole::Follower;
+    }
     let api = tokio::net::TcpListener::bind(args.api_address)
         .await
         .map_err(|error| format!("--api.address {}: {error}", args.api_address))?;
@@ -279,7 +345,8 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
         data_dir = %config.data_dir.display(),
         raft = %args.raft_address,
         api = %args.api_address,
-        "starting regatta leader node"
+        role = if follower.is_some() { "follower" } else { "leader" },
+        "starting regatta node"
     );
     let replication_listener = match args.replication_address {
         Some(address) => Some(
@@ -292,6 +359,16 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
     let node = Node::start(config)
         .await
         .map_err(|error| error.to_string())?;
+    let puller = match follower {
+        Some(follower) => {
+            tracing::info!(leader = %follower.leader_url, "replicating the leader cluster");
+            Some(
+                regatta_replication::start_follower(std::sync::Arc::clone(&node), follower)
+                    .map_err(|error| error.to_string())?,
+            )
+        }
+        None => None,
+    };
     let (stop_replication, replication_stopped) = tokio::sync::oneshot::channel::<()>();
     let replication = replication_listener.map(|listener| {
         if let Ok(address) = listener.local_addr() {
@@ -330,6 +407,9 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
     // Stopping the node ends the open log streams; then the replication
     // server can finish.
     let _ = stop_replication.send(());
+    if let Some(puller) = puller {
+        puller.stop().await;
+    }
     node.stop().await;
     if let Some(mut replication) = replication {
         match tokio::time::timeout(Duration::from_secs(5), &mut replication).await {
@@ -342,11 +422,12 @@ async fn run_leader(args: LeaderArgs) -> Result<(), String> {
     served.map_err(|error| error.to_string())
 }
 
-/// The long flag names of `leader`, which a config file may set.
-fn leader_keys() -> std::collections::BTreeSet<String> {
+/// The long flag names of subcommand `name` (`leader` or `follower`),
+/// which a config file may set.
+fn node_keys(name: &str) -> std::collections::BTreeSet<String> {
     let command = Cli::command();
     command
-        .find_subcommand("leader")
+        .find_subcommand(name)
         .map(|leader| {
             leader
                 .get_arguments()
@@ -359,7 +440,11 @@ fn leader_keys() -> std::collections::BTreeSet<String> {
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().collect();
-    let arguments = match config::expand(arguments, &leader_keys()) {
+    let subcommand = match arguments.get(1).map(String::as_str) {
+        Some("follower") => "follower",
+        _ => "leader",
+    };
+    let arguments = match config::expand(arguments, &node_keys(subcommand)) {
         Ok(arguments) => arguments,
         Err(error) => {
             eprintln!("regatta: {error}");
@@ -368,12 +453,14 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(arguments);
     let level = match &cli.command {
-        Command::Leader(args) | Command::Follower(args) => args.log_level,
+        Command::Leader(args) => args.log_level,
+        Command::Follower(args) => args.node.log_level,
         _ => tracing::Level::WARN,
     };
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -388,9 +475,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Leader(args) => runtime.block_on(run_leader(args)),
-        Command::Follower(_) => {
-            Err("follower clusters are not built yet (cross-location replication, issue 7)".into())
-        }
+        Command::Follower(args) => runtime.block_on(run_follower(args)),
         Command::Version => {
             println!("regatta {}", env!("CARGO_PKG_VERSION"));
             println!("etcd API {}", regatta_server::ETCD_API_VERSION);

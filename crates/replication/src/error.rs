@@ -14,6 +14,21 @@ pub enum Error {
     /// The Raft runtime failed the request.
     #[error(transparent)]
     Raft(#[from] regatta_multiraft::Error),
+    /// The leader cluster answered with an error or could not be reached.
+    #[error("the leader cluster: {0}")]
+    Remote(Box<Status>),
+    /// The leader cluster sent something this follower cannot use.
+    #[error("the leader cluster sent {0}")]
+    Protocol(String),
+    /// The leader cluster is behind this follower.
+    #[error("{0}")]
+    LeaderBehind(String),
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Error {
+        Error::Remote(Box::new(status))
+    }
 }
 
 /// Results of this crate.
@@ -25,6 +40,9 @@ impl From<Error> for Status {
             Error::InvalidArgument(message) => Status::new(Code::InvalidArgument, message),
             Error::Server(error) => Status::from(error),
             Error::Raft(error) => Status::from(regatta_server::Error::Raft(error)),
+            Error::Remote(status) => *status,
+            Error::Protocol(message) => Status::new(Code::Internal, message),
+            Error::LeaderBehind(message) => Status::new(Code::FailedPrecondition, message),
         }
     }
 }

@@ -32,6 +32,9 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Responses buffered per stream before the sender waits for the client.
 const STREAM_BUFFER_RESPONSES: usize = 4;
 
+/// Bytes of table snapshot data in one `SnapshotChunk`.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
 /// The replication API over one leader-cluster node.
 #[derive(Clone)]
 pub struct LeaderService {
@@ -104,8 +107,115 @@ impl proto::log_server::Log for LeaderService {
     }
 }
 
-/// Serves the replication API (`Metadata`, `Log`) of `node` on `listener`
-/// until `shutdown` resolves.
+#[tonic::async_trait]
+impl proto::snapshot_server::Snapshot for LeaderService {
+    type StreamStream = ReceiverStream<Result<proto::SnapshotChunk, Status>>;
+
+    /// The table's items at one instant, in chunks of
+    /// `SNAPSHOT_CHUNK_BYTES` with a CRC-32C each; every chunk names the
+    /// leader index the snapshot holds, and the last says so.
+    async fn stream(
+        &self,
+        request: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let group = self.table_group(&request.into_inner().table)?;
+        let (index, items) = self.node.table_snapshot(group).map_err(Error::from)?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
+        tokio::task::spawn_blocking(move || {
+            let mut writer = ChunkWriter {
+                sender,
+                index,
+                offset: 0,
+                buffer: Vec::with_capacity(SNAPSHOT_CHUNK_BYTES),
+            };
+            let written = items.write_to(&mut writer);
+            match written {
+                Ok(()) => {
+                    let _ = writer.send(true);
+                }
+                Err(error) => {
+                    let status = Status::internal(format!("reading the table snapshot: {error}"));
+                    let _ = writer.sender.blocking_send(Err(status));
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Cuts a snapshot stream into `SnapshotChunk`s.
+struct ChunkWriter {
+    sender: mpsc::Sender<Result<proto::SnapshotChunk, Status>>,
+    index: u64,
+    offset: u64,
+    buffer: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self, last: bool) -> std::io::Result<()> {
+        let data = std::mem::take(&mut self.buffer);
+        let chunk = proto::SnapshotChunk {
+            len: data.len() as u64,
+            crc32c: crc32c::crc32c(&data),
+            offset: self.offset,
+            index: self.index,
+            last,
+            data,
+        };
+        self.offset += chunk.len;
+        self.sender
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::other("the follower went away"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = SNAPSHOT_CHUNK_BYTES - self.buffer.len();
+        let taken = room.min(bytes.len());
+        self.buffer.extend_from_slice(&bytes[..taken]);
+        if self.buffer.len() == SNAPSHOT_CHUNK_BYTES {
+            self.send(false)?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl proto::forward_server::Forward for LeaderService {
+    /// Runs a follower cluster's write on this (leader) cluster.
+    async fn write(
+        &self,
+        request: Request<proto::ForwardRequest>,
+    ) -> Result<Response<proto::ForwardResponse>, Status> {
+        let request = request.into_inner();
+        let group = self.table_group(&request.table)?;
+        let command = regatta_kv::command::decode::<regatta_kv::command::Command>(&request.command)
+            .map_err(|error| Error::InvalidArgument(format!("the forwarded command: {error}")))?;
+        use regatta_kv::command::Command as C;
+        if !matches!(command, C::Put(_) | C::DeleteRange(_) | C::Txn(_)) {
+            return Err(Error::InvalidArgument(
+                "only Put, DeleteRange and Txn can be forwarded".into(),
+            )
+            .into());
+        }
+        let response = self
+            .node
+            .write(group, &command)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(proto::ForwardResponse {
+            response: regatta_kv::command::encode(&response),
+        }))
+    }
+}
+
+/// Serves the replication API (`Metadata`, `Log`, `Snapshot`, `Forward`)
+/// of `node` on `listener` until `shutdown` resolves.
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
@@ -117,7 +227,9 @@ pub async fn serve(
         .map_err(|error| format!("the replication listener: {error}"))?;
     tonic::transport::Server::builder()
         .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
-        .add_service(proto::log_server::LogServer::new(service))
+        .add_service(proto::log_server::LogServer::new(service.clone()))
+        .add_service(proto::snapshot_server::SnapshotServer::new(service.clone()))
+        .add_service(proto::forward_server::ForwardServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|error| format!("the replication API: {error}"))

@@ -29,9 +29,20 @@ pub enum Error {
     /// The cluster cannot serve now.
     #[error("{0}")]
     Unavailable(String),
+    /// The request cannot be served by this kind of cluster.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The Raft runtime refused or failed the request.
     #[error(transparent)]
     Raft(#[from] regatta_multiraft::Error),
+    /// The leader cluster answered a forwarded write with an error.
+    #[error("the leader cluster: {message}")]
+    Forwarded {
+        /// Its gRPC status code.
+        code: Code,
+        /// Its message.
+        message: String,
+    },
     /// A bug: something that should not happen.
     #[error("internal: {0}")]
     Internal(String),
@@ -51,6 +62,8 @@ impl From<Error> for Status {
             Error::TableExists(_) => Code::AlreadyExists,
             Error::Revision(_) => Code::OutOfRange,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Forwarded { code, .. } => *code,
             Error::Raft(raft) => match raft {
                 Raft::Timeout { .. } => Code::DeadlineExceeded,
                 Raft::NotLeader { .. } | Raft::Busy(_) | Raft::Dropped(_) => Code::Unavailable,

@@ -286,6 +286,8 @@ fn response_op(op: ResponseOp) -> pb::ResponseOp {
             prev_kvs: delete.prev_kvs.into_iter().map(key_value).collect(),
         }),
         ResponseOp::Txn(txn) => R::ResponseTxn(txn_response(txn)),
+        // Only replication commands yield it, never a client's branch.
+        ResponseOp::Replicated(_) => return pb::ResponseOp { response: None },
     };
     pb::ResponseOp {
         response: Some(response),

@@ -50,7 +50,10 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
-pub use node::{prefix_end, GroupFacts, Node, NodeConfig, TableEntry, META_GROUP};
+pub use node::{
+    prefix_end, ClusterRole, GroupFacts, Node, NodeConfig, ReplicationFacts, TableEntry,
+    WriteForwarder, META_GROUP,
+};
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 
 /// Serves every API of `node` on `listener` until `shutdown` resolves.

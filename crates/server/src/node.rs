@@ -32,6 +32,28 @@ const BOOTSTRAPPED_KEY: &[u8] = b"bootstrapped";
 /// How often a node compares its groups with the catalogue.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Which kind of cluster a node belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterRole {
+    /// The leader cluster: it takes writes and owns the table catalogue.
+    Leader,
+    /// A follower cluster: its tables replicate the leader cluster's
+    /// (`regatta-replication`); writes are forwarded there.
+    Follower,
+}
+
+/// Sends a write made on a follower cluster to the leader cluster, and
+/// answers with the leader's response (its revision is the leader index of
+/// the write). `regatta-replication` provides it.
+pub trait WriteForwarder: Send + Sync {
+    /// Forwards `command` for table `table`.
+    fn forward(
+        &self,
+        table: String,
+        command: Command,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response>> + Send + '_>>;
+}
+
 /// How a node runs. Every limit carries its unit.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -59,6 +81,8 @@ pub struct NodeConfig {
     pub snapshot_every_entries: u64,
     /// Entries a compaction leaves in the log, for followers that lag.
     pub compaction_overhead_entries: u64,
+    /// Leader or follower cluster.
+    pub role: ClusterRole,
 }
 
 impl NodeConfig {
@@ -77,6 +101,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(10),
             snapshot_every_entries: 10_000,
             compaction_overhead_entries: 1_000,
+            role: ClusterRole::Leader,
         }
     }
 }
@@ -113,6 +138,26 @@ pub struct Node {
     /// Groups started on this node.
     running: std::sync::Mutex<std::collections::BTreeSet<GroupId>>,
     started: Instant,
+    /// Follower clusters: where writes go.
+    forwarder: std::sync::OnceLock<Arc<dyn WriteForwarder>>,
+    /// Follower clusters: replication state per table, as the puller
+    /// reports it.
+    replication: RwLock<HashMap<GroupId, ReplicationFacts>>,
+}
+
+/// A follower table's replication state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicationFacts {
+    /// The leader cluster's applied index of the table, as last heard.
+    pub leader_index: u64,
+    /// The leader index this follower applied.
+    pub applied_leader_index: u64,
+    /// How long the follower has been behind, in milliseconds; 0 when it
+    /// holds everything the leader last reported.
+    pub lag_ms: u64,
+    /// Why replication is not progressing, if it is not (e.g. the leader
+    /// is behind this follower).
+    pub error: Option<String>,
 }
 
 /// Client sessions for de-duplication. A session carries one request at a
@@ -217,6 +262,8 @@ impl Node {
             sessions: SessionPool::default(),
             running: std::sync::Mutex::new([META_GROUP].into()),
             started: Instant::now(),
+            forwarder: std::sync::OnceLock::new(),
+            replication: RwLock::new(HashMap::new()),
         });
         node.start_group(META_GROUP)?;
         tokio::spawn(Arc::clone(&node).reconcile_loop());
@@ -247,9 +294,13 @@ impl Node {
     }
 
     fn start_group(&self, group: GroupId) -> Result<()> {
+        let mode = match self.config.role {
+            ClusterRole::Follower if group != META_GROUP => regatta_kv::TableMode::Replica,
+            _ => regatta_kv::TableMode::Primary,
+        };
         let table = self
             .store
-            .open_table(group.0)
+            .open_table_as(group.0, mode)
             .map_err(|error| Error::Storage(format!("open table group {}: {error}", group.0)))?;
         self.host
             .start_group(group, self.voters(), Box::new(table))
@@ -300,9 +351,125 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// Proposes `command` to `group` with a fresh request id, retrying it
-    /// (with the same id, so it applies once) while there is no leader.
+    /// Installs where a follower cluster sends writes (once).
+    pub fn set_forwarder(&self, forwarder: Arc<dyn WriteForwarder>) {
+        let _ = self.forwarder.set(forwarder);
+    }
+
+    /// Records a follower table's replication state.
+    pub fn set_replication_facts(&self, group: GroupId, facts: ReplicationFacts) {
+        self.replication
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group, facts);
+    }
+
+    /// A follower table's replication state, if it is one.
+    pub fn replication_facts(&self, group: GroupId) -> Option<ReplicationFacts> {
+        self.replication
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
+    /// A consistent copy of table `group`'s data: its revision and items
+    /// (`regatta_kv::Store::table_snapshot`).
+    pub fn table_snapshot(&self, group: GroupId) -> Result<(u64, regatta_kv::TableItems)> {
+        self.store
+            .table_snapshot(group.0)
+            .map_err(|error| Error::Unavailable(format!("table snapshot: {error}")))
+    }
+
+    /// Writes `command` to table `group`. On the leader cluster, through
+    /// this cluster's Raft; on a follower cluster, through the leader
+    /// cluster, answering once this node applied the write (so that the
+    /// client reads it here right after).
     pub async fn write(&self, group: GroupId, command: &Command) -> Result<Response> {
+        if self.config.role == ClusterRole::Leader || group == META_GROUP {
+            return self.propose(group, command).await;
+        }
+        let Some(forwarder) = self.forwarder.get() else {
+            return Err(Error::Unavailable(
+                "this follower cluster has no connection to the leader cluster for writes".into(),
+            ));
+        };
+        let name = self
+            .tables()
+            .into_iter()
+            .find(|table| table.group == group)
+            .map(|table| table.name)
+            .ok_or_else(|| Error::TableNotFound(format!("group {}", group.0)))?;
+        let deadline = Instant::now() + self.config.request_timeout;
+        let response = tokio::time::timeout(
+            self.config.request_timeout,
+            forwarder.forward(name.clone(), command.clone()),
+        )
+        .await
+        .map_err(|_| {
+            Error::Raft(regatta_multiraft::Error::Timeout {
+                group,
+                timeout_ms: self.config.request_timeout.as_millis() as u64,
+            })
+        })??;
+        self.wait_for_revision(group, response.revision, deadline)
+            .await
+            .map_err(|error| match error {
+                Error::Raft(regatta_multiraft::Error::Timeout { .. }) => Error::Unavailable(format!(
+                    "the leader cluster applied the write at index {} of table {name:?}, but                      this follower has not replicated it within {} ms; it will appear here once                      replication catches up",
+                    response.revision,
+                    self.config.request_timeout.as_millis()
+                )),
+                other => other,
+            })?;
+        Ok(response)
+    }
+
+    /// Returns once this node's copy of `group` holds `revision` (its
+    /// leader index, on a follower cluster).
+    pub async fn wait_for_revision(
+        &self,
+        group: GroupId,
+        revision: u64,
+        deadline: Instant,
+    ) -> Result<()> {
+        let mut applied = self.host.applied_index_watch(group)?;
+        let probe = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: vec![0],
+                range_end: Vec::new(),
+            },
+            count_only: true,
+            ..RangeRequest::default()
+        });
+        loop {
+            applied.borrow_and_update();
+            if self.read(group, &probe, false).await?.revision >= revision {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(Error::Unavailable(format!(
+                        "table group {} stopped on this node",
+                        group.0
+                    )))
+                }
+                Err(_) => {
+                    return Err(Error::Raft(regatta_multiraft::Error::Timeout {
+                        group,
+                        timeout_ms: self.config.request_timeout.as_millis() as u64,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// Proposes `command` to `group` through this cluster's Raft, with a
+    /// fresh request id, retrying it (with the same id, so it applies
+    /// once) while there is no leader.
+    pub async fn propose(&self, group: GroupId, command: &Command) -> Result<Response> {
         let session = self.sessions.check_out();
         let id = session.id;
         let payload = Bytes::from(encode(command));
@@ -400,8 +567,36 @@ impl Node {
 
     /// Creates table `name`; fails with `TableExists` when it is there.
     pub async fn create_table(&self, name: &str) -> Result<TableEntry> {
+        self.leader_cluster_only()?;
         validate_table_name(name)?;
         self.create_table_once(name, false).await
+    }
+
+    fn leader_cluster_only(&self) -> Result<()> {
+        match self.config.role {
+            ClusterRole::Leader => Ok(()),
+            ClusterRole::Follower => Err(Error::FailedPrecondition(
+                "this is a follower cluster: tables are managed on the leader cluster and \
+                 replicated here"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Follower clusters: creates the local copy of the leader's table
+    /// `name` (no error if it is there).
+    pub async fn create_replica_table(&self, name: &str) -> Result<()> {
+        validate_table_name(name)?;
+        match self.create_table_once(name, false).await {
+            Ok(_) | Err(Error::TableExists(_)) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Follower clusters: deletes the local copy of a table the leader
+    /// dropped.
+    pub async fn delete_replica_table(&self, name: &str) -> Result<()> {
+        self.delete_table_unchecked(name).await
     }
 
     /// Creates a table: one compare-and-set on the catalogue entry and the
@@ -476,6 +671,11 @@ impl Node {
     /// Deletes table `name` from the catalogue; every node then removes
     /// its group and data.
     pub async fn delete_table(&self, name: &str) -> Result<()> {
+        self.leader_cluster_only()?;
+        self.delete_table_unchecked(name).await
+    }
+
+    async fn delete_table_unchecked(&self, name: &str) -> Result<()> {
         validate_table_name(name)?;
         let key = catalogue_key(name);
         let command = Command::DeleteRange(regatta_kv::command::DeleteRangeRequest {
@@ -613,6 +813,7 @@ impl Node {
             };
             if !bootstrapped
                 && self.config.bootstrap
+                && self.config.role == ClusterRole::Leader
                 && meta.soft_state.role == Role::Leader
                 && self.bootstrap_catalogue().await.is_ok()
             {

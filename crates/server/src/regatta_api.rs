@@ -178,10 +178,10 @@ fn response_op(op: ResponseOp) -> Result<mvcc::ResponseOp> {
             deleted: delete.deleted as i64,
             prev_kvs: delete.prev_kvs.into_iter().map(key_value).collect(),
         }),
-        ResponseOp::Txn(_) => {
-            return Err(Error::Internal(
-                "a nested transaction result in the Regatta API".into(),
-            ))
+        ResponseOp::Txn(_) | ResponseOp::Replicated(_) => {
+            return Err(Error::Internal(format!(
+                "an unexpected result in a Regatta API transaction: {op:?}"
+            )))
         }
     };
     Ok(mvcc::ResponseOp {

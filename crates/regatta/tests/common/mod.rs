@@ -57,9 +57,50 @@ impl Regatta {
     }
 
     fn spawn(dir: &Path, api: SocketAddr, raft: SocketAddr, flags: &[&str]) -> Regatta {
-        let log = std::fs::File::create(dir.with_extension("log")).expect("log file");
+        Regatta::spawn_as("leader", "warn", dir, api, raft, flags)
+    }
+
+    /// Starts `regatta follower --dev` on `dir`, replicating the leader
+    /// cluster whose replication API is `leader`; logs at info level, so
+    /// that tests can see what it did.
+    pub fn start_follower(
+        dir: &Path,
+        api: SocketAddr,
+        raft: SocketAddr,
+        leader: SocketAddr,
+        extra: &[&str],
+    ) -> Regatta {
+        let leader = leader.to_string();
+        let mut flags = vec![
+            "--replication.leader-address",
+            leader.as_str(),
+            "--replication.metadata-interval-ms",
+            "100",
+        ];
+        flags.extend_from_slice(extra);
+        Regatta::spawn_as("follower", "info", dir, api, raft, &flags)
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    fn spawn_as(
+        subcommand: &str,
+        level: &str,
+        dir: &Path,
+        api: SocketAddr,
+        raft: SocketAddr,
+        flags: &[&str],
+    ) -> Regatta {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_regatta"))
-            .args(["leader", "--log-level", "warn"])
+            .args([subcommand, "--log-level", level])
             .arg("--data-dir")
             .arg(dir)
             .arg("--api.address")

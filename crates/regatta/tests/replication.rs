@@ -1,0 +1,254 @@
+//! Cross-location replication with real processes on 127.0.0.1: a leader
+//! cluster serving `--replication.address` and a follower cluster
+//! (`regatta follower`) replicating it. Writes on the leader appear on the
+//! follower with the leader's revisions; writes on the follower are
+//! forwarded and readable there at once; the Tables API is refused on the
+//! follower, while tables created and dropped on the leader come and go
+//! there; a follower that was stopped while the leader compacted, and one
+//! whose data was wiped, recover through the leader's snapshot; and the
+//! follower's full contents end equal to the leader's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{connect, free_address, Regatta};
+use etcd_client::{Client, GetOptions};
+use regatta_server::proto::regatta::v1 as pb;
+use tonic::Code;
+
+/// Every key with its value and revisions.
+async fn everything(client: &mut Client) -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)> {
+    let response = client
+        .get(vec![0u8], Some(GetOptions::new().with_from_key()))
+        .await
+        .expect("range");
+    response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the follower holds exactly what the leader holds.
+async fn converge(leader: &mut Client, follower: &mut Client, what: &str) {
+    let expected = everything(leader).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = match follower
+            .get(vec![0u8], Some(GetOptions::new().with_from_key()))
+            .await
+        {
+            Ok(_) => everything(follower).await,
+            Err(_) => Vec::new(),
+        };
+        if found == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the follower never converged: it holds {} keys, the leader {}",
+            found.len(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn tables(endpoint: String) -> pb::tables_client::TablesClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    pb::tables_client::TablesClient::new(channel)
+}
+
+async fn table_names(
+    client: &mut pb::tables_client::TablesClient<tonic::transport::Channel>,
+) -> Vec<String> {
+    let mut names: Vec<String> = client
+        .list(pb::ListTablesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .tables
+        .into_iter()
+        .map(|table| table.name)
+        .collect();
+    names.sort();
+    names
+}
+
+async fn wait_for_tables(
+    client: &mut pb::tables_client::TablesClient<tonic::transport::Channel>,
+    expected: &[&str],
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names = table_names(client).await;
+        if names == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tables {names:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snapshots() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let replication = free_address();
+    let replication_flag = replication.to_string();
+    let leader = Regatta::start_on(
+        &root.path().join("leader"),
+        free_address(),
+        free_address(),
+        &[
+            "--replication.address",
+            &replication_flag,
+            "--raft.snapshot-entries",
+            "100",
+            "--raft.compaction-overhead",
+            "10",
+        ],
+    );
+    let mut leader_client = connect(&leader).await;
+    for i in 0..50 {
+        leader_client
+            .put(format!("key/{i:03}"), format!("value {i}"), None)
+            .await
+            .expect("put on the leader");
+    }
+
+    let follower_dir = root.path().join("follower");
+    let (follower_api, follower_raft) = (free_address(), free_address());
+    let mut follower =
+        Regatta::start_follower(&follower_dir, follower_api, follower_raft, replication, &[]);
+    let mut follower_client = connect(&follower).await;
+    converge(
+        &mut leader_client,
+        &mut follower_client,
+        "the first 50 keys",
+    )
+    .await;
+
+    // A lone write streams over at once; no poll interval in the way.
+    let written = Instant::now();
+    let put = leader_client.put("lone", "write", None).await.expect("put");
+    let revision = put.header().expect("header").revision();
+    loop {
+        let found = follower_client.get("lone", None).await.expect("get");
+        if let Some(kv) = found.kvs().first() {
+            assert_eq!(kv.mod_revision(), revision, "the leader's revision");
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "the lone write never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A write on the follower goes to the leader and is readable on the
+    // follower as soon as it is acknowledged.
+    for i in 0..20 {
+        let key = format!("from-follower/{i}");
+        let reply = follower_client
+            .put(key.as_str(), "v", None)
+            .await
+            .expect("put on the follower");
+        let got = follower_client.get(key.as_str(), None).await.expect("get");
+        assert_eq!(
+            got.kvs().len(),
+            1,
+            "read-your-writes on the follower for {key}"
+        );
+        assert_eq!(
+            got.kvs()[0].mod_revision(),
+            reply.header().expect("header").revision()
+        );
+    }
+    let deleted = follower_client
+        .delete("from-follower/0", None)
+        .await
+        .expect("delete on the follower");
+    assert_eq!(deleted.deleted(), 1);
+    assert!(follower_client
+        .get("from-follower/0", None)
+        .await
+        .expect("get")
+        .kvs()
+        .is_empty());
+
+    // Tables are managed on the leader cluster only.
+    let mut follower_tables = tables(follower.endpoint()).await;
+    let refused = follower_tables
+        .create(pb::CreateTableRequest {
+            name: "local".into(),
+            config: None,
+        })
+        .await
+        .expect_err("create on a follower");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("leader cluster"), "{refused:?}");
+    let mut leader_tables = tables(leader.endpoint()).await;
+    leader_tables
+        .create(pb::CreateTableRequest {
+            name: "second".into(),
+            config: None,
+        })
+        .await
+        .expect("create on the leader");
+    wait_for_tables(&mut follower_tables, &["etcd", "second"]).await;
+
+    // Stop the follower, let the leader compact far past it, restart it:
+    // it takes the snapshot path and converges.
+    follower.kill();
+    for i in 0..400 {
+        leader_client
+            .put(format!("while-stopped/{i:03}"), "x".repeat(100), None)
+            .await
+            .expect("put on the leader");
+    }
+    leader_client.delete("key/000", None).await.expect("delete");
+    let mut follower =
+        Regatta::start_follower(&follower_dir, follower_api, follower_raft, replication, &[]);
+    let mut follower_client = connect(&follower).await;
+    converge(&mut leader_client, &mut follower_client, "after a restart").await;
+    assert!(
+        follower.log().contains("installed the leader's snapshot"),
+        "the restarted follower did not take the snapshot path:\n{}",
+        follower.log()
+    );
+
+    // Wipe the follower's data: it recovers everything.
+    follower.kill();
+    std::fs::remove_dir_all(&follower_dir).expect("wipe");
+    let follower =
+        Regatta::start_follower(&follower_dir, follower_api, follower_raft, replication, &[]);
+    let mut follower_client = connect(&follower).await;
+    converge(&mut leader_client, &mut follower_client, "after a wipe").await;
+
+    // A table dropped on the leader disappears from the follower.
+    let mut follower_tables = tables(follower.endpoint()).await;
+    wait_for_tables(&mut follower_tables, &["etcd", "second"]).await;
+    leader_tables
+        .delete(pb::DeleteTableRequest {
+            name: "second".into(),
+        })
+        .await
+        .expect("delete on the leader");
+    wait_for_tables(&mut follower_tables, &["etcd"]).await;
+}

@@ -1,0 +1,668 @@
+//! The follower cluster's side (`docs/replication.md`,
+//! `docs/decisions/0004-replication-protocol.md`):
+//!
+//! - the node leading the follower's metadata group keeps the catalogue
+//!   equal to the leader cluster's tables (`Metadata.Get`);
+//! - for each table, the node leading the table's group pulls its log
+//!   (`Log.Replicate`, a stream that stays open) and proposes what arrives
+//!   as `Replicated` batches into the table's own group; the table applies
+//!   a batch only on top of the leader index it holds, so a deposed
+//!   puller can neither skip nor repeat a command;
+//! - when the log no longer reaches back, the puller streams the leader's
+//!   snapshot (`Snapshot.Stream`) and proposes it as `RestoreBegin`,
+//!   `RestoreChunk`s and `RestoreCommit`;
+//! - writes made on this cluster go to the leader cluster
+//!   (`Forward.Write`, through `regatta_server::WriteForwarder`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use regatta_kv::command::{
+    decode, encode, Command, ReplicatedBatch, ReplicatedResult, Response as KvResponse, ResponseOp,
+};
+use regatta_server::{Node, ReplicationFacts, WriteForwarder, META_GROUP};
+use regatta_wal::GroupId;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+use crate::proto;
+
+/// Bytes of commands in one `Replicated` proposal, at most (a larger
+/// single command goes alone).
+pub const PROPOSAL_BYTES_MAX: usize = 1 << 20;
+
+/// Bytes of items in one `RestoreChunk` proposal, at most.
+pub const RESTORE_CHUNK_BYTES_MAX: usize = 1 << 20;
+
+/// How often pullers are started and stopped as leaderships move.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Responses buffered between a log stream and its proposer.
+const STREAM_BUFFER_RESPONSES: usize = 64;
+
+/// A puller's pause after a failure, doubled up to the maximum.
+const RETRY_DELAY_MIN: Duration = Duration::from_millis(100);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+
+/// The longest key or record a snapshot item may have.
+const SNAPSHOT_ITEM_BYTES_MAX: usize = 64 << 20;
+
+/// How a follower cluster replicates.
+#[derive(Clone, Debug)]
+pub struct FollowerConfig {
+    /// The leader cluster's replication API, as a URL
+    /// (`http://host:port`).
+    pub leader_url: String,
+    /// How often the catalogue is compared with the leader's tables.
+    pub metadata_interval: Duration,
+    /// Snapshot installs running at once on this node, at most.
+    pub snapshot_installs_max: usize,
+}
+
+impl FollowerConfig {
+    /// Defaults for the leader cluster at `leader_url`.
+    pub fn new(leader_url: impl Into<String>) -> FollowerConfig {
+        FollowerConfig {
+            leader_url: leader_url.into(),
+            metadata_interval: Duration::from_secs(1),
+            snapshot_installs_max: 2,
+        }
+    }
+}
+
+/// The running follower side of one node; stops when dropped.
+pub struct Follower {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Stops pulling and waits for the pullers to end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts replicating the leader cluster at `config.leader_url` into
+/// `node`'s cluster, and forwarding its writes there.
+pub fn start(node: Arc<Node>, config: FollowerConfig) -> Result<Follower> {
+    let channel = Endpoint::from_shared(config.leader_url.clone())
+        .map_err(|error| {
+            Error::InvalidArgument(format!(
+                "the leader cluster's address {:?}: {error}",
+                config.leader_url
+            ))
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    node.set_forwarder(Arc::new(GrpcForwarder {
+        channel: channel.clone(),
+    }));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(supervise(node, config, channel, stopped));
+    Ok(Follower {
+        stop,
+        task: Some(task),
+    })
+}
+
+/// Forwards writes over `Forward.Write`.
+struct GrpcForwarder {
+    channel: Channel,
+}
+
+impl WriteForwarder for GrpcForwarder {
+    fn forward(
+        &self,
+        table: String,
+        command: Command,
+    ) -> Pin<Box<dyn Future<Output = regatta_server::Result<KvResponse>> + Send + '_>> {
+        Box::pin(async move {
+            let mut client = proto::forward_client::ForwardClient::new(self.channel.clone());
+            let request = proto::ForwardRequest {
+                table: table.into_bytes(),
+                command: encode(&command),
+            };
+            let reply =
+                client
+                    .write(request)
+                    .await
+                    .map_err(|status| regatta_server::Error::Forwarded {
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    })?;
+            decode::<KvResponse>(&reply.into_inner().response).map_err(|error| {
+                regatta_server::Error::Internal(format!(
+                    "the leader cluster's response to a forwarded write: {error}"
+                ))
+            })
+        })
+    }
+}
+
+/// A running puller.
+struct Puller {
+    group: GroupId,
+    task: JoinHandle<()>,
+}
+
+/// Keeps the catalogue in step with the leader (on the metadata group's
+/// leader) and one puller per table this node leads.
+async fn supervise(
+    node: Arc<Node>,
+    config: FollowerConfig,
+    channel: Channel,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let own = node.config().node_id.0;
+    let installs = Arc::new(Semaphore::new(config.snapshot_installs_max.max(1)));
+    let mut pullers: HashMap<String, Puller> = HashMap::new();
+    let mut metadata_due = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
+            _ = stopped.changed() => break,
+        }
+        if *stopped.borrow() {
+            break;
+        }
+        if node.facts(META_GROUP).leader == own && Instant::now() >= metadata_due {
+            metadata_due = Instant::now() + config.metadata_interval;
+            if let Err(error) = reconcile_tables(&node, &channel).await {
+                tracing::warn!(%error, "cannot compare the tables with the leader cluster's");
+            }
+        }
+        let led: HashMap<String, GroupId> = node
+            .tables()
+            .into_iter()
+            .filter(|table| node.facts(table.group).leader == own)
+            .map(|table| (table.name, table.group))
+            .collect();
+        pullers.retain(|name, puller| {
+            let keep = led.get(name) == Some(&puller.group) && !puller.task.is_finished();
+            if !keep {
+                puller.task.abort();
+            }
+            keep
+        });
+        for (name, group) in led {
+            pullers.entry(name.clone()).or_insert_with(|| {
+                tracing::info!(table = %name, group = group.0, "pulling the table from the leader cluster");
+                Puller {
+                    group,
+                    task: tokio::spawn(pull(
+                        Arc::clone(&node),
+                        channel.clone(),
+                        name,
+                        group,
+                        Arc::clone(&installs),
+                    )),
+                }
+            });
+        }
+    }
+    for puller in pullers.into_values() {
+        puller.task.abort();
+    }
+}
+
+/// Creates the leader's new tables here and deletes those it dropped.
+async fn reconcile_tables(node: &Node, channel: &Channel) -> Result<()> {
+    let mut client = proto::metadata_client::MetadataClient::new(channel.clone());
+    let tables = client
+        .get(proto::MetadataRequest {})
+        .await?
+        .into_inner()
+        .tables;
+    let wanted: BTreeSet<String> = tables
+        .into_iter()
+        .filter(|table| table.r#type == proto::table::Type::Replicated as i32)
+        .map(|table| table.name)
+        .collect();
+    let local: BTreeSet<String> = node.tables().into_iter().map(|table| table.name).collect();
+    for name in wanted.difference(&local) {
+        tracing::info!(table = %name, "creating a table of the leader cluster");
+        node.create_replica_table(name).await?;
+    }
+    for name in local.difference(&wanted) {
+        tracing::info!(table = %name, "deleting a table the leader cluster dropped");
+        node.delete_replica_table(name).await?;
+    }
+    Ok(())
+}
+
+/// Pulls table `name` until aborted, starting over after each failure.
+async fn pull(
+    node: Arc<Node>,
+    channel: Channel,
+    name: String,
+    group: GroupId,
+    installs: Arc<Semaphore>,
+) {
+    let mut delay = RETRY_DELAY_MIN;
+    let mut state = LagState::default();
+    loop {
+        match pull_once(&node, &channel, &name, group, &installs, &mut state).await {
+            Ok(()) => delay = RETRY_DELAY_MIN,
+            Err(error) => {
+                tracing::warn!(table = %name, %error, "replication paused; retrying");
+                state.error = Some(error.to_string());
+                state.report(&node, group);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+            }
+        }
+    }
+}
+
+/// What the puller knows of its table's lag.
+#[derive(Default)]
+struct LagState {
+    leader_index: u64,
+    applied: u64,
+    behind_since: Option<Instant>,
+    error: Option<String>,
+}
+
+impl LagState {
+    fn update(&mut self, leader_index: u64, applied: u64) {
+        self.leader_index = self.leader_index.max(leader_index);
+        self.applied = applied;
+        if self.applied >= self.leader_index {
+            self.behind_since = None;
+        } else if self.behind_since.is_none() {
+            self.behind_since = Some(Instant::now());
+        }
+    }
+
+    fn report(&self, node: &Node, group: GroupId) {
+        node.set_replication_facts(
+            group,
+            ReplicationFacts {
+                leader_index: self.leader_index,
+                applied_leader_index: self.applied,
+                lag_ms: self
+                    .behind_since
+                    .map_or(0, |since| since.elapsed().as_millis() as u64),
+                error: self.error.clone(),
+            },
+        );
+    }
+}
+
+/// The leader index the table holds, read linearizably in this cluster.
+async fn table_leader_index(node: &Node, group: GroupId) -> Result<u64> {
+    let probe = regatta_kv::command::Query::Range(regatta_kv::command::RangeRequest {
+        range: regatta_kv::command::KeyRange {
+            key: vec![0],
+            range_end: Vec::new(),
+        },
+        count_only: true,
+        ..Default::default()
+    });
+    Ok(node.read(group, &probe, true).await?.revision)
+}
+
+/// Proposes a replication command and returns the table's verdict.
+async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<ReplicatedResult> {
+    match node.propose(group, command).await?.result {
+        Ok(ResponseOp::Replicated(result)) => Ok(result),
+        Ok(other) => Err(Error::Protocol(format!(
+            "an unexpected table result {other:?}"
+        ))),
+        Err(error) => Err(Error::Protocol(format!(
+            "a command the table refused: {error}"
+        ))),
+    }
+}
+
+/// One log stream: from the table's leader index until the stream ends,
+/// a batch is refused (another puller moved the table on), or the leader
+/// sends the table to a snapshot (installed here).
+async fn pull_once(
+    node: &Node,
+    channel: &Channel,
+    name: &str,
+    group: GroupId,
+    installs: &Semaphore,
+    state: &mut LagState,
+) -> Result<()> {
+    let mut applied = table_leader_index(node, group).await?;
+    let mut client = proto::log_client::LogClient::new(channel.clone());
+    let mut stream = client
+        .replicate(proto::ReplicateRequest {
+            table: name.as_bytes().to_vec(),
+            leader_index: applied,
+        })
+        .await?
+        .into_inner();
+    // A reader task keeps receiving while a batch is being proposed, so
+    // that the next proposal takes everything that arrived meanwhile.
+    let (sender, mut receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
+    let reader = tokio::spawn(async move {
+        loop {
+            let message = stream.message().await;
+            let end = !matches!(message, Ok(Some(_)));
+            if sender.send(message).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    state.error = None;
+    loop {
+        let Some(message) = receiver.recv().await else {
+            return Ok(());
+        };
+        let mut pending = Some(message);
+        let mut commands: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0usize;
+        let mut stop = None;
+        let first = applied + 1;
+        while let Some(message) = pending.take() {
+            let Some(response) = message? else {
+                stop = Some(Ok(()));
+                break;
+            };
+            state.update(response.leader_index, applied);
+            match response.response {
+                Some(proto::replicate_response::Response::CommandsResponse(batch)) => {
+                    for command in batch.commands {
+                        let expected = first + commands.len() as u64;
+                        if command.leader_index != expected {
+                            return Err(Error::Protocol(format!(
+                                "leader index {} where {expected} was next",
+                                command.leader_index
+                            )));
+                        }
+                        bytes += command.command.len();
+                        commands.push(command.command);
+                    }
+                }
+                Some(proto::replicate_response::Response::ErrorResponse(error)) => {
+                    stop = Some(Err(error.error));
+                    break;
+                }
+                None => return Err(Error::Protocol("an empty replicate response".into())),
+            }
+            if bytes < PROPOSAL_BYTES_MAX {
+                pending = receiver.try_recv().ok();
+            }
+        }
+        if !commands.is_empty() {
+            let result = propose(
+                node,
+                group,
+                &Command::Replicated(ReplicatedBatch {
+                    first_leader_index: first,
+                    commands,
+                }),
+            )
+            .await?;
+            applied = result.leader_index;
+            state.update(0, applied);
+            state.report(node, group);
+            if !result.accepted {
+                // Another puller moved the table: start from where it is.
+                return Ok(());
+            }
+        } else {
+            state.report(node, group);
+        }
+        match stop {
+            None => {}
+            Some(Ok(())) => return Ok(()),
+            Some(Err(code)) if code == proto::ReplicateError::UseSnapshot as i32 => {
+                install_snapshot(node, channel, name, group, installs, state).await?;
+                return Ok(());
+            }
+            Some(Err(code)) if code == proto::ReplicateError::LeaderBehind as i32 => {
+                return Err(Error::LeaderBehind(format!(
+                    "the leader cluster's table {name:?} is at index {}, behind this follower's \
+                     {applied}; nothing is deleted here; the follower waits for the leader to \
+                     catch up, or for an operator to reset this table",
+                    state.leader_index
+                )));
+            }
+            Some(Err(code)) => {
+                return Err(Error::Protocol(format!(
+                    "an unknown replicate error {code}"
+                )))
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Streams the leader's snapshot of table `name` and proposes it into the
+/// table's group as a restore.
+async fn install_snapshot(
+    node: &Node,
+    channel: &Channel,
+    name: &str,
+    group: GroupId,
+    installs: &Semaphore,
+    state: &mut LagState,
+) -> Result<()> {
+    let _permit = installs
+        .acquire()
+        .await
+        .map_err(|_| Error::Protocol("the install limit was closed".into()))?;
+    tracing::info!(table = %name, "the leader's log no longer reaches back: installing its snapshot");
+    let started = Instant::now();
+    let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone());
+    let mut stream = client
+        .stream(proto::SnapshotRequest {
+            table: name.as_bytes().to_vec(),
+        })
+        .await?
+        .into_inner();
+    let restore_id = random_nonzero();
+    if !propose(node, group, &Command::RestoreBegin { restore_id })
+        .await?
+        .accepted
+    {
+        return Err(Error::Protocol(
+            "the table refused to begin a restore".into(),
+        ));
+    }
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut items: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut items_bytes = 0usize;
+    let mut offset = 0u64;
+    let mut index = None;
+    let mut item_count = 0u64;
+    let mut reported_bytes = 0u64;
+    let mut complete = false;
+    while let Some(chunk) = stream.message().await? {
+        if chunk.offset != offset || chunk.len != chunk.data.len() as u64 {
+            return Err(Error::Protocol(format!(
+                "a snapshot chunk at offset {} of {} bytes (holding {}) where offset {offset} was next",
+                chunk.offset,
+                chunk.len,
+                chunk.data.len()
+            )));
+        }
+        if crc32c::crc32c(&chunk.data) != chunk.crc32c {
+            return Err(Error::Protocol(format!(
+                "a snapshot chunk at offset {offset} whose checksum does not match"
+            )));
+        }
+        if *index.get_or_insert(chunk.index) != chunk.index {
+            return Err(Error::Protocol(
+                "snapshot chunks of different indexes".into(),
+            ));
+        }
+        offset += chunk.len;
+        buffer.extend_from_slice(&chunk.data);
+        let mut position = 0;
+        while let Some((item, used)) = split_item(&buffer[position..])? {
+            position += used;
+            items_bytes += used;
+            item_count += 1;
+            items.push(item);
+            if items_bytes >= RESTORE_CHUNK_BYTES_MAX {
+                restore_chunk(node, group, restore_id, std::mem::take(&mut items)).await?;
+                items_bytes = 0;
+            }
+        }
+        buffer.drain(..position);
+        if offset - reported_bytes >= 64 << 20 {
+            reported_bytes = offset;
+            tracing::info!(table = %name, mib = offset >> 20, "installing the leader's snapshot");
+        }
+        if chunk.last {
+            complete = true;
+            break;
+        }
+    }
+    if !complete || !buffer.is_empty() {
+        return Err(Error::Protocol(format!(
+            "a snapshot that ends early, after {offset} bytes"
+        )));
+    }
+    if !items.is_empty() {
+        restore_chunk(node, group, restore_id, items).await?;
+    }
+    let leader_index = index.unwrap_or(0);
+    let committed = propose(
+        node,
+        group,
+        &Command::RestoreCommit {
+            restore_id,
+            leader_index,
+        },
+    )
+    .await?;
+    if !committed.accepted {
+        return Err(Error::Protocol("another restore replaced this one".into()));
+    }
+    state.update(leader_index, leader_index);
+    state.report(node, group);
+    tracing::info!(
+        table = %name,
+        leader_index,
+        keys = item_count,
+        bytes = offset,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "installed the leader's snapshot"
+    );
+    Ok(())
+}
+
+async fn restore_chunk(
+    node: &Node,
+    group: GroupId,
+    restore_id: u64,
+    items: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<()> {
+    let result = propose(node, group, &Command::RestoreChunk { restore_id, items }).await?;
+    if result.accepted {
+        Ok(())
+    } else {
+        Err(Error::Protocol("another restore replaced this one".into()))
+    }
+}
+
+/// A snapshot item: a key and its stored record.
+type Item = (Vec<u8>, Vec<u8>);
+
+/// The first (key, record) item of `bytes` and the bytes it took, or
+/// `None` if `bytes` does not hold a whole item yet.
+fn split_item(bytes: &[u8]) -> Result<Option<(Item, usize)>> {
+    let mut position = 0;
+    let mut parts = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let Some(prefix) = bytes.get(position..position + 4) else {
+            return Ok(None);
+        };
+        let mut length = [0u8; 4];
+        length.copy_from_slice(prefix);
+        let length = u32::from_le_bytes(length) as usize;
+        if length > SNAPSHOT_ITEM_BYTES_MAX {
+            return Err(Error::Protocol(format!(
+                "a snapshot item of {length} bytes, over the limit"
+            )));
+        }
+        position += 4;
+        let Some(part) = bytes.get(position..position + length) else {
+            return Ok(None);
+        };
+        parts.push(part.to_vec());
+        position += length;
+    }
+    let record = parts.pop().unwrap_or_default();
+    let key = parts.pop().unwrap_or_default();
+    Ok(Some(((key, record), position)))
+}
+
+fn random_nonzero() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.finish().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_split_only_when_whole() {
+        let mut bytes = Vec::new();
+        for (key, record) in [(&b"a"[..], &[7u8; 30][..]), (b"bb", &[1u8; 24])] {
+            bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(key);
+            bytes.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(record);
+        }
+        let first_length = 4 + 1 + 4 + 30;
+        for cut in 0..first_length {
+            assert!(split_item(&bytes[..cut]).expect("split").is_none());
+        }
+        let ((key, record), used) = split_item(&bytes).expect("split").expect("whole");
+        assert_eq!(
+            (key.as_slice(), record.len(), used),
+            (&b"a"[..], 30, first_length)
+        );
+        let ((key, _), used) = split_item(&bytes[first_length..])
+            .expect("split")
+            .expect("whole");
+        assert_eq!(
+            (key.as_slice(), first_length + used),
+            (&b"bb"[..], bytes.len())
+        );
+        let huge = (u32::MAX).to_le_bytes();
+        assert!(split_item(&huge).is_err());
+    }
+}
