@@ -1,7 +1,9 @@
 //! A fault-injecting TCP proxy: forwards connections from its listener to
 //! a target, and can cut the link (closing live connections and refusing
-//! new ones) or slow it (a delay before each chunk in either direction).
-//! Every peer and client link of the harness goes through one.
+//! new ones), slow it (a delay before each chunk in either direction, which
+//! also limits throughput), or add latency (each chunk arrives a fixed time
+//! after it was sent, with throughput unchanged, like a long link). Every
+//! peer and client link of the harness goes through one.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Bytes read per forwarding step.
 const CHUNK_BYTES: usize = 16 * 1024;
@@ -19,6 +22,7 @@ struct Shared {
     target: SocketAddr,
     cut: AtomicBool,
     delay_micros: AtomicU64,
+    latency_micros: AtomicU64,
     connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -38,6 +42,7 @@ impl Proxy {
             target,
             cut: AtomicBool::new(false),
             delay_micros: AtomicU64::new(0),
+            latency_micros: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
@@ -81,6 +86,16 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Delivers every chunk `latency` after it was read, in both
+    /// directions (zero: at once); chunks keep flowing meanwhile.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared
+            .latency_micros
+            .store(latency.as_micros() as u64, Ordering::SeqCst);
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
@@ -121,25 +136,41 @@ async fn forward(inbound: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// Copies `from` to `to`: a reader stamps each chunk with its due time, a
+/// writer delivers it then. The connection ends when the writer does
+/// (after the reader's end is drained, or on a write error or a cut).
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     shared: Arc<Shared>,
 ) {
-    let mut buffer = vec![0u8; CHUNK_BYTES];
-    loop {
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        let delay = shared.delay_micros.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_micros(delay)).await;
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader_shared = Arc::clone(&shared);
+    let reader = tokio::spawn(async move {
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        loop {
+            let read = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            let delay = reader_shared.delay_micros.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_micros(delay)).await;
+            }
+            let latency = reader_shared.latency_micros.load(Ordering::SeqCst);
+            let due = Instant::now() + Duration::from_micros(latency);
+            if sender.send((due, buffer[..read].to_vec())).is_err() {
+                return;
+            }
         }
-        if shared.cut.load(Ordering::SeqCst) || to.write_all(&buffer[..read]).await.is_err() {
-            return;
+    });
+    while let Some((due, bytes)) = receiver.recv().await {
+        tokio::time::sleep_until(due).await;
+        if shared.cut.load(Ordering::SeqCst) || to.write_all(&bytes).await.is_err() {
+            break;
         }
     }
+    reader.abort();
 }
 
 #[cfg(test)]
@@ -202,5 +233,43 @@ mod tests {
             started.elapsed() >= Duration::from_millis(200),
             "both directions are slowed"
         );
+    }
+
+    #[tokio::test]
+    async fn latency_delays_each_chunk_without_serialising_them() {
+        let target = echo_server().await;
+        let proxy = Proxy::start("127.0.0.1:0".parse().expect("address"), target)
+            .await
+            .expect("proxy");
+        proxy.set_latency(Duration::from_millis(50));
+        let mut stream = TcpStream::connect(proxy.address()).await.expect("connect");
+        let started = std::time::Instant::now();
+        // Twenty chunks sent 5 ms apart: with a pipelined 50 ms each way
+        // they are all back after about 100 + 95 ms, not 20 × 100 ms.
+        let mut answer = vec![0u8; 20 * 4];
+        let (mut read_half, mut write_half) = stream.split();
+        let send = async {
+            for _ in 0..20 {
+                write_half.write_all(b"ping").await.expect("write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let receive = async {
+            tokio::time::timeout(Duration::from_secs(5), read_half.read_exact(&mut answer))
+                .await
+                .expect("in time")
+                .expect("echo");
+        };
+        tokio::join!(send, receive);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(100),
+            "{elapsed:?}: a round trip is 2 × 50 ms"
+        );
+        assert!(
+            elapsed < Duration::from_millis(1000),
+            "{elapsed:?}: chunks were serialised"
+        );
+        assert_eq!(&answer[..4], b"ping");
     }
 }

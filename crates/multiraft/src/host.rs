@@ -432,6 +432,7 @@ impl NodeHost {
             proposals: BTreeMap::new(),
             waiting_ids: HashMap::new(),
             reads: HashMap::new(),
+            known_leader: None,
             next_read: 1,
             unsent: VecDeque::new(),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
@@ -745,6 +746,10 @@ struct Group {
     /// an entry with their id is applied here.
     waiting_ids: HashMap<RequestId, Vec<Reply>>,
     reads: HashMap<ReadId, (Bytes, Reply)>,
+    /// The leader as of the last `Ready`: when it changes, reads waiting
+    /// on the old one fail with `NotLeader` (their caller retries) instead
+    /// of waiting for a leader that may be gone.
+    known_leader: Option<NodeId>,
     next_read: u64,
     /// Persisted messages of readies not yet durable, in ready order.
     unsent: VecDeque<(u64, Vec<Message>)>,
@@ -1355,6 +1360,10 @@ impl Group {
                     .apply
                     .send(ApplyWork::Entries(self.group, ready.committed_entries));
             }
+            let leader_changed = ready
+                .soft_state
+                .as_ref()
+                .is_some_and(|soft| soft.leader != self.known_leader);
             for state in ready.read_states {
                 if let Some((query, reply)) = self.reads.remove(&state.id) {
                     let _ = self.apply.send(ApplyWork::Read {
@@ -1363,6 +1372,17 @@ impl Group {
                         query,
                         reply,
                     });
+                }
+            }
+            if let (true, Some(soft)) = (leader_changed, ready.soft_state) {
+                self.known_leader = soft.leader;
+                // A read forwarded to (or confirmed by) the old leader may
+                // never be answered; its caller retries with the new one.
+                for (_, (_, reply)) in self.reads.drain() {
+                    let _ = reply.send(Err(Error::NotLeader {
+                        group: self.group,
+                        leader_hint: soft.leader,
+                    }));
                 }
             }
         }

@@ -193,7 +193,20 @@ async fn an_isolated_leader_is_replaced_and_rejoins() {
         }
     }
     let others: Vec<u64> = ids.iter().copied().filter(|id| *id != old_leader).collect();
+    // A read a follower forwards to the lost leader is answered when the
+    // leader changes (its caller retries then), not after the timeout.
+    let follower = hosts[&others[0]].clone();
+    let stranded =
+        tokio::spawn(async move { follower.read_linearizable(GROUP, Bytes::new()).await });
     let new_leader = leader_among(&hosts, &others).await;
+    match stranded.await.expect("join") {
+        Err(regatta_multiraft::Error::NotLeader { .. }) => {}
+        Err(regatta_multiraft::Error::Raft {
+            source: regatta_raft::Error::NotLeader { .. },
+            ..
+        }) => {}
+        other => panic!("the stranded read ended with {other:?}, not NotLeader"),
+    }
     hosts[&new_leader]
         .propose(GROUP, Bytes::from_static(b"during"))
         .await

@@ -17,8 +17,11 @@ use etcd_client::{Client, GetOptions};
 use regatta_server::proto::regatta::v1 as pb;
 use tonic::Code;
 
+/// A key, its value, create and mod revision and version.
+type Row = (Vec<u8>, Vec<u8>, i64, i64, i64);
+
 /// Every key with its value and revisions.
-async fn everything(client: &mut Client) -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)> {
+async fn everything(client: &mut Client) -> Vec<Row> {
     let response = client
         .get(vec![0u8], Some(GetOptions::new().with_from_key()))
         .await
@@ -251,4 +254,177 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
         .await
         .expect("delete on the leader");
     wait_for_tables(&mut follower_tables, &["etcd"]).await;
+}
+
+/// Waits until the follower node `client` holds exactly `expected`.
+async fn wait_for_contents(client: &mut Client, expected: &[Row], what: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let found = match client
+            .get(vec![0u8], Some(GetOptions::new().with_from_key()))
+            .await
+        {
+            Ok(_) => everything(client).await,
+            Err(_) => Vec::new(),
+        };
+        if found == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: the follower holds {} keys, the leader {}",
+            found.len(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let latency = Duration::from_millis(50);
+
+    // The leader cluster: three processes, each serving replication.
+    let mut leader_nodes = Vec::new();
+    let leader_rafts: Vec<_> = (0..3).map(|_| free_address()).collect();
+    let leader_members = members(&leader_rafts);
+    let mut replication = Vec::new();
+    for id in 1..=3u64 {
+        let address = free_address();
+        replication.push(address);
+        let flag = address.to_string();
+        leader_nodes.push(Regatta::start_member(
+            &root.path().join(format!("leader{id}")),
+            id,
+            free_address(),
+            leader_rafts[id as usize - 1],
+            &leader_members,
+            &["--replication.address", &flag],
+        ));
+    }
+    let mut leader = connect(&leader_nodes[0]).await;
+
+    // Each follower cluster reaches leader node 1 through a link with
+    // 50 ms of latency each way.
+    let any = "127.0.0.1:0".parse().expect("address");
+    let link_a = regatta_chaos::proxy::Proxy::start(any, replication[0])
+        .await
+        .expect("proxy");
+    let link_b = regatta_chaos::proxy::Proxy::start(any, replication[0])
+        .await
+        .expect("proxy");
+    link_a.set_latency(latency);
+    link_b.set_latency(latency);
+    let single = Regatta::start_follower(
+        &root.path().join("single"),
+        free_address(),
+        free_address(),
+        link_a.address(),
+        &["--raft.cluster-id", "2"],
+    );
+    let follower_rafts: Vec<_> = (0..3).map(|_| free_address()).collect();
+    let follower_members = members(&follower_rafts);
+    let mut trio: Vec<Option<Regatta>> = (1..=3u64)
+        .map(|id| {
+            Some(Regatta::start_follower_member(
+                &root.path().join(format!("follower{id}")),
+                id,
+                free_address(),
+                follower_rafts[id as usize - 1],
+                &follower_members,
+                link_b.address(),
+                &["--raft.cluster-id", "3"],
+            ))
+        })
+        .collect();
+
+    for i in 0..200 {
+        leader
+            .put(format!("k/{i:03}"), format!("{i}"), None)
+            .await
+            .expect("put on the leader");
+    }
+    let expected = everything(&mut leader).await;
+    let mut single_client = connect(&single).await;
+    wait_for_contents(&mut single_client, &expected, "the single-node follower").await;
+    let mut trio_clients = Vec::new();
+    for node in trio.iter().flatten() {
+        let mut client = connect(node).await;
+        wait_for_contents(&mut client, &expected, "a node of the three-node follower").await;
+        trio_clients.push(client);
+    }
+
+    // Kill the node that pulls the etcd table (it leads the table's group).
+    let status = trio_clients[0].status().await.expect("status");
+    let puller = status.leader();
+    assert!(
+        (1..=3).contains(&puller),
+        "the follower's etcd table has a leader"
+    );
+    trio[puller as usize - 1].as_mut().expect("running").kill();
+    trio[puller as usize - 1] = None;
+    let mut survivors: Vec<Client> = trio_clients
+        .into_iter()
+        .enumerate()
+        .filter(|(index, _)| *index as u64 + 1 != puller)
+        .map(|(_, client)| client)
+        .collect();
+
+    // Writes go on; another node takes over the pull.
+    let killed = Instant::now();
+    leader.put("after-kill", "1", None).await.expect("put");
+    let expected = everything(&mut leader).await;
+    wait_for_contents(&mut survivors[0], &expected, "after the puller died").await;
+    let takeover = killed.elapsed();
+    eprintln!("a new puller delivered the next write {takeover:?} after the old one died");
+    if takeover >= Duration::from_secs(10) {
+        let logs: Vec<String> = trio.iter().flatten().map(|node| node.log()).collect();
+        panic!(
+            "took {takeover:?} to replace the puller; the surviving nodes' logs:\n{}",
+            logs.join("\n----\n")
+        );
+    }
+
+    // A write on the follower, 50 ms from the leader, is readable there
+    // at once.
+    let reply = survivors[1]
+        .put("written-on-follower", "yes", None)
+        .await
+        .expect("a forwarded put");
+    let got = survivors[1]
+        .get("written-on-follower", None)
+        .await
+        .expect("get");
+    assert_eq!(
+        got.kvs().first().map(|kv| kv.mod_revision()),
+        Some(reply.header().expect("header").revision())
+    );
+
+    // Every follower node ends with the leader's exact contents.
+    for i in 0..100 {
+        leader
+            .put(format!("late/{i:03}"), "z", None)
+            .await
+            .expect("put on the leader");
+    }
+    let expected = everything(&mut leader).await;
+    wait_for_contents(
+        &mut single_client,
+        &expected,
+        "the single-node follower, at the end",
+    )
+    .await;
+    for client in &mut survivors {
+        wait_for_contents(client, &expected, "a surviving follower node, at the end").await;
+    }
+}
+
+fn members(rafts: &[std::net::SocketAddr]) -> String {
+    rafts
+        .iter()
+        .enumerate()
+        .map(|(index, address)| format!("{}={address}", index + 1))
+        .collect::<Vec<_>>()
+        .join(",")
 }

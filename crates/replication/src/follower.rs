@@ -346,6 +346,7 @@ async fn pull_once(
     state: &mut LagState,
 ) -> Result<()> {
     let mut applied = table_leader_index(node, group).await?;
+    tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
     let mut client = proto::log_client::LogClient::new(channel.clone());
     let mut stream = client
         .replicate(proto::ReplicateRequest {

@@ -81,6 +81,29 @@ impl Regatta {
         Regatta::spawn_as("follower", "info", dir, api, raft, &flags)
     }
 
+    /// Starts member `id` of a follower cluster whose
+    /// `--raft.initial-members` is `members`, replicating from `leader`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_follower_member(
+        dir: &Path,
+        id: u64,
+        api: SocketAddr,
+        raft: SocketAddr,
+        members: &str,
+        leader: SocketAddr,
+        extra: &[&str],
+    ) -> Regatta {
+        let id = id.to_string();
+        let mut flags = vec![
+            "--raft.node-id",
+            id.as_str(),
+            "--raft.initial-members",
+            members,
+        ];
+        flags.extend_from_slice(extra);
+        Regatta::start_follower(dir, api, raft, leader, &flags)
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
