@@ -164,6 +164,35 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
+    // The follower's status shows the table caught up with the leader.
+    let channel = tonic::transport::Endpoint::from_shared(follower.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster
+            .status(pb::StatusRequest { config: false })
+            .await
+            .expect("status")
+            .into_inner();
+        assert!(status.info.contains("follower"), "{}", status.info);
+        let table = &status.tables["etcd"];
+        if table.leader_index >= revision as u64 {
+            assert_eq!(table.applied_leader_index, table.leader_index, "{table:?}");
+            assert_eq!(table.replication_lag_ms, 0, "{table:?}");
+            assert!(table.replication_error.is_empty(), "{table:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never caught up: {table:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // A write on the follower goes to the leader and is readable on the
     // follower as soon as it is acknowledged.
     for i in 0..20 {

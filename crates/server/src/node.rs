@@ -373,6 +373,28 @@ impl Node {
             .cloned()
     }
 
+    /// A follower table's replication state as this node sees it: the
+    /// puller's report where this node pulls, and always the leader index
+    /// this node's copy holds.
+    pub async fn replication_view(&self, group: GroupId) -> ReplicationFacts {
+        let mut facts = self.replication_facts(group).unwrap_or_default();
+        let probe = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: vec![0],
+                range_end: Vec::new(),
+            },
+            count_only: true,
+            ..RangeRequest::default()
+        });
+        if let Ok(response) = self.read(group, &probe, false).await {
+            facts.applied_leader_index = response.revision;
+        }
+        if facts.leader_index > 0 && facts.applied_leader_index >= facts.leader_index {
+            facts.lag_ms = 0;
+        }
+        facts
+    }
+
     /// A consistent copy of table `group`'s data: its revision and items
     /// (`regatta_kv::Store::table_snapshot`).
     pub fn table_snapshot(&self, group: GroupId) -> Result<(u64, regatta_kv::TableItems)> {

@@ -422,7 +422,16 @@ impl pb::cluster_server::Cluster for RegattaApi {
     ) -> std::result::Result<Response<pb::StatusResponse>, Status> {
         let mut tables = std::collections::HashMap::new();
         let mut errors = Vec::new();
+        let follower = self.node.config().role == crate::ClusterRole::Follower;
         for table in self.node.tables() {
+            let replication = if follower {
+                self.node.replication_view(table.group).await
+            } else {
+                crate::ReplicationFacts::default()
+            };
+            if let Some(error) = &replication.error {
+                errors.push(format!("table {}: replication: {error}", table.name));
+            }
             match self.node.host().status(table.group).await {
                 Ok(status) => {
                     tables.insert(
@@ -439,6 +448,10 @@ impl pb::cluster_server::Cluster for RegattaApi {
                             raft_index: status.hard_state.commit.0,
                             raft_term: status.hard_state.term.0,
                             raft_applied_index: status.applied.0,
+                            leader_index: replication.leader_index,
+                            applied_leader_index: replication.applied_leader_index,
+                            replication_lag_ms: replication.lag_ms,
+                            replication_error: replication.error.unwrap_or_default(),
                         },
                     );
                 }
@@ -449,7 +462,8 @@ impl pb::cluster_server::Cluster for RegattaApi {
             id: self.node.config().node_id.0.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             info: format!(
-                "regatta leader cluster node, up {} s",
+                "regatta {} cluster node, up {} s",
+                if follower { "follower" } else { "leader" },
                 self.node.uptime().as_secs()
             ),
             tables,
