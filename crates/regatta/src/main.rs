@@ -127,6 +127,11 @@ struct LeaderArgs {
     #[arg(long = "replication.address", env = "REGATTA_REPLICATION_ADDRESS")]
     replication_address: Option<SocketAddr>,
 
+    /// Serve `/metrics` (Prometheus) and `/healthz` over HTTP on this
+    /// address; not served when unset.
+    #[arg(long = "rest.address", env = "REGATTA_REST_ADDRESS")]
+    rest_address: Option<SocketAddr>,
+
     /// The table that backs the etcd API; created at bootstrap.
     #[arg(
         long = "etcd.table",
@@ -356,9 +361,30 @@ async fn run_node(
         ),
         None => None,
     };
+    let rest_listener = match args.rest_address {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|error| format!("--rest.address {address}: {error}"))?,
+        ),
+        None => None,
+    };
     let node = Node::start(config)
         .await
         .map_err(|error| error.to_string())?;
+    let (stop_rest, rest_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = rest_listener {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving /metrics and /healthz");
+        }
+        tokio::spawn(regatta_server::serve_rest(
+            std::sync::Arc::clone(&node),
+            listener,
+            async move {
+                let _ = rest_stopped.await;
+            },
+        ));
+    }
     let puller = match follower {
         Some(follower) => {
             tracing::info!(leader = %follower.leader_url, "replicating the leader cluster");
@@ -407,6 +433,7 @@ async fn run_node(
     // Stopping the node ends the open log streams; then the replication
     // server can finish.
     let _ = stop_replication.send(());
+    let _ = stop_rest.send(());
     if let Some(puller) = puller {
         puller.stop().await;
     }

@@ -137,8 +137,15 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
 
     let follower_dir = root.path().join("follower");
     let (follower_api, follower_raft) = (free_address(), free_address());
-    let mut follower =
-        Regatta::start_follower(&follower_dir, follower_api, follower_raft, replication, &[]);
+    let rest = free_address();
+    let rest_flag = rest.to_string();
+    let mut follower = Regatta::start_follower(
+        &follower_dir,
+        follower_api,
+        follower_raft,
+        replication,
+        &["--rest.address", &rest_flag],
+    );
     let mut follower_client = connect(&follower).await;
     converge(
         &mut leader_client,

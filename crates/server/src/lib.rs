@@ -4,7 +4,8 @@
 //!
 //! - [`Node`]: the groups of one node, the table catalogue, reads and
 //!   writes;
-//! - [`serve`]: every service on one listener.
+//! - [`serve`]: every service on one listener;
+//! - [`serve_rest`]: `/metrics` and `/healthz` for operators.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -12,6 +13,7 @@ mod error;
 mod etcd_api;
 mod node;
 mod regatta_api;
+mod rest;
 mod unimplemented;
 mod validate;
 
@@ -55,6 +57,7 @@ pub use node::{
     WriteForwarder, META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
+pub use rest::{health, metrics, serve_rest};
 
 /// Serves every API of `node` on `listener` until `shutdown` resolves.
 pub async fn serve(

@@ -128,6 +128,7 @@ pub struct GroupFacts {
 pub struct Node {
     config: NodeConfig,
     host: NodeHost,
+    wal: Arc<Wal>,
     store: Store,
     transport: Arc<TcpTransport>,
     /// Tables by name, as last read from the catalogue.
@@ -244,9 +245,10 @@ impl Node {
         host_config.snapshot_every_entries = config.snapshot_every_entries;
         host_config.compaction_overhead_entries = config.compaction_overhead_entries;
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let wal = Arc::new(wal);
         let host = NodeHost::new(
             host_config,
-            Arc::new(wal),
+            Arc::clone(&wal),
             as_transport,
             tokio::runtime::Handle::current(),
         )
@@ -255,6 +257,7 @@ impl Node {
         let node = Arc::new(Node {
             config,
             host,
+            wal,
             store,
             transport,
             tables: RwLock::new(BTreeMap::new()),
@@ -278,6 +281,59 @@ impl Node {
     /// How long the node has run.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// The WAL's counters.
+    pub fn wal_stats(&self) -> regatta_wal::WalStats {
+        self.wal.stats()
+    }
+
+    /// The peer transport's counters: (metric name, help, value).
+    pub fn transport_stats(&self) -> Vec<(&'static str, &'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.transport.stats();
+        vec![
+            (
+                "peer_messages_sent",
+                "Raft messages sent to peers.",
+                stats.messages_sent.load(Relaxed),
+            ),
+            (
+                "peer_frames_sent",
+                "Frames sent to peers (each holds one or more messages).",
+                stats.frames_sent.load(Relaxed),
+            ),
+            (
+                "peer_messages_dropped",
+                "Raft messages dropped because a peer's queue was full.",
+                stats.dropped_messages.load(Relaxed),
+            ),
+            (
+                "peer_connection_failures",
+                "Peer connections that failed or broke.",
+                stats.connection_failures.load(Relaxed),
+            ),
+            (
+                "peer_frames_refused",
+                "Frames from peers refused (checksum, size, type, decoding).",
+                stats.frames_refused.load(Relaxed),
+            ),
+            (
+                "peer_handshakes_refused",
+                "Incoming peer connections refused at the TLS or Regatta handshake.",
+                stats.handshakes_refused.load(Relaxed),
+            ),
+            (
+                "snapshots_sent",
+                "Raft snapshots the receiving peer confirmed.",
+                stats.snapshots_sent.load(Relaxed),
+            ),
+            (
+                "snapshots_received",
+                "Raft snapshots received whole from peers.",
+                stats.snapshots_received.load(Relaxed),
+            ),
+        ]
     }
 
     /// The multi-Raft host.

@@ -183,3 +183,41 @@ pub async fn connect(regatta: &Regatta) -> etcd_client::Client {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// GET `path` from an HTTP/1.1 server: the status code and the body;
+/// `None` if the server cannot be reached.
+pub fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body)?;
+    Some((status, body.to_string()))
+}
+
+/// Polls `path` until it answers `status`; returns the body.
+pub fn wait_for_http(address: SocketAddr, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = http_get(address, path);
+        if let Some((code, body)) = &answer {
+            if *code == status {
+                return body.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} on {address} never answered {status}; last: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
