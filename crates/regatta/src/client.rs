@@ -381,3 +381,82 @@ pub async fn table(connection: &Connection, command: TableCommand) -> Result<(),
     }
     Ok(())
 }
+
+/// Runs `regatta status`: the node's `Cluster.Status`, one line per table.
+pub async fn node_status(connection: &Connection) -> Result<(), String> {
+    let mut client = pb::cluster_client::ClusterClient::new(channel(&connection.address).await?);
+    let response = client
+        .status(pb::StatusRequest { config: false })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut names: Vec<&String> = response.tables.keys().collect();
+    names.sort();
+    let follower = response.info.contains("follower");
+    let mut lines = vec![format!(
+        "node {} · regatta {} · {}",
+        response.id, response.version, response.info
+    )];
+    let mut header = format!(
+        "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12}",
+        "TABLE", "LEADER", "TERM", "COMMIT", "APPLIED", "DB BYTES"
+    );
+    if follower {
+        header.push_str(&format!(
+            " {:>12} {:>12} {:>8}",
+            "LEADER IDX", "HELD IDX", "LAG MS"
+        ));
+    }
+    lines.push(header);
+    let mut tables = Vec::new();
+    for name in names {
+        let table = &response.tables[name];
+        let mut line = format!(
+            "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12}",
+            name,
+            if table.leader.is_empty() {
+                "-"
+            } else {
+                &table.leader
+            },
+            table.raft_term,
+            table.raft_index,
+            table.raft_applied_index,
+            table.db_size
+        );
+        if follower {
+            line.push_str(&format!(
+                " {:>12} {:>12} {:>8}",
+                table.leader_index, table.applied_leader_index, table.replication_lag_ms
+            ));
+        }
+        lines.push(line);
+        tables.push(json!({
+            "name": name,
+            "leader": table.leader,
+            "term": table.raft_term,
+            "commit": table.raft_index,
+            "applied": table.raft_applied_index,
+            "db_size_bytes": table.db_size,
+            "leader_index": table.leader_index,
+            "applied_leader_index": table.applied_leader_index,
+            "replication_lag_ms": table.replication_lag_ms,
+            "replication_error": table.replication_error,
+        }));
+    }
+    for error in &response.errors {
+        lines.push(format!("error: {error}"));
+    }
+    print(
+        connection.output,
+        json!({
+            "id": response.id,
+            "version": response.version,
+            "info": response.info,
+            "tables": tables,
+            "errors": response.errors,
+        }),
+        lines,
+    );
+    Ok(())
+}

@@ -53,6 +53,13 @@ enum Command {
         #[command(subcommand)]
         command: client::TableCommand,
     },
+    /// Prints a node's status: each table's leader, term, commit and
+    /// applied index and size, and on a follower cluster its replication
+    /// lag.
+    Status {
+        #[command(flatten)]
+        connection: client::Connection,
+    },
     /// Load generator over the etcd v3 API (for Regatta or etcd).
     Bench(bench::BenchArgs),
 }
@@ -516,6 +523,7 @@ fn main() -> ExitCode {
             connection,
             command,
         } => runtime.block_on(client::table(&connection, command)),
+        Command::Status { connection } => runtime.block_on(client::node_status(&connection)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
     };
     match result {

@@ -132,6 +132,20 @@ async fn a_config_file_with_env_overrides_and_the_client_commands() {
         out.contains("RESULT workload=Put total=200") && out.contains("errors=0"),
         "{out}"
     );
+    let (success, out, error) = regatta(&["status", "--address", a]);
+    assert!(success, "{error}");
+    assert!(out.contains("leader cluster node"), "{out}");
+    let users = out
+        .lines()
+        .find(|line| line.starts_with("users "))
+        .unwrap_or_else(|| panic!("no line for table users in:\n{out}"));
+    assert_eq!(
+        users.split_whitespace().nth(1),
+        Some("1"),
+        "the leader: {users}"
+    );
+    let (success, out, _) = regatta(&["status", "--address", a, "-o", "json"]);
+    assert!(success && out.contains("\"name\":\"etcd\""), "{out}");
     let (success, out, _) = regatta(&["table", "delete", "users", "--address", a]);
     assert!(success && out.contains("deleted table users"), "{out}");
 }
