@@ -14,4 +14,6 @@ mod error;
 mod table;
 
 pub use error::{Error, Result};
-pub use table::{read_table_item, Store, Table, TableItems, TableMode};
+pub use table::{
+    read_table_item, split_table_item, Store, Table, TableItem, TableItems, TableMode,
+};

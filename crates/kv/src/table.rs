@@ -262,7 +262,7 @@ fn write_items(snapshot: &fjall::Snapshot, out: &mut dyn Write) -> std::io::Resu
 
 /// Reads the items `write_items` wrote, one (key, record) at a time,
 /// checking each record's header; `None` at the end.
-pub fn read_table_item(data: &mut dyn Read) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+pub fn read_table_item(data: &mut dyn Read) -> Result<Option<TableItem>> {
     let Some(key) = read_item(data, true)? else {
         return Ok(None);
     };
@@ -980,6 +980,43 @@ fn read_item(data: &mut dyn Read, end_allowed: bool) -> Result<Option<Vec<u8>>> 
         None => Ok(None),
         Some(length) => read_body(data, length).map(Some),
     }
+}
+
+/// A table snapshot item: a key and its stored record.
+pub type TableItem = (Vec<u8>, Vec<u8>);
+
+/// The first item in `bytes` (items as `TableItems::write_to` writes
+/// them) and the bytes it took, or `None` while `bytes` does not hold a
+/// whole item yet. For readers that receive the items in chunks.
+pub fn split_table_item(bytes: &[u8]) -> Result<Option<(TableItem, usize)>> {
+    let mut position = 0;
+    let mut parts = [Vec::new(), Vec::new()];
+    for part in &mut parts {
+        let Some(prefix) = bytes.get(position..position + 4) else {
+            return Ok(None);
+        };
+        let length = read_u32(prefix);
+        if length > SNAPSHOT_ITEM_BYTES_MAX {
+            return Err(Error::Decode(format!(
+                "a table snapshot item of {length} bytes is over the limit"
+            )));
+        }
+        position += 4;
+        let Some(body) = bytes.get(position..position + length as usize) else {
+            return Ok(None);
+        };
+        *part = body.to_vec();
+        position += length as usize;
+    }
+    let [key, record] = parts;
+    Record::decode(&record)?;
+    Ok(Some(((key, record), position)))
+}
+
+fn read_u32(bytes: &[u8]) -> u32 {
+    let mut buffer = [0u8; 4];
+    buffer.copy_from_slice(&bytes[..4]);
+    u32::from_le_bytes(buffer)
 }
 
 /// A point-in-time view of a table, written out as a snapshot stream.

@@ -2,14 +2,16 @@
 //! restores from a leader snapshot through the follower's own log, and
 //! replica state carried by reopen and by Raft snapshots.
 
+mod common;
+
 use bytes::Bytes;
+use common::apply;
 use regatta_kv::command::{
     decode, encode, Command, KeyRange, PutRequest, Query, RangeRequest, ReplicatedBatch,
     ReplicatedResult, Response, ResponseOp,
 };
-use regatta_kv::{read_table_item, Store, Table, TableMode};
+use regatta_kv::{read_table_item, split_table_item, Store, Table, TableMode};
 use regatta_multiraft::StateMachine;
-use regatta_raft::LogIndex;
 
 fn put(key: &str, value: &str) -> Vec<u8> {
     encode(&Command::Put(PutRequest {
@@ -17,26 +19,6 @@ fn put(key: &str, value: &str) -> Vec<u8> {
         value: value.into(),
         prev_kv: false,
     }))
-}
-
-fn apply(table: &mut Table, commands: &[Command]) -> Vec<Response> {
-    let first = table.applied_index().0 + 1;
-    let batch: Vec<(LogIndex, Bytes)> = commands
-        .iter()
-        .enumerate()
-        .map(|(offset, command)| {
-            (
-                LogIndex(first + offset as u64),
-                Bytes::from(encode(command)),
-            )
-        })
-        .collect();
-    table
-        .apply_batch(&batch)
-        .expect("apply")
-        .iter()
-        .map(|bytes| decode::<Response>(bytes).expect("response"))
-        .collect()
 }
 
 fn replicated(first_leader_index: u64, commands: Vec<Vec<u8>>) -> Command {
@@ -272,4 +254,41 @@ fn a_restore_replaces_the_table_at_commit_and_survives_reopens_and_snapshots() {
     );
     assert!(!outcome(&late[0]).accepted);
     assert_eq!(follower.revision(), 301);
+}
+
+#[test]
+fn items_split_only_when_whole_and_bad_ones_are_errors() {
+    let mut bytes = Vec::new();
+    for (key, record) in [(&b"a"[..], &[7u8; 30][..]), (b"bb", &[1u8; 24])] {
+        bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(&(record.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(record);
+    }
+    let first_length = 4 + 1 + 4 + 30;
+    for cut in 0..first_length {
+        assert!(split_table_item(&bytes[..cut]).expect("split").is_none());
+    }
+    let ((key, record), used) = split_table_item(&bytes).expect("split").expect("whole");
+    assert_eq!(
+        (key.as_slice(), record.len(), used),
+        (&b"a"[..], 30, first_length)
+    );
+    let ((key, _), used) = split_table_item(&bytes[first_length..])
+        .expect("split")
+        .expect("whole");
+    assert_eq!(
+        (key.as_slice(), first_length + used),
+        (&b"bb"[..], bytes.len())
+    );
+    // Over the item limit, and a record shorter than its header.
+    assert!(split_table_item(&u32::MAX.to_le_bytes()).is_err());
+    let short = [
+        1u32.to_le_bytes().as_slice(),
+        b"k",
+        &3u32.to_le_bytes(),
+        b"abc",
+    ]
+    .concat();
+    assert!(split_table_item(&short).is_err());
 }

@@ -2,7 +2,10 @@
 //! transaction semantics, revisions, atomic batches, durability of the
 //! applied index, snapshots and table removal.
 
+mod common;
+
 use bytes::Bytes;
+use common::apply;
 use regatta_kv::command::{
     decode, encode, Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyRange,
     PutRequest, Query, RangeRequest, RequestOp, Response, ResponseOp,
@@ -24,27 +27,6 @@ fn range(key: &str, range_end: &[u8]) -> KeyRange {
         key: key.into(),
         range_end: range_end.to_vec(),
     }
-}
-
-/// Applies commands at consecutive indexes after the table's applied one.
-fn apply(table: &mut Table, commands: &[Command]) -> Vec<Response> {
-    let first = table.applied_index().0 + 1;
-    let batch: Vec<(LogIndex, Bytes)> = commands
-        .iter()
-        .enumerate()
-        .map(|(offset, command)| {
-            (
-                LogIndex(first + offset as u64),
-                Bytes::from(encode(command)),
-            )
-        })
-        .collect();
-    table
-        .apply_batch(&batch)
-        .expect("apply")
-        .iter()
-        .map(|bytes| decode::<Response>(bytes).expect("response"))
-        .collect()
 }
 
 fn get(table: &Table, request: RangeRequest) -> regatta_kv::command::RangeResult {

@@ -40,12 +40,8 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
     let root = tempfile::tempdir().expect("tempdir");
     let addresses: Vec<(SocketAddr, SocketAddr)> =
         (0..3).map(|_| (free_address(), free_address())).collect();
-    let members = addresses
-        .iter()
-        .enumerate()
-        .map(|(i, (_, raft))| format!("{}={raft}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let rafts: Vec<SocketAddr> = addresses.iter().map(|(_, raft)| *raft).collect();
+    let members = common::members(&rafts);
     let mut nodes: BTreeMap<u64, Regatta> = BTreeMap::new();
     for (i, (api, raft)) in addresses.iter().enumerate() {
         let id = i as u64 + 1;
@@ -176,12 +172,8 @@ async fn a_node_without_quorum_fails_requests_in_time() {
     let root = tempfile::tempdir().expect("tempdir");
     let addresses: Vec<(SocketAddr, SocketAddr)> =
         (0..3).map(|_| (free_address(), free_address())).collect();
-    let members = addresses
-        .iter()
-        .enumerate()
-        .map(|(i, (_, raft))| format!("{}={raft}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let rafts: Vec<SocketAddr> = addresses.iter().map(|(_, raft)| *raft).collect();
+    let members = common::members(&rafts);
     let mut nodes = BTreeMap::new();
     for (i, (api, raft)) in addresses.iter().enumerate() {
         let id = i as u64 + 1;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{connect, free_address, http_get, wait_for_http, Regatta};
+use common::{connect, free_address, http_get, members, wait_for_http, Regatta};
 
 /// The value of the sample `name` (with its labels, as printed).
 fn sample(metrics: &str, name: &str) -> Option<f64> {
@@ -59,12 +59,7 @@ async fn metrics_and_health_of_a_single_node() {
 async fn healthz_turns_unavailable_when_the_majority_is_gone() {
     let root = tempfile::tempdir().expect("tempdir");
     let rafts: Vec<_> = (0..3).map(|_| free_address()).collect();
-    let members = rafts
-        .iter()
-        .enumerate()
-        .map(|(index, address)| format!("{}={address}", index + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let members = members(&rafts);
     let rests: Vec<_> = (0..3).map(|_| free_address()).collect();
     let mut nodes: Vec<Regatta> = (1..=3u64)
         .map(|id| {

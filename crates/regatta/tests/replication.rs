@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, free_address, Regatta};
+use common::{connect, free_address, members, Regatta};
 use etcd_client::{Client, GetOptions};
 use regatta_server::proto::regatta::v1 as pb;
 use tonic::Code;
@@ -454,13 +454,4 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
     for client in &mut survivors {
         wait_for_contents(client, &expected, "a surviving follower node, at the end").await;
     }
-}
-
-fn members(rafts: &[std::net::SocketAddr]) -> String {
-    rafts
-        .iter()
-        .enumerate()
-        .map(|(index, address)| format!("{}={address}", index + 1))
-        .collect::<Vec<_>>()
-        .join(",")
 }

@@ -49,9 +49,6 @@ const STREAM_BUFFER_RESPONSES: usize = 64;
 const RETRY_DELAY_MIN: Duration = Duration::from_millis(100);
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 
-/// The longest key or record a snapshot item may have.
-const SNAPSHOT_ITEM_BYTES_MAX: usize = 64 << 20;
-
 /// How a follower cluster replicates.
 #[derive(Clone, Debug)]
 pub struct FollowerConfig {
@@ -308,19 +305,6 @@ impl LagState {
     }
 }
 
-/// The leader index the table holds, read linearizably in this cluster.
-async fn table_leader_index(node: &Node, group: GroupId) -> Result<u64> {
-    let probe = regatta_kv::command::Query::Range(regatta_kv::command::RangeRequest {
-        range: regatta_kv::command::KeyRange {
-            key: vec![0],
-            range_end: Vec::new(),
-        },
-        count_only: true,
-        ..Default::default()
-    });
-    Ok(node.read(group, &probe, true).await?.revision)
-}
-
 /// Proposes a replication command and returns the table's verdict.
 async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<ReplicatedResult> {
     match node.propose(group, command).await?.result {
@@ -345,7 +329,7 @@ async fn pull_once(
     installs: &Semaphore,
     state: &mut LagState,
 ) -> Result<()> {
-    let mut applied = table_leader_index(node, group).await?;
+    let mut applied = node.table_revision(group, true).await?;
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
     let mut client = proto::log_client::LogClient::new(channel.clone());
     let mut stream = client
@@ -483,7 +467,7 @@ async fn install_snapshot(
         })
         .await?
         .into_inner();
-    let restore_id = random_nonzero();
+    let restore_id = regatta_server::random_u64();
     if !propose(node, group, &Command::RestoreBegin { restore_id })
         .await?
         .accepted
@@ -522,7 +506,9 @@ async fn install_snapshot(
         offset += chunk.len;
         buffer.extend_from_slice(&chunk.data);
         let mut position = 0;
-        while let Some((item, used)) = split_item(&buffer[position..])? {
+        while let Some((item, used)) = regatta_kv::split_table_item(&buffer[position..])
+            .map_err(|error| Error::Protocol(format!("a bad snapshot item: {error}")))?
+        {
             position += used;
             items_bytes += used;
             item_count += 1;
@@ -587,83 +573,5 @@ async fn restore_chunk(
         Ok(())
     } else {
         Err(Error::Protocol("another restore replaced this one".into()))
-    }
-}
-
-/// A snapshot item: a key and its stored record.
-type Item = (Vec<u8>, Vec<u8>);
-
-/// The first (key, record) item of `bytes` and the bytes it took, or
-/// `None` if `bytes` does not hold a whole item yet.
-fn split_item(bytes: &[u8]) -> Result<Option<(Item, usize)>> {
-    let mut position = 0;
-    let mut parts = Vec::with_capacity(2);
-    for _ in 0..2 {
-        let Some(prefix) = bytes.get(position..position + 4) else {
-            return Ok(None);
-        };
-        let mut length = [0u8; 4];
-        length.copy_from_slice(prefix);
-        let length = u32::from_le_bytes(length) as usize;
-        if length > SNAPSHOT_ITEM_BYTES_MAX {
-            return Err(Error::Protocol(format!(
-                "a snapshot item of {length} bytes, over the limit"
-            )));
-        }
-        position += 4;
-        let Some(part) = bytes.get(position..position + length) else {
-            return Ok(None);
-        };
-        parts.push(part.to_vec());
-        position += length;
-    }
-    let record = parts.pop().unwrap_or_default();
-    let key = parts.pop().unwrap_or_default();
-    Ok(Some(((key, record), position)))
-}
-
-fn random_nonzero() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    hasher.finish().max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn items_split_only_when_whole() {
-        let mut bytes = Vec::new();
-        for (key, record) in [(&b"a"[..], &[7u8; 30][..]), (b"bb", &[1u8; 24])] {
-            bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(key);
-            bytes.extend_from_slice(&(record.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(record);
-        }
-        let first_length = 4 + 1 + 4 + 30;
-        for cut in 0..first_length {
-            assert!(split_item(&bytes[..cut]).expect("split").is_none());
-        }
-        let ((key, record), used) = split_item(&bytes).expect("split").expect("whole");
-        assert_eq!(
-            (key.as_slice(), record.len(), used),
-            (&b"a"[..], 30, first_length)
-        );
-        let ((key, _), used) = split_item(&bytes[first_length..])
-            .expect("split")
-            .expect("whole");
-        assert_eq!(
-            (key.as_slice(), first_length + used),
-            (&b"bb"[..], bytes.len())
-        );
-        let huge = (u32::MAX).to_le_bytes();
-        assert!(split_item(&huge).is_err());
     }
 }

@@ -399,7 +399,7 @@ impl pb::kv_server::Kv for EtcdApi {
         // Regatta keeps no history, so every past revision is compacted
         // already; only a future one is an error.
         let group = self.group()?;
-        let revision = current_revision(&self.node, group).await?;
+        let revision = self.node.table_revision(group, true).await?;
         let requested = request.get_ref().revision;
         if requested > revision as i64 {
             return Err(Error::Revision(
@@ -411,19 +411,6 @@ impl pb::kv_server::Kv for EtcdApi {
             header: self.header(group, revision),
         }))
     }
-}
-
-/// The table's current revision, read linearizably.
-async fn current_revision(node: &Node, group: GroupId) -> Result<u64> {
-    let probe = Query::Range(RangeRequest {
-        range: regatta_kv::command::KeyRange {
-            key: vec![0],
-            range_end: Vec::new(),
-        },
-        count_only: true,
-        ..RangeRequest::default()
-    });
-    Ok(node.read(group, &probe, true).await?.revision)
 }
 
 #[tonic::async_trait]

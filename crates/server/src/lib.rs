@@ -53,8 +53,8 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
 pub use node::{
-    prefix_end, ClusterRole, GroupFacts, Node, NodeConfig, ReplicationFacts, TableEntry,
-    WriteForwarder, META_GROUP,
+    prefix_end, random_u64, ClusterRole, GroupFacts, Node, NodeConfig, ReplicationFacts,
+    TableEntry, WriteForwarder, META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};

@@ -198,7 +198,9 @@ impl SessionPool {
     }
 }
 
-fn random_u64() -> u64 {
+/// A random non-zero id (client ids, restore ids): the process's hasher
+/// keys mixed with the time and process id.
+pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(
@@ -434,16 +436,8 @@ impl Node {
     /// this node's copy holds.
     pub async fn replication_view(&self, group: GroupId) -> ReplicationFacts {
         let mut facts = self.replication_facts(group).unwrap_or_default();
-        let probe = Query::Range(RangeRequest {
-            range: KeyRange {
-                key: vec![0],
-                range_end: Vec::new(),
-            },
-            count_only: true,
-            ..RangeRequest::default()
-        });
-        if let Ok(response) = self.read(group, &probe, false).await {
-            facts.applied_leader_index = response.revision;
+        if let Ok(revision) = self.table_revision(group, false).await {
+            facts.applied_leader_index = revision;
         }
         if facts.leader_index > 0 && facts.applied_leader_index >= facts.leader_index {
             facts.lag_ms = 0;
@@ -503,6 +497,21 @@ impl Node {
         Ok(response)
     }
 
+    /// The table's revision on this node (its applied index; the leader
+    /// index it holds on a follower cluster), read from the local state
+    /// or, with `linearizable`, after a ReadIndex round.
+    pub async fn table_revision(&self, group: GroupId, linearizable: bool) -> Result<u64> {
+        let probe = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: vec![0],
+                range_end: Vec::new(),
+            },
+            count_only: true,
+            ..RangeRequest::default()
+        });
+        Ok(self.read(group, &probe, linearizable).await?.revision)
+    }
+
     /// Returns once this node's copy of `group` holds `revision` (its
     /// leader index, on a follower cluster).
     pub async fn wait_for_revision(
@@ -512,17 +521,9 @@ impl Node {
         deadline: Instant,
     ) -> Result<()> {
         let mut applied = self.host.applied_index_watch(group)?;
-        let probe = Query::Range(RangeRequest {
-            range: KeyRange {
-                key: vec![0],
-                range_end: Vec::new(),
-            },
-            count_only: true,
-            ..RangeRequest::default()
-        });
         loop {
             applied.borrow_and_update();
-            if self.read(group, &probe, false).await?.revision >= revision {
+            if self.table_revision(group, false).await? >= revision {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());

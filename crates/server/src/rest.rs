@@ -23,6 +23,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use regatta_wal::GroupId;
+
 use crate::node::{ClusterRole, Node, META_GROUP};
 
 /// Serves `/metrics` and `/healthz` for `node` on `listener` until
@@ -97,32 +99,62 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Why the node does not serve, if it does not.
-pub async fn health(node: &Node) -> Result<(), String> {
-    let tables = node.tables();
+/// One hosted group: its table's name (`None` for the catalogue), id and
+/// Raft status, read once per request.
+struct GroupState {
+    table: Option<String>,
+    group: GroupId,
+    status: Result<regatta_raft::Status, regatta_multiraft::Error>,
+}
+
+async fn group_states(node: &Node) -> Vec<GroupState> {
+    let mut groups = vec![(None, META_GROUP)];
+    groups.extend(
+        node.tables()
+            .into_iter()
+            .map(|table| (Some(table.name), table.group)),
+    );
+    let mut states = Vec::with_capacity(groups.len());
+    for (table, group) in groups {
+        let status = node.host().status(group).await;
+        states.push(GroupState {
+            table,
+            group,
+            status,
+        });
+    }
+    states
+}
+
+/// Why the node does not serve, if it does not, judged from `states`.
+fn verdict(node: &Node, states: &[GroupState]) -> Result<(), String> {
+    let etcd_table = &node.config().etcd_table;
     if node.config().role == ClusterRole::Leader
-        && !tables
+        && !states
             .iter()
-            .any(|table| table.name == node.config().etcd_table)
+            .any(|state| state.table.as_ref() == Some(etcd_table))
     {
         return Err(format!(
-            "starting: the table catalogue is not loaded yet (no table {:?})",
-            node.config().etcd_table
+            "starting: the table catalogue is not loaded yet (no table {etcd_table:?})"
         ));
     }
-    let groups = std::iter::once(("the table catalogue".to_string(), META_GROUP)).chain(
-        tables
-            .into_iter()
-            .map(|table| (format!("table {:?}", table.name), table.group)),
-    );
-    for (what, group) in groups {
-        match node.host().status(group).await {
+    for state in states {
+        let what = match &state.table {
+            None => "the table catalogue".to_string(),
+            Some(name) => format!("table {name:?}"),
+        };
+        match &state.status {
             Ok(status) if status.soft_state.leader.is_some() => {}
-            Ok(_) => return Err(format!("{what}: no leader known (group {})", group.0)),
+            Ok(_) => return Err(format!("{what}: no leader known (group {})", state.group.0)),
             Err(error) => return Err(format!("{what}: {error}")),
         }
     }
     Ok(())
+}
+
+/// Why the node does not serve, if it does not.
+pub async fn health(node: &Node) -> Result<(), String> {
+    verdict(node, &group_states(node).await)
 }
 
 type Labels = Vec<(String, String)>;
@@ -169,11 +201,12 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         "Seconds since the node started.",
         as_i64(up),
     );
+    let states = group_states(node).await;
     gauge(
         &mut registry,
         "healthy",
         "1 when /healthz answers 200, else 0.",
-        i64::from(health(node).await.is_ok()),
+        i64::from(verdict(node, &states).is_ok()),
     );
     let term = gauge_family(
         &mut registry,
@@ -228,15 +261,10 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         ),
     });
     let own = node.config().node_id;
-    let mut groups = vec![("_catalogue".to_string(), META_GROUP)];
-    groups.extend(
-        node.tables()
-            .into_iter()
-            .map(|table| (table.name, table.group)),
-    );
-    for (name, group) in groups {
+    for state in states {
+        let name = state.table.clone().unwrap_or_else(|| "_catalogue".into());
         let labels: Labels = vec![("table".into(), name)];
-        if let Ok(status) = node.host().status(group).await {
+        if let Ok(status) = &state.status {
             term.get_or_create(&labels)
                 .set(as_i64(status.hard_state.term.0));
             commit
@@ -250,6 +278,7 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
                 .get_or_create(&labels)
                 .set(i64::from(status.soft_state.leader == Some(own)));
         }
+        let group = state.group;
         if group == META_GROUP {
             continue;
         }

@@ -14,6 +14,28 @@ pub fn free_address() -> SocketAddr {
     regatta_chaos::harness::free_address().expect("a free port on 127.0.0.1")
 }
 
+/// `--raft.initial-members` for nodes 1, 2, ... at `rafts`.
+pub fn members(rafts: &[SocketAddr]) -> String {
+    rafts
+        .iter()
+        .enumerate()
+        .map(|(index, address)| format!("{}={address}", index + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The flags of member `id` of a cluster of `members`, then `extra`.
+fn member_flags(id: u64, members: &str, extra: &[&str]) -> Vec<String> {
+    let mut flags = vec![
+        "--raft.node-id".to_string(),
+        id.to_string(),
+        "--raft.initial-members".to_string(),
+        members.to_string(),
+    ];
+    flags.extend(extra.iter().map(|flag| flag.to_string()));
+    flags
+}
+
 /// A running single-node leader.
 pub struct Regatta {
     pub child: Child,
@@ -45,14 +67,8 @@ impl Regatta {
         members: &str,
         extra: &[&str],
     ) -> Regatta {
-        let id = id.to_string();
-        let mut flags = vec![
-            "--raft.node-id",
-            id.as_str(),
-            "--raft.initial-members",
-            members,
-        ];
-        flags.extend_from_slice(extra);
+        let flags = member_flags(id, members, extra);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Regatta::spawn(dir, api, raft, &flags)
     }
 
@@ -93,14 +109,8 @@ impl Regatta {
         leader: SocketAddr,
         extra: &[&str],
     ) -> Regatta {
-        let id = id.to_string();
-        let mut flags = vec![
-            "--raft.node-id",
-            id.as_str(),
-            "--raft.initial-members",
-            members,
-        ];
-        flags.extend_from_slice(extra);
+        let flags = member_flags(id, members, extra);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Regatta::start_follower(dir, api, raft, leader, &flags)
     }
 
