@@ -19,6 +19,7 @@ mod session;
 mod snapshot;
 mod storage;
 mod tcp;
+pub mod tls;
 mod transport;
 pub mod wire;
 

@@ -5,7 +5,8 @@
 //!
 //! With [`PeerTls`], every connection is TLS 1.2/1.3 with mutual
 //! authentication: each side presents a certificate signed by the
-//! cluster's CA. Not built yet: allowed-CN checks and certificate reload.
+//! cluster's CA, optionally limited to allowed common names; certificates
+//! are reloaded when their files change (`crate::tls`).
 //!
 //! A snapshot travels on a connection of its own, as a header frame and
 //! chunks of at most `snapshot_chunk_bytes`, optionally paced to
@@ -21,8 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use regatta_raft::{Message, NodeId};
 use regatta_wal::GroupId;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::snapshot::SnapshotData;
+use crate::tls::{ClientTlsOptions, Identity, Pem, ServerTlsOptions};
 use crate::transport::Transport;
 use crate::wire::{decode_batch, encode_batch, encode_message};
 
@@ -45,12 +46,16 @@ const FRAME_SNAPSHOT_CHUNK: u8 = 3;
 /// The receiver's answer once a whole snapshot reached its host.
 const ANSWER_SNAPSHOT_DELIVERED: u8 = 0;
 
-/// TLS for peer connections, with mutual authentication.
+/// TLS for peer connections, with mutual authentication: each side
+/// presents a certificate signed by the cluster's CA (see [`crate::tls`]
+/// for reloading and allowed common names).
 #[derive(Clone)]
 pub struct PeerTls {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
-    server_name: ServerName<'static>,
+    /// The name checked in a peer's certificate; `None` checks the IP
+    /// address the peer is dialled on.
+    server_name: Option<ServerName<'static>>,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -63,67 +68,56 @@ impl std::fmt::Debug for PeerTls {
 }
 
 impl PeerTls {
-    /// TLS from PEM: the cluster CA (to verify peers), this node's
+    /// Mutual TLS with `identity` (this node's certificate and key), the
+    /// cluster CA `ca`, and optionally only peers whose certificate's
+    /// common name is in `allowed_common_names`. A peer's certificate must
+    /// name `server_name`, or when `None` the IP address it is dialled on.
+    pub fn new(
+        identity: Identity,
+        ca: Pem,
+        allowed_common_names: Vec<String>,
+        server_name: Option<&str>,
+    ) -> Result<PeerTls, Error> {
+        let server = crate::tls::server_config(&ServerTlsOptions {
+            identity: identity.clone(),
+            client_ca: Some(ca.clone()),
+            allowed_common_names,
+            alpn_protocols: Vec::new(),
+        })?;
+        let client = crate::tls::client_config(&ClientTlsOptions {
+            ca,
+            identity: Some(identity),
+            alpn_protocols: Vec::new(),
+        })?;
+        let server_name = match server_name {
+            Some(name) => Some(crate::tls::server_name(name, None)?),
+            None => None,
+        };
+        Ok(PeerTls {
+            server,
+            client,
+            server_name,
+        })
+    }
+
+    /// TLS from PEM held in memory: the cluster CA, this node's
     /// certificate chain and private key, and the name every node's
-    /// certificate carries (checked by the connecting side).
+    /// certificate carries.
     pub fn from_pem(
         ca_pem: &[u8],
         certificate_chain_pem: &[u8],
         key_pem: &[u8],
         server_name: &str,
     ) -> Result<PeerTls, Error> {
-        let tls = |what: &str| {
-            let what = what.to_string();
-            move |error: &dyn std::fmt::Display| Error::Tls(format!("{what}: {error}"))
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for certificate in CertificateDer::pem_slice_iter(ca_pem) {
-            let certificate = certificate.map_err(|e| tls("reading the CA certificate")(&e))?;
-            roots
-                .add(certificate)
-                .map_err(|e| tls("adding the CA certificate")(&e))?;
-        }
-        if roots.is_empty() {
-            return Err(Error::Tls("the CA file holds no certificate".into()));
-        }
-        let roots = Arc::new(roots);
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(certificate_chain_pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| tls("reading the node certificate")(&e))?;
-        if chain.is_empty() {
-            return Err(Error::Tls(
-                "the certificate file holds no certificate".into(),
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| tls("reading the private key")(&e))?;
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::clone(&roots),
-            Arc::clone(&provider),
+        PeerTls::new(
+            Identity {
+                certificate_chain: Pem::Inline(certificate_chain_pem.to_vec()),
+                key: Pem::Inline(key_pem.to_vec()),
+            },
+            Pem::Inline(ca_pem.to_vec()),
+            Vec::new(),
+            Some(server_name),
         )
-        .build()
-        .map_err(|e| tls("building the client verifier")(&e))?;
-        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls("choosing protocol versions")(&e))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| tls("loading the node certificate")(&e))?;
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls("choosing protocol versions")(&e))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| tls("loading the client certificate")(&e))?;
-        let server_name = ServerName::try_from(server_name.to_string())
-            .map_err(|e| tls("the server name")(&e))?;
-        Ok(PeerTls {
-            server: Arc::new(server),
-            client: Arc::new(client),
-            server_name,
-        })
     }
 }
 
@@ -459,7 +453,11 @@ async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<Box
     let mut stream: BoxedStream = match &config.tls {
         Some(tls) => {
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
-            Box::new(connector.connect(tls.server_name.clone(), tcp).await?)
+            let name = tls
+                .server_name
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+            Box::new(connector.connect(name, tcp).await?)
         }
         None => Box::new(tcp),
     };

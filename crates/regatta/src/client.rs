@@ -36,6 +36,45 @@ pub struct Connection {
         global = true
     )]
     pub output: Output,
+    /// Verify the server's certificate with these CAs (PEM) and speak TLS.
+    #[arg(long, value_name = "FILE", env = "REGATTA_CACERT", global = true)]
+    pub cacert: Option<std::path::PathBuf>,
+    /// A client certificate (PEM), for servers that require one.
+    #[arg(
+        long = "cert",
+        value_name = "FILE",
+        env = "REGATTA_CERT",
+        global = true,
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--cert`.
+    #[arg(
+        long = "key",
+        value_name = "FILE",
+        env = "REGATTA_KEY",
+        global = true,
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The admin token, for admin operations on a node started with
+    /// `--api.admin-token-file`.
+    #[arg(long, env = "REGATTA_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+impl Connection {
+    /// `message` as a request carrying the admin token, when given.
+    pub fn admin<T>(&self, message: T) -> Result<tonic::Request<T>, String> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| "--token must be visible ASCII characters".to_string())?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
 }
 
 /// Key-value commands on a table.
@@ -118,17 +157,37 @@ pub enum TableCommand {
     },
 }
 
-async fn channel(address: &str) -> Result<Channel, String> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// A channel to `--address`, over TLS when `--cacert` is given.
+pub async fn channel(connection: &Connection) -> Result<Channel, String> {
+    use regatta_server::tls::{ClientTls, ClientTlsOptions, Identity, Pem};
+    let tls = match &connection.cacert {
+        None => {
+            if connection.tls_cert.is_some() {
+                return Err("--cert needs --cacert, which verifies the server".into());
+            }
+            None
+        }
+        Some(ca) => {
+            let identity = match (&connection.tls_cert, &connection.tls_key) {
+                (Some(cert), Some(key)) => Some(Identity {
+                    certificate_chain: Pem::File(cert.clone()),
+                    key: Pem::File(key.clone()),
+                }),
+                _ => None,
+            };
+            let options = ClientTlsOptions {
+                ca: Pem::File(ca.clone()),
+                identity,
+                alpn_protocols: Vec::new(),
+            };
+            Some(ClientTls::new(&options, None).map_err(|error| error.to_string())?)
+        }
     };
-    tonic::transport::Endpoint::from_shared(url.clone())
-        .map_err(|error| format!("--address {address}: {error}"))?
-        .connect()
+    let endpoint = regatta_server::tls::endpoint(&connection.address, tls.as_ref())
+        .map_err(|error| format!("--address: {error}"))?;
+    regatta_server::tls::connect(endpoint, tls.as_ref())
         .await
-        .map_err(|error| format!("cannot reach {url}: {error}"))
+        .map_err(|error| error.to_string())
 }
 
 fn status(error: tonic::Status) -> String {
@@ -178,7 +237,7 @@ fn print(output: Output, value: Value, lines: Vec<String>) {
 
 /// Runs a `kv` command.
 pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), String> {
-    let mut client = pb::kv_client::KvClient::new(channel(&connection.address).await?)
+    let mut client = pb::kv_client::KvClient::new(channel(connection).await?)
         .max_decoding_message_size(64 << 20);
     match command {
         KvCommand::Get {
@@ -332,14 +391,14 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
 
 /// Runs a `table` command.
 pub async fn table(connection: &Connection, command: TableCommand) -> Result<(), String> {
-    let mut client = pb::tables_client::TablesClient::new(channel(&connection.address).await?);
+    let mut client = pb::tables_client::TablesClient::new(channel(connection).await?);
     match command {
         TableCommand::Create { name } => {
             let response = client
-                .create(pb::CreateTableRequest {
+                .create(connection.admin(pb::CreateTableRequest {
                     name: name.clone(),
                     config: None,
-                })
+                })?)
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -369,7 +428,7 @@ pub async fn table(connection: &Connection, command: TableCommand) -> Result<(),
         }
         TableCommand::Delete { name } => {
             client
-                .delete(pb::DeleteTableRequest { name: name.clone() })
+                .delete(connection.admin(pb::DeleteTableRequest { name: name.clone() })?)
                 .await
                 .map_err(status)?;
             print(
@@ -384,7 +443,7 @@ pub async fn table(connection: &Connection, command: TableCommand) -> Result<(),
 
 /// Runs `regatta status`: the node's `Cluster.Status`, one line per table.
 pub async fn node_status(connection: &Connection) -> Result<(), String> {
-    let mut client = pb::cluster_client::ClusterClient::new(channel(&connection.address).await?);
+    let mut client = pb::cluster_client::ClusterClient::new(channel(connection).await?);
     let response = client
         .status(pb::StatusRequest { config: false })
         .await

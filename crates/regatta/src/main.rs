@@ -188,6 +188,239 @@ struct LeaderArgs {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log-level", default_value = "info", env = "REGATTA_LOG_LEVEL")]
     log_level: tracing::Level,
+
+    /// A file holding the admin token (at least 16 visible ASCII
+    /// characters): admin operations (tables, membership, leadership
+    /// moves, backup, restore, reset) must then present it as
+    /// `authorization: Bearer <token>` (`regatta … --token`).
+    #[arg(
+        long = "api.admin-token-file",
+        env = "REGATTA_API_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    api_admin_token_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS on every link. Certificate, key and CA files are PEM; they are
+/// re-read when they change, without a restart.
+#[derive(Args, Debug, Default)]
+struct TlsArgs {
+    /// The client API's certificate chain; with `--api.key-filename` the
+    /// client API serves TLS only.
+    #[arg(
+        long = "api.cert-filename",
+        env = "REGATTA_API_CERT_FILENAME",
+        value_name = "FILE"
+    )]
+    api_cert_filename: Option<PathBuf>,
+
+    /// The private key of `--api.cert-filename`.
+    #[arg(
+        long = "api.key-filename",
+        env = "REGATTA_API_KEY_FILENAME",
+        value_name = "FILE"
+    )]
+    api_key_filename: Option<PathBuf>,
+
+    /// The CAs that client certificates must chain to. Setting it turns on
+    /// mutual TLS: clients without a valid certificate are refused.
+    #[arg(
+        long = "api.ca-filename",
+        env = "REGATTA_API_CA_FILENAME",
+        value_name = "FILE"
+    )]
+    api_ca_filename: Option<PathBuf>,
+
+    /// Client certificate common names accepted by the client API,
+    /// comma-separated; empty accepts every certificate the CA signed.
+    #[arg(
+        long = "api.allowed-cn",
+        value_delimiter = ',',
+        env = "REGATTA_API_ALLOWED_CN"
+    )]
+    api_allowed_cn: Vec<String>,
+
+    /// This node's certificate towards its Raft peers; with
+    /// `--raft.key-filename` and `--raft.ca-filename`, peers speak mutual
+    /// TLS only (every node needs the same setting).
+    #[arg(
+        long = "raft.cert-filename",
+        env = "REGATTA_RAFT_CERT_FILENAME",
+        value_name = "FILE"
+    )]
+    raft_cert_filename: Option<PathBuf>,
+
+    /// The private key of `--raft.cert-filename`.
+    #[arg(
+        long = "raft.key-filename",
+        env = "REGATTA_RAFT_KEY_FILENAME",
+        value_name = "FILE"
+    )]
+    raft_key_filename: Option<PathBuf>,
+
+    /// The CAs that peers' certificates chain to.
+    #[arg(
+        long = "raft.ca-filename",
+        env = "REGATTA_RAFT_CA_FILENAME",
+        value_name = "FILE"
+    )]
+    raft_ca_filename: Option<PathBuf>,
+
+    /// Peer certificate common names accepted, comma-separated; empty
+    /// accepts every certificate the CA signed.
+    #[arg(
+        long = "raft.allowed-cn",
+        value_delimiter = ',',
+        env = "REGATTA_RAFT_ALLOWED_CN"
+    )]
+    raft_allowed_cn: Vec<String>,
+
+    /// The name a peer's certificate must carry; by default the IP address
+    /// the peer is dialled on (from `--raft.initial-members`).
+    #[arg(long = "raft.server-name", env = "REGATTA_RAFT_SERVER_NAME")]
+    raft_server_name: Option<String>,
+
+    /// On a leader cluster, the replication API's certificate; on a
+    /// follower cluster, the client certificate presented to the leader
+    /// cluster's replication API.
+    #[arg(
+        long = "replication.cert-filename",
+        env = "REGATTA_REPLICATION_CERT_FILENAME",
+        value_name = "FILE"
+    )]
+    replication_cert_filename: Option<PathBuf>,
+
+    /// The private key of `--replication.cert-filename`.
+    #[arg(
+        long = "replication.key-filename",
+        env = "REGATTA_REPLICATION_KEY_FILENAME",
+        value_name = "FILE"
+    )]
+    replication_key_filename: Option<PathBuf>,
+
+    /// On a leader cluster, the CAs that followers' client certificates
+    /// must chain to (setting it turns on mutual TLS); on a follower
+    /// cluster, the CAs that sign the leader's certificate (setting it
+    /// turns on TLS towards the leader).
+    #[arg(
+        long = "replication.ca-filename",
+        env = "REGATTA_REPLICATION_CA_FILENAME",
+        value_name = "FILE"
+    )]
+    replication_ca_filename: Option<PathBuf>,
+
+    /// On a leader cluster, follower certificate common names accepted by
+    /// the replication API, comma-separated; empty accepts every
+    /// certificate the CA signed.
+    #[arg(
+        long = "replication.allowed-cn",
+        value_delimiter = ',',
+        env = "REGATTA_REPLICATION_ALLOWED_CN"
+    )]
+    replication_allowed_cn: Vec<String>,
+}
+
+/// A certificate and key given together, or neither.
+fn identity(
+    flag: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Result<Option<regatta_server::tls::Identity>, String> {
+    use regatta_server::tls::{Identity, Pem};
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(Identity {
+            certificate_chain: Pem::File(cert.clone()),
+            key: Pem::File(key.clone()),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(format!(
+            "--{flag}.cert-filename needs --{flag}.key-filename"
+        )),
+        (None, Some(_)) => Err(format!(
+            "--{flag}.key-filename needs --{flag}.cert-filename"
+        )),
+    }
+}
+
+/// A TLS server configuration from the `--{flag}.*` flags; `None` when no
+/// certificate is given.
+fn server_tls(
+    flag: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    ca: &Option<PathBuf>,
+    allowed_cn: &[String],
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    use regatta_server::tls::{Pem, ServerTlsOptions};
+    let allowed_cn: Vec<String> = allowed_cn
+        .iter()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .collect();
+    let Some(identity) = identity(flag, cert, key)? else {
+        if ca.is_some() {
+            return Err(format!(
+                "--{flag}.ca-filename needs --{flag}.cert-filename and --{flag}.key-filename"
+            ));
+        }
+        if !allowed_cn.is_empty() {
+            return Err(format!("--{flag}.allowed-cn needs mutual TLS (--{flag}.cert-filename, --{flag}.key-filename and --{flag}.ca-filename)"));
+        }
+        return Ok(None);
+    };
+    if !allowed_cn.is_empty() && ca.is_none() {
+        return Err(format!(
+            "--{flag}.allowed-cn needs --{flag}.ca-filename (mutual TLS)"
+        ));
+    }
+    regatta_server::tls::server_config(&ServerTlsOptions {
+        identity,
+        client_ca: ca.clone().map(Pem::File),
+        allowed_common_names: allowed_cn,
+        alpn_protocols: regatta_server::tls::grpc_alpn(),
+    })
+    .map(Some)
+    .map_err(|error| format!("--{flag}.*: {error}"))
+}
+
+/// Mutual TLS between Raft peers, from the `--raft.*` flags.
+fn peer_tls(tls: &TlsArgs) -> Result<Option<regatta_multiraft::PeerTls>, String> {
+    use regatta_server::tls::Pem;
+    let identity = identity("raft", &tls.raft_cert_filename, &tls.raft_key_filename)?;
+    match (identity, &tls.raft_ca_filename) {
+        (None, None) => {
+            if tls
+                .raft_allowed_cn
+                .iter()
+                .any(|name| !name.trim().is_empty())
+            {
+                return Err("--raft.allowed-cn needs --raft.cert-filename, --raft.key-filename and --raft.ca-filename".into());
+            }
+            Ok(None)
+        }
+        (Some(_), None) => Err(
+            "--raft.cert-filename needs --raft.ca-filename: peers always authenticate each other"
+                .into(),
+        ),
+        (None, Some(_)) => {
+            Err("--raft.ca-filename needs --raft.cert-filename and --raft.key-filename".into())
+        }
+        (Some(identity), Some(ca)) => regatta_multiraft::PeerTls::new(
+            identity,
+            Pem::File(ca.clone()),
+            tls.raft_allowed_cn
+                .iter()
+                .map(|name| name.trim().to_string())
+                .filter(|name| !name.is_empty())
+                .collect(),
+            tls.raft_server_name.as_deref(),
+        )
+        .map(Some)
+        .map_err(|error| format!("--raft.*: {error}")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +452,23 @@ struct FollowerArgs {
         env = "REGATTA_REPLICATION_MAX_SNAPSHOT_INSTALLS"
     )]
     replication_max_snapshot_installs: usize,
+
+    /// Snapshot bytes received per second on this node, over all
+    /// installs; 0 for no limit.
+    #[arg(
+        long = "replication.snapshot-bytes-per-second",
+        default_value_t = 0,
+        env = "REGATTA_REPLICATION_SNAPSHOT_BYTES_PER_SECOND"
+    )]
+    replication_snapshot_bytes_per_second: u64,
+
+    /// The name the leader's replication certificate must carry; by
+    /// default the host of `--replication.leader-address`.
+    #[arg(
+        long = "replication.server-name",
+        env = "REGATTA_REPLICATION_SERVER_NAME"
+    )]
+    replication_server_name: Option<String>,
 }
 
 /// `1=127.0.0.1:5012,2=...` into a member map.
@@ -325,15 +575,45 @@ async fn run_follower(args: FollowerArgs) -> Result<(), String> {
     if address.is_empty() {
         return Err("--replication.leader-address is empty".into());
     }
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+    let tls = &args.node.tls;
+    if tls
+        .replication_allowed_cn
+        .iter()
+        .any(|name| !name.trim().is_empty())
+    {
+        return Err("--replication.allowed-cn is for leader clusters, which check their followers' certificates".into());
+    }
+    let identity = identity(
+        "replication",
+        &tls.replication_cert_filename,
+        &tls.replication_key_filename,
+    )?;
+    let client_tls = match (&tls.replication_ca_filename, identity) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err("--replication.cert-filename needs --replication.ca-filename, which verifies the leader cluster".into())
+        }
+        (Some(ca), identity) => Some(
+            regatta_server::tls::ClientTls::new(
+                &regatta_server::tls::ClientTlsOptions {
+                    ca: regatta_server::tls::Pem::File(ca.clone()),
+                    identity,
+                    alpn_protocols: Vec::new(),
+                },
+                args.replication_server_name.clone(),
+            )
+            .map_err(|error| format!("--replication.*: {error}"))?,
+        ),
     };
-    let mut follower = regatta_replication::FollowerConfig::new(url);
+    // Check the address now, so that a typo fails at start.
+    regatta_server::tls::endpoint(address, client_tls.as_ref())
+        .map_err(|error| format!("--replication.leader-address: {error}"))?;
+    let mut follower = regatta_replication::FollowerConfig::new(address);
+    follower.tls = client_tls;
     follower.metadata_interval =
         Duration::from_millis(args.replication_metadata_interval_ms.max(10));
     follower.snapshot_installs_max = args.replication_max_snapshot_installs.max(1);
+    follower.snapshot_bytes_per_second_max = args.replication_snapshot_bytes_per_second;
     run_node(args.node, Some(follower)).await
 }
 
@@ -349,6 +629,42 @@ async fn run_node(
     if follower.is_some() {
         config.role = regatta_server::ClusterRole::Follower;
     }
+    config.peer_tls = peer_tls(&args.tls)?;
+    if let Some(file) = &args.api_admin_token_file {
+        let token = std::fs::read_to_string(file)
+            .map_err(|error| format!("--api.admin-token-file {}: {error}", file.display()))?;
+        config.admin_token = Some(
+            regatta_server::auth::AdminToken::new(&token)
+                .map_err(|error| format!("--api.admin-token-file {}: {error}", file.display()))?,
+        );
+    }
+    let api_tls = server_tls(
+        "api",
+        &args.tls.api_cert_filename,
+        &args.tls.api_key_filename,
+        &args.tls.api_ca_filename,
+        &args.tls.api_allowed_cn,
+    )?;
+    let replication_tls = if follower.is_some() {
+        None
+    } else if args.replication_address.is_none() {
+        let tls = &args.tls;
+        if tls.replication_cert_filename.is_some()
+            || tls.replication_key_filename.is_some()
+            || tls.replication_ca_filename.is_some()
+        {
+            return Err("--replication.cert-filename, --replication.key-filename and --replication.ca-filename need --replication.address".into());
+        }
+        None
+    } else {
+        server_tls(
+            "replication",
+            &args.tls.replication_cert_filename,
+            &args.tls.replication_key_filename,
+            &args.tls.replication_ca_filename,
+            &args.tls.replication_allowed_cn,
+        )?
+    };
     let api = tokio::net::TcpListener::bind(args.api_address)
         .await
         .map_err(|error| format!("--api.address {}: {error}", args.api_address))?;
@@ -410,6 +726,7 @@ async fn run_node(
         tokio::spawn(regatta_replication::serve(
             std::sync::Arc::clone(&node),
             listener,
+            replication_tls,
             async move {
                 let _ = replication_stopped.await;
             },
@@ -435,7 +752,13 @@ async fn run_node(
             }
         }
     });
-    let served = regatta_server::serve(std::sync::Arc::clone(&node), api, shutdown_signal()).await;
+    let served = regatta_server::serve(
+        std::sync::Arc::clone(&node),
+        api,
+        api_tls,
+        shutdown_signal(),
+    )
+    .await;
     tracing::info!("shutting down");
     // Stopping the node ends the open log streams; then the replication
     // server can finish.

@@ -149,3 +149,65 @@ async fn a_config_file_with_env_overrides_and_the_client_commands() {
     let (success, out, _) = regatta(&["table", "delete", "users", "--address", a]);
     assert!(success && out.contains("deleted table users"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_operations_need_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-admin-token-0123456789\n").expect("write");
+    let data = dir.path().join("data");
+    let token_flag = token_file.display().to_string();
+    let node = common::Regatta::start_on(
+        &data,
+        common::free_address(),
+        common::free_address(),
+        &["--api.admin-token-file", &token_flag],
+    );
+    let _ready = common::connect(&node).await;
+    let address = node.api.to_string();
+    let (success, _, stderr) = regatta(&["table", "create", "orders", "--address", &address]);
+    assert!(!success, "a table was created without the token");
+    assert!(
+        stderr.contains("Unauthenticated") && stderr.contains("admin token"),
+        "{stderr}"
+    );
+    let (success, _, stderr) = regatta(&[
+        "table",
+        "create",
+        "orders",
+        "--address",
+        &address,
+        "--token",
+        "s3cret-admin-token-012345678",
+    ]);
+    assert!(!success, "a wrong token was accepted");
+    assert!(stderr.contains("wrong"), "{stderr}");
+    let (success, stdout, stderr) = regatta(&[
+        "table",
+        "create",
+        "orders",
+        "--address",
+        &address,
+        "--token",
+        "s3cret-admin-token-0123456789",
+    ]);
+    assert!(success, "the right token was refused: {stderr}");
+    assert!(stdout.contains("created table orders"), "{stdout}");
+    // Reading needs no token; the token never shows in the log.
+    let (success, stdout, stderr) = regatta(&["table", "list", "--address", &address]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("orders"), "{stdout}");
+    assert!(!node.log().contains("s3cret"), "the token is in the log");
+    // A token that is too short is refused at start.
+    std::fs::write(&token_file, "short").expect("write");
+    let (success, _, stderr) = regatta(&[
+        "leader",
+        "--dev",
+        "--data-dir",
+        &dir.path().join("other").display().to_string(),
+        "--api.admin-token-file",
+        &token_flag,
+    ]);
+    assert!(!success);
+    assert!(stderr.contains("shorter than 16"), "{stderr}");
+}

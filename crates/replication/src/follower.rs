@@ -27,7 +27,7 @@ use regatta_server::{Node, ReplicationFacts, WriteForwarder, META_GROUP};
 use regatta_wal::GroupId;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::proto;
@@ -59,6 +59,11 @@ pub struct FollowerConfig {
     pub metadata_interval: Duration,
     /// Snapshot installs running at once on this node, at most.
     pub snapshot_installs_max: usize,
+    /// Snapshot bytes received per second on this node, over all installs;
+    /// 0 for no limit.
+    pub snapshot_bytes_per_second_max: u64,
+    /// TLS towards the leader cluster; plain when `None`.
+    pub tls: Option<regatta_server::tls::ClientTls>,
 }
 
 impl FollowerConfig {
@@ -68,6 +73,8 @@ impl FollowerConfig {
             leader_url: leader_url.into(),
             metadata_interval: Duration::from_secs(1),
             snapshot_installs_max: 2,
+            snapshot_bytes_per_second_max: 0,
+            tls: None,
         }
     }
 }
@@ -100,16 +107,10 @@ impl Drop for Follower {
 /// Starts replicating the leader cluster at `config.leader_url` into
 /// `node`'s cluster, and forwarding its writes there.
 pub fn start(node: Arc<Node>, config: FollowerConfig) -> Result<Follower> {
-    let channel = Endpoint::from_shared(config.leader_url.clone())
-        .map_err(|error| {
-            Error::InvalidArgument(format!(
-                "the leader cluster's address {:?}: {error}",
-                config.leader_url
-            ))
-        })?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
+    let endpoint = regatta_server::tls::endpoint(&config.leader_url, config.tls.as_ref()).map_err(
+        |error| Error::InvalidArgument(format!("the leader cluster's address: {error}")),
+    )?;
+    let channel = regatta_server::tls::connect_lazy(endpoint, config.tls.as_ref());
     node.set_forwarder(Arc::new(GrpcForwarder {
         channel: channel.clone(),
     }));
@@ -170,7 +171,10 @@ async fn supervise(
     mut stopped: watch::Receiver<bool>,
 ) {
     let own = node.config().node_id.0;
-    let installs = Arc::new(Semaphore::new(config.snapshot_installs_max.max(1)));
+    let installs = Arc::new(InstallLimits {
+        slots: Semaphore::new(config.snapshot_installs_max.max(1)),
+        pace: Pace::new(config.snapshot_bytes_per_second_max),
+    });
     let mut pullers: HashMap<String, Puller> = HashMap::new();
     let mut metadata_due = Instant::now();
     loop {
@@ -252,7 +256,7 @@ async fn pull(
     channel: Channel,
     name: String,
     group: GroupId,
-    installs: Arc<Semaphore>,
+    installs: Arc<InstallLimits>,
 ) {
     let mut delay = RETRY_DELAY_MIN;
     let mut state = LagState::default();
@@ -326,7 +330,7 @@ async fn pull_once(
     channel: &Channel,
     name: &str,
     group: GroupId,
-    installs: &Semaphore,
+    installs: &InstallLimits,
     state: &mut LagState,
 ) -> Result<()> {
     let mut applied = node.table_revision(group, true).await?;
@@ -444,6 +448,47 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What bounds snapshot installs on a node: how many run at once, and how
+/// fast they may receive.
+struct InstallLimits {
+    slots: Semaphore,
+    pace: Pace,
+}
+
+/// A node-wide byte rate: each `take` is scheduled after the bytes taken
+/// before it, so installs share the rate.
+struct Pace {
+    bytes_per_second: u64,
+    next_free: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(bytes_per_second: u64) -> Pace {
+        Pace {
+            bytes_per_second,
+            next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits until `bytes` more fit the rate; at once without a limit.
+    async fn take(&self, bytes: u64) {
+        if self.bytes_per_second == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+        let start = {
+            let mut next_free = match self.next_free.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let start = (*next_free).max(tokio::time::Instant::now());
+            *next_free = start + cost;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
 /// Streams the leader's snapshot of table `name` and proposes it into the
 /// table's group as a restore.
 async fn install_snapshot(
@@ -451,10 +496,11 @@ async fn install_snapshot(
     channel: &Channel,
     name: &str,
     group: GroupId,
-    installs: &Semaphore,
+    installs: &InstallLimits,
     state: &mut LagState,
 ) -> Result<()> {
     let _permit = installs
+        .slots
         .acquire()
         .await
         .map_err(|_| Error::Protocol("the install limit was closed".into()))?;
@@ -504,6 +550,7 @@ async fn install_snapshot(
             ));
         }
         offset += chunk.len;
+        installs.pace.take(chunk.len).await;
         buffer.extend_from_slice(&chunk.data);
         let mut position = 0;
         while let Some((item, used)) = regatta_kv::split_table_item(&buffer[position..])

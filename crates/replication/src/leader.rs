@@ -215,16 +215,18 @@ impl proto::forward_server::Forward for LeaderService {
 }
 
 /// Serves the replication API (`Metadata`, `Log`, `Snapshot`, `Forward`)
-/// of `node` on `listener` until `shutdown` resolves.
+/// of `node` on `listener` until `shutdown` resolves; over TLS with `tls`
+/// (see `regatta_server::tls::server_config`).
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
     let service = LeaderService::new(node);
-    // TCP_NODELAY: a lone command must not wait for a delayed ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-        .map_err(|error| format!("the replication listener: {error}"))?;
+    // TCP_NODELAY (set by `incoming`): a lone command must not wait for a
+    // delayed ACK.
+    let incoming = regatta_server::tls::incoming(listener, tls, "replication");
     tonic::transport::Server::builder()
         .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
         .add_service(proto::log_server::LogServer::new(service.clone()))

@@ -35,6 +35,9 @@ pub enum Error {
     /// The Raft runtime refused or failed the request.
     #[error(transparent)]
     Raft(#[from] regatta_multiraft::Error),
+    /// An admin operation without the right token.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The leader cluster answered a forwarded write with an error.
     #[error("the leader cluster: {message}")]
     Forwarded {
@@ -63,6 +66,7 @@ impl From<Error> for Status {
             Error::Revision(_) => Code::OutOfRange,
             Error::Unavailable(_) => Code::Unavailable,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Forwarded { code, .. } => *code,
             Error::Raft(raft) => match raft {
                 Raft::Timeout { .. } => Code::DeadlineExceeded,

@@ -488,6 +488,11 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         &self,
         request: Request<pb::MoveLeaderRequest>,
     ) -> std::result::Result<Response<pb::MoveLeaderResponse>, Status> {
+        crate::auth::check_admin(
+            self.node.config().admin_token.as_ref(),
+            request.metadata(),
+            "Maintenance.MoveLeader",
+        )?;
         let target = request.into_inner().target_id;
         if target == 0 {
             return Err(Error::InvalidArgument(

@@ -9,11 +9,13 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod auth;
 mod error;
 mod etcd_api;
 mod node;
 mod regatta_api;
 mod rest;
+pub mod tls;
 mod unimplemented;
 mod validate;
 
@@ -59,20 +61,22 @@ pub use node::{
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};
 
-/// Serves every API of `node` on `listener` until `shutdown` resolves.
+/// Serves every API of `node` on `listener` until `shutdown` resolves;
+/// over TLS with `tls` (see [`tls::server_config`]).
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     use proto::etcdserverpb as etcd;
     use proto::regatta::v1 as regatta;
     let own = RegattaApi::new(Arc::clone(&node));
     let api = EtcdApi::new(Arc::clone(&node));
-    // TCP_NODELAY: small responses must not wait for the client's delayed
-    // acknowledgement (Nagle), which cost linearizable reads 40 ms each.
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-        .map_err(|error| Error::Config(format!("the API listener: {error}")))?;
+    // TCP_NODELAY (set by `incoming`): small responses must not wait for
+    // the client's delayed acknowledgement, which cost linearizable reads
+    // 40 ms each.
+    let incoming = tls::incoming(listener, tls, "api");
     tonic::transport::Server::builder()
         .add_service(regatta::kv_server::KvServer::new(own.clone()))
         .add_service(regatta::tables_server::TablesServer::new(own.clone()))

@@ -83,6 +83,10 @@ pub struct NodeConfig {
     pub compaction_overhead_entries: u64,
     /// Leader or follower cluster.
     pub role: ClusterRole,
+    /// Mutual TLS between Raft peers; plain TCP when `None`.
+    pub peer_tls: Option<regatta_multiraft::PeerTls>,
+    /// The token admin operations need; none needed when `None`.
+    pub admin_token: Option<crate::auth::AdminToken>,
 }
 
 impl NodeConfig {
@@ -102,6 +106,8 @@ impl NodeConfig {
             snapshot_every_entries: 10_000,
             compaction_overhead_entries: 1_000,
             role: ClusterRole::Leader,
+            peer_tls: None,
+            admin_token: None,
         }
     }
 }
@@ -237,6 +243,7 @@ impl Node {
             .filter(|(id, _)| **id != config.node_id)
             .map(|(id, address)| (*id, *address))
             .collect();
+        tcp.tls = config.peer_tls.clone();
         let transport = TcpTransport::start(tcp, listener);
         let wal = Wal::open(WalConfig::new(config.data_dir.join("wal")))
             .map_err(|error| Error::Storage(format!("open the WAL: {error}")))?;
@@ -386,12 +393,18 @@ impl Node {
 
     /// The group of table `name`.
     pub fn table_group(&self, name: &str) -> Result<GroupId> {
-        self.tables
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::TableNotFound(name.to_string()))
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(group) = tables.get(name) {
+            return Ok(*group);
+        }
+        // Before the catalogue is first read (no metadata leader yet), an
+        // unknown table is not proof that it does not exist.
+        if tables.is_empty() && self.facts(META_GROUP).leader == 0 {
+            return Err(Error::Unavailable(format!(
+                "table {name:?} is not known yet: the table catalogue is not loaded (no leader for it yet); retry"
+            )));
+        }
+        Err(Error::TableNotFound(name.to_string()))
     }
 
     /// Bytes table `group`'s data takes on disk; 0 when unknown.

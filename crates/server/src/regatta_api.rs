@@ -361,6 +361,11 @@ impl pb::tables_server::Tables for RegattaApi {
         &self,
         request: Request<pb::CreateTableRequest>,
     ) -> std::result::Result<Response<pb::CreateTableResponse>, Status> {
+        crate::auth::check_admin(
+            self.node.config().admin_token.as_ref(),
+            request.metadata(),
+            "Tables.Create",
+        )?;
         let table = self.node.create_table(&request.get_ref().name).await?;
         Ok(Response::new(pb::CreateTableResponse {
             id: table.group.0.to_string(),
@@ -371,6 +376,11 @@ impl pb::tables_server::Tables for RegattaApi {
         &self,
         request: Request<pb::DeleteTableRequest>,
     ) -> std::result::Result<Response<pb::DeleteTableResponse>, Status> {
+        crate::auth::check_admin(
+            self.node.config().admin_token.as_ref(),
+            request.metadata(),
+            "Tables.Delete",
+        )?;
         self.node.delete_table(&request.get_ref().name).await?;
         Ok(Response::new(pb::DeleteTableResponse {}))
     }

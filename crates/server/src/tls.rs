@@ -1,0 +1,316 @@
+//! TLS for the gRPC listeners and channels (client API, replication API):
+//! an accept loop that runs handshakes off the loop, and a channel
+//! connector that dials TCP and runs the TLS handshake. The rustls
+//! configurations come from `regatta_multiraft::tls`, which reloads
+//! certificates when their files change.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+pub use regatta_multiraft::tls::{
+    client_config, common_names, server_config, ClientTlsOptions, Identity, Pem, ServerTlsOptions,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::error::{Error, Result};
+
+/// How long a TLS handshake may take, on either side.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dialling a server may take (TCP and TLS).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Accepted connections waiting to be served, at most.
+const ACCEPT_QUEUE_CONNECTIONS_MAX: usize = 128;
+
+/// ALPN for gRPC: HTTP/2. grpc-go clients (etcdctl) insist on it.
+pub fn grpc_alpn() -> Vec<Vec<u8>> {
+    vec![b"h2".to_vec()]
+}
+
+/// A connection a gRPC server serves: plain TCP or TLS over TCP.
+pub enum ServerIo {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP, handshake done.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ServerIo {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerIo::Plain(stream) => stream,
+            ServerIo::Tls(stream) => stream.get_ref().0,
+        }
+    }
+}
+
+impl Connected for ServerIo {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        TcpConnectInfo {
+            local_addr: self.tcp().local_addr().ok(),
+            remote_addr: self.tcp().peer_addr().ok(),
+        }
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerIo::Plain(stream) => stream.is_write_vectored(),
+            ServerIo::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The connections of `listener` for `Server::serve_with_incoming`, with
+/// TCP_NODELAY set (small responses must not wait for a delayed ACK) and,
+/// with `tls`, the handshake done. A failed handshake is logged and
+/// dropped; it never stops the listener. The accept loop ends when the
+/// server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    what: &'static str,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerIo>> {
+    let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE_CONNECTIONS_MAX);
+    tokio::spawn(async move {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = sender.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(listener = what, "accept failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            match &acceptor {
+                None => {
+                    if sender.send(Ok(ServerIo::Plain(tcp))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let sender = sender.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let _ = sender.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
+                            }
+                            Ok(Err(error)) => tracing::info!(
+                                listener = what,
+                                %remote,
+                                "refused a TLS connection: {error}"
+                            ),
+                            Err(_) => tracing::info!(
+                                listener = what,
+                                %remote,
+                                "refused a TLS connection: the handshake timed out"
+                            ),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// TLS for a gRPC client: the rustls configuration and, optionally, the
+/// name to check in the server's certificate instead of the host dialled.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// TLS from `options` (ALPN is set to HTTP/2 for gRPC).
+    pub fn new(options: &ClientTlsOptions, server_name: Option<String>) -> Result<ClientTls> {
+        let mut options = options.clone();
+        options.alpn_protocols = grpc_alpn();
+        let config = client_config(&options).map_err(|error| Error::Config(error.to_string()))?;
+        Ok(ClientTls {
+            config,
+            server_name,
+        })
+    }
+}
+
+/// An endpoint for `address` (`host:port` or a URL); the scheme follows
+/// `tls` when `address` has none, and a URL's scheme must agree with it.
+pub fn endpoint(address: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
+    let address = address.trim();
+    let url = match (address.split_once("://"), tls) {
+        (None, None) => format!("http://{address}"),
+        (None, Some(_)) => format!("https://{address}"),
+        (Some(("http", _)), None) | (Some(("https", _)), Some(_)) => address.to_string(),
+        (Some(("https", _)), None) => {
+            return Err(Error::Config(format!(
+                "{address} is an https URL, but no CA certificate was given to verify it"
+            )))
+        }
+        (Some(("http", _)), Some(_)) => {
+            return Err(Error::Config(format!(
+                "{address} is an http URL, but TLS options were given"
+            )))
+        }
+        (Some((scheme, _)), _) => {
+            return Err(Error::Config(format!(
+                "{address}: unknown scheme {scheme:?} (use http or https)"
+            )))
+        }
+    };
+    Endpoint::from_shared(url.clone())
+        .map(|endpoint| endpoint.tcp_nodelay(true).connect_timeout(CONNECT_TIMEOUT))
+        .map_err(|error| Error::Config(format!("{address:?} is not a valid address: {error}")))
+}
+
+/// A channel to `endpoint` that connects on first use (and reconnects),
+/// over TLS when `tls` is given.
+pub fn connect_lazy(endpoint: Endpoint, tls: Option<&ClientTls>) -> Channel {
+    match tls {
+        None => endpoint.connect_lazy(),
+        Some(tls) => endpoint.connect_with_connector_lazy(connector(tls.clone())),
+    }
+}
+
+/// A channel to `endpoint`, connected now, over TLS when `tls` is given.
+pub async fn connect(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Channel> {
+    let uri = endpoint.uri().clone();
+    let connected = match tls {
+        None => endpoint.connect().await,
+        Some(tls) => {
+            endpoint
+                .connect_with_connector(connector(tls.clone()))
+                .await
+        }
+    };
+    connected.map_err(|error| {
+        let mut message = format!("cannot reach {uri}: {error}");
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        Error::Unavailable(message)
+    })
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+fn connector(
+    tls: ClientTls,
+) -> impl tower::Service<
+    Uri,
+    Response = TlsIo,
+    Error = io::Error,
+    Future = Pin<Box<dyn std::future::Future<Output = io::Result<TlsIo>> + Send>>,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |uri: Uri| {
+        let tls = tls.clone();
+        let dial: Pin<Box<dyn std::future::Future<Output = io::Result<TlsIo>> + Send>> =
+            Box::pin(async move {
+                let host = uri
+                    .host()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?
+                    .to_string();
+                let port = uri.port_u16().unwrap_or(443);
+                let name = regatta_multiraft::tls::server_name(&host, tls.server_name.as_deref())
+                    .map_err(|error| {
+                    io::Error::new(io::ErrorKind::InvalidInput, error.to_string())
+                })?;
+                let dialled = async {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let tcp = TcpStream::connect((host, port)).await?;
+                    tcp.set_nodelay(true)?;
+                    tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+                        .connect(name, tcp)
+                        .await
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, dialled).await {
+                    Ok(Ok(stream)) => Ok(hyper_util::rt::TokioIo::new(stream)),
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connecting to {host}:{port} timed out"),
+                    )),
+                }
+            });
+        dial
+    })
+}
