@@ -622,3 +622,37 @@ async fn restore_chunk(
         Err(Error::Protocol("another restore replaced this one".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Installs share the node's rate: 4 MiB taken by two installs at
+    /// 1 MiB/s end no sooner than 3 s after the first chunk (which is not
+    /// delayed); with no limit, nothing waits.
+    #[tokio::test(start_paused = true)]
+    async fn snapshot_bytes_are_paced_across_installs() {
+        let pace = Arc::new(Pace::new(1 << 20));
+        let started = tokio::time::Instant::now();
+        let mut installs = Vec::new();
+        for _ in 0..2 {
+            let pace = Arc::clone(&pace);
+            installs.push(tokio::spawn(async move {
+                pace.take(1 << 20).await;
+                pace.take(1 << 20).await;
+            }));
+        }
+        for install in installs {
+            install.await.expect("install");
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(4),
+            "{elapsed:?}"
+        );
+        let unlimited = Pace::new(0);
+        let started = tokio::time::Instant::now();
+        unlimited.take(1 << 30).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+}
