@@ -173,6 +173,13 @@ enum Input {
         target: NodeId,
         reply: Reply,
     },
+    StepDown {
+        reply: Reply,
+    },
+    ForceRemove {
+        node: NodeId,
+        reply: Reply,
+    },
     StaleRead {
         query: Bytes,
         reply: Reply,
@@ -669,6 +676,23 @@ impl NodeHost {
         self.answer(group, answer).await.map(|_| ())
     }
 
+    /// Asks this node, when it leads `group`, to hand leadership to its
+    /// most up-to-date voter (before a restart); returns once under way.
+    pub async fn step_down(&self, group: GroupId) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(group, Input::StepDown { reply })?;
+        self.answer(group, answer).await.map(|_| ())
+    }
+
+    /// UNSAFE: removes `node` from `group` on this node alone, without a
+    /// quorum, for a group that lost its quorum for good. Run it on one
+    /// survivor only (see `regatta_raft::RaftNode::force_remove`).
+    pub async fn force_remove(&self, group: GroupId, node: NodeId) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(group, Input::ForceRemove { node, reply })?;
+        self.answer(group, answer).await.map(|_| ())
+    }
+
     /// A read from this node's state machine as it is now: no Raft round,
     /// possibly stale (serializable).
     pub async fn read_stale(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
@@ -1094,6 +1118,8 @@ impl Group {
             | Input::Campaign
             | Input::ConfChange { .. }
             | Input::TransferLeader { .. }
+            | Input::StepDown { .. }
+            | Input::ForceRemove { .. }
             | Input::Snapshot { .. } => self.note_activity(),
         }
         self.handle_input(input);
@@ -1190,6 +1216,14 @@ impl Group {
             }
             Input::TransferLeader { target, reply } => {
                 let result = self.raft.transfer_leader(target).map(|()| Bytes::new());
+                let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
+            }
+            Input::StepDown { reply } => {
+                let result = self.raft.step_down().map(|()| Bytes::new());
+                let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
+            }
+            Input::ForceRemove { node, reply } => {
+                let result = self.raft.force_remove(node).map(|()| Bytes::new());
                 let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
             }
             Input::Snapshot { message, data } => {

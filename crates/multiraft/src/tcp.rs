@@ -217,10 +217,20 @@ pub struct TcpStats {
     pub snapshots_refused: AtomicU64,
 }
 
+/// One peer: where it listens, its outbound queue and the task that
+/// writes it.
+struct Peer {
+    address: SocketAddr,
+    queue: mpsc::Sender<(GroupId, Message)>,
+    writer: tokio::task::AbortHandle,
+}
+
 /// The TCP transport of one node.
 pub struct TcpTransport {
     config: TcpConfig,
-    queues: HashMap<NodeId, mpsc::Sender<(GroupId, Message)>>,
+    /// The peers, starting with `config.peers`; changed by `set_peer` and
+    /// `remove_peer` as the cluster's membership changes.
+    peers: std::sync::RwLock<HashMap<NodeId, Peer>>,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
     /// Every task this transport spawned, for `shutdown`.
@@ -235,23 +245,7 @@ impl TcpTransport {
         let host: Arc<OnceLock<WeakNodeHost>> = Arc::new(OnceLock::new());
         let stats = Arc::new(TcpStats::default());
         let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let mut queues = HashMap::new();
         let mut spawned = Vec::new();
-        for (peer, address) in &config.peers {
-            if *peer == config.node_id {
-                continue;
-            }
-            let (sender, receiver) = mpsc::channel(config.peer_queue_messages_max);
-            queues.insert(*peer, sender);
-            let writer = tokio::spawn(peer_writer(
-                config.clone(),
-                *address,
-                receiver,
-                Arc::clone(&stats),
-                Arc::clone(&host),
-            ));
-            spawned.push(writer.abort_handle());
-        }
         let acceptor = accept_loop(
             config.clone(),
             listener,
@@ -264,13 +258,80 @@ impl TcpTransport {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(spawned);
-        Arc::new(TcpTransport {
-            config,
-            queues,
+        let transport = Arc::new(TcpTransport {
+            config: config.clone(),
+            peers: std::sync::RwLock::new(HashMap::new()),
             host,
             stats,
             tasks,
-        })
+        });
+        for (peer, address) in &config.peers {
+            transport.set_peer(*peer, *address);
+        }
+        transport
+    }
+
+    /// Sends to `peer` at `address` from now on: a new peer gets a queue
+    /// and a writer; a peer that moved gets a new writer (messages queued
+    /// for the old address are dropped; Raft retransmits). This node
+    /// itself is ignored.
+    pub fn set_peer(&self, peer: NodeId, address: SocketAddr) {
+        if peer == self.config.node_id {
+            return;
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if peers
+            .get(&peer)
+            .is_some_and(|known| known.address == address)
+        {
+            return;
+        }
+        let (queue, receiver) = mpsc::channel(self.config.peer_queue_messages_max);
+        let writer = tokio::spawn(peer_writer(
+            self.config.clone(),
+            address,
+            receiver,
+            Arc::clone(&self.stats),
+            Arc::clone(&self.host),
+        ))
+        .abort_handle();
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.retain(|task| !task.is_finished());
+            tasks.push(writer.clone());
+        }
+        if let Some(old) = peers.insert(
+            peer,
+            Peer {
+                address,
+                queue,
+                writer,
+            },
+        ) {
+            old.writer.abort();
+        }
+    }
+
+    /// Stops sending to `peer` (it left the cluster).
+    pub fn remove_peer(&self, peer: NodeId) {
+        let removed = self
+            .peers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
+        if let Some(removed) = removed {
+            removed.writer.abort();
+        }
+    }
+
+    /// The peers this node sends to, with their addresses.
+    pub fn peer_addresses(&self) -> HashMap<NodeId, SocketAddr> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, peer)| (*id, peer.address))
+            .collect()
     }
 
     /// Hands incoming messages to `host` from now on. Held weakly: the
@@ -317,7 +378,13 @@ impl Transport for TcpTransport {
                 }
             }
         };
-        let Some(address) = self.config.peers.get(&to).copied() else {
+        let address = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to)
+            .map(|peer| peer.address);
+        let Some(address) = address else {
             report(false);
             return;
         };
@@ -340,11 +407,13 @@ impl Transport for TcpTransport {
     }
 
     fn send(&self, group: GroupId, messages: Vec<Message>) {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
         for message in messages {
-            let Some(queue) = self.queues.get(&message.to) else {
+            let Some(peer) = peers.get(&message.to) else {
+                self.stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if queue.try_send((group, message)).is_err() {
+            if peer.queue.try_send((group, message)).is_err() {
                 self.stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -155,6 +155,175 @@ pub enum TableCommand {
         /// Its name.
         name: String,
     },
+    /// Moves a table's leadership to another node; with `--all`, every
+    /// leadership the node at `--address` holds (e.g. before a restart).
+    TransferLeader {
+        /// The table (omit with `--all`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        table: Option<String>,
+        /// Every table the node at `--address` leads.
+        #[arg(long)]
+        all: bool,
+        /// The new leader's node id; by default the most up-to-date other
+        /// voter.
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+    },
+}
+
+/// Membership commands (admin: they need `--token` when the cluster has
+/// one).
+#[derive(Subcommand, Debug)]
+pub enum MemberCommand {
+    /// Lists the members: id, role, peer and client addresses.
+    List,
+    /// Adds a node as a learner of every table; unless `--learner`, each
+    /// table promotes it to voter once it has caught up. Then start the
+    /// node with `--raft.join` and `--raft.initial-members` naming the
+    /// current members and itself.
+    Add {
+        /// The new node's Raft address (its `--raft.address`), ip:port.
+        raft_address: String,
+        /// Its node id (its `--raft.node-id`); by default the next free one.
+        #[arg(long, default_value_t = 0)]
+        id: u64,
+        /// Its client API URL, shown by `member list`.
+        #[arg(long, default_value = "")]
+        client_url: String,
+        /// Keep it a learner: it replicates, but never votes.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Promotes a learner to voter (refused until it has caught up).
+    Promote {
+        /// The member's id.
+        id: u64,
+    },
+    /// Demotes a voter to learner (refused if the rest cannot form a quorum).
+    Demote {
+        /// The member's id.
+        id: u64,
+    },
+    /// Removes a member (refused if the rest cannot form a reachable
+    /// quorum); the removed node shuts itself down.
+    Remove {
+        /// The member's id.
+        id: u64,
+    },
+    /// UNSAFE: removes a dead member on the node at `--address` alone,
+    /// without a quorum, for a cluster that lost its quorum for good. Run
+    /// it on one survivor only; writes only the lost nodes held are lost.
+    ForceRemove {
+        /// The member's id.
+        id: u64,
+        /// Confirms that you understand the above.
+        #[arg(long)]
+        yes_i_know_this_can_lose_data: bool,
+    },
+}
+
+fn members_text(members: &[pb::Member]) -> (Value, Vec<String>) {
+    let json: Vec<Value> = members
+        .iter()
+        .map(|member| {
+            json!({
+                "id": member.id,
+                "role": role(member),
+                "peerURLs": member.peer_ur_ls,
+                "clientURLs": member.client_ur_ls,
+            })
+        })
+        .collect();
+    let lines = members
+        .iter()
+        .map(|member| {
+            format!(
+                "{}, {}, {}, {}",
+                member.id,
+                role(member),
+                member.peer_ur_ls.join(" "),
+                member.client_ur_ls.join(" ")
+            )
+        })
+        .collect();
+    (Value::Array(json), lines)
+}
+
+fn role(member: &pb::Member) -> &'static str {
+    match (member.is_learner, member.promoting) {
+        (false, _) => "voter",
+        (true, true) => "learner (promoting)",
+        (true, false) => "learner",
+    }
+}
+
+/// Runs a `member` command.
+pub async fn member(connection: &Connection, command: MemberCommand) -> Result<(), String> {
+    let channel = channel(connection).await?;
+    let mut membership = pb::membership_client::MembershipClient::new(channel.clone());
+    let response = match command {
+        MemberCommand::List => {
+            let response = pb::cluster_client::ClusterClient::new(channel)
+                .member_list(pb::MemberListRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let (value, lines) = members_text(&response.members);
+            print(connection.output, value, lines);
+            return Ok(());
+        }
+        MemberCommand::Add {
+            raft_address,
+            id,
+            client_url,
+            learner,
+        } => {
+            membership
+                .add(connection.admin(pb::MemberAddRequest {
+                    id,
+                    raft_address,
+                    client_url,
+                    learner,
+                })?)
+                .await
+        }
+        MemberCommand::Promote { id } => {
+            membership
+                .promote(connection.admin(pb::MemberIdRequest { id })?)
+                .await
+        }
+        MemberCommand::Demote { id } => {
+            membership
+                .demote(connection.admin(pb::MemberIdRequest { id })?)
+                .await
+        }
+        MemberCommand::Remove { id } => {
+            membership
+                .remove(connection.admin(pb::MemberIdRequest { id })?)
+                .await
+        }
+        MemberCommand::ForceRemove {
+            id,
+            yes_i_know_this_can_lose_data,
+        } => {
+            if !yes_i_know_this_can_lose_data {
+                return Err("force-remove commits without a quorum and can lose acknowledged writes; add --yes-i-know-this-can-lose-data to go ahead".into());
+            }
+            membership
+                .force_remove(connection.admin(pb::MemberForceRemoveRequest {
+                    id,
+                    confirm: true,
+                })?)
+                .await
+        }
+    }
+    .map_err(status)?
+    .into_inner();
+    let (mut value, mut lines) = members_text(&response.members);
+    value = json!({"id": response.id, "members": value});
+    lines.insert(0, format!("done: member {}", response.id));
+    print(connection.output, value, lines);
+    Ok(())
 }
 
 /// A channel to `--address`, over TLS when `--cacert` is given.
@@ -391,8 +560,30 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
 
 /// Runs a `table` command.
 pub async fn table(connection: &Connection, command: TableCommand) -> Result<(), String> {
-    let mut client = pb::tables_client::TablesClient::new(channel(connection).await?);
+    let channel = channel(connection).await?;
+    let mut client = pb::tables_client::TablesClient::new(channel.clone());
     match command {
+        TableCommand::TransferLeader { table, all: _, to } => {
+            let table = table.unwrap_or_default();
+            let response = pb::membership_client::MembershipClient::new(channel)
+                .transfer_leader(connection.admin(pb::TransferLeaderRequest {
+                    table: table.clone(),
+                    target: to,
+                })?)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let what = if table.is_empty() {
+                "every table".to_string()
+            } else {
+                format!("table {table}")
+            };
+            print(
+                connection.output,
+                json!({"moved": response.moved}),
+                vec![format!("{what}: {} leadership(s) moving", response.moved)],
+            );
+        }
         TableCommand::Create { name } => {
             let response = client
                 .create(connection.admin(pb::CreateTableRequest {

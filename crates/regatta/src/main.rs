@@ -53,6 +53,13 @@ enum Command {
         #[command(subcommand)]
         command: client::TableCommand,
     },
+    /// Lists and changes the cluster's members.
+    Member {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: client::MemberCommand,
+    },
     /// Prints a node's status: each table's leader, term, commit and
     /// applied index and size, and on a follower cluster its replication
     /// lag.
@@ -109,9 +116,21 @@ struct LeaderArgs {
     )]
     raft_initial_members: Vec<String>,
 
-    /// Join an existing cluster instead of bootstrapping a new one.
+    /// Join an existing cluster instead of bootstrapping a new one: first
+    /// add the node (`regatta member add`), then start it with this flag
+    /// and `--raft.initial-members` naming the current members and itself.
     #[arg(long = "raft.join", env = "REGATTA_RAFT_JOIN")]
     raft_join: bool,
+
+    /// On SIGTERM, hand over this node's leaderships and remove it from
+    /// the cluster before exiting (for nodes that will not come back).
+    /// Without it, SIGTERM only hands over leaderships, as a rolling
+    /// restart wants.
+    #[arg(
+        long = "raft.leave-on-terminate",
+        env = "REGATTA_RAFT_LEAVE_ON_TERMINATE"
+    )]
+    raft_leave_on_terminate: bool,
 
     /// Where the WAL and the tables are kept.
     #[arg(
@@ -752,13 +771,37 @@ async fn run_node(
             }
         }
     });
-    let served = regatta_server::serve(
-        std::sync::Arc::clone(&node),
-        api,
-        api_tls,
-        shutdown_signal(),
-    )
-    .await;
+    // The API keeps serving while leaderships move away (and, with
+    // --raft.leave-on-terminate, while this node leaves), so that clients
+    // see no gap.
+    let shutdown = {
+        let node = std::sync::Arc::clone(&node);
+        let leave = args.raft_leave_on_terminate;
+        let mut removed = node.removed();
+        let removed = async move {
+            let _ = removed.wait_for(|removed| *removed).await.is_ok();
+        };
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {
+                    if leave {
+                        tracing::info!("leaving the cluster (--raft.leave-on-terminate)");
+                        match node.leave(Duration::from_secs(30)).await {
+                            Ok(()) => tracing::info!("left the cluster"),
+                            Err(error) => tracing::error!(%error, "leaving the cluster failed"),
+                        }
+                    } else {
+                        let held = node.drain(Duration::from_secs(5)).await;
+                        tracing::info!(still_leading = held, "handed over leaderships");
+                    }
+                }
+                _ = removed => {
+                    tracing::warn!("this node was removed from the cluster: shutting down; wipe its data directory before adding it again");
+                }
+            }
+        }
+    };
+    let served = regatta_server::serve(std::sync::Arc::clone(&node), api, api_tls, shutdown).await;
     tracing::info!("shutting down");
     // Stopping the node ends the open log streams; then the replication
     // server can finish.
@@ -847,6 +890,10 @@ fn main() -> ExitCode {
             command,
         } => runtime.block_on(client::table(&connection, command)),
         Command::Status { connection } => runtime.block_on(client::node_status(&connection)),
+        Command::Member {
+            connection,
+            command,
+        } => runtime.block_on(client::member(&connection, command)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
     };
     match result {

@@ -80,6 +80,8 @@ impl From<Error> for Status {
                     regatta_raft::Error::UncommittedSizeExceeded { .. }
                     | regatta_raft::Error::TooManyPendingReads { .. } => Code::ResourceExhausted,
                     regatta_raft::Error::InvalidProposal(_) => Code::InvalidArgument,
+                    regatta_raft::Error::ConfChangeRefused { .. }
+                    | regatta_raft::Error::TransferRefused { .. } => Code::FailedPrecondition,
                     _ => Code::Internal,
                 },
                 _ => Code::Internal,

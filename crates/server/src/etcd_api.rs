@@ -521,29 +521,100 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
 /// methods this server implements.
 pub const ETCD_API_VERSION: &str = "3.5.0";
 
+impl EtcdApi {
+    /// The cluster's members, as etcd shows them.
+    async fn members(&self) -> Result<Vec<pb::Member>> {
+        Ok(self
+            .node
+            .members()
+            .await?
+            .into_iter()
+            .map(|member| pb::Member {
+                id: member.id.0,
+                name: format!("node-{}", member.id.0),
+                peer_ur_ls: member
+                    .addresses
+                    .as_ref()
+                    .map(|a| format!("http://{}", a.raft_address))
+                    .into_iter()
+                    .collect(),
+                client_ur_ls: member
+                    .addresses
+                    .as_ref()
+                    .map(|a| a.client_url.clone())
+                    .filter(|url| !url.is_empty())
+                    .into_iter()
+                    .collect(),
+                is_learner: !member.voter,
+            })
+            .collect())
+    }
+
+    fn admin<T>(&self, request: &Request<T>, operation: &str) -> Result<()> {
+        crate::auth::check_admin(
+            self.node.config().admin_token.as_ref(),
+            request.metadata(),
+            operation,
+        )
+    }
+}
+
+/// etcd's membership verbs on the whole cluster (every table's group
+/// follows the metadata group; `docs/membership.md`).
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for EtcdApi {
     async fn member_add(
         &self,
-        _request: Request<pb::MemberAddRequest>,
+        request: Request<pb::MemberAddRequest>,
     ) -> std::result::Result<Response<pb::MemberAddResponse>, Status> {
-        Err(unimplemented(
-            "Cluster.MemberAdd (membership changes come with `regatta member`)",
-        ))
+        self.admin(&request, "Cluster.MemberAdd")?;
+        let request = request.into_inner();
+        let [peer_url] = request.peer_ur_ls.as_slice() else {
+            return Err(Error::InvalidArgument(
+                "MemberAdd needs exactly one peer URL, the new node's --raft.address".into(),
+            )
+            .into());
+        };
+        let raft_address = validate::peer_address(peer_url)?;
+        let id = self.node.next_member_id().await?;
+        let addresses = crate::MemberAddresses {
+            raft_address,
+            client_url: String::new(),
+        };
+        self.node
+            .add_member(id, addresses, request.is_learner)
+            .await?;
+        let members = self.members().await?;
+        let member = members.iter().find(|member| member.id == id.0).cloned();
+        let group = self.group()?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: self.header(group, 0),
+            member,
+            members,
+        }))
     }
 
     async fn member_remove(
         &self,
-        _request: Request<pb::MemberRemoveRequest>,
+        request: Request<pb::MemberRemoveRequest>,
     ) -> std::result::Result<Response<pb::MemberRemoveResponse>, Status> {
-        Err(unimplemented("Cluster.MemberRemove"))
+        self.admin(&request, "Cluster.MemberRemove")?;
+        let id = validate::member_id(request.get_ref().id)?;
+        self.node.remove_member(id).await?;
+        let group = self.group()?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: self.header(group, 0),
+            members: self.members().await?,
+        }))
     }
 
     async fn member_update(
         &self,
         _request: Request<pb::MemberUpdateRequest>,
     ) -> std::result::Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(unimplemented("Cluster.MemberUpdate"))
+        Err(unimplemented(
+            "Cluster.MemberUpdate (a node records its own address when it starts with a new --raft.address)",
+        ))
     }
 
     async fn member_list(
@@ -551,28 +622,23 @@ impl pb::cluster_server::Cluster for EtcdApi {
         _request: Request<pb::MemberListRequest>,
     ) -> std::result::Result<Response<pb::MemberListResponse>, Status> {
         let group = self.group()?;
-        let config = self.node.config();
-        let members = config
-            .members
-            .iter()
-            .map(|(id, raft_address)| pb::Member {
-                id: id.0,
-                name: format!("node-{}", id.0),
-                peer_ur_ls: vec![format!("http://{raft_address}")],
-                client_ur_ls: config.client_urls.get(id).cloned().into_iter().collect(),
-                is_learner: false,
-            })
-            .collect();
         Ok(Response::new(pb::MemberListResponse {
             header: self.header(group, 0),
-            members,
+            members: self.members().await?,
         }))
     }
 
     async fn member_promote(
         &self,
-        _request: Request<pb::MemberPromoteRequest>,
+        request: Request<pb::MemberPromoteRequest>,
     ) -> std::result::Result<Response<pb::MemberPromoteResponse>, Status> {
-        Err(unimplemented("Cluster.MemberPromote"))
+        self.admin(&request, "Cluster.MemberPromote")?;
+        let id = validate::member_id(request.get_ref().id)?;
+        self.node.promote_member(id).await?;
+        let group = self.group()?;
+        Ok(Response::new(pb::MemberPromoteResponse {
+            header: self.header(group, 0),
+            members: self.members().await?,
+        }))
     }
 }

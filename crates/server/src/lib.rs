@@ -55,8 +55,8 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
 pub use node::{
-    prefix_end, random_u64, ClusterRole, GroupFacts, Node, NodeConfig, ReplicationFacts,
-    TableEntry, WriteForwarder, META_GROUP,
+    prefix_end, random_u64, ClusterRole, GroupFacts, MemberAddresses, MemberInfo, Node, NodeConfig,
+    ReplicationFacts, TableEntry, WriteForwarder, META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};
@@ -80,7 +80,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(regatta::kv_server::KvServer::new(own.clone()))
         .add_service(regatta::tables_server::TablesServer::new(own.clone()))
-        .add_service(regatta::cluster_server::ClusterServer::new(own))
+        .add_service(regatta::cluster_server::ClusterServer::new(own.clone()))
+        .add_service(regatta::membership_server::MembershipServer::new(own))
         .add_service(etcd::kv_server::KvServer::new(api.clone()))
         .add_service(etcd::maintenance_server::MaintenanceServer::new(
             api.clone(),

@@ -22,6 +22,9 @@ use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
 
+mod membership;
+pub use membership::{MemberAddresses, MemberInfo};
+
 /// The metadata group: the table catalogue.
 pub const META_GROUP: GroupId = GroupId(1);
 /// The first group id given to a table.
@@ -150,6 +153,16 @@ pub struct Node {
     /// Follower clusters: replication state per table, as the puller
     /// reports it.
     replication: RwLock<HashMap<GroupId, ReplicationFacts>>,
+    /// The voters each table's group started with, from its catalogue
+    /// entry (absent for entries written before membership changes).
+    table_voters: RwLock<HashMap<GroupId, Vec<NodeId>>>,
+    /// True once this node was removed from the cluster.
+    removed: tokio::sync::watch::Sender<bool>,
+    /// Table groups with a membership change under way (see
+    /// `membership.rs`).
+    changing: Arc<std::sync::Mutex<std::collections::HashSet<GroupId>>>,
+    /// When this node last wrote its own address record.
+    registered_at: std::sync::Mutex<Option<Instant>>,
 }
 
 /// A follower table's replication state.
@@ -276,6 +289,10 @@ impl Node {
             started: Instant::now(),
             forwarder: std::sync::OnceLock::new(),
             replication: RwLock::new(HashMap::new()),
+            table_voters: RwLock::new(HashMap::new()),
+            removed: tokio::sync::watch::channel(false).0,
+            changing: Arc::default(),
+            registered_at: std::sync::Mutex::new(None),
         });
         node.start_group(META_GROUP)?;
         tokio::spawn(Arc::clone(&node).reconcile_loop());
@@ -367,8 +384,23 @@ impl Node {
             .store
             .open_table_as(group.0, mode)
             .map_err(|error| Error::Storage(format!("open table group {}: {error}", group.0)))?;
+        // A table's entry names the voters its group starts with; a node
+        // among them bootstraps the group, any other joins it (the leader
+        // adds it). Older entries, and the metadata group, use the
+        // configured initial members.
+        let recorded = self
+            .table_voters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned();
+        let voters = match recorded {
+            Some(voters) if voters.contains(&self.config.node_id) => voters,
+            Some(_) => Vec::new(),
+            None => self.voters(),
+        };
         self.host
-            .start_group(group, self.voters(), Box::new(table))
+            .start_group(group, voters, Box::new(table))
             .map_err(|error| Error::Storage(format!("start group {}: {error}", group.0)))
     }
 
@@ -705,16 +737,30 @@ impl Node {
                 ..RangeRequest::default()
             })
         };
+        // The group starts with the cluster's voters of now; learners and
+        // later members are added by the group's leader (membership.rs).
+        let voters: Vec<NodeId> = self.membership().await?.voters.into_iter().collect();
+        if voters.is_empty() {
+            return Err(Error::Unavailable(
+                "this node has not joined the cluster yet".into(),
+            ));
+        }
+        let mut entry = Vec::with_capacity(8 + 8 * voters.len());
         for _ in 0..16 {
             let next = self.next_group_id().await?;
             let key = catalogue_key(name);
+            entry.clear();
+            entry.extend_from_slice(&next.0.to_le_bytes());
+            for voter in &voters {
+                entry.extend_from_slice(&voter.0.to_le_bytes());
+            }
             let mut command = TxnRequest {
                 compare: vec![
                     compare(&key, CompareTarget::CreateRevision(0)),
                     compare(NEXT_ID_KEY, CompareTarget::Version(next.1)),
                 ],
                 success: vec![
-                    put(&key, &next.0.to_le_bytes()),
+                    put(&key, &entry),
                     put(NEXT_ID_KEY, &(next.0 + 1).to_le_bytes()),
                 ],
                 failure: vec![count(&key), count(BOOTSTRAPPED_KEY)],
@@ -828,14 +874,30 @@ impl Node {
             return Err(Error::Internal("the catalogue read failed".into()));
         };
         let mut tables = BTreeMap::new();
+        let mut voters = HashMap::new();
         for kv in range.kvs {
             let name = String::from_utf8_lossy(&kv.key[CATALOGUE_PREFIX.len()..]).to_string();
-            if kv.value.len() == 8 {
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(&kv.value);
-                tables.insert(name, GroupId(u64::from_le_bytes(bytes)));
+            // The group id, then (since membership changes) the voters it
+            // started with; 8 bytes each, little-endian.
+            if kv.value.len() < 8 || kv.value.len() % 8 != 0 {
+                tracing::error!(table = %name, "a malformed catalogue entry");
+                continue;
             }
+            let mut ids = kv.value.chunks_exact(8).map(|chunk| {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(chunk);
+                u64::from_le_bytes(bytes)
+            });
+            let Some(group) = ids.next().map(GroupId) else {
+                continue;
+            };
+            let group_voters: Vec<NodeId> = ids.map(NodeId).collect();
+            if !group_voters.is_empty() {
+                voters.insert(group, group_voters);
+            }
+            tables.insert(name, group);
         }
+        *self.table_voters.write().unwrap_or_else(|p| p.into_inner()) = voters;
         *self.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
         Ok(())
     }
@@ -915,6 +977,7 @@ impl Node {
                 continue;
             }
             self.reconcile_groups().await;
+            self.reconcile_membership(&meta).await;
             let running = self.running_groups();
             let mut facts = HashMap::new();
             for group in &running {

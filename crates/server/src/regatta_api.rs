@@ -28,6 +28,53 @@ pub struct RegattaApi {
 }
 
 impl RegattaApi {
+    /// The cluster's members, as regatta.v1 shows them.
+    async fn members(&self) -> Result<Vec<pb::Member>> {
+        Ok(self
+            .node
+            .members()
+            .await?
+            .into_iter()
+            .map(|member| pb::Member {
+                id: member.id.0.to_string(),
+                name: format!("node-{}", member.id.0),
+                peer_ur_ls: member
+                    .addresses
+                    .as_ref()
+                    .map(|a| format!("http://{}", a.raft_address))
+                    .into_iter()
+                    .collect(),
+                client_ur_ls: member
+                    .addresses
+                    .as_ref()
+                    .map(|a| a.client_url.clone())
+                    .filter(|url| !url.is_empty())
+                    .into_iter()
+                    .collect(),
+                is_learner: !member.voter,
+                promoting: member.auto_promote,
+            })
+            .collect())
+    }
+
+    fn admin<T>(&self, request: &Request<T>, operation: &str) -> Result<()> {
+        crate::auth::check_admin(
+            self.node.config().admin_token.as_ref(),
+            request.metadata(),
+            operation,
+        )
+    }
+
+    async fn changed(
+        &self,
+        id: u64,
+    ) -> std::result::Result<Response<pb::MemberChangeResponse>, Status> {
+        Ok(Response::new(pb::MemberChangeResponse {
+            id,
+            members: self.members().await?,
+        }))
+    }
+
     /// The API over `node`'s tables.
     pub fn new(node: Arc<Node>) -> RegattaApi {
         RegattaApi { node }
@@ -409,20 +456,9 @@ impl pb::cluster_server::Cluster for RegattaApi {
         &self,
         _request: Request<pb::MemberListRequest>,
     ) -> std::result::Result<Response<pb::MemberListResponse>, Status> {
-        let config = self.node.config();
-        let members = config
-            .members
-            .iter()
-            .map(|(id, raft_address)| pb::Member {
-                id: id.0.to_string(),
-                name: format!("node-{}", id.0),
-                peer_ur_ls: vec![format!("http://{raft_address}")],
-                client_ur_ls: config.client_urls.get(id).cloned().into_iter().collect(),
-            })
-            .collect();
         Ok(Response::new(pb::MemberListResponse {
-            cluster: config.cluster_id.to_string(),
-            members,
+            cluster: self.node.config().cluster_id.to_string(),
+            members: self.members().await?,
         }))
     }
 
@@ -480,5 +516,94 @@ impl pb::cluster_server::Cluster for RegattaApi {
             config: None,
             errors,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::membership_server::Membership for RegattaApi {
+    async fn add(
+        &self,
+        request: Request<pb::MemberAddRequest>,
+    ) -> std::result::Result<Response<pb::MemberChangeResponse>, Status> {
+        self.admin(&request, "Membership.Add")?;
+        let request = request.into_inner();
+        let raft_address = validate::peer_address(&request.raft_address)?;
+        let id = match request.id {
+            0 => self.node.next_member_id().await?,
+            id => regatta_raft::NodeId(id),
+        };
+        let addresses = crate::MemberAddresses {
+            raft_address,
+            client_url: request.client_url,
+        };
+        self.node.add_member(id, addresses, request.learner).await?;
+        self.changed(id.0).await
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::MemberIdRequest>,
+    ) -> std::result::Result<Response<pb::MemberChangeResponse>, Status> {
+        self.admin(&request, "Membership.Promote")?;
+        let id = validate::member_id(request.get_ref().id)?;
+        self.node.promote_member(id).await?;
+        self.changed(id.0).await
+    }
+
+    async fn demote(
+        &self,
+        request: Request<pb::MemberIdRequest>,
+    ) -> std::result::Result<Response<pb::MemberChangeResponse>, Status> {
+        self.admin(&request, "Membership.Demote")?;
+        let id = validate::member_id(request.get_ref().id)?;
+        self.node.demote_member(id).await?;
+        self.changed(id.0).await
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::MemberIdRequest>,
+    ) -> std::result::Result<Response<pb::MemberChangeResponse>, Status> {
+        self.admin(&request, "Membership.Remove")?;
+        let id = validate::member_id(request.get_ref().id)?;
+        self.node.remove_member(id).await?;
+        self.changed(id.0).await
+    }
+
+    async fn force_remove(
+        &self,
+        request: Request<pb::MemberForceRemoveRequest>,
+    ) -> std::result::Result<Response<pb::MemberChangeResponse>, Status> {
+        self.admin(&request, "Membership.ForceRemove")?;
+        let request = request.into_inner();
+        let id = validate::member_id(request.id)?;
+        if !request.confirm {
+            return Err(Error::InvalidArgument(
+                "force-remove commits without a quorum and can lose acknowledged writes; set confirm to go ahead".into(),
+            )
+            .into());
+        }
+        self.node.force_remove_member(id).await?;
+        self.changed(id.0).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> std::result::Result<Response<pb::TransferLeaderResponse>, Status> {
+        self.admin(&request, "Membership.TransferLeader")?;
+        let request = request.into_inner();
+        let target = match request.target {
+            0 => None,
+            id => Some(regatta_raft::NodeId(id)),
+        };
+        let moved = if request.table.is_empty() {
+            self.node.move_leaderships(target).await?
+        } else {
+            let group = self.node.table_group(&request.table)?;
+            self.node.move_leader(group, target).await?;
+            1
+        };
+        Ok(Response::new(pb::TransferLeaderResponse { moved }))
     }
 }

@@ -118,3 +118,29 @@ pub fn compare_result(value: i32) -> Result<CompareResult> {
         ))),
     }
 }
+
+/// A Raft peer address: `host:port` with an IP host, or such a URL
+/// (`http://…`, as etcd's peer URLs are).
+pub fn peer_address(text: &str) -> Result<std::net::SocketAddr> {
+    let trimmed = text.trim();
+    let bare = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .unwrap_or(trimmed)
+        .trim_end_matches('/');
+    bare.parse().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{text:?} is not a peer address: give ip:port (e.g. 127.0.0.1:5014)"
+        ))
+    })
+}
+
+/// A member id: non-zero.
+pub fn member_id(id: u64) -> Result<regatta_raft::NodeId> {
+    if id == 0 {
+        return Err(Error::InvalidArgument(
+            "a member id must be non-zero".into(),
+        ));
+    }
+    Ok(regatta_raft::NodeId(id))
+}

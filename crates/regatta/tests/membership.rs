@@ -1,0 +1,502 @@
+//! Dynamic membership with real processes on 127.0.0.1, under a steady
+//! write load whose every acknowledged write must survive:
+//! - a cluster grows from 1 to 3 to 5 nodes (`regatta member add`, then
+//!   `--raft.join`) and shrinks back to 3 (`regatta member remove`); the
+//!   removed nodes shut themselves down, and the tables' groups follow, so
+//!   that the 3 nodes left still have a quorum with one of them down;
+//! - a rolling restart of 3 nodes (SIGTERM hands over leaderships first);
+//! - a removal that would leave no reachable quorum is refused with a
+//!   clear message; `--raft.leave-on-terminate` removes a node on SIGTERM;
+//!   force-remove revives a survivor whose peers are gone for good.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{connect, free_address, Regatta};
+use etcd_client::Client;
+
+/// Runs the `regatta` CLI; (success, stdout, stderr).
+fn cli(arguments: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_regatta"))
+        .args(arguments)
+        .output()
+        .expect("run regatta");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+/// Runs the CLI until it succeeds (a change may be refused while the
+/// previous one commits); panics with the last error after 30 s.
+fn cli_until_ok(arguments: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (success, stdout, stderr) = cli(arguments);
+        if success {
+            return stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "regatta {arguments:?} kept failing: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `regatta member list -o json` at `api`: (id, role) pairs.
+fn member_roles(api: SocketAddr) -> Vec<(u64, String)> {
+    let (success, stdout, stderr) = cli(&[
+        "member",
+        "list",
+        "--address",
+        &api.to_string(),
+        "-o",
+        "json",
+    ]);
+    assert!(success, "member list: {stderr}");
+    let members: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let mut roles: Vec<(u64, String)> = members
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|member| {
+            (
+                member["id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                    .expect("id"),
+                member["role"].as_str().expect("role").to_string(),
+            )
+        })
+        .collect();
+    roles.sort();
+    roles
+}
+
+fn wait_for_roles(api: SocketAddr, expected: &[(u64, &str)]) {
+    let expected: Vec<(u64, String)> = expected
+        .iter()
+        .map(|(id, role)| (*id, role.to_string()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let roles = member_roles(api);
+        if roles == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members {roles:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends SIGTERM, as an orchestrator stopping the node does.
+fn terminate(node: &Regatta) {
+    let status = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+}
+
+/// Waits for the process to exit; its exit status.
+fn wait_for_exit(node: &mut Regatta, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = node.child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not exit; its log:\n{}",
+            node.api,
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `load-<n>` keys through `endpoints` until stopped; the keys
+/// whose put was acknowledged.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(endpoints: Vec<String>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let stop = Arc::clone(&stop);
+            let acknowledged = Arc::clone(&acknowledged);
+            tokio::spawn(async move {
+                let mut client: Option<Client> = None;
+                let mut next = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if client.is_none() {
+                        client = Client::connect(endpoints.clone(), None).await.ok();
+                    }
+                    let Some(connected) = client.as_mut() else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let key = format!("load-{next:06}");
+                    next += 1;
+                    let put = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        connected.put(key.as_str(), "v", None),
+                    )
+                    .await;
+                    match put {
+                        Ok(Ok(_)) => acknowledged.lock().expect("lock").push(key),
+                        _ => {
+                            client = None;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        };
+        Load {
+            stop,
+            acknowledged,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acknowledged.lock().expect("lock").len()
+    }
+
+    /// Waits for `more` acknowledged writes beyond now.
+    async fn wait_for_progress(&self, more: usize) {
+        let target = self.count() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.count() < target {
+            assert!(
+                Instant::now() < deadline,
+                "the load stopped making progress"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("load task");
+        Arc::try_unwrap(self.acknowledged)
+            .expect("one owner")
+            .into_inner()
+            .expect("lock")
+    }
+}
+
+/// Every acknowledged key is readable (linearizably) through `node`.
+async fn assert_all_present(node: &Regatta, acknowledged: &[String]) {
+    let mut client = connect(node).await;
+    let response = client
+        .get(
+            "load-",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("range");
+    let present: std::collections::HashSet<Vec<u8>> =
+        response.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|key| !present.contains(key.as_bytes()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes are lost on {}: {:?}",
+        lost.len(),
+        acknowledged.len(),
+        node.api,
+        &lost[..lost.len().min(10)]
+    );
+}
+
+/// Waits until a put through `node` succeeds.
+async fn wait_writable(node: &Regatta, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut client) = Client::connect([node.endpoint()], None).await {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(3), client.put(key, "v", None)).await
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never took a write; its log:\n{}",
+            node.api,
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `--raft.initial-members` for the nodes `ids` (1-based) at `rafts`.
+fn members_of(rafts: &[SocketAddr], ids: &[u64]) -> String {
+    ids.iter()
+        .map(|id| format!("{id}={}", rafts[*id as usize - 1]))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_from_one_to_five_and_shrink_to_three_under_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apis: Vec<SocketAddr> = (0..5).map(|_| free_address()).collect();
+    let rafts: Vec<SocketAddr> = (0..5).map(|_| free_address()).collect();
+    let mut nodes: Vec<Option<Regatta>> = Vec::new();
+    nodes.push(Some(Regatta::start_member(
+        &dir.path().join("n1"),
+        1,
+        apis[0],
+        rafts[0],
+        &members_of(&rafts, &[1]),
+        &[],
+    )));
+    let first = nodes[0].as_ref().expect("node 1");
+    let _ready = connect(first).await;
+    let load = Load::start(vec![first.endpoint()]);
+    load.wait_for_progress(20).await;
+    let admin = apis[0].to_string();
+    for id in 2..=5u64 {
+        let raft = rafts[id as usize - 1].to_string();
+        let client_url = format!("http://{}", apis[id as usize - 1]);
+        cli_until_ok(&[
+            "member",
+            "add",
+            &raft,
+            "--id",
+            &id.to_string(),
+            "--client-url",
+            &client_url,
+            "--address",
+            &admin,
+        ]);
+        let known: Vec<u64> = (1..=id).collect();
+        nodes.push(Some(Regatta::start_member(
+            &dir.path().join(format!("n{id}")),
+            id,
+            apis[id as usize - 1],
+            rafts[id as usize - 1],
+            &members_of(&rafts, &known),
+            &["--raft.join"],
+        )));
+        let expected: Vec<(u64, &str)> = (1..=id).map(|member| (member, "voter")).collect();
+        wait_for_roles(apis[0], &expected);
+        load.wait_for_progress(20).await;
+        eprintln!("grew to {id} nodes; {} writes acknowledged", load.count());
+    }
+    // Every node serves, and a new node has the data written before it
+    // joined.
+    for node in nodes.iter().flatten() {
+        let mut client = connect(node).await;
+        let early = client.get("load-000000", None).await.expect("get");
+        assert_eq!(
+            early.kvs().len(),
+            1,
+            "node {} lacks the first write",
+            node.api
+        );
+    }
+    // A removal that leaves no reachable quorum is refused: with 4 and 5
+    // down, removing 3 would leave {1, 2, 4, 5} with 2 reachable.
+    for id in [4usize, 5] {
+        nodes[id - 1].as_mut().expect("node").kill();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (success, _, stderr) = cli(&["member", "remove", "3", "--address", &admin]);
+    assert!(!success, "a removal that breaks the quorum was accepted");
+    assert!(
+        stderr.contains("FailedPrecondition") && stderr.contains("reachable"),
+        "unclear refusal: {stderr}"
+    );
+    // Shrink to 3: remove the two dead nodes (3 of 5 reachable suffice).
+    for id in [5u64, 4] {
+        cli_until_ok(&["member", "remove", &id.to_string(), "--address", &admin]);
+    }
+    wait_for_roles(apis[0], &[(1, "voter"), (2, "voter"), (3, "voter")]);
+    load.wait_for_progress(20).await;
+    // The etcd table followed: with node 3 also down, 1 and 2 are a
+    // quorum of {1, 2, 3}; they would not be of {1, ..., 5}.
+    nodes[2].as_mut().expect("node 3").kill();
+    load.wait_for_progress(20).await;
+    let acknowledged = load.finish().await;
+    assert_all_present(nodes[0].as_ref().expect("node 1"), &acknowledged).await;
+    assert_all_present(nodes[1].as_ref().expect("node 2"), &acknowledged).await;
+    eprintln!("{} acknowledged writes, none lost", acknowledged.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_nodes_shut_down_and_a_rolling_restart_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apis: Vec<SocketAddr> = (0..4).map(|_| free_address()).collect();
+    let rafts: Vec<SocketAddr> = (0..4).map(|_| free_address()).collect();
+    let initial = members_of(&rafts, &[1, 2, 3]);
+    let start = |id: usize, extra: &[&str]| {
+        Regatta::start_member(
+            &dir.path().join(format!("n{id}")),
+            id as u64,
+            apis[id - 1],
+            rafts[id - 1],
+            &initial,
+            extra,
+        )
+    };
+    let mut nodes: Vec<Regatta> = (1..=3).map(|id| start(id, &[])).collect();
+    for node in &nodes {
+        let _ready = connect(node).await;
+    }
+    let load = Load::start(nodes.iter().map(Regatta::endpoint).collect());
+    load.wait_for_progress(20).await;
+    // Rolling restart: SIGTERM hands leaderships over, then the node
+    // exits cleanly and comes back on the same data.
+    for index in 0..3 {
+        terminate(&nodes[index]);
+        let status = wait_for_exit(&mut nodes[index], Duration::from_secs(20));
+        assert!(status.success(), "node {} exited with {status}", index + 1);
+        assert!(
+            nodes[index].log().contains("handed over leaderships"),
+            "no drain in the log of node {}",
+            index + 1
+        );
+        nodes[index] = start(index + 1, &[]);
+        wait_writable(&nodes[index], "restart-probe").await;
+        load.wait_for_progress(20).await;
+    }
+    // A node added and then removed shuts itself down.
+    let fourth_raft = rafts[3].to_string();
+    let admin = apis[0].to_string();
+    cli_until_ok(&[
+        "member",
+        "add",
+        &fourth_raft,
+        "--id",
+        "4",
+        "--address",
+        &admin,
+    ]);
+    let mut fourth = Regatta::start_member(
+        &dir.path().join("n4"),
+        4,
+        apis[3],
+        rafts[3],
+        &members_of(&rafts, &[1, 2, 3, 4]),
+        &["--raft.join"],
+    );
+    wait_for_roles(
+        apis[0],
+        &[(1, "voter"), (2, "voter"), (3, "voter"), (4, "voter")],
+    );
+    cli_until_ok(&["member", "remove", "4", "--address", &admin]);
+    let status = wait_for_exit(&mut fourth, Duration::from_secs(20));
+    assert!(status.success(), "the removed node exited with {status}");
+    assert!(
+        fourth.log().contains("removed from the cluster"),
+        "{}",
+        fourth.log()
+    );
+    let acknowledged = load.finish().await;
+    for node in &nodes {
+        assert_all_present(node, &acknowledged).await;
+    }
+    eprintln!("{} acknowledged writes, none lost", acknowledged.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_on_terminate_and_force_remove() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apis: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let rafts: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let initial = members_of(&rafts, &[1, 2, 3]);
+    let mut nodes: Vec<Regatta> = (1..=3)
+        .map(|id| {
+            let extra: &[&str] = if id == 3 {
+                &["--raft.leave-on-terminate"]
+            } else {
+                &[]
+            };
+            Regatta::start_member(
+                &dir.path().join(format!("n{id}")),
+                id as u64,
+                apis[id - 1],
+                rafts[id - 1],
+                &initial,
+                extra,
+            )
+        })
+        .collect();
+    for node in &nodes {
+        let _ready = connect(node).await;
+    }
+    wait_writable(&nodes[0], "before").await;
+    // Node 3 leaves on SIGTERM.
+    terminate(&nodes[2]);
+    let status = wait_for_exit(&mut nodes[2], Duration::from_secs(40));
+    assert!(
+        status.success(),
+        "node 3 exited with {status}: {}",
+        nodes[2].log()
+    );
+    assert!(
+        nodes[2].log().contains("left the cluster"),
+        "{}",
+        nodes[2].log()
+    );
+    wait_for_roles(apis[0], &[(1, "voter"), (2, "voter")]);
+    wait_writable(&nodes[0], "after-leave").await;
+    // Node 2 dies for good: {1, 2} has no quorum; a normal removal cannot
+    // commit, force-remove on the survivor can.
+    nodes[1].kill();
+    let admin = apis[0].to_string();
+    let (success, _, stderr) = cli(&["member", "remove", "2", "--address", &admin]);
+    assert!(!success, "a removal without a quorum succeeded");
+    let (success, _, stderr_unconfirmed) =
+        cli(&["member", "force-remove", "2", "--address", &admin]);
+    assert!(!success);
+    assert!(
+        stderr_unconfirmed.contains("can lose"),
+        "{stderr_unconfirmed}"
+    );
+    let (success, stdout, force_stderr) = cli(&[
+        "member",
+        "force-remove",
+        "2",
+        "--yes-i-know-this-can-lose-data",
+        "--address",
+        &admin,
+    ]);
+    assert!(
+        success,
+        "force-remove failed: {force_stderr} (remove said: {stderr})"
+    );
+    assert!(stdout.contains("done: member 2"), "{stdout}");
+    wait_writable(&nodes[0], "after-force-remove").await;
+    wait_for_roles(apis[0], &[(1, "voter")]);
+    let mut client = connect(&nodes[0]).await;
+    for key in ["before", "after-leave", "after-force-remove"] {
+        let found = client.get(key, None).await.expect("get");
+        assert_eq!(found.kvs().len(), 1, "{key} is lost");
+    }
+}

@@ -1,0 +1,615 @@
+//! Cluster membership (`docs/membership.md`).
+//!
+//! The metadata group's committed Raft membership is the cluster's
+//! membership: who is a voter, who a learner. Operators change it through
+//! [`Node::add_member`], [`Node::promote_member`], [`Node::demote_member`]
+//! and [`Node::remove_member`], which propose the change to the metadata
+//! group, so that Raft's own checks (one change at a time, learners caught
+//! up before promotion, a quorum reachable after the change) give the
+//! refusals. Every table group then follows: on each reconcile tick, the
+//! leader of each table group proposes the next change that brings its
+//! membership closer to the metadata group's.
+//!
+//! The metadata group also holds each member's addresses under
+//! `member/<id>` (`docs/kv-format.md`). Every node reads them each tick and
+//! points its transport at them, so a new member is reachable from the
+//! moment it is added, and a member that moves is followed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use regatta_kv::command::{Command, DeleteRangeRequest, KeyRange, Query, RangeRequest, ResponseOp};
+use regatta_raft::{ConfChange, Membership, NodeId, Role};
+use regatta_wal::GroupId;
+
+use super::{prefix_end, put, Node, META_GROUP};
+use crate::error::{Error, Result};
+
+const MEMBER_PREFIX: &[u8] = b"member/";
+/// How often a node checks that its own address record is current.
+const REGISTRATION_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one membership step of a table group may take before the
+/// reconciler tries again.
+const TABLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a member is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberAddresses {
+    /// Its Raft peer address.
+    pub raft_address: SocketAddr,
+    /// Its client API URL; empty when unknown.
+    pub client_url: String,
+}
+
+/// A member as `MemberList` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its addresses, when recorded.
+    pub addresses: Option<MemberAddresses>,
+    /// A voter (else a learner).
+    pub voter: bool,
+    /// A learner the leader promotes once it has caught up.
+    pub auto_promote: bool,
+}
+
+fn member_key(id: NodeId) -> Vec<u8> {
+    format!("member/{:020}", id.0).into_bytes()
+}
+
+fn encode_addresses(addresses: &MemberAddresses) -> Vec<u8> {
+    format!("{}\n{}", addresses.raft_address, addresses.client_url).into_bytes()
+}
+
+fn decode_member(key: &[u8], value: &[u8]) -> Option<(NodeId, MemberAddresses)> {
+    let id: u64 = std::str::from_utf8(key.get(MEMBER_PREFIX.len()..)?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let text = std::str::from_utf8(value).ok()?;
+    let (raft_address, client_url) = text.split_once('\n').unwrap_or((text, ""));
+    Some((
+        NodeId(id),
+        MemberAddresses {
+            raft_address: raft_address.parse().ok()?,
+            client_url: client_url.to_string(),
+        },
+    ))
+}
+
+fn contains(membership: &Membership, node: NodeId) -> bool {
+    membership.voters.contains(&node) || membership.learners.contains(&node)
+}
+
+/// The next change that brings `current` closer to `wanted`, if any:
+/// additions first (as learners, promoted by the leader once caught up),
+/// then promotions and demotions, then removals, one at a time.
+pub(super) fn next_change(current: &Membership, wanted: &Membership) -> Option<ConfChange> {
+    let wanted_members: BTreeSet<NodeId> = wanted.voters.union(&wanted.learners).copied().collect();
+    for node in &wanted_members {
+        if !contains(current, *node) {
+            let auto_promote = wanted.voters.contains(node) || wanted.auto_promote.contains(node);
+            return Some(ConfChange::AddLearner {
+                node: *node,
+                auto_promote,
+            });
+        }
+    }
+    for node in &wanted.voters {
+        if current.learners.contains(node) && !current.auto_promote.contains(node) {
+            return Some(ConfChange::Promote { node: *node });
+        }
+    }
+    for node in &wanted.learners {
+        if current.voters.contains(node) && !wanted.auto_promote.contains(node) {
+            return Some(ConfChange::Demote { node: *node });
+        }
+    }
+    current
+        .voters
+        .union(&current.learners)
+        .find(|node| !wanted_members.contains(node))
+        .map(|node| ConfChange::Remove { node: *node })
+}
+
+impl Node {
+    /// The metadata group's committed membership as this node holds it.
+    pub async fn membership(&self) -> Result<Membership> {
+        Ok(self.host.status(META_GROUP).await?.membership)
+    }
+
+    /// The recorded addresses of members, from this node's copy of the
+    /// metadata group.
+    pub async fn member_addresses(&self) -> Result<BTreeMap<NodeId, MemberAddresses>> {
+        let query = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: MEMBER_PREFIX.to_vec(),
+                range_end: prefix_end(MEMBER_PREFIX),
+            },
+            ..RangeRequest::default()
+        });
+        let response = self.read(META_GROUP, &query, false).await?;
+        let Ok(ResponseOp::Range(range)) = response.result else {
+            return Err(Error::Internal("reading the member records failed".into()));
+        };
+        Ok(range
+            .kvs
+            .iter()
+            .filter_map(|kv| decode_member(&kv.key, &kv.value))
+            .collect())
+    }
+
+    /// Every member: the metadata group's membership with the recorded
+    /// addresses (the configured ones for initial members not recorded
+    /// yet).
+    pub async fn members(&self) -> Result<Vec<MemberInfo>> {
+        let membership = self.membership().await?;
+        let recorded = self.member_addresses().await?;
+        let ids: BTreeSet<NodeId> = membership
+            .voters
+            .union(&membership.learners)
+            .copied()
+            .collect();
+        Ok(ids
+            .into_iter()
+            .map(|id| MemberInfo {
+                id,
+                addresses: recorded.get(&id).cloned().or_else(|| {
+                    self.config
+                        .members
+                        .get(&id)
+                        .map(|raft_address| MemberAddresses {
+                            raft_address: *raft_address,
+                            client_url: self
+                                .config
+                                .client_urls
+                                .get(&id)
+                                .cloned()
+                                .unwrap_or_default(),
+                        })
+                }),
+                voter: membership.voters.contains(&id),
+                auto_promote: membership.auto_promote.contains(&id),
+            })
+            .collect())
+    }
+
+    async fn record_member(&self, id: NodeId, addresses: &MemberAddresses) -> Result<()> {
+        let command = Command::Txn(regatta_kv::command::TxnRequest {
+            compare: Vec::new(),
+            success: vec![put(&member_key(id), &encode_addresses(addresses))],
+            failure: Vec::new(),
+        });
+        self.write(META_GROUP, &command).await.map(|_| ())
+    }
+
+    async fn forget_member(&self, id: NodeId) -> Result<()> {
+        let command = Command::DeleteRange(DeleteRangeRequest {
+            range: KeyRange {
+                key: member_key(id),
+                range_end: Vec::new(),
+            },
+            prev_kv: false,
+        });
+        self.write(META_GROUP, &command).await.map(|_| ())
+    }
+
+    /// Adds node `id`, reached at `addresses`, as a learner of every group;
+    /// unless `learner`, each group's leader promotes it to voter once it
+    /// has caught up. Start the node with `--raft.join` after this.
+    pub async fn add_member(
+        &self,
+        id: NodeId,
+        addresses: MemberAddresses,
+        learner: bool,
+    ) -> Result<()> {
+        if id.0 == 0 {
+            return Err(Error::InvalidArgument("node id 0 is invalid".into()));
+        }
+        if contains(&self.membership().await?, id) {
+            return Err(Error::FailedPrecondition(format!(
+                "node {} is already a member",
+                id.0
+            )));
+        }
+        for (other, recorded) in self.member_addresses().await? {
+            if other != id && recorded.raft_address == addresses.raft_address {
+                return Err(Error::InvalidArgument(format!(
+                    "node {} already uses the Raft address {}",
+                    other.0, addresses.raft_address
+                )));
+            }
+        }
+        self.record_member(id, &addresses).await?;
+        self.transport.set_peer(id, addresses.raft_address);
+        self.host
+            .change_membership(
+                META_GROUP,
+                ConfChange::AddLearner {
+                    node: id,
+                    auto_promote: !learner,
+                },
+            )
+            .await?;
+        tracing::info!(node = id.0, raft = %addresses.raft_address, learner, "member added");
+        Ok(())
+    }
+
+    /// Promotes learner `id` to voter; refused until it has caught up.
+    pub async fn promote_member(&self, id: NodeId) -> Result<()> {
+        self.host
+            .change_membership(META_GROUP, ConfChange::Promote { node: id })
+            .await?;
+        tracing::info!(node = id.0, "member promoted");
+        Ok(())
+    }
+
+    /// Demotes voter `id` to learner; refused when the voters left could
+    /// not form a quorum.
+    pub async fn demote_member(&self, id: NodeId) -> Result<()> {
+        self.host
+            .change_membership(META_GROUP, ConfChange::Demote { node: id })
+            .await?;
+        tracing::info!(node = id.0, "member demoted");
+        Ok(())
+    }
+
+    /// Removes member `id` from every group; refused when the voters left
+    /// could not form a reachable quorum. A removed node stops itself.
+    pub async fn remove_member(&self, id: NodeId) -> Result<()> {
+        if !contains(&self.membership().await?, id) {
+            return Err(Error::FailedPrecondition(format!(
+                "node {} is not a member",
+                id.0
+            )));
+        }
+        self.host
+            .change_membership(META_GROUP, ConfChange::Remove { node: id })
+            .await?;
+        self.forget_member(id).await?;
+        tracing::info!(node = id.0, "member removed");
+        Ok(())
+    }
+
+    /// UNSAFE: removes `id` from every group hosted here, on this node
+    /// alone, without a quorum. For a cluster that lost its quorum for
+    /// good: run it on one survivor (the most up-to-date), then wipe and
+    /// re-add the others. Writes acknowledged only by lost nodes are lost.
+    pub async fn force_remove_member(&self, id: NodeId) -> Result<()> {
+        if id == self.config.node_id {
+            return Err(Error::InvalidArgument(
+                "a node cannot force-remove itself; run it on a survivor".into(),
+            ));
+        }
+        let mut groups = self.running_groups();
+        // The metadata group last: table groups first lose the node, so
+        // that the reconciler, once the metadata group changes, finds
+        // nothing left to do.
+        groups.retain(|group| *group != META_GROUP);
+        groups.push(META_GROUP);
+        let mut removed_from = 0;
+        for group in groups {
+            let status = self.host.status(group).await?;
+            if contains(&status.membership, id) {
+                self.host.force_remove(group, id).await?;
+                removed_from += 1;
+            }
+        }
+        if removed_from == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "node {} is a member of no group on this node",
+                id.0
+            )));
+        }
+        tracing::warn!(node = id.0, groups = removed_from, "member force-removed");
+        if let Err(error) =
+            tokio::time::timeout(self.config.request_timeout, self.forget_member(id))
+                .await
+                .unwrap_or_else(|_| Err(Error::Unavailable("timed out".into())))
+        {
+            tracing::warn!(node = id.0, %error, "the force-removed member's address record stays");
+        }
+        self.transport.remove_peer(id);
+        Ok(())
+    }
+
+    /// Moves the leadership of `group` to `target`, or with `None` to the
+    /// most up-to-date other voter (this node must lead then).
+    pub async fn move_leader(&self, group: GroupId, target: Option<NodeId>) -> Result<()> {
+        match target {
+            Some(target) => self.transfer_leader(group, target).await,
+            None => Ok(self.host.step_down(group).await?),
+        }
+    }
+
+    /// Moves the leadership of every group this node leads (the catalogue
+    /// included) to `target`, or to each group's best other voter; returns
+    /// how many groups it asked.
+    pub async fn move_leaderships(&self, target: Option<NodeId>) -> Result<u64> {
+        let mut moved = 0;
+        for group in self.running_groups() {
+            let status = self.host.status(group).await?;
+            if status.soft_state.role == Role::Leader && status.membership.voters.len() > 1 {
+                self.move_leader(group, target).await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The id `MemberAdd` gives a new node: one past the highest in use.
+    pub async fn next_member_id(&self) -> Result<NodeId> {
+        let membership = self.membership().await?;
+        let recorded = self.member_addresses().await?;
+        let highest = membership
+            .voters
+            .iter()
+            .chain(membership.learners.iter())
+            .chain(recorded.keys())
+            .chain(self.config.members.keys())
+            .map(|id| id.0)
+            .max()
+            .unwrap_or(0);
+        Ok(NodeId(highest + 1))
+    }
+
+    /// Hands every leadership this node holds to another voter, waiting
+    /// up to `timeout`; returns how many it still holds. Used before a
+    /// restart, so that clients see no election.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut led = 0;
+            for group in self.running_groups() {
+                let Ok(status) = self.host.status(group).await else {
+                    continue;
+                };
+                if status.soft_state.role == Role::Leader && status.membership.voters.len() > 1 {
+                    led += 1;
+                    let _ = self.host.step_down(group).await;
+                }
+            }
+            if led == 0 || Instant::now() >= deadline {
+                return led;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Leave-on-terminate: hands over leaderships, removes this node from
+    /// the cluster and waits (up to `timeout`) until every group it hosts
+    /// has dropped it.
+    pub async fn leave(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let own = self.config.node_id;
+        self.drain(Duration::from_secs(5)).await;
+        loop {
+            match self.remove_member(own).await {
+                Ok(()) => break,
+                Err(Error::FailedPrecondition(message)) if message.contains("not a member") => {
+                    break
+                }
+                Err(error) if Instant::now() >= deadline => return Err(error),
+                Err(error) => {
+                    tracing::info!(%error, "leaving the cluster: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        // The table groups' leaders follow the metadata group.
+        loop {
+            let mut member_of = 0;
+            for group in self.running_groups() {
+                if let Ok(status) = self.host.status(group).await {
+                    if contains(&status.membership, own) && !status.soft_state.removed {
+                        member_of += 1;
+                    }
+                }
+            }
+            if member_of == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "left the cluster, but {member_of} groups had not dropped this node in time"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Becomes true once this node has been removed from the cluster; the
+    /// binary then shuts down (shutdown-on-remove).
+    pub fn removed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.removed.subscribe()
+    }
+
+    /// One reconcile tick of membership: follow the address records, keep
+    /// this node's own record current, notice this node's removal, and
+    /// move each table group this node leads one step towards the
+    /// metadata group's membership.
+    pub(super) async fn reconcile_membership(
+        self: &std::sync::Arc<Self>,
+        meta: &regatta_raft::Status,
+    ) {
+        let own = self.config.node_id;
+        if meta.soft_state.removed {
+            if !*self.removed.borrow() {
+                tracing::warn!("this node was removed from the cluster");
+            }
+            let _ = self.removed.send(true);
+            return;
+        }
+        if let Ok(records) = self.member_addresses().await {
+            for (id, addresses) in &records {
+                self.transport.set_peer(*id, addresses.raft_address);
+            }
+            self.register_self(meta, records.get(&own));
+        }
+        let wanted = &meta.membership;
+        if wanted.voters.is_empty() {
+            return; // not joined yet
+        }
+        for group in self.running_groups() {
+            if group == META_GROUP {
+                continue;
+            }
+            let Ok(status) = self.host.status(group).await else {
+                continue;
+            };
+            if status.soft_state.role != Role::Leader {
+                continue;
+            }
+            let Some(change) = next_change(&status.membership, wanted) else {
+                continue;
+            };
+            {
+                let mut changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+                if !changing.insert(group) {
+                    continue;
+                }
+            }
+            let host = self.host.clone();
+            let changing = std::sync::Arc::clone(&self.changing);
+            tokio::spawn(async move {
+                let result = tokio::time::timeout(
+                    TABLE_CHANGE_TIMEOUT,
+                    host.change_membership(group, change.clone()),
+                )
+                .await;
+                match result {
+                    Ok(Ok(())) => {
+                        tracing::info!(group = group.0, ?change, "table membership changed")
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(group = group.0, ?change, %error, "table membership change refused; retrying")
+                    }
+                    Err(_) => tracing::debug!(
+                        group = group.0,
+                        ?change,
+                        "table membership change timed out; retrying"
+                    ),
+                }
+                changing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&group);
+            });
+        }
+    }
+
+    /// Writes this node's address record when it is missing or stale (at
+    /// most every `REGISTRATION_INTERVAL`, in the background).
+    fn register_self(
+        self: &std::sync::Arc<Self>,
+        meta: &regatta_raft::Status,
+        recorded: Option<&MemberAddresses>,
+    ) {
+        let own = self.config.node_id;
+        if !contains(&meta.membership, own) || meta.soft_state.leader.is_none() {
+            return;
+        }
+        let Some(raft_address) = self.config.members.get(&own).copied() else {
+            return;
+        };
+        let wanted = MemberAddresses {
+            raft_address,
+            client_url: self
+                .config
+                .client_urls
+                .get(&own)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        if recorded == Some(&wanted) {
+            return;
+        }
+        {
+            let mut last = self.registered_at.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < REGISTRATION_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let node = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = node.record_member(own, &wanted).await {
+                tracing::debug!(%error, "recording this node's addresses failed; retrying later");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership(voters: &[u64], learners: &[u64], auto: &[u64]) -> Membership {
+        Membership {
+            voters: voters.iter().map(|id| NodeId(*id)).collect(),
+            learners: learners.iter().map(|id| NodeId(*id)).collect(),
+            auto_promote: auto.iter().map(|id| NodeId(*id)).collect(),
+        }
+    }
+
+    #[test]
+    fn table_groups_step_towards_the_metadata_membership() {
+        let current = membership(&[1, 2, 3], &[], &[]);
+        assert_eq!(next_change(&current, &current), None);
+        let grown = membership(&[1, 2, 3, 4], &[], &[]);
+        assert_eq!(
+            next_change(&current, &grown),
+            Some(ConfChange::AddLearner {
+                node: NodeId(4),
+                auto_promote: true
+            })
+        );
+        // Being promoted by the leader: wait.
+        assert_eq!(
+            next_change(&membership(&[1, 2, 3], &[4], &[4]), &grown),
+            None
+        );
+        // A plain learner that should vote: promote.
+        assert_eq!(
+            next_change(&membership(&[1, 2, 3], &[4], &[]), &grown),
+            Some(ConfChange::Promote { node: NodeId(4) })
+        );
+        let demoted = membership(&[1, 2], &[3], &[]);
+        assert_eq!(
+            next_change(&current, &demoted),
+            Some(ConfChange::Demote { node: NodeId(3) })
+        );
+        let shrunk = membership(&[1, 2], &[], &[]);
+        assert_eq!(
+            next_change(&current, &shrunk),
+            Some(ConfChange::Remove { node: NodeId(3) })
+        );
+        // Additions before removals, so a replacement never drops below
+        // the wanted size.
+        let replaced = membership(&[1, 2, 4], &[], &[]);
+        assert!(matches!(
+            next_change(&current, &replaced),
+            Some(ConfChange::AddLearner {
+                node: NodeId(4),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn member_records_round_trip() {
+        let addresses = MemberAddresses {
+            raft_address: "127.0.0.1:5012".parse().expect("address"),
+            client_url: "https://127.0.0.1:8443".into(),
+        };
+        let key = member_key(NodeId(42));
+        assert_eq!(key, b"member/00000000000000000042");
+        assert_eq!(
+            decode_member(&key, &encode_addresses(&addresses)),
+            Some((NodeId(42), addresses))
+        );
+        assert_eq!(decode_member(b"member/x", b"127.0.0.1:1\n"), None);
+    }
+}
