@@ -657,6 +657,7 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
             "LEADER IDX", "HELD IDX", "LAG MS"
         ));
     }
+    header.push_str("  MEMBERS");
     lines.push(header);
     let mut tables = Vec::new();
     for name in names {
@@ -680,6 +681,11 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
                 table.leader_index, table.applied_leader_index, table.replication_lag_ms
             ));
         }
+        let join = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        line.push_str(&format!("  {}", join(&table.voters)));
+        if !table.learners.is_empty() {
+            line.push_str(&format!(" (learners {})", join(&table.learners)));
+        }
         lines.push(line);
         tables.push(json!({
             "name": name,
@@ -692,6 +698,8 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
             "applied_leader_index": table.applied_leader_index,
             "replication_lag_ms": table.replication_lag_ms,
             "replication_error": table.replication_error,
+            "voters": table.voters,
+            "learners": table.learners,
         }));
     }
     for error in &response.errors {

@@ -99,6 +99,37 @@ fn wait_for_roles(api: SocketAddr, expected: &[(u64, &str)]) {
     }
 }
 
+/// Waits until every table's group on the node at `api` has exactly
+/// `voters` as voters and no learner (`regatta status`).
+fn wait_for_table_voters(api: SocketAddr, voters: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (success, stdout, stderr) =
+            cli(&["status", "--address", &api.to_string(), "-o", "json"]);
+        assert!(success, "status: {stderr}");
+        let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        let tables = status["tables"].as_array().expect("tables");
+        let settled = !tables.is_empty()
+            && tables.iter().all(|table| {
+                let ids = |field: &str| -> Vec<u64> {
+                    table[field]
+                        .as_array()
+                        .map(|ids| ids.iter().filter_map(serde_json::Value::as_u64).collect())
+                        .unwrap_or_default()
+                };
+                ids("voters") == voters && ids("learners").is_empty()
+            });
+        if settled {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tables never settled on voters {voters:?}: {stdout}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Sends SIGTERM, as an orchestrator stopping the node does.
 fn terminate(node: &Regatta) {
     let status = Command::new("kill")
@@ -305,6 +336,8 @@ async fn grow_from_one_to_five_and_shrink_to_three_under_load() {
         )));
         let expected: Vec<(u64, &str)> = (1..=id).map(|member| (member, "voter")).collect();
         wait_for_roles(apis[0], &expected);
+        let voters: Vec<u64> = (1..=id).collect();
+        wait_for_table_voters(apis[0], &voters);
         load.wait_for_progress(20).await;
         eprintln!("grew to {id} nodes; {} writes acknowledged", load.count());
     }
@@ -326,6 +359,7 @@ async fn grow_from_one_to_five_and_shrink_to_three_under_load() {
         nodes[id - 1].as_mut().expect("node").kill();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("nodes 4 and 5 down");
     let (success, _, stderr) = cli(&["member", "remove", "3", "--address", &admin]);
     assert!(!success, "a removal that breaks the quorum was accepted");
     assert!(
@@ -337,10 +371,15 @@ async fn grow_from_one_to_five_and_shrink_to_three_under_load() {
         cli_until_ok(&["member", "remove", &id.to_string(), "--address", &admin]);
     }
     wait_for_roles(apis[0], &[(1, "voter"), (2, "voter"), (3, "voter")]);
+    // The tables follow the cluster (a table still waiting to commit a
+    // change needs the node the change counts on).
+    wait_for_table_voters(apis[0], &[1, 2, 3]);
+    eprintln!("shrank to 3 nodes");
     load.wait_for_progress(20).await;
     // The etcd table followed: with node 3 also down, 1 and 2 are a
     // quorum of {1, 2, 3}; they would not be of {1, ..., 5}.
     nodes[2].as_mut().expect("node 3").kill();
+    eprintln!("node 3 down");
     load.wait_for_progress(20).await;
     let acknowledged = load.finish().await;
     assert_all_present(nodes[0].as_ref().expect("node 1"), &acknowledged).await;
@@ -364,7 +403,8 @@ async fn removed_nodes_shut_down_and_a_rolling_restart_loses_nothing() {
             extra,
         )
     };
-    let mut nodes: Vec<Regatta> = (1..=3).map(|id| start(id, &[])).collect();
+    let info: &[&str] = &["--log-level", "info"];
+    let mut nodes: Vec<Regatta> = (1..=3).map(|id| start(id, info)).collect();
     for node in &nodes {
         let _ready = connect(node).await;
     }
@@ -372,17 +412,17 @@ async fn removed_nodes_shut_down_and_a_rolling_restart_loses_nothing() {
     load.wait_for_progress(20).await;
     // Rolling restart: SIGTERM hands leaderships over, then the node
     // exits cleanly and comes back on the same data.
-    for index in 0..3 {
-        terminate(&nodes[index]);
-        let status = wait_for_exit(&mut nodes[index], Duration::from_secs(20));
+    for (index, node) in nodes.iter_mut().enumerate() {
+        terminate(node);
+        let status = wait_for_exit(node, Duration::from_secs(20));
         assert!(status.success(), "node {} exited with {status}", index + 1);
         assert!(
-            nodes[index].log().contains("handed over leaderships"),
+            node.log().contains("handed over leaderships"),
             "no drain in the log of node {}",
             index + 1
         );
-        nodes[index] = start(index + 1, &[]);
-        wait_writable(&nodes[index], "restart-probe").await;
+        *node = start(index + 1, info);
+        wait_writable(node, "restart-probe").await;
         load.wait_for_progress(20).await;
     }
     // A node added and then removed shuts itself down.
@@ -403,7 +443,7 @@ async fn removed_nodes_shut_down_and_a_rolling_restart_loses_nothing() {
         apis[3],
         rafts[3],
         &members_of(&rafts, &[1, 2, 3, 4]),
-        &["--raft.join"],
+        &["--raft.join", "--log-level", "info"],
     );
     wait_for_roles(
         apis[0],
@@ -433,7 +473,7 @@ async fn leave_on_terminate_and_force_remove() {
     let mut nodes: Vec<Regatta> = (1..=3)
         .map(|id| {
             let extra: &[&str] = if id == 3 {
-                &["--raft.leave-on-terminate"]
+                &["--raft.leave-on-terminate", "--log-level", "info"]
             } else {
                 &[]
             };

@@ -498,6 +498,8 @@ impl pb::cluster_server::Cluster for RegattaApi {
                             applied_leader_index: replication.applied_leader_index,
                             replication_lag_ms: replication.lag_ms,
                             replication_error: replication.error.unwrap_or_default(),
+                            voters: status.membership.voters.iter().map(|id| id.0).collect(),
+                            learners: status.membership.learners.iter().map(|id| id.0).collect(),
                         },
                     );
                 }

@@ -196,6 +196,44 @@ impl Node {
         self.write(META_GROUP, &command).await.map(|_| ())
     }
 
+    /// Proposes `change` to the metadata group from this node: only a
+    /// leader can check a change (and give the reason for a refusal), so a
+    /// node that does not lead the group first asks for its leadership.
+    /// Retried until the request timeout while there is no leader.
+    async fn change_cluster(&self, change: ConfChange) -> Result<()> {
+        let own = self.config.node_id;
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let error = match self
+                .host
+                .change_membership(META_GROUP, change.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            if !super::retryable(&error) || Instant::now() >= deadline {
+                return Err(match error {
+                    regatta_multiraft::Error::NotLeader { .. } => Error::Unavailable(
+                        "the cluster has no leader now (is a quorum of its voters up?); retry"
+                            .into(),
+                    ),
+                    other => other.into(),
+                });
+            }
+            if let regatta_multiraft::Error::NotLeader {
+                leader_hint: Some(leader),
+                ..
+            } = &error
+            {
+                if *leader != own {
+                    let _ = self.host.transfer_leader(META_GROUP, own).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Adds node `id`, reached at `addresses`, as a learner of every group;
     /// unless `learner`, each group's leader promotes it to voter once it
     /// has caught up. Start the node with `--raft.join` after this.
@@ -224,23 +262,18 @@ impl Node {
         }
         self.record_member(id, &addresses).await?;
         self.transport.set_peer(id, addresses.raft_address);
-        self.host
-            .change_membership(
-                META_GROUP,
-                ConfChange::AddLearner {
-                    node: id,
-                    auto_promote: !learner,
-                },
-            )
-            .await?;
+        self.change_cluster(ConfChange::AddLearner {
+            node: id,
+            auto_promote: !learner,
+        })
+        .await?;
         tracing::info!(node = id.0, raft = %addresses.raft_address, learner, "member added");
         Ok(())
     }
 
     /// Promotes learner `id` to voter; refused until it has caught up.
     pub async fn promote_member(&self, id: NodeId) -> Result<()> {
-        self.host
-            .change_membership(META_GROUP, ConfChange::Promote { node: id })
+        self.change_cluster(ConfChange::Promote { node: id })
             .await?;
         tracing::info!(node = id.0, "member promoted");
         Ok(())
@@ -249,9 +282,7 @@ impl Node {
     /// Demotes voter `id` to learner; refused when the voters left could
     /// not form a quorum.
     pub async fn demote_member(&self, id: NodeId) -> Result<()> {
-        self.host
-            .change_membership(META_GROUP, ConfChange::Demote { node: id })
-            .await?;
+        self.change_cluster(ConfChange::Demote { node: id }).await?;
         tracing::info!(node = id.0, "member demoted");
         Ok(())
     }
@@ -265,9 +296,7 @@ impl Node {
                 id.0
             )));
         }
-        self.host
-            .change_membership(META_GROUP, ConfChange::Remove { node: id })
-            .await?;
+        self.change_cluster(ConfChange::Remove { node: id }).await?;
         self.forget_member(id).await?;
         tracing::info!(node = id.0, "member removed");
         Ok(())
@@ -439,7 +468,7 @@ impl Node {
             if !*self.removed.borrow() {
                 tracing::warn!("this node was removed from the cluster");
             }
-            let _ = self.removed.send(true);
+            self.removed.send_replace(true);
             return;
         }
         if let Ok(records) = self.member_addresses().await {
