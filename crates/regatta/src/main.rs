@@ -208,6 +208,16 @@ struct LeaderArgs {
     #[arg(long = "log-level", default_value = "info", env = "REGATTA_LOG_LEVEL")]
     log_level: tracing::Level,
 
+    /// Log format: `text` (human-readable) or `json` (one JSON object per
+    /// line, for log collectors).
+    #[arg(
+        long = "log-format",
+        value_enum,
+        default_value = "text",
+        env = "REGATTA_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+
     /// A file holding the admin token (at least 16 visible ASCII
     /// characters): admin operations (tables, membership, leadership
     /// moves, backup, restore, reset) must then present it as
@@ -221,6 +231,15 @@ struct LeaderArgs {
 
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// TLS on every link. Certificate, key and CA files are PEM; they are
@@ -857,12 +876,21 @@ fn main() -> ExitCode {
         Command::Follower(args) => args.node.log_level,
         _ => tracing::Level::WARN,
     };
-    tracing_subscriber::fmt()
+    let format = match &cli.command {
+        Command::Leader(args) => args.log_format,
+        Command::Follower(args) => args.node.log_format,
+        _ => LogFormat::Text,
+    };
+    let logs = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -33,6 +33,14 @@ fn help_and_version_explain_themselves() {
         "--etcd.table",
         "--config",
         "REGATTA_RAFT_NODE_ID",
+        "--api.cert-filename",
+        "--api.ca-filename",
+        "--raft.ca-filename",
+        "--replication.ca-filename",
+        "--api.admin-token-file",
+        "--raft.join",
+        "--raft.leave-on-terminate",
+        "--log-format",
     ] {
         assert!(help.contains(flag), "leader --help lacks {flag}:\n{help}");
     }
@@ -161,9 +169,25 @@ async fn admin_operations_need_the_token() {
         &data,
         common::free_address(),
         common::free_address(),
-        &["--api.admin-token-file", &token_flag],
+        &[
+            "--api.admin-token-file",
+            &token_flag,
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ],
     );
     let _ready = common::connect(&node).await;
+    // JSON logs: every line is one object with a level and a message.
+    let log = node.log();
+    assert!(log.lines().count() > 0, "no log lines");
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        assert!(value["level"].is_string(), "{line}");
+        assert!(value["fields"]["message"].is_string(), "{line}");
+    }
     let address = node.api.to_string();
     let (success, _, stderr) = regatta(&["table", "create", "orders", "--address", &address]);
     assert!(!success, "a table was created without the token");

@@ -115,6 +115,24 @@ async fn etcdctl_works_unmodified() {
     assert!(status.contains("\"leader\":1"), "{status}");
     let members = ok(e, &["member", "list"]);
     assert!(members.starts_with("1, started, node-1"), "{members}");
+    // Membership verbs: a learner added and removed again (a learner never
+    // counts towards the quorum, so this one need not run).
+    let peer = format!("--peer-urls=http://{}", common::free_address());
+    let added = ok(e, &["member", "add", "node-2", &peer, "--learner"]);
+    assert!(added.contains("added"), "{added}");
+    let members = ok(e, &["member", "list"]);
+    assert!(
+        members
+            .lines()
+            .any(|line| line.starts_with("2, ") && line.ends_with("true")),
+        "the learner is not listed: {members}"
+    );
+    let (success, text) = etcdctl(e, &["member", "add", "bad", "--peer-urls=not-a-url"], None);
+    assert!(!success, "a bad peer URL was accepted: {text}");
+    let removed = ok(e, &["member", "remove", "2"]);
+    assert!(removed.contains("removed"), "{removed}");
+    let members = ok(e, &["member", "list"]);
+    assert_eq!(members.lines().count(), 1, "{members}");
 
     let (success, text) = etcdctl(e, &["lease", "grant", "10"], None);
     assert!(!success && text.contains("Unimplemented"), "{text}");

@@ -51,6 +51,53 @@ async fn metrics_and_health_of_a_single_node() {
         metrics.contains("# HELP regatta_wal_size_bytes"),
         "{metrics}"
     );
+    // The fsync latency histogram counts every fsync.
+    let fsyncs = sample(&metrics, "regatta_wal_fsyncs_total").expect("fsyncs");
+    assert_eq!(
+        sample(&metrics, r#"regatta_wal_fsync_seconds_bucket{le="+Inf"}"#),
+        Some(fsyncs),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "regatta_wal_failed"),
+        Some(0.0),
+        "{metrics}"
+    );
+    // Per-method gRPC calls (the ten puts above, and a refused one), with
+    // latency; Raft events and apply lag per table.
+    let _ = client.put("", "v", None).await.expect_err("an empty key");
+    let metrics = wait_for_http(rest, "/metrics", 200);
+    let puts = sample(
+        &metrics,
+        r#"regatta_grpc_calls_total{method="/etcdserverpb.KV/Put",code="OK"}"#,
+    )
+    .expect("Put calls");
+    assert!(puts >= 10.0, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"regatta_grpc_calls_total{method="/etcdserverpb.KV/Put",code="INVALID_ARGUMENT"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"regatta_grpc_latency_seconds_count{method="/etcdserverpb.KV/Put"}"#
+        )
+        .expect("Put latency")
+            >= 11.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, r#"regatta_table_apply_lag_entries{table="etcd"}"#).is_some(),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("regatta_table_leader_changes_total{table=\"etcd\"}"),
+        "{metrics}"
+    );
     let (status, body) = http_get(rest, "/nothing").expect("an answer");
     assert_eq!(status, 404, "{body}");
 }

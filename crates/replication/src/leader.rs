@@ -223,11 +223,13 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    let metrics = regatta_server::grpc_metrics::GrpcMetricsLayer::new(node.grpc_metrics().clone());
     let service = LeaderService::new(node);
     // TCP_NODELAY (set by `incoming`): a lone command must not wait for a
     // delayed ACK.
     let incoming = regatta_server::tls::incoming(listener, tls, "replication");
     tonic::transport::Server::builder()
+        .layer(metrics)
         .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
         .add_service(proto::log_server::LogServer::new(service.clone()))
         .add_service(proto::snapshot_server::SnapshotServer::new(service.clone()))

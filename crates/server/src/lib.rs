@@ -12,6 +12,7 @@
 pub mod auth;
 mod error;
 mod etcd_api;
+pub mod grpc_metrics;
 mod node;
 mod regatta_api;
 mod rest;
@@ -56,7 +57,7 @@ pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
 pub use node::{
     prefix_end, random_u64, ClusterRole, GroupFacts, MemberAddresses, MemberInfo, Node, NodeConfig,
-    ReplicationFacts, TableEntry, WriteForwarder, META_GROUP,
+    RaftEvents, ReplicationFacts, TableEntry, WriteForwarder, META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};
@@ -78,6 +79,9 @@ pub async fn serve(
     // 40 ms each.
     let incoming = tls::incoming(listener, tls, "api");
     tonic::transport::Server::builder()
+        .layer(grpc_metrics::GrpcMetricsLayer::new(
+            node.grpc_metrics().clone(),
+        ))
         .add_service(regatta::kv_server::KvServer::new(own.clone()))
         .add_service(regatta::tables_server::TablesServer::new(own.clone()))
         .add_service(regatta::cluster_server::ClusterServer::new(own.clone()))

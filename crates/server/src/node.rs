@@ -163,6 +163,21 @@ pub struct Node {
     changing: Arc<std::sync::Mutex<std::collections::HashSet<GroupId>>>,
     /// When this node last wrote its own address record.
     registered_at: std::sync::Mutex<Option<Instant>>,
+    /// Leader changes and elections seen per group (see `RaftEvents`).
+    raft_events: RwLock<HashMap<GroupId, RaftEvents>>,
+    /// Per-method gRPC counters, recorded by the API servers.
+    grpc_metrics: crate::grpc_metrics::GrpcMetrics,
+}
+
+/// Raft events of a group as this node saw them, counted at each refresh
+/// of its facts (100 ms): changes of the known leader, and term increases
+/// (each election raises the term at least once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RaftEvents {
+    /// Times the known leader changed to another node.
+    pub leader_changes: u64,
+    /// The sum of term increases: elections (and failed campaigns).
+    pub term_increases: u64,
 }
 
 /// A follower table's replication state.
@@ -293,6 +308,8 @@ impl Node {
             removed: tokio::sync::watch::channel(false).0,
             changing: Arc::default(),
             registered_at: std::sync::Mutex::new(None),
+            raft_events: RwLock::new(HashMap::new()),
+            grpc_metrics: crate::grpc_metrics::GrpcMetrics::default(),
         });
         node.start_group(META_GROUP)?;
         tokio::spawn(Arc::clone(&node).reconcile_loop());
@@ -360,6 +377,27 @@ impl Node {
                 stats.snapshots_received.load(Relaxed),
             ),
         ]
+    }
+
+    /// Leader changes and elections seen for `group`.
+    pub fn raft_events(&self, group: GroupId) -> RaftEvents {
+        self.raft_events
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The per-method gRPC counters of this node's API servers.
+    pub fn grpc_metrics(&self) -> &crate::grpc_metrics::GrpcMetrics {
+        &self.grpc_metrics
+    }
+
+    /// Why the WAL stopped taking writes, if it did (a failed write or
+    /// fsync: nothing is acknowledged after it).
+    pub fn wal_failure(&self) -> Option<String> {
+        self.wal.failure()
     }
 
     /// The multi-Raft host.
@@ -990,6 +1028,21 @@ impl Node {
                         },
                     );
                 }
+            }
+            {
+                let previous = self.facts.read().unwrap_or_else(|p| p.into_inner());
+                let mut events = self.raft_events.write().unwrap_or_else(|p| p.into_inner());
+                for (group, now) in &facts {
+                    let Some(before) = previous.get(group) else {
+                        continue;
+                    };
+                    let counted = events.entry(*group).or_default();
+                    if now.leader != 0 && now.leader != before.leader {
+                        counted.leader_changes += 1;
+                    }
+                    counted.term_increases += now.term.saturating_sub(before.term);
+                }
+                events.retain(|group, _| facts.contains_key(group));
             }
             *self.facts.write().unwrap_or_else(|p| p.into_inner()) = facts;
         }

@@ -128,6 +128,11 @@ async fn group_states(node: &Node) -> Vec<GroupState> {
 
 /// Why the node does not serve, if it does not, judged from `states`.
 fn verdict(node: &Node, states: &[GroupState]) -> Result<(), String> {
+    if let Some(failure) = node.wal_failure() {
+        return Err(format!(
+            "the WAL failed and takes no more writes ({failure}); restart the node once the disk is fixed"
+        ));
+    }
     let etcd_table = &node.config().etcd_table;
     if node.config().role == ClusterRole::Leader
         && !states
@@ -177,6 +182,71 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let gauge = Gauge::<i64>::default();
     gauge.set(value);
     registry.register(name, help.trim_end_matches('.'), gauge);
+}
+
+/// A histogram whose buckets were counted elsewhere (the WAL, the gRPC
+/// layer): per-bucket counts (not cumulative), the last bucket +Inf.
+#[derive(Debug)]
+struct CountedHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl CountedHistogram {
+    /// From bucket bounds in microseconds and per-bucket counts (one more
+    /// than the bounds), in seconds.
+    fn from_micros(bounds_micros: &[u64], counts: &[u64], micros_total: u64) -> CountedHistogram {
+        let buckets = bounds_micros
+            .iter()
+            .map(|bound| *bound as f64 / 1e6)
+            .chain([f64::MAX]) // the encoder prints f64::MAX as +Inf
+            .zip(counts.iter().copied())
+            .collect();
+        CountedHistogram {
+            sum: micros_total as f64 / 1e6,
+            count: counts.iter().sum(),
+            buckets,
+        }
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for CountedHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+/// Counted histograms, one per label set.
+#[derive(Debug)]
+struct LabelledHistograms(Vec<(Labels, CountedHistogram)>);
+
+impl prometheus_client::encoding::EncodeMetric for LabelledHistograms {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        for (labels, histogram) in &self.0 {
+            histogram.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
 }
 
 /// The per-table replication gauges of a follower cluster.
@@ -260,6 +330,23 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
             "1 while the table's replication reports an error (e.g. the leader is behind).",
         ),
     });
+    let apply_lag = gauge_family(
+        &mut registry,
+        "table_apply_lag_entries",
+        "Committed entries of the table's group not yet applied on this node.",
+    );
+    let leader_changes = Family::<Labels, Counter>::default();
+    registry.register(
+        "table_leader_changes",
+        "Times this node saw the table group's leader change",
+        leader_changes.clone(),
+    );
+    let elections = Family::<Labels, Counter>::default();
+    registry.register(
+        "table_term_increases",
+        "Term increases of the table's group seen by this node: elections, won or not",
+        elections.clone(),
+    );
     let own = node.config().node_id;
     for state in states {
         let name = state.table.clone().unwrap_or_else(|| "_catalogue".into());
@@ -277,7 +364,17 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
             is_leader
                 .get_or_create(&labels)
                 .set(i64::from(status.soft_state.leader == Some(own)));
+            apply_lag.get_or_create(&labels).set(as_i64(
+                status.hard_state.commit.0.saturating_sub(status.applied.0),
+            ));
         }
+        let events = node.raft_events(state.group);
+        leader_changes
+            .get_or_create(&labels)
+            .inc_by(events.leader_changes);
+        elections
+            .get_or_create(&labels)
+            .inc_by(events.term_increases);
         let group = state.group;
         if group == META_GROUP {
             continue;
@@ -342,6 +439,63 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         "wal_size_bytes",
         "Bytes of all WAL segments on disk.",
         as_i64(wal.size_bytes),
+    );
+    registry.register(
+        "wal_fsync_seconds",
+        "How long WAL fsyncs took",
+        CountedHistogram::from_micros(
+            &regatta_wal::FSYNC_BUCKET_BOUNDS_MICROS,
+            &wal.fsync_buckets,
+            wal.fsync_micros_total,
+        ),
+    );
+    gauge(
+        &mut registry,
+        "wal_failed",
+        "1 once the WAL failed (a write or fsync error): the node takes no more writes.",
+        i64::from(node.wal_failure().is_some()),
+    );
+    let grpc_calls = Family::<Labels, Counter>::default();
+    registry.register(
+        "grpc_calls",
+        "gRPC calls served, by method and status code",
+        grpc_calls.clone(),
+    );
+    let mut latency_by_method: std::collections::BTreeMap<String, (Vec<u64>, u64)> =
+        std::collections::BTreeMap::new();
+    for (method, code, stats) in node.grpc_metrics().snapshot() {
+        grpc_calls
+            .get_or_create(&vec![
+                ("method".to_string(), method.clone()),
+                ("code".to_string(), code.to_string()),
+            ])
+            .inc_by(stats.calls);
+        let (buckets, micros) = latency_by_method
+            .entry(method)
+            .or_insert_with(|| (vec![0; crate::grpc_metrics::LATENCY_BUCKETS], 0));
+        for (total, count) in buckets.iter_mut().zip(stats.buckets) {
+            *total += count;
+        }
+        *micros += stats.micros_total;
+    }
+    registry.register(
+        "grpc_latency_seconds",
+        "Time to the response headers of gRPC calls, by method",
+        LabelledHistograms(
+            latency_by_method
+                .into_iter()
+                .map(|(method, (buckets, micros))| {
+                    (
+                        vec![("method".to_string(), method)],
+                        CountedHistogram::from_micros(
+                            &crate::grpc_metrics::LATENCY_BUCKET_BOUNDS_MICROS,
+                            &buckets,
+                            micros,
+                        ),
+                    )
+                })
+                .collect(),
+        ),
     );
     let transport = node.transport_stats();
     for (name, help, value) in transport {

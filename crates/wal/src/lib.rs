@@ -50,4 +50,7 @@ pub fn read_segment_bytes(bytes: &[u8], sequence: u64) -> Result<usize> {
     }
 }
 pub use snapshot::{SnapshotFile, SnapshotStore, SnapshotWriter};
-pub use wal::{GroupId, SyncMode, Update, Wal, WalConfig, WalStats, WriteBatch};
+pub use wal::{
+    GroupId, SyncMode, Update, Wal, WalConfig, WalStats, WriteBatch, FSYNC_BUCKETS,
+    FSYNC_BUCKET_BOUNDS_MICROS,
+};

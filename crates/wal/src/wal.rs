@@ -247,7 +247,21 @@ pub struct WalStats {
     pub size_bytes: u64,
     /// Groups rewritten forward by garbage collection.
     pub groups_rewritten: u64,
+    /// fsyncs by latency: `fsync_buckets[i]` counts those that took at
+    /// most `FSYNC_BUCKET_BOUNDS_MICROS[i]` (and more than the bound
+    /// before); the last counts the slower rest.
+    pub fsync_buckets: [u64; FSYNC_BUCKETS],
+    /// The time all fsyncs took, in microseconds.
+    pub fsync_micros_total: u64,
 }
+
+/// Upper bounds of the fsync latency buckets, in microseconds.
+pub const FSYNC_BUCKET_BOUNDS_MICROS: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+/// Buckets of the fsync latency histogram: one per bound and one for the
+/// rest.
+pub const FSYNC_BUCKETS: usize = FSYNC_BUCKET_BOUNDS_MICROS.len() + 1;
 
 type Done = Box<dyn FnOnce(Result<()>) + Send>;
 
@@ -269,6 +283,8 @@ struct Counters {
     fsyncs: AtomicU64,
     bytes_written: AtomicU64,
     groups_rewritten: AtomicU64,
+    fsync_buckets: [AtomicU64; FSYNC_BUCKETS],
+    fsync_micros_total: AtomicU64,
 }
 
 struct Shared {
@@ -492,6 +508,10 @@ impl Wal {
             segments: segments.len() as u64,
             size_bytes: segments.values().map(|(_, size)| *size).sum(),
             groups_rewritten: counters.groups_rewritten.load(Ordering::Relaxed),
+            fsync_buckets: std::array::from_fn(|bucket| {
+                counters.fsync_buckets[bucket].load(Ordering::Relaxed)
+            }),
+            fsync_micros_total: counters.fsync_micros_total.load(Ordering::Relaxed),
         }
     }
 
@@ -1104,11 +1124,22 @@ impl Writer {
             .write_all(buffer)
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         if self.shared.config.sync_mode == SyncMode::Fdatasync {
+            let started = std::time::Instant::now();
             self.active
                 .file
                 .sync_data()
                 .map_err(|e| Error::io(format!("fdatasync {}", path.display()), e))?;
-            self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            let micros = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let counters = &self.shared.counters;
+            counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            counters
+                .fsync_micros_total
+                .fetch_add(micros, Ordering::Relaxed);
+            let bucket = FSYNC_BUCKET_BOUNDS_MICROS
+                .iter()
+                .position(|bound| micros <= *bound)
+                .unwrap_or(FSYNC_BUCKETS - 1);
+            counters.fsync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
         let base = self.active.size_bytes;
         self.active.size_bytes += buffer.len() as u64;

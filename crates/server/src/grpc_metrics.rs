@@ -1,0 +1,194 @@
+//! Per-method gRPC metrics: a tower layer on the gRPC servers that counts
+//! each call by method and status code, with a latency histogram.
+//!
+//! The latency is the time to the response's headers: the whole call for
+//! unary methods, the time to the first message for streaming ones. The
+//! status is read from the headers, where a server that fails a call puts
+//! it (a trailers-only response); a call whose headers carry none is
+//! counted as OK (its status, in the trailers, is OK for every unary
+//! success).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tonic::codegen::http;
+
+/// Upper bounds of the latency buckets, in microseconds.
+pub const LATENCY_BUCKET_BOUNDS_MICROS: [u64; 12] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+];
+/// Buckets: one per bound, and one for the slower rest.
+pub const LATENCY_BUCKETS: usize = LATENCY_BUCKET_BOUNDS_MICROS.len() + 1;
+/// Distinct (method, status) series kept, at most; calls beyond are
+/// counted under the method `other` (unknown paths cannot grow memory).
+const SERIES_MAX: usize = 512;
+
+/// Calls of one method that ended with one status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Calls.
+    pub calls: u64,
+    /// Calls by latency bucket (see `LATENCY_BUCKET_BOUNDS_MICROS`).
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Total latency, in microseconds.
+    pub micros_total: u64,
+}
+
+/// The counters, shared by the layer and `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct GrpcMetrics {
+    series: Arc<Mutex<HashMap<(String, &'static str), CallStats>>>,
+}
+
+impl GrpcMetrics {
+    fn record(&self, method: &str, code: &'static str, micros: u64) {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if series.len() < SERIES_MAX || series.contains_key(&(method.to_string(), code)) {
+            (method.to_string(), code)
+        } else {
+            ("other".to_string(), code)
+        };
+        let stats = series.entry(key).or_default();
+        stats.calls += 1;
+        stats.micros_total = stats.micros_total.saturating_add(micros);
+        let bucket = LATENCY_BUCKET_BOUNDS_MICROS
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(LATENCY_BUCKETS - 1);
+        stats.buckets[bucket] += 1;
+    }
+
+    /// Every (method, status code name) series so far.
+    pub fn snapshot(&self) -> Vec<(String, &'static str, CallStats)> {
+        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = series
+            .iter()
+            .map(|((method, code), stats)| (method.clone(), *code, *stats))
+            .collect();
+        all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        all
+    }
+}
+
+/// The name of gRPC status `code`, as in `tonic::Code`'s description.
+fn code_name(code: i32) -> &'static str {
+    match tonic::Code::from_i32(code) {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The tower layer recording into a `GrpcMetrics`.
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsLayer {
+    metrics: GrpcMetrics,
+}
+
+impl GrpcMetricsLayer {
+    /// A layer recording into `metrics`.
+    pub fn new(metrics: GrpcMetrics) -> GrpcMetricsLayer {
+        GrpcMetricsLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> GrpcMetricsService<S> {
+        GrpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// A service that records each call of `inner`.
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: GrpcMetrics,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_string();
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await;
+            let code = match &response {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.parse::<i32>().ok())
+                    .map_or("OK", code_name),
+                Err(_) => "UNKNOWN",
+            };
+            let micros = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            metrics.record(&method, code, micros);
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_method_status_and_latency() {
+        let metrics = GrpcMetrics::default();
+        metrics.record("/etcdserverpb.KV/Put", "OK", 300);
+        metrics.record("/etcdserverpb.KV/Put", "OK", 10_000_000);
+        metrics.record("/etcdserverpb.KV/Put", "INVALID_ARGUMENT", 10);
+        let all = metrics.snapshot();
+        assert_eq!(all.len(), 2);
+        let (method, code, ok) = &all[1];
+        assert_eq!((method.as_str(), *code), ("/etcdserverpb.KV/Put", "OK"));
+        assert_eq!(ok.calls, 2);
+        assert_eq!(ok.buckets[1], 1);
+        assert_eq!(ok.buckets[LATENCY_BUCKETS - 1], 1);
+        assert_eq!(ok.micros_total, 10_000_300);
+        for index in 0..2 * SERIES_MAX {
+            metrics.record(&format!("/x/{index}"), "UNIMPLEMENTED", 1);
+        }
+        assert!(metrics.snapshot().len() <= SERIES_MAX + 1);
+        assert!(metrics
+            .snapshot()
+            .iter()
+            .any(|(method, _, _)| method == "other"));
+        assert_eq!(code_name(14), "UNAVAILABLE");
+    }
+}
