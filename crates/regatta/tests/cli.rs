@@ -222,6 +222,41 @@ async fn admin_operations_need_the_token() {
     assert!(success, "{stderr}");
     assert!(stdout.contains("orders"), "{stdout}");
     assert!(!node.log().contains("s3cret"), "the token is in the log");
+    // etcdctl presents the token as user root's password.
+    if Command::new("etcdctl").arg("version").output().is_ok() {
+        let etcdctl = |user: Option<&str>, arguments: &[&str]| {
+            let mut command = Command::new("etcdctl");
+            command
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={address}"))
+                .arg("--dial-timeout=3s");
+            if let Some(user) = user {
+                command.arg(format!("--user={user}"));
+            }
+            let output = command.args(arguments).output().expect("etcdctl");
+            (
+                output.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            )
+        };
+        let peer = format!("--peer-urls=http://{}", common::free_address());
+        let add = ["member", "add", "learner", peer.as_str(), "--learner"];
+        let (success, text) = etcdctl(None, &add);
+        assert!(!success, "etcdctl added a member without the token: {text}");
+        let (success, text) = etcdctl(Some("root:wrong-token-0123456789"), &add);
+        assert!(!success, "etcdctl with a wrong password: {text}");
+        let (success, text) = etcdctl(Some("root:s3cret-admin-token-0123456789"), &add);
+        assert!(success, "etcdctl --user root:<token> member add: {text}");
+    } else {
+        assert!(
+            std::env::var_os("REGATTA_REQUIRE_ETCDCTL").is_none(),
+            "etcdctl is not installed"
+        );
+    }
     // A token that is too short is refused at start.
     std::fs::write(&token_file, "short").expect("write");
     let (success, _, stderr) = regatta(&[

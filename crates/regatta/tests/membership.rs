@@ -540,3 +540,75 @@ async fn leave_on_terminate_and_force_remove() {
         assert_eq!(found.kvs().len(), 1, "{key} is lost");
     }
 }
+
+/// Waits until `key` is readable on `node`.
+async fn wait_for_key(node: &Regatta, key: &str) {
+    let mut client = connect(node).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(found) = client.get(key, None).await {
+            if found.kvs().len() == 1 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} never reached {}; its log:\n{}",
+            node.api,
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cluster_grows_by_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let replication = free_address();
+    let replication_flag = replication.to_string();
+    let leader = Regatta::start_on(
+        &dir.path().join("leader"),
+        free_address(),
+        free_address(),
+        &["--replication.address", &replication_flag],
+    );
+    let mut client = connect(&leader).await;
+    for i in 0..50 {
+        client
+            .put(format!("before-{i:02}"), "v", None)
+            .await
+            .expect("put");
+    }
+    let apis: Vec<SocketAddr> = (0..2).map(|_| free_address()).collect();
+    let rafts: Vec<SocketAddr> = (0..2).map(|_| free_address()).collect();
+    let first = Regatta::start_follower_member(
+        &dir.path().join("f1"),
+        1,
+        apis[0],
+        rafts[0],
+        &members_of(&rafts, &[1]),
+        replication,
+        &[],
+    );
+    wait_for_key(&first, "before-49").await;
+    let raft = rafts[1].to_string();
+    let admin = apis[0].to_string();
+    cli_until_ok(&["member", "add", &raft, "--id", "2", "--address", &admin]);
+    let second = Regatta::start_follower_member(
+        &dir.path().join("f2"),
+        2,
+        apis[1],
+        rafts[1],
+        &members_of(&rafts, &[1, 2]),
+        replication,
+        &["--raft.join"],
+    );
+    wait_for_roles(apis[0], &[(1, "voter"), (2, "voter")]);
+    wait_for_table_voters(apis[0], &[1, 2]);
+    // The new node holds what was replicated before it joined, and what
+    // the leader cluster writes after.
+    wait_for_key(&second, "before-00").await;
+    client.put("after", "v", None).await.expect("put");
+    wait_for_key(&second, "after").await;
+    wait_for_key(&first, "after").await;
+}

@@ -98,7 +98,7 @@ pub async fn serve(
             unimplemented::Unimplemented,
         ))
         .add_service(etcd::auth_server::AuthServer::new(
-            unimplemented::Unimplemented,
+            unimplemented::AuthApi::new(Arc::clone(&node)),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -12,7 +12,7 @@ pub struct Unimplemented;
 
 fn refuse(method: &str) -> Status {
     Status::unimplemented(format!(
-        "Regatta does not implement etcd's {method}; it serves KV, Maintenance.Status and Cluster.MemberList"
+        "Regatta does not implement etcd's {method}; docs/api.md lists what it serves"
     ))
 }
 
@@ -68,8 +68,24 @@ impl pb::lease_server::Lease for Unimplemented {
     }
 }
 
+/// etcd's Auth service: only `Authenticate` and `AuthStatus`, so that
+/// etcd clients given a user (`etcdctl --user root:<token>`) can present
+/// the admin token (`docs/security.md`). Users and roles are not
+/// implemented.
+#[derive(Clone)]
+pub struct AuthApi {
+    node: std::sync::Arc<crate::Node>,
+}
+
+impl AuthApi {
+    /// The Auth service of `node`.
+    pub fn new(node: std::sync::Arc<crate::Node>) -> AuthApi {
+        AuthApi { node }
+    }
+}
+
 #[tonic::async_trait]
-impl pb::auth_server::Auth for Unimplemented {
+impl pb::auth_server::Auth for AuthApi {
     async fn auth_enable(
         &self,
         _request: Request<pb::AuthEnableRequest>,
@@ -84,18 +100,40 @@ impl pb::auth_server::Auth for Unimplemented {
         Err(refuse("Auth.AuthDisable"))
     }
 
+    /// Enabled when the node has an admin token.
     async fn auth_status(
         &self,
         _request: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
-        Err(refuse("Auth.AuthStatus"))
+        Ok(Response::new(pb::AuthStatusResponse {
+            header: None,
+            enabled: self.node.config().admin_token.is_some(),
+            auth_revision: 0,
+        }))
     }
 
+    /// User `root` with the admin token as its password gets the token
+    /// back, which etcd clients then send as their `token` header.
     async fn authenticate(
         &self,
-        _request: Request<pb::AuthenticateRequest>,
+        request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        Err(refuse("Auth.Authenticate"))
+        let Some(token) = &self.node.config().admin_token else {
+            return Err(Status::failed_precondition(
+                "etcdserver: authentication is not enabled (start the node with --api.admin-token-file)",
+            ));
+        };
+        let request = request.into_inner();
+        if request.name != "root" || !token.matches(request.password.as_bytes()) {
+            tracing::warn!(user = %request.name, "refused an authentication");
+            return Err(Status::invalid_argument(
+                "etcdserver: authentication failed, invalid user ID or password (the user is root, the password the admin token)",
+            ));
+        }
+        Ok(Response::new(pb::AuthenticateResponse {
+            header: None,
+            token: request.password,
+        }))
     }
 
     async fn user_add(
