@@ -694,6 +694,7 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
             "commit": table.raft_index,
             "applied": table.raft_applied_index,
             "db_size_bytes": table.db_size,
+            "log_size_bytes": table.log_size,
             "leader_index": table.leader_index,
             "applied_leader_index": table.applied_leader_index,
             "replication_lag_ms": table.replication_lag_ms,

@@ -95,6 +95,10 @@ async fn metrics_and_health_of_a_single_node() {
         "{metrics}"
     );
     assert!(
+        sample(&metrics, r#"regatta_table_log_size_bytes{table="etcd"}"#).expect("log size") > 0.0,
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("regatta_table_leader_changes_total{table=\"etcd\"}"),
         "{metrics}"
     );

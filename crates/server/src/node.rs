@@ -477,6 +477,11 @@ impl Node {
         Err(Error::TableNotFound(name.to_string()))
     }
 
+    /// Bytes of `group`'s Raft log held in the WAL.
+    pub fn log_bytes(&self, group: GroupId) -> u64 {
+        self.wal.log_bytes(group)
+    }
+
     /// Bytes table `group`'s data takes on disk; 0 when unknown.
     pub fn table_disk_bytes(&self, group: GroupId) -> u64 {
         self.store.table_disk_bytes(group.0).unwrap_or(0)

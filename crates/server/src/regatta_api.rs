@@ -483,9 +483,7 @@ impl pb::cluster_server::Cluster for RegattaApi {
                     tables.insert(
                         table.name,
                         pb::TableStatus {
-                            // The log's size in bytes comes with the
-                            // operations work (issue 8); 0: not measured.
-                            log_size: 0,
+                            log_size: self.node.log_bytes(table.group) as i64,
                             db_size: self.node.table_disk_bytes(table.group) as i64,
                             leader: status
                                 .soft_state

@@ -330,6 +330,11 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
             "1 while the table's replication reports an error (e.g. the leader is behind).",
         ),
     });
+    let log_bytes = gauge_family(
+        &mut registry,
+        "table_log_size_bytes",
+        "Bytes of the table group's Raft log held in the WAL.",
+    );
     let apply_lag = gauge_family(
         &mut registry,
         "table_apply_lag_entries",
@@ -381,6 +386,9 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         }
         disk.get_or_create(&labels)
             .set(as_i64(node.table_disk_bytes(group)));
+        log_bytes
+            .get_or_create(&labels)
+            .set(as_i64(node.log_bytes(group)));
         if let Some(gauges) = &replication {
             let facts = node.replication_view(group).await;
             gauges

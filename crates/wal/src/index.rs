@@ -62,6 +62,15 @@ impl GroupState {
         self.compacted.0.next()
     }
 
+    /// Bytes of the entries records still held for this group (a record
+    /// partly compacted counts whole).
+    pub fn log_bytes(&self) -> u64 {
+        self.spans
+            .iter()
+            .map(|span| span.location.body_len as u64)
+            .sum()
+    }
+
     /// The last index held, or the compaction point when empty.
     pub fn last_index(&self) -> LogIndex {
         self.spans

@@ -448,6 +448,13 @@ impl Wal {
             .unwrap_or(LogIndex(1))
     }
 
+    /// Bytes of `group`'s log held in segments (its entries records; a
+    /// record partly compacted counts whole).
+    pub fn log_bytes(&self, group: GroupId) -> u64 {
+        self.with_group(group, GroupState::log_bytes)
+            .unwrap_or_default()
+    }
+
     /// The last index held (the compaction point when no entry is held).
     pub fn last_index(&self, group: GroupId) -> LogIndex {
         self.with_group(group, GroupState::last_index)
