@@ -532,19 +532,8 @@ impl EtcdApi {
             .map(|member| pb::Member {
                 id: member.id.0,
                 name: format!("node-{}", member.id.0),
-                peer_ur_ls: member
-                    .addresses
-                    .as_ref()
-                    .map(|a| format!("http://{}", a.raft_address))
-                    .into_iter()
-                    .collect(),
-                client_ur_ls: member
-                    .addresses
-                    .as_ref()
-                    .map(|a| a.client_url.clone())
-                    .filter(|url| !url.is_empty())
-                    .into_iter()
-                    .collect(),
+                peer_ur_ls: member.peer_urls(),
+                client_ur_ls: member.client_urls(),
                 is_learner: !member.voter,
             })
             .collect())

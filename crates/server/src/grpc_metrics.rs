@@ -40,18 +40,40 @@ pub struct CallStats {
 /// The counters, shared by the layer and `/metrics`.
 #[derive(Clone, Debug, Default)]
 pub struct GrpcMetrics {
-    series: Arc<Mutex<HashMap<(String, &'static str), CallStats>>>,
+    inner: Arc<Mutex<Series>>,
+}
+
+/// Stats by method, then by status code; looked up without allocating,
+/// so that only a method's first call allocates.
+#[derive(Debug, Default)]
+struct Series {
+    by_method: HashMap<String, HashMap<&'static str, CallStats>>,
+    count: usize,
 }
 
 impl GrpcMetrics {
     fn record(&self, method: &str, code: &'static str, micros: u64) {
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let key = if series.len() < SERIES_MAX || series.contains_key(&(method.to_string(), code)) {
-            (method.to_string(), code)
+        let mut series = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let series = &mut *series;
+        let known = series
+            .by_method
+            .get(method)
+            .is_some_and(|codes| codes.contains_key(code));
+        let method = if known || series.count < SERIES_MAX {
+            method
         } else {
-            ("other".to_string(), code)
+            "other"
         };
-        let stats = series.entry(key).or_default();
+        if !series.by_method.contains_key(method) {
+            series.by_method.insert(method.to_string(), HashMap::new());
+        }
+        let Some(codes) = series.by_method.get_mut(method) else {
+            return;
+        };
+        if !codes.contains_key(code) {
+            series.count += 1;
+        }
+        let stats = codes.entry(code).or_default();
         stats.calls += 1;
         stats.micros_total = stats.micros_total.saturating_add(micros);
         let bucket = LATENCY_BUCKET_BOUNDS_MICROS
@@ -63,10 +85,15 @@ impl GrpcMetrics {
 
     /// Every (method, status code name) series so far.
     pub fn snapshot(&self) -> Vec<(String, &'static str, CallStats)> {
-        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let series = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut all: Vec<_> = series
+            .by_method
             .iter()
-            .map(|((method, code), stats)| (method.clone(), *code, *stats))
+            .flat_map(|(method, codes)| {
+                codes
+                    .iter()
+                    .map(|(code, stats)| (method.clone(), *code, *stats))
+            })
             .collect();
         all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         all

@@ -55,6 +55,25 @@ pub struct MemberInfo {
     pub auto_promote: bool,
 }
 
+impl MemberInfo {
+    /// Its peer URL (`http://<raft address>`), when recorded.
+    pub fn peer_urls(&self) -> Vec<String> {
+        self.addresses
+            .iter()
+            .map(|addresses| format!("http://{}", addresses.raft_address))
+            .collect()
+    }
+
+    /// Its client URL, when recorded.
+    pub fn client_urls(&self) -> Vec<String> {
+        self.addresses
+            .iter()
+            .map(|addresses| addresses.client_url.clone())
+            .filter(|url| !url.is_empty())
+            .collect()
+    }
+}
+
 fn member_key(id: NodeId) -> Vec<u8> {
     format!("member/{:020}", id.0).into_bytes()
 }
