@@ -208,27 +208,46 @@ pub enum Command {
     /// Follower tables only: commands of the leader cluster's table, in
     /// its log order (`docs/decisions/0004-replication-protocol.md`).
     Replicated(ReplicatedBatch),
-    /// Follower tables only: start filling a fresh copy of the table from
-    /// a leader snapshot, abandoning any unfinished one.
+    /// Start filling a fresh copy of the table (from a leader snapshot on
+    /// a follower cluster, from a backup on the leader cluster),
+    /// abandoning any unfinished one.
     RestoreBegin {
         /// Names this restore; later steps must carry it.
         restore_id: u64,
     },
-    /// Follower tables only: keys of the snapshot being restored.
+    /// Keys of the snapshot being restored.
     RestoreChunk {
         /// The restore, as begun.
         restore_id: u64,
         /// Keys and their stored records (the table snapshot's items).
         items: Vec<(Vec<u8>, Vec<u8>)>,
     },
-    /// Follower tables only: the copy is complete and holds the leader's
-    /// table at `leader_index`; it replaces the table atomically.
+    /// The copy is complete and replaces the table atomically. On a
+    /// follower cluster it holds the leader's table at `leader_index`; a
+    /// leader-cluster table keeps its revision (its applied index) and
+    /// ignores `leader_index`.
     RestoreCommit {
         /// The restore, as begun.
         restore_id: u64,
         /// The leader index the snapshot holds.
         leader_index: u64,
     },
+    /// Drops the copy of the restore under way, if it is `restore_id`;
+    /// the table keeps its data.
+    RestoreAbort {
+        /// The restore, as begun.
+        restore_id: u64,
+    },
+}
+
+/// The postcard variant tag of `Command::RestoreCommit` (its position).
+const RESTORE_COMMIT_TAG: u8 = 6;
+
+/// Whether an encoded command is a `RestoreCommit`, read from its tag
+/// without decoding the rest: the leader's log stream looks at every
+/// entry with it.
+pub fn is_restore_commit(bytes: &[u8]) -> bool {
+    matches!(bytes, [FORMAT_VERSION, RESTORE_COMMIT_TAG, ..])
 }
 
 /// A run of the leader's commands, the first at `first_leader_index` and
@@ -298,6 +317,33 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_restore_commit_tag_is_the_variant_postcard_writes() {
+        let commands = [
+            Command::Put(PutRequest::default()),
+            Command::RestoreBegin { restore_id: 300 },
+            Command::RestoreChunk {
+                restore_id: 7,
+                items: vec![(vec![6], vec![6])],
+            },
+            Command::RestoreAbort { restore_id: 6 },
+            Command::RestoreCommit {
+                restore_id: 1 << 40,
+                leader_index: 6,
+            },
+        ];
+        for command in commands {
+            let expected = matches!(command, Command::RestoreCommit { .. });
+            assert_eq!(
+                is_restore_commit(&encode(&command)),
+                expected,
+                "{command:?}"
+            );
+        }
+        assert!(!is_restore_commit(&[]));
+        assert!(!is_restore_commit(&[FORMAT_VERSION]));
+    }
 
     #[test]
     fn commands_round_trip_and_bad_bytes_are_errors() {

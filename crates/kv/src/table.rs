@@ -110,7 +110,9 @@ impl Store {
         let instant = self.keyspace.instant();
         let meta = match self.meta.snapshot_at(instant).get(group.to_be_bytes())? {
             Some(bytes) => Meta::decode(group, &bytes)?,
-            None => return Err(Error::Storage(format!("table {group} is not on this node"))),
+            // A table that never applied a command: empty, at revision 0.
+            // (Callers check that the table's group runs on this node.)
+            None => return Ok((0, TableItems { snapshot: None })),
         };
         let name = partition_name(group, meta.generation);
         if !self.keyspace.partition_exists(&name) {
@@ -129,9 +131,15 @@ impl Store {
         Ok((
             revision,
             TableItems {
-                snapshot: data.snapshot_at(instant),
+                snapshot: Some(data.snapshot_at(instant)),
             },
         ))
+    }
+
+    /// Whether table `group` has a restore under way (begun, neither
+    /// committed nor aborted), as this node applied it.
+    pub fn table_restore_pending(&self, group: u64) -> Result<bool> {
+        Ok(self.read_meta(group)?.restore_id != 0)
     }
 
     /// Deletes table `group`'s data and metadata.
@@ -239,13 +247,17 @@ impl Meta {
 /// snapshot (`docs/kv-format.md`): key length u32 LE, key, record length
 /// u32 LE, record.
 pub struct TableItems {
-    snapshot: fjall::Snapshot,
+    /// `None` for a table that holds nothing yet.
+    snapshot: Option<fjall::Snapshot>,
 }
 
 impl TableItems {
     /// Writes every item to `out`.
     pub fn write_to(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        write_items(&self.snapshot, out)
+        match &self.snapshot {
+            Some(snapshot) => write_items(snapshot, out),
+            None => Ok(()),
+        }
     }
 }
 
@@ -580,7 +592,8 @@ fn apply_write(
         Command::Replicated(_)
         | Command::RestoreBegin { .. }
         | Command::RestoreChunk { .. }
-        | Command::RestoreCommit { .. } => {
+        | Command::RestoreCommit { .. }
+        | Command::RestoreAbort { .. } => {
             return Err("a replication command cannot be nested".into())
         }
     };
@@ -662,7 +675,8 @@ impl Table {
                 decoded,
                 Ok(Command::RestoreBegin { .. }
                     | Command::RestoreChunk { .. }
-                    | Command::RestoreCommit { .. })
+                    | Command::RestoreCommit { .. }
+                    | Command::RestoreAbort { .. })
             );
             if restore_step {
                 if pending {
@@ -685,6 +699,14 @@ impl Table {
             };
             let result = match (decoded, self.mode) {
                 (Err(error), _) => Err(error.to_string()),
+                (Ok(Command::Replicated(_)), TableMode::Replica) if self.restoring.is_some() => {
+                    // A restore under way (a puller's snapshot install, or
+                    // an operator's reset) must finish first.
+                    Ok(ResponseOp::Replicated(ReplicatedResult {
+                        accepted: false,
+                        leader_index: self.leader_index,
+                    }))
+                }
                 (Ok(Command::Replicated(batch)), TableMode::Replica) => {
                     apply_replicated(&mut view, &mut self.leader_index, batch)
                 }
@@ -729,19 +751,14 @@ impl Table {
         Ok(())
     }
 
-    /// Applies `RestoreBegin`, `RestoreChunk` or `RestoreCommit` at `index`.
+    /// Applies `RestoreBegin`, `RestoreChunk`, `RestoreCommit` or
+    /// `RestoreAbort` at `index`.
     fn apply_restore_step(
         &mut self,
         index: LogIndex,
         step: Command,
     ) -> Result<std::result::Result<ResponseOp, String>> {
         self.applied = index;
-        if self.mode == TableMode::Primary {
-            self.commit_writes(BTreeMap::new())?;
-            return Ok(Err(
-                "a table of the leader cluster is not restored from a leader snapshot".into(),
-            ));
-        }
         let current = self.restoring.as_ref().map(|r| r.restore_id);
         let accepted = match step {
             Command::RestoreBegin { restore_id } if restore_id != 0 => {
@@ -799,12 +816,22 @@ impl Table {
                 keyspace.persist(PersistMode::SyncAll)?;
                 let old = std::mem::replace(&mut self.data, restoring.data);
                 self.generation = restoring.generation;
-                self.leader_index = leader_index;
+                if self.mode == TableMode::Replica {
+                    self.leader_index = leader_index;
+                }
                 self.store
                     .meta
                     .insert(self.group.to_be_bytes(), self.meta().encode())?;
                 keyspace.persist(PersistMode::SyncAll)?;
                 keyspace.delete_partition(old)?;
+                true
+            }
+            Command::RestoreAbort { restore_id } if current == Some(restore_id) => {
+                let Some(abandoned) = self.restoring.take() else {
+                    unreachable!("a restore under way")
+                };
+                self.commit_writes(BTreeMap::new())?;
+                self.store.keyspace.delete_partition(abandoned.data)?;
                 true
             }
             _ => {

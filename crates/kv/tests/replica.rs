@@ -292,3 +292,105 @@ fn items_split_only_when_whole_and_bad_ones_are_errors() {
     .concat();
     assert!(split_table_item(&short).is_err());
 }
+
+/// A leader-cluster table restored from a backup: its items come back
+/// verbatim (values, revisions, versions), its own revision keeps going
+/// up, and followers' batches wait while a replica has a restore pending.
+#[test]
+fn a_leader_table_is_restored_from_a_backup_and_an_abort_keeps_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut source = store.open_table(1).expect("source");
+    let puts: Vec<Command> = (0..50)
+        .map(|i| {
+            Command::Put(PutRequest {
+                key: format!("k{:02}", i % 20).into(),
+                value: format!("v{i}").into(),
+                prev_kv: false,
+            })
+        })
+        .collect();
+    apply(&mut source, &puts);
+    source.sync().expect("sync");
+    let (_, items) = store.table_snapshot(1).expect("snapshot");
+    let mut stream = Vec::new();
+    items.write_to(&mut stream).expect("write");
+    let mut reader = stream.as_slice();
+    let mut backup = Vec::new();
+    while let Some(item) = read_table_item(&mut reader).expect("item") {
+        backup.push(item);
+    }
+
+    let mut target = store.open_table(2).expect("target");
+    apply(
+        &mut target,
+        &[Command::Put(PutRequest {
+            key: "old".into(),
+            value: "gone after the restore".into(),
+            prev_kv: false,
+        })],
+    );
+    // An aborted restore changes nothing and leaves nothing pending.
+    apply(&mut target, &[Command::RestoreBegin { restore_id: 9 }]);
+    assert!(store.table_restore_pending(2).expect("meta"));
+    let wrong_abort = apply(&mut target, &[Command::RestoreAbort { restore_id: 8 }]);
+    assert!(!outcome(&wrong_abort[0]).accepted);
+    let abort = apply(&mut target, &[Command::RestoreAbort { restore_id: 9 }]);
+    assert!(outcome(&abort[0]).accepted);
+    assert!(!store.table_restore_pending(2).expect("meta"));
+    assert_eq!(contents(&target).len(), 1);
+    let late_chunk = apply(
+        &mut target,
+        &[Command::RestoreChunk {
+            restore_id: 9,
+            items: backup.clone(),
+        }],
+    );
+    assert!(!outcome(&late_chunk[0]).accepted);
+
+    let before = target.revision();
+    let responses = apply(
+        &mut target,
+        &[
+            Command::RestoreBegin { restore_id: 10 },
+            Command::RestoreChunk {
+                restore_id: 10,
+                items: backup[..7].to_vec(),
+            },
+            Command::RestoreChunk {
+                restore_id: 10,
+                items: backup[7..].to_vec(),
+            },
+            Command::RestoreCommit {
+                restore_id: 10,
+                leader_index: 12345,
+            },
+        ],
+    );
+    assert!(responses.iter().all(|response| outcome(response).accepted));
+    assert_eq!(contents(&target), contents(&source));
+    assert_eq!(
+        target.revision(),
+        before + 4,
+        "the revision is the applied index"
+    );
+    assert!(!store.table_restore_pending(2).expect("meta"));
+    drop(target);
+    let target = store.open_table(2).expect("reopen");
+    assert_eq!(contents(&target), contents(&source));
+
+    // A replica with a restore pending refuses replicated batches, so that
+    // its puller installs a snapshot first.
+    let mut replica = store.open_table_as(3, TableMode::Replica).expect("replica");
+    apply(&mut replica, &[replicated(1, vec![put("a", "1")])]);
+    apply(&mut replica, &[Command::RestoreBegin { restore_id: 4 }]);
+    let refused = apply(&mut replica, &[replicated(2, vec![put("b", "2")])]);
+    assert_eq!(
+        outcome(&refused[0]),
+        ReplicatedResult {
+            accepted: false,
+            leader_index: 1
+        }
+    );
+    assert!(store.table_restore_pending(3).expect("meta"));
+}

@@ -12,6 +12,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use regatta_raft::NodeId;
 use regatta_server::{Node, NodeConfig};
 
+mod backup;
 mod bench;
 mod client;
 mod config;
@@ -69,6 +70,17 @@ enum Command {
     },
     /// Load generator over the etcd v3 API (for Regatta or etcd).
     Bench(bench::BenchArgs),
+    /// Copies every table (or `--table`) into a directory: one file per
+    /// table and a manifest with their SHA-256 checksums (admin).
+    Backup(backup::BackupArgs),
+    /// Checks a backup's checksums, then replaces the leader cluster's
+    /// tables with it; changes nothing without
+    /// `--yes-i-know-this-overwrites-data` (admin).
+    Restore(backup::RestoreArgs),
+    /// Makes a follower cluster's table (or `--all`) install a fresh copy
+    /// of the leader cluster's; reads see the old copy until it is in
+    /// (admin).
+    Reset(backup::ResetArgs),
 }
 
 #[derive(Args, Debug)]
@@ -923,6 +935,9 @@ fn main() -> ExitCode {
             command,
         } => runtime.block_on(client::member(&connection, command)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Backup(args) => runtime.block_on(backup::backup(args)),
+        Command::Restore(args) => runtime.block_on(backup::restore(args)),
+        Command::Reset(args) => runtime.block_on(backup::reset(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use regatta_kv::command::{
     decode, encode, Command, ReplicatedBatch, ReplicatedResult, Response as KvResponse, ResponseOp,
 };
+use regatta_server::restore::{Chunk, TableRestore};
 use regatta_server::{Node, ReplicationFacts, WriteForwarder, META_GROUP};
 use regatta_wal::GroupId;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -35,9 +36,6 @@ use crate::proto;
 /// Bytes of commands in one `Replicated` proposal, at most (a larger
 /// single command goes alone).
 pub const PROPOSAL_BYTES_MAX: usize = 1 << 20;
-
-/// Bytes of items in one `RestoreChunk` proposal, at most.
-pub const RESTORE_CHUNK_BYTES_MAX: usize = 1 << 20;
 
 /// How often pullers are started and stopped as leaderships move.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
@@ -334,6 +332,10 @@ async fn pull_once(
     state: &mut LagState,
 ) -> Result<()> {
     let mut applied = node.table_revision(group, true).await?;
+    if node.table_restore_pending(group) {
+        // A reset, or an install another puller left unfinished.
+        return install_snapshot(node, channel, name, group, installs, state).await;
+    }
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
     let mut client = proto::log_client::LogClient::new(channel.clone());
     let mut stream = client
@@ -410,11 +412,16 @@ async fn pull_once(
             state.update(0, applied);
             state.report(node, group);
             if !result.accepted {
-                // Another puller moved the table: start from where it is.
+                // Another puller moved the table, or a reset waits for a
+                // snapshot: start from where the table is.
                 return Ok(());
             }
         } else {
             state.report(node, group);
+            if node.table_restore_pending(group) {
+                // An operator's reset, seen at the leader's heartbeat.
+                return Ok(());
+            }
         }
         match stop {
             None => {}
@@ -490,7 +497,7 @@ impl Pace {
 }
 
 /// Streams the leader's snapshot of table `name` and proposes it into the
-/// table's group as a restore.
+/// table's group as a restore (`regatta_server::restore`).
 async fn install_snapshot(
     node: &Node,
     channel: &Channel,
@@ -504,7 +511,7 @@ async fn install_snapshot(
         .acquire()
         .await
         .map_err(|_| Error::Protocol("the install limit was closed".into()))?;
-    tracing::info!(table = %name, "the leader's log no longer reaches back: installing its snapshot");
+    tracing::info!(table = %name, "installing the leader's snapshot");
     let started = Instant::now();
     let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone());
     let mut stream = client
@@ -513,114 +520,54 @@ async fn install_snapshot(
         })
         .await?
         .into_inner();
-    let restore_id = regatta_server::random_u64();
-    if !propose(node, group, &Command::RestoreBegin { restore_id })
-        .await?
-        .accepted
-    {
-        return Err(Error::Protocol(
-            "the table refused to begin a restore".into(),
-        ));
-    }
-    let mut buffer: Vec<u8> = Vec::new();
-    let mut items: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut items_bytes = 0usize;
-    let mut offset = 0u64;
-    let mut index = None;
-    let mut item_count = 0u64;
+    let mut restore = TableRestore::begin(node, group).await?;
     let mut reported_bytes = 0u64;
-    let mut complete = false;
-    while let Some(chunk) = stream.message().await? {
-        if chunk.offset != offset || chunk.len != chunk.data.len() as u64 {
-            return Err(Error::Protocol(format!(
-                "a snapshot chunk at offset {} of {} bytes (holding {}) where offset {offset} was next",
-                chunk.offset,
-                chunk.len,
-                chunk.data.len()
-            )));
-        }
-        if crc32c::crc32c(&chunk.data) != chunk.crc32c {
-            return Err(Error::Protocol(format!(
-                "a snapshot chunk at offset {offset} whose checksum does not match"
-            )));
-        }
-        if *index.get_or_insert(chunk.index) != chunk.index {
-            return Err(Error::Protocol(
-                "snapshot chunks of different indexes".into(),
-            ));
-        }
-        offset += chunk.len;
-        installs.pace.take(chunk.len).await;
-        buffer.extend_from_slice(&chunk.data);
-        let mut position = 0;
-        while let Some((item, used)) = regatta_kv::split_table_item(&buffer[position..])
-            .map_err(|error| Error::Protocol(format!("a bad snapshot item: {error}")))?
-        {
-            position += used;
-            items_bytes += used;
-            item_count += 1;
-            items.push(item);
-            if items_bytes >= RESTORE_CHUNK_BYTES_MAX {
-                restore_chunk(node, group, restore_id, std::mem::take(&mut items)).await?;
-                items_bytes = 0;
+    let received: Result<()> = async {
+        while let Some(chunk) = stream.message().await? {
+            installs.pace.take(chunk.len).await;
+            restore
+                .push(Chunk {
+                    data: &chunk.data,
+                    len: chunk.len,
+                    index: chunk.index,
+                    crc32c: chunk.crc32c,
+                    offset: chunk.offset,
+                    last: chunk.last,
+                })
+                .await
+                .map_err(|error| Error::Protocol(format!("a bad snapshot: {error}")))?;
+            let received = restore.received_bytes();
+            if received - reported_bytes >= 64 << 20 {
+                reported_bytes = received;
+                tracing::info!(table = %name, mib = received >> 20, "installing the leader's snapshot");
+            }
+            if chunk.last {
+                break;
             }
         }
-        buffer.drain(..position);
-        if offset - reported_bytes >= 64 << 20 {
-            reported_bytes = offset;
-            tracing::info!(table = %name, mib = offset >> 20, "installing the leader's snapshot");
-        }
-        if chunk.last {
-            complete = true;
-            break;
-        }
+        Ok(())
     }
-    if !complete || !buffer.is_empty() {
-        return Err(Error::Protocol(format!(
-            "a snapshot that ends early, after {offset} bytes"
-        )));
+    .await;
+    if let Err(error) = received {
+        restore.abort().await;
+        return Err(error);
     }
-    if !items.is_empty() {
-        restore_chunk(node, group, restore_id, items).await?;
-    }
-    let leader_index = index.unwrap_or(0);
-    let committed = propose(
-        node,
-        group,
-        &Command::RestoreCommit {
-            restore_id,
-            leader_index,
-        },
-    )
-    .await?;
-    if !committed.accepted {
-        return Err(Error::Protocol("another restore replaced this one".into()));
-    }
-    state.update(leader_index, leader_index);
+    let summary = restore
+        .commit()
+        .await
+        .map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
+    node.count_snapshot_install(group);
+    state.update(summary.index, summary.index);
     state.report(node, group);
     tracing::info!(
         table = %name,
-        leader_index,
-        keys = item_count,
-        bytes = offset,
+        leader_index = summary.index,
+        keys = summary.keys,
+        bytes = summary.bytes,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "installed the leader's snapshot"
     );
     Ok(())
-}
-
-async fn restore_chunk(
-    node: &Node,
-    group: GroupId,
-    restore_id: u64,
-    items: Vec<(Vec<u8>, Vec<u8>)>,
-) -> Result<()> {
-    let result = propose(node, group, &Command::RestoreChunk { restore_id, items }).await?;
-    if result.accepted {
-        Ok(())
-    } else {
-        Err(Error::Protocol("another restore replaced this one".into()))
-    }
 }
 
 #[cfg(test)]

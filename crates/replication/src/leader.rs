@@ -33,7 +33,7 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const STREAM_BUFFER_RESPONSES: usize = 4;
 
 /// Bytes of table snapshot data in one `SnapshotChunk`.
-pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+pub const SNAPSHOT_CHUNK_BYTES: usize = regatta_server::restore::SNAPSHOT_CHUNK_BYTES;
 
 /// The replication API over one leader-cluster node.
 #[derive(Clone)]
@@ -121,67 +121,15 @@ impl proto::snapshot_server::Snapshot for LeaderService {
         let group = self.table_group(&request.into_inner().table)?;
         let (index, items) = self.node.table_snapshot(group).map_err(Error::from)?;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
-        tokio::task::spawn_blocking(move || {
-            let mut writer = ChunkWriter {
-                sender,
-                index,
-                offset: 0,
-                buffer: Vec::with_capacity(SNAPSHOT_CHUNK_BYTES),
-            };
-            let written = items.write_to(&mut writer);
-            match written {
-                Ok(()) => {
-                    let _ = writer.send(true);
-                }
-                Err(error) => {
-                    let status = Status::internal(format!("reading the table snapshot: {error}"));
-                    let _ = writer.sender.blocking_send(Err(status));
-                }
-            }
+        regatta_server::restore::send_items(index, items, sender, |chunk| proto::SnapshotChunk {
+            data: chunk.data,
+            len: chunk.len,
+            index: chunk.index,
+            crc32c: chunk.crc32c,
+            offset: chunk.offset,
+            last: chunk.last,
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
-    }
-}
-
-/// Cuts a snapshot stream into `SnapshotChunk`s.
-struct ChunkWriter {
-    sender: mpsc::Sender<Result<proto::SnapshotChunk, Status>>,
-    index: u64,
-    offset: u64,
-    buffer: Vec<u8>,
-}
-
-impl ChunkWriter {
-    fn send(&mut self, last: bool) -> std::io::Result<()> {
-        let data = std::mem::take(&mut self.buffer);
-        let chunk = proto::SnapshotChunk {
-            len: data.len() as u64,
-            crc32c: crc32c::crc32c(&data),
-            offset: self.offset,
-            index: self.index,
-            last,
-            data,
-        };
-        self.offset += chunk.len;
-        self.sender
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::other("the follower went away"))
-    }
-}
-
-impl std::io::Write for ChunkWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let room = SNAPSHOT_CHUNK_BYTES - self.buffer.len();
-        let taken = room.min(bytes.len());
-        self.buffer.extend_from_slice(&bytes[..taken]);
-        if self.buffer.len() == SNAPSHOT_CHUNK_BYTES {
-            self.send(false)?;
-        }
-        Ok(taken)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -291,18 +239,39 @@ async fn stream_log(
             );
             let response = match entries {
                 Ok(entries) => {
-                    let Some(last) = entries.last().map(|entry| entry.index) else {
+                    if entries.is_empty() {
                         return;
-                    };
+                    }
                     debug_assert_eq!(entries[0].index, after.next(), "entries without a gap");
-                    let commands = entries
-                        .iter()
-                        .map(|entry| proto::ReplicateCommand {
+                    let mut commands = Vec::with_capacity(entries.len());
+                    let mut restored = false;
+                    for entry in &entries {
+                        let command = command_bytes(&entry.payload);
+                        if regatta_kv::command::is_restore_commit(&command) {
+                            // The table was restored from a backup: what
+                            // a follower holds is replaced as a whole, by
+                            // a snapshot taken after the commit.
+                            restored = true;
+                            break;
+                        }
+                        after = entry.index;
+                        commands.push(proto::ReplicateCommand {
                             leader_index: entry.index.0,
-                            command: command_bytes(&entry.payload),
-                        })
-                        .collect();
-                    after = last;
+                            command,
+                        });
+                    }
+                    if restored {
+                        if !commands.is_empty() {
+                            let response = commands_response(commands, applied_index.0);
+                            if sender.send(Ok(response)).await.is_err() {
+                                return;
+                            }
+                        }
+                        let response =
+                            error_response(proto::ReplicateError::UseSnapshot, applied_index.0);
+                        let _ = sender.send(Ok(response)).await;
+                        return;
+                    }
                     Ok(commands_response(commands, applied_index.0))
                 }
                 Err(regatta_multiraft::Error::Compacted { .. }) => {

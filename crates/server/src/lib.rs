@@ -13,9 +13,11 @@ pub mod auth;
 mod error;
 mod etcd_api;
 pub mod grpc_metrics;
+mod maintenance;
 mod node;
 mod regatta_api;
 mod rest;
+pub mod restore;
 pub mod tls;
 mod unimplemented;
 mod validate;
@@ -55,9 +57,11 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
+pub use maintenance::MaintenanceApi;
 pub use node::{
-    prefix_end, random_u64, ClusterRole, GroupFacts, MemberAddresses, MemberInfo, Node, NodeConfig,
-    RaftEvents, ReplicationFacts, TableEntry, WriteForwarder, META_GROUP,
+    prefix_end, random_u64, validate_table_name, ClusterRole, GroupFacts, MemberAddresses,
+    MemberInfo, Node, NodeConfig, RaftEvents, ReplicationFacts, TableEntry, WriteForwarder,
+    META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};
@@ -86,6 +90,9 @@ pub async fn serve(
         .add_service(regatta::tables_server::TablesServer::new(own.clone()))
         .add_service(regatta::cluster_server::ClusterServer::new(own.clone()))
         .add_service(regatta::membership_server::MembershipServer::new(own))
+        .add_service(regatta::maintenance_server::MaintenanceServer::new(
+            MaintenanceApi::new(Arc::clone(&node)),
+        ))
         .add_service(etcd::kv_server::KvServer::new(api.clone()))
         .add_service(etcd::maintenance_server::MaintenanceServer::new(
             api.clone(),

@@ -165,6 +165,9 @@ pub struct Node {
     registered_at: std::sync::Mutex<Option<Instant>>,
     /// Leader changes and elections seen per group (see `RaftEvents`).
     raft_events: RwLock<HashMap<GroupId, RaftEvents>>,
+    /// Follower clusters: snapshots of the leader's tables this node
+    /// installed, per table group.
+    snapshot_installs: RwLock<HashMap<GroupId, u64>>,
     /// Per-method gRPC counters, recorded by the API servers.
     grpc_metrics: crate::grpc_metrics::GrpcMetrics,
 }
@@ -309,6 +312,7 @@ impl Node {
             changing: Arc::default(),
             registered_at: std::sync::Mutex::new(None),
             raft_events: RwLock::new(HashMap::new()),
+            snapshot_installs: RwLock::new(HashMap::new()),
             grpc_metrics: crate::grpc_metrics::GrpcMetrics::default(),
         });
         node.start_group(META_GROUP)?;
@@ -510,6 +514,26 @@ impl Node {
             .insert(group, facts);
     }
 
+    /// Counts a snapshot of the leader's table installed by this node.
+    pub fn count_snapshot_install(&self, group: GroupId) {
+        *self
+            .snapshot_installs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group)
+            .or_default() += 1;
+    }
+
+    /// Snapshots of the leader's table `group` this node installed.
+    pub fn snapshot_installs(&self, group: GroupId) -> u64 {
+        self.snapshot_installs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// A follower table's replication state, if it is one.
     pub fn replication_facts(&self, group: GroupId) -> Option<ReplicationFacts> {
         self.replication
@@ -539,6 +563,36 @@ impl Node {
         self.store
             .table_snapshot(group.0)
             .map_err(|error| Error::Unavailable(format!("table snapshot: {error}")))
+    }
+
+    /// Whether table `group` has a restore under way on this node (a
+    /// snapshot install, or a reset that waits for one).
+    pub fn table_restore_pending(&self, group: GroupId) -> bool {
+        match self.store.table_restore_pending(group.0) {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::warn!(group = group.0, %error, "cannot read the table's metadata");
+                false
+            }
+        }
+    }
+
+    /// Follower clusters: makes table `group` install a fresh snapshot of
+    /// the leader cluster's copy. It begins a restore that no puller owns:
+    /// the table refuses replicated batches until a snapshot install
+    /// replaces it, and its puller starts one when it sees it pending.
+    /// Readers keep the table's current data until the install commits.
+    pub async fn request_resync(&self, group: GroupId) -> Result<()> {
+        let restore_id = random_u64().max(1);
+        let response = self
+            .propose(group, &Command::RestoreBegin { restore_id })
+            .await?;
+        match response.result {
+            Ok(ResponseOp::Replicated(result)) if result.accepted => Ok(()),
+            other => Err(Error::Internal(format!(
+                "the table refused the reset: {other:?}"
+            ))),
+        }
     }
 
     /// Writes `command` to table `group`. On the leader cluster, through

@@ -255,6 +255,7 @@ struct ReplicationGauges {
     lag_entries: Family<Labels, Gauge>,
     leader_index: Family<Labels, Gauge>,
     stalled: Family<Labels, Gauge>,
+    installs: Family<Labels, Counter>,
 }
 
 fn as_i64(value: u64) -> i64 {
@@ -329,6 +330,16 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
             "replication_stalled",
             "1 while the table's replication reports an error (e.g. the leader is behind).",
         ),
+        installs: {
+            let family = Family::<Labels, Counter>::default();
+            registry.register(
+                "replication_snapshot_installs",
+                "Snapshots of the leader cluster's table this node installed (the log no longer \
+                 reached back, the leader's table was restored, or an operator reset the table)",
+                family.clone(),
+            );
+            family
+        },
     });
     let log_bytes = gauge_family(
         &mut registry,
@@ -408,6 +419,10 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
                 .stalled
                 .get_or_create(&labels)
                 .set(i64::from(facts.error.is_some()));
+            gauges
+                .installs
+                .get_or_create(&labels)
+                .inc_by(node.snapshot_installs(group));
         }
     }
     gauge(

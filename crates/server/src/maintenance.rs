@@ -1,0 +1,205 @@
+//! regatta.v1 `Maintenance`: Backup, Restore and Reset (`docs/backup.md`).
+//! All three are admin operations.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::proto::regatta::v1 as pb;
+use crate::restore::{send_items, Chunk, OwnedChunk, TableRestore};
+use crate::{ClusterRole, Error, Node, Result};
+
+/// Chunks buffered between the reading task and the gRPC stream.
+const STREAM_BUFFER_CHUNKS: usize = 4;
+
+/// The Maintenance service over one node.
+#[derive(Clone)]
+pub struct MaintenanceApi {
+    node: Arc<Node>,
+}
+
+impl MaintenanceApi {
+    /// The service over `node`.
+    pub fn new(node: Arc<Node>) -> MaintenanceApi {
+        MaintenanceApi { node }
+    }
+
+    fn admin<T>(&self, request: &Request<T>, operation: &str) -> Result<()> {
+        crate::auth::check_admin(
+            self.node.config().admin_token.as_ref(),
+            request.metadata(),
+            operation,
+        )
+    }
+}
+
+fn table_name(bytes: &[u8]) -> Result<String> {
+    let name = std::str::from_utf8(bytes)
+        .map_err(|_| Error::InvalidArgument("the table name is not UTF-8".into()))?;
+    crate::validate_table_name(name)?;
+    Ok(name.to_string())
+}
+
+fn wrap(chunk: OwnedChunk) -> pb::SnapshotChunk {
+    pb::SnapshotChunk {
+        data: chunk.data,
+        len: chunk.len,
+        index: chunk.index,
+        crc32c: chunk.crc32c,
+        offset: chunk.offset,
+        last: chunk.last,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for MaintenanceApi {
+    type BackupStream = ReceiverStream<std::result::Result<pb::SnapshotChunk, Status>>;
+
+    /// A linearizable barrier first (this node applies every write
+    /// acknowledged before the call), then one consistent copy.
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> std::result::Result<Response<Self::BackupStream>, Status> {
+        self.admin(&request, "Maintenance.Backup")?;
+        let name = table_name(&request.get_ref().table)?;
+        let group = self.node.table_group(&name)?;
+        self.node.table_revision(group, true).await?;
+        let (index, items) = self.node.table_snapshot(group)?;
+        tracing::info!(table = %name, revision = index, "backup: streaming the table");
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER_CHUNKS);
+        send_items(index, items, sender, wrap);
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<Streaming<pb::RestoreMessage>>,
+    ) -> std::result::Result<Response<pb::RestoreResponse>, Status> {
+        self.admin(&request, "Maintenance.Restore")?;
+        if self.node.config().role == ClusterRole::Follower {
+            return Err(Error::FailedPrecondition(
+                "this is a follower cluster: restore the leader cluster, which replicates \
+                 here; `regatta reset` makes a follower table copy the leader's again"
+                    .into(),
+            )
+            .into());
+        }
+        let mut stream = request.into_inner();
+        let name = match stream.message().await? {
+            Some(pb::RestoreMessage {
+                data: Some(pb::restore_message::Data::Info(info)),
+            }) => table_name(&info.table)?,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a restore begins with a message naming the table (RestoreInfo)".into(),
+                )
+                .into())
+            }
+        };
+        let created = match self.node.create_table(&name).await {
+            Ok(_) => true,
+            Err(Error::TableExists(_)) => false,
+            Err(error) => return Err(error.into()),
+        };
+        let group = self.node.table_group(&name)?;
+        tracing::info!(table = %name, created, "restore: receiving the backup");
+        let mut restore = TableRestore::begin(&self.node, group).await?;
+        let received = receive(&mut stream, &mut restore).await;
+        if let Err(error) = received {
+            tracing::warn!(table = %name, %error, "restore: failed; the table keeps its data");
+            restore.abort().await;
+            return Err(error.into());
+        }
+        let summary = restore.commit().await?;
+        let revision = self.node.table_revision(group, false).await?;
+        tracing::info!(
+            table = %name,
+            keys = summary.keys,
+            bytes = summary.bytes,
+            revision,
+            "restore: the table holds the backup"
+        );
+        Ok(Response::new(pb::RestoreResponse {
+            revision,
+            keys: summary.keys,
+            bytes: summary.bytes,
+            created,
+        }))
+    }
+
+    async fn reset(
+        &self,
+        request: Request<pb::ResetRequest>,
+    ) -> std::result::Result<Response<pb::ResetResponse>, Status> {
+        self.admin(&request, "Maintenance.Reset")?;
+        let request = request.into_inner();
+        if self.node.config().role != ClusterRole::Follower {
+            return Err(Error::FailedPrecondition(
+                "this is the leader cluster: only a follower cluster's tables are reset (they \
+                 copy the leader cluster's again)"
+                    .into(),
+            )
+            .into());
+        }
+        let names = match (request.reset_all, request.table.is_empty()) {
+            (true, true) => self.node.tables().into_iter().map(|t| t.name).collect(),
+            (false, false) => vec![table_name(&request.table)?],
+            (true, false) => {
+                return Err(Error::InvalidArgument(
+                    "name a table or set reset_all, not both".into(),
+                )
+                .into())
+            }
+            (false, true) => {
+                return Err(Error::InvalidArgument(
+                    "name the table to reset, or set reset_all".into(),
+                )
+                .into())
+            }
+        };
+        for name in &names {
+            let group = self.node.table_group(name)?;
+            self.node.request_resync(group).await?;
+            tracing::info!(table = %name, "reset: the table will install the leader's snapshot");
+        }
+        Ok(Response::new(pb::ResetResponse { tables: names }))
+    }
+}
+
+/// Receives the chunks of a restore into `restore`, until the stream ends.
+async fn receive(
+    stream: &mut Streaming<pb::RestoreMessage>,
+    restore: &mut TableRestore<'_>,
+) -> Result<()> {
+    loop {
+        let message = stream
+            .message()
+            .await
+            .map_err(|status| Error::Unavailable(format!("the restore stream broke: {status}")))?;
+        match message {
+            None => return Ok(()),
+            Some(pb::RestoreMessage {
+                data: Some(pb::restore_message::Data::Chunk(chunk)),
+            }) => {
+                restore
+                    .push(Chunk {
+                        data: &chunk.data,
+                        len: chunk.len,
+                        index: chunk.index,
+                        crc32c: chunk.crc32c,
+                        offset: chunk.offset,
+                        last: chunk.last,
+                    })
+                    .await?
+            }
+            Some(_) => {
+                return Err(Error::InvalidArgument(
+                    "after RestoreInfo, a restore sends only chunks".into(),
+                ))
+            }
+        }
+    }
+}
