@@ -102,6 +102,20 @@ async fn metrics_and_health_of_a_single_node() {
         metrics.contains("regatta_table_leader_changes_total{table=\"etcd\"}"),
         "{metrics}"
     );
+    // The ten puts were proposed by this node, and none failed.
+    assert!(
+        sample(&metrics, r#"regatta_table_proposals_total{table="etcd"}"#).expect("proposals")
+            >= 10.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"regatta_table_proposals_failed_total{table="etcd"}"#
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
     let (status, body) = http_get(rest, "/nothing").expect("an answer");
     assert_eq!(status, 404, "{body}");
 }

@@ -60,8 +60,8 @@ pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
 pub use maintenance::MaintenanceApi;
 pub use node::{
     prefix_end, random_u64, validate_table_name, ClusterRole, GroupFacts, MemberAddresses,
-    MemberInfo, Node, NodeConfig, RaftEvents, ReplicationFacts, TableEntry, WriteForwarder,
-    META_GROUP,
+    MemberInfo, Node, NodeConfig, ProposalCounts, RaftEvents, ReplicationFacts, TableEntry,
+    WriteForwarder, META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};

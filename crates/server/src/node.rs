@@ -165,6 +165,8 @@ pub struct Node {
     registered_at: std::sync::Mutex<Option<Instant>>,
     /// Leader changes and elections seen per group (see `RaftEvents`).
     raft_events: RwLock<HashMap<GroupId, RaftEvents>>,
+    /// Proposals this node made, per group (see `ProposalCounts`).
+    proposals: std::sync::Mutex<HashMap<GroupId, ProposalCounts>>,
     /// Follower clusters: snapshots of the leader's tables this node
     /// installed, per table group.
     snapshot_installs: RwLock<HashMap<GroupId, u64>>,
@@ -181,6 +183,17 @@ pub struct RaftEvents {
     pub leader_changes: u64,
     /// The sum of term increases: elections (and failed campaigns).
     pub term_increases: u64,
+}
+
+/// Proposals this node made to a group through `Node::propose`: each
+/// counted once however often Raft retried it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProposalCounts {
+    /// Proposals made.
+    pub proposed: u64,
+    /// Proposals that failed (no leader in time, refused, group gone);
+    /// a command the table applied with an error is not a failure here.
+    pub failed: u64,
 }
 
 /// A follower table's replication state.
@@ -313,6 +326,7 @@ impl Node {
             registered_at: std::sync::Mutex::new(None),
             raft_events: RwLock::new(HashMap::new()),
             snapshot_installs: RwLock::new(HashMap::new()),
+            proposals: std::sync::Mutex::new(HashMap::new()),
             grpc_metrics: crate::grpc_metrics::GrpcMetrics::default(),
         });
         node.start_group(META_GROUP)?;
@@ -387,6 +401,16 @@ impl Node {
     pub fn raft_events(&self, group: GroupId) -> RaftEvents {
         self.raft_events
             .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Proposals this node made to `group`.
+    pub fn proposal_counts(&self, group: GroupId) -> ProposalCounts {
+        self.proposals
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&group)
             .copied()
@@ -705,6 +729,12 @@ impl Node {
             }
         };
         self.sessions.check_in(session);
+        {
+            let mut proposals = self.proposals.lock().unwrap_or_else(|p| p.into_inner());
+            let counts = proposals.entry(group).or_default();
+            counts.proposed += 1;
+            counts.failed += u64::from(result.is_err());
+        }
         result
     }
 

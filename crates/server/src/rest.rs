@@ -363,6 +363,18 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         "Term increases of the table's group seen by this node: elections, won or not",
         elections.clone(),
     );
+    let proposals = Family::<Labels, Counter>::default();
+    registry.register(
+        "table_proposals",
+        "Writes this node proposed to the table's group (each once, however often Raft retried it)",
+        proposals.clone(),
+    );
+    let proposals_failed = Family::<Labels, Counter>::default();
+    registry.register(
+        "table_proposals_failed",
+        "Proposals of this node to the table's group that failed: no leader in time, refused, or the group stopped",
+        proposals_failed.clone(),
+    );
     let own = node.config().node_id;
     for state in states {
         let name = state.table.clone().unwrap_or_else(|| "_catalogue".into());
@@ -384,6 +396,11 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
                 status.hard_state.commit.0.saturating_sub(status.applied.0),
             ));
         }
+        let counts = node.proposal_counts(state.group);
+        proposals.get_or_create(&labels).inc_by(counts.proposed);
+        proposals_failed
+            .get_or_create(&labels)
+            .inc_by(counts.failed);
         let events = node.raft_events(state.group);
         leader_changes
             .get_or_create(&labels)
