@@ -644,12 +644,16 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
     names.sort();
     let follower = response.info.contains("follower");
     let mut lines = vec![format!(
-        "node {} · regatta {} · {}",
-        response.id, response.version, response.info
+        "node {} · regatta {} · {} · WAL {} bytes in {} segments",
+        response.id,
+        response.version,
+        response.info,
+        response.wal_size_bytes,
+        response.wal_segments
     )];
     let mut header = format!(
-        "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12}",
-        "TABLE", "LEADER", "TERM", "COMMIT", "APPLIED", "DB BYTES"
+        "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12}",
+        "TABLE", "LEADER", "TERM", "COMMIT", "APPLIED", "DB BYTES", "LOG BYTES"
     );
     if follower {
         header.push_str(&format!(
@@ -663,7 +667,7 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
     for name in names {
         let table = &response.tables[name];
         let mut line = format!(
-            "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12}",
+            "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12}",
             name,
             if table.leader.is_empty() {
                 "-"
@@ -673,7 +677,8 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
             table.raft_term,
             table.raft_index,
             table.raft_applied_index,
-            table.db_size
+            table.db_size,
+            table.log_size
         );
         if follower {
             line.push_str(&format!(
@@ -712,6 +717,9 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
             "id": response.id,
             "version": response.version,
             "info": response.info,
+            "uptime_seconds": response.uptime_seconds,
+            "wal_size_bytes": response.wal_size_bytes,
+            "wal_segments": response.wal_segments,
             "tables": tables,
             "errors": response.errors,
         }),

@@ -154,6 +154,25 @@ async fn a_config_file_with_env_overrides_and_the_client_commands() {
     );
     let (success, out, _) = regatta(&["status", "--address", a, "-o", "json"]);
     assert!(success && out.contains("\"name\":\"etcd\""), "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        status["wal_size_bytes"].as_u64().expect("WAL size") > 0,
+        "{out}"
+    );
+    assert!(
+        status["wal_segments"].as_u64().expect("WAL segments") >= 1,
+        "{out}"
+    );
+    let users_json = status["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .find(|table| table["name"] == "users")
+        .expect("users");
+    assert!(
+        users_json["log_size_bytes"].as_i64().expect("log size") > 0,
+        "{out}"
+    );
     let (success, out, _) = regatta(&["table", "delete", "users", "--address", a]);
     assert!(success && out.contains("deleted table users"), "{out}");
 }

@@ -493,7 +493,11 @@ impl pb::cluster_server::Cluster for RegattaApi {
                 Err(error) => errors.push(format!("table {}: {error}", table.name)),
             }
         }
+        let wal = self.node.wal_stats();
         Ok(Response::new(pb::StatusResponse {
+            uptime_seconds: self.node.uptime().as_secs(),
+            wal_size_bytes: wal.size_bytes,
+            wal_segments: wal.segments,
             id: self.node.config().node_id.0.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             info: format!(
