@@ -240,8 +240,27 @@ pub enum Command {
     },
 }
 
-/// The postcard variant tag of `Command::RestoreCommit` (its position).
+/// The postcard variant tags of the restore steps (their positions):
+/// `RestoreBegin`, `RestoreChunk`, `RestoreCommit`, `RestoreAbort`.
+const RESTORE_BEGIN_TAG: u8 = 4;
+const RESTORE_CHUNK_TAG: u8 = 5;
 const RESTORE_COMMIT_TAG: u8 = 6;
+const RESTORE_ABORT_TAG: u8 = 7;
+
+/// Whether an encoded command is a restore step other than the commit
+/// (`RestoreBegin`, `RestoreChunk`, `RestoreAbort`), read from its tag:
+/// the leader's log stream sends these to follower clusters as empty
+/// commands, since only the commit's outcome (a snapshot) matters there.
+pub fn is_restore_preparation(bytes: &[u8]) -> bool {
+    matches!(
+        bytes,
+        [
+            FORMAT_VERSION,
+            RESTORE_BEGIN_TAG | RESTORE_CHUNK_TAG | RESTORE_ABORT_TAG,
+            ..
+        ]
+    )
+}
 
 /// Whether an encoded command is a `RestoreCommit`, read from its tag
 /// without decoding the rest: the leader's log stream looks at every
@@ -334,10 +353,17 @@ mod tests {
             },
         ];
         for command in commands {
-            let expected = matches!(command, Command::RestoreCommit { .. });
+            let commit = matches!(command, Command::RestoreCommit { .. });
+            let preparation = matches!(
+                command,
+                Command::RestoreBegin { .. }
+                    | Command::RestoreChunk { .. }
+                    | Command::RestoreAbort { .. }
+            );
+            assert_eq!(is_restore_commit(&encode(&command)), commit, "{command:?}");
             assert_eq!(
-                is_restore_commit(&encode(&command)),
-                expected,
+                is_restore_preparation(&encode(&command)),
+                preparation,
                 "{command:?}"
             );
         }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
@@ -38,12 +39,34 @@ const META_BYTES: usize = 40;
 const RESTORE_BATCH_BYTES: usize = 4 << 20;
 /// The longest key or value a snapshot may carry.
 const SNAPSHOT_ITEM_BYTES_MAX: u32 = 64 << 20;
+/// The longest key the storage engine takes (fjall: a u16 length).
+const STORED_KEY_BYTES_MAX: usize = u16::MAX as usize;
+
+/// Checks an item of a snapshot, a backup or a restore chunk before it
+/// reaches the storage engine: a key of 1 to 65,535 bytes and a record
+/// with its whole header. Input from the network never reaches the
+/// engine's own assertions.
+fn check_item(key: &[u8], record: &[u8]) -> Result<()> {
+    if key.is_empty() || key.len() > STORED_KEY_BYTES_MAX {
+        return Err(Error::Decode(format!(
+            "a table item with a key of {} bytes (1 to {STORED_KEY_BYTES_MAX} allowed)",
+            key.len()
+        )));
+    }
+    Record::decode(record)?;
+    Ok(())
+}
 
 /// Every table of a node, in one fjall keyspace.
 #[derive(Clone)]
 pub struct Store {
     keyspace: Keyspace,
     meta: PartitionHandle,
+    /// Held shared while a consistent copy opens a table's data
+    /// partition, and exclusively while a table switches generations and
+    /// deletes the old one: a copy never opens (and so re-creates, empty)
+    /// a partition being deleted.
+    switch: Arc<RwLock<()>>,
 }
 
 impl Store {
@@ -51,7 +74,11 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         let keyspace = fjall::Config::new(dir).open()?;
         let meta = keyspace.open_partition(META_PARTITION, PartitionCreateOptions::default())?;
-        Ok(Store { keyspace, meta })
+        Ok(Store {
+            keyspace,
+            meta,
+            switch: Arc::new(RwLock::new(())),
+        })
     }
 
     /// Opens table `group` of the leader cluster, creating it empty if it
@@ -107,6 +134,7 @@ impl Store {
     /// the leader index) and its items in snapshot order. Reads the
     /// committed data, never the apply path.
     pub fn table_snapshot(&self, group: u64) -> Result<(u64, TableItems)> {
+        let _switch = self.switch.read().unwrap_or_else(|p| p.into_inner());
         let instant = self.keyspace.instant();
         let meta = match self.meta.snapshot_at(instant).get(group.to_be_bytes())? {
             Some(bytes) => Meta::decode(group, &bytes)?,
@@ -144,6 +172,7 @@ impl Store {
 
     /// Deletes table `group`'s data and metadata.
     pub fn remove_table(&self, group: u64) -> Result<()> {
+        let _switch = self.switch.write().unwrap_or_else(|p| p.into_inner());
         let prefix = format!("t-{group}-");
         for name in self.keyspace.list_partitions() {
             let name: &str = &name;
@@ -281,7 +310,7 @@ pub fn read_table_item(data: &mut dyn Read) -> Result<Option<TableItem>> {
     let Some(record) = read_item(data, false)? else {
         return Err(Error::Decode("a table snapshot ends after a key".into()));
     };
-    Record::decode(&record)?;
+    check_item(&key, &record)?;
     Ok(Some((key, record)))
 }
 
@@ -779,15 +808,12 @@ impl Table {
                 true
             }
             Command::RestoreChunk { restore_id, items } if current == Some(restore_id) => {
-                if let Some((_, record)) = items
+                if let Some(error) = items
                     .iter()
-                    .find(|(_, record)| Record::decode(record).is_err())
+                    .find_map(|(key, record)| check_item(key, record).err())
                 {
                     self.commit_writes(BTreeMap::new())?;
-                    return Ok(Err(format!(
-                        "a restore chunk holds a record of {} bytes, shorter than its header",
-                        record.len()
-                    )));
+                    return Ok(Err(format!("a restore chunk is refused: {error}")));
                 }
                 let Some(restoring) = &self.restoring else {
                     unreachable!("a restore under way")
@@ -814,6 +840,8 @@ impl Table {
                 let keyspace = self.store.keyspace.clone();
                 // The copy is durable before the switch names it.
                 keyspace.persist(PersistMode::SyncAll)?;
+                let switch = Arc::clone(&self.store.switch);
+                let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
                 let old = std::mem::replace(&mut self.data, restoring.data);
                 self.generation = restoring.generation;
                 if self.mode == TableMode::Replica {
@@ -924,6 +952,8 @@ impl Table {
         }
         // The switch: one atomic write names the new generations.
         keyspace.persist(PersistMode::SyncAll)?;
+        let switch = Arc::clone(&self.store.switch);
+        let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
         let old = std::mem::replace(&mut self.data, fresh);
         let old_staging = std::mem::replace(&mut self.restoring, staging);
         self.generation = generation;
@@ -959,7 +989,7 @@ fn fill_from_snapshot(
         let Some(record) = read_item(data, false)? else {
             return Err(Error::Decode("a table snapshot ends after a key".into()));
         };
-        Record::decode(&record)?;
+        check_item(&key, &record)?;
         batch_bytes += key.len() + record.len();
         batch.insert(partition, key, record);
         if batch_bytes >= RESTORE_BATCH_BYTES {
@@ -1036,7 +1066,7 @@ pub fn split_table_item(bytes: &[u8]) -> Result<Option<(TableItem, usize)>> {
         position += length as usize;
     }
     let [key, record] = parts;
-    Record::decode(&record)?;
+    check_item(&key, &record)?;
     Ok(Some(((key, record), position)))
 }
 

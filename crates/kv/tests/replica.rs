@@ -332,6 +332,23 @@ fn a_leader_table_is_restored_from_a_backup_and_an_abort_keeps_its_data() {
     );
     // An aborted restore changes nothing and leaves nothing pending.
     apply(&mut target, &[Command::RestoreBegin { restore_id: 9 }]);
+    // Items the storage engine would assert on are refused, not applied.
+    let empty_key = apply(
+        &mut target,
+        &[Command::RestoreChunk {
+            restore_id: 9,
+            items: vec![(Vec::new(), backup[0].1.clone())],
+        }],
+    );
+    assert!(empty_key[0].result.is_err(), "{:?}", empty_key[0]);
+    let long_key = apply(
+        &mut target,
+        &[Command::RestoreChunk {
+            restore_id: 9,
+            items: vec![(vec![b'k'; 70_000], backup[0].1.clone())],
+        }],
+    );
+    assert!(long_key[0].result.is_err(), "{:?}", long_key[0]);
     assert!(store.table_restore_pending(2).expect("meta"));
     let wrong_abort = apply(&mut target, &[Command::RestoreAbort { restore_id: 8 }]);
     assert!(!outcome(&wrong_abort[0]).accepted);

@@ -205,6 +205,9 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 /// `regatta backup`: every table (or the named ones) into `--dir`.
 pub async fn backup(args: BackupArgs) -> Result<(), String> {
     let dir = &args.dir;
+    for name in &args.tables {
+        regatta_server::validate_table_name(name).map_err(|error| format!("--table: {error}"))?;
+    }
     if dir.join(MANIFEST_FILE).exists() {
         return Err(format!(
             "{} holds a backup already; choose another directory",
@@ -235,7 +238,13 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
     let mut entries = Vec::with_capacity(names.len());
     for (position, name) in names.iter().enumerate() {
         let prefix = format!("[{}/{}] {name}", position + 1, names.len());
-        let entry = backup_table(&mut client, &args.connection, dir, name, prefix).await?;
+        let entry = match backup_table(&mut client, &args.connection, dir, name, prefix).await {
+            Ok(entry) => entry,
+            Err(error) => {
+                let _ = fs::remove_file(dir.join(format!("{name}.table.partial")));
+                return Err(error);
+            }
+        };
         eprintln!(
             "backup: table {name}: {} keys, {} bytes at revision {}",
             entry.keys, entry.bytes, entry.revision
@@ -367,12 +376,13 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
     for table in &manifest.tables {
         regatta_server::validate_table_name(&table.name)
             .map_err(|error| format!("{}: {error}", path.display()))?;
-        if Path::new(&table.file).components().count() != 1 || table.file.starts_with('.') {
+        if table.file != format!("{}.table", table.name) {
             return Err(format!(
-                "{}: table {}'s file {:?} is not a plain file name",
+                "{}: table {}'s file is {:?}; a backup names it {:?}",
                 path.display(),
                 table.name,
-                table.file
+                table.file,
+                format!("{}.table", table.name)
             ));
         }
     }
@@ -480,7 +490,8 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
             .map_err(|error| {
                 let done: Vec<&str> = tables[..position].iter().map(|t| t.name.as_str()).collect();
                 format!(
-                    "table {}: {error} (it keeps its data; restored before it: {})",
+                    "table {}: {error} (a restore that fails before its commit leaves the table \
+                     as it was; after a timeout, check the table; restored before it: {})",
                     table.name,
                     if done.is_empty() {
                         "none".to_string()
@@ -526,12 +537,18 @@ async fn restore_table(
     let bar = progress(Some(table.bytes), prefix);
     let revision = table.revision;
     let length = table.bytes;
+    let expected_sha256 = table.sha256.clone();
     let reader_bar = bar.clone();
-    // Reads the file on a blocking thread while the stream sends.
+    // Reads the file on a blocking thread while the stream sends. It
+    // hashes what it sends and marks the last chunk only if the whole
+    // matches the manifest, so a file changed since the check makes the
+    // server abort instead of commit.
     let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let mut offset = 0u64;
+        let mut hasher = Sha256::new();
         loop {
-            let mut data = vec![0u8; RESTORE_CHUNK_BYTES];
+            let want = (length - offset).min(RESTORE_CHUNK_BYTES as u64) as usize;
+            let mut data = vec![0u8; want];
             let mut filled = 0;
             while filled < data.len() {
                 let read = file
@@ -542,8 +559,20 @@ async fn restore_table(
                 }
                 filled += read;
             }
-            data.truncate(filled);
+            if filled < want {
+                return Err(format!(
+                    "{} became shorter while being restored",
+                    path.display()
+                ));
+            }
+            hasher.update(&data);
             let last = offset + filled as u64 >= length;
+            if last && hex(&hasher.clone().finalize()) != expected_sha256 {
+                return Err(format!(
+                    "{} changed while being restored (its checksum no longer matches)",
+                    path.display()
+                ));
+            }
             let chunk = pb::SnapshotChunk {
                 len: filled as u64,
                 index: revision,
@@ -560,7 +589,7 @@ async fn restore_table(
                 return Ok(());
             }
             reader_bar.set_position(offset);
-            if last || filled == 0 {
+            if last {
                 return Ok(());
             }
         }
@@ -570,6 +599,7 @@ async fn restore_table(
         .admin(tokio_stream::wrappers::ReceiverStream::new(receiver))?;
     let response = client.restore(request).await;
     bar.finish_and_clear();
+    // The reader's error explains a stream that ended early.
     match reader.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => return Err(error),
@@ -655,7 +685,7 @@ mod tests {
         write(&manifest);
         assert!(read_manifest(dir.path())
             .expect_err("refused")
-            .contains("not a plain file name"));
+            .contains("a backup names it"));
         manifest.tables[0].file = "t.table".into();
         manifest.version = 2;
         write(&manifest);

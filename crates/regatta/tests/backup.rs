@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::{connect, free_address, members, wait_for_http, Regatta};
 use etcd_client::{Client, GetOptions};
 use regatta_server::proto::regatta::v1 as pb;
+use sha2::Digest;
 
 const TOKEN: &str = "backup-admin-token-0123456789";
 
@@ -373,6 +374,101 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
     ]);
     assert!(damaged.contains("does not match its checksum"), "{damaged}");
     assert_eq!(everything(&mut client).await.len(), 1);
+
+    // A crafted backup with valid checksums but items the storage or the
+    // cluster's limits refuse: an empty key, and a value over
+    // --kv.value-bytes-max. The server refuses each, and keeps serving.
+    let record = |value: &[u8]| {
+        let mut record = vec![0u8; 24];
+        record.extend_from_slice(value);
+        record
+    };
+    for (what, key, value, expected) in [
+        ("empty key", Vec::new(), record(b"v"), "key of 0 bytes"),
+        (
+            "huge value",
+            b"k".to_vec(),
+            record(&vec![7u8; 3 << 20]),
+            "ResourceExhausted",
+        ),
+    ] {
+        let crafted = root
+            .path()
+            .join(format!("crafted-{}", what.replace(' ', "-")));
+        std::fs::create_dir_all(&crafted).expect("dir");
+        let mut items = Vec::new();
+        items.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        items.extend_from_slice(&key);
+        items.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        items.extend_from_slice(&value);
+        std::fs::write(crafted.join("etcd.table"), &items).expect("write");
+        let digest: String = sha2::Sha256::digest(&items)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let manifest = serde_json::json!({
+            "format": "regatta-backup", "version": 1, "created_unix_ms": 1,
+            "source": "test", "regatta_version": "0",
+            "tables": [{"name": "etcd", "file": "etcd.table", "revision": 9,
+                        "keys": 1, "bytes": items.len(), "sha256": digest}],
+        });
+        std::fs::write(
+            crafted.join("manifest.json"),
+            serde_json::to_vec(&manifest).expect("json"),
+        )
+        .expect("write");
+        let refused = cli(&[
+            "restore",
+            "--address",
+            &address,
+            "--dir",
+            &crafted.to_string_lossy(),
+            "--token",
+            TOKEN,
+            "--yes-i-know-this-overwrites-data",
+        ]);
+        assert!(!refused.0, "{what}: the restore should fail");
+        assert!(refused.2.contains(expected), "{what}: {}", refused.2);
+        assert_eq!(everything(&mut client).await.len(), 1, "{what}");
+        // The server checks too, for clients other than this CLI.
+        let chunk = pb::SnapshotChunk {
+            len: items.len() as u64,
+            index: 9,
+            crc32c: crc32c::crc32c(&items),
+            offset: 0,
+            last: true,
+            data: items.clone(),
+        };
+        let messages = vec![
+            pb::RestoreMessage {
+                data: Some(pb::restore_message::Data::Info(pb::RestoreInfo {
+                    table: b"etcd".to_vec(),
+                })),
+            },
+            pb::RestoreMessage {
+                data: Some(pb::restore_message::Data::Chunk(chunk)),
+            },
+        ];
+        let channel = tonic::transport::Endpoint::from_shared(endpoints[0].clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut maintenance = pb::maintenance_client::MaintenanceClient::new(channel);
+        let mut request = tonic::Request::new(tokio_stream::iter(messages));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {TOKEN}").parse().expect("header"),
+        );
+        let status = maintenance.restore(request).await.expect_err("refused");
+        let code = if key.is_empty() {
+            tonic::Code::InvalidArgument
+        } else {
+            tonic::Code::ResourceExhausted
+        };
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert_eq!(everything(&mut client).await.len(), 1, "{what}");
+    }
 
     let restored = cli_ok(&[
         "restore",

@@ -524,7 +524,6 @@ async fn install_snapshot(
     let mut reported_bytes = 0u64;
     let received: Result<()> = async {
         while let Some(chunk) = stream.message().await? {
-            installs.pace.take(chunk.len).await;
             restore
                 .push(Chunk {
                     data: &chunk.data,
@@ -536,6 +535,7 @@ async fn install_snapshot(
                 })
                 .await
                 .map_err(|error| Error::Protocol(format!("a bad snapshot: {error}")))?;
+            installs.pace.take(chunk.data.len() as u64).await;
             let received = restore.received_bytes();
             if received - reported_bytes >= 64 << 20 {
                 reported_bytes = received;

@@ -119,6 +119,12 @@ impl proto::snapshot_server::Snapshot for LeaderService {
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let group = self.table_group(&request.into_inner().table)?;
+        // A ReadIndex barrier first: a node that lags (a learner, or one
+        // behind a restore's commit) must not serve an older copy.
+        self.node
+            .table_revision(group, true)
+            .await
+            .map_err(Error::from)?;
         let (index, items) = self.node.table_snapshot(group).map_err(Error::from)?;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
         regatta_server::restore::send_items(index, items, sender, |chunk| proto::SnapshotChunk {
@@ -246,7 +252,12 @@ async fn stream_log(
                     let mut commands = Vec::with_capacity(entries.len());
                     let mut restored = false;
                     for entry in &entries {
-                        let command = command_bytes(&entry.payload);
+                        let mut command = command_bytes(&entry.payload);
+                        if regatta_kv::command::is_restore_preparation(&command) {
+                            // A restore's steps change nothing a follower
+                            // holds; only its commit does (below).
+                            command = Vec::new();
+                        }
                         if regatta_kv::command::is_restore_commit(&command) {
                             // The table was restored from a backup: what
                             // a follower holds is replaced as a whole, by

@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::regatta::v1 as pb;
-use crate::restore::{send_items, Chunk, OwnedChunk, TableRestore};
+use crate::restore::{send_items, Chunk, ItemLimits, OwnedChunk, TableRestore};
 use crate::{ClusterRole, Error, Node, Result};
 
 /// Chunks buffered between the reading task and the gRPC stream.
@@ -106,15 +106,27 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
         };
         let group = self.node.table_group(&name)?;
         tracing::info!(table = %name, created, "restore: receiving the backup");
-        let mut restore = TableRestore::begin(&self.node, group).await?;
-        let received = receive(&mut stream, &mut restore).await;
-        if let Err(error) = received {
-            tracing::warn!(table = %name, %error, "restore: failed; the table keeps its data");
-            restore.abort().await;
-            return Err(error.into());
-        }
-        let summary = restore.commit().await?;
-        let revision = self.node.table_revision(group, false).await?;
+        // In its own task: if the client goes away, the handler is
+        // dropped, but the restore still sees the broken stream and aborts.
+        let node = Arc::clone(&self.node);
+        let task_name = name.clone();
+        let task = tokio::spawn(async move {
+            let limits = ItemLimits {
+                key_bytes_max: node.config().key_bytes_max,
+                value_bytes_max: node.config().value_bytes_max,
+            };
+            let mut restore = TableRestore::begin(&node, group).await?.with_limits(limits);
+            if let Err(error) = receive(&mut stream, &mut restore).await {
+                tracing::warn!(table = %task_name, %error, "restore: failed; the table keeps its data");
+                restore.abort().await;
+                return Err(error);
+            }
+            restore.commit().await
+        });
+        let summary = task
+            .await
+            .map_err(|error| Error::Internal(format!("the restore task failed: {error}")))??;
+        let revision = self.node.table_revision(group, true).await?;
         tracing::info!(
             table = %name,
             keys = summary.keys,

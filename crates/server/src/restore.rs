@@ -57,7 +57,22 @@ pub struct TableRestore<'a> {
     index: Option<u64>,
     summary: RestoreSummary,
     complete: bool,
+    /// The longest key and value accepted, when the items come from a
+    /// client (a backup) rather than from the leader cluster.
+    limits: Option<ItemLimits>,
 }
+
+/// Limits on a restored item, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemLimits {
+    /// The longest key.
+    pub key_bytes_max: usize,
+    /// The longest value.
+    pub value_bytes_max: usize,
+}
+
+/// Bytes of a stored record before its value (`docs/kv-format.md`).
+const RECORD_HEADER_BYTES: usize = 24;
 
 impl<'a> TableRestore<'a> {
     /// Begins a restore of `group`, abandoning any unfinished one.
@@ -81,7 +96,15 @@ impl<'a> TableRestore<'a> {
             index: None,
             summary: RestoreSummary::default(),
             complete: false,
+            limits: None,
         })
+    }
+
+    /// Refuses items over `limits` (a client's backup must fit the
+    /// limits its writes would have had).
+    pub fn with_limits(mut self, limits: ItemLimits) -> TableRestore<'a> {
+        self.limits = Some(limits);
+        self
     }
 
     /// Bytes received so far.
@@ -126,6 +149,21 @@ impl<'a> TableRestore<'a> {
             .map_err(|error| Error::InvalidArgument(format!("a bad snapshot item: {error}")))?
         {
             position += used;
+            if let Some(limits) = self.limits {
+                let (key, record) = &item;
+                let value_bytes = record.len().saturating_sub(RECORD_HEADER_BYTES);
+                if key.len() > limits.key_bytes_max || value_bytes > limits.value_bytes_max {
+                    return Err(Error::TooLarge(format!(
+                        "item {} of the backup has a key of {} bytes and a value of \
+                         {value_bytes} bytes; this cluster takes keys up to {} and values up \
+                         to {} bytes (--kv.key-bytes-max, --kv.value-bytes-max)",
+                        self.summary.keys + 1,
+                        key.len(),
+                        limits.key_bytes_max,
+                        limits.value_bytes_max
+                    )));
+                }
+            }
             self.items_bytes += used;
             self.summary.keys += 1;
             self.items.push(item);
@@ -164,12 +202,21 @@ impl<'a> TableRestore<'a> {
 
     /// Replaces the table with the copy, once the last chunk arrived. On
     /// a follower cluster, the table then holds the copy's leader index.
+    /// On any failure it proposes `RestoreAbort` (harmless if the commit
+    /// applied after all: the abort then finds no restore under way).
     pub async fn commit(mut self) -> Result<RestoreSummary> {
-        if !self.complete {
-            let received = self.summary.bytes;
+        let committed = self.try_commit().await;
+        if committed.is_err() {
             self.abort().await;
+        }
+        committed
+    }
+
+    async fn try_commit(&mut self) -> Result<RestoreSummary> {
+        if !self.complete {
             return Err(Error::InvalidArgument(format!(
-                "the snapshot stream ended after {received} bytes, before its last chunk"
+                "the snapshot stream ended after {} bytes, before its last chunk",
+                self.summary.bytes
             )));
         }
         if !self.items.is_empty() {
