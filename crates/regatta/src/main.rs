@@ -178,17 +178,25 @@ struct LeaderArgs {
     )]
     etcd_table: String,
 
-    /// The longest key accepted, in bytes.
+    /// The longest key accepted, in bytes (1 to 65535, the storage
+    /// engine's limit).
     #[arg(
         long = "kv.key-bytes-max",
         default_value_t = 1024,
-        env = "REGATTA_KV_KEY_BYTES_MAX"
+        env = "REGATTA_KV_KEY_BYTES_MAX",
+        value_parser = clap::value_parser!(u64).range(1..=65_535)
     )]
-    kv_key_bytes_max: usize,
+    kv_key_bytes_max: u64,
 
-    /// The longest value accepted, in bytes.
-    #[arg(long = "kv.value-bytes-max", default_value_t = 2 * 1024 * 1024, env = "REGATTA_KV_VALUE_BYTES_MAX")]
-    kv_value_bytes_max: usize,
+    /// The longest value accepted, in bytes (at most 32 MiB: snapshots
+    /// carry items of up to 64 MiB).
+    #[arg(
+        long = "kv.value-bytes-max",
+        default_value_t = 2 * 1024 * 1024,
+        env = "REGATTA_KV_VALUE_BYTES_MAX",
+        value_parser = clap::value_parser!(u64).range(1..=(32 << 20))
+    )]
+    kv_value_bytes_max: u64,
 
     /// How long a request may wait for the cluster, in milliseconds.
     #[arg(
@@ -582,8 +590,8 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
         .client_urls
         .insert(node_id, format!("http://{}", args.api_address));
     config.etcd_table = args.etcd_table.clone();
-    config.key_bytes_max = args.kv_key_bytes_max;
-    config.value_bytes_max = args.kv_value_bytes_max;
+    config.key_bytes_max = args.kv_key_bytes_max as usize;
+    config.value_bytes_max = args.kv_value_bytes_max as usize;
     config.request_timeout = Duration::from_millis(args.api_request_timeout_ms.max(1));
     config.snapshot_every_entries = args.raft_snapshot_entries;
     config.compaction_overhead_entries = args.raft_compaction_overhead;
