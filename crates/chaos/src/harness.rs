@@ -133,6 +133,10 @@ pub struct Report {
     pub unread_keys: u64,
     /// Snapshots installed from a leader, counted in the nodes' logs.
     pub snapshots_installed: usize,
+    /// Bytes the peer-link proxies delivered while the workload ran: if
+    /// nodes reached each other around the proxies, the partitions would
+    /// cut nothing, and this would be about zero.
+    pub peer_link_bytes: u64,
     /// The whole history.
     pub history: Vec<Operation>,
 }
@@ -612,6 +616,14 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         .collect();
     // Let the cluster elect and create the etcd table.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let peer_bytes = |cluster: &Mutex<Cluster>| -> u64 {
+        lock(cluster)
+            .peer_proxies
+            .values()
+            .map(Proxy::forwarded_bytes)
+            .sum()
+    };
+    let peer_bytes_at_start = peer_bytes(&cluster);
     let started = Instant::now();
     let history: Arc<Mutex<Vec<Operation>>> = Arc::default();
     let mut workers = Vec::new();
@@ -688,6 +700,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     for worker in workers {
         let _ = worker.await;
     }
+    let peer_link_bytes = peer_bytes(&cluster) - peer_bytes_at_start;
 
     // Heal everything, then read the final state linearizably.
     {
@@ -748,6 +761,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         lost_writes: lost,
         unread_keys,
         snapshots_installed,
+        peer_link_bytes,
         history,
     })
 }

@@ -135,8 +135,13 @@ fn main() -> ExitCode {
         println!("{at:>8} ms  {event}");
     }
     println!(
-        "operations: {} ok, {} fail, {} info; lost acknowledged writes: {}; snapshots installed: {}",
-        report.ok, report.fail, report.info, report.lost_writes, report.snapshots_installed
+        "operations: {} ok, {} fail, {} info; lost acknowledged writes: {}; snapshots installed: {}; bytes over the peer proxies: {}",
+        report.ok,
+        report.fail,
+        report.info,
+        report.lost_writes,
+        report.snapshots_installed,
+        report.peer_link_bytes
     );
     if report.unread_keys > 0 {
         println!(

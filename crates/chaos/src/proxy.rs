@@ -23,6 +23,8 @@ struct Shared {
     cut: AtomicBool,
     delay_micros: AtomicU64,
     latency_micros: AtomicU64,
+    /// Bytes delivered, both directions.
+    forwarded_bytes: AtomicU64,
     connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -43,6 +45,7 @@ impl Proxy {
             cut: AtomicBool::new(false),
             delay_micros: AtomicU64::new(0),
             latency_micros: AtomicU64::new(0),
+            forwarded_bytes: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
@@ -56,6 +59,12 @@ impl Proxy {
     /// Where clients connect.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Bytes delivered through the proxy so far, both directions: the
+    /// harness's evidence that traffic really takes the faulty links.
+    pub fn forwarded_bytes(&self) -> u64 {
+        self.shared.forwarded_bytes.load(Ordering::Relaxed)
     }
 
     /// Cuts the link: live connections close, new ones are refused, until
@@ -169,6 +178,9 @@ async fn pipe(
         if shared.cut.load(Ordering::SeqCst) || to.write_all(&bytes).await.is_err() {
             break;
         }
+        shared
+            .forwarded_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     }
     reader.abort();
 }

@@ -27,8 +27,8 @@ async fn histories_under_every_fault_are_linearizable() {
         };
         let report = harness::run(config).await.expect("run");
         eprintln!(
-            "seed {seed}: {} ok, {} fail, {} info; schedule {:?}",
-            report.ok, report.fail, report.info, report.schedule
+            "seed {seed}: {} ok, {} fail, {} info; {} bytes over the peer proxies; schedule {:?}",
+            report.ok, report.fail, report.info, report.peer_link_bytes, report.schedule
         );
         assert!(
             report.ok > 200,
@@ -38,6 +38,13 @@ async fn histories_under_every_fault_are_linearizable() {
         assert!(
             !report.schedule.is_empty(),
             "seed {seed}: no fault was injected"
+        );
+        // Traffic really takes the fault-injecting links (a node that
+        // dialled its peers directly would make every partition a no-op).
+        assert!(
+            report.peer_link_bytes > 1 << 20,
+            "seed {seed}: only {} bytes crossed the peer proxies",
+            report.peer_link_bytes
         );
         assert_eq!(
             report.unread_keys, 0,

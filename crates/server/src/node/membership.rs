@@ -492,7 +492,9 @@ impl Node {
         }
         if let Ok(records) = self.member_addresses().await {
             for (id, addresses) in &records {
-                self.transport.set_peer(*id, addresses.raft_address);
+                if let Some(address) = peer_address(&self.config.members, *id, addresses) {
+                    self.transport.set_peer(*id, address);
+                }
             }
             self.register_self(meta, records.get(&own));
         }
@@ -590,9 +592,42 @@ impl Node {
     }
 }
 
+/// Where this node dials member `id`, if its address record should move
+/// it: the node's own configuration (`--raft.initial-members`) wins over
+/// the record the member wrote, so an operator's explicit mapping (a
+/// proxy, a NAT address, a test harness's fault-injecting link) holds;
+/// records place members this node was not configured with.
+fn peer_address(
+    configured: &std::collections::BTreeMap<NodeId, std::net::SocketAddr>,
+    id: NodeId,
+    recorded: &MemberAddresses,
+) -> Option<std::net::SocketAddr> {
+    match configured.get(&id) {
+        Some(_) => None,
+        None => Some(recorded.raft_address),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configured_peer_addresses_win_over_address_records() {
+        let proxy: std::net::SocketAddr = "127.0.0.1:7002".parse().expect("address");
+        let own_record: std::net::SocketAddr = "127.0.0.1:5002".parse().expect("address");
+        let configured = std::collections::BTreeMap::from([(NodeId(2), proxy)]);
+        let record = MemberAddresses {
+            raft_address: own_record,
+            client_url: String::new(),
+        };
+        assert_eq!(peer_address(&configured, NodeId(2), &record), None);
+        assert_eq!(
+            peer_address(&configured, NodeId(4), &record),
+            Some(own_record),
+            "a member added later is placed by its record"
+        );
+    }
 
     fn membership(voters: &[u64], learners: &[u64], auto: &[u64]) -> Membership {
         Membership {
