@@ -159,7 +159,14 @@ fn main() -> ExitCode {
         }
         Err(error) => eprintln!("regatta-chaos: {error}"),
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let clean = report.verdict == Verdict::Linearizable
+        && report.lost_writes == 0
+        && report.unread_keys == 0;
+    if clean {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("the nodes' data and logs are kept in {}", dir.display());
+    }
     match &report.verdict {
         Verdict::Linearizable if report.lost_writes == 0 => {
             println!("verdict: linearizable (replay: --seed {seed})");
