@@ -44,6 +44,10 @@ struct Cli {
     /// Where to save the history (JSON).
     #[arg(long, default_value = "chaos-history.json")]
     out: PathBuf,
+    /// Keep the nodes' data directories and logs even after a clean run
+    /// (they are always kept after one that is not).
+    #[arg(long)]
+    keep_dir: bool,
 }
 
 fn faults(spec: &str) -> Result<Vec<Fault>, String> {
@@ -162,7 +166,7 @@ fn main() -> ExitCode {
     let clean = report.verdict == Verdict::Linearizable
         && report.lost_writes == 0
         && report.unread_keys == 0;
-    if clean {
+    if clean && !cli.keep_dir {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         println!("the nodes' data and logs are kept in {}", dir.display());
