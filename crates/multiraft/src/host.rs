@@ -952,6 +952,11 @@ impl Worker {
                     };
                     if let Err(error) = &result {
                         // Never acknowledge after a failed write: stop the group.
+                        tracing::error!(
+                            group = group.0,
+                            %error,
+                            "persisting the group's Raft state failed; the group stops"
+                        );
                         state.fail_all(format!("persisting failed: {error}"));
                         self.groups.remove(&group);
                         self.active.remove(&group);
