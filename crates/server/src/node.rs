@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -166,7 +167,7 @@ pub struct Node {
     /// Leader changes and elections seen per group (see `RaftEvents`).
     raft_events: RwLock<HashMap<GroupId, RaftEvents>>,
     /// Proposals this node made, per group (see `ProposalCounts`).
-    proposals: std::sync::Mutex<HashMap<GroupId, ProposalCounts>>,
+    proposals: RwLock<HashMap<GroupId, Arc<ProposalCounters>>>,
     /// Follower clusters: snapshots of the leader's tables this node
     /// installed, per table group.
     snapshot_installs: RwLock<HashMap<GroupId, u64>>,
@@ -194,6 +195,13 @@ pub struct ProposalCounts {
     /// Proposals that failed (no leader in time, refused, group gone);
     /// a command the table applied with an error is not a failure here.
     pub failed: u64,
+}
+
+/// The live counters behind `ProposalCounts`.
+#[derive(Debug, Default)]
+struct ProposalCounters {
+    proposed: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 /// A follower table's replication state.
@@ -326,7 +334,7 @@ impl Node {
             registered_at: std::sync::Mutex::new(None),
             raft_events: RwLock::new(HashMap::new()),
             snapshot_installs: RwLock::new(HashMap::new()),
-            proposals: std::sync::Mutex::new(HashMap::new()),
+            proposals: RwLock::new(HashMap::new()),
             grpc_metrics: crate::grpc_metrics::GrpcMetrics::default(),
         });
         node.start_group(META_GROUP)?;
@@ -409,12 +417,31 @@ impl Node {
 
     /// Proposals this node made to `group`.
     pub fn proposal_counts(&self, group: GroupId) -> ProposalCounts {
-        self.proposals
-            .lock()
+        let counters = self.proposal_counters(group);
+        ProposalCounts {
+            proposed: counters.proposed.load(Ordering::Relaxed),
+            failed: counters.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `group`'s proposal counters: a shared read and two atomic adds on
+    /// the write path; the map is written once per group.
+    fn proposal_counters(&self, group: GroupId) -> Arc<ProposalCounters> {
+        if let Some(counters) = self
+            .proposals
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&group)
-            .copied()
-            .unwrap_or_default()
+        {
+            return Arc::clone(counters);
+        }
+        Arc::clone(
+            self.proposals
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(group)
+                .or_default(),
+        )
     }
 
     /// The per-method gRPC counters of this node's API servers.
@@ -729,11 +756,10 @@ impl Node {
             }
         };
         self.sessions.check_in(session);
-        {
-            let mut proposals = self.proposals.lock().unwrap_or_else(|p| p.into_inner());
-            let counts = proposals.entry(group).or_default();
-            counts.proposed += 1;
-            counts.failed += u64::from(result.is_err());
+        let counters = self.proposal_counters(group);
+        counters.proposed.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
