@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 
 const META_PARTITION: &str = "meta";
 /// Bytes of a record before its value: create, mod revision and version.
-const RECORD_HEADER_BYTES: usize = 24;
+pub const RECORD_HEADER_BYTES: usize = 24;
 /// Snapshots are written in version 2; version 1 (no replica state) is
 /// still read.
 const SNAPSHOT_VERSION: u8 = 2;

@@ -16,15 +16,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{connect, free_address, members, wait_for_http, Regatta};
-use etcd_client::{Client, GetOptions};
+use common::{connect, everything, free_address, members, wait_for_http, Regatta, Row};
 use regatta_server::proto::regatta::v1 as pb;
 use sha2::Digest;
 
 const TOKEN: &str = "backup-admin-token-0123456789";
-
-/// A key, its value, create and mod revision and version.
-type Row = (Vec<u8>, Vec<u8>, i64, i64, i64);
 
 fn cli(arguments: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_regatta"))
@@ -48,30 +44,6 @@ fn cli_err(arguments: &[&str]) -> String {
     let (success, _, stderr) = cli(arguments);
     assert!(!success, "regatta {arguments:?} should have failed");
     stderr
-}
-
-/// Every key of the etcd table, serializable from this node's copy.
-async fn everything(client: &mut Client) -> Vec<Row> {
-    let response = client
-        .get(
-            vec![0u8],
-            Some(GetOptions::new().with_from_key().with_serializable()),
-        )
-        .await
-        .expect("range");
-    response
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-            )
-        })
-        .collect()
 }
 
 /// Every key of table `table` through regatta.v1, from this node's copy.
@@ -265,7 +237,7 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
     }
     // An empty table.
     create_table(apis[0], "empty");
-    let etcd_rows = everything(&mut client).await;
+    let etcd_rows = everything(&mut client, true).await;
     let etcd_v1_rows = table_rows(&endpoints[0], "etcd").await;
     let users_rows = table_rows(&endpoints[0], "users").await;
     assert_eq!(etcd_rows.len(), 100 - 15);
@@ -373,13 +345,13 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
         "--yes-i-know-this-overwrites-data",
     ]);
     assert!(damaged.contains("does not match its checksum"), "{damaged}");
-    assert_eq!(everything(&mut client).await.len(), 1);
+    assert_eq!(everything(&mut client, true).await.len(), 1);
 
     // A crafted backup with valid checksums but items the storage or the
     // cluster's limits refuse: an empty key, and a value over
     // --kv.value-bytes-max. The server refuses each, and keeps serving.
     let record = |value: &[u8]| {
-        let mut record = vec![0u8; 24];
+        let mut record = vec![0u8; regatta_kv::RECORD_HEADER_BYTES];
         record.extend_from_slice(value);
         record
     };
@@ -429,7 +401,7 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
         ]);
         assert!(!refused.0, "{what}: the restore should fail");
         assert!(refused.2.contains(expected), "{what}: {}", refused.2);
-        assert_eq!(everything(&mut client).await.len(), 1, "{what}");
+        assert_eq!(everything(&mut client, true).await.len(), 1, "{what}");
         // The server checks too, for clients other than this CLI.
         let chunk = pb::SnapshotChunk {
             len: items.len() as u64,
@@ -467,7 +439,7 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
             tonic::Code::ResourceExhausted
         };
         assert_eq!(status.code(), code, "{what}: {status:?}");
-        assert_eq!(everything(&mut client).await.len(), 1, "{what}");
+        assert_eq!(everything(&mut client, true).await.len(), 1, "{what}");
     }
 
     let restored = cli_ok(&[
@@ -489,7 +461,7 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
         wait_for_rows(endpoint, "etcd", &etcd_v1_rows, "after the restore").await;
         wait_for_rows(endpoint, "empty", &[], "after the restore").await;
         let mut node_client = connect(&nodes[index]).await;
-        assert_eq!(everything(&mut node_client).await, etcd_rows);
+        assert_eq!(everything(&mut node_client, true).await, etcd_rows);
     }
     // The tables take writes again, with revisions past the restore.
     let before = client.get("key001", None).await.expect("get");

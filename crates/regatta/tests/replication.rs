@@ -12,45 +12,21 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, free_address, members, Regatta};
+use common::{connect, everything, free_address, members, Regatta, Row};
 use etcd_client::{Client, GetOptions};
 use regatta_server::proto::regatta::v1 as pb;
 use tonic::Code;
 
-/// A key, its value, create and mod revision and version.
-type Row = (Vec<u8>, Vec<u8>, i64, i64, i64);
-
-/// Every key with its value and revisions.
-async fn everything(client: &mut Client) -> Vec<Row> {
-    let response = client
-        .get(vec![0u8], Some(GetOptions::new().with_from_key()))
-        .await
-        .expect("range");
-    response
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-            )
-        })
-        .collect()
-}
-
 /// Waits until the follower holds exactly what the leader holds.
 async fn converge(leader: &mut Client, follower: &mut Client, what: &str) {
-    let expected = everything(leader).await;
+    let expected = everything(leader, false).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let found = match follower
             .get(vec![0u8], Some(GetOptions::new().with_from_key()))
             .await
         {
-            Ok(_) => everything(follower).await,
+            Ok(_) => everything(follower, false).await,
             Err(_) => Vec::new(),
         };
         if found == expected {
@@ -300,7 +276,7 @@ async fn wait_for_contents(client: &mut Client, expected: &[Row], what: &str) ->
             .get(vec![0u8], Some(GetOptions::new().with_from_key()))
             .await
         {
-            Ok(_) => everything(client).await,
+            Ok(_) => everything(client, false).await,
             Err(_) => Vec::new(),
         };
         if found == expected {
@@ -381,7 +357,7 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
             .await
             .expect("put on the leader");
     }
-    let expected = everything(&mut leader).await;
+    let expected = everything(&mut leader, false).await;
     let mut single_client = connect(&single).await;
     wait_for_contents(&mut single_client, &expected, "the single-node follower").await;
     let mut trio_clients = Vec::new();
@@ -410,7 +386,7 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
     // Writes go on; another node takes over the pull.
     let killed = Instant::now();
     leader.put("after-kill", "1", None).await.expect("put");
-    let expected = everything(&mut leader).await;
+    let expected = everything(&mut leader, false).await;
     wait_for_contents(&mut survivors[0], &expected, "after the puller died").await;
     let takeover = killed.elapsed();
     eprintln!("a new puller delivered the next write {takeover:?} after the old one died");
@@ -444,7 +420,7 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
             .await
             .expect("put on the leader");
     }
-    let expected = everything(&mut leader).await;
+    let expected = everything(&mut leader, false).await;
     wait_for_contents(
         &mut single_client,
         &expected,

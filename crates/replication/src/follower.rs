@@ -20,10 +20,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use regatta_kv::command::{
-    decode, encode, Command, ReplicatedBatch, ReplicatedResult, Response as KvResponse, ResponseOp,
-};
-use regatta_server::restore::{Chunk, TableRestore};
+use regatta_kv::command::{decode, encode, Command, ReplicatedBatch, Response as KvResponse};
+use regatta_server::restore::{propose, Chunk, TableRestore};
 use regatta_server::{Node, ReplicationFacts, WriteForwarder, META_GROUP};
 use regatta_wal::GroupId;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -304,19 +302,6 @@ impl LagState {
                 error: self.error.clone(),
             },
         );
-    }
-}
-
-/// Proposes a replication command and returns the table's verdict.
-async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<ReplicatedResult> {
-    match node.propose(group, command).await?.result {
-        Ok(ResponseOp::Replicated(result)) => Ok(result),
-        Ok(other) => Err(Error::Protocol(format!(
-            "an unexpected table result {other:?}"
-        ))),
-        Err(error) => Err(Error::Protocol(format!(
-            "a command the table refused: {error}"
-        ))),
     }
 }
 

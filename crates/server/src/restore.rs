@@ -71,9 +71,6 @@ pub struct ItemLimits {
     pub value_bytes_max: usize,
 }
 
-/// Bytes of a stored record before its value (`docs/kv-format.md`).
-const RECORD_HEADER_BYTES: usize = 24;
-
 impl<'a> TableRestore<'a> {
     /// Begins a restore of `group`, abandoning any unfinished one.
     pub async fn begin(node: &'a Node, group: GroupId) -> Result<TableRestore<'a>> {
@@ -151,7 +148,7 @@ impl<'a> TableRestore<'a> {
             position += used;
             if let Some(limits) = self.limits {
                 let (key, record) = &item;
-                let value_bytes = record.len().saturating_sub(RECORD_HEADER_BYTES);
+                let value_bytes = record.len().saturating_sub(regatta_kv::RECORD_HEADER_BYTES);
                 if key.len() > limits.key_bytes_max || value_bytes > limits.value_bytes_max {
                     return Err(Error::TooLarge(format!(
                         "item {} of the backup has a key of {} bytes and a value of \
@@ -248,15 +245,16 @@ impl<'a> TableRestore<'a> {
     }
 }
 
-/// Proposes a restore step and returns the table's verdict.
-async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<ReplicatedResult> {
+/// Proposes a replication command (a `Replicated` batch or a restore
+/// step) and returns the table's verdict.
+pub async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<ReplicatedResult> {
     match node.propose(group, command).await?.result {
         Ok(ResponseOp::Replicated(result)) => Ok(result),
         Ok(other) => Err(Error::Internal(format!(
-            "an unexpected result of a restore step: {other:?}"
+            "an unexpected result of a replication command: {other:?}"
         ))),
         Err(error) => Err(Error::Internal(format!(
-            "the table refused a restore step: {error}"
+            "the table refused a replication command: {error}"
         ))),
     }
 }

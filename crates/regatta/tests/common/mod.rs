@@ -231,3 +231,29 @@ pub fn wait_for_http(address: SocketAddr, path: &str, status: u16) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A key, its value, create and mod revision and version.
+pub type Row = (Vec<u8>, Vec<u8>, i64, i64, i64);
+
+/// Every key of the etcd table with its value and revisions: from this
+/// node's own copy when `serializable`, else linearizable.
+pub async fn everything(client: &mut etcd_client::Client, serializable: bool) -> Vec<Row> {
+    let mut options = etcd_client::GetOptions::new().with_from_key();
+    if serializable {
+        options = options.with_serializable();
+    }
+    let response = client.get(vec![0u8], Some(options)).await.expect("range");
+    response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+            )
+        })
+        .collect()
+}
