@@ -137,8 +137,81 @@ pub struct Report {
     /// nodes reached each other around the proxies, the partitions would
     /// cut nothing, and this would be about zero.
     pub peer_link_bytes: u64,
+    /// Nodes whose own state never matched the final one after healing,
+    /// each with why: a replica that stopped its table (or lags for good)
+    /// is a defect even when every answered operation was linearizable.
+    pub diverged: Vec<String>,
     /// The whole history.
     pub history: Vec<Operation>,
+}
+
+/// How long every node has, after the final read, to show the final state
+/// in its own serializable reads.
+const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A node's local (serializable) read of `key`; `None` if it failed.
+async fn local_read(
+    client: &mut pb::kv_client::KvClient<Channel>,
+    key: &str,
+) -> Option<Option<String>> {
+    let request = pb::RangeRequest {
+        key: key.into(),
+        serializable: true,
+        ..pb::RangeRequest::default()
+    };
+    let response = tokio::time::timeout(OPERATION_TIMEOUT, client.range(request))
+        .await
+        .ok()?
+        .ok()?;
+    Some(
+        response
+            .into_inner()
+            .kvs
+            .first()
+            .map(|kv| String::from_utf8_lossy(&kv.value).to_string()),
+    )
+}
+
+/// Waits until each node's own reads show `finals`; gives the nodes that
+/// never did, with the first difference seen last.
+async fn check_convergence(
+    apis: &[(u64, SocketAddr)],
+    finals: &BTreeMap<String, Value>,
+) -> Vec<String> {
+    let deadline = Instant::now() + CONVERGENCE_TIMEOUT;
+    let mut diverged = Vec::new();
+    for (node, api) in apis {
+        let Some(mut client) = connect(*api).await else {
+            diverged.push(format!("node {node}: no client channel to {api}"));
+            continue;
+        };
+        let mut difference;
+        loop {
+            difference = None;
+            for (key, wanted) in finals {
+                match local_read(&mut client, key).await {
+                    Some(value) if value == *wanted => {}
+                    Some(value) => {
+                        difference = Some(format!(
+                            "node {node}: {key} reads {value:?}, the cluster's final value is {wanted:?}"
+                        ));
+                        break;
+                    }
+                    None => {
+                        difference =
+                            Some(format!("node {node}: a serializable read of {key} fails"));
+                        break;
+                    }
+                }
+            }
+            if difference.is_none() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        diverged.extend(difference);
+    }
+    diverged
 }
 
 /// The longest a client waits for one operation.
@@ -730,6 +803,12 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
             }
         }
     }
+    let apis: Vec<(u64, SocketAddr)> = lock(&cluster)
+        .nodes
+        .iter()
+        .map(|node| (node.id, node.api))
+        .collect();
+    let diverged = check_convergence(&apis, &finals).await;
     let history = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
     let count =
         |wanted: fn(&Outcome) -> bool| history.iter().filter(|o| wanted(&o.outcome)).count();
@@ -762,6 +841,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         unread_keys,
         snapshots_installed,
         peer_link_bytes,
+        diverged,
         history,
     })
 }

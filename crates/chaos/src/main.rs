@@ -163,18 +163,29 @@ fn main() -> ExitCode {
         }
         Err(error) => eprintln!("regatta-chaos: {error}"),
     }
+    for node in &report.diverged {
+        println!("diverged: {node}");
+    }
     let clean = report.verdict == Verdict::Linearizable
         && report.lost_writes == 0
-        && report.unread_keys == 0;
+        && report.unread_keys == 0
+        && report.diverged.is_empty();
     if clean && !cli.keep_dir {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         println!("the nodes' data and logs are kept in {}", dir.display());
     }
     match &report.verdict {
-        Verdict::Linearizable if report.lost_writes == 0 => {
+        Verdict::Linearizable if report.lost_writes == 0 && report.diverged.is_empty() => {
             println!("verdict: linearizable (replay: --seed {seed})");
             ExitCode::SUCCESS
+        }
+        Verdict::Linearizable if report.lost_writes == 0 => {
+            println!(
+                "verdict: linearizable, but {} node(s) never converged (replay: --seed {seed})",
+                report.diverged.len()
+            );
+            ExitCode::FAILURE
         }
         verdict => {
             println!("verdict: {verdict:?} (replay: --seed {seed})");

@@ -360,6 +360,7 @@ impl NodeHost {
                 quiesced_published: 0,
                 removing: Vec::new(),
                 sessions: sessions.clone(),
+                snapshots: snapshots.clone(),
             };
             tasks.push(runtime.spawn(worker.run(inbox, control, config.tick_interval)));
             workers.push((inbox_sender, control_sender, apply_sender));
@@ -403,9 +404,10 @@ impl NodeHost {
         if groups.contains_key(&group) {
             return Err(Error::GroupExists(group));
         }
+        let mut state_machine = state_machine;
         let mut config = self.inner.config.raft.clone();
         config.id = self.inner.config.node_id;
-        config.applied = state_machine.applied_index();
+        config.applied = self.finish_install(group, state_machine.as_mut())?;
         config.initial_voters = initial_voters;
         config.seed ^= group.0.rotate_left(17);
         let sessions = load_sessions(
@@ -453,6 +455,8 @@ impl NodeHost {
             compacted_at: LogIndex(0),
             saving_sessions: false,
             pending_compaction: None,
+            installing: None,
+            snapshots: self.inner.snapshots.clone(),
         };
         inbox
             .try_send(WorkerInput::Start(group, Box::new(state)))
@@ -464,6 +468,61 @@ impl NodeHost {
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, applied_receiver);
         Ok(())
+    }
+
+    /// Brings the state machine to the snapshot the WAL installed, when a
+    /// crash came between the WAL recording the install and the state
+    /// machine restoring it: the log then starts past the state machine,
+    /// and only the kept copy of the snapshot bridges the gap. Deletes the
+    /// copies no longer needed. Gives the state machine's applied index.
+    fn finish_install(
+        &self,
+        group: GroupId,
+        state_machine: &mut dyn StateMachine,
+    ) -> Result<LogIndex, Error> {
+        let wal = &self.inner.wal;
+        let snapshots = &self.inner.snapshots;
+        let failed = |what: String| Error::State(format!("group {}: {what}", group.0));
+        let applied = state_machine.applied_index();
+        let installed = wal.snapshot(group);
+        let gap = applied.next() < wal.first_index(group);
+        let needed = installed
+            .as_ref()
+            .filter(|meta| gap && meta.index > applied);
+        let Some(meta) = needed else {
+            snapshots
+                .remove_installs(group.0, u64::MAX, None)
+                .map_err(|error| failed(format!("delete stale snapshot copies: {error}")))?;
+            return Ok(applied);
+        };
+        let Some(data) = snapshots
+            .kept_install(group.0, meta.index.0)
+            .map_err(|error| failed(format!("look for the installed snapshot's copy: {error}")))?
+        else {
+            return Err(failed(format!(
+                "the state machine is at index {} but the log starts after the snapshot at {}, \
+                 and no copy of that snapshot is kept; this replica cannot recover by itself: \
+                 remove it from the group and add it again with empty storage",
+                applied.0, meta.index.0
+            )));
+        };
+        let (mut sessions, mut state) = read_snapshot(&data).map_err(failed)?;
+        state_machine
+            .restore(meta.index, &mut state)
+            .map_err(|error| failed(format!("restore the installed snapshot: {error}")))?;
+        sessions.advance(meta.index);
+        save_sessions(&self.inner.sessions, group, &sessions)
+            .map_err(|error| failed(format!("save the session table: {error}")))?;
+        drop(data);
+        snapshots
+            .remove_installs(group.0, u64::MAX, None)
+            .map_err(|error| failed(format!("delete the installed snapshot's copy: {error}")))?;
+        tracing::info!(
+            group = group.0,
+            index = meta.index.0,
+            "finished installing a snapshot interrupted by a restart"
+        );
+        Ok(meta.index)
     }
 
     /// Follows the group's applied index on this node: the receiver sees
@@ -795,6 +854,11 @@ struct Group {
     saving_sessions: bool,
     /// A snapshot marker and compaction to persist with the next ready.
     pending_compaction: Option<(regatta_raft::SnapshotMeta, LogIndex)>,
+    /// A snapshot whose install the WAL is writing (in the ready with this
+    /// number); the state machine restores it once that is durable.
+    installing: Option<(u64, SnapshotMeta, SnapshotData)>,
+    /// Where the install copies are kept.
+    snapshots: SnapshotDir,
 }
 
 /// Ticks between sweeps of forwarded proposals nobody waits for.
@@ -819,6 +883,8 @@ struct Worker {
     removing: Vec<Removal>,
     /// The session tables, deleted with their groups.
     sessions: SnapshotStore,
+    /// Snapshot install copies, deleted with their groups.
+    snapshots: SnapshotDir,
 }
 
 impl Worker {
@@ -936,6 +1002,12 @@ impl Worker {
                 result,
             } => {
                 for (group, reply) in removed {
+                    if result.is_ok() {
+                        if let Err(error) = self.snapshots.remove_installs(group.0, u64::MAX, None)
+                        {
+                            tracing::warn!(group = group.0, %error, "cannot delete a removed group's snapshot copies");
+                        }
+                    }
                     let outcome = result.clone().map_err(Error::Wal).and_then(|()| {
                         self.sessions.remove_group(group).map_err(|error| {
                             Error::State(format!(
@@ -1251,6 +1323,22 @@ impl Group {
     /// that were waiting for it.
     fn on_persisted(&mut self, number: u64, transport: &dyn Transport) {
         self.raft.on_persisted(number);
+        // The WAL holds the install: the state machine may restore now,
+        // before any entry after it (those are sent to the apply task by
+        // the readies that follow).
+        if self
+            .installing
+            .as_ref()
+            .is_some_and(|(ready, _, _)| *ready <= number)
+        {
+            if let Some((_, meta, data)) = self.installing.take() {
+                let _ = self.apply.send(ApplyWork::Restore {
+                    group: self.group,
+                    meta,
+                    data,
+                });
+            }
+        }
         while self
             .unsent
             .front()
@@ -1372,13 +1460,24 @@ impl Group {
                 let Some(data) = self.pending_install.take() else {
                     return Err("a snapshot was accepted without its data".into());
                 };
-                let _ = self.apply.send(ApplyWork::Restore {
-                    group: self.group,
-                    meta: meta.clone(),
-                    data,
-                });
+                // The order that survives a crash anywhere: the data is
+                // kept durably, then the WAL records the install, then
+                // (`on_persisted`) the state machine restores. A restart
+                // between the last two restores from the kept copy.
+                self.snapshots
+                    .keep_for_install(&data, self.group.0, meta.index.0)
+                    .map_err(|error| {
+                        format!(
+                            "keep the snapshot at {} for its install: {error}",
+                            meta.index.0
+                        )
+                    })?;
                 self.compacted_at = meta.index;
-                batch.install_snapshot(self.group, meta);
+                // A compaction planned against the old log would refuse
+                // the whole batch: the install replaces that log.
+                self.pending_compaction = None;
+                batch.install_snapshot(self.group, meta.clone());
+                self.installing = Some((ready.number, meta, data));
             }
             if let Some((meta, compact_to)) = self.pending_compaction.take() {
                 batch.snapshot(self.group, meta);
@@ -1810,12 +1909,24 @@ fn apply_one(
                 Ok(())
             });
             match installed {
-                Ok(()) => tracing::info!(
-                    group = group.0,
-                    index = meta.index.0,
-                    term = meta.term.0,
-                    "installed a snapshot from the leader"
-                ),
+                Ok(()) => {
+                    tracing::info!(
+                        group = group.0,
+                        index = meta.index.0,
+                        term = meta.term.0,
+                        "installed a snapshot from the leader"
+                    );
+                    // The state machine holds it durably: its copy goes.
+                    if let Err(error) =
+                        context
+                            .snapshots
+                            .remove_installs(group.0, meta.index.0, None)
+                    {
+                        tracing::warn!(group = group.0, %error, "cannot delete an installed snapshot's copy; the next start retries");
+                    }
+                    // Publishes the new applied index; waiting reads go on.
+                    reports.entry(group).or_default();
+                }
                 Err(reason) => {
                     let reason =
                         format!("cannot install the snapshot at {}: {reason}", meta.index.0);

@@ -870,6 +870,11 @@ async fn receive_snapshot(
     if file.flush().await.is_err() {
         return;
     }
+    // Synced here, off the worker: the host links it durably before the
+    // WAL records its install, and that sync is then cheap.
+    if file.get_ref().sync_all().await.is_err() {
+        return;
+    }
     let data = pending.finish(total_bytes);
     let Some(host) = host.get().and_then(WeakNodeHost::upgrade) else {
         return;

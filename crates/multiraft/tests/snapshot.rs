@@ -25,6 +25,8 @@ struct Kv {
     data: Arc<Mutex<BTreeMap<String, String>>>,
     applied: LogIndex,
     restored_at: Arc<Mutex<Option<LogIndex>>>,
+    /// Restores to refuse before one succeeds, as a crash would cut them.
+    failing_restores: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl StateMachine for Kv {
@@ -65,6 +67,11 @@ impl StateMachine for Kv {
         Box::new(bytes)
     }
     fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let failing = self.failing_restores.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.failing_restores.store(failing - 1, Ordering::SeqCst);
+            return Err(std::io::Error::other("cut short, as by a crash"));
+        }
         let mut buffer = Vec::new();
         std::io::Read::read_to_end(data, &mut buffer)?;
         let data = &Bytes::from(buffer);
@@ -122,6 +129,17 @@ async fn join_through_snapshot(
     restored_at: &Arc<Mutex<Option<LogIndex>>>,
     padding_bytes: usize,
 ) {
+    write_compact_and_add(hosts, joiner.node_id(), padding_bytes).await;
+    check_joined(joiner, restored_at, padding_bytes).await;
+}
+
+/// Writes 200 entries over 7 keys, waits for the leader to compact them,
+/// and adds `joiner` as a learner: it can only catch up by a snapshot.
+async fn write_compact_and_add(
+    hosts: &BTreeMap<u64, NodeHost>,
+    joiner: NodeId,
+    padding_bytes: usize,
+) {
     let leader = leader(hosts).await;
     for i in 0..200 {
         hosts[&leader]
@@ -144,13 +162,21 @@ async fn join_through_snapshot(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let change = ConfChange::AddLearner {
-        node: joiner.node_id(),
+        node: joiner,
         auto_promote: false,
     };
     hosts[&leader]
         .change_membership(GROUP, change)
         .await
         .expect("learner added");
+}
+
+/// `joiner` restored a snapshot and holds exactly the leader's state.
+async fn check_joined(
+    joiner: &NodeHost,
+    restored_at: &Arc<Mutex<Option<LogIndex>>>,
+    padding_bytes: usize,
+) {
     let deadline = Instant::now() + Duration::from_secs(15);
     for key in 0..7 {
         let expected = (0..200)
@@ -306,6 +332,122 @@ async fn a_new_node_catches_up_through_a_chunked_snapshot_over_tcp() {
     for transport in &transports {
         transport.shutdown();
     }
+    for host in hosts.values().chain([&joiner]) {
+        host.stop().await;
+    }
+}
+
+/// Install copies left in a host's snapshot directory.
+fn install_copies(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir.join("snapshots"))
+        .expect("list")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("install-"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A crash after the WAL recorded a snapshot's install and before the state
+/// machine restored it (here the restore fails instead, which leaves the
+/// same state on disk): the log starts past the state machine. A restart
+/// without the kept copy is refused with a clear error; with it, the
+/// install finishes and the node catches up.
+async fn an_install_cut_after_the_wal_finishes_on_restart() {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let transport = LocalTransport::new();
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let open = |id: u64, dir: &std::path::Path| {
+        let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let host = NodeHost::new(
+            config(id, dir),
+            wal,
+            as_transport,
+            tokio::runtime::Handle::current(),
+        )
+        .expect("host");
+        transport.register(NodeId(id), &host);
+        host
+    };
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        let host = open(id, dirs[id as usize - 1].path());
+        host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
+            .expect("group");
+        hosts.insert(id, host);
+    }
+    let joiner_dir = dirs[3].path();
+    let joiner = open(5, joiner_dir);
+    let cut = Kv {
+        failing_restores: Arc::new(std::sync::atomic::AtomicUsize::new(1)),
+        ..Kv::default()
+    };
+    joiner
+        .start_group(GROUP, Vec::new(), Box::new(cut))
+        .expect("group");
+    write_compact_and_add(&hosts, NodeId(5), 0).await;
+    // The restore fails after the WAL recorded the install: the group
+    // stops on node 5 and the copy stays.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while joiner.status(GROUP).await.is_ok() || install_copies(joiner_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the cut install never stopped the group with its copy kept"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    joiner.stop().await;
+    drop(joiner);
+    let copies = install_copies(joiner_dir);
+    assert_eq!(copies.len(), 1, "one kept copy: {copies:?}");
+
+    // Without the copy, the replica refuses to start.
+    let aside = joiner_dir.join("install-copy-aside");
+    std::fs::rename(&copies[0], &aside).expect("move the copy aside");
+    let joiner = open(5, joiner_dir);
+    let refused = joiner
+        .start_group(GROUP, Vec::new(), Box::new(Kv::default()))
+        .expect_err("a log past the state machine with no copy must be refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("no copy of that snapshot is kept"),
+        "{refused}"
+    );
+    joiner.stop().await;
+    drop(joiner);
+
+    // With it (and a stale copy of a later index, which goes), the install
+    // finishes before Raft starts.
+    std::fs::rename(&aside, &copies[0]).expect("put the copy back");
+    std::fs::write(
+        joiner_dir
+            .join("snapshots")
+            .join(format!("install-{}-999999.data", GROUP.0)),
+        b"stale",
+    )
+    .expect("stale copy");
+    let joiner = open(5, joiner_dir);
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let machine = Kv {
+        restored_at: Arc::clone(&restored_at),
+        ..Kv::default()
+    };
+    joiner
+        .start_group(GROUP, Vec::new(), Box::new(machine))
+        .expect("the install finishes at start");
+    assert!(
+        restored_at.lock().expect("lock").is_some(),
+        "restored before Raft started"
+    );
+    assert!(install_copies(joiner_dir).is_empty(), "the copies are gone");
+    check_joined(&joiner, &restored_at, 0).await;
     for host in hosts.values().chain([&joiner]) {
         host.stop().await;
     }

@@ -50,6 +50,11 @@ async fn histories_under_every_fault_are_linearizable() {
             report.unread_keys, 0,
             "seed {seed}: the final state could not be read after healing"
         );
+        assert!(
+            report.diverged.is_empty(),
+            "seed {seed}: replicas never reached the final state: {:?}",
+            report.diverged
+        );
         if report.verdict != Verdict::Linearizable || report.lost_writes > 0 {
             let path = std::env::temp_dir().join(format!("regatta-chaos-failure-{seed}.json"));
             let _ = std::fs::write(
