@@ -65,6 +65,11 @@ pub struct Operation {
     pub ret: u64,
     /// How it ended.
     pub outcome: Outcome,
+    /// The table revision an acknowledged write took effect at (a put or
+    /// delete that is `Done`, a compare-and-set that swapped); the
+    /// follower check places writes by it.
+    #[serde(default)]
+    pub revision: Option<u64>,
 }
 
 /// The verdict on a history.
@@ -352,6 +357,7 @@ mod tests {
             call,
             ret,
             outcome,
+            revision: None,
         }
     }
 

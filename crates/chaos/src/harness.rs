@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 
 use crate::checker::{self, Op, Operation, Outcome, Value, Verdict};
 use crate::proxy::Proxy;
+use crate::sequential::{self, FollowerRead};
 
 /// Faults the nemesis may inject. Each lasts about a second and is then
 /// healed.
@@ -48,11 +49,14 @@ pub enum Fault {
     /// SIGKILL a node, restart it once the others compacted past its log,
     /// SIGKILL it again while it installs the snapshot, restart it.
     SnapshotCrash,
+    /// Cut the link between the locations: the follower cluster's
+    /// replication connections to the leader cluster.
+    CutLocation,
 }
 
 impl Fault {
     /// Every fault, the `all` nemesis.
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Partition,
@@ -62,6 +66,7 @@ impl Fault {
         Fault::Slow,
         Fault::TransferLeader,
         Fault::SnapshotCrash,
+        Fault::CutLocation,
     ];
 
     /// The name used on the command line.
@@ -76,6 +81,7 @@ impl Fault {
             Fault::Slow => "slow",
             Fault::TransferLeader => "transfer-leader",
             Fault::SnapshotCrash => "snapshot-crash",
+            Fault::CutLocation => "cut-location",
         }
     }
 
@@ -99,6 +105,10 @@ pub struct RunConfig {
     pub dir: PathBuf,
     /// Nodes (3 or 5).
     pub nodes: u64,
+    /// Nodes of the follower cluster (0 for none, 1 or 3), which
+    /// replicates the leader cluster over one proxied link and is read by
+    /// two readers per node.
+    pub followers: u64,
     /// Concurrent clients.
     pub clients: u64,
     /// Keys the clients use.
@@ -137,6 +147,11 @@ pub struct Report {
     /// nodes reached each other around the proxies, the partitions would
     /// cut nothing, and this would be about zero.
     pub peer_link_bytes: u64,
+    /// Reads made on the follower cluster.
+    pub follower_reads: Vec<FollowerRead>,
+    /// What the follower check found (empty: per-table sequential
+    /// consistency held as far as the reads tell).
+    pub follower_anomalies: Vec<String>,
     /// Nodes whose own state never matched the final one after healing,
     /// each with why: a replica that stopped its table (or lags for good)
     /// is a defect even when every answered operation was linearizable.
@@ -145,15 +160,24 @@ pub struct Report {
     pub history: Vec<Operation>,
 }
 
+/// Readers per follower node.
+const FOLLOWER_READERS_PER_NODE: u64 = 2;
+
 /// How long every node has, after the final read, to show the final state
 /// in its own serializable reads.
 const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What a node's local read shows.
+struct LocalRead {
+    value: Value,
+    /// The revision the value was written at (0 when missing).
+    mod_revision: u64,
+    /// The table revision the node had applied.
+    revision: u64,
+}
+
 /// A node's local (serializable) read of `key`; `None` if it failed.
-async fn local_read(
-    client: &mut pb::kv_client::KvClient<Channel>,
-    key: &str,
-) -> Option<Option<String>> {
+async fn local_read(client: &mut pb::kv_client::KvClient<Channel>, key: &str) -> Option<LocalRead> {
     let request = pb::RangeRequest {
         key: key.into(),
         serializable: true,
@@ -162,44 +186,96 @@ async fn local_read(
     let response = tokio::time::timeout(OPERATION_TIMEOUT, client.range(request))
         .await
         .ok()?
-        .ok()?;
-    Some(
-        response
-            .into_inner()
-            .kvs
-            .first()
-            .map(|kv| String::from_utf8_lossy(&kv.value).to_string()),
-    )
+        .ok()?
+        .into_inner();
+    let kv = response.kvs.first();
+    Some(LocalRead {
+        value: kv.map(|kv| String::from_utf8_lossy(&kv.value).to_string()),
+        mod_revision: kv.map_or(0, |kv| kv.mod_revision as u64),
+        revision: response.header.map_or(0, |header| header.revision as u64),
+    })
 }
+
+/// One follower reader: bound to one follower node, reading random keys
+/// until the workload is over.
+struct FollowerReader {
+    process: u64,
+    node: u64,
+    api: SocketAddr,
+    keys: u64,
+    rng: Rng,
+}
+
+impl FollowerReader {
+    /// Records each answered read in `reads`.
+    async fn run(
+        mut self,
+        started: Instant,
+        duration: Duration,
+        reads: Arc<Mutex<Vec<FollowerRead>>>,
+    ) {
+        let Some(mut client) = connect(self.api).await else {
+            return;
+        };
+        while started.elapsed() < duration {
+            let key = format!("k{}", self.rng.next() % self.keys.max(1));
+            let call = started.elapsed().as_micros() as u64;
+            let read = local_read(&mut client, &key).await;
+            let ret = started.elapsed().as_micros() as u64;
+            match read {
+                Some(read) => {
+                    reads
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(FollowerRead {
+                            process: self.process,
+                            node: self.node,
+                            key,
+                            value: read.value,
+                            mod_revision: read.mod_revision,
+                            revision: read.revision,
+                            call,
+                            ret,
+                        });
+                    tokio::time::sleep(FOLLOWER_READ_PAUSE).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+/// A follower reader's pause between reads: local reads are cheap, and the
+/// check's cost grows with their number.
+const FOLLOWER_READ_PAUSE: Duration = Duration::from_millis(5);
 
 /// Waits until each node's own reads show `finals`; gives the nodes that
 /// never did, with the first difference seen last.
 async fn check_convergence(
-    apis: &[(u64, SocketAddr)],
+    apis: &[(String, SocketAddr)],
     finals: &BTreeMap<String, Value>,
 ) -> Vec<String> {
     let deadline = Instant::now() + CONVERGENCE_TIMEOUT;
     let mut diverged = Vec::new();
     for (node, api) in apis {
         let Some(mut client) = connect(*api).await else {
-            diverged.push(format!("node {node}: no client channel to {api}"));
+            diverged.push(format!("{node}: no client channel to {api}"));
             continue;
         };
         let mut difference;
         loop {
             difference = None;
             for (key, wanted) in finals {
-                match local_read(&mut client, key).await {
+                match local_read(&mut client, key).await.map(|read| read.value) {
                     Some(value) if value == *wanted => {}
                     Some(value) => {
                         difference = Some(format!(
-                            "node {node}: {key} reads {value:?}, the cluster's final value is {wanted:?}"
+                            "{node}: {key} reads {value:?}, the cluster's final value is {wanted:?}"
                         ));
                         break;
                     }
                     None => {
-                        difference =
-                            Some(format!("node {node}: a serializable read of {key} fails"));
+                        difference = Some(format!("{node}: a serializable read of {key} fails"));
                         break;
                     }
                 }
@@ -262,6 +338,10 @@ struct Node {
     api: SocketAddr,
     members: String,
     dir: PathBuf,
+    /// `leader` or `follower`.
+    subcommand: &'static str,
+    /// Flags after the common ones.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -272,7 +352,7 @@ impl Node {
             .append(true)
             .open(self.dir.with_extension("log"))?;
         let child = Command::new(binary)
-            .args(["leader", "--log-level", "info", "--raft.node-id"])
+            .args([self.subcommand, "--log-level", "info", "--raft.node-id"])
             .arg(self.id.to_string())
             .arg("--raft.address")
             .arg(self.raft.to_string())
@@ -288,6 +368,7 @@ impl Node {
             .arg(COMPACTION_OVERHEAD_ENTRIES.to_string())
             .arg("--data-dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -333,6 +414,11 @@ struct Cluster {
     peer_proxies: BTreeMap<(u64, u64), Proxy>,
     /// One client proxy per node.
     client_proxies: Vec<Proxy>,
+    /// The follower cluster's nodes (none without one).
+    followers: Vec<Node>,
+    /// The link between the locations: every follower node reaches the
+    /// leader cluster's replication API (on node 1) through it.
+    location_link: Option<Proxy>,
 }
 
 impl Cluster {
@@ -358,6 +444,10 @@ impl Cluster {
         for api in &apis {
             client_proxies.push(Proxy::start(any, *api).await?);
         }
+        let mut replications = Vec::new();
+        for _ in 0..count {
+            replications.push(free_address()?);
+        }
         let mut nodes = Vec::new();
         for id in 1..=count {
             let members = (1..=count)
@@ -377,15 +467,58 @@ impl Cluster {
                 api: apis[id as usize - 1],
                 members,
                 dir: config.dir.join(format!("node{id}")),
+                subcommand: "leader",
+                extra: vec![
+                    "--replication.address".into(),
+                    replications[id as usize - 1].to_string(),
+                ],
                 child: None,
             };
             node.start(&config.binary)?;
             nodes.push(node);
         }
+        let (followers, location_link) = if config.followers == 0 {
+            (Vec::new(), None)
+        } else {
+            let link = Proxy::start(any, replications[0]).await?;
+            let mut rafts = Vec::new();
+            for _ in 0..config.followers {
+                rafts.push(free_address()?);
+            }
+            let members = rafts
+                .iter()
+                .enumerate()
+                .map(|(position, address)| format!("{}={address}", position + 1))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut followers = Vec::new();
+            for id in 1..=config.followers {
+                let mut node = Node {
+                    id,
+                    raft: rafts[id as usize - 1],
+                    api: free_address()?,
+                    members: members.clone(),
+                    dir: config.dir.join(format!("follower{id}")),
+                    subcommand: "follower",
+                    extra: vec![
+                        "--replication.leader-address".into(),
+                        link.address().to_string(),
+                        "--replication.metadata-interval-ms".into(),
+                        "100".into(),
+                    ],
+                    child: None,
+                };
+                node.start(&config.binary)?;
+                followers.push(node);
+            }
+            (followers, Some(link))
+        };
         Ok(Cluster {
             nodes,
             peer_proxies,
             client_proxies,
+            followers,
+            location_link,
         })
     }
 
@@ -418,7 +551,7 @@ impl Cluster {
     }
 
     fn heal_all(&self) {
-        for proxy in self.peer_proxies.values() {
+        for proxy in self.peer_proxies.values().chain(&self.location_link) {
             proxy.heal();
         }
     }
@@ -498,7 +631,14 @@ fn write_outcome(status: &tonic::Status) -> Outcome {
     }
 }
 
-async fn run_op(client: &mut pb::kv_client::KvClient<Channel>, key: &str, op: &Op) -> Outcome {
+/// Runs `op`; for an acknowledged write, also the revision it took effect
+/// at.
+async fn run_op(
+    client: &mut pb::kv_client::KvClient<Channel>,
+    key: &str,
+    op: &Op,
+) -> (Outcome, Option<u64>) {
+    let revision = |header: Option<pb::ResponseHeader>| header.map(|h| h.revision as u64);
     match op {
         Op::Get => match client
             .range(pb::RangeRequest {
@@ -507,14 +647,17 @@ async fn run_op(client: &mut pb::kv_client::KvClient<Channel>, key: &str, op: &O
             })
             .await
         {
-            Ok(response) => Outcome::Read(
-                response
-                    .into_inner()
-                    .kvs
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(&kv.value).to_string()),
+            Ok(response) => (
+                Outcome::Read(
+                    response
+                        .into_inner()
+                        .kvs
+                        .first()
+                        .map(|kv| String::from_utf8_lossy(&kv.value).to_string()),
+                ),
+                None,
             ),
-            Err(_) => Outcome::Fail,
+            Err(_) => (Outcome::Fail, None),
         },
         Op::Put(value) => match client
             .put(pb::PutRequest {
@@ -524,8 +667,8 @@ async fn run_op(client: &mut pb::kv_client::KvClient<Channel>, key: &str, op: &O
             })
             .await
         {
-            Ok(_) => Outcome::Done,
-            Err(status) => write_outcome(&status),
+            Ok(response) => (Outcome::Done, revision(response.into_inner().header)),
+            Err(status) => (write_outcome(&status), None),
         },
         Op::Delete => match client
             .delete_range(pb::DeleteRangeRequest {
@@ -534,8 +677,8 @@ async fn run_op(client: &mut pb::kv_client::KvClient<Channel>, key: &str, op: &O
             })
             .await
         {
-            Ok(_) => Outcome::Done,
-            Err(status) => write_outcome(&status),
+            Ok(response) => (Outcome::Done, revision(response.into_inner().header)),
+            Err(status) => (write_outcome(&status), None),
         },
         Op::Cas { expected, new } => {
             use pb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -567,8 +710,17 @@ async fn run_op(client: &mut pb::kv_client::KvClient<Channel>, key: &str, op: &O
                 failure: Vec::new(),
             };
             match client.txn(request).await {
-                Ok(response) => Outcome::Swapped(response.into_inner().succeeded),
-                Err(status) => write_outcome(&status),
+                Ok(response) => {
+                    let response = response.into_inner();
+                    let swapped = response.succeeded;
+                    let at = if swapped {
+                        revision(response.header)
+                    } else {
+                        None
+                    };
+                    (Outcome::Swapped(swapped), at)
+                }
+                Err(status) => (write_outcome(&status), None),
             }
         }
     }
@@ -627,6 +779,13 @@ async fn inject(
             lock(cluster).slow(node, Duration::from_millis(50));
             format!("slow node {node} by 50 ms")
         }
+        Fault::CutLocation => match &lock(cluster).location_link {
+            Some(link) => {
+                link.cut();
+                "cut the link between the locations".into()
+            }
+            None => "cut the link between the locations: no follower cluster, nothing done".into(),
+        },
         Fault::TransferLeader => {
             let via = 1 + rng.next() % nodes;
             let outcome = move_leader(client_addresses[via as usize - 1], node).await;
@@ -664,7 +823,11 @@ async fn heal(
             lock(cluster).nodes[index].signal_pause(false);
             format!("resume node {node}")
         }
-        Fault::Partition | Fault::IsolateLeader | Fault::Minority | Fault::Bridge => {
+        Fault::Partition
+        | Fault::IsolateLeader
+        | Fault::Minority
+        | Fault::Bridge
+        | Fault::CutLocation => {
             lock(cluster).heal_all();
             "heal every link".into()
         }
@@ -724,15 +887,15 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                     },
                 };
                 let call = started.elapsed().as_micros() as u64;
-                let outcome =
+                let (outcome, revision) =
                     match tokio::time::timeout(OPERATION_TIMEOUT, run_op(&mut client, &key, &op))
                         .await
                     {
-                        Ok(outcome) => outcome,
+                        Ok(answer) => answer,
                         // No answer: a write's outcome is unknown, a read's
                         // does not matter.
-                        Err(_) if op == Op::Get => Outcome::Fail,
-                        Err(_) => Outcome::Info,
+                        Err(_) if op == Op::Get => (Outcome::Fail, None),
+                        Err(_) => (Outcome::Info, None),
                     };
                 let ret = started.elapsed().as_micros() as u64;
                 let failed = matches!(outcome, Outcome::Fail | Outcome::Info);
@@ -746,6 +909,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                         call,
                         ret,
                         outcome,
+                        revision,
                     });
                 if failed {
                     // Do not flood a node that is down or cut off.
@@ -753,6 +917,29 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                 }
             }
         }));
+    }
+    let follower_reads: Arc<Mutex<Vec<FollowerRead>>> = Arc::default();
+    let follower_apis: Vec<(u64, SocketAddr)> = lock(&cluster)
+        .followers
+        .iter()
+        .map(|node| (node.id, node.api))
+        .collect();
+    for (position, (node, api)) in follower_apis.iter().enumerate() {
+        for reader in 0..FOLLOWER_READERS_PER_NODE {
+            let process = config.clients + position as u64 * FOLLOWER_READERS_PER_NODE + reader;
+            let reader = FollowerReader {
+                process,
+                node: *node,
+                api: *api,
+                keys: config.keys,
+                rng: Rng(config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (process + 1)),
+            };
+            workers.push(tokio::spawn(reader.run(
+                started,
+                config.duration,
+                Arc::clone(&follower_reads),
+            )));
+        }
     }
     // The nemesis: a fault every 2 s, healed 1 s later.
     let mut schedule = Vec::new();
@@ -795,7 +982,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                 let read =
                     tokio::time::timeout(OPERATION_TIMEOUT, run_op(&mut client, &key, &Op::Get))
                         .await;
-                if let Ok(Outcome::Read(value)) = read {
+                if let Ok((Outcome::Read(value), _)) = read {
                     finals.insert(key.clone(), value);
                     break;
                 }
@@ -803,12 +990,21 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
             }
         }
     }
-    let apis: Vec<(u64, SocketAddr)> = lock(&cluster)
-        .nodes
-        .iter()
-        .map(|node| (node.id, node.api))
-        .collect();
+    let apis: Vec<(String, SocketAddr)> = {
+        let guard = lock(&cluster);
+        let leaders = guard
+            .nodes
+            .iter()
+            .map(|node| (format!("node {}", node.id), node.api));
+        let followers = guard
+            .followers
+            .iter()
+            .map(|node| (format!("follower node {}", node.id), node.api));
+        leaders.chain(followers).collect()
+    };
     let diverged = check_convergence(&apis, &finals).await;
+    let follower_reads =
+        std::mem::take(&mut *follower_reads.lock().unwrap_or_else(|p| p.into_inner()));
     let history = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
     let count =
         |wanted: fn(&Outcome) -> bool| history.iter().filter(|o| wanted(&o.outcome)).count();
@@ -830,6 +1026,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
             .sum()
     };
     let verdict = checker::check(&history);
+    let follower_anomalies = sequential::check_follower(&history, &follower_reads);
     Ok(Report {
         seed: config.seed,
         schedule,
@@ -841,6 +1038,8 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         unread_keys,
         snapshots_installed,
         peer_link_bytes,
+        follower_reads,
+        follower_anomalies,
         diverged,
         history,
     })

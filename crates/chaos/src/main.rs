@@ -22,7 +22,7 @@ struct Cli {
     time_limit: u64,
     /// Faults: all, none, or a comma-separated list of kill, pause,
     /// partition, isolate-leader, minority, bridge, slow, transfer-leader,
-    /// snapshot-crash.
+    /// snapshot-crash, cut-location.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// The seed of every random choice (default: from the clock).
@@ -31,7 +31,13 @@ struct Cli {
     /// Nodes in the leader cluster (3 or 5).
     #[arg(long, default_value_t = 3)]
     nodes: u64,
-    /// Concurrent clients.
+    /// Nodes in the follower cluster (0 for none, 1 or 3). It replicates
+    /// the leader cluster over one link the nemesis can cut
+    /// (`cut-location`), and its reads are checked for per-table
+    /// sequential consistency.
+    #[arg(long, default_value_t = 1)]
+    follower_nodes: u64,
+    /// Concurrent clients of the leader cluster.
     #[arg(long, default_value_t = 8)]
     clients: u64,
     /// Keys the clients share.
@@ -75,6 +81,13 @@ fn main() -> ExitCode {
         eprintln!("regatta-chaos: --nodes must be 3 or 5, not {}", cli.nodes);
         return ExitCode::from(2);
     }
+    if ![0, 1, 3].contains(&cli.follower_nodes) {
+        eprintln!(
+            "regatta-chaos: --follower-nodes must be 0, 1 or 3, not {}",
+            cli.follower_nodes
+        );
+        return ExitCode::from(2);
+    }
     if cli.clients == 0 || cli.keys == 0 {
         eprintln!("regatta-chaos: --clients and --keys must be at least 1");
         return ExitCode::from(2);
@@ -112,6 +125,7 @@ fn main() -> ExitCode {
         binary,
         dir: dir.clone(),
         nodes: cli.nodes,
+        followers: cli.follower_nodes,
         clients: cli.clients,
         keys: cli.keys,
         duration: Duration::from_secs(cli.time_limit),
@@ -147,13 +161,27 @@ fn main() -> ExitCode {
         report.snapshots_installed,
         report.peer_link_bytes
     );
+    if cli.follower_nodes > 0 {
+        println!(
+            "follower cluster: {} reads; {} anomalies",
+            report.follower_reads.len(),
+            report.follower_anomalies.len()
+        );
+        for anomaly in report.follower_anomalies.iter().take(20) {
+            println!("follower anomaly: {anomaly}");
+        }
+    }
     if report.unread_keys > 0 {
         println!(
             "warning: the final value of {} key(s) could not be read; their lost writes are not counted",
             report.unread_keys
         );
     }
-    match serde_json::to_vec_pretty(&report.history) {
+    let saved = serde_json::json!({
+        "leader": &report.history,
+        "follower": &report.follower_reads,
+    });
+    match serde_json::to_vec_pretty(&saved) {
         Ok(json) => {
             if let Err(error) = std::fs::write(&cli.out, json) {
                 eprintln!("regatta-chaos: write {}: {error}", cli.out.display());
@@ -169,13 +197,20 @@ fn main() -> ExitCode {
     let clean = report.verdict == Verdict::Linearizable
         && report.lost_writes == 0
         && report.unread_keys == 0
-        && report.diverged.is_empty();
+        && report.diverged.is_empty()
+        && report.follower_anomalies.is_empty();
     if clean && !cli.keep_dir {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         println!("the nodes' data and logs are kept in {}", dir.display());
     }
     match &report.verdict {
+        Verdict::Linearizable if !report.follower_anomalies.is_empty() => {
+            println!(
+                "verdict: linearizable on the leader cluster, but the follower cluster is not sequentially consistent (replay: --seed {seed})"
+            );
+            ExitCode::FAILURE
+        }
         Verdict::Linearizable if report.lost_writes == 0 && report.diverged.is_empty() => {
             println!("verdict: linearizable (replay: --seed {seed})");
             ExitCode::SUCCESS

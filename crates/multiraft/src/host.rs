@@ -525,6 +525,38 @@ impl NodeHost {
         Ok(meta.index)
     }
 
+    /// A [`SessionFilter`] for `group`'s entries after `after`: the session
+    /// table as of `after`, rebuilt from the last saved table and the log.
+    /// `Compacted` when the saved table is already past `after` (the log
+    /// before it no longer tells which requests were applied).
+    pub fn session_filter(&self, group: GroupId, after: LogIndex) -> Result<SessionFilter, Error> {
+        let saved = saved_sessions(&self.inner.sessions, group)?;
+        if let Some(table) = saved.as_ref().filter(|table| table.index() > after) {
+            return Err(Error::Compacted {
+                group,
+                compacted_to: table.index(),
+            });
+        }
+        let table = rebuild_sessions(
+            saved,
+            &self.inner.wal,
+            group,
+            after,
+            self.inner.config.session_expiry_entries,
+        )?;
+        if table.index() > after {
+            // The log starts past `after` (an installed snapshot).
+            return Err(Error::Compacted {
+                group,
+                compacted_to: table.index(),
+            });
+        }
+        Ok(SessionFilter {
+            table,
+            expiry_entries: self.inner.config.session_expiry_entries,
+        })
+    }
+
     /// Follows the group's applied index on this node: the receiver sees
     /// every advance (the latest value; intermediate ones may be skipped).
     /// It closes when the group stops.
@@ -1756,50 +1788,101 @@ fn load_sessions(
     applied: LogIndex,
     expiry_entries: u64,
 ) -> Result<SessionTable, Error> {
+    // A table ahead of the state machine means the state machine lost
+    // entries (it keeps its state in memory): they are applied again, and
+    // rebuild the table as they go.
+    let saved = saved_sessions(store, group)?.filter(|table| table.index() <= applied);
+    rebuild_sessions(saved, wal, group, applied, expiry_entries)
+}
+
+/// The group's session table as last saved, if any.
+fn saved_sessions(store: &SnapshotStore, group: GroupId) -> Result<Option<SessionTable>, Error> {
     let failed = |what: String| Error::State(format!("group {}: {what}", group.0));
-    let saved = match store.latest(group).map_err(|e| failed(e.to_string()))? {
-        Some(file) => {
-            let mut bytes = Vec::new();
-            file.data()
-                .and_then(|mut data| {
-                    data.read_to_end(&mut bytes)
-                        .map_err(|e| regatta_wal::Error::io("read the session table", e))
-                })
-                .map_err(|e| failed(e.to_string()))?;
-            let table = SessionTable::decode(&Bytes::from(bytes))
-                .map_err(|e| failed(format!("session table: {}", e.0)))?;
-            Some(table)
-        }
-        None => None,
+    let Some(file) = store.latest(group).map_err(|e| failed(e.to_string()))? else {
+        return Ok(None);
     };
+    let mut bytes = Vec::new();
+    file.data()
+        .and_then(|mut data| {
+            data.read_to_end(&mut bytes)
+                .map_err(|e| regatta_wal::Error::io("read the session table", e))
+        })
+        .map_err(|e| failed(e.to_string()))?;
+    let table = SessionTable::decode(&Bytes::from(bytes))
+        .map_err(|e| failed(format!("session table: {}", e.0)))?;
+    Ok(Some(table))
+}
+
+/// Brings `saved` (or, without one, an empty table at the start of the
+/// log) up to `upto` by replaying the WAL's session entries the way the
+/// apply task does.
+fn rebuild_sessions(
+    saved: Option<SessionTable>,
+    wal: &Wal,
+    group: GroupId,
+    upto: LogIndex,
+    expiry_entries: u64,
+) -> Result<SessionTable, Error> {
+    let failed = |what: String| Error::State(format!("group {}: {what}", group.0));
     let first_index = wal.first_index(group);
-    let mut table = match saved {
-        // A table ahead of the state machine means the state machine lost
-        // entries (it keeps its state in memory): they are applied again,
-        // and rebuild the table as they go.
-        Some(table) if table.index() <= applied => table,
-        _ => SessionTable::new(LogIndex(first_index.0.saturating_sub(1))),
-    };
+    let mut table =
+        saved.unwrap_or_else(|| SessionTable::new(LogIndex(first_index.0.saturating_sub(1))));
     let mut low = LogIndex(table.index().0 + 1).max(first_index);
-    while low <= applied {
+    while low <= upto {
         let entries = wal
-            .entries(group, low, LogIndex(applied.0 + 1), 4 << 20)
+            .entries(group, low, LogIndex(upto.0 + 1), 4 << 20)
             .map_err(|e| failed(format!("read the log to rebuild the session table: {e}")))?;
         let Some(last) = entries.last().map(|entry| entry.index) else {
             break;
         };
         for entry in &entries {
-            if let EntryPayload::Session { id, .. } = &entry.payload {
-                if table.check(*id) == Verdict::Apply {
-                    table.expire(entry.index, expiry_entries);
-                    table.record(*id, entry.index, Outcome::Unknown);
-                }
-            }
+            admit_session_entry(&mut table, entry, expiry_entries);
         }
         low = LogIndex(last.0 + 1);
     }
-    table.advance(applied);
+    table.advance(upto);
     Ok(table)
+}
+
+/// The apply task's rule, replayed: whether the state machine applies
+/// `entry`'s command (a session command only the first time its request
+/// appears), recording it in `table`.
+fn admit_session_entry(table: &mut SessionTable, entry: &Entry, expiry_entries: u64) -> bool {
+    let EntryPayload::Session { id, .. } = &entry.payload else {
+        return true;
+    };
+    if table.check(*id) != Verdict::Apply {
+        return false;
+    }
+    table.expire(entry.index, expiry_entries);
+    table.record(*id, entry.index, Outcome::Unknown);
+    true
+}
+
+/// Tells, for each entry of a group's log in order, whether the state
+/// machine applied its command: a retried request's second entry, and a
+/// stale one, are in the log but never applied. Whoever ships the log to
+/// a copy of the state machine elsewhere (cross-location replication)
+/// must drop what this refuses, or the copy applies a retry twice.
+pub struct SessionFilter {
+    table: SessionTable,
+    expiry_entries: u64,
+}
+
+impl SessionFilter {
+    /// Whether the state machine applied the command of `entry`, the entry
+    /// after the last one given (or after the filter's start).
+    pub fn admits(&mut self, entry: &Entry) -> bool {
+        assert!(
+            entry.index > self.table.index(),
+            "entries reach a session filter in order: {} after {}",
+            entry.index,
+            self.table.index()
+        );
+        let admitted = admit_session_entry(&mut self.table, entry, self.expiry_entries);
+        self.table.advance(entry.index);
+        admitted
+    }
 }
 
 fn apply_one(

@@ -24,7 +24,7 @@ mod transport;
 pub mod wire;
 
 pub use error::Error;
-pub use host::{HostConfig, NodeHost, StateMachine, WeakNodeHost};
+pub use host::{HostConfig, NodeHost, SessionFilter, StateMachine, WeakNodeHost};
 pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;
 pub use tcp::{PeerTls, TcpConfig, TcpStats, TcpTransport};

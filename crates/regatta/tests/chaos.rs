@@ -19,6 +19,7 @@ async fn histories_under_every_fault_are_linearizable() {
             binary: env!("CARGO_BIN_EXE_regatta").into(),
             dir: dir.path().to_path_buf(),
             nodes: 3,
+            followers: 1,
             clients: 6,
             keys: 4,
             duration: Duration::from_secs(10),
@@ -49,6 +50,16 @@ async fn histories_under_every_fault_are_linearizable() {
         assert_eq!(
             report.unread_keys, 0,
             "seed {seed}: the final state could not be read after healing"
+        );
+        assert!(
+            report.follower_reads.len() > 100,
+            "seed {seed}: only {} follower reads",
+            report.follower_reads.len()
+        );
+        assert!(
+            report.follower_anomalies.is_empty(),
+            "seed {seed}: the follower cluster is not sequentially consistent: {:?}",
+            report.follower_anomalies
         );
         assert!(
             report.diverged.is_empty(),

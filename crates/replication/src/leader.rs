@@ -63,9 +63,12 @@ impl proto::metadata_server::Metadata for LeaderService {
         &self,
         _request: Request<proto::MetadataRequest>,
     ) -> Result<Response<proto::MetadataResponse>, Status> {
+        // Linearizable: a follower cluster deletes the tables missing here.
         let mut tables: Vec<proto::Table> = self
             .node
-            .tables()
+            .tables_linearizable()
+            .await
+            .map_err(Error::from)?
             .into_iter()
             .map(|table| proto::Table {
                 name: table.name,
@@ -234,6 +237,25 @@ async fn stream_log(
     mut applied: watch::Receiver<LogIndex>,
     sender: mpsc::Sender<Result<proto::ReplicateResponse, Status>>,
 ) {
+    // A retried request is in the log twice but applied once; the
+    // follower must not apply the retry.
+    let mut sessions = match host.session_filter(group, after) {
+        Ok(filter) => filter,
+        Err(regatta_multiraft::Error::Compacted { .. }) => {
+            let index = *applied.borrow();
+            let _ = sender
+                .send(Ok(error_response(
+                    proto::ReplicateError::UseSnapshot,
+                    index.0,
+                )))
+                .await;
+            return;
+        }
+        Err(error) => {
+            let _ = sender.send(Err(Status::from(Error::Raft(error)))).await;
+            return;
+        }
+    };
     loop {
         let applied_index = *applied.borrow_and_update();
         while after < applied_index {
@@ -252,7 +274,11 @@ async fn stream_log(
                     let mut commands = Vec::with_capacity(entries.len());
                     let mut restored = false;
                     for entry in &entries {
-                        let mut command = command_bytes(&entry.payload);
+                        let mut command = if sessions.admits(entry) {
+                            command_bytes(&entry.payload)
+                        } else {
+                            Vec::new()
+                        };
                         if regatta_kv::command::is_restore_preparation(&command) {
                             // A restore's steps change nothing a follower
                             // holds; only its commit does (below).

@@ -1015,6 +1015,31 @@ impl Node {
 
     /// Reads the catalogue from the local metadata group.
     async fn refresh_catalogue(&self) -> Result<()> {
+        let (tables, voters) = self.read_catalogue(false).await?;
+        *self.table_voters.write().unwrap_or_else(|p| p.into_inner()) = voters;
+        *self.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
+        Ok(())
+    }
+
+    /// The cluster's tables as of now: a linearizable read of the
+    /// catalogue, never this node's possibly stale copy (a node just
+    /// restarted, or cut off, may not know every table yet). For those who
+    /// act on a table's absence, such as follower clusters, which delete
+    /// the tables the leader cluster no longer lists.
+    pub async fn tables_linearizable(&self) -> Result<Vec<TableEntry>> {
+        let (tables, _) = self.read_catalogue(true).await?;
+        Ok(tables
+            .into_iter()
+            .map(|(name, group)| TableEntry { name, group })
+            .collect())
+    }
+
+    /// Reads the catalogue: tables by name, and the voters each table's
+    /// group started with.
+    async fn read_catalogue(
+        &self,
+        linearizable: bool,
+    ) -> Result<(BTreeMap<String, GroupId>, HashMap<GroupId, Vec<NodeId>>)> {
         let query = Query::Range(RangeRequest {
             range: KeyRange {
                 key: CATALOGUE_PREFIX.to_vec(),
@@ -1022,7 +1047,7 @@ impl Node {
             },
             ..RangeRequest::default()
         });
-        let response = self.read(META_GROUP, &query, false).await?;
+        let response = self.read(META_GROUP, &query, linearizable).await?;
         let Ok(ResponseOp::Range(range)) = response.result else {
             return Err(Error::Internal("the catalogue read failed".into()));
         };
@@ -1050,9 +1075,7 @@ impl Node {
             }
             tables.insert(name, group);
         }
-        *self.table_voters.write().unwrap_or_else(|p| p.into_inner()) = voters;
-        *self.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
-        Ok(())
+        Ok((tables, voters))
     }
 
     /// Bootstraps the catalogue once per cluster, with the etcd table.
