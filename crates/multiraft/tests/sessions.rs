@@ -419,3 +419,63 @@ async fn a_node_joining_through_a_snapshot_deduplicates_like_the_leader() {
     cluster.converge(61).await;
     cluster.stop().await;
 }
+
+/// Cross-location replication ships the log to a copy of the state
+/// machine elsewhere; it must drop the entries the apply task refused.
+/// `SessionFilter` replays that decision: from the start of the log, and
+/// from any point after it, it admits exactly the commands applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_filter_admits_exactly_what_was_applied() {
+    let cluster = Cluster::start(3, 0, no_tuning);
+    let leader = cluster.leader().await;
+    let host = &cluster.hosts[&leader];
+    // Three copies of one request, a new one, and a stale copy: four
+    // session entries refused, two applied.
+    let (first, second, third) = tokio::join!(
+        propose(host, id(7, 1)),
+        propose(host, id(7, 1)),
+        propose(host, id(7, 1)),
+    );
+    for result in [first, second, third] {
+        assert_eq!(result.expect("a copy"), "1");
+    }
+    assert_eq!(propose(host, id(7, 2)).await.expect("next"), "2");
+    assert!(matches!(
+        propose(host, id(7, 2)).await,
+        Ok(result) if result == "2"
+    ));
+    assert!(matches!(
+        propose(host, id(7, 1)).await,
+        Err(Error::StaleRequest { .. })
+    ));
+    cluster.converge(2).await;
+
+    let last = host.status(GROUP).await.expect("status").applied;
+    let entries = host
+        .log_entries(GROUP, LogIndex(1), last.next(), u64::MAX)
+        .expect("the whole log");
+    let sessions = |entry: &regatta_raft::Entry| {
+        matches!(entry.payload, regatta_raft::EntryPayload::Session { .. })
+    };
+    assert_eq!(entries.iter().filter(|e| sessions(e)).count(), 6);
+    let mut filter = host.session_filter(GROUP, LogIndex(0)).expect("filter");
+    let verdicts: Vec<bool> = entries.iter().map(|entry| filter.admits(entry)).collect();
+    let admitted = entries
+        .iter()
+        .zip(&verdicts)
+        .filter(|(entry, admitted)| sessions(entry) && **admitted)
+        .count();
+    assert_eq!(admitted, 2, "the counter reached 2: two commands applied");
+
+    // From any point, the same verdicts for what follows.
+    for start in 0..entries.len() {
+        let after = entries[start].index.prev();
+        let mut filter = host.session_filter(GROUP, after).expect("filter");
+        let suffix: Vec<bool> = entries[start..]
+            .iter()
+            .map(|entry| filter.admits(entry))
+            .collect();
+        assert_eq!(suffix, verdicts[start..], "from after {after}");
+    }
+    cluster.stop().await;
+}

@@ -681,7 +681,7 @@ impl Node {
             .await
             .map_err(|error| match error {
                 Error::Raft(regatta_multiraft::Error::Timeout { .. }) => Error::Unavailable(format!(
-                    "the leader cluster applied the write at index {} of table {name:?}, but                      this follower has not replicated it within {} ms; it will appear here once                      replication catches up",
+                    "the leader cluster applied the write at index {} of table {name:?}, but this follower has not replicated it within {} ms; it will appear here once replication catches up",
                     response.revision,
                     self.config.request_timeout.as_millis()
                 )),
