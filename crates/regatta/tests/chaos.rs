@@ -2,8 +2,10 @@
 //! processes behind fault-injecting proxies, clients on every node, and
 //! every fault of the nemesis drawn at random (kills, pauses, partitions of
 //! several shapes, slow links, leadership moves, crashes during snapshot
-//! install) for a few seconds per seed, then the linearizability check of
-//! the history and the count of lost acknowledged writes. Longer soaks:
+//! install, cutting the link to a one-node follower cluster) for a few
+//! seconds per seed, then the linearizability check of the history, the
+//! count of lost acknowledged writes, the follower cluster's per-table
+//! sequential consistency, and every node's convergence. Longer soaks:
 //! `cargo run -p regatta-chaos -- --time-limit 600 --nemesis all`.
 
 use std::time::Duration;
