@@ -143,6 +143,10 @@ pub struct Report {
     pub unread_keys: u64,
     /// Snapshots installed from a leader, counted in the nodes' logs.
     pub snapshots_installed: usize,
+    /// Snapshot installs a kill cut short, as the nodes logged when they
+    /// restarted (before or after the WAL recorded the install): the
+    /// proof that `snapshot-crash` lands inside installs.
+    pub installs_cut: usize,
     /// Bytes the peer-link proxies delivered while the workload ran: if
     /// nodes reached each other around the proxies, the partitions would
     /// cut nothing, and this would be about zero.
@@ -1013,18 +1017,21 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let info = count(|o| *o == Outcome::Info);
     let lost = checker::lost_writes(&history, &finals);
     let unread_keys = config.keys - finals.len() as u64;
-    let snapshots_installed = {
+    let logged = |what: &str| -> usize {
         let guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
         guard
             .nodes
             .iter()
             .map(|node| {
                 std::fs::read_to_string(node.dir.with_extension("log"))
-                    .map(|log| log.matches(SNAPSHOT_INSTALLED).count())
+                    .map(|log| log.matches(what).count())
                     .unwrap_or(0)
             })
             .sum()
     };
+    let snapshots_installed = logged(SNAPSHOT_INSTALLED);
+    let installs_cut = logged(regatta_multiraft::INSTALL_CUT_BEFORE_WAL)
+        + logged(regatta_multiraft::INSTALL_CUT_AFTER_WAL);
     let verdict = checker::check(&history);
     let follower_anomalies = sequential::check_follower(&history, &follower_reads);
     Ok(Report {
@@ -1037,6 +1044,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         lost_writes: lost,
         unread_keys,
         snapshots_installed,
+        installs_cut,
         peer_link_bytes,
         follower_reads,
         follower_anomalies,

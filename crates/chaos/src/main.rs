@@ -153,12 +153,13 @@ fn main() -> ExitCode {
         println!("{at:>8} ms  {event}");
     }
     println!(
-        "operations: {} ok, {} fail, {} info; lost acknowledged writes: {}; snapshots installed: {}; bytes over the peer proxies: {}",
+        "operations: {} ok, {} fail, {} info; lost acknowledged writes: {}; snapshots installed: {} ({} cut short by a kill); bytes over the peer proxies: {}",
         report.ok,
         report.fail,
         report.info,
         report.lost_writes,
         report.snapshots_installed,
+        report.installs_cut,
         report.peer_link_bytes
     );
     if cli.follower_nodes > 0 {

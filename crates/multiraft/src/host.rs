@@ -490,9 +490,16 @@ impl NodeHost {
             .as_ref()
             .filter(|meta| gap && meta.index > applied);
         let Some(meta) = needed else {
-            snapshots
+            let removed = snapshots
                 .remove_installs(group.0, u64::MAX, None)
                 .map_err(|error| failed(format!("delete stale snapshot copies: {error}")))?;
+            if removed > 0 {
+                tracing::info!(
+                    group = group.0,
+                    copies = removed,
+                    "{INSTALL_CUT_BEFORE_WAL}; the leader sends the snapshot again"
+                );
+            }
             return Ok(applied);
         };
         let Some(data) = snapshots
@@ -520,7 +527,7 @@ impl NodeHost {
         tracing::info!(
             group = group.0,
             index = meta.index.0,
-            "finished installing a snapshot interrupted by a restart"
+            "{INSTALL_CUT_AFTER_WAL}"
         );
         Ok(meta.index)
     }
@@ -892,6 +899,14 @@ struct Group {
     /// Where the install copies are kept.
     snapshots: SnapshotDir,
 }
+
+/// Logged at start when a snapshot install was cut short before the WAL
+/// recorded it (its copy is deleted).
+pub const INSTALL_CUT_BEFORE_WAL: &str =
+    "a snapshot install was cut short before the WAL recorded it";
+/// Logged at start when a snapshot install cut short after the WAL
+/// recorded it is finished from its copy.
+pub const INSTALL_CUT_AFTER_WAL: &str = "finished installing a snapshot interrupted by a restart";
 
 /// Ticks between sweeps of forwarded proposals nobody waits for.
 const WAITING_SWEEP_TICKS: u64 = 100;

@@ -24,7 +24,10 @@ mod transport;
 pub mod wire;
 
 pub use error::Error;
-pub use host::{HostConfig, NodeHost, SessionFilter, StateMachine, WeakNodeHost};
+pub use host::{
+    HostConfig, NodeHost, SessionFilter, StateMachine, WeakNodeHost, INSTALL_CUT_AFTER_WAL,
+    INSTALL_CUT_BEFORE_WAL,
+};
 pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;
 pub use tcp::{PeerTls, TcpConfig, TcpStats, TcpTransport};
