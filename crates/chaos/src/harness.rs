@@ -119,6 +119,10 @@ pub struct RunConfig {
     pub faults: Vec<Fault>,
     /// The seed of every random choice.
     pub seed: u64,
+    /// Bytes of ballast written once before the workload (keys outside
+    /// the checked ones), so that snapshots take long enough to install
+    /// for `snapshot-crash` to cut them.
+    pub ballast_bytes: u64,
 }
 
 /// What a run found.
@@ -247,6 +251,38 @@ impl FollowerReader {
             }
         }
     }
+}
+
+/// Each ballast value's size.
+const BALLAST_VALUE_BYTES: usize = 64 * 1024;
+
+/// Writes `bytes` of ballast under `ballast/`, retrying each put until
+/// the cluster takes it.
+async fn write_ballast(address: SocketAddr, bytes: u64) -> std::io::Result<()> {
+    let Some(mut client) = connect(address).await else {
+        return Err(std::io::Error::other("no client channel for the ballast"));
+    };
+    let values = bytes.div_ceil(BALLAST_VALUE_BYTES as u64);
+    for index in 0..values {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let request = pb::PutRequest {
+                key: format!("ballast/{index:05}").into_bytes(),
+                value: vec![b'.'; BALLAST_VALUE_BYTES],
+                ..pb::PutRequest::default()
+            };
+            match client.put(request).await {
+                Ok(_) => break,
+                Err(status) if Instant::now() >= deadline => {
+                    return Err(std::io::Error::other(format!(
+                        "the cluster took no ballast for 30 s: {status}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A follower reader's pause between reads: local reads are cheap, and the
@@ -400,8 +436,13 @@ impl Node {
         let _ = kill_process(pid, signal);
     }
 
-    fn is_running(&self) -> bool {
-        self.child.is_some()
+    /// Started and not exited (a node that aborted on a panic is down, and
+    /// the final heal restarts it, as a supervisor would).
+    fn is_running(&mut self) -> bool {
+        matches!(
+            self.child.as_mut().map(|child| child.try_wait()),
+            Some(Ok(None))
+        )
     }
 }
 
@@ -856,6 +897,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         .collect();
     // Let the cluster elect and create the etcd table.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    write_ballast(client_addresses[0], config.ballast_bytes).await?;
     let peer_bytes = |cluster: &Mutex<Cluster>| -> u64 {
         lock(cluster)
             .peer_proxies
@@ -979,19 +1021,26 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut finals: BTreeMap<String, Value> = BTreeMap::new();
-    if let Some(mut client) = connect(client_addresses[0]).await {
-        for key in 0..config.keys {
-            let key = format!("k{key}");
-            for _ in 0..20 {
-                let read =
-                    tokio::time::timeout(OPERATION_TIMEOUT, run_op(&mut client, &key, &Op::Get))
-                        .await;
-                if let Ok((Outcome::Read(value), _)) = read {
-                    finals.insert(key.clone(), value);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    // Linearizable reads, through each node in turn: one node that does
+    // not recover must not hide the final state (the convergence check
+    // below reports that node).
+    let mut clients = Vec::new();
+    for address in &client_addresses {
+        clients.extend(connect(*address).await);
+    }
+    for key in 0..config.keys {
+        let key = format!("k{key}");
+        for attempt in 0..20 {
+            let Some(client) = clients.get_mut(attempt % client_addresses.len().max(1)) else {
+                break;
+            };
+            let read =
+                tokio::time::timeout(OPERATION_TIMEOUT, run_op(client, &key, &Op::Get)).await;
+            if let Ok((Outcome::Read(value), _)) = read {
+                finals.insert(key.clone(), value);
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     let apis: Vec<(String, SocketAddr)> = {

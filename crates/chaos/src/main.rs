@@ -40,6 +40,10 @@ struct Cli {
     /// Concurrent clients of the leader cluster.
     #[arg(long, default_value_t = 8)]
     clients: u64,
+    /// MiB of ballast written before the workload, so that snapshots take
+    /// long enough to install for `snapshot-crash` to cut them.
+    #[arg(long, default_value_t = 16)]
+    ballast_mb: u64,
     /// Keys the clients share.
     #[arg(long, default_value_t = 5)]
     keys: u64,
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
         duration: Duration::from_secs(cli.time_limit),
         faults,
         seed,
+        ballast_bytes: cli.ballast_mb * 1024 * 1024,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

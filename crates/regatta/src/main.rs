@@ -878,6 +878,16 @@ fn node_keys(name: &str) -> std::collections::BTreeSet<String> {
 }
 
 fn main() -> ExitCode {
+    // Fail-stop: a panic on any thread (a storage engine's background
+    // thread included) may leave shared state poisoned, and a node that
+    // lingers half-alive serves nothing. Report it, then abort, so that the
+    // supervisor restarts the node and it recovers from disk.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("regatta: a thread panicked; aborting so the node restarts from its data");
+        std::process::abort();
+    }));
     let arguments: Vec<String> = std::env::args().collect();
     let subcommand = match arguments.get(1).map(String::as_str) {
         Some("follower") => "follower",
