@@ -1066,18 +1066,12 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let info = count(|o| *o == Outcome::Info);
     let lost = checker::lost_writes(&history, &finals);
     let unread_keys = config.keys - finals.len() as u64;
-    let logged = |what: &str| -> usize {
-        let guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
-        guard
-            .nodes
-            .iter()
-            .map(|node| {
-                std::fs::read_to_string(node.dir.with_extension("log"))
-                    .map(|log| log.matches(what).count())
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
+    let logs: Vec<String> = lock(&cluster)
+        .nodes
+        .iter()
+        .map(|node| std::fs::read_to_string(node.dir.with_extension("log")).unwrap_or_default())
+        .collect();
+    let logged = |what: &str| -> usize { logs.iter().map(|log| log.matches(what).count()).sum() };
     let snapshots_installed = logged(SNAPSHOT_INSTALLED);
     let installs_cut = logged(regatta_multiraft::INSTALL_CUT_BEFORE_WAL)
         + logged(regatta_multiraft::INSTALL_CUT_AFTER_WAL);

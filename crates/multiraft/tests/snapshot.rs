@@ -103,6 +103,21 @@ fn config_large(id: u64, dir: &std::path::Path) -> HostConfig {
     config
 }
 
+/// Host `id` on `dir`, reachable over the in-process `transport`.
+fn open_in_process(transport: &Arc<LocalTransport>, id: u64, dir: &std::path::Path) -> NodeHost {
+    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+    let as_transport: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(
+        config(id, dir),
+        wal,
+        as_transport,
+        tokio::runtime::Handle::current(),
+    )
+    .expect("host");
+    transport.register(NodeId(id), &host);
+    host
+}
+
 async fn leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -218,16 +233,7 @@ async fn a_new_node_catches_up_through_a_snapshot_in_process() {
                  dir: &std::path::Path,
                  voters: &[NodeId],
                  restored_at: Arc<Mutex<Option<LogIndex>>>| {
-        let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
-        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-        let host = NodeHost::new(
-            config(id, dir),
-            wal,
-            as_transport,
-            tokio::runtime::Handle::current(),
-        )
-        .expect("host");
-        transport.register(NodeId(id), &host);
+        let host = open_in_process(&transport, id, dir);
         let machine = Kv {
             restored_at,
             ..Kv::default()
@@ -362,19 +368,7 @@ async fn an_install_cut_after_the_wal_finishes_on_restart() {
         .collect();
     let transport = LocalTransport::new();
     let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    let open = |id: u64, dir: &std::path::Path| {
-        let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
-        let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-        let host = NodeHost::new(
-            config(id, dir),
-            wal,
-            as_transport,
-            tokio::runtime::Handle::current(),
-        )
-        .expect("host");
-        transport.register(NodeId(id), &host);
-        host
-    };
+    let open = |id: u64, dir: &std::path::Path| open_in_process(&transport, id, dir);
     let mut hosts = BTreeMap::new();
     for id in 1..=3u64 {
         let host = open(id, dirs[id as usize - 1].path());
