@@ -72,6 +72,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
+        remove_unfinished_partitions(dir)?;
         let keyspace = fjall::Config::new(dir).open()?;
         let meta = keyspace.open_partition(META_PARTITION, PartitionCreateOptions::default())?;
         Ok(Store {
@@ -312,6 +313,70 @@ pub fn read_table_item(data: &mut dyn Read) -> Result<Option<TableItem>> {
     };
     check_item(&key, &record)?;
     Ok(Some((key, record)))
+}
+
+/// The engine's marker that a partition is initialized, and the file its
+/// tree is opened from (lsm-tree 2.10: `manifest`, `levels`).
+const PARTITION_MARKER_FILE: &str = "manifest";
+const PARTITION_LEVELS_FILE: &str = "levels";
+
+/// Removes partitions whose creation a crash interrupted.
+///
+/// lsm-tree 2.10 writes a new tree's `manifest` (which fjall takes as
+/// "initialized") before its `levels` file, so a kill between the two
+/// leaves a partition that fjall will not open ("No such file or
+/// directory"), and with it the whole store (anomaly 5 in
+/// `docs/verification.md`). Such a partition never returned from its
+/// creation, so it holds nothing: it is removed, provided it has no table
+/// file either. Anything else missing its `levels` file is a real loss, and
+/// opening stops with an error that names it.
+fn remove_unfinished_partitions(dir: &Path) -> Result<()> {
+    let partitions = dir.join("partitions");
+    let entries = match std::fs::read_dir(&partitions) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => {
+            return Err(Error::Storage(format!(
+                "list {}: {error}",
+                partitions.display()
+            )))
+        }
+    };
+    let io = |what: &str, path: &Path, error: std::io::Error| {
+        Error::Storage(format!("{what} {}: {error}", path.display()))
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| io("list", &partitions, e))?;
+        let path = entry.path();
+        if !path.is_dir()
+            || !path.join(PARTITION_MARKER_FILE).exists()
+            || path.join(PARTITION_LEVELS_FILE).exists()
+        {
+            continue;
+        }
+        let segments = path.join("segments");
+        let holds_tables = match std::fs::read_dir(&segments) {
+            Ok(mut files) => files.next().is_some(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+            Err(error) => return Err(io("list", &segments, error)),
+        };
+        if holds_tables {
+            return Err(Error::Storage(format!(
+                "partition {} has table files but no {PARTITION_LEVELS_FILE} file; \
+                 the table store is damaged",
+                path.display()
+            )));
+        }
+        tracing::warn!(
+            partition = %path.display(),
+            "removing a partition whose creation a crash interrupted"
+        );
+        std::fs::remove_dir_all(&path).map_err(|e| io("remove", &path, e))?;
+        std::fs::File::open(&partitions)
+            .and_then(|directory| directory.sync_all())
+            .map_err(|e| io("fsync", &partitions, e))?;
+    }
+    Ok(())
 }
 
 fn partition_name(group: u64, generation: u64) -> String {

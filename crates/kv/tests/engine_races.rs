@@ -1,0 +1,127 @@
+//! Races in the storage engine that the table store relies on being fixed
+//! (`vendor/fjall`, `docs/decisions/0005-fjall-patches.md`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fjall::{PartitionCreateOptions, PersistMode};
+
+/// A table restore deletes the partition it replaced while the engine may
+/// still be flushing that partition's memtables. Unpatched fjall 2.11.2
+/// panics in its flush thread ("removal index (is 0) should be < len"),
+/// found by the chaos harness (anomaly 4 in `docs/verification.md`).
+#[test]
+fn deleting_a_partition_while_it_flushes_does_not_panic_the_engine() {
+    let panics = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&panics);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keyspace = fjall::Config::new(dir.path())
+        .max_write_buffer_size(1 << 20)
+        .open()
+        .expect("open");
+    let value = vec![0x42u8; 1024];
+    for round in 0..60u32 {
+        let partition = keyspace
+            .open_partition(
+                &format!("p-{round}"),
+                PartitionCreateOptions::default().max_memtable_size(64 * 1024),
+            )
+            .expect("create");
+        for key in 0..600u32 {
+            partition
+                .insert(key.to_be_bytes(), value.as_slice())
+                .expect("insert");
+        }
+        keyspace.persist(PersistMode::Buffer).expect("persist");
+        keyspace.delete_partition(partition).expect("delete");
+        assert_eq!(panics.load(Ordering::SeqCst), 0, "round {round}");
+    }
+    // Every byte the deleted partitions held is freed once their flushes
+    // finish; unpatched, queued memtables stayed counted and, once they
+    // filled the write buffer, halted every write of the node.
+    let mut waited_ms = 0;
+    while keyspace.write_buffer_size() > 0 && waited_ms < 10_000 {
+        std::thread::sleep(Duration::from_millis(50));
+        waited_ms += 50;
+    }
+    assert_eq!(keyspace.write_buffer_size(), 0, "write buffer bytes leaked");
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "the engine panicked");
+}
+
+/// The on-disk state a kill leaves inside lsm-tree 2.10's tree creation:
+/// the partition's `manifest` written, its `levels` file not yet. Unfixed,
+/// the store does not open again ("No such file or directory"; anomaly 5 in
+/// `docs/verification.md`).
+#[test]
+fn a_partition_whose_creation_was_cut_is_removed_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = regatta_kv::Store::open(dir.path()).expect("open");
+        let table = store.open_table(2).expect("table");
+        drop(table);
+    }
+    // A partition created completely, then reduced to what a kill between
+    // the two files leaves.
+    {
+        let keyspace = fjall::Config::new(dir.path()).open().expect("open");
+        let partition = keyspace
+            .open_partition("t-2-9", PartitionCreateOptions::default())
+            .expect("create");
+        drop(partition);
+        keyspace.persist(PersistMode::SyncAll).expect("persist");
+    }
+    let cut = dir.path().join("partitions").join("t-2-9");
+    std::fs::remove_file(cut.join("levels")).expect("remove levels");
+    let unpatched = fjall::Config::new(dir.path()).open();
+    assert!(
+        unpatched.is_err(),
+        "the engine itself opens a cut partition: this repair is no longer needed"
+    );
+    drop(unpatched);
+
+    let store = regatta_kv::Store::open(dir.path()).expect("the store opens again");
+    assert!(!cut.exists(), "the cut partition is removed");
+    store.open_table(2).expect("the table opens");
+}
+
+/// A partition missing its `levels` file but holding table files is not a
+/// cut creation: the store refuses to open and names it, rather than
+/// deleting data.
+#[test]
+fn a_partition_with_data_but_no_levels_file_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let keyspace = fjall::Config::new(dir.path()).open().expect("open");
+        let partition = keyspace
+            .open_partition("t-3-1", PartitionCreateOptions::default())
+            .expect("create");
+        partition.insert(b"key", b"value").expect("insert");
+        partition.rotate_memtable_and_wait().expect("flush");
+        drop(partition);
+        keyspace.persist(PersistMode::SyncAll).expect("persist");
+    }
+    let partition = dir.path().join("partitions").join("t-3-1");
+    assert!(
+        std::fs::read_dir(partition.join("segments"))
+            .expect("segments")
+            .next()
+            .is_some(),
+        "the flush wrote a table file"
+    );
+    std::fs::remove_file(partition.join("levels")).expect("remove levels");
+    let error = match regatta_kv::Store::open(dir.path()) {
+        Ok(_) => panic!("a damaged store opened"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("t-3-1") && error.contains("levels"),
+        "{error}"
+    );
+    assert!(partition.exists(), "nothing is deleted");
+}
