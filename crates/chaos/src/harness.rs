@@ -461,9 +461,11 @@ struct Cluster {
     client_proxies: Vec<Proxy>,
     /// The follower cluster's nodes (none without one).
     followers: Vec<Node>,
-    /// The link between the locations: every follower node reaches the
-    /// leader cluster's replication API (on node 1) through it.
-    location_link: Option<Proxy>,
+    /// The link between the locations: one proxy per leader node, through
+    /// which every follower node reaches that node's replication API. The
+    /// followers are given all of them and move between them when one
+    /// fails. Empty without a follower cluster.
+    location_links: Vec<Proxy>,
 }
 
 impl Cluster {
@@ -522,10 +524,18 @@ impl Cluster {
             node.start(&config.binary)?;
             nodes.push(node);
         }
-        let (followers, location_link) = if config.followers == 0 {
-            (Vec::new(), None)
+        let (followers, location_links) = if config.followers == 0 {
+            (Vec::new(), Vec::new())
         } else {
-            let link = Proxy::start(any, replications[0]).await?;
+            let mut links = Vec::new();
+            for replication in &replications {
+                links.push(Proxy::start(any, *replication).await?);
+            }
+            let leader_addresses = links
+                .iter()
+                .map(|link| link.address().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
             let mut rafts = Vec::new();
             for _ in 0..config.followers {
                 rafts.push(free_address()?);
@@ -547,7 +557,7 @@ impl Cluster {
                     subcommand: "follower",
                     extra: vec![
                         "--replication.leader-address".into(),
-                        link.address().to_string(),
+                        leader_addresses.clone(),
                         "--replication.metadata-interval-ms".into(),
                         "100".into(),
                     ],
@@ -556,14 +566,14 @@ impl Cluster {
                 node.start(&config.binary)?;
                 followers.push(node);
             }
-            (followers, Some(link))
+            (followers, links)
         };
         Ok(Cluster {
             nodes,
             peer_proxies,
             client_proxies,
             followers,
-            location_link,
+            location_links,
         })
     }
 
@@ -596,7 +606,7 @@ impl Cluster {
     }
 
     fn heal_all(&self) {
-        for proxy in self.peer_proxies.values().chain(&self.location_link) {
+        for proxy in self.peer_proxies.values().chain(&self.location_links) {
             proxy.heal();
         }
     }
@@ -824,13 +834,17 @@ async fn inject(
             lock(cluster).slow(node, Duration::from_millis(50));
             format!("slow node {node} by 50 ms")
         }
-        Fault::CutLocation => match &lock(cluster).location_link {
-            Some(link) => {
-                link.cut();
+        Fault::CutLocation => {
+            let cluster = lock(cluster);
+            if cluster.location_links.is_empty() {
+                "cut the link between the locations: no follower cluster, nothing done".into()
+            } else {
+                for link in &cluster.location_links {
+                    link.cut();
+                }
                 "cut the link between the locations".into()
             }
-            None => "cut the link between the locations: no follower cluster, nothing done".into(),
-        },
+        }
         Fault::TransferLeader => {
             let via = 1 + rng.next() % nodes;
             let outcome = move_leader(client_addresses[via as usize - 1], node).await;

@@ -486,8 +486,11 @@ struct FollowerArgs {
     #[command(flatten)]
     node: LeaderArgs,
 
-    /// The leader cluster's replication API (its `--replication.address`),
-    /// as host:port or an http:// URL.
+    /// The leader cluster's replication API (its nodes'
+    /// `--replication.address`), as host:port or an http(s):// URL. Give
+    /// several, separated by commas, to keep replicating when one node is
+    /// down: the follower uses one at a time and moves to the next when
+    /// it cannot be reached or is behind.
     #[arg(
         long = "replication.leader-address",
         env = "REGATTA_REPLICATION_LEADER_ADDRESS"
@@ -521,7 +524,7 @@ struct FollowerArgs {
     replication_snapshot_bytes_per_second: u64,
 
     /// The name the leader's replication certificate must carry; by
-    /// default the host of `--replication.leader-address`.
+    /// default the host of each `--replication.leader-address`.
     #[arg(
         long = "replication.server-name",
         env = "REGATTA_REPLICATION_SERVER_NAME"
@@ -629,9 +632,16 @@ async fn run_follower(args: FollowerArgs) -> Result<(), String> {
                 .into(),
         );
     }
-    let address = args.replication_leader_address.trim();
-    if address.is_empty() {
-        return Err("--replication.leader-address is empty".into());
+    let addresses: Vec<String> = args
+        .replication_leader_address
+        .split(',')
+        .map(|address| address.trim().to_string())
+        .collect();
+    if addresses.iter().any(String::is_empty) {
+        return Err(format!(
+            "--replication.leader-address {:?}: an address is empty",
+            args.replication_leader_address
+        ));
     }
     let tls = &args.node.tls;
     if tls
@@ -663,10 +673,12 @@ async fn run_follower(args: FollowerArgs) -> Result<(), String> {
             .map_err(|error| format!("--replication.*: {error}"))?,
         ),
     };
-    // Check the address now, so that a typo fails at start.
-    regatta_server::tls::endpoint(address, client_tls.as_ref())
-        .map_err(|error| format!("--replication.leader-address: {error}"))?;
-    let mut follower = regatta_replication::FollowerConfig::new(address);
+    // Check the addresses now, so that a typo fails at start.
+    for address in &addresses {
+        regatta_server::tls::endpoint(address, client_tls.as_ref())
+            .map_err(|error| format!("--replication.leader-address: {error}"))?;
+    }
+    let mut follower = regatta_replication::FollowerConfig::with_addresses(addresses);
     follower.tls = client_tls;
     follower.metadata_interval =
         Duration::from_millis(args.replication_metadata_interval_ms.max(10));
@@ -768,7 +780,7 @@ async fn run_node(
     }
     let puller = match follower {
         Some(follower) => {
-            tracing::info!(leader = %follower.leader_url, "replicating the leader cluster");
+            tracing::info!(leader = %follower.leader_urls.join(","), "replicating the leader cluster");
             Some(
                 regatta_replication::start_follower(std::sync::Arc::clone(&node), follower)
                     .map_err(|error| error.to_string())?,

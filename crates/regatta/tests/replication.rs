@@ -318,7 +318,9 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
     let mut leader = connect(&leader_nodes[0]).await;
 
     // Each follower cluster reaches leader node 1 through a link with
-    // 50 ms of latency each way.
+    // 50 ms of latency each way, and one more leader node directly (node 2
+    // for the single node, node 3 for the three), which it moves to when
+    // node 1 is lost.
     let any = "127.0.0.1:0".parse().expect("address");
     let link_a = regatta_chaos::proxy::Proxy::start(any, replication[0])
         .await
@@ -332,7 +334,7 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
         &root.path().join("single"),
         free_address(),
         free_address(),
-        link_a.address(),
+        format!("{},{}", link_a.address(), replication[1]),
         &["--raft.cluster-id", "2"],
     );
     let follower_rafts: Vec<_> = (0..3).map(|_| free_address()).collect();
@@ -345,7 +347,7 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
                 free_address(),
                 follower_rafts[id as usize - 1],
                 &follower_members,
-                link_b.address(),
+                format!("{},{}", link_b.address(), replication[2]),
                 &["--raft.cluster-id", "3"],
             ))
         })
@@ -429,5 +431,35 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
     .await;
     for client in &mut survivors {
         wait_for_contents(client, &expected, "a surviving follower node, at the end").await;
+    }
+
+    // Leader node 1, the first address both follower clusters were given,
+    // dies: they move to their second address and keep replicating.
+    leader_nodes[0].kill();
+    let mut leader = connect(&leader_nodes[1]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..20 {
+        while let Err(error) = leader.put(format!("after-node-1/{i:02}"), "z", None).await {
+            assert!(
+                Instant::now() < deadline,
+                "the leader cluster took no write after node 1 died: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let expected = everything(&mut leader, false).await;
+    wait_for_contents(
+        &mut single_client,
+        &expected,
+        "the single-node follower, after leader node 1 died",
+    )
+    .await;
+    for client in &mut survivors {
+        wait_for_contents(
+            client,
+            &expected,
+            "a follower node, after leader node 1 died",
+        )
+        .await;
     }
 }

@@ -17,6 +17,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,9 +49,10 @@ const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How a follower cluster replicates.
 #[derive(Clone, Debug)]
 pub struct FollowerConfig {
-    /// The leader cluster's replication API, as a URL
-    /// (`http://host:port`).
-    pub leader_url: String,
+    /// The leader cluster's replication API on one or more of its nodes,
+    /// as URLs (`http://host:port`). The follower uses one at a time and
+    /// moves to the next when it cannot be reached or is behind.
+    pub leader_urls: Vec<String>,
     /// How often the catalogue is compared with the leader's tables.
     pub metadata_interval: Duration,
     /// Snapshot installs running at once on this node, at most.
@@ -65,8 +67,13 @@ pub struct FollowerConfig {
 impl FollowerConfig {
     /// Defaults for the leader cluster at `leader_url`.
     pub fn new(leader_url: impl Into<String>) -> FollowerConfig {
+        FollowerConfig::with_addresses(vec![leader_url.into()])
+    }
+
+    /// Defaults for the leader cluster reached at any of `leader_urls`.
+    pub fn with_addresses(leader_urls: Vec<String>) -> FollowerConfig {
         FollowerConfig {
-            leader_url: leader_url.into(),
+            leader_urls,
             metadata_interval: Duration::from_secs(1),
             snapshot_installs_max: 2,
             snapshot_bytes_per_second_max: 0,
@@ -100,27 +107,110 @@ impl Drop for Follower {
     }
 }
 
-/// Starts replicating the leader cluster at `config.leader_url` into
+/// Starts replicating the leader cluster at `config.leader_urls` into
 /// `node`'s cluster, and forwarding its writes there.
 pub fn start(node: Arc<Node>, config: FollowerConfig) -> Result<Follower> {
-    let endpoint = regatta_server::tls::endpoint(&config.leader_url, config.tls.as_ref()).map_err(
-        |error| Error::InvalidArgument(format!("the leader cluster's address: {error}")),
-    )?;
-    let channel = regatta_server::tls::connect_lazy(endpoint, config.tls.as_ref());
+    let link = Arc::new(LeaderLink::new(&config)?);
     node.set_forwarder(Arc::new(GrpcForwarder {
-        channel: channel.clone(),
+        link: Arc::clone(&link),
     }));
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(supervise(node, config, channel, stopped));
+    let task = tokio::spawn(supervise(node, config, link, stopped));
     Ok(Follower {
         stop,
         task: Some(task),
     })
 }
 
+/// The channels to the leader cluster's nodes, one in use at a time.
+///
+/// Every node of the leader cluster serves the whole replication API: the
+/// catalogue is read linearizably, and a node whose log is behind this
+/// follower says so (`LeaderBehind`) rather than send an older state. So
+/// moving between them is safe, and needed: with one address, losing that
+/// node stopped replication and forwarded writes.
+struct LeaderLink {
+    addresses: Vec<String>,
+    channels: Vec<Channel>,
+    /// The channel in use: an index into `channels`.
+    current: AtomicUsize,
+}
+
+impl LeaderLink {
+    fn new(config: &FollowerConfig) -> Result<LeaderLink> {
+        if config.leader_urls.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no address of the leader cluster was given".into(),
+            ));
+        }
+        let mut channels = Vec::with_capacity(config.leader_urls.len());
+        for url in &config.leader_urls {
+            let endpoint =
+                regatta_server::tls::endpoint(url, config.tls.as_ref()).map_err(|error| {
+                    Error::InvalidArgument(format!("the leader cluster's address: {error}"))
+                })?;
+            channels.push(regatta_server::tls::connect_lazy(
+                endpoint,
+                config.tls.as_ref(),
+            ));
+        }
+        Ok(LeaderLink {
+            addresses: config.leader_urls.clone(),
+            channels,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The channel in use, and its index for [`LeaderLink::failed`].
+    fn pick(&self) -> (usize, Channel) {
+        let index = self.current.load(Ordering::Acquire) % self.channels.len();
+        (index, self.channels[index].clone())
+    }
+
+    /// Moves to the next address when `error`, met on channel `used`, says
+    /// that node may not serve: unreachable, timed out, failing, or
+    /// behind. Errors about the request itself, which every node would
+    /// repeat, do not move. Many callers may report the same failure; the
+    /// first one moves.
+    fn failed(&self, used: usize, error: &Error) {
+        let moves = match error {
+            Error::Remote(status) => !matches!(
+                status.code(),
+                tonic::Code::Ok
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::NotFound
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::Unimplemented
+            ),
+            Error::LeaderBehind(_) => true,
+            _ => false,
+        };
+        if !moves || self.channels.len() < 2 {
+            return;
+        }
+        let next = (used + 1) % self.channels.len();
+        if self
+            .current
+            .compare_exchange(used, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::warn!(
+                from = %self.addresses[used],
+                to = %self.addresses[next],
+                %error,
+                "moving to another node of the leader cluster"
+            );
+        }
+    }
+}
+
 /// Forwards writes over `Forward.Write`.
 struct GrpcForwarder {
-    channel: Channel,
+    link: Arc<LeaderLink>,
 }
 
 impl WriteForwarder for GrpcForwarder {
@@ -130,19 +220,22 @@ impl WriteForwarder for GrpcForwarder {
         command: Command,
     ) -> Pin<Box<dyn Future<Output = regatta_server::Result<KvResponse>> + Send + '_>> {
         Box::pin(async move {
-            let mut client = proto::forward_client::ForwardClient::new(self.channel.clone());
+            let (used, channel) = self.link.pick();
+            let mut client = proto::forward_client::ForwardClient::new(channel);
             let request = proto::ForwardRequest {
                 table: table.into_bytes(),
                 command: encode(&command),
             };
-            let reply =
-                client
-                    .write(request)
-                    .await
-                    .map_err(|status| regatta_server::Error::Forwarded {
-                        code: status.code(),
-                        message: status.message().to_string(),
-                    })?;
+            // Not retried on another node: the write may have been applied.
+            // The client retries, and the next attempt uses the next node.
+            let reply = client.write(request).await.map_err(|status| {
+                let forwarded = regatta_server::Error::Forwarded {
+                    code: status.code(),
+                    message: status.message().to_string(),
+                };
+                self.link.failed(used, &Error::from(status));
+                forwarded
+            })?;
             decode::<KvResponse>(&reply.into_inner().response).map_err(|error| {
                 regatta_server::Error::Internal(format!(
                     "the leader cluster's response to a forwarded write: {error}"
@@ -163,7 +256,7 @@ struct Puller {
 async fn supervise(
     node: Arc<Node>,
     config: FollowerConfig,
-    channel: Channel,
+    link: Arc<LeaderLink>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let own = node.config().node_id.0;
@@ -183,8 +276,10 @@ async fn supervise(
         }
         if node.facts(META_GROUP).leader == own && Instant::now() >= metadata_due {
             metadata_due = Instant::now() + config.metadata_interval;
+            let (used, channel) = link.pick();
             if let Err(error) = reconcile_tables(&node, &channel).await {
                 tracing::warn!(%error, "cannot compare the tables with the leader cluster's");
+                link.failed(used, &error);
             }
         }
         let led: HashMap<String, GroupId> = node
@@ -207,7 +302,7 @@ async fn supervise(
                     group,
                     task: tokio::spawn(pull(
                         Arc::clone(&node),
-                        channel.clone(),
+                        Arc::clone(&link),
                         name,
                         group,
                         Arc::clone(&installs),
@@ -249,7 +344,7 @@ async fn reconcile_tables(node: &Node, channel: &Channel) -> Result<()> {
 /// Pulls table `name` until aborted, starting over after each failure.
 async fn pull(
     node: Arc<Node>,
-    channel: Channel,
+    link: Arc<LeaderLink>,
     name: String,
     group: GroupId,
     installs: Arc<InstallLimits>,
@@ -257,10 +352,12 @@ async fn pull(
     let mut delay = RETRY_DELAY_MIN;
     let mut state = LagState::default();
     loop {
+        let (used, channel) = link.pick();
         match pull_once(&node, &channel, &name, group, &installs, &mut state).await {
             Ok(()) => delay = RETRY_DELAY_MIN,
             Err(error) => {
                 tracing::warn!(table = %name, %error, "replication paused; retrying");
+                link.failed(used, &error);
                 state.error = Some(error.to_string());
                 state.report(&node, group);
                 tokio::time::sleep(delay).await;

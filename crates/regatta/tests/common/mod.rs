@@ -83,7 +83,7 @@ impl Regatta {
         dir: &Path,
         api: SocketAddr,
         raft: SocketAddr,
-        leader: SocketAddr,
+        leader: impl std::fmt::Display,
         extra: &[&str],
     ) -> Regatta {
         let leader = leader.to_string();
@@ -106,7 +106,7 @@ impl Regatta {
         api: SocketAddr,
         raft: SocketAddr,
         members: &str,
-        leader: SocketAddr,
+        leader: impl std::fmt::Display,
         extra: &[&str],
     ) -> Regatta {
         let flags = member_flags(id, members, extra);
