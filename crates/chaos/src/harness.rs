@@ -344,6 +344,16 @@ impl Rng {
     }
 }
 
+/// `--raft.initial-members` for nodes 1, 2, … at `rafts`: `1=addr,2=addr`.
+pub fn initial_members(rafts: &[SocketAddr]) -> String {
+    rafts
+        .iter()
+        .enumerate()
+        .map(|(position, address)| format!("{}={address}", position + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A free port on 127.0.0.1 for a node that may be killed and restarted on
 /// it. It is picked below Linux's ephemeral range (32768 and up), which
 /// the kernel hands to outgoing connections: a port from that range, free
@@ -540,12 +550,7 @@ impl Cluster {
             for _ in 0..config.followers {
                 rafts.push(free_address()?);
             }
-            let members = rafts
-                .iter()
-                .enumerate()
-                .map(|(position, address)| format!("{}={address}", position + 1))
-                .collect::<Vec<_>>()
-                .join(",");
+            let members = initial_members(&rafts);
             let mut followers = Vec::new();
             for id in 1..=config.followers {
                 let mut node = Node {

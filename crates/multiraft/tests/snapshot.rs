@@ -356,12 +356,12 @@ fn install_copies(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A crash after the WAL recorded a snapshot's install and before the state
 /// machine restored it (here the restore fails instead, which leaves the
 /// same state on disk): the log starts past the state machine. A restart
 /// without the kept copy is refused with a clear error; with it, the
 /// install finishes and the node catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_install_cut_after_the_wal_finishes_on_restart() {
     let dirs: Vec<tempfile::TempDir> = (0..4)
         .map(|_| tempfile::tempdir().expect("tempdir"))

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use regatta_chaos::harness::free_address;
+use regatta_chaos::harness::{free_address, initial_members};
 use regatta_chaos::proxy::Proxy;
 use regatta_server::proto::etcdserverpb as pb;
 use tonic::transport::Channel;
@@ -207,12 +207,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     for _ in 0..cli.leader_nodes {
         rafts.push(free()?);
     }
-    let members = rafts
-        .iter()
-        .enumerate()
-        .map(|(index, address)| format!("{}={address}", index + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let members = initial_members(&rafts);
     let mut processes = Vec::new();
     let mut leader_api = None;
     let mut replication = None;
