@@ -1258,7 +1258,8 @@ impl<S: Storage> Raft<S> {
             ProgressState::Replicate => progress.free_inflights_to(index),
             ProgressState::Snapshot => {}
         }
-        if self.maybe_commit() {
+        let committed = self.maybe_commit();
+        if committed {
             self.commit_unsent = true;
         }
         while self.send_append(from, false) {}
@@ -1269,7 +1270,16 @@ impl<S: Storage> Raft<S> {
         if self.transfer.is_some_and(|(target, _)| target == from) && caught_up {
             self.send_timeout_now(from);
         }
-        self.maybe_auto_promote(from);
+        if committed {
+            // The commit may be what a caught-up learner waited for (its
+            // own addition): it will not necessarily answer again.
+            let learners: Vec<NodeId> = self.membership.auto_promote.iter().copied().collect();
+            for learner in learners {
+                self.maybe_auto_promote(learner);
+            }
+        } else {
+            self.maybe_auto_promote(from);
+        }
         Ok(())
     }
 
@@ -1287,6 +1297,10 @@ impl<S: Storage> Raft<S> {
         if behind {
             self.send_append(from, true);
         }
+        // An idle group sends only heartbeats: a learner that caught up
+        // without an append answer the promotion could follow is promoted
+        // here.
+        self.maybe_auto_promote(from);
         self.advance_read_rounds();
         Ok(())
     }

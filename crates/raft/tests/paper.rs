@@ -674,6 +674,41 @@ mod membership {
         assert_eq!(voters(&c, 1), vec![1, 2, 3, 4]);
     }
 
+    /// A learner that acknowledged everything before the leader could
+    /// commit it is still promoted once the group goes idle: the commit
+    /// reaches it in an append that wants no answer, so only heartbeat
+    /// answers and the commit itself can start the promotion.
+    #[test]
+    fn auto_promotion_when_the_learner_was_ahead_of_the_commit() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "before").expect("proposed");
+        c.settle();
+        c.add_empty(4);
+        // The voters are cut off: the learner receives and acknowledges
+        // the change that adds it, but the leader cannot commit it yet.
+        c.cut(1, 2);
+        c.cut(1, 3);
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: true,
+            },
+        )
+        .expect("accepted");
+        c.settle();
+        assert_eq!(c.last_index(4), c.last_index(1), "the learner holds it");
+        assert!(c.commit(1) < c.last_index(1), "not committed yet");
+        c.heal();
+        for _ in 0..5 {
+            c.tick_all(5);
+            c.settle();
+        }
+        assert_eq!(voters(&c, 1), vec![1, 2, 3, 4]);
+    }
+
     /// Promoting a learner that has not caught up is refused clearly.
     #[test]
     fn promoting_a_lagging_learner_is_refused() {
