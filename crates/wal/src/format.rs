@@ -4,8 +4,16 @@
 
 /// Magic bytes at the start of every segment.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"RGWALSEG";
-/// The format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version: no flags, segments not zero-filled. Still read.
+pub const FORMAT_VERSION_1: u32 = 1;
+/// Record flag (version 2): the first record of a write, that is, of what
+/// one `write` and one `fdatasync` make durable.
+pub const RECORD_FLAG_WRITE_START: u8 = 1;
+/// Segments are zero-filled ahead of their records in steps of this many
+/// bytes (version 2), so that appends overwrite existing blocks.
+pub const ZERO_FILL_STEP_BYTES: u64 = 1 << 20;
 /// Bytes of the segment header.
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 /// Bytes of a record header.
@@ -64,14 +72,15 @@ pub enum HeaderProblem {
     Short,
     /// Magic or checksum wrong.
     Damaged,
-    /// A version this code does not know.
+    /// A version this code does not read.
     Version(u32),
     /// The sequence in the header differs from the file name.
     Sequence(u64),
 }
 
-/// Checks a segment header against the sequence its file name gives.
-pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<(), HeaderProblem> {
+/// Checks a segment header against the sequence its file name gives, and
+/// returns the segment's format version.
+pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<u32, HeaderProblem> {
     if bytes.len() < SEGMENT_HEADER_BYTES {
         return Err(HeaderProblem::Short);
     }
@@ -80,23 +89,26 @@ pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<(), HeaderPro
         return Err(HeaderProblem::Damaged);
     }
     let version = read_u32(bytes, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
         return Err(HeaderProblem::Version(version));
     }
     let found = read_u64(bytes, 16);
     if found != sequence {
         return Err(HeaderProblem::Sequence(found));
     }
-    Ok(())
+    Ok(version)
 }
 
-/// Appends one framed record to `out`.
+/// Appends one framed record to `out` (see [`encode_record_with`]).
 pub fn encode_record(kind: RecordType, group: u64, body: &[u8], out: &mut Vec<u8>) {
     encode_record_with(kind, group, out, |out| out.extend_from_slice(body));
 }
 
 /// Appends one framed record to `out`, its body written in place by
 /// `write_body` (no intermediate buffer); the header is filled in after.
+///
+/// `out` is one write's buffer: a record encoded at its start carries
+/// [`RECORD_FLAG_WRITE_START`], and no other record does.
 pub fn encode_record_with(
     kind: RecordType,
     group: u64,
@@ -113,6 +125,9 @@ pub fn encode_record_with(
     );
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4] = kind as u8;
+    if start == 0 {
+        out[start + 5] = RECORD_FLAG_WRITE_START;
+    }
     out[start + 8..start + 16].copy_from_slice(&group.to_le_bytes());
     let mut crc = crc32c::crc32c(&out[start..start + 16]);
     crc = crc32c::crc32c_append(crc, &out[start + RECORD_HEADER_BYTES..]);
@@ -132,6 +147,8 @@ pub struct RawRecord {
     pub body_offset: u64,
     /// Length of the body.
     pub body_len: u32,
+    /// The first record of a write ([`RECORD_FLAG_WRITE_START`]).
+    pub write_start: bool,
 }
 
 impl RawRecord {
@@ -144,15 +161,16 @@ impl RawRecord {
 /// How a segment ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SegmentEnd {
-    /// Every byte belongs to a valid record.
+    /// Every byte belongs to a valid record, or (version 2) only zeros
+    /// follow the last one.
     Clean,
-    /// A torn write starts at `offset`; everything from it on is garbage
-    /// with no valid record after it.
+    /// A torn write starts at `offset`: nothing after it proves that a
+    /// later write was made (docs/wal-format.md, "Recovery").
     Torn {
         /// Where the torn tail starts.
         offset: u64,
     },
-    /// A damaged record at `offset` is followed by a valid record.
+    /// A damaged record at `offset` is followed by a later write.
     Corrupt {
         /// Where the damage starts.
         offset: u64,
@@ -166,23 +184,29 @@ pub enum SegmentEnd {
 pub struct SegmentScan {
     /// Valid records, in file order.
     pub records: Vec<RawRecord>,
+    /// Where the valid records end: the segment's size as the log sees it.
+    pub data_end: u64,
     /// How the segment ends.
     pub end: SegmentEnd,
 }
 
-/// Reads every record of a segment whose header has been checked. Never
-/// panics, whatever the bytes.
-pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
+/// Reads every record of a segment of format `version` whose header has
+/// been checked. Never panics, whatever the bytes.
+pub fn scan_segment(bytes: &[u8], version: u32) -> SegmentScan {
     let mut records = Vec::new();
     let mut offset = SEGMENT_HEADER_BYTES.min(bytes.len());
     while offset < bytes.len() {
-        match parse_record(bytes, offset) {
+        match parse_record(bytes, offset, version) {
             Ok(record) => {
                 offset += record.total_bytes() as usize;
                 records.push(record);
             }
             Err(problem) => {
-                let end = if valid_record_after(bytes, offset + 1) {
+                let zero_filled =
+                    version != FORMAT_VERSION_1 && bytes[offset..].iter().all(|byte| *byte == 0);
+                let end = if zero_filled {
+                    SegmentEnd::Clean
+                } else if later_write_after(bytes, offset + 1, version) {
                     SegmentEnd::Corrupt {
                         offset: offset as u64,
                         reason: problem,
@@ -192,18 +216,23 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
                         offset: offset as u64,
                     }
                 };
-                return SegmentScan { records, end };
+                return SegmentScan {
+                    records,
+                    data_end: offset as u64,
+                    end,
+                };
             }
         }
     }
     SegmentScan {
         records,
+        data_end: offset as u64,
         end: SegmentEnd::Clean,
     }
 }
 
 /// Parses the record at `offset`, or says why there is none.
-fn parse_record(bytes: &[u8], offset: usize) -> Result<RawRecord, String> {
+fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, String> {
     let remaining = bytes.len() - offset;
     if remaining < RECORD_HEADER_BYTES {
         return Err(format!("partial record header ({remaining} bytes)"));
@@ -213,7 +242,16 @@ fn parse_record(bytes: &[u8], offset: usize) -> Result<RawRecord, String> {
     let Some(kind) = RecordType::from_byte(header[4]) else {
         return Err(format!("unknown record type {}", header[4]));
     };
-    if header[5..8] != [0, 0, 0] {
+    let flags = header[5];
+    let flags_known = if version == FORMAT_VERSION_1 {
+        0
+    } else {
+        RECORD_FLAG_WRITE_START
+    };
+    if flags & !flags_known != 0 {
+        return Err(format!("unknown record flags {flags:#04x}"));
+    }
+    if header[6..8] != [0, 0] {
         return Err("non-zero reserved bytes".into());
     }
     if body_len > RECORD_BODY_BYTES_MAX {
@@ -244,16 +282,27 @@ fn parse_record(bytes: &[u8], offset: usize) -> Result<RawRecord, String> {
         group,
         body_offset: body_offset as u64,
         body_len,
+        write_start: flags & RECORD_FLAG_WRITE_START != 0,
     })
 }
 
-/// True when any valid record starts at or after `from`.
-fn valid_record_after(bytes: &[u8], from: usize) -> bool {
+/// True when a record at or after `from` proves that a write was made
+/// after the one at `from`: in version 2 a valid record with the write
+/// start flag (a torn write's own later records may be valid, as its
+/// pages land in any order); in version 1 any valid record.
+fn later_write_after(bytes: &[u8], from: usize, version: u32) -> bool {
+    let version_1 = version == FORMAT_VERSION_1;
+    let wanted_flags = if version_1 {
+        0
+    } else {
+        RECORD_FLAG_WRITE_START
+    };
     (from..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1)).any(|offset| {
         // Cheap filters first; the checksum decides.
         RecordType::from_byte(bytes[offset + 4]).is_some()
-            && bytes[offset + 5..offset + 8] == [0, 0, 0]
-            && parse_record(bytes, offset).is_ok()
+            && bytes[offset + 5] == wanted_flags
+            && bytes[offset + 6..offset + 8] == [0, 0]
+            && parse_record(bytes, offset, version).is_ok()
     })
 }
 
@@ -275,9 +324,31 @@ pub fn read_u64(bytes: &[u8], offset: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn segment_with(records: &[(RecordType, u64, &[u8])]) -> Vec<u8> {
+    type Write<'a> = &'a [(RecordType, u64, &'a [u8])];
+
+    /// A version 2 segment made of `writes`, each encoded as one write's
+    /// buffer (its first record flagged).
+    fn segment_of(writes: &[Write]) -> Vec<u8> {
         let mut bytes = encode_segment_header(7).to_vec();
+        for write in writes {
+            let mut buffer = Vec::new();
+            for (kind, group, body) in *write {
+                encode_record(*kind, *group, body, &mut buffer);
+            }
+            bytes.extend_from_slice(&buffer);
+        }
+        bytes
+    }
+
+    /// The same records in a version 1 segment: version 1 in the header,
+    /// no flags.
+    fn version_1_segment(records: Write) -> Vec<u8> {
+        let mut bytes = encode_segment_header(7).to_vec();
+        bytes[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[0..24]);
+        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
         for (kind, group, body) in records {
+            // Encoded after the header, so no record is flagged.
             encode_record(*kind, *group, body, &mut bytes);
         }
         bytes
@@ -288,9 +359,9 @@ mod tests {
     fn layout_matches_the_documentation() {
         let header = encode_segment_header(7);
         assert_eq!(&header[0..8], b"RGWALSEG");
-        assert_eq!(read_u32(&header, 8), 1);
+        assert_eq!(read_u32(&header, 8), 2);
         assert_eq!(read_u64(&header, 16), 7);
-        assert_eq!(check_segment_header(&header, 7), Ok(()));
+        assert_eq!(check_segment_header(&header, 7), Ok(2));
         assert_eq!(
             check_segment_header(&header, 8),
             Err(HeaderProblem::Sequence(7))
@@ -299,39 +370,123 @@ mod tests {
         encode_record(RecordType::HardState, 3, b"xyz", &mut record);
         assert_eq!(&record[0..4], &3u32.to_le_bytes());
         assert_eq!(record[4], 2);
+        assert_eq!(record[5], RECORD_FLAG_WRITE_START, "first of its write");
+        assert_eq!(&record[6..8], &[0, 0]);
         assert_eq!(&record[8..16], &3u64.to_le_bytes());
         assert_eq!(&record[20..], b"xyz");
         let mut covered = record[0..16].to_vec();
         covered.extend_from_slice(b"xyz");
         assert_eq!(read_u32(&record, 16), crc32c::crc32c(&covered));
+        let first_len = record.len();
+        encode_record(RecordType::HardState, 3, b"", &mut record);
+        assert_eq!(record[first_len + 5], 0, "not the first of its write");
     }
 
     #[test]
     fn scan_reads_back_every_record() {
-        let bytes = segment_with(&[
-            (RecordType::Entries, 1, b"aaaa"),
-            (RecordType::HardState, 2, b""),
-            (RecordType::Compaction, 1, b"cc"),
+        let bytes = segment_of(&[
+            &[
+                (RecordType::Entries, 1, b"aaaa"),
+                (RecordType::HardState, 2, b""),
+            ],
+            &[(RecordType::Compaction, 1, b"cc")],
         ]);
-        let scan = scan_segment(&bytes);
+        let scan = scan_segment(&bytes, FORMAT_VERSION);
         assert_eq!(scan.end, SegmentEnd::Clean);
+        assert_eq!(scan.data_end, bytes.len() as u64);
         let groups: Vec<u64> = scan.records.iter().map(|r| r.group).collect();
         assert_eq!(groups, vec![1, 2, 1]);
+        let starts: Vec<bool> = scan.records.iter().map(|r| r.write_start).collect();
+        assert_eq!(starts, vec![true, false, true]);
     }
 
-    /// A damaged last record with nothing valid after it is a torn tail; a
-    /// damaged record followed by a valid one is corruption.
+    /// Zeros after the records are the end of a version 2 segment, not a
+    /// torn tail; in version 1 they are a torn tail, as before.
     #[test]
-    fn torn_tail_and_corruption_are_told_apart() {
-        let bytes = segment_with(&[
+    fn a_zero_filled_tail_ends_a_version_2_segment() {
+        let records = segment_of(&[&[(RecordType::Entries, 1, b"first")]]);
+        let filled = [records.clone(), vec![0u8; 4096]].concat();
+        let scan = scan_segment(&filled, FORMAT_VERSION);
+        assert_eq!(scan.end, SegmentEnd::Clean);
+        assert_eq!(scan.data_end, records.len() as u64);
+        assert_eq!(scan.records.len(), 1);
+        let empty = [encode_segment_header(7).to_vec(), vec![0u8; 4096]].concat();
+        let scan = scan_segment(&empty, FORMAT_VERSION);
+        assert_eq!((scan.end, scan.data_end), (SegmentEnd::Clean, 32));
+        let old = version_1_segment(&[(RecordType::Entries, 1, b"first")]);
+        let old_filled = [old.clone(), vec![0u8; 100]].concat();
+        assert_eq!(
+            scan_segment(&old_filled, FORMAT_VERSION_1).end,
+            SegmentEnd::Torn {
+                offset: old.len() as u64
+            }
+        );
+    }
+
+    /// A torn last write whose pages landed out of order (a hole, then
+    /// valid records of the same write) is a torn tail; damage followed by
+    /// the start of a later write is corruption.
+    #[test]
+    fn torn_write_and_corruption_are_told_apart() {
+        let first: Write = &[(RecordType::Entries, 1, b"first")];
+        let second: Write = &[
+            (RecordType::Entries, 1, b"second"),
+            (RecordType::Entries, 2, b"third"),
+            (RecordType::HardState, 1, b"fourth"),
+        ];
+        let bytes = [segment_of(&[first, second]), vec![0u8; 512]].concat();
+        let second_at = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 5;
+        // The page holding the start of the second write never landed.
+        let mut hole = bytes.clone();
+        hole[second_at..second_at + 30].fill(0);
+        let scan = scan_segment(&hole, FORMAT_VERSION);
+        assert_eq!(
+            scan.end,
+            SegmentEnd::Torn {
+                offset: second_at as u64
+            }
+        );
+        assert_eq!(scan.records.len(), 1);
+        // Garbage instead of zeros: the same.
+        let mut garbage = bytes.clone();
+        garbage[second_at + 2] ^= 0xFF;
+        assert_eq!(
+            scan_segment(&garbage, FORMAT_VERSION).end,
+            SegmentEnd::Torn {
+                offset: second_at as u64
+            }
+        );
+        // Damage in the first write, which the second proves acknowledged.
+        let mut corrupt = bytes.clone();
+        corrupt[SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES] ^= 0xFF;
+        assert!(matches!(
+            scan_segment(&corrupt, FORMAT_VERSION).end,
+            SegmentEnd::Corrupt { offset, .. } if offset == SEGMENT_HEADER_BYTES as u64
+        ));
+        // A hole in the middle of acknowledged data is not an end of records.
+        let mut zeroed = bytes.clone();
+        zeroed[SEGMENT_HEADER_BYTES..second_at].fill(0);
+        assert!(matches!(
+            scan_segment(&zeroed, FORMAT_VERSION).end,
+            SegmentEnd::Corrupt { offset, .. } if offset == SEGMENT_HEADER_BYTES as u64
+        ));
+    }
+
+    /// Version 1 keeps its rules: a damaged record followed by any valid
+    /// record is corruption, and flags are refused.
+    #[test]
+    fn version_1_segments_keep_their_rules() {
+        let bytes = version_1_segment(&[
             (RecordType::Entries, 1, b"first"),
             (RecordType::Entries, 1, b"second"),
         ]);
+        let scan = scan_segment(&bytes, FORMAT_VERSION_1);
+        assert_eq!((scan.end, scan.records.len()), (SegmentEnd::Clean, 2));
         let second = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 5;
         let mut torn = bytes.clone();
         torn[bytes.len() - 1] ^= 0xFF;
         assert_eq!(
-            scan_segment(&torn).end,
+            scan_segment(&torn, FORMAT_VERSION_1).end,
             SegmentEnd::Torn {
                 offset: second as u64
             }
@@ -339,15 +494,11 @@ mod tests {
         let mut corrupt = bytes.clone();
         corrupt[SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES] ^= 0xFF;
         assert!(matches!(
-            scan_segment(&corrupt).end,
+            scan_segment(&corrupt, FORMAT_VERSION_1).end,
             SegmentEnd::Corrupt { offset, .. } if offset == SEGMENT_HEADER_BYTES as u64
         ));
-        let zeros = [bytes.clone(), vec![0u8; 100]].concat();
-        assert_eq!(
-            scan_segment(&zeros).end,
-            SegmentEnd::Torn {
-                offset: bytes.len() as u64
-            }
-        );
+        let flagged = segment_of(&[&[(RecordType::Entries, 1, b"first")]]);
+        let scan = scan_segment(&flagged, FORMAT_VERSION_1);
+        assert!(scan.records.is_empty(), "a flag in version 1 is invalid");
     }
 }

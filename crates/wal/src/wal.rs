@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +30,8 @@ use crate::cache::RecordCache;
 use crate::error::{Error, Result};
 use crate::format::{
     check_segment_header, encode_record_with, encode_segment_header, scan_segment, HeaderProblem,
-    RawRecord, RecordType, SegmentEnd, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+    RawRecord, RecordType, SegmentEnd, SegmentScan, FORMAT_VERSION, RECORD_HEADER_BYTES,
+    SEGMENT_HEADER_BYTES, ZERO_FILL_STEP_BYTES,
 };
 use crate::index::{GroupState, Index, Location};
 use crate::record::{entries_body_bytes, Record};
@@ -625,23 +625,28 @@ fn corruption(path: &Path, offset: u64, reason: String) -> Error {
     }
 }
 
-/// A segment's bytes (up to `size`), its valid records and how it ends.
-type SegmentRead = (Bytes, Vec<RawRecord>, SegmentEnd);
+/// A segment's bytes (up to `size`) and what a scan found in them.
+type SegmentRead = (Bytes, SegmentScan);
 
 fn read_segment(path: &Path, sequence: u64, size: Option<u64>) -> Result<SegmentRead> {
     let mut bytes = fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     if let Some(size) = size {
         bytes.truncate(size as usize);
     }
-    if let Err(HeaderProblem::Version(version)) = check_segment_header(&bytes, sequence) {
-        return Err(Error::UnsupportedVersion {
-            file: path.to_path_buf(),
-            version,
-            supported: FORMAT_VERSION,
-        });
-    }
-    let scan = scan_segment(&bytes);
-    Ok((Bytes::from(bytes), scan.records, scan.end))
+    let version = match check_segment_header(&bytes, sequence) {
+        Ok(version) => version,
+        Err(HeaderProblem::Version(version)) => {
+            return Err(Error::UnsupportedVersion {
+                file: path.to_path_buf(),
+                version,
+                supported: FORMAT_VERSION,
+            })
+        }
+        // The caller decides what a bad header means; read it as ours.
+        Err(_) => FORMAT_VERSION,
+    };
+    let scan = scan_segment(&bytes, version);
+    Ok((Bytes::from(bytes), scan))
 }
 
 fn decode_at(path: &Path, bytes: &Bytes, raw: &RawRecord) -> Result<Record> {
@@ -659,7 +664,8 @@ fn first_pass(
     floors: &mut HashMap<u64, Floor>,
 ) -> Result<Option<u64>> {
     let path = segment_path(dir, sequence);
-    let (bytes, records, end) = read_segment(&path, sequence, None)?;
+    let (bytes, scan) = read_segment(&path, sequence, None)?;
+    let records = scan.records;
     if let Err(problem) = check_segment_header(&bytes, sequence) {
         if is_last && records.is_empty() && !matches!(problem, HeaderProblem::Sequence(_)) {
             // Torn while being created: it never held a record.
@@ -709,9 +715,8 @@ fn first_pass(
             RecordType::Entries | RecordType::HardState => {}
         }
     }
-    let size = bytes.len() as u64;
-    match end {
-        SegmentEnd::Clean => Ok(Some(size)),
+    match scan.end {
+        SegmentEnd::Clean => Ok(Some(scan.data_end)),
         SegmentEnd::Torn { offset } if is_last => {
             truncate_file(&path, offset)?;
             Ok(Some(offset))
@@ -734,8 +739,8 @@ fn second_pass(
     index: &mut Index,
 ) -> Result<()> {
     let path = segment_path(dir, sequence);
-    let (bytes, records, _) = read_segment(&path, sequence, Some(size))?;
-    for raw in &records {
+    let (bytes, scan) = read_segment(&path, sequence, Some(size))?;
+    for raw in &scan.records {
         let position = (sequence, raw.offset);
         let floor = floors.get(&raw.group).copied().unwrap_or_default();
         let dead = floor.removed_at.is_some_and(|removed| position <= removed)
@@ -904,8 +909,14 @@ fn load_record(
 /// The segment being appended to.
 struct ActiveSegment {
     sequence: u64,
+    /// Opened for positioned writes (not append mode: the file is longer
+    /// than its records).
     file: File,
+    /// Where the records end: the next write goes here.
     size_bytes: u64,
+    /// The file's length: every byte from `size_bytes` to here is zero
+    /// (docs/wal-format.md, "Zero-filled ahead").
+    zeroed_end: u64,
 }
 
 /// What a request will write, checked against the log as it will be.
@@ -939,28 +950,48 @@ impl Writer {
         }
     }
 
-    /// Opens the last segment for appending, or creates the first one.
+    /// Opens the last segment for appending, or creates the first one. A
+    /// full segment, or one of an older format version, is not appended
+    /// to: a new segment follows it.
     fn open_active(shared: &Shared) -> Result<ActiveSegment> {
         let last = lock(&shared.segments)
             .iter()
             .next_back()
             .map(|(s, (_, size))| (*s, *size));
-        match last {
-            Some((sequence, size)) if size < shared.config.segment_size_bytes_max => {
-                let path = segment_path(&shared.config.dir, sequence);
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                Ok(ActiveSegment {
-                    sequence,
-                    file,
-                    size_bytes: size,
-                })
-            }
-            Some((sequence, _)) => create_segment(shared, sequence + 1),
-            None => create_segment(shared, 1),
+        let Some((sequence, size)) = last else {
+            return create_segment(shared, 1);
+        };
+        if size >= shared.config.segment_size_bytes_max {
+            return create_segment(shared, sequence + 1);
         }
+        let path = segment_path(&shared.config.dir, sequence);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        if check_segment_header(&header, sequence) != Ok(FORMAT_VERSION) {
+            return create_segment(shared, sequence + 1);
+        }
+        let length = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .len();
+        // Replay found only zeros after the records, or truncated a torn
+        // tail there.
+        assert!(
+            length >= size,
+            "segment {sequence} shorter than its records"
+        );
+        Ok(ActiveSegment {
+            sequence,
+            file,
+            size_bytes: size,
+            zeroed_end: length,
+        })
     }
 
     /// Runs until every sender is gone; dropping `self` at the end closes
@@ -1121,14 +1152,37 @@ impl Writer {
         }
     }
 
-    /// Writes `buffer` at the end of the active segment (rolling first if it
-    /// would not fit) and makes it durable. Returns where it starts.
+    /// Writes `buffer` at the end of the active segment's records (rolling
+    /// first if it would not fit) and makes it durable. Returns where it
+    /// starts.
+    ///
+    /// When the buffer would pass the zero-filled end of the file, the next
+    /// step of zeros is written first, so that the one `fdatasync` makes
+    /// both durable and later writes land on existing blocks.
     fn write_durably(&mut self, buffer: &[u8]) -> Result<u64> {
+        assert!(
+            buffer.get(5) == Some(&crate::format::RECORD_FLAG_WRITE_START),
+            "a write must start with a record flagged as its start"
+        );
         self.make_room(buffer.len() as u64)?;
         let path = segment_path(&self.shared.config.dir, self.active.sequence);
+        let base = self.active.size_bytes;
+        let end = base + buffer.len() as u64;
+        if end > self.active.zeroed_end {
+            let fill_to =
+                (end + ZERO_FILL_STEP_BYTES).min(self.shared.config.segment_size_bytes_max);
+            if fill_to > end {
+                let zeros = vec![0u8; (fill_to - end) as usize];
+                self.active
+                    .file
+                    .write_all_at(&zeros, end)
+                    .map_err(|e| Error::io(format!("zero-fill {}", path.display()), e))?;
+            }
+            self.active.zeroed_end = fill_to.max(end);
+        }
         self.active
             .file
-            .write_all(buffer)
+            .write_all_at(buffer, base)
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         if self.shared.config.sync_mode == SyncMode::Fdatasync {
             let started = std::time::Instant::now();
@@ -1148,8 +1202,7 @@ impl Writer {
                 .unwrap_or(FSYNC_BUCKETS - 1);
             counters.fsync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
-        let base = self.active.size_bytes;
-        self.active.size_bytes += buffer.len() as u64;
+        self.active.size_bytes = end;
         if let Some((_, size)) = lock(&self.shared.segments).get_mut(&self.active.sequence) {
             *size = self.active.size_bytes;
         }
@@ -1331,15 +1384,24 @@ fn push_record(group: u64, record: Record, buffer: &mut Vec<u8>, encoded: &mut E
     encoded.records.push((group, record, body_offset, body_len));
 }
 
+/// Creates segment `sequence`: its header and the first step of zeros,
+/// fsynced, then the directory fsynced.
 fn create_segment(shared: &Shared, sequence: u64) -> Result<ActiveSegment> {
     let dir = &shared.config.dir;
     let path = segment_path(dir, sequence);
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .read(true)
+        .write(true)
         .open(&path)
         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-    file.write_all(&encode_segment_header(sequence))
+    let header = SEGMENT_HEADER_BYTES as u64;
+    let zeroed_end = (header + ZERO_FILL_STEP_BYTES)
+        .min(shared.config.segment_size_bytes_max)
+        .max(header);
+    let mut start = vec![0u8; zeroed_end as usize];
+    start[..SEGMENT_HEADER_BYTES].copy_from_slice(&encode_segment_header(sequence));
+    file.write_all_at(&start, 0)
         .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     file.sync_all()
         .map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
@@ -1349,7 +1411,8 @@ fn create_segment(shared: &Shared, sequence: u64) -> Result<ActiveSegment> {
     Ok(ActiveSegment {
         sequence,
         file,
-        size_bytes: SEGMENT_HEADER_BYTES as u64,
+        size_bytes: header,
+        zeroed_end,
     })
 }
 

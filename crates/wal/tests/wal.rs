@@ -10,6 +10,10 @@ use bytes::Bytes;
 use regatta_raft::{
     Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, SnapshotMeta, Term,
 };
+use regatta_wal::format::{
+    check_segment_header, scan_segment, SegmentEnd, FORMAT_VERSION, FORMAT_VERSION_1,
+    RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+};
 use regatta_wal::{Error, GroupId, SyncMode, Wal, WalConfig, WriteBatch};
 
 fn entries(first: u64, count: u64, term: u64, tag: &str) -> Vec<Entry> {
@@ -334,6 +338,20 @@ fn no_sync_mode_skips_fsync() {
     assert_eq!(wal.stats().fsyncs, 0);
 }
 
+/// Where the records of a segment file end (the file is zero-filled
+/// beyond), and how the segment ends.
+fn data_end(segment: &Path) -> (u64, SegmentEnd) {
+    let bytes = fs::read(segment).expect("read");
+    let sequence = segment
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .and_then(|stem| stem.parse().ok())
+        .expect("sequence");
+    let version = check_segment_header(&bytes, sequence).expect("header");
+    let scan = scan_segment(&bytes, version);
+    (scan.data_end, scan.end)
+}
+
 /// Writes a small log whose last `tail_records` records follow the
 /// checkpoint; returns the segment path and the byte length at the
 /// checkpoint (everything before it must survive).
@@ -344,7 +362,7 @@ fn small_log(dir: &Path, tail_records: u64) -> (PathBuf, u64) {
     }
     drop(wal);
     let segment = segment_files(dir).pop().expect("segment");
-    let checkpoint = fs::metadata(&segment).expect("stat").len();
+    let (checkpoint, _) = data_end(&segment);
     let wal = Wal::open(config(dir)).expect("open");
     for index in 6..6 + tail_records {
         append_entries(&wal, 1, entries(index, 1, 1, "tail"));
@@ -374,22 +392,32 @@ fn check_recovers_synced_prefix(dir: &Path) {
 }
 
 /// Truncation at every offset and a flipped byte at every offset of the
-/// tail written after the checkpoint: open recovers a prefix holding every
-/// record before the checkpoint, or reports corruption; never panics.
+/// tail written after the checkpoint (and in the zeros after it): open
+/// recovers a prefix holding every record before the checkpoint, or
+/// reports corruption; never panics.
 #[test]
 fn damage_in_the_tail_recovers_a_prefix_or_reports_corruption() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (segment, checkpoint) = small_log(dir.path(), 3);
     let good = fs::read(&segment).expect("read");
+    let (end, _) = data_end(&segment);
+    assert!(
+        end > checkpoint + 60,
+        "three tail records after {checkpoint}"
+    );
+    assert!(
+        good.len() as u64 > end + 1000,
+        "zero-filled after the records"
+    );
     let work = tempfile::tempdir().expect("tempdir");
     let target = work.path().join(segment.file_name().expect("name"));
-    for length in checkpoint..good.len() as u64 {
+    for length in checkpoint..=end {
         fs::write(&target, &good[..length as usize]).expect("write");
         check_recovers_synced_prefix(work.path());
         fs::remove_dir_all(work.path()).expect("clean");
         fs::create_dir_all(work.path()).expect("mkdir");
     }
-    for position in checkpoint as usize..good.len() {
+    for position in (checkpoint as usize..end as usize).chain(end as usize..end as usize + 64) {
         let mut bad = good.clone();
         bad[position] ^= 0x5A;
         fs::write(&target, &bad).expect("write");
@@ -449,4 +477,148 @@ fn a_second_instance_on_one_directory_is_refused() {
     assert!(error.to_string().contains("in use"), "{error}");
     first.close();
     Wal::open(config(dir.path())).expect("reopen after close");
+}
+
+/// Segments are zero-filled ahead of their records (format version 2):
+/// the file is longer than its records and only zeros follow them; after
+/// a reopen, appends continue where the records end; a write past the
+/// filled end fills the next step.
+#[test]
+fn segments_are_zero_filled_ahead_and_appends_continue_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let step = regatta_wal::format::ZERO_FILL_STEP_BYTES;
+    let wal = Wal::open(WalConfig::new(dir.path())).expect("open");
+    for index in 1..=3 {
+        append_entries(&wal, 1, entries(index, 1, 1, "first"));
+    }
+    drop(wal);
+    let segment = segment_files(dir.path()).pop().expect("segment");
+    let bytes = fs::read(&segment).expect("read");
+    assert_eq!(bytes.len() as u64, SEGMENT_HEADER_BYTES as u64 + step);
+    let (end, how) = data_end(&segment);
+    assert_eq!(how, SegmentEnd::Clean);
+    assert!(end > SEGMENT_HEADER_BYTES as u64);
+    assert!(bytes[end as usize..].iter().all(|byte| *byte == 0));
+    let wal = Wal::open(WalConfig::new(dir.path())).expect("reopen");
+    for index in 4..=6 {
+        append_entries(&wal, 1, entries(index, 1, 1, "second"));
+    }
+    // One batch larger than what is left of the first step.
+    let big = Entry {
+        term: Term(1),
+        index: LogIndex(7),
+        payload: EntryPayload::Normal(Bytes::from(vec![7u8; step as usize])),
+    };
+    append_entries(&wal, 1, vec![big.clone()]);
+    drop(wal);
+    assert_eq!(segment_files(dir.path()), vec![segment.clone()]);
+    let (end, how) = data_end(&segment);
+    assert_eq!(how, SegmentEnd::Clean);
+    assert_eq!(
+        fs::metadata(&segment).expect("stat").len(),
+        end + step,
+        "the write past the filled end filled one more step"
+    );
+    let wal = Wal::open(WalConfig::new(dir.path())).expect("reopen");
+    let mut expected = entries(1, 3, 1, "first");
+    expected.extend(entries(4, 3, 1, "second"));
+    expected.push(big);
+    assert_eq!(all_entries(&wal, 1), expected);
+}
+
+/// Rewrites a version 2 segment as version 1 wrote it: version 1 in the
+/// header, no record flags, no zeros after the records.
+fn downgrade_to_version_1(segment: &Path) {
+    let bytes = fs::read(segment).expect("read");
+    let scan = scan_segment(&bytes, FORMAT_VERSION);
+    let mut old = bytes[..scan.data_end as usize].to_vec();
+    old[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
+    let crc = crc32c::crc32c(&old[0..24]);
+    old[24..28].copy_from_slice(&crc.to_le_bytes());
+    for record in &scan.records {
+        let at = record.offset as usize;
+        old[at + 5] = 0;
+        let body_end = record.body_offset as usize + record.body_len as usize;
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&old[at..at + 16]),
+            &old[record.body_offset as usize..body_end],
+        );
+        old[at + 16..at + RECORD_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    }
+    fs::write(segment, &old).expect("write");
+}
+
+/// A log written in format version 1 opens with version 1's rules; new
+/// writes go to a new version 2 segment, and the two read back together.
+#[test]
+fn a_version_1_log_opens_and_new_writes_take_a_new_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    for index in 1..=3 {
+        append_entries(&wal, 1, entries(index, 1, 1, "old"));
+    }
+    drop(wal);
+    let old = segment_files(dir.path()).pop().expect("segment");
+    downgrade_to_version_1(&old);
+    let wal = Wal::open(config(dir.path())).expect("open version 1");
+    assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "old"));
+    append_entries(&wal, 1, entries(4, 2, 1, "new"));
+    drop(wal);
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    let header_version = |path: &Path| {
+        let bytes = fs::read(path).expect("read");
+        u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]])
+    };
+    assert_eq!(header_version(&files[0]), FORMAT_VERSION_1);
+    assert_eq!(header_version(&files[1]), FORMAT_VERSION);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    let mut expected = entries(1, 3, 1, "old");
+    expected.extend(entries(4, 2, 1, "new"));
+    assert_eq!(all_entries(&wal, 1), expected);
+}
+
+/// The pages of a write reach the disk in any order: a last write whose
+/// first page is missing while its later records landed is a torn write.
+/// Open keeps every acknowledged write before it, drops it, and appends
+/// continue over it; the next open reads everything back.
+#[test]
+fn a_torn_last_write_with_a_hole_loses_only_that_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    for index in 1..=3 {
+        append_entries(&wal, 1, entries(index, 1, 1, "acked"));
+    }
+    drop(wal);
+    let segment = segment_files(dir.path()).pop().expect("segment");
+    let (acked_end, _) = data_end(&segment);
+    // The last write: entries of two groups and hard states.
+    let wal = Wal::open(config(dir.path())).expect("open");
+    let mut batch = WriteBatch::new();
+    batch.entries(GroupId(1), entries(4, 2, 1, "torn"));
+    batch.entries(GroupId(2), entries(1, 2, 1, "torn"));
+    batch.hard_state(
+        GroupId(1),
+        HardState {
+            term: Term(1),
+            vote: None,
+            commit: LogIndex(3),
+        },
+    );
+    wal.append(batch).expect("append");
+    drop(wal);
+    let mut bytes = fs::read(&segment).expect("read");
+    bytes[acked_end as usize..acked_end as usize + RECORD_HEADER_BYTES + 8].fill(0);
+    fs::write(&segment, &bytes).expect("write");
+    let (_, how) = data_end(&segment);
+    assert_eq!(how, SegmentEnd::Torn { offset: acked_end });
+    let wal = Wal::open(config(dir.path())).expect("open after the torn write");
+    assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "acked"));
+    assert!(all_entries(&wal, 2).is_empty());
+    append_entries(&wal, 1, entries(4, 1, 2, "after"));
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    let mut expected = entries(1, 3, 1, "acked");
+    expected.extend(entries(4, 1, 2, "after"));
+    assert_eq!(all_entries(&wal, 1), expected);
 }

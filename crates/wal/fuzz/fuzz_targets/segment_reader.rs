@@ -6,7 +6,8 @@
 //! - even: a valid segment header followed by the raw input (framing, torn
 //!   tails, corruption);
 //! - odd: the input cut into records `[type][length: u16][body]` framed with
-//!   valid checksums (every record body decoder).
+//!   valid checksums (every record body decoder); an even low length byte
+//!   makes the record the first of a write (flagged).
 //!
 //! By hand: `cargo +nightly fuzz run segment_reader -- -max_total_time=300`
 //! from `crates/wal`. CI only builds this target.
@@ -27,7 +28,14 @@ fuzz_target!(|data: &[u8]| {
             let kind = RecordType::from_byte(1 + input[0] % 6).unwrap_or(RecordType::Entries);
             let length = (u16::from_le_bytes([input[1], input[2]]) as usize).min(input.len() - 3);
             let group = 1 + input[0] as u64 / 6;
-            encode_record(kind, group, &input[3..3 + length], &mut segment);
+            if input[1] % 2 == 0 {
+                // Encoded as the first record of a write: flagged.
+                let mut write = Vec::new();
+                encode_record(kind, group, &input[3..3 + length], &mut write);
+                segment.extend_from_slice(&write);
+            } else {
+                encode_record(kind, group, &input[3..3 + length], &mut segment);
+            }
             input = &input[3 + length..];
         }
     }
