@@ -5,6 +5,10 @@
 #
 #   scripts/bench-vs-etcd.sh [TOTAL]      (default 20000 requests per row)
 #
+# Environment: WORKLOADS (default "put range mixed txn-put") picks the rows;
+# REGATTA_BIN runs that binary instead of building target/release/regatta
+# (to compare two builds in one sitting).
+#
 # Needs the OS package etcd-server (installed here when missing, with apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +29,14 @@ if ! command -v etcd >/dev/null 2>&1; then
     $sudo apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
-echo "building regatta (release)" >&2
-cargo build --release -q -p regatta
-regatta="$PWD/target/release/regatta"
+workloads="${WORKLOADS:-put range mixed txn-put}"
+if [ -n "${REGATTA_BIN:-}" ]; then
+    regatta="$REGATTA_BIN"
+else
+    echo "building regatta (release)" >&2
+    cargo build --release -q -p regatta
+    regatta="$PWD/target/release/regatta"
+fi
 
 stop_all() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -108,7 +117,7 @@ for nodes in 1 3; do
             eps="$(endpoints 28440 "$nodes")"
         fi
         wait_ready "$eps"
-        for workload in put range mixed txn-put; do
+        for workload in $workloads; do
             line="$(run "$eps" "$workload")"
             echo "$nodes node(s) $system $workload: $line" >&2
             rows+=("$nodes|$workload|$system|$(field "$line" requests_per_second)|$(field "$line" p50_ms)|$(field "$line" p99_ms)")

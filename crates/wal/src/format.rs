@@ -13,7 +13,7 @@ pub const FORMAT_VERSION_1: u32 = 1;
 pub const RECORD_FLAG_WRITE_START: u8 = 1;
 /// Segments are zero-filled ahead of their records in steps of this many
 /// bytes (version 2), so that appends overwrite existing blocks.
-pub const ZERO_FILL_STEP_BYTES: u64 = 1 << 20;
+pub const ZERO_FILL_STEP_BYTES: u64 = 256 << 10;
 /// Bytes of the segment header.
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 /// Bytes of a record header.
