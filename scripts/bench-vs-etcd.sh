@@ -130,7 +130,7 @@ echo
 echo "| nodes | workload | etcd req/s | etcd p50 | etcd p99 | regatta req/s | regatta p50 | regatta p99 | regatta / etcd |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for nodes in 1 3; do
-    for workload in put range mixed txn-put; do
+    for workload in $workloads; do
         e="" r=""
         for row in "${rows[@]}"; do
             IFS='|' read -r n w s rps p50 p99 <<<"$row"
