@@ -2,8 +2,16 @@
 //! with a proxy on every peer link (one per ordered pair) and every client
 //! link; clients that run gets, puts, compare-and-sets and deletes on a
 //! small key set through etcd's API and record each operation's invoke and
-//! completion; a nemesis that kills, pauses, partitions, slows and moves
-//! leadership (see [`Fault`]); then the checker over the history.
+//! completion; a nemesis that kills, pauses, partitions, slows, moves
+//! leadership and replaces members (see [`Fault`]); then the checker over
+//! the history.
+//!
+//! A node runs in a *slot*: its addresses, its proxies and its data
+//! directory. `member-replace` removes the slot's node from the cluster,
+//! wipes it and adds it back under a new id, `slot + generation × nodes`.
+//! Every node is told, with `--raft.peer-addresses`, to reach every future
+//! id of a slot through its proxy to that slot, so the partitions keep
+//! covering replaced nodes.
 //!
 //! Nodes compact their logs every `SNAPSHOT_ENTRIES` entries, keeping only
 //! `COMPACTION_OVERHEAD_ENTRIES`, so that a node that was down or cut off
@@ -18,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use regatta_server::proto::etcdserverpb as pb;
+use regatta_server::proto::regatta::v1 as rpb;
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -52,11 +61,16 @@ pub enum Fault {
     /// Cut the link between the locations: the follower cluster's
     /// replication connections to the leader cluster.
     CutLocation,
+    /// Remove a node from the cluster (Membership.Remove), kill it and
+    /// wipe its data; then add it back under a new id (Membership.Add, a
+    /// learner promoted once caught up) and start it empty with
+    /// `--raft.join`.
+    MemberReplace,
 }
 
 impl Fault {
     /// Every fault, the `all` nemesis.
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Partition,
@@ -67,6 +81,7 @@ impl Fault {
         Fault::TransferLeader,
         Fault::SnapshotCrash,
         Fault::CutLocation,
+        Fault::MemberReplace,
     ];
 
     /// The name used on the command line.
@@ -82,6 +97,7 @@ impl Fault {
             Fault::TransferLeader => "transfer-leader",
             Fault::SnapshotCrash => "snapshot-crash",
             Fault::CutLocation => "cut-location",
+            Fault::MemberReplace => "member-replace",
         }
     }
 
@@ -95,6 +111,8 @@ impl Fault {
 const SNAPSHOT_ENTRIES: u64 = 200;
 /// ...keeping this many entries for followers that lag.
 const COMPACTION_OVERHEAD_ENTRIES: u64 = 50;
+/// How many times one slot's node can be replaced (`member-replace`).
+const GENERATIONS_MAX: u64 = 64;
 
 /// One run's settings.
 #[derive(Clone, Debug)]
@@ -387,6 +405,10 @@ struct Node {
     raft: SocketAddr,
     api: SocketAddr,
     members: String,
+    /// `--raft.peer-addresses` (empty: not given).
+    peer_addresses: String,
+    /// Started with `--raft.join` (a replacement node).
+    join: bool,
     dir: PathBuf,
     /// `leader` or `follower`.
     subcommand: &'static str,
@@ -419,6 +441,13 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.extra)
+            .args(
+                (!self.peer_addresses.is_empty())
+                    .then_some(["--raft.peer-addresses", self.peer_addresses.as_str()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(self.join.then_some("--raft.join"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -476,6 +505,41 @@ struct Cluster {
     /// followers are given all of them and move between them when one
     /// fails. Empty without a follower cluster.
     location_links: Vec<Proxy>,
+    /// A `member-replace` whose node was removed and not yet added back:
+    /// (slot, the new id).
+    replacing: Option<(u64, u64)>,
+}
+
+/// The `--raft.initial-members` and `--raft.peer-addresses` values for the
+/// node in `slot` when the slots' current ids are `ids`: itself at its own
+/// address, every other slot's current id through the proxy from `slot`
+/// to it, and every other id that slot may take (`member-replace`) through
+/// the same proxy.
+fn address_flags(
+    slot: u64,
+    ids: &[u64],
+    own_raft: SocketAddr,
+    proxies: &BTreeMap<(u64, u64), Proxy>,
+) -> (String, String) {
+    let nodes = ids.len() as u64;
+    let mut members = Vec::new();
+    let mut peers = Vec::new();
+    for (position, id) in ids.iter().enumerate() {
+        let other = position as u64 + 1;
+        if other == slot {
+            members.push(format!("{id}={own_raft}"));
+            continue;
+        }
+        let address = proxies[&(slot, other)].address();
+        members.push(format!("{id}={address}"));
+        for generation in 0..=GENERATIONS_MAX {
+            let later = other + generation * nodes;
+            if later != *id {
+                peers.push(format!("{later}={address}"));
+            }
+        }
+    }
+    (members.join(","), peers.join(","))
 }
 
 impl Cluster {
@@ -506,23 +570,17 @@ impl Cluster {
             replications.push(free_address()?);
         }
         let mut nodes = Vec::new();
+        let ids: Vec<u64> = (1..=count).collect();
         for id in 1..=count {
-            let members = (1..=count)
-                .map(|other| {
-                    let address = if other == id {
-                        rafts[id as usize - 1]
-                    } else {
-                        peer_proxies[&(id, other)].address()
-                    };
-                    format!("{other}={address}")
-                })
-                .collect::<Vec<_>>()
-                .join(",");
+            let (members, peer_addresses) =
+                address_flags(id, &ids, rafts[id as usize - 1], &peer_proxies);
             let mut node = Node {
                 id,
                 raft: rafts[id as usize - 1],
                 api: apis[id as usize - 1],
                 members,
+                peer_addresses,
+                join: false,
                 dir: config.dir.join(format!("node{id}")),
                 subcommand: "leader",
                 extra: vec![
@@ -558,6 +616,8 @@ impl Cluster {
                     raft: rafts[id as usize - 1],
                     api: free_address()?,
                     members: members.clone(),
+                    peer_addresses: String::new(),
+                    join: false,
                     dir: config.dir.join(format!("follower{id}")),
                     subcommand: "follower",
                     extra: vec![
@@ -579,7 +639,16 @@ impl Cluster {
             client_proxies,
             followers,
             location_links,
+            replacing: None,
         })
+    }
+
+    /// The slot whose node has id `id` now.
+    fn slot_of(&self, id: u64) -> Option<u64> {
+        self.nodes
+            .iter()
+            .position(|node| node.id == id)
+            .map(|position| position as u64 + 1)
     }
 
     fn slow(&self, node: u64, delay: Duration) {
@@ -817,8 +886,14 @@ async fn inject(
         }
         Fault::IsolateLeader => match find_leader(client_addresses).await {
             Some(leader) => {
-                lock(cluster).isolate(leader);
-                format!("isolate the leader, node {leader}")
+                let cluster = lock(cluster);
+                match cluster.slot_of(leader) {
+                    Some(slot) => {
+                        cluster.isolate(slot);
+                        format!("isolate the leader, node {leader}")
+                    }
+                    None => format!("isolate the leader: node {leader} is gone, nothing done"),
+                }
             }
             None => "isolate the leader: no leader known, nothing done".into(),
         },
@@ -852,10 +927,183 @@ async fn inject(
         }
         Fault::TransferLeader => {
             let via = 1 + rng.next() % nodes;
-            let outcome = move_leader(client_addresses[via as usize - 1], node).await;
-            format!("move the leadership to node {node}, asking node {via}: {outcome}")
+            let (target, via_id) = {
+                let cluster = lock(cluster);
+                (
+                    cluster.nodes[node as usize - 1].id,
+                    cluster.nodes[via as usize - 1].id,
+                )
+            };
+            let outcome = move_leader(client_addresses[via as usize - 1], target).await;
+            format!("move the leadership to node {target}, asking node {via_id}: {outcome}")
+        }
+        Fault::MemberReplace => remove_member(node, cluster, client_addresses).await,
+    }
+}
+
+/// A membership change the nemesis asks for.
+enum Change {
+    Remove {
+        id: u64,
+    },
+    Add {
+        id: u64,
+        raft: SocketAddr,
+        client_url: String,
+    },
+}
+
+/// Asks the nodes at `via`, in turn, to make `change` (Regatta's
+/// Membership API), until one accepts. A change that fails with an
+/// unknown outcome is checked against the member list.
+async fn change_membership(via: &[SocketAddr], change: &Change) -> Result<(), String> {
+    let mut last = "no node to ask".to_string();
+    for address in via {
+        let Some(channel) = channel(*address, Duration::from_secs(10)) else {
+            continue;
+        };
+        let mut client = rpb::membership_client::MembershipClient::new(channel);
+        let result = match change {
+            Change::Remove { id } => client.remove(rpb::MemberIdRequest { id: *id }).await,
+            Change::Add {
+                id,
+                raft,
+                client_url,
+            } => {
+                client
+                    .add(rpb::MemberAddRequest {
+                        id: *id,
+                        raft_address: raft.to_string(),
+                        client_url: client_url.clone(),
+                        learner: false,
+                    })
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => return Ok(()),
+            Err(status) => last = format!("{:?}: {}", status.code(), status.message()),
         }
     }
+    // The change may have been made although no answer said so.
+    let done = match (member_ids(via).await, change) {
+        (Some(ids), Change::Remove { id }) => !ids.contains(id),
+        (Some(ids), Change::Add { id, .. }) => ids.contains(id),
+        (None, _) => false,
+    };
+    if done {
+        Ok(())
+    } else {
+        Err(last)
+    }
+}
+
+/// The member ids as the first node of `via` that answers lists them.
+async fn member_ids(via: &[SocketAddr]) -> Option<Vec<u64>> {
+    for address in via {
+        let Some(channel) = channel(*address, Duration::from_secs(5)) else {
+            continue;
+        };
+        let request = pb::MemberListRequest { linearizable: true };
+        if let Ok(response) = pb::cluster_client::ClusterClient::new(channel)
+            .member_list(request)
+            .await
+        {
+            return Some(response.into_inner().members.iter().map(|m| m.id).collect());
+        }
+    }
+    None
+}
+
+/// The client addresses of every slot but `slot`.
+fn others(slot: u64, client_addresses: &[SocketAddr]) -> Vec<SocketAddr> {
+    client_addresses
+        .iter()
+        .enumerate()
+        .filter(|(position, _)| *position as u64 + 1 != slot)
+        .map(|(_, address)| *address)
+        .collect()
+}
+
+/// `member-replace`, first half: removes the node in `slot` from the
+/// cluster, then kills it and wipes its data.
+async fn remove_member(
+    slot: u64,
+    cluster: &Mutex<Cluster>,
+    client_addresses: &[SocketAddr],
+) -> String {
+    let (id, nodes) = {
+        let cluster = lock(cluster);
+        (
+            cluster.nodes[slot as usize - 1].id,
+            cluster.nodes.len() as u64,
+        )
+    };
+    let new_id = id + nodes;
+    if new_id > slot + GENERATIONS_MAX * nodes {
+        return format!("replace node {id}: no ids left for its slot, nothing done");
+    }
+    let via = others(slot, client_addresses);
+    if let Err(error) = change_membership(&via, &Change::Remove { id }).await {
+        return format!("replace node {id}: the removal was refused ({error}), nothing done");
+    }
+    let mut cluster = lock(cluster);
+    let node = &mut cluster.nodes[slot as usize - 1];
+    node.kill();
+    let wiped = match std::fs::remove_dir_all(&node.dir) {
+        Ok(()) => "wiped".to_string(),
+        Err(error) => format!("not wiped ({error})"),
+    };
+    cluster.replacing = Some((slot, new_id));
+    format!("replace node {id}: removed, killed, its data {wiped}; it returns as node {new_id}")
+}
+
+/// `member-replace`, second half: adds the new id of the slot being
+/// replaced and starts its node empty with `--raft.join`. Tries until
+/// `deadline`; on failure the replacement stays pending.
+async fn add_member(
+    cluster: &Mutex<Cluster>,
+    client_addresses: &[SocketAddr],
+    binary: &Path,
+    deadline: Instant,
+) -> std::io::Result<String> {
+    let Some((slot, new_id)) = lock(cluster).replacing else {
+        return Ok("no replacement pending".into());
+    };
+    let (raft, api) = {
+        let cluster = lock(cluster);
+        let node = &cluster.nodes[slot as usize - 1];
+        (node.raft, node.api)
+    };
+    let change = Change::Add {
+        id: new_id,
+        raft,
+        client_url: format!("http://{api}"),
+    };
+    let via = others(slot, client_addresses);
+    loop {
+        match change_membership(&via, &change).await {
+            Ok(()) => break,
+            Err(error) if Instant::now() >= deadline => {
+                return Ok(format!(
+                    "add node {new_id}: refused ({error}); still pending"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let mut cluster = lock(cluster);
+    let mut ids: Vec<u64> = cluster.nodes.iter().map(|node| node.id).collect();
+    ids[slot as usize - 1] = new_id;
+    let (members, peer_addresses) = address_flags(slot, &ids, raft, &cluster.peer_proxies);
+    let node = &mut cluster.nodes[slot as usize - 1];
+    node.id = new_id;
+    node.members = members;
+    node.peer_addresses = peer_addresses;
+    node.join = true;
+    node.start(binary)?;
+    cluster.replacing = None;
+    Ok(format!("add node {new_id} and start it empty"))
 }
 
 /// Ends `fault`; returns what was done.
@@ -863,6 +1111,7 @@ async fn heal(
     fault: Fault,
     node: u64,
     cluster: &Mutex<Cluster>,
+    client_addresses: &[SocketAddr],
     binary: &Path,
     rng: &mut Rng,
 ) -> std::io::Result<String> {
@@ -900,6 +1149,10 @@ async fn heal(
             format!("unslow node {node}")
         }
         Fault::TransferLeader => "nothing to heal".into(),
+        Fault::MemberReplace => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            add_member(cluster, client_addresses, binary, deadline).await?
+        }
     })
 }
 
@@ -1019,7 +1272,15 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         schedule.push((at, what));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let at = started.elapsed().as_millis() as u64;
-        let what = heal(fault, node, &cluster, &config.binary, &mut rng).await?;
+        let what = heal(
+            fault,
+            node,
+            &cluster,
+            &client_addresses,
+            &config.binary,
+            &mut rng,
+        )
+        .await?;
         schedule.push((at, what));
     }
     for worker in workers {
@@ -1027,13 +1288,22 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     }
     let peer_link_bytes = peer_bytes(&cluster) - peer_bytes_at_start;
 
-    // Heal everything, then read the final state linearizably.
+    // Heal everything, then read the final state linearizably. A
+    // replacement still pending is finished first; if its node cannot be
+    // added, its slot stays down and is reported.
+    lock(&cluster).heal_all();
+    let deadline = Instant::now() + CONVERGENCE_TIMEOUT;
+    let pending = add_member(&cluster, &client_addresses, &config.binary, deadline).await?;
+    let mut unfinished = Vec::new();
+    let down = lock(&cluster).replacing.map(|(slot, _)| slot);
     {
         let mut guard = cluster.lock().unwrap_or_else(|p| p.into_inner());
-        guard.heal_all();
-        for node in guard.nodes.iter_mut() {
+        if down.is_some() {
+            unfinished.push(format!("member-replace: {pending}"));
+        }
+        for (position, node) in guard.nodes.iter_mut().enumerate() {
             node.signal_pause(false);
-            if !node.is_running() {
+            if !node.is_running() && down != Some(position as u64 + 1) {
                 node.start(&config.binary)?;
             }
         }
@@ -1067,14 +1337,17 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         let leaders = guard
             .nodes
             .iter()
-            .map(|node| (format!("node {}", node.id), node.api));
+            .enumerate()
+            .filter(|(position, _)| down != Some(*position as u64 + 1))
+            .map(|(_, node)| (format!("node {}", node.id), node.api));
         let followers = guard
             .followers
             .iter()
             .map(|node| (format!("follower node {}", node.id), node.api));
         leaders.chain(followers).collect()
     };
-    let diverged = check_convergence(&apis, &finals).await;
+    let mut diverged = check_convergence(&apis, &finals).await;
+    diverged.extend(unfinished);
     let follower_reads =
         std::mem::take(&mut *follower_reads.lock().unwrap_or_else(|p| p.into_inner()));
     let history = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));

@@ -22,7 +22,7 @@ struct Cli {
     time_limit: u64,
     /// Faults: all, none, or a comma-separated list of kill, pause,
     /// partition, isolate-leader, minority, bridge, slow, transfer-leader,
-    /// snapshot-crash, cut-location.
+    /// snapshot-crash, cut-location, member-replace.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// The seed of every random choice (default: from the clock).

@@ -89,8 +89,11 @@ fn flatten(prefix: &str, value: &Yaml, out: &mut Vec<(String, String)>) -> Resul
             format!("{prefix}.{key}")
         };
         match value {
-            // `raft.initial-members: {1: host:port, ...}` as Regatta writes it.
-            Yaml::Hash(members) if key == "raft.initial-members" => {
+            // `raft.initial-members: {1: host:port, ...}` as Regatta writes
+            // it; `raft.peer-addresses` likewise.
+            Yaml::Hash(members)
+                if key == "raft.initial-members" || key == "raft.peer-addresses" =>
+            {
                 let pairs: Result<Vec<String>, String> = members
                     .iter()
                     .map(|(id, address)| match (scalar(id), scalar(address)) {

@@ -128,6 +128,17 @@ struct LeaderArgs {
     )]
     raft_initial_members: Vec<String>,
 
+    /// Where to dial nodes that are not initial members, as `id=host:port`,
+    /// comma-separated: nodes added later (`regatta member add`) are
+    /// otherwise dialled at the address they record for themselves. For a
+    /// proxy or NAT between nodes. These nodes never bootstrap the cluster.
+    #[arg(
+        long = "raft.peer-addresses",
+        value_delimiter = ',',
+        env = "REGATTA_RAFT_PEER_ADDRESSES"
+    )]
+    raft_peer_addresses: Vec<String>,
+
     /// Join an existing cluster instead of bootstrapping a new one: first
     /// add the node (`regatta member add`), then start it with this flag
     /// and `--raft.initial-members` naming the current members and itself.
@@ -532,26 +543,26 @@ struct FollowerArgs {
     replication_server_name: Option<String>,
 }
 
-/// `1=127.0.0.1:5012,2=...` into a member map.
-fn parse_members(values: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+/// `1=127.0.0.1:5012,2=...` (the value of `--<flag>`) into a map.
+fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
     let mut members = BTreeMap::new();
     for value in values.iter().filter(|v| !v.is_empty()) {
         let (id, address) = value
             .split_once('=')
-            .ok_or_else(|| format!("--raft.initial-members: {value:?} is not id=host:port"))?;
+            .ok_or_else(|| format!("--{flag}: {value:?} is not id=host:port"))?;
         let id: u64 = id
             .trim()
             .parse()
-            .map_err(|_| format!("--raft.initial-members: {id:?} is not a node id"))?;
+            .map_err(|_| format!("--{flag}: {id:?} is not a node id"))?;
         if id == 0 {
-            return Err("--raft.initial-members: node ids must be non-zero".into());
+            return Err(format!("--{flag}: node ids must be non-zero"));
         }
         let address: SocketAddr = address
             .trim()
             .parse()
-            .map_err(|error| format!("--raft.initial-members: {address:?}: {error}"))?;
+            .map_err(|error| format!("--{flag}: {address:?}: {error}"))?;
         if members.insert(NodeId(id), address).is_some() {
-            return Err(format!("--raft.initial-members: node {id} appears twice"));
+            return Err(format!("--{flag}: node {id} appears twice"));
         }
     }
     Ok(members)
@@ -566,7 +577,21 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     config.node_id = node_id;
     config.cluster_id = args.raft_cluster_id;
     if !args.dev {
-        let members = parse_members(&args.raft_initial_members)?;
+        let members = parse_members("raft.initial-members", &args.raft_initial_members)?;
+        let peer_addresses = parse_members("raft.peer-addresses", &args.raft_peer_addresses)?;
+        if let Some(id) = peer_addresses.keys().find(|id| members.contains_key(id)) {
+            return Err(format!(
+                "--raft.peer-addresses names node {}, which --raft.initial-members already places",
+                id.0
+            ));
+        }
+        if peer_addresses.contains_key(&node_id) {
+            return Err(format!(
+                "--raft.peer-addresses names this node ({}); its address is --raft.address",
+                node_id.0
+            ));
+        }
+        config.peer_addresses = peer_addresses;
         if !members.is_empty() {
             match members.get(&node_id) {
                 Some(address) if *address == args.raft_address => {}

@@ -69,6 +69,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The peer address of every member, this node included.
     pub members: BTreeMap<NodeId, SocketAddr>,
+    /// Where to dial nodes that are not initial members (added later),
+    /// instead of the address they record for themselves: a proxy, a NAT
+    /// address. Never bootstrap voters.
+    pub peer_addresses: BTreeMap<NodeId, SocketAddr>,
     /// The client URL of members, where known (shown by MemberList).
     pub client_urls: BTreeMap<NodeId, String>,
     /// Bootstrap the cluster (true) or join one (false).
@@ -101,6 +105,7 @@ impl NodeConfig {
             cluster_id: 1,
             data_dir: data_dir.into(),
             members: [(NodeId(1), raft_address)].into(),
+            peer_addresses: BTreeMap::new(),
             client_urls: BTreeMap::new(),
             bootstrap: true,
             etcd_table: "etcd".into(),
@@ -292,6 +297,7 @@ impl Node {
         tcp.peers = config
             .members
             .iter()
+            .chain(&config.peer_addresses)
             .filter(|(id, _)| **id != config.node_id)
             .map(|(id, address)| (*id, *address))
             .collect();

@@ -492,7 +492,7 @@ impl Node {
         }
         if let Ok(records) = self.member_addresses().await {
             for (id, addresses) in &records {
-                if let Some(address) = peer_address(&self.config.members, *id, addresses) {
+                if let Some(address) = peer_address(&self.config, *id, addresses) {
                     self.transport.set_peer(*id, address);
                 }
             }
@@ -593,19 +593,18 @@ impl Node {
 }
 
 /// Where this node dials member `id`, if its address record should move
-/// it: the node's own configuration (`--raft.initial-members`) wins over
-/// the record the member wrote, so an operator's explicit mapping (a
-/// proxy, a NAT address, a test harness's fault-injecting link) holds;
-/// records place members this node was not configured with.
+/// it: the node's own configuration (`--raft.initial-members`,
+/// `--raft.peer-addresses`) wins over the record the member wrote, so an
+/// operator's explicit mapping (a proxy, a NAT address, a test harness's
+/// fault-injecting link) holds; records place members this node was not
+/// configured with.
 fn peer_address(
-    configured: &std::collections::BTreeMap<NodeId, std::net::SocketAddr>,
+    config: &super::NodeConfig,
     id: NodeId,
     recorded: &MemberAddresses,
 ) -> Option<std::net::SocketAddr> {
-    match configured.get(&id) {
-        Some(_) => None,
-        None => Some(recorded.raft_address),
-    }
+    let configured = config.members.contains_key(&id) || config.peer_addresses.contains_key(&id);
+    (!configured).then_some(recorded.raft_address)
 }
 
 #[cfg(test)]
@@ -616,14 +615,22 @@ mod tests {
     fn configured_peer_addresses_win_over_address_records() {
         let proxy: std::net::SocketAddr = "127.0.0.1:7002".parse().expect("address");
         let own_record: std::net::SocketAddr = "127.0.0.1:5002".parse().expect("address");
-        let configured = std::collections::BTreeMap::from([(NodeId(2), proxy)]);
+        let own: std::net::SocketAddr = "127.0.0.1:5001".parse().expect("address");
+        let mut config = crate::NodeConfig::single(std::path::Path::new("unused"), own);
+        config.members.insert(NodeId(2), proxy);
+        config.peer_addresses.insert(NodeId(5), proxy);
         let record = MemberAddresses {
             raft_address: own_record,
             client_url: String::new(),
         };
-        assert_eq!(peer_address(&configured, NodeId(2), &record), None);
+        assert_eq!(peer_address(&config, NodeId(2), &record), None);
         assert_eq!(
-            peer_address(&configured, NodeId(4), &record),
+            peer_address(&config, NodeId(5), &record),
+            None,
+            "--raft.peer-addresses wins too"
+        );
+        assert_eq!(
+            peer_address(&config, NodeId(4), &record),
             Some(own_record),
             "a member added later is placed by its record"
         );
