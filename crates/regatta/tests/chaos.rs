@@ -87,3 +87,52 @@ async fn histories_under_every_fault_are_linearizable() {
         }
     }
 }
+
+/// Members replaced under load (removed, wiped, added back under a new
+/// id) while partitions and kills go on: the history stays linearizable,
+/// every replacement finishes, and every node, the new ones included,
+/// reaches the final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_replaced_under_load_keep_the_history_linearizable() {
+    let seed = 11u64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RunConfig {
+        binary: env!("CARGO_BIN_EXE_regatta").into(),
+        dir: dir.path().to_path_buf(),
+        nodes: 3,
+        followers: 0,
+        clients: 6,
+        keys: 4,
+        duration: Duration::from_secs(12),
+        faults: vec![Fault::MemberReplace, Fault::MemberReplace, Fault::Partition],
+        seed,
+        ballast_bytes: 0,
+    };
+    let report = harness::run(config).await.expect("run");
+    eprintln!(
+        "seed {seed}: {} ok, {} fail, {} info; schedule {:?}",
+        report.ok, report.fail, report.info, report.schedule
+    );
+    let added = report
+        .schedule
+        .iter()
+        .filter(|(_, what)| what.starts_with("add node") && what.contains("start it empty"))
+        .count();
+    assert!(added >= 2, "seed {seed}: {added} replacements finished");
+    assert!(
+        report.ok > 200,
+        "seed {seed}: too few operations: {}",
+        report.ok
+    );
+    assert!(
+        report.diverged.is_empty(),
+        "seed {seed}: replicas never reached the final state: {:?}",
+        report.diverged
+    );
+    assert!(
+        report.verdict == Verdict::Linearizable && report.lost_writes == 0,
+        "seed {seed}: {:?}, {} lost writes; replay: cargo run -p regatta-chaos -- --time-limit 12 --clients 6 --keys 4 --follower-nodes 0 --ballast-mb 0 --nemesis member-replace,member-replace,partition --seed {seed}",
+        report.verdict,
+        report.lost_writes
+    );
+}
