@@ -10,7 +10,7 @@
 //! did not take effect and is dropped; `Info` is unknown: it may take
 //! effect at any point after its call, or never.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -92,34 +92,67 @@ pub enum Verdict {
     },
 }
 
-/// The register's step: the state after `op` ended as `outcome` from
-/// `state`, or `None` if that outcome is impossible there. Info outcomes
-/// take effect with the write's effect.
-fn step(state: &Value, op: &Op, outcome: &Outcome) -> Option<Value> {
-    match (op, outcome) {
-        (Op::Get, Outcome::Read(value)) => (value == state).then(|| state.clone()),
-        (Op::Put(value), Outcome::Done | Outcome::Info) => Some(Some(value.clone())),
-        (Op::Delete, Outcome::Done | Outcome::Info) => Some(None),
-        (Op::Cas { expected, new }, Outcome::Swapped(true)) => {
-            (state == expected).then(|| Some(new.clone()))
-        }
-        (Op::Cas { expected, .. }, Outcome::Swapped(false)) => {
-            (state != expected).then(|| state.clone())
-        }
-        (Op::Cas { expected, new }, Outcome::Info) => {
-            // Unknown: if it took effect, it behaved like a CAS would.
-            Some(if state == expected {
-                Some(new.clone())
-            } else {
-                state.clone()
-            })
-        }
-        _ => None,
-    }
+/// States explored per key before the search gives up. A state costs
+/// about 100 bytes in the cache, so the budget bounds the checker's
+/// memory to about a GiB per key.
+pub const STATES_MAX: usize = 8_000_000;
+
+/// An operation reduced to what the search needs: values are interned as
+/// small numbers (0 is a missing key), and the outcome is folded in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Step {
+    /// A read that saw this value.
+    Read(u32),
+    /// A write of this value (a put, or a delete writing 0), done or
+    /// unknown.
+    Write(u32),
+    /// A compare-and-set that swapped.
+    Swapped { expected: u32, new: u32 },
+    /// A compare-and-set that did not swap.
+    Refused { expected: u32 },
+    /// A compare-and-set of unknown outcome.
+    Maybe { expected: u32, new: u32 },
 }
 
-/// States explored per key before the search gives up.
-pub const STATES_MAX: usize = 500_000;
+impl Step {
+    fn new(operation: &Operation, ids: &mut BTreeMap<Value, u32>) -> Option<Step> {
+        let mut id = |value: Value| {
+            let next = ids.len() as u32;
+            *ids.entry(value).or_insert(next)
+        };
+        let step = match (&operation.op, &operation.outcome) {
+            (Op::Get, Outcome::Read(value)) => Step::Read(id(value.clone())),
+            (Op::Put(value), Outcome::Done | Outcome::Info) => Step::Write(id(Some(value.clone()))),
+            (Op::Delete, Outcome::Done | Outcome::Info) => Step::Write(id(None)),
+            (Op::Cas { expected, new }, Outcome::Swapped(true)) => Step::Swapped {
+                expected: id(expected.clone()),
+                new: id(Some(new.clone())),
+            },
+            (Op::Cas { expected, .. }, Outcome::Swapped(false)) => Step::Refused {
+                expected: id(expected.clone()),
+            },
+            (Op::Cas { expected, new }, Outcome::Info) => Step::Maybe {
+                expected: id(expected.clone()),
+                new: id(Some(new.clone())),
+            },
+            // A mismatched outcome (a read answered "swapped") fits no
+            // state.
+            _ => return None,
+        };
+        Some(step)
+    }
+
+    /// The state after this step from `state`, if the step fits it.
+    fn apply(self, state: u32) -> Option<u32> {
+        match self {
+            Step::Read(value) => (value == state).then_some(state),
+            Step::Write(value) => Some(value),
+            Step::Swapped { expected, new } => (state == expected).then_some(new),
+            Step::Refused { expected } => (state != expected).then_some(state),
+            Step::Maybe { expected, new } => Some(if state == expected { new } else { state }),
+        }
+    }
+}
 
 /// Checks a whole history, key by key.
 pub fn check(history: &[Operation]) -> Verdict {
@@ -149,22 +182,82 @@ pub fn check(history: &[Operation]) -> Verdict {
     Verdict::Linearizable
 }
 
-/// Removes operations while the rest stays non-linearizable. A write
-/// whose value a remaining read observes stays: without it every such
-/// read fails trivially, which would hide the real anomaly.
+/// Shrinks a failing key history by steps that can never turn a
+/// linearizable history into a failing one, so what is left shows a real
+/// anomaly (dropping writes at will would not: a read can fail for want
+/// of a write that was removed):
+///
+/// 1. The shortest failing prefix: operations called after a cut time go,
+///    and those still pending at it become unknown writes or go (reads).
+/// 2. Reads and refused compare-and-sets, which only constrain, go while
+///    the rest still fails: in runs (halves, quarters, ...) then one by
+///    one until none can go.
+/// 3. A blind write (a put or delete that returned) goes when a later one
+///    started after it returned and no read or compare-and-set overlaps
+///    the two: nothing could have seen its value. One whose value a
+///    remaining read shows stays, to explain that read.
 fn minimize(mut operations: Vec<Operation>) -> Vec<Operation> {
     operations.retain(relevant);
     operations.sort_by_key(|operation| operation.call);
+
+    let mut cuts: Vec<u64> = operations
+        .iter()
+        .filter(|operation| operation.outcome != Outcome::Info)
+        .map(|operation| operation.ret)
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    // A prefix of a linearizable history is linearizable, so failing is
+    // monotone in the cut: binary search for the first cut that fails.
+    let (mut low, mut high) = (0, cuts.len());
+    while low < high {
+        let middle = (low + high) / 2;
+        if check_key(&cut(&operations, cuts[middle])) == Some(false) {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    if high < cuts.len() {
+        operations = cut(&operations, cuts[high]);
+    }
+
+    let constraint = |operation: &Operation| {
+        matches!(
+            (&operation.op, &operation.outcome),
+            (Op::Get, _) | (_, Outcome::Swapped(false))
+        )
+    };
+    let mut run = operations.len().div_ceil(2).max(1);
+    loop {
+        let before = operations.len();
+        let mut start = 0;
+        while start < operations.len() {
+            let end = (start + run).min(operations.len());
+            let candidate: Vec<Operation> = operations
+                .iter()
+                .enumerate()
+                .filter(|(index, operation)| {
+                    !(start..end).contains(index) || !constraint(operation)
+                })
+                .map(|(_, operation)| operation.clone())
+                .collect();
+            if candidate.len() < operations.len() && check_key(&candidate) == Some(false) {
+                operations = candidate;
+            } else {
+                start = end;
+            }
+        }
+        if run == 1 && operations.len() == before {
+            break;
+        }
+        run = run.div_ceil(2);
+    }
+
     let mut index = 0;
     while index < operations.len() {
-        if supports_a_read(&operations[index], &operations) {
-            index += 1;
-            continue;
-        }
-        let mut candidate = operations.clone();
-        candidate.remove(index);
-        if check_key(&candidate) == Some(false) {
-            operations = candidate;
+        if overwritten(&operations, index) {
+            operations.remove(index);
         } else {
             index += 1;
         }
@@ -172,23 +265,77 @@ fn minimize(mut operations: Vec<Operation>) -> Vec<Operation> {
     operations
 }
 
-/// Whether `write` sets a value that another operation observes.
+/// The operations called by `time`: one pending at it (not returned, or
+/// unknown) that writes becomes unknown, a pending read or refused
+/// compare-and-set goes.
+fn cut(operations: &[Operation], time: u64) -> Vec<Operation> {
+    operations
+        .iter()
+        .filter(|operation| operation.call <= time)
+        .filter_map(|operation| {
+            let pending = operation.outcome == Outcome::Info || operation.ret > time;
+            if !pending {
+                return Some(operation.clone());
+            }
+            match (&operation.op, &operation.outcome) {
+                (Op::Get, _) | (_, Outcome::Swapped(false)) => None,
+                _ => Some(Operation {
+                    outcome: Outcome::Info,
+                    ..operation.clone()
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Whether the blind write (a put or delete that returned) at `index` was
+/// overwritten before anything could see it: another blind write began
+/// after it returned, and no read or compare-and-set overlaps the span
+/// from its call to that write's return. Either history, with it or
+/// without it, is linearizable exactly when the other is: only blind
+/// writes can be ordered between the two.
+fn overwritten(operations: &[Operation], index: usize) -> bool {
+    let write = &operations[index];
+    let blind = |operation: &Operation| {
+        matches!(operation.op, Op::Put(_) | Op::Delete) && operation.outcome == Outcome::Done
+    };
+    // One a remaining read saw stays, though it could go: a read of a
+    // value nobody wrote would obscure the anomaly.
+    if !blind(write) || supports_a_read(write, operations) {
+        return false;
+    }
+    let Some(end) = operations
+        .iter()
+        .filter(|other| blind(other) && other.call > write.ret)
+        .map(|other| other.ret)
+        .min()
+    else {
+        return false;
+    };
+    operations.iter().enumerate().all(|(other_index, other)| {
+        let observes = matches!(other.op, Op::Get | Op::Cas { .. });
+        let overlaps =
+            other.call <= end && (other.outcome == Outcome::Info || other.ret >= write.call);
+        other_index == index || !observes || !overlaps
+    })
+}
+
+/// Whether `write` sets a value (a delete sets "missing") that another
+/// operation observes: a read that returned it, or a compare-and-set that
+/// expected it and swapped or may have.
 fn supports_a_read(write: &Operation, operations: &[Operation]) -> bool {
-    let written = match &write.op {
-        Op::Put(value) | Op::Cas { new: value, .. } => value,
-        Op::Get | Op::Delete => return false,
+    let written: Option<&String> = match &write.op {
+        Op::Put(value) | Op::Cas { new: value, .. } => Some(value),
+        Op::Delete => None,
+        Op::Get => return false,
     };
     operations
         .iter()
         .any(|other| match (&other.op, &other.outcome) {
-            (Op::Get, Outcome::Read(Some(seen))) => seen == written,
-            (
-                Op::Cas {
-                    expected: Some(expected),
-                    ..
-                },
-                Outcome::Swapped(true),
-            ) => expected == written,
+            (Op::Get, Outcome::Read(seen)) => seen.as_ref() == written,
+            (Op::Cas { expected, .. }, Outcome::Swapped(true) | Outcome::Info) => {
+                !std::ptr::eq(other, write) && expected.as_ref() == written
+            }
             _ => false,
         })
 }
@@ -202,6 +349,16 @@ fn relevant(operation: &Operation) -> bool {
 }
 
 /// One key: `Some(true)` linearizable, `Some(false)` not, `None` gave up.
+///
+/// The search runs over a doubly linked list of call and return events
+/// in time order (Lowe's form of Wing and Gong's algorithm): linearizing
+/// an operation lifts its events out of the list, and backtracking puts
+/// them back, so each step costs O(1) rather than a scan of the history.
+/// A state is the set of definite operations linearized, kept as a
+/// 128-bit Zobrist hash, the register's value and the set of unknown
+/// operations linearized. At each point the search tries the definite
+/// operations first and the unknown ones only after, since an unknown
+/// write is needed only where a read or a compare-and-set requires it.
 fn check_key(operations: &[Operation]) -> Option<bool> {
     // An unknown write whose value nobody observed can be taken as never
     // applied, which keeps the verdict and spares the search. A failed
@@ -211,103 +368,314 @@ fn check_key(operations: &[Operation]) -> Option<bool> {
     let failed_cas = operations
         .iter()
         .any(|o| matches!(o.outcome, Outcome::Swapped(false)));
-    let operations: Vec<&Operation> = operations
-        .iter()
-        .filter(|o| relevant(o))
-        .filter(|o| o.outcome != Outcome::Info || failed_cas || supports_a_read(o, operations))
-        .collect();
-    let count = operations.len();
+    let mut ids: BTreeMap<Value, u32> = BTreeMap::new();
+    ids.insert(None, 0);
+    let mut kept: Vec<&Operation> = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
+    for operation in operations.iter().filter(|o| relevant(o)) {
+        let unknown = operation.outcome == Outcome::Info;
+        if unknown && !failed_cas && !supports_a_read(operation, operations) {
+            continue;
+        }
+        match Step::new(operation, &mut ids) {
+            Some(step) => {
+                kept.push(operation);
+                steps.push(step);
+            }
+            // An outcome that fits no state (a read answered "swapped"):
+            // a definite one makes the history impossible, an unknown one
+            // never took effect.
+            None if unknown => {}
+            None => return Some(false),
+        }
+    }
+    let count = steps.len();
     if count == 0 {
         return Some(true);
     }
+    let mut unknown: Vec<bool> = kept.iter().map(|o| o.outcome == Outcome::Info).collect();
+    let mut rets: Vec<u64> = kept.iter().map(|o| o.ret).collect();
+    let garbage = ids.len() as u32;
+    let was_unknown = unknown.clone();
+    narrow(&mut steps, &mut unknown, &mut rets, garbage);
+    let definite = unknown.iter().filter(|unknown| !**unknown).count();
+    // Tried in the second pass: unknown operations, and unknown writes
+    // made definite (their windows are long, and they are needed only
+    // where their value is read).
+    let deferred = was_unknown;
+
     // Events in time order: calls before returns at equal times would
     // wrongly order overlapping operations, so returns sort after calls.
-    // Unknown operations return at the end of time.
+    // An unknown operation never returns: it may take effect at any time
+    // after its call, or never.
     let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * count);
-    for (index, operation) in operations.iter().enumerate() {
+    for (index, operation) in kept.iter().enumerate() {
         events.push((operation.call, 0, index));
-        let ret = if operation.outcome == Outcome::Info {
-            u64::MAX
-        } else {
-            operation.ret.max(operation.call)
-        };
-        events.push((ret, 1, index));
+        if !unknown[index] {
+            events.push((rets[index].max(operation.call), 1, index));
+        }
     }
-    events.sort();
-    let definite = operations
-        .iter()
-        .filter(|o| o.outcome != Outcome::Info)
-        .count();
+    events.sort_unstable();
+    // Unknown operations with the same step are interchangeable: once
+    // called, each stays a candidate to the end. So only the earliest
+    // called of a class not yet linearized is tried.
+    let mut class_previous: Vec<Option<usize>> = vec![None; count];
+    let mut class_last: HashMap<Step, usize> = HashMap::new();
+    for &(_, kind, index) in &events {
+        if kind == 0 && unknown[index] {
+            class_previous[index] = class_last.insert(steps[index], index);
+        }
+    }
+    // The list: node 0 is the head, event `i` is node `i + 1`, and the
+    // last node is the end.
+    let end = events.len() + 1;
+    let mut next: Vec<usize> = (1..=end + 1).collect();
+    next[end] = end;
+    let mut prev: Vec<usize> = (0..=end).map(|node| node.saturating_sub(1)).collect();
+    let mut call_node = vec![0usize; count];
+    let mut return_node: Vec<Option<usize>> = vec![None; count];
+    for (position, &(_, kind, index)) in events.iter().enumerate() {
+        if kind == 0 {
+            call_node[index] = position + 1;
+        } else {
+            return_node[index] = Some(position + 1);
+        }
+    }
+    let zobrist: Vec<u128> = (0..count as u64).map(zobrist_key).collect();
+    // Unknown operations are numbered apart: the set of them linearized is
+    // a bitset, compared by inclusion (below).
+    let mut unknown_slot = vec![usize::MAX; count];
+    let mut unknown_count = 0usize;
+    for (index, unknown) in unknown.iter().enumerate() {
+        if *unknown {
+            unknown_slot[index] = unknown_count;
+            unknown_count += 1;
+        }
+    }
 
-    // The search: a stack of (operation, state before it).
-    let mut linearized = vec![false; count];
+    struct Choice {
+        operation: usize,
+        previous: u32,
+        lazy: bool,
+    }
+    let mut stack: Vec<Choice> = Vec::new();
+    // Explored states: (hash of the definite operations linearized, value)
+    // to the sets of unknown operations linearized with them. A state
+    // whose unknown set includes an explored one is no better than it:
+    // an unknown operation not yet linearized may still be, or never be,
+    // so fewer of them linearized leaves every choice open.
+    let mut seen: HashMap<(u128, u32), Vec<Box<[u64]>>> = HashMap::new();
+    let mut states = 0usize;
+    let mut linearized_unknown = vec![0u64; unknown_count.div_ceil(64)];
     let mut linearized_definite = 0usize;
-    let mut state: Value = None;
-    let mut stack: Vec<(usize, Value, usize)> = Vec::new(); // (op, previous state, event position)
-    let mut seen: HashSet<(Vec<u64>, Value)> = HashSet::new();
-    let mut position = 0usize;
+    let mut state = 0u32;
+    let mut set_hash = 0u128;
+    let mut node = next[0];
+    // The pass: definite calls first (false), then unknown ones (true).
+    let mut lazy = false;
     loop {
         if linearized_definite == definite {
             return Some(true);
         }
-        // Find the next event, skipping those of linearized operations.
-        while position < events.len() && linearized[events[position].2] {
-            position += 1;
-        }
-        if position >= events.len() {
-            // Only unknown operations remain, none of them needed.
-            return Some(true);
-        }
-        let (_, kind, index) = events[position];
-        let mut advanced = false;
+        // A definite operation is left, so its return is in the list.
+        assert!(node != end, "the scan passed every pending return");
+        let (_, kind, operation) = events[node - 1];
         if kind == 0 {
-            if let Some(next) = step(&state, &operations[index].op, &operations[index].outcome) {
-                linearized[index] = true;
-                let key = (bitset(&linearized), next.clone());
-                if seen.insert(key) {
-                    if seen.len() > STATES_MAX {
-                        return None;
+            let canonical = !unknown[operation]
+                || class_previous[operation]
+                    .is_none_or(|previous| is_set(&linearized_unknown, unknown_slot[previous]));
+            if deferred[operation] == lazy && canonical {
+                // An unknown operation that changes nothing only closes
+                // options: it may as well never have happened.
+                let useful = |after: &u32| !unknown[operation] || *after != state;
+                if let Some(after) = steps[operation].apply(state).filter(useful) {
+                    let hash = if unknown[operation] {
+                        set_bit(&mut linearized_unknown, unknown_slot[operation]);
+                        set_hash
+                    } else {
+                        set_hash ^ zobrist[operation]
+                    };
+                    let explored = seen.entry((hash, after)).or_default();
+                    let dominated = explored
+                        .iter()
+                        .any(|other| is_subset(other, &linearized_unknown));
+                    if !dominated {
+                        explored.push(linearized_unknown.clone().into_boxed_slice());
+                        states += 1;
+                        if states > STATES_MAX {
+                            return None;
+                        }
+                        stack.push(Choice {
+                            operation,
+                            previous: state,
+                            lazy,
+                        });
+                        state = after;
+                        set_hash = hash;
+                        lift(&mut next, &mut prev, call_node[operation]);
+                        if let Some(node) = return_node[operation] {
+                            lift(&mut next, &mut prev, node);
+                        }
+                        if !unknown[operation] {
+                            linearized_definite += 1;
+                        }
+                        node = next[0];
+                        lazy = false;
+                        continue;
                     }
-                    stack.push((index, std::mem::replace(&mut state, next), position));
-                    if operations[index].outcome != Outcome::Info {
-                        linearized_definite += 1;
+                    if unknown[operation] {
+                        clear_bit(&mut linearized_unknown, unknown_slot[operation]);
                     }
-                    position = 0;
-                    advanced = true;
-                } else {
-                    linearized[index] = false;
                 }
             }
-            if !advanced {
-                position += 1;
-            }
+            node = next[node];
             continue;
         }
-        if operations[index].outcome == Outcome::Info {
-            // Only unknown operations remain pending: none is required.
-            return Some(true);
+        if !lazy {
+            // Every definite candidate was tried; now the unknown ones.
+            lazy = true;
+            node = next[0];
+            continue;
         }
-        // A return of a pending operation: undo the last choice.
-        let Some((undone, previous, at)) = stack.pop() else {
+        // The first pending return: some candidate had to come first and
+        // none led anywhere. Undo the last choice and try the next.
+        let Some(choice) = stack.pop() else {
             return Some(false);
         };
-        linearized[undone] = false;
-        if operations[undone].outcome != Outcome::Info {
-            linearized_definite -= 1;
+        if let Some(node) = return_node[choice.operation] {
+            unlift(&mut next, &mut prev, node);
         }
-        state = previous;
-        position = at + 1;
+        unlift(&mut next, &mut prev, call_node[choice.operation]);
+        if unknown[choice.operation] {
+            clear_bit(&mut linearized_unknown, unknown_slot[choice.operation]);
+        } else {
+            linearized_definite -= 1;
+            set_hash ^= zobrist[choice.operation];
+        }
+        state = choice.previous;
+        lazy = choice.lazy;
+        node = next[call_node[choice.operation]];
     }
 }
 
-fn bitset(flags: &[bool]) -> Vec<u64> {
-    let mut words = vec![0u64; flags.len().div_ceil(64)];
-    for (index, flag) in flags.iter().enumerate() {
-        if *flag {
-            words[index / 64] |= 1 << (index % 64);
+/// Rewrites a key's steps into an equivalent, easier search; the verdict
+/// does not change.
+///
+/// - A value no operation reads or compares against is indistinguishable
+///   from any other such value, so all of them become one, `garbage`, and
+///   states that differ only in which one the register holds merge.
+/// - An unknown write of a value that exactly one operation writes, and
+///   that a definite read or a swapped compare-and-set observed, must have
+///   taken effect (nothing else produces the value, and the key starts
+///   missing) and before the earliest return of those observers. It
+///   becomes definite with that return; an unknown compare-and-set so
+///   observed must have swapped.
+fn narrow(steps: &mut [Step], unknown: &mut [bool], rets: &mut [u64], garbage: u32) {
+    let mut writers: HashMap<u32, usize> = HashMap::new();
+    let mut mentioned: HashSet<u32> = HashSet::new();
+    // Value to the earliest return of a definite operation that saw it.
+    let mut deadline: HashMap<u32, u64> = HashMap::new();
+    for (index, step) in steps.iter().enumerate() {
+        let observed = match *step {
+            Step::Read(value) => Some(value),
+            Step::Swapped { expected, .. } => Some(expected),
+            Step::Write(_) | Step::Refused { .. } | Step::Maybe { .. } => None,
+        };
+        if let Some(value) = observed {
+            assert!(!unknown[index], "reads and swaps are definite");
+            let earliest = deadline.entry(value).or_insert(rets[index]);
+            *earliest = (*earliest).min(rets[index]);
+        }
+        match *step {
+            Step::Read(value) | Step::Refused { expected: value } => {
+                mentioned.insert(value);
+            }
+            Step::Write(new) => *writers.entry(new).or_default() += 1,
+            Step::Swapped { expected, new } | Step::Maybe { expected, new } => {
+                mentioned.insert(expected);
+                *writers.entry(new).or_default() += 1;
+            }
         }
     }
-    words
+    for index in 0..steps.len() {
+        let (written, forced) = match steps[index] {
+            Step::Write(new) => (new, Step::Write(new)),
+            Step::Swapped { expected, new } | Step::Maybe { expected, new } => {
+                (new, Step::Swapped { expected, new })
+            }
+            Step::Read(_) | Step::Refused { .. } => continue,
+        };
+        if written == 0 {
+            continue;
+        }
+        if unknown[index] && writers.get(&written) == Some(&1) {
+            if let Some(&earliest) = deadline.get(&written) {
+                steps[index] = forced;
+                unknown[index] = false;
+                rets[index] = earliest;
+                continue;
+            }
+        }
+        if !mentioned.contains(&written) {
+            steps[index] = match steps[index] {
+                Step::Write(_) => Step::Write(garbage),
+                Step::Swapped { expected, .. } => Step::Swapped {
+                    expected,
+                    new: garbage,
+                },
+                Step::Maybe { expected, .. } => Step::Maybe {
+                    expected,
+                    new: garbage,
+                },
+                step => step,
+            };
+        }
+    }
+}
+
+fn is_set(words: &[u64], bit: usize) -> bool {
+    words[bit / 64] & (1 << (bit % 64)) != 0
+}
+
+fn set_bit(words: &mut [u64], bit: usize) {
+    words[bit / 64] |= 1 << (bit % 64);
+}
+
+fn clear_bit(words: &mut [u64], bit: usize) {
+    words[bit / 64] &= !(1 << (bit % 64));
+}
+
+/// Whether every bit of `small` is set in `large`.
+fn is_subset(small: &[u64], large: &[u64]) -> bool {
+    small
+        .iter()
+        .zip(large)
+        .all(|(small, large)| small & !large == 0)
+}
+
+/// Removes `node` from the list; it keeps its own links for `unlift`.
+fn lift(next: &mut [usize], prev: &mut [usize], node: usize) {
+    next[prev[node]] = next[node];
+    prev[next[node]] = prev[node];
+}
+
+/// Puts back the node most recently lifted.
+fn unlift(next: &mut [usize], prev: &mut [usize], node: usize) {
+    next[prev[node]] = node;
+    prev[next[node]] = node;
+}
+
+/// A fixed pseudo-random 128-bit key per operation (splitmix64 twice).
+fn zobrist_key(index: u64) -> u128 {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let high = mix(index.wrapping_mul(2));
+    let low = mix(index.wrapping_mul(2).wrapping_add(1));
+    (u128::from(high) << 64) | u128::from(low)
 }
 
 /// Acknowledged writes the final state lost: an acknowledged put that no
@@ -348,6 +716,32 @@ pub fn lost_writes(history: &[Operation], final_values: &BTreeMap<String, Value>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The register's step: the state after `op` ended as `outcome` from
+    /// `state`, or `None` if that outcome is impossible there. Info outcomes
+    /// take effect with the write's effect.
+    fn step(state: &Value, op: &Op, outcome: &Outcome) -> Option<Value> {
+        match (op, outcome) {
+            (Op::Get, Outcome::Read(value)) => (value == state).then(|| state.clone()),
+            (Op::Put(value), Outcome::Done | Outcome::Info) => Some(Some(value.clone())),
+            (Op::Delete, Outcome::Done | Outcome::Info) => Some(None),
+            (Op::Cas { expected, new }, Outcome::Swapped(true)) => {
+                (state == expected).then(|| Some(new.clone()))
+            }
+            (Op::Cas { expected, .. }, Outcome::Swapped(false)) => {
+                (state != expected).then(|| state.clone())
+            }
+            (Op::Cas { expected, new }, Outcome::Info) => {
+                // Unknown: if it took effect, it behaved like a CAS would.
+                Some(if state == expected {
+                    Some(new.clone())
+                } else {
+                    state.clone()
+                })
+            }
+            _ => None,
+        }
+    }
 
     fn op(process: u64, key: &str, op: Op, call: u64, ret: u64, outcome: Outcome) -> Operation {
         Operation {
@@ -517,6 +911,134 @@ mod tests {
         assert_eq!(check(&history), Verdict::Linearizable);
     }
 
+    /// A history of one register as a real system would produce it:
+    /// `processes` clients, each operation taking effect at a random point
+    /// between its call and return; unknown writes take effect much later
+    /// or never.
+    fn simulated_history(seed: u64, processes: u64, operations: usize) -> Vec<Operation> {
+        let mut seed = seed | 1;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // (effect time, operation index); outcomes are filled in when the
+        // effects are replayed in time order.
+        let mut history: Vec<Operation> = Vec::with_capacity(operations);
+        let mut effects: Vec<(u64, usize)> = Vec::new();
+        let mut clocks = vec![0u64; processes as usize];
+        let mut written: Vec<String> = Vec::new();
+        for index in 0..operations {
+            let process = next() % processes;
+            let call = clocks[process as usize] + next() % 5;
+            let effect = call + 1 + next() % 20;
+            let ret = effect + 1 + next() % 20;
+            clocks[process as usize] = ret;
+            let value = format!("{process}-{index}");
+            let request = match next() % 10 {
+                0..=3 => Op::Get,
+                4..=6 => Op::Put(value.clone()),
+                7 => Op::Delete,
+                _ => Op::Cas {
+                    expected: match written.len() {
+                        0 => None,
+                        length => Some(
+                            written[length - 1 - (next() % length.min(3) as u64) as usize].clone(),
+                        ),
+                    },
+                    new: value.clone(),
+                },
+            };
+            if !matches!(request, Op::Get) {
+                written.push(value);
+            }
+            let unknown = !matches!(request, Op::Get) && next() % 25 == 0;
+            let outcome = if unknown {
+                Outcome::Info
+            } else {
+                Outcome::Done
+            };
+            if unknown {
+                // Much later (after other clients moved on) or never.
+                if next() % 2 == 0 {
+                    effects.push((call + 1 + next() % 2000, index));
+                }
+            } else {
+                effects.push((effect, index));
+            }
+            history.push(op(process, "k", request, call, ret, outcome));
+        }
+        effects.sort();
+        let mut state: Value = None;
+        for (_, index) in effects {
+            let operation = &mut history[index];
+            let unknown = operation.outcome == Outcome::Info;
+            match operation.op.clone() {
+                Op::Get => operation.outcome = Outcome::Read(state.clone()),
+                Op::Put(value) => state = Some(value),
+                Op::Delete => state = None,
+                Op::Cas { expected, new } => {
+                    let swapped = state == expected;
+                    if swapped {
+                        state = Some(new);
+                    }
+                    if !unknown {
+                        operation.outcome = Outcome::Swapped(swapped);
+                    }
+                }
+            }
+        }
+        history
+    }
+
+    #[test]
+    fn a_long_history_with_unknown_writes_is_checked_and_a_stale_read_in_it_is_found() {
+        const OPS: usize = 500;
+        for seed in (1..=19u64).step_by(2) {
+            let mut history = simulated_history(seed, 8, OPS);
+            let unknown = history
+                .iter()
+                .filter(|o| o.outcome == Outcome::Info)
+                .count();
+            assert!(
+                unknown >= OPS / 100,
+                "seed {seed}: only {unknown} unknown writes"
+            );
+            assert_eq!(check(&history), Verdict::Linearizable, "seed {seed}");
+            // A read three quarters in shows the first value ever written,
+            // overwritten thousands of times since.
+            let first = history
+                .iter()
+                .find_map(|o| match (&o.op, &o.outcome) {
+                    (Op::Put(value), Outcome::Done) => Some(value.clone()),
+                    _ => None,
+                })
+                .expect("a put");
+            let stale = (history.len() * 3 / 4..history.len())
+                .find(|index| matches!(history[*index].op, Op::Get))
+                .expect("a read");
+            history[stale].outcome = Outcome::Read(Some(first.clone()));
+            match check(&history) {
+                Verdict::NotLinearizable { minimal, .. } => {
+                    // Only reads that matter remain; writes a compare-and-set
+                    // may have seen stay with them.
+                    let reads = minimal.iter().filter(|o| o.op == Op::Get).count();
+                    assert!(
+                        minimal.len() < history.len() / 2 && reads <= 2,
+                        "seed {seed}: {} operations left: {minimal:?}",
+                        minimal.len()
+                    );
+                    assert!(
+                        minimal.contains(&history[stale]),
+                        "seed {seed}: {minimal:?}"
+                    );
+                }
+                other => panic!("seed {seed}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn lost_acknowledged_writes_are_counted() {
         let history = vec![
@@ -591,26 +1113,38 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let values = ["a", "b", "c"];
+        // Writes pick from five values, reads and expectations from the
+        // first four: "e" is never observed, the others at random.
+        let values = ["a", "b", "c", "d", "e"];
         let (mut linearizable, mut not) = (0, 0);
-        for _ in 0..3000 {
+        for _ in 0..20000 {
             let count = 2 + (next() % 5) as usize;
             let mut history = Vec::new();
             for process in 0..count as u64 {
                 let call = next() % 20;
                 let ret = call + next() % 8;
-                let value = values[(next() % 3) as usize];
-                let (operation, outcome) = match next() % 6 {
-                    0 | 1 => (
+                let value = values[(next() % 5) as usize];
+                let seen = values[(next() % 4) as usize];
+                let expected = (next() % 4 != 0).then(|| values[(next() % 4) as usize].to_string());
+                let (operation, outcome) = match next() % 9 {
+                    0..=2 => (
                         Op::Get,
-                        Outcome::Read((next() % 4 != 0).then(|| value.to_string())),
+                        Outcome::Read((next() % 4 != 0).then(|| seen.to_string())),
                     ),
-                    2 => (Op::Put(value.into()), Outcome::Done),
-                    3 => (Op::Put(value.into()), Outcome::Info),
-                    4 => (Op::Delete, Outcome::Done),
+                    3 => (Op::Put(value.into()), Outcome::Done),
+                    4 => (Op::Put(value.into()), Outcome::Info),
+                    5 => (Op::Delete, Outcome::Done),
+                    6 => (Op::Delete, Outcome::Info),
+                    7 => (
+                        Op::Cas {
+                            expected,
+                            new: value.into(),
+                        },
+                        Outcome::Info,
+                    ),
                     _ => (
                         Op::Cas {
-                            expected: Some(values[(next() % 3) as usize].to_string()),
+                            expected,
                             new: value.into(),
                         },
                         Outcome::Swapped(next() % 2 == 0),

@@ -129,8 +129,12 @@ pub struct RunConfig {
     pub followers: u64,
     /// Concurrent clients.
     pub clients: u64,
-    /// Keys the clients use.
+    /// Keys the clients use at once.
     pub keys: u64,
+    /// Operations on one key before its slot moves on to a fresh key, so
+    /// that each key's history stays short enough to check (Jepsen's
+    /// independent keys).
+    pub ops_per_key: u64,
     /// How long the workload runs.
     pub duration: Duration,
     /// The faults to draw from.
@@ -222,13 +226,64 @@ async fn local_read(client: &mut pb::kv_client::KvClient<Channel>, key: &str) ->
     })
 }
 
+/// The keys of a run: `slots` in use at once; a slot's key changes (from
+/// `k3.0` to `k3.1`, ...) after `ops_per_key` operations on it, so no
+/// key's history outgrows the checker.
+pub struct KeySpace {
+    ops_per_key: u64,
+    used: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl KeySpace {
+    /// `slots` keys at once (at least one), each for `ops_per_key`
+    /// operations (at least one).
+    pub fn new(slots: u64, ops_per_key: u64) -> KeySpace {
+        KeySpace {
+            ops_per_key: ops_per_key.max(1),
+            used: (0..slots.max(1))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// The key for the next operation in `slot`.
+    fn take(&self, slot: u64) -> String {
+        let index = (slot % self.used.len() as u64) as usize;
+        let count = self.used[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("k{index}.{}", count / self.ops_per_key)
+    }
+
+    /// The key `slot` is on now (for readers, which do not advance it).
+    fn current(&self, slot: u64) -> String {
+        let index = (slot % self.used.len() as u64) as usize;
+        let count = self.used[index].load(std::sync::atomic::Ordering::Relaxed);
+        format!("k{index}.{}", count.saturating_sub(1) / self.ops_per_key)
+    }
+
+    /// Every key an operation was taken for.
+    fn all(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for (index, used) in self.used.iter().enumerate() {
+            let count = used.load(std::sync::atomic::Ordering::Relaxed);
+            for generation in 0..count.div_ceil(self.ops_per_key) {
+                keys.push(format!("k{index}.{generation}"));
+            }
+        }
+        keys
+    }
+
+    fn slots(&self) -> u64 {
+        self.used.len() as u64
+    }
+}
+
 /// One follower reader: bound to one follower node, reading random keys
 /// until the workload is over.
 struct FollowerReader {
     process: u64,
     node: u64,
     api: SocketAddr,
-    keys: u64,
+    keys: Arc<KeySpace>,
     rng: Rng,
 }
 
@@ -244,7 +299,7 @@ impl FollowerReader {
             return;
         };
         while started.elapsed() < duration {
-            let key = format!("k{}", self.rng.next() % self.keys.max(1));
+            let key = self.keys.current(self.rng.next() % self.keys.slots());
             let call = started.elapsed().as_micros() as u64;
             let read = local_read(&mut client, &key).await;
             let ret = started.elapsed().as_micros() as u64;
@@ -1180,10 +1235,11 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let peer_bytes_at_start = peer_bytes(&cluster);
     let started = Instant::now();
     let history: Arc<Mutex<Vec<Operation>>> = Arc::default();
+    let keys = Arc::new(KeySpace::new(config.keys, config.ops_per_key));
     let mut workers = Vec::new();
     for process in 0..config.clients {
         let address = client_addresses[(process % client_addresses.len() as u64) as usize];
-        let (history, keys, duration) = (Arc::clone(&history), config.keys, config.duration);
+        let (history, keys, duration) = (Arc::clone(&history), Arc::clone(&keys), config.duration);
         let mut rng = Rng(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (process + 1));
         workers.push(tokio::spawn(async move {
             let Some(mut client) = connect(address).await else {
@@ -1191,7 +1247,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
             };
             let mut written = 0u64;
             while started.elapsed() < duration {
-                let key = format!("k{}", rng.next() % keys.max(1));
+                let key = keys.take(rng.next() % keys.slots());
                 written += 1;
                 let value = format!("{process}-{written}");
                 let op = match rng.next() % 10 {
@@ -1249,7 +1305,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
                 process,
                 node: *node,
                 api: *api,
-                keys: config.keys,
+                keys: Arc::clone(&keys),
                 rng: Rng(config.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (process + 1)),
             };
             workers.push(tokio::spawn(reader.run(
@@ -1317,8 +1373,9 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     for address in &client_addresses {
         clients.extend(connect(*address).await);
     }
-    for key in 0..config.keys {
-        let key = format!("k{key}");
+    let used_keys = keys.all();
+    for key in &used_keys {
+        let key = key.clone();
         for attempt in 0..20 {
             let Some(client) = clients.get_mut(attempt % client_addresses.len().max(1)) else {
                 break;
@@ -1357,7 +1414,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let fail = count(|o| *o == Outcome::Fail);
     let info = count(|o| *o == Outcome::Info);
     let lost = checker::lost_writes(&history, &finals);
-    let unread_keys = config.keys - finals.len() as u64;
+    let unread_keys = (used_keys.len() - finals.len()) as u64;
     let logs: Vec<String> = lock(&cluster)
         .nodes
         .iter()
@@ -1386,4 +1443,21 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         diverged,
         history,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeySpace;
+
+    #[test]
+    fn a_slot_moves_to_a_fresh_key_after_its_operations() {
+        let keys = KeySpace::new(2, 3);
+        let taken: Vec<String> = (0..4).map(|_| keys.take(0)).collect();
+        assert_eq!(taken, ["k0.0", "k0.0", "k0.0", "k0.1"]);
+        assert_eq!(keys.current(0), "k0.1");
+        assert_eq!(keys.take(3), "k1.0", "slots wrap around");
+        assert_eq!(keys.all(), ["k0.0", "k0.1", "k1.0"]);
+        // A slot never used has no key to read back.
+        assert_eq!(KeySpace::new(1, 5).all(), Vec::<String>::new());
+    }
 }

@@ -3,14 +3,18 @@
 //! verdict; saves the history as JSON.
 //!
 //! `cargo run -p regatta-chaos -- --time-limit 600 --nemesis all --seed S`
+//!
+//! `regatta-chaos --check-history chaos-history.json` checks a saved
+//! history again without running anything.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use regatta_chaos::checker::Verdict;
+use regatta_chaos::checker::{self, Operation, Verdict};
 use regatta_chaos::harness::{self, Fault, RunConfig};
+use regatta_chaos::sequential::{self, FollowerRead};
 
 /// Jepsen-style verification of Regatta: faults, concurrent clients, and
 /// a linearizability check of the history.
@@ -44,9 +48,14 @@ struct Cli {
     /// long enough to install for `snapshot-crash` to cut them.
     #[arg(long, default_value_t = 16)]
     ballast_mb: u64,
-    /// Keys the clients share.
+    /// Keys the clients share at once.
     #[arg(long, default_value_t = 5)]
     keys: u64,
+    /// Operations on a key before the clients move on to a fresh one: each
+    /// key's history is checked on its own, and the search's cost grows
+    /// fast with a key's operations whose outcome is unknown.
+    #[arg(long, default_value_t = 1000)]
+    ops_per_key: u64,
     /// The regatta binary (default: target/release/regatta, then
     /// target/debug/regatta).
     #[arg(long)]
@@ -58,6 +67,76 @@ struct Cli {
     /// (they are always kept after one that is not).
     #[arg(long)]
     keep_dir: bool,
+    /// Run nothing: check a history saved by an earlier run (its
+    /// linearizability and the follower reads' sequential consistency)
+    /// and print the verdict.
+    #[arg(long, value_name = "PATH")]
+    check_history: Option<PathBuf>,
+}
+
+/// A saved history, as `main` writes it.
+#[derive(serde::Deserialize)]
+struct SavedHistory {
+    leader: Vec<Operation>,
+    #[serde(default)]
+    follower: Vec<FollowerRead>,
+}
+
+fn check_saved_history(path: &std::path::Path) -> ExitCode {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            eprintln!("regatta-chaos: read {}: {error}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let saved: SavedHistory = match serde_json::from_slice(&bytes) {
+        Ok(saved) => saved,
+        Err(error) => {
+            eprintln!(
+                "regatta-chaos: {} is not a saved history: {error}",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let count = |outcome: fn(&checker::Outcome) -> bool| {
+        saved
+            .leader
+            .iter()
+            .filter(|operation| outcome(&operation.outcome))
+            .count()
+    };
+    println!(
+        "{}: {} operations ({} fail, {} info), {} follower reads",
+        path.display(),
+        saved.leader.len(),
+        count(|outcome| *outcome == checker::Outcome::Fail),
+        count(|outcome| *outcome == checker::Outcome::Info),
+        saved.follower.len()
+    );
+    let started = std::time::Instant::now();
+    let verdict = checker::check(&saved.leader);
+    println!(
+        "linearizability checked in {} ms",
+        started.elapsed().as_millis()
+    );
+    let started = std::time::Instant::now();
+    let anomalies = sequential::check_follower(&saved.leader, &saved.follower);
+    println!(
+        "follower reads checked in {} ms: {} anomalies",
+        started.elapsed().as_millis(),
+        anomalies.len()
+    );
+    for anomaly in anomalies.iter().take(20) {
+        println!("follower anomaly: {anomaly}");
+    }
+    println!("verdict: {verdict:?}");
+    if verdict == Verdict::Linearizable && anomalies.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn faults(spec: &str) -> Result<Vec<Fault>, String> {
@@ -81,6 +160,9 @@ fn faults(spec: &str) -> Result<Vec<Fault>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(path) = &cli.check_history {
+        return check_saved_history(path);
+    }
     if cli.nodes != 3 && cli.nodes != 5 {
         eprintln!("regatta-chaos: --nodes must be 3 or 5, not {}", cli.nodes);
         return ExitCode::from(2);
@@ -92,8 +174,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if cli.clients == 0 || cli.keys == 0 {
-        eprintln!("regatta-chaos: --clients and --keys must be at least 1");
+    if cli.clients == 0 || cli.keys == 0 || cli.ops_per_key == 0 {
+        eprintln!("regatta-chaos: --clients, --keys and --ops-per-key must be at least 1");
         return ExitCode::from(2);
     }
     let faults = match faults(&cli.nemesis) {
@@ -132,6 +214,7 @@ fn main() -> ExitCode {
         followers: cli.follower_nodes,
         clients: cli.clients,
         keys: cli.keys,
+        ops_per_key: cli.ops_per_key,
         duration: Duration::from_secs(cli.time_limit),
         faults,
         seed,
