@@ -190,6 +190,10 @@ pub struct Report {
     pub history: Vec<Operation>,
 }
 
+/// How long the final linearizable reads of every key used may take in
+/// all.
+const FINAL_READS_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Readers per follower node.
 const FOLLOWER_READERS_PER_NODE: u64 = 2;
 
@@ -1374,9 +1378,16 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         clients.extend(connect(*address).await);
     }
     let used_keys = keys.all();
+    // One deadline for all of them: a cluster that cannot answer must not
+    // hold the run for 20 attempts of every key (the keys left are
+    // reported unread, which fails the run).
+    let reads_deadline = Instant::now() + FINAL_READS_TIMEOUT;
     for key in &used_keys {
         let key = key.clone();
         for attempt in 0..20 {
+            if Instant::now() >= reads_deadline {
+                break;
+            }
             let Some(client) = clients.get_mut(attempt % client_addresses.len().max(1)) else {
                 break;
             };

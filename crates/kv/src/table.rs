@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -61,6 +61,9 @@ fn check_item(key: &[u8], record: &[u8]) -> Result<()> {
 #[derive(Clone)]
 pub struct Store {
     keyspace: Keyspace,
+    /// The store's directory: `next_generation` looks at the partition
+    /// folders in it.
+    dir: PathBuf,
     meta: PartitionHandle,
     /// Held shared while a consistent copy opens a table's data
     /// partition, and exclusively while a table switches generations and
@@ -77,6 +80,7 @@ impl Store {
         let meta = keyspace.open_partition(META_PARTITION, PartitionCreateOptions::default())?;
         Ok(Store {
             keyspace,
+            dir: dir.to_path_buf(),
             meta,
             switch: Arc::new(RwLock::new(())),
         })
@@ -751,10 +755,37 @@ impl Table {
         }
     }
 
-    /// The first generation number no partition of this table uses.
-    fn next_generation(&self) -> u64 {
+    /// The first generation number above every partition of this table,
+    /// open or still on disk. A deleted partition keeps its folder, with
+    /// fjall's deletion mark, until its last handle drops (a queued flush
+    /// holds one), and fjall refuses to create a partition of that name
+    /// ("PartitionDeleted"). Reusing the number of a failed or abandoned
+    /// restore's partition therefore failed every retry of a restore, and
+    /// the table stayed down (anomaly 6 in `docs/verification.md`).
+    fn next_generation(&self) -> Result<u64> {
         let staging = self.restoring.as_ref().map_or(0, |r| r.generation);
-        self.generation.max(staging) + 1
+        let mut highest = self.generation.max(staging);
+        let prefix = format!("t-{}-", self.group);
+        let mut consider = |name: &str| {
+            if let Some(generation) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.parse::<u64>().ok())
+            {
+                highest = highest.max(generation);
+            }
+        };
+        for name in self.store.keyspace.list_partitions() {
+            consider(&name);
+        }
+        let folder = self.store.dir.join("partitions");
+        let entries = std::fs::read_dir(&folder)
+            .map_err(|error| Error::Storage(format!("list {}: {error}", folder.display())))?;
+        for entry in entries {
+            let entry = entry
+                .map_err(|error| Error::Storage(format!("list {}: {error}", folder.display())))?;
+            consider(&entry.file_name().to_string_lossy());
+        }
+        Ok(highest + 1)
     }
 
     /// Applies commands as one atomic write with the last index; restore
@@ -856,7 +887,7 @@ impl Table {
         let current = self.restoring.as_ref().map(|r| r.restore_id);
         let accepted = match step {
             Command::RestoreBegin { restore_id } if restore_id != 0 => {
-                let generation = self.next_generation();
+                let generation = self.next_generation()?;
                 if let Some(abandoned) = self.restoring.take() {
                     self.store.keyspace.delete_partition(abandoned.data)?;
                 }
@@ -975,7 +1006,7 @@ impl Table {
                 )))
             }
         };
-        let generation = self.next_generation();
+        let generation = self.next_generation()?;
         let keyspace = self.store.keyspace.clone();
         let fresh = keyspace.open_partition(
             &partition_name(self.group, generation),
@@ -1214,5 +1245,60 @@ impl StateMachine for Table {
     fn restore(&mut self, index: LogIndex, data: &mut dyn Read) -> std::io::Result<()> {
         self.restore_from(index, data)
             .map_err(|error| std::io::Error::other(error.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partition deleted while something still holds it keeps its
+    /// folder, and fjall will not create one of that name: a restore must
+    /// take a fresh number rather than the deleted one's (anomaly 6).
+    #[test]
+    fn a_restore_skips_the_number_of_a_partition_still_being_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let mut table = store.open_table(2).expect("table");
+        let mut snapshot = Vec::new();
+        {
+            let other_dir = tempfile::tempdir().expect("tempdir");
+            let other = Store::open(other_dir.path()).expect("store");
+            let mut source = other.open_table(2).expect("table");
+            let put = encode(&Command::Put(PutRequest {
+                key: b"key".to_vec(),
+                value: b"value".to_vec(),
+                ..PutRequest::default()
+            }));
+            source
+                .apply_batch(&[(LogIndex(1), Bytes::from(put))])
+                .expect("apply");
+            source.snapshot().write_to(&mut snapshot).expect("write");
+        }
+        // What an abandoned restore leaves: the next generation's
+        // partition, deleted, its folder kept by a handle still held.
+        let abandoned = store
+            .keyspace
+            .open_partition("t-2-1", PartitionCreateOptions::default())
+            .expect("create");
+        abandoned.insert(b"partial", b"copy").expect("insert");
+        let held = abandoned.clone();
+        store.keyspace.delete_partition(abandoned).expect("delete");
+        assert!(dir.path().join("partitions/t-2-1").exists());
+
+        table
+            .restore(LogIndex(7), &mut snapshot.as_slice())
+            .expect("the restore takes another number");
+        assert_eq!(table.applied_index(), LogIndex(7));
+        assert!(table.generation > 1, "generation {}", table.generation);
+        let found = table.data.get(b"key").expect("get").expect("restored key");
+        assert_eq!(Record::decode(&found).expect("record").value, b"value");
+        drop(held);
+        drop(table);
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let table = store.open_table(2).expect("table");
+        assert_eq!(table.applied_index(), LogIndex(7));
+        assert!(table.data.get(b"key").expect("get").is_some());
     }
 }

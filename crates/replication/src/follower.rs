@@ -449,12 +449,16 @@ async fn pull_once(
         let mut commands: Vec<Vec<u8>> = Vec::new();
         let mut bytes = 0usize;
         let mut stop = None;
+        // The serving node's own commit index, for the error below (the
+        // state keeps the highest any node reported).
+        let mut served = 0;
         let first = applied + 1;
         while let Some(message) = pending.take() {
             let Some(response) = message? else {
                 stop = Some(Ok(()));
                 break;
             };
+            served = response.leader_index;
             state.update(response.leader_index, applied);
             match response.response {
                 Some(proto::replicate_response::Response::CommandsResponse(batch)) => {
@@ -514,10 +518,10 @@ async fn pull_once(
             }
             Some(Err(code)) if code == proto::ReplicateError::LeaderBehind as i32 => {
                 return Err(Error::LeaderBehind(format!(
-                    "the leader cluster's table {name:?} is at index {}, behind this follower's \
-                     {applied}; nothing is deleted here; the follower waits for the leader to \
-                     catch up, or for an operator to reset this table",
-                    state.leader_index
+                    "the serving node's table {name:?} is at index {served}, behind this \
+                     follower's {applied}; nothing is deleted here; the follower tries the \
+                     leader cluster's other nodes and waits for one to catch up, or for an \
+                     operator to reset this table"
                 )));
             }
             Some(Err(code)) => {
