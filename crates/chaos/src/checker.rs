@@ -683,34 +683,57 @@ fn zobrist_key(index: u64) -> u128 {
 /// could have followed or overlapped, yet whose value is not the key's
 /// final value.
 pub fn lost_writes(history: &[Operation], final_values: &BTreeMap<String, Value>) -> usize {
-    let writes: Vec<&Operation> = history
-        .iter()
-        .filter(|o| !matches!(o.op, Op::Get) && o.outcome != Outcome::Fail)
-        .collect();
-    let mut lost = 0;
-    for (position, write) in writes.iter().enumerate() {
-        let (Op::Put(value), Outcome::Done) = (&write.op, &write.outcome) else {
-            continue;
-        };
-        let followed = writes.iter().enumerate().any(|(other_position, other)| {
-            other_position != position
-                && other.key == write.key
-                && (other.call >= write.call
-                    || other.outcome == Outcome::Info
-                    || other.ret >= write.call)
-        });
-        if followed {
-            continue;
+    let mut by_key: BTreeMap<&str, Vec<&Operation>> = BTreeMap::new();
+    for operation in history {
+        if !matches!(operation.op, Op::Get) && operation.outcome != Outcome::Fail {
+            by_key.entry(&operation.key).or_default().push(operation);
         }
+    }
+    let mut lost = 0;
+    for (key, writes) in by_key {
         // A key whose final value is unknown cannot tell.
-        let Some(final_value) = final_values.get(&write.key) else {
+        let Some(final_value) = final_values.get(key) else {
             continue;
         };
-        if final_value.as_deref() != Some(value.as_str()) {
-            lost += 1;
+        // Whether another write might follow `write` is decided by the
+        // latest call and the latest return among the others, so the two
+        // largest of each (by position) answer it for every write at once.
+        let unknown = writes.iter().filter(|o| o.outcome == Outcome::Info).count();
+        let calls = two_largest(writes.iter().map(|o| o.call));
+        let rets = two_largest(writes.iter().map(|o| o.ret));
+        let largest_other = |top: &[(u64, usize); 2], position: usize| -> Option<u64> {
+            top.iter()
+                .find(|(_, at)| *at != position && *at != usize::MAX)
+                .map(|(value, _)| *value)
+        };
+        for (position, write) in writes.iter().enumerate() {
+            let (Op::Put(value), Outcome::Done) = (&write.op, &write.outcome) else {
+                continue;
+            };
+            let followed = unknown > 0
+                || largest_other(&calls, position).is_some_and(|call| call >= write.call)
+                || largest_other(&rets, position).is_some_and(|ret| ret >= write.call);
+            if !followed && final_value.as_deref() != Some(value.as_str()) {
+                lost += 1;
+            }
         }
     }
     lost
+}
+
+/// The two largest values with their positions (`usize::MAX` when there
+/// are fewer than two).
+fn two_largest(values: impl Iterator<Item = u64>) -> [(u64, usize); 2] {
+    let mut top = [(0, usize::MAX); 2];
+    for (position, value) in values.enumerate() {
+        if top[0].1 == usize::MAX || value > top[0].0 {
+            top[1] = top[0];
+            top[0] = (value, position);
+        } else if top[1].1 == usize::MAX || value > top[1].0 {
+            top[1] = (value, position);
+        }
+    }
+    top
 }
 
 #[cfg(test)]
@@ -1064,6 +1087,76 @@ mod tests {
         );
         finals.insert("y".to_string(), Some("2".to_string()));
         assert_eq!(lost_writes(&history, &finals), 0);
+    }
+
+    #[test]
+    fn lost_writes_agree_with_the_pairwise_definition() {
+        // The definition, pairwise: an acknowledged put is lost if no other
+        // write of its key (not failed) could follow it, and the key's
+        // final value differs.
+        fn pairwise(history: &[Operation], finals: &BTreeMap<String, Value>) -> usize {
+            let writes: Vec<&Operation> = history
+                .iter()
+                .filter(|o| !matches!(o.op, Op::Get) && o.outcome != Outcome::Fail)
+                .collect();
+            let mut lost = 0;
+            for (position, write) in writes.iter().enumerate() {
+                let (Op::Put(value), Outcome::Done) = (&write.op, &write.outcome) else {
+                    continue;
+                };
+                let followed = writes.iter().enumerate().any(|(other_position, other)| {
+                    other_position != position
+                        && other.key == write.key
+                        && (other.outcome == Outcome::Info || other.ret >= write.call)
+                });
+                let Some(final_value) = finals.get(&write.key) else {
+                    continue;
+                };
+                if !followed && final_value.as_deref() != Some(value.as_str()) {
+                    lost += 1;
+                }
+            }
+            lost
+        }
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut lost_seen = 0;
+        for _ in 0..5000 {
+            let mut history = Vec::new();
+            for index in 0..(1 + next() % 6) {
+                let key = format!("k{}", next() % 2);
+                let call = next() % 20;
+                let ret = call + next() % 10;
+                let value = format!("v{index}");
+                let (request, outcome) = match next() % 5 {
+                    0 => (Op::Put(value), Outcome::Info),
+                    1 => (Op::Delete, Outcome::Done),
+                    2 => (Op::Put(value), Outcome::Fail),
+                    _ => (Op::Put(value), Outcome::Done),
+                };
+                history.push(op(index, &key, request, call, ret, outcome));
+            }
+            let mut finals = BTreeMap::new();
+            for key in ["k0", "k1"] {
+                if next() % 4 != 0 {
+                    let value = (next() % 3 != 0).then(|| format!("v{}", next() % 6));
+                    finals.insert(key.to_string(), value);
+                }
+            }
+            let expected = pairwise(&history, &finals);
+            assert_eq!(
+                lost_writes(&history, &finals),
+                expected,
+                "{history:?} {finals:?}"
+            );
+            lost_seen += expected;
+        }
+        assert!(lost_seen > 100, "{lost_seen}");
     }
 
     /// The brute-force oracle: some order of the operations (unknown ones
