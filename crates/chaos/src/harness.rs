@@ -190,6 +190,9 @@ pub struct Report {
     pub history: Vec<Operation>,
 }
 
+/// How often a run prints its progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(30);
+
 /// How long the final linearizable reads of every key used may take in
 /// all.
 const FINAL_READS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1319,6 +1322,32 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
             )));
         }
     }
+    // Progress on a long run: the operations so far, every 30 s.
+    let progress = {
+        let history = Arc::clone(&history);
+        let duration = config.duration;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+                if started.elapsed() >= duration {
+                    return;
+                }
+                let (mut ok, mut fail, mut info) = (0, 0, 0);
+                for operation in history.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    match operation.outcome {
+                        Outcome::Fail => fail += 1,
+                        Outcome::Info => info += 1,
+                        _ => ok += 1,
+                    }
+                }
+                println!(
+                    "{:>5} s of {}: {ok} ok, {fail} fail, {info} info",
+                    started.elapsed().as_secs(),
+                    duration.as_secs()
+                );
+            }
+        })
+    };
     // The nemesis: a fault every 2 s, healed 1 s later.
     let mut schedule = Vec::new();
     let mut rng = Rng(config.seed ^ 0xA5A5_5A5A_1234_5678);
@@ -1346,6 +1375,8 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     for worker in workers {
         let _ = worker.await;
     }
+    progress.abort();
+    println!("workload over; healing every fault and reading the final state");
     let peer_link_bytes = peer_bytes(&cluster) - peer_bytes_at_start;
 
     // Heal everything, then read the final state linearizably. A
@@ -1435,6 +1466,12 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let snapshots_installed = logged(SNAPSHOT_INSTALLED);
     let installs_cut = logged(regatta_multiraft::INSTALL_CUT_BEFORE_WAL)
         + logged(regatta_multiraft::INSTALL_CUT_AFTER_WAL);
+    println!(
+        "checking {} operations on {} keys and {} follower reads",
+        history.len(),
+        used_keys.len(),
+        follower_reads.len()
+    );
     let verdict = checker::check(&history);
     let follower_anomalies = sequential::check_follower(&history, &follower_reads);
     Ok(Report {

@@ -131,7 +131,7 @@ fn check_saved_history(path: &std::path::Path) -> ExitCode {
     for anomaly in anomalies.iter().take(20) {
         println!("follower anomaly: {anomaly}");
     }
-    println!("verdict: {verdict:?}");
+    println!("verdict: {}", describe(&verdict));
     if verdict == Verdict::Linearizable && anomalies.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -300,6 +300,13 @@ fn main() -> ExitCode {
             );
             ExitCode::FAILURE
         }
+        Verdict::Linearizable if report.unread_keys > 0 => {
+            println!(
+                "verdict: linearizable, but the final value of {} key(s) could not be read, so lost writes are not known (replay: --seed {seed})",
+                report.unread_keys
+            );
+            ExitCode::FAILURE
+        }
         Verdict::Linearizable if report.lost_writes == 0 && report.diverged.is_empty() => {
             println!("verdict: linearizable (replay: --seed {seed})");
             ExitCode::SUCCESS
@@ -311,9 +318,45 @@ fn main() -> ExitCode {
             );
             ExitCode::FAILURE
         }
-        verdict => {
-            println!("verdict: {verdict:?} (replay: --seed {seed})");
+        Verdict::Linearizable => {
+            println!(
+                "verdict: linearizable, but {} acknowledged write(s) lost (replay: --seed {seed})",
+                report.lost_writes
+            );
             ExitCode::FAILURE
+        }
+        verdict => {
+            println!("verdict: {} (replay: --seed {seed})", describe(verdict));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A verdict for people: a failure lists its reduced history one
+/// operation per line.
+fn describe(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Linearizable => "linearizable".to_string(),
+        Verdict::Unknown { key } => {
+            format!("unknown: the search on key {key} ran out of states; nothing is claimed")
+        }
+        Verdict::NotLinearizable { key, minimal } => {
+            let mut text = format!(
+                "NOT linearizable on key {key}; a failing sub-history of {} operations \
+                 (times in µs from the start):",
+                minimal.len()
+            );
+            for operation in minimal {
+                text.push_str(&format!(
+                    "\n  process {:>3}  {:>12} .. {:<12}  {:?} -> {:?}",
+                    operation.process,
+                    operation.call,
+                    operation.ret,
+                    operation.op,
+                    operation.outcome
+                ));
+            }
+            text
         }
     }
 }
