@@ -77,8 +77,9 @@ pub struct Operation {
 pub enum Verdict {
     /// Every key's sub-history is linearizable.
     Linearizable,
-    /// A key's sub-history is not; `minimal` is a smallest failing subset
-    /// found by removing operations one at a time.
+    /// A key's sub-history is not; `minimal` is a failing sub-history
+    /// reduced by steps that cannot make a linearizable history fail
+    /// (`minimize`), so it shows a real anomaly.
     NotLinearizable {
         /// The key.
         key: String,
@@ -357,8 +358,9 @@ fn relevant(operation: &Operation) -> bool {
 /// A state is the set of definite operations linearized, kept as a
 /// 128-bit Zobrist hash, the register's value and the set of unknown
 /// operations linearized. At each point the search tries the definite
-/// operations first and the unknown ones only after, since an unknown
-/// write is needed only where a read or a compare-and-set requires it.
+/// operations first and the deferred ones (unknown, or unknown writes
+/// `narrow` made definite) only after, since such a write is needed only
+/// where a read or a compare-and-set requires it.
 fn check_key(operations: &[Operation]) -> Option<bool> {
     // An unknown write whose value nobody observed can be taken as never
     // applied, which keeps the verdict and spares the search. A failed
@@ -934,18 +936,23 @@ mod tests {
         assert_eq!(check(&history), Verdict::Linearizable);
     }
 
+    /// A xorshift64 generator: the tests' seeded randomness.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        assert!(seed != 0, "xorshift needs a nonzero seed");
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// A history of one register as a real system would produce it:
     /// `processes` clients, each operation taking effect at a random point
     /// between its call and return; unknown writes take effect much later
     /// or never.
     fn simulated_history(seed: u64, processes: u64, operations: usize) -> Vec<Operation> {
-        let mut seed = seed | 1;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(seed | 1);
         // (effect time, operation index); outcomes are filled in when the
         // effects are replayed in time order.
         let mut history: Vec<Operation> = Vec::with_capacity(operations);
@@ -1118,13 +1125,7 @@ mod tests {
             }
             lost
         }
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         let mut lost_seen = 0;
         for _ in 0..5000 {
             let mut history = Vec::new();
@@ -1199,13 +1200,7 @@ mod tests {
 
     #[test]
     fn the_search_agrees_with_brute_force_on_random_histories() {
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
         // Writes pick from five values, reads and expectations from the
         // first four: "e" is never observed, the others at random.
         let values = ["a", "b", "c", "d", "e"];

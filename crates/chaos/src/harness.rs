@@ -236,7 +236,7 @@ async fn local_read(client: &mut pb::kv_client::KvClient<Channel>, key: &str) ->
 /// The keys of a run: `slots` in use at once; a slot's key changes (from
 /// `k3.0` to `k3.1`, ...) after `ops_per_key` operations on it, so no
 /// key's history outgrows the checker.
-pub struct KeySpace {
+struct KeySpace {
     ops_per_key: u64,
     used: Vec<std::sync::atomic::AtomicU64>,
 }
@@ -244,7 +244,7 @@ pub struct KeySpace {
 impl KeySpace {
     /// `slots` keys at once (at least one), each for `ops_per_key`
     /// operations (at least one).
-    pub fn new(slots: u64, ops_per_key: u64) -> KeySpace {
+    fn new(slots: u64, ops_per_key: u64) -> KeySpace {
         KeySpace {
             ops_per_key: ops_per_key.max(1),
             used: (0..slots.max(1))

@@ -755,8 +755,9 @@ impl Table {
         }
     }
 
-    /// The first generation number above every partition of this table,
-    /// open or still on disk. A deleted partition keeps its folder, with
+    /// The first generation number above every partition of this table on
+    /// disk (an open partition always has its folder). A deleted partition
+    /// keeps its folder, with
     /// fjall's deletion mark, until its last handle drops (a queued flush
     /// holds one), and fjall refuses to create a partition of that name
     /// ("PartitionDeleted"). Reusing the number of a failed or abandoned
@@ -766,24 +767,20 @@ impl Table {
         let staging = self.restoring.as_ref().map_or(0, |r| r.generation);
         let mut highest = self.generation.max(staging);
         let prefix = format!("t-{}-", self.group);
-        let mut consider = |name: &str| {
-            if let Some(generation) = name
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.parse::<u64>().ok())
-            {
-                highest = highest.max(generation);
-            }
-        };
-        for name in self.store.keyspace.list_partitions() {
-            consider(&name);
-        }
         let folder = self.store.dir.join("partitions");
         let entries = std::fs::read_dir(&folder)
             .map_err(|error| Error::Storage(format!("list {}: {error}", folder.display())))?;
         for entry in entries {
             let entry = entry
                 .map_err(|error| Error::Storage(format!("list {}: {error}", folder.display())))?;
-            consider(&entry.file_name().to_string_lossy());
+            if let Some(generation) = entry
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.parse::<u64>().ok())
+            {
+                highest = highest.max(generation);
+            }
         }
         Ok(highest + 1)
     }
