@@ -983,7 +983,7 @@ mod tests {
             if !matches!(request, Op::Get) {
                 written.push(value);
             }
-            let unknown = !matches!(request, Op::Get) && next() % 25 == 0;
+            let unknown = !matches!(request, Op::Get) && next().is_multiple_of(25);
             let outcome = if unknown {
                 Outcome::Info
             } else {
@@ -991,7 +991,7 @@ mod tests {
             };
             if unknown {
                 // Much later (after other clients moved on) or never.
-                if next() % 2 == 0 {
+                if next().is_multiple_of(2) {
                     effects.push((call + 1 + next() % 2000, index));
                 }
             } else {
@@ -1144,8 +1144,8 @@ mod tests {
             }
             let mut finals = BTreeMap::new();
             for key in ["k0", "k1"] {
-                if next() % 4 != 0 {
-                    let value = (next() % 3 != 0).then(|| format!("v{}", next() % 6));
+                if !next().is_multiple_of(4) {
+                    let value = (!next().is_multiple_of(3)).then(|| format!("v{}", next() % 6));
                     finals.insert(key.to_string(), value);
                 }
             }
@@ -1213,11 +1213,12 @@ mod tests {
                 let ret = call + next() % 8;
                 let value = values[(next() % 5) as usize];
                 let seen = values[(next() % 4) as usize];
-                let expected = (next() % 4 != 0).then(|| values[(next() % 4) as usize].to_string());
+                let expected =
+                    (!next().is_multiple_of(4)).then(|| values[(next() % 4) as usize].to_string());
                 let (operation, outcome) = match next() % 9 {
                     0..=2 => (
                         Op::Get,
-                        Outcome::Read((next() % 4 != 0).then(|| seen.to_string())),
+                        Outcome::Read((!next().is_multiple_of(4)).then(|| seen.to_string())),
                     ),
                     3 => (Op::Put(value.into()), Outcome::Done),
                     4 => (Op::Put(value.into()), Outcome::Info),
@@ -1235,7 +1236,7 @@ mod tests {
                             expected,
                             new: value.into(),
                         },
-                        Outcome::Swapped(next() % 2 == 0),
+                        Outcome::Swapped(next().is_multiple_of(2)),
                     ),
                 };
                 history.push(op(process, "k", operation, call, ret, outcome));
