@@ -15,8 +15,10 @@ pub const FORMAT_VERSION: u8 = 1;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value; empty when only keys were asked for.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// The revision (table index) that created the key.
     pub create_revision: u64,
@@ -32,8 +34,10 @@ pub struct KeyValue {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRange {
     /// The first key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The end of the range, exclusive (see above).
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
 }
 
@@ -68,8 +72,10 @@ pub struct RangeResult {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
     /// The key; never empty.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Return the previous state.
     pub prev_kv: bool,
@@ -104,7 +110,7 @@ pub struct DeleteRangeResult {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompareTarget {
     /// The value; a missing key never matches.
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The version; a missing key has version 0.
     Version(i64),
     /// The create revision; 0 for a missing key.
@@ -220,6 +226,7 @@ pub enum Command {
         /// The restore, as begun.
         restore_id: u64,
         /// Keys and their stored records (the table snapshot's items).
+        #[serde(with = "byte_pairs")]
         items: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// The copy is complete and replaces the table atomically. On a
@@ -277,6 +284,7 @@ pub struct ReplicatedBatch {
     /// The leader index of `commands[0]`.
     pub first_leader_index: u64,
     /// The commands, encoded as in the leader's log.
+    #[serde(with = "byte_lists")]
     pub commands: Vec<Vec<u8>>,
 }
 
@@ -310,9 +318,48 @@ pub struct Response {
     pub result: std::result::Result<ResponseOp, String>,
 }
 
+/// Byte strings are encoded as one length and the bytes (serde's bytes,
+/// which postcard writes exactly as it writes a sequence of `u8`), so that
+/// encoding and decoding copy them whole rather than byte by byte. These
+/// two modules do the same for the lists of byte strings.
+mod byte_lists {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(items: &[Vec<u8>], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(items.iter().map(|item| Bytes::new(item)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let items = Vec::<ByteBuf>::deserialize(deserializer)?;
+        Ok(items.into_iter().map(ByteBuf::into_vec).collect())
+    }
+}
+
+mod byte_pairs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+    pub fn serialize<S: Serializer>(items: &Pairs, serializer: S) -> Result<S::Ok, S::Error> {
+        let pairs = items.iter().map(|(key, value)| (Bytes::new(key), Bytes::new(value)));
+        serializer.collect_seq(pairs)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pairs, D::Error> {
+        let items = Vec::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
+        let pairs = items.into_iter().map(|(key, value)| (key.into_vec(), value.into_vec()));
+        Ok(pairs.collect())
+    }
+}
+
 /// Encodes a value: the version byte, then postcard.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let out = vec![FORMAT_VERSION];
+    // Sized first, so that the buffer is allocated once.
+    let size = postcard::experimental::serialized_size(value).unwrap_or(0);
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(FORMAT_VERSION);
     // Encoding into a Vec fails only if serde itself fails, which these
     // plain types never do.
     match postcard::to_extend(value, out) {
@@ -336,6 +383,121 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The types as they were encoded before byte strings went through
+    /// `serde_bytes`: sequences of `u8`. Data on disk and in flight was
+    /// written that way, so both encodings must be the same bytes.
+    mod before {
+        use serde::Serialize;
+
+        #[derive(Serialize)]
+        pub struct KeyRange {
+            pub key: Vec<u8>,
+            pub range_end: Vec<u8>,
+        }
+
+        #[derive(Serialize)]
+        pub struct PutRequest {
+            pub key: Vec<u8>,
+            pub value: Vec<u8>,
+            pub prev_kv: bool,
+        }
+
+        #[derive(Serialize)]
+        pub struct KeyValue {
+            pub key: Vec<u8>,
+            pub value: Vec<u8>,
+            pub create_revision: u64,
+            pub mod_revision: u64,
+            pub version: u64,
+        }
+
+        #[derive(Serialize)]
+        pub enum CompareTarget {
+            Value(Vec<u8>),
+        }
+
+        #[derive(Serialize)]
+        pub enum Command {
+            Put(PutRequest),
+            DeleteRange,
+            Txn,
+            Replicated { first_leader_index: u64, commands: Vec<Vec<u8>> },
+            RestoreBegin,
+            RestoreChunk { restore_id: u64, items: Vec<(Vec<u8>, Vec<u8>)> },
+        }
+    }
+
+    #[test]
+    fn byte_strings_encode_as_they_did_as_sequences_of_u8() {
+        // Lengths around postcard's one-byte varint limit (127).
+        for length in [0usize, 1, 127, 128, 300, 20_000] {
+            let key: Vec<u8> = (0..length).map(|i| (i * 7) as u8).collect();
+            let value: Vec<u8> = (0..length + 3).map(|i| (i * 13) as u8).collect();
+            let range = KeyRange {
+                key: key.clone(),
+                range_end: value.clone(),
+            };
+            let old_range = before::KeyRange {
+                key: key.clone(),
+                range_end: value.clone(),
+            };
+            assert_eq!(encode(&range), encode(&old_range));
+            let put = Command::Put(PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                prev_kv: true,
+            });
+            let old_put = before::Command::Put(before::PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                prev_kv: true,
+            });
+            assert_eq!(encode(&put), encode(&old_put));
+            assert_eq!(decode::<Command>(&encode(&old_put)).ok(), Some(put));
+            let kv = KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: 3,
+                mod_revision: 300,
+                version: 2,
+            };
+            let old_kv = before::KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: 3,
+                mod_revision: 300,
+                version: 2,
+            };
+            assert_eq!(encode(&kv), encode(&old_kv));
+            let compare = CompareTarget::Value(value.clone());
+            let old_compare = before::CompareTarget::Value(value.clone());
+            assert_eq!(encode(&compare), encode(&old_compare));
+            let lists = vec![key.clone(), Vec::new(), value.clone()];
+            let replicated = Command::Replicated(ReplicatedBatch {
+                first_leader_index: 9,
+                commands: lists.clone(),
+            });
+            let old_replicated = before::Command::Replicated {
+                first_leader_index: 9,
+                commands: lists,
+            };
+            assert_eq!(encode(&replicated), encode(&old_replicated));
+            let _ = (before::Command::DeleteRange, before::Command::Txn);
+            let _ = before::Command::RestoreBegin;
+            let pairs = vec![(key.clone(), value.clone()), (Vec::new(), key.clone())];
+            let chunk = Command::RestoreChunk {
+                restore_id: 5,
+                items: pairs.clone(),
+            };
+            let old_chunk = before::Command::RestoreChunk {
+                restore_id: 5,
+                items: pairs,
+            };
+            assert_eq!(encode(&chunk), encode(&old_chunk));
+            assert_eq!(decode::<Command>(&encode(&old_chunk)).ok(), Some(chunk));
+        }
+    }
 
     #[test]
     fn the_restore_commit_tag_is_the_variant_postcard_writes() {
