@@ -11,7 +11,7 @@ regatta="${REGATTA_BIN:-$PWD/target/release/regatta}"
 work="$(mktemp -d)"
 members="1=127.0.0.1:25011,2=127.0.0.1:25012,3=127.0.0.1:25013"
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP_LOGS:-}" ] && cp $work/n*.log /tmp/; rm -rf "$work"; }
 trap cleanup EXIT
 for i in 1 2 3; do
     "$regatta" leader --raft.node-id "$i" --raft.address "127.0.0.1:$((25010 + i))" \

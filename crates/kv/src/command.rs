@@ -330,7 +330,9 @@ mod byte_lists {
         serializer.collect_seq(items.iter().map(|item| Bytes::new(item)))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Vec<u8>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Vec<u8>>, D::Error> {
         let items = Vec::<ByteBuf>::deserialize(deserializer)?;
         Ok(items.into_iter().map(ByteBuf::into_vec).collect())
     }
@@ -343,13 +345,17 @@ mod byte_pairs {
     type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
     pub fn serialize<S: Serializer>(items: &Pairs, serializer: S) -> Result<S::Ok, S::Error> {
-        let pairs = items.iter().map(|(key, value)| (Bytes::new(key), Bytes::new(value)));
+        let pairs = items
+            .iter()
+            .map(|(key, value)| (Bytes::new(key), Bytes::new(value)));
         serializer.collect_seq(pairs)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pairs, D::Error> {
         let items = Vec::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
-        let pairs = items.into_iter().map(|(key, value)| (key.into_vec(), value.into_vec()));
+        let pairs = items
+            .into_iter()
+            .map(|(key, value)| (key.into_vec(), value.into_vec()));
         Ok(pairs.collect())
     }
 }
@@ -422,9 +428,15 @@ mod tests {
             Put(PutRequest),
             DeleteRange,
             Txn,
-            Replicated { first_leader_index: u64, commands: Vec<Vec<u8>> },
+            Replicated {
+                first_leader_index: u64,
+                commands: Vec<Vec<u8>>,
+            },
             RestoreBegin,
-            RestoreChunk { restore_id: u64, items: Vec<(Vec<u8>, Vec<u8>)> },
+            RestoreChunk {
+                restore_id: u64,
+                items: Vec<(Vec<u8>, Vec<u8>)>,
+            },
         }
     }
 

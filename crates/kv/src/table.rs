@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
-use regatta_multiraft::{SnapshotSource, StateMachine};
+use regatta_multiraft::{SnapshotSource, StateMachine, StateReader};
 use regatta_raft::LogIndex;
 
 use crate::command::{
@@ -122,6 +122,14 @@ impl Store {
             }),
             None => None,
         };
+        let revision = match mode {
+            TableMode::Primary => meta.applied,
+            TableMode::Replica => meta.leader_index,
+        };
+        let published = Arc::new(RwLock::new(Published {
+            data: data.clone(),
+            revision,
+        }));
         Ok(Table {
             store: self.clone(),
             group,
@@ -131,6 +139,7 @@ impl Store {
             applied: LogIndex(meta.applied),
             leader_index: meta.leader_index,
             restoring,
+            published,
         })
     }
 
@@ -667,6 +676,63 @@ pub struct Table {
     leader_index: u64,
     /// The restore being filled (replica tables).
     restoring: Option<Restoring>,
+    /// What readers on other tasks see (`TableReader`).
+    published: Arc<RwLock<Published>>,
+}
+
+/// The committed state as readers on other tasks see it: the data and the
+/// revision it holds, which change together under the lock. The apply
+/// path commits each batch while it holds the lock for writing, so a read
+/// (holding it for reading) never sees half a batch, nor data newer or
+/// older than its revision.
+struct Published {
+    data: PartitionHandle,
+    revision: u64,
+}
+
+/// Serves a table's reads on any task, concurrently with its applies
+/// (`StateMachine::reader`).
+struct TableReader {
+    published: Arc<RwLock<Published>>,
+}
+
+impl StateReader for TableReader {
+    fn read(&self, query: &Bytes) -> Bytes {
+        let published = self.published.read().unwrap_or_else(|p| p.into_inner());
+        read_encoded(&published.data, published.revision, query)
+    }
+}
+
+/// Decodes a query, serves it from `data` at `revision`, and encodes the
+/// response.
+fn read_encoded(data: &PartitionHandle, revision: u64, query: &Bytes) -> Bytes {
+    let response = match decode::<Query>(query) {
+        Ok(query) => answer_query(data, revision, &query),
+        Err(error) => Response {
+            revision,
+            result: Err(error.to_string()),
+        },
+    };
+    Bytes::from(encode(&response))
+}
+
+/// Answers a query from `data`, which holds the table at `revision`.
+fn answer_query(data: &PartitionHandle, revision: u64, query: &Query) -> Response {
+    let mut view = View {
+        data,
+        writes: BTreeMap::new(),
+    };
+    let result = match query {
+        Query::Range(range) => view.range(range).map(ResponseOp::Range),
+        Query::Txn(txn) if txn.is_read_only() => view.txn(txn, revision).map(ResponseOp::Txn),
+        Query::Txn(_) => Err(Error::Decode(
+            "a transaction that writes cannot be served as a read".into(),
+        )),
+    };
+    Response {
+        revision,
+        result: result.map_err(|error| error.to_string()),
+    }
 }
 
 /// A restore under way: a fresh generation being filled with the items
@@ -869,7 +935,10 @@ impl Table {
             self.group.to_be_bytes(),
             self.meta().encode(),
         );
+        // Readers wait for the commit, so that none sees half of it.
+        let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
         batch.commit()?;
+        published.revision = self.revision();
         Ok(())
     }
 
@@ -921,6 +990,7 @@ impl Table {
                     self.meta().encode(),
                 );
                 batch.commit()?;
+                self.publish();
                 true
             }
             Command::RestoreCommit {
@@ -944,6 +1014,8 @@ impl Table {
                     .meta
                     .insert(self.group.to_be_bytes(), self.meta().encode())?;
                 keyspace.persist(PersistMode::SyncAll)?;
+                // Readers move to the new data before the old is deleted.
+                self.publish();
                 keyspace.delete_partition(old)?;
                 true
             }
@@ -968,23 +1040,14 @@ impl Table {
 
     /// Answers a query from the committed state.
     pub fn query(&self, query: &Query) -> Response {
-        let mut view = View {
-            data: &self.data,
-            writes: BTreeMap::new(),
-        };
-        let result = match query {
-            Query::Range(range) => view.range(range).map(ResponseOp::Range),
-            Query::Txn(txn) if txn.is_read_only() => {
-                view.txn(txn, self.revision()).map(ResponseOp::Txn)
-            }
-            Query::Txn(_) => Err(Error::Decode(
-                "a transaction that writes cannot be served as a read".into(),
-            )),
-        };
-        Response {
-            revision: self.revision(),
-            result: result.map_err(|error| error.to_string()),
-        }
+        answer_query(&self.data, self.revision(), query)
+    }
+
+    /// Shows readers on other tasks the current data and revision.
+    fn publish(&self) {
+        let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
+        published.data = self.data.clone();
+        published.revision = self.revision();
     }
 
     fn restore_from(&mut self, index: LogIndex, data: &mut dyn Read) -> Result<()> {
@@ -1056,6 +1119,8 @@ impl Table {
             .meta
             .insert(self.group.to_be_bytes(), self.meta().encode())?;
         keyspace.persist(PersistMode::SyncAll)?;
+        // Readers move to the new data before the old is deleted.
+        self.publish();
         keyspace.delete_partition(old)?;
         if let Some(old_staging) = old_staging {
             keyspace.delete_partition(old_staging.data)?;
@@ -1206,14 +1271,13 @@ impl StateMachine for Table {
     }
 
     fn read(&self, query: &Bytes) -> Bytes {
-        let response = match decode::<Query>(query) {
-            Ok(query) => self.query(&query),
-            Err(error) => Response {
-                revision: self.revision(),
-                result: Err(error.to_string()),
-            },
-        };
-        Bytes::from(encode(&response))
+        read_encoded(&self.data, self.revision(), query)
+    }
+
+    fn reader(&self) -> Option<Arc<dyn StateReader>> {
+        Some(Arc::new(TableReader {
+            published: Arc::clone(&self.published),
+        }))
     }
 
     fn sync(&mut self) -> std::io::Result<()> {

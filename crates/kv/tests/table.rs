@@ -450,3 +450,86 @@ fn a_snapshot_restores_the_same_table_and_a_bad_one_changes_nothing() {
     assert_eq!(target.applied_index(), LogIndex(500));
     assert_eq!(get(&target, everything).kvs, restored.kvs);
 }
+
+/// A table's `StateReader` serves reads on other threads while batches
+/// apply: every read sees whole batches only (each batch sets the same
+/// value on two keys), its revision is exactly the newest change it sees,
+/// and it follows the table through a snapshot restore.
+#[test]
+fn a_reader_on_another_thread_sees_whole_batches_at_their_revision() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table(1).expect("table");
+    let reader = table.reader().expect("tables serve reads on other tasks");
+    let query = Bytes::from(encode(&Query::Range(RangeRequest {
+        range: range("a", b"c"),
+        ..RangeRequest::default()
+    })));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checker = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            let mut last_revision = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = decode::<Response>(&reader.read(&query)).expect("response");
+                let Ok(ResponseOp::Range(result)) = response.result else {
+                    panic!("a range read failed: {response:?}");
+                };
+                assert!(response.revision >= last_revision, "revisions go back");
+                last_revision = response.revision;
+                reads += 1;
+                if result.kvs.is_empty() {
+                    continue;
+                }
+                assert_eq!(result.kvs.len(), 2, "half a batch: {result:?}");
+                assert_eq!(result.kvs[0].value, result.kvs[1].value, "half a batch");
+                let newest = result.kvs.iter().map(|kv| kv.mod_revision).max();
+                assert_eq!(newest, Some(response.revision), "data and revision differ");
+            }
+            reads
+        })
+    };
+    // Few enough that reads (which step over every version of a key in
+    // the memtable) stay quick.
+    for i in 0..400 {
+        let value = format!("v{i}");
+        apply(&mut table, &[put("a", &value), put("b", &value)]);
+    }
+    // A restore to a snapshot of another table, at a later index.
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other = Store::open(other_dir.path()).expect("store");
+    let mut source = other.open_table(1).expect("table");
+    let first = table.applied_index().0 + 1;
+    let filler: Vec<Command> = (0..first).map(|i| put("z", &i.to_string())).collect();
+    apply(&mut source, &filler);
+    apply(&mut source, &[put("a", "restored"), put("b", "restored")]);
+    let mut bytes = Vec::new();
+    source.snapshot().write_to(&mut bytes).expect("write");
+    let restored_at = source.applied_index();
+    table
+        .restore(restored_at, &mut bytes.as_slice())
+        .expect("restore");
+    for i in 0..200 {
+        let value = format!("after{i}");
+        apply(&mut table, &[put("a", &value), put("b", &value)]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = checker.join().expect("the reader thread");
+    assert!(reads > 0);
+    // After the restore, readers see the restored table, not the old one.
+    let reader = table.reader().expect("reader");
+    let response = decode::<Response>(&reader.read(&Bytes::from(encode(&Query::Range(
+        RangeRequest {
+            range: range("z", b""),
+            ..RangeRequest::default()
+        },
+    )))))
+    .expect("response");
+    assert_eq!(response.revision, table.applied_index().0);
+    let Ok(ResponseOp::Range(result)) = response.result else {
+        panic!("{response:?}");
+    };
+    assert_eq!(result.kvs.len(), 1, "the restored table has key z");
+}

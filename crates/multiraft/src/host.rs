@@ -61,8 +61,14 @@ pub trait StateMachine: Send + 'static {
             .map(|(index, command)| self.apply(*index, command))
             .collect())
     }
-    /// Serves a read from the local state.
+    /// Serves a read from the local state, on the apply task.
     fn read(&self, query: &Bytes) -> Bytes;
+    /// A handle that serves reads on the caller's task, concurrently with
+    /// the apply task, or `None` (the default) to serve every read on the
+    /// apply task through `read`. Taken once, when the group starts.
+    fn reader(&self) -> Option<Arc<dyn StateReader>> {
+        None
+    }
     /// Makes everything applied so far durable. The host calls it before
     /// each compaction, since the entries the compaction drops can no
     /// longer be applied again; applies in between need no fsync of their
@@ -85,6 +91,19 @@ pub trait StateMachine: Send + 'static {
     /// returns: the log before `index` is gone.
     /// An error stops the group on this node (`GroupStopped`).
     fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()>;
+}
+
+/// Serves reads of one group's state from any task while the apply task
+/// goes on (`StateMachine::reader`).
+///
+/// Contract: once the state machine's `apply_batch` or `restore` has
+/// returned, a `read` sees that state or a later one; and each `read`
+/// answers from one consistent state (never half of an applied batch).
+/// The host relies on the first half for linearizable reads: it waits
+/// until the group's applied index reaches the read index, then reads.
+pub trait StateReader: Send + Sync + 'static {
+    /// Serves a read from the state as of now.
+    fn read(&self, query: &Bytes) -> Bytes;
 }
 
 /// Configuration of a host. Every limit carries its unit.
@@ -144,6 +163,28 @@ impl HostConfig {
 }
 
 type Reply = oneshot::Sender<Result<Bytes, Error>>;
+type IndexReply = oneshot::Sender<Result<LogIndex, Error>>;
+
+/// A linearizable read waiting for its ReadIndex round.
+enum PendingRead {
+    /// Served on the apply task once the index is applied.
+    Query(Bytes, Reply),
+    /// The caller waits for the index to be applied and reads itself.
+    Index(IndexReply),
+}
+
+impl PendingRead {
+    fn fail(self, error: Error) {
+        match self {
+            PendingRead::Query(_, reply) => {
+                let _ = reply.send(Err(error));
+            }
+            PendingRead::Index(reply) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
 
 /// Requests from clients and peers, bounded by `group_inbox_max`.
 enum Input {
@@ -160,6 +201,10 @@ enum Input {
     Read {
         query: Bytes,
         reply: Reply,
+    },
+    /// A ReadIndex round whose index goes back to the caller.
+    ReadIndex {
+        reply: IndexReply,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -298,8 +343,17 @@ struct HostInner {
     worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Which worker runs each group.
     groups: RwLock<HashMap<GroupId, usize>>,
-    /// Each group's applied index, as the worker learns it.
-    applied: RwLock<HashMap<GroupId, watch::Receiver<LogIndex>>>,
+    /// Each group's applied index as the worker learns it, and its state
+    /// machine's reader.
+    applied: RwLock<HashMap<GroupId, GroupView>>,
+}
+
+/// What a caller's task needs to read a group without its worker.
+#[derive(Clone)]
+struct GroupView {
+    /// Closed once the group stops on this node.
+    applied: watch::Receiver<LogIndex>,
+    reader: Option<Arc<dyn StateReader>>,
 }
 
 /// Runs the Raft groups of one node.
@@ -418,6 +472,7 @@ impl NodeHost {
             self.inner.config.session_expiry_entries,
         )?;
         let initially_applied = config.applied;
+        let reader = state_machine.reader();
         let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
@@ -466,7 +521,13 @@ impl NodeHost {
             .applied
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(group, applied_receiver);
+            .insert(
+                group,
+                GroupView {
+                    applied: applied_receiver,
+                    reader,
+                },
+            );
         Ok(())
     }
 
@@ -568,6 +629,10 @@ impl NodeHost {
     /// every advance (the latest value; intermediate ones may be skipped).
     /// It closes when the group stops.
     pub fn applied_index_watch(&self, group: GroupId) -> Result<watch::Receiver<LogIndex>, Error> {
+        Ok(self.group_view(group)?.applied)
+    }
+
+    fn group_view(&self, group: GroupId) -> Result<GroupView, Error> {
         self.inner
             .applied
             .read()
@@ -675,9 +740,29 @@ impl NodeHost {
     /// A linearizable read (ReadIndex, batched by the core; forwarded to the
     /// leader from a follower), served from this node's state machine.
     pub async fn read_linearizable(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
+        let view = self.group_view(group)?;
+        let Some(reader) = view.reader else {
+            let (reply, answer) = oneshot::channel();
+            self.enqueue(group, Input::Read { query, reply })?;
+            return self.answer(group, answer).await;
+        };
+        // The round runs on the worker; the read itself on this task, once
+        // the state machine has applied the read index.
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
         let (reply, answer) = oneshot::channel();
-        self.enqueue(group, Input::Read { query, reply })?;
-        self.answer(group, answer).await
+        self.enqueue(group, Input::ReadIndex { reply })?;
+        let index = self.answer(group, answer).await?;
+        let mut applied = view.applied;
+        let reached = applied.wait_for(|applied| *applied >= index);
+        let waited = tokio::time::timeout_at(deadline, async { reached.await.map(|_| ()) }).await;
+        match waited {
+            Ok(Ok(())) => Ok(reader.read(&query)),
+            Ok(Err(_)) => Err(stopped(group)),
+            Err(_) => Err(Error::Timeout {
+                group,
+                timeout_ms: self.inner.config.request_timeout.as_millis() as u64,
+            }),
+        }
     }
 
     /// Stops hosting `group` on this node and removes its log and state
@@ -794,6 +879,14 @@ impl NodeHost {
     /// A read from this node's state machine as it is now: no Raft round,
     /// possibly stale (serializable).
     pub async fn read_stale(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
+        let view = self.group_view(group)?;
+        if let Some(reader) = view.reader {
+            // A closed watch: the group stopped on this node.
+            return match view.applied.has_changed() {
+                Ok(_) => Ok(reader.read(&query)),
+                Err(_) => Err(stopped(group)),
+            };
+        }
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::StaleRead { query, reply })?;
         self.answer(group, answer).await
@@ -867,7 +960,7 @@ struct Group {
     /// Proposals with a request id forwarded to the leader, resolved when
     /// an entry with their id is applied here.
     waiting_ids: HashMap<RequestId, Vec<Reply>>,
-    reads: HashMap<ReadId, (Bytes, Reply)>,
+    reads: HashMap<ReadId, PendingRead>,
     /// The leader as of the last `Ready`: when it changes, reads waiting
     /// on the old one fail with `NotLeader` (their caller retries) instead
     /// of waiting for a leader that may be gone.
@@ -1239,6 +1332,7 @@ impl Group {
             Input::Propose { .. }
             | Input::ProposeWithId { .. }
             | Input::Read { .. }
+            | Input::ReadIndex { .. }
             | Input::Campaign
             | Input::ConfChange { .. }
             | Input::TransferLeader { .. }
@@ -1323,7 +1417,19 @@ impl Group {
                 self.next_read += 1;
                 match self.raft.read_index(id) {
                     Ok(()) => {
-                        self.reads.insert(id, (query, reply));
+                        self.reads.insert(id, PendingRead::Query(query, reply));
+                    }
+                    Err(source) => {
+                        let _ = reply.send(Err(Error::Raft { group, source }));
+                    }
+                }
+            }
+            Input::ReadIndex { reply } => {
+                let id = ReadId(self.next_read);
+                self.next_read += 1;
+                match self.raft.read_index(id) {
+                    Ok(()) => {
+                        self.reads.insert(id, PendingRead::Index(reply));
                     }
                     Err(source) => {
                         let _ = reply.send(Err(Error::Raft { group, source }));
@@ -1550,24 +1656,30 @@ impl Group {
                 .as_ref()
                 .is_some_and(|soft| soft.leader != self.known_leader);
             for state in ready.read_states {
-                if let Some((query, reply)) = self.reads.remove(&state.id) {
-                    let _ = self.apply.send(ApplyWork::Read {
-                        group: self.group,
-                        index: state.index,
-                        query,
-                        reply,
-                    });
+                match self.reads.remove(&state.id) {
+                    Some(PendingRead::Query(query, reply)) => {
+                        let _ = self.apply.send(ApplyWork::Read {
+                            group: self.group,
+                            index: state.index,
+                            query,
+                            reply,
+                        });
+                    }
+                    Some(PendingRead::Index(reply)) => {
+                        let _ = reply.send(Ok(state.index));
+                    }
+                    None => {}
                 }
             }
             if let (true, Some(soft)) = (leader_changed, ready.soft_state) {
                 self.known_leader = soft.leader;
                 // A read forwarded to (or confirmed by) the old leader may
                 // never be answered; its caller retries with the new one.
-                for (_, (_, reply)) in self.reads.drain() {
-                    let _ = reply.send(Err(Error::NotLeader {
+                for (_, read) in self.reads.drain() {
+                    read.fail(Error::NotLeader {
                         group: self.group,
                         leader_hint: soft.leader,
-                    }));
+                    });
                 }
             }
         }
@@ -1583,8 +1695,8 @@ impl Group {
         for (_, (_, reply)) in std::mem::take(&mut self.proposals) {
             let _ = reply.send(Err(error()));
         }
-        for (_, (_, reply)) in std::mem::take(&mut self.reads) {
-            let _ = reply.send(Err(error()));
+        for (_, read) in std::mem::take(&mut self.reads) {
+            read.fail(error());
         }
         for (_, replies) in std::mem::take(&mut self.waiting_ids) {
             for reply in replies {

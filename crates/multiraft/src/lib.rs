@@ -25,8 +25,8 @@ pub mod wire;
 
 pub use error::Error;
 pub use host::{
-    HostConfig, NodeHost, SessionFilter, StateMachine, WeakNodeHost, INSTALL_CUT_AFTER_WAL,
-    INSTALL_CUT_BEFORE_WAL,
+    HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,
+    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL,
 };
 pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use regatta_multiraft::{Error, HostConfig, LocalTransport, NodeHost, StateMachine, Transport};
+use regatta_multiraft::{
+    Error, HostConfig, LocalTransport, NodeHost, StateMachine, StateReader, Transport,
+};
 use regatta_raft::{LogIndex, NodeId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
 
@@ -20,10 +22,27 @@ const GROUP: GroupId = GroupId(7);
 struct KvMachine {
     data: Arc<Mutex<BTreeMap<String, String>>>,
     applied: LogIndex,
+    /// Serve reads through a `StateReader` on the caller's task.
+    with_reader: bool,
+    /// Sleep this long in each apply, so that followers lag behind.
+    apply_delay: Duration,
+}
+
+struct KvReader {
+    data: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl StateReader for KvReader {
+    fn read(&self, query: &Bytes) -> Bytes {
+        let key = String::from_utf8_lossy(query).to_string();
+        let data = self.data.lock().expect("lock");
+        Bytes::from(data.get(&key).cloned().unwrap_or_default())
+    }
 }
 
 impl StateMachine for KvMachine {
     fn apply(&mut self, index: LogIndex, command: &Bytes) -> Bytes {
+        std::thread::sleep(self.apply_delay);
         let text = String::from_utf8_lossy(command);
         let (key, value) = text.split_once('=').unwrap_or((&text, ""));
         let previous = self
@@ -45,6 +64,14 @@ impl StateMachine for KvMachine {
                 .cloned()
                 .unwrap_or_default(),
         )
+    }
+
+    fn reader(&self) -> Option<Arc<dyn StateReader>> {
+        let reader = KvReader {
+            data: Arc::clone(&self.data),
+        };
+        self.with_reader
+            .then(|| Arc::new(reader) as Arc<dyn StateReader>)
     }
 
     fn applied_index(&self) -> LogIndex {
@@ -81,6 +108,16 @@ impl StateMachine for KvMachine {
 }
 
 fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[NodeId]) -> NodeHost {
+    start_host_with(dir, id, transport, voters, KvMachine::default())
+}
+
+fn start_host_with(
+    dir: &Path,
+    id: u64,
+    transport: &Arc<LocalTransport>,
+    voters: &[NodeId],
+    machine: KvMachine,
+) -> NodeHost {
     let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(5);
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
@@ -92,7 +129,7 @@ fn start_host(dir: &Path, id: u64, transport: &Arc<LocalTransport>, voters: &[No
         tokio::runtime::Handle::current(),
     )
     .expect("host");
-    host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
+    host.start_group(GROUP, voters.to_vec(), Box::new(machine))
         .expect("group");
     transport.register(NodeId(id), &host);
     host
@@ -210,6 +247,70 @@ async fn three_hosts_elect_replicate_read_and_recover() {
     read_until(&restarted, "k9", "v99").await;
     let status = restarted.status(GROUP).await.expect("status");
     assert!(status.hard_state.commit >= LogIndex(121), "{status:?}");
+}
+
+/// A state machine with a `StateReader` serves reads on the caller's
+/// task. A linearizable read on a follower must still see every write
+/// acknowledged before it began, although the followers apply slowly (the
+/// read waits for the follower's applied index to reach the read index);
+/// a stale read answers at once from whatever is applied; both fail once
+/// the group is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_a_state_reader_wait_for_the_read_index() {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let transport = LocalTransport::new();
+    let hosts: BTreeMap<u64, NodeHost> = (1..=3u64)
+        .map(|id| {
+            let machine = KvMachine {
+                with_reader: true,
+                apply_delay: Duration::from_millis(2),
+                ..KvMachine::default()
+            };
+            let dir = dirs[id as usize - 1].path();
+            (id, start_host_with(dir, id, &transport, &voters, machine))
+        })
+        .collect();
+    let leader = wait_for_leader(&hosts).await;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for i in 0..60 {
+        hosts[&leader]
+            .propose(GROUP, Bytes::from(format!("k=v{i}")))
+            .await
+            .expect("commit");
+        let follower = &hosts[&followers[i % 2]];
+        let value = follower
+            .read_linearizable(GROUP, Bytes::from_static(b"k"))
+            .await
+            .expect("read");
+        assert_eq!(value, format!("v{i}").as_bytes(), "write {i}");
+    }
+    let stale = hosts[&leader]
+        .read_stale(GROUP, Bytes::from_static(b"k"))
+        .await
+        .expect("stale read");
+    assert_eq!(stale, "v59".as_bytes());
+
+    hosts[&followers[0]]
+        .remove_group(GROUP)
+        .await
+        .expect("remove");
+    for result in [
+        hosts[&followers[0]]
+            .read_stale(GROUP, Bytes::from_static(b"k"))
+            .await,
+        hosts[&followers[0]]
+            .read_linearizable(GROUP, Bytes::from_static(b"k"))
+            .await,
+    ] {
+        let error = result.expect_err("the group is gone");
+        assert!(
+            matches!(error, Error::UnknownGroup(_) | Error::GroupStopped { .. }),
+            "{error}"
+        );
+    }
 }
 
 /// Grow a group from 3 to 4 nodes through the host API: the new node joins
