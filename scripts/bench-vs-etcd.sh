@@ -5,7 +5,9 @@
 #
 #   scripts/bench-vs-etcd.sh [TOTAL]      (default 20000 requests per row)
 #
-# Environment: WORKLOADS (default "put range mixed txn-put") picks the rows;
+# Environment: WORKLOADS (default "put range mixed mixed-90 txn-put") picks
+# the rows; `mixed` is half reads, `mixed-90` 90% reads (the "mixed, 90%
+# get" row of ../shared/ANCHORS.md);
 # REGATTA_BIN runs that binary instead of building target/release/regatta
 # (to compare two builds in one sitting).
 #
@@ -29,7 +31,7 @@ if ! command -v etcd >/dev/null 2>&1; then
     $sudo apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
-workloads="${WORKLOADS:-put range mixed txn-put}"
+workloads="${WORKLOADS:-put range mixed mixed-90 txn-put}"
 if [ -n "${REGATTA_BIN:-}" ]; then
     regatta="$REGATTA_BIN"
 else
@@ -97,6 +99,10 @@ wait_ready() { # endpoints
 run() { # endpoints workload extra...
     local endpoints="$1" workload="$2"
     shift 2
+    if [ "$workload" = mixed-90 ]; then
+        workload=mixed
+        set -- --read-percent 90 "$@"
+    fi
     "$regatta" bench "$workload" --endpoints "$endpoints" --clients "$clients" \
         --conns "$conns" --total "$total" --key-space-size 10000 --val-size 256 "$@" 2>/dev/null |
         sed -n 's/^RESULT //p'
