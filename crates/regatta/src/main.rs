@@ -177,7 +177,7 @@ struct LeaderArgs {
     replication_address: Option<SocketAddr>,
 
     /// Serve `/metrics` (Prometheus) and `/healthz` over HTTP on this
-    /// address; not served when unset.
+    /// address (HTTPS with `--rest.cert-filename`); not served when unset.
     #[arg(long = "rest.address", env = "REGATTA_REST_ADDRESS")]
     rest_address: Option<SocketAddr>,
 
@@ -390,6 +390,41 @@ struct TlsArgs {
         env = "REGATTA_REPLICATION_ALLOWED_CN"
     )]
     replication_allowed_cn: Vec<String>,
+
+    /// The certificate chain of `/metrics` and `/healthz`; with
+    /// `--rest.key-filename`, `--rest.address` serves HTTPS only.
+    #[arg(
+        long = "rest.cert-filename",
+        env = "REGATTA_REST_CERT_FILENAME",
+        value_name = "FILE"
+    )]
+    rest_cert_filename: Option<PathBuf>,
+
+    /// The private key of `--rest.cert-filename`.
+    #[arg(
+        long = "rest.key-filename",
+        env = "REGATTA_REST_KEY_FILENAME",
+        value_name = "FILE"
+    )]
+    rest_key_filename: Option<PathBuf>,
+
+    /// The CAs that scrapers' client certificates must chain to. Setting
+    /// it turns on mutual TLS for `/metrics` and `/healthz`.
+    #[arg(
+        long = "rest.ca-filename",
+        env = "REGATTA_REST_CA_FILENAME",
+        value_name = "FILE"
+    )]
+    rest_ca_filename: Option<PathBuf>,
+
+    /// Client certificate common names accepted on `--rest.address`,
+    /// comma-separated; empty accepts every certificate the CA signed.
+    #[arg(
+        long = "rest.allowed-cn",
+        value_delimiter = ',',
+        env = "REGATTA_REST_ALLOWED_CN"
+    )]
+    rest_allowed_cn: Vec<String>,
 }
 
 /// A certificate and key given together, or neither.
@@ -423,6 +458,24 @@ fn server_tls(
     ca: &Option<PathBuf>,
     allowed_cn: &[String],
 ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    server_tls_with_alpn(
+        flag,
+        cert,
+        key,
+        ca,
+        allowed_cn,
+        regatta_server::tls::grpc_alpn(),
+    )
+}
+
+fn server_tls_with_alpn(
+    flag: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    ca: &Option<PathBuf>,
+    allowed_cn: &[String],
+    alpn_protocols: Vec<Vec<u8>>,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
     use regatta_server::tls::{Pem, ServerTlsOptions};
     let allowed_cn: Vec<String> = allowed_cn
         .iter()
@@ -449,7 +502,7 @@ fn server_tls(
         identity,
         client_ca: ca.clone().map(Pem::File),
         allowed_common_names: allowed_cn,
-        alpn_protocols: regatta_server::tls::grpc_alpn(),
+        alpn_protocols,
     })
     .map(Some)
     .map_err(|error| format!("--{flag}.*: {error}"))
@@ -779,6 +832,17 @@ async fn run_node(
         ),
         None => None,
     };
+    let rest_tls = server_tls_with_alpn(
+        "rest",
+        &args.tls.rest_cert_filename,
+        &args.tls.rest_key_filename,
+        &args.tls.rest_ca_filename,
+        &args.tls.rest_allowed_cn,
+        vec![b"http/1.1".to_vec()],
+    )?;
+    if rest_tls.is_some() && args.rest_address.is_none() {
+        return Err("--rest.cert-filename and --rest.key-filename need --rest.address".into());
+    }
     let rest_listener = match args.rest_address {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)
@@ -793,11 +857,13 @@ async fn run_node(
     let (stop_rest, rest_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(listener) = rest_listener {
         if let Ok(address) = listener.local_addr() {
-            tracing::info!(%address, "serving /metrics and /healthz");
+            let scheme = if rest_tls.is_some() { "https" } else { "http" };
+            tracing::info!(%address, scheme, "serving /metrics and /healthz");
         }
         tokio::spawn(regatta_server::serve_rest(
             std::sync::Arc::clone(&node),
             listener,
+            rest_tls,
             async move {
                 let _ = rest_stopped.await;
             },

@@ -419,6 +419,119 @@ async fn tls_on_every_link() {
 
 /// Runs `regatta leader --dev` with `flags` and expects it to stop at once
 /// with a message containing `expected`.
+/// GET `path` over TLS (HTTP/1.1) from `address`, as a client with
+/// `identity`: the status and the body, or why it failed.
+async fn https_get(
+    address: std::net::SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = regatta_server::tls::client_config(&ClientTlsOptions {
+        ca: Pem::File(ca.to_path_buf()),
+        identity: identity.map(|(certificate, key)| Identity {
+            certificate_chain: Pem::File(certificate.to_path_buf()),
+            key: Pem::File(key.to_path_buf()),
+        }),
+        alpn_protocols: vec![b"http/1.1".to_vec()],
+    })
+    .map_err(|error| error.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|error| error.to_string())?;
+    let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    let mut stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|error| format!("handshake: {error}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|error| format!("write: {error}"))?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .map_err(|_| "no response within 10 s".to_string())?
+    .map_err(|error| format!("read: {error}"))?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `/metrics` and `/healthz` over mutual TLS: a scraper with an allowed
+/// certificate reads them; no certificate, a certificate whose common name
+/// is not allowed, and plain HTTP get nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_speak_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Authority::new(dir.path(), "ops");
+    let (node_crt, node_key, _) = pki.issue("node", "node");
+    let (scraper_crt, scraper_key, _) = pki.issue("scraper", "prometheus");
+    let (other_crt, other_key, _) = pki.issue("other", "someone-else");
+    let rest = free_address();
+    let rest_flag = rest.to_string();
+    let (node_crt, node_key, ca) = (path(&node_crt), path(&node_key), path(&pki.ca_file()));
+    let _node = Regatta::start_on(
+        &dir.path().join("data"),
+        free_address(),
+        free_address(),
+        &[
+            "--rest.address",
+            &rest_flag,
+            "--rest.cert-filename",
+            &node_crt,
+            "--rest.key-filename",
+            &node_key,
+            "--rest.ca-filename",
+            &ca,
+            "--rest.allowed-cn",
+            "prometheus",
+        ],
+    );
+    let scraper = Some((scraper_crt.as_path(), scraper_key.as_path()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match https_get(rest, &pki.ca_file(), scraper, "/healthz").await {
+            Ok((200, body)) => {
+                assert_eq!(body, "ok\n");
+                break;
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "/healthz over TLS never answered 200; last: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, metrics) = https_get(rest, &pki.ca_file(), scraper, "/metrics")
+        .await
+        .expect("metrics over TLS");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("regatta_"), "{metrics}");
+    let anonymous = https_get(rest, &pki.ca_file(), None, "/metrics").await;
+    assert!(anonymous.is_err(), "no client certificate: {anonymous:?}");
+    let other = Some((other_crt.as_path(), other_key.as_path()));
+    let refused = https_get(rest, &pki.ca_file(), other, "/metrics").await;
+    assert!(refused.is_err(), "a common name not allowed: {refused:?}");
+    let plain = common::http_get(rest, "/metrics");
+    assert!(
+        plain.as_ref().is_none_or(|(status, _)| *status != 200),
+        "plain HTTP: {plain:?}"
+    );
+}
+
 fn refused_at_start(dir: &Path, flags: &[&str], expected: &str) {
     let output = Command::new(env!("CARGO_BIN_EXE_regatta"))
         .args(["leader", "--dev", "--data-dir"])
@@ -463,6 +576,16 @@ fn bad_tls_flags_are_refused_at_start() {
             "admin",
         ],
         "--api.allowed-cn needs --api.ca-filename",
+    );
+    refused_at_start(
+        &data,
+        &["--rest.cert-filename", &crt],
+        "--rest.cert-filename needs --rest.key-filename",
+    );
+    refused_at_start(
+        &data,
+        &["--rest.cert-filename", &crt, "--rest.key-filename", &key],
+        "--rest.cert-filename and --rest.key-filename need --rest.address",
     );
     refused_at_start(
         &data,

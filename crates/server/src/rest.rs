@@ -27,13 +27,18 @@ use regatta_wal::GroupId;
 
 use crate::node::{ClusterRole, Node, META_GROUP};
 
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `/metrics` and `/healthz` for `node` on `listener` until
-/// `shutdown` resolves.
+/// `shutdown` resolves; over TLS only when `tls` is set.
 pub async fn serve_rest(
     node: Arc<Node>,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -49,14 +54,31 @@ pub async fn serve_rest(
             }
         };
         let node = Arc::clone(&node);
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let node = Arc::clone(&node);
                 async move { Ok::<_, Infallible>(answer(&node, request).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            let Some(acceptor) = acceptor else {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = http.serve_connection(io, service).await;
+                return;
+            };
+            let peer = stream.peer_addr().ok();
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = http.serve_connection(io, service).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(?peer, %error, "a TLS handshake on the REST address failed");
+                }
+                Err(_) => {
+                    tracing::debug!(?peer, "a TLS handshake on the REST address timed out");
+                }
+            }
         });
     }
 }
