@@ -129,6 +129,20 @@ async fn etcdctl_works_unmodified() {
     );
     let (success, text) = etcdctl(e, &["member", "add", "bad", "--peer-urls=not-a-url"], None);
     assert!(!success, "a bad peer URL was accepted: {text}");
+    // The learner moves: every node dials it at its new address.
+    let moved = common::free_address();
+    let peer = format!("--peer-urls=http://{moved}");
+    let updated = ok(e, &["member", "update", "2", &peer]);
+    assert!(updated.contains("updated"), "{updated}");
+    let members = ok(e, &["member", "list"]);
+    assert!(
+        members
+            .lines()
+            .any(|line| line.starts_with("2, ") && line.contains(&moved.to_string())),
+        "the new address is not listed: {members}"
+    );
+    let (success, text) = etcdctl(e, &["member", "update", "9", &peer], None);
+    assert!(!success && text.contains("not a member"), "{text}");
     let removed = ok(e, &["member", "remove", "2"]);
     assert!(removed.contains("removed"), "{removed}");
     let members = ok(e, &["member", "list"]);

@@ -599,11 +599,24 @@ impl pb::cluster_server::Cluster for EtcdApi {
 
     async fn member_update(
         &self,
-        _request: Request<pb::MemberUpdateRequest>,
+        request: Request<pb::MemberUpdateRequest>,
     ) -> std::result::Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(unimplemented(
-            "Cluster.MemberUpdate (a node records its own address when it starts with a new --raft.address)",
-        ))
+        self.admin(&request, "Cluster.MemberUpdate")?;
+        let request = request.into_inner();
+        let id = validate::member_id(request.id)?;
+        let [peer_url] = request.peer_ur_ls.as_slice() else {
+            return Err(Error::InvalidArgument(
+                "MemberUpdate needs exactly one peer URL, the member's --raft.address".into(),
+            )
+            .into());
+        };
+        let raft_address = validate::peer_address(peer_url)?;
+        self.node.update_member_address(id, raft_address).await?;
+        let group = self.group()?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: self.header(group, 0),
+            members: self.members().await?,
+        }))
     }
 
     async fn member_list(

@@ -290,6 +290,48 @@ impl Node {
         Ok(())
     }
 
+    /// Records that member `id` is reached at `raft_address` from now on
+    /// (etcd's MemberUpdate): every node dials it there, unless its own
+    /// configuration maps that member elsewhere. Start the member with
+    /// this `--raft.address`; a member still running on another address
+    /// records its own again when it next registers.
+    pub async fn update_member_address(
+        &self,
+        id: NodeId,
+        raft_address: std::net::SocketAddr,
+    ) -> Result<()> {
+        if !contains(&self.membership().await?, id) {
+            return Err(Error::FailedPrecondition(format!(
+                "node {} is not a member",
+                id.0
+            )));
+        }
+        let recorded = self.member_addresses().await?;
+        for (other, addresses) in &recorded {
+            if *other != id && addresses.raft_address == raft_address {
+                return Err(Error::InvalidArgument(format!(
+                    "node {} already uses the Raft address {raft_address}",
+                    other.0
+                )));
+            }
+        }
+        let client_url = recorded
+            .get(&id)
+            .map(|addresses| addresses.client_url.clone())
+            .or_else(|| self.config.client_urls.get(&id).cloned())
+            .unwrap_or_default();
+        let addresses = MemberAddresses {
+            raft_address,
+            client_url,
+        };
+        self.record_member(id, &addresses).await?;
+        if let Some(address) = peer_address(&self.config, id, &addresses) {
+            self.transport.set_peer(id, address);
+        }
+        tracing::info!(node = id.0, raft = %raft_address, "member address updated");
+        Ok(())
+    }
+
     /// Promotes learner `id` to voter; refused until it has caught up.
     pub async fn promote_member(&self, id: NodeId) -> Result<()> {
         self.change_cluster(ConfChange::Promote { node: id })
