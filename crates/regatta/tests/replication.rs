@@ -463,3 +463,132 @@ async fn two_follower_clusters_50ms_away_converge_and_a_dead_puller_is_replaced(
         .await;
     }
 }
+
+/// The keys of `table` on `endpoint`, read from that node's own copy.
+async fn table_keys(endpoint: &str, table: &str) -> Option<Vec<String>> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut kv = pb::kv_client::KvClient::new(channel);
+    let response = kv
+        .range(pb::RangeRequest {
+            table: table.as_bytes().to_vec(),
+            key: vec![0],
+            range_end: vec![0],
+            keys_only: true,
+            ..pb::RangeRequest::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    Some(
+        response
+            .kvs
+            .into_iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).to_string())
+            .collect(),
+    )
+}
+
+/// Puts `key` into `table`, retrying while a new table has no leader yet.
+async fn put_into(endpoint: &str, table: &str, key: &str) {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut kv = pb::kv_client::KvClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = pb::PutRequest {
+            table: table.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            ..pb::PutRequest::default()
+        };
+        match kv.put(request).await {
+            Ok(_) => return,
+            Err(status) => assert!(
+                Instant::now() < deadline,
+                "put {key} into {table}: {status}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_keys(endpoint: &str, table: &str, expected: &[String], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = table_keys(endpoint, table).await;
+        if found.as_deref() == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the follower holds {found:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A table dropped and re-created on the leader under the same name
+/// between two of the follower's catalogue checks is a new table: the
+/// follower replaces its copy instead of continuing the new table's log
+/// on top of the old table's data (the leader refuses that stream, since
+/// the copy names the old table's id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_recreated_between_two_catalogue_checks_is_replaced() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let replication = free_address();
+    let replication_flag = replication.to_string();
+    let leader = Regatta::start_on(
+        &root.path().join("leader"),
+        free_address(),
+        free_address(),
+        &["--replication.address", &replication_flag],
+    );
+    let _ready = connect(&leader).await;
+    let mut leader_tables = tables(leader.endpoint()).await;
+    let create = || pb::CreateTableRequest {
+        name: "t".into(),
+        ..pb::CreateTableRequest::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leader_tables.create(create()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never created the table"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old: Vec<String> = (0..5).map(|i| format!("old/{i}")).collect();
+    for key in &old {
+        put_into(&leader.endpoint(), "t", key).await;
+    }
+    // Checks 2 s apart: the drop and the re-creation fall between two.
+    let follower = Regatta::start_follower_every(
+        &root.path().join("follower"),
+        free_address(),
+        free_address(),
+        replication,
+        2_000,
+        &[],
+    );
+    wait_for_keys(&follower.endpoint(), "t", &old, "the old table").await;
+
+    leader_tables
+        .delete(pb::DeleteTableRequest { name: "t".into() })
+        .await
+        .expect("drop");
+    leader_tables.create(create()).await.expect("re-create");
+    // More entries than the old table had, so that its log runs past the
+    // index the follower's copy holds.
+    let new: Vec<String> = (0..20).map(|i| format!("new/{i:02}")).collect();
+    for key in &new {
+        put_into(&leader.endpoint(), "t", key).await;
+    }
+    wait_for_keys(&follower.endpoint(), "t", &new, "the re-created table").await;
+}

@@ -23,6 +23,10 @@ pub enum Error {
     /// The leader cluster is behind this follower.
     #[error("{0}")]
     LeaderBehind(String),
+    /// The follower's copy is of a table since dropped and re-created
+    /// under the same name.
+    #[error("{0}")]
+    Recreated(String),
 }
 
 impl From<Status> for Error {
@@ -42,7 +46,9 @@ impl From<Error> for Status {
             Error::Raft(error) => Status::from(regatta_server::Error::Raft(error)),
             Error::Remote(status) => *status,
             Error::Protocol(message) => Status::new(Code::Internal, message),
-            Error::LeaderBehind(message) => Status::new(Code::FailedPrecondition, message),
+            Error::LeaderBehind(message) | Error::Recreated(message) => {
+                Status::new(Code::FailedPrecondition, message)
+            }
         }
     }
 }

@@ -14,7 +14,7 @@
 //! - writes made on this cluster go to the leader cluster
 //!   (`Forward.Write`, through `regatta_server::WriteForwarder`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -324,17 +324,39 @@ async fn reconcile_tables(node: &Node, channel: &Channel) -> Result<()> {
         .await?
         .into_inner()
         .tables;
-    let wanted: BTreeSet<String> = tables
+    let wanted: BTreeMap<String, u64> = tables
         .into_iter()
         .filter(|table| table.r#type == proto::table::Type::Replicated as i32)
-        .map(|table| table.name)
+        .map(|table| (table.name, table.id))
         .collect();
     let local: BTreeSet<String> = node.tables().into_iter().map(|table| table.name).collect();
-    for name in wanted.difference(&local) {
-        tracing::info!(table = %name, "creating a table of the leader cluster");
-        node.create_replica_table(name).await?;
+    for (name, id) in &wanted {
+        if !local.contains(name) {
+            tracing::info!(table = %name, "creating a table of the leader cluster");
+            node.create_replica_table(name).await?;
+            if *id != 0 {
+                node.record_replica_source(name, *id).await?;
+            }
+            continue;
+        }
+        match node.replica_source(name).await? {
+            // A leader that gives no ids, or the same table.
+            _ if *id == 0 => {}
+            Some(recorded) if recorded == *id => {}
+            Some(recorded) => {
+                // Dropped and re-created between two checks: the copy is
+                // of the old table, and the new one starts from scratch.
+                tracing::warn!(table = %name, old = recorded, new = id, "the leader cluster re-created the table; replacing this copy");
+                node.delete_replica_table(name).await?;
+                node.create_replica_table(name).await?;
+                node.record_replica_source(name, *id).await?;
+            }
+            // A copy made before ids were recorded: taken to be of this
+            // table.
+            None => node.record_replica_source(name, *id).await?,
+        }
     }
-    for name in local.difference(&wanted) {
+    for name in local.iter().filter(|name| !wanted.contains_key(*name)) {
         tracing::info!(table = %name, "deleting a table the leader cluster dropped");
         node.delete_replica_table(name).await?;
     }
@@ -419,11 +441,13 @@ async fn pull_once(
         return install_snapshot(node, channel, name, group, installs, state).await;
     }
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
+    let table_id = node.replica_source(name).await?.unwrap_or(0);
     let mut client = proto::log_client::LogClient::new(channel.clone());
     let mut stream = client
         .replicate(proto::ReplicateRequest {
             table: name.as_bytes().to_vec(),
             leader_index: applied,
+            table_id,
         })
         .await?
         .into_inner();
@@ -599,10 +623,12 @@ async fn install_snapshot(
         .map_err(|_| Error::Protocol("the install limit was closed".into()))?;
     tracing::info!(table = %name, "installing the leader's snapshot");
     let started = Instant::now();
+    let table_id = node.replica_source(name).await?.unwrap_or(0);
     let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone());
     let mut stream = client
         .stream(proto::SnapshotRequest {
             table: name.as_bytes().to_vec(),
+            table_id,
         })
         .await?
         .into_inner();

@@ -55,6 +55,20 @@ impl LeaderService {
         }
         Ok(self.node.table_group(name)?)
     }
+
+    /// The table's group, refused when the follower's copy is of another
+    /// table of that name (`table_id`, 0 for any).
+    fn same_table(&self, table: &[u8], table_id: u64) -> crate::Result<GroupId> {
+        let group = self.table_group(table)?;
+        if table_id != 0 && table_id != group.0 {
+            return Err(Error::Recreated(format!(
+                "table {:?} was dropped and re-created on the leader cluster (id {} now, the copy holds {table_id}); the follower replaces its copy",
+                String::from_utf8_lossy(table),
+                group.0
+            )));
+        }
+        Ok(group)
+    }
 }
 
 #[tonic::async_trait]
@@ -73,6 +87,7 @@ impl proto::metadata_server::Metadata for LeaderService {
             .map(|table| proto::Table {
                 name: table.name,
                 r#type: proto::table::Type::Replicated as i32,
+                id: table.group.0,
             })
             .collect();
         tables.sort_by(|a, b| a.name.cmp(&b.name));
@@ -89,7 +104,7 @@ impl proto::log_server::Log for LeaderService {
         request: Request<proto::ReplicateRequest>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let request = request.into_inner();
-        let group = self.table_group(&request.table)?;
+        let group = self.same_table(&request.table, request.table_id)?;
         let host = self.node.host().clone();
         let applied = host.applied_index_watch(group).map_err(Error::from)?;
         let commit = host
@@ -121,7 +136,8 @@ impl proto::snapshot_server::Snapshot for LeaderService {
         &self,
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let group = self.table_group(&request.into_inner().table)?;
+        let request = request.into_inner();
+        let group = self.same_table(&request.table, request.table_id)?;
         // A ReadIndex barrier first: a node that lags (a learner, or one
         // behind a restore's commit) must not serve an older copy.
         self.node

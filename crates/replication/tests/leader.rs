@@ -44,7 +44,8 @@ async fn start_leader(snapshot_every_entries: u64) -> Leader {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
-            .add_service(proto::log_server::LogServer::new(service))
+            .add_service(proto::log_server::LogServer::new(service.clone()))
+            .add_service(proto::snapshot_server::SnapshotServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     Leader {
@@ -74,6 +75,7 @@ fn request(table: &str, leader_index: u64) -> proto::ReplicateRequest {
     proto::ReplicateRequest {
         table: table.as_bytes().to_vec(),
         leader_index,
+        table_id: 0,
     }
 }
 
@@ -197,5 +199,27 @@ async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     let status = log.replicate(request("", 0)).await.expect_err("empty name");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A copy of another table under this name (its id differs from the
+    // table's own) is refused, by the log and by the snapshot; its own id
+    // is served.
+    let id = leader.node.table_group("etcd").expect("etcd table").0;
+    let mut other = request("etcd", 0);
+    other.table_id = id + 1000;
+    let status = log.replicate(other).await.expect_err("another table's id");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("re-created"), "{status:?}");
+    let mut snapshots = proto::snapshot_client::SnapshotClient::new(channel(leader.address));
+    let status = snapshots
+        .stream(proto::SnapshotRequest {
+            table: b"etcd".to_vec(),
+            table_id: id + 1000,
+        })
+        .await
+        .expect_err("another table's id");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let mut own = request("etcd", 0);
+    own.table_id = id;
+    log.replicate(own).await.expect("the table's own id");
     leader.node.stop().await;
 }

@@ -32,6 +32,9 @@ pub const META_GROUP: GroupId = GroupId(1);
 const FIRST_TABLE_GROUP: u64 = 2;
 const CATALOGUE_PREFIX: &[u8] = b"table/";
 const NEXT_ID_KEY: &[u8] = b"next-group-id";
+/// Follower clusters: `replica-source/<table>` holds the leader cluster's
+/// id of the table the local copy replicates (8 bytes, little-endian).
+const REPLICA_SOURCE_PREFIX: &[u8] = b"replica-source/";
 const BOOTSTRAPPED_KEY: &[u8] = b"bootstrapped";
 /// How often a node compares its groups with the catalogue.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
@@ -877,9 +880,55 @@ impl Node {
     }
 
     /// Follower clusters: deletes the local copy of a table the leader
-    /// dropped.
+    /// dropped, then the record of which leader table it copied (in this
+    /// order, so that a crash between the two never leaves a copy whose
+    /// record is missing).
     pub async fn delete_replica_table(&self, name: &str) -> Result<()> {
-        self.delete_table_unchecked(name).await
+        self.delete_table_unchecked(name).await?;
+        let command = Command::DeleteRange(regatta_kv::command::DeleteRangeRequest {
+            range: KeyRange {
+                key: replica_source_key(name),
+                range_end: Vec::new(),
+            },
+            prev_kv: false,
+        });
+        self.write(META_GROUP, &command).await.map(|_| ())
+    }
+
+    /// Follower clusters: the leader cluster's id of the table that the
+    /// local copy `name` replicates, if recorded (`record_replica_source`).
+    pub async fn replica_source(&self, name: &str) -> Result<Option<u64>> {
+        let query = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: replica_source_key(name),
+                range_end: Vec::new(),
+            },
+            ..RangeRequest::default()
+        });
+        match self.read(META_GROUP, &query, true).await?.result {
+            Ok(ResponseOp::Range(range)) => match range.kvs.first() {
+                None => Ok(None),
+                Some(kv) => match <[u8; 8]>::try_from(kv.value.as_slice()) {
+                    Ok(bytes) => Ok(Some(u64::from_le_bytes(bytes))),
+                    Err(_) => Err(Error::Internal(format!(
+                        "a malformed replica source record for table {name:?}"
+                    ))),
+                },
+            },
+            Ok(other) => Err(Error::Internal(format!("unexpected {other:?}"))),
+            Err(error) => Err(Error::Internal(error)),
+        }
+    }
+
+    /// Follower clusters: records that the local copy `name` replicates
+    /// the leader cluster's table `id` (its `Table.id`).
+    pub async fn record_replica_source(&self, name: &str, id: u64) -> Result<()> {
+        let command = Command::Put(regatta_kv::command::PutRequest {
+            key: replica_source_key(name),
+            value: id.to_le_bytes().to_vec(),
+            prev_kv: false,
+        });
+        self.write(META_GROUP, &command).await.map(|_| ())
     }
 
     /// Creates a table: one compare-and-set on the catalogue entry and the
@@ -1213,6 +1262,12 @@ fn retryable(error: &regatta_multiraft::Error) -> bool {
 
 fn decode_response(bytes: &Bytes) -> Result<Response> {
     decode::<Response>(bytes).map_err(|error| Error::Internal(error.to_string()))
+}
+
+fn replica_source_key(name: &str) -> Vec<u8> {
+    let mut key = REPLICA_SOURCE_PREFIX.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 fn catalogue_key(name: &str) -> Vec<u8> {

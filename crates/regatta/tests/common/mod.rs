@@ -86,12 +86,26 @@ impl Regatta {
         leader: impl std::fmt::Display,
         extra: &[&str],
     ) -> Regatta {
+        Regatta::start_follower_every(dir, api, raft, leader, 100, extra)
+    }
+
+    /// `start_follower` comparing its tables with the leader's every
+    /// `metadata_interval_ms`.
+    pub fn start_follower_every(
+        dir: &Path,
+        api: SocketAddr,
+        raft: SocketAddr,
+        leader: impl std::fmt::Display,
+        metadata_interval_ms: u64,
+        extra: &[&str],
+    ) -> Regatta {
         let leader = leader.to_string();
+        let interval = metadata_interval_ms.to_string();
         let mut flags = vec![
             "--replication.leader-address",
             leader.as_str(),
             "--replication.metadata-interval-ms",
-            "100",
+            interval.as_str(),
         ];
         flags.extend_from_slice(extra);
         Regatta::spawn_as("follower", "info", dir, api, raft, &flags)
