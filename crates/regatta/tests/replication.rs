@@ -592,3 +592,55 @@ async fn a_table_recreated_between_two_catalogue_checks_is_replaced() {
     }
     wait_for_keys(&follower.endpoint(), "t", &new, "the re-created table").await;
 }
+
+/// A leader cluster wiped and bootstrapped again on the same addresses is
+/// a new cluster: its tables have new identities, so a follower replaces
+/// its copies and ends holding exactly the new cluster's data, even once
+/// the new cluster's log runs past the index the old copy held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_a_wiped_leader_cluster_replaces_its_copies() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let replication = free_address();
+    let replication_flag = replication.to_string();
+    let (api, raft) = (free_address(), free_address());
+    let leader_dir = root.path().join("leader");
+    let mut leader = Regatta::start_on(
+        &leader_dir,
+        api,
+        raft,
+        &["--replication.address", &replication_flag],
+    );
+    drop(connect(&leader).await);
+    let old: Vec<String> = (0..10).map(|i| format!("old/{i}")).collect();
+    for key in &old {
+        put_into(&leader.endpoint(), "etcd", key).await;
+    }
+    // Checks 10 s apart: the next one comes after the new cluster is up,
+    // so that the follower never sees a catalogue without the table (which
+    // would make it drop its copy for that reason alone).
+    let follower = Regatta::start_follower_every(
+        &root.path().join("follower"),
+        free_address(),
+        free_address(),
+        replication,
+        10_000,
+        &[],
+    );
+    wait_for_keys(&follower.endpoint(), "etcd", &old, "the old cluster").await;
+
+    leader.kill();
+    drop(leader);
+    std::fs::remove_dir_all(&leader_dir).expect("wipe");
+    let leader = Regatta::start_on(
+        &leader_dir,
+        api,
+        raft,
+        &["--replication.address", &replication_flag],
+    );
+    let _ready = connect(&leader).await;
+    let new: Vec<String> = (0..30).map(|i| format!("new/{i:02}")).collect();
+    for key in &new {
+        put_into(&leader.endpoint(), "etcd", key).await;
+    }
+    wait_for_keys(&follower.endpoint(), "etcd", &new, "the new cluster").await;
+}

@@ -58,13 +58,16 @@ impl LeaderService {
 
     /// The table's group, refused when the follower's copy is of another
     /// table of that name (`table_id`, 0 for any).
-    fn same_table(&self, table: &[u8], table_id: u64) -> crate::Result<GroupId> {
+    async fn same_table(&self, table: &[u8], table_id: u64) -> crate::Result<GroupId> {
         let group = self.table_group(table)?;
-        if table_id != 0 && table_id != group.0 {
+        if table_id == 0 {
+            return Ok(group);
+        }
+        let identity = self.node.table_identity(group).await?;
+        if table_id != identity {
             return Err(Error::Recreated(format!(
-                "table {:?} was dropped and re-created on the leader cluster (id {} now, the copy holds {table_id}); the follower replaces its copy",
+                "table {:?} on the leader cluster is not the one the follower's copy holds (id {identity} now, {table_id} in the copy: re-created, or the cluster was wiped); the follower replaces its copy",
                 String::from_utf8_lossy(table),
-                group.0
             )));
         }
         Ok(group)
@@ -78,18 +81,19 @@ impl proto::metadata_server::Metadata for LeaderService {
         _request: Request<proto::MetadataRequest>,
     ) -> Result<Response<proto::MetadataResponse>, Status> {
         // Linearizable: a follower cluster deletes the tables missing here.
-        let mut tables: Vec<proto::Table> = self
-            .node
-            .tables_linearizable()
-            .await
-            .map_err(Error::from)?
-            .into_iter()
-            .map(|table| proto::Table {
+        let mut tables: Vec<proto::Table> = Vec::new();
+        for table in self.node.tables_linearizable().await.map_err(Error::from)? {
+            let id = self
+                .node
+                .table_identity(table.group)
+                .await
+                .map_err(Error::from)?;
+            tables.push(proto::Table {
                 name: table.name,
                 r#type: proto::table::Type::Replicated as i32,
-                id: table.group.0,
-            })
-            .collect();
+                id,
+            });
+        }
         tables.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(proto::MetadataResponse { tables }))
     }
@@ -104,7 +108,7 @@ impl proto::log_server::Log for LeaderService {
         request: Request<proto::ReplicateRequest>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let request = request.into_inner();
-        let group = self.same_table(&request.table, request.table_id)?;
+        let group = self.same_table(&request.table, request.table_id).await?;
         let host = self.node.host().clone();
         let applied = host.applied_index_watch(group).map_err(Error::from)?;
         let commit = host
@@ -137,7 +141,7 @@ impl proto::snapshot_server::Snapshot for LeaderService {
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let request = request.into_inner();
-        let group = self.same_table(&request.table, request.table_id)?;
+        let group = self.same_table(&request.table, request.table_id).await?;
         // A ReadIndex barrier first: a node that lags (a learner, or one
         // behind a restore's commit) must not serve an older copy.
         self.node

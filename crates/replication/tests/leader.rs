@@ -203,9 +203,10 @@ async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
     // A copy of another table under this name (its id differs from the
     // table's own) is refused, by the log and by the snapshot; its own id
     // is served.
-    let id = leader.node.table_group("etcd").expect("etcd table").0;
+    let group = leader.node.table_group("etcd").expect("etcd table");
+    let id = leader.node.table_identity(group).await.expect("identity");
     let mut other = request("etcd", 0);
-    other.table_id = id + 1000;
+    other.table_id = id.wrapping_add(1000);
     let status = log.replicate(other).await.expect_err("another table's id");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("re-created"), "{status:?}");
@@ -213,7 +214,7 @@ async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
     let status = snapshots
         .stream(proto::SnapshotRequest {
             table: b"etcd".to_vec(),
-            table_id: id + 1000,
+            table_id: id.wrapping_add(1000),
         })
         .await
         .expect_err("another table's id");

@@ -36,6 +36,10 @@ const NEXT_ID_KEY: &[u8] = b"next-group-id";
 /// id of the table the local copy replicates (8 bytes, little-endian).
 const REPLICA_SOURCE_PREFIX: &[u8] = b"replica-source/";
 const BOOTSTRAPPED_KEY: &[u8] = b"bootstrapped";
+/// A random u64 (LE) drawn when the cluster bootstraps: a cluster wiped
+/// and bootstrapped again gets another, so that follower clusters can
+/// tell its tables from the old cluster's (`Node::table_identity`).
+const INCARNATION_KEY: &[u8] = b"incarnation";
 /// How often a node compares its groups with the catalogue.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -159,6 +163,8 @@ pub struct Node {
     started: Instant,
     /// Follower clusters: where writes go.
     forwarder: std::sync::OnceLock<Arc<dyn WriteForwarder>>,
+    /// The cluster's incarnation, once read (`incarnation`).
+    incarnation: std::sync::OnceLock<u64>,
     /// Follower clusters: replication state per table, as the puller
     /// reports it.
     replication: RwLock<HashMap<GroupId, ReplicationFacts>>,
@@ -336,6 +342,7 @@ impl Node {
             running: std::sync::Mutex::new([META_GROUP].into()),
             started: Instant::now(),
             forwarder: std::sync::OnceLock::new(),
+            incarnation: std::sync::OnceLock::new(),
             replication: RwLock::new(HashMap::new()),
             table_voters: RwLock::new(HashMap::new()),
             removed: tokio::sync::watch::channel(false).0,
@@ -895,6 +902,45 @@ impl Node {
         self.write(META_GROUP, &command).await.map(|_| ())
     }
 
+    /// The identity of the table whose group is `group`, for follower
+    /// clusters (`Table.id` of the replication API): the group id mixed
+    /// with this cluster's incarnation, so that it changes when the table
+    /// is dropped and re-created and when the cluster is wiped and
+    /// bootstrapped again. Never 0. A cluster bootstrapped before
+    /// incarnations existed has incarnation 0: its ids are the group ids.
+    pub async fn table_identity(&self, group: GroupId) -> Result<u64> {
+        let incarnation = match self.incarnation.get() {
+            Some(incarnation) => *incarnation,
+            None => {
+                let query = Query::Range(RangeRequest {
+                    range: KeyRange {
+                        key: INCARNATION_KEY.to_vec(),
+                        range_end: Vec::new(),
+                    },
+                    ..RangeRequest::default()
+                });
+                let incarnation = match self.read(META_GROUP, &query, true).await?.result {
+                    Ok(ResponseOp::Range(range)) => match range.kvs.first() {
+                        None => 0,
+                        Some(kv) => match <[u8; 8]>::try_from(kv.value.as_slice()) {
+                            Ok(bytes) => u64::from_le_bytes(bytes),
+                            Err(_) => {
+                                return Err(Error::Internal(
+                                    "a malformed incarnation record".into(),
+                                ))
+                            }
+                        },
+                    },
+                    Ok(other) => return Err(Error::Internal(format!("unexpected {other:?}"))),
+                    Err(error) => return Err(Error::Internal(error)),
+                };
+                *self.incarnation.get_or_init(|| incarnation)
+            }
+        };
+        let identity = incarnation ^ group.0;
+        Ok(if identity == 0 { group.0 } else { identity })
+    }
+
     /// Follower clusters: the leader cluster's id of the table that the
     /// local copy `name` replicates, if recorded (`record_replica_source`).
     pub async fn replica_source(&self, name: &str) -> Result<Option<u64>> {
@@ -978,6 +1024,9 @@ impl Node {
                     .compare
                     .push(compare(BOOTSTRAPPED_KEY, CompareTarget::CreateRevision(0)));
                 command.success.push(put(BOOTSTRAPPED_KEY, b"1"));
+                command
+                    .success
+                    .push(put(INCARNATION_KEY, &random_u64().to_le_bytes()));
             }
             let command = Command::Txn(command);
             let response = self.write(META_GROUP, &command).await?;
