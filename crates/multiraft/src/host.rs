@@ -198,14 +198,9 @@ enum Input {
         command: Bytes,
         reply: Reply,
     },
-    Read {
-        query: Bytes,
-        reply: Reply,
-    },
-    /// A ReadIndex round whose index goes back to the caller.
-    ReadIndex {
-        reply: IndexReply,
-    },
+    /// A linearizable read: its ReadIndex round, then what `PendingRead`
+    /// says.
+    Read(PendingRead),
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -743,14 +738,14 @@ impl NodeHost {
         let view = self.group_view(group)?;
         let Some(reader) = view.reader else {
             let (reply, answer) = oneshot::channel();
-            self.enqueue(group, Input::Read { query, reply })?;
+            self.enqueue(group, Input::Read(PendingRead::Query(query, reply)))?;
             return self.answer(group, answer).await;
         };
         // The round runs on the worker; the read itself on this task, once
         // the state machine has applied the read index.
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
         let (reply, answer) = oneshot::channel();
-        self.enqueue(group, Input::ReadIndex { reply })?;
+        self.enqueue(group, Input::Read(PendingRead::Index(reply)))?;
         let index = self.answer(group, answer).await?;
         let mut applied = view.applied;
         let reached = applied.wait_for(|applied| *applied >= index);
@@ -1331,8 +1326,7 @@ impl Group {
             Input::StaleRead { .. } | Input::SnapshotReport { .. } => {}
             Input::Propose { .. }
             | Input::ProposeWithId { .. }
-            | Input::Read { .. }
-            | Input::ReadIndex { .. }
+            | Input::Read(_)
             | Input::Campaign
             | Input::ConfChange { .. }
             | Input::TransferLeader { .. }
@@ -1412,28 +1406,14 @@ impl Group {
                     }
                 }
             }
-            Input::Read { query, reply } => {
+            Input::Read(read) => {
                 let id = ReadId(self.next_read);
                 self.next_read += 1;
                 match self.raft.read_index(id) {
                     Ok(()) => {
-                        self.reads.insert(id, PendingRead::Query(query, reply));
+                        self.reads.insert(id, read);
                     }
-                    Err(source) => {
-                        let _ = reply.send(Err(Error::Raft { group, source }));
-                    }
-                }
-            }
-            Input::ReadIndex { reply } => {
-                let id = ReadId(self.next_read);
-                self.next_read += 1;
-                match self.raft.read_index(id) {
-                    Ok(()) => {
-                        self.reads.insert(id, PendingRead::Index(reply));
-                    }
-                    Err(source) => {
-                        let _ = reply.send(Err(Error::Raft { group, source }));
-                    }
+                    Err(source) => read.fail(Error::Raft { group, source }),
                 }
             }
             Input::Status { reply } => {

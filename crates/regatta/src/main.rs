@@ -449,26 +449,9 @@ fn identity(
     }
 }
 
-/// A TLS server configuration from the `--{flag}.*` flags; `None` when no
-/// certificate is given.
+/// A TLS server configuration from the `--{flag}.*` flags, offering
+/// `alpn_protocols`; `None` when no certificate is given.
 fn server_tls(
-    flag: &str,
-    cert: &Option<PathBuf>,
-    key: &Option<PathBuf>,
-    ca: &Option<PathBuf>,
-    allowed_cn: &[String],
-) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
-    server_tls_with_alpn(
-        flag,
-        cert,
-        key,
-        ca,
-        allowed_cn,
-        regatta_server::tls::grpc_alpn(),
-    )
-}
-
-fn server_tls_with_alpn(
     flag: &str,
     cert: &Option<PathBuf>,
     key: &Option<PathBuf>,
@@ -792,6 +775,7 @@ async fn run_node(
         &args.tls.api_key_filename,
         &args.tls.api_ca_filename,
         &args.tls.api_allowed_cn,
+        regatta_server::tls::grpc_alpn(),
     )?;
     let replication_tls = if follower.is_some() {
         None
@@ -811,6 +795,7 @@ async fn run_node(
             &args.tls.replication_key_filename,
             &args.tls.replication_ca_filename,
             &args.tls.replication_allowed_cn,
+            regatta_server::tls::grpc_alpn(),
         )?
     };
     let api = tokio::net::TcpListener::bind(args.api_address)
@@ -832,7 +817,7 @@ async fn run_node(
         ),
         None => None,
     };
-    let rest_tls = server_tls_with_alpn(
+    let rest_tls = server_tls(
         "rest",
         &args.tls.rest_cert_filename,
         &args.tls.rest_key_filename,

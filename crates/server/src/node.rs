@@ -912,29 +912,8 @@ impl Node {
         let incarnation = match self.incarnation.get() {
             Some(incarnation) => *incarnation,
             None => {
-                let query = Query::Range(RangeRequest {
-                    range: KeyRange {
-                        key: INCARNATION_KEY.to_vec(),
-                        range_end: Vec::new(),
-                    },
-                    ..RangeRequest::default()
-                });
-                let incarnation = match self.read(META_GROUP, &query, true).await?.result {
-                    Ok(ResponseOp::Range(range)) => match range.kvs.first() {
-                        None => 0,
-                        Some(kv) => match <[u8; 8]>::try_from(kv.value.as_slice()) {
-                            Ok(bytes) => u64::from_le_bytes(bytes),
-                            Err(_) => {
-                                return Err(Error::Internal(
-                                    "a malformed incarnation record".into(),
-                                ))
-                            }
-                        },
-                    },
-                    Ok(other) => return Err(Error::Internal(format!("unexpected {other:?}"))),
-                    Err(error) => return Err(Error::Internal(error)),
-                };
-                *self.incarnation.get_or_init(|| incarnation)
+                let read = self.read_meta_u64(INCARNATION_KEY).await?;
+                *self.incarnation.get_or_init(|| read.unwrap_or(0))
             }
         };
         let identity = incarnation ^ group.0;
@@ -944,9 +923,15 @@ impl Node {
     /// Follower clusters: the leader cluster's id of the table that the
     /// local copy `name` replicates, if recorded (`record_replica_source`).
     pub async fn replica_source(&self, name: &str) -> Result<Option<u64>> {
+        self.read_meta_u64(&replica_source_key(name)).await
+    }
+
+    /// A u64 (8 bytes, little-endian) under `key` in the metadata group,
+    /// read linearizably; `None` when the key is missing.
+    async fn read_meta_u64(&self, key: &[u8]) -> Result<Option<u64>> {
         let query = Query::Range(RangeRequest {
             range: KeyRange {
-                key: replica_source_key(name),
+                key: key.to_vec(),
                 range_end: Vec::new(),
             },
             ..RangeRequest::default()
@@ -957,7 +942,8 @@ impl Node {
                 Some(kv) => match <[u8; 8]>::try_from(kv.value.as_slice()) {
                     Ok(bytes) => Ok(Some(u64::from_le_bytes(bytes))),
                     Err(_) => Err(Error::Internal(format!(
-                        "a malformed replica source record for table {name:?}"
+                        "a malformed record under {:?} in the metadata group",
+                        String::from_utf8_lossy(key)
                     ))),
                 },
             },

@@ -102,6 +102,24 @@ fn contains(membership: &Membership, node: NodeId) -> bool {
     membership.voters.contains(&node) || membership.learners.contains(&node)
 }
 
+/// Refuses `address` for member `id` when another member's record has it.
+fn check_address_free(
+    recorded: &BTreeMap<NodeId, MemberAddresses>,
+    id: NodeId,
+    address: SocketAddr,
+) -> Result<()> {
+    match recorded
+        .iter()
+        .find(|(other, addresses)| **other != id && addresses.raft_address == address)
+    {
+        Some((other, _)) => Err(Error::InvalidArgument(format!(
+            "node {} already uses the Raft address {address}",
+            other.0
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The next change that brings `current` closer to `wanted`, if any:
 /// additions first (as learners, promoted by the leader once caught up),
 /// then promotions and demotions, then removals, one at a time.
@@ -271,14 +289,8 @@ impl Node {
                 id.0
             )));
         }
-        for (other, recorded) in self.member_addresses().await? {
-            if other != id && recorded.raft_address == addresses.raft_address {
-                return Err(Error::InvalidArgument(format!(
-                    "node {} already uses the Raft address {}",
-                    other.0, addresses.raft_address
-                )));
-            }
-        }
+        let recorded = self.member_addresses().await?;
+        check_address_free(&recorded, id, addresses.raft_address)?;
         self.record_member(id, &addresses).await?;
         self.transport.set_peer(id, addresses.raft_address);
         self.change_cluster(ConfChange::AddLearner {
@@ -295,11 +307,7 @@ impl Node {
     /// configuration maps that member elsewhere. Start the member with
     /// this `--raft.address`; a member still running on another address
     /// records its own again when it next registers.
-    pub async fn update_member_address(
-        &self,
-        id: NodeId,
-        raft_address: std::net::SocketAddr,
-    ) -> Result<()> {
+    pub async fn update_member_address(&self, id: NodeId, raft_address: SocketAddr) -> Result<()> {
         if !contains(&self.membership().await?, id) {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is not a member",
@@ -307,14 +315,7 @@ impl Node {
             )));
         }
         let recorded = self.member_addresses().await?;
-        for (other, addresses) in &recorded {
-            if *other != id && addresses.raft_address == raft_address {
-                return Err(Error::InvalidArgument(format!(
-                    "node {} already uses the Raft address {raft_address}",
-                    other.0
-                )));
-            }
-        }
+        check_address_free(&recorded, id, raft_address)?;
         let client_url = recorded
             .get(&id)
             .map(|addresses| addresses.client_url.clone())
