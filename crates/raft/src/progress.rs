@@ -83,6 +83,10 @@ pub(crate) struct Progress {
     pub(crate) probe_sent: bool,
     /// Heard from since the last quorum check.
     pub(crate) recent_active: bool,
+    /// Heard from in the check interval before the current one. Checks
+    /// that ask "is this member up" use both, so that they do not fail in
+    /// the moment after a quorum check cleared `recent_active`.
+    pub(crate) active_last_interval: bool,
     pub(crate) inflights: Inflights,
     /// The latest heartbeat round this member acknowledged.
     pub(crate) acked_round: u64,
@@ -91,6 +95,11 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// Heard from within the last one or two quorum-check intervals.
+    pub(crate) fn reachable(&self) -> bool {
+        self.recent_active || self.active_last_interval
+    }
+
     pub(crate) fn new(next_index: LogIndex, inflight_messages_max: usize) -> Progress {
         Progress {
             match_index: LogIndex(0),
@@ -99,6 +108,7 @@ impl Progress {
             pending_snapshot: LogIndex(0),
             probe_sent: false,
             recent_active: false,
+            active_last_interval: false,
             inflights: Inflights::new(inflight_messages_max),
             acked_round: 0,
             commit_sent: LogIndex(0),

@@ -510,6 +510,7 @@ impl<S: Storage> Raft<S> {
             })
             .count();
         for (node, progress) in self.progress.iter_mut() {
+            progress.active_last_interval = progress.recent_active;
             progress.recent_active = *node == id;
         }
         active >= self.membership.quorum()
@@ -1195,8 +1196,8 @@ impl<S: Storage> Raft<S> {
     }
 
     fn send_snapshot(&mut self, to: NodeId) -> bool {
-        let recently_active = self.progress.get(&to).is_some_and(|p| p.recent_active);
-        if !recently_active {
+        let reachable = self.progress.get(&to).is_some_and(|p| p.reachable());
+        if !reachable {
             return false;
         }
         let meta = match self.log.storage.snapshot_meta() {
@@ -1450,7 +1451,7 @@ impl<S: Storage> Raft<S> {
             .voters
             .iter()
             .filter(|voter| {
-                **voter == self.id || self.progress.get(voter).is_some_and(|p| p.recent_active)
+                **voter == self.id || self.progress.get(voter).is_some_and(|p| p.reachable())
             })
             .count();
         if reachable < next.quorum() {
@@ -1566,7 +1567,7 @@ impl<S: Storage> Raft<S> {
             .filter_map(|voter| {
                 self.progress
                     .get(voter)
-                    .map(|p| (p.recent_active, p.match_index, *voter))
+                    .map(|p| (p.reachable(), p.match_index, *voter))
             })
             .max()
             .map(|(_, _, voter)| voter)

@@ -783,6 +783,41 @@ mod membership {
         assert_eq!(voters(&c, 1), vec![1, 2]);
     }
 
+    /// CheckQuorum clears every peer's "heard from" flag at the end of each
+    /// election timeout. A change proposed in the moment after, before any
+    /// peer answered again, still sees the peers it heard from in the last
+    /// interval as reachable. (CI once refused a learner here with "only 1
+    /// of 3 voters are reachable" on a healthy three-node group.)
+    #[test]
+    fn a_change_right_after_a_quorum_check_sees_the_peers_it_just_heard() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.settle();
+        let timeout = c.config_for(n(1), &[]).election_timeout_ticks;
+        // Tick the leader through one check without delivering anything:
+        // the check passes (the peers answered the election) and clears
+        // the flags; the heartbeats it sends are still queued.
+        for _ in 0..timeout {
+            c.tick(1);
+        }
+        assert_eq!(c.role(1), Role::Leader);
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: false,
+            },
+        )
+        .expect("the peers answered within the last interval");
+        // Two silent intervals later they count as unreachable again.
+        c.isolate(1);
+        for _ in 0..timeout {
+            c.tick(1);
+        }
+        assert_ne!(c.role(1), Role::Leader, "check quorum steps down");
+    }
+
     /// Removing the leader hands leadership to another voter, and the old
     /// leader learns that it was removed (shutdown-on-remove signal).
     #[test]
