@@ -90,9 +90,8 @@ fn main() {
     if !std::env::args().any(|argument| argument == "--bench") {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = regatta_multiraft::runtime::builder()
         .worker_threads(2)
-        .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {

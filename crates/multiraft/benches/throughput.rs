@@ -216,9 +216,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = regatta_multiraft::runtime::builder()
         .worker_threads(2)
-        .enable_all()
         .build()
         .expect("runtime");
     println!("| groups | payload | proposers | proposals/s | p50 | p99 |");

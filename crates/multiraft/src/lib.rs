@@ -9,12 +9,14 @@
 //!   (`docs/transport-format.md`);
 //! - [`TcpTransport`]: the peer transport over TCP, with optional mutual
 //!   TLS and chunked snapshot streams;
-//! - [`LocalTransport`]: hosts of one process wired together, for tests.
+//! - [`LocalTransport`]: hosts of one process wired together, for tests;
+//! - [`runtime`]: the tokio runtime the processes run on.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod error;
 mod host;
+pub mod runtime;
 mod session;
 mod snapshot;
 mod storage;

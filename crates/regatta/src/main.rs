@@ -1009,10 +1009,7 @@ fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match regatta_multiraft::runtime::builder().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("regatta: cannot start the runtime: {error}");

@@ -404,10 +404,7 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match regatta_multiraft::runtime::builder().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("replication-lag: {error}");

@@ -223,9 +223,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match regatta_multiraft::runtime::builder()
         .worker_threads(2)
-        .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
