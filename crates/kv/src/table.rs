@@ -2,7 +2,7 @@
 //! [`Table`]: one table's state machine (`regatta_multiraft::StateMachine`).
 //! The layout is in `docs/kv-format.md`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,7 @@ impl Store {
             leader_index: meta.leader_index,
             restoring,
             published,
+            recent: RecentWrites::default(),
         })
     }
 
@@ -474,10 +475,70 @@ fn bounds(range: &KeyRange) -> Option<KeyBounds> {
     ))
 }
 
+/// The latest committed record of keys this table wrote recently (`None`
+/// for a key it deleted), so that a write's read of the key it replaces
+/// (for the version, the create revision, `prev_kv` and compares) skips
+/// the engine's memtable search. In a profile of a 3-node put, that search
+/// took about 8% of a follower's CPU.
+///
+/// Invariant: an entry equals what the table's data partition holds for
+/// its key. Every write of the partition goes through `commit_writes`,
+/// which notes the keys after the commit; every switch of the partition
+/// (`Table::replace_data`) clears the cache.
+#[derive(Default)]
+struct RecentWrites {
+    records: HashMap<Vec<u8>, Option<Record>>,
+    /// Keys and values held, plus `RECENT_ENTRY_OVERHEAD_BYTES` each.
+    bytes: usize,
+}
+
+/// The most a table's [`RecentWrites`] holds; past it the cache starts
+/// over empty (simple, and a busy key is back after its next write).
+const RECENT_WRITES_BYTES_MAX: usize = 4 << 20;
+/// What one cache entry costs beyond its key and value: the hash table
+/// slot, the record's fields and two allocations' headers.
+const RECENT_ENTRY_OVERHEAD_BYTES: usize = 96;
+
+impl RecentWrites {
+    fn get(&self, key: &[u8]) -> Option<&Option<Record>> {
+        self.records.get(key)
+    }
+
+    /// Records `key`'s committed state. A key that would not fit even
+    /// alone is left out (after the cache started over, so no older entry
+    /// of it stays).
+    fn note(&mut self, key: Vec<u8>, record: Option<Record>, bytes_max: usize) {
+        let key_bytes = key.len();
+        let size = |record: &Option<Record>| {
+            key_bytes + record.as_ref().map_or(0, |r| r.value.len()) + RECENT_ENTRY_OVERHEAD_BYTES
+        };
+        let added = size(&record);
+        if self.bytes + added > bytes_max {
+            self.clear();
+            if added > bytes_max {
+                return;
+            }
+        }
+        if let Some(old) = self.records.insert(key, record) {
+            self.bytes -= size(&old);
+        }
+        self.bytes += added;
+        debug_assert!(self.bytes <= bytes_max);
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.bytes = 0;
+    }
+}
+
 /// The committed data of a table, with the writes of the batch being
 /// applied on top.
 struct View<'a> {
     data: &'a PartitionHandle,
+    /// Records of recently written keys, equal to `data`'s; `None` for
+    /// reads, which run on other tasks.
+    recent: Option<&'a RecentWrites>,
     /// Keys written in this batch: a record, or `None` for a delete.
     writes: BTreeMap<Vec<u8>, Option<Record>>,
 }
@@ -486,6 +547,9 @@ impl View<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Record>> {
         if let Some(written) = self.writes.get(key) {
             return Ok(written.clone());
+        }
+        if let Some(recent) = self.recent.and_then(|recent| recent.get(key)) {
+            return Ok(recent.clone());
         }
         match self.data.get(key)? {
             Some(bytes) => Record::decode(&bytes).map(Some),
@@ -678,6 +742,8 @@ pub struct Table {
     restoring: Option<Restoring>,
     /// What readers on other tasks see (`TableReader`).
     published: Arc<RwLock<Published>>,
+    /// The records of keys written lately, for the apply path's reads.
+    recent: RecentWrites,
 }
 
 /// The committed state as readers on other tasks see it: the data and the
@@ -720,6 +786,7 @@ fn read_encoded(data: &PartitionHandle, revision: u64, query: &Bytes) -> Bytes {
 fn answer_query(data: &PartitionHandle, revision: u64, query: &Query) -> Response {
     let mut view = View {
         data,
+        recent: None,
         writes: BTreeMap::new(),
     };
     let result = match query {
@@ -883,6 +950,7 @@ impl Table {
             }
             let mut view = View {
                 data: &self.data,
+                recent: Some(&self.recent),
                 writes: std::mem::take(&mut writes),
             };
             let result = match (decoded, self.mode) {
@@ -921,13 +989,20 @@ impl Table {
         Ok(results)
     }
 
+    /// Switches the table to another data partition (a restore's) and
+    /// returns the old one. The cache of recent writes described the old.
+    fn replace_data(&mut self, data: PartitionHandle) -> PartitionHandle {
+        self.recent.clear();
+        std::mem::replace(&mut self.data, data)
+    }
+
     /// Writes a batch's keys and the table's `meta` in one atomic write.
     fn commit_writes(&mut self, writes: BTreeMap<Vec<u8>, Option<Record>>) -> Result<()> {
         let mut batch = self.store.keyspace.batch();
-        for (key, record) in writes {
+        for (key, record) in &writes {
             match record {
-                Some(record) => batch.insert(&self.data, key, record.encode()),
-                None => batch.remove(&self.data, key),
+                Some(record) => batch.insert(&self.data, key.as_slice(), record.encode()),
+                None => batch.remove(&self.data, key.as_slice()),
             }
         }
         batch.insert(
@@ -937,8 +1012,16 @@ impl Table {
         );
         // Readers wait for the commit, so that none sees half of it.
         let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
-        batch.commit()?;
+        if let Err(error) = batch.commit() {
+            // What the partition holds is unknown now.
+            self.recent.clear();
+            return Err(error.into());
+        }
         published.revision = self.revision();
+        drop(published);
+        for (key, record) in writes {
+            self.recent.note(key, record, RECENT_WRITES_BYTES_MAX);
+        }
         Ok(())
     }
 
@@ -1005,7 +1088,7 @@ impl Table {
                 keyspace.persist(PersistMode::SyncAll)?;
                 let switch = Arc::clone(&self.store.switch);
                 let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
-                let old = std::mem::replace(&mut self.data, restoring.data);
+                let old = self.replace_data(restoring.data);
                 self.generation = restoring.generation;
                 if self.mode == TableMode::Replica {
                     self.leader_index = leader_index;
@@ -1110,7 +1193,7 @@ impl Table {
         keyspace.persist(PersistMode::SyncAll)?;
         let switch = Arc::clone(&self.store.switch);
         let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
-        let old = std::mem::replace(&mut self.data, fresh);
+        let old = self.replace_data(fresh);
         let old_staging = std::mem::replace(&mut self.restoring, staging);
         self.generation = generation;
         self.applied = index;
@@ -1312,6 +1395,114 @@ impl StateMachine for Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn apply_one(table: &mut Table, command: &Command) -> Response {
+        let index = LogIndex(table.applied_index().0 + 1);
+        let results = table
+            .apply_batch(&[(index, Bytes::from(encode(command)))])
+            .expect("apply");
+        decode::<Response>(&results[0]).expect("response")
+    }
+
+    fn put_replacing(table: &mut Table, value: &str) -> KeyValue {
+        let response = apply_one(
+            table,
+            &Command::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: value.into(),
+                prev_kv: true,
+            }),
+        );
+        match response.result {
+            Ok(ResponseOp::Put(PutResult {
+                prev_kv: Some(prev),
+            })) => prev,
+            other => panic!("a put that replaced a record, not {other:?}"),
+        }
+    }
+
+    /// The apply path reads a key's old record from the cache of recent
+    /// writes. Both kinds of restore switch the data under it: the next
+    /// write of the key must replace the restored record, not the cached
+    /// one (else it would count its version on from the lost write).
+    #[test]
+    fn a_write_after_a_restore_replaces_the_restored_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let mut table = store.open_table(3).expect("table");
+        apply_one(
+            &mut table,
+            &Command::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: b"v1".to_vec(),
+                prev_kv: false,
+            }),
+        );
+        let mut snapshot = Vec::new();
+        table.snapshot().write_to(&mut snapshot).expect("snapshot");
+        assert_eq!(put_replacing(&mut table, "v2").value, b"v1");
+
+        // A snapshot install (`restore_from`).
+        table
+            .restore(LogIndex(10), &mut snapshot.as_slice())
+            .expect("restore");
+        let prev = put_replacing(&mut table, "v3");
+        assert_eq!((prev.value.as_slice(), prev.version), (&b"v1"[..], 1));
+
+        // A restore through Raft (a backup's): begin, a chunk, commit.
+        assert_eq!(put_replacing(&mut table, "v4").value, b"v3");
+        let restored = Record {
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            value: b"old".to_vec(),
+        };
+        for step in [
+            Command::RestoreBegin { restore_id: 7 },
+            Command::RestoreChunk {
+                restore_id: 7,
+                items: vec![(b"k".to_vec(), restored.encode())],
+            },
+            Command::RestoreCommit {
+                restore_id: 7,
+                leader_index: 0,
+            },
+        ] {
+            let response = apply_one(&mut table, &step);
+            assert!(response.result.is_ok(), "{step:?}: {response:?}");
+        }
+        let prev = put_replacing(&mut table, "v5");
+        assert_eq!((prev.value.as_slice(), prev.version), (&b"old"[..], 1));
+    }
+
+    #[test]
+    fn the_recent_writes_cache_counts_its_bytes_and_starts_over_when_full() {
+        let record = |value_bytes: usize| {
+            Some(Record {
+                create_revision: 1,
+                mod_revision: 1,
+                version: 1,
+                value: vec![b'v'; value_bytes],
+            })
+        };
+        let entry = 1 + 10 + RECENT_ENTRY_OVERHEAD_BYTES;
+        let max = 3 * entry;
+        let mut recent = RecentWrites::default();
+        recent.note(b"a".to_vec(), record(10), max);
+        recent.note(b"b".to_vec(), record(10), max);
+        recent.note(b"a".to_vec(), record(10), max);
+        assert_eq!(recent.bytes, 2 * entry, "a replaced entry counts once");
+        recent.note(b"c".to_vec(), None, max);
+        assert_eq!(recent.records.len(), 3);
+        assert_eq!(recent.get(b"c"), Some(&None), "a delete is remembered");
+        recent.note(b"d".to_vec(), record(10), max);
+        assert_eq!(recent.records.len(), 1, "over the limit: starts over");
+        assert!(recent.get(b"a").is_none());
+        assert_eq!(recent.bytes, entry);
+        recent.note(b"d".to_vec(), record(max), max);
+        assert!(recent.get(b"d").is_none(), "too big alone: left out");
+        assert_eq!(recent.bytes, 0);
+    }
 
     /// A partition deleted while something still holds it keeps its
     /// folder, and fjall will not create one of that name: a restore must
