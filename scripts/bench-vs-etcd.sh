@@ -5,9 +5,17 @@
 #
 #   scripts/bench-vs-etcd.sh [TOTAL]      (default 20000 requests per row)
 #
+# Both clusters run side by side for each size, and each row alternates
+# the two systems (etcd first in odd rounds, Regatta first in even ones),
+# so a slow stretch of a shared machine hits both rather than one
+# system's rows. The idle cluster costs a little CPU meanwhile (etcd's
+# heartbeats; Regatta's quiesced groups next to none).
+#
 # Environment: WORKLOADS (default "put range mixed mixed-90 txn-put") picks
 # the rows; `mixed` is half reads, `mixed-90` 90% reads (the "mixed, 90%
 # get" row of ../shared/ANCHORS.md);
+# ROUNDS (default 1) runs every row that many times per system: the table
+# shows medians, and the last column each round's ratio;
 # REGATTA_BIN runs that binary instead of building target/release/regatta
 # (to compare two builds in one sitting).
 #
@@ -15,6 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 total="${1:-20000}"
+rounds="${ROUNDS:-1}"
 clients=64
 conns=8
 work="$(mktemp -d)"
@@ -114,40 +123,58 @@ field() { # line name
 
 rows=()
 for nodes in 1 3; do
-    for system in etcd regatta; do
-        if [ "$system" = etcd ]; then
-            start_etcd "$nodes"
-            eps="$(endpoints 23790 "$nodes")"
-        else
-            start_regatta "$nodes"
-            eps="$(endpoints 28440 "$nodes")"
-        fi
-        wait_ready "$eps"
-        for workload in $workloads; do
-            line="$(run "$eps" "$workload")"
-            echo "$nodes node(s) $system $workload: $line" >&2
-            rows+=("$nodes|$workload|$system|$(field "$line" requests_per_second)|$(field "$line" p50_ms)|$(field "$line" p99_ms)")
+    start_etcd "$nodes"
+    start_regatta "$nodes"
+    etcd_eps="$(endpoints 23790 "$nodes")"
+    regatta_eps="$(endpoints 28440 "$nodes")"
+    wait_ready "$etcd_eps"
+    wait_ready "$regatta_eps"
+    for workload in $workloads; do
+        for round in $(seq 1 "$rounds"); do
+            order="etcd regatta"
+            [ $((round % 2)) -eq 0 ] && order="regatta etcd"
+            for system in $order; do
+                eps="$etcd_eps"
+                [ "$system" = regatta ] && eps="$regatta_eps"
+                line="$(run "$eps" "$workload")"
+                echo "$nodes node(s) $system $workload round $round: $line" >&2
+                rows+=("$nodes|$workload|$system|$round|$(field "$line" requests_per_second)|$(field "$line" p50_ms)|$(field "$line" p99_ms)")
+            done
         done
-        stop_all
     done
+    stop_all
 done
 
+median() { # numbers...
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 echo
-echo "| nodes | workload | etcd req/s | etcd p50 | etcd p99 | regatta req/s | regatta p50 | regatta p99 | regatta / etcd |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| nodes | workload | etcd req/s | etcd p50 | etcd p99 | regatta req/s | regatta p50 | regatta p99 | regatta / etcd | by round |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for nodes in 1 3; do
     for workload in $workloads; do
-        e="" r=""
-        for row in "${rows[@]}"; do
-            IFS='|' read -r n w s rps p50 p99 <<<"$row"
-            [ "$n" = "$nodes" ] && [ "$w" = "$workload" ] || continue
-            if [ "$s" = etcd ]; then e="$rps|$p50|$p99"; else r="$rps|$p50|$p99"; fi
+        ers=() ep50s=() ep99s=() rrs=() rp50s=() rp99s=() by_round=""
+        for round in $(seq 1 "$rounds"); do
+            e="" r=""
+            for row in "${rows[@]}"; do
+                IFS='|' read -r n w s k rps p50 p99 <<<"$row"
+                [ "$n" = "$nodes" ] && [ "$w" = "$workload" ] && [ "$k" = "$round" ] || continue
+                if [ "$s" = etcd ]; then
+                    e="$rps"
+                    ers+=("$rps") ep50s+=("$p50") ep99s+=("$p99")
+                else
+                    r="$rps"
+                    rrs+=("$rps") rp50s+=("$p50") rp99s+=("$p99")
+                fi
+            done
+            one="$(awk -v a="$r" -v b="$e" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
+            by_round="${by_round:+$by_round, }${one}×"
         done
-        IFS='|' read -r er ep50 ep99 <<<"$e"
-        IFS='|' read -r rr rp50 rp99 <<<"$r"
+        er="$(printf '%.0f' "$(median "${ers[@]}")")" rr="$(printf '%.0f' "$(median "${rrs[@]}")")"
         ratio="$(awk -v a="$rr" -v b="$er" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
-        echo "| $nodes | $workload | $er | $ep50 ms | $ep99 ms | $rr | $rp50 ms | $rp99 ms | ${ratio}× |"
+        echo "| $nodes | $workload | $er | $(median "${ep50s[@]}") ms | $(median "${ep99s[@]}") ms | $rr | $(median "${rp50s[@]}") ms | $(median "${rp99s[@]}") ms | ${ratio}× | $by_round |"
     done
 done
 echo
-echo "clients=$clients conns=$conns total=$total key-space=10000 val-size=256; $(nproc) CPUs; $(date -u +%F)"
+echo "clients=$clients conns=$conns total=$total rounds=$rounds key-space=10000 val-size=256; $(nproc) CPUs; $(date -u +%F)"
