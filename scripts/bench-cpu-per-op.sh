@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU per request, etcd against Regatta, on 127.0.0.1, run alternately:
-# each round starts etcd afresh, then Regatta afresh (NODES=1: one
-# `regatta leader --dev`; NODES=3: three members each), warms each with
+# each round starts etcd afresh, then Regatta afresh (NODES members
+# each, from scripts/lib/clusters.sh), warms each with
 # 5,000 puts, and runs `regatta bench WORKLOAD` against every member.
 # Prints req/s, p99, the servers' user+system CPU per request (summed over
 # the members, from /proc/<pid>/stat around the run), the client's CPU
@@ -28,11 +28,6 @@ if [ "$workload" = mixed-90 ]; then
 fi
 work="$(mktemp -d)"
 pids=()
-stop_all() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    pids=()
-}
 cleanup() { stop_all; rm -rf "$work"; }
 trap cleanup EXIT
 ticks="$(getconf CLK_TCK)"
@@ -61,69 +56,18 @@ measure() { # name endpoints
     echo "$name nodes=$nodes $(echo "$line" | grep -o 'requests_per_second=[0-9]*') $(echo "$line" | grep -o 'p99_ms=[0-9.]*') server_cpu_us_per_request=$(( (after - before) * 1000000 / ticks / total )) $client idle_percent=$(( (idle1 - idle0) * 100 / (total1 - total0) ))"
 }
 
-wait_up() { # endpoint
-    for _ in $(seq 1 200); do
-        "$regatta" bench put --endpoints "$1" --total 1 --clients 1 --conns 1 >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "not up: $1" >&2
-    return 1
-}
-
-endpoints() { # base
-    local list="" i
-    for i in $(seq 1 "$nodes"); do list="${list:+$list,}127.0.0.1:$(($1 + i))"; done
-    echo "$list"
-}
-
-start_etcd() {
-    local cluster="" i
-    for i in $(seq 1 "$nodes"); do
-        cluster="${cluster:+$cluster,}e$i=http://127.0.0.1:$((23800 + i))"
-    done
-    for i in $(seq 1 "$nodes"); do
-        rm -rf "$work/etcd$i"
-        etcd --name "e$i" --data-dir "$work/etcd$i" \
-            --listen-client-urls "http://127.0.0.1:$((23790 + i))" \
-            --advertise-client-urls "http://127.0.0.1:$((23790 + i))" \
-            --listen-peer-urls "http://127.0.0.1:$((23800 + i))" \
-            --initial-advertise-peer-urls "http://127.0.0.1:$((23800 + i))" \
-            --initial-cluster "$cluster" --initial-cluster-state new \
-            --log-level error >"$work/etcd$i.log" 2>&1 &
-        pids+=("$!")
-    done
-}
-
-start_regatta() {
-    local members="" i
-    if [ "$nodes" = 1 ]; then
-        rm -rf "$work/regatta1"
-        "$regatta" leader --dev --data-dir "$work/regatta1" --api.address 127.0.0.1:28441 \
-            --log-level warn >"$work/regatta1.log" 2>&1 &
-        pids+=("$!")
-        return
-    fi
-    for i in $(seq 1 "$nodes"); do
-        members="${members:+$members,}$i=127.0.0.1:$((25010 + i))"
-    done
-    for i in $(seq 1 "$nodes"); do
-        rm -rf "$work/regatta$i"
-        "$regatta" leader --raft.node-id "$i" --raft.address "127.0.0.1:$((25010 + i))" \
-            --raft.initial-members "$members" --api.address "127.0.0.1:$((28440 + i))" \
-            --data-dir "$work/regatta$i" --log-level warn >"$work/regatta$i.log" 2>&1 &
-        pids+=("$!")
-    done
-}
+# shellcheck source=lib/clusters.sh
+source scripts/lib/clusters.sh
 
 for _ in $(seq 1 "$rounds"); do
-    start_etcd
-    eps="$(endpoints 23790)"
-    wait_up "${eps%%,*}"
+    start_etcd "$nodes"
+    eps="$(endpoints 23790 "$nodes")"
+    wait_ready "$eps"
     measure etcd "$eps"
     stop_all
-    start_regatta
-    eps="$(endpoints 28440)"
-    wait_up "${eps%%,*}"
+    start_regatta "$nodes"
+    eps="$(endpoints 28440 "$nodes")"
+    wait_ready "$eps"
     measure regatta "$eps"
     stop_all
 done

@@ -49,61 +49,8 @@ else
     regatta="$PWD/target/release/regatta"
 fi
 
-stop_all() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    pids=()
-}
-
-start_etcd() { # nodes
-    local nodes="$1" cluster="" i
-    for i in $(seq 1 "$nodes"); do
-        cluster="${cluster:+$cluster,}e$i=http://127.0.0.1:$((23800 + i))"
-    done
-    for i in $(seq 1 "$nodes"); do
-        etcd --name "e$i" --data-dir "$work/etcd$nodes-$i" \
-            --listen-client-urls "http://127.0.0.1:$((23790 + i))" \
-            --advertise-client-urls "http://127.0.0.1:$((23790 + i))" \
-            --listen-peer-urls "http://127.0.0.1:$((23800 + i))" \
-            --initial-advertise-peer-urls "http://127.0.0.1:$((23800 + i))" \
-            --initial-cluster "$cluster" --initial-cluster-state new \
-            --log-level error >"$work/etcd$nodes-$i.log" 2>&1 &
-        pids+=("$!")
-    done
-}
-
-start_regatta() { # nodes
-    local nodes="$1" members="" i
-    for i in $(seq 1 "$nodes"); do
-        members="${members:+$members,}$i=127.0.0.1:$((25010 + i))"
-    done
-    for i in $(seq 1 "$nodes"); do
-        "$regatta" leader --raft.node-id "$i" --raft.address "127.0.0.1:$((25010 + i))" \
-            --raft.initial-members "$members" --api.address "127.0.0.1:$((28440 + i))" \
-            --data-dir "$work/regatta$nodes-$i" --log-level warn \
-            >"$work/regatta$nodes-$i.log" 2>&1 &
-        pids+=("$!")
-    done
-}
-
-endpoints() { # base nodes
-    local base="$1" nodes="$2" list="" i
-    for i in $(seq 1 "$nodes"); do list="${list:+$list,}127.0.0.1:$((base + i))"; done
-    echo "$list"
-}
-
-wait_ready() { # endpoints
-    local first="${1%%,*}" i
-    for i in $(seq 1 200); do
-        if "$regatta" bench put --endpoints "$first" --total 1 --clients 1 --conns 1 \
-            >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "not ready: $1" >&2
-    return 1
-}
+# shellcheck source=lib/clusters.sh
+source scripts/lib/clusters.sh
 
 run() { # endpoints workload extra...
     local endpoints="$1" workload="$2"

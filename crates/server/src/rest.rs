@@ -27,9 +27,6 @@ use regatta_wal::GroupId;
 
 use crate::node::{ClusterRole, Node, META_GROUP};
 
-/// How long a client may take over its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Serves `/metrics` and `/healthz` for `node` on `listener` until
 /// `shutdown` resolves; over TLS only when `tls` is set.
 pub async fn serve_rest(
@@ -45,7 +42,7 @@ pub async fn serve_rest(
             accepted = listener.accept() => accepted,
             _ = &mut shutdown => return Ok(()),
         };
-        let (stream, _) = match accepted {
+        let (stream, remote) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "the REST listener could not accept a connection");
@@ -66,18 +63,9 @@ pub async fn serve_rest(
                 let _ = http.serve_connection(io, service).await;
                 return;
             };
-            let peer = stream.peer_addr().ok();
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = http.serve_connection(io, service).await;
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(?peer, %error, "a TLS handshake on the REST address failed");
-                }
-                Err(_) => {
-                    tracing::debug!(?peer, "a TLS handshake on the REST address timed out");
-                }
+            if let Some(stream) = crate::tls::handshake(&acceptor, stream, "rest", remote).await {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = http.serve_connection(io, service).await;
             }
         });
     }

@@ -157,20 +157,8 @@ pub fn incoming(
                     let acceptor = acceptor.clone();
                     let sender = sender.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let _ = sender.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
-                            }
-                            Ok(Err(error)) => tracing::info!(
-                                listener = what,
-                                %remote,
-                                "refused a TLS connection: {error}"
-                            ),
-                            Err(_) => tracing::info!(
-                                listener = what,
-                                %remote,
-                                "refused a TLS connection: the handshake timed out"
-                            ),
+                        if let Some(stream) = handshake(&acceptor, tcp, what, remote).await {
+                            let _ = sender.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
                         }
                     });
                 }
@@ -178,6 +166,31 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// The server side of a TLS handshake on a connection `what` accepted,
+/// bounded by [`HANDSHAKE_TIMEOUT`]; a refusal is logged and gives `None`.
+pub(crate) async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    what: &str,
+    remote: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::info!(listener = what, %remote, "refused a TLS connection: {error}");
+            None
+        }
+        Err(_) => {
+            tracing::info!(
+                listener = what,
+                %remote,
+                "refused a TLS connection: the handshake timed out"
+            );
+            None
+        }
+    }
 }
 
 /// TLS for a gRPC client: the rustls configuration and, optionally, the
