@@ -913,7 +913,9 @@ impl Node {
             Some(incarnation) => *incarnation,
             None => {
                 let read = self.read_meta_u64(INCARNATION_KEY).await?;
-                *self.incarnation.get_or_init(|| read.unwrap_or(0))
+                *self
+                    .incarnation
+                    .get_or_init(|| read.map_or(0, |(value, _)| value))
             }
         };
         let identity = incarnation ^ group.0;
@@ -923,12 +925,16 @@ impl Node {
     /// Follower clusters: the leader cluster's id of the table that the
     /// local copy `name` replicates, if recorded (`record_replica_source`).
     pub async fn replica_source(&self, name: &str) -> Result<Option<u64>> {
-        self.read_meta_u64(&replica_source_key(name)).await
+        Ok(self
+            .read_meta_u64(&replica_source_key(name))
+            .await?
+            .map(|(id, _)| id))
     }
 
     /// A u64 (8 bytes, little-endian) under `key` in the metadata group,
-    /// read linearizably; `None` when the key is missing.
-    async fn read_meta_u64(&self, key: &[u8]) -> Result<Option<u64>> {
+    /// read linearizably, with the key's version; `None` when the key is
+    /// missing.
+    async fn read_meta_u64(&self, key: &[u8]) -> Result<Option<(u64, u64)>> {
         let query = Query::Range(RangeRequest {
             range: KeyRange {
                 key: key.to_vec(),
@@ -940,7 +946,7 @@ impl Node {
             Ok(ResponseOp::Range(range)) => match range.kvs.first() {
                 None => Ok(None),
                 Some(kv) => match <[u8; 8]>::try_from(kv.value.as_slice()) {
-                    Ok(bytes) => Ok(Some(u64::from_le_bytes(bytes))),
+                    Ok(bytes) => Ok(Some((u64::from_le_bytes(bytes), kv.version))),
                     Err(_) => Err(Error::Internal(format!(
                         "a malformed record under {:?} in the metadata group",
                         String::from_utf8_lossy(key)
@@ -1081,26 +1087,10 @@ impl Node {
     /// The next free group id and the version of its counter (0 before
     /// the first table).
     async fn next_group_id(&self) -> Result<(u64, i64)> {
-        let query = Query::Range(RangeRequest {
-            range: KeyRange {
-                key: NEXT_ID_KEY.to_vec(),
-                range_end: Vec::new(),
-            },
-            ..RangeRequest::default()
-        });
-        match self.read(META_GROUP, &query, true).await?.result {
-            Ok(ResponseOp::Range(range)) => match range.kvs.first() {
-                Some(kv) if kv.value.len() == 8 => {
-                    let mut bytes = [0u8; 8];
-                    bytes.copy_from_slice(&kv.value);
-                    Ok((u64::from_le_bytes(bytes), kv.version as i64))
-                }
-                Some(_) => Err(Error::Internal("a malformed group id counter".into())),
-                None => Ok((FIRST_TABLE_GROUP, 0)),
-            },
-            Ok(other) => Err(Error::Internal(format!("unexpected {other:?}"))),
-            Err(error) => Err(Error::Internal(error)),
-        }
+        Ok(match self.read_meta_u64(NEXT_ID_KEY).await? {
+            Some((id, version)) => (id, version as i64),
+            None => (FIRST_TABLE_GROUP, 0),
+        })
     }
 
     /// Reads the catalogue from the local metadata group.
