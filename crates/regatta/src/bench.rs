@@ -145,12 +145,13 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let mut channels = Vec::new();
     for index in 0..args.conns {
         let endpoint = &args.endpoints[index % args.endpoints.len()];
-        let url = format!("http://{endpoint}");
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|error| format!("{endpoint}: {error}"))?
-            .connect()
+        // Through the server crate's connector, which keeps small frames
+        // in h2's write buffer (see `regatta_server::tls::Unvectored`).
+        let address = regatta_server::tls::endpoint(endpoint, None)
+            .map_err(|error| format!("{endpoint}: {error}"))?;
+        let channel = regatta_server::tls::connect(address, None)
             .await
-            .map_err(|error| format!("cannot reach {url}: {error}"))?;
+            .map_err(|error| error.to_string())?;
         channels.push(channel);
     }
     let args = Arc::new(args);

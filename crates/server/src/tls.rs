@@ -16,6 +16,7 @@ pub use regatta_multiraft::tls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -33,7 +34,8 @@ pub fn grpc_alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec()]
 }
 
-/// A connection a gRPC server serves: plain TCP or TLS over TCP.
+/// A connection a gRPC server serves: plain TCP or TLS over TCP. Like
+/// [`Unvectored`], it reports no vectored writes.
 pub enum ServerIo {
     /// Plain TCP.
     Plain(TcpStream),
@@ -97,11 +99,9 @@ impl AsyncWrite for ServerIo {
         }
     }
 
+    /// False on purpose: see [`Unvectored`].
     fn is_write_vectored(&self) -> bool {
-        match self {
-            ServerIo::Plain(stream) => stream.is_write_vectored(),
-            ServerIo::Tls(stream) => stream.is_write_vectored(),
-        }
+        false
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -116,6 +116,51 @@ impl AsyncWrite for ServerIo {
             ServerIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// A connection that tells HTTP/2 (h2) it has no vectored writes, so that
+/// h2 copies DATA frames of up to 1 KiB into its write buffer instead of
+/// chaining them. h2 holds at most one chained payload and flushes the
+/// socket before it buffers the next frame; with vectored writes it
+/// chains every payload of 256 B or more, so each request or response
+/// with a value (a put of 256 B, a range answering one) cost a `writev`
+/// of its own. Copied, the frames of every stream that is ready go out in
+/// one write. Writes still go to the socket whole: h2 hands a non-vectored
+/// stream one contiguous buffer. `docs/decisions/0007-h2-small-frames.md`
+/// has the measurements.
+#[derive(Debug)]
+pub struct Unvectored<T>(pub T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Unvectored<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Unvectored<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -254,23 +299,15 @@ pub fn endpoint(address: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
 /// A channel to `endpoint` that connects on first use (and reconnects),
 /// over TLS when `tls` is given.
 pub fn connect_lazy(endpoint: Endpoint, tls: Option<&ClientTls>) -> Channel {
-    match tls {
-        None => endpoint.connect_lazy(),
-        Some(tls) => endpoint.connect_with_connector_lazy(connector(tls.clone())),
-    }
+    endpoint.connect_with_connector_lazy(connector(tls.cloned()))
 }
 
 /// A channel to `endpoint`, connected now, over TLS when `tls` is given.
 pub async fn connect(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Channel> {
     let uri = endpoint.uri().clone();
-    let connected = match tls {
-        None => endpoint.connect().await,
-        Some(tls) => {
-            endpoint
-                .connect_with_connector(connector(tls.clone()))
-                .await
-        }
-    };
+    let connected = endpoint
+        .connect_with_connector(connector(tls.cloned()))
+        .await;
     connected.map_err(|error| {
         let mut message = format!("cannot reach {uri}: {error}");
         let mut source = std::error::Error::source(&error);
@@ -282,48 +319,90 @@ pub async fn connect(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Chan
     })
 }
 
-type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A client connection: plain TCP or TLS over TCP.
+type ClientStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+type ClientIo = hyper_util::rt::TokioIo<Unvectored<ClientStream>>;
+type Dial = Pin<Box<dyn std::future::Future<Output = io::Result<ClientIo>> + Send>>;
 
+/// Dials the URI's host and port with TCP_NODELAY and, with `tls`, runs
+/// the handshake; both within [`CONNECT_TIMEOUT`].
 fn connector(
-    tls: ClientTls,
-) -> impl tower::Service<
-    Uri,
-    Response = TlsIo,
-    Error = io::Error,
-    Future = Pin<Box<dyn std::future::Future<Output = io::Result<TlsIo>> + Send>>,
-> + Clone
+    tls: Option<ClientTls>,
+) -> impl tower::Service<Uri, Response = ClientIo, Error = io::Error, Future = Dial>
+       + Clone
        + Send
        + 'static {
     tower::service_fn(move |uri: Uri| {
         let tls = tls.clone();
-        let dial: Pin<Box<dyn std::future::Future<Output = io::Result<TlsIo>> + Send>> =
-            Box::pin(async move {
-                let host = uri
-                    .host()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?
-                    .to_string();
-                let port = uri.port_u16().unwrap_or(443);
+        let dial: Dial = Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?
+                .to_string();
+            let default_port = if tls.is_some() { 443 } else { 80 };
+            let port = uri.port_u16().unwrap_or(default_port);
+            let dialled = async {
+                let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+                let tcp = TcpStream::connect((bare_host, port)).await?;
+                tcp.set_nodelay(true)?;
+                let Some(tls) = tls else {
+                    return Ok(Either::Left(tcp));
+                };
                 let name = regatta_multiraft::tls::server_name(&host, tls.server_name.as_deref())
                     .map_err(|error| {
                     io::Error::new(io::ErrorKind::InvalidInput, error.to_string())
                 })?;
-                let dialled = async {
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let tcp = TcpStream::connect((host, port)).await?;
-                    tcp.set_nodelay(true)?;
-                    tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
-                        .connect(name, tcp)
-                        .await
-                };
-                match tokio::time::timeout(CONNECT_TIMEOUT, dialled).await {
-                    Ok(Ok(stream)) => Ok(hyper_util::rt::TokioIo::new(stream)),
-                    Ok(Err(error)) => Err(error),
-                    Err(_) => Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connecting to {host}:{port} timed out"),
-                    )),
-                }
-            });
+                let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+                    .connect(name, tcp)
+                    .await?;
+                Ok(Either::Right(stream))
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, dialled).await {
+                Ok(Ok(stream)) => Ok(hyper_util::rt::TokioIo::new(Unvectored(stream))),
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {host}:{port} timed out"),
+                )),
+            }
+        });
         dial
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // h2 reads `is_write_vectored` once, when it wraps the connection, to
+    // choose how large a DATA frame it chains rather than copies. Both
+    // connection types must say "no", or every request and response
+    // carrying a value is flushed on its own again.
+    #[tokio::test]
+    async fn connections_report_no_vectored_writes_and_pass_bytes_through() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let client = TcpStream::connect(address).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        assert!(
+            client.is_write_vectored(),
+            "the test needs a vectored TCP stream"
+        );
+
+        let mut client = Unvectored(client);
+        let mut server = ServerIo::Plain(server);
+        assert!(!client.is_write_vectored());
+        assert!(!server.is_write_vectored());
+
+        client.write_all(b"request").await.expect("client write");
+        let mut request = [0u8; 7];
+        server.read_exact(&mut request).await.expect("server read");
+        assert_eq!(&request, b"request");
+        let slices = [io::IoSlice::new(b"resp"), io::IoSlice::new(b"onse")];
+        let written = server.write_vectored(&slices).await.expect("server write");
+        let mut response = vec![0u8; written];
+        client.read_exact(&mut response).await.expect("client read");
+        assert_eq!(response, &b"response"[..written]);
+    }
 }
