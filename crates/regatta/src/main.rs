@@ -12,6 +12,11 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use regatta_raft::NodeId;
 use regatta_server::{Node, NodeConfig};
 
+/// mimalloc rather than the system allocator: see
+/// `docs/decisions/0008-mimalloc.md`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod backup;
 mod bench;
 mod client;
