@@ -20,6 +20,10 @@ use regatta_raft::{LogIndex, NodeId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
 use tokio::net::TcpListener;
 
+/// The allocator the `regatta` binary runs on (docs/decisions/0008-mimalloc.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Sink {
     applied: LogIndex,
 }
