@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::{Args, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use prost::Message;
 use regatta_server::proto::etcdserverpb as pb;
-use tonic::transport::Channel;
 
 /// What each request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -85,13 +87,132 @@ impl Rng {
     }
 }
 
+/// One HTTP/2 connection speaking unary gRPC, shared by the clients that
+/// clone it. `regatta bench` uses it rather than a tonic `Channel`, whose
+/// buffer task and streamed request bodies cost the client two extra task
+/// hops per request (see BENCHMARKS.md, session 22). The load tool then
+/// takes less of the CPU it shares with the servers it measures, and it
+/// takes the same for etcd and Regatta.
+#[derive(Clone)]
+struct Connection {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl Connection {
+    /// Dials `endpoint` (host:port) with TCP_NODELAY and runs the HTTP/2
+    /// handshake.
+    async fn open(endpoint: &str) -> Result<Connection, String> {
+        let tcp = tokio::net::TcpStream::connect(endpoint)
+            .await
+            .map_err(|error| format!("cannot reach {endpoint}: {error}"))?;
+        tcp.set_nodelay(true)
+            .map_err(|error| format!("{endpoint}: {error}"))?;
+        let io = hyper_util::rt::TokioIo::new(regatta_server::tls::Unvectored(tcp));
+        let (sender, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(io)
+                .await
+                .map_err(|error| format!("{endpoint}: HTTP/2 handshake: {error}"))?;
+        let name = endpoint.to_string();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                eprintln!("connection to {name} ended: {error}");
+            }
+        });
+        Ok(Connection {
+            sender,
+            authority: endpoint.to_string(),
+        })
+    }
+
+    /// Calls the unary method `path` (`/package.Service/Method`) with
+    /// `request` and decodes the answer.
+    async fn call<Q: Message, A: Message + Default>(
+        &mut self,
+        path: &str,
+        request: &Q,
+    ) -> Result<A, String> {
+        let length = request.encoded_len();
+        let mut body = BytesMut::with_capacity(GRPC_PREFIX_BYTES + length);
+        body.put_u8(0);
+        body.put_u32(u32::try_from(length).map_err(|_| "request too large".to_string())?);
+        request
+            .encode(&mut body)
+            .map_err(|error| format!("encoding the request: {error}"))?;
+        let http_request = http::Request::post(format!("http://{}{path}", self.authority))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(Full::new(body.freeze()))
+            .map_err(|error| format!("building the request: {error}"))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|error| format!("connection: {error}"))?;
+        let response = self
+            .sender
+            .send_request(http_request)
+            .await
+            .map_err(|error| format!("request: {error}"))?;
+        let (head, body) = response.into_parts();
+        if head.status != http::StatusCode::OK {
+            return Err(format!("HTTP status {}", head.status));
+        }
+        let collected = body
+            .collect()
+            .await
+            .map_err(|error| format!("response: {error}"))?;
+        // A failed call may carry its status in the headers alone.
+        let trailers = collected.trailers().cloned();
+        let status = trailers
+            .as_ref()
+            .and_then(|trailers| trailers.get("grpc-status"))
+            .or_else(|| head.headers.get("grpc-status"))
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("");
+        if status != "0" {
+            let message = trailers
+                .as_ref()
+                .and_then(|trailers| trailers.get("grpc-message"))
+                .or_else(|| head.headers.get("grpc-message"))
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("");
+            // gRPC percent-encodes the message.
+            let message = percent_encoding::percent_decode_str(message).decode_utf8_lossy();
+            return Err(format!("grpc-status {status:?}: {message}"));
+        }
+        let mut bytes = collected.to_bytes();
+        let declared = match bytes.get(..GRPC_PREFIX_BYTES) {
+            Some([0, length @ ..]) => {
+                u32::from_be_bytes([length[0], length[1], length[2], length[3]])
+            }
+            _ => return Err("a response without one uncompressed message".into()),
+        };
+        bytes.advance(GRPC_PREFIX_BYTES);
+        if bytes.len() != declared as usize {
+            return Err(format!(
+                "a response of {} bytes, where its prefix says {declared}",
+                bytes.len()
+            ));
+        }
+        A::decode(bytes).map_err(|error| format!("decoding the response: {error}"))
+    }
+}
+
+/// gRPC's message prefix: a compression flag and a 4-byte length.
+const GRPC_PREFIX_BYTES: usize = 5;
+
+const RANGE: &str = "/etcdserverpb.KV/Range";
+const PUT: &str = "/etcdserverpb.KV/Put";
+const TXN: &str = "/etcdserverpb.KV/Txn";
+
 async fn one(
-    client: &mut pb::kv_client::KvClient<Channel>,
+    client: &mut Connection,
     workload: Workload,
     args: &BenchArgs,
     rng: &mut Rng,
     value: &[u8],
-) -> Result<(), tonic::Status> {
+) -> Result<(), String> {
     let key = key(rng.next() % args.key_space_size.max(1), args.key_size);
     let read = match workload {
         Workload::Range => true,
@@ -99,13 +220,12 @@ async fn one(
         Workload::Put | Workload::TxnPut => false,
     };
     if read {
-        client
-            .range(pb::RangeRequest {
-                key,
-                serializable: args.consistency == Consistency::S,
-                ..pb::RangeRequest::default()
-            })
-            .await?;
+        let request = pb::RangeRequest {
+            key,
+            serializable: args.consistency == Consistency::S,
+            ..pb::RangeRequest::default()
+        };
+        client.call::<_, pb::RangeResponse>(RANGE, &request).await?;
         return Ok(());
     }
     let put = pb::PutRequest {
@@ -114,17 +234,16 @@ async fn one(
         ..pb::PutRequest::default()
     };
     if workload == Workload::TxnPut {
-        client
-            .txn(pb::TxnRequest {
-                compare: Vec::new(),
-                success: vec![pb::RequestOp {
-                    request: Some(pb::request_op::Request::RequestPut(put)),
-                }],
-                failure: Vec::new(),
-            })
-            .await?;
+        let request = pb::TxnRequest {
+            compare: Vec::new(),
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(put)),
+            }],
+            failure: Vec::new(),
+        };
+        client.call::<_, pb::TxnResponse>(TXN, &request).await?;
     } else {
-        client.put(put).await?;
+        client.call::<_, pb::PutResponse>(PUT, &put).await?;
     }
     Ok(())
 }
@@ -142,17 +261,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.endpoints.is_empty() {
         return Err("--clients, --conns, --total and --endpoints must be positive".into());
     }
-    let mut channels = Vec::new();
+    let mut connections = Vec::new();
     for index in 0..args.conns {
         let endpoint = &args.endpoints[index % args.endpoints.len()];
-        // Through the server crate's connector, which keeps small frames
-        // in h2's write buffer (see `regatta_server::tls::Unvectored`).
-        let address = regatta_server::tls::endpoint(endpoint, None)
-            .map_err(|error| format!("{endpoint}: {error}"))?;
-        let channel = regatta_server::tls::connect(address, None)
-            .await
-            .map_err(|error| error.to_string())?;
-        channels.push(channel);
+        connections.push(Connection::open(endpoint.trim()).await?);
     }
     let args = Arc::new(args);
     let value = Arc::new(vec![b'v'; args.val_size]);
@@ -161,7 +273,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         let next = Arc::new(AtomicU64::new(0));
         let mut fillers = Vec::new();
         for client in 0..args.clients {
-            let mut kv = pb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+            let mut kv = connections[client % connections.len()].clone();
             let (next, args, value) = (Arc::clone(&next), Arc::clone(&args), Arc::clone(&value));
             fillers.push(tokio::spawn(async move {
                 loop {
@@ -174,7 +286,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                         value: value.to_vec(),
                         ..pb::PutRequest::default()
                     };
-                    kv.put(put).await?;
+                    kv.call::<_, pb::PutResponse>(PUT, &put).await?;
                 }
             }));
         }
@@ -182,7 +294,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             filler
                 .await
                 .map_err(|error| error.to_string())?
-                .map_err(|status: tonic::Status| format!("filling: {status}"))?;
+                .map_err(|error: String| format!("filling: {error}"))?;
         }
     }
     eprintln!(
@@ -191,6 +303,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     );
     let issued = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let progress_done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let progress = {
@@ -208,7 +321,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     };
     let mut tasks = Vec::new();
     for client in 0..args.clients {
-        let mut kv = pb::kv_client::KvClient::new(channels[client % channels.len()].clone());
+        let mut kv = connections[client % connections.len()].clone();
+        let first_error = Arc::clone(&first_error);
         let (issued, errors, done, args, value) = (
             Arc::clone(&issued),
             Arc::clone(&errors),
@@ -221,11 +335,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             let mut latencies = Vec::new();
             while issued.fetch_add(1, Ordering::Relaxed) < args.total {
                 let start = Instant::now();
-                if one(&mut kv, args.workload, &args, &mut rng, &value)
-                    .await
-                    .is_err()
-                {
+                if let Err(error) = one(&mut kv, args.workload, &args, &mut rng, &value).await {
                     errors.fetch_add(1, Ordering::Relaxed);
+                    let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    first.get_or_insert(error);
                 }
                 latencies.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 done.fetch_add(1, Ordering::Relaxed);
@@ -253,7 +366,11 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         percentile(&latencies, 0.99),
     );
     if errors > 0 {
-        return Err(format!("{errors} requests failed"));
+        let first = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return Err(format!(
+            "{errors} requests failed; the first: {}",
+            first.unwrap_or_default()
+        ));
     }
     Ok(())
 }

@@ -140,6 +140,29 @@ async fn a_config_file_with_env_overrides_and_the_client_commands() {
         out.contains("RESULT workload=Put total=200") && out.contains("errors=0"),
         "{out}"
     );
+    // A value over the server's limit: every put fails, and the tool says
+    // how, from the gRPC status the server sent.
+    let (success, out, error) = regatta(&[
+        "bench",
+        "put",
+        "--endpoints",
+        a,
+        "--total",
+        "3",
+        "--clients",
+        "1",
+        "--conns",
+        "1",
+        "--val-size",
+        "3000000",
+    ]);
+    assert!(!success, "{out}");
+    assert!(out.contains("errors=3"), "{out}");
+    assert!(
+        error.contains("3 requests failed")
+            && error.contains("grpc-status \"8\": value of 3000000 bytes is over the limit"),
+        "{error}"
+    );
     let (success, out, error) = regatta(&["status", "--address", a]);
     assert!(success, "{error}");
     assert!(out.contains("leader cluster node"), "{out}");
