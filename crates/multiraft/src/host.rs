@@ -21,7 +21,7 @@
 //! Not built yet (see `docs/multiraft.md`): snapshot streaming, automatic
 //! compaction, forwarding of proposals from followers with request ids.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,6 +33,7 @@ use regatta_raft::{
     RaftNode, ReadId, RequestId, Role, SnapshotMeta, Status, Term,
 };
 use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Error;
@@ -337,10 +338,10 @@ struct HostInner {
     workers: RwLock<Vec<WorkerChannels>>,
     worker_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Which worker runs each group.
-    groups: RwLock<HashMap<GroupId, usize>>,
+    groups: RwLock<FxHashMap<GroupId, usize>>,
     /// Each group's applied index as the worker learns it, and its state
     /// machine's reader.
-    applied: RwLock<HashMap<GroupId, GroupView>>,
+    applied: RwLock<FxHashMap<GroupId, GroupView>>,
 }
 
 /// What a caller's task needs to read a group without its worker.
@@ -400,7 +401,7 @@ impl NodeHost {
             };
             tasks.push(runtime.spawn(apply_loop(apply_inbox, context)));
             let worker = Worker {
-                groups: HashMap::new(),
+                groups: FxHashMap::default(),
                 active: BTreeSet::new(),
                 wal: Arc::clone(&wal),
                 transport: Arc::clone(&transport),
@@ -423,8 +424,8 @@ impl NodeHost {
                 snapshots,
                 workers: RwLock::new(workers),
                 worker_tasks: Mutex::new(tasks),
-                groups: RwLock::new(HashMap::new()),
-                applied: RwLock::new(HashMap::new()),
+                groups: RwLock::new(FxHashMap::default()),
+                applied: RwLock::new(FxHashMap::default()),
             }),
         })
     }
@@ -489,8 +490,8 @@ impl NodeHost {
             apply,
             applied: applied_sender,
             proposals: BTreeMap::new(),
-            waiting_ids: HashMap::new(),
-            reads: HashMap::new(),
+            waiting_ids: FxHashMap::default(),
+            reads: FxHashMap::default(),
             known_leader: None,
             next_read: 1,
             unsent: VecDeque::new(),
@@ -954,8 +955,8 @@ struct Group {
     proposals: BTreeMap<LogIndex, (Term, Reply)>,
     /// Proposals with a request id forwarded to the leader, resolved when
     /// an entry with their id is applied here.
-    waiting_ids: HashMap<RequestId, Vec<Reply>>,
-    reads: HashMap<ReadId, PendingRead>,
+    waiting_ids: FxHashMap<RequestId, Vec<Reply>>,
+    reads: FxHashMap<ReadId, PendingRead>,
     /// The leader as of the last `Ready`: when it changes, reads waiting
     /// on the old one fail with `NotLeader` (their caller retries) instead
     /// of waiting for a leader that may be gone.
@@ -1005,7 +1006,7 @@ const INPUTS_PER_TURN_MAX: usize = 1024;
 /// Runs many groups: one wake-up, one WAL batch and one tick timer serve
 /// every group with work.
 struct Worker {
-    groups: HashMap<GroupId, Group>,
+    groups: FxHashMap<GroupId, Group>,
     /// Groups that are not quiesced, hence ticked.
     active: BTreeSet<GroupId>,
     wal: Arc<Wal>,
@@ -1706,7 +1707,7 @@ struct ApplyContext {
 /// serves reads once their index is applied. Everything queued is handled
 /// per wake-up; each touched group gets one `Applied` report.
 async fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContext) {
-    let mut appliers: HashMap<GroupId, Applier> = HashMap::new();
+    let mut appliers: FxHashMap<GroupId, Applier> = FxHashMap::default();
     let mut reports: BTreeMap<GroupId, Vec<AppliedResult>> = BTreeMap::new();
     while let Some(first) = work.recv().await {
         let mut next = Some(first);
@@ -1994,7 +1995,7 @@ impl SessionFilter {
 
 fn apply_one(
     item: ApplyWork,
-    appliers: &mut HashMap<GroupId, Applier>,
+    appliers: &mut FxHashMap<GroupId, Applier>,
     reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
     context: &ApplyContext,
 ) {
@@ -2148,7 +2149,7 @@ fn apply_one(
 fn stop_applier(
     group: GroupId,
     reason: String,
-    appliers: &mut HashMap<GroupId, Applier>,
+    appliers: &mut FxHashMap<GroupId, Applier>,
     reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
     context: &ApplyContext,
 ) {

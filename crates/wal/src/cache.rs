@@ -2,17 +2,18 @@
 //! Fresh writes go in, so replication and apply of recent entries never
 //! touch the disk; the oldest records leave first once the budget is spent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use regatta_raft::Entry;
+use rustc_hash::FxHashMap;
 
 use crate::index::Location;
 
 /// Decoded records within a byte budget, evicted oldest first.
 #[derive(Debug)]
 pub struct RecordCache {
-    records: HashMap<Location, Arc<Vec<Entry>>>,
+    records: FxHashMap<Location, Arc<Vec<Entry>>>,
     order: VecDeque<Location>,
     size_bytes: u64,
     size_bytes_max: u64,
@@ -22,7 +23,7 @@ impl RecordCache {
     /// An empty cache holding at most `size_bytes_max` bytes of entries.
     pub fn new(size_bytes_max: u64) -> RecordCache {
         RecordCache {
-            records: HashMap::new(),
+            records: FxHashMap::default(),
             order: VecDeque::new(),
             size_bytes: 0,
             size_bytes_max,

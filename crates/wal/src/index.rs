@@ -9,7 +9,9 @@
 //! - spans are contiguous, from `first_index()` to `last_index()`;
 //! - term runs start at or after `first_index()` and increase strictly.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use regatta_raft::{Entry, HardState, LogIndex, SnapshotMeta, Term};
 
@@ -282,7 +284,7 @@ impl GroupState {
 /// Every group's state.
 #[derive(Default, Debug)]
 pub struct Index {
-    pub(crate) groups: HashMap<u64, GroupState>,
+    pub(crate) groups: FxHashMap<u64, GroupState>,
 }
 
 impl Index {

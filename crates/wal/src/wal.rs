@@ -14,6 +14,8 @@
 //! - segments are deleted only as a prefix, never the active one.
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1473,20 +1475,20 @@ impl Bounds {
 struct BatchView<'a> {
     index: &'a Index,
     /// Groups changed by earlier requests of this batch.
-    changed: HashMap<u64, Bounds>,
+    changed: FxHashMap<u64, Bounds>,
 }
 
 impl<'a> BatchView<'a> {
     fn new(index: &'a Index) -> BatchView<'a> {
         BatchView {
             index,
-            changed: HashMap::new(),
+            changed: FxHashMap::default(),
         }
     }
 
     /// Checks every update of a request; encodes all of it or none.
     fn encode(&mut self, batch: &WriteBatch, buffer: &mut Vec<u8>) -> Result<Encoded> {
-        let mut staged: HashMap<u64, Bounds> = HashMap::new();
+        let mut staged: FxHashMap<u64, Bounds> = FxHashMap::default();
         let mut records = Vec::new();
         for update in &batch.updates {
             let group = update_group(update);
