@@ -1094,7 +1094,7 @@ impl Writer {
                     )
                 });
                 self.garbage_collection_due |= moves_pins;
-                match view.encode(&request.batch, &mut buffer) {
+                match view.encode(request.batch, &mut buffer) {
                     Ok(encoded) => accepted.push((request.done, encoded)),
                     Err(error) => answers.push((request.done, Err(error))),
                 }
@@ -1105,7 +1105,7 @@ impl Writer {
             Ok(())
         } else {
             self.write_durably(&buffer)
-                .map(|base| self.publish(&accepted, base))
+                .map(|base| self.publish(&mut accepted, base))
         };
         let result = match written {
             Ok(()) => {
@@ -1229,17 +1229,18 @@ impl Writer {
     }
 
     /// Points the index at the durable records and caches fresh entries.
-    fn publish(&self, accepted: &[(Done, Encoded)], base: u64) {
+    fn publish(&self, accepted: &mut [(Done, Encoded)], base: u64) {
         let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
         let mut cache = lock(&self.shared.cache);
         for (_, encoded) in accepted {
-            for (group, record, body_offset, body_len) in &encoded.records {
+            for (group, record, body_offset, body_len) in encoded.records.iter_mut() {
+                let (group, body_offset, body_len) = (*group, *body_offset, *body_len);
                 let location = Location {
                     segment: self.active.sequence,
                     body_offset: base + body_offset,
-                    body_len: *body_len,
+                    body_len,
                 };
-                if let Err(error) = index.apply(*group, record, location) {
+                if let Err(error) = index.apply(group, record, location) {
                     // The batch view accepted it: a disagreement is a bug.
                     drop(cache);
                     drop(index);
@@ -1249,8 +1250,10 @@ impl Writer {
                     ));
                     return;
                 }
+                // The record is written and indexed: its entries move to
+                // the cache.
                 if let Record::Entries(entries) = record {
-                    cache.insert(location, Arc::new(entries.clone()));
+                    cache.insert(location, Arc::new(std::mem::take(entries)));
                 }
             }
         }
@@ -1369,7 +1372,7 @@ impl Writer {
         push_record(group, start, &mut buffer, &mut encoded);
         let base = self.write_durably(&buffer)?;
         let done: Done = Box::new(|_| {});
-        self.publish(&[(done, encoded)], base);
+        self.publish(&mut [(done, encoded)], base);
         self.shared
             .counters
             .groups_rewritten
@@ -1486,12 +1489,13 @@ impl<'a> BatchView<'a> {
         }
     }
 
-    /// Checks every update of a request; encodes all of it or none.
-    fn encode(&mut self, batch: &WriteBatch, buffer: &mut Vec<u8>) -> Result<Encoded> {
+    /// Checks every update of a request; encodes all of it or none. The
+    /// entries move into their records (and on to the cache), uncopied.
+    fn encode(&mut self, batch: WriteBatch, buffer: &mut Vec<u8>) -> Result<Encoded> {
         let mut staged: FxHashMap<u64, Bounds> = FxHashMap::default();
         let mut records = Vec::new();
-        for update in &batch.updates {
-            let group = update_group(update);
+        for update in batch.updates {
+            let group = update_group(&update);
             if group == 0 {
                 return Err(Error::InvalidUpdate {
                     group,
@@ -1505,8 +1509,12 @@ impl<'a> BatchView<'a> {
                     .cloned()
                     .unwrap_or_else(|| Bounds::of(indexed))
             });
-            let record = check_update(update, bounds, indexed)
+            let mut record = check_update(&update, bounds, indexed)
                 .map_err(|reason| Error::InvalidUpdate { group, reason })?;
+            if let (Record::Entries(slot), Update::Entries { entries, .. }) = (&mut record, update)
+            {
+                *slot = entries;
+            }
             records.push((group, record));
         }
         self.changed.extend(staged);
@@ -1532,6 +1540,7 @@ fn update_group(update: &Update) -> u64 {
 }
 
 /// Checks one update against `bounds`, advances them, and gives its record.
+/// An entries record comes back empty: the caller moves the entries in.
 fn check_update(
     update: &Update,
     bounds: &mut Bounds,
@@ -1576,7 +1585,7 @@ fn check_update(
                 .overlay_start
                 .plus(bounds.overlay.len() as u64)
                 .prev();
-            Ok(Record::Entries(entries.clone()))
+            Ok(Record::Entries(Vec::new()))
         }
         Update::HardState { state, .. } => Ok(Record::HardState(*state)),
         Update::Snapshot { meta, .. } => {
