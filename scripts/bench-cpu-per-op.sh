@@ -45,11 +45,19 @@ machine() { # "idle total" ticks over every core
 measure() { # name endpoints
     local name="$1" endpoints="$2" before after line client idle0 total0 idle1 total1
     "$regatta" bench put --endpoints "$endpoints" --total 5000 >/dev/null 2>&1
+    # range and mixed fill the key space first: do it here, outside the
+    # measurement, and skip it in the measured run.
+    local fill=()
+    if [ "$workload" != put ] && [ "$workload" != txn-put ]; then
+        "$regatta" bench "$workload" --endpoints "$endpoints" --total 1 --key-space-size 10000 \
+            --val-size 256 >/dev/null 2>&1
+        fill=(--no-fill)
+    fi
     before="$(servers_cpu)"
     read -r idle0 total0 < <(machine)
     line="$( { /usr/bin/time -f "client_cpu_s=%U+%S" "$regatta" bench "$workload" \
         --endpoints "$endpoints" --total "$total" --key-space-size 10000 --val-size 256 \
-        "${extra[@]}"; } 2>&1 | grep -E 'RESULT|client_cpu' | tr '\n' ' ')"
+        "${fill[@]}" "${extra[@]}"; } 2>&1 | grep -E 'RESULT|client_cpu' | tr '\n' ' ')"
     read -r idle1 total1 < <(machine)
     after="$(servers_cpu)"
     client="$(echo "$line" | grep -o 'client_cpu_s=[0-9.+]*')"

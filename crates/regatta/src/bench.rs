@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// For `mixed`: the share of reads, in percent.
     #[arg(long, default_value_t = 50)]
     read_percent: u64,
+    /// For `range` and `mixed`: do not write the key space first (an
+    /// earlier run did), so that the run's server CPU is its own.
+    #[arg(long)]
+    no_fill: bool,
 }
 
 fn key(index: u64, size: usize) -> Vec<u8> {
@@ -268,7 +272,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     }
     let args = Arc::new(args);
     let value = Arc::new(vec![b'v'; args.val_size]);
-    if matches!(args.workload, Workload::Range | Workload::Mixed) {
+    if matches!(args.workload, Workload::Range | Workload::Mixed) && !args.no_fill {
         eprintln!("filling {} keys", args.key_space_size);
         let next = Arc::new(AtomicU64::new(0));
         let mut fillers = Vec::new();
