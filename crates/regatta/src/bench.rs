@@ -104,11 +104,13 @@ struct Connection {
 }
 
 impl Connection {
-    /// Dials `endpoint` (host:port) with TCP_NODELAY and runs the HTTP/2
-    /// handshake.
+    /// Dials `endpoint` (host:port) with TCP_NODELAY, within the server
+    /// crate's `CONNECT_TIMEOUT`, and runs the HTTP/2 handshake.
     async fn open(endpoint: &str) -> Result<Connection, String> {
-        let tcp = tokio::net::TcpStream::connect(endpoint)
+        let dial = tokio::net::TcpStream::connect(endpoint);
+        let tcp = tokio::time::timeout(regatta_server::tls::CONNECT_TIMEOUT, dial)
             .await
+            .map_err(|_| format!("cannot reach {endpoint}: the connection timed out"))?
             .map_err(|error| format!("cannot reach {endpoint}: {error}"))?;
         tcp.set_nodelay(true)
             .map_err(|error| format!("{endpoint}: {error}"))?;

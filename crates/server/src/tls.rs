@@ -126,9 +126,10 @@ impl AsyncWrite for ServerIo {
 /// chains every payload of 256 B or more, so each request or response
 /// with a value (a put of 256 B, a range answering one) cost a `writev`
 /// of its own. Copied, the frames of every stream that is ready go out in
-/// one write. Writes still go to the socket whole: h2 hands a non-vectored
-/// stream one contiguous buffer. `docs/decisions/0007-h2-small-frames.md`
-/// has the measurements.
+/// one write. Payloads of 1 KiB and more are still chained; on a
+/// non-vectored stream they cost two writes (h2's buffer, then the
+/// payload) instead of one `writev`.
+/// `docs/decisions/0007-h2-small-frames.md` has the measurements.
 #[derive(Debug)]
 pub struct Unvectored<T>(pub T);
 
