@@ -168,21 +168,10 @@ impl Connection {
             .collect()
             .await
             .map_err(|error| format!("response: {error}"))?;
-        // A failed call may carry its status in the headers alone.
-        let trailers = collected.trailers().cloned();
-        let status = trailers
-            .as_ref()
-            .and_then(|trailers| trailers.get("grpc-status"))
-            .or_else(|| head.headers.get("grpc-status"))
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("");
+        let trailers = collected.trailers();
+        let status = grpc_field(trailers, &head.headers, "grpc-status");
         if status != "0" {
-            let message = trailers
-                .as_ref()
-                .and_then(|trailers| trailers.get("grpc-message"))
-                .or_else(|| head.headers.get("grpc-message"))
-                .and_then(|value| value.to_str().ok())
-                .unwrap_or("");
+            let message = grpc_field(trailers, &head.headers, "grpc-message");
             // gRPC percent-encodes the message.
             let message = percent_encoding::percent_decode_str(message).decode_utf8_lossy();
             return Err(format!("grpc-status {status:?}: {message}"));
@@ -203,6 +192,20 @@ impl Connection {
         }
         A::decode(bytes).map_err(|error| format!("decoding the response: {error}"))
     }
+}
+
+/// A gRPC status field of a response: from its trailers, or from its
+/// headers when the call failed before any message ("trailers only").
+fn grpc_field<'a>(
+    trailers: Option<&'a http::HeaderMap>,
+    headers: &'a http::HeaderMap,
+    name: &str,
+) -> &'a str {
+    trailers
+        .and_then(|trailers| trailers.get(name))
+        .or_else(|| headers.get(name))
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
 }
 
 /// gRPC's message prefix: a compression flag and a 4-byte length.

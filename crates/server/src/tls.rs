@@ -34,87 +34,21 @@ pub fn grpc_alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec()]
 }
 
-/// A connection a gRPC server serves: plain TCP or TLS over TCP. Like
-/// [`Unvectored`], it reports no vectored writes.
-pub enum ServerIo {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS over TCP, handshake done.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl ServerIo {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            ServerIo::Plain(stream) => stream,
-            ServerIo::Tls(stream) => stream.get_ref().0,
-        }
-    }
-}
+/// A connection a gRPC server serves: plain TCP or TLS over TCP, reporting
+/// no vectored writes like every gRPC connection here (see [`Unvectored`]).
+pub type ServerIo = Unvectored<Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>>;
 
 impl Connected for ServerIo {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
+        let tcp = match &self.0 {
+            Either::Left(stream) => stream,
+            Either::Right(stream) => stream.get_ref().0,
+        };
         TcpConnectInfo {
-            local_addr: self.tcp().local_addr().ok(),
-            remote_addr: self.tcp().peer_addr().ok(),
-        }
-    }
-}
-
-impl AsyncRead for ServerIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerIo::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerIo::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    /// False on purpose: see [`Unvectored`].
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            ServerIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: tcp.peer_addr().ok(),
         }
     }
 }
@@ -195,7 +129,11 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             match &acceptor {
                 None => {
-                    if sender.send(Ok(ServerIo::Plain(tcp))).await.is_err() {
+                    if sender
+                        .send(Ok(Unvectored(Either::Left(tcp))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -204,7 +142,8 @@ pub fn incoming(
                     let sender = sender.clone();
                     tokio::spawn(async move {
                         if let Some(stream) = handshake(&acceptor, tcp, what, remote).await {
-                            let _ = sender.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
+                            let io = Unvectored(Either::Right(Box::new(stream)));
+                            let _ = sender.send(Ok(io)).await;
                         }
                     });
                 }
@@ -378,7 +317,7 @@ mod tests {
 
     // h2 reads `is_write_vectored` once, when it wraps the connection, to
     // choose how large a DATA frame it chains rather than copies. Both
-    // connection types must say "no", or every request and response
+    // sides, served and dialled, must say "no", or every request and response
     // carrying a value is flushed on its own again.
     #[tokio::test]
     async fn connections_report_no_vectored_writes_and_pass_bytes_through() {
@@ -392,7 +331,7 @@ mod tests {
         );
 
         let mut client = Unvectored(client);
-        let mut server = ServerIo::Plain(server);
+        let mut server: ServerIo = Unvectored(Either::Left(server));
         assert!(!client.is_write_vectored());
         assert!(!server.is_write_vectored());
 
