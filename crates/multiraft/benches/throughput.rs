@@ -2,12 +2,16 @@
 //! one process over TCP on 127.0.0.1, each with its own WAL (fdatasync on),
 //! 1 or 64 groups, 64 concurrent proposers (tokio tasks, one proposal
 //! outstanding each, proposer i on group i mod groups), 64 B and 1 KiB
-//! payloads. Prints proposals/s and the p50/p99 latency of a proposal
-//! (submit at the leader until the leader applied it).
+//! payloads. Prints proposals/s, the p50/p99 latency of a proposal
+//! (submit at the leader until the leader applied it), and the CPU time of
+//! the whole process (all three nodes) per proposal.
 //!
 //! `THROUGHPUT_SECONDS` sets the time per row (default 5);
 //! `THROUGHPUT_GROUPS` (1 or 64) and `THROUGHPUT_PAYLOAD_BYTES` (64 or
 //! 1024) run one row only, e.g. under a profiler.
+//! `THROUGHPUT_WAL_BATCH_WAIT_MICROS` and `THROUGHPUT_WAL_CACHE_BYTES` set
+//! the WAL's `batch_wait_micros_max` and `cache_bytes_max` for experiments;
+//! `THROUGHPUT_WAL_STATS` prints per-node WAL and transport rates.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +86,14 @@ async fn start_cluster(groups: u64) -> Cluster {
         let transport = TcpTransport::start(tcp, listener);
         let mut config = HostConfig::new(NodeId(id), dir.path());
         config.tick_interval = Duration::from_millis(50);
-        let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+        let mut wal_config = WalConfig::new(dir.path());
+        if let Some(wait) = env_number("THROUGHPUT_WAL_BATCH_WAIT_MICROS") {
+            wal_config.batch_wait_micros_max = wait;
+        }
+        if let Some(cache) = env_number("THROUGHPUT_WAL_CACHE_BYTES") {
+            wal_config.cache_bytes_max = cache;
+        }
+        let wal = Arc::new(Wal::open(wal_config).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         cluster.wals.push(Arc::clone(&wal));
         let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
@@ -116,11 +127,7 @@ async fn leader_of(cluster: &Cluster, group: GroupId) -> NodeHost {
     }
 }
 
-async fn run_row(
-    groups: u64,
-    payload_bytes: usize,
-    duration: Duration,
-) -> (f64, Duration, Duration) {
+async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
     let cluster = start_cluster(groups).await;
     let mut leaders = Vec::new();
     for group in 1..=groups {
@@ -159,8 +166,10 @@ async fn run_row(
         })
         .collect();
     let start = Instant::now();
+    let cpu_before = process_cpu_seconds();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
     if std::env::var_os("THROUGHPUT_WAL_STATS").is_some() {
         for (node, (wal, before)) in cluster.wals.iter().zip(&before).enumerate() {
             let after = wal.stats();
@@ -205,34 +214,59 @@ async fn run_row(
             .copied()
             .unwrap_or_default()
     };
-    (
-        latencies.len() as f64 / elapsed,
-        percentile(0.50),
-        percentile(0.99),
-    )
+    let rate = latencies.len() as f64 / elapsed;
+    Row {
+        rate,
+        p50: percentile(0.50),
+        p99: percentile(0.99),
+        cpu_micros_per_proposal: cpu_seconds * 1e6 / (rate * duration.as_secs_f64()),
+    }
+}
+
+struct Row {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_micros_per_proposal: f64,
+}
+
+/// The number in environment variable `name`, if set and valid.
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+}
+
+/// User and system CPU of the whole process (every thread of every node),
+/// from `/proc/self/stat` in clock ticks of 10 ms.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    // After the name: state is field 3 of the line, utime 14, stime 15.
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
 }
 
 fn main() {
     if !std::env::args().any(|argument| argument == "--bench") {
         return;
     }
-    let seconds: u64 = std::env::var("THROUGHPUT_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let seconds: u64 = env_number("THROUGHPUT_SECONDS").unwrap_or(5);
     let runtime = regatta_multiraft::runtime::builder()
         .worker_threads(2)
         .build()
         .expect("runtime");
-    println!("| groups | payload | proposers | proposals/s | p50 | p99 |");
-    println!("|---|---|---|---|---|---|");
+    println!("| groups | payload | proposers | proposals/s | p50 | p99 | CPU/proposal |");
+    println!("|---|---|---|---|---|---|---|");
     runtime.block_on(async {
-        let only_groups: Option<u64> = std::env::var("THROUGHPUT_GROUPS")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        let only_payload: Option<usize> = std::env::var("THROUGHPUT_PAYLOAD_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok());
+        let only_groups: Option<u64> = env_number("THROUGHPUT_GROUPS");
+        let only_payload: Option<usize> = env_number("THROUGHPUT_PAYLOAD_BYTES");
         for groups in [1u64, 64] {
             if only_groups.is_some_and(|only| only != groups) {
                 continue;
@@ -241,12 +275,13 @@ fn main() {
                 if only_payload.is_some_and(|only| only != payload_bytes) {
                     continue;
                 }
-                let (rate, p50, p99) =
-                    run_row(groups, payload_bytes, Duration::from_secs(seconds)).await;
+                let row = run_row(groups, payload_bytes, Duration::from_secs(seconds)).await;
                 println!(
-                    "| {groups} | {payload_bytes} B | 64 | {rate:.0} | {:.2} ms | {:.2} ms |",
-                    p50.as_secs_f64() * 1000.0,
-                    p99.as_secs_f64() * 1000.0
+                    "| {groups} | {payload_bytes} B | 64 | {:.0} | {:.2} ms | {:.2} ms | {:.1} µs |",
+                    row.rate,
+                    row.p50.as_secs_f64() * 1000.0,
+                    row.p99.as_secs_f64() * 1000.0,
+                    row.cpu_micros_per_proposal,
                 );
             }
         }

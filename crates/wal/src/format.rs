@@ -8,8 +8,9 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"RGWALSEG";
 pub const FORMAT_VERSION: u32 = 2;
 /// The first version: no flags, segments not zero-filled. Still read.
 pub const FORMAT_VERSION_1: u32 = 1;
-/// Record flag (version 2): the first record of a write, that is, of what
-/// one `write` and one `fdatasync` make durable.
+/// Record flag (version 2): the first record of a write that started when
+/// every earlier byte of the segment was durable. A write that follows one
+/// made without an fsync (it only advanced commit indexes) is unflagged.
 pub const RECORD_FLAG_WRITE_START: u8 = 1;
 /// Segments are zero-filled ahead of their records in steps of this many
 /// bytes (version 2), so that appends overwrite existing blocks.
@@ -284,6 +285,24 @@ fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, 
         body_len,
         write_start: flags & RECORD_FLAG_WRITE_START != 0,
     })
+}
+
+/// Clears the write-start flag of the record at the start of `buffer` and
+/// re-seals its checksum: that write starts before the one before it is
+/// durable, so it must not prove that one durable to recovery.
+pub fn clear_write_start(buffer: &mut [u8]) {
+    assert!(
+        buffer.len() >= RECORD_HEADER_BYTES && buffer[5] == RECORD_FLAG_WRITE_START,
+        "a write's buffer starts with a flagged record"
+    );
+    buffer[5] = 0;
+    let body_end = RECORD_HEADER_BYTES + read_u32(buffer, 0) as usize;
+    assert!(body_end <= buffer.len(), "the first record is whole");
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&buffer[0..16]),
+        &buffer[RECORD_HEADER_BYTES..body_end],
+    );
+    buffer[16..20].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// True when a record at or after `from` proves that a write was made

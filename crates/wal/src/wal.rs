@@ -7,10 +7,19 @@
 //! acknowledges each request. Reads take a shared lock on the index and read
 //! record bodies from the cache or with `pread`.
 //!
+//! A batch whose requests only advance commit indexes (hard states with
+//! the term and vote already recorded) is written without an fsync: a lost
+//! commit index is recomputed by Raft, as etcd's `MustSync` allows. The
+//! next fsync covers it; a segment roll and garbage collection fsync it
+//! first.
+//!
 //! Invariants:
-//! - a request is acknowledged only after the fsync covering it succeeded;
+//! - a request is acknowledged only after the fsync covering it succeeded,
+//!   unless it only advances commit indexes;
 //! - after any failed write or fsync, nothing more is acknowledged;
-//! - the index only ever points at fsynced records;
+//! - the index only ever points at fsynced records, or at hard states
+//!   that differ from a fsynced one only in their commit index;
+//! - no segment is rolled or deleted while written bytes are not fsynced;
 //! - segments are deleted only as a prefix, never the active one.
 
 use std::collections::{BTreeMap, HashMap};
@@ -924,6 +933,8 @@ struct ActiveSegment {
 /// What a request will write, checked against the log as it will be.
 struct Encoded {
     records: Vec<(u64, Record, u64, u32)>,
+    /// False when every record only advances a commit index.
+    must_sync: bool,
 }
 
 /// The writer thread's state.
@@ -936,6 +947,8 @@ struct Writer {
     /// install, removal): garbage collection runs only then, so a batch
     /// costs nothing proportional to the number of groups.
     garbage_collection_due: bool,
+    /// The active segment holds written bytes no fsync has covered yet.
+    unsynced: bool,
 }
 
 impl Writer {
@@ -949,6 +962,7 @@ impl Writer {
             active,
             completions,
             garbage_collection_due: true,
+            unsynced: false,
         }
     }
 
@@ -1004,9 +1018,19 @@ impl Writer {
             self.write_batch(requests);
             if self.garbage_collection_due && lock(&self.shared.failure).is_none() {
                 self.garbage_collection_due = false;
-                if let Err(error) = self.collect_garbage() {
+                // The index may point at an unsynced hard state: the
+                // segment with the last synced one must outlive it.
+                let collected = self
+                    .sync_if_unsynced()
+                    .and_then(|()| self.collect_garbage());
+                if let Err(error) = collected {
                     self.fail(error.to_string());
                 }
+            }
+        }
+        if lock(&self.shared.failure).is_none() {
+            if let Err(error) = self.sync_if_unsynced() {
+                self.fail(error.to_string());
             }
         }
     }
@@ -1101,10 +1125,11 @@ impl Writer {
             }
         }
         // An empty buffer (empty batches, barriers) needs no write or fsync.
+        let must_sync = accepted.iter().any(|(_, encoded)| encoded.must_sync);
         let written = if buffer.is_empty() {
             Ok(())
         } else {
-            self.write_durably(&buffer)
+            self.write(&mut buffer, must_sync)
                 .map(|base| self.publish(&mut accepted, base))
         };
         let result = match written {
@@ -1161,12 +1186,24 @@ impl Writer {
     /// When the buffer would pass the zero-filled end of the file, the next
     /// step of zeros is written first, so that the one `fdatasync` makes
     /// both durable and later writes land on existing blocks.
-    fn write_durably(&mut self, buffer: &[u8]) -> Result<u64> {
+    fn write_durably(&mut self, buffer: &mut [u8]) -> Result<u64> {
+        self.write(buffer, true)
+    }
+
+    /// Appends `buffer` to the active segment and, if `must_sync`, makes it
+    /// durable with the bytes before it.
+    fn write(&mut self, buffer: &mut [u8], must_sync: bool) -> Result<u64> {
         assert!(
             buffer.get(5) == Some(&crate::format::RECORD_FLAG_WRITE_START),
             "a write must start with a record flagged as its start"
         );
         self.make_room(buffer.len() as u64)?;
+        // Recovery reads a flagged write after damage as proof that the
+        // damaged bytes were durable: true only if no write before this
+        // one went without its fsync.
+        if self.unsynced {
+            crate::format::clear_write_start(buffer);
+        }
         let path = segment_path(&self.shared.config.dir, self.active.sequence);
         let base = self.active.size_bytes;
         let end = base + buffer.len() as u64;
@@ -1186,23 +1223,9 @@ impl Writer {
             .file
             .write_all_at(buffer, base)
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-        if self.shared.config.sync_mode == SyncMode::Fdatasync {
-            let started = std::time::Instant::now();
-            self.active
-                .file
-                .sync_data()
-                .map_err(|e| Error::io(format!("fdatasync {}", path.display()), e))?;
-            let micros = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
-            let counters = &self.shared.counters;
-            counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-            counters
-                .fsync_micros_total
-                .fetch_add(micros, Ordering::Relaxed);
-            let bucket = FSYNC_BUCKET_BOUNDS_MICROS
-                .iter()
-                .position(|bound| micros <= *bound)
-                .unwrap_or(FSYNC_BUCKETS - 1);
-            counters.fsync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.unsynced = true;
+        if must_sync {
+            self.sync_if_unsynced()?;
         }
         self.active.size_bytes = end;
         if let Some((_, size)) = lock(&self.shared.segments).get_mut(&self.active.sequence) {
@@ -1216,12 +1239,41 @@ impl Writer {
         Ok(base)
     }
 
+    /// Makes every byte written to the active segment durable, if some
+    /// write went without an fsync.
+    fn sync_if_unsynced(&mut self) -> Result<()> {
+        if !self.unsynced || self.shared.config.sync_mode != SyncMode::Fdatasync {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.active.file.sync_data().map_err(|e| {
+            let path = segment_path(&self.shared.config.dir, self.active.sequence);
+            Error::io(format!("fdatasync {}", path.display()), e)
+        })?;
+        self.unsynced = false;
+        let micros = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        let counters = &self.shared.counters;
+        counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        counters
+            .fsync_micros_total
+            .fetch_add(micros, Ordering::Relaxed);
+        let bucket = FSYNC_BUCKET_BOUNDS_MICROS
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(FSYNC_BUCKETS - 1);
+        counters.fsync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Rolls to a new segment if `size_bytes` would not fit in the active
     /// one (unless it is empty: an oversized batch gets its own segment).
+    /// Unsynced bytes of the old segment are made durable first: only the
+    /// last segment may end in a torn write.
     fn make_room(&mut self, size_bytes: u64) -> Result<()> {
         let header = SEGMENT_HEADER_BYTES as u64;
         let full = self.active.size_bytes + size_bytes > self.shared.config.segment_size_bytes_max;
         if full && self.active.size_bytes > header {
+            self.sync_if_unsynced()?;
             self.active = create_segment(&self.shared, self.active.sequence + 1)?;
             self.garbage_collection_due = true;
         }
@@ -1358,6 +1410,7 @@ impl Writer {
         let mut buffer = Vec::new();
         let mut encoded = Encoded {
             records: Vec::new(),
+            must_sync: true,
         };
         for record in records {
             push_record(group, record, &mut buffer, &mut encoded);
@@ -1370,7 +1423,7 @@ impl Writer {
             offset: self.active.size_bytes,
         };
         push_record(group, start, &mut buffer, &mut encoded);
-        let base = self.write_durably(&buffer)?;
+        let base = self.write_durably(&mut buffer)?;
         let done: Done = Box::new(|_| {});
         self.publish(&mut [(done, encoded)], base);
         self.shared
@@ -1433,6 +1486,8 @@ struct Bounds {
     overlay: Vec<Term>,
     /// The indexed entries no longer count (snapshot installed, removed).
     hide_indexed: bool,
+    /// The group's last hard state, as this batch leaves it.
+    hard_state: HardState,
 }
 
 impl Bounds {
@@ -1445,6 +1500,7 @@ impl Bounds {
                 overlay_start: state.last_index().next(),
                 overlay: Vec::new(),
                 hide_indexed: false,
+                hard_state: state.hard_state,
             },
             None => Bounds {
                 overlay_start: LogIndex(1),
@@ -1494,6 +1550,7 @@ impl<'a> BatchView<'a> {
     fn encode(&mut self, batch: WriteBatch, buffer: &mut Vec<u8>) -> Result<Encoded> {
         let mut staged: FxHashMap<u64, Bounds> = FxHashMap::default();
         let mut records = Vec::new();
+        let mut must_sync = false;
         for update in batch.updates {
             let group = update_group(&update);
             if group == 0 {
@@ -1509,6 +1566,14 @@ impl<'a> BatchView<'a> {
                     .cloned()
                     .unwrap_or_else(|| Bounds::of(indexed))
             });
+            // Only a new term or vote needs the fsync; a commit index may
+            // be lost and recomputed.
+            must_sync |= match &update {
+                Update::HardState { state, .. } => {
+                    state.term != bounds.hard_state.term || state.vote != bounds.hard_state.vote
+                }
+                _ => true,
+            };
             let mut record = check_update(&update, bounds, indexed)
                 .map_err(|reason| Error::InvalidUpdate { group, reason })?;
             if let (Record::Entries(slot), Update::Entries { entries, .. }) = (&mut record, update)
@@ -1520,6 +1585,7 @@ impl<'a> BatchView<'a> {
         self.changed.extend(staged);
         let mut encoded = Encoded {
             records: Vec::new(),
+            must_sync,
         };
         for (group, record) in records {
             push_record(group, record, buffer, &mut encoded);
@@ -1587,7 +1653,10 @@ fn check_update(
                 .prev();
             Ok(Record::Entries(Vec::new()))
         }
-        Update::HardState { state, .. } => Ok(Record::HardState(*state)),
+        Update::HardState { state, .. } => {
+            bounds.hard_state = *state;
+            Ok(Record::HardState(*state))
+        }
         Update::Snapshot { meta, .. } => {
             if meta.index > bounds.last {
                 return Err(format!(
@@ -1615,6 +1684,7 @@ fn check_update(
                 overlay_start: meta.index.next(),
                 overlay: Vec::new(),
                 hide_indexed: true,
+                hard_state: bounds.hard_state,
             };
             Ok(Record::Snapshot {
                 meta: meta.clone(),

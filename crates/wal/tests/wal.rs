@@ -327,6 +327,149 @@ fn concurrent_appends_share_fsyncs() {
     }
 }
 
+fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
+    HardState {
+        term: Term(term),
+        vote: Some(NodeId(vote)),
+        commit: LogIndex(commit),
+    }
+}
+
+fn append_hard_state(wal: &Wal, group: u64, state: HardState) {
+    let mut batch = WriteBatch::new();
+    batch.hard_state(GroupId(group), state);
+    wal.append(batch).expect("append");
+}
+
+/// A batch that only advances commit indexes is written without an fsync
+/// (Raft recomputes a lost commit index); a new term or vote, entries, or
+/// a later batch that must sync, fsync it.
+#[test]
+fn commit_only_hard_states_are_written_without_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    let mut batch = WriteBatch::new();
+    batch
+        .entries(GroupId(1), entries(1, 3, 1, "s"))
+        .hard_state(GroupId(1), hard_state(1, 1, 0));
+    wal.append(batch).expect("append");
+    let synced = wal.stats();
+    assert_eq!(synced.fsyncs, 1);
+
+    append_hard_state(&wal, 1, hard_state(1, 1, 2));
+    append_hard_state(&wal, 1, hard_state(1, 1, 3));
+    let stats = wal.stats();
+    assert_eq!(stats.batches, synced.batches + 2, "both were written");
+    assert_eq!(stats.fsyncs, 1, "a commit index alone needs no fsync");
+    assert_eq!(wal.hard_state(GroupId(1)), hard_state(1, 1, 3));
+
+    // A group the log has never seen: its first hard state is a new term.
+    append_hard_state(&wal, 2, hard_state(1, 1, 0));
+    assert_eq!(wal.stats().fsyncs, 2);
+    // A new vote, then a new term, each fsync.
+    append_hard_state(&wal, 2, hard_state(1, 3, 0));
+    assert_eq!(wal.stats().fsyncs, 3);
+    append_hard_state(&wal, 1, hard_state(2, 1, 3));
+    assert_eq!(wal.stats().fsyncs, 4);
+    // A commit-only change in the same batch as entries rides their fsync.
+    let mut batch = WriteBatch::new();
+    batch
+        .hard_state(GroupId(1), hard_state(2, 1, 4))
+        .entries(GroupId(3), entries(1, 1, 1, "t"));
+    wal.append(batch).expect("append");
+    assert_eq!(wal.stats().fsyncs, 5);
+    drop(wal);
+
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.hard_state(GroupId(1)), hard_state(2, 1, 4));
+    assert_eq!(wal.hard_state(GroupId(2)), hard_state(1, 3, 0));
+}
+
+/// Only the last segment may end in bytes no fsync covered: a roll, and
+/// garbage collection, fsync an unsynced commit index first.
+#[test]
+fn a_segment_roll_fsyncs_unsynced_commit_indexes_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    let mut batch = WriteBatch::new();
+    batch
+        .entries(GroupId(1), entries(1, 1, 1, "r"))
+        .hard_state(GroupId(1), hard_state(1, 1, 0));
+    wal.append(batch).expect("append");
+    append_hard_state(&wal, 1, hard_state(1, 1, 1));
+    let before = wal.stats();
+    // Larger than what is left of the 64 KiB segment: it rolls.
+    let big = Entry {
+        term: Term(1),
+        index: LogIndex(2),
+        payload: EntryPayload::Normal(Bytes::from(vec![7u8; 64 * 1024])),
+    };
+    append_entries(&wal, 1, vec![big]);
+    let after = wal.stats();
+    assert_eq!(
+        after.fsyncs,
+        before.fsyncs + 2,
+        "the old segment's unsynced tail, then the new batch"
+    );
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.hard_state(GroupId(1)), hard_state(1, 1, 1));
+    assert_eq!(wal.last_index(GroupId(1)), LogIndex(2));
+}
+
+/// A write that starts while a commit-only write before it is not yet
+/// fsynced carries no write-start flag: if a crash loses that earlier
+/// write's pages, what follows is a torn tail, not corruption.
+#[test]
+fn a_write_after_an_unsynced_one_does_not_prove_it_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    let mut batch = WriteBatch::new();
+    batch
+        .entries(GroupId(1), entries(1, 3, 1, "acked"))
+        .hard_state(GroupId(1), hard_state(1, 1, 0));
+    wal.append(batch).expect("append");
+    drop(wal);
+    let segment = segment_files(dir.path()).pop().expect("segment");
+    let (synced_end, _) = data_end(&segment);
+
+    let wal = Wal::open(config(dir.path())).expect("open");
+    // The garbage collection after a reopen's first write fsyncs it.
+    append_hard_state(&wal, 1, hard_state(1, 1, 2));
+    append_hard_state(&wal, 1, hard_state(1, 1, 3));
+    append_entries(&wal, 1, entries(4, 1, 1, "after"));
+    drop(wal);
+    let mut bytes = fs::read(&segment).expect("read");
+    let scan = scan_segment(&bytes, FORMAT_VERSION);
+    let starts: Vec<(u64, bool)> = scan
+        .records
+        .iter()
+        .filter(|record| record.offset >= synced_end)
+        .map(|record| (record.offset, record.write_start))
+        .collect();
+    assert_eq!(starts.len(), 3, "two commit-only writes, then the entries");
+    assert!(
+        starts[0].1 && starts[1].1,
+        "each started after a durable log"
+    );
+    assert!(!starts[2].1, "written before the one before it was durable");
+
+    // A crash lost the unsynced write's page; the next write's landed.
+    let lost = starts[1].0 as usize;
+    bytes[lost..lost + RECORD_HEADER_BYTES].fill(0);
+    fs::write(&segment, &bytes).expect("write");
+    let (_, how) = data_end(&segment);
+    assert_eq!(
+        how,
+        SegmentEnd::Torn {
+            offset: starts[1].0
+        }
+    );
+    let wal = Wal::open(config(dir.path())).expect("a torn tail, not corruption");
+    assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "acked"));
+    assert_eq!(wal.hard_state(GroupId(1)), hard_state(1, 1, 2));
+}
+
 /// The no-sync mode exists for tests and never fsyncs.
 #[test]
 fn no_sync_mode_skips_fsync() {
