@@ -11,6 +11,9 @@
 #   [NODES=1|3] scripts/bench-cpu-per-op.sh [WORKLOAD] [TOTAL] [ROUNDS]
 #   (defaults: put 60000 3; REGATTA_BIN picks the regatta binary;
 #   WORKLOAD is put, range, mixed, mixed-90 or txn-put)
+#
+# With BASELINE_BIN set to another regatta binary, each round runs that
+# build instead of etcd, then REGATTA_BIN: an A/B of two builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workload="${1:-put}"
@@ -19,7 +22,8 @@ rounds="${3:-3}"
 nodes="${NODES:-1}"
 regatta="${REGATTA_BIN:-$PWD/target/release/regatta}"
 [ -x "$regatta" ] || cargo build --release -q -p regatta
-command -v etcd >/dev/null || { echo "needs etcd (Debian: etcd-server)" >&2; exit 1; }
+baseline="${BASELINE_BIN:-}"
+[ -n "$baseline" ] || command -v etcd >/dev/null || { echo "needs etcd (Debian: etcd-server)" >&2; exit 1; }
 case "$nodes" in 1 | 3) ;; *) echo "NODES must be 1 or 3" >&2; exit 1 ;; esac
 extra=()
 if [ "$workload" = mixed-90 ]; then
@@ -67,11 +71,21 @@ measure() { # name endpoints
 # shellcheck source=lib/clusters.sh
 source scripts/lib/clusters.sh
 
+candidate="$regatta"
 for _ in $(seq 1 "$rounds"); do
-    start_etcd "$nodes"
-    eps="$(endpoints 23790 "$nodes")"
-    wait_ready "$eps"
-    measure etcd "$eps"
+    if [ -n "$baseline" ]; then
+        regatta="$baseline"
+        start_regatta "$nodes"
+        eps="$(endpoints 28440 "$nodes")"
+        wait_ready "$eps"
+        measure baseline "$eps"
+        regatta="$candidate"
+    else
+        start_etcd "$nodes"
+        eps="$(endpoints 23790 "$nodes")"
+        wait_ready "$eps"
+        measure etcd "$eps"
+    fi
     stop_all
     start_regatta "$nodes"
     eps="$(endpoints 28440 "$nodes")"

@@ -21,7 +21,7 @@
 //! Not built yet (see `docs/multiraft.md`): snapshot streaming, automatic
 //! compaction, forwarding of proposals from followers with request ids.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -494,7 +494,6 @@ impl NodeHost {
             reads: FxHashMap::default(),
             known_leader: None,
             next_read: 1,
-            unsent: VecDeque::new(),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
             idle_ticks: 0,
             ticks: 0,
@@ -962,8 +961,6 @@ struct Group {
     /// of waiting for a leader that may be gone.
     known_leader: Option<NodeId>,
     next_read: u64,
-    /// Persisted messages of readies not yet durable, in ready order.
-    unsent: VecDeque<(u64, Vec<Message>)>,
     quiesce_after_ticks: u64,
     /// Ticks since the last activity.
     idle_ticks: u64,
@@ -1170,7 +1167,7 @@ impl Worker {
                         self.active.remove(&group);
                         continue;
                     }
-                    state.on_persisted(number, self.transport.as_ref());
+                    state.on_persisted(number);
                     touched.insert(group);
                 }
             }
@@ -1236,14 +1233,18 @@ impl Worker {
     fn process_readies(&mut self, touched: &mut BTreeSet<GroupId>) {
         let mut batch = WriteBatch::new();
         let mut readies = Vec::new();
+        let mut persisted = Vec::new();
         let mut failed = Vec::new();
         for group in std::mem::take(touched) {
             let Some(state) = self.groups.get_mut(&group) else {
                 continue;
             };
-            if let Err(reason) =
-                state.process_ready(self.transport.as_ref(), &mut batch, &mut readies)
-            {
+            if let Err(reason) = state.process_ready(
+                self.transport.as_ref(),
+                &mut batch,
+                &mut readies,
+                &mut persisted,
+            ) {
                 state.fail_all(reason);
                 failed.push(group);
                 continue;
@@ -1267,9 +1268,17 @@ impl Worker {
             return;
         }
         let control = self.control_sender.clone();
+        let transport = Arc::clone(&self.transport);
         // Empty batches too: the WAL answers them in order, so persisted
-        // messages never overtake an earlier ready's fsync.
+        // messages never overtake an earlier ready's fsync. They leave
+        // from here, on the WAL's thread, as soon as the batch is durable:
+        // a follower's acknowledgement does not wait for this worker.
         self.wal.submit(batch, move |result| {
+            if result.is_ok() {
+                for (group, messages) in persisted {
+                    transport.send(group, messages);
+                }
+            }
             let _ = control.send(Control::Persisted {
                 readies,
                 removed,
@@ -1455,7 +1464,7 @@ impl Group {
 
     /// The ready `number` is durable: acknowledge it and send the messages
     /// that were waiting for it.
-    fn on_persisted(&mut self, number: u64, transport: &dyn Transport) {
+    fn on_persisted(&mut self, number: u64) {
         self.raft.on_persisted(number);
         // The WAL holds the install: the state machine may restore now,
         // before any entry after it (those are sent to the apply task by
@@ -1471,17 +1480,6 @@ impl Group {
                     meta,
                     data,
                 });
-            }
-        }
-        while self
-            .unsent
-            .front()
-            .is_some_and(|(ready, _)| *ready <= number)
-        {
-            if let Some((_, messages)) = self.unsent.pop_front() {
-                if !messages.is_empty() {
-                    transport.send(self.group, messages);
-                }
             }
         }
     }
@@ -1569,6 +1567,7 @@ impl Group {
         transport: &dyn Transport,
         batch: &mut WriteBatch,
         readies: &mut Vec<(GroupId, u64)>,
+        persisted: &mut Vec<(GroupId, Vec<Message>)>,
     ) -> Result<(), String> {
         while self.raft.has_ready() {
             let mut ready = self
@@ -1623,8 +1622,9 @@ impl Group {
             if let Some(hard_state) = ready.hard_state {
                 batch.hard_state(self.group, hard_state);
             }
-            self.unsent
-                .push_back((ready.number, ready.persisted_messages));
+            if !ready.persisted_messages.is_empty() {
+                persisted.push((self.group, ready.persisted_messages));
+            }
             readies.push((self.group, ready.number));
             self.pending_install = None;
             if !ready.committed_entries.is_empty() {
