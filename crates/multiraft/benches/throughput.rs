@@ -90,6 +90,12 @@ async fn start_cluster(groups: u64) -> Cluster {
         if let Some(wait) = env_number("THROUGHPUT_WAL_BATCH_WAIT_MICROS") {
             wal_config.batch_wait_micros_max = wait;
         }
+        if let Some(spin) = env_number("THROUGHPUT_WAL_SPIN_MICROS") {
+            wal_config.writer_spin_micros = spin;
+        }
+        if std::env::var_os("THROUGHPUT_NO_FSYNC").is_some() {
+            wal_config.sync_mode = regatta_wal::SyncMode::NoSyncForTestsOnly;
+        }
         if let Some(cache) = env_number("THROUGHPUT_WAL_CACHE_BYTES") {
             wal_config.cache_bytes_max = cache;
         }

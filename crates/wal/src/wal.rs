@@ -87,8 +87,9 @@ pub struct WalConfig {
     pub rewrite_group_bytes_max: u64,
     /// After a batch, the writer polls for the next request this long
     /// before sleeping in the kernel: a caller that resubmits at once then
-    /// skips a thread wake-up. Costs CPU only right after a batch; 0
-    /// disables. Default 50.
+    /// skips a thread wake-up. It polls only while most recent waits for a
+    /// request were this short, so a writer whose callers come back later
+    /// does not burn CPU others need. 0 disables. Default 50.
     pub writer_spin_micros: u64,
 }
 
@@ -949,7 +950,14 @@ struct Writer {
     garbage_collection_due: bool,
     /// The active segment holds written bytes no fsync has covered yet.
     unsynced: bool,
+    /// How often recent waits for a request ended within
+    /// `writer_spin_micros`: a moving average in 1/1024ths.
+    short_waits_per_1024: u32,
 }
+
+/// The writer polls only while at least half of its recent waits were
+/// short enough for polling to catch the request.
+const SPIN_WHEN_SHORT_WAITS_PER_1024: u32 = 512;
 
 impl Writer {
     fn new(
@@ -963,6 +971,7 @@ impl Writer {
             completions,
             garbage_collection_due: true,
             unsynced: false,
+            short_waits_per_1024: 1024,
         }
     }
 
@@ -1035,18 +1044,31 @@ impl Writer {
         }
     }
 
-    /// The next request: polled for `writer_spin_micros`, then waited for.
-    fn next_request(&self, receiver: &Receiver<Request>) -> Option<Request> {
-        let spin_until =
-            Instant::now() + Duration::from_micros(self.shared.config.writer_spin_micros);
-        loop {
-            match receiver.try_recv() {
-                Ok(request) => return Some(request),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) if Instant::now() < spin_until => std::thread::yield_now(),
-                Err(TryRecvError::Empty) => return receiver.recv().ok(),
-            }
+    /// The next request: polled for `writer_spin_micros` if recent waits
+    /// were mostly that short, then waited for.
+    fn next_request(&mut self, receiver: &Receiver<Request>) -> Option<Request> {
+        match receiver.try_recv() {
+            Ok(request) => return Some(request),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {}
         }
+        let started = Instant::now();
+        let spin_until = started + Duration::from_micros(self.shared.config.writer_spin_micros);
+        let spin = self.short_waits_per_1024 >= SPIN_WHEN_SHORT_WAITS_PER_1024;
+        let request = loop {
+            match receiver.try_recv() {
+                Ok(request) => break Some(request),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if spin && Instant::now() < spin_until => {
+                    std::thread::yield_now()
+                }
+                Err(TryRecvError::Empty) => break receiver.recv().ok(),
+            }
+        };
+        let short = Instant::now() < spin_until;
+        self.short_waits_per_1024 =
+            self.short_waits_per_1024 - self.short_waits_per_1024 / 8 + if short { 128 } else { 0 };
+        request
     }
 
     /// Takes the requests queued now, within the batch size and wait bounds.
