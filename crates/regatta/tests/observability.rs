@@ -51,6 +51,12 @@ async fn metrics_and_health_of_a_single_node() {
         metrics.contains("# HELP regatta_wal_size_bytes"),
         "{metrics}"
     );
+    for name in [
+        "regatta_wal_cache_hits_total",
+        "regatta_wal_cache_misses_total",
+    ] {
+        assert!(sample(&metrics, name).is_some(), "{name} in {metrics}");
+    }
     // The fsync latency histogram counts every fsync.
     let fsyncs = sample(&metrics, "regatta_wal_fsyncs_total").expect("fsyncs");
     assert_eq!(

@@ -474,6 +474,18 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
     counter(&mut registry, "wal_fsyncs", "WAL fsyncs.", wal.fsyncs);
     counter(
         &mut registry,
+        "wal_cache_hits",
+        "WAL entries records read from the record cache.",
+        wal.cache_hits,
+    );
+    counter(
+        &mut registry,
+        "wal_cache_misses",
+        "WAL entries records read from disk.",
+        wal.cache_misses,
+    );
+    counter(
+        &mut registry,
         "wal_written_bytes",
         "Bytes written to WAL segments.",
         wal.bytes_written,

@@ -1,6 +1,8 @@
 //! A bounded cache of decoded entries records, keyed by their location.
-//! Fresh writes go in, so replication and apply of recent entries never
-//! touch the disk; the oldest records leave first once the budget is spent.
+//! Records read from disk go in (a lagging follower's catch-up reads the
+//! same records for each retry); fresh writes do not, since Raft keeps
+//! unapplied entries in memory. The oldest records leave first once the
+//! budget is spent.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

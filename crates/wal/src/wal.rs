@@ -259,6 +259,10 @@ pub struct WalStats {
     pub size_bytes: u64,
     /// Groups rewritten forward by garbage collection.
     pub groups_rewritten: u64,
+    /// Entries records read from the cache.
+    pub cache_hits: u64,
+    /// Entries records read from disk (then cached).
+    pub cache_misses: u64,
     /// fsyncs by latency: `fsync_buckets[i]` counts those that took at
     /// most `FSYNC_BUCKET_BOUNDS_MICROS[i]` (and more than the bound
     /// before); the last counts the slower rest.
@@ -295,6 +299,8 @@ struct Counters {
     fsyncs: AtomicU64,
     bytes_written: AtomicU64,
     groups_rewritten: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS],
     fsync_micros_total: AtomicU64,
 }
@@ -527,6 +533,8 @@ impl Wal {
             segments: segments.len() as u64,
             size_bytes: segments.values().map(|(_, size)| *size).sum(),
             groups_rewritten: counters.groups_rewritten.load(Ordering::Relaxed),
+            cache_hits: counters.cache_hits.load(Ordering::Relaxed),
+            cache_misses: counters.cache_misses.load(Ordering::Relaxed),
             fsync_buckets: std::array::from_fn(|bucket| {
                 counters.fsync_buckets[bucket].load(Ordering::Relaxed)
             }),
@@ -892,8 +900,10 @@ fn load_record(
     location: Location,
 ) -> Result<Arc<Vec<Entry>>> {
     if let Some(record) = lock(&shared.cache).get(&location) {
+        shared.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
         return Ok(record);
     }
+    shared.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
     let path = segment_path(&shared.config.dir, location.segment);
     let Some(file) = handles.get(&location.segment) else {
         return Err(Error::io(
@@ -1302,10 +1312,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Points the index at the durable records and caches fresh entries.
+    /// Points the index at the written records. Their entries are not
+    /// cached: Raft keeps a group's unapplied entries in memory, and in
+    /// steady state nothing reads a fresh record back (the cache counters
+    /// read zero under put and mixed load); the cache fills on reads.
     fn publish(&self, accepted: &mut [(Done, Encoded)], base: u64) {
         let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
-        let mut cache = lock(&self.shared.cache);
         for (_, encoded) in accepted {
             for (group, record, body_offset, body_len) in encoded.records.iter_mut() {
                 let (group, body_offset, body_len) = (*group, *body_offset, *body_len);
@@ -1316,18 +1328,12 @@ impl Writer {
                 };
                 if let Err(error) = index.apply(group, record, location) {
                     // The batch view accepted it: a disagreement is a bug.
-                    drop(cache);
                     drop(index);
                     self.fail(format!(
                         "index rejected a checked record of group {group}: {}",
                         error.0
                     ));
                     return;
-                }
-                // The record is written and indexed: its entries move to
-                // the cache.
-                if let Record::Entries(entries) = record {
-                    cache.insert(location, Arc::new(std::mem::take(entries)));
                 }
             }
         }

@@ -470,6 +470,23 @@ fn a_write_after_an_unsynced_one_does_not_prove_it_durable() {
     assert_eq!(wal.hard_state(GroupId(1)), hard_state(1, 1, 2));
 }
 
+/// Fresh writes are not cached (Raft keeps unapplied entries in memory);
+/// a record read from disk is, so a retried catch-up read hits.
+#[test]
+fn records_are_cached_when_read_not_when_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    append_entries(&wal, 1, entries(1, 4, 1, "c"));
+    let stats = wal.stats();
+    assert_eq!((stats.cache_hits, stats.cache_misses), (0, 0));
+    assert_eq!(all_entries(&wal, 1), entries(1, 4, 1, "c"));
+    let stats = wal.stats();
+    assert_eq!((stats.cache_hits, stats.cache_misses), (0, 1));
+    assert_eq!(all_entries(&wal, 1), entries(1, 4, 1, "c"));
+    let stats = wal.stats();
+    assert_eq!((stats.cache_hits, stats.cache_misses), (1, 1));
+}
+
 /// The no-sync mode exists for tests and never fsyncs.
 #[test]
 fn no_sync_mode_skips_fsync() {
