@@ -139,6 +139,13 @@ async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
     for group in 1..=groups {
         leaders.push(leader_of(&cluster, GroupId(group)).await);
     }
+    if std::env::var_os("THROUGHPUT_WAL_STATS").is_some() {
+        let mut led = [0u32; 3];
+        for leader in &leaders {
+            led[(leader.node_id().0 - 1) as usize] += 1;
+        }
+        eprintln!("groups led by nodes 1, 2, 3: {led:?}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let payload = Bytes::from(vec![0x5Au8; payload_bytes]);
