@@ -1462,8 +1462,8 @@ impl Group {
         }
     }
 
-    /// The ready `number` is durable: acknowledge it and send the messages
-    /// that were waiting for it.
+    /// The ready `number` is durable: tell Raft (its persisted messages
+    /// already left from the WAL's callback, see `process_readies`).
     fn on_persisted(&mut self, number: u64) {
         self.raft.on_persisted(number);
         // The WAL holds the install: the state machine may restore now,

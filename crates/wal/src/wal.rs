@@ -1162,7 +1162,7 @@ impl Writer {
             Ok(())
         } else {
             self.write(&mut buffer, must_sync)
-                .map(|base| self.publish(&mut accepted, base))
+                .map(|base| self.publish(&accepted, base))
         };
         let result = match written {
             Ok(()) => {
@@ -1272,9 +1272,14 @@ impl Writer {
     }
 
     /// Makes every byte written to the active segment durable, if some
-    /// write went without an fsync.
+    /// write went without an fsync (in the no-sync test mode, only forgets
+    /// that it did, so that writes keep their flags as they always had).
     fn sync_if_unsynced(&mut self) -> Result<()> {
-        if !self.unsynced || self.shared.config.sync_mode != SyncMode::Fdatasync {
+        if !self.unsynced {
+            return Ok(());
+        }
+        if self.shared.config.sync_mode != SyncMode::Fdatasync {
+            self.unsynced = false;
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -1316,10 +1321,10 @@ impl Writer {
     /// cached: Raft keeps a group's unapplied entries in memory, and in
     /// steady state nothing reads a fresh record back (the cache counters
     /// read zero under put and mixed load); the cache fills on reads.
-    fn publish(&self, accepted: &mut [(Done, Encoded)], base: u64) {
+    fn publish(&self, accepted: &[(Done, Encoded)], base: u64) {
         let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
         for (_, encoded) in accepted {
-            for (group, record, body_offset, body_len) in encoded.records.iter_mut() {
+            for (group, record, body_offset, body_len) in &encoded.records {
                 let (group, body_offset, body_len) = (*group, *body_offset, *body_len);
                 let location = Location {
                     segment: self.active.sequence,
@@ -1453,7 +1458,7 @@ impl Writer {
         push_record(group, start, &mut buffer, &mut encoded);
         let base = self.write_durably(&mut buffer)?;
         let done: Done = Box::new(|_| {});
-        self.publish(&mut [(done, encoded)], base);
+        self.publish(&[(done, encoded)], base);
         self.shared
             .counters
             .groups_rewritten
