@@ -86,6 +86,9 @@ async fn start_cluster(groups: u64) -> Cluster {
         let transport = TcpTransport::start(tcp, listener);
         let mut config = HostConfig::new(NodeId(id), dir.path());
         config.tick_interval = Duration::from_millis(50);
+        if let Some(workers) = env_number("THROUGHPUT_WORKERS") {
+            config.workers = workers;
+        }
         let mut wal_config = WalConfig::new(dir.path());
         if let Some(wait) = env_number("THROUGHPUT_WAL_BATCH_WAIT_MICROS") {
             wal_config.batch_wait_micros_max = wait;
