@@ -960,14 +960,37 @@ struct Writer {
     garbage_collection_due: bool,
     /// The active segment holds written bytes no fsync has covered yet.
     unsynced: bool,
-    /// How often recent waits for a request ended within
-    /// `writer_spin_micros`: a moving average in 1/1024ths.
+    /// Whether to poll for the next request before sleeping.
+    spin: SpinPolicy,
+}
+
+/// How often the writer's recent waits for a request ended within
+/// `writer_spin_micros`, as a moving average in 1/1024ths (each wait
+/// weighs 1/8): the writer polls only while at least half did, that is,
+/// while polling would have caught the request.
+#[derive(Clone, Copy, Debug)]
+struct SpinPolicy {
     short_waits_per_1024: u32,
 }
 
-/// The writer polls only while at least half of its recent waits were
-/// short enough for polling to catch the request.
-const SPIN_WHEN_SHORT_WAITS_PER_1024: u32 = 512;
+impl SpinPolicy {
+    /// Polls at first: a lone writer's callers resubmit at once.
+    fn new() -> SpinPolicy {
+        SpinPolicy {
+            short_waits_per_1024: 1024,
+        }
+    }
+
+    fn should_spin(&self) -> bool {
+        self.short_waits_per_1024 >= 512
+    }
+
+    fn record_wait(&mut self, short: bool) {
+        let rate = self.short_waits_per_1024;
+        self.short_waits_per_1024 = rate * 7 / 8 + if short { 128 } else { 0 };
+        debug_assert!(self.short_waits_per_1024 <= 1024);
+    }
+}
 
 impl Writer {
     fn new(
@@ -981,7 +1004,7 @@ impl Writer {
             completions,
             garbage_collection_due: true,
             unsynced: false,
-            short_waits_per_1024: 1024,
+            spin: SpinPolicy::new(),
         }
     }
 
@@ -1064,7 +1087,7 @@ impl Writer {
         }
         let started = Instant::now();
         let spin_until = started + Duration::from_micros(self.shared.config.writer_spin_micros);
-        let spin = self.short_waits_per_1024 >= SPIN_WHEN_SHORT_WAITS_PER_1024;
+        let spin = self.spin.should_spin();
         let request = loop {
             match receiver.try_recv() {
                 Ok(request) => break Some(request),
@@ -1075,9 +1098,7 @@ impl Writer {
                 Err(TryRecvError::Empty) => break receiver.recv().ok(),
             }
         };
-        let short = Instant::now() < spin_until;
-        self.short_waits_per_1024 =
-            self.short_waits_per_1024 - self.short_waits_per_1024 / 8 + if short { 128 } else { 0 };
+        self.spin.record_wait(Instant::now() < spin_until);
         request
     }
 
@@ -1746,5 +1767,42 @@ fn check_update(
             };
             Ok(Record::GroupRemoved)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SpinPolicy;
+
+    /// The writer stops polling after a few long waits, starts again after
+    /// a few short ones, and one odd wait changes nothing.
+    #[test]
+    fn spin_policy_follows_recent_waits() {
+        let mut policy = SpinPolicy::new();
+        assert!(policy.should_spin());
+        policy.record_wait(false);
+        assert!(policy.should_spin(), "one long wait is not a trend");
+        let mut long_waits = 1;
+        while policy.should_spin() {
+            policy.record_wait(false);
+            long_waits += 1;
+        }
+        assert_eq!(long_waits, 6, "stops after six long waits in a row");
+        for _ in 0..100 {
+            policy.record_wait(false);
+        }
+        assert_eq!(policy.short_waits_per_1024, 0);
+        policy.record_wait(true);
+        assert!(!policy.should_spin(), "one short wait is not a trend");
+        let mut short_waits = 1;
+        while !policy.should_spin() {
+            policy.record_wait(true);
+            short_waits += 1;
+        }
+        assert_eq!(short_waits, 6, "polls again after six short waits in a row");
+        for _ in 0..100 {
+            policy.record_wait(true);
+        }
+        assert!(policy.short_waits_per_1024 <= 1024 && policy.should_spin());
     }
 }
