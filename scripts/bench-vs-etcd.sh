@@ -14,8 +14,11 @@
 # Environment: WORKLOADS (default "put range mixed mixed-90 txn-put") picks
 # the rows; `mixed` is half reads, `mixed-90` 90% reads (the "mixed, 90%
 # get" row of ../shared/ANCHORS.md);
+# SIZES (default "1 3") picks the cluster sizes;
 # ROUNDS (default 1) runs every row that many times per system: the table
-# shows medians, and the last column each round's ratio;
+# shows medians, the ratio of the two medians, the median of the rounds'
+# ratios (each round pairs the systems back to back, so it holds when the
+# machine's speed drifts between rounds), and each round's ratio;
 # REGATTA_BIN runs that binary instead of building target/release/regatta
 # (to compare two builds in one sitting).
 #
@@ -41,6 +44,10 @@ if ! command -v etcd >/dev/null 2>&1; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
 workloads="${WORKLOADS:-put range mixed mixed-90 txn-put}"
+sizes="${SIZES:-1 3}"
+for nodes in $sizes; do
+    case "$nodes" in 1 | 3) ;; *) echo "SIZES takes 1 and 3 only, not $nodes" >&2; exit 1 ;; esac
+done
 if [ -n "${REGATTA_BIN:-}" ]; then
     regatta="$REGATTA_BIN"
 else
@@ -69,7 +76,7 @@ field() { # line name
 }
 
 rows=()
-for nodes in 1 3; do
+for nodes in $sizes; do
     start_etcd "$nodes"
     start_regatta "$nodes"
     etcd_eps="$(endpoints 23790 "$nodes")"
@@ -97,11 +104,11 @@ median() { # numbers...
 }
 
 echo
-echo "| nodes | workload | etcd req/s | etcd p50 | etcd p99 | regatta req/s | regatta p50 | regatta p99 | regatta / etcd | by round |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
-for nodes in 1 3; do
+echo "| nodes | workload | etcd req/s | etcd p50 | etcd p99 | regatta req/s | regatta p50 | regatta p99 | regatta / etcd | median of round ratios | by round |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for nodes in $sizes; do
     for workload in $workloads; do
-        ers=() ep50s=() ep99s=() rrs=() rp50s=() rp99s=() by_round=""
+        ers=() ep50s=() ep99s=() rrs=() rp50s=() rp99s=() ratios=() by_round=""
         for round in $(seq 1 "$rounds"); do
             e="" r=""
             for row in "${rows[@]}"; do
@@ -117,10 +124,11 @@ for nodes in 1 3; do
             done
             one="$(awk -v a="$r" -v b="$e" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
             by_round="${by_round:+$by_round, }${one}×"
+            [ "$one" = - ] || ratios+=("$one")
         done
         er="$(printf '%.0f' "$(median "${ers[@]}")")" rr="$(printf '%.0f' "$(median "${rrs[@]}")")"
         ratio="$(awk -v a="$rr" -v b="$er" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
-        echo "| $nodes | $workload | $er | $(median "${ep50s[@]}") ms | $(median "${ep99s[@]}") ms | $rr | $(median "${rp50s[@]}") ms | $(median "${rp99s[@]}") ms | ${ratio}× | $by_round |"
+        echo "| $nodes | $workload | $er | $(median "${ep50s[@]}") ms | $(median "${ep99s[@]}") ms | $rr | $(median "${rp50s[@]}") ms | $(median "${rp99s[@]}") ms | ${ratio}× | $(median "${ratios[@]}")× | $by_round |"
     done
 done
 echo

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use regatta_raft::{Message, NodeId};
+use regatta_raft::{Message, NodeId, MESSAGE_KIND_NAMES};
 use regatta_wal::GroupId;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -200,6 +200,8 @@ pub struct TcpStats {
     pub frames_sent: AtomicU64,
     /// Messages sent.
     pub messages_sent: AtomicU64,
+    /// Messages sent, by kind (`regatta_raft::MESSAGE_KIND_NAMES`).
+    pub messages_sent_by_kind: [AtomicU64; MESSAGE_KIND_NAMES.len()],
     /// Connections that failed or broke.
     pub connection_failures: AtomicU64,
     /// Frames refused (checksum, size, type, decoding).
@@ -494,6 +496,10 @@ async fn send_until_broken(
             pending.push(message);
         }
         let count = pending.len() as u64;
+        let mut by_kind = [0u64; MESSAGE_KIND_NAMES.len()];
+        for (_, message) in pending.iter() {
+            by_kind[message.body.kind_index()] += 1;
+        }
         let (frames, oversized) = encode_frames(pending, config.frame_bytes_max as usize);
         pending.clear();
         stats
@@ -513,6 +519,13 @@ async fn send_until_broken(
         stats
             .messages_sent
             .fetch_add(count - oversized, Ordering::Relaxed);
+        // Counted as handed to the socket: the rare message too large for
+        // a frame (dropped, and counted there) is included.
+        for (counter, sent) in stats.messages_sent_by_kind.iter().zip(by_kind) {
+            if sent > 0 {
+                counter.fetch_add(sent, Ordering::Relaxed);
+            }
+        }
     }
 }
 

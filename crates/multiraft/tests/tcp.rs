@@ -189,6 +189,32 @@ async fn three_nodes_over_tcp() {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
+    // Counted by kind too: every message is one kind, and the writes made
+    // leaders send appends and followers answer them.
+    for node in nodes.values() {
+        let stats = node.transport.stats();
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let by_kind: u64 = stats.messages_sent_by_kind.iter().map(load).sum();
+        assert_eq!(by_kind, load(&stats.messages_sent));
+    }
+    let kind = |name: &str| {
+        regatta_raft::MESSAGE_KIND_NAMES
+            .iter()
+            .position(|kind| *kind == name)
+            .expect("a kind")
+    };
+    let sent = |name: &str| -> u64 {
+        nodes
+            .values()
+            .map(|node| {
+                node.transport.stats().messages_sent_by_kind[kind(name)]
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    };
+    assert!(sent("append") > 0 && sent("append_response") > 0);
 
     // Crash node 3: its transport stops (port released) and its host stops.
     let crashed = nodes.remove(&3).expect("node 3");

@@ -136,26 +136,64 @@ impl MessageBody {
 
     /// A short name, for logs and metrics.
     pub fn kind_name(&self) -> &'static str {
+        MESSAGE_KIND_NAMES[self.kind_index()]
+    }
+
+    /// The position of this message's kind in [`MESSAGE_KIND_NAMES`], for
+    /// counting messages by kind in an array.
+    pub fn kind_index(&self) -> usize {
         match self {
-            MessageBody::Append { .. } => "append",
-            MessageBody::AppendResponse { .. } => "append_response",
-            MessageBody::Vote { pre_vote: true, .. } => "pre_vote",
-            MessageBody::Vote { .. } => "vote",
-            MessageBody::VoteResponse { pre_vote: true, .. } => "pre_vote_response",
-            MessageBody::VoteResponse { .. } => "vote_response",
-            MessageBody::Heartbeat { .. } => "heartbeat",
-            MessageBody::HeartbeatResponse { .. } => "heartbeat_response",
-            MessageBody::Snapshot { .. } => "snapshot",
-            MessageBody::TimeoutNow => "timeout_now",
-            MessageBody::ReadIndex { .. } => "read_index",
-            MessageBody::ReadIndexResponse { .. } => "read_index_response",
-            MessageBody::Propose { .. } => "propose",
-            MessageBody::TransferLeader { .. } => "transfer_leader",
+            MessageBody::Append { .. } => 0,
+            MessageBody::AppendResponse { .. } => 1,
+            MessageBody::Vote { pre_vote: true, .. } => 2,
+            MessageBody::Vote { .. } => 3,
+            MessageBody::VoteResponse { pre_vote: true, .. } => 4,
+            MessageBody::VoteResponse { .. } => 5,
+            MessageBody::Heartbeat { .. } => 6,
+            MessageBody::HeartbeatResponse { .. } => 7,
+            MessageBody::Snapshot { .. } => 8,
+            MessageBody::TimeoutNow => 9,
+            MessageBody::ReadIndex { .. } => 10,
+            MessageBody::ReadIndexResponse { .. } => 11,
+            MessageBody::Propose { .. } => 12,
+            MessageBody::TransferLeader { .. } => 13,
         }
     }
 }
 
+/// The kinds of message, by [`MessageBody::kind_index`].
+pub const MESSAGE_KIND_NAMES: [&str; 14] = [
+    "append",
+    "append_response",
+    "pre_vote",
+    "vote",
+    "pre_vote_response",
+    "vote_response",
+    "heartbeat",
+    "heartbeat_response",
+    "snapshot",
+    "timeout_now",
+    "read_index",
+    "read_index_response",
+    "propose",
+    "transfer_leader",
+];
+
 /// A convenience for building normal payloads.
 pub fn normal(data: impl Into<Bytes>) -> EntryPayload {
     EntryPayload::Normal(data.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MESSAGE_KIND_NAMES;
+
+    /// Counting by kind needs every kind to have a name of its own.
+    #[test]
+    fn message_kind_names_are_distinct() {
+        let mut names = MESSAGE_KIND_NAMES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), MESSAGE_KIND_NAMES.len());
+    }
 }

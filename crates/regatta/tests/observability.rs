@@ -54,6 +54,9 @@ async fn metrics_and_health_of_a_single_node() {
     for name in [
         "regatta_wal_cache_hits_total",
         "regatta_wal_cache_misses_total",
+        // A single node has no peers, but every kind is listed.
+        r#"regatta_peer_messages_sent_by_kind_total{kind="append"}"#,
+        r#"regatta_peer_messages_sent_by_kind_total{kind="read_index"}"#,
     ] {
         assert!(sample(&metrics, name).is_some(), "{name} in {metrics}");
     }

@@ -373,6 +373,17 @@ impl Node {
         self.wal.stats()
     }
 
+    /// Raft messages sent to peers, by kind: (kind, count).
+    pub fn transport_messages_by_kind(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.transport.stats();
+        regatta_raft::MESSAGE_KIND_NAMES
+            .iter()
+            .zip(&stats.messages_sent_by_kind)
+            .map(|(kind, count)| (*kind, count.load(Relaxed)))
+            .collect()
+    }
+
     /// The peer transport's counters: (metric name, help, value).
     pub fn transport_stats(&self) -> Vec<(&'static str, &'static str, u64)> {
         use std::sync::atomic::Ordering::Relaxed;

@@ -563,6 +563,17 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
     for (name, help, value) in transport {
         counter(&mut registry, name, help, value);
     }
+    let by_kind = Family::<Labels, Counter>::default();
+    registry.register(
+        "peer_messages_sent_by_kind",
+        "Raft messages sent to peers, by kind (append, heartbeat, read_index, ...)",
+        by_kind.clone(),
+    );
+    for (kind, count) in node.transport_messages_by_kind() {
+        by_kind
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .inc_by(count);
+    }
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)
