@@ -37,19 +37,25 @@ fn run_seeds(voters: u64, default_seeds: u64) {
     let mut elections = 0;
     let mut applied = 0;
     let mut reads = 0;
+    let mut commits_lost = 0;
     for seed in start..start + count {
         let report = run_seed(SimOptions::from_seed(seed, voters));
         elections += report.elections;
         applied += report.applied;
         reads += report.reads_answered;
+        commits_lost += report.commit_indexes_lost;
     }
     println!(
-        "{count} seeds with {voters} voters: {elections} elections, {applied} entries applied, {reads} reads confirmed"
+        "{count} seeds with {voters} voters: {elections} elections, {applied} entries applied, {reads} reads confirmed, {commits_lost} crashes lost an unsynced commit index"
     );
     // A simulation that never elects, commits or reads proves nothing.
     assert!(elections >= count, "too few elections: {elections}");
     assert!(applied >= count * 50, "too few entries applied: {applied}");
     assert!(reads >= count * 5, "too few reads confirmed: {reads}");
+    assert!(
+        commits_lost * 10 >= count,
+        "too few crashes lost an unsynced commit index: {commits_lost}"
+    );
 }
 
 /// Safety and liveness of a 3-voter group (plus 2 spare nodes for

@@ -136,6 +136,10 @@ struct SimNode {
     storage: MemStorage,
     writes: VecDeque<PendingWrite>,
     sm: StateMachine,
+    /// The hard state as of the last write that had to be synced. A write
+    /// that only moves the commit index is acknowledged unsynced (the
+    /// WAL's `MustSync` rule), so a crash may fall back to this one.
+    synced_hard_state: Option<HardState>,
     tick_phase: u64,
     restart_at: Option<u64>,
     incarnation: u64,
@@ -150,6 +154,7 @@ impl SimNode {
             storage: MemStorage::new(),
             writes: VecDeque::new(),
             sm: StateMachine::default(),
+            synced_hard_state: None,
             tick_phase,
             restart_at: None,
             incarnation: 0,
@@ -173,6 +178,8 @@ struct Checker {
     reads_answered: u64,
     proposals_applied: u64,
     elections: u64,
+    /// Crashes that lost an acknowledged, unsynced commit index.
+    commit_indexes_lost: u64,
 }
 
 pub struct SimReport {
@@ -180,6 +187,7 @@ pub struct SimReport {
     pub applied: u64,
     pub reads_answered: u64,
     pub messages: u64,
+    pub commit_indexes_lost: u64,
 }
 
 pub struct Sim {
@@ -312,6 +320,7 @@ impl Sim {
             applied: self.checker.applied.len() as u64,
             reads_answered: self.checker.reads_answered,
             messages: self.messages_sent,
+            commit_indexes_lost: self.checker.commit_indexes_lost,
         }
     }
 
@@ -545,10 +554,21 @@ impl Sim {
             let storage = raft.storage().clone();
             self.checker.check_entries(id, &storage, &write.entries);
         }
+        let node = self.nodes.get_mut(&id).expect("node exists");
+        let raft = node.raft.as_mut().expect("node is up");
+        let before = raft.storage().hard_state();
         if let Some(hard_state) = write.hard_state {
-            let node = self.nodes.get_mut(&id).expect("node exists");
-            let raft = node.raft.as_mut().expect("node is up");
             raft.storage_mut().set_hard_state(hard_state);
+        }
+        // As the WAL does: only a write that moves nothing but commit
+        // indexes goes without an fsync; any other write syncs it too.
+        let commit_only = write.snapshot.is_none()
+            && write.entries.is_empty()
+            && write
+                .hard_state
+                .is_none_or(|hs| hs.term == before.term && hs.vote == before.vote);
+        if !commit_only {
+            node.synced_hard_state = Some(raft.storage().hard_state());
         }
     }
 
@@ -772,6 +792,18 @@ impl Sim {
             }
         }
         node.writes.clear();
+        // A commit index written after the last synced write may be lost.
+        if let Some(synced) = node.synced_hard_state {
+            if synced != storage.hard_state() && self.rng.chance(1, 2) {
+                assert_eq!(
+                    (synced.term, synced.vote),
+                    (storage.hard_state().term, storage.hard_state().vote),
+                    "only a commit index goes unsynced"
+                );
+                storage.set_hard_state(synced);
+                self.checker.commit_indexes_lost += 1;
+            }
+        }
         node.storage = storage;
         node.sm.applied = node.sm.durable_applied;
         node.sm.hash = node.sm.durable_hash;
