@@ -7,9 +7,9 @@
 //! 3. send `ready.messages` at once (a leader's appends go out before its own
 //!    fsync: pipelining);
 //! 4. persist `ready.snapshot`, then `ready.entries` (which may overwrite a
-//!    suffix), then `ready.hard_state`; then call
-//!    [`RaftNode::on_persisted`] with `ready.number` and only then send
-//!    `ready.persisted_messages`;
+//!    suffix), then `ready.hard_state`; once that is durable, send
+//!    `ready.persisted_messages` and call [`RaftNode::on_persisted`] with
+//!    `ready.number`, in either order;
 //! 5. apply `ready.committed_entries` (possibly on another task) and report
 //!    progress with [`RaftNode::advance_apply`].
 //!
@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::message::Message;
+use crate::message::{Message, MessageBody};
 use crate::progress::ProgressState;
 use crate::raft::{Proposed, Raft};
 use crate::storage::Storage;
@@ -245,8 +245,8 @@ impl<S: Storage> RaftNode<S> {
             hard_state: (hard_state != self.previous_hard_state).then_some(hard_state),
             snapshot,
             entries,
-            messages: std::mem::take(&mut self.raft.msgs),
-            persisted_messages: std::mem::take(&mut self.raft.msgs_after_persist),
+            messages: coalesce_reads(std::mem::take(&mut self.raft.msgs)),
+            persisted_messages: coalesce_reads(std::mem::take(&mut self.raft.msgs_after_persist)),
             committed_entries,
             read_states: std::mem::take(&mut self.raft.read_states),
         };
@@ -361,5 +361,145 @@ impl<S: Storage> RaftNode<S> {
     /// The storage, to persist what a ready handed out.
     pub fn storage_mut(&mut self) -> &mut S {
         &mut self.raft.log.storage
+    }
+}
+
+/// Merges the read messages of one `Ready` that go the same way: a
+/// follower's forwarded reads into one `ReadIndex` per leader, and a
+/// leader's answers with the same index into one `ReadIndexResponse` per
+/// follower. They all leave together anyway; merged, each costs one
+/// message instead of one per read. Other messages keep their order.
+fn coalesce_reads(messages: Vec<Message>) -> Vec<Message> {
+    let reads = messages
+        .iter()
+        .filter(|message| {
+            matches!(
+                message.body,
+                MessageBody::ReadIndex { .. } | MessageBody::ReadIndexResponse { .. }
+            )
+        })
+        .count();
+    if reads < 2 {
+        return messages;
+    }
+    let mut merged: Vec<Message> = Vec::with_capacity(messages.len());
+    // Positions in `merged` of the read messages kept so far.
+    let mut read_positions: Vec<usize> = Vec::new();
+    for message in messages {
+        let target = read_positions.iter().copied().find(|&position| {
+            let kept = &merged[position];
+            kept.from == message.from
+                && kept.to == message.to
+                && kept.term == message.term
+                && match (&kept.body, &message.body) {
+                    (MessageBody::ReadIndex { .. }, MessageBody::ReadIndex { .. }) => true,
+                    (
+                        MessageBody::ReadIndexResponse { index: kept, .. },
+                        MessageBody::ReadIndexResponse { index, .. },
+                    ) => kept == index,
+                    _ => false,
+                }
+        });
+        match (target, message.body) {
+            (Some(position), MessageBody::ReadIndex { ids })
+            | (Some(position), MessageBody::ReadIndexResponse { ids, .. }) => {
+                match &mut merged[position].body {
+                    MessageBody::ReadIndex { ids: kept }
+                    | MessageBody::ReadIndexResponse { ids: kept, .. } => kept.extend(ids),
+                    _ => unreachable!("read_positions holds read messages only"),
+                }
+            }
+            (_, body) => {
+                let is_read = matches!(
+                    body,
+                    MessageBody::ReadIndex { .. } | MessageBody::ReadIndexResponse { .. }
+                );
+                if is_read {
+                    read_positions.push(merged.len());
+                }
+                merged.push(Message { body, ..message });
+            }
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coalesce_reads;
+    use crate::message::{Message, MessageBody};
+    use crate::types::{LogIndex, NodeId, ReadId, Term};
+
+    fn message(from: u64, to: u64, term: u64, body: MessageBody) -> Message {
+        Message {
+            from: NodeId(from),
+            to: NodeId(to),
+            term: Term(term),
+            body,
+        }
+    }
+
+    fn read(to: u64, ids: &[u64]) -> Message {
+        let ids = ids.iter().map(|id| ReadId(*id)).collect();
+        message(2, to, 0, MessageBody::ReadIndex { ids })
+    }
+
+    fn answer(to: u64, index: u64, ids: &[u64]) -> Message {
+        let ids = ids.iter().map(|id| ReadId(*id)).collect();
+        let index = LogIndex(index);
+        message(1, to, 5, MessageBody::ReadIndexResponse { index, ids })
+    }
+
+    fn heartbeat(to: u64) -> Message {
+        let body = MessageBody::Heartbeat {
+            commit: LogIndex(3),
+            round: 1,
+        };
+        message(1, to, 5, body)
+    }
+
+    /// Reads to one leader merge into the first, in order; other messages
+    /// keep their places; a read to another node stays apart.
+    #[test]
+    fn forwarded_reads_to_one_leader_merge() {
+        let merged = coalesce_reads(vec![
+            read(1, &[7]),
+            heartbeat(3),
+            read(1, &[8, 9]),
+            read(3, &[10]),
+            read(1, &[11]),
+        ]);
+        assert_eq!(
+            merged,
+            vec![read(1, &[7, 8, 9, 11]), heartbeat(3), read(3, &[10])]
+        );
+    }
+
+    /// Answers merge only when they carry the same index to the same node.
+    #[test]
+    fn read_answers_merge_by_follower_and_index() {
+        let merged = coalesce_reads(vec![
+            answer(2, 40, &[1]),
+            answer(3, 40, &[2]),
+            answer(2, 40, &[3]),
+            answer(2, 41, &[4]),
+            heartbeat(2),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                answer(2, 40, &[1, 3]),
+                answer(3, 40, &[2]),
+                answer(2, 41, &[4]),
+                heartbeat(2),
+            ]
+        );
+    }
+
+    /// Without two reads there is nothing to merge.
+    #[test]
+    fn a_single_read_is_left_alone() {
+        let messages = vec![heartbeat(2), read(1, &[1]), heartbeat(3)];
+        assert_eq!(coalesce_reads(messages.clone()), messages);
     }
 }
