@@ -130,9 +130,14 @@ pub fn encode_record_with(
         out[start + 5] = RECORD_FLAG_WRITE_START;
     }
     out[start + 8..start + 16].copy_from_slice(&group.to_le_bytes());
-    let mut crc = crc32c::crc32c(&out[start..start + 16]);
-    crc = crc32c::crc32c_append(crc, &out[start + RECORD_HEADER_BYTES..]);
+    let crc = record_crc(&out[start..start + 16], &out[start + RECORD_HEADER_BYTES..]);
     out[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A record's checksum: CRC32C over the header's first 16 bytes (length,
+/// type, flags, reserved, group), then the body.
+fn record_crc(header_covered: &[u8], body: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(header_covered), body)
 }
 
 /// One record found by [`scan_segment`].
@@ -267,7 +272,7 @@ fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, 
     }
     let body = &bytes[body_offset..body_end as usize];
     let expected = read_u32(header, 16);
-    let actual = crc32c::crc32c_append(crc32c::crc32c(&header[0..16]), body);
+    let actual = record_crc(&header[0..16], body);
     if expected != actual {
         return Err(format!(
             "checksum mismatch (stored {expected:08x}, computed {actual:08x})"
@@ -289,7 +294,9 @@ fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, 
 
 /// Clears the write-start flag of the record at the start of `buffer` and
 /// re-seals its checksum: that write starts before the one before it is
-/// durable, so it must not prove that one durable to recovery.
+/// durable, so it must not prove that one durable to recovery. It costs one
+/// more checksum of that first record, and runs only for a write that
+/// follows a commit-only one.
 pub fn clear_write_start(buffer: &mut [u8]) {
     assert!(
         buffer.len() >= RECORD_HEADER_BYTES && buffer[5] == RECORD_FLAG_WRITE_START,
@@ -298,10 +305,7 @@ pub fn clear_write_start(buffer: &mut [u8]) {
     buffer[5] = 0;
     let body_end = RECORD_HEADER_BYTES + read_u32(buffer, 0) as usize;
     assert!(body_end <= buffer.len(), "the first record is whole");
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c(&buffer[0..16]),
-        &buffer[RECORD_HEADER_BYTES..body_end],
-    );
+    let crc = record_crc(&buffer[0..16], &buffer[RECORD_HEADER_BYTES..body_end]);
     buffer[16..20].copy_from_slice(&crc.to_le_bytes());
 }
 

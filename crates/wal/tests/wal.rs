@@ -341,6 +341,15 @@ fn append_hard_state(wal: &Wal, group: u64, state: HardState) {
     wal.append(batch).expect("append");
 }
 
+/// Entries and a hard state of group 1 in one batch: a write that syncs.
+fn append_synced(wal: &Wal, entries: Vec<Entry>, state: HardState) {
+    let mut batch = WriteBatch::new();
+    batch
+        .entries(GroupId(1), entries)
+        .hard_state(GroupId(1), state);
+    wal.append(batch).expect("append");
+}
+
 /// A batch that only advances commit indexes is written without an fsync
 /// (Raft recomputes a lost commit index); a new term or vote, entries, or
 /// a later batch that must sync, fsync it.
@@ -348,11 +357,7 @@ fn append_hard_state(wal: &Wal, group: u64, state: HardState) {
 fn commit_only_hard_states_are_written_without_fsync() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(config(dir.path())).expect("open");
-    let mut batch = WriteBatch::new();
-    batch
-        .entries(GroupId(1), entries(1, 3, 1, "s"))
-        .hard_state(GroupId(1), hard_state(1, 1, 0));
-    wal.append(batch).expect("append");
+    append_synced(&wal, entries(1, 3, 1, "s"), hard_state(1, 1, 0));
     let synced = wal.stats();
     assert_eq!(synced.fsyncs, 1);
 
@@ -391,11 +396,7 @@ fn commit_only_hard_states_are_written_without_fsync() {
 fn a_segment_roll_fsyncs_unsynced_commit_indexes_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(config(dir.path())).expect("open");
-    let mut batch = WriteBatch::new();
-    batch
-        .entries(GroupId(1), entries(1, 1, 1, "r"))
-        .hard_state(GroupId(1), hard_state(1, 1, 0));
-    wal.append(batch).expect("append");
+    append_synced(&wal, entries(1, 1, 1, "r"), hard_state(1, 1, 0));
     append_hard_state(&wal, 1, hard_state(1, 1, 1));
     let before = wal.stats();
     // Larger than what is left of the 64 KiB segment: it rolls.
@@ -424,11 +425,7 @@ fn a_segment_roll_fsyncs_unsynced_commit_indexes_first() {
 fn a_write_after_an_unsynced_one_does_not_prove_it_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(config(dir.path())).expect("open");
-    let mut batch = WriteBatch::new();
-    batch
-        .entries(GroupId(1), entries(1, 3, 1, "acked"))
-        .hard_state(GroupId(1), hard_state(1, 1, 0));
-    wal.append(batch).expect("append");
+    append_synced(&wal, entries(1, 3, 1, "acked"), hard_state(1, 1, 0));
     drop(wal);
     let segment = segment_files(dir.path()).pop().expect("segment");
     let (synced_end, _) = data_end(&segment);
