@@ -370,58 +370,62 @@ impl<S: Storage> RaftNode<S> {
 /// follower. They all leave together anyway; merged, each costs one
 /// message instead of one per read. Other messages keep their order.
 fn coalesce_reads(messages: Vec<Message>) -> Vec<Message> {
-    let reads = messages
-        .iter()
-        .filter(|message| {
-            matches!(
-                message.body,
-                MessageBody::ReadIndex { .. } | MessageBody::ReadIndexResponse { .. }
-            )
-        })
-        .count();
-    if reads < 2 {
+    let is_read = |message: &Message| {
+        matches!(
+            message.body,
+            MessageBody::ReadIndex { .. } | MessageBody::ReadIndexResponse { .. }
+        )
+    };
+    // Most readies carry at most one read: leave them as they are.
+    if messages.iter().filter(|message| is_read(message)).count() < 2 {
         return messages;
     }
     let mut merged: Vec<Message> = Vec::with_capacity(messages.len());
     // Positions in `merged` of the read messages kept so far.
     let mut read_positions: Vec<usize> = Vec::new();
-    for message in messages {
-        let target = read_positions.iter().copied().find(|&position| {
-            let kept = &merged[position];
-            kept.from == message.from
-                && kept.to == message.to
-                && kept.term == message.term
-                && match (&kept.body, &message.body) {
-                    (MessageBody::ReadIndex { .. }, MessageBody::ReadIndex { .. }) => true,
-                    (
-                        MessageBody::ReadIndexResponse { index: kept, .. },
-                        MessageBody::ReadIndexResponse { index, .. },
-                    ) => kept == index,
-                    _ => false,
-                }
-        });
-        match (target, message.body) {
-            (Some(position), MessageBody::ReadIndex { ids })
-            | (Some(position), MessageBody::ReadIndexResponse { ids, .. }) => {
-                match &mut merged[position].body {
-                    MessageBody::ReadIndex { ids: kept }
-                    | MessageBody::ReadIndexResponse { ids: kept, .. } => kept.extend(ids),
-                    _ => unreachable!("read_positions holds read messages only"),
-                }
-            }
-            (_, body) => {
-                let is_read = matches!(
-                    body,
-                    MessageBody::ReadIndex { .. } | MessageBody::ReadIndexResponse { .. }
-                );
-                if is_read {
-                    read_positions.push(merged.len());
-                }
-                merged.push(Message { body, ..message });
+    for mut message in messages {
+        if !is_read(&message) {
+            merged.push(message);
+            continue;
+        }
+        let target = read_positions
+            .iter()
+            .copied()
+            .find(|&position| same_read_route(&merged[position], &message));
+        let kept = target.and_then(|position| read_ids(&mut merged[position].body));
+        match (kept, read_ids(&mut message.body)) {
+            (Some(kept), Some(ids)) => kept.append(ids),
+            _ => {
+                read_positions.push(merged.len());
+                merged.push(message);
             }
         }
     }
     merged
+}
+
+/// Whether two read messages can travel as one: same sender, receiver
+/// and term, and for answers the same index.
+fn same_read_route(kept: &Message, message: &Message) -> bool {
+    kept.from == message.from
+        && kept.to == message.to
+        && kept.term == message.term
+        && match (&kept.body, &message.body) {
+            (MessageBody::ReadIndex { .. }, MessageBody::ReadIndex { .. }) => true,
+            (
+                MessageBody::ReadIndexResponse { index: kept, .. },
+                MessageBody::ReadIndexResponse { index, .. },
+            ) => kept == index,
+            _ => false,
+        }
+}
+
+/// The ids a `ReadIndex` or `ReadIndexResponse` carries.
+fn read_ids(body: &mut MessageBody) -> Option<&mut Vec<crate::types::ReadId>> {
+    match body {
+        MessageBody::ReadIndex { ids } | MessageBody::ReadIndexResponse { ids, .. } => Some(ids),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
