@@ -170,14 +170,18 @@ async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
         }));
     }
     let before: Vec<_> = cluster.wals.iter().map(|wal| wal.stats()).collect();
-    let frames_before: Vec<(u64, u64)> = cluster
+    let frames_before: Vec<(u64, Vec<u64>)> = cluster
         .transports
         .iter()
         .map(|transport| {
             let stats = transport.stats();
             (
                 stats.frames_sent.load(Ordering::Relaxed),
-                stats.messages_sent.load(Ordering::Relaxed),
+                stats
+                    .messages_sent_by_kind
+                    .iter()
+                    .map(|count| count.load(Ordering::Relaxed))
+                    .collect(),
             )
         })
         .collect();
@@ -201,16 +205,23 @@ async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
                 (after.cache_misses - before.cache_misses) as f64 / seconds,
             );
         }
-        for (node, (transport, (frames, messages))) in
+        for (node, (transport, (frames, by_kind))) in
             cluster.transports.iter().zip(&frames_before).enumerate()
         {
             let stats = transport.stats();
             let seconds = duration.as_secs_f64();
+            let kinds: Vec<String> = regatta_raft::MESSAGE_KIND_NAMES
+                .iter()
+                .zip(stats.messages_sent_by_kind.iter().zip(by_kind))
+                .map(|(name, (count, before))| (name, count.load(Ordering::Relaxed) - before))
+                .filter(|(_, sent)| *sent > 0)
+                .map(|(name, sent)| format!("{name} {:.0}", sent as f64 / seconds))
+                .collect();
             eprintln!(
-                "node {}: {:.0} frames/s, {:.0} messages/s sent",
+                "node {}: {:.0} frames/s; messages/s sent: {}",
                 node + 1,
                 (stats.frames_sent.load(Ordering::Relaxed) - frames) as f64 / seconds,
-                (stats.messages_sent.load(Ordering::Relaxed) - messages) as f64 / seconds,
+                kinds.join(", "),
             );
         }
     }

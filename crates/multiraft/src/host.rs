@@ -287,6 +287,8 @@ type Removal = (GroupId, oneshot::Sender<Result<(), Error>>);
 /// What a worker receives from the host.
 enum WorkerInput {
     Group(GroupId, Input),
+    /// Peers' messages for this worker's groups, from one frame.
+    Messages(Vec<(GroupId, Message)>),
     Start(GroupId, Box<Group>),
     Remove(Removal),
     WakeAll,
@@ -668,13 +670,8 @@ impl NodeHost {
             let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
             *groups.get(&group).ok_or(Error::UnknownGroup(group))?
         };
-        let inbox = {
-            let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
-            workers
-                .get(worker)
-                .map(|(inbox, _, _)| inbox.clone())
-                .ok_or_else(|| stopped(group))?
-        };
+        let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+        let (inbox, _, _) = workers.get(worker).ok_or_else(|| stopped(group))?;
         inbox
             .try_send(WorkerInput::Group(group, input))
             .map_err(|error| match error {
@@ -683,10 +680,32 @@ impl NodeHost {
             })
     }
 
-    /// Hands a peer's message to a group; dropped (and left to Raft's
-    /// retransmission) when the group is unknown or its inbox is full.
-    pub fn deliver(&self, group: GroupId, message: Message) {
-        let _ = self.enqueue(group, Input::Message(message));
+    /// Hands peers' messages to their groups, one inbox item per worker;
+    /// a message for an unknown group, or for a worker whose inbox is
+    /// full, is dropped (and left to Raft's retransmission).
+    pub fn deliver(&self, messages: Vec<(GroupId, Message)>) {
+        let mut by_worker: Vec<Vec<(GroupId, Message)>> = Vec::new();
+        {
+            let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
+            for (group, message) in messages {
+                let Some(&worker) = groups.get(&group) else {
+                    continue;
+                };
+                if by_worker.len() <= worker {
+                    by_worker.resize_with(worker + 1, Vec::new);
+                }
+                by_worker[worker].push((group, message));
+            }
+        }
+        let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+        for (worker, batch) in by_worker.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            if let Some((inbox, _, _)) = workers.get(worker) {
+                let _ = inbox.try_send(WorkerInput::Messages(batch));
+            }
+        }
     }
 
     /// Hands a snapshot message and the state it stands for to a group.
@@ -1066,14 +1085,11 @@ impl Worker {
                 self.active.insert(group);
                 touched.insert(group);
             }
-            WorkerInput::Group(group, input) => {
-                let Some(state) = self.groups.get_mut(&group) else {
-                    return;
-                };
-                if state.accept_input(input) {
-                    self.active.insert(group);
+            WorkerInput::Group(group, input) => self.accept_group_input(group, input, touched),
+            WorkerInput::Messages(messages) => {
+                for (group, message) in messages {
+                    self.accept_group_input(group, Input::Message(message), touched);
                 }
-                touched.insert(group);
             }
             WorkerInput::Remove((group, reply)) => {
                 if let Some(mut state) = self.groups.remove(&group) {
@@ -1091,6 +1107,21 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn accept_group_input(
+        &mut self,
+        group: GroupId,
+        input: Input,
+        touched: &mut BTreeSet<GroupId>,
+    ) {
+        let Some(state) = self.groups.get_mut(&group) else {
+            return;
+        };
+        if state.accept_input(input) {
+            self.active.insert(group);
+        }
+        touched.insert(group);
     }
 
     fn tick(&mut self, touched: &mut BTreeSet<GroupId>) {
@@ -1233,18 +1264,16 @@ impl Worker {
     fn process_readies(&mut self, touched: &mut BTreeSet<GroupId>) {
         let mut batch = WriteBatch::new();
         let mut readies = Vec::new();
+        let mut outbox = Vec::new();
         let mut persisted = Vec::new();
         let mut failed = Vec::new();
         for group in std::mem::take(touched) {
             let Some(state) = self.groups.get_mut(&group) else {
                 continue;
             };
-            if let Err(reason) = state.process_ready(
-                self.transport.as_ref(),
-                &mut batch,
-                &mut readies,
-                &mut persisted,
-            ) {
+            if let Err(reason) =
+                state.process_ready(&mut outbox, &mut batch, &mut readies, &mut persisted)
+            {
                 state.fail_all(reason);
                 failed.push(group);
                 continue;
@@ -1260,6 +1289,11 @@ impl Worker {
             self.groups.remove(&group);
             self.active.remove(&group);
         }
+        // Every group's messages of this turn in one hand-over (pipelined:
+        // they leave before the local fsync).
+        if !outbox.is_empty() {
+            self.transport.send(outbox);
+        }
         let removed = std::mem::take(&mut self.removing);
         for (group, _) in &removed {
             batch.remove_group(*group);
@@ -1274,10 +1308,8 @@ impl Worker {
         // from here, on the WAL's thread, as soon as the batch is durable:
         // a follower's acknowledgement does not wait for this worker.
         self.wal.submit(batch, move |result| {
-            if result.is_ok() {
-                for (group, messages) in persisted {
-                    transport.send(group, messages);
-                }
+            if result.is_ok() && !persisted.is_empty() {
+                transport.send(persisted);
             }
             let _ = control.send(Control::Persisted {
                 readies,
@@ -1560,34 +1592,31 @@ impl Group {
         }
     }
 
-    /// Takes this group's readies: messages out at once, persistence into
-    /// the worker's batch, committed entries and reads to the apply task.
+    /// Takes this group's readies: messages into the worker's outbox (sent
+    /// at the end of the turn), persistence into the worker's batch,
+    /// committed entries and reads to the apply task.
     fn process_ready(
         &mut self,
-        transport: &dyn Transport,
+        outbox: &mut Vec<(GroupId, Message)>,
         batch: &mut WriteBatch,
         readies: &mut Vec<(GroupId, u64)>,
-        persisted: &mut Vec<(GroupId, Vec<Message>)>,
+        persisted: &mut Vec<(GroupId, Message)>,
     ) -> Result<(), String> {
         while self.raft.has_ready() {
             let mut ready = self
                 .raft
                 .ready()
                 .map_err(|error| format!("raft: {error}"))?;
-            // A snapshot message leaves only with the state it stands for:
-            // the apply task copies it first (see `Control::SnapshotReady`).
-            let (snapshots, messages): (Vec<Message>, Vec<Message>) =
-                std::mem::take(&mut ready.messages)
-                    .into_iter()
-                    .partition(|message| matches!(message.body, MessageBody::Snapshot { .. }));
-            for message in snapshots {
-                let _ = self.apply.send(ApplyWork::TakeSnapshot {
-                    group: self.group,
-                    message,
-                });
-            }
-            if !messages.is_empty() {
-                transport.send(self.group, messages);
+            let group = self.group;
+            for message in std::mem::take(&mut ready.messages) {
+                if matches!(message.body, MessageBody::Snapshot { .. }) {
+                    // A snapshot message leaves only with the state it
+                    // stands for: the apply task copies it first (see
+                    // `Control::SnapshotReady`).
+                    let _ = self.apply.send(ApplyWork::TakeSnapshot { group, message });
+                } else {
+                    outbox.push((group, message));
+                }
             }
             if let Some(meta) = ready.snapshot {
                 let Some(data) = self.pending_install.take() else {
@@ -1622,9 +1651,12 @@ impl Group {
             if let Some(hard_state) = ready.hard_state {
                 batch.hard_state(self.group, hard_state);
             }
-            if !ready.persisted_messages.is_empty() {
-                persisted.push((self.group, ready.persisted_messages));
-            }
+            persisted.extend(
+                ready
+                    .persisted_messages
+                    .into_iter()
+                    .map(|message| (group, message)),
+            );
             readies.push((self.group, ready.number));
             self.pending_install = None;
             if !ready.committed_entries.is_empty() {

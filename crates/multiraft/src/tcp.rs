@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use regatta_wal::GroupId;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
@@ -128,6 +128,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerStream for T {}
 
 type BoxedStream = Box<dyn PeerStream>;
 
+/// An incoming connection after its handshake, read through a buffer: one
+/// read usually holds several frames (and their headers).
+type IncomingStream = tokio::io::BufReader<BoxedStream>;
+
+/// The read buffer of an incoming connection.
+const INCOMING_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Configuration of the TCP transport. Every limit carries its unit.
 #[derive(Clone, Debug)]
 pub struct TcpConfig {
@@ -223,8 +230,81 @@ pub struct TcpStats {
 /// writes it.
 struct Peer {
     address: SocketAddr,
-    queue: mpsc::Sender<(GroupId, Message)>,
+    queue: Arc<PeerQueue>,
     writer: tokio::task::AbortHandle,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.queue.close();
+        self.writer.abort();
+    }
+}
+
+/// A peer's outbound messages, at most `messages_max`. Senders append a
+/// turn's messages under one lock; the writer takes all of them at once.
+/// One lock and one wake-up per batch, not per message.
+struct PeerQueue {
+    messages: Mutex<Vec<(GroupId, Message)>>,
+    messages_max: usize,
+    /// Set when the writer has work (a stored permit: never lost).
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl PeerQueue {
+    fn new(messages_max: usize) -> PeerQueue {
+        PeerQueue {
+            messages: Mutex::new(Vec::new()),
+            messages_max,
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues what fits; returns how many messages did not.
+    fn push(&self, batch: &mut Vec<(GroupId, Message)>) -> u64 {
+        let mut dropped = 0;
+        {
+            let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+            let room = self.messages_max.saturating_sub(messages.len());
+            if batch.len() > room {
+                dropped = (batch.len() - room) as u64;
+                batch.truncate(room);
+            }
+            if messages.is_empty() {
+                std::mem::swap(&mut *messages, batch);
+            } else {
+                messages.append(batch);
+            }
+        }
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// Moves everything queued into `into` (empty if nothing is).
+    fn take(&self, into: &mut Vec<(GroupId, Message)>) {
+        let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        if into.is_empty() {
+            std::mem::swap(&mut *messages, into);
+        } else {
+            into.append(&mut messages);
+        }
+    }
+
+    /// Waits until something may be queued; false once the queue closed.
+    async fn wait(&self) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.ready.notified().await;
+        !self.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
 }
 
 /// The TCP transport of one node.
@@ -288,11 +368,11 @@ impl TcpTransport {
         {
             return;
         }
-        let (queue, receiver) = mpsc::channel(self.config.peer_queue_messages_max);
+        let queue = Arc::new(PeerQueue::new(self.config.peer_queue_messages_max));
         let writer = tokio::spawn(peer_writer(
             self.config.clone(),
             address,
-            receiver,
+            Arc::clone(&queue),
             Arc::clone(&self.stats),
             Arc::clone(&self.host),
         ))
@@ -302,28 +382,24 @@ impl TcpTransport {
             tasks.retain(|task| !task.is_finished());
             tasks.push(writer.clone());
         }
-        if let Some(old) = peers.insert(
+        // A replaced peer's writer stops as the old `Peer` drops.
+        peers.insert(
             peer,
             Peer {
                 address,
                 queue,
                 writer,
             },
-        ) {
-            old.writer.abort();
-        }
+        );
     }
 
     /// Stops sending to `peer` (it left the cluster).
     pub fn remove_peer(&self, peer: NodeId) {
-        let removed = self
-            .peers
+        // Its writer stops as the `Peer` drops.
+        self.peers
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&peer);
-        if let Some(removed) = removed {
-            removed.writer.abort();
-        }
     }
 
     /// The peers this node sends to, with their addresses.
@@ -408,15 +484,27 @@ impl Transport for TcpTransport {
         tasks.push(task.abort_handle());
     }
 
-    fn send(&self, group: GroupId, messages: Vec<Message>) {
+    fn send(&self, messages: Vec<(GroupId, Message)>) {
+        // Split by receiver, keeping each receiver's order; one queue push
+        // per peer. Almost always all to one peer or split in few.
+        let mut by_peer: Vec<(NodeId, Vec<(GroupId, Message)>)> = Vec::new();
+        for (group, message) in messages {
+            let to = message.to;
+            match by_peer.iter_mut().find(|(peer, _)| *peer == to) {
+                Some((_, batch)) => batch.push((group, message)),
+                None => by_peer.push((to, vec![(group, message)])),
+            }
+        }
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
-        for message in messages {
-            let Some(peer) = peers.get(&message.to) else {
-                self.stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
-                continue;
+        for (to, mut batch) in by_peer {
+            let dropped = match peers.get(&to) {
+                Some(peer) => peer.queue.push(&mut batch),
+                None => batch.len() as u64,
             };
-            if peer.queue.try_send((group, message)).is_err() {
-                self.stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            if dropped > 0 {
+                self.stats
+                    .dropped_messages
+                    .fetch_add(dropped, Ordering::Relaxed);
             }
         }
     }
@@ -428,7 +516,7 @@ impl Transport for TcpTransport {
 async fn peer_writer(
     config: TcpConfig,
     address: SocketAddr,
-    mut queue: mpsc::Receiver<(GroupId, Message)>,
+    queue: Arc<PeerQueue>,
     stats: Arc<TcpStats>,
     host: Arc<OnceLock<WeakNodeHost>>,
 ) {
@@ -443,8 +531,10 @@ async fn peer_writer(
             Err(_) => {
                 stats.connection_failures.fetch_add(1, Ordering::Relaxed);
                 // Do not let the queue fill with stale messages meanwhile.
-                while queue.try_recv().is_ok() {}
-                if queue.is_closed() {
+                pending.clear();
+                queue.take(&mut pending);
+                pending.clear();
+                if queue.closed.load(Ordering::Acquire) {
                     return;
                 }
                 tokio::time::sleep(delay).await;
@@ -452,7 +542,7 @@ async fn peer_writer(
                 continue;
             }
         };
-        if !send_until_broken(&config, &mut stream, &mut queue, &mut pending, &stats).await {
+        if !send_until_broken(&config, &mut stream, &queue, &mut pending, &stats).await {
             return;
         }
         // Lost after being connected: wake once; retries while the peer
@@ -477,23 +567,21 @@ fn wake_groups(host: &OnceLock<WeakNodeHost>) {
 async fn send_until_broken(
     config: &TcpConfig,
     stream: &mut BoxedStream,
-    queue: &mut mpsc::Receiver<(GroupId, Message)>,
+    queue: &PeerQueue,
     pending: &mut Vec<(GroupId, Message)>,
     stats: &TcpStats,
 ) -> bool {
     let mut probe = [0u8; 1];
     loop {
+        queue.take(pending);
         if pending.is_empty() {
             tokio::select! {
-                message = queue.recv() => match message {
-                    Some(message) => pending.push(message),
-                    None => return false,
+                open = queue.wait() => if !open {
+                    return false;
                 },
                 _ = stream.read(&mut probe) => return true,
             }
-        }
-        while let Ok(message) = queue.try_recv() {
-            pending.push(message);
+            continue;
         }
         let count = pending.len() as u64;
         let mut by_kind = [0u64; MESSAGE_KIND_NAMES.len()];
@@ -779,6 +867,8 @@ async fn serve_stream(
         stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    let mut stream: IncomingStream =
+        tokio::io::BufReader::with_capacity(INCOMING_BUFFER_BYTES, stream);
     loop {
         let Some(body) = read_frame(&config, &mut stream, &stats).await else {
             return;
@@ -801,9 +891,7 @@ async fn serve_stream(
             return;
         };
         if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
-            for (group, message) in messages {
-                host.deliver(group, message);
-            }
+            host.deliver(messages);
         }
     }
 }
@@ -812,7 +900,7 @@ async fn serve_stream(
 /// connection ended or the frame is bad (counted).
 async fn read_frame(
     config: &TcpConfig,
-    stream: &mut BoxedStream,
+    stream: &mut IncomingStream,
     stats: &TcpStats,
 ) -> Option<Vec<u8>> {
     let length = stream.read_u32_le().await.ok()?;
@@ -836,7 +924,7 @@ async fn read_frame(
 /// `snapshot_bytes_max` closes the connection unconfirmed (counted).
 async fn receive_snapshot(
     config: &TcpConfig,
-    stream: &mut BoxedStream,
+    stream: &mut IncomingStream,
     header: Bytes,
     host: &OnceLock<WeakNodeHost>,
     stats: &TcpStats,
@@ -958,6 +1046,40 @@ mod tests {
         assert_eq!(dropped, 0);
         assert!(many.len() > 10, "{} frames", many.len());
         assert_eq!(decode_frames(&many, 1_000), messages, "order kept");
+    }
+
+    #[test]
+    fn a_peer_queue_keeps_order_and_drops_what_exceeds_its_bound() {
+        let queue = PeerQueue::new(5);
+        let mut first: Vec<_> = (0..3).map(heartbeat).collect();
+        assert_eq!(queue.push(&mut first), 0);
+        let mut second: Vec<_> = (3..7).map(heartbeat).collect();
+        assert_eq!(queue.push(&mut second), 2, "two over the bound of 5");
+        let mut taken = Vec::new();
+        queue.take(&mut taken);
+        assert_eq!(taken, (0..5).map(heartbeat).collect::<Vec<_>>());
+        // Taken messages free their room.
+        let mut third: Vec<_> = (7..9).map(heartbeat).collect();
+        assert_eq!(queue.push(&mut third), 0);
+        let mut rest = Vec::new();
+        queue.take(&mut rest);
+        assert_eq!(rest, (7..9).map(heartbeat).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_peer_queue_wakes_its_writer_once_per_push_and_on_close() {
+        let queue = Arc::new(PeerQueue::new(16));
+        // A push before the writer waits is not lost.
+        queue.push(&mut vec![heartbeat(1)]);
+        assert!(queue.wait().await);
+        let writer = {
+            let queue = Arc::clone(&queue);
+            tokio::spawn(async move { queue.wait().await })
+        };
+        tokio::task::yield_now().await;
+        queue.close();
+        assert!(!writer.await.expect("writer"), "closed");
+        assert!(!queue.wait().await, "stays closed");
     }
 
     #[test]

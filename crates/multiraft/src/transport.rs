@@ -15,8 +15,9 @@ use crate::snapshot::SnapshotData;
 /// Delivers messages to other nodes; never blocks, may drop (Raft
 /// retransmits), and counts what it drops.
 pub trait Transport: Send + Sync + 'static {
-    /// Sends messages of one group; each carries its receiver.
-    fn send(&self, group: GroupId, messages: Vec<Message>);
+    /// Sends messages of any groups, each with its group; each message
+    /// carries its receiver. Messages to one receiver keep their order.
+    fn send(&self, messages: Vec<(GroupId, Message)>);
 
     /// Sends a snapshot message with the state it stands for, apart from
     /// the other messages, and reports the outcome to the sending host
@@ -88,19 +89,25 @@ impl Transport for LocalTransport {
         }
     }
 
-    fn send(&self, group: GroupId, messages: Vec<Message>) {
+    fn send(&self, messages: Vec<(GroupId, Message)>) {
         let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
         let blocked = self
             .blocked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for message in messages {
-            if blocked.contains(&(message.from, message.to)) {
-                continue;
+        let mut by_receiver: BTreeMap<NodeId, Vec<(GroupId, Message)>> = BTreeMap::new();
+        for (group, message) in messages {
+            if !blocked.contains(&(message.from, message.to)) {
+                by_receiver
+                    .entry(message.to)
+                    .or_default()
+                    .push((group, message));
             }
-            if let Some(host) = hosts.get(&message.to).and_then(WeakNodeHost::upgrade) {
-                host.deliver(group, message);
+        }
+        for (to, batch) in by_receiver {
+            if let Some(host) = hosts.get(&to).and_then(WeakNodeHost::upgrade) {
+                host.deliver(batch);
             }
         }
     }
