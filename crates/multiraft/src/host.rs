@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use regatta_raft::{
-    ConfChange, Config, Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, Proposed,
-    RaftNode, ReadId, RequestId, Role, SnapshotMeta, Status, Term,
+    CommitBroadcast, ConfChange, Config, Entry, EntryPayload, LogIndex, Message, MessageBody,
+    NodeId, Proposed, RaftNode, ReadId, RequestId, Role, SnapshotMeta, Status, Term,
 };
 use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
 use rustc_hash::FxHashMap;
@@ -139,6 +139,13 @@ pub struct HostConfig {
     /// other than heartbeats) for this many ticks stops ticking until
     /// something arrives; 0 never quiesces. Default 200 (2 s at 10 ms).
     pub quiesce_after_ticks: u64,
+    /// With `raft.commit_broadcast` set to `CommitBroadcast::Deferred` (the
+    /// default), how long after a leader's commit index moves the worker
+    /// sends it to followers that have not had it on an append yet. In a
+    /// busy group the next append carries it first, and no message goes
+    /// out for the commit alone; an idle group's followers learn it this
+    /// much later. Default 1 ms.
+    pub commit_broadcast_delay: Duration,
     /// The Raft settings every group starts from (id, applied index and
     /// initial voters are filled in per group).
     pub raft: Config,
@@ -158,7 +165,11 @@ impl HostConfig {
             snapshot_every_entries: 10_000,
             compaction_overhead_entries: 1_000,
             quiesce_after_ticks: 200,
-            raft: Config::new(node_id),
+            commit_broadcast_delay: Duration::from_millis(1),
+            raft: Config {
+                commit_broadcast: CommitBroadcast::Deferred,
+                ..Config::new(node_id)
+            },
         }
     }
 }
@@ -404,6 +415,7 @@ impl NodeHost {
             tasks.push(runtime.spawn(apply_loop(apply_inbox, context)));
             let worker = Worker {
                 groups: FxHashMap::default(),
+                commit_due: Vec::new(),
                 active: BTreeSet::new(),
                 wal: Arc::clone(&wal),
                 transport: Arc::clone(&transport),
@@ -414,7 +426,12 @@ impl NodeHost {
                 sessions: sessions.clone(),
                 snapshots: snapshots.clone(),
             };
-            tasks.push(runtime.spawn(worker.run(inbox, control, config.tick_interval)));
+            tasks.push(runtime.spawn(worker.run(
+                inbox,
+                control,
+                config.tick_interval,
+                config.commit_broadcast_delay,
+            )));
             workers.push((inbox_sender, control_sender, apply_sender));
         }
         Ok(NodeHost {
@@ -501,6 +518,7 @@ impl NodeHost {
             ticks: 0,
             quiesced: false,
             last_index_seen: LogIndex(0),
+            commit_due: false,
             pending_install: None,
             snapshot_every_entries: self.inner.config.snapshot_every_entries,
             compaction_overhead_entries: self.inner.config.compaction_overhead_entries,
@@ -988,6 +1006,8 @@ struct Group {
     /// Not ticking: no heartbeats sent, no election timer running.
     quiesced: bool,
     last_index_seen: LogIndex,
+    /// In the worker's `commit_due` list.
+    commit_due: bool,
     /// The data of a snapshot message stepped in, until its ready.
     pending_install: Option<SnapshotData>,
     snapshot_every_entries: u64,
@@ -1023,6 +1043,9 @@ const INPUTS_PER_TURN_MAX: usize = 1024;
 /// every group with work.
 struct Worker {
     groups: FxHashMap<GroupId, Group>,
+    /// Leaders whose moved commit index some follower has not had yet
+    /// (`CommitBroadcast::Deferred`); sent when the commit timer fires.
+    commit_due: Vec<GroupId>,
     /// Groups that are not quiesced, hence ticked.
     active: BTreeSet<GroupId>,
     wal: Arc<Wal>,
@@ -1045,9 +1068,14 @@ impl Worker {
         mut inbox: mpsc::Receiver<WorkerInput>,
         mut control: mpsc::UnboundedReceiver<Control>,
         tick_interval: Duration,
+        commit_broadcast_delay: Duration,
     ) {
         let mut ticker = tokio::time::interval(tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Armed while `commit_due` is not empty; reset, never re-created.
+        let commit_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(commit_timer);
+        let mut commit_timer_armed = false;
         let mut touched: BTreeSet<GroupId> = BTreeSet::new();
         loop {
             tokio::select! {
@@ -1057,6 +1085,10 @@ impl Worker {
                     Some(input) => self.accept(input, &mut touched),
                     None => break,
                 },
+                () = &mut commit_timer, if commit_timer_armed => {
+                    commit_timer_armed = false;
+                    self.broadcast_commits(&mut touched);
+                }
                 _ = ticker.tick(), if !self.active.is_empty() => self.tick(&mut touched),
             }
             for _ in 0..INPUTS_PER_TURN_MAX {
@@ -1070,6 +1102,11 @@ impl Worker {
             }
             self.process_readies(&mut touched);
             self.publish_quiesced();
+            if !commit_timer_armed && !self.commit_due.is_empty() {
+                let deadline = tokio::time::Instant::now() + commit_broadcast_delay;
+                commit_timer.as_mut().reset(deadline);
+                commit_timer_armed = true;
+            }
         }
         self.active.clear();
         for (group, mut state) in std::mem::take(&mut self.groups) {
@@ -1105,6 +1142,21 @@ impl Worker {
                     state.note_activity();
                     self.active.insert(*group);
                 }
+            }
+        }
+    }
+
+    /// The commit timer fired: leaders send their moved commit index to
+    /// the followers that have not had it on an append since.
+    fn broadcast_commits(&mut self, touched: &mut BTreeSet<GroupId>) {
+        for group in std::mem::take(&mut self.commit_due) {
+            let Some(state) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            state.commit_due = false;
+            if state.raft.commit_unsent() {
+                state.raft.broadcast_commit();
+                touched.insert(group);
             }
         }
     }
@@ -1277,6 +1329,10 @@ impl Worker {
                 state.fail_all(reason);
                 failed.push(group);
                 continue;
+            }
+            if state.raft.commit_unsent() && !state.commit_due {
+                state.commit_due = true;
+                self.commit_due.push(group);
             }
             let last_index = state.raft.last_index();
             if last_index != state.last_index_seen {

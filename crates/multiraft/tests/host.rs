@@ -12,7 +12,7 @@ use bytes::Bytes;
 use regatta_multiraft::{
     Error, HostConfig, LocalTransport, NodeHost, StateMachine, StateReader, Transport,
 };
-use regatta_raft::{LogIndex, NodeId, Role};
+use regatta_raft::{CommitBroadcast, LogIndex, NodeId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
 
 const GROUP: GroupId = GroupId(7);
@@ -539,4 +539,68 @@ async fn committed_commands_are_applied_in_batches() {
         "never more than one command per batch: {batches:?}"
     );
     host.stop().await;
+}
+
+/// Under `CommitBroadcast::Deferred` (the host's default) a leader sends
+/// a moved commit index on its own only when the worker's commit timer
+/// fires. With ticks too slow for any heartbeat during the test, the
+/// followers can learn the commit of the last proposal only from that
+/// timer (or, with `Eager`, from the ready that follows the advance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_apply_the_last_commit_without_heartbeats() {
+    for broadcast in [CommitBroadcast::Deferred, CommitBroadcast::Eager] {
+        let dirs: Vec<tempfile::TempDir> = (0..3)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let voters = [NodeId(1), NodeId(2), NodeId(3)];
+        let transport = LocalTransport::new();
+        let mut hosts = BTreeMap::new();
+        for id in 1..=3u64 {
+            let dir = dirs[id as usize - 1].path();
+            let mut config = HostConfig::new(NodeId(id), dir);
+            config.tick_interval = Duration::from_secs(3600);
+            config.raft.commit_broadcast = broadcast;
+            let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+            let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+            let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
+                .expect("host");
+            host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
+                .expect("group");
+            transport.register(NodeId(id), &host);
+            hosts.insert(id, host);
+        }
+        hosts[&1].campaign(GROUP).expect("campaign");
+        assert_eq!(wait_for_leader(&hosts).await, 1, "{broadcast:?}");
+        hosts[&1]
+            .propose(GROUP, Bytes::from_static(b"last=1"))
+            .await
+            .expect("commit");
+        let proposed = hosts[&1]
+            .status(GROUP)
+            .await
+            .expect("status")
+            .hard_state
+            .commit;
+        for follower in [2u64, 3] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let value = hosts[&follower]
+                    .read_stale(GROUP, Bytes::from_static(b"last"))
+                    .await
+                    .expect("stale read");
+                if value == b"1"[..] {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{broadcast:?}: follower {follower} never applied index {}",
+                    proposed.0
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        for host in hosts.values() {
+            host.stop().await;
+        }
+    }
 }

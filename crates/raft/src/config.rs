@@ -22,6 +22,23 @@ pub enum ReadMode {
     LeaseBased,
 }
 
+/// When a leader tells followers that the commit index moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitBroadcast {
+    /// In the `Ready` that follows the advance: every follower whose
+    /// latest append did not carry the new index gets an append that does
+    /// (empty if it lacks no entries).
+    Eager,
+    /// Only when the runtime calls [`crate::RaftNode::broadcast_commit`]
+    /// ([`crate::RaftNode::commit_unsent`] says when one would send
+    /// anything). Meanwhile the index rides every append with entries and
+    /// every heartbeat, so a busy group sends no append for the commit
+    /// alone. Followers apply later by up to the runtime's delay; safety is
+    /// unaffected, since followers never need the commit index to vote or
+    /// to append.
+    Deferred,
+}
+
 /// Configuration of one node of one group. Every limit carries its unit.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -60,6 +77,9 @@ pub struct Config {
     /// Followers forward proposals, reads and transfer requests to the
     /// leader instead of refusing them with [`Error::NotLeader`]. Default on.
     pub forward_to_leader: bool,
+    /// When a leader sends a moved commit index on its own. Default
+    /// [`CommitBroadcast::Eager`].
+    pub commit_broadcast: CommitBroadcast,
     /// The highest index the state machine has already applied (it persists
     /// its applied index with its data). Entries up to it are not handed out
     /// again after a restart.
@@ -89,6 +109,7 @@ impl Config {
             read_mode: ReadMode::Safe,
             lease_clock_drift_ticks: 2,
             forward_to_leader: true,
+            commit_broadcast: CommitBroadcast::Eager,
             applied: LogIndex(0),
             initial_voters: Vec::new(),
             seed: id.0,

@@ -29,7 +29,7 @@ mod rng;
 mod storage;
 mod types;
 
-pub use config::{Config, ReadMode};
+pub use config::{CommitBroadcast, Config, ReadMode};
 pub use error::{Error, Result, StorageError};
 pub use message::{normal, Message, MessageBody, RejectHint, MESSAGE_KIND_NAMES};
 pub use node::{PeerStatus, RaftNode, Ready, Status};

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::config::Config;
+use crate::config::{CommitBroadcast, Config};
 use crate::error::Result;
 use crate::message::{Message, MessageBody};
 use crate::progress::ProgressState;
@@ -204,6 +204,22 @@ impl<S: Storage> RaftNode<S> {
         self.raft.assert_invariants();
     }
 
+    /// True when this leader's commit index moved and some follower's
+    /// latest append did not carry it: [`RaftNode::broadcast_commit`] would
+    /// send something. Only ever set under [`CommitBroadcast::Deferred`]
+    /// between readies.
+    pub fn commit_unsent(&self) -> bool {
+        self.raft.commit_unsent
+    }
+
+    /// Sends the commit index to every follower whose latest append did
+    /// not carry it (with any entries it still lacks); the messages come
+    /// with the next `Ready`. For [`CommitBroadcast::Deferred`].
+    pub fn broadcast_commit(&mut self) {
+        self.raft.flush_commit();
+        self.raft.assert_invariants();
+    }
+
     /// The transport could not reach `node`.
     pub fn report_unreachable(&mut self, node: NodeId) {
         self.raft.report_unreachable(node);
@@ -221,7 +237,7 @@ impl<S: Storage> RaftNode<S> {
             || raft.hard_state() != self.previous_hard_state
             || raft.log.has_unhanded_snapshot()
             || raft.log.has_unhanded_entries()
-            || raft.commit_unsent
+            || (raft.commit_unsent && raft.config.commit_broadcast == CommitBroadcast::Eager)
             || !raft.msgs.is_empty()
             || !raft.msgs_after_persist.is_empty()
             || !raft.read_states.is_empty()
@@ -230,7 +246,9 @@ impl<S: Storage> RaftNode<S> {
 
     /// Collects the work accumulated since the last call.
     pub fn ready(&mut self) -> Result<Ready> {
-        self.raft.flush_commit();
+        if self.raft.config.commit_broadcast == CommitBroadcast::Eager {
+            self.raft.flush_commit();
+        }
         let number = self.next_ready_number;
         self.next_ready_number += 1;
         let soft_state = self.raft.soft_state();

@@ -88,7 +88,7 @@ const ROUND_HISTORY_MAX: usize = 1024;
 /// One node of one Raft group.
 pub struct Raft<S: Storage> {
     pub(crate) id: NodeId,
-    config: Config,
+    pub(crate) config: Config,
     pub(crate) term: Term,
     pub(crate) vote: Option<NodeId>,
     pub(crate) role: Role,

@@ -38,15 +38,17 @@ fn run_seeds(voters: u64, default_seeds: u64) {
     let mut applied = 0;
     let mut reads = 0;
     let mut commits_lost = 0;
+    let mut deferred_broadcasts = 0;
     for seed in start..start + count {
         let report = run_seed(SimOptions::from_seed(seed, voters));
         elections += report.elections;
         applied += report.applied;
         reads += report.reads_answered;
         commits_lost += report.commit_indexes_lost;
+        deferred_broadcasts += report.commit_broadcasts_deferred;
     }
     println!(
-        "{count} seeds with {voters} voters: {elections} elections, {applied} entries applied, {reads} reads confirmed, {commits_lost} crashes lost an unsynced commit index"
+        "{count} seeds with {voters} voters: {elections} elections, {applied} entries applied, {reads} reads confirmed, {commits_lost} crashes lost an unsynced commit index, {deferred_broadcasts} deferred commit broadcasts"
     );
     // A simulation that never elects, commits or reads proves nothing.
     assert!(elections >= count, "too few elections: {elections}");
@@ -55,6 +57,10 @@ fn run_seeds(voters: u64, default_seeds: u64) {
     assert!(
         commits_lost * 10 >= count,
         "too few crashes lost an unsynced commit index: {commits_lost}"
+    );
+    assert!(
+        deferred_broadcasts >= count,
+        "too few deferred commit broadcasts: {deferred_broadcasts}"
     );
 }
 

@@ -28,8 +28,8 @@ use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 use regatta_raft::{
-    ConfChange, Config, Entry, EntryPayload, HardState, LogIndex, MemStorage, Message, MessageBody,
-    NodeId, RaftNode, ReadId, ReadMode, Rng, Role, SnapshotMeta, Term,
+    CommitBroadcast, ConfChange, Config, Entry, EntryPayload, HardState, LogIndex, MemStorage,
+    Message, MessageBody, NodeId, RaftNode, ReadId, ReadMode, Rng, Role, SnapshotMeta, Term,
 };
 
 /// Simulated time units per tick.
@@ -62,6 +62,9 @@ pub struct SimOptions {
     /// Deliver messages out of order on a link (TCP keeps order; a
     /// reconnect or a UDP-like transport does not).
     pub reorder: bool,
+    /// `CommitBroadcast::Deferred`: leaders send a moved commit index on
+    /// its own only when the harness asks, at random steps.
+    pub deferred_commit: bool,
     pub verbose: bool,
 }
 
@@ -99,6 +102,7 @@ impl SimOptions {
                 rng.range(64, 2048)
             },
             reorder: rng.chance(1, 4),
+            deferred_commit: rng.chance(1, 2),
             verbose: std::env::var("SIM_VERBOSE").is_ok(),
         }
     }
@@ -188,6 +192,8 @@ pub struct SimReport {
     pub reads_answered: u64,
     pub messages: u64,
     pub commit_indexes_lost: u64,
+    /// Deferred commit broadcasts the harness made.
+    pub commit_broadcasts_deferred: u64,
 }
 
 pub struct Sim {
@@ -206,6 +212,7 @@ pub struct Sim {
     next_read: u64,
     next_command: u64,
     messages_sent: u64,
+    commit_broadcasts_deferred: u64,
     chaos: bool,
     pub trace: Vec<String>,
 }
@@ -236,6 +243,7 @@ impl Sim {
             next_read: 1,
             next_command: 1,
             messages_sent: 0,
+            commit_broadcasts_deferred: 0,
             chaos: true,
             trace: Vec::new(),
         };
@@ -272,6 +280,9 @@ impl Sim {
         } else {
             ReadMode::Safe
         };
+        if self.options.deferred_commit {
+            config.commit_broadcast = CommitBroadcast::Deferred;
+        }
         config.applied = applied;
         config.initial_voters = initial_voters.to_vec();
         config.message_size_bytes_max = self.options.message_size_bytes_max;
@@ -321,6 +332,7 @@ impl Sim {
             reads_answered: self.checker.reads_answered,
             messages: self.messages_sent,
             commit_indexes_lost: self.checker.commit_indexes_lost,
+            commit_broadcasts_deferred: self.commit_broadcasts_deferred,
         }
     }
 
@@ -339,9 +351,24 @@ impl Sim {
             }
         }
         for id in &ids {
+            self.maybe_broadcast_commit(*id);
             self.drain_ready(*id);
             self.complete_due_writes(*id);
             self.drain_ready(*id);
+        }
+    }
+
+    /// Under `CommitBroadcast::Deferred`, the runtime's delayed broadcast:
+    /// at a random later step.
+    fn maybe_broadcast_commit(&mut self, id: NodeId) {
+        if !self.options.deferred_commit || !self.rng.chance(1, 3) {
+            return;
+        }
+        if let Some(raft) = self.node_mut(id) {
+            if raft.commit_unsent() {
+                raft.broadcast_commit();
+                self.commit_broadcasts_deferred += 1;
+            }
         }
     }
 
