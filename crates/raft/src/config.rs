@@ -35,7 +35,8 @@ pub enum CommitBroadcast {
     /// every heartbeat, so a busy group sends no append for the commit
     /// alone. Followers apply later by up to the runtime's delay; safety is
     /// unaffected, since followers never need the commit index to vote or
-    /// to append.
+    /// to append. A follower that forwarded a proposal still hears of its
+    /// commit in the next `Ready`: its proposer waits for it to apply.
     Deferred,
 }
 

@@ -238,6 +238,7 @@ impl<S: Storage> RaftNode<S> {
             || raft.log.has_unhanded_snapshot()
             || raft.log.has_unhanded_entries()
             || (raft.commit_unsent && raft.config.commit_broadcast == CommitBroadcast::Eager)
+            || raft.commit_wanted_unsent()
             || !raft.msgs.is_empty()
             || !raft.msgs_after_persist.is_empty()
             || !raft.read_states.is_empty()
@@ -246,8 +247,9 @@ impl<S: Storage> RaftNode<S> {
 
     /// Collects the work accumulated since the last call.
     pub fn ready(&mut self) -> Result<Ready> {
-        if self.raft.config.commit_broadcast == CommitBroadcast::Eager {
-            self.raft.flush_commit();
+        match self.raft.config.commit_broadcast {
+            CommitBroadcast::Eager => self.raft.flush_commit(),
+            CommitBroadcast::Deferred => self.raft.flush_wanted_commit(),
         }
         let number = self.next_ready_number;
         self.next_ready_number += 1;

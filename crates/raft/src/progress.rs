@@ -92,6 +92,10 @@ pub(crate) struct Progress {
     pub(crate) acked_round: u64,
     /// The commit index carried by the latest append sent.
     pub(crate) commit_sent: LogIndex,
+    /// The last entry this member forwarded to us. Its proposer is
+    /// answered when the member applies it, so the member hears of its
+    /// commit at once even under `CommitBroadcast::Deferred`.
+    pub(crate) commit_wanted: LogIndex,
 }
 
 impl Progress {
@@ -112,7 +116,14 @@ impl Progress {
             inflights: Inflights::new(inflight_messages_max),
             acked_round: 0,
             commit_sent: LogIndex(0),
+            commit_wanted: LogIndex(0),
         }
+    }
+
+    /// Waits for a commit index it has not been sent yet, and one has
+    /// moved past what it was sent.
+    pub(crate) fn wants_commit(&self, committed: LogIndex) -> bool {
+        self.commit_sent < self.commit_wanted && self.commit_sent < committed
     }
 
     pub(crate) fn become_probe(&mut self) {

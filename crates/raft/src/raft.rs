@@ -828,7 +828,11 @@ impl<S: Storage> Raft<S> {
         match message.body {
             MessageBody::Propose { payloads } if self.role == Role::Leader => {
                 // The follower times out and retries if this is refused.
-                let _ = self.propose_payloads(payloads);
+                if let Ok(Proposed::Appended { last, .. }) = self.propose_payloads(payloads) {
+                    if let Some(progress) = self.progress.get_mut(&from) {
+                        progress.commit_wanted = progress.commit_wanted.max(last);
+                    }
+                }
             }
             MessageBody::ReadIndex { ids } if self.role == Role::Leader => {
                 for id in ids {
@@ -1763,6 +1767,41 @@ impl<S: Storage> Raft<S> {
             .is_some_and(|own| own.maybe_update(persisted));
         if updated && self.maybe_commit() {
             self.commit_unsent = true;
+        }
+    }
+
+    /// Leader: a follower waits for the commit of an entry it forwarded
+    /// and has not been sent it (see `Progress::commit_wanted`).
+    pub(crate) fn commit_wanted_unsent(&self) -> bool {
+        self.commit_unsent
+            && self.role == Role::Leader
+            && self.progress.iter().any(|(node, progress)| {
+                *node != self.id && progress.wants_commit(self.log.committed)
+            })
+    }
+
+    /// Leader: sends the commit index to the followers that wait for it
+    /// (`commit_wanted_unsent`); the others wait for `flush_commit`.
+    pub(crate) fn flush_wanted_commit(&mut self) {
+        if !self.commit_wanted_unsent() {
+            return;
+        }
+        let committed = self.log.committed;
+        let waiting: Vec<NodeId> = self
+            .progress
+            .iter()
+            .filter(|(node, progress)| **node != self.id && progress.wants_commit(committed))
+            .map(|(node, _)| *node)
+            .collect();
+        for node in waiting {
+            self.send_append(node, true);
+            // Paused (a full window, a snapshot in flight): give up the
+            // wish; the follower learns the commit like the others.
+            if let Some(progress) = self.progress.get_mut(&node) {
+                if progress.wants_commit(committed) {
+                    progress.commit_wanted = progress.commit_sent;
+                }
+            }
         }
     }
 

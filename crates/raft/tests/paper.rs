@@ -6,8 +6,8 @@ mod cluster;
 use bytes::Bytes;
 use cluster::{is_append_to, n, Cluster};
 use regatta_raft::{
-    ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Message, MessageBody, NodeId,
-    Proposed, RaftNode, ReadId, ReadMode, Role, Term,
+    CommitBroadcast, ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Message,
+    MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, Role, Term,
 };
 
 fn no_pre_vote(config: &mut Config) {
@@ -310,6 +310,80 @@ mod replication {
         for id in [1, 2, 3] {
             assert_eq!(c.applied_commands(id), vec!["warm-up", "x"], "node {id}");
         }
+    }
+
+    fn deferred_commit(config: &mut Config) {
+        config.commit_broadcast = CommitBroadcast::Deferred;
+    }
+
+    fn commit_only_appends(messages: &[Message]) -> Vec<NodeId> {
+        messages
+            .iter()
+            .filter(
+                |m| matches!(&m.body, MessageBody::Append { entries, .. } if entries.is_empty()),
+            )
+            .map(|m| m.to)
+            .collect()
+    }
+
+    /// `CommitBroadcast::Deferred`: the commit index of the last entry
+    /// reaches the followers only when the runtime asks, in one append
+    /// each; the next entry's append carries it too.
+    #[test]
+    fn a_deferred_commit_waits_for_the_runtime_or_the_next_append() {
+        let mut c = Cluster::with_config(&[1, 2, 3], deferred_commit);
+        c.elect(1);
+        c.node(1).broadcast_commit();
+        c.settle();
+        let before = c.delivered.len();
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        assert!(commit_only_appends(&c.delivered[before..]).is_empty());
+        assert!(c.node(1).commit_unsent());
+        for id in [2, 3] {
+            assert!(
+                !c.applied_commands(id).contains(&"x".to_string()),
+                "node {id}"
+            );
+        }
+        // The next entry carries the commit of the first.
+        c.propose(1, "y").expect("leader");
+        c.settle();
+        for id in [2, 3] {
+            assert_eq!(c.applied_commands(id), vec!["x"], "node {id}");
+        }
+        // The runtime's broadcast sends the rest, once per follower.
+        let before = c.delivered.len();
+        c.node(1).broadcast_commit();
+        c.settle();
+        assert_eq!(
+            commit_only_appends(&c.delivered[before..]),
+            vec![n(2), n(3)]
+        );
+        assert!(!c.node(1).commit_unsent());
+        for id in [2, 3] {
+            assert_eq!(c.applied_commands(id), vec!["x", "y"], "node {id}");
+        }
+    }
+
+    /// Under `Deferred`, a follower that forwarded a proposal hears of its
+    /// commit at once (its proposer waits for it to apply); the other
+    /// follower does not.
+    #[test]
+    fn a_deferred_commit_reaches_the_follower_that_forwarded_at_once() {
+        let mut c = Cluster::with_config(&[1, 2, 3], deferred_commit);
+        c.elect(1);
+        c.node(1).broadcast_commit();
+        c.settle();
+        let before = c.delivered.len();
+        assert!(matches!(
+            c.propose(2, "forwarded"),
+            Ok(Proposed::Forwarded { .. })
+        ));
+        c.settle();
+        assert_eq!(commit_only_appends(&c.delivered[before..]), vec![n(2)]);
+        assert_eq!(c.applied_commands(2), vec!["forwarded"]);
+        assert!(c.applied_commands(3).is_empty());
     }
 
     /// Answers that move the commit index several times within one batch of
