@@ -34,8 +34,9 @@ use regatta_raft::{
 };
 use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
 use rustc_hash::FxHashMap;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::applied::{AppliedPublisher, AppliedWatch};
 use crate::error::Error;
 use crate::session::{Outcome, SessionTable, Verdict};
 use crate::snapshot::{SnapshotData, SnapshotDir, SnapshotSource};
@@ -361,7 +362,7 @@ struct HostInner {
 #[derive(Clone)]
 struct GroupView {
     /// Closed once the group stops on this node.
-    applied: watch::Receiver<LogIndex>,
+    applied: AppliedWatch,
     reader: Option<Arc<dyn StateReader>>,
 }
 
@@ -502,7 +503,7 @@ impl NodeHost {
         apply
             .send(ApplyWork::Register(group, state_machine, sessions))
             .map_err(|_| stopped(group))?;
-        let (applied_sender, applied_receiver) = watch::channel(initially_applied);
+        let (applied_sender, applied_receiver) = AppliedPublisher::new(initially_applied);
         let state = Group {
             group,
             raft,
@@ -640,10 +641,10 @@ impl NodeHost {
         })
     }
 
-    /// Follows the group's applied index on this node: the receiver sees
-    /// every advance (the latest value; intermediate ones may be skipped).
-    /// It closes when the group stops.
-    pub fn applied_index_watch(&self, group: GroupId) -> Result<watch::Receiver<LogIndex>, Error> {
+    /// Follows the group's applied index on this node: waiters see every
+    /// advance (the latest value; intermediate ones may be skipped). It
+    /// stops when the group stops here.
+    pub fn applied_index_watch(&self, group: GroupId) -> Result<AppliedWatch, Error> {
         Ok(self.group_view(group)?.applied)
     }
 
@@ -784,11 +785,9 @@ impl NodeHost {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::Read(PendingRead::Index(reply)))?;
         let index = self.answer(group, answer).await?;
-        let mut applied = view.applied;
-        let reached = applied.wait_for(|applied| *applied >= index);
-        let waited = tokio::time::timeout_at(deadline, async { reached.await.map(|_| ()) }).await;
+        let waited = tokio::time::timeout_at(deadline, view.applied.wait_for(index)).await;
         match waited {
-            Ok(Ok(())) => Ok(reader.read(&query)),
+            Ok(Ok(_)) => Ok(reader.read(&query)),
             Ok(Err(_)) => Err(stopped(group)),
             Err(_) => Err(Error::Timeout {
                 group,
@@ -913,11 +912,10 @@ impl NodeHost {
     pub async fn read_stale(&self, group: GroupId, query: Bytes) -> Result<Bytes, Error> {
         let view = self.group_view(group)?;
         if let Some(reader) = view.reader {
-            // A closed watch: the group stopped on this node.
-            return match view.applied.has_changed() {
-                Ok(_) => Ok(reader.read(&query)),
-                Err(_) => Err(stopped(group)),
-            };
+            if view.applied.is_stopped() {
+                return Err(stopped(group));
+            }
+            return Ok(reader.read(&query));
         }
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::StaleRead { query, reply })?;
@@ -986,7 +984,7 @@ struct Group {
     raft: RaftNode<GroupStorage>,
     apply: mpsc::UnboundedSender<ApplyWork>,
     /// Publishes the applied index (`NodeHost::applied_index_watch`).
-    applied: watch::Sender<LogIndex>,
+    applied: AppliedPublisher,
     /// Proposals by index, with the term they were appended in.
     proposals: BTreeMap<LogIndex, (Term, Reply)>,
     /// Proposals with a request id forwarded to the leader, resolved when
@@ -1612,13 +1610,7 @@ impl Group {
     /// The apply task applied up to `index`: resolve the proposals.
     fn on_applied(&mut self, index: LogIndex, results: Vec<AppliedResult>) {
         self.raft.advance_apply(index);
-        self.applied.send_if_modified(|applied| {
-            let advanced = index > *applied;
-            if advanced {
-                *applied = index;
-            }
-            advanced
-        });
+        self.applied.publish(index);
         self.maybe_schedule_compaction(index);
         for applied in results {
             let result = applied.result;

@@ -14,6 +14,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod applied;
 mod error;
 mod host;
 pub mod runtime;
@@ -25,6 +26,7 @@ pub mod tls;
 mod transport;
 pub mod wire;
 
+pub use applied::{AppliedWatch, GroupStopped};
 pub use error::Error;
 pub use host::{
     HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,

@@ -11,11 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use regatta_multiraft::NodeHost;
+use regatta_multiraft::{AppliedWatch, NodeHost};
 use regatta_raft::{EntryPayload, LogIndex};
 use regatta_server::Node;
 use regatta_wal::GroupId;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -254,7 +254,7 @@ async fn stream_log(
     host: NodeHost,
     group: GroupId,
     mut after: LogIndex,
-    mut applied: watch::Receiver<LogIndex>,
+    applied: AppliedWatch,
     sender: mpsc::Sender<Result<proto::ReplicateResponse, Status>>,
 ) {
     // A retried request is in the log twice but applied once; the
@@ -262,7 +262,7 @@ async fn stream_log(
     let mut sessions = match host.session_filter(group, after) {
         Ok(filter) => filter,
         Err(regatta_multiraft::Error::Compacted { .. }) => {
-            let index = *applied.borrow();
+            let index = applied.get();
             let _ = sender
                 .send(Ok(error_response(
                     proto::ReplicateError::UseSnapshot,
@@ -277,7 +277,7 @@ async fn stream_log(
         }
     };
     loop {
-        let applied_index = *applied.borrow_and_update();
+        let applied_index = applied.get();
         while after < applied_index {
             let entries = host.log_entries(
                 group,
@@ -344,8 +344,8 @@ async fn stream_log(
                 return;
             }
         }
-        match tokio::time::timeout(HEARTBEAT_INTERVAL, applied.changed()).await {
-            Ok(Ok(())) => {}
+        match tokio::time::timeout(HEARTBEAT_INTERVAL, applied.changed_from(applied_index)).await {
+            Ok(Ok(_)) => {}
             Ok(Err(_)) => {
                 let status = Status::unavailable(format!(
                     "the table's group {} stopped on this node",
@@ -355,7 +355,7 @@ async fn stream_log(
                 return;
             }
             Err(_) => {
-                let index = *applied.borrow();
+                let index = applied.get();
                 if sender
                     .send(Ok(commands_response(Vec::new(), index.0)))
                     .await

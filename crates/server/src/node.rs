@@ -740,15 +740,16 @@ impl Node {
         revision: u64,
         deadline: Instant,
     ) -> Result<()> {
-        let mut applied = self.host.applied_index_watch(group)?;
+        let applied = self.host.applied_index_watch(group)?;
         loop {
-            applied.borrow_and_update();
+            // Read before the check: an apply after it wakes the wait.
+            let seen = applied.get();
             if self.table_revision(group, false).await? >= revision {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, applied.changed()).await {
-                Ok(Ok(())) => {}
+            match tokio::time::timeout(left, applied.changed_from(seen)).await {
+                Ok(Ok(_)) => {}
                 Ok(Err(_)) => {
                     return Err(Error::Unavailable(format!(
                         "table group {} stopped on this node",
