@@ -7,6 +7,9 @@
 //! the whole process (all three nodes) per proposal.
 //!
 //! `THROUGHPUT_SECONDS` sets the time per row (default 5);
+//! `THROUGHPUT_ROUNDS` runs every row that many times, each on a fresh
+//! cluster (default 1), and prints the median round with the range of
+//! proposals/s (this VM's speed drifts between runs);
 //! `THROUGHPUT_GROUPS` (1 or 64) and `THROUGHPUT_PAYLOAD_BYTES` (64 or
 //! 1024) run one row only, e.g. under a profiler.
 //! `THROUGHPUT_WAL_BATCH_WAIT_MICROS` and `THROUGHPUT_WAL_CACHE_BYTES` set
@@ -291,28 +294,42 @@ fn main() {
         .worker_threads(2)
         .build()
         .expect("runtime");
-    println!("| groups | payload | proposers | proposals/s | p50 | p99 | CPU/proposal |");
-    println!("|---|---|---|---|---|---|---|");
+    let rounds: usize = env_number("THROUGHPUT_ROUNDS").unwrap_or(1).max(1);
+    println!("| groups | payload | proposers | proposals/s | range | p50 | p99 | CPU/proposal |");
+    println!("|---|---|---|---|---|---|---|---|");
     runtime.block_on(async {
         let only_groups: Option<u64> = env_number("THROUGHPUT_GROUPS");
         let only_payload: Option<usize> = env_number("THROUGHPUT_PAYLOAD_BYTES");
-        for groups in [1u64, 64] {
-            if only_groups.is_some_and(|only| only != groups) {
-                continue;
+        let rows: Vec<(u64, usize)> = [1u64, 64]
+            .into_iter()
+            .flat_map(|groups| [64usize, 1024].map(|payload| (groups, payload)))
+            .filter(|(groups, payload)| {
+                only_groups.is_none_or(|only| only == *groups)
+                    && only_payload.is_none_or(|only| only == *payload)
+            })
+            .collect();
+        // Rounds go over every row in turn, so that a drift of the
+        // machine's speed hits every row alike.
+        let mut results: Vec<Vec<Row>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (row, (groups, payload_bytes)) in rows.iter().enumerate() {
+                let result = run_row(*groups, *payload_bytes, Duration::from_secs(seconds)).await;
+                results[row].push(result);
             }
-            for payload_bytes in [64usize, 1024] {
-                if only_payload.is_some_and(|only| only != payload_bytes) {
-                    continue;
-                }
-                let row = run_row(groups, payload_bytes, Duration::from_secs(seconds)).await;
-                println!(
-                    "| {groups} | {payload_bytes} B | 64 | {:.0} | {:.2} ms | {:.2} ms | {:.1} µs |",
-                    row.rate,
-                    row.p50.as_secs_f64() * 1000.0,
-                    row.p99.as_secs_f64() * 1000.0,
-                    row.cpu_micros_per_proposal,
-                );
-            }
+        }
+        for ((groups, payload_bytes), mut results) in rows.into_iter().zip(results) {
+            results.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+            let (low, high) = (results[0].rate, results[results.len() - 1].rate);
+            let median = &results[results.len() / 2];
+            println!(
+                "| {groups} | {payload_bytes} B | 64 | {:.0} | {:.0}–{:.0} | {:.2} ms | {:.2} ms | {:.1} µs |",
+                median.rate,
+                low,
+                high,
+                median.p50.as_secs_f64() * 1000.0,
+                median.p99.as_secs_f64() * 1000.0,
+                median.cpu_micros_per_proposal,
+            );
         }
     });
 }

@@ -292,13 +292,25 @@ impl PeerQueue {
         }
     }
 
+    /// Drops everything queued.
+    fn clear(&self) {
+        self.messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Waits until something may be queued; false once the queue closed.
     async fn wait(&self) -> bool {
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             return false;
         }
         self.ready.notified().await;
-        !self.closed.load(Ordering::Acquire)
+        !self.is_closed()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     fn close(&self) {
@@ -531,10 +543,8 @@ async fn peer_writer(
             Err(_) => {
                 stats.connection_failures.fetch_add(1, Ordering::Relaxed);
                 // Do not let the queue fill with stale messages meanwhile.
-                pending.clear();
-                queue.take(&mut pending);
-                pending.clear();
-                if queue.closed.load(Ordering::Acquire) {
+                queue.clear();
+                if queue.is_closed() {
                     return;
                 }
                 tokio::time::sleep(delay).await;
