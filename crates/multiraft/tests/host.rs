@@ -118,8 +118,21 @@ fn start_host_with(
     voters: &[NodeId],
     machine: KvMachine,
 ) -> NodeHost {
+    start_host_configured(dir, id, transport, voters, machine, |_| {})
+}
+
+/// `start_host_with`, with `configure` applied to the host's settings.
+fn start_host_configured(
+    dir: &Path,
+    id: u64,
+    transport: &Arc<LocalTransport>,
+    voters: &[NodeId],
+    machine: KvMachine,
+    configure: impl FnOnce(&mut HostConfig),
+) -> NodeHost {
     let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(5);
+    configure(&mut config);
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let transport_handle: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
     let host = NodeHost::new(
@@ -554,21 +567,23 @@ async fn followers_apply_the_last_commit_without_heartbeats() {
             .collect();
         let voters = [NodeId(1), NodeId(2), NodeId(3)];
         let transport = LocalTransport::new();
-        let mut hosts = BTreeMap::new();
-        for id in 1..=3u64 {
-            let dir = dirs[id as usize - 1].path();
-            let mut config = HostConfig::new(NodeId(id), dir);
-            config.tick_interval = Duration::from_secs(3600);
-            config.raft.commit_broadcast = broadcast;
-            let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
-            let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-            let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
-                .expect("host");
-            host.start_group(GROUP, voters.to_vec(), Box::new(KvMachine::default()))
-                .expect("group");
-            transport.register(NodeId(id), &host);
-            hosts.insert(id, host);
-        }
+        let hosts: BTreeMap<u64, NodeHost> = (1..=3u64)
+            .map(|id| {
+                let dir = dirs[id as usize - 1].path();
+                let host = start_host_configured(
+                    dir,
+                    id,
+                    &transport,
+                    &voters,
+                    KvMachine::default(),
+                    |config| {
+                        config.tick_interval = Duration::from_secs(3600);
+                        config.raft.commit_broadcast = broadcast;
+                    },
+                );
+                (id, host)
+            })
+            .collect();
         hosts[&1].campaign(GROUP).expect("campaign");
         assert_eq!(wait_for_leader(&hosts).await, 1, "{broadcast:?}");
         hosts[&1]

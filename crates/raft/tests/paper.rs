@@ -312,8 +312,17 @@ mod replication {
         }
     }
 
-    fn deferred_commit(config: &mut Config) {
-        config.commit_broadcast = CommitBroadcast::Deferred;
+    /// Three nodes under `CommitBroadcast::Deferred`, node 1 elected and
+    /// its first commit broadcast.
+    fn deferred_cluster() -> Cluster {
+        fn deferred_commit(config: &mut Config) {
+            config.commit_broadcast = CommitBroadcast::Deferred;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], deferred_commit);
+        c.elect(1);
+        c.node(1).broadcast_commit();
+        c.settle();
+        c
     }
 
     fn commit_only_appends(messages: &[Message]) -> Vec<NodeId> {
@@ -331,10 +340,7 @@ mod replication {
     /// each; the next entry's append carries it too.
     #[test]
     fn a_deferred_commit_waits_for_the_runtime_or_the_next_append() {
-        let mut c = Cluster::with_config(&[1, 2, 3], deferred_commit);
-        c.elect(1);
-        c.node(1).broadcast_commit();
-        c.settle();
+        let mut c = deferred_cluster();
         let before = c.delivered.len();
         c.propose(1, "x").expect("leader");
         c.settle();
@@ -371,10 +377,7 @@ mod replication {
     /// follower does not.
     #[test]
     fn a_deferred_commit_reaches_the_follower_that_forwarded_at_once() {
-        let mut c = Cluster::with_config(&[1, 2, 3], deferred_commit);
-        c.elect(1);
-        c.node(1).broadcast_commit();
-        c.settle();
+        let mut c = deferred_cluster();
         let before = c.delivered.len();
         assert!(matches!(
             c.propose(2, "forwarded"),
