@@ -148,13 +148,26 @@ fn start_host_configured(
     host
 }
 
-/// Three hosts, each with its own WAL in a new directory, bootstrapping
-/// `GROUP` with voters 1, 2 and 3.
-fn start_three_hosts() -> (
+/// What `start_three_hosts_with` returns: the WAL directories (kept
+/// alive), the network and the hosts by id.
+type ThreeHosts = (
     Vec<tempfile::TempDir>,
     Arc<LocalTransport>,
     BTreeMap<u64, NodeHost>,
-) {
+);
+
+/// Three hosts, each with its own WAL in a new directory, bootstrapping
+/// `GROUP` with voters 1, 2 and 3.
+fn start_three_hosts() -> ThreeHosts {
+    start_three_hosts_with(KvMachine::default, |_| {})
+}
+
+/// `start_three_hosts` with a state machine from `machine` and the host
+/// settings changed by `configure`.
+fn start_three_hosts_with(
+    machine: impl Fn() -> KvMachine,
+    configure: impl Fn(&mut HostConfig),
+) -> ThreeHosts {
     let dirs: Vec<tempfile::TempDir> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
@@ -162,7 +175,8 @@ fn start_three_hosts() -> (
     let transport = LocalTransport::new();
     let hosts = (1..=3u64)
         .map(|id| {
-            let host = start_host(dirs[id as usize - 1].path(), id, &transport, &voters);
+            let dir = dirs[id as usize - 1].path();
+            let host = start_host_configured(dir, id, &transport, &voters, machine(), &configure);
             (id, host)
         })
         .collect();
@@ -270,22 +284,12 @@ async fn three_hosts_elect_replicate_read_and_recover() {
 /// the group is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_through_a_state_reader_wait_for_the_read_index() {
-    let dirs: Vec<tempfile::TempDir> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let voters = [NodeId(1), NodeId(2), NodeId(3)];
-    let transport = LocalTransport::new();
-    let hosts: BTreeMap<u64, NodeHost> = (1..=3u64)
-        .map(|id| {
-            let machine = KvMachine {
-                with_reader: true,
-                apply_delay: Duration::from_millis(2),
-                ..KvMachine::default()
-            };
-            let dir = dirs[id as usize - 1].path();
-            (id, start_host_with(dir, id, &transport, &voters, machine))
-        })
-        .collect();
+    let machine = || KvMachine {
+        with_reader: true,
+        apply_delay: Duration::from_millis(2),
+        ..KvMachine::default()
+    };
+    let (_dirs, _transport, hosts) = start_three_hosts_with(machine, |_| {});
     let leader = wait_for_leader(&hosts).await;
     let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     for i in 0..60 {
@@ -562,28 +566,10 @@ async fn committed_commands_are_applied_in_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_apply_the_last_commit_without_heartbeats() {
     for broadcast in [CommitBroadcast::Deferred, CommitBroadcast::Eager] {
-        let dirs: Vec<tempfile::TempDir> = (0..3)
-            .map(|_| tempfile::tempdir().expect("tempdir"))
-            .collect();
-        let voters = [NodeId(1), NodeId(2), NodeId(3)];
-        let transport = LocalTransport::new();
-        let hosts: BTreeMap<u64, NodeHost> = (1..=3u64)
-            .map(|id| {
-                let dir = dirs[id as usize - 1].path();
-                let host = start_host_configured(
-                    dir,
-                    id,
-                    &transport,
-                    &voters,
-                    KvMachine::default(),
-                    |config| {
-                        config.tick_interval = Duration::from_secs(3600);
-                        config.raft.commit_broadcast = broadcast;
-                    },
-                );
-                (id, host)
-            })
-            .collect();
+        let (_dirs, _transport, hosts) = start_three_hosts_with(KvMachine::default, |config| {
+            config.tick_interval = Duration::from_secs(3600);
+            config.raft.commit_broadcast = broadcast;
+        });
         hosts[&1].campaign(GROUP).expect("campaign");
         assert_eq!(wait_for_leader(&hosts).await, 1, "{broadcast:?}");
         hosts[&1]
