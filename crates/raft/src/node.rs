@@ -206,8 +206,8 @@ impl<S: Storage> RaftNode<S> {
 
     /// True when this leader's commit index moved and some follower's
     /// latest append did not carry it: [`RaftNode::broadcast_commit`] would
-    /// send something. Only ever set under [`CommitBroadcast::Deferred`]
-    /// between readies.
+    /// send something. Under [`CommitBroadcast::Eager`] the next `Ready`
+    /// always clears it.
     pub fn commit_unsent(&self) -> bool {
         self.raft.commit_unsent
     }

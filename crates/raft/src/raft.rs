@@ -1140,14 +1140,17 @@ impl<S: Storage> Raft<S> {
     // ---------------------------------------------------------------------
     // Leader side of replication.
 
+    /// The other members whose progress satisfies `keep`.
+    fn followers_where(&self, keep: impl Fn(&Progress) -> bool) -> Vec<NodeId> {
+        self.progress
+            .iter()
+            .filter(|(node, progress)| **node != self.id && keep(progress))
+            .map(|(node, _)| *node)
+            .collect()
+    }
+
     pub(crate) fn broadcast_append(&mut self) {
-        let targets: Vec<NodeId> = self
-            .progress
-            .keys()
-            .copied()
-            .filter(|n| *n != self.id)
-            .collect();
-        for target in targets {
+        for target in self.followers_where(|_| true) {
             self.send_append(target, true);
         }
     }
@@ -1773,6 +1776,7 @@ impl<S: Storage> Raft<S> {
     /// Leader: a follower waits for the commit of an entry it forwarded
     /// and has not been sent it (see `Progress::commit_wanted`).
     pub(crate) fn commit_wanted_unsent(&self) -> bool {
+        // Asked by `has_ready` all the time: no allocation.
         self.commit_unsent
             && self.role == Role::Leader
             && self.progress.iter().any(|(node, progress)| {
@@ -1787,13 +1791,7 @@ impl<S: Storage> Raft<S> {
             return;
         }
         let committed = self.log.committed;
-        let waiting: Vec<NodeId> = self
-            .progress
-            .iter()
-            .filter(|(node, progress)| **node != self.id && progress.wants_commit(committed))
-            .map(|(node, _)| *node)
-            .collect();
-        for node in waiting {
+        for node in self.followers_where(|progress| progress.wants_commit(committed)) {
             self.send_append(node, true);
             // Paused (a full window, a snapshot in flight): give up the
             // wish; the follower learns the commit like the others.
@@ -1812,13 +1810,7 @@ impl<S: Storage> Raft<S> {
             return;
         }
         let committed = self.log.committed;
-        let behind: Vec<NodeId> = self
-            .progress
-            .iter()
-            .filter(|(node, progress)| **node != self.id && progress.commit_sent < committed)
-            .map(|(node, _)| *node)
-            .collect();
-        for node in behind {
+        for node in self.followers_where(|progress| progress.commit_sent < committed) {
             self.send_append(node, true);
         }
     }
