@@ -287,6 +287,7 @@ enum Control {
 /// The outcome of one applied entry, for whoever proposed it.
 struct AppliedResult {
     index: LogIndex,
+    term: Term,
     /// The request id of a session command.
     id: Option<RequestId>,
     result: Result<Bytes, Error>,
@@ -312,10 +313,7 @@ enum ApplyWork {
     SaveSessions(GroupId),
     /// Drop the group's state machine; its waiting reads fail.
     Unregister(GroupId),
-    /// Committed entries to apply, with the proposers waiting on them
-    /// here (by index, ascending): each is answered as soon as its entry
-    /// is applied, without a hop back through the worker.
-    Entries(GroupId, Vec<Entry>, Vec<(LogIndex, Reply)>),
+    Entries(GroupId, Vec<Entry>),
     Read {
         group: GroupId,
         index: LogIndex,
@@ -1609,40 +1607,29 @@ impl Group {
         }
     }
 
-    /// The proposers of these committed entries, for the apply task to
-    /// answer. A proposer whose index now holds an entry of another term
-    /// lost its entry to a new leader: answered `Dropped` here.
-    fn take_replies(&mut self, committed: &[Entry]) -> Vec<(LogIndex, Reply)> {
-        let mut replies = Vec::new();
-        for entry in committed {
-            let Some((term, reply)) = self.proposals.remove(&entry.index) else {
-                continue;
-            };
-            if term == entry.term {
-                replies.push((entry.index, reply));
-            } else {
-                let _ = reply.send(Err(Error::Dropped(self.group)));
-            }
-        }
-        replies
-    }
-
-    /// The apply task applied up to `index`: resolve forwarded proposals.
+    /// The apply task applied up to `index`: resolve the proposals.
     fn on_applied(&mut self, index: LogIndex, results: Vec<AppliedResult>) {
         self.raft.advance_apply(index);
         self.applied.publish(index);
         self.maybe_schedule_compaction(index);
-        // This node's own proposers were answered by the apply task
-        // (`take_replies`); forwarded ones wait here for their id.
         for applied in results {
+            let result = applied.result;
+            if let Some((term, reply)) = self.proposals.remove(&applied.index) {
+                let outcome = if term == applied.term {
+                    result.clone()
+                } else {
+                    Err(Error::Dropped(self.group))
+                };
+                let _ = reply.send(outcome);
+            }
             if let Some(id) = applied.id {
                 for reply in self.waiting_ids.remove(&id).unwrap_or_default() {
-                    let _ = reply.send(applied.result.clone());
+                    let _ = reply.send(result.clone());
                 }
             }
         }
-        // Proposals at or below the applied index that never reached the
-        // apply task (their entries came with a snapshot) lost them.
+        // Proposals at or below the applied index whose entry was not a
+        // command of theirs were overwritten.
         let group = self.group;
         while let Some(entry) = self.proposals.first_entry() {
             if *entry.key() > index {
@@ -1721,12 +1708,9 @@ impl Group {
             readies.push((self.group, ready.number));
             self.pending_install = None;
             if !ready.committed_entries.is_empty() {
-                let replies = self.take_replies(&ready.committed_entries);
-                let _ = self.apply.send(ApplyWork::Entries(
-                    self.group,
-                    ready.committed_entries,
-                    replies,
-                ));
+                let _ = self
+                    .apply
+                    .send(ApplyWork::Entries(self.group, ready.committed_entries));
             }
             let leader_changed = ready
                 .soft_state
@@ -1837,8 +1821,8 @@ async fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: Apply
 #[derive(Default)]
 struct Run {
     commands: Vec<(LogIndex, Bytes)>,
-    /// Per command: for a session command, its id.
-    ids: Vec<Option<RequestId>>,
+    /// Per command: its term and, for a session command, its id.
+    origins: Vec<(Term, Option<RequestId>)>,
 }
 
 /// Applies the commands gathered so far as one batch, records the results
@@ -1860,19 +1844,20 @@ fn apply_run(
         run.commands.len(),
         "StateMachine::apply_batch must return one result per command"
     );
-    for (((index, _), id), answer) in run.commands.iter().zip(&run.ids).zip(answers) {
+    for (((index, _), (term, id)), answer) in run.commands.iter().zip(&run.origins).zip(answers) {
         if let Some(id) = id {
             applier.sessions.complete(id.client, *index, answer.clone());
         }
         results.push(AppliedResult {
             index: *index,
+            term: *term,
             id: *id,
             result: Ok(answer),
         });
     }
     applier.applied = applier.applied.max(last);
     run.commands.clear();
-    run.ids.clear();
+    run.origins.clear();
     Ok(())
 }
 
@@ -1908,7 +1893,7 @@ fn apply_entries(
         match &entry.payload {
             EntryPayload::Normal(command) => {
                 run.commands.push((entry.index, command.clone()));
-                run.ids.push(None);
+                run.origins.push((entry.term, None));
                 applier.sessions.advance(entry.index);
             }
             EntryPayload::Session { id, command } => {
@@ -1923,7 +1908,7 @@ fn apply_entries(
                     applier.sessions.expire(entry.index, session_expiry_entries);
                     applier.sessions.record(*id, entry.index, Outcome::Pending);
                     run.commands.push((entry.index, command.clone()));
-                    run.ids.push(Some(*id));
+                    run.origins.push((entry.term, Some(*id)));
                     continue;
                 }
                 assert_ne!(
@@ -1933,6 +1918,7 @@ fn apply_entries(
                 );
                 results.push(AppliedResult {
                     index: entry.index,
+                    term: entry.term,
                     id: Some(*id),
                     result: not_applied_again(group, *id, verdict),
                 });
@@ -1944,6 +1930,7 @@ fn apply_entries(
                 if let EntryPayload::ConfChange(_) = &entry.payload {
                     results.push(AppliedResult {
                         index: entry.index,
+                        term: entry.term,
                         id: None,
                         result: Ok(Bytes::new()),
                     });
@@ -1953,27 +1940,6 @@ fn apply_entries(
         }
     }
     apply_run(applier, &mut run, results)
-}
-
-/// Answers each proposer (listed in index order) with the result of its
-/// entry. Results are not in index order: a retry's known result is
-/// reported before the run around it is applied. A proposer without a
-/// result (not expected: its entry is one of its commands) gets `Dropped`.
-fn answer_proposers(group: GroupId, results: &[AppliedResult], replies: Vec<(LogIndex, Reply)>) {
-    if replies.is_empty() {
-        return;
-    }
-    let mut sorted: Vec<&AppliedResult> = results.iter().collect();
-    sorted.sort_unstable_by_key(|applied| applied.index);
-    let mut sorted = sorted.into_iter().peekable();
-    for (index, reply) in replies {
-        while sorted.next_if(|applied| applied.index < index).is_some() {}
-        let answer = match sorted.next_if(|applied| applied.index == index) {
-            Some(applied) => applied.result.clone(),
-            None => Err(Error::Dropped(group)),
-        };
-        let _ = reply.send(answer);
-    }
 }
 
 /// Writes the session table to its file (fsynced, atomically replaced).
@@ -2137,12 +2103,11 @@ fn apply_one(
             }
             reports.remove(&group);
         }
-        ApplyWork::Entries(group, entries, replies) => {
+        ApplyWork::Entries(group, entries) => {
             let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
             let results = reports.entry(group).or_default();
-            let reported = results.len();
             let applied = apply_entries(
                 group,
                 applier,
@@ -2151,11 +2116,8 @@ fn apply_one(
                 context.session_expiry_entries,
             );
             if let Err(reason) = applied {
-                // The replies drop: their callers learn the group stopped.
                 stop_applier(group, reason, appliers, reports, context);
-                return;
             }
-            answer_proposers(group, &results[reported..], replies);
         }
         ApplyWork::SaveSessions(group) => {
             let Some(applier) = appliers.get_mut(&group) else {
@@ -2356,40 +2318,4 @@ fn read_snapshot(
     let sessions = SessionTable::decode(&Bytes::from(table))
         .map_err(|error| format!("session table: {}", error.0))?;
     Ok((sessions, reader.take(state_len)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn result(index: u64, text: &'static str) -> AppliedResult {
-        AppliedResult {
-            index: LogIndex(index),
-            id: None,
-            result: Ok(Bytes::from_static(text.as_bytes())),
-        }
-    }
-
-    /// A retry's known result is reported before the run around it is
-    /// applied: results out of index order still reach their proposers,
-    /// and a proposer without a result hears `Dropped`, not silence.
-    #[test]
-    fn proposers_get_their_own_results_in_any_order() {
-        let results = [result(6, "six"), result(4, "four"), result(5, "five")];
-        let (replies, answers): (Vec<_>, Vec<_>) = [4u64, 6, 7]
-            .into_iter()
-            .map(|index| {
-                let (reply, answer) = oneshot::channel();
-                ((LogIndex(index), reply), answer)
-            })
-            .unzip();
-        answer_proposers(GroupId(1), &results, replies);
-        let answers: Vec<_> = answers
-            .into_iter()
-            .map(|mut answer| answer.try_recv().expect("answered"))
-            .collect();
-        assert_eq!(answers[0].as_deref().ok(), Some(&b"four"[..]));
-        assert_eq!(answers[1].as_deref().ok(), Some(&b"six"[..]));
-        assert!(matches!(answers[2], Err(Error::Dropped(GroupId(1)))));
-    }
 }

@@ -605,3 +605,30 @@ async fn followers_apply_the_last_commit_without_heartbeats() {
         }
     }
 }
+
+/// Once a proposal is answered, this node's status and applied-index
+/// watch already count its entry: a client may read at the revision it
+/// was given, and a read-your-writes wait never waits for its own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_proposal_is_counted_as_applied() {
+    let (_dirs, _transport, hosts) = start_three_hosts();
+    let leader = &hosts[&wait_for_leader(&hosts).await];
+    let watch = leader.applied_index_watch(GROUP).expect("watch");
+    for i in 0..200 {
+        let before = leader.status(GROUP).await.expect("status").applied;
+        leader
+            .propose(GROUP, Bytes::from(format!("k=v{i}")))
+            .await
+            .expect("commit");
+        let status = leader.status(GROUP).await.expect("status").applied;
+        assert!(
+            status > before,
+            "proposal {i}: status applied {status:?}, before {before:?}"
+        );
+        assert!(
+            watch.get() > before,
+            "proposal {i}: watch {:?}, before {before:?}",
+            watch.get()
+        );
+    }
+}
