@@ -2,7 +2,10 @@
 //! linearizable reads on the caller's task, revision waits and the
 //! cross-location replication stream.
 //!
-//! The worker publishes after every apply report, in every group. A
+//! The apply task publishes as soon as it applied entries, before it
+//! answers their proposers, so that an acknowledged write is always
+//! counted here; the worker publishes again after every apply report (a
+//! publish never lowers the index). A
 //! `tokio::sync::watch` would lock eight mutexes per publish to wake
 //! receivers that almost never wait; here a publish costs two atomic
 //! operations unless some task is waiting.
@@ -30,6 +33,29 @@ struct Shared {
 /// group stopped on this node) stops every [`AppliedWatch`] of it.
 pub(crate) struct AppliedPublisher {
     shared: Arc<Shared>,
+}
+
+/// Where the apply task publishes a group's applied index. Unlike the
+/// [`AppliedPublisher`], dropping it stops nothing.
+#[derive(Clone)]
+pub(crate) struct AppliedSink {
+    shared: Arc<Shared>,
+}
+
+impl AppliedSink {
+    /// Raises the applied index to `index`; see [`AppliedPublisher::publish`].
+    pub(crate) fn publish(&self, index: LogIndex) {
+        publish(&self.shared, index);
+    }
+}
+
+/// Raises the applied index to `index` (never lowers it) and wakes the
+/// tasks waiting, if any.
+fn publish(shared: &Shared, index: LogIndex) {
+    let previous = shared.index.fetch_max(index.0, Ordering::SeqCst);
+    if index.0 > previous && shared.waiters.load(Ordering::SeqCst) > 0 {
+        shared.notify.notify_waiters();
+    }
 }
 
 /// Follows a group's applied index on this node; cheap to clone.
@@ -60,9 +86,18 @@ impl AppliedPublisher {
     /// Raises the applied index to `index` (never lowers it) and wakes the
     /// tasks waiting, if any.
     pub(crate) fn publish(&self, index: LogIndex) {
-        let previous = self.shared.index.fetch_max(index.0, Ordering::SeqCst);
-        if index.0 > previous && self.shared.waiters.load(Ordering::SeqCst) > 0 {
-            self.shared.notify.notify_waiters();
+        publish(&self.shared, index);
+    }
+
+    /// The applied index published so far, by either side.
+    pub(crate) fn get(&self) -> LogIndex {
+        LogIndex(self.shared.index.load(Ordering::SeqCst))
+    }
+
+    /// A handle for the apply task to publish through.
+    pub(crate) fn sink(&self) -> AppliedSink {
+        AppliedSink {
+            shared: Arc::clone(&self.shared),
         }
     }
 }

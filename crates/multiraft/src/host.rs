@@ -36,7 +36,7 @@ use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::applied::{AppliedPublisher, AppliedWatch};
+use crate::applied::{AppliedPublisher, AppliedSink, AppliedWatch};
 use crate::error::Error;
 use crate::session::{Outcome, SessionTable, Verdict};
 use crate::snapshot::{SnapshotData, SnapshotDir, SnapshotSource};
@@ -308,12 +308,18 @@ enum WorkerInput {
 
 /// Work for a worker's apply task, which owns its groups' state machines.
 enum ApplyWork {
-    Register(GroupId, Box<dyn StateMachine>, SessionTable),
+    /// A group's state machine, its session table and where to publish
+    /// its applied index.
+    Register(GroupId, Box<dyn StateMachine>, SessionTable, AppliedSink),
     /// Save the group's session table before a compaction.
     SaveSessions(GroupId),
     /// Drop the group's state machine; its waiting reads fail.
     Unregister(GroupId),
-    Entries(GroupId, Vec<Entry>),
+    /// Committed entries to apply, with this node's proposers of their
+    /// commands (by index, ascending): each is answered once its entry is
+    /// applied and the applied index published, without a hop back
+    /// through the worker.
+    Entries(GroupId, Vec<Entry>, Vec<(LogIndex, Reply)>),
     Read {
         group: GroupId,
         index: LogIndex,
@@ -321,10 +327,7 @@ enum ApplyWork {
         reply: Reply,
     },
     /// Copy the state for this outgoing snapshot message.
-    TakeSnapshot {
-        group: GroupId,
-        message: Message,
-    },
+    TakeSnapshot { group: GroupId, message: Message },
     /// Replace the state with a snapshot received from the leader.
     Restore {
         group: GroupId,
@@ -500,10 +503,15 @@ impl NodeHost {
                 None => return Err(stopped(group)),
             }
         };
-        apply
-            .send(ApplyWork::Register(group, state_machine, sessions))
-            .map_err(|_| stopped(group))?;
         let (applied_sender, applied_receiver) = AppliedPublisher::new(initially_applied);
+        apply
+            .send(ApplyWork::Register(
+                group,
+                state_machine,
+                sessions,
+                applied_sender.sink(),
+            ))
+            .map_err(|_| stopped(group))?;
         let state = Group {
             group,
             raft,
@@ -1513,7 +1521,11 @@ impl Group {
                 }
             }
             Input::Status { reply } => {
-                let _ = reply.send(self.raft.status());
+                let mut status = self.raft.status();
+                // The apply task publishes before it answers proposers, so
+                // its index may run ahead of the worker's report.
+                status.applied = status.applied.max(self.applied.get());
+                let _ = reply.send(status);
             }
             Input::Campaign => self.raft.campaign(),
             Input::ConfChange { change, reply } => {
@@ -1607,7 +1619,37 @@ impl Group {
         }
     }
 
-    /// The apply task applied up to `index`: resolve the proposals.
+    /// The proposers of these committed commands, for the apply task to
+    /// answer. A proposer whose index now holds an entry of another term
+    /// lost its entry to a new leader: answered `Dropped` here. Membership
+    /// changes stay here: their proposers are answered from the apply
+    /// report, after Raft counts them applied.
+    fn take_replies(&mut self, committed: &[Entry]) -> Vec<(LogIndex, Reply)> {
+        let mut replies = Vec::new();
+        if self.proposals.is_empty() {
+            return replies;
+        }
+        for entry in committed {
+            if !matches!(
+                entry.payload,
+                EntryPayload::Normal(_) | EntryPayload::Session { .. }
+            ) {
+                continue;
+            }
+            let Some((term, reply)) = self.proposals.remove(&entry.index) else {
+                continue;
+            };
+            if term == entry.term {
+                replies.push((entry.index, reply));
+            } else {
+                let _ = reply.send(Err(Error::Dropped(self.group)));
+            }
+        }
+        replies
+    }
+
+    /// The apply task applied up to `index`: resolve the proposals it did
+    /// not answer itself (membership changes, forwarded retries).
     fn on_applied(&mut self, index: LogIndex, results: Vec<AppliedResult>) {
         self.raft.advance_apply(index);
         self.applied.publish(index);
@@ -1708,9 +1750,12 @@ impl Group {
             readies.push((self.group, ready.number));
             self.pending_install = None;
             if !ready.committed_entries.is_empty() {
-                let _ = self
-                    .apply
-                    .send(ApplyWork::Entries(self.group, ready.committed_entries));
+                let replies = self.take_replies(&ready.committed_entries);
+                let _ = self.apply.send(ApplyWork::Entries(
+                    self.group,
+                    ready.committed_entries,
+                    replies,
+                ));
             }
             let leader_changed = ready
                 .soft_state
@@ -1771,6 +1816,8 @@ impl Group {
 struct Applier {
     state_machine: Box<dyn StateMachine>,
     applied: LogIndex,
+    /// Published before proposers are answered.
+    published: AppliedSink,
     waiting: Vec<(LogIndex, Bytes, Reply)>,
     sessions: SessionTable,
 }
@@ -1942,6 +1989,27 @@ fn apply_entries(
     apply_run(applier, &mut run, results)
 }
 
+/// Answers each proposer (listed in index order) with the result of its
+/// entry. Results are not in index order: a retry's known result is
+/// reported before the run around it is applied. A proposer without a
+/// result (not expected: its entry is one of its commands) gets `Dropped`.
+fn answer_proposers(group: GroupId, results: &[AppliedResult], replies: Vec<(LogIndex, Reply)>) {
+    if replies.is_empty() {
+        return;
+    }
+    let mut sorted: Vec<&AppliedResult> = results.iter().collect();
+    sorted.sort_unstable_by_key(|applied| applied.index);
+    let mut sorted = sorted.into_iter().peekable();
+    for (index, reply) in replies {
+        while sorted.next_if(|applied| applied.index < index).is_some() {}
+        let answer = match sorted.next_if(|applied| applied.index == index) {
+            Some(applied) => applied.result.clone(),
+            None => Err(Error::Dropped(group)),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
 /// Writes the session table to its file (fsynced, atomically replaced).
 fn save_sessions(
     store: &SnapshotStore,
@@ -2080,13 +2148,14 @@ fn apply_one(
     context: &ApplyContext,
 ) {
     match item {
-        ApplyWork::Register(group, state_machine, sessions) => {
+        ApplyWork::Register(group, state_machine, sessions, published) => {
             let applied = state_machine.applied_index();
             appliers.insert(
                 group,
                 Applier {
                     state_machine,
                     applied,
+                    published,
                     waiting: Vec::new(),
                     sessions,
                 },
@@ -2103,11 +2172,12 @@ fn apply_one(
             }
             reports.remove(&group);
         }
-        ApplyWork::Entries(group, entries) => {
+        ApplyWork::Entries(group, entries, replies) => {
             let Some(applier) = appliers.get_mut(&group) else {
                 return;
             };
             let results = reports.entry(group).or_default();
+            let reported = results.len();
             let applied = apply_entries(
                 group,
                 applier,
@@ -2116,8 +2186,14 @@ fn apply_one(
                 context.session_expiry_entries,
             );
             if let Err(reason) = applied {
+                // The replies drop: their callers learn the group stopped.
                 stop_applier(group, reason, appliers, reports, context);
+                return;
             }
+            // Counted before answered: whoever hears of a write can find
+            // it in the applied index (`NodeHost::applied_index_watch`).
+            applier.published.publish(applier.applied);
+            answer_proposers(group, &results[reported..], replies);
         }
         ApplyWork::SaveSessions(group) => {
             let Some(applier) = appliers.get_mut(&group) else {
@@ -2318,4 +2394,41 @@ fn read_snapshot(
     let sessions = SessionTable::decode(&Bytes::from(table))
         .map_err(|error| format!("session table: {}", error.0))?;
     Ok((sessions, reader.take(state_len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(index: u64, text: &'static str) -> AppliedResult {
+        AppliedResult {
+            index: LogIndex(index),
+            term: Term(1),
+            id: None,
+            result: Ok(Bytes::from_static(text.as_bytes())),
+        }
+    }
+
+    /// A retry's known result is reported before the run around it is
+    /// applied: results out of index order still reach their proposers,
+    /// and a proposer without a result hears `Dropped`, not silence.
+    #[test]
+    fn proposers_get_their_own_results_in_any_order() {
+        let results = [result(6, "six"), result(4, "four"), result(5, "five")];
+        let (replies, answers): (Vec<_>, Vec<_>) = [4u64, 6, 7]
+            .into_iter()
+            .map(|index| {
+                let (reply, answer) = oneshot::channel();
+                ((LogIndex(index), reply), answer)
+            })
+            .unzip();
+        answer_proposers(GroupId(1), &results, replies);
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|mut answer| answer.try_recv().expect("answered"))
+            .collect();
+        assert_eq!(answers[0].as_deref().ok(), Some(&b"four"[..]));
+        assert_eq!(answers[1].as_deref().ok(), Some(&b"six"[..]));
+        assert!(matches!(answers[2], Err(Error::Dropped(GroupId(1)))));
+    }
 }
