@@ -2,10 +2,11 @@
 //! linearizable reads on the caller's task, revision waits and the
 //! cross-location replication stream.
 //!
-//! The apply task publishes as soon as it applied entries, before it
-//! answers their proposers, so that an acknowledged write is always
-//! counted here; the worker publishes again after every apply report (a
-//! publish never lowers the index). A
+//! The apply task publishes as soon as it applied committed entries,
+//! before it answers their proposers, so that an acknowledged write is
+//! always counted here; the worker publishes after every apply report
+//! (the only publish after a snapshot install; a publish never lowers the
+//! index). A
 //! `tokio::sync::watch` would lock eight mutexes per publish to wake
 //! receivers that almost never wait; here a publish costs two atomic
 //! operations unless some task is waiting.
@@ -43,9 +44,17 @@ pub(crate) struct AppliedSink {
 }
 
 impl AppliedSink {
-    /// Raises the applied index to `index`; see [`AppliedPublisher::publish`].
-    pub(crate) fn publish(&self, index: LogIndex) {
+    /// Raises the applied index to `index` (see
+    /// [`AppliedPublisher::publish`]) while the group runs on this node.
+    /// Returns false, publishing nothing, once it stopped: the caller then
+    /// answers its proposers `GroupStopped`, as the worker answered every
+    /// other proposer of the group.
+    pub(crate) fn publish(&self, index: LogIndex) -> bool {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return false;
+        }
         publish(&self.shared, index);
+        true
     }
 }
 
@@ -64,7 +73,8 @@ pub struct AppliedWatch {
     shared: Arc<Shared>,
 }
 
-/// The group stopped on this node: its applied index will not move again.
+/// The group stopped on this node: its applied index will not move again
+/// (except by one apply-task publish that raced with the stop).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupStopped;
 
@@ -198,6 +208,21 @@ mod tests {
             Ok(LogIndex(9)),
             "reached"
         );
+    }
+
+    /// The apply task's sink publishes while the group runs, and refuses
+    /// (telling its caller) once the worker dropped the publisher.
+    #[test]
+    fn a_sink_stops_publishing_with_its_group() {
+        let (publisher, watch) = AppliedPublisher::new(LogIndex(1));
+        let sink = publisher.sink();
+        assert!(sink.publish(LogIndex(3)));
+        assert_eq!(watch.get(), LogIndex(3));
+        assert_eq!(publisher.get(), LogIndex(3));
+        drop(publisher);
+        assert!(watch.is_stopped());
+        assert!(!sink.publish(LogIndex(4)), "the group stopped");
+        assert_eq!(watch.get(), LogIndex(3), "a stopped index does not move");
     }
 
     /// Many publishes racing many waiters: every waiter ends, none hangs.

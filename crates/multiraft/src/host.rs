@@ -2,8 +2,8 @@
 //! a few *workers* (tokio tasks); a worker owns its groups' `RaftNode`s and
 //! handles every group that has work in one wake-up, so the cost of a
 //! wake-up, a WAL submission and a tick is shared by every busy group. An
-//! apply task per group owns the state machine, so applying never blocks
-//! Raft.
+//! apply task per worker owns its groups' state machines, so applying
+//! never blocks Raft.
 //!
 //! A worker's turn: handle every queued input (peer messages, proposals,
 //! reads, ticks, persistence and apply completions), then take the `Ready`
@@ -1442,8 +1442,10 @@ impl Group {
         !self.quiesced
     }
 
-    /// Proposes on this node if it leads, and tracks the entry so that
-    /// `on_applied` resolves `reply`; otherwise answers `NotLeader`.
+    /// Proposes on this node if it leads, and tracks the entry so that its
+    /// `reply` is answered once it is applied (by the apply task for a
+    /// command, by `on_applied` for a membership change); otherwise
+    /// answers `NotLeader`.
     fn propose_on_leader(
         &mut self,
         reply: Reply,
@@ -1458,9 +1460,10 @@ impl Group {
         self.propose_and_track(reply, propose);
     }
 
-    /// Proposes, and tracks an appended entry so that `on_applied` resolves
-    /// `reply`; a forwarded proposal without a request id cannot be
-    /// tracked, so it is answered `NotLeader`.
+    /// Proposes, and tracks an appended entry so that `reply` is answered
+    /// once it is applied (see `propose_on_leader`); a forwarded proposal
+    /// without a request id cannot be tracked, so it is answered
+    /// `NotLeader`.
     fn propose_and_track(
         &mut self,
         reply: Reply,
@@ -1649,7 +1652,10 @@ impl Group {
     }
 
     /// The apply task applied up to `index`: resolve the proposals it did
-    /// not answer itself (membership changes, forwarded retries).
+    /// not answer itself: membership changes, proposals forwarded to the
+    /// leader and waiting here for their request id, and (`Dropped`)
+    /// proposals whose index now holds an empty entry or came with a
+    /// snapshot.
     fn on_applied(&mut self, index: LogIndex, results: Vec<AppliedResult>) {
         self.raft.advance_apply(index);
         self.applied.publish(index);
@@ -1989,6 +1995,17 @@ fn apply_entries(
     apply_run(applier, &mut run, results)
 }
 
+/// Answers proposers whose group stopped on this node (their entries may
+/// or may not be applied: the outcome is unknown to them).
+fn answer_stopped(group: GroupId, reason: &str, replies: Vec<(LogIndex, Reply)>) {
+    for (_, reply) in replies {
+        let _ = reply.send(Err(Error::GroupStopped {
+            group,
+            reason: reason.to_string(),
+        }));
+    }
+}
+
 /// Answers each proposer (listed in index order) with the result of its
 /// entry. Results are not in index order: a retry's known result is
 /// reported before the run around it is applied. A proposer without a
@@ -2174,6 +2191,8 @@ fn apply_one(
         }
         ApplyWork::Entries(group, entries, replies) => {
             let Some(applier) = appliers.get_mut(&group) else {
+                let reason = format!("group {} was removed from this node", group.0);
+                answer_stopped(group, &reason, replies);
                 return;
             };
             let results = reports.entry(group).or_default();
@@ -2186,14 +2205,19 @@ fn apply_one(
                 context.session_expiry_entries,
             );
             if let Err(reason) = applied {
-                // The replies drop: their callers learn the group stopped.
+                answer_stopped(group, &reason, replies);
                 stop_applier(group, reason, appliers, reports, context);
                 return;
             }
             // Counted before answered: whoever hears of a write can find
             // it in the applied index (`NodeHost::applied_index_watch`).
-            applier.published.publish(applier.applied);
-            answer_proposers(group, &results[reported..], replies);
+            if applier.published.publish(applier.applied) {
+                answer_proposers(group, &results[reported..], replies);
+            } else {
+                // The worker stopped the group meanwhile and answered all
+                // its other proposers so.
+                answer_stopped(group, "the group stopped on this node", replies);
+            }
         }
         ApplyWork::SaveSessions(group) => {
             let Some(applier) = appliers.get_mut(&group) else {
