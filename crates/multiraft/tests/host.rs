@@ -609,6 +609,55 @@ async fn followers_apply_the_last_commit_without_heartbeats() {
 /// Once a proposal is answered, this node's status and applied-index
 /// watch already count its entry: a client may read at the revision it
 /// was given, and a read-your-writes wait never waits for its own write.
+/// Proposals in flight while the leader removes the group all end, each
+/// with its result or `GroupStopped`: none waits for ever, whichever of
+/// the worker and the apply task holds it at the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proposals_in_flight_at_a_removal_all_end() {
+    // A slow state machine (and tokio threads to spare while it sleeps),
+    // so that the removal also catches proposals whose entries the apply
+    // task holds.
+    let slow = || KvMachine {
+        apply_delay: Duration::from_millis(1),
+        ..KvMachine::default()
+    };
+    let (_dirs, _transport, hosts) = start_three_hosts_with(slow, |_| {});
+    let leader = hosts[&wait_for_leader(&hosts).await].clone();
+    // 64 proposers, each with one proposal in flight at all times until
+    // the group is gone.
+    let proposers: Vec<_> = (0..64)
+        .map(|p| {
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                let mut applied = 0u64;
+                loop {
+                    let command = Bytes::from(format!("k{p}-{applied}=v"));
+                    match leader.propose(GROUP, command).await {
+                        Ok(_) => applied += 1,
+                        Err(error) => return (applied, error),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    leader.remove_group(GROUP).await.expect("removed");
+    let mut in_flight = 0;
+    for proposer in proposers {
+        let (applied, error) = tokio::time::timeout(Duration::from_secs(10), proposer)
+            .await
+            .expect("a proposer waited for ever")
+            .expect("proposer task");
+        assert!(applied > 0, "every proposer got through before the removal");
+        match error {
+            Error::GroupStopped { .. } => in_flight += 1,
+            Error::UnknownGroup(_) => {}
+            other => panic!("unexpected outcome: {other:?}"),
+        }
+    }
+    assert!(in_flight > 0, "the removal caught no proposal in flight");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answered_proposal_is_counted_as_applied() {
     let (_dirs, _transport, hosts) = start_three_hosts();
