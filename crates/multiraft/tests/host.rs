@@ -606,9 +606,6 @@ async fn followers_apply_the_last_commit_without_heartbeats() {
     }
 }
 
-/// Once a proposal is answered, this node's status and applied-index
-/// watch already count its entry: a client may read at the revision it
-/// was given, and a read-your-writes wait never waits for its own write.
 /// Proposals in flight while the leader removes the group all end, each
 /// with its result or `GroupStopped`: none waits for ever, whichever of
 /// the worker and the apply task holds it at the removal.
@@ -658,6 +655,9 @@ async fn proposals_in_flight_at_a_removal_all_end() {
     assert!(in_flight > 0, "the removal caught no proposal in flight");
 }
 
+/// Once a proposal is answered, this node's status and applied-index
+/// watch already count its entry: a client may read at the revision it
+/// was given, and a read-your-writes wait never waits for its own write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answered_proposal_is_counted_as_applied() {
     let (_dirs, _transport, hosts) = start_three_hosts();
