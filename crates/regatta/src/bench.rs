@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::{Args, ValueEnum};
-use http_body_util::{BodyExt, Full};
 use prost::Message;
 use regatta_server::proto::etcdserverpb as pb;
 
@@ -92,16 +91,25 @@ impl Rng {
 }
 
 /// One HTTP/2 connection speaking unary gRPC, shared by the clients that
-/// clone it. `regatta bench` uses it rather than a tonic `Channel`, whose
-/// buffer task and streamed request bodies cost the client two extra task
-/// hops per request (see BENCHMARKS.md, session 22). The load tool then
-/// takes less of the CPU it shares with the servers it measures, and it
-/// takes the same for etcd and Regatta.
+/// clone it. `regatta bench` drives the `h2` crate itself rather than a
+/// tonic `Channel` (whose buffer task and streamed request bodies cost the
+/// client two extra task hops per request, BENCHMARKS.md session 22) or
+/// hyper's client (which spawns a task per request to send its body, and
+/// copies that task's future in and out of the heap: 13% of the client's
+/// CPU, session 26). The load tool then takes less of the CPU it shares
+/// with the servers it measures, and it takes the same for etcd and
+/// Regatta.
 #[derive(Clone)]
 struct Connection {
-    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    authority: String,
+    sender: h2::client::SendRequest<Bytes>,
+    uri_prefix: String,
 }
+
+/// HTTP/2 flow-control windows the load tool grants the server: hyper's
+/// client defaults, so that a large range answer is not paced by window
+/// updates.
+const STREAM_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 5 * 1024 * 1024;
 
 impl Connection {
     /// Dials `endpoint` (host:port) with TCP_NODELAY, within the server
@@ -114,12 +122,12 @@ impl Connection {
             .map_err(|error| format!("cannot reach {endpoint}: {error}"))?;
         tcp.set_nodelay(true)
             .map_err(|error| format!("{endpoint}: {error}"))?;
-        let io = hyper_util::rt::TokioIo::new(regatta_server::tls::Unvectored(tcp));
-        let (sender, connection) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake(io)
-                .await
-                .map_err(|error| format!("{endpoint}: HTTP/2 handshake: {error}"))?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .handshake(regatta_server::tls::Unvectored(tcp))
+            .await
+            .map_err(|error| format!("{endpoint}: HTTP/2 handshake: {error}"))?;
         let name = endpoint.to_string();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -128,7 +136,7 @@ impl Connection {
         });
         Ok(Connection {
             sender,
-            authority: endpoint.to_string(),
+            uri_prefix: format!("http://{endpoint}"),
         })
     }
 
@@ -146,37 +154,67 @@ impl Connection {
         request
             .encode(&mut body)
             .map_err(|error| format!("encoding the request: {error}"))?;
-        let http_request = http::Request::post(format!("http://{}{path}", self.authority))
+        let http_request = http::Request::post(format!("{}{path}", self.uri_prefix))
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
-            .body(Full::new(body.freeze()))
+            .body(())
             .map_err(|error| format!("building the request: {error}"))?;
-        self.sender
-            .ready()
+        // `ready` waits while the server's stream limit is reached.
+        std::future::poll_fn(|context| self.sender.poll_ready(context))
             .await
             .map_err(|error| format!("connection: {error}"))?;
-        let response = self
+        let (response, mut stream) = self
             .sender
-            .send_request(http_request)
+            .send_request(http_request, false)
+            .map_err(|error| format!("request: {error}"))?;
+        // Buffered by h2 and sent as the stream's window allows.
+        stream
+            .send_data(body.freeze(), true)
+            .map_err(|error| format!("request body: {error}"))?;
+        let response = response
             .await
             .map_err(|error| format!("request: {error}"))?;
-        let (head, body) = response.into_parts();
+        let (head, mut received) = response.into_parts();
         if head.status != http::StatusCode::OK {
             return Err(format!("HTTP status {}", head.status));
         }
-        let collected = body
-            .collect()
+        // A unary answer nearly always arrives as one DATA frame: keep it
+        // without a copy, and join frames only when there are several.
+        let mut message: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        while let Some(chunk) = received.data().await {
+            let chunk = chunk.map_err(|error| format!("response: {error}"))?;
+            received
+                .flow_control()
+                .release_capacity(chunk.len())
+                .map_err(|error| format!("response: {error}"))?;
+            match (&mut joined, message.take()) {
+                (Some(joined), _) => joined.extend_from_slice(&chunk),
+                (None, None) => message = Some(chunk),
+                (None, Some(first)) => {
+                    let mut both = BytesMut::with_capacity(first.len() + chunk.len());
+                    both.extend_from_slice(&first);
+                    both.extend_from_slice(&chunk);
+                    joined = Some(both);
+                }
+            }
+        }
+        let trailers = received
+            .trailers()
             .await
-            .map_err(|error| format!("response: {error}"))?;
-        let trailers = collected.trailers();
-        let status = grpc_field(trailers, &head.headers, "grpc-status");
+            .map_err(|error| format!("response trailers: {error}"))?;
+        let status = grpc_field(trailers.as_ref(), &head.headers, "grpc-status");
         if status != "0" {
-            let message = grpc_field(trailers, &head.headers, "grpc-message");
+            let message = grpc_field(trailers.as_ref(), &head.headers, "grpc-message");
             // gRPC percent-encodes the message.
             let message = percent_encoding::percent_decode_str(message).decode_utf8_lossy();
             return Err(format!("grpc-status {status:?}: {message}"));
         }
-        let mut bytes = collected.to_bytes();
+        let mut bytes = match (joined, message) {
+            (Some(joined), _) => joined.freeze(),
+            (None, Some(message)) => message,
+            (None, None) => Bytes::new(),
+        };
         let declared = match bytes.get(..GRPC_PREFIX_BYTES) {
             Some([0, length @ ..]) => {
                 u32::from_be_bytes([length[0], length[1], length[2], length[3]])
