@@ -90,10 +90,12 @@ pub(crate) struct Progress {
     pub(crate) inflights: Inflights,
     /// The latest heartbeat round this member acknowledged.
     pub(crate) acked_round: u64,
-    /// The commit index carried by the latest append sent.
+    /// The commit index carried by the latest append or read-round
+    /// heartbeat sent.
     pub(crate) commit_sent: LogIndex,
-    /// The last entry this member forwarded to us. Its proposer is
-    /// answered when the member applies it, so the member hears of its
+    /// The last entry this member forwarded to us, or the read index we
+    /// sent it for a read it forwarded. Its proposer or reader is answered
+    /// when the member applies that index, so the member hears of its
     /// commit at once even under `CommitBroadcast::Deferred`.
     pub(crate) commit_wanted: LogIndex,
 }

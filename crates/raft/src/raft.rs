@@ -1675,13 +1675,23 @@ impl<S: Storage> Raft<S> {
     fn release_read(&mut self, id: ReadId, from: Option<NodeId>, index: LogIndex) {
         match from {
             None => self.read_states.push(ReadState { id, index }),
-            Some(node) => self.reply(
-                node,
-                MessageBody::ReadIndexResponse {
-                    index,
-                    ids: vec![id],
-                },
-            ),
+            Some(node) => {
+                // The follower serves the read once it has applied
+                // `index`. The read round's heartbeat told it the commit
+                // if it held the entries then; if it did not, under
+                // `CommitBroadcast::Deferred` it must still hear of that
+                // commit now, not when the runtime's timer fires.
+                if let Some(progress) = self.progress.get_mut(&node) {
+                    progress.commit_wanted = progress.commit_wanted.max(index);
+                }
+                self.reply(
+                    node,
+                    MessageBody::ReadIndexResponse {
+                        index,
+                        ids: vec![id],
+                    },
+                );
+            }
         }
     }
 
@@ -1706,6 +1716,11 @@ impl<S: Storage> Raft<S> {
             .map(|(node, progress)| (*node, progress.match_index.min(committed)))
             .collect();
         for (node, commit) in targets {
+            // The heartbeat carries the commit index as an append would:
+            // a deferred broadcast need not send it again.
+            if let Some(progress) = self.progress.get_mut(&node) {
+                progress.commit_sent = progress.commit_sent.max(commit);
+            }
             self.reply(node, MessageBody::Heartbeat { commit, round });
         }
         if self.is_single_voter() {

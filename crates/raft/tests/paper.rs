@@ -389,6 +389,66 @@ mod replication {
         assert!(c.applied_commands(3).is_empty());
     }
 
+    /// Under `Deferred`, a follower's read needs no commit-only append:
+    /// the read round's heartbeats carry the commit index to every
+    /// follower that holds the entries, and the deferred broadcast then
+    /// has nothing left to send.
+    #[test]
+    fn a_read_round_carries_the_deferred_commit() {
+        let mut c = deferred_cluster();
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        assert!(c.applied_commands(2).is_empty(), "the commit is deferred");
+        let before = c.delivered.len();
+        c.read(2, 9).expect("forwarded");
+        c.settle();
+        let reads = c.confirmed_reads(2);
+        assert_eq!(reads.len(), 1, "{reads:?}");
+        assert_eq!(reads[0].index, c.commit(1));
+        for id in [2, 3] {
+            assert_eq!(c.applied_commands(id), vec!["x"], "node {id}");
+        }
+        c.node(1).broadcast_commit();
+        c.settle();
+        assert!(
+            commit_only_appends(&c.delivered[before..]).is_empty(),
+            "{:?}",
+            &c.delivered[before..]
+        );
+    }
+
+    /// Under `Deferred`, a follower that forwarded a read but lacked the
+    /// entries when the read round's heartbeat reached it hears of the
+    /// commit with the read's answer, not when the runtime's timer fires:
+    /// it serves the read only once it has applied the read index.
+    #[test]
+    fn a_deferred_commit_reaches_a_lagging_reader_at_once() {
+        let mut c = deferred_cluster();
+        c.propose(1, "x").expect("leader");
+        // Node 3 acknowledges the entry, which commits it; node 2's append
+        // is held back.
+        let mut held = Vec::new();
+        while let Some(message) = c.queue.pop_front() {
+            if is_append_to(&message, 2) {
+                held.push(message);
+                continue;
+            }
+            let to = message.to;
+            c.node(to.0).step(message).expect("step");
+            c.process(to);
+        }
+        assert_eq!(held.len(), 1);
+        assert!(c.commit(1) > c.commit(2));
+        c.read(2, 9).expect("forwarded");
+        // The held append reaches node 2 after its read left.
+        c.queue.extend(held);
+        c.settle();
+        let reads = c.confirmed_reads(2);
+        assert_eq!(reads.len(), 1, "{reads:?}");
+        assert!(c.commit(2) >= reads[0].index, "{reads:?}");
+        assert_eq!(c.applied_commands(2), vec!["x"]);
+    }
+
     /// Answers that move the commit index several times within one batch of
     /// input cost one commit-carrying append per follower, not one per
     /// advance.
