@@ -343,9 +343,7 @@ impl<S: Storage> Raft<S> {
             term,
             body,
         };
-        // A leader's messages depend on nothing unpersisted; everything a
-        // follower or candidate says (votes, acknowledgements) does.
-        if self.role == Role::Leader {
+        if self.role == Role::Leader || !needs_persistence(&message.body) {
             self.msgs.push(message);
         } else {
             self.msgs_after_persist.push(message);
@@ -1881,8 +1879,6 @@ impl<S: Storage> Raft<S> {
     }
 }
 
-/// Entries must follow `prev_index` without gaps, with terms that never go
-/// down and never exceed the sender's term.
 /// The fields of an append received from the leader.
 struct AppendArgs {
     term: Term,
@@ -1893,6 +1889,8 @@ struct AppendArgs {
     wants_ack: bool,
 }
 
+/// Entries must follow `prev_index` without gaps, with terms that never go
+/// down and never exceed the sender's term.
 fn is_well_formed(
     message_term: Term,
     prev_index: LogIndex,
@@ -1909,6 +1907,20 @@ fn is_well_formed(
         previous_term = entry.term;
     }
     true
+}
+
+/// Whether a follower's or candidate's message may leave only once the
+/// state of its `Ready` is durable (a leader's never need to).
+///
+/// Votes and append answers promise something about this node's durable
+/// state: a vote that survives a crash, entries that survive it. The rest
+/// promise nothing about it and leave at once, so that a disk under load
+/// does not delay them: a heartbeat answer says only that this node knew
+/// no higher term when it arrived (any vote for a higher term would have
+/// raised it first), and forwarded proposals, reads and transfer requests
+/// are plain requests to the leader.
+fn needs_persistence(body: &MessageBody) -> bool {
+    !(body.is_forward() || matches!(body, MessageBody::HeartbeatResponse { .. }))
 }
 
 /// Why a node campaigns.

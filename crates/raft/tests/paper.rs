@@ -1094,6 +1094,44 @@ mod compaction {
 mod client {
     use super::*;
 
+    /// A follower's heartbeat answers and forwarded requests do not wait
+    /// for its disk. With an append still unpersisted in the same `Ready`,
+    /// the append's answer waits for the fsync; the heartbeat answer of a
+    /// read round and the follower's own forwarded read leave at once, so
+    /// a busy disk does not slow linearizable reads.
+    #[test]
+    fn heartbeat_answers_and_forwarded_reads_leave_before_the_fsync() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.settle();
+        c.propose(1, "x").expect("leader");
+        c.read(1, 5).expect("leader");
+        let to_node_2: Vec<Message> = c.queue.iter().filter(|m| m.to == n(2)).cloned().collect();
+        c.queue.retain(|m| m.to != n(2));
+        assert!(to_node_2.iter().any(
+            |m| matches!(&m.body, MessageBody::Append { entries, .. } if !entries.is_empty())
+        ));
+        assert!(to_node_2
+            .iter()
+            .any(|m| matches!(m.body, MessageBody::Heartbeat { .. })));
+        for message in to_node_2 {
+            c.node(2).step(message).expect("step");
+        }
+        c.node(2).read_index(ReadId(6)).expect("forwarded");
+        let ready = c.node(2).ready().expect("ready");
+        assert!(!ready.entries.is_empty(), "the append is not yet durable");
+        let kinds = |messages: &[Message]| -> Vec<&'static str> {
+            messages.iter().map(|m| m.body.kind_name()).collect()
+        };
+        let now = kinds(&ready.messages);
+        let later = kinds(&ready.persisted_messages);
+        assert!(now.contains(&"heartbeat_response"), "{now:?}");
+        assert!(now.contains(&"read_index"), "{now:?}");
+        assert!(!now.contains(&"append_response"), "{now:?}");
+        assert!(later.contains(&"append_response"), "{later:?}");
+        assert!(!later.contains(&"heartbeat_response"), "{later:?}");
+    }
+
     /// Thesis §6.4: ReadIndex answers only after a heartbeat round, and one
     /// round confirms every read queued while the previous one was in flight.
     #[test]
