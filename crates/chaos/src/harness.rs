@@ -925,6 +925,19 @@ fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
 }
 
 /// Starts `fault` (on `node` where it takes one); returns what was done.
+/// Whether `fault` would act on the process of `slot` while that slot's
+/// replacement is pending: its old member was removed, killed and wiped,
+/// and its new one not yet added. Restarting it would bring back the
+/// removed member with no data, which no operator does (seed 2602 did,
+/// and the slot never converged).
+fn is_being_replaced(fault: Fault, slot: u64, cluster: &Mutex<Cluster>) -> bool {
+    let acts_on_process = matches!(fault, Fault::Kill | Fault::SnapshotCrash | Fault::Pause);
+    acts_on_process
+        && lock(cluster)
+            .replacing
+            .is_some_and(|(replacing, _)| replacing == slot)
+}
+
 async fn inject(
     fault: Fault,
     node: u64,
@@ -933,6 +946,12 @@ async fn inject(
     rng: &mut Rng,
 ) -> String {
     let nodes = client_addresses.len() as u64;
+    if is_being_replaced(fault, node, cluster) {
+        return format!(
+            "{} node {node}: it is being replaced, nothing done",
+            fault.name()
+        );
+    }
     match fault {
         Fault::Kill | Fault::SnapshotCrash => {
             lock(cluster).nodes[node as usize - 1].kill();
@@ -1178,6 +1197,9 @@ async fn heal(
     rng: &mut Rng,
 ) -> std::io::Result<String> {
     let index = node as usize - 1;
+    if is_being_replaced(fault, node, cluster) {
+        return Ok("nothing to heal".into());
+    }
     Ok(match fault {
         Fault::Kill => {
             lock(cluster).nodes[index].start(binary)?;

@@ -1784,6 +1784,14 @@ impl Group {
                 }
             }
             if let (true, Some(soft)) = (leader_changed, ready.soft_state) {
+                // Once per change of leader and group: elections, moves and
+                // losses of quorum can be read from the log.
+                tracing::info!(
+                    group = self.group.0,
+                    leader = ?soft.leader.map(|leader| leader.0),
+                    role = ?soft.role,
+                    "group leader changed"
+                );
                 self.known_leader = soft.leader;
                 // A read forwarded to (or confirmed by) the old leader may
                 // never be answered; its caller retries with the new one.
