@@ -924,7 +924,6 @@ fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
     cluster.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Starts `fault` (on `node` where it takes one); returns what was done.
 /// Whether `fault` would act on the process of `slot` while that slot's
 /// replacement is pending: its old member was removed, killed and wiped,
 /// and its new one not yet added. Restarting it would bring back the
@@ -938,6 +937,7 @@ fn is_being_replaced(fault: Fault, slot: u64, cluster: &Mutex<Cluster>) -> bool 
             .is_some_and(|(replacing, _)| replacing == slot)
 }
 
+/// Starts `fault` (on `node` where it takes one); returns what was done.
 async fn inject(
     fault: Fault,
     node: u64,
