@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fjall::{PartitionCreateOptions, PersistMode};
+use fjall::{AbstractTree, PartitionCreateOptions, PersistMode};
 
 /// A table restore deletes the partition it replaced while the engine may
 /// still be flushing that partition's memtables. Unpatched fjall 2.11.2
@@ -52,6 +52,78 @@ fn deleting_a_partition_while_it_flushes_does_not_panic_the_engine() {
     }
     assert_eq!(keyspace.write_buffer_size(), 0, "write buffer bytes leaked");
     assert_eq!(panics.load(Ordering::SeqCst), 0, "the engine panicked");
+}
+
+/// A restart with more unflushed memtables than partitions: fjall 2.11.2
+/// queued a flush task for each recovered memtable but woke its flush
+/// thread once per partition, and the flush thread takes one task per
+/// wake-up on a machine with two cores (`cpus - 1` flush workers). The
+/// tasks left over were never flushed: their bytes stayed in the write
+/// buffer and their journals on disk, every restart added more, and once
+/// they passed the write buffer's limit every write of the node halted
+/// for good (chaos seed 2602, `docs/verification.md`).
+#[test]
+fn every_memtable_recovered_at_a_restart_is_flushed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let value = vec![0x42u8; 1024];
+    {
+        // No flush thread: every memtable this session seals stays
+        // unflushed, as a kill leaves them.
+        let keyspace = fjall::Config::new(dir.path())
+            .flush_workers(0)
+            .open()
+            .expect("open");
+        let partition = keyspace
+            .open_partition(
+                "p",
+                PartitionCreateOptions::default().max_memtable_size(64 * 1024),
+            )
+            .expect("create");
+        for key in 0..600u32 {
+            partition
+                .insert(key.to_be_bytes(), value.as_slice())
+                .expect("insert");
+        }
+        keyspace.persist(PersistMode::SyncAll).expect("persist");
+    }
+    let keyspace = fjall::Config::new(dir.path())
+        .flush_workers(1)
+        .open()
+        .expect("reopen");
+    let recovered_journals = keyspace.journal_count();
+    assert!(
+        recovered_journals > 2,
+        "the test needs several sealed journals for one partition, got {recovered_journals}"
+    );
+    let partition = keyspace
+        .open_partition("p", PartitionCreateOptions::default())
+        .expect("open");
+    // Flushed, only the active memtable is left in the write buffer, and
+    // only the active journal on disk.
+    let unflushed = || {
+        keyspace
+            .write_buffer_size()
+            .saturating_sub(u64::from(partition.tree.active_memtable_size()))
+    };
+    let mut waited_ms = 0;
+    while (unflushed() > 0 || keyspace.journal_count() > 1) && waited_ms < 10_000 {
+        std::thread::sleep(Duration::from_millis(50));
+        waited_ms += 50;
+    }
+    assert_eq!(
+        unflushed(),
+        0,
+        "recovered memtables were never flushed ({recovered_journals} journals recovered, {} left)",
+        keyspace.journal_count()
+    );
+    assert_eq!(
+        keyspace.journal_count(),
+        1,
+        "sealed journals were never freed"
+    );
+    for key in 0..600u32 {
+        assert!(partition.contains_key(key.to_be_bytes()).expect("read"));
+    }
 }
 
 /// The on-disk state a kill leaves inside lsm-tree 2.10's tree creation:

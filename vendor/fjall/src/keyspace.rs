@@ -393,12 +393,14 @@ impl Keyspace {
         if self.config.flush_workers_count > 0 {
             self.spawn_flush_worker()?;
 
-            for _ in 0..self
-                .flush_manager
-                .read()
-                .expect("lock is poisoned")
-                .queue_count()
-            {
+            // REGATTA PATCH: one wake-up per recovered flush task, not
+            // per partition. The flush thread takes at most
+            // `flush_workers_count` tasks per wake-up (one, on a machine
+            // with two cores), so a partition with several recovered
+            // memtables kept the rest queued for good: their bytes stayed
+            // counted in the write buffer and their journals on disk, and
+            // restarts added more until every write halted.
+            for _ in 0..self.flush_manager.read().expect("lock is poisoned").len() {
                 self.flush_semaphore.release();
             }
         }

@@ -79,8 +79,6 @@ impl FlushManager {
         self.queues.values().map(FlushQueue::size).sum::<u64>()
     }
 
-    // NOTE: is actually used in tests
-    #[allow(dead_code)]
     /// Returns the amount of tasks that are queued to be flushed.
     pub(crate) fn len(&self) -> usize {
         self.queues.values().map(FlushQueue::len).sum::<usize>()

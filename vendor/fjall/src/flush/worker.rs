@@ -40,6 +40,10 @@ struct MultiFlushResultItem {
 
     /// Size sum of sealed memtables that have been flushed
     size: u64,
+
+    /// REGATTA PATCH: how many tasks were flushed; a task whose memtable
+    /// yields no segment is done all the same.
+    task_count: usize,
 }
 
 type MultiFlushResults = Vec<crate::Result<MultiFlushResultItem>>;
@@ -73,6 +77,7 @@ fn run_multi_flush(
                     .partition
                     .clone();
 
+                let task_count = tasks.len();
                 let memtables_size: u64 = tasks
                     .iter()
                     .map(|t| u64::from(t.sealed_memtable.size()))
@@ -96,6 +101,7 @@ fn run_multi_flush(
                     partition,
                     created_segments: created_segments.into_iter().flatten().collect(),
                     size: memtables_size,
+                    task_count,
                 })
             })
         })
@@ -136,6 +142,7 @@ pub fn run(
                 partition,
                 created_segments,
                 size: memtables_size,
+                task_count,
             }) => {
                 // IMPORTANT: Flushed segments need to be applied *atomically* into the tree
                 // otherwise we could cover up an unwritten journal, which will result in data loss
@@ -155,11 +162,10 @@ pub fn run(
                 let deleted = partition
                     .is_deleted
                     .load(std::sync::atomic::Ordering::Acquire);
-                flush_manager.dequeue_tasks(
-                    partition.name.clone(),
-                    created_segments.len(),
-                    deleted,
-                );
+                // REGATTA PATCH: dequeue every task flushed. Counting the
+                // segments created instead left a task whose memtable
+                // yielded none queued, with its wake-up spent.
+                flush_manager.dequeue_tasks(partition.name.clone(), task_count, deleted);
 
                 write_buffer_manager.free(memtables_size);
 
