@@ -1,6 +1,6 @@
 //! The table's apply path on its own: batches of etcd puts through
 //! `Table::apply_batch` (decode, read the replaced record, write, commit
-//! with the applied index), as the Raft apply task runs them.
+//! with the applied index), as the Raft apply thread runs them.
 //!
 //! `cargo bench -p regatta-kv --bench apply`
 

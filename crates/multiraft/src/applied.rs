@@ -2,7 +2,7 @@
 //! linearizable reads on the caller's task, revision waits and the
 //! cross-location replication stream.
 //!
-//! The apply task publishes as soon as it applied committed entries,
+//! The apply thread publishes as soon as it applied committed entries,
 //! before it answers their proposers, so that an acknowledged write is
 //! always counted here; the worker publishes after every apply report
 //! (the only publish after a snapshot install; a publish never lowers the
@@ -36,7 +36,7 @@ pub(crate) struct AppliedPublisher {
     shared: Arc<Shared>,
 }
 
-/// Where the apply task publishes a group's applied index. Unlike the
+/// Where the apply thread publishes a group's applied index. Unlike the
 /// [`AppliedPublisher`], dropping it stops nothing.
 #[derive(Clone)]
 pub(crate) struct AppliedSink {
@@ -104,7 +104,7 @@ impl AppliedPublisher {
         LogIndex(self.shared.index.load(Ordering::SeqCst))
     }
 
-    /// A handle for the apply task to publish through.
+    /// A handle for the apply thread to publish through.
     pub(crate) fn sink(&self) -> AppliedSink {
         AppliedSink {
             shared: Arc::clone(&self.shared),
@@ -210,7 +210,7 @@ mod tests {
         );
     }
 
-    /// The apply task's sink publishes while the group runs, and refuses
+    /// The apply thread's sink publishes while the group runs, and refuses
     /// (telling its caller) once the worker dropped the publisher.
     #[test]
     fn a_sink_stops_publishing_with_its_group() {

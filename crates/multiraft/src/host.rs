@@ -2,7 +2,7 @@
 //! a few *workers* (tokio tasks); a worker owns its groups' `RaftNode`s and
 //! handles every group that has work in one wake-up, so the cost of a
 //! wake-up, a WAL submission and a tick is shared by every busy group. An
-//! apply task per worker owns its groups' state machines, so applying
+//! apply thread per worker owns its groups' state machines, so applying
 //! never blocks Raft.
 //!
 //! A worker's turn: handle every queued input (peer messages, proposals,
@@ -14,7 +14,7 @@
 //!    `WriteBatch` for the whole turn; its completion comes back as one
 //!    control message, and only then are each group's `persisted_messages`
 //!    sent;
-//! 3. committed entries go to each group's apply task, which resolves
+//! 3. committed entries go to each group's apply thread, which resolves
 //!    proposals with the state machine's result and serves reads once
 //!    their index is applied.
 //!
@@ -63,11 +63,11 @@ pub trait StateMachine: Send + 'static {
             .map(|(index, command)| self.apply(*index, command))
             .collect())
     }
-    /// Serves a read from the local state, on the apply task.
+    /// Serves a read from the local state, on the apply thread.
     fn read(&self, query: &Bytes) -> Bytes;
     /// A handle that serves reads on the caller's task, concurrently with
-    /// the apply task, or `None` (the default) to serve every read on the
-    /// apply task through `read`. Taken once, when the group starts.
+    /// the apply thread, or `None` (the default) to serve every read on the
+    /// apply thread through `read`. Taken once, when the group starts.
     fn reader(&self) -> Option<Arc<dyn StateReader>> {
         None
     }
@@ -95,7 +95,7 @@ pub trait StateMachine: Send + 'static {
     fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()>;
 }
 
-/// Serves reads of one group's state from any task while the apply task
+/// Serves reads of one group's state from any task while the apply thread
 /// goes on (`StateMachine::reader`).
 ///
 /// Contract: once the state machine's `apply_batch` or `restore` has
@@ -180,7 +180,7 @@ type IndexReply = oneshot::Sender<Result<LogIndex, Error>>;
 
 /// A linearizable read waiting for its ReadIndex round.
 enum PendingRead {
-    /// Served on the apply task once the index is applied.
+    /// Served on the apply thread once the index is applied.
     Query(Bytes, Reply),
     /// The caller waits for the index to be applied and reads itself.
     Index(IndexReply),
@@ -249,7 +249,7 @@ enum Input {
     },
 }
 
-/// Completions from the WAL and the apply tasks, to a worker; unbounded,
+/// Completions from the WAL and the apply threads, to a worker; unbounded,
 /// because losing one would stall a group.
 enum Control {
     /// One WAL batch, holding these groups' readies, is durable (or not).
@@ -264,17 +264,17 @@ enum Control {
         index: LogIndex,
         results: Vec<AppliedResult>,
     },
-    /// The apply task saved the group's session table as of `index` (or
+    /// The apply thread saved the group's session table as of `index` (or
     /// failed to); a compaction may now drop entries up to there.
     SessionsSaved {
         group: GroupId,
         index: LogIndex,
         result: Result<(), Error>,
     },
-    /// The apply task cannot go on with the group (a snapshot it could not
+    /// The apply thread cannot go on with the group (a snapshot it could not
     /// install); the group stops.
     Failed { group: GroupId, reason: String },
-    /// The apply task copied the state at `index` for an outgoing snapshot
+    /// The apply thread copied the state at `index` for an outgoing snapshot
     /// (or failed to write it out).
     SnapshotReady {
         group: GroupId,
@@ -306,7 +306,7 @@ enum WorkerInput {
     WakeAll,
 }
 
-/// Work for a worker's apply task, which owns its groups' state machines.
+/// Work for a worker's apply thread, which owns its groups' state machines.
 enum ApplyWork {
     /// A group's state machine, its session table and where to publish
     /// its applied index.
@@ -415,8 +415,22 @@ impl NodeHost {
                 sessions: sessions.clone(),
                 snapshots: snapshots.clone(),
                 session_expiry_entries: config.session_expiry_entries,
+                runtime: runtime.clone(),
             };
-            tasks.push(runtime.spawn(apply_loop(apply_inbox, context)));
+            // The state machine's storage may block (an engine's write
+            // stall, a large restore): on a thread of its own, that never
+            // holds up the runtime's threads, which run Raft and the API.
+            let (apply_exit, apply_exited) = oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("regatta-apply".into())
+                .spawn(move || {
+                    apply_loop(apply_inbox, context);
+                    let _ = apply_exit.send(());
+                })
+                .map_err(|error| Error::State(format!("start an apply thread: {error}")))?;
+            tasks.push(runtime.spawn(async move {
+                let _ = apply_exited.await;
+            }));
             let worker = Worker {
                 groups: FxHashMap::default(),
                 commit_due: Vec::new(),
@@ -1020,7 +1034,7 @@ struct Group {
     compaction_overhead_entries: u64,
     /// Applied index of the last compaction.
     compacted_at: LogIndex,
-    /// The apply task is saving the session table for a compaction.
+    /// The apply thread is saving the session table for a compaction.
     saving_sessions: bool,
     /// A snapshot marker and compaction to persist with the next ready.
     pending_compaction: Option<(regatta_raft::SnapshotMeta, LogIndex)>,
@@ -1443,7 +1457,7 @@ impl Group {
     }
 
     /// Proposes on this node if it leads, and tracks the entry so that its
-    /// `reply` is answered once it is applied (by the apply task for a
+    /// `reply` is answered once it is applied (by the apply thread for a
     /// command, by `on_applied` for a membership change); otherwise
     /// answers `NotLeader`.
     fn propose_on_leader(
@@ -1525,7 +1539,7 @@ impl Group {
             }
             Input::Status { reply } => {
                 let mut status = self.raft.status();
-                // The apply task publishes before it answers proposers, so
+                // The apply thread publishes before it answers proposers, so
                 // its index may run ahead of the worker's report.
                 status.applied = status.applied.max(self.applied.get());
                 let _ = reply.send(status);
@@ -1568,7 +1582,7 @@ impl Group {
     fn on_persisted(&mut self, number: u64) {
         self.raft.on_persisted(number);
         // The WAL holds the install: the state machine may restore now,
-        // before any entry after it (those are sent to the apply task by
+        // before any entry after it (those are sent to the apply thread by
         // the readies that follow).
         if self
             .installing
@@ -1586,7 +1600,7 @@ impl Group {
     }
 
     /// Every `snapshot_every_entries` applied entries, compaction starts:
-    /// the apply task saves the session table first (the entries the
+    /// the apply thread saves the session table first (the entries the
     /// compaction drops are no longer there to rebuild it from), then
     /// `on_sessions_saved` compacts.
     fn maybe_schedule_compaction(&mut self, applied: LogIndex) {
@@ -1622,7 +1636,7 @@ impl Group {
         }
     }
 
-    /// The proposers of these committed commands, for the apply task to
+    /// The proposers of these committed commands, for the apply thread to
     /// answer. A proposer whose index now holds an entry of another term
     /// lost its entry to a new leader: answered `Dropped` here. Membership
     /// changes stay here: their proposers are answered from the apply
@@ -1651,7 +1665,7 @@ impl Group {
         replies
     }
 
-    /// The apply task applied up to `index`: resolve the proposals it did
+    /// The apply thread applied up to `index`: resolve the proposals it did
     /// not answer itself: membership changes, proposals forwarded to the
     /// leader and waiting here for their request id, and (`Dropped`)
     /// proposals whose index now holds an empty entry or came with a
@@ -1690,7 +1704,7 @@ impl Group {
 
     /// Takes this group's readies: messages into the worker's outbox (sent
     /// at the end of the turn), persistence into the worker's batch,
-    /// committed entries and reads to the apply task.
+    /// committed entries and reads to the apply thread.
     fn process_ready(
         &mut self,
         outbox: &mut Vec<(GroupId, Message)>,
@@ -1707,7 +1721,7 @@ impl Group {
             for message in std::mem::take(&mut ready.messages) {
                 if matches!(message.body, MessageBody::Snapshot { .. }) {
                     // A snapshot message leaves only with the state it
-                    // stands for: the apply task copies it first (see
+                    // stands for: the apply thread copies it first (see
                     // `Control::SnapshotReady`).
                     let _ = self.apply.send(ApplyWork::TakeSnapshot { group, message });
                 } else {
@@ -1826,7 +1840,7 @@ impl Group {
     }
 }
 
-/// One group's state machine inside its worker's apply task.
+/// One group's state machine inside its worker's apply thread.
 struct Applier {
     state_machine: Box<dyn StateMachine>,
     applied: LogIndex,
@@ -1836,21 +1850,24 @@ struct Applier {
     sessions: SessionTable,
 }
 
-/// What every apply task shares.
+/// What every apply thread shares.
 struct ApplyContext {
     control: mpsc::UnboundedSender<Control>,
     sessions: SnapshotStore,
     snapshots: SnapshotDir,
     session_expiry_entries: u64,
+    /// Runs snapshot writes on its blocking pool.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Applies committed entries in order for every group of a worker, and
 /// serves reads once their index is applied. Everything queued is handled
-/// per wake-up; each touched group gets one `Applied` report.
-async fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContext) {
+/// per wake-up; each touched group gets one `Applied` report. Runs on a
+/// thread of its own until the worker's side of `work` is gone.
+fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContext) {
     let mut appliers: FxHashMap<GroupId, Applier> = FxHashMap::default();
     let mut reports: BTreeMap<GroupId, Vec<AppliedResult>> = BTreeMap::new();
-    while let Some(first) = work.recv().await {
+    while let Some(first) = work.blocking_recv() {
         let mut next = Some(first);
         while let Some(item) = next {
             apply_one(item, &mut appliers, &mut reports, &context);
@@ -2096,7 +2113,7 @@ fn saved_sessions(store: &SnapshotStore, group: GroupId) -> Result<Option<Sessio
 
 /// Brings `saved` (or, without one, an empty table at the start of the
 /// log) up to `upto` by replaying the WAL's session entries the way the
-/// apply task does.
+/// apply thread does.
 fn rebuild_sessions(
     saved: Option<SessionTable>,
     wal: &Wal,
@@ -2125,7 +2142,7 @@ fn rebuild_sessions(
     Ok(table)
 }
 
-/// The apply task's rule, replayed: whether the state machine applies
+/// The apply thread's rule, replayed: whether the state machine applies
 /// `entry`'s command (a session command only the first time its request
 /// appears), recording it in `table`.
 fn admit_session_entry(table: &mut SessionTable, entry: &Entry, expiry_entries: u64) -> bool {
@@ -2254,13 +2271,13 @@ fn apply_one(
                 return;
             };
             // The copy is taken here, at `index`; writing it out happens
-            // on a blocking thread while the apply task goes on.
+            // on a blocking thread while the apply thread goes on.
             let source = applier.state_machine.snapshot();
             let table = applier.sessions.encode();
             let index = applier.applied;
             let control = context.control.clone();
             let snapshots = context.snapshots.clone();
-            tokio::task::spawn_blocking(move || {
+            context.runtime.spawn_blocking(move || {
                 let data = write_snapshot(&snapshots, &table, source)
                     .map_err(|error| format!("write the snapshot at {}: {error}", index.0));
                 let _ = control.send(Control::SnapshotReady {
@@ -2332,7 +2349,7 @@ fn apply_one(
     }
 }
 
-/// The apply task cannot go on with `group`: its waiting reads fail, and
+/// The apply thread cannot go on with `group`: its waiting reads fail, and
 /// the worker stops the group.
 fn stop_applier(
     group: GroupId,

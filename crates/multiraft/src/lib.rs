@@ -3,7 +3,7 @@
 //!
 //! Built so far:
 //! - [`NodeHost`]: group actors on tokio with pipelined persistence through
-//!   the shared WAL and a separate apply task per group;
+//!   the shared WAL and a separate apply thread per group;
 //! - [`GroupStorage`]: the Raft storage of one group over the shared WAL;
 //! - [`wire`]: the encoding of Raft messages between nodes
 //!   (`docs/transport-format.md`);

@@ -1,7 +1,7 @@
 //! The session table of one group: for each client, the last request
 //! applied and its result, so that a retried request is applied once
 //! (`docs/decisions/0002-proposal-deduplication.md`). It lives in the
-//! group's apply task; its encoding is in `docs/multiraft.md` ("Session
+//! group's apply thread; its encoding is in `docs/multiraft.md` ("Session
 //! table").
 
 use std::collections::{BTreeMap, HashMap};

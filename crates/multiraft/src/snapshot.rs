@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-/// A point-in-time copy of a state machine, taken on the apply task and
+/// A point-in-time copy of a state machine, taken on the apply thread and
 /// written out later on another thread while applies go on (for example a
 /// storage engine's snapshot, or a copy of a small state).
 pub trait SnapshotSource: Send + 'static {

@@ -608,7 +608,7 @@ async fn followers_apply_the_last_commit_without_heartbeats() {
 
 /// Proposals in flight while the leader removes the group all end, each
 /// with its result or `GroupStopped`: none waits for ever, whichever of
-/// the worker and the apply task holds it at the removal.
+/// the worker and the apply thread holds it at the removal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proposals_in_flight_at_a_removal_all_end() {
     // A slow state machine (and tokio threads to spare while it sleeps),
@@ -680,4 +680,160 @@ async fn an_answered_proposal_is_counted_as_applied() {
             watch.get()
         );
     }
+}
+
+/// A state machine whose `apply_batch` waits while its gate is closed, as
+/// a storage engine does in a write stall; it tells `entered` each time it
+/// starts waiting.
+struct GatedMachine {
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    entered: std::sync::mpsc::Sender<()>,
+    applied: LogIndex,
+}
+
+impl StateMachine for GatedMachine {
+    fn apply(&mut self, _index: LogIndex, _command: &Bytes) -> Bytes {
+        panic!("the host must call apply_batch");
+    }
+    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> std::io::Result<Vec<Bytes>> {
+        let (closed, opened) = &*self.gate;
+        let mut closed = closed.lock().expect("lock");
+        if *closed {
+            let _ = self.entered.send(());
+        }
+        while *closed {
+            closed = opened.wait(closed).expect("lock");
+        }
+        if let Some((last, _)) = commands.last() {
+            self.applied = *last;
+        }
+        Ok(commands.iter().map(|_| Bytes::new()).collect())
+    }
+    fn read(&self, _query: &Bytes) -> Bytes {
+        Bytes::new()
+    }
+    fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        Box::new(Bytes::new())
+    }
+    fn restore(&mut self, index: LogIndex, _data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        self.applied = index;
+        Ok(())
+    }
+}
+
+/// Opens a gate when dropped, so that a failing test does not leave a
+/// thread waiting at it (the runtime's shutdown would wait for ever).
+struct OpenOnDrop(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.0 .1.notify_all();
+    }
+}
+
+/// Runs `future` on `runtime` and waits for its output on this thread for
+/// at most `wait`: `None` when the runtime did not get to it.
+fn on_runtime<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    future: impl std::future::Future<Output = T> + Send + 'static,
+    wait: Duration,
+) -> Option<T> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = sender.send(future.await);
+    });
+    receiver.recv_timeout(wait).ok()
+}
+
+/// A state machine that blocks (a storage engine's write stall) holds up
+/// only its own applies: Raft and every other task on the runtime go on.
+/// With one runtime thread, an apply that ran on it stopped the node
+/// outright: no status, no commits, no elections (chaos seed 2602,
+/// `docs/verification.md`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_blocked_state_machine_does_not_stop_raft() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let mut config = HostConfig::new(NodeId(1), dir.path());
+    config.tick_interval = Duration::from_millis(5);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+    let transport_handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+    let runtime = tokio::runtime::Handle::current();
+    let host = NodeHost::new(config, wal, transport_handle, runtime.clone()).expect("host");
+    transport.register(NodeId(1), &host);
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (entered, stalled) = std::sync::mpsc::channel();
+    let machine = GatedMachine {
+        gate: Arc::clone(&gate),
+        entered,
+        applied: LogIndex(0),
+    };
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
+        .expect("group");
+    let hosts = BTreeMap::from([(1u64, host.clone())]);
+    wait_for_leader(&hosts).await;
+    let first = host.propose(GROUP, Bytes::from("warm-up")).await;
+    assert!(first.is_ok(), "{first:?}");
+
+    *gate.0.lock().expect("lock") = true;
+    let opener = OpenOnDrop(Arc::clone(&gate));
+    let stuck = {
+        let host = host.clone();
+        tokio::spawn(async move { host.propose(GROUP, Bytes::from("stuck")).await })
+    };
+    stalled
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the apply reached the closed gate");
+
+    // The apply is held. Proposals must still commit, and the host must
+    // still answer.
+    let before = {
+        let host = host.clone();
+        on_runtime(
+            &runtime,
+            async move { host.status(GROUP).await },
+            Duration::from_secs(5),
+        )
+        .expect("the host answers a status while an apply is held")
+        .expect("status")
+    };
+    let later: Vec<_> = (0..10)
+        .map(|i| {
+            let host = host.clone();
+            tokio::spawn(
+                async move { host.propose(GROUP, Bytes::from(format!("later-{i}"))).await },
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let host = host.clone();
+        let status = on_runtime(
+            &runtime,
+            async move { host.status(GROUP).await },
+            Duration::from_secs(5),
+        )
+        .expect("the host answers a status while an apply is held")
+        .expect("status");
+        if status.hard_state.commit.0 >= before.hard_state.commit.0 + 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing committed while an apply was held: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Opened, everything held is applied and answered.
+    drop(opener);
+    assert!(stuck.await.expect("task").is_ok());
+    for proposal in later {
+        assert!(proposal.await.expect("task").is_ok());
+    }
+    host.stop().await;
 }

@@ -421,7 +421,7 @@ async fn a_node_joining_through_a_snapshot_deduplicates_like_the_leader() {
 }
 
 /// Cross-location replication ships the log to a copy of the state
-/// machine elsewhere; it must drop the entries the apply task refused.
+/// machine elsewhere; it must drop the entries the apply thread refused.
 /// `SessionFilter` replays that decision: from the start of the log, and
 /// from any point after it, it admits exactly the commands applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
