@@ -336,6 +336,27 @@ enum ApplyWork {
     },
 }
 
+impl ApplyWork {
+    /// The group it is for, and what it is, for the slow-apply warning.
+    fn describe(&self) -> (GroupId, &'static str) {
+        match self {
+            ApplyWork::Register(group, ..) => (*group, "registering"),
+            ApplyWork::SaveSessions(group) => (*group, "saving the session table"),
+            ApplyWork::Unregister(group) => (*group, "unregistering"),
+            ApplyWork::Entries(group, ..) => (*group, "applying committed entries"),
+            ApplyWork::Read { group, .. } => (*group, "reading"),
+            ApplyWork::TakeSnapshot { group, .. } => (*group, "copying the state for a snapshot"),
+            ApplyWork::Restore { group, .. } => (*group, "installing a snapshot"),
+        }
+    }
+}
+
+/// One piece of apply work that takes this long is logged as a warning:
+/// every later apply of the worker's groups waited for it, so the
+/// state machine's storage may be stalled or overloaded (a large snapshot
+/// install may also take this long).
+const SLOW_APPLY_WARNING: Duration = Duration::from_secs(1);
+
 type WorkerChannels = (
     mpsc::Sender<WorkerInput>,
     mpsc::UnboundedSender<Control>,
@@ -1870,7 +1891,17 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContex
     while let Some(first) = work.blocking_recv() {
         let mut next = Some(first);
         while let Some(item) = next {
+            let (group, what) = item.describe();
+            let started = std::time::Instant::now();
             apply_one(item, &mut appliers, &mut reports, &context);
+            let took = started.elapsed();
+            if took >= SLOW_APPLY_WARNING {
+                tracing::warn!(
+                    group = group.0,
+                    took_ms = took.as_millis() as u64,
+                    "{what} took long; the group's applies waited for the state machine (is its storage stalled or overloaded?)"
+                );
+            }
             next = work.try_recv().ok();
         }
         for (group, results) in std::mem::take(&mut reports) {
