@@ -15,6 +15,6 @@ mod table;
 
 pub use error::{Error, Result};
 pub use table::{
-    read_table_item, split_table_item, Store, Table, TableItem, TableItems, TableMode,
+    read_table_item, split_table_item, EngineStats, Store, Table, TableItem, TableItems, TableMode,
     RECORD_HEADER_BYTES,
 };

@@ -57,6 +57,17 @@ fn check_item(key: &[u8], record: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The storage engine's counters (`Store::engine_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Bytes in memtables not yet flushed, across every table. Writes halt
+    /// while it is above the engine's limit (64 MiB).
+    pub write_buffer_bytes: u64,
+    /// Journal files on disk; each holds writes some memtable has not yet
+    /// flushed.
+    pub journals: u64,
+}
+
 /// Every table of a node, in one fjall keyspace.
 #[derive(Clone)]
 pub struct Store {
@@ -84,6 +95,16 @@ impl Store {
             meta,
             switch: Arc::new(RwLock::new(())),
         })
+    }
+
+    /// The storage engine's own state, for metrics: a write buffer near
+    /// its limit, or journals that keep growing, mean the engine is not
+    /// flushing and its writes are about to stall.
+    pub fn engine_stats(&self) -> EngineStats {
+        EngineStats {
+            write_buffer_bytes: self.keyspace.write_buffer_size(),
+            journals: self.keyspace.journal_count() as u64,
+        }
     }
 
     /// Opens table `group` of the leader cluster, creating it empty if it

@@ -51,6 +51,16 @@ async fn metrics_and_health_of_a_single_node() {
         metrics.contains("# HELP regatta_wal_size_bytes"),
         "{metrics}"
     );
+    // The ten puts sit in the storage engine's memtables, and its journal
+    // holds them.
+    assert!(
+        sample(&metrics, "regatta_table_store_write_buffer_bytes").expect("write buffer") > 0.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "regatta_table_store_journals").expect("journals") >= 1.0,
+        "{metrics}"
+    );
     for name in [
         "regatta_wal_cache_hits_total",
         "regatta_wal_cache_misses_total",

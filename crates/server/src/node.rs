@@ -564,6 +564,11 @@ impl Node {
         self.wal.log_bytes(group)
     }
 
+    /// The table store's engine counters.
+    pub fn table_engine_stats(&self) -> regatta_kv::EngineStats {
+        self.store.engine_stats()
+    }
+
     /// Bytes table `group`'s data takes on disk; 0 when unknown.
     pub fn table_disk_bytes(&self, group: GroupId) -> u64 {
         self.store.table_disk_bytes(group.0).unwrap_or(0)

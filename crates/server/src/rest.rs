@@ -458,6 +458,19 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         "Groups on this node that stopped ticking because they are idle.",
         as_i64(node.host().quiesced_group_count()),
     );
+    let engine = node.table_engine_stats();
+    gauge(
+        &mut registry,
+        "table_store_write_buffer_bytes",
+        "Bytes of table writes in memory not yet flushed by the storage engine; writes halt above 64 MiB.",
+        as_i64(engine.write_buffer_bytes),
+    );
+    gauge(
+        &mut registry,
+        "table_store_journals",
+        "Journal files of the table storage engine on disk; a number that keeps growing means it does not flush.",
+        as_i64(engine.journals),
+    );
     let wal = node.wal_stats();
     counter(
         &mut registry,
