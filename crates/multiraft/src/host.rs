@@ -176,6 +176,9 @@ impl HostConfig {
 }
 
 type Reply = oneshot::Sender<Result<Bytes, Error>>;
+/// Answers an apply thread collected during one wake-up, for its worker's
+/// answer task to send.
+type Answers = Vec<(Reply, Result<Bytes, Error>)>;
 type IndexReply = oneshot::Sender<Result<LogIndex, Error>>;
 
 /// A linearizable read waiting for its ReadIndex round.
@@ -431,26 +434,32 @@ impl NodeHost {
             let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
             let (control_sender, control) = mpsc::unbounded_channel();
             let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
+            let (answer_sender, mut answer_inbox) = mpsc::unbounded_channel::<Answers>();
             let context = ApplyContext {
                 control: control_sender.clone(),
                 sessions: sessions.clone(),
                 snapshots: snapshots.clone(),
                 session_expiry_entries: config.session_expiry_entries,
                 runtime: runtime.clone(),
+                answers: answer_sender,
             };
             // The state machine's storage may block (an engine's write
             // stall, a large restore): on a thread of its own, that never
             // holds up the runtime's threads, which run Raft and the API.
-            let (apply_exit, apply_exited) = oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name("regatta-apply".into())
-                .spawn(move || {
-                    apply_loop(apply_inbox, context);
-                    let _ = apply_exit.send(());
-                })
+                .spawn(move || apply_loop(apply_inbox, context))
                 .map_err(|error| Error::State(format!("start an apply thread: {error}")))?;
+            // Waking a task from outside the runtime is dearer than from
+            // inside it, so the apply thread hands each wake-up's answers
+            // over at once, and this task, inside, wakes their callers.
+            // It ends when the apply thread does.
             tasks.push(runtime.spawn(async move {
-                let _ = apply_exited.await;
+                while let Some(answers) = answer_inbox.recv().await {
+                    for (reply, answer) in answers {
+                        let _ = reply.send(answer);
+                    }
+                }
             }));
             let worker = Worker {
                 groups: FxHashMap::default(),
@@ -1879,6 +1888,8 @@ struct ApplyContext {
     session_expiry_entries: u64,
     /// Runs snapshot writes on its blocking pool.
     runtime: tokio::runtime::Handle,
+    /// To the worker's answer task.
+    answers: mpsc::UnboundedSender<Answers>,
 }
 
 /// Applies committed entries in order for every group of a worker, and
@@ -1888,12 +1899,13 @@ struct ApplyContext {
 fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContext) {
     let mut appliers: FxHashMap<GroupId, Applier> = FxHashMap::default();
     let mut reports: BTreeMap<GroupId, Vec<AppliedResult>> = BTreeMap::new();
+    let mut answers: Answers = Vec::new();
     while let Some(first) = work.blocking_recv() {
         let mut next = Some(first);
         while let Some(item) = next {
             let (group, what) = item.describe();
             let started = std::time::Instant::now();
-            apply_one(item, &mut appliers, &mut reports, &context);
+            apply_one(item, &mut appliers, &mut reports, &mut answers, &context);
             let took = started.elapsed();
             if took >= SLOW_APPLY_WARNING {
                 tracing::warn!(
@@ -1919,8 +1931,11 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContex
                 .partition(|(read_index, _, _)| *read_index <= index);
             applier.waiting = waiting;
             for (_, query, reply) in ready {
-                let _ = reply.send(Ok(applier.state_machine.read(&query)));
+                answers.push((reply, Ok(applier.state_machine.read(&query))));
             }
+        }
+        if !answers.is_empty() {
+            let _ = context.answers.send(std::mem::take(&mut answers));
         }
     }
 }
@@ -2066,7 +2081,12 @@ fn answer_stopped(group: GroupId, reason: &str, replies: Vec<(LogIndex, Reply)>)
 /// entry. Results are not in index order: a retry's known result is
 /// reported before the run around it is applied. A proposer without a
 /// result (not expected: its entry is one of its commands) gets `Dropped`.
-fn answer_proposers(group: GroupId, results: &[AppliedResult], replies: Vec<(LogIndex, Reply)>) {
+fn answer_proposers(
+    group: GroupId,
+    results: &[AppliedResult],
+    replies: Vec<(LogIndex, Reply)>,
+    answers: &mut Answers,
+) {
     if replies.is_empty() {
         return;
     }
@@ -2079,7 +2099,7 @@ fn answer_proposers(group: GroupId, results: &[AppliedResult], replies: Vec<(Log
             Some(applied) => applied.result.clone(),
             None => Err(Error::Dropped(group)),
         };
-        let _ = reply.send(answer);
+        answers.push((reply, answer));
     }
 }
 
@@ -2218,6 +2238,7 @@ fn apply_one(
     item: ApplyWork,
     appliers: &mut FxHashMap<GroupId, Applier>,
     reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    answers: &mut Answers,
     context: &ApplyContext,
 ) {
     match item {
@@ -2268,7 +2289,7 @@ fn apply_one(
             // Counted before answered: whoever hears of a write can find
             // it in the applied index (`NodeHost::applied_index_watch`).
             if applier.published.publish(applier.applied) {
-                answer_proposers(group, &results[reported..], replies);
+                answer_proposers(group, &results[reported..], replies, answers);
             } else {
                 // The worker stopped the group meanwhile and answered all
                 // its other proposers so.
@@ -2372,7 +2393,7 @@ fn apply_one(
                 return;
             };
             if index <= applier.applied {
-                let _ = reply.send(Ok(applier.state_machine.read(&query)));
+                answers.push((reply, Ok(applier.state_machine.read(&query))));
             } else {
                 applier.waiting.push((index, query, reply));
             }
@@ -2502,7 +2523,11 @@ mod tests {
                 ((LogIndex(index), reply), answer)
             })
             .unzip();
-        answer_proposers(GroupId(1), &results, replies);
+        let mut sent = Vec::new();
+        answer_proposers(GroupId(1), &results, replies, &mut sent);
+        for (reply, answer) in sent {
+            let _ = reply.send(answer);
+        }
         let answers: Vec<_> = answers
             .into_iter()
             .map(|mut answer| answer.try_recv().expect("answered"))
