@@ -7,6 +7,24 @@ use std::time::Duration;
 
 use fjall::{AbstractTree, PartitionCreateOptions, PersistMode};
 
+/// Creates partition `name` with 64 KiB memtables and writes 600 values
+/// of 1 KiB to it (keys 0 to 599): about nine sealed memtables.
+fn fill_small_memtables(keyspace: &fjall::Keyspace, name: &str) -> fjall::PartitionHandle {
+    let partition = keyspace
+        .open_partition(
+            name,
+            PartitionCreateOptions::default().max_memtable_size(64 * 1024),
+        )
+        .expect("create");
+    let value = vec![0x42u8; 1024];
+    for key in 0..600u32 {
+        partition
+            .insert(key.to_be_bytes(), value.as_slice())
+            .expect("insert");
+    }
+    partition
+}
+
 /// A table restore deletes the partition it replaced while the engine may
 /// still be flushing that partition's memtables. Unpatched fjall 2.11.2
 /// panics in its flush thread ("removal index (is 0) should be < len"),
@@ -25,19 +43,8 @@ fn deleting_a_partition_while_it_flushes_does_not_panic_the_engine() {
         .max_write_buffer_size(1 << 20)
         .open()
         .expect("open");
-    let value = vec![0x42u8; 1024];
     for round in 0..60u32 {
-        let partition = keyspace
-            .open_partition(
-                &format!("p-{round}"),
-                PartitionCreateOptions::default().max_memtable_size(64 * 1024),
-            )
-            .expect("create");
-        for key in 0..600u32 {
-            partition
-                .insert(key.to_be_bytes(), value.as_slice())
-                .expect("insert");
-        }
+        let partition = fill_small_memtables(&keyspace, &format!("p-{round}"));
         keyspace.persist(PersistMode::Buffer).expect("persist");
         keyspace.delete_partition(partition).expect("delete");
         assert_eq!(panics.load(Ordering::SeqCst), 0, "round {round}");
@@ -65,7 +72,6 @@ fn deleting_a_partition_while_it_flushes_does_not_panic_the_engine() {
 #[test]
 fn every_memtable_recovered_at_a_restart_is_flushed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let value = vec![0x42u8; 1024];
     {
         // No flush thread: every memtable this session seals stays
         // unflushed, as a kill leaves them.
@@ -73,17 +79,7 @@ fn every_memtable_recovered_at_a_restart_is_flushed() {
             .flush_workers(0)
             .open()
             .expect("open");
-        let partition = keyspace
-            .open_partition(
-                "p",
-                PartitionCreateOptions::default().max_memtable_size(64 * 1024),
-            )
-            .expect("create");
-        for key in 0..600u32 {
-            partition
-                .insert(key.to_be_bytes(), value.as_slice())
-                .expect("insert");
-        }
+        fill_small_memtables(&keyspace, "p");
         keyspace.persist(PersistMode::SyncAll).expect("persist");
     }
     let keyspace = fjall::Config::new(dir.path())

@@ -130,6 +130,21 @@ fn start_host_configured(
     machine: KvMachine,
     configure: impl FnOnce(&mut HostConfig),
 ) -> NodeHost {
+    let host = new_host(dir, id, transport, configure);
+    host.start_group(GROUP, voters.to_vec(), Box::new(machine))
+        .expect("group");
+    host
+}
+
+/// Node `id`'s host, with its WAL in `dir`, ticking every 5 ms, its
+/// settings changed by `configure`, reachable through `transport`, and
+/// running no group yet.
+fn new_host(
+    dir: &Path,
+    id: u64,
+    transport: &Arc<LocalTransport>,
+    configure: impl FnOnce(&mut HostConfig),
+) -> NodeHost {
     let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(5);
     configure(&mut config);
@@ -142,8 +157,6 @@ fn start_host_configured(
         tokio::runtime::Handle::current(),
     )
     .expect("host");
-    host.start_group(GROUP, voters.to_vec(), Box::new(machine))
-        .expect("group");
     transport.register(NodeId(id), &host);
     host
 }
@@ -517,18 +530,7 @@ impl StateMachine for BatchRecorder {
 async fn committed_commands_are_applied_in_batches() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let mut config = HostConfig::new(NodeId(1), dir.path());
-    config.tick_interval = Duration::from_millis(5);
-    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
-    let transport_handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(
-        config,
-        wal,
-        transport_handle,
-        tokio::runtime::Handle::current(),
-    )
-    .expect("host");
-    transport.register(NodeId(1), &host);
+    let host = new_host(dir.path(), 1, &transport, |_| {});
     let machine = BatchRecorder::default();
     let batches = Arc::clone(&machine.batches);
     host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
@@ -758,13 +760,8 @@ fn on_runtime<T: Send + 'static>(
 async fn a_blocked_state_machine_does_not_stop_raft() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let mut config = HostConfig::new(NodeId(1), dir.path());
-    config.tick_interval = Duration::from_millis(5);
-    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
-    let transport_handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
     let runtime = tokio::runtime::Handle::current();
-    let host = NodeHost::new(config, wal, transport_handle, runtime.clone()).expect("host");
-    transport.register(NodeId(1), &host);
+    let host = new_host(dir.path(), 1, &transport, |_| {});
     let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
     let (entered, stalled) = std::sync::mpsc::channel();
     let machine = GatedMachine {
