@@ -37,6 +37,10 @@ const META_V1_BYTES: usize = 16;
 const META_BYTES: usize = 40;
 /// Restores write batches of about this many bytes.
 const RESTORE_BATCH_BYTES: usize = 4 << 20;
+/// The storage engine's write buffer: table writes in memtables not yet
+/// flushed, across every table. Above it the engine halts writes until a
+/// flush frees room (fjall's default, set here so that it is stated).
+pub const WRITE_BUFFER_BYTES_MAX: u64 = 64 << 20;
 /// The longest key or value a snapshot may carry.
 const SNAPSHOT_ITEM_BYTES_MAX: u32 = 64 << 20;
 /// The longest key the storage engine takes (fjall: a u16 length).
@@ -61,7 +65,7 @@ fn check_item(key: &[u8], record: &[u8]) -> Result<()> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     /// Bytes in memtables not yet flushed, across every table. Writes halt
-    /// while it is above the engine's limit (64 MiB).
+    /// while it is above [`WRITE_BUFFER_BYTES_MAX`].
     pub write_buffer_bytes: u64,
     /// Journal files on disk; each holds writes some memtable has not yet
     /// flushed.
@@ -87,7 +91,9 @@ impl Store {
     /// Opens (creating) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         remove_unfinished_partitions(dir)?;
-        let keyspace = fjall::Config::new(dir).open()?;
+        let keyspace = fjall::Config::new(dir)
+            .max_write_buffer_size(WRITE_BUFFER_BYTES_MAX)
+            .open()?;
         let meta = keyspace.open_partition(META_PARTITION, PartitionCreateOptions::default())?;
         Ok(Store {
             keyspace,

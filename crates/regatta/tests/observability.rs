@@ -61,6 +61,11 @@ async fn metrics_and_health_of_a_single_node() {
         sample(&metrics, "regatta_table_store_journals").expect("journals") >= 1.0,
         "{metrics}"
     );
+    assert_eq!(
+        sample(&metrics, "regatta_table_store_write_buffer_limit_bytes"),
+        Some((64u64 << 20) as f64),
+        "{metrics}"
+    );
     for name in [
         "regatta_wal_cache_hits_total",
         "regatta_wal_cache_misses_total",

@@ -462,8 +462,14 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
     gauge(
         &mut registry,
         "table_store_write_buffer_bytes",
-        "Bytes of table writes in memory not yet flushed by the storage engine; writes halt above 64 MiB.",
+        "Bytes of table writes in memory not yet flushed by the storage engine; writes halt above regatta_table_store_write_buffer_limit_bytes.",
         as_i64(engine.write_buffer_bytes),
+    );
+    gauge(
+        &mut registry,
+        "table_store_write_buffer_limit_bytes",
+        "The storage engine's write buffer limit: above it, table writes halt until a flush frees room.",
+        as_i64(regatta_kv::WRITE_BUFFER_BYTES_MAX),
     );
     gauge(
         &mut registry,
