@@ -106,18 +106,21 @@ async fn move_leadership(hosts: &BTreeMap<u64, NodeHost>, rounds: u64) {
     }
 }
 
-/// Waits until every node applied what the leader committed.
+/// Waits until every node applied everything any node knows committed.
+/// Not only what the leader of the moment committed: right after a
+/// transfer, the node that still calls itself leader may be a deposed
+/// one whose commit index trails the entries a newer leader acknowledged.
 async fn wait_until_applied_everywhere(hosts: &BTreeMap<u64, NodeHost>) {
     let leader_index = loop {
-        let mut found = None;
+        let mut committed = LogIndex(0);
+        let mut has_leader = false;
         for host in hosts.values() {
             let status = host.status(GROUP).await.expect("status");
-            if status.soft_state.role == Role::Leader {
-                found = Some(status.hard_state.commit);
-            }
+            has_leader |= status.soft_state.role == Role::Leader;
+            committed = committed.max(status.hard_state.commit);
         }
-        if let Some(commit) = found {
-            break commit;
+        if has_leader {
+            break committed;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
