@@ -2090,9 +2090,24 @@ fn answer_proposers(
     if replies.is_empty() {
         return;
     }
-    let mut sorted: Vec<&AppliedResult> = results.iter().collect();
-    sorted.sort_unstable_by_key(|applied| applied.index);
-    let mut sorted = sorted.into_iter().peekable();
+    // Almost always in order already: sort (and allocate) only when not.
+    if results.is_sorted_by_key(|applied| applied.index) {
+        match_replies(group, results.iter(), replies, answers);
+    } else {
+        let mut sorted: Vec<&AppliedResult> = results.iter().collect();
+        sorted.sort_unstable_by_key(|applied| applied.index);
+        match_replies(group, sorted.into_iter(), replies, answers);
+    }
+}
+
+/// Pairs proposers and results, both in index order.
+fn match_replies<'a>(
+    group: GroupId,
+    sorted: impl Iterator<Item = &'a AppliedResult>,
+    replies: Vec<(LogIndex, Reply)>,
+    answers: &mut Answers,
+) {
+    let mut sorted = sorted.peekable();
     for (index, reply) in replies {
         while sorted.next_if(|applied| applied.index < index).is_some() {}
         let answer = match sorted.next_if(|applied| applied.index == index) {
@@ -2515,7 +2530,14 @@ mod tests {
     /// and a proposer without a result hears `Dropped`, not silence.
     #[test]
     fn proposers_get_their_own_results_in_any_order() {
-        let results = [result(6, "six"), result(4, "four"), result(5, "five")];
+        let in_order = [result(4, "four"), result(5, "five"), result(6, "six")];
+        let out_of_order = [result(6, "six"), result(4, "four"), result(5, "five")];
+        for results in [in_order, out_of_order] {
+            check_answers(&results);
+        }
+    }
+
+    fn check_answers(results: &[AppliedResult]) {
         let (replies, answers): (Vec<_>, Vec<_>) = [4u64, 6, 7]
             .into_iter()
             .map(|index| {
@@ -2524,7 +2546,7 @@ mod tests {
             })
             .unzip();
         let mut sent = Vec::new();
-        answer_proposers(GroupId(1), &results, replies, &mut sent);
+        answer_proposers(GroupId(1), results, replies, &mut sent);
         for (reply, answer) in sent {
             let _ = reply.send(answer);
         }

@@ -35,6 +35,9 @@ pub enum Error {
     /// The Raft runtime refused or failed the request.
     #[error(transparent)]
     Raft(#[from] regatta_multiraft::Error),
+    /// The server does not offer what the request needs.
+    #[error("{0}")]
+    Unimplemented(String),
     /// An admin operation without the right token.
     #[error("{0}")]
     Unauthenticated(String),
@@ -67,6 +70,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Unimplemented(_) => Code::Unimplemented,
             Error::Forwarded { code, .. } => *code,
             Error::Raft(raft) => match raft {
                 Raft::Timeout { .. } => Code::DeadlineExceeded,

@@ -12,6 +12,7 @@
 pub mod auth;
 mod error;
 mod etcd_api;
+mod fast_unary;
 pub mod grpc_metrics;
 mod maintenance;
 mod node;
@@ -82,18 +83,33 @@ pub async fn serve(
     // the client's delayed acknowledgement, which cost linearizable reads
     // 40 ms each.
     let incoming = tls::incoming(listener, tls, "api");
+    let config = node.config();
+    let request_bytes_max =
+        fast_unary::request_bytes_max(config.key_bytes_max, config.value_bytes_max);
+    // Layers run outermost first: metrics count the short path's calls too.
     tonic::transport::Server::builder()
         .layer(grpc_metrics::GrpcMetricsLayer::new(
             node.grpc_metrics().clone(),
         ))
-        .add_service(regatta::kv_server::KvServer::new(own.clone()))
+        .layer(fast_unary::FastUnaryLayer::new(
+            api.clone(),
+            own.clone(),
+            request_bytes_max,
+        ))
+        .add_service(
+            regatta::kv_server::KvServer::new(own.clone())
+                .max_decoding_message_size(request_bytes_max),
+        )
         .add_service(regatta::tables_server::TablesServer::new(own.clone()))
         .add_service(regatta::cluster_server::ClusterServer::new(own.clone()))
         .add_service(regatta::membership_server::MembershipServer::new(own))
         .add_service(regatta::maintenance_server::MaintenanceServer::new(
             MaintenanceApi::new(Arc::clone(&node)),
         ))
-        .add_service(etcd::kv_server::KvServer::new(api.clone()))
+        .add_service(
+            etcd::kv_server::KvServer::new(api.clone())
+                .max_decoding_message_size(request_bytes_max),
+        )
         .add_service(etcd::maintenance_server::MaintenanceServer::new(
             api.clone(),
         ))
