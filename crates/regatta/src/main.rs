@@ -929,6 +929,12 @@ async fn run_node(
                 }
                 _ = removed => {
                     tracing::warn!("this node was removed from the cluster: shutting down; wipe its data directory before adding it again");
+                    // Table groups drop a member after the metadata group
+                    // does, each by its leader: a table this node still
+                    // leads gets a new leader now rather than after an
+                    // election timeout.
+                    let held = node.drain(Duration::from_secs(5)).await;
+                    tracing::info!(still_leading = held, "handed over leaderships");
                 }
             }
         }

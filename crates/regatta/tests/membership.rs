@@ -130,6 +130,32 @@ fn wait_for_table_voters(api: SocketAddr, voters: &[u64]) {
     }
 }
 
+/// Waits until the node at `api` reports `leader` as the leader of `table`
+/// (`regatta status`).
+fn wait_for_table_leader(api: SocketAddr, table: &str, leader: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (success, stdout, stderr) =
+            cli(&["status", "--address", &api.to_string(), "-o", "json"]);
+        assert!(success, "status: {stderr}");
+        let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        let led = status["tables"]
+            .as_array()
+            .expect("tables")
+            .iter()
+            // Ids are strings in the JSON output, as in etcd's.
+            .any(|entry| entry["name"] == table && entry["leader"] == leader.to_string().as_str());
+        if led {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {leader} never led table {table}: {stdout}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Sends SIGTERM, as an orchestrator stopping the node does.
 fn terminate(node: &Regatta) {
     let status = Command::new("kill")
@@ -449,14 +475,33 @@ async fn removed_nodes_shut_down_and_a_rolling_restart_loses_nothing() {
         apis[0],
         &[(1, "voter"), (2, "voter"), (3, "voter"), (4, "voter")],
     );
+    // Node 4 leads the etcd table when it is removed: it learns of its
+    // removal from the metadata group before the table drops it, and hands
+    // the table's leadership over on its way out.
+    wait_for_table_voters(apis[0], &[1, 2, 3, 4]);
+    let fourth_api = apis[3].to_string();
+    cli_until_ok(&[
+        "table",
+        "transfer-leader",
+        "etcd",
+        "--to",
+        "4",
+        "--address",
+        &fourth_api,
+    ]);
+    wait_for_table_leader(apis[3], "etcd", 4);
     cli_until_ok(&["member", "remove", "4", "--address", &admin]);
     let status = wait_for_exit(&mut fourth, Duration::from_secs(20));
     assert!(status.success(), "the removed node exited with {status}");
+    let log = fourth.log();
+    let removed_at = log
+        .find("removed from the cluster")
+        .unwrap_or_else(|| panic!("no removal in the log: {log}"));
     assert!(
-        fourth.log().contains("removed from the cluster"),
-        "{}",
-        fourth.log()
+        log[removed_at..].contains("handed over leaderships still_leading=0"),
+        "the removed node did not hand its leaderships over: {log}"
     );
+    wait_for_table_voters(apis[0], &[1, 2, 3]);
     let acknowledged = load.finish().await;
     for node in &nodes {
         assert_all_present(node, &acknowledged).await;
