@@ -99,17 +99,29 @@ fn wait_for_roles(api: SocketAddr, expected: &[(u64, &str)]) {
     }
 }
 
-/// Waits until every table's group on the node at `api` has exactly
-/// `voters` as voters and no learner (`regatta status`).
-fn wait_for_table_voters(api: SocketAddr, voters: &[u64]) {
+/// Polls `regatta status` at `api` (up to 30 s) until `settled` holds for
+/// its tables; `what` names the wait in the failure.
+fn wait_for_tables(api: SocketAddr, what: &str, settled: impl Fn(&[serde_json::Value]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (success, stdout, stderr) =
             cli(&["status", "--address", &api.to_string(), "-o", "json"]);
         assert!(success, "status: {stderr}");
         let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
-        let tables = status["tables"].as_array().expect("tables");
-        let settled = !tables.is_empty()
+        if settled(status["tables"].as_array().expect("tables")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {stdout}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until every table's group on the node at `api` has exactly
+/// `voters` as voters and no learner (`regatta status`).
+fn wait_for_table_voters(api: SocketAddr, voters: &[u64]) {
+    let what = format!("the tables never settled on voters {voters:?}");
+    wait_for_tables(api, &what, |tables| {
+        !tables.is_empty()
             && tables.iter().all(|table| {
                 let ids = |field: &str| -> Vec<u64> {
                     table[field]
@@ -118,42 +130,21 @@ fn wait_for_table_voters(api: SocketAddr, voters: &[u64]) {
                         .unwrap_or_default()
                 };
                 ids("voters") == voters && ids("learners").is_empty()
-            });
-        if settled {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the tables never settled on voters {voters:?}: {stdout}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            })
+    });
 }
 
 /// Waits until the node at `api` reports `leader` as the leader of `table`
 /// (`regatta status`).
 fn wait_for_table_leader(api: SocketAddr, table: &str, leader: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (success, stdout, stderr) =
-            cli(&["status", "--address", &api.to_string(), "-o", "json"]);
-        assert!(success, "status: {stderr}");
-        let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
-        let led = status["tables"]
-            .as_array()
-            .expect("tables")
+    let what = format!("node {leader} never led table {table}");
+    // Ids are strings in the JSON output, as in etcd's.
+    let leader = leader.to_string();
+    wait_for_tables(api, &what, |tables| {
+        tables
             .iter()
-            // Ids are strings in the JSON output, as in etcd's.
-            .any(|entry| entry["name"] == table && entry["leader"] == leader.to_string().as_str());
-        if led {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {leader} never led table {table}: {stdout}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .any(|entry| entry["name"] == table && entry["leader"] == leader.as_str())
+    });
 }
 
 /// Sends SIGTERM, as an orchestrator stopping the node does.

@@ -22,6 +22,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -109,12 +110,11 @@ impl Call {
 /// Puts [`FastUnary`] in front of a service.
 #[derive(Clone)]
 pub struct FastUnaryLayer {
-    apis: Apis,
+    apis: Arc<Apis>,
     request_bytes_max: usize,
 }
 
 /// The two services whose KV calls take the short path.
-#[derive(Clone)]
 struct Apis {
     etcd: EtcdApi,
     regatta: RegattaApi,
@@ -125,7 +125,7 @@ impl FastUnaryLayer {
     /// refusing request messages over `request_bytes_max`.
     pub fn new(etcd: EtcdApi, regatta: RegattaApi, request_bytes_max: usize) -> FastUnaryLayer {
         FastUnaryLayer {
-            apis: Apis { etcd, regatta },
+            apis: Arc::new(Apis { etcd, regatta }),
             request_bytes_max,
         }
     }
@@ -137,7 +137,7 @@ impl<S> tower::Layer<S> for FastUnaryLayer {
     fn layer(&self, inner: S) -> FastUnary<S> {
         FastUnary {
             inner,
-            apis: self.apis.clone(),
+            apis: Arc::clone(&self.apis),
             request_bytes_max: self.request_bytes_max,
         }
     }
@@ -148,7 +148,7 @@ impl<S> tower::Layer<S> for FastUnaryLayer {
 #[derive(Clone)]
 pub struct FastUnary<S> {
     inner: S,
-    apis: Apis,
+    apis: Arc<Apis>,
     request_bytes_max: usize,
 }
 
@@ -175,7 +175,7 @@ where
             Some(call) if request.method() == http::Method::POST => call,
             _ => return futures_util::future::Either::Left(self.inner.call(request)),
         };
-        let apis = self.apis.clone();
+        let apis = Arc::clone(&self.apis);
         let limit = self.request_bytes_max;
         futures_util::future::Either::Right(Box::pin(async move {
             Ok(serve(&apis, call, request, limit).await)
