@@ -914,7 +914,8 @@ async fn run_node(
             let _ = removed.wait_for(|removed| *removed).await.is_ok();
         };
         async move {
-            tokio::select! {
+            // Whether to hand over the leaderships this node still holds.
+            let hand_over = tokio::select! {
                 _ = shutdown_signal() => {
                     if leave {
                         tracing::info!("leaving the cluster (--raft.leave-on-terminate)");
@@ -922,9 +923,9 @@ async fn run_node(
                             Ok(()) => tracing::info!("left the cluster"),
                             Err(error) => tracing::error!(%error, "leaving the cluster failed"),
                         }
+                        false
                     } else {
-                        let held = node.drain(Duration::from_secs(5)).await;
-                        tracing::info!(still_leading = held, "handed over leaderships");
+                        true
                     }
                 }
                 _ = removed => {
@@ -933,9 +934,12 @@ async fn run_node(
                     // does, each by its leader: a table this node still
                     // leads gets a new leader now rather than after an
                     // election timeout.
-                    let held = node.drain(Duration::from_secs(5)).await;
-                    tracing::info!(still_leading = held, "handed over leaderships");
+                    true
                 }
+            };
+            if hand_over {
+                let held = node.drain(Duration::from_secs(5)).await;
+                tracing::info!(still_leading = held, "handed over leaderships");
             }
         }
     };

@@ -424,10 +424,11 @@ mod tests {
         let (code, message) = status(read(framed(0, 200, &[0u8; 200]), 100));
         assert_eq!(code, tonic::Code::ResourceExhausted);
         assert!(message.contains("100 bytes"), "{message}");
-        // A prefix that announces more than the limit is refused before
-        // anything is read beyond it.
-        let (code, _) = status(read(framed(0, 1_000_000, b"abc"), 100));
+        // A body within the limit whose prefix announces more is refused
+        // by the announced length, naming it.
+        let (code, message) = status(read(framed(0, 1_000_000, b"abc"), 100));
         assert_eq!(code, tonic::Code::ResourceExhausted);
+        assert!(message.contains("1000000 bytes"), "{message}");
         assert_eq!(
             request_bytes_max(1024, 2 * 1024 * 1024),
             4 * 1024 * 1024,
