@@ -14,7 +14,11 @@
 //! 1024) run one row only, e.g. under a profiler.
 //! `THROUGHPUT_WAL_BATCH_WAIT_MICROS` and `THROUGHPUT_WAL_CACHE_BYTES` set
 //! the WAL's `batch_wait_micros_max` and `cache_bytes_max` for experiments;
-//! `THROUGHPUT_WAL_STATS` prints per-node WAL and transport rates.
+//! `THROUGHPUT_WAL_STATS` prints per-node WAL and transport rates;
+//! `THROUGHPUT_WORKERS` sets the workers per node (default 2);
+//! `THROUGHPUT_LEADERS_ON=<node>` moves every group's leadership to that
+//! node (1, 2 or 3) before measuring, instead of leaving the elections'
+//! spread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,6 +145,18 @@ async fn leader_of(cluster: &Cluster, group: GroupId) -> NodeHost {
 
 async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
     let cluster = start_cluster(groups).await;
+    if let Some(node) = env_number::<u64>("THROUGHPUT_LEADERS_ON") {
+        for group in 1..=groups {
+            loop {
+                let leader = leader_of(&cluster, GroupId(group)).await;
+                if leader.node_id() == NodeId(node) {
+                    break;
+                }
+                let _ = leader.transfer_leader(GroupId(group), NodeId(node)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
     let mut leaders = Vec::new();
     for group in 1..=groups {
         leaders.push(leader_of(&cluster, GroupId(group)).await);

@@ -237,6 +237,7 @@ impl<S: Storage> RaftNode<S> {
             || raft.hard_state() != self.previous_hard_state
             || raft.log.has_unhanded_snapshot()
             || raft.log.has_unhanded_entries()
+            || raft.appends_unsent
             || (raft.commit_unsent && raft.config.commit_broadcast == CommitBroadcast::Eager)
             || raft.commit_wanted_unsent()
             || !raft.msgs.is_empty()
@@ -247,6 +248,8 @@ impl<S: Storage> RaftNode<S> {
 
     /// Collects the work accumulated since the last call.
     pub fn ready(&mut self) -> Result<Ready> {
+        // Appends first: they carry the commit index too.
+        self.raft.flush_appends();
         match self.raft.config.commit_broadcast {
             CommitBroadcast::Eager => self.raft.flush_commit(),
             CommitBroadcast::Deferred => self.raft.flush_wanted_commit(),

@@ -125,6 +125,11 @@ pub struct Raft<S: Storage> {
     /// it. `flush_commit` (once per `Ready`) sends it, so that many
     /// advances within one batch of input cost one append per follower.
     pub(crate) commit_unsent: bool,
+    /// Leader: proposals appended entries that no follower has been sent
+    /// yet. `flush_appends` (once per `Ready`) sends them, so that every
+    /// proposal of one batch of input leaves in one append per follower,
+    /// not one append per proposal.
+    pub(crate) appends_unsent: bool,
     /// Messages safe to send before this node persists anything.
     pub(crate) msgs: Vec<Message>,
     /// Messages to send only after the `Ready` they came with is durable.
@@ -163,6 +168,7 @@ impl<S: Storage> Raft<S> {
             uncommitted_bytes: 0,
             reads: ReadTracker::default(),
             commit_unsent: false,
+            appends_unsent: false,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
@@ -1407,7 +1413,9 @@ impl<S: Storage> Raft<S> {
         }
         self.append_to_log(&entries);
         self.maybe_commit();
-        self.broadcast_append();
+        // Sent by `flush_appends` when the runtime takes the `Ready`: the
+        // proposals of the same batch of input join this append.
+        self.appends_unsent = true;
         Ok(Proposed::Appended { first, last, term })
     }
 
@@ -1812,6 +1820,28 @@ impl<S: Storage> Raft<S> {
                 if progress.wants_commit(committed) {
                     progress.commit_wanted = progress.commit_sent;
                 }
+            }
+        }
+    }
+
+    /// Leader: sends every follower the proposed entries it lacks, as many
+    /// appends as its progress allows (one, unless they exceed
+    /// `message_size_bytes_max`), and a probe to a follower being probed.
+    /// A follower that is paused (a full window, a probe or a snapshot in
+    /// flight) gets them when it answers.
+    pub(crate) fn flush_appends(&mut self) {
+        if !std::mem::take(&mut self.appends_unsent) || self.role != Role::Leader {
+            return;
+        }
+        for node in self.followers_where(|_| true) {
+            // A probed follower (a new member, say) gets a probe even when
+            // its next index is past the log: its answer finds the match.
+            let probing = self
+                .progress
+                .get(&node)
+                .is_some_and(|progress| progress.state == ProgressState::Probe);
+            if self.send_append(node, probing) {
+                while self.send_append(node, false) {}
             }
         }
     }

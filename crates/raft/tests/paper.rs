@@ -199,6 +199,35 @@ mod replication {
         }
     }
 
+    /// Proposals of one batch of input (no `ready` in between) leave in one
+    /// append per follower carrying all of them, not one append each; and
+    /// every follower answers once.
+    #[test]
+    fn proposals_of_one_batch_share_one_append_per_follower() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.settle();
+        let (before, answers) = (c.delivered.len(), c.count_delivered("append_response"));
+        for i in 0..10 {
+            let command = Bytes::from(format!("batched-{i}"));
+            c.node(1).propose(vec![command]).expect("leader");
+        }
+        c.settle();
+        let carried: Vec<usize> = c.delivered[before..]
+            .iter()
+            .filter_map(|message| match &message.body {
+                MessageBody::Append { entries, .. } if !entries.is_empty() => Some(entries.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(carried, [10, 10], "one append per follower, with all ten");
+        assert_eq!(c.count_delivered("append_response") - answers, 2);
+        c.tick_all(1);
+        for id in [1, 2, 3] {
+            assert_eq!(c.applied_commands(id).len(), 10, "node {id}");
+        }
+    }
+
     /// §5.3: a follower's conflicting uncommitted suffix is overwritten by
     /// the new leader's log.
     #[test]
