@@ -228,6 +228,41 @@ mod replication {
         }
     }
 
+    /// A batch of proposals larger than one message leaves at once in as
+    /// many appends as it needs, each within the limit, without waiting
+    /// for answers; and a full window stops it until answers come.
+    #[test]
+    fn a_batch_larger_than_one_message_is_split_within_the_window() {
+        fn small_messages(config: &mut Config) {
+            config.message_size_bytes_max = 200;
+            config.inflight_messages_max = 3;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], small_messages);
+        c.elect(1);
+        c.settle();
+        for i in 0..10 {
+            let command = Bytes::from(format!("{i:064}"));
+            c.node(1).propose(vec![command]).expect("leader");
+        }
+        c.process(n(1));
+        let sent: Vec<usize> = c
+            .queue
+            .iter()
+            .filter(|message| is_append_to(message, 2))
+            .filter_map(|message| match &message.body {
+                MessageBody::Append { entries, .. } => Some(entries.len()),
+                _ => None,
+            })
+            .collect();
+        // 88 bytes an entry, 200 a message: two each, three in flight.
+        assert_eq!(sent, [2, 2, 2], "the window holds three appends");
+        c.settle();
+        c.tick_all(1);
+        for id in [1, 2, 3] {
+            assert_eq!(c.applied_commands(id).len(), 10, "node {id}");
+        }
+    }
+
     /// §5.3: a follower's conflicting uncommitted suffix is overwritten by
     /// the new leader's log.
     #[test]
