@@ -10,8 +10,25 @@ stop_all() {
     pids=()
 }
 
+# Refuses to start a cluster on a port something already listens on: the
+# new server would fail to bind, and the run would measure whatever
+# answers there (a server left over from an earlier run, say).
+require_free_ports() { # port...
+    local port holder
+    for port in "$@"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            holder="$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o 'users:.*' || true)"
+            echo "port $port on 127.0.0.1 is taken${holder:+ ($holder)}; stop what listens there first" >&2
+            exit 1
+        fi
+    done
+}
+
 start_etcd() { # nodes
     local nodes="$1" cluster="" i
+    for i in $(seq 1 "$nodes"); do
+        require_free_ports $((23790 + i)) $((23800 + i))
+    done
     for i in $(seq 1 "$nodes"); do
         cluster="${cluster:+$cluster,}e$i=http://127.0.0.1:$((23800 + i))"
     done
@@ -30,6 +47,9 @@ start_etcd() { # nodes
 
 start_regatta() { # nodes
     local nodes="$1" members="" i
+    for i in $(seq 1 "$nodes"); do
+        require_free_ports $((25010 + i)) $((28440 + i))
+    done
     for i in $(seq 1 "$nodes"); do
         members="${members:+$members,}$i=127.0.0.1:$((25010 + i))"
     done
