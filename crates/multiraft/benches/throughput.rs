@@ -146,6 +146,10 @@ async fn leader_of(cluster: &Cluster, group: GroupId) -> NodeHost {
 async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
     let cluster = start_cluster(groups).await;
     if let Some(node) = env_number::<u64>("THROUGHPUT_LEADERS_ON") {
+        assert!(
+            (1..=3).contains(&node),
+            "THROUGHPUT_LEADERS_ON must name node 1, 2 or 3, not {node}"
+        );
         for group in 1..=groups {
             loop {
                 let leader = leader_of(&cluster, GroupId(group)).await;
