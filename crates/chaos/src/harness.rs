@@ -137,7 +137,9 @@ pub struct RunConfig {
     pub ops_per_key: u64,
     /// How long the workload runs.
     pub duration: Duration,
-    /// The faults to draw from.
+    /// The faults to draw from. They are dealt like a shuffled deck: every
+    /// listed fault (a fault listed twice, twice) is injected once before
+    /// any is injected again, in an order the seed picks.
     pub faults: Vec<Fault>,
     /// The seed of every random choice.
     pub seed: u64,
@@ -154,6 +156,9 @@ pub struct Report {
     pub seed: u64,
     /// The faults injected, with their times in ms.
     pub schedule: Vec<(u64, String)>,
+    /// The faults injected, in order (each also has its lines in
+    /// `schedule`).
+    pub faults: Vec<Fault>,
     /// Operations that completed ok.
     pub ok: usize,
     /// Operations that definitely failed.
@@ -422,6 +427,16 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// `items` in an order `rng` picks (Fisher-Yates).
+fn shuffled<T: Copy>(items: &[T], rng: &mut Rng) -> Vec<T> {
+    let mut items = items.to_vec();
+    for last in (1..items.len()).rev() {
+        let other = (rng.next() % (last as u64 + 1)) as usize;
+        items.swap(last, other);
+    }
+    items
 }
 
 /// `--raft.initial-members` for nodes 1, 2, … at `rafts`: `1=addr,2=addr`.
@@ -1372,11 +1387,19 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     };
     // The nemesis: a fault every 2 s, healed 1 s later.
     let mut schedule = Vec::new();
+    let mut injected = Vec::new();
     let mut rng = Rng(config.seed ^ 0xA5A5_5A5A_1234_5678);
+    let mut deck: Vec<Fault> = Vec::new();
     while started.elapsed() + Duration::from_secs(2) < config.duration && !config.faults.is_empty()
     {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let fault = config.faults[(rng.next() % config.faults.len() as u64) as usize];
+        if deck.is_empty() {
+            deck = shuffled(&config.faults, &mut rng);
+        }
+        let Some(fault) = deck.pop() else {
+            break;
+        };
+        injected.push(fault);
         let node = 1 + rng.next() % config.nodes;
         let at = started.elapsed().as_millis() as u64;
         let what = inject(fault, node, &cluster, &client_addresses, &mut rng).await;
@@ -1499,6 +1522,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     Ok(Report {
         seed: config.seed,
         schedule,
+        faults: injected,
         ok,
         fail,
         info,
@@ -1517,7 +1541,29 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
 
 #[cfg(test)]
 mod tests {
-    use super::KeySpace;
+    use super::{shuffled, Fault, KeySpace, Rng};
+
+    #[test]
+    fn a_shuffled_deck_holds_every_card_once_in_a_seeded_order() {
+        let mut orders = std::collections::BTreeSet::new();
+        for seed in 1..=50u64 {
+            let mut rng = Rng(seed ^ 0xA5A5_5A5A_1234_5678);
+            let deck = shuffled(&Fault::ALL, &mut rng);
+            let mut names: Vec<&str> = deck.iter().map(|fault| fault.name()).collect();
+            orders.insert(names.join(","));
+            names.sort_unstable();
+            let mut all: Vec<&str> = Fault::ALL.iter().map(|fault| fault.name()).collect();
+            all.sort_unstable();
+            assert_eq!(names, all, "seed {seed}: not a permutation");
+            let mut again = Rng(seed ^ 0xA5A5_5A5A_1234_5678);
+            assert_eq!(deck, shuffled(&Fault::ALL, &mut again), "seed {seed}");
+        }
+        assert!(
+            orders.len() > 40,
+            "only {} orders in 50 seeds",
+            orders.len()
+        );
+    }
 
     #[test]
     fn a_slot_moves_to_a_fresh_key_after_its_operations() {

@@ -26,7 +26,9 @@ struct Cli {
     time_limit: u64,
     /// Faults: all, none, or a comma-separated list of kill, pause,
     /// partition, isolate-leader, minority, bridge, slow, transfer-leader,
-    /// snapshot-crash, cut-location, member-replace.
+    /// snapshot-crash, cut-location, member-replace. They are dealt like a
+    /// shuffled deck: each listed fault once, in an order the seed picks,
+    /// before any comes again.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// The seed of every random choice (default: from the clock).

@@ -16,6 +16,7 @@
 //! the WAL's `batch_wait_micros_max` and `cache_bytes_max` for experiments;
 //! `THROUGHPUT_WAL_STATS` prints per-node WAL and transport rates;
 //! `THROUGHPUT_WORKERS` sets the workers per node (default 2);
+//! `THROUGHPUT_COMMIT_DELAY_MICROS` sets the hosts' `commit_broadcast_delay`;
 //! `THROUGHPUT_LEADERS_ON=<node>` moves every group's leadership to that
 //! node (1, 2 or 3) before measuring, instead of leaving the elections'
 //! spread.
@@ -95,6 +96,9 @@ async fn start_cluster(groups: u64) -> Cluster {
         config.tick_interval = Duration::from_millis(50);
         if let Some(workers) = env_number("THROUGHPUT_WORKERS") {
             config.workers = workers;
+        }
+        if let Some(micros) = env_number("THROUGHPUT_COMMIT_DELAY_MICROS") {
+            config.commit_broadcast_delay = Duration::from_micros(micros);
         }
         let mut wal_config = WalConfig::new(dir.path());
         if let Some(wait) = env_number("THROUGHPUT_WAL_BATCH_WAIT_MICROS") {
