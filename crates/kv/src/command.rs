@@ -153,7 +153,7 @@ pub enum RequestOp {
     /// A delete.
     DeleteRange(DeleteRangeRequest),
     /// A nested transaction.
-    Txn(TxnRequest),
+    Txn(#[serde(with = "nested")] TxnRequest),
 }
 
 /// The result of one operation.
@@ -166,7 +166,7 @@ pub enum ResponseOp {
     /// Of a delete.
     DeleteRange(DeleteRangeResult),
     /// Of a nested transaction.
-    Txn(TxnResult),
+    Txn(#[serde(with = "nested")] TxnResult),
     /// Of a replicated batch or a restore step, on a follower table.
     Replicated(ReplicatedResult),
 }
@@ -360,6 +360,61 @@ mod byte_pairs {
     }
 }
 
+/// Nested transactions (and their results) decode at most this many
+/// levels below the outermost one. The APIs refuse more than 8
+/// (`regatta_server::validate::TXN_DEPTH_MAX`); this bound keeps a crafted
+/// message from exhausting the decoding thread's stack.
+pub const TXN_NESTING_DECODE_MAX: usize = 64;
+
+thread_local! {
+    /// While decoding on this thread: the nested transactions open, and
+    /// whether one went past `TXN_NESTING_DECODE_MAX`.
+    static TXN_NESTING: std::cell::Cell<(usize, bool)> = const { std::cell::Cell::new((0, false)) };
+}
+
+/// A nested transaction's encoding is its plain encoding; decoding counts
+/// the levels and refuses one past `TXN_NESTING_DECODE_MAX` before it
+/// recurses.
+mod nested {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{TXN_NESTING, TXN_NESTING_DECODE_MAX};
+
+    pub fn serialize<S: Serializer, T: Serialize>(
+        value: &T,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        value.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<T, D::Error> {
+        /// Closes the level on every way out, errors included.
+        struct Level;
+        impl Drop for Level {
+            fn drop(&mut self) {
+                TXN_NESTING.with(|nesting| {
+                    let (depth, too_deep) = nesting.get();
+                    nesting.set((depth.saturating_sub(1), too_deep));
+                });
+            }
+        }
+        let depth = TXN_NESTING.with(|nesting| {
+            let (depth, too_deep) = nesting.get();
+            nesting.set((depth + 1, too_deep));
+            depth + 1
+        });
+        let _level = Level;
+        if depth > TXN_NESTING_DECODE_MAX {
+            TXN_NESTING.with(|nesting| nesting.set((nesting.get().0, true)));
+            return Err(D::Error::custom("transactions nest too deep"));
+        }
+        T::deserialize(deserializer)
+    }
+}
+
 /// Encodes a value: the version byte, then postcard.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Sized first, so that the buffer is allocated once.
@@ -377,8 +432,20 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Decodes what `encode` produced; bad input is an error, never a panic.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => postcard::from_bytes(rest)
-            .map_err(|error| Error::Decode(format!("kv request or result: {error}"))),
+        Some((&FORMAT_VERSION, rest)) => {
+            TXN_NESTING.with(|nesting| nesting.set((0, false)));
+            let decoded = postcard::from_bytes(rest);
+            let (_, too_deep) = TXN_NESTING.with(|nesting| nesting.replace((0, false)));
+            decoded.map_err(|error| {
+                if too_deep {
+                    Error::Decode(format!(
+                        "kv request or result: transactions nest more than {TXN_NESTING_DECODE_MAX} deep"
+                    ))
+                } else {
+                    Error::Decode(format!("kv request or result: {error}"))
+                }
+            })
+        }
         Some((version, _)) => Err(Error::Decode(format!(
             "kv format version {version} is not known (expected {FORMAT_VERSION})"
         ))),
@@ -389,6 +456,58 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An encoded `Command::Txn` whose success branch nests `levels`
+    /// transactions, written byte by byte (building it as a value would
+    /// itself recurse that deep).
+    fn nested_txn_bytes(levels: usize) -> Vec<u8> {
+        const COMMAND_TXN_TAG: u8 = 2;
+        const REQUEST_OP_TXN_TAG: u8 = 3;
+        let mut bytes = vec![FORMAT_VERSION, COMMAND_TXN_TAG];
+        for _ in 0..levels {
+            // No compares, one success operation: a transaction.
+            bytes.extend_from_slice(&[0, 1, REQUEST_OP_TXN_TAG]);
+        }
+        // The innermost transaction is empty.
+        bytes.extend_from_slice(&[0, 0, 0]);
+        // Each enclosing one has an empty failure branch.
+        bytes.extend(std::iter::repeat_n(0, levels));
+        bytes
+    }
+
+    fn nesting(command: &Command) -> usize {
+        let Command::Txn(mut txn) = command.clone() else {
+            panic!("not a transaction: {command:?}");
+        };
+        let mut levels = 0;
+        while let Some(RequestOp::Txn(inner)) = txn.success.pop() {
+            levels += 1;
+            txn = inner;
+        }
+        levels
+    }
+
+    #[test]
+    fn nested_transactions_decode_up_to_the_bound_and_deeper_ones_fail_cleanly() {
+        let at_bound =
+            decode::<Command>(&nested_txn_bytes(TXN_NESTING_DECODE_MAX)).expect("decode");
+        assert_eq!(nesting(&at_bound), TXN_NESTING_DECODE_MAX);
+        // Encoding is unchanged by the bound: the value re-encodes to the
+        // same bytes.
+        assert_eq!(encode(&at_bound), nested_txn_bytes(TXN_NESTING_DECODE_MAX));
+        let error = decode::<Command>(&nested_txn_bytes(TXN_NESTING_DECODE_MAX + 1))
+            .expect_err("one level too deep");
+        assert!(
+            error.to_string().contains("nest more than 64 deep"),
+            "{error}"
+        );
+        // Deep enough to overflow any thread's stack if decoding recursed
+        // into it: refused at the bound instead.
+        let error = decode::<Command>(&nested_txn_bytes(500_000)).expect_err("far too deep");
+        assert!(error.to_string().contains("nest more than"), "{error}");
+        // The count starts afresh on the next decode.
+        decode::<Command>(&nested_txn_bytes(3)).expect("a shallow one after a refusal");
+    }
 
     /// The types as they were encoded before byte strings went through
     /// `serde_bytes`: sequences of `u8`. Data on disk and in flight was

@@ -61,6 +61,52 @@ fn check_item(key: &[u8], record: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Why the storage engine cannot take a key of `key.len()` bytes as a
+/// bound or, with `stored`, as a key to write (a written key must not be
+/// empty; a bound may be, as the open end of a range).
+fn key_refusal(what: &str, key: &[u8], stored: bool) -> Option<String> {
+    if key.len() > STORED_KEY_BYTES_MAX || (stored && key.is_empty()) {
+        return Some(format!(
+            "{what} of {} bytes: keys are 1 to {STORED_KEY_BYTES_MAX} bytes",
+            key.len()
+        ));
+    }
+    None
+}
+
+fn range_refusal(range: &KeyRange) -> Option<String> {
+    key_refusal("a range key", &range.key, false)
+        .or_else(|| key_refusal("a range end", &range.range_end, false))
+}
+
+/// Why a transaction's keys cannot reach the storage engine, if they
+/// cannot: checked whole before any of it applies, so that a refused
+/// transaction writes nothing.
+fn txn_refusal(txn: &TxnRequest) -> Option<String> {
+    txn.compare
+        .iter()
+        .find_map(|compare| range_refusal(&compare.range))
+        .or_else(|| {
+            txn.success
+                .iter()
+                .chain(&txn.failure)
+                .find_map(|op| match op {
+                    RequestOp::Range(range) => range_refusal(&range.range),
+                    RequestOp::Put(put) => key_refusal("a put's key", &put.key, true),
+                    RequestOp::DeleteRange(delete) => range_refusal(&delete.range),
+                    RequestOp::Txn(txn) => txn_refusal(txn),
+                })
+        })
+}
+
+/// Why a query's keys cannot reach the storage engine, if they cannot.
+fn query_refusal(query: &Query) -> Option<String> {
+    match query {
+        Query::Range(range) => range_refusal(&range.range),
+        Query::Txn(txn) => txn_refusal(txn),
+    }
+}
+
 /// The storage engine's counters (`Store::engine_stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -816,6 +862,12 @@ fn answer_query(data: &PartitionHandle, revision: u64, query: &Query) -> Respons
         recent: None,
         writes: BTreeMap::new(),
     };
+    if let Some(refusal) = query_refusal(query) {
+        return Response {
+            revision,
+            result: Err(refusal),
+        };
+    }
     let result = match query {
         Query::Range(range) => view.range(range).map(ResponseOp::Range),
         Query::Txn(txn) if txn.is_read_only() => view.txn(txn, revision).map(ResponseOp::Txn),
@@ -838,24 +890,37 @@ struct Restoring {
 }
 
 /// Applies one client write (or an inner replicated one) at `revision`.
+///
+/// The outer error is the storage engine's: the table cannot go on, and
+/// nothing of the batch is committed. The inner one is the command's own
+/// refusal, the same on every replica; a refused command writes nothing.
 fn apply_write(
     view: &mut View<'_>,
     command: Command,
     revision: u64,
-) -> std::result::Result<ResponseOp, String> {
-    let result = match command {
-        Command::Put(put) => view.put(&put, revision).map(ResponseOp::Put),
-        Command::DeleteRange(delete) => view.delete_range(&delete).map(ResponseOp::DeleteRange),
-        Command::Txn(txn) => view.txn(&txn, revision).map(ResponseOp::Txn),
+) -> Result<std::result::Result<ResponseOp, String>> {
+    let op = match command {
+        Command::Put(put) => match key_refusal("a put's key", &put.key, true) {
+            Some(refusal) => return Ok(Err(refusal)),
+            None => ResponseOp::Put(view.put(&put, revision)?),
+        },
+        Command::DeleteRange(delete) => match range_refusal(&delete.range) {
+            Some(refusal) => return Ok(Err(refusal)),
+            None => ResponseOp::DeleteRange(view.delete_range(&delete)?),
+        },
+        Command::Txn(txn) => match txn_refusal(&txn) {
+            Some(refusal) => return Ok(Err(refusal)),
+            None => ResponseOp::Txn(view.txn(&txn, revision)?),
+        },
         Command::Replicated(_)
         | Command::RestoreBegin { .. }
         | Command::RestoreChunk { .. }
         | Command::RestoreCommit { .. }
         | Command::RestoreAbort { .. } => {
-            return Err("a replication command cannot be nested".into())
+            return Ok(Err("a replication command cannot be nested".into()))
         }
     };
-    result.map_err(|error| error.to_string())
+    Ok(Ok(op))
 }
 
 /// Applies a replicated batch on top of `leader_index`: commands at or
@@ -865,7 +930,7 @@ fn apply_replicated(
     view: &mut View<'_>,
     leader_index: &mut u64,
     batch: ReplicatedBatch,
-) -> std::result::Result<ResponseOp, String> {
+) -> Result<ResponseOp> {
     if batch.first_leader_index == 0 || batch.first_leader_index > *leader_index + 1 {
         return Ok(ResponseOp::Replicated(ReplicatedResult {
             accepted: false,
@@ -881,7 +946,9 @@ fn apply_replicated(
             // A command the leader could not decode or apply failed there
             // without a change; it fails here the same way.
             if let Ok(command) = decode::<Command>(command) {
-                let _ = apply_write(view, command, index);
+                // A refusal here is the leader's refusal; a storage
+                // failure stops the table.
+                let _refused = apply_write(view, command, index)?;
             }
         }
         *leader_index = index;
@@ -991,7 +1058,7 @@ impl Table {
                     }))
                 }
                 (Ok(Command::Replicated(batch)), TableMode::Replica) => {
-                    apply_replicated(&mut view, &mut self.leader_index, batch)
+                    Ok(apply_replicated(&mut view, &mut self.leader_index, batch)?)
                 }
                 (Ok(Command::Replicated(_)), TableMode::Primary) => {
                     Err("a table of the leader cluster takes no replicated commands".into())
@@ -1000,7 +1067,7 @@ impl Table {
                     "a table of a follower cluster takes writes only from the leader cluster"
                         .into(),
                 ),
-                (Ok(command), TableMode::Primary) => apply_write(&mut view, command, index.0),
+                (Ok(command), TableMode::Primary) => apply_write(&mut view, command, index.0)?,
             };
             writes = view.writes;
             self.applied = *index;

@@ -533,3 +533,116 @@ fn a_reader_on_another_thread_sees_whole_batches_at_their_revision() {
     };
     assert_eq!(result.kvs.len(), 1, "the restored table has key z");
 }
+
+/// Commands reach the table from other clusters and from the log, not only
+/// through the APIs' checks. Keys the storage engine cannot hold (empty,
+/// or over its 65,535 bytes) are refused by the command, the same way on
+/// every replica, instead of reaching the engine's assertions; a refused
+/// transaction writes none of its operations, and the batch goes on.
+#[test]
+fn keys_the_engine_cannot_hold_are_refused_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table(1).expect("table");
+    let too_long = "k".repeat(65_536);
+    let valid_put = RequestOp::Put(PutRequest {
+        key: b"first".to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: false,
+    });
+    let responses = apply(
+        &mut table,
+        &[
+            put("", "v"),
+            put(&too_long, "v"),
+            // A valid put, then one the engine cannot hold: neither lands.
+            txn(
+                vec![],
+                vec![
+                    valid_put.clone(),
+                    RequestOp::Put(PutRequest {
+                        key: Vec::new(),
+                        value: b"v".to_vec(),
+                        prev_kv: false,
+                    }),
+                ],
+                vec![],
+            ),
+            // A nested one with a range bound over the limit.
+            txn(
+                vec![],
+                vec![
+                    valid_put.clone(),
+                    RequestOp::Txn(regatta_kv::command::TxnRequest {
+                        compare: vec![],
+                        success: vec![RequestOp::Range(RangeRequest {
+                            range: range("a", too_long.as_bytes()),
+                            ..RangeRequest::default()
+                        })],
+                        failure: vec![],
+                    }),
+                ],
+                vec![],
+            ),
+            Command::DeleteRange(DeleteRangeRequest {
+                range: range(&too_long, b""),
+                prev_kv: false,
+            }),
+            put("after", "v"),
+        ],
+    );
+    let errors: Vec<String> = responses[..5]
+        .iter()
+        .map(|response| match &response.result {
+            Err(error) => error.clone(),
+            Ok(op) => panic!("refused, not {op:?}"),
+        })
+        .collect();
+    assert!(
+        errors[0].contains("a put's key of 0 bytes"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("a put's key of 65536 bytes"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].contains("a put's key of 0 bytes"),
+        "{}",
+        errors[2]
+    );
+    assert!(
+        errors[3].contains("a range end of 65536 bytes"),
+        "{}",
+        errors[3]
+    );
+    assert!(
+        errors[4].contains("a range key of 65536 bytes"),
+        "{}",
+        errors[4]
+    );
+    assert!(responses[5].result.is_ok(), "{:?}", responses[5]);
+    // The batch applied through: revisions moved for every command.
+    assert_eq!(responses[5].revision, 6);
+    let all = get(
+        &table,
+        RangeRequest {
+            range: range("\0", b"\0"),
+            ..RangeRequest::default()
+        },
+    );
+    assert_eq!(keys(&all), ["after"], "a refused transaction wrote");
+    // Reads are refused the same way.
+    let response =
+        decode::<Response>(&table.read(&Bytes::from(encode(&Query::Range(RangeRequest {
+            range: range(&too_long, b""),
+            ..RangeRequest::default()
+        })))))
+        .expect("response");
+    assert!(
+        matches!(&response.result, Err(error) if error.contains("a range key of 65536 bytes")),
+        "{response:?}"
+    );
+}

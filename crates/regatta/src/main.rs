@@ -200,7 +200,7 @@ struct LeaderArgs {
         long = "kv.key-bytes-max",
         default_value_t = 1024,
         env = "REGATTA_KV_KEY_BYTES_MAX",
-        value_parser = clap::value_parser!(u64).range(1..=65_535)
+        value_parser = clap::value_parser!(u64).range(1..=regatta_server::validate::KEY_BYTES_MAX_LIMIT as u64)
     )]
     kv_key_bytes_max: u64,
 
@@ -210,7 +210,7 @@ struct LeaderArgs {
         long = "kv.value-bytes-max",
         default_value_t = 2 * 1024 * 1024,
         env = "REGATTA_KV_VALUE_BYTES_MAX",
-        value_parser = clap::value_parser!(u64).range(1..=(32 << 20))
+        value_parser = clap::value_parser!(u64).range(1..=regatta_server::validate::VALUE_BYTES_MAX_LIMIT as u64)
     )]
     kv_value_bytes_max: u64,
 

@@ -141,6 +141,18 @@ async fn etcd_client_reads_writes_and_transacts() {
             .expect_err("key too large"),
     );
     assert_eq!(status, Code::ResourceExhausted, "{message}");
+    // As etcd: too many operations in one transaction is bad input.
+    let (status, message) = code(
+        client
+            .txn(Txn::new().and_then(vec![TxnOp::put("many", "v", None); 1025]))
+            .await
+            .expect_err("too many operations"),
+    );
+    assert_eq!(status, Code::InvalidArgument, "{message}");
+    assert!(
+        message.contains("too many operations in txn request"),
+        "{message}"
+    );
     let (status, _) = code(
         client
             .get("z", Some(GetOptions::new().with_range("a")))

@@ -644,3 +644,88 @@ async fn a_follower_of_a_wiped_leader_cluster_replaces_its_copies() {
     }
     wait_for_keys(&follower.endpoint(), "etcd", &new, "the new cluster").await;
 }
+
+/// Values over gRPC's customary 4 MiB, with `--kv.value-bytes-max` raised
+/// on both clusters: one streams to the follower cluster (a log entry goes
+/// alone in its stream message), and one written on the follower is
+/// forwarded to the leader cluster. Before, the follower's replication
+/// clients kept tonic's 4 MiB limit and replication stopped for good at
+/// the first such entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_over_4_mib_replicate_and_forward() {
+    const VALUE_BYTES: usize = 5 << 20;
+    let root = tempfile::tempdir().expect("tempdir");
+    let replication = free_address();
+    let replication_flag = replication.to_string();
+    let value_max = (8usize << 20).to_string();
+    let leader = Regatta::start_on(
+        &root.path().join("leader"),
+        free_address(),
+        free_address(),
+        &[
+            "--replication.address",
+            &replication_flag,
+            "--kv.value-bytes-max",
+            &value_max,
+        ],
+    );
+    let mut leader_client = connect(&leader).await;
+    let follower = Regatta::start_follower(
+        &root.path().join("follower"),
+        free_address(),
+        free_address(),
+        replication,
+        &["--kv.value-bytes-max", &value_max],
+    );
+    let mut follower_client = connect(&follower).await;
+    let big = vec![b'v'; VALUE_BYTES];
+    let put = leader_client
+        .put("big/leader", big.clone(), None)
+        .await
+        .expect("a 5 MiB put on the leader");
+    let leader_revision = put.header().expect("header").revision();
+    leader_client
+        .put("small/after", "v", None)
+        .await
+        .expect("a small put after it");
+    // Keys only: the answer stays small for the client's own limit; the
+    // revisions prove the entry applied there.
+    let keys_only = || Some(GetOptions::new().with_prefix().with_keys_only());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = follower_client
+            .get("", Some(GetOptions::new().with_from_key().with_keys_only()))
+            .await
+            .expect("get on the follower");
+        let keys: Vec<&str> = found
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap_or(""))
+            .collect();
+        if keys == ["big/leader", "small/after"] {
+            assert_eq!(found.kvs()[0].mod_revision(), leader_revision);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower cluster never replicated past the 5 MiB entry: it holds {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Forwarded: the write is applied on the leader cluster, and the
+    // follower answers once its copy holds it.
+    follower_client
+        .put("big/follower", big, None)
+        .await
+        .expect("a 5 MiB put forwarded from the follower");
+    let found = leader_client
+        .get("big/", keys_only())
+        .await
+        .expect("get on the leader");
+    let keys: Vec<&str> = found
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap_or(""))
+        .collect();
+    assert_eq!(keys, ["big/follower", "big/leader"]);
+}

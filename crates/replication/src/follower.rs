@@ -36,6 +36,15 @@ use crate::proto;
 /// single command goes alone).
 pub const PROPOSAL_BYTES_MAX: usize = 1 << 20;
 
+/// The largest message a follower cluster takes from the leader cluster:
+/// a log stream response (one command goes alone, however large the
+/// leader's value limit lets it be), a snapshot chunk, or the answer to a
+/// forwarded write (a DeleteRange with `prev_kv` over many keys). tonic's
+/// 4 MiB default would stop replication at the first larger command, for
+/// good, and fail a forwarded write after it applied. As etcd's clients:
+/// 2 GiB.
+pub const LEADER_MESSAGE_BYTES_MAX: usize = i32::MAX as usize;
+
 /// How often pullers are started and stopped as leaderships move.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -221,7 +230,8 @@ impl WriteForwarder for GrpcForwarder {
     ) -> Pin<Box<dyn Future<Output = regatta_server::Result<KvResponse>> + Send + '_>> {
         Box::pin(async move {
             let (used, channel) = self.link.pick();
-            let mut client = proto::forward_client::ForwardClient::new(channel);
+            let mut client = proto::forward_client::ForwardClient::new(channel)
+                .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
             let request = proto::ForwardRequest {
                 table: table.into_bytes(),
                 command: encode(&command),
@@ -442,7 +452,8 @@ async fn pull_once(
     }
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
     let table_id = node.replica_source(name).await?.unwrap_or(0);
-    let mut client = proto::log_client::LogClient::new(channel.clone());
+    let mut client = proto::log_client::LogClient::new(channel.clone())
+        .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
     let mut stream = client
         .replicate(proto::ReplicateRequest {
             table: name.as_bytes().to_vec(),
@@ -624,7 +635,8 @@ async fn install_snapshot(
     tracing::info!(table = %name, "installing the leader's snapshot");
     let started = Instant::now();
     let table_id = node.replica_source(name).await?.unwrap_or(0);
-    let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone());
+    let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone())
+        .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
     let mut stream = client
         .stream(proto::SnapshotRequest {
             table: name.as_bytes().to_vec(),

@@ -173,13 +173,10 @@ impl proto::forward_server::Forward for LeaderService {
         let group = self.table_group(&request.table)?;
         let command = regatta_kv::command::decode::<regatta_kv::command::Command>(&request.command)
             .map_err(|error| Error::InvalidArgument(format!("the forwarded command: {error}")))?;
-        use regatta_kv::command::Command as C;
-        if !matches!(command, C::Put(_) | C::DeleteRange(_) | C::Txn(_)) {
-            return Err(Error::InvalidArgument(
-                "only Put, DeleteRange and Txn can be forwarded".into(),
-            )
-            .into());
-        }
+        // The checks a client's request gets on this cluster: the
+        // forwarding cluster's limits may differ, and the command reaches
+        // every replica's storage engine.
+        regatta_server::validate::command(self.node.config(), &command).map_err(Status::from)?;
         let response = self
             .node
             .write(group, &command)
@@ -210,7 +207,17 @@ pub async fn serve(
         .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
         .add_service(proto::log_server::LogServer::new(service.clone()))
         .add_service(proto::snapshot_server::SnapshotServer::new(service.clone()))
-        .add_service(proto::forward_server::ForwardServer::new(service))
+        // Any write a follower cluster's API takes (whatever its limits)
+        // reaches `validate::command`, which refuses it with this
+        // cluster's limits and RESOURCE_EXHAUSTED.
+        .add_service(
+            proto::forward_server::ForwardServer::new(service).max_decoding_message_size(
+                regatta_server::validate::request_bytes_max(
+                    regatta_server::validate::KEY_BYTES_MAX_LIMIT,
+                    regatta_server::validate::VALUE_BYTES_MAX_LIMIT,
+                ),
+            ),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|error| format!("the replication API: {error}"))

@@ -2,7 +2,8 @@
 //! cluster (a `regatta_server::Node` on 127.0.0.1): table metadata, the
 //! log stream from the start with every index in order, a new write pushed
 //! to an open stream, `USE_SNAPSHOT` once the log is compacted,
-//! `LEADER_BEHIND`, and the errors for bad requests.
+//! `LEADER_BEHIND`, the errors for bad requests, and forwarded writes
+//! checked as a client's would be.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +46,8 @@ async fn start_leader(snapshot_every_entries: u64) -> Leader {
         tonic::transport::Server::builder()
             .add_service(proto::metadata_server::MetadataServer::new(service.clone()))
             .add_service(proto::log_server::LogServer::new(service.clone()))
-            .add_service(proto::snapshot_server::SnapshotServer::new(service))
+            .add_service(proto::snapshot_server::SnapshotServer::new(service.clone()))
+            .add_service(proto::forward_server::ForwardServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     Leader {
@@ -222,5 +224,123 @@ async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
     let mut own = request("etcd", 0);
     own.table_id = id;
     log.replicate(own).await.expect("the table's own id");
+    leader.node.stop().await;
+}
+
+/// A follower cluster's forwarded write gets the checks a client's write
+/// gets on the leader cluster, with the same statuses; none reaches the
+/// log, where a bad key would stop every replica's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_writes_are_checked_as_client_writes_are() {
+    use regatta_kv::command::{encode, RequestOp, Response, ResponseOp, TxnRequest};
+    let leader = start_leader(10_000).await;
+    let mut forward = proto::forward_client::ForwardClient::new(channel(leader.address));
+    let put_command = |key: Vec<u8>, value: Vec<u8>| {
+        Command::Put(PutRequest {
+            key,
+            value,
+            prev_kv: false,
+        })
+    };
+    let send = |command: Vec<u8>| proto::ForwardRequest {
+        table: b"etcd".to_vec(),
+        command,
+    };
+    let cases: Vec<(&str, Vec<u8>, tonic::Code, &str)> = vec![
+        (
+            "an empty key",
+            encode(&put_command(Vec::new(), b"v".to_vec())),
+            tonic::Code::InvalidArgument,
+            "key must not be empty",
+        ),
+        (
+            "a key over --kv.key-bytes-max",
+            encode(&put_command(vec![b'k'; 70_000], b"v".to_vec())),
+            tonic::Code::ResourceExhausted,
+            "--kv.key-bytes-max",
+        ),
+        (
+            "a value over --kv.value-bytes-max",
+            encode(&put_command(b"k".to_vec(), vec![b'v'; 3 << 20])),
+            tonic::Code::ResourceExhausted,
+            "--kv.value-bytes-max",
+        ),
+        (
+            "an empty key inside a transaction",
+            encode(&Command::Txn(TxnRequest {
+                compare: Vec::new(),
+                success: vec![RequestOp::Put(PutRequest {
+                    key: Vec::new(),
+                    value: Vec::new(),
+                    prev_kv: false,
+                })],
+                failure: Vec::new(),
+            })),
+            tonic::Code::InvalidArgument,
+            "key must not be empty",
+        ),
+        (
+            "a restore step",
+            encode(&Command::RestoreBegin { restore_id: 7 }),
+            tonic::Code::InvalidArgument,
+            "only Put, DeleteRange and Txn",
+        ),
+        (
+            "transactions nested 100,000 deep",
+            {
+                // Written byte by byte: Command::Txn, then per level no
+                // compares and one success operation, a transaction.
+                let levels = 100_000;
+                let mut bytes = vec![regatta_kv::command::FORMAT_VERSION, 2];
+                for _ in 0..levels {
+                    bytes.extend_from_slice(&[0, 1, 3]);
+                }
+                bytes.extend_from_slice(&[0, 0, 0]);
+                bytes.extend(std::iter::repeat_n(0, levels));
+                bytes
+            },
+            tonic::Code::InvalidArgument,
+            "nest more than",
+        ),
+    ];
+    for (what, command, code, message) in cases {
+        let status = forward.write(send(command)).await.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(message),
+            "{what}: {:?} does not name {message:?}",
+            status.message()
+        );
+    }
+    // A good one goes through, and the table took none of the above.
+    let response = forward
+        .write(send(encode(&put_command(b"good".to_vec(), b"v".to_vec()))))
+        .await
+        .expect("a valid forwarded put")
+        .into_inner();
+    let response = decode::<Response>(&response.response).expect("response");
+    assert!(
+        matches!(response.result, Ok(ResponseOp::Put(_))),
+        "{response:?}"
+    );
+    let group = leader.node.table_group("etcd").expect("table");
+    let every_key = regatta_kv::command::Query::Range(regatta_kv::command::RangeRequest {
+        range: regatta_kv::command::KeyRange {
+            key: vec![0],
+            range_end: vec![0],
+        },
+        keys_only: true,
+        ..Default::default()
+    });
+    let response = leader
+        .node
+        .read(group, &every_key, true)
+        .await
+        .expect("read");
+    let Ok(ResponseOp::Range(result)) = response.result else {
+        panic!("a range result, not {response:?}");
+    };
+    let keys: Vec<Vec<u8>> = result.kvs.into_iter().map(|kv| kv.key).collect();
+    assert_eq!(keys, vec![b"good".to_vec()]);
     leader.node.stop().await;
 }

@@ -21,7 +21,7 @@ mod rest;
 pub mod restore;
 pub mod tls;
 mod unimplemented;
-mod validate;
+pub mod validate;
 
 /// Generated protobuf and gRPC code (`proto/`).
 #[allow(missing_docs, clippy::all)]

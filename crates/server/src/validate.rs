@@ -1,10 +1,25 @@
 //! Checks of client input shared by both APIs: every refusal is a precise
 //! `Error` (and so a gRPC status), never a panic.
 
-use regatta_kv::command::{CompareResult, KeyRange};
+use regatta_kv::command::{
+    Command, CompareResult, CompareTarget, KeyRange, PutRequest, RequestOp, TxnRequest,
+};
 
 use crate::error::{Error, Result};
 use crate::node::NodeConfig;
+
+/// The largest `--kv.key-bytes-max`: the storage engine's key limit.
+pub const KEY_BYTES_MAX_LIMIT: usize = 65_535;
+/// The largest `--kv.value-bytes-max` (snapshots carry items of up to
+/// 64 MiB).
+pub const VALUE_BYTES_MAX_LIMIT: usize = 32 << 20;
+
+/// The largest request message a node takes with key and value limits of
+/// `key_bytes_max` and `value_bytes_max`: tonic's default (4 MiB), or more
+/// when those limits need it.
+pub fn request_bytes_max(key_bytes_max: usize, value_bytes_max: usize) -> usize {
+    crate::fast_unary::request_bytes_max(key_bytes_max, value_bytes_max)
+}
 
 /// A key that must be there and within the limit.
 pub fn key(config: &NodeConfig, key: &[u8]) -> Result<()> {
@@ -97,10 +112,66 @@ pub fn txn_shape(depth: usize, compares: usize, success: usize, failure: usize) 
             "transactions nest at most {TXN_DEPTH_MAX} deep"
         )));
     }
+    // etcd answers too many operations with INVALID_ARGUMENT ("too many
+    // operations in txn request").
     if compares > TXN_OPS_MAX || success > TXN_OPS_MAX || failure > TXN_OPS_MAX {
-        return Err(Error::TooLarge(format!(
-            "a transaction holds at most {TXN_OPS_MAX} compares and {TXN_OPS_MAX} operations per branch"
+        return Err(Error::InvalidArgument(format!(
+            "too many operations in txn request: a transaction holds at most {TXN_OPS_MAX} compares and {TXN_OPS_MAX} operations per branch"
         )));
+    }
+    Ok(())
+}
+
+/// A write that arrives already built, as a follower cluster forwards it:
+/// the checks the APIs make while building one (`key`, `value`, `range`,
+/// `txn_shape`), so that it is refused as the same request would be from
+/// a client. Only Put, DeleteRange and Txn are client writes.
+pub fn command(config: &NodeConfig, command: &Command) -> Result<()> {
+    match command {
+        Command::Put(put) => put_request(config, put),
+        Command::DeleteRange(delete) => {
+            range(config, &delete.range.key, &delete.range.range_end).map(|_| ())
+        }
+        Command::Txn(txn) => txn_request(config, txn, 0),
+        Command::Replicated(_)
+        | Command::RestoreBegin { .. }
+        | Command::RestoreChunk { .. }
+        | Command::RestoreCommit { .. }
+        | Command::RestoreAbort { .. } => Err(Error::InvalidArgument(
+            "only Put, DeleteRange and Txn are client writes".into(),
+        )),
+    }
+}
+
+fn put_request(config: &NodeConfig, put: &PutRequest) -> Result<()> {
+    key(config, &put.key)?;
+    value(config, &put.value)
+}
+
+fn txn_request(config: &NodeConfig, txn: &TxnRequest, depth: usize) -> Result<()> {
+    txn_shape(
+        depth,
+        txn.compare.len(),
+        txn.success.len(),
+        txn.failure.len(),
+    )?;
+    for compare in &txn.compare {
+        range(config, &compare.range.key, &compare.range.range_end)?;
+        if let CompareTarget::Value(operand) = &compare.target {
+            value(config, operand)?;
+        }
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            RequestOp::Range(read) => {
+                range(config, &read.range.key, &read.range.range_end)?;
+            }
+            RequestOp::Put(put) => put_request(config, put)?,
+            RequestOp::DeleteRange(delete) => {
+                range(config, &delete.range.key, &delete.range.range_end)?;
+            }
+            RequestOp::Txn(inner) => txn_request(config, inner, depth + 1)?,
+        }
     }
     Ok(())
 }
