@@ -900,6 +900,16 @@ async fn serve_stream(
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // A snapshot message comes only with its data, on a snapshot
+        // stream: without it, the group could not install what it
+        // accepted.
+        if messages
+            .iter()
+            .any(|(_, message)| matches!(message.body, regatta_raft::MessageBody::Snapshot { .. }))
+        {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
             host.deliver(messages);
         }

@@ -29,6 +29,8 @@ const KIND_VOTE_RESPONSE: u8 = 4;
 const KIND_HEARTBEAT: u8 = 5;
 const KIND_HEARTBEAT_RESPONSE: u8 = 6;
 const KIND_SNAPSHOT: u8 = 7;
+/// The largest term a message may carry.
+pub const TERM_MAX: u64 = u64::MAX / 2;
 const KIND_TIMEOUT_NOW: u8 = 8;
 const KIND_READ_INDEX: u8 = 9;
 const KIND_READ_INDEX_RESPONSE: u8 = 10;
@@ -167,6 +169,11 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
     let from = NodeId(reader.u64()?);
     let to = NodeId(reader.u64()?);
     let term = Term(reader.u64()?);
+    if term.0 > TERM_MAX {
+        // No cluster gets near it (a term per election); a peer claiming
+        // one would make every node adopt it and overflow the next.
+        return Err(reader.error(format!("term {} is over {TERM_MAX}", term.0)));
+    }
     let kind = reader.u8()?;
     let body = match kind {
         KIND_APPEND => decode_append(reader, true)?,
@@ -229,7 +236,8 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
             ids: reader.read_ids()?,
         },
         KIND_PROPOSE => {
-            let count = reader.count(4)?;
+            // A payload is at least its 4-byte length and a 1-byte kind.
+            let count = reader.count(5)?;
             let mut payloads = Vec::with_capacity(count);
             for _ in 0..count {
                 payloads.push(reader.payload()?);
@@ -519,5 +527,50 @@ mod tests {
         }
         let huge_count = Bytes::from(vec![0xFF, 0xFF, 0xFF, 0xFF]);
         assert!(decode_batch(&huge_count).is_err());
+    }
+
+    fn one_message(term: u64, body: MessageBody) -> Vec<u8> {
+        let message = Message {
+            from: NodeId(1),
+            to: NodeId(2),
+            term: Term(term),
+            body,
+        };
+        let mut bytes = Vec::new();
+        encode_batch(&[(GroupId(1), message)], &mut bytes);
+        bytes
+    }
+
+    /// A term past `TERM_MAX` is refused: adopted, it would overflow the
+    /// next election's term.
+    #[test]
+    fn terms_past_the_bound_are_refused() {
+        let heartbeat = MessageBody::Heartbeat {
+            commit: LogIndex(0),
+            round: 1,
+        };
+        let at_bound = one_message(TERM_MAX, heartbeat.clone());
+        assert!(decode_batch(&Bytes::from(at_bound)).is_ok());
+        let error =
+            decode_batch(&Bytes::from(one_message(u64::MAX, heartbeat))).expect_err("u64::MAX");
+        assert!(error.to_string().contains("is over"), "{error}");
+    }
+
+    /// A proposal's count must fit 5 bytes per payload (its length and
+    /// kind), not 4: the allocation follows the count.
+    #[test]
+    fn a_proposal_count_beyond_its_bytes_is_refused() {
+        let mut bytes = one_message(
+            1,
+            MessageBody::Propose {
+                payloads: Vec::new(),
+            },
+        );
+        // 400 bytes: room for 100 four-byte items, 80 five-byte ones.
+        let count_at = bytes.len() - 4;
+        bytes[count_at..].copy_from_slice(&100u32.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 400]);
+        let error = decode_batch(&Bytes::from(bytes)).expect_err("100 payloads in 400 bytes");
+        assert!(error.to_string().contains("cannot fit"), "{error}");
     }
 }

@@ -309,7 +309,8 @@ async fn closed_unconfirmed(stream: &mut TcpStream) {
 
 /// A receiver refuses, without confirming and without allocating what was
 /// announced: a snapshot over `snapshot_bytes_max`, a chunk past the
-/// announced length, and a header whose message is not a snapshot.
+/// announced length, a header whose message is not a snapshot, and a
+/// snapshot message outside a snapshot stream.
 #[tokio::test]
 async fn malformed_snapshot_streams_are_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -351,12 +352,26 @@ async fn malformed_snapshot_streams_are_refused() {
         .expect("write");
     closed_unconfirmed(&mut stream).await;
 
+    // A snapshot message in an ordinary batch, without its data: the group
+    // would accept a snapshot it cannot install.
+    let mut stream = handshake(address).await;
+    let message = Message {
+        from: NodeId(2),
+        to: NodeId(1),
+        term: Term(3),
+        body: snapshot.clone(),
+    };
+    let mut batch = vec![1u8];
+    regatta_multiraft::wire::encode_batch(&[(GroupId(1), message)], &mut batch);
+    stream.write_all(&frame(&batch)).await.expect("write");
+    closed_unconfirmed(&mut stream).await;
+
     assert_eq!(
         transport
             .stats()
             .frames_refused
             .load(std::sync::atomic::Ordering::Relaxed),
-        3
+        4
     );
     assert_eq!(
         transport

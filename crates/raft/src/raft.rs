@@ -1368,6 +1368,16 @@ impl<S: Storage> Raft<S> {
                 "a proposal needs at least one command".into(),
             ));
         }
+        if payloads
+            .iter()
+            .any(|payload| matches!(payload, EntryPayload::Empty))
+        {
+            // Only a new leader appends an empty entry; one proposed (or
+            // forwarded by a peer) would count toward no size limit.
+            return Err(Error::InvalidProposal(
+                "an empty entry is Raft's own and cannot be proposed".into(),
+            ));
+        }
         if let Some((target, _)) = self.transfer {
             return Err(Error::TransferInProgress { target });
         }
@@ -1396,7 +1406,10 @@ impl<S: Storage> Raft<S> {
             .collect();
         let proposal_bytes: u64 = entries.iter().map(Entry::size_bytes).sum();
         let limit_bytes = self.config.uncommitted_size_bytes_max;
-        if self.uncommitted_bytes > 0 && self.uncommitted_bytes + proposal_bytes > limit_bytes {
+        // A single entry over the limit still goes when nothing else is
+        // uncommitted (it could never go otherwise); a batch does not.
+        let over = self.uncommitted_bytes + proposal_bytes > limit_bytes;
+        if over && (self.uncommitted_bytes > 0 || entries.len() > 1) {
             return Err(Error::UncommittedSizeExceeded {
                 uncommitted_bytes: self.uncommitted_bytes,
                 proposal_bytes,

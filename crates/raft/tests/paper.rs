@@ -629,6 +629,41 @@ mod replication {
         assert!(c.propose(1, &payload).is_ok());
     }
 
+    /// With nothing uncommitted, one entry over the limit still goes (it
+    /// could never go otherwise), but a batch over it does not: a peer's
+    /// forwarded batch cannot append without bound. Empty entries, which
+    /// count toward no limit, are Raft's own and cannot be proposed.
+    #[test]
+    fn batches_over_the_limit_and_empty_entries_are_refused() {
+        fn small_uncommitted(config: &mut Config) {
+            config.uncommitted_size_bytes_max = 1000;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], small_uncommitted);
+        c.elect(1);
+        c.settle();
+        let half = Bytes::from("h".repeat(600));
+        let batch = c.node(1).propose(vec![half.clone(), half]);
+        assert!(
+            matches!(batch, Err(Error::UncommittedSizeExceeded { .. })),
+            "{batch:?}"
+        );
+        let single = c.node(1).propose(vec![Bytes::from("s".repeat(2000))]);
+        assert!(single.is_ok(), "{single:?}");
+        c.settle();
+        let before = c.last_index(1);
+        let forwarded = Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: c.node(1).term(),
+            body: MessageBody::Propose {
+                payloads: vec![EntryPayload::Empty; 1000],
+            },
+        };
+        let _ = c.node(1).step(forwarded);
+        c.settle();
+        assert_eq!(c.last_index(1), before, "forwarded empty entries were appended");
+    }
+
     /// §5.3 with asynchronous persistence: the leader sends appends before
     /// its own fsync, commits on two followers' acknowledgements alone, but
     /// hands an entry out for applying only once it is durable locally.
