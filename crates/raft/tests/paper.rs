@@ -661,7 +661,11 @@ mod replication {
         };
         let _ = c.node(1).step(forwarded);
         c.settle();
-        assert_eq!(c.last_index(1), before, "forwarded empty entries were appended");
+        assert_eq!(
+            c.last_index(1),
+            before,
+            "forwarded empty entries were appended"
+        );
     }
 
     /// §5.3 with asynchronous persistence: the leader sends appends before

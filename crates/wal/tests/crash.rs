@@ -3,7 +3,9 @@
 //! kills it with SIGKILL at a random moment, reopens the log and checks
 //! that every acknowledged entry is there, with the right content, and that
 //! nothing beyond a torn point is visible (each group's log is an exact
-//! prefix of what the child wrote). Repeated for several seeds.
+//! prefix of what the child wrote). Each seed crashes twice: the second
+//! child reopens the recovered log and appends after its tail, so that the
+//! second crash hits a log that already went through a recovery.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -20,6 +22,9 @@ use regatta_wal::{GroupId, Wal, WalConfig, WriteBatch};
 
 const CHILD_DIR_ENV: &str = "REGATTA_WAL_CRASH_CHILD_DIR";
 const CHILD_SEED_ENV: &str = "REGATTA_WAL_CRASH_CHILD_SEED";
+/// Varies the child's batching between rounds; payloads depend on the
+/// seed alone, so that a later round continues the same logs.
+const CHILD_ROUND_ENV: &str = "REGATTA_WAL_CRASH_CHILD_ROUND";
 const THREADS: u64 = 4;
 const GROUPS_PER_THREAD: u64 = 4;
 const COMPACT_EVERY_ENTRIES: u64 = 300;
@@ -59,11 +64,15 @@ fn crash_child() {
         return;
     };
     let seed: u64 = seed.parse().expect("seed");
+    let round: u64 = std::env::var(CHILD_ROUND_ENV)
+        .ok()
+        .and_then(|round| round.parse().ok())
+        .unwrap_or(0);
     let wal = Arc::new(Wal::open(config(Path::new(&dir))).expect("child open"));
     let threads: Vec<_> = (0..THREADS)
         .map(|thread| {
             let wal = Arc::clone(&wal);
-            std::thread::spawn(move || child_writer(&wal, seed, thread))
+            std::thread::spawn(move || child_writer(&wal, seed, round, thread))
         })
         .collect();
     for thread in threads {
@@ -71,12 +80,16 @@ fn crash_child() {
     }
 }
 
-fn child_writer(wal: &Wal, seed: u64, thread: u64) {
-    let mut rng = Rng::new(seed * 1000 + thread);
+fn child_writer(wal: &Wal, seed: u64, round: u64, thread: u64) {
+    let mut rng = Rng::new(seed * 1000 + round * 100 + thread);
     let groups: Vec<u64> = (1..=GROUPS_PER_THREAD)
         .map(|g| thread * GROUPS_PER_THREAD + g)
         .collect();
-    let mut next: HashMap<u64, u64> = groups.iter().map(|g| (*g, 1)).collect();
+    // After the recovered tail: a fresh log starts at 1.
+    let mut next: HashMap<u64, u64> = groups
+        .iter()
+        .map(|g| (*g, wal.last_index(GroupId(*g)).0 + 1))
+        .collect();
     for _ in 0..100_000 {
         let group = groups[rng.range(0, groups.len() as u64) as usize];
         let first = next[&group];
@@ -112,11 +125,12 @@ fn child_writer(wal: &Wal, seed: u64, thread: u64) {
     }
 }
 
-fn run_and_kill(dir: &Path, seed: u64, kill_after: Duration) -> HashMap<u64, u64> {
+fn run_and_kill(dir: &Path, seed: u64, round: u64, kill_after: Duration) -> HashMap<u64, u64> {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR_ENV, dir)
         .env(CHILD_SEED_ENV, seed.to_string())
+        .env(CHILD_ROUND_ENV, round.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -193,21 +207,26 @@ fn acknowledged_appends_survive_sigkill() {
     for seed in 1..=seeds {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut rng = Rng::new(seed);
-        // Two crashes per seed: the second one hits a recovered log.
+        // Every acknowledgement of every round so far: all must survive.
+        let mut acknowledged: HashMap<u64, u64> = HashMap::new();
+        // Two crashes per seed; the second child appends to the log the
+        // first crash left, so its crash hits a recovered log.
         for round in 0..2 {
-            let kill_after = Duration::from_millis(rng.range(50, 400));
-            let acknowledged = run_and_kill(dir.path(), seed * 10 + round, kill_after);
+            // The second child first recovers the log: give it longer.
+            let kill_after = Duration::from_millis(rng.range(50 + 100 * round, 400));
+            let recovered_before: HashMap<u64, u64> = acknowledged.clone();
+            let new = run_and_kill(dir.path(), seed, round, kill_after);
             assert!(
-                !acknowledged.is_empty() || round == 1,
-                "seed {seed}: the child acknowledged nothing"
+                new.iter().any(|(group, last)| recovered_before
+                    .get(group)
+                    .is_none_or(|before| last > before)),
+                "seed {seed} round {round}: the child acknowledged nothing new"
             );
-            check_recovered(dir.path(), seed * 10 + round, &acknowledged);
-            if round == 0 {
-                // Start the next child on an empty directory: payloads depend
-                // on the seed, which changes.
-                std::fs::remove_dir_all(dir.path()).expect("clean");
-                std::fs::create_dir_all(dir.path()).expect("mkdir");
+            for (group, last) in new {
+                let known = acknowledged.entry(group).or_insert(0);
+                *known = (*known).max(last);
             }
+            check_recovered(dir.path(), seed, &acknowledged);
         }
     }
 }
