@@ -1845,6 +1845,19 @@ impl Group {
                         leader_hint: soft.leader,
                     });
                 }
+                // So may a proposal forwarded to the old leader (it dies
+                // with the leader unless it was replicated). Its caller
+                // retries under the same request id, which the session
+                // table applies at most once, without waiting out its
+                // timeout.
+                for (_, replies) in self.waiting_ids.drain() {
+                    for reply in replies {
+                        let _ = reply.send(Err(Error::NotLeader {
+                            group: self.group,
+                            leader_hint: soft.leader,
+                        }));
+                    }
+                }
             }
         }
         Ok(())

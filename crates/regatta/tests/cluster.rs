@@ -116,13 +116,13 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
     let survivor = (1..=3).find(|id| *id != leader).expect("survivor");
     let mut writer = clients[&survivor].clone();
     let writes = tokio::spawn(async move {
-        let mut done = BTreeMap::new();
+        let mut done = Vec::new();
         let started = Instant::now();
         let mut sequence = 0;
         while started.elapsed() < Duration::from_secs(4) {
             let key = format!("during/{sequence}");
             if writer.put(key.as_str(), "w", None).await.is_ok() {
-                done.insert(key, "w".to_string());
+                done.push((Instant::now(), key));
             }
             sequence += 1;
         }
@@ -130,7 +130,17 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes.get_mut(&leader).expect("leader").kill();
-    acknowledged.extend(writes.await.expect("writer"));
+    let killed_at = Instant::now();
+    let during = writes.await.expect("writer");
+    // The cluster failed over: writes were acknowledged after the kill,
+    // by a new leader.
+    let after_kill = during.iter().filter(|(at, _)| *at > killed_at).count();
+    assert!(
+        after_kill > 0,
+        "no write was acknowledged after the leader was killed ({} before)",
+        during.len()
+    );
+    acknowledged.extend(during.into_iter().map(|(_, key)| (key, "w".to_string())));
     assert!(acknowledged.len() > 20, "{} writes", acknowledged.len());
 
     // The killed node restarts on its directory and catches up.
