@@ -46,14 +46,16 @@ fn cli_err(arguments: &[&str]) -> String {
     stderr
 }
 
-/// Every key of table `table` through regatta.v1, from this node's copy.
-async fn table_rows(endpoint: &str, table: &str) -> Vec<Row> {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(endpoint.to_string()) else {
-        return Vec::new();
-    };
-    let Ok(channel) = endpoint.connect().await else {
-        return Vec::new();
-    };
+/// Every key of table `table` through regatta.v1, from this node's copy,
+/// or the status the node answered (UNAVAILABLE when it cannot be
+/// reached).
+async fn try_table_rows(endpoint: &str, table: &str) -> Result<Vec<Row>, tonic::Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|error| tonic::Status::invalid_argument(error.to_string()))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
     let mut kv = pb::kv_client::KvClient::new(channel).max_decoding_message_size(64 << 20);
     let response = kv
         .range(pb::RangeRequest {
@@ -62,39 +64,48 @@ async fn table_rows(endpoint: &str, table: &str) -> Vec<Row> {
             range_end: vec![0],
             ..pb::RangeRequest::default()
         })
-        .await;
-    match response {
-        Ok(response) => response
-            .into_inner()
-            .kvs
-            .into_iter()
-            .map(|kv| {
-                (
-                    kv.key,
-                    kv.value,
-                    kv.create_revision,
-                    kv.mod_revision,
-                    // regatta.v1 has no version; the etcd API shows it.
-                    0,
-                )
-            })
-            .collect(),
-        Err(_) => Vec::new(),
+        .await?;
+    Ok(response
+        .into_inner()
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                kv.key,
+                kv.value,
+                kv.create_revision,
+                kv.mod_revision,
+                // regatta.v1 has no version; the etcd API shows it.
+                0,
+            )
+        })
+        .collect())
+}
+
+/// Every key of table `table`, which must be readable on `endpoint`.
+async fn table_rows(endpoint: &str, table: &str) -> Vec<Row> {
+    match try_table_rows(endpoint, table).await {
+        Ok(rows) => rows,
+        Err(status) => panic!("reading table {table} on {endpoint}: {status:?}"),
     }
 }
 
-/// Waits until `endpoint`'s copy of `table` is `expected`.
+/// Waits until `endpoint`'s copy of `table` is `expected` (a table that
+/// is missing or unreadable is not an empty one).
 async fn wait_for_rows(endpoint: &str, table: &str, expected: &[Row], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let found = table_rows(endpoint, table).await;
-        if found == expected {
+        let found = try_table_rows(endpoint, table).await;
+        if found.as_ref().is_ok_and(|rows| rows.as_slice() == expected) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: {endpoint} holds {} keys of {table}, expected {}",
-            found.len(),
+            "{what}: {endpoint} holds {} of {table}, expected {} keys",
+            match &found {
+                Ok(rows) => format!("{} keys", rows.len()),
+                Err(status) => format!("no readable copy ({status:?})"),
+            },
             expected.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -297,7 +308,11 @@ async fn backup_wipe_and_restore_give_identical_contents_on_every_node() {
         .put("written-before-restore", "x", None)
         .await
         .expect("put");
-    assert_eq!(table_rows(&endpoints[0], "users").await, Vec::<Row>::new());
+    // The wiped cluster has no users table at all until the restore.
+    match try_table_rows(&endpoints[0], "users").await {
+        Err(status) if status.code() == tonic::Code::NotFound => {}
+        other => panic!("the wiped cluster has a users table: {other:?}"),
+    }
 
     // Without the confirmation flag, restore checks and changes nothing.
     let dry = cli_err(&[
