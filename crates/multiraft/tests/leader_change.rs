@@ -322,3 +322,90 @@ async fn retried_requests_survive_leader_changes_applied_exactly_once() {
         host.stop().await;
     }
 }
+
+/// The `Dropped` path, deterministically: a leader cut off from both
+/// followers appends a proposal that can never commit; the majority
+/// elects a new leader and commits its own; after the heal the old
+/// leader's entry is overwritten, and its proposer gets `Dropped` (not
+/// `Ok`, not a hang), and no node ever applies the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_overwritten_after_a_partition_is_dropped_and_applied_nowhere() {
+    let (_dirs, transport, hosts, journals) = start_cluster(Duration::from_secs(10));
+    // Wait for a leader every node agrees on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let old = loop {
+        let mut named = Vec::new();
+        for host in hosts.values() {
+            named.push(host.status(GROUP).await.expect("status").soft_state.leader);
+        }
+        if let Some(Some(leader)) = named.first().copied() {
+            if named.iter().all(|each| *each == Some(leader)) {
+                break leader.0;
+            }
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    hosts[&old]
+        .propose(GROUP, Bytes::from_static(b"before"))
+        .await
+        .expect("a commit before the cut");
+    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    for other in &others {
+        transport.cut(NodeId(old), NodeId(*other));
+    }
+    let stranded_host = hosts[&old].clone();
+    let stranded = tokio::spawn(async move {
+        stranded_host
+            .propose(GROUP, Bytes::from_static(b"stranded"))
+            .await
+    });
+    // The majority elects one of its own and commits through it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        let mut leader = None;
+        for other in &others {
+            if hosts[other]
+                .status(GROUP)
+                .await
+                .expect("status")
+                .soft_state
+                .role
+                == Role::Leader
+            {
+                leader = Some(*other);
+            }
+        }
+        if let Some(leader) = leader {
+            break leader;
+        }
+        assert!(Instant::now() < deadline, "the majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    hosts[&new]
+        .propose(GROUP, Bytes::from_static(b"majority"))
+        .await
+        .expect("the majority commits");
+    transport.heal();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), stranded)
+        .await
+        .expect("the stranded proposal is answered after the heal")
+        .expect("join");
+    assert!(
+        matches!(outcome, Err(Error::Dropped(_))),
+        "the overwritten proposal ended {outcome:?}, not Dropped"
+    );
+    wait_until_applied_everywhere(&hosts).await;
+    for (id, journal) in &journals {
+        let counts = application_counts(journal);
+        assert_eq!(counts.get("before"), Some(&1), "node {id}");
+        assert_eq!(counts.get("majority"), Some(&1), "node {id}");
+        assert!(
+            !counts.contains_key("stranded"),
+            "node {id} applied the dropped command"
+        );
+    }
+    for host in hosts.values() {
+        host.stop().await;
+    }
+}
