@@ -487,7 +487,14 @@ fn a_reader_on_another_thread_sees_whole_batches_at_their_revision() {
                 let newest = result.kvs.iter().map(|kv| kv.mod_revision).max();
                 assert_eq!(newest, Some(response.revision), "data and revision differ");
             }
-            reads
+            // The same reader, made before the restore, once more after
+            // every write: it must see the restored table's latest value.
+            let response = decode::<Response>(&reader.read(&query)).expect("response");
+            let Ok(ResponseOp::Range(result)) = response.result else {
+                panic!("the final read failed: {response:?}");
+            };
+            let last_value = result.kvs.first().map(|kv| kv.value.clone());
+            (reads, last_value)
         })
     };
     // Few enough that reads (which step over every version of a key in
@@ -516,8 +523,13 @@ fn a_reader_on_another_thread_sees_whole_batches_at_their_revision() {
     }
     std::thread::sleep(std::time::Duration::from_millis(50));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reads = checker.join().expect("the reader thread");
+    let (reads, last_value) = checker.join().expect("the reader thread");
     assert!(reads > 0);
+    assert_eq!(
+        last_value.as_deref(),
+        Some(b"after199".as_slice()),
+        "a reader made before the restore does not follow the table"
+    );
     // After the restore, readers see the restored table, not the old one.
     let reader = table.reader().expect("reader");
     let response = decode::<Response>(&reader.read(&Bytes::from(encode(&Query::Range(
