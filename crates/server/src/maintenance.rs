@@ -182,15 +182,30 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
 }
 
 /// Receives the chunks of a restore into `restore`, until the stream ends.
+/// What a failed read of the restore stream means for the client: a
+/// message over the size limit or one that does not decode is the
+/// client's to fix (retrying the same backup fails the same way); anything
+/// else is the connection.
+fn stream_error(status: tonic::Status) -> Error {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Error::TooLarge(format!(
+            "a restore message is too large: {} (send chunks of at most 4 MiB)",
+            status.message()
+        )),
+        tonic::Code::Internal | tonic::Code::InvalidArgument => Error::InvalidArgument(format!(
+            "a restore message does not decode: {}",
+            status.message()
+        )),
+        _ => Error::Unavailable(format!("the restore stream broke: {status}")),
+    }
+}
+
 async fn receive(
     stream: &mut Streaming<pb::RestoreMessage>,
     restore: &mut TableRestore<'_>,
 ) -> Result<()> {
     loop {
-        let message = stream
-            .message()
-            .await
-            .map_err(|status| Error::Unavailable(format!("the restore stream broke: {status}")))?;
+        let message = stream.message().await.map_err(stream_error)?;
         match message {
             None => return Ok(()),
             Some(pb::RestoreMessage {
@@ -213,5 +228,36 @@ async fn receive(
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_error;
+
+    /// A restore stream that fails on an oversized or undecodable message
+    /// is the client's error (retrying the same backup fails again); only
+    /// a broken connection is UNAVAILABLE.
+    #[test]
+    fn restore_stream_errors_keep_their_meaning() {
+        let code = |status: tonic::Status| tonic::Status::from(stream_error(status)).code();
+        assert_eq!(
+            code(tonic::Status::out_of_range(
+                "decoded message length too large"
+            )),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(tonic::Status::internal("failed to decode Protobuf message")),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(tonic::Status::unknown("h2 protocol error: broken pipe")),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(tonic::Status::cancelled("the client went away")),
+            tonic::Code::Unavailable
+        );
     }
 }

@@ -253,7 +253,9 @@ pub async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<R
         Ok(other) => Err(Error::Internal(format!(
             "an unexpected result of a replication command: {other:?}"
         ))),
-        Err(error) => Err(Error::Internal(format!(
+        // A deterministic refusal: the data sent (a backup's items, a
+        // leader's snapshot) is not a table's.
+        Err(error) => Err(Error::InvalidArgument(format!(
             "the table refused a replication command: {error}"
         ))),
     }
