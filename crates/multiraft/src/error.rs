@@ -16,7 +16,9 @@ pub enum Error {
     /// The group is already hosted.
     #[error("group {} is already hosted on this node", .0 .0)]
     GroupExists(GroupId),
-    /// This node is not the group's leader.
+    /// This node is not the group's leader; or, for a proposal this
+    /// follower forwarded, the leader changed before it was applied here
+    /// (its outcome is unknown: retry it with the same request id).
     #[error("not the leader of group {}; {}", group.0, match leader_hint { Some(id) => format!("the leader is node {id}"), None => "no leader is known, retry after an election".to_string() })]
     NotLeader {
         /// The group.

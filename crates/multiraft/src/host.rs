@@ -810,7 +810,10 @@ impl NodeHost {
     /// first application's result, or `AlreadyApplied` when that result was
     /// lost to a restart; an id older than its client's last applied one
     /// gets `StaleRequest`. On a follower, the proposal is forwarded to the
-    /// leader and resolves once this node applies it.
+    /// leader and resolves once this node applies it, or fails with
+    /// `NotLeader` when this node sees the leader change first: it may then
+    /// have been applied, or may yet be, so retry it with the same id (a
+    /// fresh id could apply it twice).
     pub async fn propose_with_id(
         &self,
         group: GroupId,

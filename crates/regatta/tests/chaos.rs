@@ -14,8 +14,9 @@ use std::time::Duration;
 use regatta_chaos::checker::Verdict;
 use regatta_chaos::harness::{self, Fault, RunConfig};
 
-/// Long enough for four faults of about 2 s each, the slow ones included.
-const DURATION_SECONDS: u64 = 14;
+/// Long enough for four faults of about 2 s each, the slow ones included
+/// (a member-replace's add may take seconds on a loaded debug build).
+const DURATION_SECONDS: u64 = 18;
 
 /// Each seed's faults: together every fault of the nemesis, the slow ones
 /// (snapshot-crash, member-replace) in different seeds. A run deals its

@@ -191,6 +191,9 @@ impl LeaderLink {
                     | tonic::Code::AlreadyExists
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::OutOfRange
+                    // A forwarded write over the leader cluster's limits:
+                    // every node refuses it alike.
+                    | tonic::Code::ResourceExhausted
                     | tonic::Code::PermissionDenied
                     | tonic::Code::Unauthenticated
                     | tonic::Code::Unimplemented

@@ -187,15 +187,20 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
 /// client's to fix (retrying the same backup fails the same way); anything
 /// else is the connection.
 fn stream_error(status: tonic::Status) -> Error {
+    // tonic reports a message over the limit as OUT_OF_RANGE and one that
+    // does not decode as INTERNAL "failed to decode ..."; it also reports
+    // some HTTP/2 resets as INTERNAL, which are the connection's.
     match status.code() {
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Error::TooLarge(format!(
+        tonic::Code::OutOfRange => Error::TooLarge(format!(
             "a restore message is too large: {} (send chunks of at most 4 MiB)",
             status.message()
         )),
-        tonic::Code::Internal | tonic::Code::InvalidArgument => Error::InvalidArgument(format!(
-            "a restore message does not decode: {}",
-            status.message()
-        )),
+        tonic::Code::Internal if status.message().starts_with("failed to decode") => {
+            Error::InvalidArgument(format!(
+                "a restore message does not decode: {}",
+                status.message()
+            ))
+        }
         _ => Error::Unavailable(format!("the restore stream broke: {status}")),
     }
 }
@@ -248,8 +253,14 @@ mod tests {
             tonic::Code::ResourceExhausted
         );
         assert_eq!(
-            code(tonic::Status::internal("failed to decode Protobuf message")),
+            code(tonic::Status::internal(
+                "failed to decode Protobuf message: invalid wire type"
+            )),
             tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(tonic::Status::internal("h2 protocol error: stream reset")),
+            tonic::Code::Unavailable
         );
         assert_eq!(
             code(tonic::Status::unknown("h2 protocol error: broken pipe")),

@@ -1,9 +1,7 @@
 //! Checks of client input shared by both APIs: every refusal is a precise
 //! `Error` (and so a gRPC status), never a panic.
 
-use regatta_kv::command::{
-    Command, CompareResult, CompareTarget, KeyRange, PutRequest, RequestOp, TxnRequest,
-};
+use regatta_kv::command::{Command, CompareResult, KeyRange, PutRequest, RequestOp, TxnRequest};
 
 use crate::error::{Error, Result};
 use crate::node::NodeConfig;
@@ -157,9 +155,6 @@ fn txn_request(config: &NodeConfig, txn: &TxnRequest, depth: usize) -> Result<()
     )?;
     for compare in &txn.compare {
         range(config, &compare.range.key, &compare.range.range_end)?;
-        if let CompareTarget::Value(operand) = &compare.target {
-            value(config, operand)?;
-        }
     }
     for op in txn.success.iter().chain(&txn.failure) {
         match op {
