@@ -643,12 +643,14 @@ impl NodeHost {
             )));
         };
         let (mut sessions, mut state) = read_snapshot(&data).map_err(failed)?;
-        state_machine
-            .restore(meta.index, &mut state)
-            .map_err(|error| failed(format!("restore the installed snapshot: {error}")))?;
+        // The session table first: once the state machine holds the
+        // snapshot, the copy (and the table inside it) may go.
         sessions.advance(meta.index);
         save_sessions(&self.inner.sessions, group, &sessions)
             .map_err(|error| failed(format!("save the session table: {error}")))?;
+        state_machine
+            .restore(meta.index, &mut state)
+            .map_err(|error| failed(format!("restore the installed snapshot: {error}")))?;
         drop(data);
         snapshots
             .remove_installs(group.0, u64::MAX, None)
@@ -2376,13 +2378,22 @@ fn apply_one(
                 return;
             };
             let installed = read_snapshot(&data).and_then(|(mut sessions, mut state)| {
+                // The snapshot's session table is durable before the state
+                // machine holds the snapshot. In the other order, a crash
+                // between the two would restart with the state machine at
+                // the snapshot (no gap, so the copy is deleted) and the
+                // old session table: request ids applied before the
+                // snapshot would be unknown here, and a retry of one
+                // applied again on this replica alone. A crash after the
+                // save and before the restore leaves a gap, which
+                // `finish_install` closes from the kept copy.
+                sessions.advance(meta.index);
+                save_sessions(&context.sessions, group, &sessions)
+                    .map_err(|error| error.to_string())?;
                 applier
                     .state_machine
                     .restore(meta.index, &mut state)
                     .map_err(|error| format!("the state machine's restore failed: {error}"))?;
-                sessions.advance(meta.index);
-                save_sessions(&context.sessions, group, &sessions)
-                    .map_err(|error| error.to_string())?;
                 applier.sessions = sessions;
                 applier.applied = meta.index;
                 Ok(())

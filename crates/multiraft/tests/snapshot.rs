@@ -446,3 +446,122 @@ async fn an_install_cut_after_the_wal_finishes_on_restart() {
         host.stop().await;
     }
 }
+
+/// A crash inside an install, after the session table's save could have
+/// happened and before it did: here the save fails (a file stands where
+/// the session store's directory for the group goes), and the state
+/// machine keeps whatever the install gave it across the restart, as a
+/// durable one would. A request id applied before the snapshot must still
+/// be known on the joiner afterwards: its retry is a duplicate on every
+/// replica, the joiner included. (With the restore before the save, the
+/// joiner restarted at the snapshot with no session table, deleted the
+/// copy, and applied the retry again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_cut_before_its_session_table_keeps_request_ids() {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let transport = LocalTransport::new();
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let open = |id: u64, dir: &std::path::Path| open_in_process(&transport, id, dir);
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        let host = open(id, dirs[id as usize - 1].path());
+        host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
+            .expect("group");
+        hosts.insert(id, host);
+    }
+    let first_leader = leader(&hosts).await;
+    let id = regatta_raft::RequestId {
+        client: 7,
+        sequence: 1,
+    };
+    hosts[&first_leader]
+        .propose_with_id(GROUP, id, Bytes::from_static(b"dup=first"))
+        .await
+        .expect("the request applies once");
+
+    let joiner_dir = dirs[3].path();
+    let data: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let machine = Kv {
+        data: Arc::clone(&data),
+        restored_at: Arc::clone(&restored_at),
+        ..Kv::default()
+    };
+    let joiner = open(5, joiner_dir);
+    joiner
+        .start_group(GROUP, Vec::new(), Box::new(machine))
+        .expect("group");
+    // From now on the session store cannot make the group's directory.
+    let blocker = joiner_dir.join("sessions").join(GROUP.0.to_string());
+    assert!(!blocker.exists(), "an empty joiner saved no session table");
+    std::fs::write(&blocker, b"not a directory").expect("blocker");
+    write_compact_and_add(&hosts, NodeId(5), 0).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while joiner.status(GROUP).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the install never failed on the blocked session store"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    joiner.stop().await;
+    drop(joiner);
+
+    // Restart with the store unblocked and the state machine as the cut
+    // install left it (restored or not).
+    std::fs::remove_file(&blocker).expect("unblock");
+    let kept = *restored_at.lock().expect("lock");
+    let machine = Kv {
+        data: Arc::clone(&data),
+        applied: kept.unwrap_or(LogIndex(0)),
+        restored_at: Arc::clone(&restored_at),
+        ..Kv::default()
+    };
+    let joiner = open(5, joiner_dir);
+    joiner
+        .start_group(GROUP, Vec::new(), Box::new(machine))
+        .expect("the install finishes at start");
+    check_joined(&joiner, &restored_at, 0).await;
+
+    // The retry is a duplicate everywhere: "dup" keeps its later value.
+    let leader = leader(&hosts).await;
+    hosts[&leader]
+        .propose(GROUP, Bytes::from_static(b"dup=second"))
+        .await
+        .expect("commit");
+    let retried = hosts[&leader]
+        .propose_with_id(GROUP, id, Bytes::from_static(b"dup=first"))
+        .await;
+    assert!(
+        retried.is_ok(),
+        "the retry gets the first result: {retried:?}"
+    );
+    let target = hosts[&leader]
+        .status(GROUP)
+        .await
+        .expect("status")
+        .hard_state
+        .commit;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while joiner.status(GROUP).await.expect("status").applied < target {
+        assert!(
+            Instant::now() < deadline,
+            "the joiner never applied the retry"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let value = joiner
+        .read_stale(GROUP, Bytes::from_static(b"dup"))
+        .await
+        .expect("read");
+    assert_eq!(
+        value,
+        Bytes::from_static(b"second"),
+        "the joiner applied a request id it should have known"
+    );
+    for host in hosts.values().chain([&joiner]) {
+        host.stop().await;
+    }
+}
