@@ -394,12 +394,17 @@ fn op(spec: &str) -> Result<mvcc::RequestOp, String> {
 }
 
 fn print(output: Output, value: Value, lines: Vec<String>) {
-    match output {
-        Output::Json => println!("{value}"),
-        Output::Text => {
-            for line in lines {
-                println!("{line}");
-            }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = match output {
+        Output::Json => writeln!(out, "{value}"),
+        Output::Text => lines.iter().try_for_each(|line| writeln!(out, "{line}")),
+    }
+    .and_then(|()| out.flush());
+    // A reader that stopped early (`| head`) is not an error of ours.
+    if let Err(error) = written {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("regatta: writing the output: {error}");
         }
     }
 }

@@ -41,13 +41,20 @@ pub fn expand(arguments: Vec<String>, known: &BTreeSet<String>) -> Result<Vec<St
         flatten("", document, &mut settings)
             .map_err(|error| format!("--config {path}: {error}"))?;
     }
+    // Flags the command line gives itself: the file's value is dropped,
+    // not merged (a list flag would otherwise take both lists).
+    let given: BTreeSet<&str> = rest
+        .iter()
+        .filter_map(|argument| argument.strip_prefix("--"))
+        .map(|flag| flag.split_once('=').map_or(flag, |(name, _)| name))
+        .collect();
     let mut flags = Vec::new();
     for (key, value) in settings {
         if !known.contains(&key) {
             return Err(format!("--config {path}: unknown key {key:?}"));
         }
-        if std::env::var_os(env_name(&key)).is_some() {
-            continue; // the environment overrides the file
+        if std::env::var_os(env_name(&key)).is_some() || given.contains(key.as_str()) {
+            continue; // the environment and the command line override the file
         }
         match value.as_str() {
             "true" => flags.push(format!("--{key}")),
@@ -150,14 +157,35 @@ mod tests {
             [
                 "regatta",
                 "leader",
-                "--raft.node-id",
-                "2",
                 "--raft.initial-members",
                 "1=127.0.0.1:5011,2=127.0.0.1:5012",
                 "--api.address",
                 "127.0.0.1:9000",
                 "--raft.node-id",
                 "3"
+            ],
+            "a flag on the command line replaces the file's value"
+        );
+        // A list flag too: the command line's list replaces the file's
+        // instead of adding to it (`--key=value` form included).
+        let arguments = vec![
+            "regatta".to_string(),
+            "leader".to_string(),
+            "--config".to_string(),
+            path.display().to_string(),
+            "--raft.initial-members=1=127.0.0.1:6011".to_string(),
+        ];
+        let expanded = expand(arguments, &known).expect("expand");
+        assert_eq!(
+            expanded,
+            [
+                "regatta",
+                "leader",
+                "--raft.node-id",
+                "2",
+                "--api.address",
+                "127.0.0.1:9000",
+                "--raft.initial-members=1=127.0.0.1:6011"
             ]
         );
         std::fs::write(&path, "raft:\n  nodeid: 2\n").expect("write");

@@ -95,9 +95,15 @@ struct LeaderArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Development mode: a single node (id 1) with defaults for every
-    /// flag, keeping its data in `--data-dir` (default ./regatta-data).
-    #[arg(long, env = "REGATTA_DEV")]
+    /// Development mode: a single-node cluster of this node, keeping its
+    /// data in `--data-dir` (default ./regatta-data). Other flags keep
+    /// their meaning; the cluster flags (--raft.initial-members,
+    /// --raft.peer-addresses, --raft.join) are refused with it.
+    #[arg(
+        long,
+        env = "REGATTA_DEV",
+        conflicts_with_all = ["raft_initial_members", "raft_peer_addresses", "raft_join"]
+    )]
     dev: bool,
 
     /// This node's id: non-zero, unique in the cluster.
@@ -124,7 +130,7 @@ struct LeaderArgs {
     )]
     raft_address: SocketAddr,
 
-    /// Every initial member as `id=host:port`, comma-separated, this node
+    /// Every initial member as `id=ip:port`, comma-separated, this node
     /// included. Empty means a single-node cluster of this node.
     #[arg(
         long = "raft.initial-members",
@@ -133,7 +139,7 @@ struct LeaderArgs {
     )]
     raft_initial_members: Vec<String>,
 
-    /// Where to dial nodes that are not initial members, as `id=host:port`,
+    /// Where to dial nodes that are not initial members, as `id=ip:port`,
     /// comma-separated: nodes added later (`regatta member add`) are
     /// otherwise dialled at the address they record for themselves. For a
     /// proxy or NAT between nodes. These nodes never bootstrap the cluster.
@@ -218,7 +224,8 @@ struct LeaderArgs {
     #[arg(
         long = "api.request-timeout-ms",
         default_value_t = 10_000,
-        env = "REGATTA_API_REQUEST_TIMEOUT_MS"
+        env = "REGATTA_API_REQUEST_TIMEOUT_MS",
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     api_request_timeout_ms: u64,
 
@@ -550,19 +557,22 @@ struct FollowerArgs {
     replication_leader_address: String,
 
     /// How often the tables are compared with the leader cluster's, in
-    /// milliseconds.
+    /// milliseconds (at least 10).
     #[arg(
         long = "replication.metadata-interval-ms",
         default_value_t = 1_000,
-        env = "REGATTA_REPLICATION_METADATA_INTERVAL_MS"
+        env = "REGATTA_REPLICATION_METADATA_INTERVAL_MS",
+        value_parser = clap::value_parser!(u64).range(10..)
     )]
     replication_metadata_interval_ms: u64,
 
-    /// Leader snapshots installed at once on this node, at most.
+    /// Leader snapshots installed at once on this node, at most (at
+    /// least 1).
     #[arg(
         long = "replication.max-snapshot-installs",
         default_value_t = 2,
-        env = "REGATTA_REPLICATION_MAX_SNAPSHOT_INSTALLS"
+        env = "REGATTA_REPLICATION_MAX_SNAPSHOT_INSTALLS",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     replication_max_snapshot_installs: usize,
 
@@ -590,7 +600,7 @@ fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, Socke
     for value in values.iter().filter(|v| !v.is_empty()) {
         let (id, address) = value
             .split_once('=')
-            .ok_or_else(|| format!("--{flag}: {value:?} is not id=host:port"))?;
+            .ok_or_else(|| format!("--{flag}: {value:?} is not id=ip:port"))?;
         let id: u64 = id
             .trim()
             .parse()
@@ -598,10 +608,11 @@ fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, Socke
         if id == 0 {
             return Err(format!("--{flag}: node ids must be non-zero"));
         }
-        let address: SocketAddr = address
-            .trim()
-            .parse()
-            .map_err(|error| format!("--{flag}: {address:?}: {error}"))?;
+        let address: SocketAddr = address.trim().parse().map_err(|error| {
+            format!(
+                "--{flag}: {address:?}: {error} (an IP address and a port; names are not resolved)"
+            )
+        })?;
         if members.insert(NodeId(id), address).is_some() {
             return Err(format!("--{flag}: node {id} appears twice"));
         }
@@ -617,7 +628,9 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     let mut config = NodeConfig::single(&args.data_dir, args.raft_address);
     config.node_id = node_id;
     config.cluster_id = args.raft_cluster_id;
-    if !args.dev {
+    if args.dev {
+        config.members = [(node_id, args.raft_address)].into();
+    } else {
         let members = parse_members("raft.initial-members", &args.raft_initial_members)?;
         let peer_addresses = parse_members("raft.peer-addresses", &args.raft_peer_addresses)?;
         if let Some(id) = peer_addresses.keys().find(|id| members.contains_key(id)) {
@@ -655,9 +668,16 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
         }
         config.bootstrap = !args.raft_join;
     }
+    // What MemberList and etcd clients' endpoint sync see: https when the
+    // client API serves TLS.
+    let scheme = if args.tls.api_cert_filename.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     config
         .client_urls
-        .insert(node_id, format!("http://{}", args.api_address));
+        .insert(node_id, format!("{scheme}://{}", args.api_address));
     config.etcd_table = args.etcd_table.clone();
     config.key_bytes_max = args.kv_key_bytes_max as usize;
     config.value_bytes_max = args.kv_value_bytes_max as usize;
@@ -981,21 +1001,21 @@ fn node_keys(name: &str) -> std::collections::BTreeSet<String> {
 }
 
 fn main() -> ExitCode {
-    // Fail-stop: a panic on any thread (a storage engine's background
-    // thread included) may leave shared state poisoned, and a node that
-    // lingers half-alive serves nothing. Report it, then abort, so that the
-    // supervisor restarts the node and it recovers from disk.
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        eprintln!("regatta: a thread panicked; aborting so the node restarts from its data");
-        std::process::abort();
-    }));
     let arguments: Vec<String> = std::env::args().collect();
-    let subcommand = match arguments.get(1).map(String::as_str) {
-        Some("follower") => "follower",
-        _ => "leader",
-    };
+    // The subcommand: the first argument that is not `--config` or its
+    // file (which may come before it).
+    let mut words = arguments.iter().skip(1);
+    let mut subcommand = "leader";
+    while let Some(word) = words.next() {
+        if word == "--config" {
+            words.next();
+        } else if !word.starts_with("--config=") {
+            if word == "follower" {
+                subcommand = "follower";
+            }
+            break;
+        }
+    }
     let arguments = match config::expand(arguments, &node_keys(subcommand)) {
         Ok(arguments) => arguments,
         Err(error) => {
@@ -1004,6 +1024,20 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(arguments);
+    if matches!(cli.command, Command::Leader(_) | Command::Follower(_)) {
+        // Fail-stop, for a node only (a client command's panic is its
+        // own): a panic on any thread (a storage engine's background
+        // thread included) may leave shared state poisoned, and a node
+        // that lingers half-alive serves nothing. Report it, then abort,
+        // so that the supervisor restarts the node and it recovers from
+        // disk.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            eprintln!("regatta: a thread panicked; aborting so the node restarts from its data");
+            std::process::abort();
+        }));
+    }
     let level = match &cli.command {
         Command::Leader(args) => args.log_level,
         Command::Follower(args) => args.node.log_level,

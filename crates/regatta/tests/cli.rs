@@ -59,6 +59,81 @@ fn help_and_version_explain_themselves() {
     );
 }
 
+/// Start-up mistakes an operator makes are refused before anything starts,
+/// naming the flag: cluster flags with `--dev`, a zero request timeout, a
+/// data directory that is a file, and a peer port already taken.
+#[test]
+fn start_up_mistakes_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_flag = data.display().to_string();
+    let (success, _, error) = regatta(&[
+        "leader",
+        "--dev",
+        "--raft.initial-members",
+        "1=127.0.0.1:5011,2=127.0.0.1:5012",
+        "--data-dir",
+        &data_flag,
+    ]);
+    assert!(
+        !success && error.contains("--dev") && error.contains("--raft.initial-members"),
+        "{error}"
+    );
+    let (success, _, error) = regatta(&[
+        "leader",
+        "--api.request-timeout-ms",
+        "0",
+        "--data-dir",
+        &data_flag,
+    ]);
+    assert!(
+        !success && error.contains("--api.request-timeout-ms"),
+        "{error}"
+    );
+    let (success, _, error) = regatta(&[
+        "leader",
+        "--raft.initial-members",
+        "1=localhost:5011",
+        "--data-dir",
+        &data_flag,
+    ]);
+    assert!(
+        !success && error.contains("names are not resolved"),
+        "{error}"
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let file_flag = file.display().to_string();
+    let (api, raft) = (free_address().to_string(), free_address().to_string());
+    let (success, _, error) = regatta(&[
+        "leader",
+        "--dev",
+        "--data-dir",
+        &file_flag,
+        "--api.address",
+        &api,
+        "--raft.address",
+        &raft,
+    ]);
+    assert!(
+        !success && error.contains("is a file, not a directory (--data-dir)"),
+        "{error}"
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_flag = taken.local_addr().expect("address").to_string();
+    let (success, _, error) = regatta(&[
+        "leader",
+        "--dev",
+        "--data-dir",
+        &data_flag,
+        "--api.address",
+        &api,
+        "--raft.address",
+        &taken_flag,
+    ]);
+    assert!(!success && error.contains("(--raft.address)"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_file_with_env_overrides_and_the_client_commands() {
     let dir = tempfile::tempdir().expect("tempdir");

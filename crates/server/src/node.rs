@@ -296,12 +296,23 @@ impl Node {
                 config.members.keys().map(|id| id.0).collect::<Vec<_>>()
             ))
         })?;
+        if config.data_dir.exists() && !config.data_dir.is_dir() {
+            return Err(Error::Config(format!(
+                "the data directory {} is a file, not a directory (--data-dir)",
+                config.data_dir.display()
+            )));
+        }
         std::fs::create_dir_all(&config.data_dir).map_err(|error| {
-            Error::Config(format!("create {}: {error}", config.data_dir.display()))
+            Error::Config(format!(
+                "create the data directory {} (--data-dir): {error}",
+                config.data_dir.display()
+            ))
         })?;
-        let listener = TcpListener::bind(own_address)
-            .await
-            .map_err(|error| Error::Config(format!("bind {own_address}: {error}")))?;
+        let listener = TcpListener::bind(own_address).await.map_err(|error| {
+            Error::Config(format!(
+                "listen for peers on {own_address} (--raft.address): {error}"
+            ))
+        })?;
         let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
         tcp.peers = config
             .members
