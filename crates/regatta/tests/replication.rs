@@ -729,3 +729,72 @@ async fn values_over_4_mib_replicate_and_forward() {
         .collect();
     assert_eq!(keys, ["big/follower", "big/leader"]);
 }
+
+/// A leader node that goes silent without closing its connections (power
+/// loss, a dropped route): the follower notices within seconds, through
+/// the log stream's missing heartbeats and HTTP/2 pings, and moves to the
+/// next leader address, instead of waiting for TCP to give up (about
+/// 15 minutes). Here both addresses reach the same leader node, one of
+/// them through a link that starts holding every byte for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_leader_link_is_left_for_the_next_address() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let replication = free_address();
+    let replication_flag = replication.to_string();
+    let leader = Regatta::start_on(
+        &root.path().join("leader"),
+        free_address(),
+        free_address(),
+        &["--replication.address", &replication_flag],
+    );
+    let mut leader_client = connect(&leader).await;
+    let any = "127.0.0.1:0".parse().expect("address");
+    let silent = regatta_chaos::proxy::Proxy::start(any, replication)
+        .await
+        .expect("proxy");
+    let direct = regatta_chaos::proxy::Proxy::start(any, replication)
+        .await
+        .expect("proxy");
+    let follower = Regatta::start_follower(
+        &root.path().join("follower"),
+        free_address(),
+        free_address(),
+        format!("{},{}", silent.address(), direct.address()),
+        &[],
+    );
+    let mut follower_client = connect(&follower).await;
+    leader_client.put("before", "v", None).await.expect("put");
+    converge(
+        &mut leader_client,
+        &mut follower_client,
+        "before the silence",
+    )
+    .await;
+    assert!(
+        direct.forwarded_bytes() < silent.forwarded_bytes(),
+        "the follower started on the first address"
+    );
+
+    silent.slow(Duration::from_secs(3600));
+    let went_silent = Instant::now();
+    leader_client.put("after", "v", None).await.expect("put");
+    let deadline = went_silent + Duration::from_secs(60);
+    loop {
+        let found = follower_client
+            .get("after", Some(GetOptions::new().with_serializable()))
+            .await
+            .expect("get");
+        if !found.kvs().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower kept waiting on the silent link"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "replicated through the next address {:?} after the link went silent",
+        went_silent.elapsed()
+    );
+}

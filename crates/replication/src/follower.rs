@@ -45,6 +45,15 @@ pub const PROPOSAL_BYTES_MAX: usize = 1 << 20;
 /// 2 GiB.
 pub const LEADER_MESSAGE_BYTES_MAX: usize = i32::MAX as usize;
 
+/// How often the follower pings an idle or busy connection to a leader
+/// node, and how long it waits for the answer before the connection is
+/// dead.
+const LEADER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const LEADER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A log stream that brings nothing for this long is broken: the leader
+/// sends a heartbeat every second.
+const LOG_SILENCE_MAX: Duration = Duration::from_secs(10);
+
 /// How often pullers are started and stopped as leaderships move.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -154,10 +163,17 @@ impl LeaderLink {
         }
         let mut channels = Vec::with_capacity(config.leader_urls.len());
         for url in &config.leader_urls {
-            let endpoint =
-                regatta_server::tls::endpoint(url, config.tls.as_ref()).map_err(|error| {
+            let endpoint = regatta_server::tls::endpoint(url, config.tls.as_ref())
+                .map_err(|error| {
                     Error::InvalidArgument(format!("the leader cluster's address: {error}"))
-                })?;
+                })?
+                // A leader node that died without closing its connection
+                // (power loss, a dropped route) is found by HTTP/2 pings,
+                // not after TCP's retransmissions give up (about 15 min):
+                // every call on it then fails, and the link moves on.
+                .http2_keep_alive_interval(LEADER_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(LEADER_KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true);
             channels.push(regatta_server::tls::connect_lazy(
                 endpoint,
                 config.tls.as_ref(),
@@ -229,6 +245,7 @@ impl WriteForwarder for GrpcForwarder {
     fn forward(
         &self,
         table: String,
+        table_id: u64,
         command: Command,
     ) -> Pin<Box<dyn Future<Output = regatta_server::Result<KvResponse>> + Send + '_>> {
         Box::pin(async move {
@@ -238,6 +255,7 @@ impl WriteForwarder for GrpcForwarder {
             let request = proto::ForwardRequest {
                 table: table.into_bytes(),
                 command: encode(&command),
+                table_id,
             };
             // Not retried on another node: the write may have been applied.
             // The client retries, and the next attempt uses the next node.
@@ -470,7 +488,13 @@ async fn pull_once(
     let (sender, mut receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
     let reader = tokio::spawn(async move {
         loop {
-            let message = stream.message().await;
+            let message = match tokio::time::timeout(LOG_SILENCE_MAX, stream.message()).await {
+                Ok(message) => message,
+                Err(_) => Err(tonic::Status::unavailable(format!(
+                    "the leader node sent nothing for {} s (it sends a heartbeat every second)",
+                    LOG_SILENCE_MAX.as_secs()
+                ))),
+            };
             let end = !matches!(message, Ok(Some(_)));
             if sender.send(message).await.is_err() || end {
                 return;

@@ -170,7 +170,7 @@ impl proto::forward_server::Forward for LeaderService {
         request: Request<proto::ForwardRequest>,
     ) -> Result<Response<proto::ForwardResponse>, Status> {
         let request = request.into_inner();
-        let group = self.table_group(&request.table)?;
+        let group = self.same_table(&request.table, request.table_id).await?;
         let command = regatta_kv::command::decode::<regatta_kv::command::Command>(&request.command)
             .map_err(|error| Error::InvalidArgument(format!("the forwarded command: {error}")))?;
         // The checks a client's request gets on this cluster: the

@@ -245,6 +245,7 @@ async fn forwarded_writes_are_checked_as_client_writes_are() {
     let send = |command: Vec<u8>| proto::ForwardRequest {
         table: b"etcd".to_vec(),
         command,
+        table_id: 0,
     };
     let cases: Vec<(&str, Vec<u8>, tonic::Code, &str)> = vec![
         (
@@ -312,6 +313,27 @@ async fn forwarded_writes_are_checked_as_client_writes_are() {
             status.message()
         );
     }
+    // A copy of another table of that name (re-created on the leader since
+    // the copy was made): refused, since the follower could not show the
+    // write from that copy.
+    let group = leader.node.table_group("etcd").expect("table");
+    let identity = leader.node.table_identity(group).await.expect("identity");
+    let status = forward
+        .write(proto::ForwardRequest {
+            table_id: identity ^ 1,
+            ..send(encode(&put_command(b"stale".to_vec(), b"v".to_vec())))
+        })
+        .await
+        .expect_err("a copy of another table");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("re-created"), "{status:?}");
+    forward
+        .write(proto::ForwardRequest {
+            table_id: identity,
+            ..send(encode(&put_command(b"good".to_vec(), b"v0".to_vec())))
+        })
+        .await
+        .expect("a copy of this table");
     // A good one goes through, and the table took none of the above.
     let response = forward
         .write(send(encode(&put_command(b"good".to_vec(), b"v".to_vec()))))
@@ -323,7 +345,6 @@ async fn forwarded_writes_are_checked_as_client_writes_are() {
         matches!(response.result, Ok(ResponseOp::Put(_))),
         "{response:?}"
     );
-    let group = leader.node.table_group("etcd").expect("table");
     let every_key = regatta_kv::command::Query::Range(regatta_kv::command::RangeRequest {
         range: regatta_kv::command::KeyRange {
             key: vec![0],

@@ -57,10 +57,12 @@ pub enum ClusterRole {
 /// answers with the leader's response (its revision is the leader index of
 /// the write). `regatta-replication` provides it.
 pub trait WriteForwarder: Send + Sync {
-    /// Forwards `command` for table `table`.
+    /// Forwards `command` for table `table`, whose copy here replicates
+    /// the leader cluster's table `table_id` (0: not known).
     fn forward(
         &self,
         table: String,
+        table_id: u64,
         command: Command,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response>> + Send + '_>>;
 }
@@ -708,10 +710,15 @@ impl Node {
             .find(|table| table.group == group)
             .map(|table| table.name)
             .ok_or_else(|| Error::TableNotFound(format!("group {}", group.0)))?;
+        // The leader refuses the write if its table of this name is not
+        // the one this copy replicates: the reply below waits for the
+        // write's revision in this copy, which another table's numbers
+        // would satisfy at once.
+        let table_id = self.replica_source(&name).await?.unwrap_or(0);
         let deadline = Instant::now() + self.config.request_timeout;
         let response = tokio::time::timeout(
             self.config.request_timeout,
-            forwarder.forward(name.clone(), command.clone()),
+            forwarder.forward(name.clone(), table_id, command.clone()),
         )
         .await
         .map_err(|_| {
