@@ -13,7 +13,9 @@ use regatta_server::proto::regatta::v1 as pb;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::client::{channel, Connection};
+use serde_json::json;
+
+use crate::client::{channel, print, Connection};
 
 /// The manifest's file name in a backup directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -263,11 +265,24 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
         .map_err(|error| format!("cannot encode the manifest: {error}"))?;
     write_durably(dir, MANIFEST_FILE, &json)?;
     let bytes: u64 = manifest.tables.iter().map(|t| t.bytes).sum();
-    println!(
-        "backed up {} tables ({bytes} bytes) to {} in {:.1} s",
-        manifest.tables.len(),
-        dir.display(),
-        started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    print(
+        args.connection.output,
+        json!({
+            "dir": dir.display().to_string(),
+            "seconds": seconds,
+            "tables": manifest.tables.iter().map(|table| json!({
+                "name": table.name,
+                "keys": table.keys,
+                "bytes": table.bytes,
+                "revision": table.revision,
+            })).collect::<Vec<_>>(),
+        }),
+        vec![format!(
+            "backed up {} tables ({bytes} bytes) to {} in {seconds:.1} s",
+            manifest.tables.len(),
+            dir.display(),
+        )],
     );
     Ok(())
 }
@@ -483,6 +498,7 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
     let channel = channel(&args.connection).await?;
     let mut client = pb::maintenance_client::MaintenanceClient::new(channel);
     let started = Instant::now();
+    let mut restored = Vec::with_capacity(tables.len());
     for (position, table) in tables.iter().enumerate() {
         let prefix = format!("[{}/{}] {}", position + 1, tables.len(), table.name);
         let response = restore_table(&mut client, &args, table, prefix)
@@ -508,12 +524,27 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
             if response.created { " (created)" } else { "" },
             response.revision
         );
+        restored.push(json!({
+            "name": table.name,
+            "keys": response.keys,
+            "bytes": response.bytes,
+            "created": response.created,
+            "revision": response.revision,
+        }));
     }
-    println!(
-        "restored {} tables from {} in {:.1} s",
-        tables.len(),
-        args.dir.display(),
-        started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    print(
+        args.connection.output,
+        json!({
+            "dir": args.dir.display().to_string(),
+            "seconds": seconds,
+            "tables": restored,
+        }),
+        vec![format!(
+            "restored {} tables from {} in {seconds:.1} s",
+            tables.len(),
+            args.dir.display(),
+        )],
     );
     Ok(())
 }
@@ -617,12 +648,21 @@ pub async fn reset(args: ResetArgs) -> Result<(), String> {
         reset_all: args.all,
     })?;
     let response = client.reset(request).await.map_err(status)?.into_inner();
-    for table in &response.tables {
-        println!("table {table}: installing a fresh copy of the leader cluster's table");
+    let mut lines: Vec<String> = response
+        .tables
+        .iter()
+        .map(|table| {
+            format!("table {table}: installing a fresh copy of the leader cluster's table")
+        })
+        .collect();
+    if lines.is_empty() {
+        lines.push("no tables to reset".into());
     }
-    if response.tables.is_empty() {
-        println!("no tables to reset");
-    }
+    print(
+        args.connection.output,
+        json!({ "reset": response.tables }),
+        lines,
+    );
     Ok(())
 }
 

@@ -393,7 +393,8 @@ fn op(spec: &str) -> Result<mvcc::RequestOp, String> {
     })
 }
 
-fn print(output: Output, value: Value, lines: Vec<String>) {
+/// Prints a command's result: `value` with `-o json`, else `lines`.
+pub fn print(output: Output, value: Value, lines: Vec<String>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let written = match output {

@@ -572,7 +572,8 @@ async fn a_restore_reaches_the_follower_cluster_and_reset_resyncs_a_follower_tab
 
     let backup_dir = root.path().join("backup");
     let backup_path = backup_dir.to_string_lossy().to_string();
-    cli_ok(&[
+    // `-o json`: the result on stdout as one JSON document.
+    let (success, stdout, stderr) = cli(&[
         "backup",
         "--address",
         &leader_address,
@@ -582,7 +583,13 @@ async fn a_restore_reaches_the_follower_cluster_and_reset_resyncs_a_follower_tab
         "orders",
         "--token",
         TOKEN,
+        "-o",
+        "json",
     ]);
+    assert!(success, "backup -o json failed: {stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("backup -o json");
+    assert_eq!(result["tables"][0]["name"], "orders", "{result}");
+    assert!(result["tables"][0]["keys"].as_u64() > Some(0), "{result}");
     // State B: more writes after the backup, replicated.
     for i in 0..200 {
         put(

@@ -364,10 +364,15 @@ async fn reconcile_tables(node: &Node, channel: &Channel) -> Result<()> {
     for (name, id) in &wanted {
         if !local.contains(name) {
             tracing::info!(table = %name, "creating a table of the leader cluster");
-            node.create_replica_table(name).await?;
+            // The source first: a copy never exists without the id of the
+            // table it replicates, so its puller never asks for "any
+            // table of this name", which could be a re-created one. (A
+            // crash between the two leaves a record without a table; the
+            // next check records again and creates it.)
             if *id != 0 {
                 node.record_replica_source(name, *id).await?;
             }
+            node.create_replica_table(name).await?;
             continue;
         }
         match node.replica_source(name).await? {
@@ -379,8 +384,8 @@ async fn reconcile_tables(node: &Node, channel: &Channel) -> Result<()> {
                 // of the old table, and the new one starts from scratch.
                 tracing::warn!(table = %name, old = recorded, new = id, "the leader cluster re-created the table; replacing this copy");
                 node.delete_replica_table(name).await?;
-                node.create_replica_table(name).await?;
                 node.record_replica_source(name, *id).await?;
+                node.create_replica_table(name).await?;
             }
             // A copy made before ids were recorded: taken to be of this
             // table.
