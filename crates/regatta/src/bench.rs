@@ -40,7 +40,8 @@ pub struct BenchArgs {
     /// The workload.
     #[arg(value_enum)]
     workload: Workload,
-    /// Endpoints (host:port), comma-separated; connections go round-robin.
+    /// Endpoints (host:port, or http://host:port), comma-separated;
+    /// connections go round-robin. Plain-text APIs only (no TLS).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8443")]
     endpoints: Vec<String>,
     /// Concurrent clients, each with one request outstanding.
@@ -71,6 +72,22 @@ pub struct BenchArgs {
     /// earlier run did), so that the run's server CPU is its own.
     #[arg(long)]
     no_fill: bool,
+}
+
+/// `host:port` from an `--endpoints` entry, which may be written as
+/// etcdctl takes it (`http://host:port`). The load tool speaks plain
+/// HTTP/2 only.
+fn bench_endpoint(entry: &str) -> Result<&str, String> {
+    let entry = entry.trim();
+    if entry.starts_with("https://") {
+        return Err(format!(
+            "--endpoints {entry}: regatta bench does not speak TLS; point it at a plain-text API"
+        ));
+    }
+    Ok(entry
+        .strip_prefix("http://")
+        .unwrap_or(entry)
+        .trim_end_matches('/'))
 }
 
 fn key(index: u64, size: usize) -> Vec<u8> {
@@ -310,8 +327,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     }
     let mut connections = Vec::new();
     for index in 0..args.conns {
-        let endpoint = &args.endpoints[index % args.endpoints.len()];
-        connections.push(Connection::open(endpoint.trim()).await?);
+        let endpoint = bench_endpoint(&args.endpoints[index % args.endpoints.len()])?;
+        connections.push(Connection::open(endpoint).await?);
     }
     let args = Arc::new(args);
     let value = Arc::new(vec![b'v'; args.val_size]);
@@ -420,4 +437,20 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bench_endpoint;
+
+    #[test]
+    fn endpoints_take_etcdctl_urls_and_refuse_tls() {
+        assert_eq!(bench_endpoint(" 127.0.0.1:8443 "), Ok("127.0.0.1:8443"));
+        assert_eq!(
+            bench_endpoint("http://127.0.0.1:8443/"),
+            Ok("127.0.0.1:8443")
+        );
+        let refused = bench_endpoint("https://127.0.0.1:8443").expect_err("TLS");
+        assert!(refused.contains("does not speak TLS"), "{refused}");
+    }
 }
