@@ -102,6 +102,7 @@ struct LeaderArgs {
     #[arg(
         long,
         env = "REGATTA_DEV",
+        value_parser = clap::builder::BoolishValueParser::new(),
         conflicts_with_all = ["raft_initial_members", "raft_peer_addresses", "raft_join"]
     )]
     dev: bool,
@@ -153,7 +154,11 @@ struct LeaderArgs {
     /// Join an existing cluster instead of bootstrapping a new one: first
     /// add the node (`regatta member add`), then start it with this flag
     /// and `--raft.initial-members` naming the current members and itself.
-    #[arg(long = "raft.join", env = "REGATTA_RAFT_JOIN")]
+    #[arg(
+        long = "raft.join",
+        env = "REGATTA_RAFT_JOIN",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     raft_join: bool,
 
     /// On SIGTERM, hand over this node's leaderships and remove it from
@@ -162,7 +167,8 @@ struct LeaderArgs {
     /// restart wants.
     #[arg(
         long = "raft.leave-on-terminate",
-        env = "REGATTA_RAFT_LEAVE_ON_TERMINATE"
+        env = "REGATTA_RAFT_LEAVE_ON_TERMINATE",
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     raft_leave_on_terminate: bool,
 

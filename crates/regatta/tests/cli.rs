@@ -79,6 +79,18 @@ fn start_up_mistakes_are_refused_naming_the_flag() {
         !success && error.contains("--dev") && error.contains("--raft.initial-members"),
         "{error}"
     );
+    // On/off variables take 1/0, yes/no and on/off too: REGATTA_RAFT_JOIN
+    // set to "yes" is a --raft.join, which --dev refuses.
+    let output = Command::new(env!("CARGO_BIN_EXE_regatta"))
+        .args(["leader", "--dev", "--data-dir", &data_flag])
+        .env("REGATTA_RAFT_JOIN", "yes")
+        .output()
+        .expect("run regatta");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && error.contains("--raft.join"),
+        "{error}"
+    );
     let (success, _, error) = regatta(&[
         "leader",
         "--api.request-timeout-ms",
