@@ -343,6 +343,28 @@ async fn a_new_node_catches_up_through_a_chunked_snapshot_over_tcp() {
     }
 }
 
+/// Four directories, and nodes 1 to 3 on the first three over one
+/// in-process transport, bootstrapping `GROUP` with a fresh `Kv` each.
+fn three_voters_and_a_spare_dir() -> (
+    Vec<tempfile::TempDir>,
+    Arc<LocalTransport>,
+    BTreeMap<u64, NodeHost>,
+) {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let transport = LocalTransport::new();
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        let host = open_in_process(&transport, id, dirs[id as usize - 1].path());
+        host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
+            .expect("group");
+        hosts.insert(id, host);
+    }
+    (dirs, transport, hosts)
+}
+
 /// Install copies left in a host's snapshot directory.
 fn install_copies(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(dir.join("snapshots"))
@@ -363,19 +385,8 @@ fn install_copies(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// install finishes and the node catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_install_cut_after_the_wal_finishes_on_restart() {
-    let dirs: Vec<tempfile::TempDir> = (0..4)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let transport = LocalTransport::new();
-    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let (dirs, transport, hosts) = three_voters_and_a_spare_dir();
     let open = |id: u64, dir: &std::path::Path| open_in_process(&transport, id, dir);
-    let mut hosts = BTreeMap::new();
-    for id in 1..=3u64 {
-        let host = open(id, dirs[id as usize - 1].path());
-        host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
-            .expect("group");
-        hosts.insert(id, host);
-    }
     let joiner_dir = dirs[3].path();
     let joiner = open(5, joiner_dir);
     let cut = Kv {
@@ -458,19 +469,8 @@ async fn an_install_cut_after_the_wal_finishes_on_restart() {
 /// copy, and applied the retry again.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_install_cut_before_its_session_table_keeps_request_ids() {
-    let dirs: Vec<tempfile::TempDir> = (0..4)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let transport = LocalTransport::new();
-    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let (dirs, transport, hosts) = three_voters_and_a_spare_dir();
     let open = |id: u64, dir: &std::path::Path| open_in_process(&transport, id, dir);
-    let mut hosts = BTreeMap::new();
-    for id in 1..=3u64 {
-        let host = open(id, dirs[id as usize - 1].path());
-        host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
-            .expect("group");
-        hosts.insert(id, host);
-    }
     let first_leader = leader(&hosts).await;
     let id = regatta_raft::RequestId {
         client: 7,
