@@ -51,11 +51,8 @@ const STORED_KEY_BYTES_MAX: usize = u16::MAX as usize;
 /// with its whole header. Input from the network never reaches the
 /// engine's own assertions.
 fn check_item(key: &[u8], record: &[u8]) -> Result<()> {
-    if key.is_empty() || key.len() > STORED_KEY_BYTES_MAX {
-        return Err(Error::Decode(format!(
-            "a table item with a key of {} bytes (1 to {STORED_KEY_BYTES_MAX} allowed)",
-            key.len()
-        )));
+    if let Some(refusal) = key_refusal("a table item's key", key, true) {
+        return Err(Error::Decode(refusal));
     }
     Record::decode(record)?;
     Ok(())

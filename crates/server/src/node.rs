@@ -713,8 +713,15 @@ impl Node {
         // The leader refuses the write if its table of this name is not
         // the one this copy replicates: the reply below waits for the
         // write's revision in this copy, which another table's numbers
-        // would satisfy at once.
-        let table_id = self.replica_source(&name).await?.unwrap_or(0);
+        // would satisfy at once. Read from this node's state, not through
+        // a ReadIndex round on every write: the record is written before
+        // the copy exists (so a copy this node serves has it locally
+        // unless it is about to be replaced), and a stale answer only
+        // gets a spurious refusal, which the client retries.
+        let table_id = self
+            .read_meta_u64_as(&replica_source_key(&name), false)
+            .await?
+            .map_or(0, |(id, _)| id);
         let deadline = Instant::now() + self.config.request_timeout;
         let response = tokio::time::timeout(
             self.config.request_timeout,
@@ -970,6 +977,11 @@ impl Node {
     /// read linearizably, with the key's version; `None` when the key is
     /// missing.
     async fn read_meta_u64(&self, key: &[u8]) -> Result<Option<(u64, u64)>> {
+        self.read_meta_u64_as(key, true).await
+    }
+
+    /// `read_meta_u64`, from this node's state when not `linearizable`.
+    async fn read_meta_u64_as(&self, key: &[u8], linearizable: bool) -> Result<Option<(u64, u64)>> {
         let query = Query::Range(RangeRequest {
             range: KeyRange {
                 key: key.to_vec(),
@@ -977,7 +989,7 @@ impl Node {
             },
             ..RangeRequest::default()
         });
-        match self.read(META_GROUP, &query, true).await?.result {
+        match self.read(META_GROUP, &query, linearizable).await?.result {
             Ok(ResponseOp::Range(range)) => match range.kvs.first() {
                 None => Ok(None),
                 Some(kv) => match <[u8; 8]>::try_from(kv.value.as_slice()) {
