@@ -363,8 +363,56 @@ const SLOW_APPLY_WARNING: Duration = Duration::from_secs(1);
 type WorkerChannels = (
     mpsc::Sender<WorkerInput>,
     mpsc::UnboundedSender<Control>,
-    mpsc::UnboundedSender<ApplyWork>,
+    ApplyOutbox,
 );
+
+/// A worker's way to its apply thread. The worker's groups queue their
+/// work here during a turn, and the worker hands the whole turn's work
+/// over in one send at its end: one wake-up of the apply thread per turn
+/// instead of one per group with committed entries (with 64 busy groups,
+/// the apply threads were switched in once per proposal).
+#[derive(Clone)]
+struct ApplyOutbox {
+    queued: Arc<Mutex<Vec<ApplyWork>>>,
+    sender: mpsc::UnboundedSender<Vec<ApplyWork>>,
+}
+
+impl ApplyOutbox {
+    fn new(sender: mpsc::UnboundedSender<Vec<ApplyWork>>) -> ApplyOutbox {
+        ApplyOutbox {
+            queued: Arc::default(),
+            sender,
+        }
+    }
+
+    /// Queues `work` behind everything queued before; it leaves at the
+    /// worker's next `flush`.
+    fn send(&self, work: ApplyWork) {
+        self.queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(work);
+    }
+
+    /// Hands everything queued to the apply thread, in order. Fails once
+    /// the apply thread has exited.
+    fn flush(&self) -> Result<(), ()> {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if queued.is_empty() {
+            return Ok(());
+        }
+        self.sender
+            .send(std::mem::take(&mut *queued))
+            .map_err(|_| ())
+    }
+
+    /// Queues `work` and hands it over at once, for a caller outside the
+    /// worker's turn.
+    fn send_now(&self, work: ApplyWork) -> Result<(), ()> {
+        self.send(work);
+        self.flush()
+    }
+}
 
 struct HostInner {
     config: HostConfig,
@@ -434,6 +482,7 @@ impl NodeHost {
             let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
             let (control_sender, control) = mpsc::unbounded_channel();
             let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
+            let apply = ApplyOutbox::new(apply_sender);
             let (answer_sender, mut answer_inbox) = mpsc::unbounded_channel::<Answers>();
             let context = ApplyContext {
                 control: control_sender.clone(),
@@ -473,6 +522,7 @@ impl NodeHost {
                 removing: Vec::new(),
                 sessions: sessions.clone(),
                 snapshots: snapshots.clone(),
+                apply: apply.clone(),
             };
             tasks.push(runtime.spawn(worker.run(
                 inbox,
@@ -480,7 +530,7 @@ impl NodeHost {
                 config.tick_interval,
                 config.commit_broadcast_delay,
             )));
-            workers.push((inbox_sender, control_sender, apply_sender));
+            workers.push((inbox_sender, control_sender, apply));
         }
         Ok(NodeHost {
             inner: Arc::new(HostInner {
@@ -549,7 +599,7 @@ impl NodeHost {
         };
         let (applied_sender, applied_receiver) = AppliedPublisher::new(initially_applied);
         apply
-            .send(ApplyWork::Register(
+            .send_now(ApplyWork::Register(
                 group,
                 state_machine,
                 sessions,
@@ -1039,7 +1089,7 @@ fn stopped(group: GroupId) -> Error {
 struct Group {
     group: GroupId,
     raft: RaftNode<GroupStorage>,
-    apply: mpsc::UnboundedSender<ApplyWork>,
+    apply: ApplyOutbox,
     /// Publishes the applied index (`NodeHost::applied_index_watch`).
     applied: AppliedPublisher,
     /// Proposals by index, with the term they were appended in.
@@ -1115,6 +1165,8 @@ struct Worker {
     sessions: SnapshotStore,
     /// Snapshot install copies, deleted with their groups.
     snapshots: SnapshotDir,
+    /// This worker's apply thread; flushed at the end of every turn.
+    apply: ApplyOutbox,
 }
 
 impl Worker {
@@ -1156,6 +1208,7 @@ impl Worker {
                 self.handle_control(event, &mut touched);
             }
             self.process_readies(&mut touched);
+            let _ = self.apply.flush();
             self.publish_quiesced();
             if !commit_timer_armed && !self.commit_due.is_empty() {
                 let deadline = tokio::time::Instant::now() + commit_broadcast_delay;
@@ -1167,6 +1220,7 @@ impl Worker {
         for (group, mut state) in std::mem::take(&mut self.groups) {
             state.fail_all(format!("group {} stopped with its host", group.0));
         }
+        let _ = self.apply.flush();
         self.publish_quiesced();
     }
 
@@ -1186,7 +1240,7 @@ impl Worker {
             WorkerInput::Remove((group, reply)) => {
                 if let Some(mut state) = self.groups.remove(&group) {
                     state.fail_all(format!("group {} was removed from this node", group.0));
-                    let _ = state.apply.send(ApplyWork::Unregister(group));
+                    state.apply.send(ApplyWork::Unregister(group));
                 }
                 self.active.remove(&group);
                 touched.remove(&group);
@@ -1602,7 +1656,7 @@ impl Group {
             }
             Input::SnapshotReport { to, delivered } => self.raft.report_snapshot(to, delivered),
             Input::StaleRead { query, reply } => {
-                let _ = self.apply.send(ApplyWork::Read {
+                self.apply.send(ApplyWork::Read {
                     group,
                     index: LogIndex(0),
                     query,
@@ -1625,7 +1679,7 @@ impl Group {
             .is_some_and(|(ready, _, _)| *ready <= number)
         {
             if let Some((_, meta, data)) = self.installing.take() {
-                let _ = self.apply.send(ApplyWork::Restore {
+                self.apply.send(ApplyWork::Restore {
                     group: self.group,
                     meta,
                     data,
@@ -1645,7 +1699,7 @@ impl Group {
         }
         self.saving_sessions = true;
         self.compacted_at = applied;
-        let _ = self.apply.send(ApplyWork::SaveSessions(self.group));
+        self.apply.send(ApplyWork::SaveSessions(self.group));
     }
 
     /// The session table is durable as of `saved`: record a snapshot
@@ -1758,7 +1812,7 @@ impl Group {
                     // A snapshot message leaves only with the state it
                     // stands for: the apply thread copies it first (see
                     // `Control::SnapshotReady`).
-                    let _ = self.apply.send(ApplyWork::TakeSnapshot { group, message });
+                    self.apply.send(ApplyWork::TakeSnapshot { group, message });
                 } else {
                     outbox.push((group, message));
                 }
@@ -1806,7 +1860,7 @@ impl Group {
             self.pending_install = None;
             if !ready.committed_entries.is_empty() {
                 let replies = self.take_replies(&ready.committed_entries);
-                let _ = self.apply.send(ApplyWork::Entries(
+                self.apply.send(ApplyWork::Entries(
                     self.group,
                     ready.committed_entries,
                     replies,
@@ -1819,7 +1873,7 @@ impl Group {
             for state in ready.read_states {
                 match self.reads.remove(&state.id) {
                     Some(PendingRead::Query(query, reply)) => {
-                        let _ = self.apply.send(ApplyWork::Read {
+                        self.apply.send(ApplyWork::Read {
                             group: self.group,
                             index: state.index,
                             query,
@@ -1914,13 +1968,16 @@ struct ApplyContext {
 /// serves reads once their index is applied. Everything queued is handled
 /// per wake-up; each touched group gets one `Applied` report. Runs on a
 /// thread of its own until the worker's side of `work` is gone.
-fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContext) {
+fn apply_loop(mut work: mpsc::UnboundedReceiver<Vec<ApplyWork>>, context: ApplyContext) {
     let mut appliers: FxHashMap<GroupId, Applier> = FxHashMap::default();
     let mut reports: BTreeMap<GroupId, Vec<AppliedResult>> = BTreeMap::new();
     let mut answers: Answers = Vec::new();
     while let Some(first) = work.blocking_recv() {
-        let mut next = Some(first);
-        while let Some(item) = next {
+        let mut turns = vec![first];
+        while let Ok(turn) = work.try_recv() {
+            turns.push(turn);
+        }
+        for item in turns.into_iter().flatten() {
             let (group, what) = item.describe();
             let started = std::time::Instant::now();
             apply_one(item, &mut appliers, &mut reports, &mut answers, &context);
@@ -1932,7 +1989,6 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<ApplyWork>, context: ApplyContex
                     "{what} took long; the group's applies waited for the state machine (is its storage stalled or overloaded?)"
                 );
             }
-            next = work.try_recv().ok();
         }
         for (group, results) in std::mem::take(&mut reports) {
             let Some(applier) = appliers.get_mut(&group) else {
@@ -2542,6 +2598,31 @@ fn read_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apply_work_of_a_turn_leaves_in_one_hand_over_in_order() {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let outbox = ApplyOutbox::new(sender);
+        for group in [3, 1, 2] {
+            outbox.send(ApplyWork::SaveSessions(GroupId(group)));
+        }
+        assert!(
+            receiver.try_recv().is_err(),
+            "queued work waits for the flush"
+        );
+        outbox.flush().expect("the receiver is open");
+        let turn = receiver.try_recv().expect("one hand-over");
+        let groups: Vec<u64> = turn.iter().map(|work| work.describe().0 .0).collect();
+        assert_eq!(groups, vec![3, 1, 2]);
+        outbox.flush().expect("the receiver is open");
+        assert!(receiver.try_recv().is_err(), "an empty turn sends nothing");
+        outbox
+            .send_now(ApplyWork::Unregister(GroupId(7)))
+            .expect("the receiver is open");
+        assert_eq!(receiver.try_recv().expect("sent at once").len(), 1);
+        drop(receiver);
+        assert!(outbox.send_now(ApplyWork::Unregister(GroupId(8))).is_err());
+    }
 
     fn result(index: u64, text: &'static str) -> AppliedResult {
         AppliedResult {
