@@ -262,11 +262,9 @@ enum Control {
         removed: Vec<Removal>,
         result: Result<(), regatta_wal::Error>,
     },
-    Applied {
-        group: GroupId,
-        index: LogIndex,
-        results: Vec<AppliedResult>,
-    },
+    /// Groups' applied indexes and the outcomes of their applied entries,
+    /// one hand-over per wake-up of the apply thread.
+    Applied(Vec<GroupApplied>),
     /// The apply thread saved the group's session table as of `index` (or
     /// failed to); a compaction may now drop entries up to there.
     SessionsSaved {
@@ -285,6 +283,13 @@ enum Control {
         index: LogIndex,
         data: Result<SnapshotData, String>,
     },
+}
+
+/// How far a group has applied, with the outcomes since the last report.
+struct GroupApplied {
+    group: GroupId,
+    index: LogIndex,
+    results: Vec<AppliedResult>,
 }
 
 /// The outcome of one applied entry, for whoever proposed it.
@@ -1391,14 +1396,17 @@ impl Worker {
                 }
                 touched.insert(group);
             }
-            Control::Applied {
-                group,
-                index,
-                results,
-            } => {
-                if let Some(state) = self.groups.get_mut(&group) {
-                    state.on_applied(index, results);
-                    touched.insert(group);
+            Control::Applied(reports) => {
+                for GroupApplied {
+                    group,
+                    index,
+                    results,
+                } in reports
+                {
+                    if let Some(state) = self.groups.get_mut(&group) {
+                        state.on_applied(index, results);
+                        touched.insert(group);
+                    }
                 }
             }
             Control::SessionsSaved {
@@ -1990,12 +1998,13 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<Vec<ApplyWork>>, context: ApplyC
                 );
             }
         }
+        let mut applied = Vec::with_capacity(reports.len());
         for (group, results) in std::mem::take(&mut reports) {
             let Some(applier) = appliers.get_mut(&group) else {
                 continue;
             };
             let index = applier.applied;
-            let _ = context.control.send(Control::Applied {
+            applied.push(GroupApplied {
                 group,
                 index,
                 results,
@@ -2007,6 +2016,9 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<Vec<ApplyWork>>, context: ApplyC
             for (_, query, reply) in ready {
                 answers.push((reply, Ok(applier.state_machine.read(&query))));
             }
+        }
+        if !applied.is_empty() {
+            let _ = context.control.send(Control::Applied(applied));
         }
         if !answers.is_empty() {
             let _ = context.answers.send(std::mem::take(&mut answers));
