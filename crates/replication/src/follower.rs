@@ -411,8 +411,21 @@ async fn pull(
     let mut state = LagState::default();
     loop {
         let (used, channel) = link.pick();
+        let applied_before = state.applied;
         match pull_once(&node, &channel, &name, group, &installs, &mut state).await {
-            Ok(()) => delay = RETRY_DELAY_MIN,
+            Ok(()) if state.applied > applied_before => delay = RETRY_DELAY_MIN,
+            Ok(()) => {
+                // Ended without moving the table on: a leader node that
+                // is stopping, or one that ends every stream at once.
+                // Reopening at once would spin; pause as after a failure.
+                tracing::info!(
+                    table = %name,
+                    pause_ms = delay.as_millis() as u64,
+                    "the leader's log stream ended with nothing new; reopening after a pause"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+            }
             Err(error) => {
                 tracing::warn!(table = %name, %error, "replication paused; retrying");
                 link.failed(used, &error);
