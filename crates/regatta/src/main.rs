@@ -131,6 +131,13 @@ struct LeaderArgs {
     )]
     raft_address: SocketAddr,
 
+    /// Where to listen for peers, when it differs from `--raft.address`
+    /// (the address peers dial, and the one `--raft.initial-members`
+    /// gives this node): `0.0.0.0:5012` listens on every interface, for a
+    /// node behind a NAT or in a container. Default: `--raft.address`.
+    #[arg(long = "raft.listen-address", env = "REGATTA_RAFT_LISTEN_ADDRESS")]
+    raft_listen_address: Option<SocketAddr>,
+
     /// Every initial member as `id=ip:port`, comma-separated, this node
     /// included. Empty means a single-node cluster of this node.
     #[arg(
@@ -187,6 +194,15 @@ struct LeaderArgs {
         env = "REGATTA_API_ADDRESS"
     )]
     api_address: SocketAddr,
+
+    /// The URL clients are told to use for this node's API (MemberList,
+    /// which etcd clients use to find the other nodes), when it differs
+    /// from `--api.address`: `http://host:port`, or `https://host:port`
+    /// when the API serves TLS. Needed when `--api.address` listens on
+    /// `0.0.0.0` or sits behind a NAT. Default: `--api.address` with the
+    /// API's scheme.
+    #[arg(long = "api.advertise-address", env = "REGATTA_API_ADVERTISE_ADDRESS")]
+    api_advertise_address: Option<String>,
 
     /// Serve the replication API (table metadata and log streams) for
     /// follower clusters on this address; not served when unset.
@@ -626,6 +642,56 @@ fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, Socke
     Ok(members)
 }
 
+/// The value of `--api.advertise-address`, checked: `http://host:port`,
+/// or `https://` when the API serves TLS; a trailing `/` is dropped.
+fn advertised_url(value: &str, tls: bool) -> Result<String, String> {
+    let flag = "--api.advertise-address";
+    let expected = if tls { "https" } else { "http" };
+    let (scheme, rest) = value
+        .split_once("://")
+        .ok_or_else(|| format!("{flag} {value:?}: not a URL; expected {expected}://host:port"))?;
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "{flag} {value:?}: the scheme must be http or https, not {scheme:?}"
+        ));
+    }
+    if scheme != expected {
+        let why = if tls {
+            "the API serves TLS (--api.cert-filename)"
+        } else {
+            "the API serves plain text (no --api.cert-filename)"
+        };
+        return Err(format!(
+            "{flag} {value:?}: {why}, so clients need {expected}://"
+        ));
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{flag} {value:?}: no port; expected {expected}://host:port"))?;
+    let port_ok = port.parse::<u16>().is_ok_and(|port| port != 0);
+    let host_ok = !host.is_empty()
+        && !host.contains(['/', '?', '#', '@'])
+        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if !port_ok || !host_ok {
+        return Err(format!(
+            "{flag} {value:?}: expected {expected}://host:port (a host name or IP address, \
+             IPv6 in brackets, and a port from 1 to 65535; no path)"
+        ));
+    }
+    let unspecified = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified());
+    if unspecified {
+        return Err(format!(
+            "{flag} {value:?}: {host} is a listening address, not one clients can reach"
+        ));
+    }
+    Ok(format!("{scheme}://{authority}"))
+}
+
 fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     if args.raft_node_id == 0 {
         return Err("--raft.node-id must be non-zero".into());
@@ -674,16 +740,18 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
         }
         config.bootstrap = !args.raft_join;
     }
+    config.listen_address = args.raft_listen_address;
     // What MemberList and etcd clients' endpoint sync see: https when the
     // client API serves TLS.
-    let scheme = if args.tls.api_cert_filename.is_some() {
-        "https"
-    } else {
-        "http"
+    let tls = args.tls.api_cert_filename.is_some();
+    let client_url = match &args.api_advertise_address {
+        Some(url) => advertised_url(url, tls)?,
+        None => {
+            let scheme = if tls { "https" } else { "http" };
+            format!("{scheme}://{}", args.api_address)
+        }
     };
-    config
-        .client_urls
-        .insert(node_id, format!("{scheme}://{}", args.api_address));
+    config.client_urls.insert(node_id, client_url);
     config.etcd_table = args.etcd_table.clone();
     config.key_bytes_max = args.kv_key_bytes_max as usize;
     config.value_bytes_max = args.kv_value_bytes_max as usize;
@@ -840,6 +908,20 @@ async fn run_node(
         role = if follower.is_some() { "follower" } else { "leader" },
         "starting regatta node"
     );
+    if args.api_address.ip().is_unspecified() && args.api_advertise_address.is_none() {
+        tracing::warn!(
+            api = %args.api_address,
+            "--api.address listens on every interface, and MemberList gives clients that \
+             address, which they cannot reach from elsewhere: set --api.advertise-address"
+        );
+    }
+    if args.raft_address.ip().is_unspecified() && config.members.len() > 1 {
+        tracing::warn!(
+            raft = %args.raft_address,
+            "--raft.address is the address peers dial, and this one reaches no host: give a \
+             routable --raft.address, and listen on every interface with --raft.listen-address"
+        );
+    }
     let replication_listener = match args.replication_address {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)

@@ -113,6 +113,29 @@ fn start_up_mistakes_are_refused_naming_the_flag() {
         !success && error.contains("names are not resolved"),
         "{error}"
     );
+    // --api.advertise-address must be a URL clients can use.
+    for (value, says) in [
+        ("127.0.0.1:8443", "not a URL"),
+        ("ftp://127.0.0.1:8443", "must be http or https"),
+        ("https://127.0.0.1:8443", "serves plain text"),
+        ("http://127.0.0.1", "no port"),
+        ("http://127.0.0.1:0", "a port from 1 to 65535"),
+        ("http://node-1:8443/v3", "no path"),
+        ("http://0.0.0.0:8443", "not one clients can reach"),
+    ] {
+        let (success, _, error) = regatta(&[
+            "leader",
+            "--dev",
+            "--api.advertise-address",
+            value,
+            "--data-dir",
+            &data_flag,
+        ]);
+        assert!(
+            !success && error.contains("--api.advertise-address") && error.contains(says),
+            "{value}: {error}"
+        );
+    }
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");
     let file_flag = file.display().to_string();

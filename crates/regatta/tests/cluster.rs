@@ -239,3 +239,83 @@ async fn a_node_without_quorum_fails_requests_in_time() {
         .expect("serializable read");
     assert_eq!(local.kvs()[0].value(), b"v");
 }
+
+/// A node that its peers dial at one address (here a forwarding proxy, as
+/// a NAT would be) and that listens at another (`--raft.listen-address`);
+/// and a client URL advertised apart from the address the API listens on
+/// (`--api.advertise-address`), which MemberList gives to clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_dial_the_advertised_raft_address_and_clients_get_the_advertised_url() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let apis: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let listens: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let any = "127.0.0.1:0".parse().expect("address");
+    let proxy = regatta_chaos::proxy::Proxy::start(any, listens[2])
+        .await
+        .expect("proxy");
+    // Node 3 is known by the proxy's address; the proxy holds that port,
+    // so node 3 starts only if it listens where `--raft.listen-address`
+    // says.
+    let rafts = [listens[0], listens[1], proxy.address()];
+    let members = common::members(&rafts);
+    let advertised = format!("http://localhost:{}", apis[1].port());
+    let listen = listens[2].to_string();
+    let mut nodes = BTreeMap::new();
+    nodes.insert(1, start_node(root.path(), 1, apis[0], rafts[0], &members));
+    nodes.insert(
+        2,
+        start_node_with(
+            root.path(),
+            2,
+            apis[1],
+            rafts[1],
+            &members,
+            &["--api.advertise-address", &advertised],
+        ),
+    );
+    nodes.insert(
+        3,
+        start_node_with(
+            root.path(),
+            3,
+            apis[2],
+            rafts[2],
+            &members,
+            &["--raft.listen-address", &listen],
+        ),
+    );
+    let mut first = connect(&nodes[&1]).await;
+    first.put("k", "v", None).await.expect("put through node 1");
+    let mut third = connect(&nodes[&3]).await;
+    assert_eq!(
+        get(&mut third, "k").await.as_deref(),
+        Some(&b"v"[..]),
+        "a linearizable read on node 3"
+    );
+    assert!(
+        proxy.forwarded_bytes() > 0,
+        "nodes 1 and 2 reached node 3 through its advertised address"
+    );
+    let listed = first.member_list().await.expect("member list");
+    let urls: BTreeMap<u64, (Vec<String>, Vec<String>)> = listed
+        .members()
+        .iter()
+        .map(|member| {
+            (
+                member.id(),
+                (member.peer_urls().to_vec(), member.client_urls().to_vec()),
+            )
+        })
+        .collect();
+    eprintln!("members: {urls:?}");
+    assert_eq!(urls.len(), 3, "{urls:?}");
+    assert_eq!(urls[&1].1, vec![format!("http://{}", apis[0])], "{urls:?}");
+    assert_eq!(urls[&2].1, vec![advertised.clone()], "{urls:?}");
+    assert!(
+        urls[&3]
+            .0
+            .iter()
+            .any(|url| url.contains(&proxy.address().to_string())),
+        "node 3's peer URL is the address peers dial: {urls:?}"
+    );
+}

@@ -78,6 +78,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The peer address of every member, this node included.
     pub members: BTreeMap<NodeId, SocketAddr>,
+    /// Where this node listens for peers, when not at its own address in
+    /// `members` (which is what peers dial): all interfaces behind a NAT
+    /// or in a container (`--raft.listen-address`).
+    pub listen_address: Option<SocketAddr>,
     /// Where to dial nodes that are not initial members (added later),
     /// instead of the address they record for themselves: a proxy, a NAT
     /// address. Never bootstrap voters.
@@ -114,6 +118,7 @@ impl NodeConfig {
             cluster_id: 1,
             data_dir: data_dir.into(),
             members: [(NodeId(1), raft_address)].into(),
+            listen_address: None,
             peer_addresses: BTreeMap::new(),
             client_urls: BTreeMap::new(),
             bootstrap: true,
@@ -310,9 +315,13 @@ impl Node {
                 config.data_dir.display()
             ))
         })?;
-        let listener = TcpListener::bind(own_address).await.map_err(|error| {
+        let (listen_address, flag) = match config.listen_address {
+            Some(address) => (address, "--raft.listen-address"),
+            None => (own_address, "--raft.address"),
+        };
+        let listener = TcpListener::bind(listen_address).await.map_err(|error| {
             Error::Config(format!(
-                "listen for peers on {own_address} (--raft.address): {error}"
+                "listen for peers on {listen_address} ({flag}): {error}"
             ))
         })?;
         let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
