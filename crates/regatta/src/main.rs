@@ -761,6 +761,22 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     Ok(config)
 }
 
+/// Whether a linearizable read of `group` succeeds on `node` now: its
+/// state machine holds everything the leader had committed.
+async fn caught_up(node: &Node, group: regatta_wal::GroupId) -> bool {
+    let probe = regatta_kv::command::Query::Range(regatta_kv::command::RangeRequest {
+        range: regatta_kv::command::KeyRange {
+            key: b"ready-probe".to_vec(),
+            range_end: Vec::new(),
+        },
+        limit: 1,
+        keys_only: true,
+        count_only: true,
+        bytes_max: 0,
+    });
+    node.read(group, &probe, true).await.is_ok()
+}
+
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -1000,7 +1016,11 @@ async fn run_node(
             tokio::time::sleep(Duration::from_millis(100)).await;
             let etcd_table = ready_node.config().etcd_table.clone();
             if let Ok(group) = ready_node.table_group(&etcd_table) {
-                if ready_node.facts(group).leader != 0 {
+                // A linearizable read answers once this node has applied
+                // what the leader had committed: a joining node is ready
+                // only once it has caught up, not when it first hears of
+                // a leader.
+                if ready_node.facts(group).leader != 0 && caught_up(&ready_node, group).await {
                     tracing::info!(
                         api = %api_address,
                         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -123,6 +123,17 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
         &["--rest.address", &rest_flag],
     );
     let mut follower_client = connect(&follower).await;
+    // The node says it is ready (after a linearizable read of its etcd
+    // table succeeds there).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !follower.log().contains("ready: try `etcdctl") {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never logged that it is ready:\n{}",
+            follower.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     converge(
         &mut leader_client,
         &mut follower_client,
