@@ -650,6 +650,7 @@ fn advertised_url(value: &str, tls: bool) -> Result<String, String> {
     let (scheme, rest) = value
         .split_once("://")
         .ok_or_else(|| format!("{flag} {value:?}: not a URL; expected {expected}://host:port"))?;
+    let scheme = scheme.to_ascii_lowercase();
     if scheme != "http" && scheme != "https" {
         return Err(format!(
             "{flag} {value:?}: the scheme must be http or https, not {scheme:?}"
@@ -666,13 +667,28 @@ fn advertised_url(value: &str, tls: bool) -> Result<String, String> {
         ));
     }
     let authority = rest.strip_suffix('/').unwrap_or(rest);
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{flag} {value:?}: no port; expected {expected}://host:port"))?;
-    let port_ok = port.parse::<u16>().is_ok_and(|port| port != 0);
-    let host_ok = !host.is_empty()
-        && !host.contains(['/', '?', '#', '@'])
-        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    // The port follows the last ':' after an IPv6 address's brackets.
+    let host_end = authority.rfind(']').map_or(0, |end| end + 1);
+    let Some(colon) = authority[host_end..].rfind(':').map(|at| host_end + at) else {
+        return Err(format!(
+            "{flag} {value:?}: no port; expected {expected}://host:port"
+        ));
+    };
+    let (host, port) = (&authority[..colon], &authority[colon + 1..]);
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|byte| byte.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|port| port != 0);
+    let host_ok = match host.strip_prefix('[') {
+        Some(inside) => inside
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.')
+        }
+    };
     if !port_ok || !host_ok {
         return Err(format!(
             "{flag} {value:?}: expected {expected}://host:port (a host name or IP address, \
@@ -689,7 +705,7 @@ fn advertised_url(value: &str, tls: bool) -> Result<String, String> {
             "{flag} {value:?}: {host} is a listening address, not one clients can reach"
         ));
     }
-    Ok(format!("{scheme}://{authority}"))
+    Ok(format!("{scheme}://{host}:{port}"))
 }
 
 fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
@@ -931,7 +947,7 @@ async fn run_node(
              address, which they cannot reach from elsewhere: set --api.advertise-address"
         );
     }
-    if args.raft_address.ip().is_unspecified() && config.members.len() > 1 {
+    if args.raft_address.ip().is_unspecified() && (config.members.len() > 1 || args.raft_join) {
         tracing::warn!(
             raft = %args.raft_address,
             "--raft.address is the address peers dial, and this one reaches no host: give a \
@@ -1009,7 +1025,13 @@ async fn run_node(
     });
     // Say when the cluster can serve, so that a user knows when to connect.
     let ready_node = std::sync::Arc::clone(&node);
-    let api_address = args.api_address;
+    // The URL this node gives clients (`--api.advertise-address`).
+    let api_address = node
+        .config()
+        .client_urls
+        .get(&node.config().node_id)
+        .cloned()
+        .unwrap_or_else(|| args.api_address.to_string());
     tokio::spawn(async move {
         let started = std::time::Instant::now();
         loop {
@@ -1204,6 +1226,40 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("regatta: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_url;
+
+    #[test]
+    fn advertised_urls_are_normalised_or_refused() {
+        for (value, tls, url) in [
+            (
+                "http://node-1.example:8443",
+                false,
+                "http://node-1.example:8443",
+            ),
+            ("HTTP://10.0.0.7:8443/", false, "http://10.0.0.7:8443"),
+            (
+                "https://[2001:db8::7]:8443",
+                true,
+                "https://[2001:db8::7]:8443",
+            ),
+        ] {
+            assert_eq!(advertised_url(value, tls).as_deref(), Ok(url), "{value}");
+        }
+        for (value, tls) in [
+            ("http://node-1:8443", true),
+            ("https://node-1:8443", false),
+            ("http://user@node-1:8443", false),
+            ("http://node-1:8443?x=1", false),
+            ("http://node-1:65536", false),
+            ("http://[2001:db8::7:8443", false),
+        ] {
+            assert!(advertised_url(value, tls).is_err(), "{value} was accepted");
         }
     }
 }

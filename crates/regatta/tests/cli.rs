@@ -122,6 +122,11 @@ fn start_up_mistakes_are_refused_naming_the_flag() {
         ("http://127.0.0.1:0", "a port from 1 to 65535"),
         ("http://node-1:8443/v3", "no path"),
         ("http://0.0.0.0:8443", "not one clients can reach"),
+        ("http://[::]:8443", "not one clients can reach"),
+        ("http://node-1:+80", "a port from 1 to 65535"),
+        ("http://[zzz]:8443", "IPv6 in brackets"),
+        ("http://[::1]", "no port"),
+        ("http://no de:8443", "a host name or IP address"),
     ] {
         let (success, _, error) = regatta(&[
             "leader",

@@ -296,18 +296,27 @@ async fn peers_dial_the_advertised_raft_address_and_clients_get_the_advertised_u
         proxy.forwarded_bytes() > 0,
         "nodes 1 and 2 reached node 3 through its advertised address"
     );
-    let listed = first.member_list().await.expect("member list");
-    let urls: BTreeMap<u64, (Vec<String>, Vec<String>)> = listed
-        .members()
-        .iter()
-        .map(|member| {
-            (
-                member.id(),
-                (member.peer_urls().to_vec(), member.client_urls().to_vec()),
-            )
-        })
-        .collect();
-    eprintln!("members: {urls:?}");
+    // Each node records its own addresses in the background (retried
+    // every 2 s), and MemberList reads the records locally: wait for all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let urls = loop {
+        let listed = first.member_list().await.expect("member list");
+        let urls: BTreeMap<u64, (Vec<String>, Vec<String>)> = listed
+            .members()
+            .iter()
+            .map(|member| {
+                (
+                    member.id(),
+                    (member.peer_urls().to_vec(), member.client_urls().to_vec()),
+                )
+            })
+            .collect();
+        let recorded = urls.len() == 3 && urls.values().all(|(_, client)| !client.is_empty());
+        if recorded || Instant::now() >= deadline {
+            break urls;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(urls.len(), 3, "{urls:?}");
     assert_eq!(urls[&1].1, vec![format!("http://{}", apis[0])], "{urls:?}");
     assert_eq!(urls[&2].1, vec![advertised.clone()], "{urls:?}");

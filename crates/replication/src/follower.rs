@@ -63,6 +63,9 @@ const STREAM_BUFFER_RESPONSES: usize = 64;
 /// A puller's pause after a failure, doubled up to the maximum.
 const RETRY_DELAY_MIN: Duration = Duration::from_millis(100);
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+/// Log streams in a row that end cleanly with nothing in them before the
+/// puller moves to the leader cluster's next address.
+const EMPTY_STREAMS_BEFORE_NEXT_ADDRESS: u32 = 3;
 
 /// How a follower cluster replicates.
 #[derive(Clone, Debug)]
@@ -409,20 +412,37 @@ async fn pull(
 ) {
     let mut delay = RETRY_DELAY_MIN;
     let mut state = LagState::default();
+    // Streams in a row that ended cleanly without a message.
+    let mut empty_streams = 0u32;
     loop {
         let (used, channel) = link.pick();
-        let applied_before = state.applied;
+        let received_before = state.received;
         match pull_once(&node, &channel, &name, group, &installs, &mut state).await {
-            Ok(()) if state.applied > applied_before => delay = RETRY_DELAY_MIN,
+            Ok(()) if state.received > received_before => {
+                empty_streams = 0;
+                delay = RETRY_DELAY_MIN;
+            }
             Ok(()) => {
-                // Ended without moving the table on: a leader node that
-                // is stopping, or one that ends every stream at once.
-                // Reopening at once would spin; pause as after a failure.
+                // Ended without a message: a leader node that is
+                // stopping, or one that ends every stream at once.
+                // Reopening at once would spin: pause as after a failure,
+                // and after a few in a row try the next address.
+                empty_streams += 1;
                 tracing::info!(
                     table = %name,
                     pause_ms = delay.as_millis() as u64,
-                    "the leader's log stream ended with nothing new; reopening after a pause"
+                    "the leader's log stream ended with nothing in it; reopening after a pause"
                 );
+                if empty_streams >= EMPTY_STREAMS_BEFORE_NEXT_ADDRESS {
+                    empty_streams = 0;
+                    link.failed(
+                        used,
+                        &Error::from(tonic::Status::unavailable(format!(
+                            "the leader node ended {EMPTY_STREAMS_BEFORE_NEXT_ADDRESS} log \
+                             streams in a row with nothing in them"
+                        ))),
+                    );
+                }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_DELAY_MAX);
             }
@@ -441,6 +461,9 @@ async fn pull(
 /// What the puller knows of its table's lag.
 #[derive(Default)]
 struct LagState {
+    /// Stream messages received and snapshots installed, ever: whether a
+    /// stream did anything.
+    received: u64,
     leader_index: u64,
     applied: u64,
     behind_since: Option<Instant>,
@@ -539,6 +562,7 @@ async fn pull_once(
                 break;
             };
             served = response.leader_index;
+            state.received += 1;
             state.update(response.leader_index, applied);
             match response.response {
                 Some(proto::replicate_response::Response::CommandsResponse(batch)) => {
@@ -726,6 +750,7 @@ async fn install_snapshot(
         .await
         .map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
     node.count_snapshot_install(group);
+    state.received += 1;
     state.update(summary.index, summary.index);
     state.report(node, group);
     tracing::info!(
