@@ -603,6 +603,7 @@ impl NodeHost {
             }
         };
         let (applied_sender, applied_receiver) = AppliedPublisher::new(initially_applied);
+        let apply_outbox = apply.clone();
         apply
             .send_now(ApplyWork::Register(
                 group,
@@ -638,7 +639,12 @@ impl NodeHost {
         };
         inbox
             .try_send(WorkerInput::Start(group, Box::new(state)))
-            .map_err(|_| Error::Busy(group))?;
+            .map_err(|_| {
+                // The apply thread registered the state machine: drop it
+                // there again, or it would stay without its group.
+                let _ = apply_outbox.send_now(ApplyWork::Unregister(group));
+                Error::Busy(group)
+            })?;
         groups.insert(group, worker_index);
         self.inner
             .applied
@@ -931,9 +937,34 @@ impl NodeHost {
         }
         // The id stays taken until the removal is durable, so that a
         // `start_group` of the same id (GroupExists meanwhile) never reads
-        // the old group's log from the WAL.
-        let _release = ReleaseGroupId { host: self, group };
-        answer.await.map_err(|_| stopped(group))?
+        // the old group's log from the WAL, nor has its state machine
+        // unregistered by the old group's removal. A task of its own waits
+        // for that, so a caller that gives up waiting does not free the
+        // id early.
+        let host = self.clone();
+        let removal = tokio::spawn(async move {
+            let removed = answer
+                .await
+                .map_err(|_| stopped(group))
+                .and_then(|done| done);
+            host.release_group_id(group);
+            removed
+        });
+        removal.await.map_err(|_| stopped(group))?
+    }
+
+    /// Frees a removed group's id once its removal is over.
+    fn release_group_id(&self, group: GroupId) {
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        self.inner
+            .applied
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
     }
 
     /// The group's Raft status on this node.
@@ -1056,30 +1087,6 @@ impl NodeHost {
                 timeout_ms: timeout.as_millis() as u64,
             }),
         }
-    }
-}
-
-/// Frees a removed group's id in the host's map when dropped, whether
-/// `remove_group` completed or its caller gave up waiting.
-struct ReleaseGroupId<'a> {
-    host: &'a NodeHost,
-    group: GroupId,
-}
-
-impl Drop for ReleaseGroupId<'_> {
-    fn drop(&mut self) {
-        self.host
-            .inner
-            .groups
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.group);
-        self.host
-            .inner
-            .applied
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.group);
     }
 }
 

@@ -4,6 +4,7 @@
 //! proposals on followers with the leader's id.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -606,6 +607,71 @@ async fn followers_apply_the_last_commit_without_heartbeats() {
             host.stop().await;
         }
     }
+}
+
+/// A caller that stops waiting for `remove_group` does not free the id
+/// early: a `start_group` of the same id is refused with `GroupExists`
+/// until the removal is durable, and the group started then works. Before,
+/// the id was freed as the caller's future dropped, so the new group could
+/// start while the old removal was still on its way, and that removal
+/// then unregistered the new group's state machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_given_up_on_keeps_the_id_until_it_is_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let host = start_host(dir.path(), 1, &transport, &[NodeId(1)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host
+        .propose(GROUP, Bytes::from_static(b"old=1"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the group never took a write");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for round in 0..20 {
+        // Polled once, then dropped: the removal is asked for, and its
+        // caller gives up at once.
+        let mut removal = Box::pin(host.remove_group(GROUP));
+        let first =
+            std::future::poll_fn(|context| std::task::Poll::Ready(removal.as_mut().poll(context)))
+                .await;
+        assert!(
+            first.is_pending(),
+            "round {round}: the removal was not pending: {first:?}"
+        );
+        drop(removal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match host.start_group(GROUP, vec![NodeId(1)], Box::new(KvMachine::default())) {
+                Ok(()) => break,
+                Err(Error::GroupExists(_)) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "round {round}: the id was never freed"
+                    );
+                    tokio::task::yield_now().await;
+                }
+                Err(error) => panic!("round {round}: {error}"),
+            }
+        }
+        let key = format!("round{round}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let command = Bytes::from(format!("{key}=1"));
+            match tokio::time::timeout(Duration::from_secs(2), host.propose(GROUP, command)).await {
+                Ok(Ok(_)) => break,
+                outcome => assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the new group never applied a write: {outcome:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        read_until(&host, &key, "1").await;
+        read_until(&host, "old", "").await;
+    }
+    host.stop().await;
 }
 
 /// Proposals in flight while the leader removes the group all end, each
