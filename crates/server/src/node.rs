@@ -1246,7 +1246,13 @@ impl Node {
             }
         }
         for group in running.iter().filter(|group| !wanted.contains(group)) {
-            if self.host.remove_group(*group).await.is_ok() {
+            // `UnknownGroup`: an earlier removal finished after its caller
+            // stopped waiting (a cancelled delete); the cleanup is still due.
+            let removed = match self.host.remove_group(*group).await {
+                Ok(()) | Err(regatta_multiraft::Error::UnknownGroup(_)) => true,
+                Err(_) => false,
+            };
+            if removed {
                 if let Err(error) = self.store.remove_table(group.0) {
                     tracing::error!(group = group.0, %error, "cannot delete a table's data");
                 }

@@ -103,15 +103,17 @@ fn contains(membership: &Membership, node: NodeId) -> bool {
 }
 
 /// Refuses `address` for member `id` when another member's record has it.
+/// A record of a node that is no member (left by an add or a removal that
+/// did not finish) holds no address.
 fn check_address_free(
     recorded: &BTreeMap<NodeId, MemberAddresses>,
+    membership: &Membership,
     id: NodeId,
     address: SocketAddr,
 ) -> Result<()> {
-    match recorded
-        .iter()
-        .find(|(other, addresses)| **other != id && addresses.raft_address == address)
-    {
+    match recorded.iter().find(|(other, addresses)| {
+        **other != id && contains(membership, **other) && addresses.raft_address == address
+    }) {
         Some((other, _)) => Err(Error::InvalidArgument(format!(
             "node {} already uses the Raft address {address}",
             other.0
@@ -283,14 +285,26 @@ impl Node {
         if id.0 == 0 {
             return Err(Error::InvalidArgument("node id 0 is invalid".into()));
         }
-        if contains(&self.membership().await?, id) {
+        let membership = self.membership().await?;
+        if contains(&membership, id) {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is already a member",
                 id.0
             )));
         }
         let recorded = self.member_addresses().await?;
-        check_address_free(&recorded, id, addresses.raft_address)?;
+        check_address_free(&recorded, &membership, id, addresses.raft_address)?;
+        // A record of another node that is no member, at this address: a
+        // leftover of an add or a removal that did not finish.
+        for (other, old) in &recorded {
+            if *other != id
+                && !contains(&membership, *other)
+                && old.raft_address == addresses.raft_address
+            {
+                self.forget_member(*other).await?;
+                tracing::info!(node = other.0, raft = %old.raft_address, "forgot the address record of a node that is no member");
+            }
+        }
         self.record_member(id, &addresses).await?;
         self.transport.set_peer(id, addresses.raft_address);
         self.change_cluster(ConfChange::AddLearner {
@@ -308,14 +322,15 @@ impl Node {
     /// this `--raft.address`; a member still running on another address
     /// records its own again when it next registers.
     pub async fn update_member_address(&self, id: NodeId, raft_address: SocketAddr) -> Result<()> {
-        if !contains(&self.membership().await?, id) {
+        let membership = self.membership().await?;
+        if !contains(&membership, id) {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is not a member",
                 id.0
             )));
         }
         let recorded = self.member_addresses().await?;
-        check_address_free(&recorded, id, raft_address)?;
+        check_address_free(&recorded, &membership, id, raft_address)?;
         let client_url = recorded
             .get(&id)
             .map(|addresses| addresses.client_url.clone())
@@ -353,13 +368,29 @@ impl Node {
     /// could not form a reachable quorum. A removed node stops itself.
     pub async fn remove_member(&self, id: NodeId) -> Result<()> {
         if !contains(&self.membership().await?, id) {
+            // A removal whose caller stopped waiting after the change may
+            // have left the node's address record: the retry drops it, if
+            // it can (a removed node cannot write).
+            if let Ok(recorded) = self.member_addresses().await {
+                if recorded.contains_key(&id) && self.forget_member(id).await.is_ok() {
+                    tracing::info!(node = id.0, "forgot the address record of a removed node");
+                }
+            }
             return Err(Error::FailedPrecondition(format!(
                 "node {} is not a member",
                 id.0
             )));
         }
+        let own = id == self.config.node_id;
+        if own {
+            // Once removed, this node can no longer write: its record
+            // goes first.
+            self.forget_member(id).await?;
+        }
         self.change_cluster(ConfChange::Remove { node: id }).await?;
-        self.forget_member(id).await?;
+        if !own {
+            self.forget_member(id).await?;
+        }
         tracing::info!(node = id.0, "member removed");
         Ok(())
     }
@@ -382,7 +413,12 @@ impl Node {
         groups.push(META_GROUP);
         let mut removed_from = 0;
         for group in groups {
-            let status = self.host.status(group).await?;
+            let status = match self.host.status(group).await {
+                Ok(status) => status,
+                // Removed meanwhile: its table was deleted.
+                Err(regatta_multiraft::Error::UnknownGroup(_)) => continue,
+                Err(error) => return Err(error.into()),
+            };
             if contains(&status.membership, id) {
                 self.host.force_remove(group, id).await?;
                 removed_from += 1;
@@ -421,7 +457,12 @@ impl Node {
     pub async fn move_leaderships(&self, target: Option<NodeId>) -> Result<u64> {
         let mut moved = 0;
         for group in self.running_groups() {
-            let status = self.host.status(group).await?;
+            let status = match self.host.status(group).await {
+                Ok(status) => status,
+                // Removed meanwhile: its table was deleted.
+                Err(regatta_multiraft::Error::UnknownGroup(_)) => continue,
+                Err(error) => return Err(error.into()),
+            };
             if status.soft_state.role == Role::Leader && status.membership.voters.len() > 1 {
                 self.move_leader(group, target).await?;
                 moved += 1;
@@ -676,6 +717,24 @@ mod tests {
             peer_address(&config, NodeId(4), &record),
             Some(own_record),
             "a member added later is placed by its record"
+        );
+    }
+
+    #[test]
+    fn only_members_records_hold_their_addresses() {
+        let address: SocketAddr = "127.0.0.1:5004".parse().expect("address");
+        let record = MemberAddresses {
+            raft_address: address,
+            client_url: String::new(),
+        };
+        let recorded: BTreeMap<NodeId, MemberAddresses> = [(NodeId(4), record)].into();
+        let with_4 = membership(&[1, 2, 3], &[4], &[]);
+        let without_4 = membership(&[1, 2, 3], &[], &[]);
+        assert!(check_address_free(&recorded, &with_4, NodeId(5), address).is_err());
+        assert!(check_address_free(&recorded, &with_4, NodeId(4), address).is_ok());
+        assert!(
+            check_address_free(&recorded, &without_4, NodeId(5), address).is_ok(),
+            "a record left by an add or a removal that did not finish holds nothing"
         );
     }
 
