@@ -575,6 +575,17 @@ async fn leave_on_terminate_and_force_remove() {
         let found = client.get(key, None).await.expect("get");
         assert_eq!(found.kvs().len(), 1, "{key} is lost");
     }
+    // Node 3's address is free again: etcd's MemberAdd of a new node
+    // there succeeds. Before, node 3's address record outlived it (a
+    // removed node cannot delete it), and the address was refused as
+    // node 3's.
+    let added = client
+        .member_add([format!("http://{}", rafts[2])], None)
+        .await
+        .expect("member add at the departed node's address");
+    let id = added.member().expect("the added member").id();
+    assert_eq!(id, 4, "one past the highest id ever configured");
+    client.member_remove(id).await.expect("member remove");
 }
 
 /// Waits until `key` is readable on `node`.
