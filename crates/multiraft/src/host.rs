@@ -190,6 +190,14 @@ enum PendingRead {
 }
 
 impl PendingRead {
+    /// Its caller stopped waiting.
+    fn is_abandoned(&self) -> bool {
+        match self {
+            PendingRead::Query(_, reply) => reply.is_closed(),
+            PendingRead::Index(reply) => reply.is_closed(),
+        }
+    }
+
     fn fail(self, error: Error) {
         match self {
             PendingRead::Query(_, reply) => {
@@ -1150,7 +1158,8 @@ pub const INSTALL_CUT_BEFORE_WAL: &str =
 /// recorded it is finished from its copy.
 pub const INSTALL_CUT_AFTER_WAL: &str = "finished installing a snapshot interrupted by a restart";
 
-/// Ticks between sweeps of forwarded proposals nobody waits for.
+/// Ticks between sweeps of forwarded proposals and reads nobody waits
+/// for.
 const WAITING_SWEEP_TICKS: u64 = 100;
 
 /// Inputs handled per turn before the readies are taken.
@@ -1512,6 +1521,11 @@ impl Group {
                 replies.retain(|reply| !reply.is_closed());
                 !replies.is_empty()
             });
+            // Reads whose callers gave up, where the read index may never
+            // come (a leader over its pending-read limit drops a forwarded
+            // one); a read state that comes later finds nobody and is
+            // ignored.
+            self.reads.retain(|_, read| !read.is_abandoned());
         }
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some();
@@ -2617,6 +2631,20 @@ fn read_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_whose_caller_gave_up_is_abandoned() {
+        let (reply, answer) = oneshot::channel();
+        let read = PendingRead::Index(reply);
+        assert!(!read.is_abandoned());
+        drop(answer);
+        assert!(read.is_abandoned());
+        let (reply, answer) = oneshot::channel();
+        let read = PendingRead::Query(Bytes::from_static(b"q"), reply);
+        assert!(!read.is_abandoned());
+        drop(answer);
+        assert!(read.is_abandoned());
+    }
 
     #[test]
     fn apply_work_of_a_turn_leaves_in_one_hand_over_in_order() {
