@@ -629,6 +629,7 @@ async fn a_removal_given_up_on_keeps_the_id_until_it_is_durable() {
         assert!(Instant::now() < deadline, "the group never took a write");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let mut given_up = 0;
     for round in 0..20 {
         // Polled once, then dropped: the removal is asked for, and its
         // caller gives up at once.
@@ -636,11 +637,17 @@ async fn a_removal_given_up_on_keeps_the_id_until_it_is_durable() {
         let first =
             std::future::poll_fn(|context| std::task::Poll::Ready(removal.as_mut().poll(context)))
                 .await;
-        assert!(
-            first.is_pending(),
-            "round {round}: the removal was not pending: {first:?}"
-        );
         drop(removal);
+        if first.is_ready() {
+            // Done within the first poll (this thread was descheduled
+            // meanwhile): nothing was given up on this round.
+            assert!(
+                matches!(first, std::task::Poll::Ready(Ok(()))),
+                "round {round}: {first:?}"
+            );
+        } else {
+            given_up += 1;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match host.start_group(GROUP, vec![NodeId(1)], Box::new(KvMachine::default())) {
@@ -650,7 +657,7 @@ async fn a_removal_given_up_on_keeps_the_id_until_it_is_durable() {
                         Instant::now() < deadline,
                         "round {round}: the id was never freed"
                     );
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 Err(error) => panic!("round {round}: {error}"),
             }
@@ -671,6 +678,10 @@ async fn a_removal_given_up_on_keeps_the_id_until_it_is_durable() {
         read_until(&host, &key, "1").await;
         read_until(&host, "old", "").await;
     }
+    assert!(
+        given_up >= 10,
+        "only {given_up} of 20 removals were given up on"
+    );
     host.stop().await;
 }
 

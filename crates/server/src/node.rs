@@ -183,6 +183,9 @@ pub struct Node {
     /// Table groups with a membership change under way (see
     /// `membership.rs`).
     changing: Arc<std::sync::Mutex<std::collections::HashSet<GroupId>>>,
+    /// Members seen leave the cluster, whose address records the metadata
+    /// group's leader deletes (`membership::Departures`).
+    departures: std::sync::Mutex<membership::Departures>,
     /// When this node last wrote its own address record.
     registered_at: std::sync::Mutex<Option<Instant>>,
     /// Leader changes and elections seen per group (see `RaftEvents`).
@@ -369,6 +372,7 @@ impl Node {
             table_voters: RwLock::new(HashMap::new()),
             removed: tokio::sync::watch::channel(false).0,
             changing: Arc::default(),
+            departures: std::sync::Mutex::default(),
             registered_at: std::sync::Mutex::new(None),
             raft_events: RwLock::new(HashMap::new()),
             snapshot_installs: RwLock::new(HashMap::new()),

@@ -29,6 +29,8 @@ use crate::error::{Error, Result};
 const MEMBER_PREFIX: &[u8] = b"member/";
 /// How often a node checks that its own address record is current.
 const REGISTRATION_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the reconciler waits to delete one departed member's record.
+const DEPARTED_FORGET_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one membership step of a table group may take before the
 /// reconciler tries again.
 const TABLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,18 +104,54 @@ fn contains(membership: &Membership, node: NodeId) -> bool {
     membership.voters.contains(&node) || membership.learners.contains(&node)
 }
 
+/// Members this node has seen leave the cluster, whose address records
+/// are still to be deleted. A node that removes itself cannot delete its
+/// own record (a removed node cannot write), so the metadata group's
+/// leader deletes the records of departed members; until then the record
+/// keeps its address taken. Every node tracks departures, so a new leader
+/// knows those seen before it took over; a departure during a restart is
+/// missed (the record stays, as it did before).
+#[derive(Default)]
+pub(crate) struct Departures {
+    /// The members as of the last check; `None` before the first.
+    last_members: Option<BTreeSet<NodeId>>,
+    departed: BTreeSet<NodeId>,
+}
+
+impl Departures {
+    /// Notes the members now; returns the departed ones still recorded in
+    /// `recorded`, forgetting departures whose record is gone or who are
+    /// members again.
+    fn update(
+        &mut self,
+        members: BTreeSet<NodeId>,
+        recorded: &BTreeMap<NodeId, MemberAddresses>,
+    ) -> Vec<NodeId> {
+        if let Some(last) = &self.last_members {
+            self.departed.extend(last.difference(&members));
+        }
+        self.departed
+            .retain(|id| !members.contains(id) && recorded.contains_key(id));
+        self.last_members = Some(members);
+        self.departed.iter().copied().collect()
+    }
+
+    /// `id` is being added again: its new record must stay.
+    fn forget(&mut self, id: NodeId) {
+        self.departed.remove(&id);
+    }
+}
+
 /// Refuses `address` for member `id` when another member's record has it.
-/// A record of a node that is no member (left by an add or a removal that
-/// did not finish) holds no address.
 fn check_address_free(
     recorded: &BTreeMap<NodeId, MemberAddresses>,
-    membership: &Membership,
     id: NodeId,
     address: SocketAddr,
 ) -> Result<()> {
-    match recorded.iter().find(|(other, addresses)| {
-        **other != id && contains(membership, **other) && addresses.raft_address == address
-    }) {
+    match recorded
+        .iter()
+        .find(|(other, addresses)| **other != id && addresses.raft_address == address)
+    {
         Some((other, _)) => Err(Error::InvalidArgument(format!(
             "node {} already uses the Raft address {address}",
             other.0
@@ -285,26 +323,18 @@ impl Node {
         if id.0 == 0 {
             return Err(Error::InvalidArgument("node id 0 is invalid".into()));
         }
-        let membership = self.membership().await?;
-        if contains(&membership, id) {
+        if contains(&self.membership().await?, id) {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is already a member",
                 id.0
             )));
         }
         let recorded = self.member_addresses().await?;
-        check_address_free(&recorded, &membership, id, addresses.raft_address)?;
-        // A record of another node that is no member, at this address: a
-        // leftover of an add or a removal that did not finish.
-        for (other, old) in &recorded {
-            if *other != id
-                && !contains(&membership, *other)
-                && old.raft_address == addresses.raft_address
-            {
-                self.forget_member(*other).await?;
-                tracing::info!(node = other.0, raft = %old.raft_address, "forgot the address record of a node that is no member");
-            }
-        }
+        check_address_free(&recorded, id, addresses.raft_address)?;
+        self.departures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(id);
         self.record_member(id, &addresses).await?;
         self.transport.set_peer(id, addresses.raft_address);
         self.change_cluster(ConfChange::AddLearner {
@@ -322,15 +352,14 @@ impl Node {
     /// this `--raft.address`; a member still running on another address
     /// records its own again when it next registers.
     pub async fn update_member_address(&self, id: NodeId, raft_address: SocketAddr) -> Result<()> {
-        let membership = self.membership().await?;
-        if !contains(&membership, id) {
+        if !contains(&self.membership().await?, id) {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is not a member",
                 id.0
             )));
         }
         let recorded = self.member_addresses().await?;
-        check_address_free(&recorded, &membership, id, raft_address)?;
+        check_address_free(&recorded, id, raft_address)?;
         let client_url = recorded
             .get(&id)
             .map(|addresses| addresses.client_url.clone())
@@ -368,29 +397,13 @@ impl Node {
     /// could not form a reachable quorum. A removed node stops itself.
     pub async fn remove_member(&self, id: NodeId) -> Result<()> {
         if !contains(&self.membership().await?, id) {
-            // A removal whose caller stopped waiting after the change may
-            // have left the node's address record: the retry drops it, if
-            // it can (a removed node cannot write).
-            if let Ok(recorded) = self.member_addresses().await {
-                if recorded.contains_key(&id) && self.forget_member(id).await.is_ok() {
-                    tracing::info!(node = id.0, "forgot the address record of a removed node");
-                }
-            }
             return Err(Error::FailedPrecondition(format!(
                 "node {} is not a member",
                 id.0
             )));
         }
-        let own = id == self.config.node_id;
-        if own {
-            // Once removed, this node can no longer write: its record
-            // goes first.
-            self.forget_member(id).await?;
-        }
         self.change_cluster(ConfChange::Remove { node: id }).await?;
-        if !own {
-            self.forget_member(id).await?;
-        }
+        self.forget_member(id).await?;
         tracing::info!(node = id.0, "member removed");
         Ok(())
     }
@@ -415,8 +428,11 @@ impl Node {
         for group in groups {
             let status = match self.host.status(group).await {
                 Ok(status) => status,
-                // Removed meanwhile: its table was deleted.
-                Err(regatta_multiraft::Error::UnknownGroup(_)) => continue,
+                // Removed, or being removed: its table was deleted.
+                Err(
+                    regatta_multiraft::Error::UnknownGroup(_)
+                    | regatta_multiraft::Error::GroupStopped { .. },
+                ) if group != META_GROUP => continue,
                 Err(error) => return Err(error.into()),
             };
             if contains(&status.membership, id) {
@@ -459,8 +475,11 @@ impl Node {
         for group in self.running_groups() {
             let status = match self.host.status(group).await {
                 Ok(status) => status,
-                // Removed meanwhile: its table was deleted.
-                Err(regatta_multiraft::Error::UnknownGroup(_)) => continue,
+                // Removed, or being removed: its table was deleted.
+                Err(
+                    regatta_multiraft::Error::UnknownGroup(_)
+                    | regatta_multiraft::Error::GroupStopped { .. },
+                ) if group != META_GROUP => continue,
                 Err(error) => return Err(error.into()),
             };
             if status.soft_state.role == Role::Leader && status.membership.voters.len() > 1 {
@@ -581,6 +600,7 @@ impl Node {
                 }
             }
             self.register_self(meta, records.get(&own));
+            self.forget_departed(meta, &records).await;
         }
         let wanted = &meta.membership;
         if wanted.voters.is_empty() {
@@ -636,6 +656,47 @@ impl Node {
 
     /// Writes this node's address record when it is missing or stale (at
     /// most every `REGISTRATION_INTERVAL`, in the background).
+    /// Notes departures; on the metadata group's leader, deletes the
+    /// address records of departed members (`Departures`).
+    async fn forget_departed(
+        &self,
+        meta: &regatta_raft::Status,
+        recorded: &BTreeMap<NodeId, MemberAddresses>,
+    ) {
+        let members: BTreeSet<NodeId> = meta
+            .membership
+            .voters
+            .iter()
+            .chain(&meta.membership.learners)
+            .copied()
+            .collect();
+        if members.is_empty() {
+            return; // not joined yet
+        }
+        let departed = self
+            .departures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(members, recorded);
+        if meta.soft_state.role != Role::Leader {
+            return;
+        }
+        for id in departed {
+            match tokio::time::timeout(DEPARTED_FORGET_TIMEOUT, self.forget_member(id)).await {
+                Ok(Ok(())) => tracing::info!(
+                    node = id.0,
+                    "deleted the address record of a departed member"
+                ),
+                Ok(Err(error)) => {
+                    tracing::debug!(node = id.0, %error, "cannot delete a departed member's record yet")
+                }
+                Err(_) => {
+                    tracing::debug!(node = id.0, "deleting a departed member's record timed out")
+                }
+            }
+        }
+    }
+
     fn register_self(
         self: &std::sync::Arc<Self>,
         meta: &regatta_raft::Status,
@@ -721,21 +782,36 @@ mod tests {
     }
 
     #[test]
-    fn only_members_records_hold_their_addresses() {
-        let address: SocketAddr = "127.0.0.1:5004".parse().expect("address");
+    fn departed_members_records_are_named_until_gone() {
+        let ids =
+            |list: &[u64]| -> BTreeSet<NodeId> { list.iter().map(|id| NodeId(*id)).collect() };
         let record = MemberAddresses {
-            raft_address: address,
+            raft_address: "127.0.0.1:5003".parse().expect("address"),
             client_url: String::new(),
         };
-        let recorded: BTreeMap<NodeId, MemberAddresses> = [(NodeId(4), record)].into();
-        let with_4 = membership(&[1, 2, 3], &[4], &[]);
-        let without_4 = membership(&[1, 2, 3], &[], &[]);
-        assert!(check_address_free(&recorded, &with_4, NodeId(5), address).is_err());
-        assert!(check_address_free(&recorded, &with_4, NodeId(4), address).is_ok());
-        assert!(
-            check_address_free(&recorded, &without_4, NodeId(5), address).is_ok(),
-            "a record left by an add or a removal that did not finish holds nothing"
+        let recorded: BTreeMap<NodeId, MemberAddresses> =
+            [(NodeId(3), record.clone()), (NodeId(4), record)].into();
+        let mut departures = Departures::default();
+        // The first look only notes the members; 4 is being added (a
+        // record, not yet a member) and is never named.
+        assert!(departures.update(ids(&[1, 2, 3]), &recorded).is_empty());
+        assert_eq!(departures.update(ids(&[1, 2]), &recorded), vec![NodeId(3)]);
+        assert_eq!(
+            departures.update(ids(&[1, 2]), &recorded),
+            vec![NodeId(3)],
+            "named until its record is gone"
         );
+        let only_4: BTreeMap<NodeId, MemberAddresses> = recorded
+            .iter()
+            .filter(|(id, _)| id.0 == 4)
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        assert!(departures.update(ids(&[1, 2]), &only_4).is_empty());
+        // Removed, then added again before its record went: kept.
+        assert_eq!(departures.update(ids(&[1, 2, 3]), &recorded), vec![]);
+        assert_eq!(departures.update(ids(&[1, 2]), &recorded), vec![NodeId(3)]);
+        departures.forget(NodeId(3));
+        assert!(departures.update(ids(&[1, 2]), &recorded).is_empty());
     }
 
     fn membership(voters: &[u64], learners: &[u64], auto: &[u64]) -> Membership {
