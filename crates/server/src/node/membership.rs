@@ -142,6 +142,17 @@ impl Departures {
     }
 }
 
+/// A membership change the leader refused before appending it.
+fn is_conf_change_refusal(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Raft(regatta_multiraft::Error::Raft {
+            source: regatta_raft::Error::ConfChangeRefused { .. },
+            ..
+        })
+    )
+}
+
 /// Refuses `address` for member `id` when another member's record has it.
 fn check_address_free(
     recorded: &BTreeMap<NodeId, MemberAddresses>,
@@ -337,11 +348,22 @@ impl Node {
             .forget(id);
         self.record_member(id, &addresses).await?;
         self.transport.set_peer(id, addresses.raft_address);
-        self.change_cluster(ConfChange::AddLearner {
-            node: id,
-            auto_promote: !learner,
-        })
-        .await?;
+        let added = self
+            .change_cluster(ConfChange::AddLearner {
+                node: id,
+                auto_promote: !learner,
+            })
+            .await;
+        if let Err(error) = added {
+            // Refused by the leader (nothing was appended): the record
+            // would keep the address taken for a node that never joined.
+            // After a timeout the change may still commit, so the record
+            // stays.
+            if is_conf_change_refusal(&error) && self.forget_member(id).await.is_ok() {
+                self.transport.remove_peer(id);
+            }
+            return Err(error);
+        }
         tracing::info!(node = id.0, raft = %addresses.raft_address, learner, "member added");
         Ok(())
     }
@@ -428,11 +450,16 @@ impl Node {
         for group in groups {
             let status = match self.host.status(group).await {
                 Ok(status) => status,
-                // Removed, or being removed: its table was deleted.
+                // Removed, or being removed, because its table was deleted
+                // (a group stopped for another reason is an error here).
                 Err(
                     regatta_multiraft::Error::UnknownGroup(_)
                     | regatta_multiraft::Error::GroupStopped { .. },
-                ) if group != META_GROUP => continue,
+                ) if group != META_GROUP
+                    && !self.tables().iter().any(|table| table.group == group) =>
+                {
+                    continue
+                }
                 Err(error) => return Err(error.into()),
             };
             if contains(&status.membership, id) {
@@ -654,8 +681,6 @@ impl Node {
         }
     }
 
-    /// Writes this node's address record when it is missing or stale (at
-    /// most every `REGISTRATION_INTERVAL`, in the background).
     /// Notes departures; on the metadata group's leader, deletes the
     /// address records of departed members (`Departures`).
     async fn forget_departed(
@@ -697,6 +722,8 @@ impl Node {
         }
     }
 
+    /// Writes this node's address record when it is missing or stale (at
+    /// most every `REGISTRATION_INTERVAL`, in the background).
     fn register_self(
         self: &std::sync::Arc<Self>,
         meta: &regatta_raft::Status,
