@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use regatta_multiraft::{HostConfig, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport};
+use regatta_multiraft::{
+    HostConfig, NodeHost, PeerAddress, StateMachine, TcpConfig, TcpTransport, Transport,
+};
 use regatta_raft::{LogIndex, NodeId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
 use tokio::net::TcpListener;
@@ -90,7 +92,10 @@ async fn start_cluster(groups: u64) -> Cluster {
         // Under target/: the same disk as real data, never a tmpfs.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
         let mut tcp = TcpConfig::new(NodeId(id), 1);
-        tcp.peers = peers.clone();
+        tcp.peers = peers
+            .iter()
+            .map(|(id, a)| (*id, PeerAddress::from(*a)))
+            .collect();
         let transport = TcpTransport::start(tcp, listener);
         let mut config = HostConfig::new(NodeId(id), dir.path());
         config.tick_interval = Duration::from_millis(50);

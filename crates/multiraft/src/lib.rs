@@ -14,6 +14,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod address;
 mod applied;
 mod error;
 mod host;
@@ -26,6 +27,7 @@ pub mod tls;
 mod transport;
 pub mod wire;
 
+pub use address::{AddressError, PeerAddress};
 pub use applied::{AppliedWatch, GroupStopped};
 pub use error::Error;
 pub use host::{

@@ -14,7 +14,6 @@
 //! has handed the whole snapshot to its host.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -27,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+use crate::address::PeerAddress;
 use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::snapshot::SnapshotData;
@@ -54,7 +54,7 @@ pub struct PeerTls {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
     /// The name checked in a peer's certificate; `None` checks the IP
-    /// address the peer is dialled on.
+    /// address or the host name the peer is dialled on.
     server_name: Option<ServerName<'static>>,
 }
 
@@ -71,7 +71,8 @@ impl PeerTls {
     /// Mutual TLS with `identity` (this node's certificate and key), the
     /// cluster CA `ca`, and optionally only peers whose certificate's
     /// common name is in `allowed_common_names`. A peer's certificate must
-    /// name `server_name`, or when `None` the IP address it is dialled on.
+    /// name `server_name`, or when `None` the IP address or host name it
+    /// is dialled on.
     pub fn new(
         identity: Identity,
         ca: Pem,
@@ -143,7 +144,7 @@ pub struct TcpConfig {
     /// Peers refuse connections from another cluster.
     pub cluster_id: u64,
     /// Where to reach each peer.
-    pub peers: HashMap<NodeId, SocketAddr>,
+    pub peers: HashMap<NodeId, PeerAddress>,
     /// Messages queued per peer; beyond, messages are dropped and counted.
     /// Default 16,384.
     pub peer_queue_messages_max: usize,
@@ -229,7 +230,7 @@ pub struct TcpStats {
 /// One peer: where it listens, its outbound queue and the task that
 /// writes it.
 struct Peer {
-    address: SocketAddr,
+    address: PeerAddress,
     queue: Arc<PeerQueue>,
     writer: tokio::task::AbortHandle,
 }
@@ -360,7 +361,7 @@ impl TcpTransport {
             tasks,
         });
         for (peer, address) in &config.peers {
-            transport.set_peer(*peer, *address);
+            transport.set_peer(*peer, address.clone());
         }
         transport
     }
@@ -369,7 +370,7 @@ impl TcpTransport {
     /// and a writer; a peer that moved gets a new writer (messages queued
     /// for the old address are dropped; Raft retransmits). This node
     /// itself is ignored.
-    pub fn set_peer(&self, peer: NodeId, address: SocketAddr) {
+    pub fn set_peer(&self, peer: NodeId, address: PeerAddress) {
         if peer == self.config.node_id {
             return;
         }
@@ -383,7 +384,7 @@ impl TcpTransport {
         let queue = Arc::new(PeerQueue::new(self.config.peer_queue_messages_max));
         let writer = tokio::spawn(peer_writer(
             self.config.clone(),
-            address,
+            address.clone(),
             Arc::clone(&queue),
             Arc::clone(&self.stats),
             Arc::clone(&self.host),
@@ -415,12 +416,12 @@ impl TcpTransport {
     }
 
     /// The peers this node sends to, with their addresses.
-    pub fn peer_addresses(&self) -> HashMap<NodeId, SocketAddr> {
+    pub fn peer_addresses(&self) -> HashMap<NodeId, PeerAddress> {
         self.peers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(id, peer)| (*id, peer.address))
+            .map(|(id, peer)| (*id, peer.address.clone()))
             .collect()
     }
 
@@ -473,7 +474,7 @@ impl Transport for TcpTransport {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&to)
-            .map(|peer| peer.address);
+            .map(|peer| peer.address.clone());
         let Some(address) = address else {
             report(false);
             return;
@@ -481,7 +482,7 @@ impl Transport for TcpTransport {
         let config = self.config.clone();
         let stats = Arc::clone(&self.stats);
         let task = tokio::spawn(async move {
-            let delivered = send_snapshot_stream(&config, address, group, &message, &data, &stats)
+            let delivered = send_snapshot_stream(&config, &address, group, &message, &data, &stats)
                 .await
                 .is_ok();
             if delivered {
@@ -527,7 +528,7 @@ impl Transport for TcpTransport {
 /// messages of a failed frame are lost; Raft retransmits).
 async fn peer_writer(
     config: TcpConfig,
-    address: SocketAddr,
+    address: PeerAddress,
     queue: Arc<PeerQueue>,
     stats: Arc<TcpStats>,
     host: Arc<OnceLock<WeakNodeHost>>,
@@ -535,7 +536,7 @@ async fn peer_writer(
     let mut delay = config.reconnect_delay_min;
     let mut pending: Vec<(GroupId, Message)> = Vec::new();
     loop {
-        let mut stream = match connect(&config, address).await {
+        let mut stream = match connect(&config, &address).await {
             Ok(stream) => {
                 delay = config.reconnect_delay_min;
                 stream
@@ -627,16 +628,35 @@ async fn send_until_broken(
     }
 }
 
-async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<BoxedStream> {
-    let tcp = TcpStream::connect(address).await?;
+/// Dials `address`: a name is resolved on every call, and each address it
+/// stands for is tried in the resolver's order.
+async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<BoxedStream> {
+    let mut tcp = None;
+    let mut last_error = None;
+    for resolved in address.resolve().await? {
+        match TcpStream::connect(resolved).await {
+            Ok(stream) => {
+                tcp = Some(stream);
+                break;
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    let Some(tcp) = tcp else {
+        return Err(last_error.unwrap_or_else(|| {
+            std::io::Error::other(format!("{address} resolves to no address"))
+        }));
+    };
     tcp.set_nodelay(true)?;
     let mut stream: BoxedStream = match &config.tls {
         Some(tls) => {
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
-            let name = tls
-                .server_name
-                .clone()
-                .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+            let name = match &tls.server_name {
+                Some(name) => name.clone(),
+                None => address.tls_server_name().ok_or_else(|| {
+                    std::io::Error::other(format!("{address}: not a valid TLS server name"))
+                })?,
+            };
             Box::new(connector.connect(name, tcp).await?)
         }
         None => Box::new(tcp),
@@ -662,7 +682,7 @@ async fn connect(config: &TcpConfig, address: SocketAddr) -> std::io::Result<Box
 /// confirmation.
 async fn send_snapshot_stream(
     config: &TcpConfig,
-    address: SocketAddr,
+    address: &PeerAddress,
     group: GroupId,
     message: &Message,
     data: &SnapshotData,

@@ -163,7 +163,7 @@ async fn an_isolated_leader_is_replaced_and_rejoins() {
         tcp.peers = ids
             .iter()
             .filter(|to| **to != id)
-            .map(|to| (NodeId(*to), proxies[&(id, *to)].address))
+            .map(|to| (NodeId(*to), proxies[&(id, *to)].address.into()))
             .collect();
         let transport = TcpTransport::start(tcp, listeners.remove(&id).expect("listener"));
         let mut config = HostConfig::new(NodeId(id), dirs[id as usize - 1].path());

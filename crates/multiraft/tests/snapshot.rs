@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regatta_multiraft::{
-    HostConfig, LocalTransport, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport,
+    HostConfig, LocalTransport, NodeHost, PeerAddress, StateMachine, TcpConfig, TcpTransport,
+    Transport,
 };
 use regatta_raft::{ConfChange, LogIndex, NodeId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
@@ -279,7 +280,10 @@ async fn a_new_node_catches_up_through_a_chunked_snapshot_over_tcp() {
     let mut joiner = None;
     for (position, (id, listener)) in listeners.into_iter().enumerate() {
         let mut tcp = TcpConfig::new(NodeId(id), 9);
-        tcp.peers = peers.clone();
+        tcp.peers = peers
+            .iter()
+            .map(|(id, a)| (*id, PeerAddress::from(*a)))
+            .collect();
         tcp.frame_bytes_max = 256 * 1024;
         tcp.snapshot_chunk_bytes = 16 * 1024;
         tcp.snapshot_bytes_per_second_max = Some(20_000_000);

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use regatta_multiraft::{HostConfig, NodeHost, StateMachine, TcpConfig, TcpTransport, Transport};
+use regatta_multiraft::{
+    HostConfig, NodeHost, PeerAddress, StateMachine, TcpConfig, TcpTransport, Transport,
+};
 use regatta_raft::{LogIndex, Membership, Message, MessageBody, NodeId, Role, SnapshotMeta, Term};
 use regatta_wal::{GroupId, Wal, WalConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,7 +70,10 @@ async fn start_node(
     bootstrap: bool,
 ) -> Node {
     let mut tcp = TcpConfig::new(NodeId(id), CLUSTER);
-    tcp.peers = peers.clone();
+    tcp.peers = peers
+        .iter()
+        .map(|(id, a)| (*id, PeerAddress::from(*a)))
+        .collect();
     let transport = TcpTransport::start(tcp, listener);
     let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(10);
@@ -463,7 +468,10 @@ async fn a_thousand_groups_elect_and_commit() {
     for (position, listener) in listeners.into_iter().enumerate() {
         let id = position as u64 + 1;
         let mut tcp = TcpConfig::new(NodeId(id), CLUSTER);
-        tcp.peers = peers.clone();
+        tcp.peers = peers
+            .iter()
+            .map(|(id, a)| (*id, PeerAddress::from(*a)))
+            .collect();
         let transport = TcpTransport::start(tcp, listener);
         let mut config = HostConfig::new(NodeId(id), dirs[position].path());
         config.tick_interval = Duration::from_millis(50);

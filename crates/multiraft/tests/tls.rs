@@ -1,7 +1,8 @@
 //! The peer transport over TLS with mutual authentication, on loopback:
 //! nodes with certificates from the cluster CA form a group and commit; a
 //! node whose certificate comes from another CA, and a client without TLS,
-//! are refused.
+//! are refused. Peers dialled by host name must show a certificate that
+//! names that host.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rcgen::{BasicConstraints, Certificate, CertificateParams, IsCa, KeyPair};
+use regatta_multiraft::tls::{Identity, Pem};
 use regatta_multiraft::{
-    HostConfig, NodeHost, PeerTls, StateMachine, TcpConfig, TcpTransport, Transport,
+    HostConfig, NodeHost, PeerAddress, PeerTls, StateMachine, TcpConfig, TcpTransport, Transport,
 };
 use regatta_raft::{LogIndex, NodeId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
@@ -48,6 +50,27 @@ impl Authority {
             certificate.pem().as_bytes(),
             key.serialize_pem().as_bytes(),
             PEER_NAME,
+        )
+        .expect("tls")
+    }
+
+    /// A certificate naming `names` (DNS names), checked against the host
+    /// each peer is dialled on (no server-name override).
+    fn peer_tls_naming(&self, names: &[&str]) -> PeerTls {
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let params = CertificateParams::new(names).expect("params");
+        let key = KeyPair::generate().expect("key");
+        let certificate = params
+            .signed_by(&key, &self.certificate, &self.key)
+            .expect("sign");
+        PeerTls::new(
+            Identity {
+                certificate_chain: Pem::Inline(certificate.pem().into_bytes()),
+                key: Pem::Inline(key.serialize_pem().into_bytes()),
+            },
+            Pem::Inline(self.certificate.pem().into_bytes()),
+            Vec::new(),
+            None,
         )
         .expect("tls")
     }
@@ -96,7 +119,7 @@ struct Node {
 fn start(
     id: u64,
     listener: TcpListener,
-    peers: &HashMap<NodeId, SocketAddr>,
+    peers: &HashMap<NodeId, PeerAddress>,
     tls: PeerTls,
     voters: &[NodeId],
 ) -> Node {
@@ -132,24 +155,34 @@ async fn listeners(count: u64) -> (Vec<TcpListener>, HashMap<NodeId, SocketAddr>
     (listeners, peers)
 }
 
-/// Three nodes of one CA form a group over mutual TLS and commit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_of_one_ca_commit_over_mutual_tls() {
-    let authority = Authority::new();
-    let (listeners, peers) = listeners(3).await;
-    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    let mut nodes = BTreeMap::new();
-    for (position, listener) in listeners.into_iter().enumerate() {
-        let id = position as u64 + 1;
-        nodes.insert(
-            id,
-            start(id, listener, &peers, authority.peer_tls(), &voters),
-        );
-    }
+/// The peers at their IP addresses.
+fn by_ip(peers: &HashMap<NodeId, SocketAddr>) -> HashMap<NodeId, PeerAddress> {
+    peers
+        .iter()
+        .map(|(id, address)| (*id, PeerAddress::from(*address)))
+        .collect()
+}
+
+/// The peers as `localhost:<port>`: dialled by name, resolved on every
+/// connection attempt (to ::1 first on some systems, where nothing
+/// listens, so the next address is tried).
+fn by_name(peers: &HashMap<NodeId, SocketAddr>) -> HashMap<NodeId, PeerAddress> {
+    peers
+        .iter()
+        .map(|(id, address)| {
+            let name = format!("localhost:{}", address.port());
+            (*id, name.parse().expect("peer address"))
+        })
+        .collect()
+}
+
+/// Waits for a leader among `nodes`, commits a value through it and reads
+/// it back linearizably on every node.
+async fn commit_and_read_everywhere(nodes: &BTreeMap<u64, Node>) {
     let deadline = Instant::now() + Duration::from_secs(15);
     let leader = loop {
         let mut found = None;
-        for (id, node) in &nodes {
+        for (id, node) in nodes {
             if node
                 .host
                 .status(GROUP)
@@ -198,7 +231,98 @@ async fn nodes_of_one_ca_commit_over_mutual_tls() {
             0
         );
     }
+}
+
+/// Three nodes of one CA form a group over mutual TLS and commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_of_one_ca_commit_over_mutual_tls() {
+    let authority = Authority::new();
+    let (listeners, peers) = listeners(3).await;
+    let peers = by_ip(&peers);
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut nodes = BTreeMap::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        nodes.insert(
+            id,
+            start(id, listener, &peers, authority.peer_tls(), &voters),
+        );
+    }
+    commit_and_read_everywhere(&nodes).await;
     for node in nodes.values() {
+        node.transport.shutdown();
+        node.host.stop().await;
+    }
+}
+
+/// Peers dialled by host name, with certificates that name that host and
+/// no server-name override, commit: the name dialled is the name checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_dialled_by_name_are_checked_against_that_name() {
+    let authority = Authority::new();
+    let (listeners, peers) = listeners(3).await;
+    let peers = by_name(&peers);
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut nodes = BTreeMap::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        let tls = authority.peer_tls_naming(&["localhost"]);
+        nodes.insert(id, start(id, listener, &peers, tls, &voters));
+    }
+    commit_and_read_everywhere(&nodes).await;
+    for node in nodes.values() {
+        assert_eq!(
+            node.transport
+                .stats()
+                .connection_failures
+                .load(Ordering::Relaxed),
+            0,
+            "node {} failed to dial a peer by name",
+            node.host.node_id()
+        );
+    }
+    for node in nodes.values() {
+        node.transport.shutdown();
+        node.host.stop().await;
+    }
+}
+
+/// A peer dialled by host name whose certificate names another host is
+/// refused by the dialling side, even though one CA signed both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_certificate_names_another_host_is_refused() {
+    let authority = Authority::new();
+    let (listeners, peers) = listeners(2).await;
+    let peers = by_name(&peers);
+    let voters = vec![NodeId(1), NodeId(2)];
+    let mut nodes = Vec::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        let tls = authority.peer_tls_naming(&["node.example"]);
+        nodes.push(start(id, listener, &peers, tls, &voters));
+    }
+    let failures = |node: &Node| {
+        node.transport
+            .stats()
+            .connection_failures
+            .load(Ordering::Relaxed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nodes.iter().any(|node| failures(node) < 3) {
+        assert!(
+            Instant::now() < deadline,
+            "the mismatched names were never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for node in &nodes {
+        let status = node.host.status(GROUP).await.expect("status");
+        assert_ne!(status.soft_state.role, Role::Leader, "no link, no quorum");
+        assert_eq!(
+            node.transport.stats().messages_sent.load(Ordering::Relaxed),
+            0,
+            "a message left over a refused link"
+        );
         node.transport.shutdown();
         node.host.stop().await;
     }
@@ -210,7 +334,8 @@ async fn nodes_of_one_ca_commit_over_mutual_tls() {
 async fn strangers_are_refused() {
     let authority = Authority::new();
     let stranger_authority = Authority::new();
-    let (mut listeners, peers) = listeners(2).await;
+    let (mut listeners, ip_peers) = listeners(2).await;
+    let peers = by_ip(&ip_peers);
     let stranger_listener = listeners.pop().expect("listener");
     let member_listener = listeners.pop().expect("listener");
     let voters = vec![NodeId(1), NodeId(2)];
@@ -223,7 +348,7 @@ async fn strangers_are_refused() {
     };
     // First a client without TLS, alone: refused, and its connection
     // closed without an answer.
-    let mut plain = TcpStream::connect(peers[&NodeId(1)])
+    let mut plain = TcpStream::connect(ip_peers[&NodeId(1)])
         .await
         .expect("connect");
     let _ = plain.write_all(b"RGRAFTv1 not a TLS client hello").await;

@@ -182,7 +182,8 @@ pub enum MemberCommand {
     /// node with `--raft.join` and `--raft.initial-members` naming the
     /// current members and itself.
     Add {
-        /// The new node's Raft address (its `--raft.address`), ip:port.
+        /// The new node's Raft address (its `--raft.address`), host:port:
+        /// an IP address or a host name.
         raft_address: String,
         /// Its node id (its `--raft.node-id`); by default the next free one.
         #[arg(long, default_value_t = 0)]

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use regatta_multiraft::PeerAddress;
 use regatta_raft::NodeId;
 use regatta_server::{Node, NodeConfig};
 
@@ -123,23 +124,32 @@ struct LeaderArgs {
     )]
     raft_cluster_id: u64,
 
-    /// The address this node's peers reach it on (Raft traffic).
+    /// The address this node's peers reach it on (Raft traffic), as
+    /// `host:port`: an IP address or a host name, which peers resolve each
+    /// time they connect (so a node whose name moves to another IP is
+    /// followed). This node listens on the first address the name resolves
+    /// to at start-up, unless `--raft.listen-address` is given.
     #[arg(
         long = "raft.address",
         default_value = "127.0.0.1:5012",
         env = "REGATTA_RAFT_ADDRESS"
     )]
-    raft_address: SocketAddr,
+    raft_address: PeerAddress,
 
     /// Where to listen for peers, when it differs from `--raft.address`
     /// (the address peers dial, and the one `--raft.initial-members`
     /// gives this node): `0.0.0.0:5012` listens on every interface, for a
     /// node behind a NAT or in a container. Default: `--raft.address`.
-    #[arg(long = "raft.listen-address", env = "REGATTA_RAFT_LISTEN_ADDRESS")]
+    #[arg(
+        long = "raft.listen-address",
+        env = "REGATTA_RAFT_LISTEN_ADDRESS",
+        value_parser = listen_address
+    )]
     raft_listen_address: Option<SocketAddr>,
 
-    /// Every initial member as `id=ip:port`, comma-separated, this node
-    /// included. Empty means a single-node cluster of this node.
+    /// Every initial member as `id=host:port`, comma-separated, this node
+    /// included (the host an IP address or a name). Empty means a
+    /// single-node cluster of this node.
     #[arg(
         long = "raft.initial-members",
         value_delimiter = ',',
@@ -147,7 +157,7 @@ struct LeaderArgs {
     )]
     raft_initial_members: Vec<String>,
 
-    /// Where to dial nodes that are not initial members, as `id=ip:port`,
+    /// Where to dial nodes that are not initial members, as `id=host:port`,
     /// comma-separated: nodes added later (`regatta member add`) are
     /// otherwise dialled at the address they record for themselves. For a
     /// proxy or NAT between nodes. These nodes never bootstrap the cluster.
@@ -187,11 +197,14 @@ struct LeaderArgs {
     )]
     data_dir: PathBuf,
 
-    /// The address of the client APIs (Regatta's and etcd's).
+    /// Where the client APIs (Regatta's and etcd's) listen: an IP address
+    /// and a port (`0.0.0.0:8443` for every interface). Clients may be
+    /// given a host name instead with `--api.advertise-address`.
     #[arg(
         long = "api.address",
         default_value = "127.0.0.1:8443",
-        env = "REGATTA_API_ADDRESS"
+        env = "REGATTA_API_ADDRESS",
+        value_parser = listen_address
     )]
     api_address: SocketAddr,
 
@@ -206,12 +219,20 @@ struct LeaderArgs {
 
     /// Serve the replication API (table metadata and log streams) for
     /// follower clusters on this address; not served when unset.
-    #[arg(long = "replication.address", env = "REGATTA_REPLICATION_ADDRESS")]
+    #[arg(
+        long = "replication.address",
+        env = "REGATTA_REPLICATION_ADDRESS",
+        value_parser = listen_address
+    )]
     replication_address: Option<SocketAddr>,
 
     /// Serve `/metrics` (Prometheus) and `/healthz` over HTTP on this
     /// address (HTTPS with `--rest.cert-filename`); not served when unset.
-    #[arg(long = "rest.address", env = "REGATTA_REST_ADDRESS")]
+    #[arg(
+        long = "rest.address",
+        env = "REGATTA_REST_ADDRESS",
+        value_parser = listen_address
+    )]
     rest_address: Option<SocketAddr>,
 
     /// The table that backs the etcd API; created at bootstrap.
@@ -381,8 +402,9 @@ struct TlsArgs {
     )]
     raft_allowed_cn: Vec<String>,
 
-    /// The name a peer's certificate must carry; by default the IP address
-    /// the peer is dialled on (from `--raft.initial-members`).
+    /// The name a peer's certificate must carry; by default the host (IP
+    /// address or DNS name) the peer is dialled on, from
+    /// `--raft.initial-members` or the peer's address record.
     #[arg(long = "raft.server-name", env = "REGATTA_RAFT_SERVER_NAME")]
     raft_server_name: Option<String>,
 
@@ -616,13 +638,14 @@ struct FollowerArgs {
     replication_server_name: Option<String>,
 }
 
-/// `1=127.0.0.1:5012,2=...` (the value of `--<flag>`) into a map.
-fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+/// `1=127.0.0.1:5012,2=node2:5012,...` (the value of `--<flag>`) into a
+/// map.
+fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, PeerAddress>, String> {
     let mut members = BTreeMap::new();
     for value in values.iter().filter(|v| !v.is_empty()) {
         let (id, address) = value
             .split_once('=')
-            .ok_or_else(|| format!("--{flag}: {value:?} is not id=ip:port"))?;
+            .ok_or_else(|| format!("--{flag}: {value:?} is not id=host:port"))?;
         let id: u64 = id
             .trim()
             .parse()
@@ -630,16 +653,28 @@ fn parse_members(flag: &str, values: &[String]) -> Result<BTreeMap<NodeId, Socke
         if id == 0 {
             return Err(format!("--{flag}: node ids must be non-zero"));
         }
-        let address: SocketAddr = address.trim().parse().map_err(|error| {
-            format!(
-                "--{flag}: {address:?}: {error} (an IP address and a port; names are not resolved)"
-            )
-        })?;
+        let address: PeerAddress = address
+            .trim()
+            .parse()
+            .map_err(|error| format!("--{flag}: node {id}: {error}"))?;
         if members.insert(NodeId(id), address).is_some() {
             return Err(format!("--{flag}: node {id} appears twice"));
         }
     }
     Ok(members)
+}
+
+/// A listening address: an IP address and a port. Names are refused, as
+/// etcd refuses them in its listen URLs: a name may stand for several
+/// addresses, or for none of this host's.
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP address and port, such as 127.0.0.1:8443 or \
+             0.0.0.0:8443 (listening addresses are not resolved; advertise a name \
+             with --api.advertise-address or --raft.address)"
+        )
+    })
 }
 
 /// The value of `--api.advertise-address`, checked: `http://host:port`,
@@ -713,11 +748,11 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
         return Err("--raft.node-id must be non-zero".into());
     }
     let node_id = NodeId(args.raft_node_id);
-    let mut config = NodeConfig::single(&args.data_dir, args.raft_address);
+    let mut config = NodeConfig::single(&args.data_dir, args.raft_address.clone());
     config.node_id = node_id;
     config.cluster_id = args.raft_cluster_id;
+    config.members = [(node_id, args.raft_address.clone())].into();
     if args.dev {
-        config.members = [(node_id, args.raft_address)].into();
     } else {
         let members = parse_members("raft.initial-members", &args.raft_initial_members)?;
         let peer_addresses = parse_members("raft.peer-addresses", &args.raft_peer_addresses)?;
@@ -751,8 +786,6 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
                 }
             }
             config.members = members;
-        } else {
-            config.members = [(node_id, args.raft_address)].into();
         }
         config.bootstrap = !args.raft_join;
     }
@@ -947,7 +980,11 @@ async fn run_node(
              address, which they cannot reach from elsewhere: set --api.advertise-address"
         );
     }
-    if args.raft_address.ip().is_unspecified() && (config.members.len() > 1 || args.raft_join) {
+    let raft_unspecified = args
+        .raft_address
+        .socket_addr()
+        .is_some_and(|address| address.ip().is_unspecified());
+    if raft_unspecified && (config.members.len() > 1 || args.raft_join) {
         tracing::warn!(
             raft = %args.raft_address,
             "--raft.address is the address peers dial, and this one reaches no host: give a \

@@ -102,15 +102,46 @@ fn start_up_mistakes_are_refused_naming_the_flag() {
         !success && error.contains("--api.request-timeout-ms"),
         "{error}"
     );
+    // Peer addresses may be names, but must be well formed; listening
+    // addresses must be IP addresses.
+    for (flag, value, says) in [
+        (
+            "--raft.initial-members",
+            "1=local host:5011",
+            "' ' may not appear",
+        ),
+        ("--raft.initial-members", "1=localhost", "no port"),
+        (
+            "--raft.initial-members",
+            "1=http://localhost:5011",
+            "without a scheme",
+        ),
+        ("--raft.address", "localhost:0", "the port must not be 0"),
+        ("--raft.peer-addresses", "4=::1:5011", "in brackets"),
+        (
+            "--api.address",
+            "localhost:8443",
+            "listening addresses are not resolved",
+        ),
+        (
+            "--raft.listen-address",
+            "node1:5012",
+            "listening addresses are not resolved",
+        ),
+    ] {
+        let (success, _, error) = regatta(&["leader", flag, value, "--data-dir", &data_flag]);
+        assert!(!success && error.contains(says), "{flag} {value}: {error}");
+    }
+    // A name that does not resolve fails the start with the flag named.
     let (success, _, error) = regatta(&[
         "leader",
-        "--raft.initial-members",
-        "1=localhost:5011",
+        "--raft.address",
+        "no-such-host.invalid:5011",
         "--data-dir",
         &data_flag,
     ]);
     assert!(
-        !success && error.contains("names are not resolved"),
+        !success && error.contains("--raft.address") && error.contains("no-such-host.invalid"),
         "{error}"
     );
     // --api.advertise-address must be a URL clients can use.

@@ -2,7 +2,8 @@
 //! through any node (followers forward), linearizable reads on every node,
 //! tables created on one node served by all, and SIGKILL of the etcd
 //! table's leader with writes going on: every acknowledged write survives
-//! and the restarted node catches up.
+//! and the restarted node catches up. That cluster's nodes know each
+//! other by host name (`localhost:<port>`), resolved at every dial.
 
 mod common;
 
@@ -16,6 +17,19 @@ use etcd_client::GetOptions;
 
 fn start_node(root: &Path, id: u64, api: SocketAddr, raft: SocketAddr, members: &str) -> Regatta {
     start_node_with(root, id, api, raft, members, &[])
+}
+
+/// A member whose `--raft.address` and `--raft.initial-members` name the
+/// nodes `localhost:<port>`.
+fn start_named_node(
+    root: &Path,
+    id: u64,
+    api: SocketAddr,
+    raft: SocketAddr,
+    members: &str,
+) -> Regatta {
+    let dir = root.join(format!("node{id}"));
+    Regatta::start_member_named(&dir, id, api, raft, members, &[])
 }
 
 fn start_node_with(
@@ -41,16 +55,40 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
     let addresses: Vec<(SocketAddr, SocketAddr)> =
         (0..3).map(|_| (free_address(), free_address())).collect();
     let rafts: Vec<SocketAddr> = addresses.iter().map(|(_, raft)| *raft).collect();
-    let members = common::members(&rafts);
+    let members = common::members_named(&rafts);
     let mut nodes: BTreeMap<u64, Regatta> = BTreeMap::new();
     for (i, (api, raft)) in addresses.iter().enumerate() {
         let id = i as u64 + 1;
-        nodes.insert(id, start_node(root.path(), id, *api, *raft, &members));
+        nodes.insert(id, start_named_node(root.path(), id, *api, *raft, &members));
     }
     let mut clients = BTreeMap::new();
     for (id, node) in &nodes {
         clients.insert(*id, connect(node).await);
     }
+    // MemberList gives the peer addresses by the names the nodes use.
+    let listed = clients
+        .get_mut(&1)
+        .expect("client")
+        .member_list()
+        .await
+        .expect("member list");
+    let mut peer_urls: Vec<(u64, Vec<String>)> = listed
+        .members()
+        .iter()
+        .map(|member| (member.id(), member.peer_urls().to_vec()))
+        .collect();
+    peer_urls.sort();
+    let expected: Vec<(u64, Vec<String>)> = rafts
+        .iter()
+        .enumerate()
+        .map(|(i, raft)| {
+            (
+                i as u64 + 1,
+                vec![format!("http://{}", common::named(*raft))],
+            )
+        })
+        .collect();
+    assert_eq!(peer_urls, expected);
 
     // Writes through every node; reads on every node.
     let mut acknowledged = BTreeMap::new();
@@ -145,7 +183,10 @@ async fn three_processes_serve_one_cluster_through_a_leader_crash() {
 
     // The killed node restarts on its directory and catches up.
     let (api, raft) = addresses[leader as usize - 1];
-    nodes.insert(leader, start_node(root.path(), leader, api, raft, &members));
+    nodes.insert(
+        leader,
+        start_named_node(root.path(), leader, api, raft, &members),
+    );
     let mut restarted = connect(&nodes[&leader]).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     for (key, value) in &acknowledged {

@@ -16,7 +16,7 @@ use regatta_kv::command::{
     RangeRequest, RequestOp, Response, ResponseOp, TxnRequest,
 };
 use regatta_kv::Store;
-use regatta_multiraft::{HostConfig, NodeHost, TcpConfig, TcpTransport, Transport};
+use regatta_multiraft::{HostConfig, NodeHost, PeerAddress, TcpConfig, TcpTransport, Transport};
 use regatta_raft::{NodeId, RequestId, Role};
 use regatta_wal::{GroupId, Wal, WalConfig};
 use tokio::net::TcpListener;
@@ -77,7 +77,7 @@ pub struct NodeConfig {
     /// Where the WAL, the table store and the host's files live.
     pub data_dir: PathBuf,
     /// The peer address of every member, this node included.
-    pub members: BTreeMap<NodeId, SocketAddr>,
+    pub members: BTreeMap<NodeId, PeerAddress>,
     /// Where this node listens for peers, when not at its own address in
     /// `members` (which is what peers dial): all interfaces behind a NAT
     /// or in a container (`--raft.listen-address`).
@@ -85,7 +85,7 @@ pub struct NodeConfig {
     /// Where to dial nodes that are not initial members (added later),
     /// instead of the address they record for themselves: a proxy, a NAT
     /// address. Never bootstrap voters.
-    pub peer_addresses: BTreeMap<NodeId, SocketAddr>,
+    pub peer_addresses: BTreeMap<NodeId, PeerAddress>,
     /// The client URL of members, where known (shown by MemberList).
     pub client_urls: BTreeMap<NodeId, String>,
     /// Bootstrap the cluster (true) or join one (false).
@@ -112,12 +112,15 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// A single-node cluster in `data_dir`, peers on `raft_address`.
-    pub fn single(data_dir: impl Into<PathBuf>, raft_address: SocketAddr) -> NodeConfig {
+    pub fn single(
+        data_dir: impl Into<PathBuf>,
+        raft_address: impl Into<PeerAddress>,
+    ) -> NodeConfig {
         NodeConfig {
             node_id: NodeId(1),
             cluster_id: 1,
             data_dir: data_dir.into(),
-            members: [(NodeId(1), raft_address)].into(),
+            members: [(NodeId(1), raft_address.into())].into(),
             listen_address: None,
             peer_addresses: BTreeMap::new(),
             client_urls: BTreeMap::new(),
@@ -299,7 +302,7 @@ impl Node {
     /// Opens the node's storage, binds its peer listener and starts its
     /// groups and background tasks.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
-        let own_address = *config.members.get(&config.node_id).ok_or_else(|| {
+        let own_address = config.members.get(&config.node_id).ok_or_else(|| {
             Error::Config(format!(
                 "node {} is not among the members {:?}",
                 config.node_id.0,
@@ -318,22 +321,21 @@ impl Node {
                 config.data_dir.display()
             ))
         })?;
-        let (listen_address, flag) = match config.listen_address {
-            Some(address) => (address, "--raft.listen-address"),
-            None => (own_address, "--raft.address"),
+        let listener = match config.listen_address {
+            Some(address) => TcpListener::bind(address).await.map_err(|error| {
+                Error::Config(format!(
+                    "listen for peers on {address} (--raft.listen-address): {error}"
+                ))
+            })?,
+            None => listen_on_own_address(own_address).await?,
         };
-        let listener = TcpListener::bind(listen_address).await.map_err(|error| {
-            Error::Config(format!(
-                "listen for peers on {listen_address} ({flag}): {error}"
-            ))
-        })?;
         let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
         tcp.peers = config
             .members
             .iter()
             .chain(&config.peer_addresses)
             .filter(|(id, _)| **id != config.node_id)
-            .map(|(id, address)| (*id, *address))
+            .map(|(id, address)| (*id, address.clone()))
             .collect();
         tcp.tls = config.peer_tls.clone();
         let transport = TcpTransport::start(tcp, listener);
@@ -1331,6 +1333,37 @@ impl Node {
             *self.facts.write().unwrap_or_else(|p| p.into_inner()) = facts;
         }
     }
+}
+
+/// Listens for peers on this node's own peer address (`--raft.address`).
+/// A host name is resolved once, here, and the first address it stands
+/// for that can be bound is used; `--raft.listen-address` picks another.
+async fn listen_on_own_address(own: &PeerAddress) -> Result<TcpListener> {
+    let refused = |why: String| {
+        Error::Config(format!(
+            "listen for peers on {own} (--raft.address): {why}; \
+             --raft.listen-address sets where to listen"
+        ))
+    };
+    let candidates = own
+        .resolve()
+        .await
+        .map_err(|error| refused(error.to_string()))?;
+    let mut last_error = None;
+    for address in &candidates {
+        match TcpListener::bind(address).await {
+            Ok(listener) => {
+                if own.is_name() {
+                    tracing::info!(raft_address = %own, listening = %address, "peer address resolved");
+                }
+                return Ok(listener);
+            }
+            Err(error) => last_error = Some(format!("{address}: {error}")),
+        }
+    }
+    Err(refused(
+        last_error.unwrap_or_else(|| "resolves to no address".into()),
+    ))
 }
 
 /// Errors that an election or a moment's patience may cure: the request

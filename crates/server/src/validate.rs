@@ -185,18 +185,19 @@ pub fn compare_result(value: i32) -> Result<CompareResult> {
     }
 }
 
-/// A Raft peer address: `host:port` with an IP host, or such a URL
-/// (`http://…`, as etcd's peer URLs are).
-pub fn peer_address(text: &str) -> Result<std::net::SocketAddr> {
+/// A Raft peer address: `host:port` (an IP address or a host name, which
+/// peers resolve each time they dial), or such a URL (`http://…`, as
+/// etcd's peer URLs are).
+pub fn peer_address(text: &str) -> Result<regatta_multiraft::PeerAddress> {
     let trimmed = text.trim();
     let bare = trimmed
         .strip_prefix("http://")
         .or_else(|| trimmed.strip_prefix("https://"))
         .unwrap_or(trimmed)
         .trim_end_matches('/');
-    bare.parse().map_err(|_| {
+    bare.parse().map_err(|error| {
         Error::InvalidArgument(format!(
-            "{text:?} is not a peer address: give ip:port (e.g. 127.0.0.1:5014)"
+            "not a peer address: {error} (e.g. 127.0.0.1:5014 or node4.example:5014)"
         ))
     })
 }
@@ -209,4 +210,35 @@ pub fn member_id(id: u64) -> Result<regatta_raft::NodeId> {
         ));
     }
     Ok(regatta_raft::NodeId(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_take_names_ips_and_urls() {
+        for (text, expected) in [
+            ("10.0.0.4:5014", "10.0.0.4:5014"),
+            ("http://10.0.0.4:5014/", "10.0.0.4:5014"),
+            ("https://Node4.Example:5014", "node4.example:5014"),
+            (" [::1]:5014 ", "[::1]:5014"),
+        ] {
+            let address = peer_address(text).expect(text);
+            assert_eq!(address.to_string(), expected);
+        }
+        for (text, says) in [
+            ("node4", "no port"),
+            ("node4:0", "must not be 0"),
+            ("http://node 4:5014", "may not appear"),
+            ("", "no port"),
+        ] {
+            match peer_address(text) {
+                Err(Error::InvalidArgument(message)) => {
+                    assert!(message.contains(says), "{text:?}: {message}")
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+    }
 }

@@ -100,7 +100,7 @@ struct Arguments {
     dir: String,
     raft: SocketAddr,
     client: SocketAddr,
-    peers: HashMap<NodeId, SocketAddr>,
+    peers: HashMap<NodeId, regatta_multiraft::PeerAddress>,
     snapshot_every_entries: u64,
     join: bool,
 }

@@ -24,6 +24,22 @@ pub fn members(rafts: &[SocketAddr]) -> String {
         .join(",")
 }
 
+/// The peer address `localhost:<port of address>`: a host name, which
+/// nodes resolve when they listen and each time they dial.
+pub fn named(address: SocketAddr) -> String {
+    format!("localhost:{}", address.port())
+}
+
+/// `--raft.initial-members` for nodes 1, 2, ... at `rafts`, by host name.
+pub fn members_named(rafts: &[SocketAddr]) -> String {
+    rafts
+        .iter()
+        .enumerate()
+        .map(|(index, address)| format!("{}={}", index + 1, named(*address)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The flags of member `id` of a cluster of `members`, then `extra`.
 fn member_flags(id: u64, members: &str, extra: &[&str]) -> Vec<String> {
     let mut flags = vec![
@@ -70,6 +86,21 @@ impl Regatta {
         let flags = member_flags(id, members, extra);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Regatta::spawn(dir, api, raft, &flags)
+    }
+
+    /// `start_member` with `--raft.address localhost:<port of raft>`: the
+    /// node's peer address is a host name.
+    pub fn start_member_named(
+        dir: &Path,
+        id: u64,
+        api: SocketAddr,
+        raft: SocketAddr,
+        members: &str,
+        extra: &[&str],
+    ) -> Regatta {
+        let flags = member_flags(id, members, extra);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Regatta::spawn_with_raft_address("leader", "warn", dir, api, raft, &named(raft), &flags)
     }
 
     fn spawn(dir: &Path, api: SocketAddr, raft: SocketAddr, flags: &[&str]) -> Regatta {
@@ -141,6 +172,26 @@ impl Regatta {
         raft: SocketAddr,
         flags: &[&str],
     ) -> Regatta {
+        Regatta::spawn_with_raft_address(
+            subcommand,
+            level,
+            dir,
+            api,
+            raft,
+            &raft.to_string(),
+            flags,
+        )
+    }
+
+    fn spawn_with_raft_address(
+        subcommand: &str,
+        level: &str,
+        dir: &Path,
+        api: SocketAddr,
+        raft: SocketAddr,
+        raft_address: &str,
+        flags: &[&str],
+    ) -> Regatta {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -153,7 +204,7 @@ impl Regatta {
             .arg("--api.address")
             .arg(api.to_string())
             .arg("--raft.address")
-            .arg(raft.to_string())
+            .arg(raft_address)
             .args(flags)
             .stdout(Stdio::null())
             .stderr(log)

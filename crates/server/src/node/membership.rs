@@ -16,10 +16,10 @@
 //! moment it is added, and a member that moves is followed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use regatta_kv::command::{Command, DeleteRangeRequest, KeyRange, Query, RangeRequest, ResponseOp};
+use regatta_multiraft::PeerAddress;
 use regatta_raft::{ConfChange, Membership, NodeId, Role};
 use regatta_wal::GroupId;
 
@@ -39,7 +39,7 @@ const TABLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberAddresses {
     /// Its Raft peer address.
-    pub raft_address: SocketAddr,
+    pub raft_address: PeerAddress,
     /// Its client API URL; empty when unknown.
     pub client_url: String,
 }
@@ -157,11 +157,11 @@ fn is_conf_change_refusal(error: &Error) -> bool {
 fn check_address_free(
     recorded: &BTreeMap<NodeId, MemberAddresses>,
     id: NodeId,
-    address: SocketAddr,
+    address: &PeerAddress,
 ) -> Result<()> {
     match recorded
         .iter()
-        .find(|(other, addresses)| **other != id && addresses.raft_address == address)
+        .find(|(other, addresses)| **other != id && &addresses.raft_address == address)
     {
         Some((other, _)) => Err(Error::InvalidArgument(format!(
             "node {} already uses the Raft address {address}",
@@ -249,7 +249,7 @@ impl Node {
                         .members
                         .get(&id)
                         .map(|raft_address| MemberAddresses {
-                            raft_address: *raft_address,
+                            raft_address: raft_address.clone(),
                             client_url: self
                                 .config
                                 .client_urls
@@ -341,13 +341,13 @@ impl Node {
             )));
         }
         let recorded = self.member_addresses().await?;
-        check_address_free(&recorded, id, addresses.raft_address)?;
+        check_address_free(&recorded, id, &addresses.raft_address)?;
         self.departures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .forget(id);
         self.record_member(id, &addresses).await?;
-        self.transport.set_peer(id, addresses.raft_address);
+        self.transport.set_peer(id, addresses.raft_address.clone());
         let added = self
             .change_cluster(ConfChange::AddLearner {
                 node: id,
@@ -373,7 +373,7 @@ impl Node {
     /// configuration maps that member elsewhere. Start the member with
     /// this `--raft.address`; a member still running on another address
     /// records its own again when it next registers.
-    pub async fn update_member_address(&self, id: NodeId, raft_address: SocketAddr) -> Result<()> {
+    pub async fn update_member_address(&self, id: NodeId, raft_address: PeerAddress) -> Result<()> {
         if !contains(&self.membership().await?, id) {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is not a member",
@@ -381,7 +381,7 @@ impl Node {
             )));
         }
         let recorded = self.member_addresses().await?;
-        check_address_free(&recorded, id, raft_address)?;
+        check_address_free(&recorded, id, &raft_address)?;
         let client_url = recorded
             .get(&id)
             .map(|addresses| addresses.client_url.clone())
@@ -395,7 +395,7 @@ impl Node {
         if let Some(address) = peer_address(&self.config, id, &addresses) {
             self.transport.set_peer(id, address);
         }
-        tracing::info!(node = id.0, raft = %raft_address, "member address updated");
+        tracing::info!(node = id.0, raft = %addresses.raft_address, "member address updated");
         Ok(())
     }
 
@@ -733,7 +733,7 @@ impl Node {
         if !contains(&meta.membership, own) || meta.soft_state.leader.is_none() {
             return;
         }
-        let Some(raft_address) = self.config.members.get(&own).copied() else {
+        let Some(raft_address) = self.config.members.get(&own).cloned() else {
             return;
         };
         let wanted = MemberAddresses {
@@ -774,9 +774,9 @@ fn peer_address(
     config: &super::NodeConfig,
     id: NodeId,
     recorded: &MemberAddresses,
-) -> Option<std::net::SocketAddr> {
+) -> Option<PeerAddress> {
     let configured = config.members.contains_key(&id) || config.peer_addresses.contains_key(&id);
-    (!configured).then_some(recorded.raft_address)
+    (!configured).then(|| recorded.raft_address.clone())
 }
 
 #[cfg(test)]
@@ -785,14 +785,14 @@ mod tests {
 
     #[test]
     fn configured_peer_addresses_win_over_address_records() {
-        let proxy: std::net::SocketAddr = "127.0.0.1:7002".parse().expect("address");
-        let own_record: std::net::SocketAddr = "127.0.0.1:5002".parse().expect("address");
+        let proxy: PeerAddress = "proxy.example:7002".parse().expect("address");
+        let own_record: PeerAddress = "node-2.example:5002".parse().expect("address");
         let own: std::net::SocketAddr = "127.0.0.1:5001".parse().expect("address");
         let mut config = crate::NodeConfig::single(std::path::Path::new("unused"), own);
-        config.members.insert(NodeId(2), proxy);
+        config.members.insert(NodeId(2), proxy.clone());
         config.peer_addresses.insert(NodeId(5), proxy);
         let record = MemberAddresses {
-            raft_address: own_record,
+            raft_address: own_record.clone(),
             client_url: String::new(),
         };
         assert_eq!(peer_address(&config, NodeId(2), &record), None);
