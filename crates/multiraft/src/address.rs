@@ -125,24 +125,22 @@ impl FromStr for PeerAddress {
     type Err = AddressError;
 
     /// `ip:port`, `[ipv6]:port` or `name:port`, with a port from 1 to
-    /// 65535 and nothing around it (no scheme, path or spaces).
+    /// 65535 in decimal digits and nothing around it (no scheme, path or
+    /// spaces). A name's trailing dot is dropped: `node1.` is `node1`.
     fn from_str(text: &str) -> Result<PeerAddress, AddressError> {
         let fail = |why: &str| Err(AddressError(format!("{text:?} is not host:port: {why}")));
-        if let Ok(address) = text.parse::<SocketAddr>() {
-            if address.port() == 0 {
-                return fail("the port must not be 0");
-            }
-            return Ok(PeerAddress::from(address));
-        }
         if text.contains("://") {
             return fail("give host:port, without a scheme");
-        }
-        if text.starts_with('[') {
-            return fail("not an IPv6 address in brackets followed by a port");
         }
         let Some((host, port)) = text.rsplit_once(':') else {
             return fail("no port");
         };
+        if host.starts_with('[') && !host.ends_with(']') {
+            return fail("not an IPv6 address in brackets followed by a port");
+        }
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return fail("the port must be a number from 1 to 65535");
+        }
         let Ok(port) = port.parse::<u16>() else {
             return fail("the port must be a number from 1 to 65535");
         };
@@ -152,33 +150,55 @@ impl FromStr for PeerAddress {
         if host.is_empty() {
             return fail("no host");
         }
+        if let Ok(address) = text.parse::<SocketAddr>() {
+            if let SocketAddr::V6(v6) = address {
+                if v6.scope_id() != 0 {
+                    return fail("scoped IPv6 addresses (with %) are not supported");
+                }
+            }
+            return Ok(PeerAddress::from(address));
+        }
+        if host.starts_with('[') {
+            return fail("not an IPv6 address in brackets followed by a port");
+        }
         if host.parse::<IpAddr>().is_ok() || host.contains(':') {
             // An IPv6 address without brackets, or a stray colon.
             return fail("write an IPv6 address in brackets, as [::1]:5012");
         }
-        if let Err(why) = check_name(host) {
+        let name = host.strip_suffix('.').unwrap_or(host);
+        if let Err(why) = check_name(name) {
             return fail(&why);
         }
         Ok(PeerAddress {
-            host: Host::Name(host.to_ascii_lowercase()),
+            host: Host::Name(name.to_ascii_lowercase()),
             port,
         })
     }
 }
 
-/// A host name: dot-separated labels of ASCII letters, digits, `-` and
-/// `_` (container runtimes allow it in names their DNS serves), none empty
-/// or longer than 63 bytes, none starting or ending with `-`, 253 bytes at
-/// most, and not all digits and dots (an IPv4 address that did not parse).
-fn check_name(host: &str) -> Result<(), String> {
-    let name = host.strip_suffix('.').unwrap_or(host);
+/// A host name without its trailing dot: dot-separated labels of ASCII
+/// letters, digits, `-` and `_` (container runtimes allow it in names
+/// their DNS serves), none empty or longer than 63 bytes, none starting or
+/// ending with `-`, 253 bytes at most, and a last label that is not all
+/// digits (`1.2.3` is an IPv4 address that did not parse, and TLS refuses
+/// such names).
+fn check_name(name: &str) -> Result<(), String> {
     if name.len() > NAME_BYTES_MAX {
         return Err(format!(
             "the host name is longer than {NAME_BYTES_MAX} bytes"
         ));
     }
     if name.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return Err(format!("{host:?} is not a valid IP address"));
+        return Err(format!("{name:?} is not a valid IP address"));
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "the last label of {name:?} is all digits, which no host name's is"
+        ));
     }
     for label in name.split('.') {
         if label.is_empty() {
@@ -232,6 +252,7 @@ mod tests {
         assert!(!ip.is_name());
         let name = parse("Node1.Example:5012").expect("name");
         assert_eq!(name, parse("node1.example:5012").expect("name"));
+        assert_eq!(name, parse("node1.example.:5012").expect("trailing dot"));
         assert_eq!(name.to_string(), "node1.example:5012");
         assert_eq!(name.socket_addr(), None);
         assert!(name.is_name());
@@ -258,6 +279,11 @@ mod tests {
             ("a..b:5012", "empty label"),
             ("300.1.1.1:5012", "not a valid IP address"),
             ("1.2.3:5012", "not a valid IP address"),
+            ("rack.1:5012", "all digits"),
+            ("node1:+5012", "the port must be a number"),
+            ("127.0.0.1:+5012", "the port must be a number"),
+            ("[fe80::1%2]:5012", "scoped IPv6"),
+            ("[::1:5012", "brackets"),
         ] {
             let error = parse(text).expect_err(text).to_string();
             assert!(error.contains(why), "{text:?}: {error}");
@@ -266,6 +292,11 @@ mod tests {
         assert!(parse(&long_label).is_err());
         let long_name = format!("{}:1", ["a"; 130].join("."));
         assert!(parse(&long_name).is_err());
+        // Every name accepted is one TLS accepts.
+        for text in ["a_b.c-d:1", "x.y1:1", "node.:1", "1a:1"] {
+            let address = parse(text).expect(text);
+            assert!(address.tls_server_name().is_some(), "{text}");
+        }
     }
 
     #[tokio::test]
@@ -283,8 +314,6 @@ mod tests {
                 .all(|a| a.ip().is_loopback() && a.port() == 5012),
             "{resolved:?}"
         );
-        let unknown = parse("no-such-host.invalid:5012").expect("name");
-        assert!(unknown.resolve().await.is_err());
     }
 
     #[test]

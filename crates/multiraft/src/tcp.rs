@@ -45,6 +45,8 @@ const FRAME_SNAPSHOT_HEADER: u8 = 2;
 const FRAME_SNAPSHOT_CHUNK: u8 = 3;
 /// The receiver's answer once a whole snapshot reached its host.
 const ANSWER_SNAPSHOT_DELIVERED: u8 = 0;
+/// How often a peer that stays unreachable for one reason is logged.
+const CONNECT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// TLS for peer connections, with mutual authentication: each side
 /// presents a certificate signed by the cluster's CA (see [`crate::tls`]
@@ -176,6 +178,11 @@ pub struct TcpConfig {
     /// the stream is abandoned: reported as not delivered, so the leader
     /// retries, and the receiver's slot is freed. Default 10 s.
     pub snapshot_idle_timeout: Duration,
+    /// The longest a dial may take: resolving the peer's name, each TCP
+    /// connect to one of its addresses, and the TLS and Regatta handshakes
+    /// each get this long, so that an address that drops packets does not
+    /// hold the next one back for the kernel's minutes. Default 3 s.
+    pub connect_timeout: Duration,
 }
 
 impl TcpConfig {
@@ -195,6 +202,7 @@ impl TcpConfig {
             snapshot_bytes_per_second_max: None,
             incoming_snapshots_max: 4,
             snapshot_idle_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -535,13 +543,28 @@ async fn peer_writer(
 ) {
     let mut delay = config.reconnect_delay_min;
     let mut pending: Vec<(GroupId, Message)> = Vec::new();
+    // The last failure logged, and when: a peer that stays down is logged
+    // when the reason changes and at most once a minute otherwise.
+    let mut logged: Option<(String, tokio::time::Instant)> = None;
     loop {
         let mut stream = match connect(&config, &address).await {
             Ok(stream) => {
                 delay = config.reconnect_delay_min;
+                if logged.take().is_some() {
+                    tracing::info!(peer = %address, "peer reachable again");
+                }
                 stream
             }
-            Err(_) => {
+            Err(error) => {
+                let reason = error.to_string();
+                let now = tokio::time::Instant::now();
+                let due = logged.as_ref().is_none_or(|(last, at)| {
+                    *last != reason || now.duration_since(*at) >= CONNECT_FAILURE_LOG_INTERVAL
+                });
+                if due {
+                    tracing::warn!(peer = %address, error = %reason, "cannot reach peer");
+                    logged = Some((reason, now));
+                }
                 stats.connection_failures.fetch_add(1, Ordering::Relaxed);
                 // Do not let the queue fill with stale messages meanwhile.
                 queue.clear();
@@ -629,17 +652,34 @@ async fn send_until_broken(
 }
 
 /// Dials `address`: a name is resolved on every call, and each address it
-/// stands for is tried in the resolver's order.
+/// stands for is tried in the resolver's order, each step bounded by
+/// `connect_timeout`.
 async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<BoxedStream> {
+    let limit = config.connect_timeout;
+    let timed_out = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} took longer than {limit:?}"),
+        )
+    };
+    let resolved = tokio::time::timeout(limit, address.resolve())
+        .await
+        .map_err(|_| timed_out(format!("resolving {address}")))??;
     let mut tcp = None;
     let mut last_error = None;
-    for resolved in address.resolve().await? {
-        match TcpStream::connect(resolved).await {
-            Ok(stream) => {
+    for candidate in resolved {
+        match tokio::time::timeout(limit, TcpStream::connect(candidate)).await {
+            Ok(Ok(stream)) => {
                 tcp = Some(stream);
                 break;
             }
-            Err(error) => last_error = Some(error),
+            Ok(Err(error)) => {
+                last_error = Some(std::io::Error::new(
+                    error.kind(),
+                    format!("connect to {candidate}: {error}"),
+                ))
+            }
+            Err(_) => last_error = Some(timed_out(format!("connecting to {candidate}"))),
         }
     }
     let Some(tcp) = tcp else {
@@ -647,6 +687,17 @@ async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<B
             std::io::Error::other(format!("{address} resolves to no address"))
         }));
     };
+    tokio::time::timeout(limit, handshake(config, address, tcp))
+        .await
+        .map_err(|_| timed_out(format!("the handshake with {address}")))?
+}
+
+/// The TLS (when configured) and Regatta handshakes on a connected socket.
+async fn handshake(
+    config: &TcpConfig,
+    address: &PeerAddress,
+    tcp: TcpStream,
+) -> std::io::Result<BoxedStream> {
     tcp.set_nodelay(true)?;
     let mut stream: BoxedStream = match &config.tls {
         Some(tls) => {

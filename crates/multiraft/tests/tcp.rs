@@ -528,3 +528,38 @@ async fn a_thousand_groups_elect_and_commit() {
         node.host.stop().await;
     }
 }
+
+/// A peer that takes the TCP connection but never answers the handshake
+/// (a hung process, a black hole behind a load balancer) is given up on
+/// after `connect_timeout` and dialled again: the writer never waits on it
+/// for good.
+#[tokio::test]
+async fn a_peer_that_never_answers_the_handshake_is_given_up_on() {
+    // Never accepted: the kernel completes the TCP handshake from the
+    // backlog, and nothing ever answers ours.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let own = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut tcp = TcpConfig::new(NodeId(1), CLUSTER);
+    tcp.connect_timeout = Duration::from_millis(200);
+    tcp.reconnect_delay_max = Duration::from_millis(50);
+    let silent_address = PeerAddress::from(silent.local_addr().expect("address"));
+    tcp.peers = [(NodeId(2), silent_address)].into();
+    let transport = TcpTransport::start(tcp, own);
+    let failures = || {
+        transport
+            .stats()
+            .connection_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the dial waited on a silent peer ({} failures)",
+            failures()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    transport.shutdown();
+    drop(silent);
+}

@@ -315,6 +315,22 @@ async fn a_peer_whose_certificate_names_another_host_is_refused() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The dials reached TLS: each side's server saw handshakes fail (the
+    // dialling side refused the certificate), not a resolver or connect
+    // error.
+    while nodes.iter().any(|node| {
+        node.transport
+            .stats()
+            .handshakes_refused
+            .load(Ordering::Relaxed)
+            == 0
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no TLS handshake was ever attempted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for node in &nodes {
         let status = node.host.status(GROUP).await.expect("status");
         assert_ne!(status.soft_state.role, Role::Leader, "no link, no quorum");

@@ -1906,7 +1906,9 @@ impl<S: Storage> Raft<S> {
         if self.role == Role::Leader {
             assert_eq!(self.leader, Some(self.id), "leader does not know itself");
         }
-        assert_eq!(
+        // A walk of every member set, after every step: debug builds (and
+        // so the simulation) only. It cost 2% of a 64-group node's CPU.
+        debug_assert_eq!(
             self.history.last().map(|(_, m)| m),
             Some(&self.membership),
             "membership is not the latest in the log"

@@ -128,7 +128,8 @@ struct LeaderArgs {
     /// `host:port`: an IP address or a host name, which peers resolve each
     /// time they connect (so a node whose name moves to another IP is
     /// followed). This node listens on the first address the name resolves
-    /// to at start-up, unless `--raft.listen-address` is given.
+    /// to at start-up that it can bind, unless `--raft.listen-address` is
+    /// given.
     #[arg(
         long = "raft.address",
         default_value = "127.0.0.1:5012",

@@ -141,7 +141,8 @@ fn start_up_mistakes_are_refused_naming_the_flag() {
         &data_flag,
     ]);
     assert!(
-        !success && error.contains("--raft.address") && error.contains("no-such-host.invalid"),
+        !success
+            && error.contains("listen for peers on no-such-host.invalid:5011 (--raft.address)"),
         "{error}"
     );
     // --api.advertise-address must be a URL clients can use.

@@ -327,7 +327,7 @@ impl Node {
                     "listen for peers on {address} (--raft.listen-address): {error}"
                 ))
             })?,
-            None => listen_on_own_address(own_address).await?,
+            None => listen_on_own_address(own_address, config.members.len() > 1).await?,
         };
         let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
         tcp.peers = config
@@ -1338,7 +1338,11 @@ impl Node {
 /// Listens for peers on this node's own peer address (`--raft.address`).
 /// A host name is resolved once, here, and the first address it stands
 /// for that can be bound is used; `--raft.listen-address` picks another.
-async fn listen_on_own_address(own: &PeerAddress) -> Result<TcpListener> {
+/// A name other than `localhost` that resolves to a loopback address in a
+/// cluster of several members is warned about: peers on other hosts
+/// resolve it elsewhere (Debian's /etc/hosts maps the host's own name to
+/// 127.0.1.1).
+async fn listen_on_own_address(own: &PeerAddress, clustered: bool) -> Result<TcpListener> {
     let refused = |why: String| {
         Error::Config(format!(
             "listen for peers on {own} (--raft.address): {why}; \
@@ -1355,6 +1359,15 @@ async fn listen_on_own_address(own: &PeerAddress) -> Result<TcpListener> {
             Ok(listener) => {
                 if own.is_name() {
                     tracing::info!(raft_address = %own, listening = %address, "peer address resolved");
+                    if clustered && address.ip().is_loopback() && own.host() != "localhost" {
+                        tracing::warn!(
+                            raft_address = %own,
+                            listening = %address,
+                            "--raft.address resolves to a loopback address here, which peers on \
+                             other hosts cannot reach: set --raft.listen-address (0.0.0.0:<port> \
+                             for every interface)"
+                        );
+                    }
                 }
                 return Ok(listener);
             }
