@@ -923,6 +923,13 @@ fn apply_write(
 /// Applies a replicated batch on top of `leader_index`: commands at or
 /// below it were applied before and are skipped; a batch that would leave
 /// a gap is refused whole.
+///
+/// A command this version cannot decode is an error, which stops the
+/// table: the leader applied it (every command in a leader's log is one
+/// its API built and checked), so skipping it would leave the copy
+/// silently different. Only a leader cluster of a newer version writes
+/// one. The batch stays in the follower cluster's log, and a follower of
+/// that version applies it after its restart.
 fn apply_replicated(
     view: &mut View<'_>,
     leader_index: &mut u64,
@@ -934,19 +941,32 @@ fn apply_replicated(
             leader_index: *leader_index,
         }));
     }
+    // Every new command is decoded before any applies: an unreadable one
+    // leaves the table as it was.
+    let mut decoded = Vec::with_capacity(batch.commands.len());
     for (offset, command) in batch.commands.iter().enumerate() {
         let index = batch.first_leader_index + offset as u64;
         if index <= *leader_index {
             continue;
         }
-        if !command.is_empty() {
-            // A command the leader could not decode or apply failed there
-            // without a change; it fails here the same way.
-            if let Ok(command) = decode::<Command>(command) {
-                // A refusal here is the leader's refusal; a storage
-                // failure stops the table.
-                let _refused = apply_write(view, command, index)?;
-            }
+        if command.is_empty() {
+            decoded.push((index, None));
+            continue;
+        }
+        let command = decode::<Command>(command).map_err(|error| {
+            Error::Decode(format!(
+                "the leader cluster's command at leader index {index} cannot be read by \
+                 this version ({error}): upgrade this follower cluster to the leader \
+                 cluster's version; the table stops until then"
+            ))
+        })?;
+        decoded.push((index, Some(command)));
+    }
+    for (index, command) in decoded {
+        if let Some(command) = command {
+            // A refusal here is the leader's refusal; a storage failure
+            // stops the table.
+            let _refused = apply_write(view, command, index)?;
         }
         *leader_index = index;
     }

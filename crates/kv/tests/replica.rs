@@ -12,6 +12,7 @@ use regatta_kv::command::{
 };
 use regatta_kv::{read_table_item, split_table_item, Store, Table, TableMode};
 use regatta_multiraft::StateMachine;
+use regatta_raft::LogIndex;
 
 fn put(key: &str, value: &str) -> Vec<u8> {
     encode(&Command::Put(PutRequest {
@@ -410,4 +411,44 @@ fn a_leader_table_is_restored_from_a_backup_and_an_abort_keeps_its_data() {
         }
     );
     assert!(store.table_restore_pending(3).expect("meta"));
+}
+
+/// A leader command this version cannot read (a newer leader cluster's)
+/// stops the follower table instead of being skipped: the copy never
+/// silently differs from the leader's. Nothing of the batch applies, and
+/// one already applied below the table's leader index is not looked at.
+#[test]
+fn a_leader_command_this_version_cannot_read_stops_the_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table_as(7, TableMode::Replica).expect("table");
+    apply(&mut table, &[replicated(1, vec![put("a", "1")])]);
+    let before = contents(&table);
+    // A format version from the future, and a known version whose command
+    // tag this version lacks.
+    for unreadable in [vec![200u8, 1, 2, 3], vec![1u8, 250, 7]] {
+        let batch = replicated(2, vec![put("b", "1"), unreadable]);
+        let next = LogIndex(table.applied_index().0 + 1);
+        let error = table
+            .apply_batch(&[(next, Bytes::from(encode(&batch)))])
+            .expect_err("an unreadable leader command must not be skipped");
+        assert!(
+            error.to_string().contains("leader index 3 cannot be read"),
+            "{error}"
+        );
+        assert_eq!(table.revision(), 1, "the leader index did not move");
+        assert_eq!(contents(&table), before, "nothing of the batch applied");
+    }
+    // Below the leader index, a command is not applied again, so not read.
+    let old = apply(
+        &mut table,
+        &[replicated(1, vec![vec![200u8], put("b", "1")])],
+    );
+    assert_eq!(
+        outcome(&old[0]),
+        ReplicatedResult {
+            accepted: true,
+            leader_index: 2
+        }
+    );
 }

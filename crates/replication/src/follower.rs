@@ -59,6 +59,12 @@ const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Responses buffered between a log stream and its proposer.
 const STREAM_BUFFER_RESPONSES: usize = 64;
+/// Bytes of the leader's responses one puller holds at most, received and
+/// not yet proposed (one response larger than this is taken alone). The
+/// leader sends up to 4 MiB per response: counting responses alone let a
+/// table's puller hold 256 MiB while its proposals were slow, and a
+/// follower catching up many tables run out of memory.
+const STREAM_BUFFER_BYTES_MAX: usize = 16 << 20;
 
 /// A puller's pause after a failure, doubled up to the maximum.
 const RETRY_DELAY_MIN: Duration = Duration::from_millis(100);
@@ -525,8 +531,11 @@ async fn pull_once(
         .await?
         .into_inner();
     // A reader task keeps receiving while a batch is being proposed, so
-    // that the next proposal takes everything that arrived meanwhile.
+    // that the next proposal takes everything that arrived meanwhile, up
+    // to `STREAM_BUFFER_BYTES_MAX`: each response travels with its share
+    // of the budget, given back once its commands are proposed.
     let (sender, mut receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
+    let budget = Arc::new(Semaphore::new(STREAM_BUFFER_BYTES_MAX));
     let reader = tokio::spawn(async move {
         loop {
             let message = match tokio::time::timeout(LOG_SILENCE_MAX, stream.message()).await {
@@ -536,15 +545,26 @@ async fn pull_once(
                     LOG_SILENCE_MAX.as_secs()
                 ))),
             };
+            let size = match &message {
+                Ok(Some(response)) => prost::Message::encoded_len(response),
+                _ => 0,
+            };
+            let share = size.min(STREAM_BUFFER_BYTES_MAX) as u32;
+            let Ok(permit) = Arc::clone(&budget).acquire_many_owned(share).await else {
+                return;
+            };
             let end = !matches!(message, Ok(Some(_)));
-            if sender.send(message).await.is_err() || end {
+            if sender.send((message, permit)).await.is_err() || end {
                 return;
             }
         }
     });
     let _reader = AbortOnDrop(reader);
     state.error = None;
+    // The budget shares of the responses being proposed.
+    let mut held = Vec::new();
     loop {
+        held.clear();
         let Some(message) = receiver.recv().await else {
             return Ok(());
         };
@@ -556,7 +576,8 @@ async fn pull_once(
         // state keeps the highest any node reported).
         let mut served = 0;
         let first = applied + 1;
-        while let Some(message) = pending.take() {
+        while let Some((message, permit)) = pending.take() {
+            held.push(permit);
             let Some(response) = message? else {
                 stop = Some(Ok(()));
                 break;

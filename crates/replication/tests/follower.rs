@@ -1,12 +1,13 @@
 //! The follower side of replication against fake leader nodes served
 //! from the test: what a puller does when a leader node's log streams end
-//! cleanly with nothing in them.
+//! cleanly with nothing in them, and how much of a fast stream it holds.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use regatta_kv::command::{encode, Command, PutRequest};
 use regatta_replication::proto;
 use regatta_replication::{start_follower, FollowerConfig};
 use regatta_server::ClusterRole;
@@ -26,6 +27,11 @@ fn free_address() -> SocketAddr {
 struct FakeLeader {
     replicates: Arc<AtomicUsize>,
     heartbeats: bool,
+    /// When set, the stream sends commands of this many value bytes, one
+    /// per response, from the requested leader index on, as fast as the
+    /// follower takes them; `sent` counts them.
+    flood_value_bytes: Option<usize>,
+    sent: Arc<AtomicUsize>,
 }
 
 impl FakeLeader {
@@ -72,11 +78,39 @@ impl proto::log_server::Log for FakeLeader {
 
     async fn replicate(
         &self,
-        _request: Request<proto::ReplicateRequest>,
+        request: Request<proto::ReplicateRequest>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         self.replicates.fetch_add(1, Ordering::SeqCst);
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
-        if self.heartbeats {
+        if let Some(value_bytes) = self.flood_value_bytes {
+            let sent = Arc::clone(&self.sent);
+            let mut next = request.get_ref().leader_index + 1;
+            tokio::spawn(async move {
+                loop {
+                    let command = encode(&Command::Put(PutRequest {
+                        key: format!("k{next}").into_bytes(),
+                        value: vec![7u8; value_bytes],
+                        prev_kv: false,
+                    }));
+                    let response = proto::ReplicateResponse {
+                        response: Some(proto::replicate_response::Response::CommandsResponse(
+                            proto::ReplicateCommandsResponse {
+                                commands: vec![proto::ReplicateCommand {
+                                    leader_index: next,
+                                    command,
+                                }],
+                            },
+                        )),
+                        leader_index: next,
+                    };
+                    if sender.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    next += 1;
+                }
+            });
+        } else if self.heartbeats {
             tokio::spawn(async move {
                 loop {
                     let heartbeat = proto::ReplicateResponse {
@@ -172,5 +206,41 @@ async fn a_leader_node_whose_streams_keep_ending_empty_is_left_for_the_next_addr
         (empty_after, healthy_after),
         (empty_before, healthy_before),
         "the healthy stream stays open, and nothing goes back to the empty node"
+    );
+}
+
+/// A leader stream faster than the follower's proposals fills the
+/// puller's buffer only up to its byte budget (16 MiB): with 1 MiB
+/// commands, about 16 responses, plus what the channel and the sockets
+/// hold. Counted in responses alone, the buffer held 64 (64 MiB here, up
+/// to 256 MiB of the leader's 4 MiB responses per table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_leader_stream_is_buffered_up_to_the_byte_budget() {
+    let fake = FakeLeader {
+        flood_value_bytes: Some(1 << 20),
+        ..FakeLeader::default()
+    };
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_follower_node(dir.path()).await;
+    let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
+    wait_for_replicates(&fake, "the follower never asked for the log").await;
+    let group = node.table_group("etcd").expect("the copy of the table");
+    let mut most_in_flight = 0;
+    let mut applied = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let sent = fake.sent.load(Ordering::SeqCst) as u64;
+        applied = node.table_revision(group, false).await.unwrap_or(applied);
+        most_in_flight = most_in_flight.max(sent.saturating_sub(applied));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    follower.stop().await;
+    assert!(applied > 0, "nothing was applied");
+    // 16 in the budget, one held by the reader, one batch being proposed,
+    // 4 in the fake's channel, and what HTTP/2 and TCP buffer (about 8).
+    assert!(
+        most_in_flight <= 40,
+        "{most_in_flight} responses of 1 MiB were in flight at once"
     );
 }
