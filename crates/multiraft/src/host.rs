@@ -444,7 +444,13 @@ struct HostInner {
     /// Each group's applied index as the worker learns it, and its state
     /// machine's reader.
     applied: RwLock<FxHashMap<GroupId, GroupView>>,
+    /// Why each group that stopped on its own (a storage or state machine
+    /// failure) did, until it is removed: every later request names it.
+    stop_reasons: StopReasons,
 }
+
+/// Why groups stopped, shared by the host and its workers.
+type StopReasons = Arc<Mutex<FxHashMap<GroupId, String>>>;
 
 /// What a caller's task needs to read a group without its worker.
 #[derive(Clone)]
@@ -483,6 +489,7 @@ impl NodeHost {
         transport: Arc<dyn Transport>,
         runtime: tokio::runtime::Handle,
     ) -> Result<NodeHost, Error> {
+        let stop_reasons = StopReasons::default();
         let sessions = SnapshotStore::open(config.state_dir.join("sessions"), 1)
             .map_err(|error| Error::State(format!("open the session tables: {error}")))?;
         let snapshots_path = config.state_dir.join("snapshots");
@@ -536,6 +543,7 @@ impl NodeHost {
                 sessions: sessions.clone(),
                 snapshots: snapshots.clone(),
                 apply: apply.clone(),
+                stop_reasons: Arc::clone(&stop_reasons),
             };
             tasks.push(runtime.spawn(worker.run(
                 inbox,
@@ -556,6 +564,7 @@ impl NodeHost {
                 worker_tasks: Mutex::new(tasks),
                 groups: RwLock::new(FxHashMap::default()),
                 applied: RwLock::new(FxHashMap::default()),
+                stop_reasons,
             }),
         })
     }
@@ -607,7 +616,7 @@ impl NodeHost {
             let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
             match workers.get(worker_index) {
                 Some((inbox, _, apply)) => (inbox.clone(), apply.clone()),
-                None => return Err(stopped(group)),
+                None => return Err(self.stopped(group)),
             }
         };
         let (applied_sender, applied_receiver) = AppliedPublisher::new(initially_applied);
@@ -619,7 +628,7 @@ impl NodeHost {
                 sessions,
                 applied_sender.sink(),
             ))
-            .map_err(|_| stopped(group))?;
+            .map_err(|_| self.stopped(group))?;
         let state = Group {
             group,
             raft,
@@ -813,12 +822,12 @@ impl NodeHost {
             *groups.get(&group).ok_or(Error::UnknownGroup(group))?
         };
         let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
-        let (inbox, _, _) = workers.get(worker).ok_or_else(|| stopped(group))?;
+        let (inbox, _, _) = workers.get(worker).ok_or_else(|| self.stopped(group))?;
         inbox
             .try_send(WorkerInput::Group(group, input))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => Error::Busy(group),
-                mpsc::error::TrySendError::Closed(_) => stopped(group),
+                mpsc::error::TrySendError::Closed(_) => self.stopped(group),
             })
     }
 
@@ -914,7 +923,7 @@ impl NodeHost {
         let waited = tokio::time::timeout_at(deadline, view.applied.wait_for(index)).await;
         match waited {
             Ok(Ok(_)) => Ok(reader.read(&query)),
-            Ok(Err(_)) => Err(stopped(group)),
+            Ok(Err(_)) => Err(self.stopped(group)),
             Err(_) => Err(Error::Timeout {
                 group,
                 timeout_ms: self.inner.config.request_timeout.as_millis() as u64,
@@ -935,12 +944,12 @@ impl NodeHost {
             let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
             let worker = *groups.get(&group).ok_or(Error::UnknownGroup(group))?;
             let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
-            let (inbox, _, _) = workers.get(worker).ok_or_else(|| stopped(group))?;
+            let (inbox, _, _) = workers.get(worker).ok_or_else(|| self.stopped(group))?;
             inbox
                 .try_send(WorkerInput::Remove((group, reply)))
                 .map_err(|error| match error {
                     mpsc::error::TrySendError::Full(_) => Error::Busy(group),
-                    mpsc::error::TrySendError::Closed(_) => stopped(group),
+                    mpsc::error::TrySendError::Closed(_) => self.stopped(group),
                 })?;
         }
         // The id stays taken until the removal is durable, so that a
@@ -953,12 +962,12 @@ impl NodeHost {
         let removal = tokio::spawn(async move {
             let removed = answer
                 .await
-                .map_err(|_| stopped(group))
+                .map_err(|_| host.stopped(group))
                 .and_then(|done| done);
             host.release_group_id(group);
             removed
         });
-        removal.await.map_err(|_| stopped(group))?
+        removal.await.map_err(|_| self.stopped(group))?
     }
 
     /// Frees a removed group's id once its removal is over.
@@ -973,13 +982,18 @@ impl NodeHost {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
+        self.inner
+            .stop_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
     }
 
     /// The group's Raft status on this node.
     pub async fn status(&self, group: GroupId) -> Result<Status, Error> {
         let (reply, answer) = oneshot::channel();
         self.enqueue(group, Input::Status { reply })?;
-        answer.await.map_err(|_| stopped(group))
+        answer.await.map_err(|_| self.stopped(group))
     }
 
     /// Stops every group and waits for the workers to exit. Requests still
@@ -1064,7 +1078,7 @@ impl NodeHost {
         let view = self.group_view(group)?;
         if let Some(reader) = view.reader {
             if view.applied.is_stopped() {
-                return Err(stopped(group));
+                return Err(self.stopped(group));
             }
             return Ok(reader.read(&query));
         }
@@ -1080,6 +1094,20 @@ impl NodeHost {
 }
 
 impl NodeHost {
+    /// The error of a request to a group that stopped on this node, with
+    /// the reason it stopped when known.
+    fn stopped(&self, group: GroupId) -> Error {
+        let reason = self
+            .inner
+            .stop_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+            .unwrap_or_else(|| "the group's worker has exited".into());
+        Error::GroupStopped { group, reason }
+    }
+
     /// Waits for an answer within `request_timeout`.
     async fn answer<T>(
         &self,
@@ -1089,7 +1117,7 @@ impl NodeHost {
         let timeout = self.inner.config.request_timeout;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(stopped(group)),
+            Ok(Err(_)) => Err(self.stopped(group)),
             Err(_) => Err(Error::Timeout {
                 group,
                 timeout_ms: timeout.as_millis() as u64,
@@ -1098,11 +1126,14 @@ impl NodeHost {
     }
 }
 
-fn stopped(group: GroupId) -> Error {
-    Error::GroupStopped {
-        group,
-        reason: "the group's worker has exited".into(),
-    }
+/// Logs why `group` stopped on this node and keeps the reason for the
+/// requests that come after.
+fn note_stopped(reasons: &StopReasons, group: GroupId, reason: &str) {
+    tracing::error!(group = group.0, %reason, "group stopped on this node");
+    reasons
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(group, reason.to_string());
 }
 
 /// One group's state inside its worker.
@@ -1188,9 +1219,15 @@ struct Worker {
     snapshots: SnapshotDir,
     /// This worker's apply thread; flushed at the end of every turn.
     apply: ApplyOutbox,
+    /// The host's record of why groups stopped.
+    stop_reasons: StopReasons,
 }
 
 impl Worker {
+    fn note_stopped(&self, group: GroupId, reason: &str) {
+        note_stopped(&self.stop_reasons, group, reason);
+    }
+
     async fn run(
         mut self,
         mut inbox: mpsc::Receiver<WorkerInput>,
@@ -1436,6 +1473,7 @@ impl Worker {
                 }
             }
             Control::Failed { group, reason } => {
+                self.note_stopped(group, &reason);
                 if let Some(mut state) = self.groups.remove(&group) {
                     state.fail_all(reason);
                 }
@@ -1459,6 +1497,7 @@ impl Worker {
             if let Err(reason) =
                 state.process_ready(&mut outbox, &mut batch, &mut readies, &mut persisted)
             {
+                note_stopped(&self.stop_reasons, group, &reason);
                 state.fail_all(reason);
                 failed.push(group);
                 continue;

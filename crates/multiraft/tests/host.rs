@@ -911,3 +911,86 @@ async fn a_blocked_state_machine_does_not_stop_raft() {
     }
     host.stop().await;
 }
+
+/// Fails to apply the command `fail`, as a state machine whose storage
+/// broke (or that cannot read a command) does; applies the rest.
+#[derive(Default)]
+struct FailingMachine {
+    applied: LogIndex,
+}
+
+impl StateMachine for FailingMachine {
+    fn apply(&mut self, _index: LogIndex, _command: &Bytes) -> Bytes {
+        panic!("the host must call apply_batch");
+    }
+    fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> std::io::Result<Vec<Bytes>> {
+        if commands
+            .iter()
+            .any(|(_, command)| command.as_ref() == b"fail")
+        {
+            return Err(std::io::Error::other("the disk is on fire"));
+        }
+        if let Some((last, _)) = commands.last() {
+            self.applied = *last;
+        }
+        Ok(commands.iter().map(|_| Bytes::new()).collect())
+    }
+    fn read(&self, _query: &Bytes) -> Bytes {
+        Bytes::new()
+    }
+    fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+    fn snapshot(&self) -> Box<dyn regatta_multiraft::SnapshotSource> {
+        Box::new(Bytes::new())
+    }
+    fn restore(&mut self, index: LogIndex, _data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        self.applied = index;
+        Ok(())
+    }
+}
+
+/// A state machine that fails to apply stops its group, and every later
+/// request to the group says why (it said "the group's worker has
+/// exited"), until the group is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_stopped_by_its_state_machine_names_the_reason_to_later_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let host = new_host(dir.path(), 1, &transport, |_| {});
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(FailingMachine::default()))
+        .expect("group");
+    let hosts = BTreeMap::from([(1u64, host.clone())]);
+    wait_for_leader(&hosts).await;
+    host.propose(GROUP, Bytes::from_static(b"fine"))
+        .await
+        .expect("applied");
+    let failed = host
+        .propose(GROUP, Bytes::from_static(b"fail"))
+        .await
+        .expect_err("the apply failed");
+    assert!(
+        failed.to_string().contains("the disk is on fire"),
+        "{failed}"
+    );
+    // The worker hears of the stop a moment after the proposer does.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let later = host.status(GROUP).await;
+        match &later {
+            Err(error) if error.to_string().contains("the disk is on fire") => break,
+            _ => assert!(Instant::now() < deadline, "the reason was lost: {later:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let proposal = host
+        .propose(GROUP, Bytes::from_static(b"more"))
+        .await
+        .expect_err("the group stopped");
+    assert!(
+        proposal.to_string().contains("the disk is on fire"),
+        "{proposal}"
+    );
+    host.remove_group(GROUP).await.expect("remove");
+    host.stop().await;
+}
