@@ -40,10 +40,20 @@ pub struct BenchArgs {
     /// The workload.
     #[arg(value_enum)]
     workload: Workload,
-    /// Endpoints (host:port, or http://host:port), comma-separated;
-    /// connections go round-robin. Plain-text APIs only (no TLS).
+    /// Endpoints (host:port, http://host:port, or https://host:port with
+    /// `--cacert`), comma-separated; connections go round-robin.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8443")]
     endpoints: Vec<String>,
+    /// Speak TLS, verifying the servers' certificates with these CAs
+    /// (PEM), as etcdctl's and etcd's benchmark's `--cacert`.
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
+    /// A client certificate (PEM), for servers that require one.
+    #[arg(long = "cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--cert`.
+    #[arg(long = "key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Concurrent clients, each with one request outstanding.
     #[arg(long, default_value_t = 64)]
     clients: usize,
@@ -74,20 +84,69 @@ pub struct BenchArgs {
     no_fill: bool,
 }
 
-/// `host:port` from an `--endpoints` entry, which may be written as
-/// etcdctl takes it (`http://host:port`). The load tool speaks plain
-/// HTTP/2 only.
-fn bench_endpoint(entry: &str) -> Result<&str, String> {
+/// The host and port of an `--endpoints` entry, which may be written as
+/// etcdctl takes it (`http://host:port`, or `https://host:port` when `tls`
+/// is on).
+fn bench_endpoint(entry: &str, tls: bool) -> Result<(String, u16), String> {
     let entry = entry.trim();
-    if entry.starts_with("https://") {
-        return Err(format!(
-            "--endpoints {entry}: regatta bench does not speak TLS; point it at a plain-text API"
-        ));
+    let bare = match (entry.split_once("://"), tls) {
+        (None, _) => entry,
+        (Some(("http", rest)), false) | (Some(("https", rest)), true) => rest,
+        (Some(("https", _)), false) => {
+            return Err(format!(
+                "--endpoints {entry}: an https endpoint needs --cacert to verify the server"
+            ))
+        }
+        (Some(("http", _)), true) => {
+            return Err(format!(
+                "--endpoints {entry}: an http endpoint, but --cacert asks for TLS"
+            ))
+        }
+        (Some((scheme, _)), _) => {
+            return Err(format!(
+                "--endpoints {entry}: unknown scheme {scheme:?} (use http or https)"
+            ))
+        }
+    };
+    let bare = bare.trim_end_matches('/');
+    let (host, port) = bare
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--endpoints {entry}: not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| format!("--endpoints {entry}: the port must be from 1 to 65535"))?;
+    if host.is_empty() {
+        return Err(format!("--endpoints {entry}: no host"));
     }
-    Ok(entry
-        .strip_prefix("http://")
-        .unwrap_or(entry)
-        .trim_end_matches('/'))
+    Ok((host.to_string(), port))
+}
+
+/// The client TLS of `--cacert`, `--cert` and `--key`, if asked for.
+fn bench_tls(args: &BenchArgs) -> Result<Option<regatta_server::tls::ClientTls>, String> {
+    use regatta_server::tls::{ClientTls, ClientTlsOptions, Identity, Pem};
+    let Some(ca) = &args.cacert else {
+        if args.tls_cert.is_some() {
+            return Err("--cert needs --cacert, which verifies the server".into());
+        }
+        return Ok(None);
+    };
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Identity {
+            certificate_chain: Pem::File(cert.clone()),
+            key: Pem::File(key.clone()),
+        }),
+        _ => None,
+    };
+    let options = ClientTlsOptions {
+        ca: Pem::File(ca.clone()),
+        identity,
+        alpn_protocols: Vec::new(),
+    };
+    ClientTls::new(&options, None)
+        .map(Some)
+        .map_err(|error| error.to_string())
 }
 
 fn key(index: u64, size: usize) -> Vec<u8> {
@@ -129,20 +188,22 @@ const STREAM_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 5 * 1024 * 1024;
 
 impl Connection {
-    /// Dials `endpoint` (host:port) with TCP_NODELAY, within the server
-    /// crate's `CONNECT_TIMEOUT`, and runs the HTTP/2 handshake.
-    async fn open(endpoint: &str) -> Result<Connection, String> {
-        let dial = tokio::net::TcpStream::connect(endpoint);
-        let tcp = tokio::time::timeout(regatta_server::tls::CONNECT_TIMEOUT, dial)
+    /// Dials `host:port` with TCP_NODELAY and, with `tls`, the TLS
+    /// handshake, within the server crate's `CONNECT_TIMEOUT`, then runs
+    /// the HTTP/2 handshake.
+    async fn open(
+        host: &str,
+        port: u16,
+        tls: Option<&regatta_server::tls::ClientTls>,
+    ) -> Result<Connection, String> {
+        let endpoint = format!("{host}:{port}");
+        let stream = regatta_server::tls::dial(host, port, tls)
             .await
-            .map_err(|_| format!("cannot reach {endpoint}: the connection timed out"))?
             .map_err(|error| format!("cannot reach {endpoint}: {error}"))?;
-        tcp.set_nodelay(true)
-            .map_err(|error| format!("{endpoint}: {error}"))?;
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .handshake(regatta_server::tls::Unvectored(tcp))
+            .handshake(stream)
             .await
             .map_err(|error| format!("{endpoint}: HTTP/2 handshake: {error}"))?;
         let name = endpoint.to_string();
@@ -151,9 +212,10 @@ impl Connection {
                 eprintln!("connection to {name} ended: {error}");
             }
         });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Connection {
             sender,
-            uri_prefix: format!("http://{endpoint}"),
+            uri_prefix: format!("{scheme}://{endpoint}"),
         })
     }
 
@@ -325,10 +387,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.endpoints.is_empty() {
         return Err("--clients, --conns, --total and --endpoints must be positive".into());
     }
+    let tls = bench_tls(&args)?;
     let mut connections = Vec::new();
     for index in 0..args.conns {
-        let endpoint = bench_endpoint(&args.endpoints[index % args.endpoints.len()])?;
-        connections.push(Connection::open(endpoint).await?);
+        let entry = &args.endpoints[index % args.endpoints.len()];
+        let (host, port) = bench_endpoint(entry, tls.is_some())?;
+        connections.push(Connection::open(&host, port, tls.as_ref()).await?);
     }
     let args = Arc::new(args);
     let value = Arc::new(vec![b'v'; args.val_size]);
@@ -444,13 +508,31 @@ mod tests {
     use super::bench_endpoint;
 
     #[test]
-    fn endpoints_take_etcdctl_urls_and_refuse_tls() {
-        assert_eq!(bench_endpoint(" 127.0.0.1:8443 "), Ok("127.0.0.1:8443"));
+    fn endpoints_take_etcdctl_urls_with_the_scheme_tls_asks_for() {
+        let at = |host: &str, port: u16| Ok((host.to_string(), port));
         assert_eq!(
-            bench_endpoint("http://127.0.0.1:8443/"),
-            Ok("127.0.0.1:8443")
+            bench_endpoint(" 127.0.0.1:8443 ", false),
+            at("127.0.0.1", 8443)
         );
-        let refused = bench_endpoint("https://127.0.0.1:8443").expect_err("TLS");
-        assert!(refused.contains("does not speak TLS"), "{refused}");
+        assert_eq!(
+            bench_endpoint("http://127.0.0.1:8443/", false),
+            at("127.0.0.1", 8443)
+        );
+        assert_eq!(
+            bench_endpoint("https://node1:8443", true),
+            at("node1", 8443)
+        );
+        assert_eq!(bench_endpoint("[::1]:8443", true), at("[::1]", 8443));
+        for (entry, tls, says) in [
+            ("https://127.0.0.1:8443", false, "needs --cacert"),
+            ("http://127.0.0.1:8443", true, "--cacert asks for TLS"),
+            ("ftp://127.0.0.1:8443", false, "unknown scheme"),
+            ("127.0.0.1", false, "not host:port"),
+            ("127.0.0.1:0", false, "the port must be"),
+            (":8443", false, "no host"),
+        ] {
+            let refused = bench_endpoint(entry, tls).expect_err(entry);
+            assert!(refused.contains(says), "{entry}: {refused}");
+        }
     }
 }

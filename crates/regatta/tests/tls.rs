@@ -341,6 +341,44 @@ async fn tls_on_every_link() {
         String::from_utf8_lossy(&output.stderr)
     );
 
+    // The load tool with the same flags, and refused without the client
+    // certificate the API requires.
+    let bench = |with_identity: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_regatta"));
+        command
+            .args([
+                "bench",
+                "put",
+                "--total",
+                "200",
+                "--clients",
+                "4",
+                "--conns",
+                "2",
+            ])
+            .args(["--endpoints", &format!("https://{address}")])
+            .args(["--cacert", &path(&ca)]);
+        if with_identity {
+            command
+                .args(["--cert", &path(&admin_crt)])
+                .args(["--key", &path(&admin_key)]);
+        }
+        command.output().expect("regatta bench")
+    };
+    let output = bench(true);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("total=200") && stdout.contains("errors=0"),
+        "regatta bench over mutual TLS: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = bench(false);
+    assert!(
+        !output.status.success(),
+        "regatta bench without a client certificate was served: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
     // A follower cluster replicating over mutual TLS, its own API plain.
     let follower_dir = dir.path().join("follower");
     let follower_api = free_address();

@@ -260,12 +260,44 @@ pub async fn connect(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Chan
 }
 
 /// A client connection: plain TCP or TLS over TCP.
-type ClientStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+pub type ClientStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 type ClientIo = hyper_util::rt::TokioIo<Unvectored<ClientStream>>;
 type Dial = Pin<Box<dyn std::future::Future<Output = io::Result<ClientIo>> + Send>>;
 
-/// Dials the URI's host and port with TCP_NODELAY and, with `tls`, runs
-/// the handshake; both within [`CONNECT_TIMEOUT`].
+/// Dials `host:port` (`host` may be a bracketed IPv6 address) with
+/// TCP_NODELAY and, with `tls`, runs the TLS handshake, checking the
+/// server's certificate against `host` (or the configured server name);
+/// both within [`CONNECT_TIMEOUT`].
+pub async fn dial(
+    host: &str,
+    port: u16,
+    tls: Option<&ClientTls>,
+) -> io::Result<Unvectored<ClientStream>> {
+    let dialled = async {
+        let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = TcpStream::connect((bare_host, port)).await?;
+        tcp.set_nodelay(true)?;
+        let Some(tls) = tls else {
+            return Ok(Either::Left(tcp));
+        };
+        let name = regatta_multiraft::tls::server_name(host, tls.server_name.as_deref())
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error.to_string()))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+            .connect(name, tcp)
+            .await?;
+        Ok(Either::Right(stream))
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, dialled).await {
+        Ok(Ok(stream)) => Ok(Unvectored(stream)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {host}:{port} timed out"),
+        )),
+    }
+}
+
+/// Dials the URI's host and port (see [`dial`]).
 fn connector(
     tls: Option<ClientTls>,
 ) -> impl tower::Service<Uri, Response = ClientIo, Error = io::Error, Future = Dial>
@@ -281,30 +313,8 @@ fn connector(
                 .to_string();
             let default_port = if tls.is_some() { 443 } else { 80 };
             let port = uri.port_u16().unwrap_or(default_port);
-            let dialled = async {
-                let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-                let tcp = TcpStream::connect((bare_host, port)).await?;
-                tcp.set_nodelay(true)?;
-                let Some(tls) = tls else {
-                    return Ok(Either::Left(tcp));
-                };
-                let name = regatta_multiraft::tls::server_name(&host, tls.server_name.as_deref())
-                    .map_err(|error| {
-                    io::Error::new(io::ErrorKind::InvalidInput, error.to_string())
-                })?;
-                let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
-                    .connect(name, tcp)
-                    .await?;
-                Ok(Either::Right(stream))
-            };
-            match tokio::time::timeout(CONNECT_TIMEOUT, dialled).await {
-                Ok(Ok(stream)) => Ok(hyper_util::rt::TokioIo::new(Unvectored(stream))),
-                Ok(Err(error)) => Err(error),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connecting to {host}:{port} timed out"),
-                )),
-            }
+            let stream = dial(&host, port, tls.as_ref()).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
         });
         dial
     })
