@@ -104,41 +104,67 @@ fn contains(membership: &Membership, node: NodeId) -> bool {
     membership.voters.contains(&node) || membership.learners.contains(&node)
 }
 
-/// Members this node has seen leave the cluster, whose address records
-/// are still to be deleted. A node that removes itself cannot delete its
-/// own record (a removed node cannot write), so the metadata group's
-/// leader deletes the records of departed members; until then the record
-/// keeps its address taken. Every node tracks departures, so a new leader
-/// knows those seen before it took over; a departure during a restart is
-/// missed (the record stays, as it did before).
+/// Address records to delete: of members this node has seen leave the
+/// cluster, and of ids that have had a record but no membership for
+/// `ORPHAN_RECORD_AGE` while this node watched.
+///
+/// A node that removes itself cannot delete its own record (a removed
+/// node cannot write), so the metadata group's leader deletes the records
+/// of departed members; until then the record keeps its address taken.
+/// Every node tracks departures, so a new leader knows those seen before
+/// it took over. A departure during a restart, and the record of an add
+/// that timed out and never committed, are caught by their age instead:
+/// an add writes its record just before it proposes the member, and gives
+/// up within the request timeout, far less than the age.
 #[derive(Default)]
 pub(crate) struct Departures {
     /// The members as of the last check; `None` before the first.
     last_members: Option<BTreeSet<NodeId>>,
     departed: BTreeSet<NodeId>,
+    /// Recorded ids that are not members, and when this node first saw
+    /// them so.
+    orphans: BTreeMap<NodeId, Instant>,
 }
 
+/// How long a record may stand for an id that is not a member before it
+/// is deleted.
+const ORPHAN_RECORD_AGE: Duration = Duration::from_secs(60);
+
 impl Departures {
-    /// Notes the members now; returns the departed ones still recorded in
-    /// `recorded`, forgetting departures whose record is gone or who are
-    /// members again.
+    /// Notes the members now; returns the recorded ids whose records are
+    /// to go: departed members, and ids recorded without membership for
+    /// `ORPHAN_RECORD_AGE`. Forgets departures whose record is gone or
+    /// who are members again.
     fn update(
         &mut self,
         members: BTreeSet<NodeId>,
         recorded: &BTreeMap<NodeId, MemberAddresses>,
+        now: Instant,
     ) -> Vec<NodeId> {
         if let Some(last) = &self.last_members {
             self.departed.extend(last.difference(&members));
         }
         self.departed
             .retain(|id| !members.contains(id) && recorded.contains_key(id));
+        self.orphans
+            .retain(|id, _| !members.contains(id) && recorded.contains_key(id));
+        for id in recorded.keys().filter(|id| !members.contains(id)) {
+            self.orphans.entry(*id).or_insert(now);
+        }
         self.last_members = Some(members);
-        self.departed.iter().copied().collect()
+        let aged = self
+            .orphans
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= ORPHAN_RECORD_AGE)
+            .map(|(id, _)| *id);
+        let named: BTreeSet<NodeId> = self.departed.iter().copied().chain(aged).collect();
+        named.into_iter().collect()
     }
 
     /// `id` is being added again: its new record must stay.
     fn forget(&mut self, id: NodeId) {
         self.departed.remove(&id);
+        self.orphans.remove(&id);
     }
 }
 
@@ -702,7 +728,7 @@ impl Node {
             .departures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .update(members, recorded);
+            .update(members, recorded, Instant::now());
         if meta.soft_state.role != Role::Leader {
             return;
         }
@@ -819,12 +845,18 @@ mod tests {
         let recorded: BTreeMap<NodeId, MemberAddresses> =
             [(NodeId(3), record.clone()), (NodeId(4), record)].into();
         let mut departures = Departures::default();
+        let now = Instant::now();
         // The first look only notes the members; 4 is being added (a
-        // record, not yet a member) and is never named.
-        assert!(departures.update(ids(&[1, 2, 3]), &recorded).is_empty());
-        assert_eq!(departures.update(ids(&[1, 2]), &recorded), vec![NodeId(3)]);
+        // record, not yet a member) and is not named while it is young.
+        assert!(departures
+            .update(ids(&[1, 2, 3]), &recorded, now)
+            .is_empty());
         assert_eq!(
-            departures.update(ids(&[1, 2]), &recorded),
+            departures.update(ids(&[1, 2]), &recorded, now),
+            vec![NodeId(3)]
+        );
+        assert_eq!(
+            departures.update(ids(&[1, 2]), &recorded, now),
             vec![NodeId(3)],
             "named until its record is gone"
         );
@@ -833,12 +865,56 @@ mod tests {
             .filter(|(id, _)| id.0 == 4)
             .map(|(id, r)| (*id, r.clone()))
             .collect();
-        assert!(departures.update(ids(&[1, 2]), &only_4).is_empty());
+        assert!(departures.update(ids(&[1, 2]), &only_4, now).is_empty());
         // Removed, then added again before its record went: kept.
-        assert_eq!(departures.update(ids(&[1, 2, 3]), &recorded), vec![]);
-        assert_eq!(departures.update(ids(&[1, 2]), &recorded), vec![NodeId(3)]);
+        assert_eq!(departures.update(ids(&[1, 2, 3]), &recorded, now), vec![]);
+        assert_eq!(
+            departures.update(ids(&[1, 2]), &recorded, now),
+            vec![NodeId(3)]
+        );
         departures.forget(NodeId(3));
-        assert!(departures.update(ids(&[1, 2]), &recorded).is_empty());
+        assert!(departures.update(ids(&[1, 2]), &recorded, now).is_empty());
+    }
+
+    /// A record without a member for `ORPHAN_RECORD_AGE` is named even
+    /// when this node never saw the id leave: it left while the node was
+    /// down, or its add timed out and never committed. A member's record,
+    /// and one whose add starts again, are not.
+    #[test]
+    fn records_without_a_member_are_named_once_old() {
+        let ids =
+            |list: &[u64]| -> BTreeSet<NodeId> { list.iter().map(|id| NodeId(*id)).collect() };
+        let record = MemberAddresses {
+            raft_address: "127.0.0.1:5003".parse().expect("address"),
+            client_url: String::new(),
+        };
+        let recorded: BTreeMap<NodeId, MemberAddresses> = [1u64, 2, 7, 8]
+            .iter()
+            .map(|id| (NodeId(*id), record.clone()))
+            .collect();
+        let mut departures = Departures::default();
+        let start = Instant::now();
+        // Just restarted: 7 and 8 have records and no membership.
+        assert!(departures.update(ids(&[1, 2]), &recorded, start).is_empty());
+        let almost = start + ORPHAN_RECORD_AGE - Duration::from_secs(1);
+        assert!(departures
+            .update(ids(&[1, 2]), &recorded, almost)
+            .is_empty());
+        // 8's add starts again just before the age: its clock restarts.
+        departures.forget(NodeId(8));
+        let aged = start + ORPHAN_RECORD_AGE;
+        assert_eq!(
+            departures.update(ids(&[1, 2]), &recorded, aged),
+            vec![NodeId(7)]
+        );
+        // 7 joined after all: never named again for that stretch.
+        assert!(departures
+            .update(ids(&[1, 2, 7]), &recorded, aged + Duration::from_secs(1))
+            .is_empty());
+        assert_eq!(
+            departures.update(ids(&[1, 2, 7]), &recorded, aged + ORPHAN_RECORD_AGE),
+            vec![NodeId(8)]
+        );
     }
 
     fn membership(voters: &[u64], learners: &[u64], auto: &[u64]) -> Membership {
