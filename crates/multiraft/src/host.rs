@@ -1407,12 +1407,9 @@ impl Worker {
                     };
                     if let Err(error) = &result {
                         // Never acknowledge after a failed write: stop the group.
-                        tracing::error!(
-                            group = group.0,
-                            %error,
-                            "persisting the group's Raft state failed; the group stops"
-                        );
-                        state.fail_all(format!("persisting failed: {error}"));
+                        let reason = format!("persisting the group's Raft state failed: {error}");
+                        note_stopped(&self.stop_reasons, group, &reason);
+                        state.fail_all(reason);
                         self.groups.remove(&group);
                         self.active.remove(&group);
                         continue;
@@ -1473,8 +1470,11 @@ impl Worker {
                 }
             }
             Control::Failed { group, reason } => {
-                self.note_stopped(group, &reason);
+                // Only for a group this worker still runs: a late report
+                // of a removed group must not name a reason for the next
+                // group of its id.
                 if let Some(mut state) = self.groups.remove(&group) {
+                    self.note_stopped(group, &reason);
                     state.fail_all(reason);
                 }
                 self.active.remove(&group);

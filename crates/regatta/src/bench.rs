@@ -108,7 +108,12 @@ fn bench_endpoint(entry: &str, tls: bool) -> Result<(String, u16), String> {
             ))
         }
     };
-    let bare = bare.trim_end_matches('/');
+    let bare = bare.strip_suffix('/').unwrap_or(bare);
+    if bare.contains('/') {
+        return Err(format!(
+            "--endpoints {entry}: give host:port, without a path"
+        ));
+    }
     let (host, port) = bare
         .rsplit_once(':')
         .ok_or_else(|| format!("--endpoints {entry}: not host:port"))?;
@@ -119,6 +124,11 @@ fn bench_endpoint(entry: &str, tls: bool) -> Result<(String, u16), String> {
         .ok_or_else(|| format!("--endpoints {entry}: the port must be from 1 to 65535"))?;
     if host.is_empty() {
         return Err(format!("--endpoints {entry}: no host"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "--endpoints {entry}: write an IPv6 address in brackets, as [::1]:8443"
+        ));
     }
     Ok((host.to_string(), port))
 }
@@ -530,6 +540,8 @@ mod tests {
             ("127.0.0.1", false, "not host:port"),
             ("127.0.0.1:0", false, "the port must be"),
             (":8443", false, "no host"),
+            ("https://h:2379/v3", true, "without a path"),
+            ("::1:8443", false, "in brackets"),
         ] {
             let refused = bench_endpoint(entry, tls).expect_err(entry);
             assert!(refused.contains(says), "{entry}: {refused}");

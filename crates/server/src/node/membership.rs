@@ -121,9 +121,10 @@ pub(crate) struct Departures {
     /// The members as of the last check; `None` before the first.
     last_members: Option<BTreeSet<NodeId>>,
     departed: BTreeSet<NodeId>,
-    /// Recorded ids that are not members, and when this node first saw
-    /// them so.
-    orphans: BTreeMap<NodeId, Instant>,
+    /// Recorded ids that are not members: the revision of the record,
+    /// and when this node first saw that record without a member (a
+    /// record written again starts over).
+    orphans: BTreeMap<NodeId, (u64, Instant)>,
 }
 
 /// How long a record may stand for an id that is not a member before it
@@ -135,10 +136,11 @@ impl Departures {
     /// to go: departed members, and ids recorded without membership for
     /// `ORPHAN_RECORD_AGE`. Forgets departures whose record is gone or
     /// who are members again.
+    /// `recorded` maps each recorded id to its record's mod revision.
     fn update(
         &mut self,
         members: BTreeSet<NodeId>,
-        recorded: &BTreeMap<NodeId, MemberAddresses>,
+        recorded: &BTreeMap<NodeId, u64>,
         now: Instant,
     ) -> Vec<NodeId> {
         if let Some(last) = &self.last_members {
@@ -146,16 +148,17 @@ impl Departures {
         }
         self.departed
             .retain(|id| !members.contains(id) && recorded.contains_key(id));
-        self.orphans
-            .retain(|id, _| !members.contains(id) && recorded.contains_key(id));
-        for id in recorded.keys().filter(|id| !members.contains(id)) {
-            self.orphans.entry(*id).or_insert(now);
+        self.orphans.retain(|id, (revision, _)| {
+            !members.contains(id) && recorded.get(id) == Some(revision)
+        });
+        for (id, revision) in recorded.iter().filter(|(id, _)| !members.contains(id)) {
+            self.orphans.entry(*id).or_insert((*revision, now));
         }
         self.last_members = Some(members);
         let aged = self
             .orphans
             .iter()
-            .filter(|(_, since)| now.saturating_duration_since(**since) >= ORPHAN_RECORD_AGE)
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= ORPHAN_RECORD_AGE)
             .map(|(id, _)| *id);
         let named: BTreeSet<NodeId> = self.departed.iter().copied().chain(aged).collect();
         named.into_iter().collect()
@@ -237,6 +240,16 @@ impl Node {
     /// The recorded addresses of members, from this node's copy of the
     /// metadata group.
     pub async fn member_addresses(&self) -> Result<BTreeMap<NodeId, MemberAddresses>> {
+        Ok(self
+            .member_records()
+            .await?
+            .into_iter()
+            .map(|(id, (addresses, _))| (id, addresses))
+            .collect())
+    }
+
+    /// Every member's address record with its mod revision.
+    async fn member_records(&self) -> Result<BTreeMap<NodeId, (MemberAddresses, u64)>> {
         let query = Query::Range(RangeRequest {
             range: KeyRange {
                 key: MEMBER_PREFIX.to_vec(),
@@ -251,7 +264,10 @@ impl Node {
         Ok(range
             .kvs
             .iter()
-            .filter_map(|kv| decode_member(&kv.key, &kv.value))
+            .filter_map(|kv| {
+                decode_member(&kv.key, &kv.value)
+                    .map(|(id, addresses)| (id, (addresses, kv.mod_revision)))
+            })
             .collect())
     }
 
@@ -297,6 +313,40 @@ impl Node {
             failure: Vec::new(),
         });
         self.write(META_GROUP, &command).await.map(|_| ())
+    }
+
+    /// Deletes member `id`'s record if it is still the one written at
+    /// `revision`: a record written again meanwhile (an add retried
+    /// elsewhere, the member registering itself) stays.
+    async fn forget_member_record(&self, id: NodeId, revision: u64) -> Result<bool> {
+        let key = member_key(id);
+        let command = Command::Txn(regatta_kv::command::TxnRequest {
+            compare: vec![regatta_kv::command::Compare {
+                range: KeyRange {
+                    key: key.clone(),
+                    range_end: Vec::new(),
+                },
+                target: regatta_kv::command::CompareTarget::ModRevision(
+                    i64::try_from(revision).unwrap_or(i64::MAX),
+                ),
+                result: regatta_kv::command::CompareResult::Equal,
+            }],
+            success: vec![regatta_kv::command::RequestOp::DeleteRange(
+                DeleteRangeRequest {
+                    range: KeyRange {
+                        key,
+                        range_end: Vec::new(),
+                    },
+                    prev_kv: false,
+                },
+            )],
+            failure: Vec::new(),
+        });
+        let response = self.write(META_GROUP, &command).await?;
+        Ok(matches!(
+            response.result,
+            Ok(ResponseOp::Txn(ref txn)) if txn.succeeded
+        ))
     }
 
     async fn forget_member(&self, id: NodeId) -> Result<()> {
@@ -646,14 +696,18 @@ impl Node {
             self.removed.send_replace(true);
             return;
         }
-        if let Ok(records) = self.member_addresses().await {
-            for (id, addresses) in &records {
+        if let Ok(records) = self.member_records().await {
+            for (id, (addresses, _)) in &records {
                 if let Some(address) = peer_address(&self.config, *id, addresses) {
                     self.transport.set_peer(*id, address);
                 }
             }
-            self.register_self(meta, records.get(&own));
-            self.forget_departed(meta, &records).await;
+            self.register_self(meta, records.get(&own).map(|(addresses, _)| addresses));
+            let revisions = records
+                .iter()
+                .map(|(id, (_, revision))| (*id, *revision))
+                .collect();
+            self.forget_departed(meta, &revisions).await;
         }
         let wanted = &meta.membership;
         if wanted.voters.is_empty() {
@@ -709,11 +763,7 @@ impl Node {
 
     /// Notes departures; on the metadata group's leader, deletes the
     /// address records of departed members (`Departures`).
-    async fn forget_departed(
-        &self,
-        meta: &regatta_raft::Status,
-        recorded: &BTreeMap<NodeId, MemberAddresses>,
-    ) {
+    async fn forget_departed(&self, meta: &regatta_raft::Status, recorded: &BTreeMap<NodeId, u64>) {
         let members: BTreeSet<NodeId> = meta
             .membership
             .voters
@@ -733,11 +783,21 @@ impl Node {
             return;
         }
         for id in departed {
-            match tokio::time::timeout(DEPARTED_FORGET_TIMEOUT, self.forget_member(id)).await {
-                Ok(Ok(())) => tracing::info!(
+            let Some(revision) = recorded.get(&id).copied() else {
+                continue;
+            };
+            let forgotten = self.forget_member_record(id, revision);
+            match tokio::time::timeout(DEPARTED_FORGET_TIMEOUT, forgotten).await {
+                Ok(Ok(true)) => tracing::info!(
                     node = id.0,
                     "deleted the address record of a departed member"
                 ),
+                Ok(Ok(false)) => {
+                    tracing::debug!(
+                        node = id.0,
+                        "a departed member's record was written again; kept"
+                    )
+                }
                 Ok(Err(error)) => {
                     tracing::debug!(node = id.0, %error, "cannot delete a departed member's record yet")
                 }
@@ -838,12 +898,7 @@ mod tests {
     fn departed_members_records_are_named_until_gone() {
         let ids =
             |list: &[u64]| -> BTreeSet<NodeId> { list.iter().map(|id| NodeId(*id)).collect() };
-        let record = MemberAddresses {
-            raft_address: "127.0.0.1:5003".parse().expect("address"),
-            client_url: String::new(),
-        };
-        let recorded: BTreeMap<NodeId, MemberAddresses> =
-            [(NodeId(3), record.clone()), (NodeId(4), record)].into();
+        let recorded: BTreeMap<NodeId, u64> = [(NodeId(3), 10), (NodeId(4), 11)].into();
         let mut departures = Departures::default();
         let now = Instant::now();
         // The first look only notes the members; 4 is being added (a
@@ -860,10 +915,10 @@ mod tests {
             vec![NodeId(3)],
             "named until its record is gone"
         );
-        let only_4: BTreeMap<NodeId, MemberAddresses> = recorded
+        let only_4: BTreeMap<NodeId, u64> = recorded
             .iter()
             .filter(|(id, _)| id.0 == 4)
-            .map(|(id, r)| (*id, r.clone()))
+            .map(|(id, revision)| (*id, *revision))
             .collect();
         assert!(departures.update(ids(&[1, 2]), &only_4, now).is_empty());
         // Removed, then added again before its record went: kept.
@@ -884,13 +939,9 @@ mod tests {
     fn records_without_a_member_are_named_once_old() {
         let ids =
             |list: &[u64]| -> BTreeSet<NodeId> { list.iter().map(|id| NodeId(*id)).collect() };
-        let record = MemberAddresses {
-            raft_address: "127.0.0.1:5003".parse().expect("address"),
-            client_url: String::new(),
-        };
-        let recorded: BTreeMap<NodeId, MemberAddresses> = [1u64, 2, 7, 8]
+        let mut recorded: BTreeMap<NodeId, u64> = [1u64, 2, 7, 8]
             .iter()
-            .map(|id| (NodeId(*id), record.clone()))
+            .map(|id| (NodeId(*id), 100 + id))
             .collect();
         let mut departures = Departures::default();
         let start = Instant::now();
@@ -913,6 +964,17 @@ mod tests {
             .is_empty());
         assert_eq!(
             departures.update(ids(&[1, 2, 7]), &recorded, aged + ORPHAN_RECORD_AGE),
+            vec![NodeId(8)]
+        );
+        // A record written again (an add retried on another node) starts
+        // its age over on every node, not only where the add ran.
+        let later = aged + ORPHAN_RECORD_AGE;
+        recorded.insert(NodeId(8), 500);
+        assert!(departures
+            .update(ids(&[1, 2, 7]), &recorded, later + Duration::from_secs(1))
+            .is_empty());
+        assert_eq!(
+            departures.update(ids(&[1, 2, 7]), &recorded, later + ORPHAN_RECORD_AGE * 2),
             vec![NodeId(8)]
         );
     }
