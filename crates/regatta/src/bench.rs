@@ -133,32 +133,6 @@ fn bench_endpoint(entry: &str, tls: bool) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
-/// The client TLS of `--cacert`, `--cert` and `--key`, if asked for.
-fn bench_tls(args: &BenchArgs) -> Result<Option<regatta_server::tls::ClientTls>, String> {
-    use regatta_server::tls::{ClientTls, ClientTlsOptions, Identity, Pem};
-    let Some(ca) = &args.cacert else {
-        if args.tls_cert.is_some() {
-            return Err("--cert needs --cacert, which verifies the server".into());
-        }
-        return Ok(None);
-    };
-    let identity = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(Identity {
-            certificate_chain: Pem::File(cert.clone()),
-            key: Pem::File(key.clone()),
-        }),
-        _ => None,
-    };
-    let options = ClientTlsOptions {
-        ca: Pem::File(ca.clone()),
-        identity,
-        alpn_protocols: Vec::new(),
-    };
-    ClientTls::new(&options, None)
-        .map(Some)
-        .map_err(|error| error.to_string())
-}
-
 fn key(index: u64, size: usize) -> Vec<u8> {
     let digits = format!("{index:0width$}", width = size.max(1));
     let bytes = digits.into_bytes();
@@ -397,7 +371,11 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.endpoints.is_empty() {
         return Err("--clients, --conns, --total and --endpoints must be positive".into());
     }
-    let tls = bench_tls(&args)?;
+    let tls = crate::client::client_tls(
+        args.cacert.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
     let mut connections = Vec::new();
     for index in 0..args.conns {
         let entry = &args.endpoints[index % args.endpoints.len()];

@@ -327,32 +327,44 @@ pub async fn member(connection: &Connection, command: MemberCommand) -> Result<(
     Ok(())
 }
 
+/// Client TLS from `--cacert`, `--cert` and `--key` (the CLI's and
+/// `regatta bench`'s flags, etcdctl's names): `None` without `--cacert`.
+pub fn client_tls(
+    cacert: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<Option<regatta_server::tls::ClientTls>, String> {
+    use regatta_server::tls::{ClientTls, ClientTlsOptions, Identity, Pem};
+    let Some(ca) = cacert else {
+        if cert.is_some() {
+            return Err("--cert needs --cacert, which verifies the server".into());
+        }
+        return Ok(None);
+    };
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some(Identity {
+            certificate_chain: Pem::File(cert.to_path_buf()),
+            key: Pem::File(key.to_path_buf()),
+        }),
+        _ => None,
+    };
+    let options = ClientTlsOptions {
+        ca: Pem::File(ca.to_path_buf()),
+        identity,
+        alpn_protocols: Vec::new(),
+    };
+    ClientTls::new(&options, None)
+        .map(Some)
+        .map_err(|error| error.to_string())
+}
+
 /// A channel to `--address`, over TLS when `--cacert` is given.
 pub async fn channel(connection: &Connection) -> Result<Channel, String> {
-    use regatta_server::tls::{ClientTls, ClientTlsOptions, Identity, Pem};
-    let tls = match &connection.cacert {
-        None => {
-            if connection.tls_cert.is_some() {
-                return Err("--cert needs --cacert, which verifies the server".into());
-            }
-            None
-        }
-        Some(ca) => {
-            let identity = match (&connection.tls_cert, &connection.tls_key) {
-                (Some(cert), Some(key)) => Some(Identity {
-                    certificate_chain: Pem::File(cert.clone()),
-                    key: Pem::File(key.clone()),
-                }),
-                _ => None,
-            };
-            let options = ClientTlsOptions {
-                ca: Pem::File(ca.clone()),
-                identity,
-                alpn_protocols: Vec::new(),
-            };
-            Some(ClientTls::new(&options, None).map_err(|error| error.to_string())?)
-        }
-    };
+    let tls = client_tls(
+        connection.cacert.as_deref(),
+        connection.tls_cert.as_deref(),
+        connection.tls_key.as_deref(),
+    )?;
     let endpoint = regatta_server::tls::endpoint(&connection.address, tls.as_ref())
         .map_err(|error| format!("--address: {error}"))?;
     regatta_server::tls::connect(endpoint, tls.as_ref())

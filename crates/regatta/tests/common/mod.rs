@@ -83,9 +83,7 @@ impl Regatta {
         members: &str,
         extra: &[&str],
     ) -> Regatta {
-        let flags = member_flags(id, members, extra);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Regatta::spawn(dir, api, raft, &flags)
+        Regatta::member(dir, id, api, raft, &raft.to_string(), members, extra)
     }
 
     /// `start_member` with `--raft.address localhost:<port of raft>`: the
@@ -98,9 +96,23 @@ impl Regatta {
         members: &str,
         extra: &[&str],
     ) -> Regatta {
+        Regatta::member(dir, id, api, raft, &named(raft), members, extra)
+    }
+
+    /// Member `id` of a leader cluster, with `raft_address` as its
+    /// `--raft.address` (listening on `raft`).
+    fn member(
+        dir: &Path,
+        id: u64,
+        api: SocketAddr,
+        raft: SocketAddr,
+        raft_address: &str,
+        members: &str,
+        extra: &[&str],
+    ) -> Regatta {
         let flags = member_flags(id, members, extra);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Regatta::spawn_with_raft_address("leader", "warn", dir, api, raft, &named(raft), &flags)
+        Regatta::spawn_with_raft_address("leader", "warn", dir, api, raft, raft_address, &flags)
     }
 
     fn spawn(dir: &Path, api: SocketAddr, raft: SocketAddr, flags: &[&str]) -> Regatta {
