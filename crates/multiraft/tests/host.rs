@@ -950,6 +950,109 @@ impl StateMachine for FailingMachine {
     }
 }
 
+/// A WAL write that fails stops the group on the spot (nothing after it is
+/// acknowledged), and every later request to the group names the failure.
+/// The failure is a real one: the file the WAL rolls to next is taken, so
+/// creating it fails, as it does on a full or read-only disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wal_write_stops_the_group_and_later_requests_name_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let mut config = HostConfig::new(NodeId(1), dir.path());
+    config.tick_interval = Duration::from_millis(5);
+    let mut wal_config = WalConfig::new(dir.path());
+    wal_config.segment_size_bytes_max = 4096;
+    let wal = Arc::new(Wal::open(wal_config).expect("wal"));
+    let transport_handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(
+        config,
+        Arc::clone(&wal),
+        transport_handle,
+        tokio::runtime::Handle::current(),
+    )
+    .expect("host");
+    transport.register(NodeId(1), &host);
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(KvMachine::default()))
+        .expect("group");
+    let hosts = BTreeMap::from([(1u64, host.clone())]);
+    wait_for_leader(&hosts).await;
+    host.propose(GROUP, Bytes::from_static(b"before=1"))
+        .await
+        .expect("applied");
+
+    // Take the name of the segment after the newest one.
+    let newest = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|entry| {
+            let name = entry.expect("entry").file_name().into_string().ok()?;
+            name.strip_suffix(".seg")?.parse::<u64>().ok()
+        })
+        .max()
+        .expect("a segment");
+    let taken = dir.path().join(format!("{:020}.seg", newest + 1));
+    std::fs::write(&taken, b"not a segment").expect("take the next name");
+
+    // 1 KiB proposals fill a 4 KiB segment within a few writes.
+    let value = "v".repeat(1024);
+    let mut acknowledged = 0;
+    let failed = loop {
+        let command = Bytes::from(format!("key{acknowledged}={value}"));
+        match host.propose(GROUP, command).await {
+            Ok(_) => acknowledged += 1,
+            Err(error) => break error,
+        }
+        assert!(acknowledged < 100, "the WAL never rolled");
+    };
+    assert!(
+        acknowledged >= 1,
+        "the first write rolled the WAL: nothing acknowledged to check after the restart"
+    );
+    let named = |error: &Error| {
+        let text = error.to_string();
+        text.contains("persisting the group's Raft state failed")
+            && text.contains(&taken.display().to_string())
+    };
+    // The proposal that met the failure hears of it, or of the group
+    // stopping under it.
+    assert!(
+        named(&failed) || failed.to_string().contains("stopped"),
+        "{failed}"
+    );
+    assert!(
+        wal.failure().is_some(),
+        "the WAL did not record its failure"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let later = host.status(GROUP).await;
+        match &later {
+            Err(error) if named(error) => break,
+            _ => assert!(Instant::now() < deadline, "the reason was lost: {later:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let proposal = host
+        .propose(GROUP, Bytes::from_static(b"after=1"))
+        .await
+        .expect_err("the group stopped");
+    assert!(named(&proposal), "{proposal}");
+    host.stop().await;
+    drop(host);
+    drop(hosts);
+    transport.unregister(NodeId(1));
+    drop(wal);
+
+    // Freed again, the node restarts from its WAL with every write it
+    // acknowledged before the failure.
+    std::fs::remove_file(&taken).expect("free the name");
+    let restarted = start_host(dir.path(), 1, &transport, &[]);
+    read_until(&restarted, "before", "1").await;
+    for i in 0..acknowledged {
+        read_until(&restarted, &format!("key{i}"), &value).await;
+    }
+    restarted.stop().await;
+}
+
 /// A state machine that fails to apply stops its group, and every later
 /// request to the group says why (it said "the group's worker has
 /// exited"), until the group is removed.
