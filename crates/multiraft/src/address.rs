@@ -6,6 +6,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 
@@ -13,6 +14,30 @@ use rustls::pki_types::ServerName;
 const NAME_BYTES_MAX: usize = 253;
 /// The longest label of a DNS name, in bytes (RFC 1035).
 const LABEL_BYTES_MAX: usize = 63;
+
+/// Looks peers' host names up in place of the system's resolver: service
+/// discovery of one's own, or a test that moves a name. It is called at
+/// every dial of a peer given by name, with the name and the port, and
+/// should answer quickly (it runs on the transport's runtime).
+#[derive(Clone)]
+pub struct Resolver(Arc<ResolveFn>);
+
+type ResolveFn = dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync;
+
+impl Resolver {
+    /// A resolver that answers with `lookup`.
+    pub fn new(
+        lookup: impl Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
+    ) -> Resolver {
+        Resolver(Arc::new(lookup))
+    }
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Resolver(..)")
+    }
+}
 
 /// A peer's address: an IP address or a DNS name, and a non-zero port.
 /// Names are kept in lower case (DNS is case-insensitive), so two
@@ -62,9 +87,23 @@ impl PeerAddress {
     /// IP address stands for itself; a name is looked up (the system
     /// resolver, on a blocking thread). An empty answer is an error.
     pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        let addresses: Vec<SocketAddr> = match &self.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, self.port)],
-            Host::Name(name) => tokio::net::lookup_host((name.as_str(), self.port))
+        self.resolve_with(None).await
+    }
+
+    /// [`PeerAddress::resolve`], asking `resolver` about a name instead of
+    /// the system's resolver when one is given.
+    pub async fn resolve_with(
+        &self,
+        resolver: Option<&Resolver>,
+    ) -> std::io::Result<Vec<SocketAddr>> {
+        let addresses: Vec<SocketAddr> = match (&self.host, resolver) {
+            (Host::Ip(ip), _) => vec![SocketAddr::new(*ip, self.port)],
+            (Host::Name(name), Some(resolver)) => {
+                (resolver.0)(name, self.port).map_err(|error| {
+                    std::io::Error::new(error.kind(), format!("resolve {name:?}: {error}"))
+                })?
+            }
+            (Host::Name(name), None) => tokio::net::lookup_host((name.as_str(), self.port))
                 .await
                 .map_err(|error| {
                     std::io::Error::new(error.kind(), format!("resolve {name:?}: {error}"))

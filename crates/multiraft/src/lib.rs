@@ -27,7 +27,7 @@ pub mod tls;
 mod transport;
 pub mod wire;
 
-pub use address::{AddressError, PeerAddress};
+pub use address::{AddressError, PeerAddress, Resolver};
 pub use applied::{AppliedWatch, GroupStopped};
 pub use error::Error;
 pub use host::{

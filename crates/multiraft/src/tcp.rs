@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use crate::address::PeerAddress;
+use crate::address::{PeerAddress, Resolver};
 use crate::error::Error;
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::snapshot::SnapshotData;
@@ -183,6 +183,9 @@ pub struct TcpConfig {
     /// each get this long, so that an address that drops packets does not
     /// hold the next one back for the kernel's minutes. Default 3 s.
     pub connect_timeout: Duration,
+    /// Looks up peers given by name, at every dial; `None` (the default)
+    /// asks the system's resolver.
+    pub resolver: Option<Resolver>,
 }
 
 impl TcpConfig {
@@ -203,6 +206,7 @@ impl TcpConfig {
             incoming_snapshots_max: 4,
             snapshot_idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
+            resolver: None,
         }
     }
 }
@@ -662,7 +666,7 @@ async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<B
             format!("{what} took longer than {limit:?}"),
         )
     };
-    let resolved = tokio::time::timeout(limit, address.resolve())
+    let resolved = tokio::time::timeout(limit, address.resolve_with(config.resolver.as_ref()))
         .await
         .map_err(|_| timed_out(format!("resolving {address}")))??;
     let mut tcp = None;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regatta_multiraft::{
-    HostConfig, NodeHost, PeerAddress, StateMachine, TcpConfig, TcpTransport, Transport,
+    HostConfig, NodeHost, PeerAddress, Resolver, StateMachine, TcpConfig, TcpTransport, Transport,
 };
 use regatta_raft::{LogIndex, Membership, Message, MessageBody, NodeId, Role, SnapshotMeta, Term};
 use regatta_wal::{GroupId, Wal, WalConfig};
@@ -562,4 +562,61 @@ async fn a_peer_that_never_answers_the_handshake_is_given_up_on() {
     }
     transport.shutdown();
     drop(silent);
+}
+
+/// A peer given by name is looked up again at every dial: when the name
+/// moves to another address (a rescheduled container), the next
+/// connection goes there, without a restart. Here the first address takes
+/// the connection but never answers the handshake, so the transport gives
+/// up on it and dials again, by then to the second address.
+#[tokio::test]
+async fn a_peer_name_is_resolved_again_at_every_dial() {
+    let first = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let second = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let own = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let first_address = first.local_addr().expect("address");
+    let second_address = second.local_addr().expect("address");
+    let answer = Arc::new(Mutex::new(first_address));
+    let lookups = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut tcp = TcpConfig::new(NodeId(1), CLUSTER);
+    tcp.connect_timeout = Duration::from_millis(200);
+    tcp.reconnect_delay_max = Duration::from_millis(50);
+    tcp.resolver = Some(Resolver::new({
+        let answer = Arc::clone(&answer);
+        let lookups = Arc::clone(&lookups);
+        move |name, port| {
+            lookups.lock().expect("lock").push(format!("{name}:{port}"));
+            Ok(vec![*answer.lock().expect("lock")])
+        }
+    }));
+    let name: PeerAddress = "peer-two.regatta.test:7000".parse().expect("a name");
+    tcp.peers = [(NodeId(2), name)].into();
+    let transport = TcpTransport::start(tcp, own);
+
+    // The first dial reaches the first address; then the name moves.
+    let held = tokio::time::timeout(Duration::from_secs(10), first.accept())
+        .await
+        .expect("the first address was never dialled")
+        .expect("accept");
+    *answer.lock().expect("lock") = second_address;
+    let (mut moved, _) = tokio::time::timeout(Duration::from_secs(10), second.accept())
+        .await
+        .expect("the name's new address was never dialled")
+        .expect("accept");
+    // It is the transport's own handshake that arrives there.
+    let mut start = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), moved.read_exact(&mut start))
+        .await
+        .expect("the handshake never came")
+        .expect("read");
+    let lookups = lookups.lock().expect("lock").clone();
+    assert!(lookups.len() >= 2, "looked up once only: {lookups:?}");
+    assert!(
+        lookups
+            .iter()
+            .all(|lookup| lookup == "peer-two.regatta.test:7000"),
+        "{lookups:?}"
+    );
+    transport.shutdown();
+    drop(held);
 }
