@@ -743,7 +743,25 @@ impl View<'_> {
         Ok(holds)
     }
 
+    /// Applies a transaction as etcd does: every compare, nested ones
+    /// included, is decided on the state before the transaction's first
+    /// write, and only then do the chosen branches run (their reads see
+    /// the writes before them).
     fn txn(&mut self, request: &TxnRequest, revision: u64) -> Result<TxnResult> {
+        let mut path = Vec::new();
+        self.txn_path(request, &mut path)?;
+        let mut choices = path.into_iter();
+        let result = self.txn_along(request, revision, &mut choices)?;
+        assert!(
+            choices.next().is_none(),
+            "a transaction left branch choices unused"
+        );
+        Ok(result)
+    }
+
+    /// The branch each transaction of the tree takes, in the order the
+    /// transactions run: this one's, then those nested in its branch.
+    fn txn_path(&self, request: &TxnRequest, path: &mut Vec<bool>) -> Result<()> {
         let mut succeeded = true;
         for compare in &request.compare {
             if !self.compare(compare)? {
@@ -751,6 +769,29 @@ impl View<'_> {
                 break;
             }
         }
+        path.push(succeeded);
+        let branch = if succeeded {
+            &request.success
+        } else {
+            &request.failure
+        };
+        for op in branch {
+            if let RequestOp::Txn(inner) = op {
+                self.txn_path(inner, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn txn_along(
+        &mut self,
+        request: &TxnRequest,
+        revision: u64,
+        choices: &mut std::vec::IntoIter<bool>,
+    ) -> Result<TxnResult> {
+        let succeeded = choices
+            .next()
+            .expect("every transaction of the tree has its branch chosen");
         let branch = if succeeded {
             &request.success
         } else {
@@ -764,7 +805,7 @@ impl View<'_> {
                 RequestOp::DeleteRange(delete) => {
                     ResponseOp::DeleteRange(self.delete_range(delete)?)
                 }
-                RequestOp::Txn(txn) => ResponseOp::Txn(self.txn(txn, revision)?),
+                RequestOp::Txn(txn) => ResponseOp::Txn(self.txn_along(txn, revision, choices)?),
             });
         }
         Ok(TxnResult {

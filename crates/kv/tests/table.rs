@@ -215,6 +215,95 @@ fn succeeded(response: &Response) -> bool {
     }
 }
 
+/// etcd decides every compare of a transaction, nested ones included, on
+/// the state before the transaction's first write; the branches then run
+/// in order and their reads see the writes before them.
+#[test]
+fn nested_compares_see_the_state_before_the_transaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table(1).expect("table");
+    let set = |key: &str, value: &str| {
+        RequestOp::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            prev_kv: false,
+        })
+    };
+    let nested = |compare_value: &str, key: &str| {
+        RequestOp::Txn(regatta_kv::command::TxnRequest {
+            compare: vec![compare(
+                "k",
+                CompareTarget::Value(compare_value.as_bytes().to_vec()),
+                CompareResult::Equal,
+            )],
+            success: vec![set(key, "then")],
+            failure: vec![set(key, "else")],
+        })
+    };
+    apply(&mut table, &[put("k", "v1")]);
+    let responses = apply(
+        &mut table,
+        &[txn(
+            vec![],
+            vec![
+                set("k", "v2"),
+                // Decided on k = v1, although k = v2 by the time it runs.
+                nested("v1", "x"),
+                nested("v2", "y"),
+                RequestOp::Range(RangeRequest {
+                    range: range("k", b""),
+                    ..RangeRequest::default()
+                }),
+            ],
+            vec![],
+        )],
+    );
+    match &responses[0].result {
+        Ok(ResponseOp::Txn(result)) => {
+            let nested_outcomes: Vec<bool> = result
+                .responses
+                .iter()
+                .filter_map(|op| match op {
+                    ResponseOp::Txn(inner) => Some(inner.succeeded),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(nested_outcomes, [true, false]);
+            match &result.responses[3] {
+                ResponseOp::Range(range) => assert_eq!(range.kvs[0].value, b"v2"),
+                other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    let all = get(
+        &table,
+        RangeRequest {
+            range: range("a", &[0]),
+            ..RangeRequest::default()
+        },
+    );
+    let values: Vec<(String, String)> = all
+        .kvs
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).to_string(),
+                String::from_utf8_lossy(&kv.value).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        values,
+        [
+            ("k".to_string(), "v2".to_string()),
+            ("x".to_string(), "then".to_string()),
+            ("y".to_string(), "else".to_string()),
+        ]
+    );
+}
+
 #[test]
 fn transactions_compare_then_apply_one_branch_atomically() {
     let dir = tempfile::tempdir().expect("tempdir");

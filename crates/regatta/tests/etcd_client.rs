@@ -80,6 +80,20 @@ async fn etcd_client_reads_writes_and_transacts() {
         .await
         .expect("sorted");
     assert_eq!(descending.kvs()[0].key(), b"b/2");
+    // A target with no order sorts ascending (etcdctl --sort-by=MODIFY).
+    let by_modification = client
+        .get(
+            "",
+            Some(
+                GetOptions::new()
+                    .with_from_key()
+                    .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::None),
+            ),
+        )
+        .await
+        .expect("sorted");
+    let order: Vec<&[u8]> = by_modification.kvs().iter().map(|kv| kv.key()).collect();
+    assert_eq!(order, [b"b/1".as_slice(), b"b/2", b"a"]);
     let current = descending.header().expect("header").revision();
     client
         .get("a", Some(GetOptions::new().with_revision(current)))
@@ -113,6 +127,16 @@ async fn etcd_client_reads_writes_and_transacts() {
         client.get("a", None).await.expect("get").kvs()[0].value(),
         b"3"
     );
+
+    // A branch writes each key once, as etcd requires.
+    let (status, message) = code(
+        client
+            .txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)]))
+            .await
+            .expect_err("a key written twice"),
+    );
+    assert_eq!(status, Code::InvalidArgument, "{message}");
+    assert!(message.contains("duplicate key"), "{message}");
 
     let deleted = client
         .delete(

@@ -69,9 +69,15 @@ fn result(response: KvResponse) -> Result<(u64, ResponseOp)> {
 
 /// What a range asks for beyond the key order, applied after the read.
 struct Sort {
+    /// Ascending or descending (never none).
     order: pb::range_request::SortOrder,
     target: pb::range_request::SortTarget,
+    /// The request's limit, applied after sorting; 0 when the store
+    /// applied it before (etcd's order for a sort without an order).
     limit: u64,
+    /// `keys_only` with a sort by value: the store read the values for the
+    /// sort, and they are dropped after it.
+    drop_values: bool,
 }
 
 fn range_request(
@@ -93,18 +99,28 @@ fn range_request(
     let target = SortTarget::try_from(request.sort_target).map_err(|_| {
         Error::InvalidArgument(format!("unknown sort_target {}", request.sort_target))
     })?;
-    let natural =
-        order == SortOrder::None || (order == SortOrder::Ascend && target == SortTarget::Key);
+    // As etcd: the store's order is ascending by key. A sort with an
+    // order reads every key of the range, sorts, then applies the limit; a
+    // target other than the key with no order sorts ascending, after the
+    // limit (the first keys in key order, sorted).
+    let natural = target == SortTarget::Key && order != SortOrder::Descend;
+    let by_value = target == SortTarget::Value;
     let sort = (!natural).then_some(Sort {
-        order,
+        order: if order == SortOrder::None {
+            SortOrder::Ascend
+        } else {
+            order
+        },
         target,
-        limit,
+        limit: if order == SortOrder::None { 0 } else { limit },
+        drop_values: request.keys_only && by_value,
     });
+    let reads_every_key = !natural && order != SortOrder::None;
     Ok((
         RangeRequest {
             range,
-            limit: if sort.is_some() { 0 } else { limit },
-            keys_only: request.keys_only,
+            limit: if reads_every_key { 0 } else { limit },
+            keys_only: request.keys_only && !(sort.is_some() && by_value),
             count_only: request.count_only,
             bytes_max: 0,
         },
@@ -133,6 +149,11 @@ fn apply_sort(result: &mut RangeResult, sort: &Sort) {
     if sort.limit > 0 && result.kvs.len() as u64 > sort.limit {
         result.kvs.truncate(sort.limit as usize);
         result.more = true;
+    }
+    if sort.drop_values {
+        for kv in &mut result.kvs {
+            kv.value = Vec::new();
+        }
     }
 }
 
@@ -381,6 +402,7 @@ impl pb::kv_server::Kv for EtcdApi {
         request: Request<pb::TxnRequest>,
     ) -> std::result::Result<Response<pb::TxnResponse>, Status> {
         let txn = txn_request(self.node.config(), request.get_ref(), 0)?;
+        validate::txn_writes_each_key_once(&txn)?;
         let group = self.group()?;
         let response = self.node.transact(group, txn).await?;
         let (revision, op) = result(response)?;
@@ -642,5 +664,131 @@ impl pb::cluster_server::Cluster for EtcdApi {
             header: self.header(group, 0),
             members: self.members().await?,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::range_request::{SortOrder, SortTarget};
+    use regatta_kv::command::KeyValue;
+
+    fn config() -> crate::node::NodeConfig {
+        let address: std::net::SocketAddr = "127.0.0.1:5000".parse().expect("address");
+        crate::node::NodeConfig::single("/nonexistent", address)
+    }
+
+    fn request(
+        target: SortTarget,
+        order: SortOrder,
+        limit: i64,
+        keys_only: bool,
+    ) -> pb::RangeRequest {
+        pb::RangeRequest {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            limit,
+            sort_order: order as i32,
+            sort_target: target as i32,
+            keys_only,
+            ..pb::RangeRequest::default()
+        }
+    }
+
+    /// Keys a..d with mod revisions 4, 1, 3, 2 and values z, y, x, w.
+    fn stored(limit: u64) -> RangeResult {
+        let all = [
+            ("ka", 4, "z"),
+            ("kb", 1, "y"),
+            ("kc", 3, "x"),
+            ("kd", 2, "w"),
+        ];
+        let kvs: Vec<KeyValue> = all
+            .iter()
+            .take(if limit == 0 {
+                all.len()
+            } else {
+                limit as usize
+            })
+            .map(|(key, revision, value)| KeyValue {
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+                create_revision: 1,
+                mod_revision: *revision,
+                version: 1,
+            })
+            .collect();
+        RangeResult {
+            more: kvs.len() < all.len(),
+            count: all.len() as u64,
+            kvs,
+        }
+    }
+
+    /// What the handler answers: the store's read under the query's limit,
+    /// then the sort.
+    fn answer(request: &pb::RangeRequest) -> Vec<(String, String)> {
+        let (query, sort) = range_request(&config(), request).expect("valid");
+        let mut result = stored(query.limit);
+        if query.keys_only {
+            for kv in &mut result.kvs {
+                kv.value.clear();
+            }
+        }
+        if let Some(sort) = sort {
+            apply_sort(&mut result, &sort);
+        }
+        result
+            .kvs
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.key).to_string(),
+                    String::from_utf8_lossy(&kv.value).to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn keys(answer: &[(String, String)]) -> Vec<&str> {
+        answer.iter().map(|(key, _)| key.as_str()).collect()
+    }
+
+    #[test]
+    fn sorts_follow_etcd() {
+        // Key order needs no sort, ascending or unordered.
+        for order in [SortOrder::None, SortOrder::Ascend] {
+            let (_, sort) = range_request(&config(), &request(SortTarget::Key, order, 0, false))
+                .expect("valid");
+            assert!(sort.is_none(), "{order:?}");
+        }
+        // Another target with no order sorts ascending, over the keys the
+        // limit keeps in key order (etcdctl --sort-by=MODIFY sends this).
+        let unordered = answer(&request(SortTarget::Mod, SortOrder::None, 0, false));
+        assert_eq!(keys(&unordered), ["kb", "kd", "kc", "ka"]);
+        let unordered = answer(&request(SortTarget::Mod, SortOrder::None, 2, false));
+        assert_eq!(keys(&unordered), ["kb", "ka"]);
+        // With an order, every key is read, sorted, then limited.
+        let descending = answer(&request(SortTarget::Mod, SortOrder::Descend, 2, false));
+        assert_eq!(keys(&descending), ["ka", "kc"]);
+        let by_key = answer(&request(SortTarget::Key, SortOrder::Descend, 1, false));
+        assert_eq!(keys(&by_key), ["kd"]);
+        // keys_only with a sort by value: sorted on the values, which are
+        // then dropped.
+        let (query, _) = range_request(
+            &config(),
+            &request(SortTarget::Value, SortOrder::Ascend, 0, true),
+        )
+        .expect("valid");
+        assert!(!query.keys_only, "the values are needed for the sort");
+        let by_value = answer(&request(SortTarget::Value, SortOrder::Ascend, 0, true));
+        assert_eq!(keys(&by_value), ["kd", "kc", "kb", "ka"]);
+        assert!(by_value.iter().all(|(_, value)| value.is_empty()));
+        let (query, _) = range_request(
+            &config(),
+            &request(SortTarget::Mod, SortOrder::Ascend, 0, true),
+        )
+        .expect("valid");
+        assert!(query.keys_only, "only a sort by value needs the values");
     }
 }

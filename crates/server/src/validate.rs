@@ -130,7 +130,10 @@ pub fn command(config: &NodeConfig, command: &Command) -> Result<()> {
         Command::DeleteRange(delete) => {
             range(config, &delete.range.key, &delete.range.range_end).map(|_| ())
         }
-        Command::Txn(txn) => txn_request(config, txn, 0),
+        Command::Txn(txn) => {
+            txn_request(config, txn, 0)?;
+            txn_writes_each_key_once(txn)
+        }
         Command::Replicated(_)
         | Command::RestoreBegin { .. }
         | Command::RestoreChunk { .. }
@@ -169,6 +172,82 @@ fn txn_request(config: &NodeConfig, txn: &TxnRequest, depth: usize) -> Result<()
         }
     }
     Ok(())
+}
+
+/// etcd's rule for the writes of a transaction: each branch, with the
+/// transactions nested in it, writes a key at most once. A put may not
+/// repeat a put of the branch, nor fall in a range the branch deletes,
+/// nested transactions included; the two branches of one nested
+/// transaction may put the same key (only one of them runs), and deletes
+/// may overlap. etcd answers INVALID_ARGUMENT, "duplicate key given in txn
+/// request".
+pub fn txn_writes_each_key_once(txn: &TxnRequest) -> Result<()> {
+    branch_writes(&txn.success)?;
+    branch_writes(&txn.failure)?;
+    Ok(())
+}
+
+/// What one branch writes: the keys it puts and the ranges it deletes,
+/// nested transactions included.
+type BranchWrites = (std::collections::BTreeSet<Vec<u8>>, Vec<KeyRange>);
+
+fn branch_writes(ops: &[RequestOp]) -> Result<BranchWrites> {
+    let duplicate = || {
+        Error::InvalidArgument(
+            "etcdserver: duplicate key given in txn request (a transaction branch writes each key at most once)"
+                .into(),
+        )
+    };
+    let mut deletes: Vec<KeyRange> = ops
+        .iter()
+        .filter_map(|op| match op {
+            RequestOp::DeleteRange(delete) => Some(delete.range.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut puts = std::collections::BTreeSet::new();
+    for op in ops {
+        let RequestOp::Txn(inner) = op else {
+            continue;
+        };
+        let (then_puts, then_deletes) = branch_writes(&inner.success)?;
+        let (else_puts, else_deletes) = branch_writes(&inner.failure)?;
+        for key in &then_puts {
+            if puts.contains(key) || deletes.iter().any(|range| in_range(range, key)) {
+                return Err(duplicate());
+            }
+        }
+        for key in &else_puts {
+            let repeated = puts.contains(key) && !then_puts.contains(key);
+            if repeated || deletes.iter().any(|range| in_range(range, key)) {
+                return Err(duplicate());
+            }
+        }
+        puts.extend(then_puts);
+        puts.extend(else_puts);
+        deletes.extend(then_deletes);
+        deletes.extend(else_deletes);
+    }
+    for op in ops {
+        let RequestOp::Put(put) = op else {
+            continue;
+        };
+        if puts.contains(&put.key) || deletes.iter().any(|range| in_range(range, &put.key)) {
+            return Err(duplicate());
+        }
+        puts.insert(put.key.clone());
+    }
+    Ok((puts, deletes))
+}
+
+/// Whether `key` falls in `range` (one key, every key from the first, or
+/// up to an exclusive end).
+fn in_range(range: &KeyRange, key: &[u8]) -> bool {
+    match range.range_end.as_slice() {
+        [] => key == range.key.as_slice(),
+        [0] => key >= range.key.as_slice(),
+        end => key >= range.key.as_slice() && key < end,
+    }
 }
 
 /// A compare's relation. Both APIs number it alike: EQUAL 0, GREATER 1,
@@ -240,5 +319,110 @@ mod tests {
                 other => panic!("{text:?}: {other:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod txn_write_tests {
+    use super::*;
+    use regatta_kv::command::DeleteRangeRequest;
+
+    fn put(key: &str) -> RequestOp {
+        RequestOp::Put(PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            prev_kv: false,
+        })
+    }
+
+    fn delete(key: &str, range_end: &[u8]) -> RequestOp {
+        RequestOp::DeleteRange(DeleteRangeRequest {
+            range: KeyRange {
+                key: key.into(),
+                range_end: range_end.to_vec(),
+            },
+            prev_kv: false,
+        })
+    }
+
+    fn nested(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+        RequestOp::Txn(TxnRequest {
+            compare: vec![],
+            success,
+            failure,
+        })
+    }
+
+    fn check(success: Vec<RequestOp>) -> Result<()> {
+        txn_writes_each_key_once(&TxnRequest {
+            compare: vec![],
+            success,
+            failure: vec![],
+        })
+    }
+
+    #[test]
+    fn a_branch_writes_each_key_once() {
+        let refused = |ops: Vec<RequestOp>, case: &str| match check(ops) {
+            Err(Error::InvalidArgument(message)) => {
+                assert!(message.contains("duplicate key"), "{case}: {message}")
+            }
+            other => panic!("{case}: {other:?}"),
+        };
+        refused(vec![put("a"), put("a")], "two puts");
+        refused(vec![put("a"), delete("a", b"")], "a put and a delete");
+        refused(
+            vec![delete("a", b"c"), put("b")],
+            "a put in a deleted range",
+        );
+        refused(
+            vec![delete("a", &[0]), put("z")],
+            "a put after a from-key delete",
+        );
+        refused(
+            vec![nested(vec![put("a")], vec![]), put("a")],
+            "nested, then outer",
+        );
+        refused(
+            vec![delete("a", b""), nested(vec![put("a")], vec![])],
+            "outer delete",
+        );
+        refused(
+            vec![nested(vec![delete("a", b"")], vec![]), put("a")],
+            "nested delete",
+        );
+        refused(
+            vec![
+                nested(vec![put("a")], vec![]),
+                nested(vec![], vec![put("a")]),
+            ],
+            "two nested transactions",
+        );
+
+        for (ops, case) in [
+            (vec![put("a"), put("b")], "two keys"),
+            (
+                vec![delete("a", b"c"), delete("b", b"d")],
+                "overlapping deletes",
+            ),
+            (vec![delete("a", b"c"), put("c")], "the end is exclusive"),
+            (
+                vec![nested(vec![put("a")], vec![put("a")])],
+                "the two branches of one txn",
+            ),
+            (
+                vec![nested(vec![delete("a", b"")], vec![put("a")])],
+                "a delete and a put in the two branches",
+            ),
+        ] {
+            assert!(check(ops).is_ok(), "{case}");
+        }
+        // Each branch of the top transaction on its own.
+        assert!(txn_writes_each_key_once(&TxnRequest {
+            compare: vec![],
+            success: vec![put("a")],
+            failure: vec![put("a")],
+        })
+        .is_ok());
     }
 }
