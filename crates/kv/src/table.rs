@@ -789,9 +789,9 @@ impl View<'_> {
         revision: u64,
         choices: &mut std::vec::IntoIter<bool>,
     ) -> Result<TxnResult> {
-        let succeeded = choices
-            .next()
-            .expect("every transaction of the tree has its branch chosen");
+        let Some(succeeded) = choices.next() else {
+            panic!("a transaction of the tree has no branch chosen");
+        };
         let branch = if succeeded {
             &request.success
         } else {
