@@ -203,6 +203,13 @@ impl GroupState {
         Ok(())
     }
 
+    /// Drops every entry after `index` (replay: a record below the
+    /// compaction point that overwrote what followed it).
+    pub fn truncate_after(&mut self, index: LogIndex) {
+        self.truncate_from(index.next());
+        self.assert_invariants();
+    }
+
     /// Drops every entry at or after `index`.
     fn truncate_from(&mut self, index: LogIndex) {
         while self.spans.back().is_some_and(|span| span.first >= index) {

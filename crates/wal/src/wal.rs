@@ -617,6 +617,32 @@ type SegmentHandles = BTreeMap<u64, (Arc<File>, u64)>;
 /// dead records. Without the floor, replaying them would look like a gap.
 fn replay(dir: &Path) -> Result<(Index, SegmentHandles)> {
     let sequences = list_segments(dir)?;
+    // A process killed between a write and its fdatasync leaves bytes in
+    // the page cache that no fsync covered and nobody was told of. Read
+    // back, they would be trusted (and a later write flagged as proof that
+    // they were durable) while a power loss can still take them: make
+    // every segment durable, and the directory, before reading any.
+    for sequence in &sequences {
+        let path = segment_path(dir, *sequence);
+        let file =
+            File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        file.sync_all()
+            .map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
+    }
+    sync_dir(dir)?;
+    // Segments are only ever removed oldest first, so the ones left are
+    // consecutive; a missing one in between lost records.
+    if let Some(gap) = sequences.windows(2).find(|pair| pair[1] != pair[0] + 1) {
+        return Err(corruption(
+            &segment_path(dir, gap[1]),
+            0,
+            format!(
+                "segments {} to {} are missing (only the oldest segments are ever removed)",
+                gap[0] + 1,
+                gap[1] - 1
+            ),
+        ));
+    }
     let mut floors: HashMap<u64, Floor> = HashMap::new();
     let mut kept = Vec::new();
     for (position, sequence) in sequences.iter().enumerate() {
@@ -779,6 +805,16 @@ fn second_pass(
                 }
                 if let Some((floor_index, _, _)) = floor.floor {
                     entries.retain(|entry| entry.index > floor_index);
+                    if entries.is_empty() {
+                        // Wholly at or below the floor, the record still
+                        // cut the log after its entries when it was
+                        // written: entries above the floor replayed from
+                        // earlier records were overwritten by it.
+                        if let Some(state) = index.groups.get_mut(&raw.group) {
+                            state.truncate_after(floor_index);
+                        }
+                        continue;
+                    }
                 }
                 if entries.is_empty() {
                     continue;
@@ -1411,14 +1447,18 @@ impl Writer {
         if doomed.is_empty() {
             return Ok(());
         }
+        // Oldest first, each removal durable before the next: a crash
+        // leaves the kept segments contiguous, never a later segment gone
+        // while an earlier one (whose records it overrode) stays.
         for sequence in &doomed {
             let path = segment_path(&self.shared.config.dir, *sequence);
             fs::remove_file(&path)
                 .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
             lock(&self.shared.segments).remove(sequence);
             lock(&self.shared.cache).forget_segment(*sequence);
+            sync_dir(&self.shared.config.dir)?;
         }
-        sync_dir(&self.shared.config.dir)
+        Ok(())
     }
 
     /// Appends a group's live state again, in the active segment.

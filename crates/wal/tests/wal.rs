@@ -102,6 +102,36 @@ fn every_record_type_survives_reopen() {
     ));
 }
 
+/// A new leader's entries that overwrote a suffix stay overwritten after a
+/// reopen even when the log is then compacted past all of them: the
+/// record that cut the suffix falls wholly below the compaction point,
+/// and replay must still apply its cut.
+#[test]
+fn a_suffix_cut_below_the_compaction_point_stays_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let wal = Wal::open(config(dir.path())).expect("open");
+        append_entries(&wal, 1, entries(1, 200, 1, "old"));
+        append_entries(&wal, 1, entries(50, 11, 2, "new"));
+        assert_eq!(wal.last_index(GroupId(1)), LogIndex(60));
+        let mut batch = WriteBatch::new();
+        batch
+            .snapshot(GroupId(1), meta(60, 2))
+            .compact(GroupId(1), LogIndex(60));
+        wal.append(batch).expect("compact to the last index");
+        assert_eq!(wal.last_index(GroupId(1)), LogIndex(60));
+    }
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(
+        wal.last_index(GroupId(1)),
+        LogIndex(60),
+        "entries 61..200 of the old term came back"
+    );
+    assert!(all_entries(&wal, 1).is_empty());
+    append_entries(&wal, 1, entries(61, 1, 3, "next"));
+    assert_eq!(wal.term(GroupId(1), LogIndex(61)), Ok(Term(3)));
+}
+
 /// A new leader's entries replace a conflicting suffix, durably.
 #[test]
 fn a_conflicting_suffix_is_truncated() {
@@ -212,6 +242,18 @@ fn segments_roll_and_reads_cross_them() {
     assert!(segment_files(dir.path()).len() >= 3);
     let wal = Wal::open(config(dir.path())).expect("reopen");
     assert_eq!(all_entries(&wal, 1), entries(1, 2000, 1, &"y".repeat(50)));
+    drop(wal);
+
+    // Only the oldest segments are ever removed: one missing in between
+    // lost records, and the log refuses to open rather than skip them.
+    let files = segment_files(dir.path());
+    fs::remove_file(&files[1]).expect("remove a middle segment");
+    match Wal::open(config(dir.path())) {
+        Err(Error::Corruption { reason, .. }) => {
+            assert!(reason.contains("missing"), "{reason}")
+        }
+        other => panic!("a gap in the segments was not refused: {:?}", other.err()),
+    }
 }
 
 /// Garbage collection with many groups: once every group has compacted,
