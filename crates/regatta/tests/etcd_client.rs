@@ -128,6 +128,28 @@ async fn etcd_client_reads_writes_and_transacts() {
         b"3"
     );
 
+    // Ranges inside a transaction sort too.
+    let sorted_in_txn = client
+        .txn(
+            Txn::new().and_then([TxnOp::get(
+                "",
+                Some(
+                    GetOptions::new()
+                        .with_from_key()
+                        .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::None),
+                ),
+            )]),
+        )
+        .await
+        .expect("txn");
+    match &sorted_in_txn.op_responses()[0] {
+        etcd_client::TxnOpResponse::Get(get) => {
+            let order: Vec<&[u8]> = get.kvs().iter().map(|kv| kv.key()).collect();
+            assert_eq!(order, [b"b/1".as_slice(), b"b/2", b"a"]);
+        }
+        other => panic!("{other:?}"),
+    }
+
     // A branch writes each key once, as etcd requires.
     let (status, message) = code(
         client

@@ -244,53 +244,110 @@ fn compare(config: &crate::node::NodeConfig, compare: &pb::Compare) -> Result<Co
     })
 }
 
+/// The sorts a transaction's ranges ask for, in the shape of its branches:
+/// applied to its result, since the store reads in key order.
+#[derive(Default)]
+struct TxnSorts {
+    success: Vec<OpSort>,
+    failure: Vec<OpSort>,
+}
+
+/// What one operation of a branch needs after the store: a range's sort,
+/// a nested transaction's sorts, or nothing.
+enum OpSort {
+    None,
+    Range(Sort),
+    Txn(TxnSorts),
+}
+
 fn txn_request(
     config: &crate::node::NodeConfig,
     request: &pb::TxnRequest,
     depth: usize,
-) -> Result<TxnRequest> {
+) -> Result<(TxnRequest, TxnSorts)> {
     validate::txn_shape(
         depth,
         request.compare.len(),
         request.success.len(),
         request.failure.len(),
     )?;
-    let ops = |ops: &[pb::RequestOp]| -> Result<Vec<RequestOp>> {
-        ops.iter()
-            .map(|op| match &op.request {
+    let ops = |ops: &[pb::RequestOp]| -> Result<(Vec<RequestOp>, Vec<OpSort>)> {
+        let mut requests = Vec::with_capacity(ops.len());
+        let mut sorts = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (request, sort) = match &op.request {
                 Some(pb::request_op::Request::RequestRange(range)) => {
-                    let (request, sort) = range_request(config, range)?;
-                    if sort.is_some() || range.revision != 0 {
+                    if range.revision != 0 {
                         return Err(Error::InvalidArgument(
-                            "ranges inside a transaction cannot sort or ask for a revision".into(),
+                            "ranges inside a transaction cannot ask for a revision (Regatta keeps only the current one)".into(),
                         ));
                     }
-                    Ok(RequestOp::Range(request))
+                    let (request, sort) = range_request(config, range)?;
+                    (
+                        RequestOp::Range(request),
+                        sort.map_or(OpSort::None, OpSort::Range),
+                    )
                 }
                 Some(pb::request_op::Request::RequestPut(put)) => {
-                    Ok(RequestOp::Put(put_request(config, put)?))
+                    (RequestOp::Put(put_request(config, put)?), OpSort::None)
                 }
-                Some(pb::request_op::Request::RequestDeleteRange(delete)) => {
-                    Ok(RequestOp::DeleteRange(delete_request(config, delete)?))
-                }
+                Some(pb::request_op::Request::RequestDeleteRange(delete)) => (
+                    RequestOp::DeleteRange(delete_request(config, delete)?),
+                    OpSort::None,
+                ),
                 Some(pb::request_op::Request::RequestTxn(txn)) => {
-                    Ok(RequestOp::Txn(txn_request(config, txn, depth + 1)?))
+                    let (request, sorts) = txn_request(config, txn, depth + 1)?;
+                    (RequestOp::Txn(request), OpSort::Txn(sorts))
                 }
-                None => Err(Error::InvalidArgument(
-                    "a transaction operation is empty".into(),
-                )),
-            })
-            .collect()
+                None => {
+                    return Err(Error::InvalidArgument(
+                        "a transaction operation is empty".into(),
+                    ))
+                }
+            };
+            requests.push(request);
+            sorts.push(sort);
+        }
+        Ok((requests, sorts))
     };
-    Ok(TxnRequest {
-        compare: request
-            .compare
-            .iter()
-            .map(|c| compare(config, c))
-            .collect::<Result<_>>()?,
-        success: ops(&request.success)?,
-        failure: ops(&request.failure)?,
-    })
+    let (success, success_sorts) = ops(&request.success)?;
+    let (failure, failure_sorts) = ops(&request.failure)?;
+    Ok((
+        TxnRequest {
+            compare: request
+                .compare
+                .iter()
+                .map(|c| compare(config, c))
+                .collect::<Result<_>>()?,
+            success,
+            failure,
+        },
+        TxnSorts {
+            success: success_sorts,
+            failure: failure_sorts,
+        },
+    ))
+}
+
+/// Sorts the ranges of the branch `result` took, nested ones included.
+fn apply_txn_sorts(result: &mut TxnResult, sorts: &TxnSorts) {
+    let branch = if result.succeeded {
+        &sorts.success
+    } else {
+        &sorts.failure
+    };
+    debug_assert_eq!(
+        branch.len(),
+        result.responses.len(),
+        "a transaction's result has one response per operation of its branch"
+    );
+    for (response, sort) in result.responses.iter_mut().zip(branch) {
+        match (response, sort) {
+            (ResponseOp::Range(range), OpSort::Range(sort)) => apply_sort(range, sort),
+            (ResponseOp::Txn(inner), OpSort::Txn(sorts)) => apply_txn_sorts(inner, sorts),
+            _ => {}
+        }
+    }
 }
 
 fn response_op(op: ResponseOp) -> pb::ResponseOp {
@@ -401,14 +458,15 @@ impl pb::kv_server::Kv for EtcdApi {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> std::result::Result<Response<pb::TxnResponse>, Status> {
-        let txn = txn_request(self.node.config(), request.get_ref(), 0)?;
+        let (txn, sorts) = txn_request(self.node.config(), request.get_ref(), 0)?;
         validate::txn_writes_each_key_once(&txn)?;
         let group = self.group()?;
         let response = self.node.transact(group, txn).await?;
         let (revision, op) = result(response)?;
-        let ResponseOp::Txn(txn) = op else {
+        let ResponseOp::Txn(mut txn) = op else {
             return Err(unexpected(op));
         };
+        apply_txn_sorts(&mut txn, &sorts);
         let mut response = txn_response(txn);
         response.header = self.header(group, revision);
         Ok(Response::new(response))
@@ -752,6 +810,81 @@ mod tests {
 
     fn keys(answer: &[(String, String)]) -> Vec<&str> {
         answer.iter().map(|(key, _)| key.as_str()).collect()
+    }
+
+    fn names(result: &RangeResult) -> Vec<String> {
+        result
+            .kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).to_string())
+            .collect()
+    }
+
+    /// Ranges inside a transaction sort as alone, nested ones included;
+    /// only a revision is refused there.
+    #[test]
+    fn ranges_inside_a_transaction_are_sorted() {
+        use pb::request_op::Request as R;
+        let range = |order: SortOrder| pb::RequestOp {
+            request: Some(R::RequestRange(request(SortTarget::Mod, order, 0, false))),
+        };
+        let txn = pb::TxnRequest {
+            compare: vec![],
+            success: vec![
+                range(SortOrder::None),
+                pb::RequestOp {
+                    request: Some(R::RequestTxn(pb::TxnRequest {
+                        compare: vec![],
+                        success: vec![],
+                        failure: vec![range(SortOrder::Descend)],
+                    })),
+                },
+            ],
+            failure: vec![],
+        };
+        let (query, sorts) = txn_request(&config(), &txn, 0).expect("valid");
+        assert_eq!(query.success.len(), 2);
+        let mut result = TxnResult {
+            succeeded: true,
+            responses: vec![
+                ResponseOp::Range(stored(0)),
+                ResponseOp::Txn(TxnResult {
+                    succeeded: false,
+                    responses: vec![ResponseOp::Range(stored(0))],
+                }),
+            ],
+        };
+        apply_txn_sorts(&mut result, &sorts);
+        let ResponseOp::Range(outer) = &result.responses[0] else {
+            panic!("a range");
+        };
+        assert_eq!(names(outer), ["kb", "kd", "kc", "ka"]);
+        let ResponseOp::Txn(inner) = &result.responses[1] else {
+            panic!("a txn");
+        };
+        let ResponseOp::Range(inner) = &inner.responses[0] else {
+            panic!("a range");
+        };
+        assert_eq!(names(inner), ["ka", "kc", "kd", "kb"]);
+
+        let mut at_revision = request(SortTarget::Key, SortOrder::None, 0, false);
+        at_revision.revision = 7;
+        let refused = txn_request(
+            &config(),
+            &pb::TxnRequest {
+                compare: vec![],
+                success: vec![pb::RequestOp {
+                    request: Some(R::RequestRange(at_revision)),
+                }],
+                failure: vec![],
+            },
+            0,
+        );
+        assert!(
+            matches!(&refused, Err(Error::InvalidArgument(message)) if message.contains("revision")),
+            "{:?}",
+            refused.err()
+        );
     }
 
     #[test]
