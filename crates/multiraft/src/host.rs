@@ -1165,7 +1165,7 @@ struct Group {
     /// In the worker's `commit_due` list.
     commit_due: bool,
     /// The data of a snapshot message stepped in, until its ready.
-    pending_install: Option<SnapshotData>,
+    pending_install: Option<(LogIndex, Term, SnapshotData)>,
     snapshot_every_entries: u64,
     compaction_overhead_entries: u64,
     /// Applied index of the last compaction.
@@ -1719,8 +1719,21 @@ impl Group {
                 let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
             }
             Input::Snapshot { message, data } => {
-                self.pending_install = Some(data);
+                let offered = match &message.body {
+                    MessageBody::Snapshot { meta } => Some((meta.index, meta.term)),
+                    _ => None,
+                };
                 let _ = self.raft.step(message);
+                // The data goes with the snapshot Raft took: one it refused
+                // (an older term's, one at or below the commit index) must
+                // not replace the data of one accepted earlier this turn.
+                let accepted = self
+                    .raft
+                    .snapshot_to_install()
+                    .map(|meta| (meta.index, meta.term));
+                if let Some((index, term)) = offered.filter(|_| offered == accepted) {
+                    self.pending_install = Some((index, term, data));
+                }
             }
             Input::SnapshotReport { to, delivered } => self.raft.report_snapshot(to, delivered),
             Input::StaleRead { query, reply } => {
@@ -1886,8 +1899,15 @@ impl Group {
                 }
             }
             if let Some(meta) = ready.snapshot {
-                let Some(data) = self.pending_install.take() else {
-                    return Err("a snapshot was accepted without its data".into());
+                let data = match self.pending_install.take() {
+                    Some((index, term, data)) if index == meta.index && term == meta.term => data,
+                    Some((index, term, _)) => {
+                        return Err(format!(
+                            "the snapshot accepted at {} (term {}) came with the data of another, at {index} (term {})",
+                            meta.index.0, meta.term.0, term.0
+                        ));
+                    }
+                    None => return Err("a snapshot was accepted without its data".into()),
                 };
                 // The order that survives a crash anywhere: the data is
                 // kept durably, then the WAL records the install, then

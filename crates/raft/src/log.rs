@@ -261,6 +261,13 @@ impl<S: Storage> RaftLog<S> {
         self.unstable_snapshot_handed_out = false;
     }
 
+    /// The snapshot received and not yet handed out in a `Ready`.
+    pub(crate) fn unhanded_snapshot(&self) -> Option<&SnapshotMeta> {
+        self.unstable_snapshot
+            .as_ref()
+            .filter(|_| !self.unstable_snapshot_handed_out)
+    }
+
     pub(crate) fn has_unhanded_snapshot(&self) -> bool {
         self.unstable_snapshot.is_some() && !self.unstable_snapshot_handed_out
     }

@@ -371,6 +371,13 @@ impl<S: Storage> RaftNode<S> {
         self.raft.membership_at(index)
     }
 
+    /// The snapshot this node accepted from its leader and has not yet
+    /// handed out in a `Ready`: the one whose data the runtime must
+    /// install. A snapshot message that did not change it was refused.
+    pub fn snapshot_to_install(&self) -> Option<&SnapshotMeta> {
+        self.raft.log.unhanded_snapshot()
+    }
+
     /// Metadata for a state machine snapshot at an applied `index`.
     pub fn snapshot_meta_at(&self, index: LogIndex) -> Result<SnapshotMeta> {
         self.raft.snapshot_meta_at(index)

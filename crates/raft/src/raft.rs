@@ -781,6 +781,7 @@ impl<S: Storage> Raft<S> {
 
     fn step_follower(&mut self, message: Message) -> Result<()> {
         let from = message.from;
+        let message_term = message.term;
         match message.body {
             MessageBody::Append {
                 prev_index,
@@ -809,6 +810,9 @@ impl<S: Storage> Raft<S> {
                 self.reply(from, MessageBody::HeartbeatResponse { round });
             }
             MessageBody::Snapshot { meta } => {
+                if !is_well_formed_snapshot(message_term, &meta) {
+                    return Ok(()); // Malformed input from the network is dropped.
+                }
                 self.election_elapsed = 0;
                 self.leader = Some(from);
                 self.handle_snapshot(from, meta);
@@ -1952,6 +1956,20 @@ fn is_well_formed(
         previous_term = entry.term;
     }
     true
+}
+
+/// The highest snapshot index a peer may send: far above any real log,
+/// and far enough below `u64::MAX` that index arithmetic never overflows.
+const SNAPSHOT_INDEX_MAX: u64 = u64::MAX / 2;
+
+/// Whether a snapshot's metadata can be true: it stands for entries of its
+/// sender's term or earlier, at an index a log can hold, with voters.
+fn is_well_formed_snapshot(message_term: Term, meta: &SnapshotMeta) -> bool {
+    meta.term > Term(0)
+        && meta.term <= message_term
+        && meta.index > LogIndex(0)
+        && meta.index.0 <= SNAPSHOT_INDEX_MAX
+        && !meta.membership.voters.is_empty()
 }
 
 /// Whether a follower's or candidate's message may leave only once the

@@ -6,8 +6,8 @@ mod cluster;
 use bytes::Bytes;
 use cluster::{is_append_to, n, Cluster};
 use regatta_raft::{
-    CommitBroadcast, ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Message,
-    MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, Role, Term,
+    CommitBroadcast, ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Membership,
+    Message, MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, Role, SnapshotMeta, Term,
 };
 
 fn no_pre_vote(config: &mut Config) {
@@ -666,6 +666,62 @@ mod replication {
             before,
             "forwarded empty entries were appended"
         );
+    }
+
+    /// A snapshot message from a peer whose metadata cannot be true (a
+    /// term above the message's, index 0 or near `u64::MAX`, no voters) is
+    /// dropped: it used to be installed and trip the invariant check (a
+    /// log term above the current term), stopping every group on the
+    /// worker, or to overflow the log's index arithmetic.
+    #[test]
+    fn malformed_snapshot_metadata_is_dropped() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(1)
+            .propose(vec![Bytes::from_static(b"x")])
+            .expect("leader");
+        c.settle();
+        let term = c.node(2).term();
+        let last = c.last_index(2);
+        let voters = Membership::with_voters([NodeId(1), NodeId(2), NodeId(3)]);
+        let bad = [
+            SnapshotMeta {
+                index: LogIndex(last.0 + 100),
+                term: Term(term.0 + 1),
+                membership: voters.clone(),
+            },
+            SnapshotMeta {
+                index: LogIndex(u64::MAX),
+                term,
+                membership: voters.clone(),
+            },
+            SnapshotMeta {
+                index: LogIndex(0),
+                term,
+                membership: voters.clone(),
+            },
+            SnapshotMeta {
+                index: LogIndex(last.0 + 100),
+                term,
+                membership: Membership::default(),
+            },
+        ];
+        for meta in bad {
+            let message = Message {
+                from: NodeId(1),
+                to: NodeId(2),
+                term,
+                body: MessageBody::Snapshot { meta: meta.clone() },
+            };
+            let _ = c.node(2).step(message);
+            assert_eq!(c.last_index(2), last, "installed {meta:?}");
+        }
+        // The group still works.
+        c.node(1)
+            .propose(vec![Bytes::from_static(b"y")])
+            .expect("leader");
+        c.settle();
+        assert_eq!(c.last_index(2), LogIndex(last.0 + 1));
     }
 
     /// §5.3 with asynchronous persistence: the leader sends appends before
