@@ -646,6 +646,7 @@ impl NodeHost {
             last_index_seen: LogIndex(0),
             commit_due: false,
             pending_install: None,
+            snapshots_out: FxHashMap::default(),
             snapshot_every_entries: self.inner.config.snapshot_every_entries,
             compaction_overhead_entries: self.inner.config.compaction_overhead_entries,
             compacted_at: LogIndex(0),
@@ -1166,6 +1167,14 @@ struct Group {
     commit_due: bool,
     /// The data of a snapshot message stepped in, until its ready.
     pending_install: Option<(LogIndex, Term, SnapshotData)>,
+    /// Snapshots being written or sent to followers: the index each
+    /// stands for and the tick it was asked for. Compaction stays at or
+    /// below the lowest, so that the snapshot's term can still be read and
+    /// the entries after it are there once it lands; without this, a
+    /// snapshot that takes longer than a compaction interval to write or
+    /// send would fail every time. Released on the transport's report, or
+    /// after `SNAPSHOT_HOLD_TICKS_MAX`.
+    snapshots_out: FxHashMap<NodeId, (LogIndex, u64)>,
     snapshot_every_entries: u64,
     compaction_overhead_entries: u64,
     /// Applied index of the last compaction.
@@ -1192,6 +1201,10 @@ pub const INSTALL_CUT_AFTER_WAL: &str = "finished installing a snapshot interrup
 /// Ticks between sweeps of forwarded proposals and reads nobody waits
 /// for.
 const WAITING_SWEEP_TICKS: u64 = 100;
+/// The longest an outgoing snapshot holds compaction back, in ticks (10
+/// minutes at the default 10 ms tick): a report that never comes must not
+/// stop compaction for good.
+const SNAPSHOT_HOLD_TICKS_MAX: u64 = 60_000;
 
 /// Inputs handled per turn before the readies are taken.
 const INPUTS_PER_TURN_MAX: usize = 1024;
@@ -1439,10 +1452,14 @@ impl Worker {
                     Ok((meta, data)) => {
                         // The state copied is at `index`, maybe newer than
                         // the one Raft named: describe what is sent.
+                        state.snapshots_out.insert(to, (meta.index, state.ticks));
                         message.body = MessageBody::Snapshot { meta };
                         self.transport.send_snapshot(group, message, data);
                     }
-                    Err(_) => state.raft.report_snapshot(to, false),
+                    Err(_) => {
+                        state.snapshots_out.remove(&to);
+                        state.raft.report_snapshot(to, false);
+                    }
                 }
                 touched.insert(group);
             }
@@ -1565,6 +1582,9 @@ impl Group {
             // one); a read state that comes later finds nobody and is
             // ignored.
             self.reads.retain(|_, read| !read.is_abandoned());
+            let ticks = self.ticks;
+            self.snapshots_out
+                .retain(|_, (_, since)| ticks.saturating_sub(*since) < SNAPSHOT_HOLD_TICKS_MAX);
         }
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some();
@@ -1735,7 +1755,10 @@ impl Group {
                     self.pending_install = Some((index, term, data));
                 }
             }
-            Input::SnapshotReport { to, delivered } => self.raft.report_snapshot(to, delivered),
+            Input::SnapshotReport { to, delivered } => {
+                self.snapshots_out.remove(&to);
+                self.raft.report_snapshot(to, delivered);
+            }
             Input::StaleRead { query, reply } => {
                 self.apply.send(ApplyWork::Read {
                     group,
@@ -1795,7 +1818,11 @@ impl Group {
         }
         let status = self.raft.status();
         let marker = saved.min(status.applied);
-        let compact_to = LogIndex(marker.0.saturating_sub(self.compaction_overhead_entries));
+        let mut compact_to = LogIndex(marker.0.saturating_sub(self.compaction_overhead_entries));
+        // Not past a snapshot still being written or sent (`snapshots_out`).
+        if let Some(held) = self.snapshots_out.values().map(|(index, _)| *index).min() {
+            compact_to = compact_to.min(held);
+        }
         // Never ask the WAL for a compaction it would refuse: the whole
         // worker's batch would fail with it.
         if compact_to < status.first_index {
@@ -1889,10 +1916,12 @@ impl Group {
                 .map_err(|error| format!("raft: {error}"))?;
             let group = self.group;
             for message in std::mem::take(&mut ready.messages) {
-                if matches!(message.body, MessageBody::Snapshot { .. }) {
+                if let MessageBody::Snapshot { meta } = &message.body {
                     // A snapshot message leaves only with the state it
                     // stands for: the apply thread copies it first (see
                     // `Control::SnapshotReady`).
+                    self.snapshots_out
+                        .insert(message.to, (meta.index, self.ticks));
                     self.apply.send(ApplyWork::TakeSnapshot { group, message });
                 } else {
                     outbox.push((group, message));

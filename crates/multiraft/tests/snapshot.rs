@@ -28,6 +28,21 @@ struct Kv {
     restored_at: Arc<Mutex<Option<LogIndex>>>,
     /// Restores to refuse before one succeeds, as a crash would cut them.
     failing_restores: Arc<std::sync::atomic::AtomicUsize>,
+    /// How long writing out a snapshot takes, as for a large table.
+    snapshot_delay: Duration,
+}
+
+/// A snapshot that takes `delay` to write out.
+struct SlowSnapshot {
+    bytes: Bytes,
+    delay: Duration,
+}
+
+impl regatta_multiraft::SnapshotSource for SlowSnapshot {
+    fn write_to(self: Box<Self>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        out.write_all(&self.bytes)
+    }
 }
 
 impl StateMachine for Kv {
@@ -65,7 +80,10 @@ impl StateMachine for Kv {
                     .join("\n"),
             )
         };
-        Box::new(bytes)
+        Box::new(SlowSnapshot {
+            bytes,
+            delay: self.snapshot_delay,
+        })
     }
     fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
         let failing = self.failing_restores.load(Ordering::SeqCst);
@@ -221,6 +239,89 @@ async fn check_joined(
         restored.is_some_and(|index| index > LogIndex(100)),
         "the new node did not restore a snapshot: {restored:?}"
     );
+}
+
+/// A snapshot that takes longer to write than the leader takes to compact
+/// past it, under steady writes, still reaches the new node: compaction
+/// holds at the snapshot's index until the transfer is reported. Before,
+/// the leader looked up the snapshot's term after writing it, found it
+/// compacted away, and started over, for as long as the writes went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_snapshot_lands_while_writes_go_on() {
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let transport = LocalTransport::new();
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let start = |id: u64,
+                 dir: &std::path::Path,
+                 voters: &[NodeId],
+                 restored_at: Arc<Mutex<Option<LogIndex>>>| {
+        let host = open_in_process(&transport, id, dir);
+        let machine = Kv {
+            restored_at,
+            snapshot_delay: Duration::from_millis(400),
+            ..Kv::default()
+        };
+        host.start_group(GROUP, voters.to_vec(), Box::new(machine))
+            .expect("group");
+        host
+    };
+    let mut hosts = BTreeMap::new();
+    for id in 1..=3u64 {
+        hosts.insert(
+            id,
+            start(id, dirs[id as usize - 1].path(), &voters, Arc::default()),
+        );
+    }
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let joiner = start(5, dirs[3].path(), &[], Arc::clone(&restored_at));
+    write_compact_and_add(&hosts, joiner.node_id(), 0).await;
+
+    // Writes go on, far faster than one compaction interval (50 entries)
+    // per snapshot write (0.4 s).
+    let leader = hosts[&leader(&hosts).await].clone();
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..4)
+        .map(|writer| {
+            let writing = Arc::clone(&writing);
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                let mut written = 0u64;
+                while writing.load(Ordering::Relaxed) {
+                    let _ = leader
+                        .propose(GROUP, Bytes::from(format!("w{writer}={written}")))
+                        .await;
+                    written += 1;
+                }
+                written
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while restored_at.lock().expect("lock").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot landed while writes went on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writing.store(false, Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.expect("writer");
+    }
+    // More than a compaction interval (50 entries) per snapshot write
+    // (0.4 s): enough to compact past every attempt without the hold.
+    let per_second = written as f64 / started.elapsed().as_secs_f64();
+    assert!(
+        per_second > 150.0,
+        "too few writes to outrun compaction: {per_second:.0}/s"
+    );
+    for host in hosts.values().chain([&joiner]) {
+        host.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
