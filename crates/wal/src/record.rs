@@ -107,7 +107,7 @@ impl Record {
                 };
                 let membership = decode_membership(&body[17..]).map_err(|e| e.to_string())?;
                 let meta = SnapshotMeta {
-                    index: LogIndex(read_u64(body, 0)),
+                    index: bounded_index(read_u64(body, 0), "snapshot")?,
                     term: Term(read_u64(body, 8)),
                     membership,
                 };
@@ -116,7 +116,7 @@ impl Record {
             RecordType::Compaction => {
                 expect_len(body, 16)?;
                 Ok(Record::Compaction {
-                    index: LogIndex(read_u64(body, 0)),
+                    index: bounded_index(read_u64(body, 0), "compaction")?,
                     term: Term(read_u64(body, 8)),
                 })
             }
@@ -133,6 +133,19 @@ impl Record {
             }
         }
     }
+}
+
+/// The largest log index a record may name: far above any real log, and
+/// far enough below `u64::MAX` that index arithmetic never overflows.
+pub const INDEX_MAX: u64 = u64::MAX / 2;
+
+/// `index`, unless it is past [`INDEX_MAX`] (only a damaged or crafted
+/// record, with a valid checksum, can name one).
+fn bounded_index(index: u64, what: &str) -> Result<LogIndex, String> {
+    if index > INDEX_MAX {
+        return Err(format!("{what} index {index} is past the largest index"));
+    }
+    Ok(LogIndex(index))
 }
 
 fn expect_len(body: &[u8], expected: usize) -> Result<(), String> {
@@ -175,6 +188,8 @@ fn decode_entries(body: &Bytes) -> Result<Vec<Entry>, String> {
     if count > (body.len() - 12) / 13 {
         return Err(format!("entry count {count} does not fit the body"));
     }
+    bounded_index(first, "first entry")?;
+    bounded_index(first + count as u64 - 1, "last entry")?;
     let mut entries = Vec::with_capacity(count);
     let mut offset = 12usize;
     for position in 0..count {
@@ -262,6 +277,41 @@ mod tests {
             segment: 9,
             offset: 4096,
         });
+    }
+
+    /// Indexes past `INDEX_MAX` are damage, not entries: replay would
+    /// overflow on them.
+    #[test]
+    fn indexes_past_the_largest_are_errors() {
+        let entries = Record::Entries(vec![Entry {
+            term: Term(1),
+            index: LogIndex(INDEX_MAX),
+            payload: EntryPayload::Empty,
+        }]);
+        let mut body = Vec::new();
+        entries.encode_body(&mut body);
+        assert!(Record::decode(RecordType::Entries, &Bytes::from(body.clone())).is_ok());
+        body[..8].copy_from_slice(&(INDEX_MAX + 1).to_le_bytes());
+        let error = Record::decode(RecordType::Entries, &Bytes::from(body)).expect_err("too far");
+        assert!(error.contains("past the largest index"), "{error}");
+        let compaction = Record::Compaction {
+            index: LogIndex(u64::MAX),
+            term: Term(1),
+        };
+        let mut body = Vec::new();
+        compaction.encode_body(&mut body);
+        assert!(Record::decode(RecordType::Compaction, &Bytes::from(body)).is_err());
+        let snapshot = Record::Snapshot {
+            meta: SnapshotMeta {
+                index: LogIndex(u64::MAX),
+                term: Term(1),
+                membership: Membership::with_voters([NodeId(1)]),
+            },
+            installed: false,
+        };
+        let mut body = Vec::new();
+        snapshot.encode_body(&mut body);
+        assert!(Record::decode(RecordType::Snapshot, &Bytes::from(body)).is_err());
     }
 
     #[test]
