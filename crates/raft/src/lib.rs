@@ -39,5 +39,5 @@ pub use rng::Rng;
 pub use storage::{limit_size, InitialState, MemStorage, Storage};
 pub use types::{
     ConfChange, Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, ReadId, ReadState,
-    RequestId, Role, SnapshotMeta, SoftState, Term, ENTRY_OVERHEAD_BYTES,
+    RequestId, Role, SnapshotMeta, SoftState, Term, ENTRY_OVERHEAD_BYTES, INDEX_MAX,
 };

@@ -1958,17 +1958,13 @@ fn is_well_formed(
     true
 }
 
-/// The highest snapshot index a peer may send: far above any real log,
-/// and far enough below `u64::MAX` that index arithmetic never overflows.
-const SNAPSHOT_INDEX_MAX: u64 = u64::MAX / 2;
-
 /// Whether a snapshot's metadata can be true: it stands for entries of its
 /// sender's term or earlier, at an index a log can hold, with voters.
 fn is_well_formed_snapshot(message_term: Term, meta: &SnapshotMeta) -> bool {
     meta.term > Term(0)
         && meta.term <= message_term
         && meta.index > LogIndex(0)
-        && meta.index.0 <= SNAPSHOT_INDEX_MAX
+        && meta.index.0 <= crate::types::INDEX_MAX
         && !meta.membership.voters.is_empty()
 }
 

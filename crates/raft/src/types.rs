@@ -168,6 +168,11 @@ pub struct Entry {
     pub payload: EntryPayload,
 }
 
+/// The largest log index a peer's message or a stored record may name: far
+/// above any real log, and far enough below `u64::MAX` that index
+/// arithmetic (`next`, `plus`) never overflows.
+pub const INDEX_MAX: u64 = u64::MAX / 2;
+
 /// Bytes of bookkeeping counted per entry on top of its payload when sizing
 /// messages and batches: index, term and framing.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 24;

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use regatta_raft::codec::{
     decode_membership, decode_payload, encode_membership, encode_payload, payload_size_bytes,
 };
-use regatta_raft::{Entry, HardState, LogIndex, NodeId, SnapshotMeta, Term};
+use regatta_raft::{Entry, HardState, LogIndex, NodeId, SnapshotMeta, Term, INDEX_MAX};
 
 use crate::format::{read_u32, read_u64, RecordType};
 
@@ -134,10 +134,6 @@ impl Record {
         }
     }
 }
-
-/// The largest log index a record may name: far above any real log, and
-/// far enough below `u64::MAX` that index arithmetic never overflows.
-pub const INDEX_MAX: u64 = u64::MAX / 2;
 
 /// `index`, unless it is past [`INDEX_MAX`] (only a damaged or crafted
 /// record, with a valid checksum, can name one).
