@@ -215,6 +215,15 @@ fn succeeded(response: &Response) -> bool {
     }
 }
 
+/// A put inside a transaction, without its previous value.
+fn set(key: &str, value: &str) -> RequestOp {
+    RequestOp::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        prev_kv: false,
+    })
+}
+
 /// etcd decides every compare of a transaction, nested ones included, on
 /// the state before the transaction's first write; the branches then run
 /// in order and their reads see the writes before them.
@@ -223,13 +232,6 @@ fn nested_compares_see_the_state_before_the_transaction() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
     let mut table = store.open_table(1).expect("table");
-    let set = |key: &str, value: &str| {
-        RequestOp::Put(PutRequest {
-            key: key.into(),
-            value: value.into(),
-            prev_kv: false,
-        })
-    };
     let nested = |compare_value: &str, key: &str| {
         RequestOp::Txn(regatta_kv::command::TxnRequest {
             compare: vec![compare(
@@ -309,13 +311,6 @@ fn transactions_compare_then_apply_one_branch_atomically() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
     let mut table = store.open_table(1).expect("table");
-    let set = |key: &str, value: &str| {
-        RequestOp::Put(PutRequest {
-            key: key.into(),
-            value: value.into(),
-            prev_kv: false,
-        })
-    };
     // One batch: each command sees the writes of those before it.
     let responses = apply(
         &mut table,

@@ -241,6 +241,44 @@ async fn check_joined(
     );
 }
 
+/// Hosts 1 to 3 bootstrapping `GROUP` in process, and host 5 with no
+/// group members yet (to join later): every state machine takes
+/// `snapshot_delay` to write a snapshot; `restored_at` is the joiner's.
+fn start_voters_and_joiner(
+    transport: &Arc<LocalTransport>,
+    dirs: &[tempfile::TempDir],
+    snapshot_delay: Duration,
+) -> (
+    BTreeMap<u64, NodeHost>,
+    NodeHost,
+    Arc<Mutex<Option<LogIndex>>>,
+) {
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let start = |id: u64,
+                 dir: &std::path::Path,
+                 voters: &[NodeId],
+                 restored_at: Arc<Mutex<Option<LogIndex>>>| {
+        let host = open_in_process(transport, id, dir);
+        let machine = Kv {
+            restored_at,
+            snapshot_delay,
+            ..Kv::default()
+        };
+        host.start_group(GROUP, voters.to_vec(), Box::new(machine))
+            .expect("group");
+        host
+    };
+    let hosts = (1..=3u64)
+        .map(|id| {
+            let host = start(id, dirs[id as usize - 1].path(), &voters, Arc::default());
+            (id, host)
+        })
+        .collect();
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let joiner = start(5, dirs[3].path(), &[], Arc::clone(&restored_at));
+    (hosts, joiner, restored_at)
+}
+
 /// A snapshot that takes longer to write than the leader takes to compact
 /// past it, under steady writes, still reaches the new node: compaction
 /// holds at the snapshot's index until the transfer is reported. Before,
@@ -252,30 +290,8 @@ async fn a_slow_snapshot_lands_while_writes_go_on() {
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
     let transport = LocalTransport::new();
-    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    let start = |id: u64,
-                 dir: &std::path::Path,
-                 voters: &[NodeId],
-                 restored_at: Arc<Mutex<Option<LogIndex>>>| {
-        let host = open_in_process(&transport, id, dir);
-        let machine = Kv {
-            restored_at,
-            snapshot_delay: Duration::from_millis(400),
-            ..Kv::default()
-        };
-        host.start_group(GROUP, voters.to_vec(), Box::new(machine))
-            .expect("group");
-        host
-    };
-    let mut hosts = BTreeMap::new();
-    for id in 1..=3u64 {
-        hosts.insert(
-            id,
-            start(id, dirs[id as usize - 1].path(), &voters, Arc::default()),
-        );
-    }
-    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
-    let joiner = start(5, dirs[3].path(), &[], Arc::clone(&restored_at));
+    let (hosts, joiner, restored_at) =
+        start_voters_and_joiner(&transport, &dirs, Duration::from_millis(400));
     write_compact_and_add(&hosts, joiner.node_id(), 0).await;
 
     // Writes go on, far faster than one compaction interval (50 entries)
@@ -330,29 +346,7 @@ async fn a_new_node_catches_up_through_a_snapshot_in_process() {
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
     let transport = LocalTransport::new();
-    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    let start = |id: u64,
-                 dir: &std::path::Path,
-                 voters: &[NodeId],
-                 restored_at: Arc<Mutex<Option<LogIndex>>>| {
-        let host = open_in_process(&transport, id, dir);
-        let machine = Kv {
-            restored_at,
-            ..Kv::default()
-        };
-        host.start_group(GROUP, voters.to_vec(), Box::new(machine))
-            .expect("group");
-        host
-    };
-    let mut hosts = BTreeMap::new();
-    for id in 1..=3u64 {
-        hosts.insert(
-            id,
-            start(id, dirs[id as usize - 1].path(), &voters, Arc::default()),
-        );
-    }
-    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
-    let joiner = start(5, dirs[3].path(), &[], Arc::clone(&restored_at));
+    let (hosts, joiner, restored_at) = start_voters_and_joiner(&transport, &dirs, Duration::ZERO);
     join_through_snapshot(&hosts, &joiner, &restored_at, 0).await;
     for host in hosts.values().chain([&joiner]) {
         host.stop().await;

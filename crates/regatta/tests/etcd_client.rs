@@ -81,15 +81,13 @@ async fn etcd_client_reads_writes_and_transacts() {
         .expect("sorted");
     assert_eq!(descending.kvs()[0].key(), b"b/2");
     // A target with no order sorts ascending (etcdctl --sort-by=MODIFY).
+    let by_modification_options = || {
+        GetOptions::new()
+            .with_from_key()
+            .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::None)
+    };
     let by_modification = client
-        .get(
-            "",
-            Some(
-                GetOptions::new()
-                    .with_from_key()
-                    .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::None),
-            ),
-        )
+        .get("", Some(by_modification_options()))
         .await
         .expect("sorted");
     let order: Vec<&[u8]> = by_modification.kvs().iter().map(|kv| kv.key()).collect();
@@ -130,16 +128,7 @@ async fn etcd_client_reads_writes_and_transacts() {
 
     // Ranges inside a transaction sort too.
     let sorted_in_txn = client
-        .txn(
-            Txn::new().and_then([TxnOp::get(
-                "",
-                Some(
-                    GetOptions::new()
-                        .with_from_key()
-                        .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::None),
-                ),
-            )]),
-        )
+        .txn(Txn::new().and_then([TxnOp::get("", Some(by_modification_options()))]))
         .await
         .expect("txn");
     match &sorted_in_txn.op_responses()[0] {
