@@ -5,10 +5,13 @@
 /// Magic bytes at the start of every segment.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"RGWALSEG";
 /// The format version this code writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The first version: no flags, segments not zero-filled. Still read.
 pub const FORMAT_VERSION_1: u32 = 1;
-/// Record flag (version 2): the first record of a write that started when
+/// The second version: flags and zero-fill, record checksums not salted.
+/// Still read.
+pub const FORMAT_VERSION_2: u32 = 2;
+/// Record flag (version 2 on): the first record of a write that started when
 /// every earlier byte of the segment was durable. A write that follows one
 /// made without an fsync (it only advanced commit indexes) is unflagged.
 pub const RECORD_FLAG_WRITE_START: u8 = 1;
@@ -55,11 +58,58 @@ impl RecordType {
     }
 }
 
-/// Encodes a segment header.
-pub fn encode_segment_header(sequence: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+/// How a segment's records are framed: its format version and the salt
+/// its record checksums start from (version 3; `0`, no salt, before).
+///
+/// The salt is random and never leaves the disk, so bytes that a client
+/// put inside a value cannot pass for a record of the segment: recovery
+/// could otherwise take such bytes, found after a torn write, for a later
+/// write and refuse to open (docs/wal-format.md, "Recovery").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentFormat {
+    /// The format version.
+    pub version: u32,
+    /// The record checksum salt (non-zero from version 3, else `0`).
+    pub salt: u32,
+}
+
+impl SegmentFormat {
+    /// The format this code writes, with `salt` (non-zero).
+    pub fn current(salt: u32) -> SegmentFormat {
+        assert!(salt != 0, "a version 3 segment has a non-zero salt");
+        SegmentFormat {
+            version: FORMAT_VERSION,
+            salt,
+        }
+    }
+}
+
+/// A fresh record checksum salt: random, never zero.
+pub fn new_salt() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        // `RandomState` is keyed from the operating system's randomness.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or_default();
+        hasher.write_u128(now);
+        hasher.write_u32(std::process::id());
+        let salt = hasher.finish() as u32;
+        if salt != 0 {
+            return salt;
+        }
+    }
+}
+
+/// Encodes the header of a segment in the current format with `salt`.
+pub fn encode_segment_header(sequence: u64, salt: u32) -> [u8; SEGMENT_HEADER_BYTES] {
+    let format = SegmentFormat::current(salt);
     let mut header = [0u8; SEGMENT_HEADER_BYTES];
     header[0..8].copy_from_slice(SEGMENT_MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[8..12].copy_from_slice(&format.version.to_le_bytes());
+    header[12..16].copy_from_slice(&format.salt.to_le_bytes());
     header[16..24].copy_from_slice(&sequence.to_le_bytes());
     let crc = crc32c::crc32c(&header[0..24]);
     header[24..28].copy_from_slice(&crc.to_le_bytes());
@@ -80,8 +130,8 @@ pub enum HeaderProblem {
 }
 
 /// Checks a segment header against the sequence its file name gives, and
-/// returns the segment's format version.
-pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<u32, HeaderProblem> {
+/// returns the segment's format.
+pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<SegmentFormat, HeaderProblem> {
     if bytes.len() < SEGMENT_HEADER_BYTES {
         return Err(HeaderProblem::Short);
     }
@@ -90,29 +140,40 @@ pub fn check_segment_header(bytes: &[u8], sequence: u64) -> Result<u32, HeaderPr
         return Err(HeaderProblem::Damaged);
     }
     let version = read_u32(bytes, 8);
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_2 && version != FORMAT_VERSION_1 {
         return Err(HeaderProblem::Version(version));
     }
     let found = read_u64(bytes, 16);
     if found != sequence {
         return Err(HeaderProblem::Sequence(found));
     }
-    Ok(version)
+    // Versions 1 and 2 wrote zeros there and no salt into any checksum.
+    let salt = if version == FORMAT_VERSION {
+        read_u32(bytes, 12)
+    } else {
+        0
+    };
+    if version == FORMAT_VERSION && salt == 0 {
+        return Err(HeaderProblem::Damaged);
+    }
+    Ok(SegmentFormat { version, salt })
 }
 
 /// Appends one framed record to `out` (see [`encode_record_with`]).
-pub fn encode_record(kind: RecordType, group: u64, body: &[u8], out: &mut Vec<u8>) {
-    encode_record_with(kind, group, out, |out| out.extend_from_slice(body));
+pub fn encode_record(kind: RecordType, group: u64, salt: u32, body: &[u8], out: &mut Vec<u8>) {
+    encode_record_with(kind, group, salt, out, |out| out.extend_from_slice(body));
 }
 
 /// Appends one framed record to `out`, its body written in place by
 /// `write_body` (no intermediate buffer); the header is filled in after.
 ///
 /// `out` is one write's buffer: a record encoded at its start carries
-/// [`RECORD_FLAG_WRITE_START`], and no other record does.
+/// [`RECORD_FLAG_WRITE_START`], and no other record does. `salt` is the
+/// [`SegmentFormat::salt`] of the segments it goes to.
 pub fn encode_record_with(
     kind: RecordType,
     group: u64,
+    salt: u32,
     out: &mut Vec<u8>,
     write_body: impl FnOnce(&mut Vec<u8>),
 ) {
@@ -130,14 +191,19 @@ pub fn encode_record_with(
         out[start + 5] = RECORD_FLAG_WRITE_START;
     }
     out[start + 8..start + 16].copy_from_slice(&group.to_le_bytes());
-    let crc = record_crc(&out[start..start + 16], &out[start + RECORD_HEADER_BYTES..]);
+    let crc = record_crc(
+        salt,
+        &out[start..start + 16],
+        &out[start + RECORD_HEADER_BYTES..],
+    );
     out[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// A record's checksum: CRC32C over the header's first 16 bytes (length,
-/// type, flags, reserved, group), then the body.
-fn record_crc(header_covered: &[u8], body: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(header_covered), body)
+/// A record's checksum: CRC32C started from the segment's salt (`0`, the
+/// plain CRC32C, before version 3) over the header's first 16 bytes
+/// (length, type, flags, reserved, group), then the body.
+fn record_crc(salt: u32, header_covered: &[u8], body: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c_append(salt, header_covered), body)
 }
 
 /// One record found by [`scan_segment`].
@@ -196,13 +262,14 @@ pub struct SegmentScan {
     pub end: SegmentEnd,
 }
 
-/// Reads every record of a segment of format `version` whose header has
-/// been checked. Never panics, whatever the bytes.
-pub fn scan_segment(bytes: &[u8], version: u32) -> SegmentScan {
+/// Reads every record of a segment of `format` whose header has been
+/// checked. Never panics, whatever the bytes.
+pub fn scan_segment(bytes: &[u8], format: SegmentFormat) -> SegmentScan {
+    let version = format.version;
     let mut records = Vec::new();
     let mut offset = SEGMENT_HEADER_BYTES.min(bytes.len());
     while offset < bytes.len() {
-        match parse_record(bytes, offset, version) {
+        match parse_record(bytes, offset, format) {
             Ok(record) => {
                 offset += record.total_bytes() as usize;
                 records.push(record);
@@ -212,7 +279,7 @@ pub fn scan_segment(bytes: &[u8], version: u32) -> SegmentScan {
                     version != FORMAT_VERSION_1 && bytes[offset..].iter().all(|byte| *byte == 0);
                 let end = if zero_filled {
                     SegmentEnd::Clean
-                } else if later_write_after(bytes, offset + 1, version) {
+                } else if later_write_after(bytes, offset + 1, format) {
                     SegmentEnd::Corrupt {
                         offset: offset as u64,
                         reason: problem,
@@ -238,7 +305,8 @@ pub fn scan_segment(bytes: &[u8], version: u32) -> SegmentScan {
 }
 
 /// Parses the record at `offset`, or says why there is none.
-fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, String> {
+fn parse_record(bytes: &[u8], offset: usize, format: SegmentFormat) -> Result<RawRecord, String> {
+    let version = format.version;
     let remaining = bytes.len() - offset;
     if remaining < RECORD_HEADER_BYTES {
         return Err(format!("partial record header ({remaining} bytes)"));
@@ -272,7 +340,7 @@ fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, 
     }
     let body = &bytes[body_offset..body_end as usize];
     let expected = read_u32(header, 16);
-    let actual = record_crc(&header[0..16], body);
+    let actual = record_crc(format.salt, &header[0..16], body);
     if expected != actual {
         return Err(format!(
             "checksum mismatch (stored {expected:08x}, computed {actual:08x})"
@@ -296,8 +364,8 @@ fn parse_record(bytes: &[u8], offset: usize, version: u32) -> Result<RawRecord, 
 /// re-seals its checksum: that write starts before the one before it is
 /// durable, so it must not prove that one durable to recovery. It costs one
 /// more checksum of that first record, and runs only for a write that
-/// follows a commit-only one.
-pub fn clear_write_start(buffer: &mut [u8]) {
+/// follows a commit-only one. `salt` is the one the record was sealed with.
+pub fn clear_write_start(buffer: &mut [u8], salt: u32) {
     assert!(
         buffer.len() >= RECORD_HEADER_BYTES && buffer[5] == RECORD_FLAG_WRITE_START,
         "a write's buffer starts with a flagged record"
@@ -305,16 +373,18 @@ pub fn clear_write_start(buffer: &mut [u8]) {
     buffer[5] = 0;
     let body_end = RECORD_HEADER_BYTES + read_u32(buffer, 0) as usize;
     assert!(body_end <= buffer.len(), "the first record is whole");
-    let crc = record_crc(&buffer[0..16], &buffer[RECORD_HEADER_BYTES..body_end]);
+    let crc = record_crc(salt, &buffer[0..16], &buffer[RECORD_HEADER_BYTES..body_end]);
     buffer[16..20].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// True when a record at or after `from` proves that a write was made
-/// after the one at `from`: in version 2 a valid record with the write
+/// after the one at `from`: from version 2 a valid record with the write
 /// start flag (a torn write's own later records may be valid, as its
-/// pages land in any order); in version 1 any valid record.
-fn later_write_after(bytes: &[u8], from: usize, version: u32) -> bool {
-    let version_1 = version == FORMAT_VERSION_1;
+/// pages land in any order); in version 1 any valid record. From version
+/// 3 a record is valid only under the segment's salt, so a record's image
+/// inside a value (bytes a client chose) does not count.
+fn later_write_after(bytes: &[u8], from: usize, format: SegmentFormat) -> bool {
+    let version_1 = format.version == FORMAT_VERSION_1;
     let wanted_flags = if version_1 {
         0
     } else {
@@ -325,7 +395,7 @@ fn later_write_after(bytes: &[u8], from: usize, version: u32) -> bool {
         RecordType::from_byte(bytes[offset + 4]).is_some()
             && bytes[offset + 5] == wanted_flags
             && bytes[offset + 6..offset + 8] == [0, 0]
-            && parse_record(bytes, offset, version).is_ok()
+            && parse_record(bytes, offset, format).is_ok()
     })
 }
 
@@ -349,30 +419,60 @@ mod tests {
 
     type Write<'a> = &'a [(RecordType, u64, &'a [u8])];
 
-    /// A version 2 segment made of `writes`, each encoded as one write's
+    const SALT: u32 = 0x5A17_C0DE;
+    const CURRENT: SegmentFormat = SegmentFormat {
+        version: FORMAT_VERSION,
+        salt: SALT,
+    };
+    const VERSION_2: SegmentFormat = SegmentFormat {
+        version: FORMAT_VERSION_2,
+        salt: 0,
+    };
+    const VERSION_1: SegmentFormat = SegmentFormat {
+        version: FORMAT_VERSION_1,
+        salt: 0,
+    };
+
+    /// A segment of `format` made of `writes`, each encoded as one write's
     /// buffer (its first record flagged).
-    fn segment_of(writes: &[Write]) -> Vec<u8> {
-        let mut bytes = encode_segment_header(7).to_vec();
+    fn segment_in(format: SegmentFormat, writes: &[Write]) -> Vec<u8> {
+        let mut bytes = header_of(format);
         for write in writes {
             let mut buffer = Vec::new();
             for (kind, group, body) in *write {
-                encode_record(*kind, *group, body, &mut buffer);
+                encode_record(*kind, *group, format.salt, body, &mut buffer);
             }
             bytes.extend_from_slice(&buffer);
         }
         bytes
     }
 
+    /// A current segment made of `writes`.
+    fn segment_of(writes: &[Write]) -> Vec<u8> {
+        segment_in(CURRENT, writes)
+    }
+
+    /// The header of segment 7 in `format`: an older version has zeros
+    /// where the salt is.
+    fn header_of(format: SegmentFormat) -> Vec<u8> {
+        if format.version == FORMAT_VERSION {
+            return encode_segment_header(7, format.salt).to_vec();
+        }
+        let mut bytes = encode_segment_header(7, 1).to_vec();
+        bytes[8..12].copy_from_slice(&format.version.to_le_bytes());
+        bytes[12..16].fill(0);
+        let crc = crc32c::crc32c(&bytes[0..24]);
+        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
     /// The same records in a version 1 segment: version 1 in the header,
     /// no flags.
     fn version_1_segment(records: Write) -> Vec<u8> {
-        let mut bytes = encode_segment_header(7).to_vec();
-        bytes[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
-        let crc = crc32c::crc32c(&bytes[0..24]);
-        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+        let mut bytes = header_of(VERSION_1);
         for (kind, group, body) in records {
             // Encoded after the header, so no record is flagged.
-            encode_record(*kind, *group, body, &mut bytes);
+            encode_record(*kind, *group, 0, body, &mut bytes);
         }
         bytes
     }
@@ -380,17 +480,20 @@ mod tests {
     /// Golden bytes of a header and a record: the layout is an interface.
     #[test]
     fn layout_matches_the_documentation() {
-        let header = encode_segment_header(7);
+        let header = encode_segment_header(7, SALT);
         assert_eq!(&header[0..8], b"RGWALSEG");
-        assert_eq!(read_u32(&header, 8), 2);
+        assert_eq!(read_u32(&header, 8), 3);
+        assert_eq!(read_u32(&header, 12), SALT);
         assert_eq!(read_u64(&header, 16), 7);
-        assert_eq!(check_segment_header(&header, 7), Ok(2));
+        assert_eq!(read_u32(&header, 24), crc32c::crc32c(&header[0..24]));
+        assert_eq!(&header[28..32], &[0; 4]);
+        assert_eq!(check_segment_header(&header, 7), Ok(CURRENT));
         assert_eq!(
             check_segment_header(&header, 8),
             Err(HeaderProblem::Sequence(7))
         );
         let mut record = Vec::new();
-        encode_record(RecordType::HardState, 3, b"xyz", &mut record);
+        encode_record(RecordType::HardState, 3, SALT, b"xyz", &mut record);
         assert_eq!(&record[0..4], &3u32.to_le_bytes());
         assert_eq!(record[4], 2);
         assert_eq!(record[5], RECORD_FLAG_WRITE_START, "first of its write");
@@ -399,9 +502,9 @@ mod tests {
         assert_eq!(&record[20..], b"xyz");
         let mut covered = record[0..16].to_vec();
         covered.extend_from_slice(b"xyz");
-        assert_eq!(read_u32(&record, 16), crc32c::crc32c(&covered));
+        assert_eq!(read_u32(&record, 16), crc32c::crc32c_append(SALT, &covered));
         let first_len = record.len();
-        encode_record(RecordType::HardState, 3, b"", &mut record);
+        encode_record(RecordType::HardState, 3, SALT, b"", &mut record);
         assert_eq!(record[first_len + 5], 0, "not the first of its write");
     }
 
@@ -414,7 +517,7 @@ mod tests {
             ],
             &[(RecordType::Compaction, 1, b"cc")],
         ]);
-        let scan = scan_segment(&bytes, FORMAT_VERSION);
+        let scan = scan_segment(&bytes, CURRENT);
         assert_eq!(scan.end, SegmentEnd::Clean);
         assert_eq!(scan.data_end, bytes.len() as u64);
         let groups: Vec<u64> = scan.records.iter().map(|r| r.group).collect();
@@ -429,17 +532,17 @@ mod tests {
     fn a_zero_filled_tail_ends_a_version_2_segment() {
         let records = segment_of(&[&[(RecordType::Entries, 1, b"first")]]);
         let filled = [records.clone(), vec![0u8; 4096]].concat();
-        let scan = scan_segment(&filled, FORMAT_VERSION);
+        let scan = scan_segment(&filled, CURRENT);
         assert_eq!(scan.end, SegmentEnd::Clean);
         assert_eq!(scan.data_end, records.len() as u64);
         assert_eq!(scan.records.len(), 1);
-        let empty = [encode_segment_header(7).to_vec(), vec![0u8; 4096]].concat();
-        let scan = scan_segment(&empty, FORMAT_VERSION);
+        let empty = [header_of(CURRENT), vec![0u8; 4096]].concat();
+        let scan = scan_segment(&empty, CURRENT);
         assert_eq!((scan.end, scan.data_end), (SegmentEnd::Clean, 32));
         let old = version_1_segment(&[(RecordType::Entries, 1, b"first")]);
         let old_filled = [old.clone(), vec![0u8; 100]].concat();
         assert_eq!(
-            scan_segment(&old_filled, FORMAT_VERSION_1).end,
+            scan_segment(&old_filled, VERSION_1).end,
             SegmentEnd::Torn {
                 offset: old.len() as u64
             }
@@ -462,7 +565,7 @@ mod tests {
         // The page holding the start of the second write never landed.
         let mut hole = bytes.clone();
         hole[second_at..second_at + 30].fill(0);
-        let scan = scan_segment(&hole, FORMAT_VERSION);
+        let scan = scan_segment(&hole, CURRENT);
         assert_eq!(
             scan.end,
             SegmentEnd::Torn {
@@ -474,7 +577,7 @@ mod tests {
         let mut garbage = bytes.clone();
         garbage[second_at + 2] ^= 0xFF;
         assert_eq!(
-            scan_segment(&garbage, FORMAT_VERSION).end,
+            scan_segment(&garbage, CURRENT).end,
             SegmentEnd::Torn {
                 offset: second_at as u64
             }
@@ -483,14 +586,14 @@ mod tests {
         let mut corrupt = bytes.clone();
         corrupt[SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES] ^= 0xFF;
         assert!(matches!(
-            scan_segment(&corrupt, FORMAT_VERSION).end,
+            scan_segment(&corrupt, CURRENT).end,
             SegmentEnd::Corrupt { offset, .. } if offset == SEGMENT_HEADER_BYTES as u64
         ));
         // A hole in the middle of acknowledged data is not an end of records.
         let mut zeroed = bytes.clone();
         zeroed[SEGMENT_HEADER_BYTES..second_at].fill(0);
         assert!(matches!(
-            scan_segment(&zeroed, FORMAT_VERSION).end,
+            scan_segment(&zeroed, CURRENT).end,
             SegmentEnd::Corrupt { offset, .. } if offset == SEGMENT_HEADER_BYTES as u64
         ));
     }
@@ -503,13 +606,13 @@ mod tests {
             (RecordType::Entries, 1, b"first"),
             (RecordType::Entries, 1, b"second"),
         ]);
-        let scan = scan_segment(&bytes, FORMAT_VERSION_1);
+        let scan = scan_segment(&bytes, VERSION_1);
         assert_eq!((scan.end, scan.records.len()), (SegmentEnd::Clean, 2));
         let second = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 5;
         let mut torn = bytes.clone();
         torn[bytes.len() - 1] ^= 0xFF;
         assert_eq!(
-            scan_segment(&torn, FORMAT_VERSION_1).end,
+            scan_segment(&torn, VERSION_1).end,
             SegmentEnd::Torn {
                 offset: second as u64
             }
@@ -517,11 +620,85 @@ mod tests {
         let mut corrupt = bytes.clone();
         corrupt[SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES] ^= 0xFF;
         assert!(matches!(
-            scan_segment(&corrupt, FORMAT_VERSION_1).end,
+            scan_segment(&corrupt, VERSION_1).end,
             SegmentEnd::Corrupt { offset, .. } if offset == SEGMENT_HEADER_BYTES as u64
         ));
-        let flagged = segment_of(&[&[(RecordType::Entries, 1, b"first")]]);
-        let scan = scan_segment(&flagged, FORMAT_VERSION_1);
+        let flagged = segment_in(VERSION_2, &[&[(RecordType::Entries, 1, b"first")]]);
+        let scan = scan_segment(&flagged, VERSION_1);
         assert!(scan.records.is_empty(), "a flag in version 1 is invalid");
+    }
+
+    /// A header whose version-3 salt is zero is damaged; older versions'
+    /// zeros there are read as no salt.
+    #[test]
+    fn headers_of_every_version_are_read() {
+        let mut unsalted = encode_segment_header(7, SALT);
+        unsalted[12..16].fill(0);
+        let crc = crc32c::crc32c(&unsalted[0..24]);
+        unsalted[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            check_segment_header(&unsalted, 7),
+            Err(HeaderProblem::Damaged)
+        );
+        assert_eq!(
+            check_segment_header(&header_of(VERSION_2), 7),
+            Ok(VERSION_2)
+        );
+        assert_eq!(
+            check_segment_header(&header_of(VERSION_1), 7),
+            Ok(VERSION_1)
+        );
+        let old = segment_in(
+            VERSION_2,
+            &[&[
+                (RecordType::Entries, 1, b"one"),
+                (RecordType::HardState, 1, b""),
+            ]],
+        );
+        let scan = scan_segment(&old, VERSION_2);
+        assert_eq!((scan.end, scan.records.len()), (SegmentEnd::Clean, 2));
+        assert!(
+            scan_segment(&old, CURRENT).records.is_empty(),
+            "salt differs"
+        );
+    }
+
+    /// A value may hold the image of a record flagged as a write start (a
+    /// client chose those bytes). When the write carrying it is torn before
+    /// the image, recovery must read a torn tail, not corruption: version 2
+    /// took the image for a later write and refused to open; version 3
+    /// does not, as the image cannot know the segment's salt.
+    #[test]
+    fn a_record_image_inside_a_value_is_not_a_later_write() {
+        let mut image = Vec::new();
+        for salt in [0, SALT ^ 1] {
+            encode_record(RecordType::HardState, 9, salt, b"forged", &mut image);
+        }
+        for format in [VERSION_2, CURRENT] {
+            let first: Write = &[(RecordType::Entries, 1, b"acknowledged")];
+            let second: Write = &[(RecordType::Entries, 1, &image)];
+            let bytes = [segment_in(format, &[first, second]), vec![0u8; 512]].concat();
+            let second_at = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 12;
+            // The second write's first page did not land: its header is
+            // zeros, its body (holding the image) is there.
+            let mut torn = bytes.clone();
+            torn[second_at..second_at + RECORD_HEADER_BYTES].fill(0);
+            let scan = scan_segment(&torn, format);
+            assert_eq!(scan.records.len(), 1);
+            if format == CURRENT {
+                assert_eq!(
+                    scan.end,
+                    SegmentEnd::Torn {
+                        offset: second_at as u64
+                    }
+                );
+            } else {
+                assert!(
+                    matches!(scan.end, SegmentEnd::Corrupt { .. }),
+                    "version 2 is fooled: {:?}",
+                    scan.end
+                );
+            }
+        }
     }
 }

@@ -34,12 +34,12 @@ pub fn read_segment_bytes(bytes: &[u8], sequence: u64) -> Result<usize> {
         offset,
         reason,
     };
-    let version = match format::check_segment_header(bytes, sequence) {
-        Ok(version) => version,
+    let format = match format::check_segment_header(bytes, sequence) {
+        Ok(format) => format,
         Err(problem) => return Err(corrupt(0, format!("bad segment header: {problem:?}"))),
     };
     let bytes = bytes::Bytes::copy_from_slice(bytes);
-    let scan = format::scan_segment(&bytes, version);
+    let scan = format::scan_segment(&bytes, format);
     for raw in &scan.records {
         let end = (raw.body_offset + raw.body_len as u64) as usize;
         let body = bytes.slice(raw.body_offset as usize..end);

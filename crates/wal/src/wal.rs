@@ -40,9 +40,9 @@ use regatta_raft::{Entry, HardState, LogIndex, SnapshotMeta, Term};
 use crate::cache::RecordCache;
 use crate::error::{Error, Result};
 use crate::format::{
-    check_segment_header, encode_record_with, encode_segment_header, scan_segment, HeaderProblem,
-    RawRecord, RecordType, SegmentEnd, SegmentScan, FORMAT_VERSION, RECORD_HEADER_BYTES,
-    SEGMENT_HEADER_BYTES, ZERO_FILL_STEP_BYTES,
+    check_segment_header, encode_record_with, encode_segment_header, new_salt, read_u32,
+    scan_segment, HeaderProblem, RawRecord, RecordType, SegmentEnd, SegmentFormat, SegmentScan,
+    FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, ZERO_FILL_STEP_BYTES,
 };
 use crate::index::{GroupState, Index, Location};
 use crate::record::{entries_body_bytes, Record};
@@ -313,6 +313,8 @@ struct Shared {
     cache: Mutex<RecordCache>,
     failure: Mutex<Option<String>>,
     counters: Counters,
+    /// The record checksum salt of the segments this process writes.
+    salt: u32,
 }
 
 /// The shared write-ahead log of a node.
@@ -370,7 +372,9 @@ impl Wal {
             });
         }
         let (index, segments) = replay(&config.dir)?;
+        let salt = salt_to_write(&segments);
         let shared = Arc::new(Shared {
+            salt,
             index: RwLock::new(index),
             segments: Mutex::new(segments),
             cache: Mutex::new(RecordCache::new(config.cache_bytes_max)),
@@ -679,8 +683,8 @@ fn read_segment(path: &Path, sequence: u64, size: Option<u64>) -> Result<Segment
     if let Some(size) = size {
         bytes.truncate(size as usize);
     }
-    let version = match check_segment_header(&bytes, sequence) {
-        Ok(version) => version,
+    let format = match check_segment_header(&bytes, sequence) {
+        Ok(format) => format,
         Err(HeaderProblem::Version(version)) => {
             return Err(Error::UnsupportedVersion {
                 file: path.to_path_buf(),
@@ -688,10 +692,18 @@ fn read_segment(path: &Path, sequence: u64, size: Option<u64>) -> Result<Segment
                 supported: FORMAT_VERSION,
             })
         }
-        // The caller decides what a bad header means; read it as ours.
-        Err(_) => FORMAT_VERSION,
+        // The caller decides what a bad header means; read it as ours,
+        // with the salt it holds if its bytes are there.
+        Err(_) => SegmentFormat {
+            version: FORMAT_VERSION,
+            salt: if bytes.len() >= 16 {
+                read_u32(&bytes, 12)
+            } else {
+                0
+            },
+        },
     };
-    let scan = scan_segment(&bytes, version);
+    let scan = scan_segment(&bytes, format);
     Ok((Bytes::from(bytes), scan))
 }
 
@@ -713,7 +725,19 @@ fn first_pass(
     let (bytes, scan) = read_segment(&path, sequence, None)?;
     let records = scan.records;
     if let Err(problem) = check_segment_header(&bytes, sequence) {
-        if is_last && records.is_empty() && !matches!(problem, HeaderProblem::Sequence(_)) {
+        // A segment is created with its header and zeros in one write,
+        // fsynced before any record goes in: only zeros after the header
+        // mean it was torn while being created and never held a record.
+        // (A damaged salt hides the records from the scan; the zeros
+        // still tell.)
+        let never_written = bytes
+            .get(SEGMENT_HEADER_BYTES..)
+            .is_none_or(|rest| rest.iter().all(|byte| *byte == 0));
+        if is_last
+            && never_written
+            && records.is_empty()
+            && !matches!(problem, HeaderProblem::Sequence(_))
+        {
             // Torn while being created: it never held a record.
             fs::remove_file(&path)
                 .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
@@ -1067,7 +1091,7 @@ impl Writer {
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
         file.read_exact_at(&mut header, 0)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-        if check_segment_header(&header, sequence) != Ok(FORMAT_VERSION) {
+        if check_segment_header(&header, sequence) != Ok(SegmentFormat::current(shared.salt)) {
             return create_segment(shared, sequence + 1);
         }
         let length = file
@@ -1196,7 +1220,7 @@ impl Writer {
         let mut accepted = Vec::new();
         {
             let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-            let mut view = BatchView::new(&index);
+            let mut view = BatchView::new(&index, self.shared.salt);
             for request in requests {
                 let moves_pins = request.batch.updates.iter().any(|update| {
                     matches!(
@@ -1291,7 +1315,7 @@ impl Writer {
         // damaged bytes were durable: true only if no write before this
         // one went without its fsync.
         if self.unsynced {
-            crate::format::clear_write_start(buffer);
+            crate::format::clear_write_start(buffer, self.shared.salt);
         }
         let path = segment_path(&self.shared.config.dir, self.active.sequence);
         let base = self.active.size_bytes;
@@ -1507,7 +1531,7 @@ impl Writer {
             must_sync: true,
         };
         for record in records {
-            push_record(group, record, &mut buffer, &mut encoded);
+            push_record(group, record, self.shared.salt, &mut buffer, &mut encoded);
         }
         // The marker goes last, in the same write: a torn rewrite leaves
         // only duplicates, never a group whose old records are declared dead.
@@ -1516,7 +1540,7 @@ impl Writer {
             segment: self.active.sequence,
             offset: self.active.size_bytes,
         };
-        push_record(group, start, &mut buffer, &mut encoded);
+        push_record(group, start, self.shared.salt, &mut buffer, &mut encoded);
         let base = self.write_durably(&mut buffer)?;
         let done: Done = Box::new(|_| {});
         self.publish(&[(done, encoded)], base);
@@ -1528,10 +1552,30 @@ impl Writer {
     }
 }
 
-fn push_record(group: u64, record: Record, buffer: &mut Vec<u8>, encoded: &mut Encoded) {
+/// The salt of the last segment if it is of the current format, so that
+/// appends to it go on; a fresh one otherwise (a new log, or a last
+/// segment of an older format, which is not appended to).
+fn salt_to_write(segments: &SegmentHandles) -> u32 {
+    let Some((sequence, (file, _))) = segments.iter().next_back() else {
+        return new_salt();
+    };
+    let mut header = [0u8; SEGMENT_HEADER_BYTES];
+    let format = file
+        .read_exact_at(&mut header, 0)
+        .ok()
+        .and_then(|()| check_segment_header(&header, *sequence).ok());
+    match format {
+        Some(format) if format.version == FORMAT_VERSION => format.salt,
+        _ => new_salt(),
+    }
+}
+
+fn push_record(group: u64, record: Record, salt: u32, buffer: &mut Vec<u8>, encoded: &mut Encoded) {
     let start = buffer.len();
     let body_offset = (start + RECORD_HEADER_BYTES) as u64;
-    encode_record_with(record.kind(), group, buffer, |out| record.encode_body(out));
+    encode_record_with(record.kind(), group, salt, buffer, |out| {
+        record.encode_body(out)
+    });
     let body_len = (buffer.len() - start - RECORD_HEADER_BYTES) as u32;
     encoded.records.push((group, record, body_offset, body_len));
 }
@@ -1552,7 +1596,7 @@ fn create_segment(shared: &Shared, sequence: u64) -> Result<ActiveSegment> {
         .min(shared.config.segment_size_bytes_max)
         .max(header);
     let mut start = vec![0u8; zeroed_end as usize];
-    start[..SEGMENT_HEADER_BYTES].copy_from_slice(&encode_segment_header(sequence));
+    start[..SEGMENT_HEADER_BYTES].copy_from_slice(&encode_segment_header(sequence, shared.salt));
     file.write_all_at(&start, 0)
         .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     file.sync_all()
@@ -1629,12 +1673,15 @@ struct BatchView<'a> {
     index: &'a Index,
     /// Groups changed by earlier requests of this batch.
     changed: FxHashMap<u64, Bounds>,
+    /// The record checksum salt.
+    salt: u32,
 }
 
 impl<'a> BatchView<'a> {
-    fn new(index: &'a Index) -> BatchView<'a> {
+    fn new(index: &'a Index, salt: u32) -> BatchView<'a> {
         BatchView {
             index,
+            salt,
             changed: FxHashMap::default(),
         }
     }
@@ -1682,7 +1729,7 @@ impl<'a> BatchView<'a> {
             must_sync,
         };
         for (group, record) in records {
-            push_record(group, record, buffer, &mut encoded);
+            push_record(group, record, self.salt, buffer, &mut encoded);
         }
         Ok(encoded)
     }

@@ -11,8 +11,8 @@ use regatta_raft::{
     Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, SnapshotMeta, Term,
 };
 use regatta_wal::format::{
-    check_segment_header, scan_segment, SegmentEnd, FORMAT_VERSION, FORMAT_VERSION_1,
-    RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+    check_segment_header, scan_segment, SegmentEnd, SegmentFormat, FORMAT_VERSION,
+    FORMAT_VERSION_1, FORMAT_VERSION_2, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 use regatta_wal::{Error, GroupId, SyncMode, Wal, WalConfig, WriteBatch};
 
@@ -479,7 +479,7 @@ fn a_write_after_an_unsynced_one_does_not_prove_it_durable() {
     append_entries(&wal, 1, entries(4, 1, 1, "after"));
     drop(wal);
     let mut bytes = fs::read(&segment).expect("read");
-    let scan = scan_segment(&bytes, FORMAT_VERSION);
+    let scan = scan_segment(&bytes, format_of(&segment));
     let starts: Vec<(u64, bool)> = scan
         .records
         .iter()
@@ -541,14 +541,19 @@ fn no_sync_mode_skips_fsync() {
 /// beyond), and how the segment ends.
 fn data_end(segment: &Path) -> (u64, SegmentEnd) {
     let bytes = fs::read(segment).expect("read");
+    let scan = scan_segment(&bytes, format_of(segment));
+    (scan.data_end, scan.end)
+}
+
+/// The format a segment file's header gives.
+fn format_of(segment: &Path) -> SegmentFormat {
+    let bytes = fs::read(segment).expect("read");
     let sequence = segment
         .file_stem()
         .and_then(|stem| stem.to_str())
         .and_then(|stem| stem.parse().ok())
         .expect("sequence");
-    let version = check_segment_header(&bytes, sequence).expect("header");
-    let scan = scan_segment(&bytes, version);
-    (scan.data_end, scan.end)
+    check_segment_header(&bytes, sequence).expect("header")
 }
 
 /// Writes a small log whose last `tail_records` records follow the
@@ -729,18 +734,26 @@ fn segments_are_zero_filled_ahead_and_appends_continue_after_reopen() {
     assert_eq!(all_entries(&wal, 1), expected);
 }
 
-/// Rewrites a version 2 segment as version 1 wrote it: version 1 in the
-/// header, no record flags, no zeros after the records.
-fn downgrade_to_version_1(segment: &Path) {
+/// Rewrites a current segment as an older `version` wrote it: that version
+/// in the header, zeros where the salt was, record checksums unsalted;
+/// version 1 also had no record flags and no zeros after the records.
+fn downgrade(segment: &Path, version: u32) {
     let bytes = fs::read(segment).expect("read");
-    let scan = scan_segment(&bytes, FORMAT_VERSION);
-    let mut old = bytes[..scan.data_end as usize].to_vec();
-    old[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
+    let scan = scan_segment(&bytes, format_of(segment));
+    let mut old = if version == FORMAT_VERSION_1 {
+        bytes[..scan.data_end as usize].to_vec()
+    } else {
+        bytes.clone()
+    };
+    old[8..12].copy_from_slice(&version.to_le_bytes());
+    old[12..16].fill(0);
     let crc = crc32c::crc32c(&old[0..24]);
     old[24..28].copy_from_slice(&crc.to_le_bytes());
     for record in &scan.records {
         let at = record.offset as usize;
-        old[at + 5] = 0;
+        if version == FORMAT_VERSION_1 {
+            old[at + 5] = 0;
+        }
         let body_end = record.body_offset as usize + record.body_len as usize;
         let crc = crc32c::crc32c_append(
             crc32c::crc32c(&old[at..at + 16]),
@@ -751,34 +764,85 @@ fn downgrade_to_version_1(segment: &Path) {
     fs::write(segment, &old).expect("write");
 }
 
-/// A log written in format version 1 opens with version 1's rules; new
-/// writes go to a new version 2 segment, and the two read back together.
+/// A log written in format version 1 or 2 opens with that version's
+/// rules; new writes go to a new segment of the current version, and the
+/// two read back together.
 #[test]
-fn a_version_1_log_opens_and_new_writes_take_a_new_segment() {
+fn an_older_log_opens_and_new_writes_take_a_new_segment() {
+    for version in [FORMAT_VERSION_1, FORMAT_VERSION_2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(config(dir.path())).expect("open");
+        for index in 1..=3 {
+            append_entries(&wal, 1, entries(index, 1, 1, "old"));
+        }
+        drop(wal);
+        let old = segment_files(dir.path()).pop().expect("segment");
+        downgrade(&old, version);
+        let wal = Wal::open(config(dir.path())).expect("open the older version");
+        assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "old"));
+        append_entries(&wal, 1, entries(4, 2, 1, "new"));
+        drop(wal);
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!(format_of(&files[0]).version, version);
+        let current = format_of(&files[1]);
+        assert_eq!(current.version, FORMAT_VERSION);
+        assert_ne!(current.salt, 0);
+        let wal = Wal::open(config(dir.path())).expect("reopen");
+        let mut expected = entries(1, 3, 1, "old");
+        expected.extend(entries(4, 2, 1, "new"));
+        assert_eq!(all_entries(&wal, 1), expected);
+        // A reopen keeps appending to the current segment, with its salt.
+        append_entries(&wal, 1, entries(6, 1, 1, "more"));
+        drop(wal);
+        assert_eq!(segment_files(dir.path()).len(), 2);
+        assert_eq!(format_of(&files[1]), current);
+        let wal = Wal::open(config(dir.path())).expect("reopen");
+        expected.extend(entries(6, 1, 1, "more"));
+        assert_eq!(all_entries(&wal, 1), expected);
+    }
+}
+
+/// A client's value may hold the image of a record flagged as a write
+/// start. When the write carrying it is torn before the image, open must
+/// find a torn tail and keep every acknowledged write, not take the image
+/// for a later write and refuse to open: the image cannot carry the
+/// segment's salt (format version 3). Fails on version 2.
+#[test]
+fn a_record_image_in_a_value_does_not_stop_a_torn_log_from_opening() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(config(dir.path())).expect("open");
-    for index in 1..=3 {
-        append_entries(&wal, 1, entries(index, 1, 1, "old"));
+    append_entries(&wal, 1, entries(1, 3, 1, "acked"));
+    drop(wal);
+    let segment = segment_files(dir.path()).pop().expect("segment");
+    let (acked_end, _) = data_end(&segment);
+    // Images under no salt (what version 2 would take) and under a guess.
+    let mut image = Vec::new();
+    for salt in [0, 0x1234_5678] {
+        regatta_wal::format::encode_record(
+            regatta_wal::format::RecordType::HardState,
+            1,
+            salt,
+            &[7; 24],
+            &mut image,
+        );
     }
-    drop(wal);
-    let old = segment_files(dir.path()).pop().expect("segment");
-    downgrade_to_version_1(&old);
-    let wal = Wal::open(config(dir.path())).expect("open version 1");
-    assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "old"));
-    append_entries(&wal, 1, entries(4, 2, 1, "new"));
-    drop(wal);
-    let files = segment_files(dir.path());
-    assert_eq!(files.len(), 2, "{files:?}");
-    let header_version = |path: &Path| {
-        let bytes = fs::read(path).expect("read");
-        u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]])
+    let wal = Wal::open(config(dir.path())).expect("open");
+    let value = Entry {
+        index: LogIndex(4),
+        term: Term(1),
+        payload: EntryPayload::Normal(Bytes::from(image)),
     };
-    assert_eq!(header_version(&files[0]), FORMAT_VERSION_1);
-    assert_eq!(header_version(&files[1]), FORMAT_VERSION);
-    let wal = Wal::open(config(dir.path())).expect("reopen");
-    let mut expected = entries(1, 3, 1, "old");
-    expected.extend(entries(4, 2, 1, "new"));
-    assert_eq!(all_entries(&wal, 1), expected);
+    append_entries(&wal, 1, vec![value]);
+    drop(wal);
+    // The crash lost the page holding the last write's record header.
+    let mut bytes = fs::read(&segment).expect("read");
+    let at = acked_end as usize;
+    bytes[at..at + RECORD_HEADER_BYTES].fill(0);
+    fs::write(&segment, &bytes).expect("write");
+    assert_eq!(data_end(&segment).1, SegmentEnd::Torn { offset: acked_end });
+    let wal = Wal::open(config(dir.path())).expect("a torn tail, not corruption");
+    assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "acked"));
 }
 
 /// The pages of a write reach the disk in any order: a last write whose

@@ -19,7 +19,8 @@ use regatta_wal::format::{encode_record, encode_segment_header, RecordType};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
-    let mut segment = encode_segment_header(1).to_vec();
+    const SALT: u32 = 0x5A17;
+    let mut segment = encode_segment_header(1, SALT).to_vec();
     if mode % 2 == 0 {
         segment.extend_from_slice(rest);
     } else {
@@ -31,10 +32,10 @@ fuzz_target!(|data: &[u8]| {
             if input[1] % 2 == 0 {
                 // Encoded as the first record of a write: flagged.
                 let mut write = Vec::new();
-                encode_record(kind, group, &input[3..3 + length], &mut write);
+                encode_record(kind, group, SALT, &input[3..3 + length], &mut write);
                 segment.extend_from_slice(&write);
             } else {
-                encode_record(kind, group, &input[3..3 + length], &mut segment);
+                encode_record(kind, group, SALT, &input[3..3 + length], &mut segment);
             }
             input = &input[3 + length..];
         }
