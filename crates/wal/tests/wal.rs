@@ -675,6 +675,33 @@ fn a_foreign_segment_is_refused() {
     );
 }
 
+/// A last segment with a bad header is deleted as torn at its creation
+/// only when only zeros follow the header. A damaged salt hides the
+/// records from the scan: that segment must be refused, not deleted.
+#[test]
+fn a_bad_header_is_a_torn_creation_only_before_any_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (segment, _) = small_log(dir.path(), 0);
+    let mut bytes = fs::read(&segment).expect("read");
+    bytes[12] ^= 0xFF; // The salt.
+    fs::write(&segment, &bytes).expect("write");
+    let error = Wal::open(config(dir.path())).err().expect("refused");
+    assert!(matches!(error, Error::Corruption { .. }), "{error}");
+    assert!(segment.exists(), "not deleted");
+
+    // A second segment torn while being created: its header is damaged
+    // and only zeros follow. It is deleted; the first one's records stay.
+    bytes[12] ^= 0xFF;
+    fs::write(&segment, &bytes).expect("write");
+    let created = segment.with_file_name(format!("{:020}.seg", 2));
+    let mut torn = vec![0u8; SEGMENT_HEADER_BYTES + 4096];
+    torn[0..8].copy_from_slice(b"RGWALSEG");
+    fs::write(&created, &torn).expect("write");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    assert!(!created.exists(), "torn at its creation: deleted");
+    assert_eq!(wal.last_index(GroupId(1)), LogIndex(5));
+}
+
 /// A second instance on the same directory is refused while the first is
 /// open, with a message that says what to do; after a close it opens.
 #[test]
