@@ -66,6 +66,8 @@ impl Ready {
 #[derive(Debug)]
 struct PersistRecord {
     number: u64,
+    /// The term of the ready's hard state, if it had one.
+    term: Option<Term>,
     last_entry: Option<(LogIndex, Term)>,
     snapshot_index: Option<LogIndex>,
 }
@@ -278,6 +280,7 @@ impl<S: Storage> RaftNode<S> {
         if !ready.is_persist_free() {
             self.unacknowledged.push_back(PersistRecord {
                 number,
+                term: ready.hard_state.as_ref().map(|hard_state| hard_state.term),
                 last_entry: ready.entries.last().map(|entry| (entry.index, entry.term)),
                 snapshot_index: ready.snapshot.as_ref().map(|snapshot| snapshot.index),
             });
@@ -297,6 +300,9 @@ impl<S: Storage> RaftNode<S> {
             };
             if let Some(index) = record.snapshot_index {
                 self.raft.log.stable_snapshot_to(index);
+            }
+            if let Some(term) = record.term {
+                self.raft.on_persisted_term(term);
             }
             if let Some((index, term)) = record.last_entry {
                 self.raft.on_persisted_entries(index, term);

@@ -179,7 +179,12 @@ impl Progress {
         if self.next_index.prev() != rejected {
             return false;
         }
-        self.next_index = rejected.min(match_hint.next()).max(self.match_index.next());
+        // `rejected` is below the next index, so a hint above it (a peer's
+        // bad hint, up to u64::MAX) is capped before it is incremented.
+        self.next_index = match_hint
+            .min(rejected.prev())
+            .next()
+            .max(self.match_index.next());
         self.probe_sent = false;
         true
     }
@@ -219,6 +224,23 @@ impl Progress {
             ProgressState::Probe => self.probe_sent,
             ProgressState::Replicate => self.inflights.is_full(),
             ProgressState::Snapshot => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe rejection moves the next index to just past the follower's
+    /// hint, never past the rejected index; a hint near `u64::MAX` (a bad
+    /// peer's) is capped, not overflowed.
+    #[test]
+    fn a_rejection_hint_is_bounded_by_the_rejected_index() {
+        for (hint, expected) in [(2, 3), (9, 5), (u64::MAX, 5)] {
+            let mut progress = Progress::new(LogIndex(6), 4);
+            assert!(progress.maybe_decrease_to(LogIndex(5), LogIndex(hint)));
+            assert_eq!(progress.next_index, LogIndex(expected), "hint {hint}");
         }
     }
 }

@@ -100,8 +100,17 @@ pub struct Raft<S: Storage> {
     /// Every membership in the log and the index it took effect at; the
     /// first is the membership at the snapshot.
     history: Vec<(LogIndex, Membership)>,
-    /// Leader: the index of the last membership change it appended.
+    /// Leader: the index of the last membership change it appended, or of
+    /// its first entry of the term (no change before that one commits).
     pending_conf_index: LogIndex,
+    /// The highest term the runtime reported durable (`on_persisted_term`)
+    /// or storage held at start. A leader's messages leave before its
+    /// fsync only once its term is durable: a lone voter wins without a
+    /// vote request (whose sending waits for the fsync), and appends sent
+    /// in a term that a crash could forget would let the node, restarted,
+    /// win that term again and send different entries at the same index
+    /// and term to its learners.
+    term_durable: Term,
     was_member: bool,
     removed: bool,
     /// The commit index before the latest advance, to spot newly committed
@@ -153,6 +162,7 @@ impl<S: Storage> Raft<S> {
             membership: Membership::default(),
             history: Vec::new(),
             pending_conf_index: LogIndex(0),
+            term_durable: initial.hard_state.term,
             was_member: false,
             removed: false,
             log_committed_before_advance: LogIndex(0),
@@ -349,7 +359,14 @@ impl<S: Storage> Raft<S> {
             term,
             body,
         };
-        if self.role == Role::Leader || !needs_persistence(&message.body) {
+        // A leader's messages leave before its fsync once its term is
+        // durable (see `term_durable`). A snapshot carries committed state
+        // only, which no restart can contradict, and the runtime sends it
+        // with the state it stands for.
+        let leader_sends_now = self.role == Role::Leader
+            && (self.term <= self.term_durable
+                || matches!(message.body, MessageBody::Snapshot { .. }));
+        if leader_sends_now || !needs_persistence(&message.body) {
             self.msgs.push(message);
         } else {
             self.msgs_after_persist.push(message);
@@ -434,8 +451,10 @@ impl<S: Storage> Raft<S> {
         own.become_replicate();
         own.recent_active = true;
         // No membership change until an entry of this term commits: the
-        // fix to single-server changes from the thesis errata.
-        self.pending_conf_index = last_index;
+        // fix to single-server changes from the thesis errata. That entry
+        // is the one appended next; a whole log committed when the
+        // election was won does not count.
+        self.pending_conf_index = last_index.next();
         let noop = Entry {
             term: self.term,
             index: last_index.next(),
@@ -1794,6 +1813,11 @@ impl<S: Storage> Raft<S> {
 
     // ---------------------------------------------------------------------
     // Feedback from the runtime.
+
+    /// The hard state of term `term` is durable.
+    pub(crate) fn on_persisted_term(&mut self, term: Term) {
+        self.term_durable = self.term_durable.max(term);
+    }
 
     /// The runtime made entries up to `index` of `term` durable.
     pub(crate) fn on_persisted_entries(&mut self, index: LogIndex, term: Term) {

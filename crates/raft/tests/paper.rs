@@ -1206,6 +1206,97 @@ mod membership {
         c.settle();
         assert_eq!(c.applied_commands(1), vec!["before", "after"]);
     }
+
+    /// Thesis errata (single-server changes): a new leader changes the
+    /// membership only after an entry of its own term commits, also when
+    /// its whole log was committed when it won. Otherwise its first entry
+    /// could commit under the new membership's quorum alone, while a
+    /// leader of the old membership, elected by a disjoint majority,
+    /// overwrites it.
+    #[test]
+    fn a_new_leader_changes_membership_only_after_its_first_entry_commits() {
+        let mut c = Cluster::new(&[1, 2, 3, 4]);
+        assert_eq!(c.commit(2), c.last_index(2), "the whole log is committed");
+        let committed = c.commit(2);
+        c.node(2).campaign();
+        c.process_all();
+        while c.role(2) != Role::Leader {
+            assert!(c.deliver_one());
+        }
+        // Its first entry reaches node 3 only: 2 of 4 voters hold it, one
+        // short of a quorum; node 3 is reachable, so a removal of node 4
+        // would keep a reachable quorum of the new membership.
+        c.cut(2, 1);
+        c.cut(2, 4);
+        c.settle();
+        assert_eq!(c.commit(2), committed, "its first entry is not committed");
+        let error = change(&mut c, 2, ConfChange::Remove { node: n(4) })
+            .expect_err("before its first entry commits");
+        assert!(error.to_string().contains("not yet committed"), "{error}");
+        c.heal();
+        c.tick_all(3);
+        c.settle();
+        assert!(c.commit(2) > committed, "its first entry committed");
+        change(&mut c, 2, ConfChange::Remove { node: n(4) }).expect("accepted now");
+        c.settle();
+        assert_eq!(voters(&c, 2), vec![1, 2, 3]);
+    }
+
+    /// A lone voter wins its election without asking anyone, so nothing
+    /// has waited for its new term to be durable. Its appends to learners
+    /// leave only after that: sent before, a crash could make it forget
+    /// the term, win it again and send other entries at the same index
+    /// and term, and the learner would keep the first ones.
+    #[test]
+    fn a_lone_voter_sends_nothing_in_a_term_before_the_term_is_durable() {
+        let mut c = Cluster::new(&[1]);
+        c.elect(1);
+        c.add_empty(2);
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(2),
+                auto_promote: false,
+            },
+        )
+        .expect("accepted");
+        c.settle();
+        let storage = c.stop(1);
+        c.restart(1, storage);
+        c.node(1).campaign();
+        assert_eq!(c.role(1), Role::Leader);
+        let ready = c.node(1).ready().expect("ready");
+        let term = ready.hard_state.as_ref().expect("the new term").term;
+        assert_eq!(term, c.term(1));
+        assert!(
+            !ready.messages.iter().any(|m| m.to == n(2)),
+            "left before the term was durable: {:?}",
+            ready.messages
+        );
+        assert!(
+            ready.persisted_messages.iter().any(|m| is_append_to(m, 2)),
+            "sent once the term is durable: {:?}",
+            ready.persisted_messages
+        );
+        // Once it is, the leader's messages leave before its fsync again.
+        let node = c.node(1);
+        node.storage_mut().append(&ready.entries);
+        if let Some(hard_state) = ready.hard_state {
+            node.storage_mut().set_hard_state(hard_state);
+        }
+        node.on_persisted(ready.number);
+        c.queue.extend(ready.persisted_messages);
+        c.settle();
+        let node = c.node(1);
+        node.propose(vec![Bytes::from("after")]).expect("leader");
+        let ready = node.ready().expect("ready");
+        assert!(
+            ready.messages.iter().any(|m| is_append_to(m, 2)),
+            "{:?}",
+            ready.messages
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
