@@ -976,7 +976,7 @@ fn apply_replicated(
     leader_index: &mut u64,
     batch: ReplicatedBatch,
 ) -> Result<ResponseOp> {
-    if batch.first_leader_index == 0 || batch.first_leader_index > *leader_index + 1 {
+    if batch.first_leader_index == 0 || batch.first_leader_index > leader_index.saturating_add(1) {
         return Ok(ResponseOp::Replicated(ReplicatedResult {
             accepted: false,
             leader_index: *leader_index,

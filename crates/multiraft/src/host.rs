@@ -1095,6 +1095,17 @@ impl NodeHost {
 }
 
 impl NodeHost {
+    /// Why `group` stopped on this node, if it failed (a WAL or state
+    /// machine failure); `None` for a group running, removed or never here.
+    pub fn stop_reason(&self, group: GroupId) -> Option<String> {
+        self.inner
+            .stop_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
     /// The error of a request to a group that stopped on this node, with
     /// the reason it stopped when known.
     fn stopped(&self, group: GroupId) -> Error {

@@ -90,7 +90,7 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
     let root = tempfile::tempdir().expect("tempdir");
     let replication = free_address();
     let replication_flag = replication.to_string();
-    let leader = Regatta::start_on(
+    let mut leader = Regatta::start_on(
         &root.path().join("leader"),
         free_address(),
         free_address(),
@@ -277,6 +277,34 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
         .await
         .expect("delete on the leader");
     wait_for_tables(&mut follower_tables, &["etcd"]).await;
+
+    // Cut off from the leader cluster, the follower cannot know what it
+    // misses: its lag grows from the last time it heard, instead of
+    // staying at the 0 of its last report.
+    leader.kill();
+    let channel = tonic::transport::Endpoint::from_shared(follower.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster
+            .status(pb::StatusRequest { config: false })
+            .await
+            .expect("status")
+            .into_inner();
+        let table = &status.tables["etcd"];
+        if table.replication_lag_ms >= 3000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lag did not grow without the leader cluster: {table:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until the follower node `client` holds exactly `expected`.

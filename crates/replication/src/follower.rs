@@ -417,7 +417,7 @@ async fn pull(
     installs: Arc<InstallLimits>,
 ) {
     let mut delay = RETRY_DELAY_MIN;
-    let mut state = LagState::default();
+    let mut state = LagState::new();
     // Streams in a row that ended cleanly without a message.
     let mut empty_streams = 0u32;
     loop {
@@ -464,8 +464,10 @@ async fn pull(
     }
 }
 
-/// What the puller knows of its table's lag.
-#[derive(Default)]
+/// What the puller knows of its table's lag. The lag itself is computed
+/// when read (`ReplicationFacts::lag_ms_at`), so it keeps growing while
+/// the puller waits: cut off from the leader cluster, or installing a
+/// snapshot.
 struct LagState {
     /// Stream messages received and snapshots installed, ever: whether a
     /// stream did anything.
@@ -473,32 +475,68 @@ struct LagState {
     leader_index: u64,
     applied: u64,
     behind_since: Option<Instant>,
+    /// The last message from the leader cluster (or the puller's start).
+    heard_at: Instant,
+    /// A snapshot install is under way.
+    installing: bool,
     error: Option<String>,
 }
 
 impl LagState {
+    fn new() -> LagState {
+        LagState {
+            received: 0,
+            leader_index: 0,
+            applied: 0,
+            behind_since: None,
+            heard_at: Instant::now(),
+            installing: false,
+            error: None,
+        }
+    }
+
+    /// A message from the leader cluster reports `leader_index`.
+    fn heard(&mut self, leader_index: u64, applied: u64) {
+        self.heard_at = Instant::now();
+        self.update(leader_index, applied);
+    }
+
     fn update(&mut self, leader_index: u64, applied: u64) {
         self.leader_index = self.leader_index.max(leader_index);
         self.applied = applied;
-        if self.applied >= self.leader_index {
+        if self.applied >= self.leader_index && !self.installing {
             self.behind_since = None;
         } else if self.behind_since.is_none() {
             self.behind_since = Some(Instant::now());
         }
     }
 
+    /// A snapshot install starts: the copy is behind until one lands.
+    fn install_started(&mut self) {
+        self.installing = true;
+        self.behind_since.get_or_insert_with(Instant::now);
+    }
+
+    /// An install ended; after a failed one the copy is still behind.
+    fn install_ended(&mut self, installed: bool) {
+        self.installing = false;
+        if installed && self.applied >= self.leader_index {
+            self.behind_since = None;
+        }
+    }
+
     fn report(&self, node: &Node, group: GroupId) {
-        node.set_replication_facts(
-            group,
-            ReplicationFacts {
-                leader_index: self.leader_index,
-                applied_leader_index: self.applied,
-                lag_ms: self
-                    .behind_since
-                    .map_or(0, |since| since.elapsed().as_millis() as u64),
-                error: self.error.clone(),
-            },
-        );
+        let facts = ReplicationFacts {
+            leader_index: self.leader_index,
+            applied_leader_index: self.applied,
+            lag_ms: 0,
+            error: self.error.clone(),
+            behind_since: self.behind_since,
+            heard_at: Some(self.heard_at),
+            installing: self.installing,
+        };
+        let lag_ms = facts.lag_ms_at(self.applied, Instant::now());
+        node.set_replication_facts(group, ReplicationFacts { lag_ms, ..facts });
     }
 }
 
@@ -584,7 +622,7 @@ async fn pull_once(
             };
             served = response.leader_index;
             state.received += 1;
-            state.update(response.leader_index, applied);
+            state.heard(response.leader_index, applied);
             match response.response {
                 Some(proto::replicate_response::Response::CommandsResponse(batch)) => {
                     for command in batch.commands {
@@ -710,6 +748,23 @@ impl Pace {
 /// Streams the leader's snapshot of table `name` and proposes it into the
 /// table's group as a restore (`regatta_server::restore`).
 async fn install_snapshot(
+    node: &Node,
+    channel: &Channel,
+    name: &str,
+    group: GroupId,
+    installs: &InstallLimits,
+    state: &mut LagState,
+) -> Result<()> {
+    state.install_started();
+    state.report(node, group);
+    let result = install_snapshot_once(node, channel, name, group, installs, state).await;
+    state.install_ended(result.is_ok());
+    state.report(node, group);
+    result
+}
+
+/// One attempt of [`install_snapshot`].
+async fn install_snapshot_once(
     node: &Node,
     channel: &Channel,
     name: &str,

@@ -354,10 +354,19 @@ async fn stream_log(
         match tokio::time::timeout(HEARTBEAT_INTERVAL, applied.changed_from(applied_index)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => {
-                let status = Status::unavailable(format!(
-                    "the table's group {} stopped on this node",
-                    group.0
-                ));
+                // A failure is this node's (another may serve); otherwise
+                // the group was removed: the table was dropped, and every
+                // node will say so, so the follower need not move on.
+                let status = match host.stop_reason(group) {
+                    Some(reason) => Status::unavailable(format!(
+                        "the table's group {} stopped on this node: {reason}",
+                        group.0
+                    )),
+                    None => Status::not_found(format!(
+                        "the table's group {} was removed on this node (the table was dropped)",
+                        group.0
+                    )),
+                };
                 let _ = sender.send(Err(status)).await;
                 return;
             }

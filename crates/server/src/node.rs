@@ -239,11 +239,45 @@ pub struct ReplicationFacts {
     /// The leader index this follower applied.
     pub applied_leader_index: u64,
     /// How long the follower has been behind, in milliseconds; 0 when it
-    /// holds everything the leader last reported.
+    /// holds everything the leader last reported and heard from it within
+    /// `LAG_SILENCE_GRACE`. Computed when read (`replication_view`).
     pub lag_ms: u64,
     /// Why replication is not progressing, if it is not (e.g. the leader
     /// is behind this follower).
     pub error: Option<String>,
+    /// Since when the puller knows this copy to be behind the leader's.
+    pub behind_since: Option<std::time::Instant>,
+    /// When the puller last heard from the leader cluster (or started).
+    pub heard_at: Option<std::time::Instant>,
+    /// A snapshot install is under way: the copy is behind, whatever the
+    /// leader index says (an operator's reset asks for one at any index).
+    pub installing: bool,
+}
+
+/// How long a follower may go without hearing from the leader cluster
+/// before its lag counts the silence: two of the leader's 1 s heartbeats.
+/// A copy cut off from the leader cannot know what it misses, so its lag
+/// grows from the last time it heard.
+pub const LAG_SILENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl ReplicationFacts {
+    /// The lag at `now` of a copy at `applied` (its leader index): the
+    /// longer of how long it has been known behind and, past the grace,
+    /// how long the leader cluster has been silent.
+    pub fn lag_ms_at(&self, applied: u64, now: std::time::Instant) -> u64 {
+        let behind = self
+            .behind_since
+            .filter(|_| applied < self.leader_index || self.installing)
+            .map_or(std::time::Duration::ZERO, |since| {
+                now.saturating_duration_since(since)
+            });
+        let silence = self
+            .heard_at
+            .map(|heard| now.saturating_duration_since(heard))
+            .filter(|silence| *silence > LAG_SILENCE_GRACE)
+            .unwrap_or_default();
+        behind.max(silence).as_millis() as u64
+    }
 }
 
 /// Client sessions for de-duplication. A session carries one request at a
@@ -662,9 +696,7 @@ impl Node {
         if let Ok(revision) = self.table_revision(group, false).await {
             facts.applied_leader_index = revision;
         }
-        if facts.leader_index > 0 && facts.applied_leader_index >= facts.leader_index {
-            facts.lag_ms = 0;
-        }
+        facts.lag_ms = facts.lag_ms_at(facts.applied_leader_index, std::time::Instant::now());
         facts
     }
 
@@ -1457,5 +1489,36 @@ pub fn validate_table_name(name: &str) -> Result<()> {
         Err(Error::InvalidArgument(format!(
             "table name {name:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Lag counts how long a copy has been known behind, and, past the
+    /// grace, how long the leader cluster has been silent; an install
+    /// counts as behind whatever the indexes say.
+    #[test]
+    fn lag_counts_being_behind_and_silence() {
+        let now = Instant::now();
+        let ago = |seconds: u64| now.checked_sub(Duration::from_secs(seconds));
+        let facts = |behind: Option<u64>, heard: u64, installing: bool| ReplicationFacts {
+            leader_index: 10,
+            behind_since: behind.and_then(ago),
+            heard_at: ago(heard),
+            installing,
+            ..ReplicationFacts::default()
+        };
+        let Some(_) = ago(60) else {
+            return; // A clock too close to its start to look back.
+        };
+        assert_eq!(facts(None, 1, false).lag_ms_at(10, now), 0, "caught up");
+        assert_eq!(facts(None, 9, false).lag_ms_at(10, now), 9000, "silent");
+        assert_eq!(facts(Some(5), 0, false).lag_ms_at(7, now), 5000, "behind");
+        assert_eq!(facts(Some(5), 0, false).lag_ms_at(10, now), 0, "applied");
+        assert_eq!(facts(Some(3), 0, true).lag_ms_at(10, now), 3000, "install");
+        assert_eq!(facts(Some(5), 30, false).lag_ms_at(7, now), 30000, "both");
     }
 }

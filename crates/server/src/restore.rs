@@ -132,6 +132,13 @@ impl<'a> TableRestore<'a> {
                 "the snapshot chunk at offset {offset} does not match its checksum"
             )));
         }
+        if chunk.index > regatta_raft::INDEX_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "a snapshot at revision {} (above the largest, {})",
+                chunk.index,
+                regatta_raft::INDEX_MAX
+            )));
+        }
         if *self.index.get_or_insert(chunk.index) != chunk.index {
             return Err(Error::InvalidArgument(format!(
                 "snapshot chunks of two revisions ({} and {})",
