@@ -687,7 +687,9 @@ fn zobrist_key(index: u64) -> u128 {
 pub fn lost_writes(history: &[Operation], final_values: &BTreeMap<String, Value>) -> usize {
     let mut by_key: BTreeMap<&str, Vec<&Operation>> = BTreeMap::new();
     for operation in history {
-        if !matches!(operation.op, Op::Get) && operation.outcome != Outcome::Fail {
+        // A refused compare-and-set wrote nothing: it cannot follow.
+        let wrote_maybe = !matches!(operation.outcome, Outcome::Fail | Outcome::Swapped(false));
+        if !matches!(operation.op, Op::Get) && wrote_maybe {
             by_key.entry(&operation.key).or_default().push(operation);
         }
     }
@@ -721,6 +723,52 @@ pub fn lost_writes(history: &[Operation], final_values: &BTreeMap<String, Value>
         }
     }
     lost
+}
+
+/// Revisions of acknowledged writes that etcd's semantics forbid: two
+/// writes at one revision, or a write that completed before another was
+/// invoked yet took effect at a later revision. Every key is in one
+/// table, so its revisions are one sequence. A linearizable history can
+/// still break these (the checker looks at values, not revisions).
+pub fn revision_anomalies(history: &[Operation]) -> Vec<String> {
+    let mut writes: Vec<&Operation> = history
+        .iter()
+        .filter(|o| o.revision.is_some() && !matches!(o.outcome, Outcome::Fail | Outcome::Info))
+        .collect();
+    let mut anomalies = Vec::new();
+    let mut seen: BTreeMap<u64, &Operation> = BTreeMap::new();
+    for write in &writes {
+        let revision = write.revision.unwrap_or_default();
+        if let Some(first) = seen.insert(revision, write) {
+            anomalies.push(format!(
+                "two writes at revision {revision}: {first:?} and {write:?}"
+            ));
+        }
+    }
+    // In call order, with the writes completed before each call swept in
+    // ret order: the highest revision among them must be below the call's.
+    let mut by_ret = writes.clone();
+    by_ret.sort_by_key(|o| o.ret);
+    writes.sort_by_key(|o| o.call);
+    let mut done = 0;
+    let mut highest: Option<&Operation> = None;
+    for write in writes {
+        while done < by_ret.len() && by_ret[done].ret < write.call {
+            let candidate = by_ret[done];
+            if highest.is_none_or(|h| candidate.revision > h.revision) {
+                highest = Some(candidate);
+            }
+            done += 1;
+        }
+        if let Some(before) = highest {
+            if before.revision >= write.revision {
+                anomalies.push(format!(
+                    "a write completed before another was invoked took effect at a revision not below it: {before:?}, then {write:?}"
+                ));
+            }
+        }
+    }
+    anomalies
 }
 
 /// The two largest values with their positions (`usize::MAX` when there
@@ -1097,6 +1145,35 @@ mod tests {
     }
 
     #[test]
+    fn revision_anomalies_find_duplicates_and_real_time_inversions() {
+        let write = |call: u64, ret: u64, revision: u64| Operation {
+            revision: Some(revision),
+            ..op(
+                0,
+                "k",
+                Op::Put(format!("v{revision}")),
+                call,
+                ret,
+                Outcome::Done,
+            )
+        };
+        let good = [write(0, 10, 5), write(5, 20, 4), write(21, 30, 6)];
+        assert!(
+            revision_anomalies(&good).is_empty(),
+            "overlapping writes may go either way"
+        );
+        let duplicate = [write(0, 10, 5), write(20, 30, 5)];
+        assert_eq!(revision_anomalies(&duplicate).len(), 2);
+        let inverted = [write(0, 10, 7), write(11, 20, 6)];
+        let found = revision_anomalies(&inverted);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("not below"), "{found:?}");
+        let mut unknown = write(11, 20, 6);
+        unknown.outcome = Outcome::Info;
+        assert!(revision_anomalies(&[write(0, 10, 7), unknown]).is_empty());
+    }
+
+    #[test]
     fn lost_writes_agree_with_the_pairwise_definition() {
         // The definition, pairwise: an acknowledged put is lost if no other
         // write of its key (not failed) could follow it, and the key's
@@ -1104,7 +1181,10 @@ mod tests {
         fn pairwise(history: &[Operation], finals: &BTreeMap<String, Value>) -> usize {
             let writes: Vec<&Operation> = history
                 .iter()
-                .filter(|o| !matches!(o.op, Op::Get) && o.outcome != Outcome::Fail)
+                .filter(|o| {
+                    !matches!(o.op, Op::Get)
+                        && !matches!(o.outcome, Outcome::Fail | Outcome::Swapped(false))
+                })
                 .collect();
             let mut lost = 0;
             for (position, write) in writes.iter().enumerate() {

@@ -149,6 +149,15 @@ pub struct RunConfig {
     pub ballast_bytes: u64,
 }
 
+/// Attempts at a fault that finds nothing to act on, within its slot.
+const INJECT_ATTEMPTS_MAX: u32 = 4;
+/// The pause between two such attempts.
+const INJECT_RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// The process id of the final reads in the history (workers are
+/// numbered from 0).
+pub const FINAL_READS_PROCESS: u64 = u64::MAX;
+
 /// What a run found.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -157,8 +166,13 @@ pub struct Report {
     /// The faults injected, with their times in ms.
     pub schedule: Vec<(u64, String)>,
     /// The faults injected, in order (each also has its lines in
-    /// `schedule`).
+    /// `schedule`): only those that acted. A fault that found nothing to
+    /// act on (no leader known, a slot being replaced, a refused removal
+    /// or transfer, no follower cluster) is in `schedule`, marked
+    /// "nothing done", and not here.
     pub faults: Vec<Fault>,
+    /// Faults drawn that found nothing to act on.
+    pub faults_not_acted: usize,
     /// Operations that completed ok.
     pub ok: usize,
     /// Operations that definitely failed.
@@ -169,6 +183,9 @@ pub struct Report {
     pub verdict: Verdict,
     /// Acknowledged puts missing from the final state.
     pub lost_writes: usize,
+    /// Acknowledged writes whose revisions break etcd's order
+    /// (`checker::revision_anomalies`).
+    pub revision_anomalies: Vec<String>,
     /// Keys whose final value could not be read (lost writes are then not
     /// counted for them).
     pub unread_keys: u64,
@@ -781,6 +798,9 @@ async fn find_leader(client_addresses: &[SocketAddr]) -> Option<u64> {
 }
 
 /// Asks `address`'s node to move the etcd table's leadership to `target`.
+/// What `move_leader` says when the node accepted the transfer.
+const MOVE_LEADER_DONE: &str = "done";
+
 async fn move_leader(address: SocketAddr, target: u64) -> String {
     let Some(channel) = channel(address, Duration::from_secs(5)) else {
         return format!("bad address {address}");
@@ -790,7 +810,7 @@ async fn move_leader(address: SocketAddr, target: u64) -> String {
         .move_leader(pb::MoveLeaderRequest { target_id: target })
         .await
     {
-        Ok(_) => "done".into(),
+        Ok(_) => MOVE_LEADER_DONE.into(),
         Err(status) => format!("{:?}: {}", status.code(), status.message()),
     }
 }
@@ -959,26 +979,31 @@ async fn inject(
     cluster: &Mutex<Cluster>,
     client_addresses: &[SocketAddr],
     rng: &mut Rng,
-) -> String {
+) -> (bool, String) {
     let nodes = client_addresses.len() as u64;
     if is_being_replaced(fault, node, cluster) {
-        return format!(
-            "{} node {node}: it is being replaced, nothing done",
-            fault.name()
+        return (
+            false,
+            format!(
+                "{} node {node}: it is being replaced, nothing done",
+                fault.name()
+            ),
         );
     }
+    let acted = |what: String| (true, what);
+    let nothing = |what: String| (false, what);
     match fault {
         Fault::Kill | Fault::SnapshotCrash => {
             lock(cluster).nodes[node as usize - 1].kill();
-            format!("{} node {node}: kill", fault.name())
+            acted(format!("{} node {node}: kill", fault.name()))
         }
         Fault::Pause => {
             lock(cluster).nodes[node as usize - 1].signal_pause(true);
-            format!("pause node {node}")
+            acted(format!("pause node {node}"))
         }
         Fault::Partition => {
             lock(cluster).isolate(node);
-            format!("isolate node {node}")
+            acted(format!("isolate node {node}"))
         }
         Fault::IsolateLeader => match find_leader(client_addresses).await {
             Some(leader) => {
@@ -986,39 +1011,47 @@ async fn inject(
                 match cluster.slot_of(leader) {
                     Some(slot) => {
                         cluster.isolate(slot);
-                        format!("isolate the leader, node {leader}")
+                        acted(format!("isolate the leader, node {leader}"))
                     }
-                    None => format!("isolate the leader: node {leader} is gone, nothing done"),
+                    None => nothing(format!(
+                        "isolate the leader: node {leader} is gone, nothing done"
+                    )),
                 }
             }
-            None => "isolate the leader: no leader known, nothing done".into(),
+            None => nothing("isolate the leader: no leader known, nothing done".into()),
         },
         Fault::Minority => {
             let minority = draw_nodes(rng, nodes, (nodes - 1) / 2);
             let majority: Vec<u64> = (1..=nodes).filter(|n| !minority.contains(n)).collect();
             lock(cluster).cut_between(&minority, &majority);
-            format!("cut minority {minority:?} from majority {majority:?}")
+            acted(format!(
+                "cut minority {minority:?} from majority {majority:?}"
+            ))
         }
         Fault::Bridge => {
             let order = draw_nodes(rng, nodes, nodes);
             let bridge = order[0];
             let (left, right) = order[1..].split_at((order.len() - 1) / 2);
             lock(cluster).cut_between(left, right);
-            format!("bridge node {bridge} alone joins {left:?} and {right:?}")
+            acted(format!(
+                "bridge node {bridge} alone joins {left:?} and {right:?}"
+            ))
         }
         Fault::Slow => {
             lock(cluster).slow(node, Duration::from_millis(50));
-            format!("slow node {node} by 50 ms")
+            acted(format!("slow node {node} by 50 ms"))
         }
         Fault::CutLocation => {
             let cluster = lock(cluster);
             if cluster.location_links.is_empty() {
-                "cut the link between the locations: no follower cluster, nothing done".into()
+                nothing(
+                    "cut the link between the locations: no follower cluster, nothing done".into(),
+                )
             } else {
                 for link in &cluster.location_links {
                     link.cut();
                 }
-                "cut the link between the locations".into()
+                acted("cut the link between the locations".into())
             }
         }
         Fault::TransferLeader => {
@@ -1031,7 +1064,13 @@ async fn inject(
                 )
             };
             let outcome = move_leader(client_addresses[via as usize - 1], target).await;
-            format!("move the leadership to node {target}, asking node {via_id}: {outcome}")
+            let what =
+                format!("move the leadership to node {target}, asking node {via_id}: {outcome}");
+            if outcome == MOVE_LEADER_DONE {
+                acted(what)
+            } else {
+                nothing(format!("{what}, nothing done"))
+            }
         }
         Fault::MemberReplace => remove_member(node, cluster, client_addresses).await,
     }
@@ -1127,7 +1166,7 @@ async fn remove_member(
     slot: u64,
     cluster: &Mutex<Cluster>,
     client_addresses: &[SocketAddr],
-) -> String {
+) -> (bool, String) {
     let (id, nodes) = {
         let cluster = lock(cluster);
         (
@@ -1137,11 +1176,17 @@ async fn remove_member(
     };
     let new_id = id + nodes;
     if new_id > slot + GENERATIONS_MAX * nodes {
-        return format!("replace node {id}: no ids left for its slot, nothing done");
+        return (
+            false,
+            format!("replace node {id}: no ids left for its slot, nothing done"),
+        );
     }
     let via = others(slot, client_addresses);
     if let Err(error) = change_membership(&via, &Change::Remove { id }).await {
-        return format!("replace node {id}: the removal was refused ({error}), nothing done");
+        return (
+            false,
+            format!("replace node {id}: the removal was refused ({error}), nothing done"),
+        );
     }
     let mut cluster = lock(cluster);
     let node = &mut cluster.nodes[slot as usize - 1];
@@ -1151,7 +1196,12 @@ async fn remove_member(
         Err(error) => format!("not wiped ({error})"),
     };
     cluster.replacing = Some((slot, new_id));
-    format!("replace node {id}: removed, killed, its data {wiped}; it returns as node {new_id}")
+    (
+        true,
+        format!(
+            "replace node {id}: removed, killed, its data {wiped}; it returns as node {new_id}"
+        ),
+    )
 }
 
 /// `member-replace`, second half: adds the new id of the slot being
@@ -1388,6 +1438,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     // The nemesis: a fault every 2 s, healed 1 s later.
     let mut schedule = Vec::new();
     let mut injected = Vec::new();
+    let mut faults_not_acted = 0;
     let mut rng = Rng(config.seed ^ 0xA5A5_5A5A_1234_5678);
     let mut deck: Vec<Fault> = Vec::new();
     while started.elapsed() + Duration::from_secs(2) < config.duration && !config.faults.is_empty()
@@ -1399,11 +1450,25 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         let Some(fault) = deck.pop() else {
             break;
         };
-        injected.push(fault);
         let node = 1 + rng.next() % config.nodes;
-        let at = started.elapsed().as_millis() as u64;
-        let what = inject(fault, node, &cluster, &client_addresses, &mut rng).await;
-        schedule.push((at, what));
+        // A fault that found nothing to act on (no leader known yet, say)
+        // is tried again a few times within its slot.
+        let mut attempts = 0;
+        let acted = loop {
+            let at = started.elapsed().as_millis() as u64;
+            let (acted, what) = inject(fault, node, &cluster, &client_addresses, &mut rng).await;
+            schedule.push((at, what));
+            attempts += 1;
+            if acted || attempts >= INJECT_ATTEMPTS_MAX {
+                break acted;
+            }
+            tokio::time::sleep(INJECT_RETRY_DELAY).await;
+        };
+        if acted {
+            injected.push(fault);
+        } else {
+            faults_not_acted += 1;
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let at = started.elapsed().as_millis() as u64;
         let what = heal(
@@ -1467,9 +1532,27 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
             let Some(client) = clients.get_mut(attempt % client_addresses.len().max(1)) else {
                 break;
             };
+            let call = started.elapsed().as_micros() as u64;
             let read =
                 tokio::time::timeout(OPERATION_TIMEOUT, run_op(client, &key, &Op::Get)).await;
+            let ret = started.elapsed().as_micros() as u64;
             if let Ok((Outcome::Read(value), _)) = read {
+                // Into the history too: the checker, not only the lost
+                // write count, must square every write with the final
+                // state (a lost write with nothing after it is caught
+                // only so).
+                history
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Operation {
+                        process: FINAL_READS_PROCESS,
+                        key: key.clone(),
+                        op: Op::Get,
+                        call,
+                        ret,
+                        outcome: Outcome::Read(value.clone()),
+                        revision: None,
+                    });
                 finals.insert(key.clone(), value);
                 break;
             }
@@ -1501,6 +1584,7 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
     let fail = count(|o| *o == Outcome::Fail);
     let info = count(|o| *o == Outcome::Info);
     let lost = checker::lost_writes(&history, &finals);
+    let revision_anomalies = checker::revision_anomalies(&history);
     let unread_keys = (used_keys.len() - finals.len()) as u64;
     let logs: Vec<String> = lock(&cluster)
         .nodes
@@ -1523,11 +1607,13 @@ pub async fn run(config: RunConfig) -> std::io::Result<Report> {
         seed: config.seed,
         schedule,
         faults: injected,
+        faults_not_acted,
         ok,
         fail,
         info,
         verdict,
         lost_writes: lost,
+        revision_anomalies,
         unread_keys,
         snapshots_installed,
         installs_cut,

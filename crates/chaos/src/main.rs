@@ -243,6 +243,15 @@ fn main() -> ExitCode {
         println!("{at:>8} ms  {event}");
     }
     println!(
+        "faults: {} acted, {} found nothing to act on",
+        report.faults.len(),
+        report.faults_not_acted
+    );
+    println!("revision anomalies: {}", report.revision_anomalies.len());
+    for anomaly in report.revision_anomalies.iter().take(20) {
+        println!("revision anomaly: {anomaly}");
+    }
+    println!(
         "operations: {} ok, {} fail, {} info; lost acknowledged writes: {}; snapshots installed: {} ({} cut short by a kill); bytes over the peer proxies: {}",
         report.ok,
         report.fail,
@@ -289,7 +298,8 @@ fn main() -> ExitCode {
         && report.lost_writes == 0
         && report.unread_keys == 0
         && report.diverged.is_empty()
-        && report.follower_anomalies.is_empty();
+        && report.follower_anomalies.is_empty()
+        && report.revision_anomalies.is_empty();
     if clean && !cli.keep_dir {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -299,6 +309,13 @@ fn main() -> ExitCode {
         Verdict::Linearizable if !report.follower_anomalies.is_empty() => {
             println!(
                 "verdict: linearizable on the leader cluster, but the follower cluster is not sequentially consistent (replay: --seed {seed})"
+            );
+            ExitCode::FAILURE
+        }
+        Verdict::Linearizable if !report.revision_anomalies.is_empty() => {
+            println!(
+                "verdict: linearizable by value, but {} acknowledged write(s) took revisions out of order (replay: --seed {seed})",
+                report.revision_anomalies.len()
             );
             ExitCode::FAILURE
         }

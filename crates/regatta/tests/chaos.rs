@@ -98,7 +98,7 @@ async fn histories_under_every_fault_are_linearizable() {
         for fault in faults {
             assert!(
                 report.faults.contains(fault),
-                "seed {seed}: {} was never injected (injected: {:?}); a fault's inject or heal took longer than the run allows",
+                "seed {seed}: {} never acted (acted: {:?}); it found nothing to act on, or a fault's inject or heal took longer than the run allows",
                 fault.name(),
                 report.faults
             );
@@ -131,6 +131,11 @@ async fn histories_under_every_fault_are_linearizable() {
             report.follower_anomalies.is_empty(),
             "seed {seed}: the follower cluster is not sequentially consistent: {:?}",
             report.follower_anomalies
+        );
+        assert!(
+            report.revision_anomalies.is_empty(),
+            "seed {seed}: acknowledged writes took revisions out of order: {:?}",
+            report.revision_anomalies
         );
         assert!(
             report.diverged.is_empty(),
