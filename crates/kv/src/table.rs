@@ -1228,6 +1228,17 @@ impl Table {
                 self.publish();
                 true
             }
+            // A copy older than what a follower's table holds would move
+            // its revision back (a deposed puller's install finishing
+            // after the new puller applied more, or a snapshot from a
+            // lagging leader node): refused, and the restore stays under
+            // way for an install of a newer copy.
+            Command::RestoreCommit { leader_index, .. }
+                if self.mode == TableMode::Replica && leader_index < self.leader_index =>
+            {
+                self.commit_writes(BTreeMap::new())?;
+                false
+            }
             Command::RestoreCommit {
                 restore_id,
                 leader_index,
@@ -1502,6 +1513,15 @@ impl StateMachine for Table {
 
     fn apply_batch(&mut self, commands: &[(LogIndex, Bytes)]) -> std::io::Result<Vec<Bytes>> {
         self.apply_commands(commands)
+            .map_err(|error| std::io::Error::other(error.to_string()))
+    }
+
+    fn skip_to(&mut self, index: LogIndex) -> std::io::Result<()> {
+        if index <= self.applied {
+            return Ok(());
+        }
+        self.applied = index;
+        self.commit_writes(BTreeMap::new())
             .map_err(|error| std::io::Error::other(error.to_string()))
     }
 

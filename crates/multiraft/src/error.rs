@@ -30,6 +30,12 @@ pub enum Error {
     /// stepped down before it committed: it was not applied.
     #[error("group {}: the proposal was dropped before it committed; it was not applied", .0 .0)]
     Dropped(GroupId),
+    /// The proposal's entry may have been applied, but not by an apply this
+    /// node reports: a snapshot from the leader replaced the log that held
+    /// it. Retry it with the same request id to learn its result; without
+    /// one, check before retrying a write.
+    #[error("group {}: the outcome of the proposal is unknown (a snapshot from the leader replaced the log that held it); retry with the same request id, or check before retrying a write", .0 .0)]
+    OutcomeUnknown(GroupId),
     /// The request did not complete in time. For a proposal the outcome is
     /// unknown: it may still be applied.
     #[error("group {}: no answer within {timeout_ms} ms; the outcome is unknown, so check before retrying a write", group.0)]

@@ -63,6 +63,17 @@ pub trait StateMachine: Send + 'static {
             .map(|(index, command)| self.apply(*index, command))
             .collect())
     }
+    /// Entries without a command for the state machine (no-ops,
+    /// membership changes, retried requests not applied again) were
+    /// applied up to `index`, after every command before it. A state
+    /// machine that stores its applied index may record `index`, so that
+    /// its index (and a snapshot's) is the group's applied index, not its
+    /// last command's. Like `apply`, it needs no fsync. The default does
+    /// nothing.
+    fn skip_to(&mut self, index: LogIndex) -> std::io::Result<()> {
+        let _ = index;
+        Ok(())
+    }
     /// Serves a read from the local state, on the apply thread.
     fn read(&self, query: &Bytes) -> Bytes;
     /// A handle that serves reads on the caller's task, concurrently with
@@ -283,6 +294,14 @@ enum Control {
     /// The apply thread cannot go on with the group (a snapshot it could not
     /// install); the group stops.
     Failed { group: GroupId, reason: String },
+    /// The transport finished sending a snapshot to `to` (or failed). On
+    /// this unbounded channel, not the group's inbox: a lost report would
+    /// leave Raft waiting for that follower's snapshot.
+    SnapshotReport {
+        group: GroupId,
+        to: NodeId,
+        delivered: bool,
+    },
     /// The apply thread copied the state at `index` for an outgoing snapshot
     /// (or failed to write it out).
     SnapshotReady {
@@ -874,7 +893,21 @@ impl NodeHost {
 
     /// The transport tells the group how sending a snapshot to `to` ended.
     pub fn report_snapshot(&self, group: GroupId, to: NodeId, delivered: bool) {
-        let _ = self.enqueue(group, Input::SnapshotReport { to, delivered });
+        let worker = {
+            let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
+            groups.get(&group).copied()
+        };
+        let Some(worker) = worker else {
+            return;
+        };
+        let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, control, _)) = workers.get(worker) {
+            let _ = control.send(Control::SnapshotReport {
+                group,
+                to,
+                delivered,
+            });
+        }
     }
 
     /// Proposes a command on this node, which must lead the group; resolves
@@ -1508,6 +1541,16 @@ impl Worker {
                 self.active.remove(&group);
                 touched.remove(&group);
             }
+            Control::SnapshotReport {
+                group,
+                to,
+                delivered,
+            } => {
+                if let Some(state) = self.groups.get_mut(&group) {
+                    state.accept_input(Input::SnapshotReport { to, delivered });
+                    touched.insert(group);
+                }
+            }
         }
     }
 
@@ -1593,9 +1636,20 @@ impl Group {
             // one); a read state that comes later finds nobody and is
             // ignored.
             self.reads.retain(|_, read| !read.is_abandoned());
+            // A snapshot whose transfer was never reported (the report
+            // was lost: a full inbox) is counted failed, so that Raft stops
+            // waiting for it and sends that follower another.
             let ticks = self.ticks;
-            self.snapshots_out
-                .retain(|_, (_, since)| ticks.saturating_sub(*since) < SNAPSHOT_HOLD_TICKS_MAX);
+            let expired: Vec<NodeId> = self
+                .snapshots_out
+                .iter()
+                .filter(|(_, (_, since))| ticks.saturating_sub(*since) >= SNAPSHOT_HOLD_TICKS_MAX)
+                .map(|(to, _)| *to)
+                .collect();
+            for to in expired {
+                self.snapshots_out.remove(&to);
+                self.raft.report_snapshot(to, false);
+            }
         }
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some();
@@ -1898,15 +1952,38 @@ impl Group {
                 }
             }
         }
-        // Proposals at or below the applied index whose entry was not a
-        // command of theirs were overwritten.
+        // Proposals at or below the applied index that no result answered:
+        // overwritten, where the log holds another term there; otherwise a
+        // snapshot covered them (compacted here, or its own index), and
+        // they may have been applied.
         let group = self.group;
+        let mut covered = false;
         while let Some(entry) = self.proposals.first_entry() {
-            if *entry.key() > index {
+            let at = *entry.key();
+            if at > index {
                 break;
             }
-            let (_, reply) = entry.remove();
-            let _ = reply.send(Err(Error::Dropped(group)));
+            let (term, reply) = entry.remove();
+            let overwritten = self.raft.log_term(at).is_some_and(|held| held != term);
+            covered |= !overwritten;
+            let error = if overwritten {
+                Error::Dropped(group)
+            } else {
+                Error::OutcomeUnknown(group)
+            };
+            let _ = reply.send(Err(error));
+        }
+        if covered && !self.waiting_ids.is_empty() {
+            // A snapshot: forwarded proposals whose ids it applied will
+            // not be reported here. Their callers retry with the same id
+            // (`NotLeader` for a forwarded proposal says so); one still to
+            // be applied is then answered from the session table.
+            let leader_hint = self.raft.leader();
+            for (_, replies) in std::mem::take(&mut self.waiting_ids) {
+                for reply in replies {
+                    let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
+                }
+            }
         }
     }
 
@@ -2269,7 +2346,15 @@ fn apply_entries(
             }
         }
     }
-    apply_run(applier, &mut run, results)
+    apply_run(applier, &mut run, results)?;
+    // Entries after the last command: the state machine's index follows.
+    if applier.applied > applier.state_machine.applied_index() {
+        applier
+            .state_machine
+            .skip_to(applier.applied)
+            .map_err(|error| format!("the state machine failed to record its index: {error}"))?;
+    }
+    Ok(())
 }
 
 /// Answers proposers whose group stopped on this node (their entries may

@@ -63,6 +63,12 @@ impl LocalTransport {
         blocked.insert((b, a));
     }
 
+    /// Cuts the direction from `from` to `to` only.
+    pub fn cut_one_way(&self, from: NodeId, to: NodeId) {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        blocked.insert((from, to));
+    }
+
     /// Restores every link.
     pub fn heal(&self) {
         self.blocked

@@ -64,6 +64,19 @@ fn start_cluster(
     BTreeMap<u64, NodeHost>,
     Journals,
 ) {
+    start_cluster_with(request_timeout, |_| {})
+}
+
+/// `start_cluster`, with `configure` applied to every host's config.
+fn start_cluster_with(
+    request_timeout: Duration,
+    configure: fn(&mut HostConfig),
+) -> (
+    Vec<tempfile::TempDir>,
+    Arc<LocalTransport>,
+    BTreeMap<u64, NodeHost>,
+    Journals,
+) {
     let dirs: Vec<tempfile::TempDir> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
@@ -75,6 +88,7 @@ fn start_cluster(
         let mut config = HostConfig::new(NodeId(id), dirs[id as usize - 1].path());
         config.tick_interval = Duration::from_millis(5);
         config.request_timeout = request_timeout;
+        configure(&mut config);
         let wal = Arc::new(Wal::open(WalConfig::new(dirs[id as usize - 1].path())).expect("wal"));
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let host = NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current())
@@ -264,6 +278,7 @@ async fn retried_requests_survive_leader_changes_applied_exactly_once() {
                     Err(
                         Error::NotLeader { .. }
                         | Error::Dropped(_)
+                        | Error::OutcomeUnknown(_)
                         | Error::Timeout { .. }
                         | Error::Raft { .. },
                     ) => {
@@ -404,6 +419,118 @@ async fn a_proposal_overwritten_after_a_partition_is_dropped_and_applied_nowhere
             !counts.contains_key("stranded"),
             "node {id} applied the dropped command"
         );
+    }
+    for host in hosts.values() {
+        host.stop().await;
+    }
+}
+
+/// A proposal whose entry a new leader committed, while its proposer was
+/// cut off, and then compacted away: the proposer catches up through a
+/// snapshot that holds it, so it may have been applied. It is answered
+/// `OutcomeUnknown`, not `Dropped` (which says it was not applied: here
+/// it was, on every node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_a_snapshot_covers_has_an_unknown_outcome_not_dropped() {
+    fn compact_often(config: &mut HostConfig) {
+        config.snapshot_every_entries = 20;
+        config.compaction_overhead_entries = 5;
+    }
+    let (_dirs, transport, hosts, journals) =
+        start_cluster_with(Duration::from_secs(20), compact_often);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let old = loop {
+        let mut named = Vec::new();
+        for host in hosts.values() {
+            named.push(host.status(GROUP).await.expect("status").soft_state.leader);
+        }
+        if let Some(Some(leader)) = named.first().copied() {
+            if named.iter().all(|each| *each == Some(leader)) {
+                break leader.0;
+            }
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    hosts[&old]
+        .propose(GROUP, Bytes::from_static(b"before"))
+        .await
+        .expect("a commit before the cut");
+    let before = hosts[&old].status(GROUP).await.expect("status").last_index;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    // The followers receive the entry but their answers never arrive.
+    for other in &others {
+        transport.cut_one_way(NodeId(*other), NodeId(old));
+    }
+    let proposer = hosts[&old].clone();
+    let covered = tokio::spawn(async move {
+        proposer
+            .propose(GROUP, Bytes::from_static(b"covered"))
+            .await
+    });
+    let held = loop {
+        let last = hosts[&old].status(GROUP).await.expect("status").last_index;
+        let mut everywhere = true;
+        for other in &others {
+            everywhere &= hosts[other].status(GROUP).await.expect("status").last_index >= last;
+        }
+        // Past `before`: the proposal's entry is in the old leader's log.
+        if everywhere && last > before {
+            break last;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "never replicated"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for other in &others {
+        transport.cut(NodeId(old), NodeId(*other));
+    }
+    // The others elect one of their own, which commits the entry and
+    // compacts well past it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        let mut leader = None;
+        for other in &others {
+            let status = hosts[other].status(GROUP).await.expect("status");
+            if status.soft_state.role == Role::Leader {
+                leader = Some(*other);
+            }
+        }
+        if let Some(leader) = leader {
+            break leader;
+        }
+        assert!(Instant::now() < deadline, "the majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for round in 0..60 {
+        hosts[&new]
+            .propose(GROUP, Bytes::from(format!("after-{round}")))
+            .await
+            .expect("the majority commits");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hosts[&new].status(GROUP).await.expect("status").first_index <= held {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader never compacted past the entry"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    transport.heal();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), covered)
+        .await
+        .expect("answered after the heal")
+        .expect("join");
+    assert!(
+        matches!(outcome, Err(Error::OutcomeUnknown(_))),
+        "the covered proposal ended {outcome:?}"
+    );
+    wait_until_applied_everywhere(&hosts).await;
+    for (id, journal) in &journals {
+        let counts = application_counts(journal);
+        assert_eq!(counts.get("covered"), Some(&1), "node {id}: it was applied");
     }
     for host in hosts.values() {
         host.stop().await;

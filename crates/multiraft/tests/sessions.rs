@@ -192,7 +192,9 @@ async fn propose_on_leader(cluster: &Cluster, request: RequestId) -> Result<Stri
     loop {
         let leader = cluster.leader().await;
         match propose(&cluster.hosts[&leader], request).await {
-            Err(Error::NotLeader { .. }) | Err(Error::Dropped(_)) if Instant::now() < deadline => {
+            Err(Error::NotLeader { .. } | Error::Dropped(_) | Error::OutcomeUnknown(_))
+                if Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             other => return other,

@@ -306,6 +306,11 @@ async fn supervise(
     });
     let mut pullers: HashMap<String, Puller> = HashMap::new();
     let mut metadata_due = Instant::now();
+    // The catalogue check runs on a task of its own: a slow or
+    // unreachable leader node must not hold up starting and stopping
+    // pullers (tables whose leadership moved here would not be pulled,
+    // and pullers of tables that moved away would keep running).
+    let mut reconciling: Option<JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
@@ -314,13 +319,17 @@ async fn supervise(
         if *stopped.borrow() {
             break;
         }
-        if node.facts(META_GROUP).leader == own && Instant::now() >= metadata_due {
+        let idle = reconciling.as_ref().is_none_or(|task| task.is_finished());
+        if node.facts(META_GROUP).leader == own && Instant::now() >= metadata_due && idle {
             metadata_due = Instant::now() + config.metadata_interval;
             let (used, channel) = link.pick();
-            if let Err(error) = reconcile_tables(&node, &channel).await {
-                tracing::warn!(%error, "cannot compare the tables with the leader cluster's");
-                link.failed(used, &error);
-            }
+            let (node, link) = (Arc::clone(&node), Arc::clone(&link));
+            reconciling = Some(tokio::spawn(async move {
+                if let Err(error) = reconcile_tables(&node, &channel).await {
+                    tracing::warn!(%error, "cannot compare the tables with the leader cluster's");
+                    link.failed(used, &error);
+                }
+            }));
         }
         let led: HashMap<String, GroupId> = node
             .tables()
@@ -353,6 +362,9 @@ async fn supervise(
     }
     for puller in pullers.into_values() {
         puller.task.abort();
+    }
+    if let Some(task) = reconciling {
+        task.abort();
     }
 }
 
@@ -821,10 +833,15 @@ async fn install_snapshot_once(
         restore.abort().await;
         return Err(error);
     }
-    let summary = restore
-        .commit()
-        .await
-        .map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
+    let summary = restore.commit().await.map_err(|error| match error {
+        // Older than the copy here: from a lagging leader node, or a
+        // puller deposed meanwhile. The restore stays under way; the next
+        // attempt asks the next address.
+        regatta_server::Error::FailedPrecondition(_) => Error::LeaderBehind(format!(
+            "the leader node's snapshot of table {name:?}: {error}"
+        )),
+        error => Error::Protocol(format!("the snapshot: {error}")),
+    })?;
     node.count_snapshot_install(group);
     state.received += 1;
     state.update(summary.index, summary.index);

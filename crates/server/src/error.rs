@@ -73,7 +73,7 @@ impl From<Error> for Status {
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Forwarded { code, .. } => *code,
             Error::Raft(raft) => match raft {
-                Raft::Timeout { .. } => Code::DeadlineExceeded,
+                Raft::Timeout { .. } | Raft::OutcomeUnknown(_) => Code::DeadlineExceeded,
                 Raft::NotLeader { .. } | Raft::Busy(_) | Raft::Dropped(_) => Code::Unavailable,
                 Raft::GroupStopped { .. } | Raft::UnknownGroup(_) => Code::Unavailable,
                 Raft::AlreadyApplied { .. } => Code::Unknown,

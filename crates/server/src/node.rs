@@ -851,11 +851,23 @@ impl Node {
         let id = session.id;
         let payload = Bytes::from(encode(command));
         let deadline = Instant::now() + self.config.request_timeout;
+        // Whether an attempt may have reached a log: forwarded and then
+        // the leader changed (`NotLeader` from the host), or covered by a
+        // snapshot. It may still apply, so running out of time then is an
+        // unknown outcome, not the last attempt's "no leader, retry".
+        let mut in_doubt = false;
         let result = loop {
             match self.host.propose_with_id(group, id, payload.clone()).await {
                 Ok(bytes) => break decode_response(&bytes),
                 Err(error) if retryable(&error) && Instant::now() < deadline => {
+                    in_doubt |= may_be_in_a_log(&error);
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) if retryable(&error) && (in_doubt || may_be_in_a_log(&error)) => {
+                    break Err(Error::Raft(regatta_multiraft::Error::Timeout {
+                        group,
+                        timeout_ms: self.config.request_timeout.as_millis() as u64,
+                    }))
                 }
                 Err(error) => break Err(Error::Raft(error)),
             }
@@ -1411,13 +1423,20 @@ async fn listen_on_own_address(own: &PeerAddress, clustered: bool) -> Result<Tcp
     ))
 }
 
+/// Whether a proposal that failed with `error` may still be in some
+/// node's log, hence may yet apply.
+fn may_be_in_a_log(error: &regatta_multiraft::Error) -> bool {
+    use regatta_multiraft::Error as E;
+    matches!(error, E::NotLeader { .. } | E::OutcomeUnknown(_))
+}
+
 /// Errors that an election or a moment's patience may cure: the request
 /// is tried again (with the same request id) until its deadline.
 fn retryable(error: &regatta_multiraft::Error) -> bool {
     use regatta_multiraft::Error as E;
     use regatta_raft::Error as R;
     match error {
-        E::NotLeader { .. } | E::Dropped(_) | E::Busy(_) => true,
+        E::NotLeader { .. } | E::Dropped(_) | E::Busy(_) | E::OutcomeUnknown(_) => true,
         E::Raft { source, .. } => matches!(
             source,
             R::NotLeader { .. }
