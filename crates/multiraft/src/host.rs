@@ -1128,6 +1128,15 @@ impl NodeHost {
 }
 
 impl NodeHost {
+    /// Whether this node runs `group`.
+    pub fn hosts_group(&self, group: GroupId) -> bool {
+        self.inner
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&group)
+    }
+
     /// Why `group` stopped on this node, if it failed (a WAL or state
     /// machine failure); `None` for a group running, removed or never here.
     pub fn stop_reason(&self, group: GroupId) -> Option<String> {

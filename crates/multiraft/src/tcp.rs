@@ -186,6 +186,28 @@ pub struct TcpConfig {
     /// Looks up peers given by name, at every dial; `None` (the default)
     /// asks the system's resolver.
     pub resolver: Option<Resolver>,
+    /// Incoming connections open at once, at most; one past it is closed
+    /// at once (and counted), so that idle connections cannot use up the
+    /// process's file descriptors. Default 1,024.
+    pub incoming_connections_max: usize,
+}
+
+/// How long an incoming connection may take for its TLS and Regatta
+/// handshakes.
+const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on every peer connection: a peer that vanished without a
+/// reset (power loss, a partition that drops packets) is noticed within
+/// about a minute, and quiesced groups are woken (`wake_all`).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sets TCP keepalive (`KEEPALIVE_IDLE`, `KEEPALIVE_INTERVAL`); best
+/// effort.
+fn keep_alive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 impl TcpConfig {
@@ -207,6 +229,7 @@ impl TcpConfig {
             snapshot_idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             resolver: None,
+            incoming_connections_max: 1024,
         }
     }
 }
@@ -228,6 +251,9 @@ pub struct TcpStats {
     pub frames_refused: AtomicU64,
     /// Incoming connections refused at the TLS or Regatta handshake.
     pub handshakes_refused: AtomicU64,
+    /// Incoming connections closed at once because
+    /// `incoming_connections_max` were open.
+    pub connections_refused: AtomicU64,
     /// Snapshots the receiver confirmed.
     pub snapshots_sent: AtomicU64,
     /// Snapshot chunk frames sent.
@@ -703,6 +729,7 @@ async fn handshake(
     tcp: TcpStream,
 ) -> std::io::Result<BoxedStream> {
     tcp.set_nodelay(true)?;
+    keep_alive(&tcp);
     let mut stream: BoxedStream = match &config.tls {
         Some(tls) => {
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
@@ -881,18 +908,28 @@ async fn accept_loop(
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 ) {
     let snapshot_slots = Arc::new(tokio::sync::Semaphore::new(config.incoming_snapshots_max));
+    let connection_slots = Arc::new(tokio::sync::Semaphore::new(
+        config.incoming_connections_max.max(1),
+    ));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        let Ok(slot) = Arc::clone(&connection_slots).try_acquire_owned() else {
+            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        keep_alive(&stream);
         let connection = tokio::spawn(serve_connection(
             config.clone(),
             stream,
             Arc::clone(&host),
             Arc::clone(&stats),
             Arc::clone(&snapshot_slots),
+            slot,
         ));
         let mut tasks = tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|task| !task.is_finished());
@@ -908,18 +945,19 @@ async fn serve_connection(
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
     snapshot_slots: Arc<tokio::sync::Semaphore>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let stream: BoxedStream = match &config.tls {
-        Some(tls) => match tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server))
-            .accept(tcp)
-            .await
-        {
-            Ok(stream) => Box::new(stream),
-            Err(_) => {
-                stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                return;
+        Some(tls) => {
+            let accept = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server)).accept(tcp);
+            match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(stream)) => Box::new(stream),
+                Ok(Err(_)) | Err(_) => {
+                    stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
-        },
+        }
         None => Box::new(tcp),
     };
     serve_stream(config, stream, host, stats, snapshot_slots).await;
@@ -933,7 +971,8 @@ async fn serve_stream(
     snapshot_slots: Arc<tokio::sync::Semaphore>,
 ) {
     let mut handshake = [0u8; HANDSHAKE_BYTES];
-    if stream.read_exact(&mut handshake).await.is_err() || &handshake[0..8] != HANDSHAKE_MAGIC {
+    let read = tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, stream.read_exact(&mut handshake));
+    if !matches!(read.await, Ok(Ok(_))) || &handshake[0..8] != HANDSHAKE_MAGIC {
         stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
@@ -1036,6 +1075,12 @@ async fn receive_snapshot(
     let Some(receiver) = host.get().and_then(WeakNodeHost::upgrade) else {
         return;
     };
+    // Only for this node, and a group it hosts: anything else would fill
+    // the disk for nothing and hold a slot.
+    if message.to != config.node_id || !receiver.hosts_group(group) {
+        stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let Ok((file, pending)) = receiver.snapshot_dir().create() else {
         return;
     };

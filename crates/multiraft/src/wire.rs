@@ -146,6 +146,14 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
     }
 }
 
+/// Messages in one batch, at most (a sender's turn for thousands of
+/// groups stays far below).
+pub const BATCH_MESSAGES_MAX: usize = 100_000;
+/// Commands in one forwarded proposal, at most (the runtime forwards one
+/// at a time). An append holds at most `regatta_raft::APPEND_ENTRIES_MAX`
+/// entries, which the leader's core respects.
+pub const MESSAGE_ITEMS_MAX: usize = 100_000;
+
 /// Decodes a whole batch; any fault rejects it whole.
 pub fn decode_batch(bytes: &Bytes) -> Result<Vec<(GroupId, Message)>, WireError> {
     let mut reader = Reader { bytes, offset: 0 };
@@ -153,6 +161,14 @@ pub fn decode_batch(bytes: &Bytes) -> Result<Vec<(GroupId, Message)>, WireError>
     // The smallest message is 33 bytes: refuse counts the bytes cannot hold.
     if count > reader.remaining() / 33 {
         return Err(reader.error(format!("{count} messages cannot fit")));
+    }
+    // And counts no sender makes: decoded, a message takes about four
+    // times its wire size, so a 64 MiB frame of minimal messages would
+    // take hundreds of MiB.
+    if count > BATCH_MESSAGES_MAX {
+        return Err(reader.error(format!(
+            "{count} messages in one batch, over {BATCH_MESSAGES_MAX}"
+        )));
     }
     let mut messages = Vec::with_capacity(count);
     for _ in 0..count {
@@ -237,10 +253,21 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
         },
         KIND_PROPOSE => {
             // A payload is at least its 4-byte length and a 1-byte kind.
-            let count = reader.count(5)?;
+            let count = reader.count(5)?.min(MESSAGE_ITEMS_MAX + 1);
+            if count > MESSAGE_ITEMS_MAX {
+                return Err(
+                    reader.error(format!("a proposal of over {MESSAGE_ITEMS_MAX} commands"))
+                );
+            }
             let mut payloads = Vec::with_capacity(count);
             for _ in 0..count {
-                payloads.push(reader.payload()?);
+                let payload = reader.payload()?;
+                // The core refuses empty entries from a peer; refused here,
+                // they cost no memory first.
+                if matches!(payload, EntryPayload::Empty) {
+                    return Err(reader.error("an empty entry in a proposal".into()));
+                }
+                payloads.push(payload);
             }
             MessageBody::Propose { payloads }
         }
@@ -265,6 +292,12 @@ fn decode_append(reader: &mut Reader<'_>, wants_ack: bool) -> Result<MessageBody
     let prev_term = Term(reader.u64()?);
     let commit = LogIndex(reader.u64()?);
     let count = reader.count(12)?;
+    if count as u64 > regatta_raft::APPEND_ENTRIES_MAX {
+        return Err(reader.error(format!(
+            "an append of {count} entries, over {}",
+            regatta_raft::APPEND_ENTRIES_MAX
+        )));
+    }
     let mut entries = Vec::with_capacity(count);
     for position in 0..count {
         let term = Term(reader.u64()?);
@@ -461,7 +494,13 @@ mod tests {
             MessageBody::Propose {
                 payloads: vec![
                     EntryPayload::Normal(Bytes::from_static(b"cmd")),
-                    EntryPayload::Empty,
+                    EntryPayload::Session {
+                        id: regatta_raft::RequestId {
+                            client: 1,
+                            sequence: 2,
+                        },
+                        command: Bytes::from_static(b"once"),
+                    },
                 ],
             },
             MessageBody::TransferLeader { target: NodeId(3) },
@@ -572,5 +611,66 @@ mod tests {
         bytes.extend_from_slice(&[0u8; 400]);
         let error = decode_batch(&Bytes::from(bytes)).expect_err("100 payloads in 400 bytes");
         assert!(error.to_string().contains("cannot fit"), "{error}");
+    }
+
+    /// Counts a frame's bytes could hold but no sender makes are refused,
+    /// as are empty entries in a proposal: decoded, tiny items take many
+    /// times their wire size.
+    #[test]
+    fn counts_no_sender_makes_are_refused() {
+        let empty = |count: usize| {
+            let mut message = Vec::new();
+            encode_message(
+                GroupId(1),
+                &Message {
+                    from: NodeId(2),
+                    to: NodeId(1),
+                    term: Term(1),
+                    body: MessageBody::Heartbeat {
+                        commit: LogIndex(0),
+                        round: 0,
+                    },
+                },
+                &mut message,
+            );
+            let mut bytes = (count as u32).to_le_bytes().to_vec();
+            for _ in 0..count {
+                bytes.extend_from_slice(&message);
+            }
+            bytes
+        };
+        assert!(decode_batch(&Bytes::from(empty(3))).is_ok());
+        let error = decode_batch(&Bytes::from(empty(BATCH_MESSAGES_MAX + 1)))
+            .expect_err("too many messages");
+        assert!(error.to_string().contains("in one batch"), "{error}");
+
+        let entries = (regatta_raft::APPEND_ENTRIES_MAX + 1) as usize;
+        let append = one_message(
+            1,
+            MessageBody::Append {
+                prev_index: LogIndex(0),
+                prev_term: Term(0),
+                entries: (1..=entries as u64)
+                    .map(|index| Entry {
+                        term: Term(1),
+                        index: LogIndex(index),
+                        payload: EntryPayload::Empty,
+                    })
+                    .collect(),
+                commit: LogIndex(0),
+                wants_ack: true,
+            },
+        );
+        let error = decode_batch(&Bytes::from(append)).expect_err("too many entries");
+        assert!(error.to_string().contains("entries, over"), "{error}");
+
+        let proposal = one_message(
+            1,
+            MessageBody::Propose {
+                payloads: vec![EntryPayload::Empty],
+            },
+        );
+        let error = decode_batch(&Bytes::from(proposal)).expect_err("an empty entry");
+        assert!(error.to_string().contains("empty entry"), "{error}");
     }
 }

@@ -94,8 +94,9 @@ async fn start_node(
     Node { host, transport }
 }
 
-/// A host with no group behind `transport`: the receiver writes incoming
-/// snapshots into its directory.
+/// A host with group 1 only (voters 1 and 2, node 2 never started)
+/// behind `transport`: the receiver writes incoming snapshots for it into
+/// its directory.
 fn attach_bare_host(transport: &Arc<TcpTransport>, dir: &Path) -> NodeHost {
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let as_transport: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
@@ -107,6 +108,12 @@ fn attach_bare_host(transport: &Arc<TcpTransport>, dir: &Path) -> NodeHost {
     )
     .expect("host");
     transport.attach(&host);
+    let machine = Register {
+        value: Arc::default(),
+        applied: LogIndex(0),
+    };
+    host.start_group(GroupId(1), vec![NodeId(1), NodeId(2)], Box::new(machine))
+        .expect("group");
     host
 }
 
@@ -260,6 +267,40 @@ async fn a_peer_of_another_cluster_is_refused() {
     transport.shutdown();
 }
 
+/// Idle connections cannot use up the process's file descriptors: past
+/// `incoming_connections_max` open at once, a new one is closed at once
+/// (and counted); a slot frees when a connection ends.
+#[tokio::test]
+async fn incoming_connections_are_bounded() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let mut config = TcpConfig::new(NodeId(1), CLUSTER);
+    config.incoming_connections_max = 2;
+    let transport = TcpTransport::start(config, listener);
+    let first = handshake(address).await;
+    let _second = handshake(address).await;
+    let mut third = TcpStream::connect(address).await.expect("connect");
+    closed_unconfirmed(&mut third).await;
+    assert_eq!(
+        transport
+            .stats()
+            .connections_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = send_handshake(address, CLUSTER).await;
+        if stream.read_u8().await.ok() == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    transport.shutdown();
+}
+
 /// Connects to `address` and sends the handshake of node 2 of `cluster`;
 /// the answer is left for the caller to read.
 async fn send_handshake(address: SocketAddr, cluster: u64) -> TcpStream {
@@ -357,6 +398,23 @@ async fn malformed_snapshot_streams_are_refused() {
         .expect("write");
     closed_unconfirmed(&mut stream).await;
 
+    // A snapshot of a group this node does not run, or for another node:
+    // refused at the header, before a file is made.
+    for (group, to) in [(GroupId(7), NodeId(1)), (GroupId(1), NodeId(3))] {
+        let message = Message {
+            from: NodeId(2),
+            to,
+            term: Term(3),
+            body: snapshot.clone(),
+        };
+        let mut header = vec![2u8];
+        header.extend_from_slice(&10u64.to_le_bytes());
+        regatta_multiraft::wire::encode_batch(&[(group, message)], &mut header);
+        let mut stream = handshake(address).await;
+        stream.write_all(&frame(&header)).await.expect("write");
+        closed_unconfirmed(&mut stream).await;
+    }
+
     // A snapshot message in an ordinary batch, without its data: the group
     // would accept a snapshot it cannot install.
     let mut stream = handshake(address).await;
@@ -376,7 +434,7 @@ async fn malformed_snapshot_streams_are_refused() {
             .stats()
             .frames_refused
             .load(std::sync::atomic::Ordering::Relaxed),
-        4
+        6
     );
     assert_eq!(
         transport

@@ -39,5 +39,6 @@ pub use rng::Rng;
 pub use storage::{limit_size, InitialState, MemStorage, Storage};
 pub use types::{
     ConfChange, Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, ReadId, ReadState,
-    RequestId, Role, SnapshotMeta, SoftState, Term, ENTRY_OVERHEAD_BYTES, INDEX_MAX,
+    RequestId, Role, SnapshotMeta, SoftState, Term, APPEND_ENTRIES_MAX, ENTRY_OVERHEAD_BYTES,
+    INDEX_MAX,
 };

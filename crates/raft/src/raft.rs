@@ -24,7 +24,7 @@ use crate::rng::Rng;
 use crate::storage::Storage;
 use crate::types::{
     ConfChange, Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, ReadId, ReadState,
-    RequestId, Role, SnapshotMeta, SoftState, Term,
+    RequestId, Role, SnapshotMeta, SoftState, Term, APPEND_ENTRIES_MAX,
 };
 
 /// Where a proposal went.
@@ -852,6 +852,12 @@ impl<S: Storage> Raft<S> {
     /// Requests a follower forwards to its leader (term 0).
     fn step_forwarded(&mut self, message: Message) -> Result<()> {
         let from = message.from;
+        // Only members forward: a proposal, read or transfer from any
+        // other sender (a removed node, or anyone who reached the peer
+        // port) is dropped.
+        if !self.membership.contains(from) {
+            return Ok(());
+        }
         match message.body {
             MessageBody::Propose { payloads } if self.role == Role::Leader => {
                 // The follower times out and retries if this is refused.
@@ -1196,7 +1202,7 @@ impl<S: Storage> Raft<S> {
         let prev_term = self.log.term(prev_index);
         let entries = self.log.entries(
             next_index,
-            last_index.next(),
+            last_index.next().min(next_index.plus(APPEND_ENTRIES_MAX)),
             self.config.message_size_bytes_max,
         );
         let (prev_term, entries) = match (prev_term, entries) {

@@ -173,6 +173,11 @@ pub struct Entry {
 /// arithmetic (`next`, `plus`) never overflows.
 pub const INDEX_MAX: u64 = u64::MAX / 2;
 
+/// Entries in one append message, at most, whatever the byte limit
+/// allows: a receiver refuses more (`regatta-multiraft`'s wire format), so
+/// that a frame of tiny entries cannot decode to many times its size.
+pub const APPEND_ENTRIES_MAX: u64 = 65_536;
+
 /// Bytes of bookkeeping counted per entry on top of its payload when sizing
 /// messages and batches: index, term and framing.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 24;

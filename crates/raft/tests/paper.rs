@@ -1207,6 +1207,31 @@ mod membership {
         assert_eq!(c.applied_commands(1), vec!["before", "after"]);
     }
 
+    /// Only members forward to the leader: a proposal from a node outside
+    /// the membership (a removed one, or anyone who reached the peer port)
+    /// is dropped, not appended.
+    #[test]
+    fn a_forwarded_proposal_from_a_non_member_is_dropped() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let before = c.last_index(1);
+        for from in [2, 9] {
+            c.node(1)
+                .step(Message {
+                    from: n(from),
+                    to: n(1),
+                    term: Term(0),
+                    body: MessageBody::Propose {
+                        payloads: vec![EntryPayload::Normal(Bytes::from(format!("from {from}")))],
+                    },
+                })
+                .expect("step");
+        }
+        c.settle();
+        assert_eq!(c.last_index(1), before.next(), "the member's only");
+        assert_eq!(c.applied_commands(1), vec!["from 2"]);
+    }
+
     /// Thesis errata (single-server changes): a new leader changes the
     /// membership only after an entry of its own term commits, also when
     /// its whole log was committed when it won. Otherwise its first entry

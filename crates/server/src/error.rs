@@ -49,6 +49,9 @@ pub enum Error {
         /// Its message.
         message: String,
     },
+    /// The request took longer than the server waits for it.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A bug: something that should not happen.
     #[error("internal: {0}")]
     Internal(String),
@@ -70,6 +73,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Forwarded { code, .. } => *code,
             Error::Raft(raft) => match raft {

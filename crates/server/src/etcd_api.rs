@@ -101,8 +101,9 @@ fn range_request(
     })?;
     // As etcd: the store's order is ascending by key. A sort with an
     // order reads every key of the range, sorts, then applies the limit; a
-    // target other than the key with no order sorts ascending, after the
-    // limit (the first keys in key order, sorted).
+    // target other than the key with no order sorts ascending the first
+    // limit + 1 keys in key order (etcd reads one more for `more`), then
+    // applies the limit.
     let natural = target == SortTarget::Key && order != SortOrder::Descend;
     let by_value = target == SortTarget::Value;
     let sort = (!natural).then_some(Sort {
@@ -112,14 +113,21 @@ fn range_request(
             order
         },
         target,
-        limit: if order == SortOrder::None { 0 } else { limit },
+        limit,
         drop_values: request.keys_only && by_value,
     });
     let reads_every_key = !natural && order != SortOrder::None;
+    let read_limit = if reads_every_key {
+        0
+    } else if sort.is_some() && limit > 0 {
+        limit.saturating_add(1)
+    } else {
+        limit
+    };
     Ok((
         RangeRequest {
             range,
-            limit: if reads_every_key { 0 } else { limit },
+            limit: read_limit,
             keys_only: request.keys_only && !(sort.is_some() && by_value),
             count_only: request.count_only,
             bytes_max: 0,
@@ -459,6 +467,7 @@ impl pb::kv_server::Kv for EtcdApi {
         request: Request<pb::TxnRequest>,
     ) -> std::result::Result<Response<pb::TxnResponse>, Status> {
         let (txn, sorts) = txn_request(self.node.config(), request.get_ref(), 0)?;
+        validate::txn_totals(&txn)?;
         validate::txn_writes_each_key_once(&txn)?;
         let group = self.group()?;
         let response = self.node.transact(group, txn).await?;
@@ -895,12 +904,13 @@ mod tests {
                 .expect("valid");
             assert!(sort.is_none(), "{order:?}");
         }
-        // Another target with no order sorts ascending, over the keys the
-        // limit keeps in key order (etcdctl --sort-by=MODIFY sends this).
+        // Another target with no order sorts ascending, over the first
+        // limit + 1 keys in key order, then keeps the limit, as etcd
+        // (etcdctl --sort-by=MODIFY sends this).
         let unordered = answer(&request(SortTarget::Mod, SortOrder::None, 0, false));
         assert_eq!(keys(&unordered), ["kb", "kd", "kc", "ka"]);
         let unordered = answer(&request(SortTarget::Mod, SortOrder::None, 2, false));
-        assert_eq!(keys(&unordered), ["kb", "ka"]);
+        assert_eq!(keys(&unordered), ["kb", "kc"]);
         // With an order, every key is read, sorted, then limited.
         let descending = answer(&request(SortTarget::Mod, SortOrder::Descend, 2, false));
         assert_eq!(keys(&descending), ["ka", "kc"]);

@@ -107,6 +107,9 @@ impl Call {
     }
 }
 
+/// How long a unary request's body may take to arrive.
+pub const REQUEST_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Puts [`FastUnary`] in front of a service.
 #[derive(Clone)]
 pub struct FastUnaryLayer {
@@ -196,7 +199,16 @@ where
     use crate::proto::etcdserverpb::kv_server::Kv as EtcdKv;
     use crate::proto::regatta::v1::kv_server::Kv as RegattaKv;
     let (parts, body) = request.into_parts();
-    let message = match read_message(body, limit, call).await {
+    // A client that never finishes its body must not hold it (up to the
+    // request limit) forever.
+    let read = tokio::time::timeout(REQUEST_BODY_TIMEOUT, read_message(body, limit, call));
+    let read = read.await.unwrap_or_else(|_| {
+        Err(Error::DeadlineExceeded(format!(
+            "the request body did not arrive within {} s",
+            REQUEST_BODY_TIMEOUT.as_secs()
+        )))
+    });
+    let message = match read {
         Ok(message) => message,
         Err(error) => return Status::from(error).into_http(),
     };

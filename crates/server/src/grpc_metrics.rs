@@ -53,6 +53,14 @@ struct Series {
 
 impl GrpcMetrics {
     fn record(&self, method: &str, code: &'static str, micros: u64) {
+        // The path is the client's: only a plain gRPC method name becomes
+        // a label value (the Prometheus text encoder does not escape them,
+        // so a path holding `"` or `}` would break every later scrape).
+        let method = if is_plain_method(method) {
+            method
+        } else {
+            "other"
+        };
         let mut series = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let series = &mut *series;
         let known = series
@@ -190,6 +198,15 @@ where
     }
 }
 
+/// `/package.Service/Method`: ASCII letters, digits, `_`, `.` and `/`,
+/// at most 128 bytes.
+fn is_plain_method(path: &str) -> bool {
+    path.len() <= 128
+        && path
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +234,22 @@ mod tests {
             .iter()
             .any(|(method, _, _)| method == "other"));
         assert_eq!(code_name(14), "UNAVAILABLE");
+    }
+
+    /// A client's path with characters a label value cannot hold (the
+    /// Prometheus text encoder does not escape) is counted as `other`.
+    #[test]
+    fn odd_paths_are_counted_as_other() {
+        let metrics = GrpcMetrics::default();
+        metrics.record("/x\"}1", "UNIMPLEMENTED", 1);
+        metrics.record("/a{b}", "UNIMPLEMENTED", 1);
+        metrics.record(&format!("/{}", "a".repeat(200)), "UNIMPLEMENTED", 1);
+        metrics.record("/etcdserverpb.KV/Range", "OK", 1);
+        let methods: Vec<String> = metrics
+            .snapshot()
+            .into_iter()
+            .map(|(method, _, _)| method)
+            .collect();
+        assert_eq!(methods, vec!["/etcdserverpb.KV/Range", "other"]);
     }
 }

@@ -67,6 +67,9 @@ pub use node::{
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};
 
+/// Concurrent requests (HTTP/2 streams) one API connection may have open.
+pub const API_STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+
 /// Serves every API of `node` on `listener` until `shutdown` resolves;
 /// over TLS with `tls` (see [`tls::server_config`]).
 pub async fn serve(
@@ -87,7 +90,12 @@ pub async fn serve(
     let request_bytes_max =
         fast_unary::request_bytes_max(config.key_bytes_max, config.value_bytes_max);
     // Layers run outermost first: metrics count the short path's calls too.
+    // Streams per connection are bounded (tonic would otherwise lift
+    // hyper's limit), and HTTP/2 pings find dead connections.
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(API_STREAMS_PER_CONNECTION_MAX))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .layer(grpc_metrics::GrpcMetricsLayer::new(
             node.grpc_metrics().clone(),
         ))

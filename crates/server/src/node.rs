@@ -372,6 +372,16 @@ impl Node {
             .map(|(id, address)| (*id, address.clone()))
             .collect();
         tcp.tls = config.peer_tls.clone();
+        if tcp.tls.is_none() {
+            if let Ok(local) = listener.local_addr() {
+                if !local.ip().is_loopback() {
+                    tracing::warn!(
+                        address = %local,
+                        "the Raft peer port listens beyond loopback without TLS: whoever reaches it can send Raft messages as any node (docs/security.md); set --raft.cert-filename, --raft.key-filename, --raft.ca-filename and --raft.allowed-cn"
+                    );
+                }
+            }
+        }
         let transport = TcpTransport::start(tcp, listener);
         let wal = Wal::open(WalConfig::new(config.data_dir.join("wal")))
             .map_err(|error| Error::Storage(format!("open the WAL: {error}")))?;
@@ -480,6 +490,11 @@ impl Node {
                 "peer_handshakes_refused",
                 "Incoming peer connections refused at the TLS or Regatta handshake.",
                 stats.handshakes_refused.load(Relaxed),
+            ),
+            (
+                "peer_connections_refused",
+                "Incoming peer connections closed at once: too many were open.",
+                stats.connections_refused.load(Relaxed),
             ),
             (
                 "snapshots_sent",

@@ -380,6 +380,7 @@ impl pb::kv_server::Kv for RegattaApi {
         let request = request.into_inner();
         let group = self.table(&request.table)?;
         let txn = txn_request(self.node.config(), &request)?;
+        validate::txn_totals(&txn)?;
         validate::txn_writes_each_key_once(&txn)?;
         let response = self.node.transact(group, txn).await?;
         let (revision, op) = result(response)?;

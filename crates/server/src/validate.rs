@@ -123,6 +123,46 @@ pub fn txn_shape(depth: usize, compares: usize, success: usize, failure: usize) 
     Ok(())
 }
 
+/// Compares and operations in a whole transaction tree, nested ones
+/// included, at most. Each branch may hold `TXN_OPS_MAX`, but nesting
+/// multiplies them: without a total, a 4 MiB request could carry about
+/// 400,000 operations.
+pub const TXN_TREE_OPS_MAX: usize = 4096;
+/// Ranges in a whole transaction tree, at most: each may read the whole
+/// table into the response, so a small request could otherwise ask for
+/// hundreds of copies of it. 128 is etcd's default limit of operations per
+/// branch (`--max-txn-ops`), so every flat etcd transaction passes.
+pub const TXN_TREE_RANGES_MAX: usize = 128;
+
+/// The size of a whole transaction tree (`TXN_TREE_OPS_MAX`,
+/// `TXN_TREE_RANGES_MAX`), both branches of every level counted.
+pub fn txn_totals(txn: &TxnRequest) -> Result<()> {
+    fn count(txn: &TxnRequest, ops: &mut usize, ranges: &mut usize) {
+        *ops += txn.compare.len();
+        for op in txn.success.iter().chain(&txn.failure) {
+            *ops += 1;
+            match op {
+                RequestOp::Range(_) => *ranges += 1,
+                RequestOp::Txn(inner) => count(inner, ops, ranges),
+                RequestOp::Put(_) | RequestOp::DeleteRange(_) => {}
+            }
+        }
+    }
+    let (mut ops, mut ranges) = (0, 0);
+    count(txn, &mut ops, &mut ranges);
+    if ops > TXN_TREE_OPS_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "too many operations in txn request: {ops} compares and operations in all, nested transactions included; at most {TXN_TREE_OPS_MAX}"
+        )));
+    }
+    if ranges > TXN_TREE_RANGES_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "too many operations in txn request: {ranges} ranges in all, nested transactions included; at most {TXN_TREE_RANGES_MAX}"
+        )));
+    }
+    Ok(())
+}
+
 /// A write that arrives already built, as a follower cluster forwards it:
 /// the checks the APIs make while building one (`key`, `value`, `range`,
 /// `txn_shape`), so that it is refused as the same request would be from
@@ -135,6 +175,7 @@ pub fn command(config: &NodeConfig, command: &Command) -> Result<()> {
         }
         Command::Txn(txn) => {
             txn_request(config, txn, 0)?;
+            txn_totals(txn)?;
             txn_writes_each_key_once(txn)
         }
         Command::Replicated(_)
@@ -384,7 +425,7 @@ mod tests {
 #[cfg(test)]
 mod txn_write_tests {
     use super::*;
-    use regatta_kv::command::DeleteRangeRequest;
+    use regatta_kv::command::{DeleteRangeRequest, RangeRequest};
 
     fn put(key: &str) -> RequestOp {
         RequestOp::Put(PutRequest {
@@ -497,5 +538,39 @@ mod txn_write_tests {
             failure: vec![put("a")],
         })
         .is_ok());
+    }
+
+    /// Nesting cannot multiply a transaction past its totals: operations
+    /// and ranges are counted over the whole tree.
+    #[test]
+    fn a_transaction_tree_is_counted_whole() {
+        let range = || {
+            RequestOp::Range(RangeRequest {
+                range: KeyRange {
+                    key: vec![0],
+                    range_end: vec![0],
+                },
+                ..RangeRequest::default()
+            })
+        };
+        let flat = TxnRequest {
+            success: (0..TXN_TREE_RANGES_MAX).map(|_| range()).collect(),
+            ..TxnRequest::default()
+        };
+        txn_totals(&flat).expect("etcd's default limit passes");
+        let nested = TxnRequest {
+            success: vec![RequestOp::Txn(flat.clone()), RequestOp::Txn(flat)],
+            ..TxnRequest::default()
+        };
+        let error = txn_totals(&nested).expect_err("twice the ranges");
+        assert!(error.to_string().contains("ranges in all"), "{error}");
+        let puts = TxnRequest {
+            failure: (0..=TXN_TREE_OPS_MAX)
+                .map(|_| RequestOp::Put(PutRequest::default()))
+                .collect(),
+            ..TxnRequest::default()
+        };
+        let error = txn_totals(&puts).expect_err("too many");
+        assert!(error.to_string().contains("in all"), "{error}");
     }
 }
