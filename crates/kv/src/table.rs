@@ -604,8 +604,42 @@ impl RecentWrites {
 
 /// The committed data of a table, with the writes of the batch being
 /// applied on top.
+/// What a `View` reads: the live partition (the apply path, which alone
+/// writes it), or a point-in-time snapshot of it (reads on other tasks).
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Live(&'a PartitionHandle),
+    Frozen(&'a fjall::Snapshot),
+}
+
+impl Source<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<fjall::Slice>> {
+        Ok(match self {
+            Source::Live(data) => data.get(key)?,
+            Source::Frozen(snapshot) => snapshot.get(key).map_err(fjall::Error::from)?,
+        })
+    }
+
+    fn range(
+        &self,
+        bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    ) -> Box<dyn Iterator<Item = Result<(fjall::Slice, fjall::Slice)>>> {
+        match self {
+            Source::Live(data) => Box::new(
+                data.range::<Vec<u8>, _>(bounds)
+                    .map(|item| item.map_err(Into::into)),
+            ),
+            Source::Frozen(snapshot) => Box::new(
+                snapshot
+                    .range::<Vec<u8>, _>(bounds)
+                    .map(|item| item.map_err(|error| fjall::Error::from(error).into())),
+            ),
+        }
+    }
+}
+
 struct View<'a> {
-    data: &'a PartitionHandle,
+    data: Source<'a>,
     /// Records of recently written keys, equal to `data`'s; `None` for
     /// reads, which run on other tasks.
     recent: Option<&'a RecentWrites>,
@@ -637,7 +671,7 @@ impl View<'_> {
             .writes
             .range::<Vec<u8>, _>((low.clone(), high.clone()))
             .peekable();
-        for item in self.data.range::<Vec<u8>, _>((low, high)) {
+        for item in self.data.range((low, high)) {
             let (key, bytes) = item?;
             // Keys written in this batch that sort first.
             while let Some((written_key, record)) =
@@ -875,14 +909,21 @@ struct TableReader {
 
 impl StateReader for TableReader {
     fn read(&self, query: &Bytes) -> Bytes {
-        let published = self.published.read().unwrap_or_else(|p| p.into_inner());
-        read_encoded(&published.data, published.revision, query)
+        // The lock only for a consistent snapshot (no batch half
+        // committed), not for the scan: a long read must not hold up the
+        // apply thread's next commit, which waits for the write lock (and
+        // with it every group sharing that thread).
+        let (snapshot, revision) = {
+            let published = self.published.read().unwrap_or_else(|p| p.into_inner());
+            (published.data.snapshot(), published.revision)
+        };
+        read_encoded(Source::Frozen(&snapshot), revision, query)
     }
 }
 
 /// Decodes a query, serves it from `data` at `revision`, and encodes the
 /// response.
-fn read_encoded(data: &PartitionHandle, revision: u64, query: &Bytes) -> Bytes {
+fn read_encoded(data: Source<'_>, revision: u64, query: &Bytes) -> Bytes {
     let response = match decode::<Query>(query) {
         Ok(query) => answer_query(data, revision, &query),
         Err(error) => Response {
@@ -894,7 +935,7 @@ fn read_encoded(data: &PartitionHandle, revision: u64, query: &Bytes) -> Bytes {
 }
 
 /// Answers a query from `data`, which holds the table at `revision`.
-fn answer_query(data: &PartitionHandle, revision: u64, query: &Query) -> Response {
+fn answer_query(data: Source<'_>, revision: u64, query: &Query) -> Response {
     let mut view = View {
         data,
         recent: None,
@@ -1101,7 +1142,7 @@ impl Table {
                 continue;
             }
             let mut view = View {
-                data: &self.data,
+                data: Source::Live(&self.data),
                 recent: Some(&self.recent),
                 writes: std::mem::take(&mut writes),
             };
@@ -1286,7 +1327,7 @@ impl Table {
 
     /// Answers a query from the committed state.
     pub fn query(&self, query: &Query) -> Response {
-        answer_query(&self.data, self.revision(), query)
+        answer_query(Source::Live(&self.data), self.revision(), query)
     }
 
     /// Shows readers on other tasks the current data and revision.
@@ -1526,7 +1567,7 @@ impl StateMachine for Table {
     }
 
     fn read(&self, query: &Bytes) -> Bytes {
-        read_encoded(&self.data, self.revision(), query)
+        read_encoded(Source::Live(&self.data), self.revision(), query)
     }
 
     fn reader(&self) -> Option<Arc<dyn StateReader>> {

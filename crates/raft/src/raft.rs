@@ -1055,7 +1055,17 @@ impl<S: Storage> Raft<S> {
     /// an uncommitted removal may still be truncated away.
     fn update_removed(&mut self) {
         let committed = self.committed_membership();
-        if committed.contains(self.id) {
+        // Any committed membership still in the history counts, not only
+        // the latest: after a restart, a node whose removal committed
+        // finds itself in an earlier one (unless the log was compacted
+        // past it). An uncommitted one does not: a joining learner is not
+        // removed while the change that adds it is pending.
+        let committed_index = self.log.committed;
+        if self
+            .history
+            .iter()
+            .any(|(index, membership)| *index <= committed_index && membership.contains(self.id))
+        {
             self.was_member = true;
         }
         self.removed = self.was_member && !committed.contains(self.id);

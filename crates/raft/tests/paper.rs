@@ -1144,6 +1144,25 @@ mod membership {
         assert!(c.nodes[&n(3)].status().soft_state.removed);
     }
 
+    /// A removed node still knows it was removed after a restart, while
+    /// its log holds the membership it was in (shutdown-on-remove fires
+    /// again instead of leaving it running as a non-member).
+    #[test]
+    fn a_removal_is_remembered_across_a_restart() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(3).leave().expect("forwarded");
+        c.settle();
+        c.tick_all(1);
+        assert!(c.nodes[&n(3)].status().soft_state.removed);
+        let storage = c.stop(3);
+        c.restart(3, storage);
+        assert!(
+            c.nodes[&n(3)].status().soft_state.removed,
+            "forgotten at restart"
+        );
+    }
+
     /// Thesis §4.2.3: a removed node that never learnt of its removal
     /// campaigns, but cannot disrupt the cluster.
     #[test]
