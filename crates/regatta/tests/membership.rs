@@ -388,6 +388,15 @@ async fn grow_from_one_to_five_and_shrink_to_three_under_load() {
         cli_until_ok(&["member", "remove", &id.to_string(), "--address", &admin]);
     }
     wait_for_roles(apis[0], &[(1, "voter"), (2, "voter"), (3, "voter")]);
+    // A removed id is never added again: a table may still hold its old
+    // incarnation as a voter, which a wiped node would then stand for.
+    let spare = free_address().to_string();
+    let (success, _, stderr) = cli(&["member", "add", &spare, "--id", "5", "--address", &admin]);
+    assert!(!success, "a removed id was added again");
+    assert!(
+        stderr.contains("FailedPrecondition") && stderr.contains("never reused"),
+        "unclear refusal: {stderr}"
+    );
     // The tables follow the cluster (a table still waiting to commit a
     // change needs the node the change counts on).
     wait_for_table_voters(apis[0], &[1, 2, 3]);

@@ -80,6 +80,13 @@ fn member_key(id: NodeId) -> Vec<u8> {
     format!("member/{:020}", id.0).into_bytes()
 }
 
+/// Ids once removed: never added again (`removed/<id>`, kept for good).
+const REMOVED_PREFIX: &[u8] = b"removed/";
+
+fn removed_key(id: NodeId) -> Vec<u8> {
+    format!("removed/{:020}", id.0).into_bytes()
+}
+
 fn encode_addresses(addresses: &MemberAddresses) -> Vec<u8> {
     format!("{}\n{}", addresses.raft_address, addresses.client_url).into_bytes()
 }
@@ -219,15 +226,26 @@ pub(super) fn next_change(current: &Membership, wanted: &Membership) -> Option<C
             return Some(ConfChange::Promote { node: *node });
         }
     }
+    // A voter leaves (demoted or removed) only once every wanted voter
+    // votes here: a replacement never shrinks the group, even while the
+    // new node is still a learner catching up (auto-promotion).
+    let voters_pending = wanted
+        .voters
+        .iter()
+        .any(|node| !current.voters.contains(node));
     for node in &wanted.learners {
-        if current.voters.contains(node) && !wanted.auto_promote.contains(node) {
+        if current.voters.contains(node) && !wanted.auto_promote.contains(node) && !voters_pending {
             return Some(ConfChange::Demote { node: *node });
         }
     }
     current
         .voters
         .union(&current.learners)
-        .find(|node| !wanted_members.contains(node))
+        .find(|node| {
+            let unwanted = !wanted_members.contains(node);
+            let voter_must_stay = voters_pending && current.voters.contains(node);
+            unwanted && !voter_must_stay
+        })
         .map(|node| ConfChange::Remove { node: *node })
 }
 
@@ -271,6 +289,34 @@ impl Node {
             .collect())
     }
 
+    /// Ids removed from the cluster (`removed/<id>`), as this node's copy
+    /// of the metadata group holds them.
+    async fn removed_ids(&self) -> Result<BTreeSet<NodeId>> {
+        let query = Query::Range(RangeRequest {
+            range: KeyRange {
+                key: REMOVED_PREFIX.to_vec(),
+                range_end: prefix_end(REMOVED_PREFIX),
+            },
+            keys_only: true,
+            ..RangeRequest::default()
+        });
+        let response = self.read(META_GROUP, &query, false).await?;
+        let Ok(ResponseOp::Range(range)) = response.result else {
+            return Err(Error::Internal("reading the removed ids failed".into()));
+        };
+        Ok(range
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(kv.key.get(REMOVED_PREFIX.len()..)?)
+                    .ok()?
+                    .parse()
+                    .ok()
+                    .map(NodeId)
+            })
+            .collect())
+    }
+
     /// Every member: the metadata group's membership with the recorded
     /// addresses (the configured ones for initial members not recorded
     /// yet).
@@ -307,12 +353,19 @@ impl Node {
     }
 
     async fn record_member(&self, id: NodeId, addresses: &MemberAddresses) -> Result<()> {
+        self.record_member_at(id, addresses).await.map(|_| ())
+    }
+
+    /// `record_member`, returning the revision the record was written at.
+    async fn record_member_at(&self, id: NodeId, addresses: &MemberAddresses) -> Result<u64> {
         let command = Command::Txn(regatta_kv::command::TxnRequest {
             compare: Vec::new(),
             success: vec![put(&member_key(id), &encode_addresses(addresses))],
             failure: Vec::new(),
         });
-        self.write(META_GROUP, &command).await.map(|_| ())
+        self.write(META_GROUP, &command)
+            .await
+            .map(|response| response.revision)
     }
 
     /// Deletes member `id`'s record if it is still the one written at
@@ -416,13 +469,22 @@ impl Node {
                 id.0
             )));
         }
+        // A group may still hold the old incarnation of a removed id as a
+        // voter (its leader drops members after the metadata group does):
+        // a wiped node under that id would count as holding its log.
+        if self.removed_ids().await?.contains(&id) {
+            return Err(Error::FailedPrecondition(format!(
+                "node id {} was removed from this cluster, and ids are never reused: add the node under a new id (etcd's member add picks the next one)",
+                id.0
+            )));
+        }
         let recorded = self.member_addresses().await?;
         check_address_free(&recorded, id, &addresses.raft_address)?;
         self.departures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .forget(id);
-        self.record_member(id, &addresses).await?;
+        let written = self.record_member_at(id, &addresses).await?;
         self.transport.set_peer(id, addresses.raft_address.clone());
         let added = self
             .change_cluster(ConfChange::AddLearner {
@@ -434,8 +496,17 @@ impl Node {
             // Refused by the leader (nothing was appended): the record
             // would keep the address taken for a node that never joined.
             // After a timeout the change may still commit, so the record
-            // stays.
-            if is_conf_change_refusal(&error) && self.forget_member(id).await.is_ok() {
+            // stays; so does one a concurrent add of the same node wrote
+            // since (only the record written here is deleted), and any
+            // when the node turned out to be a member already.
+            let member_already = error.to_string().contains("already");
+            if is_conf_change_refusal(&error)
+                && !member_already
+                && self
+                    .forget_member_record(id, written)
+                    .await
+                    .unwrap_or(false)
+            {
                 self.transport.remove_peer(id);
             }
             return Err(error);
@@ -500,8 +571,25 @@ impl Node {
                 id.0
             )));
         }
+        // The tombstone first: a node that removes itself can write nothing
+        // after. One left by a refused removal only keeps a member's id
+        // from being added again, which it cannot be while a member.
+        let command = Command::Txn(regatta_kv::command::TxnRequest {
+            compare: Vec::new(),
+            success: vec![put(&removed_key(id), b"")],
+            failure: Vec::new(),
+        });
+        self.write(META_GROUP, &command).await?;
         self.change_cluster(ConfChange::Remove { node: id }).await?;
-        self.forget_member(id).await?;
+        // The removal committed: the call succeeds whatever happens to the
+        // address record. A node that removed itself is no member now, so
+        // its own write would be dropped; the metadata leader's departure
+        // sweep deletes a record left behind.
+        if id != self.config.node_id {
+            if let Err(error) = self.forget_member(id).await {
+                tracing::warn!(node = id.0, %error, "removed; its address record is left for the departure sweep");
+            }
+        }
         tracing::info!(node = id.0, "member removed");
         Ok(())
     }
@@ -597,11 +685,13 @@ impl Node {
     pub async fn next_member_id(&self) -> Result<NodeId> {
         let membership = self.membership().await?;
         let recorded = self.member_addresses().await?;
+        let removed = self.removed_ids().await?;
         let highest = membership
             .voters
             .iter()
             .chain(membership.learners.iter())
             .chain(recorded.keys())
+            .chain(removed.iter())
             .chain(self.config.members.keys())
             .map(|id| id.0)
             .max()
@@ -639,10 +729,21 @@ impl Node {
         let deadline = Instant::now() + timeout;
         let own = self.config.node_id;
         self.drain(Duration::from_secs(5)).await;
+        // Done once this node knows its removal committed (`removed`): the
+        // membership it reads is the latest in its log, and a removal still
+        // uncommitted there may yet be truncated by a new leader.
+        let removal_committed = || async {
+            self.host
+                .status(META_GROUP)
+                .await
+                .is_ok_and(|status| status.soft_state.removed)
+        };
         loop {
             match self.remove_member(own).await {
                 Ok(()) => break,
-                Err(Error::FailedPrecondition(message)) if message.contains("not a member") => {
+                Err(Error::FailedPrecondition(message))
+                    if message.contains("not a member") && removal_committed().await =>
+                {
                     break
                 }
                 Err(error) if Instant::now() >= deadline => return Err(error),
@@ -1029,6 +1130,31 @@ mod tests {
                 ..
             })
         ));
+        // And no voter leaves while the new one is still a learner being
+        // promoted: three voters stay until it votes, then 3 goes.
+        assert_eq!(
+            next_change(&membership(&[1, 2, 3], &[4], &[4]), &replaced),
+            None
+        );
+        assert_eq!(
+            next_change(&membership(&[1, 2, 3, 4], &[], &[]), &replaced),
+            Some(ConfChange::Remove { node: NodeId(3) })
+        );
+        // A learner may still go meanwhile, and a demotion waits too.
+        assert_eq!(
+            next_change(
+                &membership(&[1, 2, 3], &[4, 5], &[4]),
+                &membership(&[1, 2, 3, 4], &[], &[])
+            ),
+            Some(ConfChange::Remove { node: NodeId(5) })
+        );
+        assert_eq!(
+            next_change(
+                &membership(&[1, 2, 3], &[4], &[4]),
+                &membership(&[1, 2, 4], &[3], &[])
+            ),
+            None
+        );
     }
 
     #[test]
