@@ -913,9 +913,15 @@ impl StateReader for TableReader {
         // committed), not for the scan: a long read must not hold up the
         // apply thread's next commit, which waits for the write lock (and
         // with it every group sharing that thread).
-        let (snapshot, revision) = {
+        // The handle is kept until the read ends: dropping the last one of
+        // a partition a restore deleted meanwhile removes its files.
+        let (snapshot, _data, revision) = {
             let published = self.published.read().unwrap_or_else(|p| p.into_inner());
-            (published.data.snapshot(), published.revision)
+            (
+                published.data.snapshot(),
+                published.data.clone(),
+                published.revision,
+            )
         };
         read_encoded(Source::Frozen(&snapshot), revision, query)
     }
@@ -1268,17 +1274,6 @@ impl Table {
                 batch.commit()?;
                 self.publish();
                 true
-            }
-            // A copy older than what a follower's table holds would move
-            // its revision back (a deposed puller's install finishing
-            // after the new puller applied more, or a snapshot from a
-            // lagging leader node): refused, and the restore stays under
-            // way for an install of a newer copy.
-            Command::RestoreCommit { leader_index, .. }
-                if self.mode == TableMode::Replica && leader_index < self.leader_index =>
-            {
-                self.commit_writes(BTreeMap::new())?;
-                false
             }
             Command::RestoreCommit {
                 restore_id,

@@ -453,55 +453,6 @@ fn a_leader_command_this_version_cannot_read_stops_the_table() {
     );
 }
 
-/// A copy older than what a follower's table holds is refused at commit:
-/// installing it would move the table's revision back (a deposed puller's
-/// install finishing after the new puller applied more, or a snapshot
-/// from a lagging leader node). The restore stays under way, batches stay
-/// refused, and a copy at least as new commits.
-#[test]
-fn a_copy_older_than_the_table_is_refused_and_the_restore_stays() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let mut follower = store
-        .open_table_as(2, TableMode::Replica)
-        .expect("follower");
-    let commands = (1..=5).map(|i| put(&format!("k{i}"), "v")).collect();
-    apply(&mut follower, &[replicated(1, commands)]);
-    assert_eq!(follower.revision(), 5);
-    apply(&mut follower, &[Command::RestoreBegin { restore_id: 9 }]);
-    let old = apply(
-        &mut follower,
-        &[Command::RestoreCommit {
-            restore_id: 9,
-            leader_index: 3,
-        }],
-    );
-    let refused = outcome(&old[0]);
-    assert!(!refused.accepted);
-    assert_eq!(refused.leader_index, 5, "names the table's index");
-    assert_eq!(follower.revision(), 5, "not moved back");
-    assert_eq!(contents(&follower).len(), 5, "the data stays");
-    assert!(
-        store.table_restore_pending(2).expect("meta"),
-        "still under way"
-    );
-    let batch = apply(&mut follower, &[replicated(6, vec![put("k6", "v")])]);
-    assert!(!outcome(&batch[0]).accepted, "batches wait for the restore");
-    let newer = apply(
-        &mut follower,
-        &[Command::RestoreCommit {
-            restore_id: 9,
-            leader_index: 7,
-        }],
-    );
-    assert!(outcome(&newer[0]).accepted);
-    assert_eq!(follower.revision(), 7);
-    assert!(
-        contents(&follower).is_empty(),
-        "the (empty) copy replaced it"
-    );
-}
-
 /// Entries without a command (no-ops, membership changes) move a leader
 /// table's applied index too: its revision, and the index of a snapshot
 /// of it, are the group's applied index, never below what a follower

@@ -1645,20 +1645,12 @@ impl Group {
             // one); a read state that comes later finds nobody and is
             // ignored.
             self.reads.retain(|_, read| !read.is_abandoned());
-            // A snapshot whose transfer was never reported (the report
-            // was lost: a full inbox) is counted failed, so that Raft stops
-            // waiting for it and sends that follower another.
+            // Only the compaction hold is released: the transfer may still
+            // be running (a large snapshot on a paced link), and its report
+            // comes on the unbounded control channel.
             let ticks = self.ticks;
-            let expired: Vec<NodeId> = self
-                .snapshots_out
-                .iter()
-                .filter(|(_, (_, since))| ticks.saturating_sub(*since) >= SNAPSHOT_HOLD_TICKS_MAX)
-                .map(|(to, _)| *to)
-                .collect();
-            for to in expired {
-                self.snapshots_out.remove(&to);
-                self.raft.report_snapshot(to, false);
-            }
+            self.snapshots_out
+                .retain(|_, (_, since)| ticks.saturating_sub(*since) < SNAPSHOT_HOLD_TICKS_MAX);
         }
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some();

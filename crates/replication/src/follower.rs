@@ -341,6 +341,9 @@ async fn supervise(
             let keep = led.get(name) == Some(&puller.group) && !puller.task.is_finished();
             if !keep {
                 puller.task.abort();
+                // Its lag, computed when read, would grow for good here;
+                // the node that pulls now reports the table's.
+                node.clear_replication_facts(puller.group);
             }
             keep
         });
@@ -833,15 +836,10 @@ async fn install_snapshot_once(
         restore.abort().await;
         return Err(error);
     }
-    let summary = restore.commit().await.map_err(|error| match error {
-        // Older than the copy here: from a lagging leader node, or a
-        // puller deposed meanwhile. The restore stays under way; the next
-        // attempt asks the next address.
-        regatta_server::Error::FailedPrecondition(_) => Error::LeaderBehind(format!(
-            "the leader node's snapshot of table {name:?}: {error}"
-        )),
-        error => Error::Protocol(format!("the snapshot: {error}")),
-    })?;
+    let summary = restore
+        .commit()
+        .await
+        .map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
     node.count_snapshot_install(group);
     state.received += 1;
     state.update(summary.index, summary.index);

@@ -674,6 +674,15 @@ impl Node {
             .insert(group, facts);
     }
 
+    /// Forgets a follower table's replication state (its puller moved to
+    /// another node).
+    pub fn clear_replication_facts(&self, group: GroupId) {
+        self.replication
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+    }
+
     /// Counts a snapshot of the leader's table installed by this node.
     pub fn count_snapshot_install(&self, group: GroupId) {
         *self

@@ -207,17 +207,11 @@ impl<'a> TableRestore<'a> {
     /// Replaces the table with the copy, once the last chunk arrived. On
     /// a follower cluster, the table then holds the copy's leader index.
     /// On any failure it proposes `RestoreAbort` (harmless if the commit
-    /// applied after all: the abort then finds no restore under way),
-    /// except when a follower's table refused the copy as older than what
-    /// it holds (`Error::FailedPrecondition`): the restore then stays
-    /// under way, so that the table waits for a newer copy (an operator's
-    /// reset is not lost) and takes no more batches meanwhile.
+    /// applied after all: the abort then finds no restore under way).
     pub async fn commit(mut self) -> Result<RestoreSummary> {
         let committed = self.try_commit().await;
-        if let Err(error) = &committed {
-            if !matches!(error, Error::FailedPrecondition(_)) {
-                self.abort().await;
-            }
+        if committed.is_err() {
+            self.abort().await;
         }
         committed
     }
@@ -237,15 +231,8 @@ impl<'a> TableRestore<'a> {
             restore_id: self.restore_id,
             leader_index: self.summary.index,
         };
-        let result = propose(self.node, self.group, &step).await?;
-        if result.accepted {
+        if propose(self.node, self.group, &step).await?.accepted {
             Ok(self.summary)
-        } else if result.leader_index > self.summary.index {
-            Err(Error::FailedPrecondition(format!(
-                "the copy is at leader index {}, older than the table's {}: the table keeps \
-                 its data and waits for a newer copy",
-                self.summary.index, result.leader_index
-            )))
         } else {
             Err(Error::Unavailable(
                 "another restore of the table replaced this one".into(),

@@ -128,8 +128,9 @@ pub fn txn_shape(depth: usize, compares: usize, success: usize, failure: usize) 
 /// multiplies them: without a total, a 4 MiB request could carry about
 /// 400,000 operations.
 pub const TXN_TREE_OPS_MAX: usize = 4096;
-/// Ranges in a whole transaction tree, at most: each may read the whole
-/// table into the response, so a small request could otherwise ask for
+/// Ranges a transaction tree can run, at most (along the branches taken
+/// together: each transaction runs one): each may read the whole table
+/// into the response, so a small request could otherwise ask for
 /// hundreds of copies of it. 128 is etcd's default limit of operations per
 /// branch (`--max-txn-ops`), so every flat etcd transaction passes.
 pub const TXN_TREE_RANGES_MAX: usize = 128;
@@ -137,19 +138,29 @@ pub const TXN_TREE_RANGES_MAX: usize = 128;
 /// The size of a whole transaction tree (`TXN_TREE_OPS_MAX`,
 /// `TXN_TREE_RANGES_MAX`), both branches of every level counted.
 pub fn txn_totals(txn: &TxnRequest) -> Result<()> {
-    fn count(txn: &TxnRequest, ops: &mut usize, ranges: &mut usize) {
+    // Operations over the whole tree; ranges along the branches that can
+    // run together (one branch per transaction runs, so the larger of the
+    // two counts, as etcd's per-branch limit).
+    fn count(txn: &TxnRequest, ops: &mut usize) -> usize {
         *ops += txn.compare.len();
-        for op in txn.success.iter().chain(&txn.failure) {
-            *ops += 1;
-            match op {
-                RequestOp::Range(_) => *ranges += 1,
-                RequestOp::Txn(inner) => count(inner, ops, ranges),
-                RequestOp::Put(_) | RequestOp::DeleteRange(_) => {}
+        let branch_ranges = |branch: &[RequestOp], ops: &mut usize| -> usize {
+            let mut ranges = 0;
+            for op in branch {
+                *ops += 1;
+                match op {
+                    RequestOp::Range(_) => ranges += 1,
+                    RequestOp::Txn(inner) => ranges += count(inner, ops),
+                    RequestOp::Put(_) | RequestOp::DeleteRange(_) => {}
+                }
             }
-        }
+            ranges
+        };
+        let success = branch_ranges(&txn.success, ops);
+        let failure = branch_ranges(&txn.failure, ops);
+        success.max(failure)
     }
-    let (mut ops, mut ranges) = (0, 0);
-    count(txn, &mut ops, &mut ranges);
+    let mut ops = 0;
+    let ranges = count(txn, &mut ops);
     if ops > TXN_TREE_OPS_MAX {
         return Err(Error::InvalidArgument(format!(
             "too many operations in txn request: {ops} compares and operations in all, nested transactions included; at most {TXN_TREE_OPS_MAX}"
@@ -558,6 +569,11 @@ mod txn_write_tests {
             ..TxnRequest::default()
         };
         txn_totals(&flat).expect("etcd's default limit passes");
+        let both = TxnRequest {
+            failure: flat.success.clone(),
+            ..flat.clone()
+        };
+        txn_totals(&both).expect("one branch runs: both may hold the limit");
         let nested = TxnRequest {
             success: vec![RequestOp::Txn(flat.clone()), RequestOp::Txn(flat)],
             ..TxnRequest::default()
