@@ -151,6 +151,39 @@ async fn wait_until_applied_everywhere(hosts: &BTreeMap<u64, NodeHost>) {
     }
 }
 
+/// The leader every node names, once they agree (10 s at most).
+async fn agreed_leader(hosts: &BTreeMap<u64, NodeHost>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut named = Vec::new();
+        for host in hosts.values() {
+            named.push(host.status(GROUP).await.expect("status").soft_state.leader);
+        }
+        if let Some(Some(leader)) = named.first().copied() {
+            if named.iter().all(|each| *each == Some(leader)) {
+                return leader.0;
+            }
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The node of `among` that leads, once one does (10 s at most).
+async fn leader_among(hosts: &BTreeMap<u64, NodeHost>, among: &[u64]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for node in among {
+            let status = hosts[node].status(GROUP).await.expect("status");
+            if status.soft_state.role == Role::Leader {
+                return *node;
+            }
+        }
+        assert!(Instant::now() < deadline, "the majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// How many times each command was applied on a node.
 fn application_counts(journal: &Arc<Mutex<Vec<String>>>) -> HashMap<String, usize> {
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -347,20 +380,7 @@ async fn retried_requests_survive_leader_changes_applied_exactly_once() {
 async fn a_proposal_overwritten_after_a_partition_is_dropped_and_applied_nowhere() {
     let (_dirs, transport, hosts, journals) = start_cluster(Duration::from_secs(10));
     // Wait for a leader every node agrees on.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let old = loop {
-        let mut named = Vec::new();
-        for host in hosts.values() {
-            named.push(host.status(GROUP).await.expect("status").soft_state.leader);
-        }
-        if let Some(Some(leader)) = named.first().copied() {
-            if named.iter().all(|each| *each == Some(leader)) {
-                break leader.0;
-            }
-        }
-        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let old = agreed_leader(&hosts).await;
     hosts[&old]
         .propose(GROUP, Bytes::from_static(b"before"))
         .await
@@ -376,27 +396,7 @@ async fn a_proposal_overwritten_after_a_partition_is_dropped_and_applied_nowhere
             .await
     });
     // The majority elects one of its own and commits through it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let new = loop {
-        let mut leader = None;
-        for other in &others {
-            if hosts[other]
-                .status(GROUP)
-                .await
-                .expect("status")
-                .soft_state
-                .role
-                == Role::Leader
-            {
-                leader = Some(*other);
-            }
-        }
-        if let Some(leader) = leader {
-            break leader;
-        }
-        assert!(Instant::now() < deadline, "the majority elected no leader");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let new = leader_among(&hosts, &others).await;
     hosts[&new]
         .propose(GROUP, Bytes::from_static(b"majority"))
         .await
@@ -438,20 +438,7 @@ async fn a_proposal_a_snapshot_covers_has_an_unknown_outcome_not_dropped() {
     }
     let (_dirs, transport, hosts, journals) =
         start_cluster_with(Duration::from_secs(20), compact_often);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let old = loop {
-        let mut named = Vec::new();
-        for host in hosts.values() {
-            named.push(host.status(GROUP).await.expect("status").soft_state.leader);
-        }
-        if let Some(Some(leader)) = named.first().copied() {
-            if named.iter().all(|each| *each == Some(leader)) {
-                break leader.0;
-            }
-        }
-        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let old = agreed_leader(&hosts).await;
     hosts[&old]
         .propose(GROUP, Bytes::from_static(b"before"))
         .await
@@ -468,6 +455,7 @@ async fn a_proposal_a_snapshot_covers_has_an_unknown_outcome_not_dropped() {
             .propose(GROUP, Bytes::from_static(b"covered"))
             .await
     });
+    let replicated_by = Instant::now() + Duration::from_secs(10);
     let held = loop {
         let last = hosts[&old].status(GROUP).await.expect("status").last_index;
         let mut everywhere = true;
@@ -478,10 +466,7 @@ async fn a_proposal_a_snapshot_covers_has_an_unknown_outcome_not_dropped() {
         if everywhere && last > before {
             break last;
         }
-        assert!(
-            Instant::now() < deadline + Duration::from_secs(10),
-            "never replicated"
-        );
+        assert!(Instant::now() < replicated_by, "never replicated");
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     for other in &others {
@@ -489,21 +474,7 @@ async fn a_proposal_a_snapshot_covers_has_an_unknown_outcome_not_dropped() {
     }
     // The others elect one of their own, which commits the entry and
     // compacts well past it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let new = loop {
-        let mut leader = None;
-        for other in &others {
-            let status = hosts[other].status(GROUP).await.expect("status");
-            if status.soft_state.role == Role::Leader {
-                leader = Some(*other);
-            }
-        }
-        if let Some(leader) = leader {
-            break leader;
-        }
-        assert!(Instant::now() < deadline, "the majority elected no leader");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let new = leader_among(&hosts, &others).await;
     for round in 0..60 {
         hosts[&new]
             .propose(GROUP, Bytes::from(format!("after-{round}")))
