@@ -159,19 +159,9 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
     }
 
     // The follower's status shows the table caught up with the leader.
-    let channel = tonic::transport::Endpoint::from_shared(follower.endpoint())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut cluster = pb::cluster_client::ClusterClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = cluster
-            .status(pb::StatusRequest { config: false })
-            .await
-            .expect("status")
-            .into_inner();
+        let status = cluster_status(&follower.endpoint()).await;
         assert!(status.info.contains("follower"), "{}", status.info);
         let table = &status.tables["etcd"];
         if table.leader_index >= revision as u64 {
@@ -282,19 +272,9 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
     // misses: its lag grows from the last time it heard, instead of
     // staying at the 0 of its last report.
     leader.kill();
-    let channel = tonic::transport::Endpoint::from_shared(follower.endpoint())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut cluster = pb::cluster_client::ClusterClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status = cluster
-            .status(pb::StatusRequest { config: false })
-            .await
-            .expect("status")
-            .into_inner();
+        let status = cluster_status(&follower.endpoint()).await;
         let table = &status.tables["etcd"];
         if table.replication_lag_ms >= 3000 {
             break;
@@ -305,6 +285,20 @@ async fn a_follower_cluster_replicates_forwards_writes_and_recovers_through_snap
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `Cluster.Status` of the node at `endpoint`.
+async fn cluster_status(endpoint: &str) -> pb::StatusResponse {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    pb::cluster_client::ClusterClient::new(channel)
+        .status(pb::StatusRequest { config: false })
+        .await
+        .expect("status")
+        .into_inner()
 }
 
 /// Waits until the follower node `client` holds exactly `expected`.
