@@ -2092,6 +2092,15 @@ impl Group {
                     None => {}
                 }
             }
+            // Forwarded proposals the leader did not append: their callers
+            // hear why now (and retry if that may help) instead of waiting
+            // out their timeout.
+            for (id, source) in ready.refused_proposals {
+                for reply in self.waiting_ids.remove(&id).unwrap_or_default() {
+                    let source = source.clone();
+                    let _ = reply.send(Err(Error::Raft { group, source }));
+                }
+            }
             if let (true, Some(soft)) = (leader_changed, ready.soft_state) {
                 // Once per change of leader and group: elections, moves and
                 // losses of quorum can be read from the log.

@@ -32,10 +32,16 @@ use crate::host::{NodeHost, WeakNodeHost};
 use crate::snapshot::SnapshotData;
 use crate::tls::{ClientTlsOptions, Identity, Pem, ServerTlsOptions};
 use crate::transport::Transport;
-use crate::wire::{decode_batch, encode_batch, encode_message};
+use crate::wire::{decode_batch, encode_batch, encode_message, peer_understands};
 
 const HANDSHAKE_MAGIC: &[u8; 8] = b"RGRAFTv1";
-const FORMAT_VERSION: u32 = 1;
+/// The transport format this build speaks; it also accepts connections
+/// from `FORMAT_VERSION_MIN` on (a rolling upgrade), and dials older peers
+/// at the version they answer to.
+const FORMAT_VERSION: u32 = 2;
+/// The oldest transport format this build accepts and dials (version 1
+/// lacks `ProposeRefused`).
+const FORMAT_VERSION_MIN: u32 = 1;
 const HANDSHAKE_BYTES: usize = 28;
 const ANSWER_ACCEPTED: u8 = 0;
 const ANSWER_WRONG_CLUSTER: u8 = 1;
@@ -577,13 +583,13 @@ async fn peer_writer(
     // when the reason changes and at most once a minute otherwise.
     let mut logged: Option<(String, tokio::time::Instant)> = None;
     loop {
-        let mut stream = match connect(&config, &address).await {
-            Ok(stream) => {
+        let (mut stream, version) = match connect(&config, &address).await {
+            Ok(connected) => {
                 delay = config.reconnect_delay_min;
                 if logged.take().is_some() {
                     tracing::info!(peer = %address, "peer reachable again");
                 }
-                stream
+                connected
             }
             Err(error) => {
                 let reason = error.to_string();
@@ -606,7 +612,8 @@ async fn peer_writer(
                 continue;
             }
         };
-        if !send_until_broken(&config, &mut stream, &queue, &mut pending, &stats).await {
+        let sent = send_until_broken(&config, &mut stream, version, &queue, &mut pending, &stats);
+        if !sent.await {
             return;
         }
         // Lost after being connected: wake once; retries while the peer
@@ -631,6 +638,7 @@ fn wake_groups(host: &OnceLock<WeakNodeHost>) {
 async fn send_until_broken(
     config: &TcpConfig,
     stream: &mut BoxedStream,
+    version: u32,
     queue: &PeerQueue,
     pending: &mut Vec<(GroupId, Message)>,
     stats: &TcpStats,
@@ -646,6 +654,17 @@ async fn send_until_broken(
                 _ = stream.read(&mut probe) => return true,
             }
             continue;
+        }
+        if version < FORMAT_VERSION {
+            // An older peer closes the connection on a kind it does not
+            // know: what it cannot decode is dropped here (and counted).
+            let before = pending.len();
+            pending.retain(|(_, message)| peer_understands(version, message));
+            let unknown = (before - pending.len()) as u64;
+            stats.dropped_messages.fetch_add(unknown, Ordering::Relaxed);
+            if pending.is_empty() {
+                continue;
+            }
         }
         let count = pending.len() as u64;
         let mut by_kind = [0u64; MESSAGE_KIND_NAMES.len()];
@@ -681,10 +700,28 @@ async fn send_until_broken(
     }
 }
 
-/// Dials `address`: a name is resolved on every call, and each address it
-/// stands for is tried in the resolver's order, each step bounded by
-/// `connect_timeout`.
-async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<BoxedStream> {
+/// Dials `address` at this build's transport format, or, if the peer
+/// answers that it does not speak it, at the oldest one it may speak.
+/// Returns the stream and the version the peer accepted.
+async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<(BoxedStream, u32)> {
+    match connect_at(config, address, FORMAT_VERSION).await {
+        Ok(stream) => Ok((stream, FORMAT_VERSION)),
+        Err(error) if error.kind() == std::io::ErrorKind::Unsupported => {
+            let stream = connect_at(config, address, FORMAT_VERSION_MIN).await?;
+            Ok((stream, FORMAT_VERSION_MIN))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Dials `address` at transport format `version`: a name is resolved on
+/// every call, and each address it stands for is tried in the resolver's
+/// order, each step bounded by `connect_timeout`.
+async fn connect_at(
+    config: &TcpConfig,
+    address: &PeerAddress,
+    version: u32,
+) -> std::io::Result<BoxedStream> {
     let limit = config.connect_timeout;
     let timed_out = |what: String| {
         std::io::Error::new(
@@ -717,7 +754,7 @@ async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<B
             std::io::Error::other(format!("{address} resolves to no address"))
         }));
     };
-    tokio::time::timeout(limit, handshake(config, address, tcp))
+    tokio::time::timeout(limit, handshake(config, address, tcp, version))
         .await
         .map_err(|_| timed_out(format!("the handshake with {address}")))?
 }
@@ -727,6 +764,7 @@ async fn handshake(
     config: &TcpConfig,
     address: &PeerAddress,
     tcp: TcpStream,
+    version: u32,
 ) -> std::io::Result<BoxedStream> {
     tcp.set_nodelay(true)?;
     keep_alive(&tcp);
@@ -745,12 +783,18 @@ async fn handshake(
     };
     let mut handshake = Vec::with_capacity(HANDSHAKE_BYTES);
     handshake.extend_from_slice(HANDSHAKE_MAGIC);
-    handshake.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    handshake.extend_from_slice(&version.to_le_bytes());
     handshake.extend_from_slice(&config.cluster_id.to_le_bytes());
     handshake.extend_from_slice(&config.node_id.0.to_le_bytes());
     stream.write_all(&handshake).await?;
     stream.flush().await?;
     let answer = stream.read_u8().await?;
+    if answer == ANSWER_WRONG_VERSION {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("peer refused the handshake: it does not speak transport format {version}"),
+        ));
+    }
     if answer != ANSWER_ACCEPTED {
         return Err(std::io::Error::other(format!(
             "peer refused the handshake ({answer})"
@@ -783,7 +827,7 @@ async fn send_snapshot_stream(
     }
     let idle = config.snapshot_idle_timeout;
     let mut file = tokio::fs::File::open(data.path()).await?;
-    let mut stream = within(idle, connect(config, address)).await?;
+    let (mut stream, _) = within(idle, connect(config, address)).await?;
     within(
         idle,
         write_frame_parts(&mut stream, &header[..1], &header[1..]),
@@ -979,7 +1023,7 @@ async fn serve_stream(
     let version = u32::from_le_bytes([handshake[8], handshake[9], handshake[10], handshake[11]]);
     let mut cluster = [0u8; 8];
     cluster.copy_from_slice(&handshake[12..20]);
-    let answer = if version != FORMAT_VERSION {
+    let answer = if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         ANSWER_WRONG_VERSION
     } else if u64::from_le_bytes(cluster) != config.cluster_id {
         ANSWER_WRONG_CLUSTER
@@ -1220,6 +1264,69 @@ mod tests {
         queue.close();
         assert!(!writer.await.expect("writer"), "closed");
         assert!(!queue.wait().await, "stays closed");
+    }
+
+    /// A peer of transport format 1 (a rolling upgrade) refuses version
+    /// 2: the writer dials it again at version 1 and never sends it a kind
+    /// it cannot decode, which would close the connection.
+    #[tokio::test]
+    async fn an_older_peer_is_dialled_at_its_version_and_sent_only_what_it_knows() {
+        let old_peer = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer_address = old_peer.local_addr().expect("address");
+        let (versions_tx, mut versions) = tokio::sync::mpsc::unbounded_channel();
+        let (batches_tx, mut batches) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = old_peer.accept().await else {
+                    return;
+                };
+                let mut handshake = [0u8; HANDSHAKE_BYTES];
+                if socket.read_exact(&mut handshake).await.is_err() {
+                    continue;
+                }
+                let version = u32::from_le_bytes(handshake[8..12].try_into().expect("4 bytes"));
+                let _ = versions_tx.send(version);
+                if version != 1 {
+                    let _ = socket.write_u8(ANSWER_WRONG_VERSION).await;
+                    continue;
+                }
+                socket.write_u8(ANSWER_ACCEPTED).await.expect("answer");
+                let length = socket.read_u32_le().await.expect("length");
+                let _checksum = socket.read_u32_le().await.expect("checksum");
+                let mut body = vec![0u8; length as usize];
+                socket.read_exact(&mut body).await.expect("body");
+                assert_eq!(body[0], FRAME_MESSAGE_BATCH);
+                let batch = decode_batch(&Bytes::copy_from_slice(&body[1..])).expect("decodes");
+                let _ = batches_tx.send(batch);
+                return;
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let transport = TcpTransport::start(TcpConfig::new(NodeId(1), 7), listener);
+        transport.set_peer(NodeId(2), PeerAddress::from(peer_address));
+        let refusal = Message {
+            from: NodeId(1),
+            to: NodeId(2),
+            term: Term(0),
+            body: MessageBody::ProposeRefused {
+                ids: Vec::new(),
+                refusal: regatta_raft::Refusal::NotLeader { leader_hint: None },
+            },
+        };
+        let (group, heartbeat) = heartbeat(3);
+        transport.send(vec![(group, refusal), (group, heartbeat.clone())]);
+        let batch = tokio::time::timeout(Duration::from_secs(10), batches.recv())
+            .await
+            .expect("a batch in time")
+            .expect("a batch");
+        assert_eq!(batch, vec![(group, heartbeat)], "the refusal was left out");
+        assert_eq!(versions.recv().await, Some(2), "this build's version first");
+        assert_eq!(versions.recv().await, Some(1), "then the peer's");
+        assert_eq!(
+            transport.stats().dropped_messages.load(Ordering::Relaxed),
+            1
+        );
+        transport.shutdown();
     }
 
     #[test]

@@ -7,8 +7,8 @@ use regatta_raft::codec::{
     decode_membership, decode_payload, encode_membership, encode_payload, payload_size_bytes,
 };
 use regatta_raft::{
-    Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, ReadId, RejectHint, SnapshotMeta,
-    Term,
+    Entry, EntryPayload, LogIndex, Message, MessageBody, NodeId, ReadId, Refusal, RejectHint,
+    RequestId, SnapshotMeta, Term,
 };
 use regatta_wal::GroupId;
 
@@ -39,6 +39,24 @@ const KIND_TRANSFER_LEADER: u8 = 12;
 /// An append answered only on a mismatch (`wants_ack` false); the same
 /// fields as `KIND_APPEND`.
 const KIND_APPEND_QUIET: u8 = 13;
+/// The leader's refusal of forwarded proposals; transport format version
+/// 2 and later (`docs/transport-format.md`).
+pub const KIND_PROPOSE_REFUSED: u8 = 14;
+
+const REFUSAL_NOT_LEADER: u8 = 1;
+const REFUSAL_TRANSFER_IN_PROGRESS: u8 = 2;
+const REFUSAL_OVERLOADED: u8 = 3;
+const REFUSAL_INVALID: u8 = 4;
+/// The longest reason a refusal carries, in bytes; a longer one is cut
+/// (at a character boundary) when encoded and refused when decoded.
+pub const REFUSAL_REASON_BYTES_MAX: usize = 1024;
+
+/// Whether a peer speaking transport format `version` can decode
+/// `message` (older peers close the connection on a kind they do not
+/// know, so such messages are dropped before they reach one).
+pub fn peer_understands(version: u32, message: &Message) -> bool {
+    version >= 2 || !matches!(message.body, MessageBody::ProposeRefused { .. })
+}
 
 /// Encodes a batch of messages, each addressed to a group.
 pub fn encode_batch(messages: &[(GroupId, Message)], out: &mut Vec<u8>) {
@@ -142,6 +160,32 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
         MessageBody::TransferLeader { target } => {
             out.push(KIND_TRANSFER_LEADER);
             put_u64(out, target.0);
+        }
+        MessageBody::ProposeRefused { ids, refusal } => {
+            out.push(KIND_PROPOSE_REFUSED);
+            let (reason_kind, node, text) = match refusal {
+                Refusal::NotLeader { leader_hint } => {
+                    (REFUSAL_NOT_LEADER, leader_hint.map_or(0, |id| id.0), "")
+                }
+                Refusal::TransferInProgress { target } => {
+                    (REFUSAL_TRANSFER_IN_PROGRESS, target.0, "")
+                }
+                Refusal::Overloaded { reason } => (REFUSAL_OVERLOADED, 0, reason.as_str()),
+                Refusal::Invalid { reason } => (REFUSAL_INVALID, 0, reason.as_str()),
+            };
+            out.push(reason_kind);
+            put_u64(out, node);
+            let mut cut = text.len().min(REFUSAL_REASON_BYTES_MAX);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            put_u32(out, cut as u32);
+            out.extend_from_slice(&text.as_bytes()[..cut]);
+            put_u32(out, ids.len() as u32);
+            for id in ids {
+                put_u64(out, id.client);
+                put_u64(out, id.sequence);
+            }
         }
     }
 }
@@ -274,6 +318,7 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
         KIND_TRANSFER_LEADER => MessageBody::TransferLeader {
             target: NodeId(reader.u64()?),
         },
+        KIND_PROPOSE_REFUSED => decode_propose_refused(reader)?,
         other => return Err(reader.error(format!("unknown message kind {other}"))),
     };
     Ok((
@@ -285,6 +330,42 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
             body,
         },
     ))
+}
+
+fn decode_propose_refused(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+    let reason_kind = reader.u8()?;
+    let node = reader.u64()?;
+    let length = reader.u32()? as usize;
+    if length > REFUSAL_REASON_BYTES_MAX {
+        return Err(reader.error(format!(
+            "a refusal reason of {length} bytes, over {REFUSAL_REASON_BYTES_MAX}"
+        )));
+    }
+    let text = String::from_utf8_lossy(reader.take(length)?).into_owned();
+    let refusal = match reason_kind {
+        REFUSAL_NOT_LEADER => Refusal::NotLeader {
+            leader_hint: (node != 0).then_some(NodeId(node)),
+        },
+        REFUSAL_TRANSFER_IN_PROGRESS => Refusal::TransferInProgress {
+            target: NodeId(node),
+        },
+        REFUSAL_OVERLOADED => Refusal::Overloaded { reason: text },
+        REFUSAL_INVALID => Refusal::Invalid { reason: text },
+        other => return Err(reader.error(format!("unknown refusal kind {other}"))),
+    };
+    // An id is two u64s.
+    let count = reader.count(16)?;
+    if count > MESSAGE_ITEMS_MAX {
+        return Err(reader.error(format!("a refusal of over {MESSAGE_ITEMS_MAX} requests")));
+    }
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        ids.push(RequestId {
+            client: reader.u64()?,
+            sequence: reader.u64()?,
+        });
+    }
+    Ok(MessageBody::ProposeRefused { ids, refusal })
 }
 
 fn decode_append(reader: &mut Reader<'_>, wants_ack: bool) -> Result<MessageBody, WireError> {
@@ -504,6 +585,44 @@ mod tests {
                 ],
             },
             MessageBody::TransferLeader { target: NodeId(3) },
+            MessageBody::ProposeRefused {
+                ids: vec![
+                    regatta_raft::RequestId {
+                        client: 1,
+                        sequence: 2,
+                    },
+                    regatta_raft::RequestId {
+                        client: 3,
+                        sequence: 4,
+                    },
+                ],
+                refusal: Refusal::NotLeader {
+                    leader_hint: Some(NodeId(3)),
+                },
+            },
+            MessageBody::ProposeRefused {
+                ids: vec![regatta_raft::RequestId {
+                    client: 1,
+                    sequence: 3,
+                }],
+                refusal: Refusal::NotLeader { leader_hint: None },
+            },
+            MessageBody::ProposeRefused {
+                ids: Vec::new(),
+                refusal: Refusal::TransferInProgress { target: NodeId(2) },
+            },
+            MessageBody::ProposeRefused {
+                ids: Vec::new(),
+                refusal: Refusal::Overloaded {
+                    reason: "too many uncommitted bytes".into(),
+                },
+            },
+            MessageBody::ProposeRefused {
+                ids: Vec::new(),
+                refusal: Refusal::Invalid {
+                    reason: "ünïcode".into(),
+                },
+            },
         ];
         bodies
             .into_iter()
@@ -543,6 +662,77 @@ mod tests {
         expected.extend_from_slice(&4u64.to_le_bytes());
         expected.extend_from_slice(&5u64.to_le_bytes());
         assert_eq!(bytes, expected);
+    }
+
+    /// Golden bytes of a refusal, and its long reasons cut at a character
+    /// boundary, so that it always decodes.
+    #[test]
+    fn a_refusal_matches_the_documentation() {
+        let bytes = one_message(
+            0,
+            MessageBody::ProposeRefused {
+                ids: vec![RequestId {
+                    client: 5,
+                    sequence: 6,
+                }],
+                refusal: Refusal::Overloaded {
+                    reason: "busy".into(),
+                },
+            },
+        );
+        let mut expected = vec![1, 0, 0, 0];
+        for value in [1u64, 1, 2, 0] {
+            expected.extend_from_slice(&value.to_le_bytes());
+        }
+        expected.extend_from_slice(&[14, 3]);
+        expected.extend_from_slice(&0u64.to_le_bytes());
+        expected.extend_from_slice(&4u32.to_le_bytes());
+        expected.extend_from_slice(b"busy");
+        expected.extend_from_slice(&1u32.to_le_bytes());
+        expected.extend_from_slice(&5u64.to_le_bytes());
+        expected.extend_from_slice(&6u64.to_le_bytes());
+        assert_eq!(bytes, expected);
+
+        // 'é' is two bytes: 1,023 of them leave one byte of a 1,025th.
+        let long = format!("x{}", "é".repeat(REFUSAL_REASON_BYTES_MAX));
+        let bytes = one_message(
+            0,
+            MessageBody::ProposeRefused {
+                ids: Vec::new(),
+                refusal: Refusal::Invalid { reason: long },
+            },
+        );
+        let decoded = decode_batch(&Bytes::from(bytes)).expect("decodes");
+        let MessageBody::ProposeRefused {
+            refusal: Refusal::Invalid { reason },
+            ..
+        } = &decoded[0].1.body
+        else {
+            panic!("{decoded:?}");
+        };
+        assert_eq!(reason.len(), REFUSAL_REASON_BYTES_MAX - 1);
+        assert!(reason.starts_with("xé"));
+    }
+
+    /// Only peers of format version 2 or later are sent refusals.
+    #[test]
+    fn refusals_go_only_to_peers_that_know_them() {
+        let refusal = Message {
+            from: NodeId(1),
+            to: NodeId(2),
+            term: Term(0),
+            body: MessageBody::ProposeRefused {
+                ids: Vec::new(),
+                refusal: Refusal::NotLeader { leader_hint: None },
+            },
+        };
+        assert!(!peer_understands(1, &refusal));
+        assert!(peer_understands(2, &refusal));
+        let heartbeat = Message {
+            body: MessageBody::HeartbeatResponse { round: 1 },
+            ..refusal
+        };
+        assert!(peer_understands(1, &heartbeat));
     }
 
     /// Every truncation and many single-byte changes of a valid batch are

@@ -481,3 +481,75 @@ async fn the_session_filter_admits_exactly_what_was_applied() {
     }
     cluster.stop().await;
 }
+
+fn small_apply_backlog(config: &mut HostConfig) {
+    config.raft.apply_backlog_entries_max = 3;
+}
+
+/// A leader whose state machine falls behind refuses proposals, and a
+/// follower that forwarded one hears so at once (it used to wait out its
+/// request timeout, as if the proposal were lost). Once the leader catches
+/// up, the same request goes through, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_proposal_a_busy_leader_refuses_fails_at_once() {
+    let cluster = Cluster::start(3, 0, small_apply_backlog);
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let leader_host = &cluster.hosts[&leader];
+    // The leader's apply thread blocks on its state machine's lock, which
+    // a thread of the test holds until told to let go.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let state = Arc::clone(&cluster.states[leader as usize - 1]);
+    let holder = std::thread::spawn(move || {
+        let _held = state.lock().expect("lock");
+        locked.send(()).expect("test waits");
+        let _ = released.recv();
+    });
+    is_locked.recv().expect("locked");
+    let mut stuck = Vec::new();
+    for sequence in 1..=4 {
+        let host = leader_host.clone();
+        stuck.push(tokio::spawn(async move {
+            propose(&host, id(1, sequence)).await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = leader_host.status(GROUP).await.expect("status");
+        if status.hard_state.commit.0 >= status.applied.0 + 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backlog never built");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let refused = propose(&cluster.hosts[&follower], id(2, 1)).await;
+    let waited = started.elapsed();
+    match &refused {
+        Err(Error::Raft {
+            source: regatta_raft::Error::LeaderOverloaded { reason },
+            ..
+        }) => assert!(reason.contains("apply_backlog_entries_max 3"), "{reason}"),
+        other => panic!("a refusal naming the backlog, got {other:?}"),
+    }
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered in {waited:?}, not at the 10 s request timeout"
+    );
+    release.send(()).expect("holder waits");
+    holder.join().expect("holder");
+    for task in stuck {
+        task.await
+            .expect("task")
+            .expect("applied once the leader caught up");
+    }
+    assert_eq!(
+        propose(&cluster.hosts[&follower], id(2, 1))
+            .await
+            .expect("retry"),
+        "5"
+    );
+    cluster.converge(5).await;
+    cluster.stop().await;
+}

@@ -62,6 +62,12 @@ pub struct Config {
     pub uncommitted_size_bytes_max: u64,
     /// Bytes of committed entries handed out in one `Ready`. Default 64 MiB.
     pub apply_batch_bytes_max: u64,
+    /// Committed entries not yet applied beyond which the leader refuses
+    /// proposals with [`Error::ApplyBacklog`] (etcd's limit, 5,000). The
+    /// backlog is held in memory and in the log until it is applied, so
+    /// a state machine that falls behind must slow its writers down.
+    /// Default 5,000.
+    pub apply_backlog_entries_max: u64,
     /// Read requests waiting on one leader for confirmation. Default 65,536.
     pub pending_reads_max: usize,
     /// Use PreVote (§9.6). Default on.
@@ -104,6 +110,7 @@ impl Config {
             inflight_messages_max: 256,
             uncommitted_size_bytes_max: 64 * 1024 * 1024,
             apply_batch_bytes_max: 64 * 1024 * 1024,
+            apply_backlog_entries_max: 5_000,
             pending_reads_max: 65_536,
             pre_vote: true,
             check_quorum: true,
@@ -143,6 +150,9 @@ impl Config {
         }
         if self.apply_batch_bytes_max == 0 {
             return invalid("apply_batch_bytes_max must be at least 1".into());
+        }
+        if self.apply_backlog_entries_max == 0 {
+            return invalid("apply_backlog_entries_max must be at least 1".into());
         }
         if self.pending_reads_max == 0 {
             return invalid("pending_reads_max must be at least 1".into());

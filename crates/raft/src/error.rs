@@ -34,6 +34,24 @@ pub enum Error {
         /// The configured limit.
         limit_bytes: u64,
     },
+    /// More committed entries wait to be applied than
+    /// `apply_backlog_entries_max`: the state machine is behind, and the
+    /// leader takes no proposal until it catches up (etcd's "too many
+    /// requests").
+    #[error("{backlog_entries} committed entries wait to be applied (apply_backlog_entries_max {limit_entries}); slow down and retry")]
+    ApplyBacklog {
+        /// Committed entries not yet applied.
+        backlog_entries: u64,
+        /// The configured limit.
+        limit_entries: u64,
+    },
+    /// The leader refused a proposal this follower forwarded because it is
+    /// over a load limit; the reason is the leader's.
+    #[error("the leader is overloaded: {reason}")]
+    LeaderOverloaded {
+        /// The leader's error.
+        reason: String,
+    },
     /// A membership change was refused; the reason says why.
     #[error("membership change refused: {reason}")]
     ConfChangeRefused {

@@ -31,7 +31,7 @@ mod types;
 
 pub use config::{CommitBroadcast, Config, ReadMode};
 pub use error::{Error, Result, StorageError};
-pub use message::{normal, Message, MessageBody, RejectHint, MESSAGE_KIND_NAMES};
+pub use message::{normal, Message, MessageBody, Refusal, RejectHint, MESSAGE_KIND_NAMES};
 pub use node::{PeerStatus, RaftNode, Ready, Status};
 pub use progress::ProgressState;
 pub use raft::Proposed;

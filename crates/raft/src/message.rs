@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::types::{EntryPayload, LogIndex, NodeId, ReadId, SnapshotMeta, Term};
+use crate::types::{EntryPayload, LogIndex, NodeId, ReadId, RequestId, SnapshotMeta, Term};
 use crate::Entry;
 
 /// One message from one member of a group to another.
@@ -120,17 +120,86 @@ pub enum MessageBody {
         /// The node that should become leader.
         target: NodeId,
     },
+    /// The answer to a forwarded proposal that was not appended, naming
+    /// the request ids it carried (a proposal without ids gets no answer:
+    /// nobody waits for it). Without it the follower's caller would wait
+    /// out its timeout for an entry that never comes.
+    ProposeRefused {
+        /// The requests refused.
+        ids: Vec<RequestId>,
+        /// Why.
+        refusal: Refusal,
+    },
+}
+
+/// Why a node did not append proposals a follower forwarded to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The receiver is not the leader; it names the leader it knows.
+    NotLeader {
+        /// The leader the receiver believes in, if any.
+        leader_hint: Option<NodeId>,
+    },
+    /// The leader is handing leadership to `target`.
+    TransferInProgress {
+        /// The node leadership is moving to.
+        target: NodeId,
+    },
+    /// The leader is over one of its load limits (uncommitted bytes, apply
+    /// backlog); the reason names it.
+    Overloaded {
+        /// The limit and the figures, for the caller's error.
+        reason: String,
+    },
+    /// The proposal is malformed or not allowed.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Refusal {
+    /// The refusal a leader sends for its own `error`.
+    pub fn from_error(error: &crate::Error, leader_hint: Option<NodeId>) -> Refusal {
+        use crate::Error as E;
+        match error {
+            E::NotLeader { leader_hint } => Refusal::NotLeader {
+                leader_hint: *leader_hint,
+            },
+            E::TransferInProgress { target } => Refusal::TransferInProgress { target: *target },
+            E::UncommittedSizeExceeded { .. } | E::ApplyBacklog { .. } => Refusal::Overloaded {
+                reason: error.to_string(),
+            },
+            E::Removed => Refusal::NotLeader { leader_hint },
+            other => Refusal::Invalid {
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// The error the forwarding node's caller gets.
+    pub fn into_error(self) -> crate::Error {
+        use crate::Error as E;
+        match self {
+            Refusal::NotLeader { leader_hint } => E::NotLeader { leader_hint },
+            Refusal::TransferInProgress { target } => E::TransferInProgress { target },
+            Refusal::Overloaded { reason } => E::LeaderOverloaded { reason },
+            Refusal::Invalid { reason } => E::InvalidProposal(reason),
+        }
+    }
 }
 
 impl MessageBody {
-    /// True for requests a follower forwards to its leader. They carry term 0
-    /// and are handled outside the term protocol.
+    /// True for requests a follower forwards to its leader, and for the
+    /// leader's refusal of forwarded proposals. They carry term 0 and are
+    /// handled outside the term protocol.
     pub fn is_forward(&self) -> bool {
         matches!(
             self,
             MessageBody::ReadIndex { .. }
                 | MessageBody::Propose { .. }
                 | MessageBody::TransferLeader { .. }
+                | MessageBody::ProposeRefused { .. }
         )
     }
 
@@ -157,12 +226,13 @@ impl MessageBody {
             MessageBody::ReadIndexResponse { .. } => 11,
             MessageBody::Propose { .. } => 12,
             MessageBody::TransferLeader { .. } => 13,
+            MessageBody::ProposeRefused { .. } => 14,
         }
     }
 }
 
 /// The kinds of message, by [`MessageBody::kind_index`].
-pub const MESSAGE_KIND_NAMES: [&str; 14] = [
+pub const MESSAGE_KIND_NAMES: [&str; 15] = [
     "append",
     "append_response",
     "pre_vote",
@@ -177,6 +247,7 @@ pub const MESSAGE_KIND_NAMES: [&str; 14] = [
     "read_index_response",
     "propose",
     "transfer_leader",
+    "propose_refused",
 ];
 
 /// A convenience for building normal payloads.

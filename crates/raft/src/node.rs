@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::config::{CommitBroadcast, Config};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::message::{Message, MessageBody};
 use crate::progress::ProgressState;
 use crate::raft::{Proposed, Raft};
@@ -53,6 +53,9 @@ pub struct Ready {
     pub committed_entries: Vec<Entry>,
     /// Confirmed reads: serve each once `index` is applied.
     pub read_states: Vec<ReadState>,
+    /// Proposals this node forwarded that the leader refused (it appended
+    /// none of them), with the error for their callers.
+    pub refused_proposals: Vec<(RequestId, Error)>,
 }
 
 impl Ready {
@@ -245,6 +248,7 @@ impl<S: Storage> RaftNode<S> {
             || !raft.msgs.is_empty()
             || !raft.msgs_after_persist.is_empty()
             || !raft.read_states.is_empty()
+            || !raft.refused_proposals.is_empty()
             || raft.log.has_entries_to_apply()
     }
 
@@ -274,6 +278,7 @@ impl<S: Storage> RaftNode<S> {
             persisted_messages: coalesce_reads(std::mem::take(&mut self.raft.msgs_after_persist)),
             committed_entries,
             read_states: std::mem::take(&mut self.raft.read_states),
+            refused_proposals: std::mem::take(&mut self.raft.refused_proposals),
         };
         self.previous_soft_state = soft_state;
         self.previous_hard_state = hard_state;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use crate::config::{Config, ReadMode};
 use crate::error::{Error, Result};
 use crate::log::RaftLog;
-use crate::message::{Message, MessageBody, RejectHint};
+use crate::message::{Message, MessageBody, Refusal, RejectHint};
 use crate::progress::{Progress, ProgressState};
 use crate::rng::Rng;
 use crate::storage::Storage;
@@ -144,6 +144,9 @@ pub struct Raft<S: Storage> {
     /// Messages to send only after the `Ready` they came with is durable.
     pub(crate) msgs_after_persist: Vec<Message>,
     pub(crate) read_states: Vec<ReadState>,
+    /// Forwarded proposals the leader refused, with the error for their
+    /// callers, until the next `Ready`.
+    pub(crate) refused_proposals: Vec<(RequestId, Error)>,
     rng: Rng,
 }
 
@@ -182,6 +185,7 @@ impl<S: Storage> Raft<S> {
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
+            refused_proposals: Vec::new(),
             rng: Rng::new(config.seed ^ config.id.0.rotate_left(32)),
             config,
         };
@@ -859,13 +863,40 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
         match message.body {
-            MessageBody::Propose { payloads } if self.role == Role::Leader => {
-                // The follower times out and retries if this is refused.
-                if let Ok(Proposed::Appended { last, .. }) = self.propose_payloads(payloads) {
-                    if let Some(progress) = self.progress.get_mut(&from) {
-                        progress.commit_wanted = progress.commit_wanted.max(last);
+            MessageBody::Propose { payloads } => {
+                // Only proposals with request ids have a caller waiting on
+                // the follower; they hear of a refusal at once.
+                let ids: Vec<RequestId> = payloads
+                    .iter()
+                    .filter_map(|payload| match payload {
+                        EntryPayload::Session { id, .. } => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                let refusal = if self.role != Role::Leader {
+                    Refusal::NotLeader {
+                        leader_hint: self.leader,
                     }
+                } else {
+                    match self.propose_payloads(payloads) {
+                        Ok(Proposed::Appended { last, .. }) => {
+                            if let Some(progress) = self.progress.get_mut(&from) {
+                                progress.commit_wanted = progress.commit_wanted.max(last);
+                            }
+                            return Ok(());
+                        }
+                        Ok(Proposed::Forwarded { .. }) => return Ok(()),
+                        Err(error) => Refusal::from_error(&error, Some(self.id)),
+                    }
+                };
+                if !ids.is_empty() {
+                    self.send(from, Term(0), MessageBody::ProposeRefused { ids, refusal });
                 }
+            }
+            MessageBody::ProposeRefused { ids, refusal } => {
+                let error = refusal.into_error();
+                self.refused_proposals
+                    .extend(ids.into_iter().map(|id| (id, error.clone())));
             }
             MessageBody::ReadIndex { ids } if self.role == Role::Leader => {
                 for id in ids {
@@ -1419,6 +1450,13 @@ impl<S: Storage> Raft<S> {
         }
         if let Some((target, _)) = self.transfer {
             return Err(Error::TransferInProgress { target });
+        }
+        let backlog_entries = self.log.committed.0.saturating_sub(self.log.applied.0);
+        if backlog_entries > self.config.apply_backlog_entries_max {
+            return Err(Error::ApplyBacklog {
+                backlog_entries,
+                limit_entries: self.config.apply_backlog_entries_max,
+            });
         }
         let mut changes = payloads.iter().filter_map(|payload| match payload {
             EntryPayload::ConfChange(change) => Some(change),

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use cluster::{is_append_to, n, Cluster};
 use regatta_raft::{
     CommitBroadcast, ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Membership,
-    Message, MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, Role, SnapshotMeta, Term,
+    Message, MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, RequestId, Role,
+    SnapshotMeta, Term,
 };
 
 fn no_pre_vote(config: &mut Config) {
@@ -775,6 +776,92 @@ mod replication {
         assert_eq!(proposed, Proposed::Forwarded { leader: n(1) });
         c.settle();
         assert_eq!(c.applied_commands(1), vec!["via-follower"]);
+    }
+
+    /// A forwarded proposal that is not appended is answered, so that its
+    /// caller on the follower hears why at once instead of waiting out its
+    /// timeout: a node that is not the leader names the one it knows.
+    #[test]
+    fn a_forwarded_proposal_to_a_node_that_is_not_leader_is_answered() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        let id = RequestId {
+            client: 7,
+            sequence: 1,
+        };
+        // Node 2 still believes node 3 leads (a stale leader hint).
+        c.node(3)
+            .step(Message {
+                from: n(2),
+                to: n(3),
+                term: Term(0),
+                body: MessageBody::Propose {
+                    payloads: vec![EntryPayload::Session {
+                        id,
+                        command: Bytes::from_static(b"x"),
+                    }],
+                },
+            })
+            .expect("step");
+        c.settle();
+        assert_eq!(
+            c.refused[&n(2)],
+            vec![(
+                id,
+                Error::NotLeader {
+                    leader_hint: Some(n(1))
+                }
+            )]
+        );
+        assert!(c.applied_commands(1).is_empty());
+    }
+
+    /// A leader whose state machine falls `apply_backlog_entries_max`
+    /// entries behind its commit index takes no proposal, its own or a
+    /// forwarded one, until it catches up (etcd's "too many requests");
+    /// the follower that forwarded one hears it at once.
+    #[test]
+    fn a_leader_behind_on_applies_refuses_proposals_until_it_catches_up() {
+        fn small_backlog(config: &mut Config) {
+            config.apply_backlog_entries_max = 2;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], small_backlog);
+        c.elect(1);
+        c.applies_held.insert(n(1));
+        for command in ["a", "b", "c"] {
+            c.propose(1, command).expect("under the limit");
+            c.settle();
+        }
+        let error = c.propose(1, "d").expect_err("over the limit");
+        assert!(
+            matches!(
+                error,
+                Error::ApplyBacklog {
+                    limit_entries: 2,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let id = RequestId {
+            client: 7,
+            sequence: 1,
+        };
+        c.node(2)
+            .propose_with_id(id, Bytes::from_static(b"e"))
+            .expect("forwarded");
+        c.settle();
+        let refused = &c.refused[&n(2)];
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, id);
+        let Error::LeaderOverloaded { reason } = &refused[0].1 else {
+            panic!("{:?}", refused[0].1);
+        };
+        assert!(reason.contains("apply_backlog_entries_max 2"), "{reason}");
+        c.release_applies(1);
+        c.propose(1, "f").expect("caught up");
+        c.settle();
+        assert_eq!(c.applied_commands(2), vec!["a", "b", "c", "f"]);
     }
 
     /// Without forwarding, a follower names the leader; with no leader, the
@@ -1632,6 +1719,10 @@ fn invalid_configurations_name_the_field() {
             "uncommitted_size_bytes_max",
         ),
         (|c| c.pending_reads_max = 0, "pending_reads_max"),
+        (
+            |c| c.apply_backlog_entries_max = 0,
+            "apply_backlog_entries_max",
+        ),
         (
             |c| {
                 c.read_mode = ReadMode::LeaseBased;

@@ -86,6 +86,8 @@ impl From<Error> for Status {
                     | regatta_raft::Error::TransferInProgress { .. }
                     | regatta_raft::Error::Removed => Code::Unavailable,
                     regatta_raft::Error::UncommittedSizeExceeded { .. }
+                    | regatta_raft::Error::ApplyBacklog { .. }
+                    | regatta_raft::Error::LeaderOverloaded { .. }
                     | regatta_raft::Error::TooManyPendingReads { .. } => Code::ResourceExhausted,
                     regatta_raft::Error::InvalidProposal(_) => Code::InvalidArgument,
                     regatta_raft::Error::ConfChangeRefused { .. }

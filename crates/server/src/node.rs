@@ -1466,6 +1466,8 @@ fn retryable(error: &regatta_multiraft::Error) -> bool {
             R::NotLeader { .. }
                 | R::TransferInProgress { .. }
                 | R::UncommittedSizeExceeded { .. }
+                | R::ApplyBacklog { .. }
+                | R::LeaderOverloaded { .. }
                 | R::TooManyPendingReads { .. }
         ),
         _ => false,

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use regatta_raft::{
     Config, Entry, EntryPayload, LogIndex, MemStorage, Message, MessageBody, NodeId, RaftNode,
-    ReadId, ReadState, Role, Term,
+    ReadId, ReadState, RequestId, Role, Term,
 };
 
 pub fn n(id: u64) -> NodeId {
@@ -24,6 +24,11 @@ pub struct Cluster {
     pub delivered: Vec<Message>,
     pub applied: BTreeMap<NodeId, Vec<Entry>>,
     pub reads: BTreeMap<NodeId, Vec<ReadState>>,
+    /// Forwarded proposals the leader refused, by the node that forwarded.
+    pub refused: BTreeMap<NodeId, Vec<(RequestId, regatta_raft::Error)>>,
+    /// Nodes whose state machine takes committed entries but does not
+    /// report them applied (a slow apply path).
+    pub applies_held: BTreeSet<NodeId>,
     pub config: fn(&mut Config),
 }
 
@@ -43,6 +48,8 @@ impl Cluster {
             delivered: Vec::new(),
             applied: BTreeMap::new(),
             reads: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            applies_held: BTreeSet::new(),
             config,
         };
         let initial: Vec<NodeId> = voters.iter().copied().map(NodeId).collect();
@@ -119,14 +126,31 @@ impl Cluster {
             node.on_persisted(ready.number);
             self.queue.extend(ready.persisted_messages);
             if let Some(last) = ready.committed_entries.last() {
-                node.advance_apply(last.index);
+                if !self.applies_held.contains(&id) {
+                    node.advance_apply(last.index);
+                }
             }
+            self.refused
+                .entry(id)
+                .or_default()
+                .extend(ready.refused_proposals);
             self.applied
                 .entry(id)
                 .or_default()
                 .extend(ready.committed_entries);
             self.reads.entry(id).or_default().extend(ready.read_states);
         }
+    }
+
+    /// Reports every entry handed to a held node's state machine applied,
+    /// and stops holding its applies.
+    pub fn release_applies(&mut self, id: u64) {
+        self.applies_held.remove(&NodeId(id));
+        let last = self.applied[&NodeId(id)].last().map(|entry| entry.index);
+        if let Some(last) = last {
+            self.node(id).advance_apply(last);
+        }
+        self.process(NodeId(id));
     }
 
     pub fn process_all(&mut self) {
