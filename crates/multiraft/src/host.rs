@@ -1034,11 +1034,23 @@ impl NodeHost {
     /// queued are dropped; their callers get `GroupStopped`. The WAL closes
     /// once the last clone of this host is gone.
     pub async fn stop(&self) {
-        self.inner
-            .groups
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        {
+            let mut groups = self.inner.groups.write().unwrap_or_else(|p| p.into_inner());
+            // Callers and streams that see a group go learn that this node
+            // stops (another node may serve them), not that the group was
+            // removed (which every node would say).
+            let mut reasons = self
+                .inner
+                .stop_reasons
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for group in groups.keys() {
+                reasons
+                    .entry(*group)
+                    .or_insert_with(|| NODE_STOPPING.to_string());
+            }
+            groups.clear();
+        }
         self.inner
             .workers
             .write()
@@ -1250,6 +1262,9 @@ pub const INSTALL_CUT_BEFORE_WAL: &str =
 /// Logged at start when a snapshot install cut short after the WAL
 /// recorded it is finished from its copy.
 pub const INSTALL_CUT_AFTER_WAL: &str = "finished installing a snapshot interrupted by a restart";
+
+/// The stop reason of every group of a host that is stopping.
+pub const NODE_STOPPING: &str = "this node is shutting down";
 
 /// Ticks between sweeps of forwarded proposals and reads nobody waits
 /// for.

@@ -32,7 +32,7 @@ pub use applied::{AppliedWatch, GroupStopped};
 pub use error::Error;
 pub use host::{
     HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,
-    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL,
+    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL, NODE_STOPPING,
 };
 pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;

@@ -157,6 +157,44 @@ async fn the_log_streams_in_order_and_new_writes_are_pushed() {
     leader.node.stop().await;
 }
 
+/// A leader node that shuts down ends its open streams UNAVAILABLE,
+/// naming the shutdown, so that a follower moves to another node at once:
+/// NOT_FOUND (the table was dropped, which every node would say) kept it
+/// on this address until a reconnect failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_unavailable_when_the_leader_node_stops() {
+    let leader = start_leader(0).await;
+    put(&leader.node, "a").await;
+    let mut log = LogClient::new(channel(leader.address));
+    let mut stream = log
+        .replicate(request("etcd", 0))
+        .await
+        .expect("replicate")
+        .into_inner();
+    stream
+        .next()
+        .await
+        .expect("open")
+        .expect("a first response");
+    leader.node.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let next = tokio::time::timeout_at(deadline.into(), stream.next())
+            .await
+            .expect("the stream ends in time");
+        match next {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(regatta_multiraft::NODE_STOPPING),
+        "{status:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
     let leader = start_leader(10).await;
