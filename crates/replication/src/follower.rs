@@ -568,8 +568,10 @@ async fn pull_once(
 ) -> Result<()> {
     let mut applied = node.table_revision(group, true).await?;
     if node.table_restore_pending(group) {
-        // A reset, or an install another puller left unfinished.
-        return install_snapshot(node, channel, name, group, installs, state).await;
+        // A reset, or an install another puller left unfinished: the copy
+        // may be older than the table (that is what a reset is for).
+        let older = OlderCopy::Allowed;
+        return install_snapshot(node, channel, name, group, installs, state, older).await;
     }
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
     let table_id = node.replica_source(name).await?.unwrap_or(0);
@@ -691,7 +693,8 @@ async fn pull_once(
             None => {}
             Some(Ok(())) => return Ok(()),
             Some(Err(code)) if code == proto::ReplicateError::UseSnapshot as i32 => {
-                install_snapshot(node, channel, name, group, installs, state).await?;
+                let older = OlderCopy::Refused;
+                install_snapshot(node, channel, name, group, installs, state, older).await?;
                 return Ok(());
             }
             Some(Err(code)) if code == proto::ReplicateError::LeaderBehind as i32 => {
@@ -760,6 +763,20 @@ impl Pace {
     }
 }
 
+/// Whether an install may take the table back to an older revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OlderCopy {
+    /// An operator's reset (or an install a reset began): the leader
+    /// cluster's table may be older than this copy, and the reset says to
+    /// follow it anyway.
+    Allowed,
+    /// The log sent the table to a snapshot: one older than the table is
+    /// refused, so that its revision never moves back. A deposed puller
+    /// whose install ends after the new puller applied more, or a serving
+    /// node behind this copy, would otherwise undo applied writes.
+    Refused,
+}
+
 /// Streams the leader's snapshot of table `name` and proposes it into the
 /// table's group as a restore (`regatta_server::restore`).
 async fn install_snapshot(
@@ -769,10 +786,11 @@ async fn install_snapshot(
     group: GroupId,
     installs: &InstallLimits,
     state: &mut LagState,
+    older: OlderCopy,
 ) -> Result<()> {
     state.install_started();
     state.report(node, group);
-    let result = install_snapshot_once(node, channel, name, group, installs, state).await;
+    let result = install_snapshot_once(node, channel, name, group, installs, state, older).await;
     state.install_ended(result.is_ok());
     state.report(node, group);
     result
@@ -786,6 +804,7 @@ async fn install_snapshot_once(
     group: GroupId,
     installs: &InstallLimits,
     state: &mut LagState,
+    older: OlderCopy,
 ) -> Result<()> {
     let _permit = installs
         .slots
@@ -806,6 +825,7 @@ async fn install_snapshot_once(
         .into_inner();
     let mut restore = TableRestore::begin(node, group).await?;
     let mut reported_bytes = 0u64;
+    let mut checked_index = None;
     let received: Result<()> = async {
         while let Some(chunk) = stream.message().await? {
             restore
@@ -819,6 +839,12 @@ async fn install_snapshot_once(
                 })
                 .await
                 .map_err(|error| Error::Protocol(format!("a bad snapshot: {error}")))?;
+            if checked_index.is_none() && older == OlderCopy::Refused {
+                // Checked once the first chunk names the copy's revision,
+                // before the rest is streamed, and again before the commit.
+                checked_index = restore.index();
+                refuse_older_copy(node, name, group, restore.index()).await?;
+            }
             installs.pace.take(chunk.data.len() as u64).await;
             let received = restore.received_bytes();
             if received - reported_bytes >= 64 << 20 {
@@ -832,6 +858,12 @@ async fn install_snapshot_once(
         Ok(())
     }
     .await;
+    let received = match received {
+        Ok(()) if older == OlderCopy::Refused => {
+            refuse_older_copy(node, name, group, restore.index()).await
+        }
+        other => other,
+    };
     if let Err(error) = received {
         restore.abort().await;
         return Err(error);
@@ -852,6 +884,31 @@ async fn install_snapshot_once(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "installed the leader's snapshot"
     );
+    Ok(())
+}
+
+/// Fails with `LeaderBehind` when the copy being installed, at revision
+/// `index`, is older than what table `name` has applied: the serving node
+/// is behind this follower (or another puller applied more meanwhile), and
+/// installing it would move the table's revision back.
+async fn refuse_older_copy(
+    node: &Node,
+    name: &str,
+    group: GroupId,
+    index: Option<u64>,
+) -> Result<()> {
+    let Some(index) = index else {
+        return Ok(());
+    };
+    let applied = node.table_revision(group, true).await?;
+    if index < applied {
+        return Err(Error::LeaderBehind(format!(
+            "the serving node's snapshot of table {name:?} is at index {index}, behind this \
+             follower's {applied}; it is not installed (the table's revision never moves \
+             back); the follower tries the leader cluster's other nodes and waits for one to \
+             catch up, or for an operator to reset this table"
+        )));
+    }
     Ok(())
 }
 

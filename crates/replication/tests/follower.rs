@@ -33,6 +33,12 @@ struct FakeLeader {
     /// reopened stream starts again from the follower's index).
     flood_value_bytes: Option<usize>,
     sent: Arc<AtomicUsize>,
+    /// When set, a stream from index 0 sends ten puts (leader indexes 1
+    /// to 10) and then sends the follower to a snapshot; a stream from any
+    /// other index goes to the snapshot at once. The snapshot is of an
+    /// empty table at this index (a serving node behind the follower).
+    stale_snapshot_at: Option<u64>,
+    snapshots: Arc<AtomicUsize>,
 }
 
 impl FakeLeader {
@@ -50,6 +56,7 @@ impl FakeLeader {
             tonic::transport::Server::builder()
                 .add_service(proto::metadata_server::MetadataServer::new(self.clone()))
                 .add_service(proto::log_server::LogServer::new(self.clone()))
+                .add_service(proto::snapshot_server::SnapshotServer::new(self.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         format!("http://{address}")
@@ -83,7 +90,41 @@ impl proto::log_server::Log for FakeLeader {
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         self.replicates.fetch_add(1, Ordering::SeqCst);
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
-        if let Some(value_bytes) = self.flood_value_bytes {
+        if self.stale_snapshot_at.is_some() {
+            let from = request.get_ref().leader_index;
+            tokio::spawn(async move {
+                if from == 0 {
+                    let commands = (1..=10u64)
+                        .map(|index| proto::ReplicateCommand {
+                            leader_index: index,
+                            command: encode(&Command::Put(PutRequest {
+                                key: format!("k{index}").into_bytes(),
+                                value: b"v".to_vec(),
+                                prev_kv: false,
+                            })),
+                        })
+                        .collect();
+                    let response = proto::ReplicateResponse {
+                        response: Some(proto::replicate_response::Response::CommandsResponse(
+                            proto::ReplicateCommandsResponse { commands },
+                        )),
+                        leader_index: 10,
+                    };
+                    if sender.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+                let use_snapshot = proto::ReplicateResponse {
+                    response: Some(proto::replicate_response::Response::ErrorResponse(
+                        proto::ReplicateErrResponse {
+                            error: proto::ReplicateError::UseSnapshot as i32,
+                        },
+                    )),
+                    leader_index: 10,
+                };
+                let _ = sender.send(Ok(use_snapshot)).await;
+            });
+        } else if let Some(value_bytes) = self.flood_value_bytes {
             let sent = Arc::clone(&self.sent);
             let mut next = request.get_ref().leader_index + 1;
             tokio::spawn(async move {
@@ -130,6 +171,35 @@ impl proto::log_server::Log for FakeLeader {
             });
         }
         // Without heartbeats the sender is dropped here: the stream ends.
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::snapshot_server::Snapshot for FakeLeader {
+    type StreamStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::SnapshotChunk, Status>>;
+
+    async fn stream(
+        &self,
+        _request: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        self.snapshots.fetch_add(1, Ordering::SeqCst);
+        let index = self
+            .stale_snapshot_at
+            .ok_or_else(|| Status::unimplemented("no snapshot in this fake"))?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let chunk = proto::SnapshotChunk {
+            data: Vec::new(),
+            len: 0,
+            index,
+            crc32c: 0,
+            offset: 0,
+            last: true,
+        };
+        sender.send(Ok(chunk)).await.expect("room for one");
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             receiver,
         )))
@@ -251,4 +321,42 @@ async fn a_fast_leader_stream_is_buffered_up_to_the_byte_budget() {
         most_in_flight >= 12,
         "only {most_in_flight} responses were ever in flight: the stream never outran the follower"
     );
+}
+
+/// A snapshot older than what the table applied is not installed: the
+/// table keeps its revision and its data, and the puller reports the
+/// serving node behind and tries again later. Before, the install took
+/// the table back to the snapshot's revision, undoing applied writes (a
+/// deposed puller's late install could do the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_the_table_is_not_installed() {
+    let fake = FakeLeader {
+        stale_snapshot_at: Some(5),
+        ..FakeLeader::default()
+    };
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_follower_node(dir.path()).await;
+    let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The second snapshot request comes after the first was refused.
+    while fake.snapshots.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the follower never retried");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let group = node.table_group("etcd").expect("the copy of the table");
+    assert_eq!(
+        node.table_revision(group, true).await.expect("revision"),
+        10,
+        "the table's revision moved back"
+    );
+    let error = node.replication_facts(group).and_then(|facts| facts.error);
+    follower.stop().await;
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|error| error.contains("behind this follower's 10")),
+        "the refusal is reported: {error:?}"
+    );
+    node.stop().await;
 }

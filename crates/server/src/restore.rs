@@ -104,6 +104,11 @@ impl<'a> TableRestore<'a> {
         self
     }
 
+    /// The revision (leader index) of the copy, once a chunk named it.
+    pub fn index(&self) -> Option<u64> {
+        self.index
+    }
+
     /// Bytes received so far.
     pub fn received_bytes(&self) -> u64 {
         self.summary.bytes
