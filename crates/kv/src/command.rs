@@ -305,6 +305,13 @@ pub enum Query {
     Range(RangeRequest),
     /// A read-only transaction.
     Txn(TxnRequest),
+    /// A range read for one page of a longer read (`IterateRange` after
+    /// its first page): it stops at the first key past its limit or byte
+    /// cap instead of counting the rest of the range, so a read of N keys
+    /// in P pages scans about 2N keys (the first page, a `Range`, counts
+    /// them all), not about N × P / 2. `count` is the keys
+    /// returned; `more` says whether a key follows them.
+    RangePage(RangeRequest),
 }
 
 /// A command's or query's answer, with the table's revision (its applied

@@ -16,5 +16,5 @@ mod table;
 pub use error::{Error, Result};
 pub use table::{
     read_table_item, split_table_item, EngineStats, Store, Table, TableItem, TableItems, TableMode,
-    RECORD_HEADER_BYTES, WRITE_BUFFER_BYTES_MAX,
+    RECORD_HEADER_BYTES, RESET_RESTORE_ID_BIT, WRITE_BUFFER_BYTES_MAX,
 };

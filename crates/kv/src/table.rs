@@ -99,7 +99,7 @@ fn txn_refusal(txn: &TxnRequest) -> Option<String> {
 /// Why a query's keys cannot reach the storage engine, if they cannot.
 fn query_refusal(query: &Query) -> Option<String> {
     match query {
-        Query::Range(range) => range_refusal(&range.range),
+        Query::Range(range) | Query::RangePage(range) => range_refusal(&range.range),
         Query::Txn(txn) => txn_refusal(txn),
     }
 }
@@ -253,6 +253,13 @@ impl Store {
     /// committed nor aborted), as this node applied it.
     pub fn table_restore_pending(&self, group: u64) -> Result<bool> {
         Ok(self.read_meta(group)?.restore_id != 0)
+    }
+
+    /// Whether the restore under way in table `group` was begun by an
+    /// operator's reset (or by an install that carries one on): its id
+    /// has [`RESET_RESTORE_ID_BIT`] set.
+    pub fn table_reset_pending(&self, group: u64) -> Result<bool> {
+        Ok(self.read_meta(group)?.restore_id & RESET_RESTORE_ID_BIT != 0)
     }
 
     /// Deletes table `group`'s data and metadata.
@@ -522,6 +529,63 @@ impl Record {
     }
 }
 
+/// The bit of a restore id that marks a restore begun by an operator's
+/// reset of a follower table: its install may take the table back to an
+/// older revision, which an install the log asked for may not
+/// (`docs/replication.md`). Other restores use ids without it.
+pub const RESET_RESTORE_ID_BIT: u64 = 1 << 63;
+
+/// A key's record as a scan meets it: one written in the batch being
+/// applied, or the stored bytes (their header checked), whose value is
+/// copied out only when a caller asks for it. Counting a range, or taking
+/// only its keys, then copies no values.
+#[derive(Clone, Copy)]
+enum Found<'a> {
+    Written(&'a Record),
+    Stored(&'a [u8]),
+}
+
+impl Found<'_> {
+    fn key_value(&self, key: &[u8], with_value: bool) -> KeyValue {
+        match self {
+            Found::Written(record) => record.key_value(key, with_value),
+            Found::Stored(bytes) => KeyValue {
+                key: key.to_vec(),
+                value: if with_value {
+                    bytes[RECORD_HEADER_BYTES..].to_vec()
+                } else {
+                    Vec::new()
+                },
+                create_revision: read_u64(&bytes[0..8]),
+                mod_revision: read_u64(&bytes[8..16]),
+                version: read_u64(&bytes[16..24]),
+            },
+        }
+    }
+
+    fn record(&self) -> Record {
+        match self {
+            Found::Written(record) => (*record).clone(),
+            Found::Stored(bytes) => Record {
+                create_revision: read_u64(&bytes[0..8]),
+                mod_revision: read_u64(&bytes[8..16]),
+                version: read_u64(&bytes[16..24]),
+                value: bytes[RECORD_HEADER_BYTES..].to_vec(),
+            },
+        }
+    }
+}
+
+/// How far a range read counts keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counting {
+    /// Every key of the range, past the limit too (etcd's `count`).
+    WholeRange,
+    /// Only the keys returned: the scan stops at the first key past the
+    /// page (`Query::RangePage`).
+    Page,
+}
+
 /// The low and high bounds of a key range.
 type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
@@ -663,7 +727,11 @@ impl View<'_> {
 
     /// Calls `visit` for every key in `range`, in key order, until it
     /// returns false.
-    fn scan(&self, range: &KeyRange, mut visit: impl FnMut(&[u8], &Record) -> bool) -> Result<()> {
+    fn scan(
+        &self,
+        range: &KeyRange,
+        mut visit: impl FnMut(&[u8], Found<'_>) -> bool,
+    ) -> Result<()> {
         let Some((low, high)) = bounds(range) else {
             return Ok(());
         };
@@ -678,7 +746,7 @@ impl View<'_> {
                 written.next_if(|(written_key, _)| written_key.as_slice() < &key[..])
             {
                 if let Some(record) = record {
-                    if !visit(written_key, record) {
+                    if !visit(written_key, Found::Written(record)) {
                         return Ok(());
                     }
                 }
@@ -687,19 +755,25 @@ impl View<'_> {
                 written.next_if(|(written_key, _)| written_key.as_slice() == &key[..])
             {
                 if let Some(record) = record {
-                    if !visit(&key, record) {
+                    if !visit(&key, Found::Written(record)) {
                         return Ok(());
                     }
                 }
                 continue;
             }
-            if !visit(&key, &Record::decode(&bytes)?) {
+            if bytes.len() < RECORD_HEADER_BYTES {
+                return Err(Error::Decode(format!(
+                    "a record of {} bytes, shorter than its header",
+                    bytes.len()
+                )));
+            }
+            if !visit(&key, Found::Stored(&bytes)) {
                 return Ok(());
             }
         }
         for (written_key, record) in written {
             if let Some(record) = record {
-                if !visit(written_key, record) {
+                if !visit(written_key, Found::Written(record)) {
                     return Ok(());
                 }
             }
@@ -707,18 +781,23 @@ impl View<'_> {
         Ok(())
     }
 
-    fn range(&self, request: &RangeRequest) -> Result<RangeResult> {
+    fn range(&self, request: &RangeRequest, counting: Counting) -> Result<RangeResult> {
         let mut result = RangeResult::default();
         let mut bytes = 0u64;
-        self.scan(&request.range, |key, record| {
-            result.count += 1;
+        self.scan(&request.range, |key, found| {
             let full = (request.limit > 0 && result.kvs.len() as u64 >= request.limit)
                 || (request.bytes_max > 0 && !result.kvs.is_empty() && bytes >= request.bytes_max);
+            if counting == Counting::Page && full && !request.count_only {
+                // A key past the page: the page is done, and more follow.
+                result.more = true;
+                return false;
+            }
+            result.count += 1;
             if request.count_only || full {
                 result.more |= !request.count_only;
                 return true;
             }
-            let kv = record.key_value(key, !request.keys_only);
+            let kv = found.key_value(key, !request.keys_only);
             bytes += (kv.key.len() + kv.value.len()) as u64;
             result.kvs.push(kv);
             true
@@ -747,7 +826,7 @@ impl View<'_> {
     fn delete_range(&mut self, request: &DeleteRangeRequest) -> Result<DeleteRangeResult> {
         let mut found = Vec::new();
         self.scan(&request.range, |key, record| {
-            found.push(record.key_value(key, true));
+            found.push(record.key_value(key, request.prev_kv));
             true
         })?;
         let mut result = DeleteRangeResult {
@@ -766,9 +845,9 @@ impl View<'_> {
     fn compare(&self, compare: &Compare) -> Result<bool> {
         let mut any = false;
         let mut holds = true;
-        self.scan(&compare.range, |_, record| {
+        self.scan(&compare.range, |_, found| {
             any = true;
-            holds = compare_record(Some(record), compare);
+            holds = compare_record(Some(&found.record()), compare);
             holds
         })?;
         if !any {
@@ -834,7 +913,9 @@ impl View<'_> {
         let mut responses = Vec::with_capacity(branch.len());
         for op in branch {
             responses.push(match op {
-                RequestOp::Range(range) => ResponseOp::Range(self.range(range)?),
+                RequestOp::Range(range) => {
+                    ResponseOp::Range(self.range(range, Counting::WholeRange)?)
+                }
                 RequestOp::Put(put) => ResponseOp::Put(self.put(put, revision)?),
                 RequestOp::DeleteRange(delete) => {
                     ResponseOp::DeleteRange(self.delete_range(delete)?)
@@ -954,7 +1035,10 @@ fn answer_query(data: Source<'_>, revision: u64, query: &Query) -> Response {
         };
     }
     let result = match query {
-        Query::Range(range) => view.range(range).map(ResponseOp::Range),
+        Query::Range(range) => view
+            .range(range, Counting::WholeRange)
+            .map(ResponseOp::Range),
+        Query::RangePage(range) => view.range(range, Counting::Page).map(ResponseOp::Range),
         Query::Txn(txn) if txn.is_read_only() => view.txn(txn, revision).map(ResponseOp::Txn),
         Query::Txn(_) => Err(Error::Decode(
             "a transaction that writes cannot be served as a read".into(),

@@ -192,6 +192,77 @@ fn puts_ranges_and_deletes_follow_etcd() {
     assert_eq!((b1.kvs[0].create_revision, b1.kvs[0].version), (7, 1));
 }
 
+fn page(table: &Table, request: RangeRequest) -> regatta_kv::command::RangeResult {
+    let bytes = table.read(&Bytes::from(encode(&Query::RangePage(request))));
+    match decode::<Response>(&bytes).expect("response").result {
+        Ok(ResponseOp::Range(result)) => result,
+        other => panic!("a range result, not {other:?}"),
+    }
+}
+
+/// A page of a longer read (`Query::RangePage`) stops at the first key
+/// past it: `count` is its own keys, `more` whether any follow; the keys,
+/// values and revisions are those a Range returns. (That counting and
+/// `keys_only` now copy no values is not visible here; the DeleteRange
+/// below checks only that its answer stays the same.)
+#[test]
+fn a_page_counts_only_its_own_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table(1).expect("table");
+    let puts: Vec<Command> = (0..10).map(|i| put(&format!("k{i}"), "v")).collect();
+    apply(&mut table, &puts);
+    let request = |key: &str, limit: u64| RangeRequest {
+        range: range(key, b"l"),
+        limit,
+        ..RangeRequest::default()
+    };
+    let whole = get(&table, request("k0", 3));
+    assert_eq!(
+        (keys(&whole), whole.count, whole.more),
+        (
+            vec!["k0".to_string(), "k1".to_string(), "k2".to_string()],
+            10,
+            true
+        )
+    );
+    let first = page(&table, request("k0", 3));
+    assert_eq!(keys(&first), ["k0", "k1", "k2"]);
+    assert_eq!((first.count, first.more), (3, true));
+    assert_eq!(first.kvs, whole.kvs, "the same keys, values and revisions");
+    let last = page(&table, request("k7", 3));
+    assert_eq!(keys(&last), ["k7", "k8", "k9"]);
+    assert_eq!((last.count, last.more), (3, false), "nothing follows");
+    let capped = page(
+        &table,
+        RangeRequest {
+            bytes_max: 1,
+            ..request("k0", 0)
+        },
+    );
+    assert_eq!(
+        (keys(&capped), capped.count, capped.more),
+        (vec!["k0".to_string()], 1, true)
+    );
+    let unlimited = page(&table, request("k5", 0));
+    assert_eq!((unlimited.count, unlimited.more), (5, false));
+
+    let deleted = apply(
+        &mut table,
+        &[Command::DeleteRange(DeleteRangeRequest {
+            range: range("k0", b"k5"),
+            prev_kv: false,
+        })],
+    );
+    match &deleted[0].result {
+        Ok(ResponseOp::DeleteRange(result)) => {
+            assert_eq!((result.deleted, result.prev_kvs.len()), (5, 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(get(&table, request("k0", 0)).count, 5);
+}
+
 fn txn(compare: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>) -> Command {
     Command::Txn(regatta_kv::command::TxnRequest {
         compare,

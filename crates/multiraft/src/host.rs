@@ -1149,8 +1149,9 @@ impl NodeHost {
             .contains_key(&group)
     }
 
-    /// Why `group` stopped on this node, if it failed (a WAL or state
-    /// machine failure); `None` for a group running, removed or never here.
+    /// Why `group` stopped on this node: it failed (a WAL or state machine
+    /// failure), or the host stopped ([`NODE_STOPPING`]); `None` for a
+    /// group running, removed or never here.
     pub fn stop_reason(&self, group: GroupId) -> Option<String> {
         self.inner
             .stop_reasons

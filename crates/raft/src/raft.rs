@@ -1451,8 +1451,14 @@ impl<S: Storage> Raft<S> {
         if let Some((target, _)) = self.transfer {
             return Err(Error::TransferInProgress { target });
         }
+        // Membership changes pass (etcd's limit holds back client writes
+        // only): a cluster whose state machine is behind must still be
+        // able to replace a member.
         let backlog_entries = self.log.committed.0.saturating_sub(self.log.applied.0);
-        if backlog_entries > self.config.apply_backlog_entries_max {
+        let changes_membership = payloads
+            .iter()
+            .any(|payload| matches!(payload, EntryPayload::ConfChange(_)));
+        if backlog_entries > self.config.apply_backlog_entries_max && !changes_membership {
             return Err(Error::ApplyBacklog {
                 backlog_entries,
                 limit_entries: self.config.apply_backlog_entries_max,

@@ -568,9 +568,14 @@ async fn pull_once(
 ) -> Result<()> {
     let mut applied = node.table_revision(group, true).await?;
     if node.table_restore_pending(group) {
-        // A reset, or an install another puller left unfinished: the copy
-        // may be older than the table (that is what a reset is for).
-        let older = OlderCopy::Allowed;
+        // A reset (its restore id says so): the copy may be older than the
+        // table, which is what a reset is for. Or an install another
+        // puller left unfinished: the same rule as after USE_SNAPSHOT.
+        let older = if node.table_reset_pending(group) {
+            OlderCopy::Allowed
+        } else {
+            OlderCopy::Refused
+        };
         return install_snapshot(node, channel, name, group, installs, state, older).await;
     }
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
@@ -766,9 +771,9 @@ impl Pace {
 /// Whether an install may take the table back to an older revision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OlderCopy {
-    /// An operator's reset (or an install a reset began): the leader
-    /// cluster's table may be older than this copy, and the reset says to
-    /// follow it anyway.
+    /// An operator's reset, or an install that carries one on (a restore
+    /// id with `RESET_RESTORE_ID_BIT`): the leader cluster's table may be
+    /// older than this copy, and the reset says to follow it anyway.
     Allowed,
     /// The log sent the table to a snapshot: one older than the table is
     /// refused, so that its revision never moves back. A deposed puller
@@ -823,7 +828,10 @@ async fn install_snapshot_once(
         })
         .await?
         .into_inner();
-    let mut restore = TableRestore::begin(node, group).await?;
+    let mut restore = match older {
+        OlderCopy::Allowed => TableRestore::begin_reset(node, group).await?,
+        OlderCopy::Refused => TableRestore::begin(node, group).await?,
+    };
     let mut reported_bytes = 0u64;
     let mut checked_index = None;
     let received: Result<()> = async {

@@ -327,7 +327,8 @@ async fn a_fast_leader_stream_is_buffered_up_to_the_byte_budget() {
 /// table keeps its revision and its data, and the puller reports the
 /// serving node behind and tries again later. Before, the install took
 /// the table back to the snapshot's revision, undoing applied writes (a
-/// deposed puller's late install could do the same).
+/// deposed puller's late install could do the same). An operator's reset
+/// does install it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_older_than_the_table_is_not_installed() {
     let fake = FakeLeader {
@@ -339,24 +340,44 @@ async fn a_snapshot_older_than_the_table_is_not_installed() {
     let node = start_follower_node(dir.path()).await;
     let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
     let deadline = Instant::now() + Duration::from_secs(20);
-    // The second snapshot request comes after the first was refused.
-    while fake.snapshots.load(Ordering::SeqCst) < 2 {
-        assert!(Instant::now() < deadline, "the follower never retried");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    while fake.snapshots.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never asked for the snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let group = node.table_group("etcd").expect("the copy of the table");
+    // The second snapshot request comes after the first was refused; the
+    // refusal is reported while the puller pauses (a new stream clears
+    // it).
+    let mut reported = false;
+    while fake.snapshots.load(Ordering::SeqCst) < 2 || !reported {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never retried, or never reported the refusal"
+        );
+        let error = node.replication_facts(group).and_then(|facts| facts.error);
+        reported |= error
+            .as_deref()
+            .is_some_and(|error| error.contains("behind this follower's 10"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         node.table_revision(group, true).await.expect("revision"),
         10,
         "the table's revision moved back"
     );
-    let error = node.replication_facts(group).and_then(|facts| facts.error);
+    // An operator's reset follows the leader cluster's copy, older or not.
+    node.request_resync(group).await.expect("reset");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.table_revision(group, true).await.expect("revision") != 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the reset never installed the older copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     follower.stop().await;
-    assert!(
-        error
-            .as_deref()
-            .is_some_and(|error| error.contains("behind this follower's 10")),
-        "the refusal is reported: {error:?}"
-    );
     node.stop().await;
 }

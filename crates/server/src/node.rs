@@ -744,13 +744,26 @@ impl Node {
         }
     }
 
+    /// Whether the restore under way in table `group` was begun by an
+    /// operator's reset (`request_resync`), as this node applied it.
+    pub fn table_reset_pending(&self, group: GroupId) -> bool {
+        match self.store.table_reset_pending(group.0) {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::warn!(group = group.0, %error, "cannot read the table's metadata");
+                false
+            }
+        }
+    }
+
     /// Follower clusters: makes table `group` install a fresh snapshot of
     /// the leader cluster's copy. It begins a restore that no puller owns:
     /// the table refuses replicated batches until a snapshot install
     /// replaces it, and its puller starts one when it sees it pending.
     /// Readers keep the table's current data until the install commits.
     pub async fn request_resync(&self, group: GroupId) -> Result<()> {
-        let restore_id = random_u64().max(1);
+        // Marked as a reset: its install may take the table back.
+        let restore_id = random_u64() | regatta_kv::RESET_RESTORE_ID_BIT;
         let response = self
             .propose(group, &Command::RestoreBegin { restore_id })
             .await?;
@@ -880,12 +893,24 @@ impl Node {
         // snapshot. It may still apply, so running out of time then is an
         // unknown outcome, not the last attempt's "no leader, retry".
         let mut in_doubt = false;
+        // An overloaded leader is retried ever more slowly, so that its
+        // refusals (which come at once) do not turn into a stream of the
+        // same payload; elections are polled at a steady pace.
+        let mut overload_pause = RETRY_PAUSE;
         let result = loop {
             match self.host.propose_with_id(group, id, payload.clone()).await {
                 Ok(bytes) => break decode_response(&bytes),
                 Err(error) if retryable(&error) && Instant::now() < deadline => {
                     in_doubt |= may_be_in_a_log(&error);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let pause = if overloaded(&error) {
+                        let pause = overload_pause;
+                        overload_pause = (overload_pause * 2).min(OVERLOAD_PAUSE_MAX);
+                        pause
+                    } else {
+                        RETRY_PAUSE
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
                 }
                 Err(error) if retryable(&error) && (in_doubt || may_be_in_a_log(&error)) => {
                     break Err(Error::Raft(regatta_multiraft::Error::Timeout {
@@ -1452,6 +1477,30 @@ async fn listen_on_own_address(own: &PeerAddress, clustered: bool) -> Result<Tcp
 fn may_be_in_a_log(error: &regatta_multiraft::Error) -> bool {
     use regatta_multiraft::Error as E;
     matches!(error, E::NotLeader { .. } | E::OutcomeUnknown(_))
+}
+
+/// The pause before a proposal is tried again after a retryable error.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// The longest pause between tries while the leader is overloaded (the
+/// pause doubles from `RETRY_PAUSE`).
+const OVERLOAD_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Whether `error` says the leader is over a load limit (as opposed to
+/// having no leader): its caller backs off.
+fn overloaded(error: &regatta_multiraft::Error) -> bool {
+    use regatta_multiraft::Error as E;
+    use regatta_raft::Error as R;
+    match error {
+        E::Busy(_) => true,
+        E::Raft { source, .. } => matches!(
+            source,
+            R::UncommittedSizeExceeded { .. }
+                | R::ApplyBacklog { .. }
+                | R::LeaderOverloaded { .. }
+                | R::TooManyPendingReads { .. }
+        ),
+        _ => false,
+    }
 }
 
 /// Errors that an election or a moment's patience may cure: the request

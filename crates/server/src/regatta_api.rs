@@ -282,10 +282,20 @@ impl pb::kv_server::Kv for RegattaApi {
         let api = self.clone();
         tokio::spawn(async move {
             let mut left = query.limit;
+            let mut first = true;
             loop {
+                // The first page counts the whole range, as Range does;
+                // the next ones count only their own keys, so that the
+                // whole read scans the range twice, not once per page.
+                let page_query = if first {
+                    Query::Range(query.clone())
+                } else {
+                    Query::RangePage(query.clone())
+                };
+                first = false;
                 let page = api
                     .node
-                    .read(group, &Query::Range(query.clone()), request.linearizable)
+                    .read(group, &page_query, request.linearizable)
                     .await
                     .and_then(result);
                 let (revision, range) = match page {

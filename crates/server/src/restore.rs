@@ -74,7 +74,23 @@ pub struct ItemLimits {
 impl<'a> TableRestore<'a> {
     /// Begins a restore of `group`, abandoning any unfinished one.
     pub async fn begin(node: &'a Node, group: GroupId) -> Result<TableRestore<'a>> {
-        let restore_id = crate::random_u64().max(1);
+        let restore_id = (crate::random_u64() & !regatta_kv::RESET_RESTORE_ID_BIT).max(1);
+        TableRestore::begin_with_id(node, group, restore_id).await
+    }
+
+    /// Begins the install an operator's reset asked for: its id keeps the
+    /// reset's mark, so that an install cut short and begun again may
+    /// still take the table back to an older revision.
+    pub async fn begin_reset(node: &'a Node, group: GroupId) -> Result<TableRestore<'a>> {
+        let restore_id = crate::random_u64() | regatta_kv::RESET_RESTORE_ID_BIT;
+        TableRestore::begin_with_id(node, group, restore_id).await
+    }
+
+    async fn begin_with_id(
+        node: &'a Node,
+        group: GroupId,
+        restore_id: u64,
+    ) -> Result<TableRestore<'a>> {
         if !propose(node, group, &Command::RestoreBegin { restore_id })
             .await?
             .accepted
