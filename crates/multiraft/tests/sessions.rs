@@ -508,11 +508,13 @@ async fn a_forwarded_proposal_a_busy_leader_refuses_fails_at_once() {
     });
     is_locked.recv().expect("locked");
     let mut stuck = Vec::new();
-    for sequence in 1..=4 {
+    // One client each: a client's requests must arrive in order, and
+    // spawned tasks may run in any.
+    for client in 11..=14 {
         let host = leader_host.clone();
-        stuck.push(tokio::spawn(async move {
-            propose(&host, id(1, sequence)).await
-        }));
+        stuck.push(tokio::spawn(
+            async move { propose(&host, id(client, 1)).await },
+        ));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -551,6 +551,32 @@ async fn leave_on_terminate_and_force_remove() {
     );
     wait_for_roles(apis[0], &[(1, "voter"), (2, "voter")]);
     wait_writable(&nodes[0], "after-leave").await;
+    // With a quorum, force-remove is refused on a node that leads: every
+    // leadership moves to node 1, which is then asked to force out node 2.
+    let (success, _, stderr) = cli(&[
+        "table",
+        "transfer-leader",
+        "--all",
+        "--to",
+        "1",
+        "--address",
+        &apis[1].to_string(),
+    ]);
+    assert!(success, "transfer-leader: {stderr}");
+    let (success, _, refused) = cli(&[
+        "member",
+        "force-remove",
+        "2",
+        "--yes-i-know-this-can-lose-data",
+        "--address",
+        &apis[0].to_string(),
+    ]);
+    assert!(!success, "force-remove beside a quorum succeeded");
+    assert!(
+        refused.contains("FailedPrecondition") && refused.contains("member remove 2"),
+        "{refused}"
+    );
+    wait_for_roles(apis[0], &[(1, "voter"), (2, "voter")]);
     // Node 2 dies for good: {1, 2} has no quorum; a normal removal cannot
     // commit, force-remove on the survivor can.
     nodes[1].kill();

@@ -18,7 +18,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use regatta_kv::command::{Command, DeleteRangeRequest, KeyRange, Query, RangeRequest, ResponseOp};
+use regatta_kv::command::{
+    Command, DeleteRangeRequest, KeyRange, KeyValue, Query, RangeRequest, ResponseOp,
+};
 use regatta_multiraft::PeerAddress;
 use regatta_raft::{ConfChange, Membership, NodeId, Role};
 use regatta_wal::GroupId;
@@ -266,21 +268,36 @@ impl Node {
             .collect())
     }
 
-    /// Every member's address record with its mod revision.
-    async fn member_records(&self) -> Result<BTreeMap<NodeId, (MemberAddresses, u64)>> {
+    /// The keys under `prefix` in this node's copy of the metadata group
+    /// (with their values unless `keys_only`); `what` names them in the
+    /// error.
+    async fn metadata_prefix(
+        &self,
+        prefix: &[u8],
+        keys_only: bool,
+        what: &str,
+    ) -> Result<Vec<KeyValue>> {
         let query = Query::Range(RangeRequest {
             range: KeyRange {
-                key: MEMBER_PREFIX.to_vec(),
-                range_end: prefix_end(MEMBER_PREFIX),
+                key: prefix.to_vec(),
+                range_end: prefix_end(prefix),
             },
+            keys_only,
             ..RangeRequest::default()
         });
         let response = self.read(META_GROUP, &query, false).await?;
-        let Ok(ResponseOp::Range(range)) = response.result else {
-            return Err(Error::Internal("reading the member records failed".into()));
-        };
-        Ok(range
-            .kvs
+        match response.result {
+            Ok(ResponseOp::Range(range)) => Ok(range.kvs),
+            _ => Err(Error::Internal(format!("reading the {what} failed"))),
+        }
+    }
+
+    /// Every member's address record with its mod revision.
+    async fn member_records(&self) -> Result<BTreeMap<NodeId, (MemberAddresses, u64)>> {
+        let records = self
+            .metadata_prefix(MEMBER_PREFIX, false, "member records")
+            .await?;
+        Ok(records
             .iter()
             .filter_map(|kv| {
                 decode_member(&kv.key, &kv.value)
@@ -292,20 +309,10 @@ impl Node {
     /// Ids removed from the cluster (`removed/<id>`), as this node's copy
     /// of the metadata group holds them.
     async fn removed_ids(&self) -> Result<BTreeSet<NodeId>> {
-        let query = Query::Range(RangeRequest {
-            range: KeyRange {
-                key: REMOVED_PREFIX.to_vec(),
-                range_end: prefix_end(REMOVED_PREFIX),
-            },
-            keys_only: true,
-            ..RangeRequest::default()
-        });
-        let response = self.read(META_GROUP, &query, false).await?;
-        let Ok(ResponseOp::Range(range)) = response.result else {
-            return Err(Error::Internal("reading the removed ids failed".into()));
-        };
-        Ok(range
-            .kvs
+        let removed = self
+            .metadata_prefix(REMOVED_PREFIX, true, "removed ids")
+            .await?;
+        Ok(removed
             .iter()
             .filter_map(|kv| {
                 std::str::from_utf8(kv.key.get(REMOVED_PREFIX.len()..)?)
@@ -610,7 +617,11 @@ impl Node {
         // nothing left to do.
         groups.retain(|group| *group != META_GROUP);
         groups.push(META_GROUP);
-        let mut removed_from = 0;
+        // Every group first, before anything changes: a group this node
+        // leads has a quorum (a leader that stops hearing from one steps
+        // down), and a change forced beside a working quorum can elect two
+        // leaders.
+        let mut holding = Vec::new();
         for group in groups {
             let status = match self.host.status(group).await {
                 Ok(status) => status,
@@ -626,10 +637,23 @@ impl Node {
                 }
                 Err(error) => return Err(error.into()),
             };
-            if contains(&status.membership, id) {
-                self.host.force_remove(group, id).await?;
-                removed_from += 1;
+            if !contains(&status.membership, id) {
+                continue;
             }
+            if status.soft_state.role == Role::Leader {
+                return Err(Error::FailedPrecondition(format!(
+                    "this node leads group {} with a quorum of its voters, so node {} can be \
+                     removed safely: use `regatta member remove {}` (force-remove is for \
+                     groups that lost their quorum for good)",
+                    group.0, id.0, id.0
+                )));
+            }
+            holding.push(group);
+        }
+        let mut removed_from = 0;
+        for group in holding {
+            self.host.force_remove(group, id).await?;
+            removed_from += 1;
         }
         if removed_from == 0 {
             return Err(Error::FailedPrecondition(format!(
