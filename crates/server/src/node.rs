@@ -900,7 +900,10 @@ impl Node {
         let result = loop {
             match self.host.propose_with_id(group, id, payload.clone()).await {
                 Ok(bytes) => break decode_response(&bytes),
-                Err(error) if retryable(&error) && Instant::now() < deadline => {
+                Err(error)
+                    if (retryable(&error) || self.starting_here(&error))
+                        && Instant::now() < deadline =>
+                {
                     in_doubt |= may_be_in_a_log(&error);
                     let pause = if overloaded(&error) {
                         let pause = overload_pause;
@@ -1000,11 +1003,27 @@ impl Node {
             };
             match answer {
                 Ok(bytes) => return decode_response(&bytes),
-                Err(error) if retryable(&error) && Instant::now() < deadline => {
+                Err(error)
+                    if (retryable(&error) || self.starting_here(&error))
+                        && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(error) => return Err(Error::Raft(error)),
             }
+        }
+    }
+
+    /// Whether `error` says that a table the catalogue lists is not yet
+    /// running on this node: the catalogue reached it first, and the
+    /// reconciler starts its group within moments, so a request waits
+    /// for it instead of failing.
+    fn starting_here(&self, error: &regatta_multiraft::Error) -> bool {
+        match error {
+            regatta_multiraft::Error::UnknownGroup(group) => {
+                self.tables().iter().any(|table| table.group == *group)
+            }
+            _ => false,
         }
     }
 
