@@ -500,32 +500,11 @@ impl Record {
     }
 
     fn decode(bytes: &[u8]) -> Result<Record> {
-        if bytes.len() < RECORD_HEADER_BYTES {
-            return Err(Error::Decode(format!(
-                "a record of {} bytes, shorter than its header",
-                bytes.len()
-            )));
-        }
-        Ok(Record {
-            create_revision: read_u64(&bytes[0..8]),
-            mod_revision: read_u64(&bytes[8..16]),
-            version: read_u64(&bytes[16..24]),
-            value: bytes[RECORD_HEADER_BYTES..].to_vec(),
-        })
+        Found::parse(bytes).map(|found| found.record())
     }
 
     fn key_value(&self, key: &[u8], with_value: bool) -> KeyValue {
-        KeyValue {
-            key: key.to_vec(),
-            value: if with_value {
-                self.value.clone()
-            } else {
-                Vec::new()
-            },
-            create_revision: self.create_revision,
-            mod_revision: self.mod_revision,
-            version: self.version,
-        }
+        Found::written(self).key_value(key, with_value)
     }
 }
 
@@ -535,43 +514,64 @@ impl Record {
 /// (`docs/replication.md`). Other restores use ids without it.
 pub const RESET_RESTORE_ID_BIT: u64 = 1 << 63;
 
-/// A key's record as a scan meets it: one written in the batch being
-/// applied, or the stored bytes (their header checked), whose value is
+/// A key's record as a scan meets it, borrowed: one written in the batch
+/// being applied, or the stored bytes parsed in place, so that a value is
 /// copied out only when a caller asks for it. Counting a range, or taking
 /// only its keys, then copies no values.
 #[derive(Clone, Copy)]
-enum Found<'a> {
-    Written(&'a Record),
-    Stored(&'a [u8]),
+struct Found<'a> {
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+    value: &'a [u8],
 }
 
-impl Found<'_> {
+impl<'a> Found<'a> {
+    /// A stored record: its header, then its value.
+    fn parse(bytes: &'a [u8]) -> Result<Found<'a>> {
+        if bytes.len() < RECORD_HEADER_BYTES {
+            return Err(Error::Decode(format!(
+                "a record of {} bytes, shorter than its header",
+                bytes.len()
+            )));
+        }
+        Ok(Found {
+            create_revision: read_u64(&bytes[0..8]),
+            mod_revision: read_u64(&bytes[8..16]),
+            version: read_u64(&bytes[16..24]),
+            value: &bytes[RECORD_HEADER_BYTES..],
+        })
+    }
+
+    fn written(record: &'a Record) -> Found<'a> {
+        Found {
+            create_revision: record.create_revision,
+            mod_revision: record.mod_revision,
+            version: record.version,
+            value: &record.value,
+        }
+    }
+
     fn key_value(&self, key: &[u8], with_value: bool) -> KeyValue {
-        match self {
-            Found::Written(record) => record.key_value(key, with_value),
-            Found::Stored(bytes) => KeyValue {
-                key: key.to_vec(),
-                value: if with_value {
-                    bytes[RECORD_HEADER_BYTES..].to_vec()
-                } else {
-                    Vec::new()
-                },
-                create_revision: read_u64(&bytes[0..8]),
-                mod_revision: read_u64(&bytes[8..16]),
-                version: read_u64(&bytes[16..24]),
+        KeyValue {
+            key: key.to_vec(),
+            value: if with_value {
+                self.value.to_vec()
+            } else {
+                Vec::new()
             },
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
         }
     }
 
     fn record(&self) -> Record {
-        match self {
-            Found::Written(record) => (*record).clone(),
-            Found::Stored(bytes) => Record {
-                create_revision: read_u64(&bytes[0..8]),
-                mod_revision: read_u64(&bytes[8..16]),
-                version: read_u64(&bytes[16..24]),
-                value: bytes[RECORD_HEADER_BYTES..].to_vec(),
-            },
+        Record {
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: self.value.to_vec(),
         }
     }
 }
@@ -746,7 +746,7 @@ impl View<'_> {
                 written.next_if(|(written_key, _)| written_key.as_slice() < &key[..])
             {
                 if let Some(record) = record {
-                    if !visit(written_key, Found::Written(record)) {
+                    if !visit(written_key, Found::written(record)) {
                         return Ok(());
                     }
                 }
@@ -755,25 +755,19 @@ impl View<'_> {
                 written.next_if(|(written_key, _)| written_key.as_slice() == &key[..])
             {
                 if let Some(record) = record {
-                    if !visit(&key, Found::Written(record)) {
+                    if !visit(&key, Found::written(record)) {
                         return Ok(());
                     }
                 }
                 continue;
             }
-            if bytes.len() < RECORD_HEADER_BYTES {
-                return Err(Error::Decode(format!(
-                    "a record of {} bytes, shorter than its header",
-                    bytes.len()
-                )));
-            }
-            if !visit(&key, Found::Stored(&bytes)) {
+            if !visit(&key, Found::parse(&bytes)?) {
                 return Ok(());
             }
         }
         for (written_key, record) in written {
             if let Some(record) = record {
-                if !visit(written_key, Found::Written(record)) {
+                if !visit(written_key, Found::written(record)) {
                     return Ok(());
                 }
             }

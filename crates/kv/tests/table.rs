@@ -30,7 +30,11 @@ fn range(key: &str, range_end: &[u8]) -> KeyRange {
 }
 
 fn get(table: &Table, request: RangeRequest) -> regatta_kv::command::RangeResult {
-    let bytes = table.read(&Bytes::from(encode(&Query::Range(request))));
+    read_range(table, &Query::Range(request))
+}
+
+fn read_range(table: &Table, query: &Query) -> regatta_kv::command::RangeResult {
+    let bytes = table.read(&Bytes::from(encode(query)));
     match decode::<Response>(&bytes).expect("response").result {
         Ok(ResponseOp::Range(result)) => result,
         other => panic!("a range result, not {other:?}"),
@@ -193,11 +197,7 @@ fn puts_ranges_and_deletes_follow_etcd() {
 }
 
 fn page(table: &Table, request: RangeRequest) -> regatta_kv::command::RangeResult {
-    let bytes = table.read(&Bytes::from(encode(&Query::RangePage(request))));
-    match decode::<Response>(&bytes).expect("response").result {
-        Ok(ResponseOp::Range(result)) => result,
-        other => panic!("a range result, not {other:?}"),
-    }
+    read_range(table, &Query::RangePage(request))
 }
 
 /// A page of a longer read (`Query::RangePage`) stops at the first key

@@ -94,22 +94,8 @@ impl proto::log_server::Log for FakeLeader {
             let from = request.get_ref().leader_index;
             tokio::spawn(async move {
                 if from == 0 {
-                    let commands = (1..=10u64)
-                        .map(|index| proto::ReplicateCommand {
-                            leader_index: index,
-                            command: encode(&Command::Put(PutRequest {
-                                key: format!("k{index}").into_bytes(),
-                                value: b"v".to_vec(),
-                                prev_kv: false,
-                            })),
-                        })
-                        .collect();
-                    let response = proto::ReplicateResponse {
-                        response: Some(proto::replicate_response::Response::CommandsResponse(
-                            proto::ReplicateCommandsResponse { commands },
-                        )),
-                        leader_index: 10,
-                    };
+                    let commands = (1..=10u64).map(|index| put_command(index, 1)).collect();
+                    let response = commands_response(commands, 10);
                     if sender.send(Ok(response)).await.is_err() {
                         return;
                     }
@@ -129,22 +115,8 @@ impl proto::log_server::Log for FakeLeader {
             let mut next = request.get_ref().leader_index + 1;
             tokio::spawn(async move {
                 loop {
-                    let command = encode(&Command::Put(PutRequest {
-                        key: format!("k{next}").into_bytes(),
-                        value: vec![7u8; value_bytes],
-                        prev_kv: false,
-                    }));
-                    let response = proto::ReplicateResponse {
-                        response: Some(proto::replicate_response::Response::CommandsResponse(
-                            proto::ReplicateCommandsResponse {
-                                commands: vec![proto::ReplicateCommand {
-                                    leader_index: next,
-                                    command,
-                                }],
-                            },
-                        )),
-                        leader_index: next,
-                    };
+                    let command = put_command(next, value_bytes);
+                    let response = commands_response(vec![command], next);
                     if sender.send(Ok(response)).await.is_err() {
                         return;
                     }
@@ -155,14 +127,7 @@ impl proto::log_server::Log for FakeLeader {
         } else if self.heartbeats {
             tokio::spawn(async move {
                 loop {
-                    let heartbeat = proto::ReplicateResponse {
-                        response: Some(proto::replicate_response::Response::CommandsResponse(
-                            proto::ReplicateCommandsResponse {
-                                commands: Vec::new(),
-                            },
-                        )),
-                        leader_index: 0,
-                    };
+                    let heartbeat = commands_response(Vec::new(), 0);
                     if sender.send(Ok(heartbeat)).await.is_err() {
                         return;
                     }
@@ -203,6 +168,32 @@ impl proto::snapshot_server::Snapshot for FakeLeader {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             receiver,
         )))
+    }
+}
+
+/// A put of key `k<index>` with a value of `value_bytes` bytes, at leader
+/// index `index`.
+fn put_command(index: u64, value_bytes: usize) -> proto::ReplicateCommand {
+    proto::ReplicateCommand {
+        leader_index: index,
+        command: encode(&Command::Put(PutRequest {
+            key: format!("k{index}").into_bytes(),
+            value: vec![b'v'; value_bytes],
+            prev_kv: false,
+        })),
+    }
+}
+
+/// A log stream response carrying `commands` (none for a heartbeat).
+fn commands_response(
+    commands: Vec<proto::ReplicateCommand>,
+    leader_index: u64,
+) -> proto::ReplicateResponse {
+    proto::ReplicateResponse {
+        response: Some(proto::replicate_response::Response::CommandsResponse(
+            proto::ReplicateCommandsResponse { commands },
+        )),
+        leader_index,
     }
 }
 

@@ -67,6 +67,18 @@ async fn put(node: &Node, key: &str) {
     node.write(group, &command).await.expect("put");
 }
 
+/// Opens the log stream of `table` from `leader_index`.
+async fn replicate(
+    log: &mut LogClient<tonic::transport::Channel>,
+    table: &str,
+    leader_index: u64,
+) -> tonic::Streaming<proto::ReplicateResponse> {
+    log.replicate(request(table, leader_index))
+        .await
+        .expect("replicate")
+        .into_inner()
+}
+
 fn channel(address: SocketAddr) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .expect("endpoint")
@@ -107,11 +119,7 @@ async fn the_log_streams_in_order_and_new_writes_are_pushed() {
     );
 
     let mut log = LogClient::new(channel(leader.address));
-    let mut stream = log
-        .replicate(request("etcd", 0))
-        .await
-        .expect("replicate")
-        .into_inner();
+    let mut stream = replicate(&mut log, "etcd", 0).await;
     let mut next = 1u64;
     let mut keys = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -166,11 +174,7 @@ async fn a_stream_ends_unavailable_when_the_leader_node_stops() {
     let leader = start_leader(0).await;
     put(&leader.node, "a").await;
     let mut log = LogClient::new(channel(leader.address));
-    let mut stream = log
-        .replicate(request("etcd", 0))
-        .await
-        .expect("replicate")
-        .into_inner();
+    let mut stream = replicate(&mut log, "etcd", 0).await;
     stream
         .next()
         .await
@@ -205,11 +209,7 @@ async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
     // Compaction runs in the background after the applies.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut stream = log
-            .replicate(request("etcd", 0))
-            .await
-            .expect("replicate")
-            .into_inner();
+        let mut stream = replicate(&mut log, "etcd", 0).await;
         let response = stream.next().await.expect("open").expect("response");
         if let Some(proto::replicate_response::Response::ErrorResponse(error)) = response.response {
             assert_eq!(error.error, proto::ReplicateError::UseSnapshot as i32);
@@ -219,11 +219,7 @@ async fn a_compacted_log_asks_for_a_snapshot_and_bad_requests_fail_clearly() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let mut stream = log
-        .replicate(request("etcd", 1_000_000))
-        .await
-        .expect("replicate")
-        .into_inner();
+    let mut stream = replicate(&mut log, "etcd", 1_000_000).await;
     let response = stream.next().await.expect("open").expect("response");
     match response.response {
         Some(proto::replicate_response::Response::ErrorResponse(error)) => {

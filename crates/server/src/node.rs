@@ -735,25 +735,13 @@ impl Node {
     /// Whether table `group` has a restore under way on this node (a
     /// snapshot install, or a reset that waits for one).
     pub fn table_restore_pending(&self, group: GroupId) -> bool {
-        match self.store.table_restore_pending(group.0) {
-            Ok(pending) => pending,
-            Err(error) => {
-                tracing::warn!(group = group.0, %error, "cannot read the table's metadata");
-                false
-            }
-        }
+        table_flag(group, self.store.table_restore_pending(group.0))
     }
 
     /// Whether the restore under way in table `group` was begun by an
     /// operator's reset (`request_resync`), as this node applied it.
     pub fn table_reset_pending(&self, group: GroupId) -> bool {
-        match self.store.table_reset_pending(group.0) {
-            Ok(pending) => pending,
-            Err(error) => {
-                tracing::warn!(group = group.0, %error, "cannot read the table's metadata");
-                false
-            }
-        }
+        table_flag(group, self.store.table_reset_pending(group.0))
     }
 
     /// Follower clusters: makes table `group` install a fresh snapshot of
@@ -1496,6 +1484,15 @@ async fn listen_on_own_address(own: &PeerAddress, clustered: bool) -> Result<Tcp
 fn may_be_in_a_log(error: &regatta_multiraft::Error) -> bool {
     use regatta_multiraft::Error as E;
     matches!(error, E::NotLeader { .. } | E::OutcomeUnknown(_))
+}
+
+/// A flag read from table `group`'s metadata; false (and logged) when the
+/// metadata cannot be read.
+fn table_flag(group: GroupId, read: regatta_kv::Result<bool>) -> bool {
+    read.unwrap_or_else(|error| {
+        tracing::warn!(group = group.0, %error, "cannot read the table's metadata");
+        false
+    })
 }
 
 /// The pause before a proposal is tried again after a retryable error.
