@@ -10,7 +10,8 @@
 #
 #   [NODES=1|3] scripts/bench-cpu-per-op.sh [WORKLOAD] [TOTAL] [ROUNDS]
 #   (defaults: put 60000 3; REGATTA_BIN picks the regatta binary;
-#   WORKLOAD is put, range, mixed, mixed-90 or txn-put)
+#   WORKLOAD is put, range, mixed, mixed-90 or txn-put; CONNS sets the
+#   client's connections, 8 by default, for 64 clients)
 #
 # With BASELINE_BIN set to another regatta binary, each round runs that
 # build instead of etcd, then REGATTA_BIN: an A/B of two builds.
@@ -20,6 +21,7 @@ workload="${1:-put}"
 total="${2:-60000}"
 rounds="${3:-3}"
 nodes="${NODES:-1}"
+conns="${CONNS:-8}"
 regatta="${REGATTA_BIN:-$PWD/target/release/regatta}"
 [ -x "$regatta" ] || cargo build --release -q -p regatta
 baseline="${BASELINE_BIN:-}"
@@ -61,7 +63,7 @@ measure() { # name endpoints
     read -r idle0 total0 < <(machine)
     line="$( { /usr/bin/time -f "client_cpu_s=%U+%S" "$regatta" bench "$workload" \
         --endpoints "$endpoints" --total "$total" --key-space-size 10000 --val-size 256 \
-        "${fill[@]}" "${extra[@]}"; } 2>&1 | grep -E 'RESULT|client_cpu' | tr '\n' ' ')"
+        --clients 64 --conns "$conns" "${fill[@]}" "${extra[@]}"; } 2>&1 | grep -E 'RESULT|client_cpu' | tr '\n' ' ')"
     read -r idle1 total1 < <(machine)
     after="$(servers_cpu)"
     client="$(echo "$line" | grep -o 'client_cpu_s=[0-9.+]*')"

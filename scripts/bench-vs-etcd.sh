@@ -20,7 +20,9 @@
 # ratios (each round pairs the systems back to back, so it holds when the
 # machine's speed drifts between rounds), and each round's ratio;
 # REGATTA_BIN runs that binary instead of building target/release/regatta
-# (to compare two builds in one sitting).
+# (to compare two builds in one sitting);
+# CONNS (default 8) sets how many connections the 64 clients share
+# (../shared/ANCHORS.md measured etcd with 4).
 #
 # Needs the OS package etcd-server (installed here when missing, with apt).
 set -euo pipefail
@@ -28,7 +30,7 @@ cd "$(dirname "$0")/.."
 total="${1:-20000}"
 rounds="${ROUNDS:-1}"
 clients=64
-conns=8
+conns="${CONNS:-8}"
 work="$(mktemp -d)"
 pids=()
 cleanup() {

@@ -45,6 +45,21 @@ pub enum Error {
         /// The deadline that passed.
         timeout_ms: u64,
     },
+    /// A request this node forwarded to the group's leader did not reach
+    /// it (the link was full or down), or may not have (the connection
+    /// broke while it was written). It is answered at once rather than
+    /// left to its timeout; retry it, a write with the same request id.
+    #[error("group {}: the request forwarded to node {peer} {reason}; retry it (a write with the same request id)", group.0)]
+    Unsent {
+        /// The group.
+        group: GroupId,
+        /// The node it was forwarded to.
+        peer: NodeId,
+        /// What happened, as a phrase ("was not sent: ...").
+        reason: String,
+        /// Whether it may have arrived all the same.
+        maybe_arrived: bool,
+    },
     /// The group's inbox is full; retry later.
     #[error("group {}: too many requests queued (group_inbox_max); retry later", .0 .0)]
     Busy(GroupId),

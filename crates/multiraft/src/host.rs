@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use regatta_raft::{
     CommitBroadcast, ConfChange, Config, Entry, EntryPayload, LogIndex, Message, MessageBody,
-    NodeId, Proposed, RaftNode, ReadId, RequestId, Role, SnapshotMeta, Status, Term,
+    NodeId, Proposed, RaftNode, ReadId, Refusal, RequestId, Role, SnapshotMeta, Status, Term,
 };
 use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
 use rustc_hash::FxHashMap;
@@ -302,6 +302,25 @@ enum Control {
         to: NodeId,
         delivered: bool,
     },
+    /// Requests the group forwarded to `peer` that the transport did not
+    /// send (or may not have): their callers are answered at once.
+    Unsent {
+        group: GroupId,
+        peer: NodeId,
+        proposals: Vec<RequestId>,
+        reads: Vec<ReadId>,
+        reason: String,
+        maybe_arrived: bool,
+    },
+    /// Proposals forwarded to this node that it dropped on arrival (the
+    /// group's worker was full): the forwarding node `to` is told, so that
+    /// its callers retry now rather than at their timeout.
+    RefuseForwarded {
+        group: GroupId,
+        to: NodeId,
+        ids: Vec<RequestId>,
+        reason: String,
+    },
     /// The apply thread copied the state at `index` for an outgoing snapshot
     /// (or failed to write it out).
     SnapshotReady {
@@ -550,6 +569,7 @@ impl NodeHost {
                 }
             }));
             let worker = Worker {
+                node_id: config.node_id,
                 groups: FxHashMap::default(),
                 commit_due: Vec::new(),
                 active: BTreeSet::new(),
@@ -873,8 +893,92 @@ impl NodeHost {
             if batch.is_empty() {
                 continue;
             }
-            if let Some((inbox, _, _)) = workers.get(worker) {
-                let _ = inbox.try_send(WorkerInput::Messages(batch));
+            let Some((inbox, control, _)) = workers.get(worker) else {
+                continue;
+            };
+            let Err(mpsc::error::TrySendError::Full(WorkerInput::Messages(batch))) =
+                inbox.try_send(WorkerInput::Messages(batch))
+            else {
+                continue;
+            };
+            // Dropped. Raft retransmits the rest, but a forwarded proposal
+            // is not retransmitted: its sender hears of the drop now, and
+            // its caller retries, instead of waiting out a timeout.
+            for (group, message) in batch {
+                let MessageBody::Propose { payloads } = &message.body else {
+                    continue;
+                };
+                let ids = session_ids(payloads);
+                if !ids.is_empty() {
+                    let _ = control.send(Control::RefuseForwarded {
+                        group,
+                        to: message.from,
+                        ids,
+                        reason: format!(
+                            "node {} is too busy to take proposals for group {} (group_inbox_max); retry later",
+                            self.inner.config.node_id, group.0
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A transport reports messages it did not send (`maybe_arrived`:
+    /// or may not have, a connection broke while they were written) and
+    /// why, as a phrase ("was not sent: ..."). The callers of forwarded
+    /// proposals and reads among them are answered at once
+    /// (`Error::Unsent`) and retry; every other message is left to Raft,
+    /// which retransmits.
+    pub fn report_unsent(
+        &self,
+        messages: &[(GroupId, Message)],
+        reason: &str,
+        maybe_arrived: bool,
+    ) {
+        type Unsent = (GroupId, NodeId, Vec<RequestId>, Vec<ReadId>);
+        let mut unsent: Vec<Unsent> = Vec::new();
+        for (group, message) in messages {
+            let (proposals, reads) = match &message.body {
+                MessageBody::Propose { payloads } => (session_ids(payloads), Vec::new()),
+                MessageBody::ReadIndex { ids } => (Vec::new(), ids.clone()),
+                _ => continue,
+            };
+            if proposals.is_empty() && reads.is_empty() {
+                continue;
+            }
+            let found = unsent
+                .iter_mut()
+                .find(|(g, peer, ..)| g == group && *peer == message.to);
+            match found {
+                Some((_, _, all_proposals, all_reads)) => {
+                    all_proposals.extend(proposals);
+                    all_reads.extend(reads);
+                }
+                None => unsent.push((*group, message.to, proposals, reads)),
+            }
+        }
+        if unsent.is_empty() {
+            return;
+        }
+        let routed: Vec<(usize, Unsent)> = {
+            let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
+            unsent
+                .into_iter()
+                .filter_map(|item| groups.get(&item.0).map(|&worker| (worker, item)))
+                .collect()
+        };
+        let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+        for (worker, (group, peer, proposals, reads)) in routed {
+            if let Some((_, control, _)) = workers.get(worker) {
+                let _ = control.send(Control::Unsent {
+                    group,
+                    peer,
+                    proposals,
+                    reads,
+                    reason: reason.to_string(),
+                    maybe_arrived,
+                });
             }
         }
     }
@@ -1195,6 +1299,18 @@ impl NodeHost {
 
 /// Logs why `group` stopped on this node and keeps the reason for the
 /// requests that come after.
+/// The request ids of a forwarded proposal's commands (only commands
+/// with ids have a caller waiting on the forwarding node).
+fn session_ids(payloads: &[EntryPayload]) -> Vec<RequestId> {
+    payloads
+        .iter()
+        .filter_map(|payload| match payload {
+            EntryPayload::Session { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
 fn note_stopped(reasons: &StopReasons, group: GroupId, reason: &str) {
     tracing::error!(group = group.0, %reason, "group stopped on this node");
     reasons
@@ -1281,6 +1397,7 @@ const INPUTS_PER_TURN_MAX: usize = 1024;
 /// Runs many groups: one wake-up, one WAL batch and one tick timer serve
 /// every group with work.
 struct Worker {
+    node_id: NodeId,
     groups: FxHashMap<GroupId, Group>,
     /// Leaders whose moved commit index some follower has not had yet
     /// (`CommitBroadcast::Deferred`); sent when the commit timer fires.
@@ -1575,6 +1692,45 @@ impl Worker {
                     state.accept_input(Input::SnapshotReport { to, delivered });
                     touched.insert(group);
                 }
+            }
+            Control::Unsent {
+                group,
+                peer,
+                proposals,
+                reads,
+                reason,
+                maybe_arrived,
+            } => {
+                if let Some(state) = self.groups.get_mut(&group) {
+                    let error = Error::Unsent {
+                        group,
+                        peer,
+                        reason,
+                        maybe_arrived,
+                    };
+                    state.fail_forwarded(&proposals, &reads, &error);
+                }
+            }
+            Control::RefuseForwarded {
+                group,
+                to,
+                ids,
+                reason,
+            } => {
+                if !self.groups.contains_key(&group) {
+                    return;
+                }
+                let refusal = MessageBody::ProposeRefused {
+                    ids,
+                    refusal: Refusal::Overloaded { reason },
+                };
+                let message = Message {
+                    from: self.node_id,
+                    to,
+                    term: Term(0),
+                    body: refusal,
+                };
+                self.transport.send(vec![(group, message)]);
             }
         }
     }
@@ -2151,6 +2307,21 @@ impl Group {
             }
         }
         Ok(())
+    }
+
+    /// Fails the callers of forwarded proposals and reads that never
+    /// reached the leader (or may not have); they retry at once.
+    fn fail_forwarded(&mut self, proposals: &[RequestId], reads: &[ReadId], error: &Error) {
+        for id in proposals {
+            for reply in self.waiting_ids.remove(id).unwrap_or_default() {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        for id in reads {
+            if let Some(read) = self.reads.remove(id) {
+                read.fail(error.clone());
+            }
+        }
     }
 
     fn fail_all(&mut self, reason: String) {

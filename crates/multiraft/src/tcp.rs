@@ -13,7 +13,7 @@
 //! `snapshot_bytes_per_second_max`; the receiver answers one byte once it
 //! has handed the whole snapshot to its host.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -46,6 +46,8 @@ const HANDSHAKE_BYTES: usize = 28;
 const ANSWER_ACCEPTED: u8 = 0;
 const ANSWER_WRONG_CLUSTER: u8 = 1;
 const ANSWER_WRONG_VERSION: u8 = 2;
+/// The dialling node was removed from the cluster (`refuse_removed`).
+const ANSWER_REMOVED: u8 = 3;
 const FRAME_MESSAGE_BATCH: u8 = 1;
 const FRAME_SNAPSHOT_HEADER: u8 = 2;
 const FRAME_SNAPSHOT_CHUNK: u8 = 3;
@@ -269,7 +271,13 @@ pub struct TcpStats {
     /// Incoming snapshots refused because `incoming_snapshots_max` were
     /// already being received.
     pub snapshots_refused: AtomicU64,
+    /// Dials a peer refused because this node was removed from the
+    /// cluster (`TcpTransport::refuse_removed` on the peer).
+    pub removal_notices: AtomicU64,
 }
+
+/// Node ids removed from the cluster, whose dials are refused.
+type RemovedIds = std::sync::RwLock<BTreeSet<NodeId>>;
 
 /// One peer: where it listens, its outbound queue and the task that
 /// writes it.
@@ -295,6 +303,9 @@ struct PeerQueue {
     /// Set when the writer has work (a stored permit: never lost).
     ready: Notify,
     closed: AtomicBool,
+    /// The last attempt to connect failed: forwarded requests are not
+    /// queued meanwhile (they would only be dropped at the next failure).
+    unreachable: AtomicBool,
 }
 
 impl PeerQueue {
@@ -304,18 +315,18 @@ impl PeerQueue {
             messages_max,
             ready: Notify::new(),
             closed: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
         }
     }
 
-    /// Queues what fits; returns how many messages did not.
-    fn push(&self, batch: &mut Vec<(GroupId, Message)>) -> u64 {
-        let mut dropped = 0;
+    /// Queues what fits; returns the messages that did not.
+    fn push(&self, batch: &mut Vec<(GroupId, Message)>) -> Vec<(GroupId, Message)> {
+        let mut dropped = Vec::new();
         {
             let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
             let room = self.messages_max.saturating_sub(messages.len());
             if batch.len() > room {
-                dropped = (batch.len() - room) as u64;
-                batch.truncate(room);
+                dropped = batch.split_off(room);
             }
             if messages.is_empty() {
                 std::mem::swap(&mut *messages, batch);
@@ -337,12 +348,9 @@ impl PeerQueue {
         }
     }
 
-    /// Drops everything queued.
-    fn clear(&self) {
-        self.messages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+    /// Drops everything queued, and returns it.
+    fn clear(&self) -> Vec<(GroupId, Message)> {
+        std::mem::take(&mut *self.messages.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Waits until something may be queued; false once the queue closed.
@@ -372,6 +380,7 @@ pub struct TcpTransport {
     peers: std::sync::RwLock<HashMap<NodeId, Peer>>,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
+    removed: Arc<RemovedIds>,
     /// Every task this transport spawned, for `shutdown`.
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -383,6 +392,7 @@ impl TcpTransport {
     pub fn start(config: TcpConfig, listener: TcpListener) -> Arc<TcpTransport> {
         let host: Arc<OnceLock<WeakNodeHost>> = Arc::new(OnceLock::new());
         let stats = Arc::new(TcpStats::default());
+        let removed: Arc<RemovedIds> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let mut spawned = Vec::new();
         let acceptor = accept_loop(
@@ -390,6 +400,7 @@ impl TcpTransport {
             listener,
             Arc::clone(&host),
             Arc::clone(&stats),
+            Arc::clone(&removed),
             Arc::clone(&tasks),
         );
         spawned.push(tokio::spawn(acceptor).abort_handle());
@@ -402,6 +413,7 @@ impl TcpTransport {
             peers: std::sync::RwLock::new(HashMap::new()),
             host,
             stats,
+            removed,
             tasks,
         });
         for (peer, address) in &config.peers {
@@ -457,6 +469,19 @@ impl TcpTransport {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&peer);
+    }
+
+    /// From now on, refuses the dials of these nodes, removed from the
+    /// cluster, with an answer that tells them so (a node removed while
+    /// it was down learns it when it comes back, and stops).
+    pub fn refuse_removed(&self, ids: BTreeSet<NodeId>) {
+        *self.removed.write().unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    /// Whether a peer refused this node's dial because this node was
+    /// removed from the cluster.
+    pub fn told_removed(&self) -> bool {
+        self.stats.removal_notices.load(Ordering::Relaxed) > 0
     }
 
     /// The peers this node sends to, with their addresses.
@@ -552,17 +577,43 @@ impl Transport for TcpTransport {
                 None => by_peer.push((to, vec![(group, message)])),
             }
         }
-        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
-        for (to, mut batch) in by_peer {
-            let dropped = match peers.get(&to) {
-                Some(peer) => peer.queue.push(&mut batch),
-                None => batch.len() as u64,
-            };
-            if dropped > 0 {
-                self.stats
-                    .dropped_messages
-                    .fetch_add(dropped, Ordering::Relaxed);
+        let mut unsent = Vec::new();
+        {
+            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+            for (to, mut batch) in by_peer {
+                let Some(peer) = peers.get(&to) else {
+                    self.stats
+                        .dropped_messages
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    unsent.push((batch, "was not sent: that node is not a known peer"));
+                    continue;
+                };
+                if peer.queue.unreachable.load(Ordering::Acquire) {
+                    let (forwarded, rest): (Vec<_>, Vec<_>) = batch
+                        .into_iter()
+                        .partition(|(_, message)| message.body.is_forward());
+                    batch = rest;
+                    if !forwarded.is_empty() {
+                        self.stats
+                            .dropped_messages
+                            .fetch_add(forwarded.len() as u64, Ordering::Relaxed);
+                        unsent.push((forwarded, UNREACHABLE));
+                    }
+                }
+                let dropped = peer.queue.push(&mut batch);
+                if !dropped.is_empty() {
+                    self.stats
+                        .dropped_messages
+                        .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+                    unsent.push((
+                        dropped,
+                        "was not sent: the queue to that node is full (peer_queue_messages_max)",
+                    ));
+                }
             }
+        }
+        for (dropped, reason) in unsent {
+            report_unsent(&self.host, &dropped, reason, false);
         }
     }
 }
@@ -585,6 +636,7 @@ async fn peer_writer(
     loop {
         let (mut stream, version) = match connect(&config, &address).await {
             Ok(connected) => {
+                queue.unreachable.store(false, Ordering::Release);
                 delay = config.reconnect_delay_min;
                 if logged.take().is_some() {
                     tracing::info!(peer = %address, "peer reachable again");
@@ -592,6 +644,12 @@ async fn peer_writer(
                 connected
             }
             Err(error) => {
+                if error
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<RemovedByPeer>())
+                {
+                    stats.removal_notices.fetch_add(1, Ordering::Relaxed);
+                }
                 let reason = error.to_string();
                 let now = tokio::time::Instant::now();
                 let due = logged.as_ref().is_none_or(|(last, at)| {
@@ -601,9 +659,11 @@ async fn peer_writer(
                     tracing::warn!(peer = %address, error = %reason, "cannot reach peer");
                     logged = Some((reason, now));
                 }
-                stats.connection_failures.fetch_add(1, Ordering::Relaxed);
+                queue.unreachable.store(true, Ordering::Release);
                 // Do not let the queue fill with stale messages meanwhile.
-                queue.clear();
+                let dropped = queue.clear();
+                report_unsent(&host, &dropped, UNREACHABLE, false);
+                stats.connection_failures.fetch_add(1, Ordering::Relaxed);
                 if queue.is_closed() {
                     return;
                 }
@@ -616,10 +676,38 @@ async fn peer_writer(
         if !sent.await {
             return;
         }
+        // What a broken connection was writing may or may not have
+        // arrived; it is not sent again.
+        report_unsent(
+            &host,
+            &pending,
+            "may not have arrived: the connection to that node broke while it was sent",
+            true,
+        );
+        pending.clear();
         // Lost after being connected: wake once; retries while the peer
         // stays down do not wake anything again.
         stats.connection_failures.fetch_add(1, Ordering::Relaxed);
         wake_groups(&host);
+    }
+}
+
+/// Why a request forwarded to a peer that cannot be reached was not sent.
+const UNREACHABLE: &str = "was not sent: that node cannot be reached";
+
+/// Tells the host about messages it handed over and this transport did
+/// not send (see `NodeHost::report_unsent`).
+fn report_unsent(
+    host: &OnceLock<WeakNodeHost>,
+    messages: &[(GroupId, Message)],
+    reason: &str,
+    maybe_arrived: bool,
+) {
+    if messages.is_empty() {
+        return;
+    }
+    if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
+        host.report_unsent(messages, reason, maybe_arrived);
     }
 }
 
@@ -672,10 +760,11 @@ async fn send_until_broken(
             by_kind[message.body.kind_index()] += 1;
         }
         let (frames, oversized) = encode_frames(pending, config.frame_bytes_max as usize);
-        pending.clear();
         stats
             .dropped_messages
             .fetch_add(oversized, Ordering::Relaxed);
+        // `pending` is kept until the frames are written: on a broken
+        // connection, the caller reports what they held.
         for frame in &frames {
             if stream.write_all(frame).await.is_err() {
                 return true;
@@ -684,6 +773,7 @@ async fn send_until_broken(
         if stream.flush().await.is_err() {
             return true;
         }
+        pending.clear();
         stats
             .frames_sent
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -795,6 +885,9 @@ async fn handshake(
             format!("peer refused the handshake: it does not speak transport format {version}"),
         ));
     }
+    if answer == ANSWER_REMOVED {
+        return Err(std::io::Error::other(RemovedByPeer));
+    }
     if answer != ANSWER_ACCEPTED {
         return Err(std::io::Error::other(format!(
             "peer refused the handshake ({answer})"
@@ -802,6 +895,19 @@ async fn handshake(
     }
     Ok(stream)
 }
+
+/// A peer's answer to this node's dial: this node was removed from the
+/// cluster.
+#[derive(Debug)]
+struct RemovedByPeer;
+
+impl std::fmt::Display for RemovedByPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the peer refused the handshake: this node was removed from the cluster")
+    }
+}
+
+impl std::error::Error for RemovedByPeer {}
 
 /// Streams one snapshot: connect, a header frame (data length, then the
 /// message as a batch of one), chunk frames, then wait for the receiver's
@@ -949,6 +1055,7 @@ async fn accept_loop(
     listener: TcpListener,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
+    removed: Arc<RemovedIds>,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 ) {
     let snapshot_slots = Arc::new(tokio::sync::Semaphore::new(config.incoming_snapshots_max));
@@ -972,6 +1079,7 @@ async fn accept_loop(
             stream,
             Arc::clone(&host),
             Arc::clone(&stats),
+            Arc::clone(&removed),
             Arc::clone(&snapshot_slots),
             slot,
         ));
@@ -988,6 +1096,7 @@ async fn serve_connection(
     tcp: TcpStream,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
+    removed: Arc<RemovedIds>,
     snapshot_slots: Arc<tokio::sync::Semaphore>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -1004,7 +1113,7 @@ async fn serve_connection(
         }
         None => Box::new(tcp),
     };
-    serve_stream(config, stream, host, stats, snapshot_slots).await;
+    serve_stream(config, stream, host, stats, &removed, snapshot_slots).await;
 }
 
 async fn serve_stream(
@@ -1012,6 +1121,7 @@ async fn serve_stream(
     mut stream: BoxedStream,
     host: Arc<OnceLock<WeakNodeHost>>,
     stats: Arc<TcpStats>,
+    removed: &RemovedIds,
     snapshot_slots: Arc<tokio::sync::Semaphore>,
 ) {
     let mut handshake = [0u8; HANDSHAKE_BYTES];
@@ -1023,10 +1133,23 @@ async fn serve_stream(
     let version = u32::from_le_bytes([handshake[8], handshake[9], handshake[10], handshake[11]]);
     let mut cluster = [0u8; 8];
     cluster.copy_from_slice(&handshake[12..20]);
+    let mut sender = [0u8; 8];
+    sender.copy_from_slice(&handshake[20..28]);
+    let sender = NodeId(u64::from_le_bytes(sender));
     let answer = if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         ANSWER_WRONG_VERSION
     } else if u64::from_le_bytes(cluster) != config.cluster_id {
         ANSWER_WRONG_CLUSTER
+    } else if removed
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&sender)
+    {
+        tracing::info!(
+            node = sender.0,
+            "refused a dial from a node removed from the cluster"
+        );
+        ANSWER_REMOVED
     } else {
         ANSWER_ACCEPTED
     };
@@ -1041,6 +1164,15 @@ async fn serve_stream(
         let Some(body) = read_frame(&config, &mut stream, &stats).await else {
             return;
         };
+        // A node removed since its handshake: closed, so that it dials
+        // again and hears why.
+        if removed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&sender)
+        {
+            return;
+        }
         if body[0] == FRAME_SNAPSHOT_HEADER {
             let Ok(_slot) = snapshot_slots.try_acquire() else {
                 stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
@@ -1236,15 +1368,19 @@ mod tests {
     fn a_peer_queue_keeps_order_and_drops_what_exceeds_its_bound() {
         let queue = PeerQueue::new(5);
         let mut first: Vec<_> = (0..3).map(heartbeat).collect();
-        assert_eq!(queue.push(&mut first), 0);
+        assert_eq!(queue.push(&mut first), Vec::new());
         let mut second: Vec<_> = (3..7).map(heartbeat).collect();
-        assert_eq!(queue.push(&mut second), 2, "two over the bound of 5");
+        assert_eq!(
+            queue.push(&mut second),
+            (5..7).map(heartbeat).collect::<Vec<_>>(),
+            "the two over the bound of 5, returned"
+        );
         let mut taken = Vec::new();
         queue.take(&mut taken);
         assert_eq!(taken, (0..5).map(heartbeat).collect::<Vec<_>>());
         // Taken messages free their room.
         let mut third: Vec<_> = (7..9).map(heartbeat).collect();
-        assert_eq!(queue.push(&mut third), 0);
+        assert_eq!(queue.push(&mut third), Vec::new());
         let mut rest = Vec::new();
         queue.take(&mut rest);
         assert_eq!(rest, (7..9).map(heartbeat).collect::<Vec<_>>());

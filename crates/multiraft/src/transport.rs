@@ -103,18 +103,31 @@ impl Transport for LocalTransport {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let mut by_receiver: BTreeMap<NodeId, Vec<(GroupId, Message)>> = BTreeMap::new();
+        let mut cut = Vec::new();
+        let mut sender = None;
         for (group, message) in messages {
-            if !blocked.contains(&(message.from, message.to)) {
+            sender.get_or_insert(message.from);
+            if blocked.contains(&(message.from, message.to)) {
+                cut.push((group, message));
+            } else {
                 by_receiver
                     .entry(message.to)
                     .or_default()
                     .push((group, message));
             }
         }
+        let mut gone = Vec::new();
         for (to, batch) in by_receiver {
-            if let Some(host) = hosts.get(&to).and_then(WeakNodeHost::upgrade) {
-                host.deliver(batch);
+            match hosts.get(&to).and_then(WeakNodeHost::upgrade) {
+                Some(host) => host.deliver(batch),
+                None => gone.extend(batch),
             }
+        }
+        // As the TCP transport does for a peer it cannot reach.
+        if let Some(host) = sender.and_then(|from| hosts.get(&from)?.upgrade()) {
+            let reason = "was not sent: that node cannot be reached";
+            host.report_unsent(&cut, reason, false);
+            host.report_unsent(&gone, reason, false);
         }
     }
 }

@@ -1097,3 +1097,116 @@ async fn a_group_stopped_by_its_state_machine_names_the_reason_to_later_requests
     host.remove_group(GROUP).await.expect("remove");
     host.stop().await;
 }
+
+/// Records what a host sends.
+#[derive(Default)]
+struct CaptureTransport {
+    sent: Mutex<Vec<(GroupId, regatta_raft::Message)>>,
+}
+
+impl Transport for CaptureTransport {
+    fn send(&self, messages: Vec<(GroupId, regatta_raft::Message)>) {
+        self.sent.lock().expect("lock").extend(messages);
+    }
+
+    fn send_snapshot(
+        &self,
+        _group: GroupId,
+        _message: regatta_raft::Message,
+        _data: regatta_multiraft::SnapshotData,
+    ) {
+    }
+}
+
+/// Proposals forwarded to a node whose worker is too busy to take them
+/// (its inbox full) are dropped, as any message may be, but their sender
+/// is told at once (`ProposeRefused`, overloaded) so that its callers
+/// retry now instead of at their timeout. The host runs on a
+/// current-thread runtime that the test stops driving, so that the
+/// worker takes nothing from its inbox meanwhile.
+#[test]
+fn proposals_forwarded_to_a_full_worker_are_refused_to_their_sender() {
+    use regatta_raft::{EntryPayload, Message, MessageBody, Refusal, RequestId, Term};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = Arc::new(CaptureTransport::default());
+    let host = runtime.block_on(async {
+        let mut config = HostConfig::new(NodeId(1), dir.path());
+        config.tick_interval = Duration::from_millis(5);
+        config.workers = 1;
+        config.group_inbox_max = 2;
+        let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+        let handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+        let host =
+            NodeHost::new(config, wal, handle, tokio::runtime::Handle::current()).expect("host");
+        host.start_group(GROUP, vec![NodeId(1)], Box::new(KvMachine::default()))
+            .expect("group");
+        wait_for_leader(&BTreeMap::from([(1, host.clone())])).await;
+        host
+    });
+    let forwarded = |sequence: u64| {
+        let payload = EntryPayload::Session {
+            id: RequestId {
+                client: 9,
+                sequence,
+            },
+            command: Bytes::from_static(b"k=v"),
+        };
+        Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: Term(0),
+            body: MessageBody::Propose {
+                payloads: vec![payload],
+            },
+        }
+    };
+    // Two fit in the inbox; the third does not.
+    for sequence in 1..=3 {
+        host.deliver(vec![(GROUP, forwarded(sequence))]);
+    }
+    let refusals = runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let refusals: Vec<(Vec<RequestId>, Refusal)> = transport
+                .sent
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(_, message)| message.to == NodeId(2))
+                .filter_map(|(_, message)| match &message.body {
+                    MessageBody::ProposeRefused { ids, refusal } => {
+                        Some((ids.clone(), refusal.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !refusals.is_empty() {
+                return refusals;
+            }
+            assert!(Instant::now() < deadline, "no refusal was sent");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    // Only the dropped proposal is refused here: node 2 is not a member,
+    // so the core ignores the two it took (a member's would be appended).
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    let (ids, refusal) = &refusals[0];
+    assert_eq!(
+        ids,
+        &vec![RequestId {
+            client: 9,
+            sequence: 3
+        }]
+    );
+    match refusal {
+        Refusal::Overloaded { reason } => {
+            assert!(reason.contains("group_inbox_max"), "{reason}")
+        }
+        other => panic!("an overload refusal, got {other:?}"),
+    }
+    runtime.block_on(host.stop());
+}

@@ -313,6 +313,7 @@ async fn retried_requests_survive_leader_changes_applied_exactly_once() {
                         | Error::Dropped(_)
                         | Error::OutcomeUnknown(_)
                         | Error::Timeout { .. }
+                        | Error::Unsent { .. }
                         | Error::Raft { .. },
                     ) => {
                         retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

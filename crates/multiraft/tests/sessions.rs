@@ -555,3 +555,65 @@ async fn a_forwarded_proposal_a_busy_leader_refuses_fails_at_once() {
     cluster.converge(5).await;
     cluster.stop().await;
 }
+
+/// A follower whose link to the leader is down answers a forwarded
+/// proposal and a forwarded read at once with `Unsent` (they used to wait
+/// out the request timeout: the transport dropped them, and nothing but a
+/// change of leader answered them). Once the link is back, the proposal
+/// retried under its request id applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_forwarded_over_a_cut_link_fails_at_once() {
+    let cluster = Cluster::start(3, 0, |_| {});
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 1)).await.expect("first"),
+        "1"
+    );
+    cluster.converge(1).await;
+    // The follower still hears the leader (so it keeps following it), but
+    // nothing it sends reaches the leader.
+    cluster
+        .transport
+        .cut_one_way(NodeId(follower), NodeId(leader));
+    let host = &cluster.hosts[&follower];
+    let started = Instant::now();
+    match propose(host, id(2, 1)).await {
+        Err(Error::Unsent {
+            peer,
+            reason,
+            maybe_arrived: false,
+            ..
+        }) => {
+            assert_eq!(peer, NodeId(leader));
+            assert!(reason.contains("cannot be reached"), "{reason}");
+        }
+        other => panic!("the proposal fails as unsent, got {other:?}"),
+    }
+    match host
+        .read_linearizable(GROUP, Bytes::from_static(b"count"))
+        .await
+    {
+        Err(Error::Unsent { peer, .. }) => assert_eq!(peer, NodeId(leader)),
+        other => panic!("the read fails as unsent, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered in {waited:?}, not at the 10 s request timeout"
+    );
+    assert_eq!(cluster.count(leader), 1, "the unsent proposal applied");
+    cluster.transport.heal();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let applied = loop {
+        match propose(host, id(2, 1)).await {
+            Err(Error::Unsent { .. } | Error::NotLeader { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other.expect("the retry applies"),
+        }
+    };
+    assert_eq!(applied, "2");
+    cluster.converge(2).await;
+    cluster.stop().await;
+}

@@ -678,3 +678,89 @@ async fn a_peer_name_is_resolved_again_at_every_dial() {
     transport.shutdown();
     drop(held);
 }
+
+/// A follower whose leader has just crashed answers a forwarded proposal
+/// at once with `Unsent` (the transport cannot reach the leader), not
+/// after the 10 s request timeout, and not only once an election names
+/// another leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_forwarded_to_an_unreachable_leader_fails_at_once() {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut listeners = Vec::new();
+    let mut peers = HashMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        peers.insert(NodeId(id), listener.local_addr().expect("address"));
+        listeners.push(listener);
+    }
+    let mut nodes = BTreeMap::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        nodes.insert(
+            id,
+            start_node(dirs[position].path(), id, listener, &peers, true).await,
+        );
+    }
+    let group = GROUPS[0];
+    let leader = leader_of(&nodes, group).await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    nodes[&leader]
+        .host
+        .propose(group, Bytes::from_static(b"before"))
+        .await
+        .expect("commit");
+    read_until(&nodes[&follower].host, group, "before").await;
+    let failures = |node: &Node| {
+        node.transport
+            .stats()
+            .connection_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let failures_before = failures(&nodes[&follower]);
+    let crashed = nodes.remove(&leader).expect("the leader");
+    crashed.transport.shutdown();
+    crashed.host.stop().await;
+    drop(crashed);
+    // The follower's link breaks (one failure), then a dial is refused
+    // (another): from then on the leader counts as unreachable.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while failures(&nodes[&follower]) < failures_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never lost the link"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let id = regatta_raft::RequestId {
+        client: 5,
+        sequence: 1,
+    };
+    let started = Instant::now();
+    let result = nodes[&follower]
+        .host
+        .propose_with_id(group, id, Bytes::from_static(b"after"))
+        .await;
+    match result {
+        Err(regatta_multiraft::Error::Unsent {
+            peer,
+            reason,
+            maybe_arrived: false,
+            ..
+        }) => {
+            assert_eq!(peer, NodeId(leader));
+            assert!(reason.contains("cannot be reached"), "{reason}");
+        }
+        other => panic!("the proposal fails as unsent, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    for node in nodes.values() {
+        node.transport.shutdown();
+        node.host.stop().await;
+    }
+}

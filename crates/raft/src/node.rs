@@ -105,8 +105,10 @@ pub struct Status {
     pub first_index: LogIndex,
     /// The durable prefix of the log.
     pub persisted: LogIndex,
-    /// The committed membership.
+    /// The membership in force: the latest in the log, committed or not.
     pub membership: Membership,
+    /// The membership of the latest committed membership entry.
+    pub committed_membership: Membership,
     /// Leader only: each member's progress.
     pub peers: Vec<PeerStatus>,
 }
@@ -334,6 +336,7 @@ impl<S: Storage> RaftNode<S> {
             first_index: raft.log.first_index(),
             persisted: raft.log.persisted,
             membership: raft.membership().clone(),
+            committed_membership: raft.committed_membership(),
             peers: raft
                 .progress_summary()
                 .into_iter()

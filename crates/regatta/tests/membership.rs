@@ -694,3 +694,53 @@ async fn a_follower_cluster_grows_by_a_node() {
     wait_for_key(&second, "after").await;
     wait_for_key(&first, "after").await;
 }
+
+/// A node removed while it was down used to come back as a ghost: no
+/// member talks to a removed node, so it never learned of its removal and
+/// went on serving its stale copy. Its peers now refuse its dials with an
+/// answer that says it was removed, and it shuts itself down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removed_while_down_shuts_down_when_it_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apis: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let rafts: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let initial = members_of(&rafts, &[1, 2, 3]);
+    let start = |id: usize| {
+        Regatta::start_member(
+            &dir.path().join(format!("n{id}")),
+            id as u64,
+            apis[id - 1],
+            rafts[id - 1],
+            &initial,
+            &["--log-level", "info"],
+        )
+    };
+    let mut nodes: Vec<Regatta> = (1..=3).map(start).collect();
+    for node in &nodes {
+        let _ready = connect(node).await;
+    }
+    wait_writable(&nodes[0], "before").await;
+    nodes[2].kill();
+    let admin = apis[0].to_string();
+    cli_until_ok(&["member", "remove", "3", "--address", &admin]);
+    wait_for_roles(apis[0], &[(1, "voter"), (2, "voter")]);
+    wait_writable(&nodes[0], "after-removal").await;
+    nodes[2] = start(3);
+    let status = wait_for_exit(&mut nodes[2], Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "the removed node exited with {status}: {}",
+        nodes[2].log()
+    );
+    let log = nodes[2].log();
+    assert!(
+        log.contains("removed from the cluster while it was down"),
+        "{log}"
+    );
+    let refused = nodes[0].log() + &nodes[1].log();
+    assert!(
+        refused.contains("refused a dial from a node removed from the cluster"),
+        "{refused}"
+    );
+    wait_writable(&nodes[0], "after-return").await;
+}

@@ -79,6 +79,7 @@ impl From<Error> for Status {
             Error::Raft(raft) => match raft {
                 Raft::Timeout { .. } | Raft::OutcomeUnknown(_) => Code::DeadlineExceeded,
                 Raft::NotLeader { .. } | Raft::Busy(_) | Raft::Dropped(_) => Code::Unavailable,
+                Raft::Unsent { .. } => Code::Unavailable,
                 Raft::GroupStopped { .. } | Raft::UnknownGroup(_) => Code::Unavailable,
                 Raft::AlreadyApplied { .. } => Code::Unknown,
                 Raft::Raft { source, .. } => match source {

@@ -1483,7 +1483,15 @@ async fn listen_on_own_address(own: &PeerAddress, clustered: bool) -> Result<Tcp
 /// node's log, hence may yet apply.
 fn may_be_in_a_log(error: &regatta_multiraft::Error) -> bool {
     use regatta_multiraft::Error as E;
-    matches!(error, E::NotLeader { .. } | E::OutcomeUnknown(_))
+    matches!(
+        error,
+        E::NotLeader { .. }
+            | E::OutcomeUnknown(_)
+            | E::Unsent {
+                maybe_arrived: true,
+                ..
+            }
+    )
 }
 
 /// A flag read from table `group`'s metadata; false (and logged) when the
@@ -1525,7 +1533,11 @@ fn retryable(error: &regatta_multiraft::Error) -> bool {
     use regatta_multiraft::Error as E;
     use regatta_raft::Error as R;
     match error {
-        E::NotLeader { .. } | E::Dropped(_) | E::Busy(_) | E::OutcomeUnknown(_) => true,
+        E::NotLeader { .. }
+        | E::Dropped(_)
+        | E::Busy(_)
+        | E::OutcomeUnknown(_)
+        | E::Unsent { .. } => true,
         E::Raft { source, .. } => matches!(
             source,
             R::NotLeader { .. }

@@ -814,12 +814,29 @@ impl Node {
         meta: &regatta_raft::Status,
     ) {
         let own = self.config.node_id;
-        if meta.soft_state.removed {
+        // A node removed while it was down hears of it from the peers it
+        // dials (they refuse it, below): nothing else reaches it.
+        let told = self.transport.told_removed();
+        if meta.soft_state.removed || told {
             if !*self.removed.borrow() {
-                tracing::warn!("this node was removed from the cluster");
+                if told {
+                    tracing::warn!("a peer refused this node: it was removed from the cluster while it was down");
+                } else {
+                    tracing::warn!("this node was removed from the cluster");
+                }
             }
             self.removed.send_replace(true);
             return;
+        }
+        // Peers removed for good (a tombstone and a committed removal: a
+        // tombstone alone may be left by a refused removal) are refused at
+        // the transport's handshake, which tells them so.
+        if let Ok(removed) = self.removed_ids().await {
+            let refused = removed
+                .into_iter()
+                .filter(|id| !contains(&meta.committed_membership, *id))
+                .collect();
+            self.transport.refuse_removed(refused);
         }
         if let Ok(records) = self.member_records().await {
             for (id, (addresses, _)) in &records {
