@@ -832,6 +832,22 @@ async fn install_snapshot_once(
         OlderCopy::Allowed => TableRestore::begin_reset(node, group).await?,
         OlderCopy::Refused => TableRestore::begin(node, group).await?,
     };
+    // An operator's reset that came just before this install began was
+    // replaced by it (a table has one restore under way), and its record
+    // says to follow it all the same. Read after the begin, so that no
+    // reset applied before it is missed.
+    let reset_request = match node.table_reset_requested(group).await {
+        Ok(request) => request,
+        Err(error) => {
+            restore.abort().await;
+            return Err(error.into());
+        }
+    };
+    let older = if reset_request.is_some() {
+        OlderCopy::Allowed
+    } else {
+        older
+    };
     let mut reported_bytes = 0u64;
     let mut checked_index = None;
     let received: Result<()> = async {
@@ -881,6 +897,12 @@ async fn install_snapshot_once(
         .await
         .map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
     node.count_snapshot_install(group);
+    if let Some(restore_id) = reset_request {
+        if let Err(error) = node.clear_reset_request(group, restore_id).await {
+            // Left, it lets a later install of this table go back too.
+            tracing::warn!(table = %name, %error, "could not clear the carried-out reset's record");
+        }
+    }
     state.received += 1;
     state.update(summary.index, summary.index);
     state.report(node, group);

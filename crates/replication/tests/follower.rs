@@ -39,6 +39,9 @@ struct FakeLeader {
     /// empty table at this index (a serving node behind the follower).
     stale_snapshot_at: Option<u64>,
     snapshots: Arc<AtomicUsize>,
+    /// When set, a snapshot request waits for a permit before it is
+    /// answered (counted in `snapshots` before it waits).
+    snapshot_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl FakeLeader {
@@ -152,6 +155,9 @@ impl proto::snapshot_server::Snapshot for FakeLeader {
         _request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         self.snapshots.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.snapshot_gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
         let index = self
             .stale_snapshot_at
             .ok_or_else(|| Status::unimplemented("no snapshot in this fake"))?;
@@ -367,6 +373,64 @@ async fn a_snapshot_older_than_the_table_is_not_installed() {
             Instant::now() < deadline,
             "the reset never installed the older copy"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    follower.stop().await;
+    node.stop().await;
+}
+
+/// An operator's reset that lands while the puller is about to begin an
+/// ordinary install (it chose to refuse older copies, and waits for the
+/// serving node's snapshot) is followed all the same. The install's begin
+/// replaces the reset's restore (a table has one), and before, when the
+/// copy turned out older and was refused, the reset was lost: the table
+/// never went back to the leader cluster's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_that_an_ordinary_install_displaces_is_still_followed() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fake = FakeLeader {
+        stale_snapshot_at: Some(5),
+        snapshot_gate: Some(Arc::clone(&gate)),
+        ..FakeLeader::default()
+    };
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_follower_node(dir.path()).await;
+    let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The log sent the table (at revision 10) to a snapshot: the puller
+    // asked for it, refusing older copies, and waits at the gate.
+    while fake.snapshots.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never asked for the snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let group = node.table_group("etcd").expect("the copy of the table");
+    assert_eq!(
+        node.table_revision(group, true).await.expect("revision"),
+        10
+    );
+    node.request_resync(group).await.expect("reset");
+    gate.add_permits(1_000);
+    while node.table_revision(group, true).await.expect("revision") != 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the reset was lost: the table stayed at revision 10"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Carried out, the reset's record is gone: a later install refuses
+    // older copies again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node
+        .table_reset_requested(group)
+        .await
+        .expect("reset record")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the reset's record stayed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     follower.stop().await;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regatta_kv::command::{
-    decode, encode, Command, Compare, CompareResult, CompareTarget, KeyRange, PutRequest, Query,
-    RangeRequest, RequestOp, Response, ResponseOp, TxnRequest,
+    decode, encode, Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyRange,
+    PutRequest, Query, RangeRequest, RequestOp, Response, ResponseOp, TxnRequest,
 };
 use regatta_kv::Store;
 use regatta_multiraft::{HostConfig, NodeHost, PeerAddress, TcpConfig, TcpTransport, Transport};
@@ -35,6 +35,10 @@ const NEXT_ID_KEY: &[u8] = b"next-group-id";
 /// Follower clusters: `replica-source/<table>` holds the leader cluster's
 /// id of the table the local copy replicates (8 bytes, little-endian).
 const REPLICA_SOURCE_PREFIX: &[u8] = b"replica-source/";
+/// Follower clusters: `reset/<group id>` holds the restore id (8 bytes,
+/// little-endian) of an operator's reset of that table that no install
+/// has carried out yet (`request_resync`).
+const RESET_REQUEST_PREFIX: &[u8] = b"reset/";
 const BOOTSTRAPPED_KEY: &[u8] = b"bootstrapped";
 /// A random u64 (LE) drawn when the cluster bootstraps: a cluster wiped
 /// and bootstrapped again gets another, so that follower clusters can
@@ -752,6 +756,16 @@ impl Node {
     pub async fn request_resync(&self, group: GroupId) -> Result<()> {
         // Marked as a reset: its install may take the table back.
         let restore_id = random_u64() | regatta_kv::RESET_RESTORE_ID_BIT;
+        // Recorded first, in the metadata group: a puller that begins an
+        // ordinary install just after this reset replaces the reset's
+        // restore (a table has one), and reads this record to follow the
+        // reset all the same (`table_reset_requested`).
+        let record = Command::Put(PutRequest {
+            key: reset_request_key(group),
+            value: restore_id.to_le_bytes().to_vec(),
+            prev_kv: false,
+        });
+        self.write(META_GROUP, &record).await?;
         let response = self
             .propose(group, &Command::RestoreBegin { restore_id })
             .await?;
@@ -1118,6 +1132,37 @@ impl Node {
             Ok(other) => Err(Error::Internal(format!("unexpected {other:?}"))),
             Err(error) => Err(Error::Internal(error)),
         }
+    }
+
+    /// Follower clusters: the restore id of an operator's reset of table
+    /// `group` that no install has carried out yet (read linearizably).
+    pub async fn table_reset_requested(&self, group: GroupId) -> Result<Option<u64>> {
+        Ok(self
+            .read_meta_u64(&reset_request_key(group))
+            .await?
+            .map(|(restore_id, _)| restore_id))
+    }
+
+    /// Follower clusters: an install carried out the reset `restore_id`
+    /// of table `group` asked for; its record goes, unless a later reset
+    /// replaced it.
+    pub async fn clear_reset_request(&self, group: GroupId, restore_id: u64) -> Result<()> {
+        let key = reset_request_key(group);
+        let command = Command::Txn(TxnRequest {
+            compare: vec![compare(
+                &key,
+                CompareTarget::Value(restore_id.to_le_bytes().to_vec()),
+            )],
+            success: vec![RequestOp::DeleteRange(DeleteRangeRequest {
+                range: KeyRange {
+                    key,
+                    range_end: Vec::new(),
+                },
+                prev_kv: false,
+            })],
+            failure: Vec::new(),
+        });
+        self.write(META_GROUP, &command).await.map(|_| ())
     }
 
     /// Follower clusters: records that the local copy `name` replicates
@@ -1558,6 +1603,12 @@ fn decode_response(bytes: &Bytes) -> Result<Response> {
 fn replica_source_key(name: &str) -> Vec<u8> {
     let mut key = REPLICA_SOURCE_PREFIX.to_vec();
     key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn reset_request_key(group: GroupId) -> Vec<u8> {
+    let mut key = RESET_REQUEST_PREFIX.to_vec();
+    key.extend_from_slice(group.0.to_string().as_bytes());
     key
 }
 
