@@ -49,16 +49,14 @@ pub enum Error {
     /// it (the link was full or down), or may not have (the connection
     /// broke while it was written). It is answered at once rather than
     /// left to its timeout; retry it, a write with the same request id.
-    #[error("group {}: the request forwarded to node {peer} {reason}; retry it (a write with the same request id)", group.0)]
+    #[error("group {}: the request forwarded to node {peer} {cause}; retry it (a write with the same request id)", group.0)]
     Unsent {
         /// The group.
         group: GroupId,
         /// The node it was forwarded to.
         peer: NodeId,
-        /// What happened, as a phrase ("was not sent: ...").
-        reason: String,
-        /// Whether it may have arrived all the same.
-        maybe_arrived: bool,
+        /// What happened to it.
+        cause: UnsentCause,
     },
     /// The group's inbox is full; retry later.
     #[error("group {}: too many requests queued (group_inbox_max); retry later", .0 .0)]
@@ -129,4 +127,46 @@ pub enum Error {
     /// TLS material is invalid; the message says which part.
     #[error("TLS: {0}")]
     Tls(String),
+}
+
+/// Why a transport did not send a forwarded request (`Error::Unsent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsentCause {
+    /// The queue to the peer was full (`peer_queue_messages_max`): the
+    /// link is overloaded.
+    QueueFull,
+    /// The peer could not be reached (its last dial failed).
+    Unreachable,
+    /// The peer is not one this node sends to.
+    UnknownPeer,
+    /// The connection broke while the request was written: it may have
+    /// arrived.
+    ConnectionBroke,
+}
+
+impl UnsentCause {
+    /// Whether the request may have reached the peer all the same.
+    pub fn may_have_arrived(self) -> bool {
+        self == UnsentCause::ConnectionBroke
+    }
+
+    /// Whether the link was over its load limit (its caller backs off).
+    pub fn is_overload(self) -> bool {
+        self == UnsentCause::QueueFull
+    }
+}
+
+impl std::fmt::Display for UnsentCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UnsentCause::QueueFull => {
+                "was not sent: the queue to that node is full (peer_queue_messages_max)"
+            }
+            UnsentCause::Unreachable => "was not sent: that node cannot be reached",
+            UnsentCause::UnknownPeer => "was not sent: that node is not a known peer",
+            UnsentCause::ConnectionBroke => {
+                "may not have arrived: the connection to that node broke while it was sent"
+            }
+        })
+    }
 }

@@ -37,7 +37,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::applied::{AppliedPublisher, AppliedSink, AppliedWatch};
-use crate::error::Error;
+use crate::error::{Error, UnsentCause};
 use crate::session::{Outcome, SessionTable, Verdict};
 use crate::snapshot::{SnapshotData, SnapshotDir, SnapshotSource};
 use crate::storage::GroupStorage;
@@ -221,6 +221,12 @@ impl PendingRead {
     }
 }
 
+/// A caller waiting for a proposal forwarded to `peer` to be applied here.
+struct Waiter {
+    peer: NodeId,
+    reply: Reply,
+}
+
 /// Requests from clients and peers, bounded by `group_inbox_max`.
 enum Input {
     Message(Message),
@@ -309,16 +315,14 @@ enum Control {
         peer: NodeId,
         proposals: Vec<RequestId>,
         reads: Vec<ReadId>,
-        reason: String,
-        maybe_arrived: bool,
+        cause: UnsentCause,
     },
     /// Proposals forwarded to this node that it dropped on arrival (the
-    /// group's worker was full): the forwarding node `to` is told, so that
-    /// its callers retry now rather than at their timeout.
+    /// worker's inbox was full), by group and forwarding node: those nodes
+    /// are told, so that their callers retry now rather than at their
+    /// timeout.
     RefuseForwarded {
-        group: GroupId,
-        to: NodeId,
-        ids: Vec<RequestId>,
+        refusals: Vec<(GroupId, NodeId, Vec<RequestId>)>,
         reason: String,
     },
     /// The apply thread copied the state at `index` for an outgoing snapshot
@@ -650,7 +654,7 @@ impl NodeHost {
         let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
         let raft =
             RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
-        let worker_index = (group.0 % self.inner.config.workers.max(1) as u64) as usize;
+        let worker_index = self.worker_of(group);
         let (inbox, apply) = {
             let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
             match workers.get(worker_index) {
@@ -873,7 +877,9 @@ impl NodeHost {
 
     /// Hands peers' messages to their groups, one inbox item per worker;
     /// a message for an unknown group, or for a worker whose inbox is
-    /// full, is dropped (and left to Raft's retransmission).
+    /// full, is dropped (and left to Raft's retransmission), except that
+    /// the senders of dropped forwarded proposals are answered
+    /// (`ProposeRefused`, overloaded).
     pub fn deliver(&self, messages: Vec<(GroupId, Message)>) {
         let mut by_worker: Vec<Vec<(GroupId, Message)>> = Vec::new();
         {
@@ -903,39 +909,43 @@ impl NodeHost {
             };
             // Dropped. Raft retransmits the rest, but a forwarded proposal
             // is not retransmitted: its sender hears of the drop now, and
-            // its caller retries, instead of waiting out a timeout.
+            // its caller retries, instead of waiting out a timeout. One
+            // hand-over for the whole batch.
+            let mut refusals: Vec<(GroupId, NodeId, Vec<RequestId>)> = Vec::new();
             for (group, message) in batch {
                 let MessageBody::Propose { payloads } = &message.body else {
                     continue;
                 };
                 let ids = session_ids(payloads);
-                if !ids.is_empty() {
-                    let _ = control.send(Control::RefuseForwarded {
-                        group,
-                        to: message.from,
-                        ids,
-                        reason: format!(
-                            "node {} is too busy to take proposals for group {} (group_inbox_max); retry later",
-                            self.inner.config.node_id, group.0
-                        ),
-                    });
+                if ids.is_empty() {
+                    continue;
                 }
+                let found = refusals
+                    .iter_mut()
+                    .find(|(g, from, _)| *g == group && *from == message.from);
+                match found {
+                    Some((_, _, all)) => all.extend(ids),
+                    None => refusals.push((group, message.from, ids)),
+                }
+            }
+            if !refusals.is_empty() {
+                let _ = control.send(Control::RefuseForwarded {
+                    refusals,
+                    reason: format!(
+                        "node {} is too busy to take more proposals (group_inbox_max); retry later",
+                        self.inner.config.node_id
+                    ),
+                });
             }
         }
     }
 
-    /// A transport reports messages it did not send (`maybe_arrived`:
-    /// or may not have, a connection broke while they were written) and
-    /// why, as a phrase ("was not sent: ..."). The callers of forwarded
-    /// proposals and reads among them are answered at once
-    /// (`Error::Unsent`) and retry; every other message is left to Raft,
-    /// which retransmits.
-    pub fn report_unsent(
-        &self,
-        messages: &[(GroupId, Message)],
-        reason: &str,
-        maybe_arrived: bool,
-    ) {
+    /// A transport reports messages it did not send, or may not have
+    /// (`UnsentCause`). The callers of forwarded proposals and reads among
+    /// them are answered at once (`Error::Unsent`) and retry; every other
+    /// message is left to Raft, which retransmits. Takes no lock a worker
+    /// may wait on: transports call it from workers' threads.
+    pub fn report_unsent(&self, messages: &[(GroupId, Message)], cause: UnsentCause) {
         type Unsent = (GroupId, NodeId, Vec<RequestId>, Vec<ReadId>);
         let mut unsent: Vec<Unsent> = Vec::new();
         for (group, message) in messages {
@@ -961,26 +971,23 @@ impl NodeHost {
         if unsent.is_empty() {
             return;
         }
-        let routed: Vec<(usize, Unsent)> = {
-            let groups = self.inner.groups.read().unwrap_or_else(|p| p.into_inner());
-            unsent
-                .into_iter()
-                .filter_map(|item| groups.get(&item.0).map(|&worker| (worker, item)))
-                .collect()
-        };
         let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
-        for (worker, (group, peer, proposals, reads)) in routed {
-            if let Some((_, control, _)) = workers.get(worker) {
+        for (group, peer, proposals, reads) in unsent {
+            if let Some((_, control, _)) = workers.get(self.worker_of(group)) {
                 let _ = control.send(Control::Unsent {
                     group,
                     peer,
                     proposals,
                     reads,
-                    reason: reason.to_string(),
-                    maybe_arrived,
+                    cause,
                 });
             }
         }
+    }
+
+    /// The worker that runs (or would run) `group`.
+    fn worker_of(&self, group: GroupId) -> usize {
+        (group.0 % self.inner.config.workers.max(1) as u64) as usize
     }
 
     /// Hands a snapshot message and the state it stands for to a group.
@@ -1297,8 +1304,6 @@ impl NodeHost {
     }
 }
 
-/// Logs why `group` stopped on this node and keeps the reason for the
-/// requests that come after.
 /// The request ids of a forwarded proposal's commands (only commands
 /// with ids have a caller waiting on the forwarding node).
 fn session_ids(payloads: &[EntryPayload]) -> Vec<RequestId> {
@@ -1311,6 +1316,8 @@ fn session_ids(payloads: &[EntryPayload]) -> Vec<RequestId> {
         .collect()
 }
 
+/// Logs why `group` stopped on this node and keeps the reason for the
+/// requests that come after.
 fn note_stopped(reasons: &StopReasons, group: GroupId, reason: &str) {
     tracing::error!(group = group.0, %reason, "group stopped on this node");
     reasons
@@ -1330,7 +1337,7 @@ struct Group {
     proposals: BTreeMap<LogIndex, (Term, Reply)>,
     /// Proposals with a request id forwarded to the leader, resolved when
     /// an entry with their id is applied here.
-    waiting_ids: FxHashMap<RequestId, Vec<Reply>>,
+    waiting_ids: FxHashMap<RequestId, Vec<Waiter>>,
     reads: FxHashMap<ReadId, PendingRead>,
     /// The leader as of the last `Ready`: when it changes, reads waiting
     /// on the old one fail with `NotLeader` (their caller retries) instead
@@ -1698,39 +1705,36 @@ impl Worker {
                 peer,
                 proposals,
                 reads,
-                reason,
-                maybe_arrived,
+                cause,
             } => {
                 if let Some(state) = self.groups.get_mut(&group) {
-                    let error = Error::Unsent {
-                        group,
-                        peer,
-                        reason,
-                        maybe_arrived,
-                    };
-                    state.fail_forwarded(&proposals, &reads, &error);
+                    let error = Error::Unsent { group, peer, cause };
+                    state.fail_forwarded(peer, &proposals, &reads, &error);
                 }
             }
-            Control::RefuseForwarded {
-                group,
-                to,
-                ids,
-                reason,
-            } => {
-                if !self.groups.contains_key(&group) {
-                    return;
+            Control::RefuseForwarded { refusals, reason } => {
+                let messages: Vec<(GroupId, Message)> = refusals
+                    .into_iter()
+                    .filter(|(group, ..)| self.groups.contains_key(group))
+                    .map(|(group, to, ids)| {
+                        let body = MessageBody::ProposeRefused {
+                            ids,
+                            refusal: Refusal::Overloaded {
+                                reason: reason.clone(),
+                            },
+                        };
+                        let message = Message {
+                            from: self.node_id,
+                            to,
+                            term: Term(0),
+                            body,
+                        };
+                        (group, message)
+                    })
+                    .collect();
+                if !messages.is_empty() {
+                    self.transport.send(messages);
                 }
-                let refusal = MessageBody::ProposeRefused {
-                    ids,
-                    refusal: Refusal::Overloaded { reason },
-                };
-                let message = Message {
-                    from: self.node_id,
-                    to,
-                    term: Term(0),
-                    body: refusal,
-                };
-                self.transport.send(vec![(group, message)]);
             }
         }
     }
@@ -1809,7 +1813,7 @@ impl Group {
         // come) are forgotten now and then.
         if self.ticks.is_multiple_of(WAITING_SWEEP_TICKS) {
             self.waiting_ids.retain(|_, replies| {
-                replies.retain(|reply| !reply.is_closed());
+                replies.retain(|waiter| !waiter.reply.is_closed());
                 !replies.is_empty()
             });
             // Reads whose callers gave up, where the read index may never
@@ -1934,8 +1938,12 @@ impl Group {
                     Ok(Proposed::Appended { last, term, .. }) => {
                         self.proposals.insert(last, (term, reply));
                     }
-                    Ok(Proposed::Forwarded { .. }) => {
-                        self.waiting_ids.entry(id).or_default().push(reply);
+                    Ok(Proposed::Forwarded { leader }) => {
+                        let waiter = Waiter {
+                            peer: leader,
+                            reply,
+                        };
+                        self.waiting_ids.entry(id).or_default().push(waiter);
                     }
                     Err(source) => {
                         let _ = reply.send(Err(Error::Raft { group, source }));
@@ -2120,8 +2128,8 @@ impl Group {
                 let _ = reply.send(outcome);
             }
             if let Some(id) = applied.id {
-                for reply in self.waiting_ids.remove(&id).unwrap_or_default() {
-                    let _ = reply.send(result.clone());
+                for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
+                    let _ = waiter.reply.send(result.clone());
                 }
             }
         }
@@ -2153,8 +2161,10 @@ impl Group {
             // be applied is then answered from the session table.
             let leader_hint = self.raft.leader();
             for (_, replies) in std::mem::take(&mut self.waiting_ids) {
-                for reply in replies {
-                    let _ = reply.send(Err(Error::NotLeader { group, leader_hint }));
+                for waiter in replies {
+                    let _ = waiter
+                        .reply
+                        .send(Err(Error::NotLeader { group, leader_hint }));
                 }
             }
         }
@@ -2268,9 +2278,9 @@ impl Group {
             // hear why now (and retry if that may help) instead of waiting
             // out their timeout.
             for (id, source) in ready.refused_proposals {
-                for reply in self.waiting_ids.remove(&id).unwrap_or_default() {
+                for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
                     let source = source.clone();
-                    let _ = reply.send(Err(Error::Raft { group, source }));
+                    let _ = waiter.reply.send(Err(Error::Raft { group, source }));
                 }
             }
             if let (true, Some(soft)) = (leader_changed, ready.soft_state) {
@@ -2297,8 +2307,8 @@ impl Group {
                 // table applies at most once, without waiting out its
                 // timeout.
                 for (_, replies) in self.waiting_ids.drain() {
-                    for reply in replies {
-                        let _ = reply.send(Err(Error::NotLeader {
+                    for waiter in replies {
+                        let _ = waiter.reply.send(Err(Error::NotLeader {
                             group: self.group,
                             leader_hint: soft.leader,
                         }));
@@ -2310,11 +2320,28 @@ impl Group {
     }
 
     /// Fails the callers of forwarded proposals and reads that never
-    /// reached the leader (or may not have); they retry at once.
-    fn fail_forwarded(&mut self, proposals: &[RequestId], reads: &[ReadId], error: &Error) {
+    /// reached `peer` (or may not have); they retry at once. A caller
+    /// whose request went to another node since is left waiting.
+    fn fail_forwarded(
+        &mut self,
+        peer: NodeId,
+        proposals: &[RequestId],
+        reads: &[ReadId],
+        error: &Error,
+    ) {
         for id in proposals {
-            for reply in self.waiting_ids.remove(id).unwrap_or_default() {
-                let _ = reply.send(Err(error.clone()));
+            let Some(waiters) = self.waiting_ids.get_mut(id) else {
+                continue;
+            };
+            let (failed, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(waiters)
+                .into_iter()
+                .partition(|w| w.peer == peer);
+            *waiters = kept;
+            if waiters.is_empty() {
+                self.waiting_ids.remove(id);
+            }
+            for waiter in failed {
+                let _ = waiter.reply.send(Err(error.clone()));
             }
         }
         for id in reads {
@@ -2337,8 +2364,8 @@ impl Group {
             read.fail(error());
         }
         for (_, replies) in std::mem::take(&mut self.waiting_ids) {
-            for reply in replies {
-                let _ = reply.send(Err(error()));
+            for waiter in replies {
+                let _ = waiter.reply.send(Err(error()));
             }
         }
     }

@@ -29,7 +29,7 @@ pub mod wire;
 
 pub use address::{AddressError, PeerAddress, Resolver};
 pub use applied::{AppliedWatch, GroupStopped};
-pub use error::Error;
+pub use error::{Error, UnsentCause};
 pub use host::{
     HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,
     INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL, NODE_STOPPING,

@@ -13,7 +13,7 @@
 //! `snapshot_bytes_per_second_max`; the receiver answers one byte once it
 //! has handed the whole snapshot to its host.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::address::{PeerAddress, Resolver};
-use crate::error::Error;
+use crate::error::{Error, UnsentCause};
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::snapshot::SnapshotData;
 use crate::tls::{ClientTlsOptions, Identity, Pem, ServerTlsOptions};
@@ -276,8 +276,52 @@ pub struct TcpStats {
     pub removal_notices: AtomicU64,
 }
 
-/// Node ids removed from the cluster, whose dials are refused.
-type RemovedIds = std::sync::RwLock<BTreeSet<NodeId>>;
+/// How long after a node's removal is first seen its dials are still
+/// taken: a node removed while it runs learns of it through Raft, and
+/// meanwhile hands its leaderships over (`drain`, up to 5 s), which needs
+/// its messages to go through.
+const REMOVED_REFUSAL_GRACE: Duration = Duration::from_secs(10);
+
+/// Node ids removed from the cluster, with when this node first saw each
+/// removed: their dials are refused after `REMOVED_REFUSAL_GRACE`.
+#[derive(Default)]
+struct RemovedIds {
+    since: std::sync::RwLock<BTreeMap<NodeId, tokio::time::Instant>>,
+    /// Whether `since` holds any id: the check on every incoming frame
+    /// takes no lock in the usual case.
+    any: AtomicBool,
+}
+
+impl RemovedIds {
+    /// Keeps exactly `ids`, each with when it was first seen.
+    fn set(&self, ids: BTreeSet<NodeId>) {
+        {
+            let since = self.since.read().unwrap_or_else(|p| p.into_inner());
+            if since.len() == ids.len() && ids.iter().all(|id| since.contains_key(id)) {
+                return;
+            }
+        }
+        let mut since = self.since.write().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        since.retain(|id, _| ids.contains(id));
+        for id in ids {
+            since.entry(id).or_insert(now);
+        }
+        self.any.store(!since.is_empty(), Ordering::Release);
+    }
+
+    /// Whether `node`'s dials are refused now.
+    fn refuses(&self, node: NodeId) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        self.since
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .is_some_and(|since| since.elapsed() >= REMOVED_REFUSAL_GRACE)
+    }
+}
 
 /// One peer: where it listens, its outbound queue and the task that
 /// writes it.
@@ -474,8 +518,10 @@ impl TcpTransport {
     /// From now on, refuses the dials of these nodes, removed from the
     /// cluster, with an answer that tells them so (a node removed while
     /// it was down learns it when it comes back, and stops).
+    /// An id is refused only `REMOVED_REFUSAL_GRACE` after it first
+    /// appears here, and no longer once it is left out.
     pub fn refuse_removed(&self, ids: BTreeSet<NodeId>) {
-        *self.removed.write().unwrap_or_else(|p| p.into_inner()) = ids;
+        self.removed.set(ids);
     }
 
     /// Whether a peer refused this node's dial because this node was
@@ -585,7 +631,7 @@ impl Transport for TcpTransport {
                     self.stats
                         .dropped_messages
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    unsent.push((batch, "was not sent: that node is not a known peer"));
+                    unsent.push((batch, UnsentCause::UnknownPeer));
                     continue;
                 };
                 if peer.queue.unreachable.load(Ordering::Acquire) {
@@ -597,7 +643,7 @@ impl Transport for TcpTransport {
                         self.stats
                             .dropped_messages
                             .fetch_add(forwarded.len() as u64, Ordering::Relaxed);
-                        unsent.push((forwarded, UNREACHABLE));
+                        unsent.push((forwarded, UnsentCause::Unreachable));
                     }
                 }
                 let dropped = peer.queue.push(&mut batch);
@@ -605,15 +651,12 @@ impl Transport for TcpTransport {
                     self.stats
                         .dropped_messages
                         .fetch_add(dropped.len() as u64, Ordering::Relaxed);
-                    unsent.push((
-                        dropped,
-                        "was not sent: the queue to that node is full (peer_queue_messages_max)",
-                    ));
+                    unsent.push((dropped, UnsentCause::QueueFull));
                 }
             }
         }
-        for (dropped, reason) in unsent {
-            report_unsent(&self.host, &dropped, reason, false);
+        for (dropped, cause) in unsent {
+            report_unsent(&self.host, &dropped, cause);
         }
     }
 }
@@ -662,7 +705,7 @@ async fn peer_writer(
                 queue.unreachable.store(true, Ordering::Release);
                 // Do not let the queue fill with stale messages meanwhile.
                 let dropped = queue.clear();
-                report_unsent(&host, &dropped, UNREACHABLE, false);
+                report_unsent(&host, &dropped, UnsentCause::Unreachable);
                 stats.connection_failures.fetch_add(1, Ordering::Relaxed);
                 if queue.is_closed() {
                     return;
@@ -678,12 +721,7 @@ async fn peer_writer(
         }
         // What a broken connection was writing may or may not have
         // arrived; it is not sent again.
-        report_unsent(
-            &host,
-            &pending,
-            "may not have arrived: the connection to that node broke while it was sent",
-            true,
-        );
+        report_unsent(&host, &pending, UnsentCause::ConnectionBroke);
         pending.clear();
         // Lost after being connected: wake once; retries while the peer
         // stays down do not wake anything again.
@@ -692,22 +730,18 @@ async fn peer_writer(
     }
 }
 
-/// Why a request forwarded to a peer that cannot be reached was not sent.
-const UNREACHABLE: &str = "was not sent: that node cannot be reached";
-
 /// Tells the host about messages it handed over and this transport did
 /// not send (see `NodeHost::report_unsent`).
 fn report_unsent(
     host: &OnceLock<WeakNodeHost>,
     messages: &[(GroupId, Message)],
-    reason: &str,
-    maybe_arrived: bool,
+    cause: UnsentCause,
 ) {
     if messages.is_empty() {
         return;
     }
     if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
-        host.report_unsent(messages, reason, maybe_arrived);
+        host.report_unsent(messages, cause);
     }
 }
 
@@ -1140,11 +1174,7 @@ async fn serve_stream(
         ANSWER_WRONG_VERSION
     } else if u64::from_le_bytes(cluster) != config.cluster_id {
         ANSWER_WRONG_CLUSTER
-    } else if removed
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&sender)
-    {
+    } else if removed.refuses(sender) {
         tracing::info!(
             node = sender.0,
             "refused a dial from a node removed from the cluster"
@@ -1166,11 +1196,7 @@ async fn serve_stream(
         };
         // A node removed since its handshake: closed, so that it dials
         // again and hears why.
-        if removed
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&sender)
-        {
+        if removed.refuses(sender) {
             return;
         }
         if body[0] == FRAME_SNAPSHOT_HEADER {

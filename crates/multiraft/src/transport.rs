@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use regatta_raft::{Message, NodeId};
 use regatta_wal::GroupId;
 
+use crate::error::UnsentCause;
 use crate::host::{NodeHost, WeakNodeHost};
 use crate::snapshot::SnapshotData;
 
@@ -125,9 +126,8 @@ impl Transport for LocalTransport {
         }
         // As the TCP transport does for a peer it cannot reach.
         if let Some(host) = sender.and_then(|from| hosts.get(&from)?.upgrade()) {
-            let reason = "was not sent: that node cannot be reached";
-            host.report_unsent(&cut, reason, false);
-            host.report_unsent(&gone, reason, false);
+            host.report_unsent(&cut, UnsentCause::Unreachable);
+            host.report_unsent(&gone, UnsentCause::Unreachable);
         }
     }
 }

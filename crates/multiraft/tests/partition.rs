@@ -193,14 +193,18 @@ async fn an_isolated_leader_is_replaced_and_rejoins() {
         }
     }
     let others: Vec<u64> = ids.iter().copied().filter(|id| *id != old_leader).collect();
-    // A read a follower forwards to the lost leader is answered when the
-    // leader changes (its caller retries then), not after the timeout.
+    // A read a follower forwards to the lost leader is answered when its
+    // link to the leader fails, or when the leader changes (its caller
+    // retries then), not after the timeout.
     let follower = hosts[&others[0]].clone();
     let stranded =
         tokio::spawn(async move { follower.read_linearizable(GROUP, Bytes::new()).await });
     let new_leader = leader_among(&hosts, &others).await;
     match stranded.await.expect("join") {
         Err(regatta_multiraft::Error::NotLeader { .. }) => {}
+        Err(regatta_multiraft::Error::Unsent { peer, .. }) => {
+            assert_eq!(peer, NodeId(old_leader))
+        }
         Err(regatta_multiraft::Error::Raft {
             source: regatta_raft::Error::NotLeader { .. },
             ..

@@ -766,15 +766,22 @@ impl Node {
             prev_kv: false,
         });
         self.write(META_GROUP, &record).await?;
-        let response = self
+        let began = self
             .propose(group, &Command::RestoreBegin { restore_id })
-            .await?;
-        match response.result {
-            Ok(ResponseOp::Replicated(result)) if result.accepted => Ok(()),
-            other => Err(Error::Internal(format!(
-                "the table refused the reset: {other:?}"
-            ))),
+            .await;
+        let error = match began.map(|response| response.result) {
+            Ok(Ok(ResponseOp::Replicated(result))) if result.accepted => return Ok(()),
+            Ok(other) => Error::Internal(format!("the table refused the reset: {other:?}")),
+            Err(error) => error,
+        };
+        // Not begun (or not known to be): its record must not let a later
+        // ordinary install take the table back. A begin whose outcome is
+        // unknown and that did apply is still carried out: the restore it
+        // left pending is marked as a reset.
+        if let Err(clear) = self.clear_reset_request(group, restore_id).await {
+            tracing::warn!(group = group.0, error = %clear, "could not clear the record of a reset that failed");
         }
+        Err(error)
     }
 
     /// Writes `command` to table `group`. On the leader cluster, through
@@ -1271,6 +1278,11 @@ impl Node {
 
     async fn delete_table_unchecked(&self, name: &str) -> Result<()> {
         validate_table_name(name)?;
+        let group = self
+            .tables()
+            .into_iter()
+            .find(|table| table.name == name)
+            .map(|table| table.group);
         let key = catalogue_key(name);
         let command = Command::DeleteRange(regatta_kv::command::DeleteRangeRequest {
             range: KeyRange {
@@ -1281,6 +1293,20 @@ impl Node {
         });
         match self.write(META_GROUP, &command).await?.result {
             Ok(ResponseOp::DeleteRange(result)) if result.deleted == 1 => {
+                if let Some(group) = group {
+                    // Garbage otherwise (group ids are never reused), but
+                    // not worth keeping.
+                    let record = Command::DeleteRange(regatta_kv::command::DeleteRangeRequest {
+                        range: KeyRange {
+                            key: reset_request_key(group),
+                            range_end: Vec::new(),
+                        },
+                        prev_kv: false,
+                    });
+                    if let Err(error) = self.write(META_GROUP, &record).await {
+                        tracing::warn!(table = name, %error, "could not delete the table's reset record");
+                    }
+                }
                 self.refresh_catalogue().await?;
                 self.reconcile_groups().await;
                 Ok(())
@@ -1528,15 +1554,11 @@ async fn listen_on_own_address(own: &PeerAddress, clustered: bool) -> Result<Tcp
 /// node's log, hence may yet apply.
 fn may_be_in_a_log(error: &regatta_multiraft::Error) -> bool {
     use regatta_multiraft::Error as E;
-    matches!(
-        error,
-        E::NotLeader { .. }
-            | E::OutcomeUnknown(_)
-            | E::Unsent {
-                maybe_arrived: true,
-                ..
-            }
-    )
+    match error {
+        E::NotLeader { .. } | E::OutcomeUnknown(_) => true,
+        E::Unsent { cause, .. } => cause.may_have_arrived(),
+        _ => false,
+    }
 }
 
 /// A flag read from table `group`'s metadata; false (and logged) when the
@@ -1561,6 +1583,7 @@ fn overloaded(error: &regatta_multiraft::Error) -> bool {
     use regatta_raft::Error as R;
     match error {
         E::Busy(_) => true,
+        E::Unsent { cause, .. } => cause.is_overload(),
         E::Raft { source, .. } => matches!(
             source,
             R::UncommittedSizeExceeded { .. }

@@ -254,7 +254,7 @@ pub(super) fn next_change(current: &Membership, wanted: &Membership) -> Option<C
 impl Node {
     /// The metadata group's committed membership as this node holds it.
     pub async fn membership(&self) -> Result<Membership> {
-        Ok(self.host.status(META_GROUP).await?.membership)
+        Ok(self.host.status(META_GROUP).await?.committed_membership)
     }
 
     /// The recorded addresses of members, from this node's copy of the
@@ -831,13 +831,7 @@ impl Node {
         // Peers removed for good (a tombstone and a committed removal: a
         // tombstone alone may be left by a refused removal) are refused at
         // the transport's handshake, which tells them so.
-        if let Ok(removed) = self.removed_ids().await {
-            let refused = removed
-                .into_iter()
-                .filter(|id| !contains(&meta.committed_membership, *id))
-                .collect();
-            self.transport.refuse_removed(refused);
-        }
+        self.refuse_removed_peers().await;
         if let Ok(records) = self.member_records().await {
             for (id, (addresses, _)) in &records {
                 if let Some(address) = peer_address(&self.config, *id, addresses) {
@@ -851,7 +845,9 @@ impl Node {
                 .collect();
             self.forget_departed(meta, &revisions).await;
         }
-        let wanted = &meta.membership;
+        // Committed: a change the metadata group may still truncate is not
+        // carried into the tables.
+        let wanted = &meta.committed_membership;
         if wanted.voters.is_empty() {
             return; // not joined yet
         }
@@ -903,14 +899,39 @@ impl Node {
         }
     }
 
+    /// Tells the transport which peers to refuse as removed: ids with a
+    /// `removed/<id>` tombstone that the committed membership does not
+    /// hold. The membership is read after the tombstones: what this node
+    /// applied is committed, so a member's later tombstone (from a refused
+    /// removal) is never set against a membership from before the member
+    /// joined. Only a member that knows a leader decides; the transport
+    /// refuses an id only once it stayed removed for a grace period.
+    async fn refuse_removed_peers(&self) {
+        let Ok(removed) = self.removed_ids().await else {
+            return;
+        };
+        let Ok(meta) = self.host.status(META_GROUP).await else {
+            return;
+        };
+        let committed = &meta.committed_membership;
+        if !contains(committed, self.config.node_id) || meta.soft_state.leader.is_none() {
+            return;
+        }
+        let refused = removed
+            .into_iter()
+            .filter(|id| !contains(committed, *id))
+            .collect();
+        self.transport.refuse_removed(refused);
+    }
+
     /// Notes departures; on the metadata group's leader, deletes the
     /// address records of departed members (`Departures`).
     async fn forget_departed(&self, meta: &regatta_raft::Status, recorded: &BTreeMap<NodeId, u64>) {
         let members: BTreeSet<NodeId> = meta
-            .membership
+            .committed_membership
             .voters
             .iter()
-            .chain(&meta.membership.learners)
+            .chain(&meta.committed_membership.learners)
             .copied()
             .collect();
         if members.is_empty() {
