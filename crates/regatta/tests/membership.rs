@@ -744,3 +744,54 @@ async fn a_node_removed_while_down_shuts_down_when_it_comes_back() {
     );
     wait_writable(&nodes[0], "after-return").await;
 }
+
+/// A node force-removed (its peers gone for good, then back after all)
+/// shuts down when it returns: force-remove leaves a tombstone once the
+/// survivors have a quorum again, so the survivors refuse it. Without
+/// the tombstone no peer refused it, and it ran as a ghost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_removed_node_that_comes_back_shuts_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apis: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let rafts: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+    let initial = members_of(&rafts, &[1, 2, 3]);
+    let start = |id: usize| {
+        Regatta::start_member(
+            &dir.path().join(format!("n{id}")),
+            id as u64,
+            apis[id - 1],
+            rafts[id - 1],
+            &initial,
+            &["--log-level", "info"],
+        )
+    };
+    let mut nodes: Vec<Regatta> = (1..=3).map(start).collect();
+    for node in &nodes {
+        let _ready = connect(node).await;
+    }
+    wait_writable(&nodes[0], "before").await;
+    nodes[1].kill();
+    nodes[2].kill();
+    // Node 1 is left without a quorum; once it no longer leads (a leader
+    // refuses force-remove), it forces both out.
+    let admin = apis[0].to_string();
+    for id in ["2", "3"] {
+        cli_until_ok(&[
+            "member",
+            "force-remove",
+            id,
+            "--yes-i-know-this-can-lose-data",
+            "--address",
+            &admin,
+        ]);
+    }
+    wait_writable(&nodes[0], "after-force-remove").await;
+    nodes[1] = start(2);
+    let status = wait_for_exit(&mut nodes[1], Duration::from_secs(40));
+    assert!(status.success(), "node 2 exited with {status}");
+    let log = nodes[1].log();
+    assert!(
+        log.contains("removed from the cluster while it was down"),
+        "{log}"
+    );
+}

@@ -193,6 +193,10 @@ pub struct Node {
     /// Members seen leave the cluster, whose address records the metadata
     /// group's leader deletes (`membership::Departures`).
     departures: std::sync::Mutex<membership::Departures>,
+    /// Ids this node force-removed whose `removed/<id>` tombstone is not
+    /// written yet (the metadata group may have had no quorum until the
+    /// last of them went); the reconciler writes them.
+    tombstones_due: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
     /// When this node last wrote its own address record.
     registered_at: std::sync::Mutex<Option<Instant>>,
     /// Leader changes and elections seen per group (see `RaftEvents`).
@@ -423,6 +427,7 @@ impl Node {
             removed: tokio::sync::watch::channel(false).0,
             changing: Arc::default(),
             departures: std::sync::Mutex::default(),
+            tombstones_due: std::sync::Mutex::default(),
             registered_at: std::sync::Mutex::new(None),
             raft_events: RwLock::new(HashMap::new()),
             snapshot_installs: RwLock::new(HashMap::new()),

@@ -669,6 +669,15 @@ impl Node {
         {
             tracing::warn!(node = id.0, %error, "the force-removed member's address record stays");
         }
+        // A tombstone keeps the id from being added again, and makes the
+        // peers refuse the node if it ever comes back (it would otherwise
+        // run as a ghost). Written by the reconciler once the metadata
+        // group has a quorum again: after the last forced removal, not
+        // necessarily this one.
+        self.tombstones_due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         self.transport.remove_peer(id);
         Ok(())
     }
@@ -907,6 +916,7 @@ impl Node {
     /// joined. Only a member that knows a leader decides; the transport
     /// refuses an id only once it stayed removed for a grace period.
     async fn refuse_removed_peers(&self) {
+        self.write_due_tombstones().await;
         let Ok(removed) = self.removed_ids().await else {
             return;
         };
@@ -922,6 +932,45 @@ impl Node {
             .filter(|id| !contains(committed, *id))
             .collect();
         self.transport.refuse_removed(refused);
+    }
+
+    /// Writes the tombstones of force-removed ids (`tombstones_due`) while
+    /// the metadata group has a leader; those that fail are tried again
+    /// at the next tick.
+    async fn write_due_tombstones(&self) {
+        let due: Vec<NodeId> = self
+            .tombstones_due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let Ok(meta) = self.host.status(META_GROUP).await else {
+            return;
+        };
+        if meta.soft_state.leader.is_none() {
+            return;
+        }
+        for id in due {
+            let tombstone = Command::Txn(regatta_kv::command::TxnRequest {
+                compare: Vec::new(),
+                success: vec![put(&removed_key(id), b"")],
+                failure: Vec::new(),
+            });
+            let written =
+                tokio::time::timeout(Duration::from_secs(1), self.write(META_GROUP, &tombstone))
+                    .await;
+            if let Ok(Ok(_)) = written {
+                self.tombstones_due
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                tracing::info!(node = id.0, "wrote the force-removed member's tombstone");
+            }
+        }
     }
 
     /// Notes departures; on the metadata group's leader, deletes the
