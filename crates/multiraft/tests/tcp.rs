@@ -130,6 +130,30 @@ fn attach_bare_host(transport: &Arc<TcpTransport>, dir: &Path) -> NodeHost {
     host
 }
 
+/// Nodes 1 to 3, bootstrapping every group, each with its WAL in one of
+/// `dirs` and on a port of its own, their host settings changed by
+/// `configure`; the peers' addresses and the nodes by id.
+async fn start_three_nodes(
+    dirs: &[tempfile::TempDir],
+    configure: impl Fn(&mut HostConfig),
+) -> (HashMap<NodeId, SocketAddr>, BTreeMap<u64, Node>) {
+    let mut listeners = Vec::new();
+    let mut peers = HashMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        peers.insert(NodeId(id), listener.local_addr().expect("address"));
+        listeners.push(listener);
+    }
+    let mut nodes = BTreeMap::new();
+    for (position, listener) in listeners.into_iter().enumerate() {
+        let id = position as u64 + 1;
+        let dir = dirs[position].path();
+        let node = start_node_configured(dir, id, listener, &peers, true, &configure).await;
+        nodes.insert(id, node);
+    }
+    (peers, nodes)
+}
+
 async fn leader_of(nodes: &BTreeMap<u64, Node>, group: GroupId) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
@@ -176,21 +200,7 @@ async fn three_nodes_over_tcp() {
     let dirs: Vec<tempfile::TempDir> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
-    let mut listeners = Vec::new();
-    let mut peers = HashMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        peers.insert(NodeId(id), listener.local_addr().expect("address"));
-        listeners.push(listener);
-    }
-    let mut nodes = BTreeMap::new();
-    for (position, listener) in listeners.into_iter().enumerate() {
-        let id = position as u64 + 1;
-        nodes.insert(
-            id,
-            start_node(dirs[position].path(), id, listener, &peers, true).await,
-        );
-    }
+    let (peers, mut nodes) = start_three_nodes(&dirs, |_| {}).await;
     for group in GROUPS {
         let leader = leader_of(&nodes, group).await;
         for i in 0..50 {
@@ -701,23 +711,10 @@ async fn a_proposal_forwarded_to_an_unreachable_leader_fails_at_once() {
     let dirs: Vec<tempfile::TempDir> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
-    let mut listeners = Vec::new();
-    let mut peers = HashMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        peers.insert(NodeId(id), listener.local_addr().expect("address"));
-        listeners.push(listener);
-    }
-    let mut nodes = BTreeMap::new();
-    for (position, listener) in listeners.into_iter().enumerate() {
-        let id = position as u64 + 1;
-        // Elections after 3-6 s: the follower still follows the crashed
-        // leader when it proposes, even on a slow machine.
-        let patient = |config: &mut HostConfig| config.raft.election_timeout_ticks = 300;
-        let node =
-            start_node_configured(dirs[position].path(), id, listener, &peers, true, patient);
-        nodes.insert(id, node.await);
-    }
+    // Elections after 3-6 s: the follower still follows the crashed
+    // leader when it proposes, even on a slow machine.
+    let patient = |config: &mut HostConfig| config.raft.election_timeout_ticks = 300;
+    let (_, mut nodes) = start_three_nodes(&dirs, patient).await;
     let group = GROUPS[0];
     let leader = leader_of(&nodes, group).await;
     let follower = (1..=3).find(|id| *id != leader).expect("a follower");

@@ -695,37 +695,64 @@ async fn a_follower_cluster_grows_by_a_node() {
     wait_for_key(&first, "after").await;
 }
 
+/// Three members on 127.0.0.1, logging at info, with their data under
+/// one directory, so that any of them can be started again on its data.
+struct ThreeNodes {
+    dir: tempfile::TempDir,
+    apis: Vec<SocketAddr>,
+    rafts: Vec<SocketAddr>,
+    initial: String,
+}
+
+impl ThreeNodes {
+    fn new() -> ThreeNodes {
+        let rafts: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
+        ThreeNodes {
+            dir: tempfile::tempdir().expect("tempdir"),
+            apis: (0..3).map(|_| free_address()).collect(),
+            initial: members_of(&rafts, &[1, 2, 3]),
+            rafts,
+        }
+    }
+
+    /// Node `id` (1-based), on its data.
+    fn start(&self, id: usize) -> Regatta {
+        Regatta::start_member(
+            &self.dir.path().join(format!("n{id}")),
+            id as u64,
+            self.apis[id - 1],
+            self.rafts[id - 1],
+            &self.initial,
+            &["--log-level", "info"],
+        )
+    }
+
+    /// All three, serving and writable.
+    async fn start_all(&self) -> Vec<Regatta> {
+        let nodes: Vec<Regatta> = (1..=3).map(|id| self.start(id)).collect();
+        for node in &nodes {
+            let _ready = connect(node).await;
+        }
+        wait_writable(&nodes[0], "before").await;
+        nodes
+    }
+}
+
 /// A node removed while it was down used to come back as a ghost: no
 /// member talks to a removed node, so it never learned of its removal and
 /// went on serving its stale copy. Its peers now refuse its dials with an
 /// answer that says it was removed, and it shuts itself down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_removed_while_down_shuts_down_when_it_comes_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let apis: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
-    let rafts: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
-    let initial = members_of(&rafts, &[1, 2, 3]);
-    let start = |id: usize| {
-        Regatta::start_member(
-            &dir.path().join(format!("n{id}")),
-            id as u64,
-            apis[id - 1],
-            rafts[id - 1],
-            &initial,
-            &["--log-level", "info"],
-        )
-    };
-    let mut nodes: Vec<Regatta> = (1..=3).map(start).collect();
-    for node in &nodes {
-        let _ready = connect(node).await;
-    }
-    wait_writable(&nodes[0], "before").await;
+    let cluster = ThreeNodes::new();
+    let mut nodes = cluster.start_all().await;
+    let apis = &cluster.apis;
     nodes[2].kill();
     let admin = apis[0].to_string();
     cli_until_ok(&["member", "remove", "3", "--address", &admin]);
     wait_for_roles(apis[0], &[(1, "voter"), (2, "voter")]);
     wait_writable(&nodes[0], "after-removal").await;
-    nodes[2] = start(3);
+    nodes[2] = cluster.start(3);
     let status = wait_for_exit(&mut nodes[2], Duration::from_secs(30));
     assert!(
         status.success(),
@@ -751,25 +778,9 @@ async fn a_node_removed_while_down_shuts_down_when_it_comes_back() {
 /// the tombstone no peer refused it, and it ran as a ghost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_removed_node_that_comes_back_shuts_down() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let apis: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
-    let rafts: Vec<SocketAddr> = (0..3).map(|_| free_address()).collect();
-    let initial = members_of(&rafts, &[1, 2, 3]);
-    let start = |id: usize| {
-        Regatta::start_member(
-            &dir.path().join(format!("n{id}")),
-            id as u64,
-            apis[id - 1],
-            rafts[id - 1],
-            &initial,
-            &["--log-level", "info"],
-        )
-    };
-    let mut nodes: Vec<Regatta> = (1..=3).map(start).collect();
-    for node in &nodes {
-        let _ready = connect(node).await;
-    }
-    wait_writable(&nodes[0], "before").await;
+    let cluster = ThreeNodes::new();
+    let mut nodes = cluster.start_all().await;
+    let apis = &cluster.apis;
     nodes[1].kill();
     nodes[2].kill();
     // Node 1 is left without a quorum; once it no longer leads (a leader
@@ -786,7 +797,7 @@ async fn a_force_removed_node_that_comes_back_shuts_down() {
         ]);
     }
     wait_writable(&nodes[0], "after-force-remove").await;
-    nodes[1] = start(2);
+    nodes[1] = cluster.start(2);
     let status = wait_for_exit(&mut nodes[1], Duration::from_secs(40));
     assert!(status.success(), "node 2 exited with {status}");
     let log = nodes[1].log();
