@@ -85,6 +85,15 @@ fn member_key(id: NodeId) -> Vec<u8> {
 /// Ids once removed: never added again (`removed/<id>`, kept for good).
 const REMOVED_PREFIX: &[u8] = b"removed/";
 
+/// The write of `id`'s `removed/<id>` tombstone.
+fn tombstone(id: NodeId) -> Command {
+    Command::Txn(regatta_kv::command::TxnRequest {
+        compare: Vec::new(),
+        success: vec![put(&removed_key(id), b"")],
+        failure: Vec::new(),
+    })
+}
+
 fn removed_key(id: NodeId) -> Vec<u8> {
     format!("removed/{:020}", id.0).into_bytes()
 }
@@ -581,12 +590,7 @@ impl Node {
         // The tombstone first: a node that removes itself can write nothing
         // after. One left by a refused removal only keeps a member's id
         // from being added again, which it cannot be while a member.
-        let command = Command::Txn(regatta_kv::command::TxnRequest {
-            compare: Vec::new(),
-            success: vec![put(&removed_key(id), b"")],
-            failure: Vec::new(),
-        });
-        self.write(META_GROUP, &command).await?;
+        self.write(META_GROUP, &tombstone(id)).await?;
         self.change_cluster(ConfChange::Remove { node: id }).await?;
         // The removal committed: the call succeeds whatever happens to the
         // address record. A node that removed itself is no member now, so
@@ -837,6 +841,7 @@ impl Node {
             self.removed.send_replace(true);
             return;
         }
+        self.write_due_tombstones().await;
         // Peers removed for good (a tombstone and a committed removal: a
         // tombstone alone may be left by a refused removal) are refused at
         // the transport's handshake, which tells them so.
@@ -916,7 +921,6 @@ impl Node {
     /// joined. Only a member that knows a leader decides; the transport
     /// refuses an id only once it stayed removed for a grace period.
     async fn refuse_removed_peers(&self) {
-        self.write_due_tombstones().await;
         let Ok(removed) = self.removed_ids().await else {
             return;
         };
@@ -955,14 +959,11 @@ impl Node {
             return;
         }
         for id in due {
-            let tombstone = Command::Txn(regatta_kv::command::TxnRequest {
-                compare: Vec::new(),
-                success: vec![put(&removed_key(id), b"")],
-                failure: Vec::new(),
-            });
-            let written =
-                tokio::time::timeout(Duration::from_secs(1), self.write(META_GROUP, &tombstone))
-                    .await;
+            let written = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.write(META_GROUP, &tombstone(id)),
+            )
+            .await;
             if let Ok(Ok(_)) = written {
                 self.tombstones_due
                     .lock()
