@@ -317,12 +317,12 @@ enum Control {
         reads: Vec<ReadId>,
         cause: UnsentCause,
     },
-    /// Proposals forwarded to this node that it dropped on arrival (the
-    /// worker's inbox was full), by group and forwarding node: those nodes
-    /// are told, so that their callers retry now rather than at their
-    /// timeout.
+    /// Proposals and reads forwarded to this node that it dropped on
+    /// arrival (the worker's inbox was full), by group and forwarding
+    /// node: those nodes are told, so that their callers retry now rather
+    /// than at their timeout.
     RefuseForwarded {
-        refusals: Vec<(GroupId, NodeId, Vec<RequestId>)>,
+        refusals: Vec<ForwardedRefusal>,
         reason: String,
     },
     /// The apply thread copied the state at `index` for an outgoing snapshot
@@ -333,6 +333,15 @@ enum Control {
         index: LogIndex,
         data: Result<SnapshotData, String>,
     },
+}
+
+/// Requests of one group that one node forwarded here and that were
+/// dropped on arrival.
+struct ForwardedRefusal {
+    group: GroupId,
+    from: NodeId,
+    proposals: Vec<RequestId>,
+    reads: Vec<ReadId>,
 }
 
 /// How far a group has applied, with the outcomes since the last report.
@@ -907,32 +916,41 @@ impl NodeHost {
             else {
                 continue;
             };
-            // Dropped. Raft retransmits the rest, but a forwarded proposal
-            // is not retransmitted: its sender hears of the drop now, and
-            // its caller retries, instead of waiting out a timeout. One
-            // hand-over for the whole batch.
-            let mut refusals: Vec<(GroupId, NodeId, Vec<RequestId>)> = Vec::new();
+            // Dropped. Raft retransmits the rest, but forwarded proposals
+            // and reads are not retransmitted: their sender hears of the
+            // drop now, and its callers retry, instead of waiting out a
+            // timeout. One hand-over for the whole batch.
+            let mut refusals: Vec<ForwardedRefusal> = Vec::new();
             for (group, message) in batch {
-                let MessageBody::Propose { payloads } = &message.body else {
-                    continue;
+                let (proposals, reads) = match message.body {
+                    MessageBody::Propose { payloads } => (session_ids(&payloads), Vec::new()),
+                    MessageBody::ReadIndex { ids } => (Vec::new(), ids),
+                    _ => continue,
                 };
-                let ids = session_ids(payloads);
-                if ids.is_empty() {
+                if proposals.is_empty() && reads.is_empty() {
                     continue;
                 }
                 let found = refusals
                     .iter_mut()
-                    .find(|(g, from, _)| *g == group && *from == message.from);
+                    .find(|refusal| refusal.group == group && refusal.from == message.from);
                 match found {
-                    Some((_, _, all)) => all.extend(ids),
-                    None => refusals.push((group, message.from, ids)),
+                    Some(refusal) => {
+                        refusal.proposals.extend(proposals);
+                        refusal.reads.extend(reads);
+                    }
+                    None => refusals.push(ForwardedRefusal {
+                        group,
+                        from: message.from,
+                        proposals,
+                        reads,
+                    }),
                 }
             }
             if !refusals.is_empty() {
                 let _ = control.send(Control::RefuseForwarded {
                     refusals,
                     reason: format!(
-                        "node {} is too busy to take more proposals (group_inbox_max); retry later",
+                        "node {} is too busy to take more requests (group_inbox_max); retry later",
                         self.inner.config.node_id
                     ),
                 });
@@ -1713,25 +1731,33 @@ impl Worker {
                 }
             }
             Control::RefuseForwarded { refusals, reason } => {
-                let messages: Vec<(GroupId, Message)> = refusals
-                    .into_iter()
-                    .filter(|(group, ..)| self.groups.contains_key(group))
-                    .map(|(group, to, ids)| {
+                let refusal = Refusal::Overloaded { reason };
+                let mut messages: Vec<(GroupId, Message)> = Vec::new();
+                for forwarded in refusals {
+                    if !self.groups.contains_key(&forwarded.group) {
+                        continue;
+                    }
+                    let message = |body| Message {
+                        from: self.node_id,
+                        to: forwarded.from,
+                        term: Term(0),
+                        body,
+                    };
+                    if !forwarded.proposals.is_empty() {
                         let body = MessageBody::ProposeRefused {
-                            ids,
-                            refusal: Refusal::Overloaded {
-                                reason: reason.clone(),
-                            },
+                            ids: forwarded.proposals,
+                            refusal: refusal.clone(),
                         };
-                        let message = Message {
-                            from: self.node_id,
-                            to,
-                            term: Term(0),
-                            body,
+                        messages.push((forwarded.group, message(body)));
+                    }
+                    if !forwarded.reads.is_empty() {
+                        let body = MessageBody::ReadRefused {
+                            ids: forwarded.reads,
+                            refusal: refusal.clone(),
                         };
-                        (group, message)
-                    })
-                    .collect();
+                        messages.push((forwarded.group, message(body)));
+                    }
+                }
                 if !messages.is_empty() {
                     self.transport.send(messages);
                 }
@@ -2272,6 +2298,15 @@ impl Group {
                         let _ = reply.send(Ok(state.index));
                     }
                     None => {}
+                }
+            }
+            // Forwarded reads the receiver would not confirm: the same.
+            for (id, source) in ready.refused_reads {
+                if let Some(read) = self.reads.remove(&id) {
+                    read.fail(Error::Raft {
+                        group,
+                        source: source.clone(),
+                    });
                 }
             }
             // Forwarded proposals the leader did not append: their callers

@@ -38,9 +38,9 @@ const HANDSHAKE_MAGIC: &[u8; 8] = b"RGRAFTv1";
 /// The transport format this build speaks; it also accepts connections
 /// from `FORMAT_VERSION_MIN` on (a rolling upgrade), and dials older peers
 /// at the version they answer to.
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 /// The oldest transport format this build accepts and dials (version 1
-/// lacks `ProposeRefused`).
+/// lacks `ProposeRefused`, version 2 `ReadRefused`).
 const FORMAT_VERSION_MIN: u32 = 1;
 const HANDSHAKE_BYTES: usize = 28;
 const ANSWER_ACCEPTED: u8 = 0;
@@ -824,17 +824,23 @@ async fn send_until_broken(
     }
 }
 
-/// Dials `address` at this build's transport format, or, if the peer
-/// answers that it does not speak it, at the oldest one it may speak.
-/// Returns the stream and the version the peer accepted.
+/// Dials `address` at this build's transport format, or, while the peer
+/// answers that it does not speak it, at each older one in turn down to
+/// `FORMAT_VERSION_MIN`. Returns the stream and the version the peer
+/// accepted.
 async fn connect(config: &TcpConfig, address: &PeerAddress) -> std::io::Result<(BoxedStream, u32)> {
-    match connect_at(config, address, FORMAT_VERSION).await {
-        Ok(stream) => Ok((stream, FORMAT_VERSION)),
-        Err(error) if error.kind() == std::io::ErrorKind::Unsupported => {
-            let stream = connect_at(config, address, FORMAT_VERSION_MIN).await?;
-            Ok((stream, FORMAT_VERSION_MIN))
+    let mut version = FORMAT_VERSION;
+    loop {
+        match connect_at(config, address, version).await {
+            Ok(stream) => return Ok((stream, version)),
+            Err(error)
+                if error.kind() == std::io::ErrorKind::Unsupported
+                    && version > FORMAT_VERSION_MIN =>
+            {
+                version -= 1;
+            }
+            Err(error) => return Err(error),
         }
-        Err(error) => Err(error),
     }
 }
 
@@ -1428,11 +1434,11 @@ mod tests {
         assert!(!queue.wait().await, "stays closed");
     }
 
-    /// A peer of transport format 1 (a rolling upgrade) refuses version
-    /// 2: the writer dials it again at version 1 and never sends it a kind
-    /// it cannot decode, which would close the connection.
-    #[tokio::test]
-    async fn an_older_peer_is_dialled_at_its_version_and_sent_only_what_it_knows() {
+    /// A peer of an older transport format (a rolling upgrade) refuses
+    /// this build's version: the writer dials it again at each older
+    /// version until it accepts, and never sends it a kind it cannot
+    /// decode, which would close the connection.
+    async fn dial_an_older_peer(peer_version: u32) -> (Vec<u32>, Vec<MessageBody>, u64) {
         let old_peer = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let peer_address = old_peer.local_addr().expect("address");
         let (versions_tx, mut versions) = tokio::sync::mpsc::unbounded_channel();
@@ -1448,7 +1454,7 @@ mod tests {
                 }
                 let version = u32::from_le_bytes(handshake[8..12].try_into().expect("4 bytes"));
                 let _ = versions_tx.send(version);
-                if version != 1 {
+                if version > peer_version {
                     let _ = socket.write_u8(ANSWER_WRONG_VERSION).await;
                     continue;
                 }
@@ -1466,29 +1472,67 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let transport = TcpTransport::start(TcpConfig::new(NodeId(1), 7), listener);
         transport.set_peer(NodeId(2), PeerAddress::from(peer_address));
-        let refusal = Message {
+        let refusal = |body| Message {
             from: NodeId(1),
             to: NodeId(2),
             term: Term(0),
-            body: MessageBody::ProposeRefused {
-                ids: Vec::new(),
-                refusal: regatta_raft::Refusal::NotLeader { leader_hint: None },
-            },
+            body,
         };
+        let not_leader = regatta_raft::Refusal::NotLeader { leader_hint: None };
+        let proposals_refused = refusal(MessageBody::ProposeRefused {
+            ids: Vec::new(),
+            refusal: not_leader.clone(),
+        });
+        let reads_refused = refusal(MessageBody::ReadRefused {
+            ids: vec![regatta_raft::ReadId(1)],
+            refusal: not_leader,
+        });
         let (group, heartbeat) = heartbeat(3);
-        transport.send(vec![(group, refusal), (group, heartbeat.clone())]);
+        transport.send(vec![
+            (group, proposals_refused),
+            (group, reads_refused),
+            (group, heartbeat),
+        ]);
         let batch = tokio::time::timeout(Duration::from_secs(10), batches.recv())
             .await
             .expect("a batch in time")
             .expect("a batch");
-        assert_eq!(batch, vec![(group, heartbeat)], "the refusal was left out");
-        assert_eq!(versions.recv().await, Some(2), "this build's version first");
-        assert_eq!(versions.recv().await, Some(1), "then the peer's");
-        assert_eq!(
-            transport.stats().dropped_messages.load(Ordering::Relaxed),
-            1
-        );
+        let mut dialled = Vec::new();
+        while let Ok(version) = versions.try_recv() {
+            dialled.push(version);
+        }
+        let dropped = transport.stats().dropped_messages.load(Ordering::Relaxed);
         transport.shutdown();
+        let bodies = batch.into_iter().map(|(_, message)| message.body).collect();
+        (dialled, bodies, dropped)
+    }
+
+    #[tokio::test]
+    async fn a_version_2_peer_is_dialled_at_2_and_sent_no_read_refusals() {
+        let (dialled, bodies, dropped) = dial_an_older_peer(2).await;
+        assert_eq!(dialled, vec![3, 2], "this build's version, then the peer's");
+        assert!(
+            matches!(
+                bodies.as_slice(),
+                [
+                    MessageBody::ProposeRefused { .. },
+                    MessageBody::Heartbeat { .. }
+                ]
+            ),
+            "{bodies:?}"
+        );
+        assert_eq!(dropped, 1);
+    }
+
+    #[tokio::test]
+    async fn a_version_1_peer_is_dialled_at_1_and_sent_no_refusals() {
+        let (dialled, bodies, dropped) = dial_an_older_peer(1).await;
+        assert_eq!(dialled, vec![3, 2, 1], "each version down to the peer's");
+        assert!(
+            matches!(bodies.as_slice(), [MessageBody::Heartbeat { .. }]),
+            "{bodies:?}"
+        );
+        assert_eq!(dropped, 2);
     }
 
     #[test]

@@ -42,6 +42,8 @@ const KIND_APPEND_QUIET: u8 = 13;
 /// The leader's refusal of forwarded proposals; transport format version
 /// 2 and later (`docs/transport-format.md`).
 pub const KIND_PROPOSE_REFUSED: u8 = 14;
+/// The refusal of forwarded reads; transport format version 3 and later.
+pub const KIND_READ_REFUSED: u8 = 15;
 
 const REFUSAL_NOT_LEADER: u8 = 1;
 const REFUSAL_TRANSFER_IN_PROGRESS: u8 = 2;
@@ -55,7 +57,11 @@ pub const REFUSAL_REASON_BYTES_MAX: usize = 1024;
 /// `message` (older peers close the connection on a kind they do not
 /// know, so such messages are dropped before they reach one).
 pub fn peer_understands(version: u32, message: &Message) -> bool {
-    version >= 2 || !matches!(message.body, MessageBody::ProposeRefused { .. })
+    match message.body {
+        MessageBody::ProposeRefused { .. } => version >= 2,
+        MessageBody::ReadRefused { .. } => version >= 3,
+        _ => true,
+    }
 }
 
 /// Encodes a batch of messages, each addressed to a group.
@@ -163,31 +169,40 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
         }
         MessageBody::ProposeRefused { ids, refusal } => {
             out.push(KIND_PROPOSE_REFUSED);
-            let (reason_kind, node, text) = match refusal {
-                Refusal::NotLeader { leader_hint } => {
-                    (REFUSAL_NOT_LEADER, leader_hint.map_or(0, |id| id.0), "")
-                }
-                Refusal::TransferInProgress { target } => {
-                    (REFUSAL_TRANSFER_IN_PROGRESS, target.0, "")
-                }
-                Refusal::Overloaded { reason } => (REFUSAL_OVERLOADED, 0, reason.as_str()),
-                Refusal::Invalid { reason } => (REFUSAL_INVALID, 0, reason.as_str()),
-            };
-            out.push(reason_kind);
-            put_u64(out, node);
-            let mut cut = text.len().min(REFUSAL_REASON_BYTES_MAX);
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            put_u32(out, cut as u32);
-            out.extend_from_slice(&text.as_bytes()[..cut]);
+            encode_refusal(refusal, out);
             put_u32(out, ids.len() as u32);
             for id in ids {
                 put_u64(out, id.client);
                 put_u64(out, id.sequence);
             }
         }
+        MessageBody::ReadRefused { ids, refusal } => {
+            out.push(KIND_READ_REFUSED);
+            encode_refusal(refusal, out);
+            put_read_ids(out, ids);
+        }
     }
+}
+
+/// A refusal: its kind, a node id (0 for none), and a reason cut to
+/// `REFUSAL_REASON_BYTES_MAX` bytes at a character boundary.
+fn encode_refusal(refusal: &Refusal, out: &mut Vec<u8>) {
+    let (reason_kind, node, text) = match refusal {
+        Refusal::NotLeader { leader_hint } => {
+            (REFUSAL_NOT_LEADER, leader_hint.map_or(0, |id| id.0), "")
+        }
+        Refusal::TransferInProgress { target } => (REFUSAL_TRANSFER_IN_PROGRESS, target.0, ""),
+        Refusal::Overloaded { reason } => (REFUSAL_OVERLOADED, 0, reason.as_str()),
+        Refusal::Invalid { reason } => (REFUSAL_INVALID, 0, reason.as_str()),
+    };
+    out.push(reason_kind);
+    put_u64(out, node);
+    let mut cut = text.len().min(REFUSAL_REASON_BYTES_MAX);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    put_u32(out, cut as u32);
+    out.extend_from_slice(&text.as_bytes()[..cut]);
 }
 
 /// Messages in one batch, at most (a sender's turn for thousands of
@@ -319,6 +334,10 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
             target: NodeId(reader.u64()?),
         },
         KIND_PROPOSE_REFUSED => decode_propose_refused(reader)?,
+        KIND_READ_REFUSED => MessageBody::ReadRefused {
+            refusal: decode_refusal(reader)?,
+            ids: reader.read_ids()?,
+        },
         other => return Err(reader.error(format!("unknown message kind {other}"))),
     };
     Ok((
@@ -332,7 +351,7 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
     ))
 }
 
-fn decode_propose_refused(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+fn decode_refusal(reader: &mut Reader<'_>) -> Result<Refusal, WireError> {
     let reason_kind = reader.u8()?;
     let node = reader.u64()?;
     let length = reader.u32()? as usize;
@@ -342,7 +361,7 @@ fn decode_propose_refused(reader: &mut Reader<'_>) -> Result<MessageBody, WireEr
         )));
     }
     let text = String::from_utf8_lossy(reader.take(length)?).into_owned();
-    let refusal = match reason_kind {
+    Ok(match reason_kind {
         REFUSAL_NOT_LEADER => Refusal::NotLeader {
             leader_hint: (node != 0).then_some(NodeId(node)),
         },
@@ -352,7 +371,11 @@ fn decode_propose_refused(reader: &mut Reader<'_>) -> Result<MessageBody, WireEr
         REFUSAL_OVERLOADED => Refusal::Overloaded { reason: text },
         REFUSAL_INVALID => Refusal::Invalid { reason: text },
         other => return Err(reader.error(format!("unknown refusal kind {other}"))),
-    };
+    })
+}
+
+fn decode_propose_refused(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+    let refusal = decode_refusal(reader)?;
     // An id is two u64s.
     let count = reader.count(16)?;
     if count > MESSAGE_ITEMS_MAX {
@@ -623,6 +646,18 @@ mod tests {
                     reason: "ünïcode".into(),
                 },
             },
+            MessageBody::ReadRefused {
+                ids: vec![ReadId(7), ReadId(8)],
+                refusal: Refusal::NotLeader {
+                    leader_hint: Some(NodeId(2)),
+                },
+            },
+            MessageBody::ReadRefused {
+                ids: vec![ReadId(9)],
+                refusal: Refusal::Overloaded {
+                    reason: "pending_reads_max".into(),
+                },
+            },
         ];
         bodies
             .into_iter()
@@ -712,9 +747,32 @@ mod tests {
         };
         assert_eq!(reason.len(), REFUSAL_REASON_BYTES_MAX - 1);
         assert!(reason.starts_with("xé"));
+
+        // A read refusal: the same refusal, then read ids as a read
+        // message carries them.
+        let bytes = one_message(
+            0,
+            MessageBody::ReadRefused {
+                ids: vec![ReadId(7)],
+                refusal: Refusal::NotLeader {
+                    leader_hint: Some(NodeId(3)),
+                },
+            },
+        );
+        let mut expected = vec![1, 0, 0, 0];
+        for value in [1u64, 1, 2, 0] {
+            expected.extend_from_slice(&value.to_le_bytes());
+        }
+        expected.extend_from_slice(&[15, 1]);
+        expected.extend_from_slice(&3u64.to_le_bytes());
+        expected.extend_from_slice(&0u32.to_le_bytes());
+        expected.extend_from_slice(&1u32.to_le_bytes());
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(bytes, expected);
     }
 
-    /// Only peers of format version 2 or later are sent refusals.
+    /// Only peers of format version 2 or later are sent proposal
+    /// refusals, and of version 3 or later read refusals.
     #[test]
     fn refusals_go_only_to_peers_that_know_them() {
         let refusal = Message {
@@ -728,6 +786,16 @@ mod tests {
         };
         assert!(!peer_understands(1, &refusal));
         assert!(peer_understands(2, &refusal));
+        let read_refusal = Message {
+            body: MessageBody::ReadRefused {
+                ids: vec![ReadId(1)],
+                refusal: Refusal::NotLeader { leader_hint: None },
+            },
+            ..refusal.clone()
+        };
+        assert!(!peer_understands(1, &read_refusal));
+        assert!(!peer_understands(2, &read_refusal));
+        assert!(peer_understands(3, &read_refusal));
         let heartbeat = Message {
             body: MessageBody::HeartbeatResponse { round: 1 },
             ..refusal

@@ -1118,15 +1118,16 @@ impl Transport for CaptureTransport {
     }
 }
 
-/// Proposals forwarded to a node whose worker is too busy to take them
-/// (its inbox full) are dropped, as any message may be, but their sender
-/// is told at once (`ProposeRefused`, overloaded) so that its callers
-/// retry now instead of at their timeout. The host runs on a
+/// Proposals and reads forwarded to a node whose worker is too busy to
+/// take them (its inbox full) are dropped, as any message may be, but
+/// their sender is told at once (`ProposeRefused` and `ReadRefused`,
+/// overloaded) so that its callers retry now instead of at their
+/// timeout. The host runs on a
 /// current-thread runtime that the test stops driving, so that the
 /// worker takes nothing from its inbox meanwhile.
 #[test]
-fn proposals_forwarded_to_a_full_worker_are_refused_to_their_sender() {
-    use regatta_raft::{EntryPayload, Message, MessageBody, Refusal, RequestId, Term};
+fn requests_forwarded_to_a_full_worker_are_refused_to_their_sender() {
+    use regatta_raft::{EntryPayload, Message, MessageBody, ReadId, Refusal, RequestId, Term};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1164,33 +1165,51 @@ fn proposals_forwarded_to_a_full_worker_are_refused_to_their_sender() {
             },
         }
     };
-    // Two fit in the inbox; the third does not.
-    for sequence in 1..=3 {
+    let read = Message {
+        from: NodeId(2),
+        to: NodeId(1),
+        term: Term(0),
+        body: MessageBody::ReadIndex {
+            ids: vec![ReadId(11)],
+        },
+    };
+    // Two fit in the inbox; the third batch does not.
+    for sequence in 1..=2 {
         host.deliver(vec![(GROUP, forwarded(sequence))]);
     }
-    let refusals = runtime.block_on(async {
+    host.deliver(vec![(GROUP, forwarded(3)), (GROUP, read)]);
+    let (refusals, read_refusals) = runtime.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let refusals: Vec<(Vec<RequestId>, Refusal)> = transport
-                .sent
-                .lock()
-                .expect("lock")
-                .iter()
-                .filter(|(_, message)| message.to == NodeId(2))
-                .filter_map(|(_, message)| match &message.body {
+            let mut refusals: Vec<(Vec<RequestId>, Refusal)> = Vec::new();
+            let mut read_refusals: Vec<(Vec<ReadId>, Refusal)> = Vec::new();
+            for (_, message) in transport.sent.lock().expect("lock").iter() {
+                if message.to != NodeId(2) {
+                    continue;
+                }
+                match &message.body {
                     MessageBody::ProposeRefused { ids, refusal } => {
-                        Some((ids.clone(), refusal.clone()))
+                        refusals.push((ids.clone(), refusal.clone()))
                     }
-                    _ => None,
-                })
-                .collect();
-            if !refusals.is_empty() {
-                return refusals;
+                    MessageBody::ReadRefused { ids, refusal } => {
+                        read_refusals.push((ids.clone(), refusal.clone()))
+                    }
+                    _ => {}
+                }
+            }
+            if !refusals.is_empty() && !read_refusals.is_empty() {
+                return (refusals, read_refusals);
             }
             assert!(Instant::now() < deadline, "no refusal was sent");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
+    assert_eq!(read_refusals.len(), 1, "{read_refusals:?}");
+    assert_eq!(read_refusals[0].0, vec![ReadId(11)]);
+    assert!(
+        matches!(&read_refusals[0].1, Refusal::Overloaded { reason } if reason.contains("group_inbox_max")),
+        "{read_refusals:?}"
+    );
     // Only the dropped proposal is refused here: node 2 is not a member,
     // so the core ignores the two it took (a member's would be appended).
     assert_eq!(refusals.len(), 1, "{refusals:?}");

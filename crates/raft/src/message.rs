@@ -130,6 +130,16 @@ pub enum MessageBody {
         /// Why.
         refusal: Refusal,
     },
+    /// The answer to forwarded reads that the receiver will not confirm:
+    /// it is not the leader, or it is over its pending-reads limit.
+    /// Without it the follower's caller would wait out its timeout for a
+    /// `ReadIndexResponse` that never comes.
+    ReadRefused {
+        /// The reads refused.
+        ids: Vec<ReadId>,
+        /// Why.
+        refusal: Refusal,
+    },
 }
 
 /// Why a node did not append proposals a follower forwarded to it.
@@ -167,7 +177,9 @@ impl Refusal {
                 leader_hint: *leader_hint,
             },
             E::TransferInProgress { target } => Refusal::TransferInProgress { target: *target },
-            E::UncommittedSizeExceeded { .. } | E::ApplyBacklog { .. } => Refusal::Overloaded {
+            E::UncommittedSizeExceeded { .. }
+            | E::ApplyBacklog { .. }
+            | E::TooManyPendingReads { .. } => Refusal::Overloaded {
                 reason: error.to_string(),
             },
             E::Removed => Refusal::NotLeader { leader_hint },
@@ -191,7 +203,7 @@ impl Refusal {
 
 impl MessageBody {
     /// True for requests a follower forwards to its leader, and for the
-    /// leader's refusal of forwarded proposals. They carry term 0 and are
+    /// leader's refusals of forwarded proposals and reads. They carry term 0 and are
     /// handled outside the term protocol.
     pub fn is_forward(&self) -> bool {
         matches!(
@@ -200,6 +212,7 @@ impl MessageBody {
                 | MessageBody::Propose { .. }
                 | MessageBody::TransferLeader { .. }
                 | MessageBody::ProposeRefused { .. }
+                | MessageBody::ReadRefused { .. }
         )
     }
 
@@ -227,12 +240,13 @@ impl MessageBody {
             MessageBody::Propose { .. } => 12,
             MessageBody::TransferLeader { .. } => 13,
             MessageBody::ProposeRefused { .. } => 14,
+            MessageBody::ReadRefused { .. } => 15,
         }
     }
 }
 
 /// The kinds of message, by [`MessageBody::kind_index`].
-pub const MESSAGE_KIND_NAMES: [&str; 15] = [
+pub const MESSAGE_KIND_NAMES: [&str; 16] = [
     "append",
     "append_response",
     "pre_vote",
@@ -248,6 +262,7 @@ pub const MESSAGE_KIND_NAMES: [&str; 15] = [
     "propose",
     "transfer_leader",
     "propose_refused",
+    "read_refused",
 ];
 
 /// A convenience for building normal payloads.

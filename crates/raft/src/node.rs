@@ -56,6 +56,10 @@ pub struct Ready {
     /// Proposals this node forwarded that the leader refused (it appended
     /// none of them), with the error for their callers.
     pub refused_proposals: Vec<(RequestId, Error)>,
+    /// Reads this node forwarded that the receiver would not confirm (not
+    /// the leader, or over its pending-reads limit), with the error for
+    /// their callers.
+    pub refused_reads: Vec<(ReadId, Error)>,
 }
 
 impl Ready {
@@ -251,6 +255,7 @@ impl<S: Storage> RaftNode<S> {
             || !raft.msgs_after_persist.is_empty()
             || !raft.read_states.is_empty()
             || !raft.refused_proposals.is_empty()
+            || !raft.refused_reads.is_empty()
             || raft.log.has_entries_to_apply()
     }
 
@@ -281,6 +286,7 @@ impl<S: Storage> RaftNode<S> {
             committed_entries,
             read_states: std::mem::take(&mut self.raft.read_states),
             refused_proposals: std::mem::take(&mut self.raft.refused_proposals),
+            refused_reads: std::mem::take(&mut self.raft.refused_reads),
         };
         self.previous_soft_state = soft_state;
         self.previous_hard_state = hard_state;

@@ -147,6 +147,9 @@ pub struct Raft<S: Storage> {
     /// Forwarded proposals the leader refused, with the error for their
     /// callers, until the next `Ready`.
     pub(crate) refused_proposals: Vec<(RequestId, Error)>,
+    /// Reads this node forwarded that the receiver refused, for the next
+    /// `Ready`.
+    pub(crate) refused_reads: Vec<(ReadId, Error)>,
     rng: Rng,
 }
 
@@ -186,6 +189,7 @@ impl<S: Storage> Raft<S> {
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
             refused_proposals: Vec::new(),
+            refused_reads: Vec::new(),
             rng: Rng::new(config.seed ^ config.id.0.rotate_left(32)),
             config,
         };
@@ -898,10 +902,35 @@ impl<S: Storage> Raft<S> {
                 self.refused_proposals
                     .extend(ids.into_iter().map(|id| (id, error.clone())));
             }
-            MessageBody::ReadIndex { ids } if self.role == Role::Leader => {
+            MessageBody::ReadIndex { ids } => {
+                // Reads it will not confirm are answered, so that their
+                // callers retry (or give up) now rather than at their
+                // timeout; one refusal for all those refused alike.
+                let mut refused: Vec<(Refusal, Vec<ReadId>)> = Vec::new();
                 for id in ids {
-                    let _ = self.leader_read(id, Some(from));
+                    let refusal = if self.role != Role::Leader {
+                        Refusal::NotLeader {
+                            leader_hint: self.leader,
+                        }
+                    } else {
+                        match self.leader_read(id, Some(from)) {
+                            Ok(()) => continue,
+                            Err(error) => Refusal::from_error(&error, Some(self.id)),
+                        }
+                    };
+                    match refused.iter_mut().find(|(kept, _)| *kept == refusal) {
+                        Some((_, all)) => all.push(id),
+                        None => refused.push((refusal, vec![id])),
+                    }
                 }
+                for (refusal, ids) in refused {
+                    self.send(from, Term(0), MessageBody::ReadRefused { ids, refusal });
+                }
+            }
+            MessageBody::ReadRefused { ids, refusal } => {
+                let error = refusal.into_error();
+                self.refused_reads
+                    .extend(ids.into_iter().map(|id| (id, error.clone())));
             }
             MessageBody::TransferLeader { target } if self.role == Role::Leader => {
                 let _ = self.transfer_leader(target);

@@ -816,6 +816,69 @@ mod replication {
         assert!(c.applied_commands(1).is_empty());
     }
 
+    /// A forwarded read that reaches a node that is not the leader (the
+    /// follower's leader hint is stale) is answered with the leader that
+    /// node knows, so the follower's caller retries there at once instead
+    /// of waiting out its timeout. Reads refused alike share one message.
+    #[test]
+    fn a_forwarded_read_to_a_node_that_is_not_leader_is_answered() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(3)
+            .step(Message {
+                from: n(2),
+                to: n(3),
+                term: Term(0),
+                body: MessageBody::ReadIndex {
+                    ids: vec![ReadId(4), ReadId(5)],
+                },
+            })
+            .expect("step");
+        let ready = c.node(3).ready().expect("ready");
+        let refusals: Vec<&Message> = ready
+            .messages
+            .iter()
+            .filter(|message| matches!(message.body, MessageBody::ReadRefused { .. }))
+            .collect();
+        assert_eq!(refusals.len(), 1, "{:?}", ready.messages);
+        for message in ready.messages.into_iter().chain(ready.persisted_messages) {
+            c.node(message.to.0).step(message).expect("step");
+        }
+        c.settle();
+        let not_leader = Error::NotLeader {
+            leader_hint: Some(n(1)),
+        };
+        assert_eq!(
+            c.refused_reads[&n(2)],
+            vec![(ReadId(4), not_leader.clone()), (ReadId(5), not_leader)]
+        );
+        assert!(c.reads.get(&n(2)).is_none_or(|reads| reads.is_empty()));
+    }
+
+    /// A leader over `pending_reads_max` confirms the forwarded reads it
+    /// can take and refuses the rest as overloaded; the follower's
+    /// callers of those hear it at once.
+    #[test]
+    fn a_leader_over_its_pending_reads_limit_refuses_forwarded_reads() {
+        fn one_pending_read(config: &mut Config) {
+            config.pending_reads_max = 1;
+        }
+        let mut c = Cluster::with_config(&[1, 2, 3], one_pending_read);
+        c.elect(1);
+        c.node(2).read_index(ReadId(1)).expect("forwarded");
+        c.node(2).read_index(ReadId(2)).expect("forwarded");
+        c.settle();
+        let confirmed: Vec<ReadId> = c.reads[&n(2)].iter().map(|state| state.id).collect();
+        assert_eq!(confirmed, vec![ReadId(1)]);
+        let refused = &c.refused_reads[&n(2)];
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, ReadId(2));
+        let Error::LeaderOverloaded { reason } = &refused[0].1 else {
+            panic!("{:?}", refused[0].1);
+        };
+        assert!(reason.contains("pending_reads_max 1"), "{reason}");
+    }
+
     /// A leader whose state machine falls `apply_backlog_entries_max`
     /// entries behind its commit index takes no proposal, its own or a
     /// forwarded one, until it catches up (etcd's "too many requests");

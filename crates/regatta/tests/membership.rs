@@ -775,7 +775,10 @@ async fn a_node_removed_while_down_shuts_down_when_it_comes_back() {
 /// A node force-removed (its peers gone for good, then back after all)
 /// shuts down when it returns: force-remove leaves a tombstone once the
 /// survivors have a quorum again, so the survivors refuse it. Without
-/// the tombstone no peer refused it, and it ran as a ghost.
+/// the tombstone no peer refused it, and it ran as a ghost. The survivor
+/// restarts between the two removals, before the first tombstone can be
+/// written: the pending tombstone is on disk (`tombstones-due`), so it is
+/// not lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_removed_node_that_comes_back_shuts_down() {
     let cluster = ThreeNodes::new();
@@ -786,7 +789,7 @@ async fn a_force_removed_node_that_comes_back_shuts_down() {
     // Node 1 is left without a quorum; once it no longer leads (a leader
     // refuses force-remove), it forces both out.
     let admin = apis[0].to_string();
-    for id in ["2", "3"] {
+    let force_remove = |id: &str| {
         cli_until_ok(&[
             "member",
             "force-remove",
@@ -794,8 +797,21 @@ async fn a_force_removed_node_that_comes_back_shuts_down() {
             "--yes-i-know-this-can-lose-data",
             "--address",
             &admin,
-        ]);
-    }
+        ])
+    };
+    force_remove("2");
+    // Members 1 and 3, one of them down: no quorum, so the tombstone of 2
+    // is pending when node 1 goes down hard.
+    let due = cluster.dir.path().join("n1").join("tombstones-due");
+    assert_eq!(
+        std::fs::read_to_string(&due).expect("the pending tombstone file"),
+        "2\n"
+    );
+    nodes[0].kill();
+    // Without a quorum it serves no reads; the CLI retries until it
+    // answers.
+    nodes[0] = cluster.start(1);
+    force_remove("3");
     wait_writable(&nodes[0], "after-force-remove").await;
     nodes[1] = cluster.start(2);
     let status = wait_for_exit(&mut nodes[1], Duration::from_secs(40));
@@ -805,4 +821,12 @@ async fn a_force_removed_node_that_comes_back_shuts_down() {
         log.contains("removed from the cluster while it was down"),
         "{log}"
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while due.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pending file outlived its tombstones"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

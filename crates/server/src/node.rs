@@ -196,7 +196,7 @@ pub struct Node {
     /// Ids this node force-removed whose `removed/<id>` tombstone is not
     /// written yet (the metadata group may have had no quorum until the
     /// last of them went); the reconciler writes them.
-    tombstones_due: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
+    tombstones_due: membership::DueTombstones,
     /// When this node last wrote its own address record.
     registered_at: std::sync::Mutex<Option<Instant>>,
     /// Leader changes and elections seen per group (see `RaftEvents`).
@@ -390,6 +390,7 @@ impl Node {
                 }
             }
         }
+        let tombstones_due = membership::DueTombstones::open(&config.data_dir)?;
         let transport = TcpTransport::start(tcp, listener);
         let wal = Wal::open(WalConfig::new(config.data_dir.join("wal")))
             .map_err(|error| Error::Storage(format!("open the WAL: {error}")))?;
@@ -427,7 +428,7 @@ impl Node {
             removed: tokio::sync::watch::channel(false).0,
             changing: Arc::default(),
             departures: std::sync::Mutex::default(),
-            tombstones_due: std::sync::Mutex::default(),
+            tombstones_due,
             registered_at: std::sync::Mutex::new(None),
             raft_events: RwLock::new(HashMap::new()),
             snapshot_installs: RwLock::new(HashMap::new()),

@@ -26,6 +26,8 @@ pub struct Cluster {
     pub reads: BTreeMap<NodeId, Vec<ReadState>>,
     /// Forwarded proposals the leader refused, by the node that forwarded.
     pub refused: BTreeMap<NodeId, Vec<(RequestId, regatta_raft::Error)>>,
+    /// Forwarded reads the receiver refused, by the node that forwarded.
+    pub refused_reads: BTreeMap<NodeId, Vec<(ReadId, regatta_raft::Error)>>,
     /// Nodes whose state machine takes committed entries but does not
     /// report them applied (a slow apply path).
     pub applies_held: BTreeSet<NodeId>,
@@ -49,6 +51,7 @@ impl Cluster {
             applied: BTreeMap::new(),
             reads: BTreeMap::new(),
             refused: BTreeMap::new(),
+            refused_reads: BTreeMap::new(),
             applies_held: BTreeSet::new(),
             config,
         };
@@ -134,6 +137,10 @@ impl Cluster {
                 .entry(id)
                 .or_default()
                 .extend(ready.refused_proposals);
+            self.refused_reads
+                .entry(id)
+                .or_default()
+                .extend(ready.refused_reads);
             self.applied
                 .entry(id)
                 .or_default()

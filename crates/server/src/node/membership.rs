@@ -94,6 +94,101 @@ fn tombstone(id: NodeId) -> Command {
     })
 }
 
+/// Ids this node force-removed whose `removed/<id>` tombstone is not
+/// written yet (the metadata group may have no quorum until the last of
+/// several forced removals). Kept in the file `tombstones-due` in the
+/// data directory as well (`docs/membership.md`), so that a restart
+/// before the write does not lose them.
+pub(super) struct DueTombstones {
+    path: std::path::PathBuf,
+    ids: std::sync::Mutex<BTreeSet<NodeId>>,
+}
+
+impl DueTombstones {
+    /// The file's name in the data directory.
+    pub(super) const FILE_NAME: &'static str = "tombstones-due";
+
+    /// Reads `data_dir`'s file; none means none are due.
+    pub(super) fn open(data_dir: &std::path::Path) -> Result<DueTombstones> {
+        let path = data_dir.join(Self::FILE_NAME);
+        let mut ids = BTreeSet::new();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for line in text.lines().filter(|line| !line.trim().is_empty()) {
+                    let id: u64 = line.trim().parse().map_err(|_| {
+                        Error::Storage(format!(
+                            "{}: {line:?} is not a node id (one decimal id per line)",
+                            path.display()
+                        ))
+                    })?;
+                    ids.insert(NodeId(id));
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(Error::Storage(format!("read {}: {error}", path.display()))),
+        }
+        Ok(DueTombstones {
+            path,
+            ids: std::sync::Mutex::new(ids),
+        })
+    }
+
+    /// The ids due, in order.
+    pub(super) fn ids(&self) -> Vec<NodeId> {
+        self.lock().iter().copied().collect()
+    }
+
+    /// Adds `id`, durably before it returns Ok.
+    pub(super) fn add(&self, id: NodeId) -> Result<()> {
+        let mut ids = self.lock();
+        ids.insert(id);
+        self.save(&ids)
+    }
+
+    /// Drops `id` once its tombstone is written.
+    pub(super) fn remove(&self, id: NodeId) -> Result<()> {
+        let mut ids = self.lock();
+        if !ids.remove(&id) {
+            return Ok(());
+        }
+        self.save(&ids)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<NodeId>> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the file (write aside, fsync, rename, fsync the
+    /// directory), or deletes it when none are due. Called under the lock,
+    /// so that saves land in order; force-removals are rare.
+    fn save(&self, ids: &BTreeSet<NodeId>) -> Result<()> {
+        use std::io::Write;
+        let failed = |error: std::io::Error| {
+            Error::Storage(format!("write {}: {error}", self.path.display()))
+        };
+        if ids.is_empty() {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(error) => return Err(failed(error)),
+            }
+        } else {
+            let partial = self.path.with_extension("partial");
+            let text: String = ids.iter().map(|id| format!("{}\n", id.0)).collect();
+            let mut file = std::fs::File::create(&partial).map_err(failed)?;
+            file.write_all(text.as_bytes()).map_err(failed)?;
+            file.sync_all().map_err(failed)?;
+            std::fs::rename(&partial, &self.path).map_err(failed)?;
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(failed)?;
+        }
+        Ok(())
+    }
+}
+
 fn removed_key(id: NodeId) -> Vec<u8> {
     format!("removed/{:020}", id.0).into_bytes()
 }
@@ -615,6 +710,7 @@ impl Node {
                 "a node cannot force-remove itself; run it on a survivor".into(),
             ));
         }
+        self.wait_for_catalogue_groups().await?;
         let mut groups = self.running_groups();
         // The metadata group last: table groups first lose the node, so
         // that the reconciler, once the metadata group changes, finds
@@ -678,12 +774,38 @@ impl Node {
         // run as a ghost). Written by the reconciler once the metadata
         // group has a quorum again: after the last forced removal, not
         // necessarily this one.
-        self.tombstones_due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
+        if let Err(error) = self.tombstones_due.add(id) {
+            // Still due in memory: only a restart before the write loses it.
+            tracing::error!(node = id.0, %error, "could not record the force-removed member's pending tombstone on disk");
+        }
         self.transport.remove_peer(id);
         Ok(())
+    }
+
+    /// Waits until every table in this node's copy of the catalogue has
+    /// its group running here. Just after a start the reconciler has not
+    /// started them yet, and a forced removal that skipped one would leave
+    /// that table without a quorum for good.
+    async fn wait_for_catalogue_groups(&self) -> Result<()> {
+        let (tables, _) = self.read_catalogue(false).await?;
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let running: BTreeSet<GroupId> = self.running_groups().into_iter().collect();
+            let missing: Vec<u64> = tables
+                .values()
+                .filter(|group| !running.contains(group))
+                .map(|group| group.0)
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "the groups {missing:?} of this node's tables are not started yet; retry"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Moves the leadership of `group` to `target`, or with `None` to the
@@ -778,11 +900,9 @@ impl Node {
         loop {
             match self.remove_member(own).await {
                 Ok(()) => break,
-                Err(Error::FailedPrecondition(message))
-                    if message.contains("not a member") && removal_committed().await =>
-                {
-                    break
-                }
+                // "not a member", or an answer lost on the way (a timeout,
+                // a leader change) after the removal committed.
+                Err(_) if removal_committed().await => break,
                 Err(error) if Instant::now() >= deadline => return Err(error),
                 Err(error) => {
                     tracing::info!(%error, "leaving the cluster: retrying");
@@ -942,13 +1062,7 @@ impl Node {
     /// the metadata group has a leader; those that fail are tried again
     /// at the next tick.
     async fn write_due_tombstones(&self) {
-        let due: Vec<NodeId> = self
-            .tombstones_due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let due = self.tombstones_due.ids();
         if due.is_empty() {
             return;
         }
@@ -965,11 +1079,11 @@ impl Node {
             )
             .await;
             if let Ok(Ok(_)) = written {
-                self.tombstones_due
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
                 tracing::info!(node = id.0, "wrote the force-removed member's tombstone");
+                if let Err(error) = self.tombstones_due.remove(id) {
+                    // Written again after a restart: a tombstone is a put.
+                    tracing::warn!(node = id.0, %error, "could not drop the written tombstone from the pending file");
+                }
             }
         }
     }
@@ -1081,6 +1195,44 @@ fn peer_address(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn due_tombstones_survive_a_reopen_and_the_file_goes_when_none_are_due() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(DueTombstones::FILE_NAME);
+        let due = DueTombstones::open(dir.path()).expect("open");
+        assert!(due.ids().is_empty());
+        due.add(NodeId(5)).expect("add");
+        due.add(NodeId(3)).expect("add");
+        let reopened = DueTombstones::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.ids(), vec![NodeId(3), NodeId(5)]);
+        reopened.remove(NodeId(3)).expect("remove");
+        reopened.remove(NodeId(3)).expect("remove again");
+        assert_eq!(
+            DueTombstones::open(dir.path()).expect("reopen").ids(),
+            vec![NodeId(5)]
+        );
+        reopened.remove(NodeId(5)).expect("remove");
+        assert!(!file.exists(), "no file once none are due");
+        assert!(DueTombstones::open(dir.path())
+            .expect("reopen")
+            .ids()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_damaged_due_tombstones_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(DueTombstones::FILE_NAME), "3\nthree\n").expect("write");
+        let Err(error) = DueTombstones::open(dir.path()) else {
+            panic!("a damaged file was read");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains("tombstones-due") && message.contains("three"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn configured_peer_addresses_win_over_address_records() {
