@@ -335,6 +335,22 @@ enum Control {
     },
 }
 
+/// Where a group run numbers its reads: a random point below 2^63, so
+/// that an answer to a read of an earlier run (or process) of this group
+/// that arrives late is not taken for the answer to a new read with the
+/// same id, which would serve the new read at an older index.
+fn first_read_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or_default(),
+    );
+    (hasher.finish() >> 1).max(1)
+}
+
 /// Requests of one group that one node forwarded here and that were
 /// dropped on arrival.
 struct ForwardedRefusal {
@@ -690,7 +706,7 @@ impl NodeHost {
             waiting_ids: FxHashMap::default(),
             reads: FxHashMap::default(),
             known_leader: None,
-            next_read: 1,
+            next_read: first_read_id(),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
             idle_ticks: 0,
             ticks: 0,
@@ -887,8 +903,8 @@ impl NodeHost {
     /// Hands peers' messages to their groups, one inbox item per worker;
     /// a message for an unknown group, or for a worker whose inbox is
     /// full, is dropped (and left to Raft's retransmission), except that
-    /// the senders of dropped forwarded proposals are answered
-    /// (`ProposeRefused`, overloaded).
+    /// the senders of dropped forwarded proposals and reads are answered
+    /// (`ProposeRefused` and `ReadRefused`, overloaded).
     pub fn deliver(&self, messages: Vec<(GroupId, Message)>) {
         let mut by_worker: Vec<Vec<(GroupId, Message)>> = Vec::new();
         {
@@ -1843,9 +1859,8 @@ impl Group {
                 !replies.is_empty()
             });
             // Reads whose callers gave up, where the read index may never
-            // come (a leader over its pending-read limit drops a forwarded
-            // one); a read state that comes later finds nobody and is
-            // ignored.
+            // come (its answer or refusal lost on the way); a read state
+            // that comes later finds nobody and is ignored.
             self.reads.retain(|_, read| !read.is_abandoned());
             // Only the compaction hold is released: the transfer may still
             // be running (a large snapshot on a paced link), and its report
@@ -2301,21 +2316,25 @@ impl Group {
                 }
             }
             // Forwarded reads the receiver would not confirm: the same.
-            for (id, source) in ready.refused_reads {
-                if let Some(read) = self.reads.remove(&id) {
-                    read.fail(Error::Raft {
-                        group,
-                        source: source.clone(),
-                    });
+            for (ids, source) in ready.refused_reads {
+                for id in ids {
+                    if let Some(read) = self.reads.remove(&id) {
+                        read.fail(Error::Raft {
+                            group,
+                            source: source.clone(),
+                        });
+                    }
                 }
             }
             // Forwarded proposals the leader did not append: their callers
             // hear why now (and retry if that may help) instead of waiting
             // out their timeout.
-            for (id, source) in ready.refused_proposals {
-                for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
-                    let source = source.clone();
-                    let _ = waiter.reply.send(Err(Error::Raft { group, source }));
+            for (ids, source) in ready.refused_proposals {
+                for id in ids {
+                    for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
+                        let source = source.clone();
+                        let _ = waiter.reply.send(Err(Error::Raft { group, source }));
+                    }
                 }
             }
             if let (true, Some(soft)) = (leader_changed, ready.soft_state) {

@@ -334,10 +334,14 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
             target: NodeId(reader.u64()?),
         },
         KIND_PROPOSE_REFUSED => decode_propose_refused(reader)?,
-        KIND_READ_REFUSED => MessageBody::ReadRefused {
-            refusal: decode_refusal(reader)?,
-            ids: reader.read_ids()?,
-        },
+        KIND_READ_REFUSED => {
+            let refusal = decode_refusal(reader)?;
+            let ids = reader.read_ids()?;
+            if ids.len() > MESSAGE_ITEMS_MAX {
+                return Err(reader.error(format!("a refusal of over {MESSAGE_ITEMS_MAX} reads")));
+            }
+            MessageBody::ReadRefused { ids, refusal }
+        }
         other => return Err(reader.error(format!("unknown message kind {other}"))),
     };
     Ok((

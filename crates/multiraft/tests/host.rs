@@ -1229,3 +1229,107 @@ fn requests_forwarded_to_a_full_worker_are_refused_to_their_sender() {
     }
     runtime.block_on(host.stop());
 }
+
+/// A follower whose forwarded read is refused (`ReadRefused`) fails that
+/// read at once with the leader's reason, instead of holding its caller
+/// until the request timeout; other reads are not touched.
+#[tokio::test]
+async fn a_refused_forwarded_read_fails_at_once() {
+    use regatta_raft::{Message, MessageBody, ReadId, Refusal, Term};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = Arc::new(CaptureTransport::default());
+    let mut config = HostConfig::new(NodeId(1), dir.path());
+    // No election of its own during the test (which would fail the reads
+    // as "leader changed").
+    config.tick_interval = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(30);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+    let handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(config, wal, handle, tokio::runtime::Handle::current()).expect("host");
+    host.start_group(
+        GROUP,
+        vec![NodeId(1), NodeId(2), NodeId(3)],
+        Box::new(KvMachine::default()),
+    )
+    .expect("group");
+    // Node 2 leads term 1 (node 1 hears its heartbeat, and answers into
+    // the capturing transport).
+    host.deliver(vec![(
+        GROUP,
+        Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: Term(1),
+            body: MessageBody::Heartbeat {
+                commit: regatta_raft::LogIndex(0),
+                round: 1,
+            },
+        },
+    )]);
+    let forwarded_ids = || -> Vec<ReadId> {
+        transport
+            .sent
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, message)| message.to == NodeId(2))
+            .filter_map(|(_, message)| match &message.body {
+                MessageBody::ReadIndex { ids } => Some(ids.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let refused = {
+        let host = host.clone();
+        tokio::spawn(async move { host.read_linearizable(GROUP, Bytes::new()).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while forwarded_ids().is_empty() {
+        assert!(Instant::now() < deadline, "the read was not forwarded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = forwarded_ids();
+    let kept = {
+        let host = host.clone();
+        tokio::spawn(async move { host.read_linearizable(GROUP, Bytes::new()).await })
+    };
+    while forwarded_ids().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second read was not forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    host.deliver(vec![(
+        GROUP,
+        Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: Term(0),
+            body: MessageBody::ReadRefused {
+                ids: first,
+                refusal: Refusal::Overloaded {
+                    reason: "pending_reads_max".into(),
+                },
+            },
+        },
+    )]);
+    let answer = tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("answered before the request timeout")
+        .expect("task");
+    match answer {
+        Err(regatta_multiraft::Error::Raft {
+            source: regatta_raft::Error::LeaderOverloaded { reason },
+            ..
+        }) => assert!(reason.contains("pending_reads_max"), "{reason}"),
+        other => panic!("a refusal, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!kept.is_finished(), "the other read is still waiting");
+    kept.abort();
+    host.stop().await;
+}

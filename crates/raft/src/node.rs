@@ -55,11 +55,12 @@ pub struct Ready {
     pub read_states: Vec<ReadState>,
     /// Proposals this node forwarded that the leader refused (it appended
     /// none of them), with the error for their callers.
-    pub refused_proposals: Vec<(RequestId, Error)>,
+    /// One error per refusal, not per id: a refusal's reason may be long.
+    pub refused_proposals: Vec<(Vec<RequestId>, Error)>,
     /// Reads this node forwarded that the receiver would not confirm (not
     /// the leader, or over its pending-reads limit), with the error for
     /// their callers.
-    pub refused_reads: Vec<(ReadId, Error)>,
+    pub refused_reads: Vec<(Vec<ReadId>, Error)>,
 }
 
 impl Ready {

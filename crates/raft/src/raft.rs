@@ -146,10 +146,10 @@ pub struct Raft<S: Storage> {
     pub(crate) read_states: Vec<ReadState>,
     /// Forwarded proposals the leader refused, with the error for their
     /// callers, until the next `Ready`.
-    pub(crate) refused_proposals: Vec<(RequestId, Error)>,
+    pub(crate) refused_proposals: Vec<(Vec<RequestId>, Error)>,
     /// Reads this node forwarded that the receiver refused, for the next
     /// `Ready`.
-    pub(crate) refused_reads: Vec<(ReadId, Error)>,
+    pub(crate) refused_reads: Vec<(Vec<ReadId>, Error)>,
     rng: Rng,
 }
 
@@ -897,10 +897,8 @@ impl<S: Storage> Raft<S> {
                     self.send(from, Term(0), MessageBody::ProposeRefused { ids, refusal });
                 }
             }
-            MessageBody::ProposeRefused { ids, refusal } => {
-                let error = refusal.into_error();
-                self.refused_proposals
-                    .extend(ids.into_iter().map(|id| (id, error.clone())));
+            MessageBody::ProposeRefused { ids, refusal } if !ids.is_empty() => {
+                self.refused_proposals.push((ids, refusal.into_error()));
             }
             MessageBody::ReadIndex { ids } => {
                 // Reads it will not confirm are answered, so that their
@@ -927,10 +925,8 @@ impl<S: Storage> Raft<S> {
                     self.send(from, Term(0), MessageBody::ReadRefused { ids, refusal });
                 }
             }
-            MessageBody::ReadRefused { ids, refusal } => {
-                let error = refusal.into_error();
-                self.refused_reads
-                    .extend(ids.into_iter().map(|id| (id, error.clone())));
+            MessageBody::ReadRefused { ids, refusal } if !ids.is_empty() => {
+                self.refused_reads.push((ids, refusal.into_error()));
             }
             MessageBody::TransferLeader { target } if self.role == Role::Leader => {
                 let _ = self.transfer_leader(target);

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use cluster::{is_append_to, n, Cluster};
 use regatta_raft::{
     CommitBroadcast, ConfChange, Config, EntryPayload, Error, LogIndex, MemStorage, Membership,
-    Message, MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, RequestId, Role,
+    Message, MessageBody, NodeId, Proposed, RaftNode, ReadId, ReadMode, Refusal, RequestId, Role,
     SnapshotMeta, Term,
 };
 
@@ -853,6 +853,48 @@ mod replication {
             vec![(ReadId(4), not_leader.clone()), (ReadId(5), not_leader)]
         );
         assert!(c.reads.get(&n(2)).is_none_or(|reads| reads.is_empty()));
+    }
+
+    /// Reads forwarded by a node outside the membership (a removed node,
+    /// or anyone who reached the peer port) get neither an answer nor a
+    /// refusal; nor does a refusal sent by one touch this node's reads.
+    #[test]
+    fn forwarded_reads_and_refusals_from_non_members_are_ignored() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(1)
+            .step(Message {
+                from: n(9),
+                to: n(1),
+                term: Term(0),
+                body: MessageBody::ReadIndex {
+                    ids: vec![ReadId(4)],
+                },
+            })
+            .expect("step");
+        let ready = c.node(1).ready().expect("ready");
+        assert!(
+            !ready
+                .messages
+                .iter()
+                .chain(&ready.persisted_messages)
+                .any(|message| message.to == n(9)),
+            "{:?}",
+            ready.messages
+        );
+        c.node(2)
+            .step(Message {
+                from: n(9),
+                to: n(2),
+                term: Term(0),
+                body: MessageBody::ReadRefused {
+                    ids: vec![ReadId(4)],
+                    refusal: Refusal::NotLeader { leader_hint: None },
+                },
+            })
+            .expect("step");
+        let ready = c.node(2).ready().expect("ready");
+        assert!(ready.refused_reads.is_empty(), "{:?}", ready.refused_reads);
     }
 
     /// A leader over `pending_reads_max` confirms the forwarded reads it

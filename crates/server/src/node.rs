@@ -1010,6 +1010,9 @@ impl Node {
     ) -> Result<Response> {
         let payload = Bytes::from(encode(query));
         let deadline = Instant::now() + self.config.request_timeout;
+        // As for proposals: an overloaded leader's refusals come at once,
+        // so it is asked again ever more slowly.
+        let mut overload_pause = RETRY_PAUSE;
         loop {
             let answer = if linearizable {
                 self.host.read_linearizable(group, payload.clone()).await
@@ -1022,7 +1025,15 @@ impl Node {
                     if (retryable(&error) || self.starting_here(&error))
                         && Instant::now() < deadline =>
                 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let pause = if overloaded(&error) {
+                        let pause = overload_pause;
+                        overload_pause = (overload_pause * 2).min(OVERLOAD_PAUSE_MAX);
+                        pause
+                    } else {
+                        RETRY_PAUSE
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
                 }
                 Err(error) => return Err(Error::Raft(error)),
             }

@@ -133,14 +133,18 @@ impl Cluster {
                     node.advance_apply(last.index);
                 }
             }
-            self.refused
-                .entry(id)
-                .or_default()
-                .extend(ready.refused_proposals);
-            self.refused_reads
-                .entry(id)
-                .or_default()
-                .extend(ready.refused_reads);
+            self.refused.entry(id).or_default().extend(
+                ready
+                    .refused_proposals
+                    .into_iter()
+                    .flat_map(|(ids, error)| ids.into_iter().map(move |id| (id, error.clone()))),
+            );
+            self.refused_reads.entry(id).or_default().extend(
+                ready
+                    .refused_reads
+                    .into_iter()
+                    .flat_map(|(ids, error)| ids.into_iter().map(move |id| (id, error.clone()))),
+            );
             self.applied
                 .entry(id)
                 .or_default()

@@ -138,11 +138,18 @@ impl DueTombstones {
         self.lock().iter().copied().collect()
     }
 
-    /// Adds `id`, durably before it returns Ok.
+    /// Adds `id`, durably before it returns Ok; on an error nothing is
+    /// added.
     pub(super) fn add(&self, id: NodeId) -> Result<()> {
         let mut ids = self.lock();
-        ids.insert(id);
-        self.save(&ids)
+        if ids.contains(&id) {
+            return Ok(());
+        }
+        let mut with = ids.clone();
+        with.insert(id);
+        self.save(&with)?;
+        *ids = with;
+        Ok(())
     }
 
     /// Drops `id` once its tombstone is written.
@@ -750,16 +757,24 @@ impl Node {
             }
             holding.push(group);
         }
-        let mut removed_from = 0;
-        for group in holding {
-            self.host.force_remove(group, id).await?;
-            removed_from += 1;
-        }
-        if removed_from == 0 {
+        if holding.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "node {} is a member of no group on this node",
                 id.0
             )));
+        }
+        // A tombstone keeps the id from being added again, and makes the
+        // peers refuse the node if it ever comes back (it would otherwise
+        // run as a ghost). It is written by the reconciler once the
+        // metadata group has a quorum again (after the last forced
+        // removal, not necessarily this one), and recorded on disk before
+        // anything is forced: once the node is out of every group, a
+        // second force-remove would find nothing to record it for.
+        self.tombstones_due.add(id)?;
+        let mut removed_from = 0;
+        for group in holding {
+            self.host.force_remove(group, id).await?;
+            removed_from += 1;
         }
         tracing::warn!(node = id.0, groups = removed_from, "member force-removed");
         if let Err(error) =
@@ -768,15 +783,6 @@ impl Node {
                 .unwrap_or_else(|_| Err(Error::Unavailable("timed out".into())))
         {
             tracing::warn!(node = id.0, %error, "the force-removed member's address record stays");
-        }
-        // A tombstone keeps the id from being added again, and makes the
-        // peers refuse the node if it ever comes back (it would otherwise
-        // run as a ghost). Written by the reconciler once the metadata
-        // group has a quorum again: after the last forced removal, not
-        // necessarily this one.
-        if let Err(error) = self.tombstones_due.add(id) {
-            // Still due in memory: only a restart before the write loses it.
-            tracing::error!(node = id.0, %error, "could not record the force-removed member's pending tombstone on disk");
         }
         self.transport.remove_peer(id);
         Ok(())
@@ -787,9 +793,23 @@ impl Node {
     /// started them yet, and a forced removal that skipped one would leave
     /// that table without a quorum for good.
     async fn wait_for_catalogue_groups(&self) -> Result<()> {
-        let (tables, _) = self.read_catalogue(false).await?;
         let deadline = Instant::now() + self.config.request_timeout;
         loop {
+            // The catalogue as this node's log has it: every entry it
+            // knows committed applied first (a restart applies them again
+            // from the WAL), then read again on every pass, so that a
+            // table deleted meanwhile is not waited for.
+            let meta = self.host.status(META_GROUP).await?;
+            if meta.applied < meta.hard_state.commit {
+                if Instant::now() >= deadline {
+                    return Err(Error::Unavailable(
+                        "this node has not applied its table catalogue yet; retry".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let (tables, _) = self.read_catalogue(false).await?;
             let running: BTreeSet<GroupId> = self.running_groups().into_iter().collect();
             let missing: Vec<u64> = tables
                 .values()
