@@ -707,6 +707,8 @@ impl NodeHost {
             reads: FxHashMap::default(),
             known_leader: None,
             next_read: first_read_id(),
+            reads_checked_below: 0,
+            read_resend_ticks: ticks_in(READ_RESEND_INTERVAL, self.inner.config.tick_interval),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
             idle_ticks: 0,
             ticks: 0,
@@ -1378,6 +1380,11 @@ struct Group {
     /// of waiting for a leader that may be gone.
     known_leader: Option<NodeId>,
     next_read: u64,
+    /// Reads with an id below this were asked before the last resend
+    /// check: those still waiting at the next one are forwarded again.
+    reads_checked_below: u64,
+    /// Ticks between resend checks (`READ_RESEND_INTERVAL`).
+    read_resend_ticks: u64,
     quiesce_after_ticks: u64,
     /// Ticks since the last activity.
     idle_ticks: u64,
@@ -1427,6 +1434,18 @@ pub const NODE_STOPPING: &str = "this node is shutting down";
 /// Ticks between sweeps of forwarded proposals and reads nobody waits
 /// for.
 const WAITING_SWEEP_TICKS: u64 = 100;
+/// How long a forwarded read waits for the leader's answer before it is
+/// forwarded again (as etcd retries its ReadIndex after 500 ms): an
+/// answer lost on the way (a connection that broke, a full queue) would
+/// otherwise hold its caller until the request timeout. A read answered
+/// twice is served once; the second answer finds nobody.
+const READ_RESEND_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Whole ticks in `interval`, at least one.
+fn ticks_in(interval: Duration, tick: Duration) -> u64 {
+    let tick_micros = tick.as_micros().max(1);
+    ((interval.as_micros() / tick_micros) as u64).max(1)
+}
 /// The longest an outgoing snapshot holds compaction back, in ticks (10
 /// minutes at the default 10 ms tick): a report that never comes must not
 /// stop compaction for good.
@@ -1869,10 +1888,45 @@ impl Group {
             self.snapshots_out
                 .retain(|_, (_, since)| ticks.saturating_sub(*since) < SNAPSHOT_HOLD_TICKS_MAX);
         }
+        if self.ticks.is_multiple_of(self.read_resend_ticks) {
+            self.resend_reads();
+        }
+        // A group with reads waiting keeps ticking, so that their resend
+        // comes.
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
-            && self.raft.leader().is_some();
+            && self.raft.leader().is_some()
+            && self.reads.is_empty();
         if self.quiesce_after_ticks > 0 && self.idle_ticks >= self.quiesce_after_ticks && settled {
             self.quiesced = true;
+        }
+    }
+
+    /// Forwards again the reads still waiting that were asked before the
+    /// previous check (so at least `READ_RESEND_INTERVAL` ago) to the
+    /// leader known now. Safe: any answer to a request sent after the
+    /// read was asked gives an index that covers every write acknowledged
+    /// before it. A leader's own reads wait in its core, not on a message.
+    fn resend_reads(&mut self) {
+        let below = std::mem::replace(&mut self.reads_checked_below, self.next_read);
+        if self.raft.role() == Role::Leader || self.reads.is_empty() {
+            return;
+        }
+        let mut old: Vec<ReadId> = self
+            .reads
+            .keys()
+            .copied()
+            .filter(|id| id.0 < below)
+            .collect();
+        old.sort_unstable();
+        for id in old {
+            if let Err(source) = self.raft.read_index(id) {
+                if let Some(read) = self.reads.remove(&id) {
+                    read.fail(Error::Raft {
+                        group: self.group,
+                        source,
+                    });
+                }
+            }
         }
     }
 

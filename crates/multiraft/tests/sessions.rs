@@ -622,3 +622,57 @@ async fn a_request_forwarded_over_a_cut_link_fails_at_once() {
     cluster.converge(2).await;
     cluster.stop().await;
 }
+
+fn slow_elections_long_timeout(config: &mut HostConfig) {
+    // 1 s without a leader's word before a follower campaigns (at 5 ms
+    // ticks), so that a short one-way cut does not change the leader; and
+    // a request timeout far beyond the test's patience.
+    config.raft.election_timeout_ticks = 200;
+    config.request_timeout = Duration::from_secs(60);
+}
+
+/// A forwarded read whose answer was lost on the way back (the leader's
+/// link to the follower cut for a moment) is forwarded again after
+/// `READ_RESEND_INTERVAL` (500 ms, as etcd retries its ReadIndex) and
+/// served, instead of holding its caller until the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_read_whose_answer_was_lost_is_asked_again() {
+    let cluster = Cluster::start(3, 0, slow_elections_long_timeout);
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    assert_eq!(
+        propose_on_leader(&cluster, id(1, 1)).await.expect("first"),
+        "1"
+    );
+    cluster.converge(1).await;
+    // The follower's ReadIndex reaches the leader; the answer does not.
+    cluster
+        .transport
+        .cut_one_way(NodeId(leader), NodeId(follower));
+    let host = cluster.hosts[&follower].clone();
+    let started = Instant::now();
+    let read = tokio::spawn(async move {
+        host.read_linearizable(GROUP, Bytes::from_static(b"count"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    cluster.transport.heal();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("served long before the 60 s request timeout")
+        .expect("task");
+    assert!(answer.is_ok(), "{answer:?}");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "served in {waited:?}");
+    assert_eq!(
+        cluster.hosts[&leader]
+            .status(GROUP)
+            .await
+            .expect("status")
+            .soft_state
+            .leader,
+        Some(NodeId(leader)),
+        "the leader did not change"
+    );
+    cluster.stop().await;
+}
