@@ -708,6 +708,8 @@ impl NodeHost {
             known_leader: None,
             next_read: first_read_id(),
             reads_checked_below: 0,
+            read_checks: 0,
+            read_resends: FxHashMap::default(),
             read_resend_ticks: ticks_in(READ_RESEND_INTERVAL, self.inner.config.tick_interval),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
             idle_ticks: 0,
@@ -1383,6 +1385,12 @@ struct Group {
     /// Reads with an id below this were asked before the last resend
     /// check: those still waiting at the next one are forwarded again.
     reads_checked_below: u64,
+    /// Resend checks so far.
+    read_checks: u64,
+    /// Reads forwarded again: how often, and the check at which the next
+    /// resend is due (the gap doubles, so that a leader that is slow,
+    /// not deaf, queues a few copies of a read, not one per check).
+    read_resends: FxHashMap<ReadId, (u32, u64)>,
     /// Ticks between resend checks (`READ_RESEND_INTERVAL`).
     read_resend_ticks: u64,
     quiesce_after_ticks: u64,
@@ -1785,9 +1793,12 @@ impl Worker {
                         };
                         messages.push((forwarded.group, message(body)));
                     }
-                    if !forwarded.reads.is_empty() {
+                    for ids in forwarded
+                        .reads
+                        .chunks(regatta_raft::READ_IDS_PER_MESSAGE_MAX)
+                    {
                         let body = MessageBody::ReadRefused {
-                            ids: forwarded.reads,
+                            ids: ids.to_vec(),
                             refusal: refusal.clone(),
                         };
                         messages.push((forwarded.group, message(body)));
@@ -1908,17 +1919,31 @@ impl Group {
     /// before it. A leader's own reads wait in its core, not on a message.
     fn resend_reads(&mut self) {
         let below = std::mem::replace(&mut self.reads_checked_below, self.next_read);
+        self.read_checks += 1;
+        let check = self.read_checks;
+        // Reads whose callers gave up are not asked again.
+        self.reads.retain(|_, read| !read.is_abandoned());
+        self.read_resends
+            .retain(|id, _| self.reads.contains_key(id));
         if self.raft.role() == Role::Leader || self.reads.is_empty() {
             return;
         }
-        let mut old: Vec<ReadId> = self
+        let mut due: Vec<ReadId> = self
             .reads
             .keys()
             .copied()
             .filter(|id| id.0 < below)
+            .filter(|id| {
+                self.read_resends
+                    .get(id)
+                    .is_none_or(|(_, next)| check >= *next)
+            })
             .collect();
-        old.sort_unstable();
-        for id in old {
+        due.sort_unstable();
+        for id in due {
+            let times = self.read_resends.get(&id).map_or(0, |(times, _)| *times) + 1;
+            let gap_checks = 1u64 << times.min(6);
+            self.read_resends.insert(id, (times, check + gap_checks));
             if let Err(source) = self.raft.read_index(id) {
                 if let Some(read) = self.reads.remove(&id) {
                     read.fail(Error::Raft {

@@ -31,6 +31,10 @@ pub trait Transport: Send + Sync + 'static {
 pub struct LocalTransport {
     hosts: RwLock<BTreeMap<NodeId, WeakNodeHost>>,
     blocked: Mutex<BTreeSet<(NodeId, NodeId)>>,
+    /// Messages handed to a host, and messages a cut dropped, by kind
+    /// (`MessageBody::kind_name`), for tests to check what travelled.
+    delivered: Mutex<BTreeMap<&'static str, u64>>,
+    cut_off: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl LocalTransport {
@@ -68,6 +72,19 @@ impl LocalTransport {
     pub fn cut_one_way(&self, from: NodeId, to: NodeId) {
         let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
         blocked.insert((from, to));
+    }
+
+    /// Messages of `kind` (`MessageBody::kind_name`) handed to a host so
+    /// far.
+    pub fn delivered(&self, kind: &str) -> u64 {
+        let delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        delivered.get(kind).copied().unwrap_or(0)
+    }
+
+    /// Messages of `kind` that a cut dropped so far.
+    pub fn cut_off(&self, kind: &str) -> u64 {
+        let cut_off = self.cut_off.lock().unwrap_or_else(|p| p.into_inner());
+        cut_off.get(kind).copied().unwrap_or(0)
     }
 
     /// Restores every link.
@@ -115,6 +132,16 @@ impl Transport for LocalTransport {
                     .entry(message.to)
                     .or_default()
                     .push((group, message));
+            }
+        }
+        {
+            let mut cut_off = self.cut_off.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, message) in &cut {
+                *cut_off.entry(message.body.kind_name()).or_default() += 1;
+            }
+            let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, message) in by_receiver.values().flatten() {
+                *delivered.entry(message.body.kind_name()).or_default() += 1;
             }
         }
         let mut gone = Vec::new();

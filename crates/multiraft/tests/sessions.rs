@@ -655,15 +655,27 @@ async fn a_forwarded_read_whose_answer_was_lost_is_asked_again() {
         host.read_linearizable(GROUP, Bytes::from_static(b"count"))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Healed once the leader's answer was lost (and only then, so that
+    // the read cannot have been served by its first answer).
+    while cluster.transport.cut_off("read_index_response") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the leader never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     cluster.transport.heal();
     let answer = tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .expect("served long before the 60 s request timeout")
         .expect("task");
-    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(answer.expect("served"), Bytes::from_static(b"1"));
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(5), "served in {waited:?}");
+    assert!(
+        cluster.transport.delivered("read_index") >= 2,
+        "the read was asked again"
+    );
     assert_eq!(
         cluster.hosts[&leader]
             .status(GROUP)

@@ -40,5 +40,5 @@ pub use storage::{limit_size, InitialState, MemStorage, Storage};
 pub use types::{
     ConfChange, Entry, EntryPayload, HardState, LogIndex, Membership, NodeId, ReadId, ReadState,
     RequestId, Role, SnapshotMeta, SoftState, Term, APPEND_ENTRIES_MAX, ENTRY_OVERHEAD_BYTES,
-    INDEX_MAX,
+    INDEX_MAX, READ_IDS_PER_MESSAGE_MAX,
 };

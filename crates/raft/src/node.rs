@@ -439,10 +439,13 @@ fn coalesce_reads(messages: Vec<Message>) -> Vec<Message> {
             merged.push(message);
             continue;
         }
-        let target = read_positions
-            .iter()
-            .copied()
-            .find(|&position| same_read_route(&merged[position], &message));
+        let adding = read_ids(&mut message.body).map_or(0, |ids| ids.len());
+        let target = read_positions.iter().copied().find(|&position| {
+            let kept = &mut merged[position];
+            let room = read_ids(&mut kept.body)
+                .is_some_and(|ids| ids.len() + adding <= crate::types::READ_IDS_PER_MESSAGE_MAX);
+            room && same_read_route(kept, &message)
+        });
         let kept = target.and_then(|position| read_ids(&mut merged[position].body));
         match (kept, read_ids(&mut message.body)) {
             (Some(kept), Some(ids)) => kept.append(ids),
@@ -547,6 +550,23 @@ mod tests {
                 answer(3, 40, &[2]),
                 answer(2, 41, &[4]),
                 heartbeat(2),
+            ]
+        );
+    }
+
+    /// A merged read message holds at most `READ_IDS_PER_MESSAGE_MAX` ids;
+    /// the rest start another.
+    #[test]
+    fn merged_reads_are_split_at_the_limit() {
+        let limit = crate::types::READ_IDS_PER_MESSAGE_MAX as u64;
+        let messages: Vec<Message> = (0..limit + 3).map(|id| read(1, &[id])).collect();
+        let merged = coalesce_reads(messages);
+        let all: Vec<u64> = (0..limit + 3).collect();
+        assert_eq!(
+            merged,
+            vec![
+                read(1, &all[..limit as usize]),
+                read(1, &all[limit as usize..])
             ]
         );
     }

@@ -922,7 +922,13 @@ impl<S: Storage> Raft<S> {
                     }
                 }
                 for (refusal, ids) in refused {
-                    self.send(from, Term(0), MessageBody::ReadRefused { ids, refusal });
+                    for chunk in ids.chunks(crate::types::READ_IDS_PER_MESSAGE_MAX) {
+                        let body = MessageBody::ReadRefused {
+                            ids: chunk.to_vec(),
+                            refusal: refusal.clone(),
+                        };
+                        self.send(from, Term(0), body);
+                    }
                 }
             }
             MessageBody::ReadRefused { ids, refusal } if !ids.is_empty() => {

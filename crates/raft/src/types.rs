@@ -178,6 +178,11 @@ pub const INDEX_MAX: u64 = u64::MAX / 2;
 /// that a frame of tiny entries cannot decode to many times its size.
 pub const APPEND_ENTRIES_MAX: u64 = 65_536;
 
+/// Read ids in one `ReadIndex`, `ReadIndexResponse` or `ReadRefused`, at
+/// most: senders split longer lists (a receiver refuses a refusal of more
+/// than `regatta-multiraft`'s `MESSAGE_ITEMS_MAX`).
+pub const READ_IDS_PER_MESSAGE_MAX: usize = 65_536;
+
 /// Bytes of bookkeeping counted per entry on top of its payload when sizing
 /// messages and batches: index, term and framing.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 24;

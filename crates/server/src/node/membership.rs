@@ -771,12 +771,26 @@ impl Node {
         // anything is forced: once the node is out of every group, a
         // second force-remove would find nothing to record it for.
         self.tombstones_due.add(id)?;
-        let mut removed_from = 0;
+        let mut forced: Vec<u64> = Vec::new();
+        let groups = holding.len();
         for group in holding {
-            self.host.force_remove(group, id).await?;
-            removed_from += 1;
+            if let Err(error) = self.host.force_remove(group, id).await {
+                if forced.is_empty() {
+                    // Nothing changed: nothing to record either.
+                    if let Err(error) = self.tombstones_due.remove(id) {
+                        tracing::warn!(node = id.0, %error, "could not drop the pending tombstone of a force-remove that changed nothing");
+                    }
+                    return Err(error.into());
+                }
+                return Err(Error::Unavailable(format!(
+                    "node {} was forced out of groups {forced:?} but not out of group {}: {error}; \
+                     run force-remove again to finish",
+                    id.0, group.0
+                )));
+            }
+            forced.push(group.0);
         }
-        tracing::warn!(node = id.0, groups = removed_from, "member force-removed");
+        tracing::warn!(node = id.0, groups, "member force-removed");
         if let Err(error) =
             tokio::time::timeout(self.config.request_timeout, self.forget_member(id))
                 .await
@@ -794,13 +808,14 @@ impl Node {
     /// that table without a quorum for good.
     async fn wait_for_catalogue_groups(&self) -> Result<()> {
         let deadline = Instant::now() + self.config.request_timeout;
+        // The catalogue as this node's log has it: every entry it knew
+        // committed at the start applied first (a restart applies them
+        // again from the WAL), then read again on every pass, so that a
+        // table deleted meanwhile is not waited for.
+        let known_committed = self.host.status(META_GROUP).await?.hard_state.commit;
         loop {
-            // The catalogue as this node's log has it: every entry it
-            // knows committed applied first (a restart applies them again
-            // from the WAL), then read again on every pass, so that a
-            // table deleted meanwhile is not waited for.
             let meta = self.host.status(META_GROUP).await?;
-            if meta.applied < meta.hard_state.commit {
+            if meta.applied < known_committed {
                 if Instant::now() >= deadline {
                     return Err(Error::Unavailable(
                         "this node has not applied its table catalogue yet; retry".into(),
