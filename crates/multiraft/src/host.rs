@@ -351,6 +351,17 @@ fn first_read_id() -> u64 {
     (hasher.finish() >> 1).max(1)
 }
 
+/// The requests a forwarded message carries that a caller waits for: the
+/// request ids of a `Propose`'s session payloads, or a `ReadIndex`'s
+/// reads; `None` for any other message.
+fn forwarded_ids(body: &MessageBody) -> Option<(Vec<RequestId>, Vec<ReadId>)> {
+    match body {
+        MessageBody::Propose { payloads } => Some((session_ids(payloads), Vec::new())),
+        MessageBody::ReadIndex { ids } => Some((Vec::new(), ids.clone())),
+        _ => None,
+    }
+}
+
 /// Requests of one group that one node forwarded here and that were
 /// dropped on arrival.
 struct ForwardedRefusal {
@@ -942,10 +953,8 @@ impl NodeHost {
             // timeout. One hand-over for the whole batch.
             let mut refusals: Vec<ForwardedRefusal> = Vec::new();
             for (group, message) in batch {
-                let (proposals, reads) = match message.body {
-                    MessageBody::Propose { payloads } => (session_ids(&payloads), Vec::new()),
-                    MessageBody::ReadIndex { ids } => (Vec::new(), ids),
-                    _ => continue,
+                let Some((proposals, reads)) = forwarded_ids(&message.body) else {
+                    continue;
                 };
                 if proposals.is_empty() && reads.is_empty() {
                     continue;
@@ -987,10 +996,8 @@ impl NodeHost {
         type Unsent = (GroupId, NodeId, Vec<RequestId>, Vec<ReadId>);
         let mut unsent: Vec<Unsent> = Vec::new();
         for (group, message) in messages {
-            let (proposals, reads) = match &message.body {
-                MessageBody::Propose { payloads } => (session_ids(payloads), Vec::new()),
-                MessageBody::ReadIndex { ids } => (Vec::new(), ids.clone()),
-                _ => continue,
+            let Some((proposals, reads)) = forwarded_ids(&message.body) else {
+                continue;
             };
             if proposals.is_empty() && reads.is_empty() {
                 continue;

@@ -151,6 +151,16 @@ impl Cluster {
         }
     }
 
+    /// Applies one request (`id(1, 1)`) on every node; returns the leader
+    /// and a follower.
+    async fn one_write_applied_everywhere(&self) -> (u64, u64) {
+        let leader = self.leader().await;
+        let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+        assert_eq!(propose_on_leader(self, id(1, 1)).await.expect("first"), "1");
+        self.converge(1).await;
+        (leader, follower)
+    }
+
     async fn stop(self) {
         for host in self.hosts.values() {
             host.stop().await;
@@ -566,13 +576,7 @@ async fn a_forwarded_proposal_a_busy_leader_refuses_fails_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_forwarded_over_a_cut_link_fails_at_once() {
     let cluster = Cluster::start(3, 0, |_| {});
-    let leader = cluster.leader().await;
-    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
-    assert_eq!(
-        propose_on_leader(&cluster, id(1, 1)).await.expect("first"),
-        "1"
-    );
-    cluster.converge(1).await;
+    let (leader, follower) = cluster.one_write_applied_everywhere().await;
     // The follower still hears the leader (so it keeps following it), but
     // nothing it sends reaches the leader.
     cluster
@@ -638,13 +642,7 @@ fn slow_elections_long_timeout(config: &mut HostConfig) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_read_whose_answer_was_lost_is_asked_again() {
     let cluster = Cluster::start(3, 0, slow_elections_long_timeout);
-    let leader = cluster.leader().await;
-    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
-    assert_eq!(
-        propose_on_leader(&cluster, id(1, 1)).await.expect("first"),
-        "1"
-    );
-    cluster.converge(1).await;
+    let (leader, follower) = cluster.one_write_applied_everywhere().await;
     // The follower's ReadIndex reaches the leader; the answer does not.
     cluster
         .transport

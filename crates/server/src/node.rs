@@ -908,10 +908,7 @@ impl Node {
         // snapshot. It may still apply, so running out of time then is an
         // unknown outcome, not the last attempt's "no leader, retry".
         let mut in_doubt = false;
-        // An overloaded leader is retried ever more slowly, so that its
-        // refusals (which come at once) do not turn into a stream of the
-        // same payload; elections are polled at a steady pace.
-        let mut overload_pause = RETRY_PAUSE;
+        let mut pauses = RetryPauses::default();
         let result = loop {
             match self.host.propose_with_id(group, id, payload.clone()).await {
                 Ok(bytes) => break decode_response(&bytes),
@@ -920,15 +917,7 @@ impl Node {
                         && Instant::now() < deadline =>
                 {
                     in_doubt |= may_be_in_a_log(&error);
-                    let pause = if overloaded(&error) {
-                        let pause = overload_pause;
-                        overload_pause = (overload_pause * 2).min(OVERLOAD_PAUSE_MAX);
-                        pause
-                    } else {
-                        RETRY_PAUSE
-                    };
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    tokio::time::sleep(pause.min(left)).await;
+                    pauses.wait(&error, deadline).await;
                 }
                 Err(error) if retryable(&error) && (in_doubt || may_be_in_a_log(&error)) => {
                     break Err(Error::Raft(regatta_multiraft::Error::Timeout {
@@ -1010,9 +999,7 @@ impl Node {
     ) -> Result<Response> {
         let payload = Bytes::from(encode(query));
         let deadline = Instant::now() + self.config.request_timeout;
-        // As for proposals: an overloaded leader's refusals come at once,
-        // so it is asked again ever more slowly.
-        let mut overload_pause = RETRY_PAUSE;
+        let mut pauses = RetryPauses::default();
         loop {
             let answer = if linearizable {
                 self.host.read_linearizable(group, payload.clone()).await
@@ -1025,15 +1012,7 @@ impl Node {
                     if (retryable(&error) || self.starting_here(&error))
                         && Instant::now() < deadline =>
                 {
-                    let pause = if overloaded(&error) {
-                        let pause = overload_pause;
-                        overload_pause = (overload_pause * 2).min(OVERLOAD_PAUSE_MAX);
-                        pause
-                    } else {
-                        RETRY_PAUSE
-                    };
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    tokio::time::sleep(pause.min(left)).await;
+                    pauses.wait(&error, deadline).await;
                 }
                 Err(error) => return Err(Error::Raft(error)),
             }
@@ -1592,6 +1571,37 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// The longest pause between tries while the leader is overloaded (the
 /// pause doubles from `RETRY_PAUSE`).
 const OVERLOAD_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// The pauses between tries of one request. An overloaded leader is
+/// retried ever more slowly, so that its refusals (which come at once) do
+/// not turn into a stream of the same request; elections are polled at a
+/// steady pace.
+struct RetryPauses {
+    overload_pause: Duration,
+}
+
+impl Default for RetryPauses {
+    fn default() -> RetryPauses {
+        RetryPauses {
+            overload_pause: RETRY_PAUSE,
+        }
+    }
+}
+
+impl RetryPauses {
+    /// Sleeps before the next try after `error`, never past `deadline`.
+    async fn wait(&mut self, error: &regatta_multiraft::Error, deadline: Instant) {
+        let pause = if overloaded(error) {
+            let pause = self.overload_pause;
+            self.overload_pause = (self.overload_pause * 2).min(OVERLOAD_PAUSE_MAX);
+            pause
+        } else {
+            RETRY_PAUSE
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(pause.min(left)).await;
+    }
+}
 
 /// Whether `error` says the leader is over a load limit (as opposed to
 /// having no leader): its caller backs off.
