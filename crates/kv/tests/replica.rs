@@ -486,3 +486,84 @@ fn entries_without_a_command_move_the_applied_index() {
         "stored with the data"
     );
 }
+
+/// What makes the puller's last check before `RestoreCommit` sufficient
+/// (`docs/replication.md`, "A snapshot older than the table"): once the
+/// check saw the table's revision with the install's restore under way,
+/// nothing can raise the revision before that restore commits. Batches
+/// are refused while it is pending, and another puller's install must
+/// replace it first, after which its commit is refused. So a deposed
+/// puller that checked its copy (leader index 8) against revision 5
+/// cannot take the table back from the 20 a newer puller installed.
+#[test]
+fn a_checked_install_cannot_take_the_table_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table_as(3, TableMode::Replica).expect("table");
+    let puts: Vec<Vec<u8>> = (1..=5).map(|i| put(&format!("k{i}"), "old")).collect();
+    apply(&mut table, &[replicated(1, puts)]);
+    assert_eq!(table.revision(), 5);
+
+    // The deposed puller's install: begun, its copy streamed, checked.
+    let older_copy = vec![(b"old-copy".to_vec(), vec![0u8; 24])];
+    let steps = apply(
+        &mut table,
+        &[
+            Command::RestoreBegin { restore_id: 1 },
+            Command::RestoreChunk {
+                restore_id: 1,
+                items: older_copy,
+            },
+        ],
+    );
+    assert!(steps.iter().all(|step| outcome(step).accepted));
+    assert!(table.revision() <= 8, "the deposed puller's check passes");
+
+    // The new puller's batches cannot move the revision past the check.
+    let batch = apply(&mut table, &[replicated(6, vec![put("k6", "new")])]);
+    assert_eq!(
+        outcome(&batch[0]),
+        ReplicatedResult {
+            accepted: false,
+            leader_index: 5
+        }
+    );
+    assert_eq!(table.revision(), 5);
+
+    // Its own install replaces the deposed one's and commits at 20.
+    let newer_copy: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let steps = apply(
+        &mut table,
+        &[
+            Command::RestoreBegin { restore_id: 2 },
+            Command::RestoreChunk {
+                restore_id: 2,
+                items: newer_copy,
+            },
+            Command::RestoreCommit {
+                restore_id: 2,
+                leader_index: 20,
+            },
+        ],
+    );
+    assert!(steps.iter().all(|step| outcome(step).accepted));
+    assert_eq!(table.revision(), 20);
+
+    // The deposed puller's commit, and any late chunk, change nothing.
+    let late = apply(
+        &mut table,
+        &[
+            Command::RestoreChunk {
+                restore_id: 1,
+                items: vec![(b"late".to_vec(), vec![0u8; 24])],
+            },
+            Command::RestoreCommit {
+                restore_id: 1,
+                leader_index: 8,
+            },
+        ],
+    );
+    assert!(late.iter().all(|step| !outcome(step).accepted));
+    assert_eq!(table.revision(), 20);
+    assert_eq!(contents(&table), vec![]);
+}
