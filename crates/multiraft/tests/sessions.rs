@@ -686,3 +686,96 @@ async fn a_forwarded_read_whose_answer_was_lost_is_asked_again() {
     );
     cluster.stop().await;
 }
+
+fn no_backlog_slow_elections(config: &mut HostConfig) {
+    slow_elections_long_timeout(config);
+    // A leader refuses proposals while any committed entry waits for its
+    // state machine.
+    config.raft.apply_backlog_entries_max = 1;
+}
+
+/// A forwarded proposal whose refusal was lost on the way back (the
+/// leader's link to the follower cut for a moment) is forwarded again
+/// after `READ_RESEND_INTERVAL` and applied once, instead of holding its
+/// caller until the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_proposal_whose_refusal_was_lost_is_sent_again() {
+    let cluster = Cluster::start(3, 0, no_backlog_slow_elections);
+    let (leader, follower) = cluster.one_write_applied_everywhere().await;
+    // The leader's state machine stalls (a thread holds its state), so
+    // two more committed entries leave it over its apply backlog.
+    let state = Arc::clone(&cluster.states[leader as usize - 1]);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let staller = std::thread::spawn(move || {
+        let _stalled = state.lock().expect("lock");
+        let _ = locked.send(());
+        let _ = released.recv();
+    });
+    is_locked.recv().expect("the state is held");
+    let leader_host = cluster.hosts[&leader].clone();
+    let backlog = tokio::spawn(async move {
+        let first = propose(&leader_host, id(2, 1));
+        let second = propose(&leader_host, id(2, 2));
+        let (first, second) = tokio::join!(first, second);
+        (first.expect("applied"), second.expect("applied"))
+    });
+    let started = Instant::now();
+    loop {
+        let status = cluster.hosts[&leader].status(GROUP).await.expect("status");
+        if status.hard_state.commit.0 >= status.applied.0 + 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the backlog never formed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The follower's proposal reaches the leader, which refuses it; the
+    // refusal does not come back.
+    cluster
+        .transport
+        .cut_one_way(NodeId(leader), NodeId(follower));
+    let follower_host = cluster.hosts[&follower].clone();
+    let started = Instant::now();
+    let proposal = tokio::spawn(async move { propose(&follower_host, id(3, 1)).await });
+    while cluster.transport.cut_off("propose_refused") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the leader never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.transport.heal();
+    let _ = release.send(());
+    staller.join().expect("staller");
+    let answer = tokio::time::timeout(Duration::from_secs(5), proposal)
+        .await
+        .expect("answered long before the 60 s request timeout")
+        .expect("task");
+    assert_eq!(answer.expect("applied"), "4");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "answered in {waited:?}");
+    assert!(
+        cluster.transport.delivered("propose") >= 2,
+        "the proposal was sent again"
+    );
+    assert_eq!(
+        backlog.await.expect("task"),
+        ("2".to_string(), "3".to_string())
+    );
+    // Every request applied once on every node.
+    cluster.converge(4).await;
+    assert_eq!(
+        cluster.hosts[&leader]
+            .status(GROUP)
+            .await
+            .expect("status")
+            .soft_state
+            .leader,
+        Some(NodeId(leader)),
+        "the leader did not change"
+    );
+    cluster.stop().await;
+}
