@@ -225,11 +225,6 @@ impl PendingRead {
 struct Waiter {
     peer: NodeId,
     reply: Reply,
-    /// The command, kept to forward it again (`Group::resend_forwarded`);
-    /// a clone of the caller's bytes, not a copy.
-    command: Bytes,
-    /// Resend checks done when it was forwarded.
-    asked_check: u64,
 }
 
 /// Requests from clients and peers, bounded by `group_inbox_max`.
@@ -724,10 +719,9 @@ impl NodeHost {
             known_leader: None,
             next_read: first_read_id(),
             reads_checked_below: 0,
-            forward_checks: 0,
+            read_checks: 0,
             read_resends: FxHashMap::default(),
-            proposal_resends: FxHashMap::default(),
-            resend_ticks: ticks_in(READ_RESEND_INTERVAL, self.inner.config.tick_interval),
+            read_resend_ticks: ticks_in(READ_RESEND_INTERVAL, self.inner.config.tick_interval),
             quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
             idle_ticks: 0,
             ticks: 0,
@@ -1398,16 +1392,14 @@ struct Group {
     /// Reads with an id below this were asked before the last resend
     /// check: those still waiting at the next one are forwarded again.
     reads_checked_below: u64,
-    /// Resend checks so far (`resend_forwarded`).
-    forward_checks: u64,
+    /// Resend checks so far.
+    read_checks: u64,
     /// Reads forwarded again: how often, and the check at which the next
     /// resend is due (the gap doubles, so that a leader that is slow,
     /// not deaf, queues a few copies of a read, not one per check).
     read_resends: FxHashMap<ReadId, (u32, u64)>,
-    /// The same for forwarded proposals, by request id.
-    proposal_resends: FxHashMap<RequestId, (u32, u64)>,
     /// Ticks between resend checks (`READ_RESEND_INTERVAL`).
-    resend_ticks: u64,
+    read_resend_ticks: u64,
     quiesce_after_ticks: u64,
     /// Ticks since the last activity.
     idle_ticks: u64,
@@ -1457,14 +1449,11 @@ pub const NODE_STOPPING: &str = "this node is shutting down";
 /// Ticks between sweeps of forwarded proposals and reads nobody waits
 /// for.
 const WAITING_SWEEP_TICKS: u64 = 100;
-/// How long a forwarded read, or a forwarded proposal with a request id,
-/// waits for the leader's answer before it is forwarded again (as etcd
-/// retries its ReadIndex after 500 ms): an answer lost on the way (a
-/// connection that broke, a full queue) would otherwise hold its caller
-/// until the request timeout. A read answered twice is served once; the
-/// second answer finds nobody. A proposal appended twice is applied once
-/// (the session table answers the copy with the first result), and its
-/// caller is answered by the first.
+/// How long a forwarded read waits for the leader's answer before it is
+/// forwarded again (as etcd retries its ReadIndex after 500 ms): an
+/// answer lost on the way (a connection that broke, a full queue) would
+/// otherwise hold its caller until the request timeout. A read answered
+/// twice is served once; the second answer finds nobody.
 const READ_RESEND_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Whole ticks in `interval`, at least one.
@@ -1917,40 +1906,28 @@ impl Group {
             self.snapshots_out
                 .retain(|_, (_, since)| ticks.saturating_sub(*since) < SNAPSHOT_HOLD_TICKS_MAX);
         }
-        if self.ticks.is_multiple_of(self.resend_ticks) {
-            self.resend_forwarded();
+        if self.ticks.is_multiple_of(self.read_resend_ticks) {
+            self.resend_reads();
         }
-        // A group with reads or forwarded proposals waiting keeps ticking,
-        // so that their resend comes.
+        // A group with reads waiting keeps ticking, so that their resend
+        // comes.
         let settled = matches!(self.raft.role(), Role::Leader | Role::Follower)
             && self.raft.leader().is_some()
-            && self.reads.is_empty()
-            && self.waiting_ids.is_empty();
+            && self.reads.is_empty();
         if self.quiesce_after_ticks > 0 && self.idle_ticks >= self.quiesce_after_ticks && settled {
             self.quiesced = true;
         }
     }
 
-    /// A resend check, every `READ_RESEND_INTERVAL`: forwarded reads and
-    /// proposals still waiting that were asked before the previous check
-    /// (so at least one interval ago) are forwarded again to the leader
-    /// known now. The gap between one request's resends doubles (2, 4, 8…
-    /// checks, at most 64), so that a leader that is slow, not deaf,
-    /// holds a few copies of a request, not one per check; requests whose
-    /// callers gave up are dropped, not resent.
-    fn resend_forwarded(&mut self) {
+    /// Forwards again the reads still waiting that were asked before the
+    /// previous check (so at least `READ_RESEND_INTERVAL` ago) to the
+    /// leader known now. Safe: any answer to a request sent after the
+    /// read was asked gives an index that covers every write acknowledged
+    /// before it. A leader's own reads wait in its core, not on a message.
+    fn resend_reads(&mut self) {
         let below = std::mem::replace(&mut self.reads_checked_below, self.next_read);
-        self.forward_checks += 1;
-        let check = self.forward_checks;
-        self.resend_reads(check, below);
-        self.resend_proposals(check);
-    }
-
-    /// Forwards again the reads with ids below `below`. Safe: any answer
-    /// to a request sent after the read was asked gives an index that
-    /// covers every write acknowledged before it. A leader's own reads
-    /// wait in its core, not on a message.
-    fn resend_reads(&mut self, check: u64, below: u64) {
+        self.read_checks += 1;
+        let check = self.read_checks;
         // Reads whose callers gave up are not asked again.
         self.reads.retain(|_, read| !read.is_abandoned());
         self.read_resends
@@ -1980,75 +1957,6 @@ impl Group {
                         group: self.group,
                         source,
                     });
-                }
-            }
-        }
-    }
-
-    /// Forwards again the proposals with a request id still waiting for
-    /// it that were forwarded before the previous check. Safe: the session
-    /// table applies a request id once, so a copy appended after the
-    /// first (whose answer, not the append, was lost) gets the first's
-    /// result and changes nothing. This covers a `ProposeRefused` lost on
-    /// its way back and a forwarded proposal lost with a connection; a
-    /// proposal the leader appended is answered here when this node
-    /// applies it, whichever copy comes first.
-    fn resend_proposals(&mut self, check: u64) {
-        self.waiting_ids.retain(|_, waiters| {
-            waiters.retain(|waiter| !waiter.reply.is_closed());
-            !waiters.is_empty()
-        });
-        self.proposal_resends
-            .retain(|id, _| self.waiting_ids.contains_key(id));
-        if self.raft.role() == Role::Leader || self.waiting_ids.is_empty() {
-            return;
-        }
-        let mut due: Vec<(RequestId, Bytes)> = self
-            .waiting_ids
-            .iter()
-            .filter(|(id, _)| {
-                self.proposal_resends
-                    .get(id)
-                    .is_none_or(|(_, next)| check >= *next)
-            })
-            .filter_map(|(id, waiters)| {
-                // The earliest caller decides when the id is due; the
-                // latest one's command is sent (a retry of the same id).
-                let first_asked = waiters.iter().map(|w| w.asked_check).min()?;
-                let command = waiters.last()?.command.clone();
-                (first_asked + 1 < check).then_some((*id, command))
-            })
-            .collect();
-        due.sort_unstable_by_key(|(id, _)| (id.client, id.sequence));
-        for (id, command) in due {
-            let times = self
-                .proposal_resends
-                .get(&id)
-                .map_or(0, |(times, _)| *times)
-                + 1;
-            let gap_checks = 1u64 << times.min(6);
-            self.proposal_resends
-                .insert(id, (times, check + gap_checks));
-            match self.raft.propose_with_id(id, command) {
-                Ok(Proposed::Forwarded { leader }) => {
-                    // A transport that cannot deliver the copy fails the
-                    // callers waiting on that peer (`fail_forwarded`).
-                    if let Some(waiters) = self.waiting_ids.get_mut(&id) {
-                        for waiter in waiters {
-                            waiter.peer = leader;
-                        }
-                    }
-                }
-                // Only a leader appends (and this node is not one); an
-                // appended copy would answer the waiters when applied.
-                Ok(Proposed::Appended { .. }) => {}
-                Err(source) => {
-                    for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
-                        let _ = waiter.reply.send(Err(Error::Raft {
-                            group: self.group,
-                            source: source.clone(),
-                        }));
-                    }
                 }
             }
         }
@@ -2153,7 +2061,6 @@ impl Group {
                     return;
                 }
                 // Forwarded: answered when this node applies the id.
-                let forwarded = command.clone();
                 match self.raft.propose_with_id(id, command) {
                     Ok(Proposed::Appended { last, term, .. }) => {
                         self.proposals.insert(last, (term, reply));
@@ -2162,8 +2069,6 @@ impl Group {
                         let waiter = Waiter {
                             peer: leader,
                             reply,
-                            command: forwarded,
-                            asked_check: self.forward_checks,
                         };
                         self.waiting_ids.entry(id).or_default().push(waiter);
                     }
