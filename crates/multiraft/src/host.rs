@@ -2161,6 +2161,25 @@ impl Group {
                     meta,
                     data,
                 });
+                self.drain_forwarded_for_snapshot();
+            }
+        }
+    }
+
+    /// A snapshot from the leader replaces this node's log: the entries of
+    /// forwarded proposals it covers will never be applied here one by
+    /// one, so nothing would answer their callers but the timeout. They
+    /// get `NotLeader` now, the answer that says "retry under the same
+    /// request id": the session table that came with the snapshot answers
+    /// a retry of an id already applied with its first result.
+    fn drain_forwarded_for_snapshot(&mut self) {
+        let group = self.group;
+        let leader_hint = self.raft.leader();
+        for (_, waiters) in std::mem::take(&mut self.waiting_ids) {
+            for waiter in waiters {
+                let _ = waiter
+                    .reply
+                    .send(Err(Error::NotLeader { group, leader_hint }));
             }
         }
     }
@@ -2281,19 +2300,10 @@ impl Group {
             };
             let _ = reply.send(Err(error));
         }
-        if covered && !self.waiting_ids.is_empty() {
-            // A snapshot: forwarded proposals whose ids it applied will
-            // not be reported here. Their callers retry with the same id
-            // (`NotLeader` for a forwarded proposal says so); one still to
-            // be applied is then answered from the session table.
-            let leader_hint = self.raft.leader();
-            for (_, replies) in std::mem::take(&mut self.waiting_ids) {
-                for waiter in replies {
-                    let _ = waiter
-                        .reply
-                        .send(Err(Error::NotLeader { group, leader_hint }));
-                }
-            }
+        if covered {
+            // A snapshot (see `drain_forwarded_for_snapshot`, which a
+            // follower's install also calls).
+            self.drain_forwarded_for_snapshot();
         }
     }
 

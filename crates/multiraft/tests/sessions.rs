@@ -686,3 +686,74 @@ async fn a_forwarded_read_whose_answer_was_lost_is_asked_again() {
     );
     cluster.stop().await;
 }
+
+fn compact_often_slow_elections(config: &mut HostConfig) {
+    slow_elections_long_timeout(config);
+    compact_often(config);
+}
+
+/// A follower's forwarded proposal whose entry reaches the follower only
+/// inside a snapshot (the leader could not send it the entries, and
+/// compacted them) is answered `NotLeader` when the snapshot lands, not
+/// at the request timeout; a retry under the same id then gets the first
+/// result from the session table that came with the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_proposal_a_snapshot_covers_is_answered_at_once() {
+    let cluster = Cluster::start(3, 0, compact_often_slow_elections);
+    let (leader, follower) = cluster.one_write_applied_everywhere().await;
+    // The follower reaches the leader; nothing comes back.
+    cluster
+        .transport
+        .cut_one_way(NodeId(leader), NodeId(follower));
+    let follower_host = cluster.hosts[&follower].clone();
+    let started = Instant::now();
+    let proposal = tokio::spawn(async move { propose(&follower_host, id(5, 1)).await });
+    // Applied by the leader and the third node, then compacted away.
+    let third = (1..=3)
+        .find(|n| *n != leader && *n != follower)
+        .expect("a third node");
+    while cluster.count(third) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the forwarded proposal was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for sequence in 1..=40 {
+        propose(&cluster.hosts[&leader], id(6, sequence))
+            .await
+            .expect("a write on the leader");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the cut lasted too long: the follower may have campaigned"
+    );
+    assert_eq!(cluster.count(follower), 1, "the follower heard nothing");
+    cluster.transport.heal();
+    let answer = tokio::time::timeout(Duration::from_secs(5), proposal)
+        .await
+        .expect("answered long before the 60 s request timeout")
+        .expect("task");
+    assert!(
+        matches!(answer, Err(Error::NotLeader { .. })),
+        "a snapshot covered it: retry under the same id, not {answer:?}"
+    );
+    cluster.converge(42).await;
+    assert_eq!(
+        cluster.states[follower as usize - 1]
+            .lock()
+            .expect("lock")
+            .restores,
+        1,
+        "the follower caught up through a snapshot"
+    );
+    assert_eq!(
+        propose(&cluster.hosts[&follower], id(5, 1))
+            .await
+            .expect("the retry"),
+        "2",
+        "the retry gets the first result"
+    );
+    cluster.converge(42).await;
+    cluster.stop().await;
+}
