@@ -407,8 +407,9 @@ enum ApplyWork {
     Register(GroupId, Box<dyn StateMachine>, SessionTable, AppliedSink),
     /// Save the group's session table before a compaction.
     SaveSessions(GroupId),
-    /// Drop the group's state machine; its waiting reads fail.
-    Unregister(GroupId),
+    /// Drop the group's state machine; its waiting reads fail with
+    /// `GroupStopped` and this reason.
+    Unregister { group: GroupId, reason: String },
     /// Committed entries to apply, with this node's proposers of their
     /// commands (by index, ascending): each is answered once its entry is
     /// applied and the applied index published, without a hop back
@@ -436,7 +437,7 @@ impl ApplyWork {
         match self {
             ApplyWork::Register(group, ..) => (*group, "registering"),
             ApplyWork::SaveSessions(group) => (*group, "saving the session table"),
-            ApplyWork::Unregister(group) => (*group, "unregistering"),
+            ApplyWork::Unregister { group, .. } => (*group, "unregistering"),
             ApplyWork::Entries(group, ..) => (*group, "applying committed entries"),
             ApplyWork::Read { group, .. } => (*group, "reading"),
             ApplyWork::TakeSnapshot { group, .. } => (*group, "copying the state for a snapshot"),
@@ -743,7 +744,10 @@ impl NodeHost {
             .map_err(|_| {
                 // The apply thread registered the state machine: drop it
                 // there again, or it would stay without its group.
-                let _ = apply_outbox.send_now(ApplyWork::Unregister(group));
+                let _ = apply_outbox.send_now(ApplyWork::Unregister {
+                    group,
+                    reason: format!("group {} did not start: its worker was busy", group.0),
+                });
                 Error::Busy(group)
             })?;
         groups.insert(group, worker_index);
@@ -1572,7 +1576,6 @@ impl Worker {
             WorkerInput::Remove((group, reply)) => {
                 if let Some(mut state) = self.groups.remove(&group) {
                     state.fail_all(format!("group {} was removed from this node", group.0));
-                    state.apply.send(ApplyWork::Unregister(group));
                 }
                 self.active.remove(&group);
                 touched.remove(&group);
@@ -2032,7 +2035,7 @@ impl Group {
         let group = self.group;
         match propose(&mut self.raft) {
             Ok(Proposed::Appended { last, term, .. }) => {
-                self.proposals.insert(last, (term, reply));
+                self.track_proposal(last, term, reply);
             }
             Ok(Proposed::Forwarded { leader }) => {
                 let leader_hint = Some(leader);
@@ -2041,6 +2044,21 @@ impl Group {
             Err(source) => {
                 let _ = reply.send(Err(Error::Raft { group, source }));
             }
+        }
+    }
+
+    /// Tracks a proposal appended at `index` in `term`. A caller already
+    /// tracked at that index proposed in an older term, on this node as
+    /// leader then, and its entry was cut from this log by another
+    /// leader's; it is answered `OutcomeUnknown` now (retry under the
+    /// same request id): that entry may still commit through a node that
+    /// holds it, so `Dropped` would be a claim nobody can make yet.
+    /// Before, its reply was dropped, and the caller heard
+    /// `GroupStopped`.
+    fn track_proposal(&mut self, index: LogIndex, term: Term, reply: Reply) {
+        if let Some((older, displaced)) = self.proposals.insert(index, (term, reply)) {
+            debug_assert!(older < term, "one term appends an index once");
+            let _ = displaced.send(Err(Error::OutcomeUnknown(self.group)));
         }
     }
 
@@ -2063,7 +2081,7 @@ impl Group {
                 // Forwarded: answered when this node applies the id.
                 match self.raft.propose_with_id(id, command) {
                     Ok(Proposed::Appended { last, term, .. }) => {
-                        self.proposals.insert(last, (term, reply));
+                        self.track_proposal(last, term, reply);
                     }
                     Ok(Proposed::Forwarded { leader }) => {
                         let waiter = Waiter {
@@ -2466,7 +2484,28 @@ impl Group {
                 }
             }
         }
+        self.answer_proposals_cut_from_the_log();
         Ok(())
+    }
+
+    /// Proposals past the end of this node's log: another leader's append
+    /// cut their entries (a log is cut where it conflicts with the
+    /// leader's, and everything after goes). Nothing in this log will
+    /// answer them; a node that received an entry before may still hold
+    /// it, so their callers hear `OutcomeUnknown` (retry under the same
+    /// request id) now, not at their timeout.
+    fn answer_proposals_cut_from_the_log(&mut self) {
+        let last = self.raft.last_index();
+        if self
+            .proposals
+            .last_key_value()
+            .is_none_or(|(index, _)| *index <= last)
+        {
+            return;
+        }
+        for (_, (_, reply)) in self.proposals.split_off(&LogIndex(last.0 + 1)) {
+            let _ = reply.send(Err(Error::OutcomeUnknown(self.group)));
+        }
     }
 
     /// Fails the callers of forwarded proposals and reads that never
@@ -2518,6 +2557,9 @@ impl Group {
                 let _ = waiter.reply.send(Err(error()));
             }
         }
+        // Reads already handed to the apply thread wait there for their
+        // index; the state machine goes too.
+        self.apply.send(ApplyWork::Unregister { group, reason });
     }
 }
 
@@ -2935,12 +2977,12 @@ fn apply_one(
                 },
             );
         }
-        ApplyWork::Unregister(group) => {
+        ApplyWork::Unregister { group, reason } => {
             if let Some(applier) = appliers.remove(&group) {
                 for (_, _, reply) in applier.waiting {
                     let _ = reply.send(Err(Error::GroupStopped {
                         group,
-                        reason: format!("group {} was removed from this node", group.0),
+                        reason: reason.clone(),
                     }));
                 }
             }
@@ -3222,11 +3264,19 @@ mod tests {
         outbox.flush().expect("the receiver is open");
         assert!(receiver.try_recv().is_err(), "an empty turn sends nothing");
         outbox
-            .send_now(ApplyWork::Unregister(GroupId(7)))
+            .send_now(ApplyWork::Unregister {
+                group: GroupId(7),
+                reason: String::new(),
+            })
             .expect("the receiver is open");
         assert_eq!(receiver.try_recv().expect("sent at once").len(), 1);
         drop(receiver);
-        assert!(outbox.send_now(ApplyWork::Unregister(GroupId(8))).is_err());
+        assert!(outbox
+            .send_now(ApplyWork::Unregister {
+                group: GroupId(8),
+                reason: String::new(),
+            })
+            .is_err());
     }
 
     fn result(index: u64, text: &'static str) -> AppliedResult {

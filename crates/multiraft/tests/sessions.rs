@@ -757,3 +757,117 @@ async fn a_forwarded_proposal_a_snapshot_covers_is_answered_at_once() {
     cluster.converge(42).await;
     cluster.stop().await;
 }
+
+fn never_quiet_slow_elections(config: &mut HostConfig) {
+    slow_elections_long_timeout(config);
+    // The followers cut off from their leader must notice (a local cut
+    // does not wake a quiet group, as a lost TCP connection does).
+    config.quiesce_after_ticks = 0;
+}
+
+/// The node among `candidates` that leads `GROUP`, once one does.
+async fn leader_among(cluster: &Cluster, candidates: &[u64]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for id in candidates {
+            let status = cluster.hosts[id].status(GROUP).await.expect("status");
+            if status.soft_state.role == Role::Leader {
+                return *id;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader among {candidates:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A leader's proposals whose entries another leader cut from its log
+/// are answered `OutcomeUnknown` (retry under the same id) once the cut
+/// lands. Before, they waited until something committed at their index:
+/// the request timeout in a quiet group, or, when this node led again
+/// and a new proposal took the index, a dropped reply (`GroupStopped`,
+/// which the server does not retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_cut_from_a_deposed_leaders_log_are_answered_at_once() {
+    let cluster = Cluster::start(3, 0, never_quiet_slow_elections);
+    let (old_leader, _) = cluster.one_write_applied_everywhere().await;
+    let others: Vec<u64> = (1..=3).filter(|n| *n != old_leader).collect();
+    for other in &others {
+        cluster
+            .transport
+            .cut_one_way(NodeId(old_leader), NodeId(*other));
+        cluster
+            .transport
+            .cut_one_way(NodeId(*other), NodeId(old_leader));
+    }
+    // Five proposals the isolated leader appends and nobody else sees.
+    let before = cluster.hosts[&old_leader]
+        .status(GROUP)
+        .await
+        .expect("status")
+        .last_index;
+    let mut stranded = Vec::new();
+    for sequence in 1..=5 {
+        let host = cluster.hosts[&old_leader].clone();
+        stranded.push(tokio::spawn(async move {
+            propose(&host, id(7, sequence)).await
+        }));
+        // One entry each, in order.
+        while cluster.hosts[&old_leader]
+            .status(GROUP)
+            .await
+            .expect("status")
+            .last_index
+            .0
+            < before.0 + sequence
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // The others elect a leader and commit one write: their log ends
+    // one entry past the new leader's empty entry.
+    let new_leader = leader_among(&cluster, &others).await;
+    assert_eq!(
+        propose(&cluster.hosts[&new_leader], id(8, 1))
+            .await
+            .expect("a write on the new leader"),
+        "2"
+    );
+    cluster.transport.heal();
+    // The new leader's append cuts the old leader's log after the entries
+    // it holds: the first two stranded proposals lost their indexes to
+    // committed entries of another term (Dropped: never applied), the
+    // other three are past the log's new end (OutcomeUnknown: retry under
+    // the same id). All are answered at once, none at its timeout.
+    let mut answers = Vec::new();
+    for proposal in stranded {
+        answers.push(
+            tokio::time::timeout(Duration::from_secs(5), proposal)
+                .await
+                .expect("answered, not left to the 60 s request timeout")
+                .expect("task"),
+        );
+    }
+    for answer in &answers[..2] {
+        assert!(
+            matches!(answer, Err(Error::Dropped(_))),
+            "overwritten by committed entries, not {answer:?}"
+        );
+    }
+    for answer in &answers[2..] {
+        assert!(
+            matches!(answer, Err(Error::OutcomeUnknown(_))),
+            "cut from the log: retry under its id, not {answer:?}"
+        );
+    }
+    // Their retries apply each once.
+    for (sequence, count) in [(3, "3"), (4, "4"), (5, "5")] {
+        assert_eq!(
+            propose(&cluster.hosts[&new_leader], id(7, sequence))
+                .await
+                .expect("the retry"),
+            count
+        );
+    }
+    cluster.converge(5).await;
+    cluster.stop().await;
+}
