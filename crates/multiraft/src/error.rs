@@ -26,15 +26,16 @@ pub enum Error {
         /// The leader this node believes in.
         leader_hint: Option<NodeId>,
     },
-    /// The proposal's entry was overwritten by a new leader, or the leader
-    /// stepped down before it committed: it was not applied.
+    /// The proposal's index committed with another term's entry: it was
+    /// not applied, and never will be.
     #[error("group {}: the proposal was dropped before it committed; it was not applied", .0 .0)]
     Dropped(GroupId),
     /// The proposal's entry may have been applied, but not by an apply this
     /// node reports: a snapshot from the leader replaced the log that held
-    /// it. Retry it with the same request id to learn its result; without
-    /// one, check before retrying a write.
-    #[error("group {}: the outcome of the proposal is unknown (a snapshot from the leader replaced the log that held it); retry with the same request id, or check before retrying a write", .0 .0)]
+    /// it, or a new leader's append cut it from this node's log while
+    /// another node may still hold it. Retry it with the same request id
+    /// to learn its result; without one, check before retrying a write.
+    #[error("group {}: the outcome of the proposal is unknown (a snapshot or a new leader replaced the log that held it here); retry with the same request id, or check before retrying a write", .0 .0)]
     OutcomeUnknown(GroupId),
     /// The request did not complete in time. For a proposal the outcome is
     /// unknown: it may still be applied.

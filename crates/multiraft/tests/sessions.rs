@@ -811,7 +811,9 @@ async fn proposals_cut_from_a_deposed_leaders_log_are_answered_at_once() {
         stranded.push(tokio::spawn(async move {
             propose(&host, id(7, sequence)).await
         }));
-        // One entry each, in order.
+        // One entry each, in order (long before the isolated leader
+        // steps down, an election timeout from now).
+        let started = Instant::now();
         while cluster.hosts[&old_leader]
             .status(GROUP)
             .await
@@ -820,6 +822,10 @@ async fn proposals_cut_from_a_deposed_leaders_log_are_answered_at_once() {
             .0
             < before.0 + sequence
         {
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "stranded proposal {sequence} was not appended"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
