@@ -294,12 +294,17 @@ enum Control {
     /// failed to); a compaction may now drop entries up to there.
     SessionsSaved {
         group: GroupId,
+        incarnation: u64,
         index: LogIndex,
         result: Result<(), Error>,
     },
     /// The apply thread cannot go on with the group (a snapshot it could not
     /// install); the group stops.
-    Failed { group: GroupId, reason: String },
+    Failed {
+        group: GroupId,
+        incarnation: u64,
+        reason: String,
+    },
     /// The transport finished sending a snapshot to `to` (or failed). On
     /// this unbounded channel, not the group's inbox: a lost report would
     /// leave Raft waiting for that follower's snapshot.
@@ -329,6 +334,7 @@ enum Control {
     /// (or failed to write it out).
     SnapshotReady {
         group: GroupId,
+        incarnation: u64,
         message: Message,
         index: LogIndex,
         data: Result<SnapshotData, String>,
@@ -374,6 +380,8 @@ struct ForwardedRefusal {
 /// How far a group has applied, with the outcomes since the last report.
 struct GroupApplied {
     group: GroupId,
+    /// The run of the group the report is about (`Group::incarnation`).
+    incarnation: u64,
     index: LogIndex,
     results: Vec<AppliedResult>,
 }
@@ -404,7 +412,13 @@ enum WorkerInput {
 enum ApplyWork {
     /// A group's state machine, its session table and where to publish
     /// its applied index.
-    Register(GroupId, Box<dyn StateMachine>, SessionTable, AppliedSink),
+    Register(
+        GroupId,
+        u64,
+        Box<dyn StateMachine>,
+        SessionTable,
+        AppliedSink,
+    ),
     /// Save the group's session table before a compaction.
     SaveSessions(GroupId),
     /// Drop the group's state machine; its waiting reads fail with
@@ -508,6 +522,8 @@ impl ApplyOutbox {
 
 struct HostInner {
     config: HostConfig,
+    /// The last group incarnation handed out (`Group::incarnation`).
+    next_incarnation: std::sync::atomic::AtomicU64,
     /// Groups not ticking now, across the workers.
     quiesced_groups: Arc<std::sync::atomic::AtomicU64>,
     wal: Arc<Wal>,
@@ -635,6 +651,7 @@ impl NodeHost {
         }
         Ok(NodeHost {
             inner: Arc::new(HostInner {
+                next_incarnation: std::sync::atomic::AtomicU64::new(0),
                 config,
                 quiesced_groups,
                 wal,
@@ -701,9 +718,17 @@ impl NodeHost {
         };
         let (applied_sender, applied_receiver) = AppliedPublisher::new(initially_applied);
         let apply_outbox = apply.clone();
+        // Reports of an earlier run of this id (removed while its apply
+        // thread lagged) must not reach this one.
+        let incarnation = self
+            .inner
+            .next_incarnation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         apply
             .send_now(ApplyWork::Register(
                 group,
+                incarnation,
                 state_machine,
                 sessions,
                 applied_sender.sink(),
@@ -711,6 +736,7 @@ impl NodeHost {
             .map_err(|_| self.stopped(group))?;
         let state = Group {
             group,
+            incarnation,
             raft,
             apply,
             applied: applied_sender,
@@ -1378,6 +1404,10 @@ fn note_stopped(reasons: &StopReasons, group: GroupId, reason: &str) {
 /// One group's state inside its worker.
 struct Group {
     group: GroupId,
+    /// This run of the group on this host, unique per host: reports from
+    /// the apply thread name it, so that those of an earlier run of the
+    /// same id (removed while its apply thread lagged) are ignored.
+    incarnation: u64,
     raft: RaftNode<GroupStorage>,
     apply: ApplyOutbox,
     /// Publishes the applied index (`NodeHost::applied_index_watch`).
@@ -1697,6 +1727,7 @@ impl Worker {
             }
             Control::SnapshotReady {
                 group,
+                incarnation,
                 mut message,
                 index,
                 data,
@@ -1704,6 +1735,9 @@ impl Worker {
                 let Some(state) = self.groups.get_mut(&group) else {
                     return;
                 };
+                if state.incarnation != incarnation {
+                    return;
+                }
                 let to = message.to;
                 let meta = data.and_then(|data| {
                     let meta = state
@@ -1730,11 +1764,15 @@ impl Worker {
             Control::Applied(reports) => {
                 for GroupApplied {
                     group,
+                    incarnation,
                     index,
                     results,
                 } in reports
                 {
                     if let Some(state) = self.groups.get_mut(&group) {
+                        if state.incarnation != incarnation {
+                            continue;
+                        }
                         state.on_applied(index, results);
                         touched.insert(group);
                     }
@@ -1742,24 +1780,37 @@ impl Worker {
             }
             Control::SessionsSaved {
                 group,
+                incarnation,
                 index,
                 result,
             } => {
                 if let Some(state) = self.groups.get_mut(&group) {
-                    state.on_sessions_saved(index, result);
-                    touched.insert(group);
+                    if state.incarnation == incarnation {
+                        state.on_sessions_saved(index, result);
+                        touched.insert(group);
+                    }
                 }
             }
-            Control::Failed { group, reason } => {
-                // Only for a group this worker still runs: a late report
-                // of a removed group must not name a reason for the next
-                // group of its id.
-                if let Some(mut state) = self.groups.remove(&group) {
-                    self.note_stopped(group, &reason);
-                    state.fail_all(reason);
+            Control::Failed {
+                group,
+                incarnation,
+                reason,
+            } => {
+                // Only for the run of the group that failed: a late report
+                // of a removed group must not stop, nor name a reason for,
+                // the next group of its id.
+                if self
+                    .groups
+                    .get(&group)
+                    .is_some_and(|state| state.incarnation == incarnation)
+                {
+                    if let Some(mut state) = self.groups.remove(&group) {
+                        self.note_stopped(group, &reason);
+                        state.fail_all(reason);
+                    }
+                    self.active.remove(&group);
+                    touched.remove(&group);
                 }
-                self.active.remove(&group);
-                touched.remove(&group);
             }
             Control::SnapshotReport {
                 group,
@@ -2565,6 +2616,8 @@ impl Group {
 
 /// One group's state machine inside its worker's apply thread.
 struct Applier {
+    /// The group run it belongs to; every report names it.
+    incarnation: u64,
     state_machine: Box<dyn StateMachine>,
     applied: LogIndex,
     /// Published before proposers are answered.
@@ -2619,6 +2672,7 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<Vec<ApplyWork>>, context: ApplyC
             let index = applier.applied;
             applied.push(GroupApplied {
                 group,
+                incarnation: applier.incarnation,
                 index,
                 results,
             });
@@ -2964,11 +3018,12 @@ fn apply_one(
     context: &ApplyContext,
 ) {
     match item {
-        ApplyWork::Register(group, state_machine, sessions, published) => {
+        ApplyWork::Register(group, incarnation, state_machine, sessions, published) => {
             let applied = state_machine.applied_index();
             appliers.insert(
                 group,
                 Applier {
+                    incarnation,
                     state_machine,
                     applied,
                     published,
@@ -3036,6 +3091,7 @@ fn apply_one(
             };
             let _ = context.control.send(Control::SessionsSaved {
                 group,
+                incarnation: applier.incarnation,
                 index,
                 result,
             });
@@ -3049,6 +3105,7 @@ fn apply_one(
             let source = applier.state_machine.snapshot();
             let table = applier.sessions.encode();
             let index = applier.applied;
+            let incarnation = applier.incarnation;
             let control = context.control.clone();
             let snapshots = context.snapshots.clone();
             context.runtime.spawn_blocking(move || {
@@ -3056,6 +3113,7 @@ fn apply_one(
                     .map_err(|error| format!("write the snapshot at {}: {error}", index.0));
                 let _ = control.send(Control::SnapshotReady {
                     group,
+                    incarnation,
                     message,
                     index,
                     data,
@@ -3142,15 +3200,22 @@ fn stop_applier(
     context: &ApplyContext,
 ) {
     reports.remove(&group);
-    if let Some(applier) = appliers.remove(&group) {
-        for (_, _, reply) in applier.waiting {
-            let _ = reply.send(Err(Error::GroupStopped {
-                group,
-                reason: reason.clone(),
-            }));
-        }
+    // Without its applier the group is gone here already; its worker has
+    // nothing left to stop.
+    let Some(applier) = appliers.remove(&group) else {
+        return;
+    };
+    for (_, _, reply) in applier.waiting {
+        let _ = reply.send(Err(Error::GroupStopped {
+            group,
+            reason: reason.clone(),
+        }));
     }
-    let _ = context.control.send(Control::Failed { group, reason });
+    let _ = context.control.send(Control::Failed {
+        group,
+        incarnation: applier.incarnation,
+        reason,
+    });
 }
 
 /// Writes a snapshot's data to a new file: the session table's length

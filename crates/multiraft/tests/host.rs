@@ -912,6 +912,66 @@ async fn a_blocked_state_machine_does_not_stop_raft() {
     host.stop().await;
 }
 
+/// A group removed while its apply thread is held (a storage stall), and
+/// started again under the same id at once, is not reached by the old
+/// run's late apply report: before, that report's applied index, past the
+/// new group's log, tripped an assertion in the worker and stopped every
+/// group on it. The new group elects, commits and applies as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_groups_late_apply_report_does_not_reach_its_successor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let host = new_host(dir.path(), 1, &transport, |_| {});
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (entered, stalled) = std::sync::mpsc::channel();
+    let machine = GatedMachine {
+        gate: Arc::clone(&gate),
+        entered,
+        applied: LogIndex(0),
+    };
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
+        .expect("group");
+    let hosts = BTreeMap::from([(1u64, host.clone())]);
+    wait_for_leader(&hosts).await;
+    for i in 0..5 {
+        host.propose(GROUP, Bytes::from(format!("warm-up-{i}")))
+            .await
+            .expect("applied");
+    }
+    // The old run's last apply is held at the gate, at an index past
+    // anything the new run will have applied when it is released.
+    *gate.0.lock().expect("lock") = true;
+    let opener = OpenOnDrop(Arc::clone(&gate));
+    let held = {
+        let host = host.clone();
+        tokio::spawn(async move { host.propose(GROUP, Bytes::from("held")).await })
+    };
+    stalled
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the apply reached the closed gate");
+    host.remove_group(GROUP).await.expect("removed");
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(KvMachine::default()))
+        .expect("the id again");
+    wait_for_leader(&hosts).await;
+    // Released: the old run's report comes back to a worker that now runs
+    // the new group.
+    drop(opener);
+    let _ = held.await.expect("task");
+    for i in 0..3 {
+        let command = Bytes::from(format!("k{i}=v{i}"));
+        let applied = tokio::time::timeout(Duration::from_secs(10), host.propose(GROUP, command))
+            .await
+            .expect("answered");
+        assert!(applied.is_ok(), "the new group applies: {applied:?}");
+    }
+    let status = host.status(GROUP).await.expect("the new group runs");
+    assert!(
+        status.applied.0 <= status.hard_state.commit.0,
+        "the new group's applied index came from its own log: {status:?}"
+    );
+    host.stop().await;
+}
+
 /// Fails to apply the command `fail`, as a state machine whose storage
 /// broke (or that cannot read a command) does; applies the rest.
 #[derive(Default)]
