@@ -3200,8 +3200,9 @@ fn stop_applier(
     context: &ApplyContext,
 ) {
     reports.remove(&group);
-    // Without its applier the group is gone here already; its worker has
-    // nothing left to stop.
+    // Callers stop a group whose applier they just used; were it gone,
+    // so would be the run it could report on (its `Failed` needs the
+    // run's incarnation).
     let Some(applier) = appliers.remove(&group) else {
         return;
     };

@@ -803,6 +803,28 @@ impl StateMachine for GatedMachine {
     }
 }
 
+/// A gate a `GatedMachine` waits at while it is closed.
+type Gate = Arc<(Mutex<bool>, std::sync::Condvar)>;
+
+/// A one-node host in `dir` running `GROUP` on a `GatedMachine` (gate
+/// open), once it leads; with the gate, and the receiver the machine
+/// tells each time it starts waiting at it.
+async fn gated_single_node(dir: &Path) -> (NodeHost, Gate, std::sync::mpsc::Receiver<()>) {
+    let transport = LocalTransport::new();
+    let host = new_host(dir, 1, &transport, |_| {});
+    let gate: Gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (entered, stalled) = std::sync::mpsc::channel();
+    let machine = GatedMachine {
+        gate: Arc::clone(&gate),
+        entered,
+        applied: LogIndex(0),
+    };
+    host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
+        .expect("group");
+    wait_for_leader(&BTreeMap::from([(1u64, host.clone())])).await;
+    (host, gate, stalled)
+}
+
 /// Opens a gate when dropped, so that a failing test does not leave a
 /// thread waiting at it (the runtime's shutdown would wait for ever).
 struct OpenOnDrop(Arc<(Mutex<bool>, std::sync::Condvar)>);
@@ -836,20 +858,8 @@ fn on_runtime<T: Send + 'static>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_blocked_state_machine_does_not_stop_raft() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let transport = LocalTransport::new();
     let runtime = tokio::runtime::Handle::current();
-    let host = new_host(dir.path(), 1, &transport, |_| {});
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-    let (entered, stalled) = std::sync::mpsc::channel();
-    let machine = GatedMachine {
-        gate: Arc::clone(&gate),
-        entered,
-        applied: LogIndex(0),
-    };
-    host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
-        .expect("group");
-    let hosts = BTreeMap::from([(1u64, host.clone())]);
-    wait_for_leader(&hosts).await;
+    let (host, gate, stalled) = gated_single_node(dir.path()).await;
     let first = host.propose(GROUP, Bytes::from("warm-up")).await;
     assert!(first.is_ok(), "{first:?}");
 
@@ -920,19 +930,7 @@ async fn a_blocked_state_machine_does_not_stop_raft() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_groups_late_apply_report_does_not_reach_its_successor() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let transport = LocalTransport::new();
-    let host = new_host(dir.path(), 1, &transport, |_| {});
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-    let (entered, stalled) = std::sync::mpsc::channel();
-    let machine = GatedMachine {
-        gate: Arc::clone(&gate),
-        entered,
-        applied: LogIndex(0),
-    };
-    host.start_group(GROUP, vec![NodeId(1)], Box::new(machine))
-        .expect("group");
-    let hosts = BTreeMap::from([(1u64, host.clone())]);
-    wait_for_leader(&hosts).await;
+    let (host, gate, stalled) = gated_single_node(dir.path()).await;
     for i in 0..5 {
         host.propose(GROUP, Bytes::from(format!("warm-up-{i}")))
             .await
@@ -952,7 +950,7 @@ async fn a_removed_groups_late_apply_report_does_not_reach_its_successor() {
     host.remove_group(GROUP).await.expect("removed");
     host.start_group(GROUP, vec![NodeId(1)], Box::new(KvMachine::default()))
         .expect("the id again");
-    wait_for_leader(&hosts).await;
+    wait_for_leader(&BTreeMap::from([(1u64, host.clone())])).await;
     // Released: the old run's report comes back to a worker that now runs
     // the new group.
     drop(opener);
