@@ -276,6 +276,41 @@ pub fn is_restore_commit(bytes: &[u8]) -> bool {
     matches!(bytes, [FORMAT_VERSION, RESTORE_COMMIT_TAG, ..])
 }
 
+/// Bytes after an encoded `RestoreCommit` that name the operator's reset
+/// its install carried out: the reset's restore id, u64 LE.
+const RESET_CARRIED_BYTES: usize = 8;
+
+/// A `RestoreCommit` of an install that carried out the operator's reset
+/// `reset_id` (follower tables): the encoded command followed by
+/// `reset_id` (u64 LE). The table records the reset in the commit's own
+/// write (`docs/kv-format.md`). A version that predates it decodes the
+/// `RestoreCommit` and ignores the rest, so a follower cluster in a
+/// rolling upgrade installs the same copy on every node.
+pub fn encode_restore_commit_reset(restore_id: u64, leader_index: u64, reset_id: u64) -> Vec<u8> {
+    let mut bytes = encode(&Command::RestoreCommit {
+        restore_id,
+        leader_index,
+    });
+    bytes.extend_from_slice(&reset_id.to_le_bytes());
+    bytes
+}
+
+/// The reset an encoded `RestoreCommit` says its install carried out
+/// ([`encode_restore_commit_reset`]); `None` for any other command.
+pub fn restore_commit_reset_id(bytes: &[u8]) -> Option<u64> {
+    if !is_restore_commit(bytes) {
+        return None;
+    }
+    match postcard::take_from_bytes::<Command>(&bytes[1..]) {
+        Ok((Command::RestoreCommit { .. }, rest)) if rest.len() == RESET_CARRIED_BYTES => {
+            let mut id = [0u8; RESET_CARRIED_BYTES];
+            id.copy_from_slice(rest);
+            Some(u64::from_le_bytes(id))
+        }
+        _ => None,
+    }
+}
+
 /// A run of the leader's commands, the first at `first_leader_index` and
 /// each next one at the next index. An empty command is an entry without
 /// one (a no-op); it only advances the leader index.
@@ -669,6 +704,33 @@ mod tests {
         }
         assert!(!is_restore_commit(&[]));
         assert!(!is_restore_commit(&[FORMAT_VERSION]));
+    }
+
+    #[test]
+    fn a_commit_that_carried_out_a_reset_reads_as_a_commit_to_older_decoders() {
+        let reset_id = (1 << 63) | 5;
+        let bytes = encode_restore_commit_reset(1 << 62, 9, reset_id);
+        assert!(is_restore_commit(&bytes));
+        assert_eq!(restore_commit_reset_id(&bytes), Some(reset_id));
+        // What a version without the reset carried does with it.
+        assert_eq!(
+            decode::<Command>(&bytes).ok(),
+            Some(Command::RestoreCommit {
+                restore_id: 1 << 62,
+                leader_index: 9,
+            })
+        );
+        let plain = encode(&Command::RestoreCommit {
+            restore_id: 1 << 62,
+            leader_index: 9,
+        });
+        assert_eq!(restore_commit_reset_id(&plain), None);
+        assert_eq!(&bytes[..plain.len()], plain.as_slice());
+        // Only a commit carries one.
+        let mut begin = encode(&Command::RestoreBegin { restore_id: 3 });
+        begin.extend_from_slice(&reset_id.to_le_bytes());
+        assert_eq!(restore_commit_reset_id(&begin), None);
+        assert_eq!(restore_commit_reset_id(&bytes[..bytes.len() - 1]), None);
     }
 
     #[test]

@@ -14,27 +14,32 @@ use regatta_multiraft::{SnapshotSource, StateMachine, StateReader};
 use regatta_raft::LogIndex;
 
 use crate::command::{
-    decode, encode, Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest,
-    DeleteRangeResult, KeyRange, KeyValue, PutRequest, PutResult, Query, RangeRequest, RangeResult,
-    ReplicatedBatch, ReplicatedResult, RequestOp, Response, ResponseOp, TxnRequest, TxnResult,
+    decode, encode, restore_commit_reset_id, Command, Compare, CompareResult, CompareTarget,
+    DeleteRangeRequest, DeleteRangeResult, KeyRange, KeyValue, PutRequest, PutResult, Query,
+    RangeRequest, RangeResult, ReplicatedBatch, ReplicatedResult, RequestOp, Response, ResponseOp,
+    TxnRequest, TxnResult,
 };
 use crate::error::{Error, Result};
 
 const META_PARTITION: &str = "meta";
 /// Bytes of a record before its value: create, mod revision and version.
 pub const RECORD_HEADER_BYTES: usize = 24;
-/// Snapshots are written in version 2; version 1 (no replica state) is
-/// still read.
+/// Snapshots are written in version 2, or 3 when the table carried out
+/// a reset (version 3 adds the reset carried); version 1 (no replica
+/// state) is still read.
 const SNAPSHOT_VERSION: u8 = 2;
 const SNAPSHOT_VERSION_1: u8 = 1;
+const SNAPSHOT_VERSION_3: u8 = 3;
 /// In a snapshot, a key length that ends the table's items and starts
 /// those of the unfinished restore.
 const SNAPSHOT_STAGING_MARKER: u32 = u32::MAX;
 /// Bytes of a `meta` value written before replica state existed.
 const META_V1_BYTES: usize = 16;
+/// Bytes of a `meta` value written before the reset carried existed.
+const META_V2_BYTES: usize = 40;
 /// Bytes of a `meta` value: generation, applied index, leader index,
-/// restore id, staging generation.
-const META_BYTES: usize = 40;
+/// restore id, staging generation, reset carried.
+const META_BYTES: usize = 48;
 /// Restores write batches of about this many bytes.
 const RESTORE_BATCH_BYTES: usize = 4 << 20;
 /// The storage engine's write buffer: table writes in memtables not yet
@@ -208,6 +213,7 @@ impl Store {
             data,
             applied: LogIndex(meta.applied),
             leader_index: meta.leader_index,
+            reset_carried: meta.reset_carried,
             restoring,
             published,
             recent: RecentWrites::default(),
@@ -260,6 +266,13 @@ impl Store {
     /// has [`RESET_RESTORE_ID_BIT`] set.
     pub fn table_reset_pending(&self, group: u64) -> Result<bool> {
         Ok(self.read_meta(group)?.restore_id & RESET_RESTORE_ID_BIT != 0)
+    }
+
+    /// The restore id of the last operator's reset that an install of
+    /// table `group` carried out (0 if none), as this node applied it:
+    /// a `reset/<group>` record naming it is spent.
+    pub fn table_reset_carried(&self, group: u64) -> Result<u64> {
+        Ok(self.read_meta(group)?.reset_carried)
     }
 
     /// Deletes table `group`'s data and metadata.
@@ -323,6 +336,9 @@ struct Meta {
     restore_id: u64,
     /// The generation being filled by the restore.
     staging: u64,
+    /// The restore id of the last operator's reset that an install
+    /// carried out (`RestoreCommitReset`), 0 if none.
+    reset_carried: u64,
 }
 
 impl Meta {
@@ -333,34 +349,57 @@ impl Meta {
                 applied: read_u64(&bytes[8..16]),
                 ..Meta::default()
             }),
-            META_BYTES => Ok(Meta {
+            META_V2_BYTES | META_BYTES => Ok(Meta {
                 generation: read_u64(&bytes[0..8]),
                 applied: read_u64(&bytes[8..16]),
                 leader_index: read_u64(&bytes[16..24]),
                 restore_id: read_u64(&bytes[24..32]),
                 staging: read_u64(&bytes[32..40]),
+                reset_carried: bytes.get(40..48).map_or(0, read_u64),
             }),
             other => Err(Error::Decode(format!(
-                "metadata of table {group}: {other} bytes, expected {META_V1_BYTES} or {META_BYTES}"
+                "metadata of table {group}: {other} bytes, expected {META_V1_BYTES}, \
+                 {META_V2_BYTES} or {META_BYTES}"
             ))),
         }
     }
 
-    fn encode(&self) -> [u8; META_BYTES] {
-        let mut value = [0u8; META_BYTES];
+    /// The `meta` value: 40 bytes while no reset was carried out, so
+    /// that a version older than the reset carried still opens the table;
+    /// 48 after one.
+    fn encode(&self) -> MetaBytes {
+        let mut bytes = [0u8; META_BYTES];
         for (position, field) in [
             self.generation,
             self.applied,
             self.leader_index,
             self.restore_id,
             self.staging,
+            self.reset_carried,
         ]
         .into_iter()
         .enumerate()
         {
-            value[position * 8..position * 8 + 8].copy_from_slice(&field.to_le_bytes());
+            bytes[position * 8..position * 8 + 8].copy_from_slice(&field.to_le_bytes());
         }
-        value
+        let len = if self.reset_carried == 0 {
+            META_V2_BYTES
+        } else {
+            META_BYTES
+        };
+        MetaBytes { bytes, len }
+    }
+}
+
+/// An encoded `meta` value.
+struct MetaBytes {
+    bytes: [u8; META_BYTES],
+    len: usize,
+}
+
+impl AsRef<[u8]> for MetaBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -958,6 +997,8 @@ pub struct Table {
     applied: LogIndex,
     /// The leader cluster's index this table holds (replica tables).
     leader_index: u64,
+    /// The last operator's reset an install carried out (`Meta`).
+    reset_carried: u64,
     /// The restore being filled (replica tables).
     restoring: Option<Restoring>,
     /// What readers on other tasks see (`TableReader`).
@@ -1162,6 +1203,7 @@ impl Table {
             leader_index: self.leader_index,
             restore_id,
             staging,
+            reset_carried: self.reset_carried,
         }
     }
 
@@ -1218,7 +1260,8 @@ impl Table {
                 let Ok(step) = decoded else {
                     unreachable!("a restore step decoded")
                 };
-                let result = self.apply_restore_step(*index, step)?;
+                let reset_id = restore_commit_reset_id(command);
+                let result = self.apply_restore_step(*index, step, reset_id)?;
                 results.push(Bytes::from(encode(&Response {
                     revision: self.revision(),
                     result,
@@ -1285,7 +1328,7 @@ impl Table {
         batch.insert(
             &self.store.meta,
             self.group.to_be_bytes(),
-            self.meta().encode(),
+            self.meta().encode().as_ref(),
         );
         // Readers wait for the commit, so that none sees half of it.
         let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
@@ -1303,16 +1346,18 @@ impl Table {
     }
 
     /// Applies `RestoreBegin`, `RestoreChunk`, `RestoreCommit` or
-    /// `RestoreAbort` at `index`.
+    /// `RestoreAbort` at `index`. A commit that names the operator's reset
+    /// its install carried out (`reset_id`) records it in the same write.
     fn apply_restore_step(
         &mut self,
         index: LogIndex,
         step: Command,
+        reset_id: Option<u64>,
     ) -> Result<std::result::Result<ResponseOp, String>> {
         self.applied = index;
         let current = self.restoring.as_ref().map(|r| r.restore_id);
-        let accepted = match step {
-            Command::RestoreBegin { restore_id } if restore_id != 0 => {
+        let accepted = match (step, reset_id) {
+            (Command::RestoreBegin { restore_id }, _) if restore_id != 0 => {
                 let generation = self.next_generation()?;
                 if let Some(abandoned) = self.restoring.take() {
                     self.store.keyspace.delete_partition(abandoned.data)?;
@@ -1329,7 +1374,7 @@ impl Table {
                 self.commit_writes(BTreeMap::new())?;
                 true
             }
-            Command::RestoreChunk { restore_id, items } if current == Some(restore_id) => {
+            (Command::RestoreChunk { restore_id, items }, _) if current == Some(restore_id) => {
                 if let Some(error) = items
                     .iter()
                     .find_map(|(key, record)| check_item(key, record).err())
@@ -1347,16 +1392,19 @@ impl Table {
                 batch.insert(
                     &self.store.meta,
                     self.group.to_be_bytes(),
-                    self.meta().encode(),
+                    self.meta().encode().as_ref(),
                 );
                 batch.commit()?;
                 self.publish();
                 true
             }
-            Command::RestoreCommit {
-                restore_id,
-                leader_index,
-            } if current == Some(restore_id) => {
+            (
+                Command::RestoreCommit {
+                    restore_id,
+                    leader_index,
+                },
+                reset_id,
+            ) if current == Some(restore_id) => {
                 let Some(restoring) = self.restoring.take() else {
                     unreachable!("a restore under way")
                 };
@@ -1370,16 +1418,19 @@ impl Table {
                 if self.mode == TableMode::Replica {
                     self.leader_index = leader_index;
                 }
+                if let Some(reset_id) = reset_id {
+                    self.reset_carried = reset_id;
+                }
                 self.store
                     .meta
-                    .insert(self.group.to_be_bytes(), self.meta().encode())?;
+                    .insert(self.group.to_be_bytes(), self.meta().encode().as_ref())?;
                 keyspace.persist(PersistMode::SyncAll)?;
                 // Readers move to the new data before the old is deleted.
                 self.publish();
                 keyspace.delete_partition(old)?;
                 true
             }
-            Command::RestoreAbort { restore_id } if current == Some(restore_id) => {
+            (Command::RestoreAbort { restore_id }, _) if current == Some(restore_id) => {
                 let Some(abandoned) = self.restoring.take() else {
                     unreachable!("a restore under way")
                 };
@@ -1413,16 +1464,26 @@ impl Table {
     fn restore_from(&mut self, index: LogIndex, data: &mut dyn Read) -> Result<()> {
         let mut version = [0u8; 1];
         data.read_exact(&mut version)?;
-        let (leader_index, restore_id) = match version[0] {
-            SNAPSHOT_VERSION_1 => (0, 0),
+        let (leader_index, restore_id, reset_carried) = match version[0] {
+            SNAPSHOT_VERSION_1 => (0, 0, 0),
             SNAPSHOT_VERSION => {
                 let mut header = [0u8; 16];
                 data.read_exact(&mut header)?;
-                (read_u64(&header[..8]), read_u64(&header[8..]))
+                (read_u64(&header[..8]), read_u64(&header[8..]), 0)
+            }
+            SNAPSHOT_VERSION_3 => {
+                let mut header = [0u8; 24];
+                data.read_exact(&mut header)?;
+                (
+                    read_u64(&header[..8]),
+                    read_u64(&header[8..16]),
+                    read_u64(&header[16..]),
+                )
             }
             other => {
                 return Err(Error::Decode(format!(
-                    "table snapshot version {other} is not known (expected {SNAPSHOT_VERSION})"
+                    "table snapshot version {other} is not known (expected \
+                     {SNAPSHOT_VERSION_1} to {SNAPSHOT_VERSION_3})"
                 )))
             }
         };
@@ -1475,9 +1536,10 @@ impl Table {
         self.generation = generation;
         self.applied = index;
         self.leader_index = leader_index;
+        self.reset_carried = reset_carried;
         self.store
             .meta
-            .insert(self.group.to_be_bytes(), self.meta().encode())?;
+            .insert(self.group.to_be_bytes(), self.meta().encode().as_ref())?;
         keyspace.persist(PersistMode::SyncAll)?;
         // Readers move to the new data before the old is deleted.
         self.publish();
@@ -1597,6 +1659,7 @@ fn read_u32(bytes: &[u8]) -> u32 {
 /// A point-in-time view of a table, written out as a snapshot stream.
 struct TableSnapshot {
     leader_index: u64,
+    reset_carried: u64,
     data: fjall::Snapshot,
     /// The restore under way: its id and items.
     staging: Option<(u64, fjall::Snapshot)>,
@@ -1604,10 +1667,20 @@ struct TableSnapshot {
 
 impl SnapshotSource for TableSnapshot {
     fn write_to(self: Box<Self>, out: &mut dyn Write) -> std::io::Result<()> {
-        out.write_all(&[SNAPSHOT_VERSION])?;
+        // Version 3 only when it says more than version 2 would, so that
+        // readers older than it still take every other snapshot.
+        let version = if self.reset_carried == 0 {
+            SNAPSHOT_VERSION
+        } else {
+            SNAPSHOT_VERSION_3
+        };
+        out.write_all(&[version])?;
         out.write_all(&self.leader_index.to_le_bytes())?;
         let restore_id = self.staging.as_ref().map_or(0, |(id, _)| *id);
         out.write_all(&restore_id.to_le_bytes())?;
+        if version == SNAPSHOT_VERSION_3 {
+            out.write_all(&self.reset_carried.to_le_bytes())?;
+        }
         write_items(&self.data, out)?;
         if let Some((_, staging)) = &self.staging {
             out.write_all(&SNAPSHOT_STAGING_MARKER.to_le_bytes())?;
@@ -1664,6 +1737,7 @@ impl StateMachine for Table {
         let instant = self.store.keyspace.instant();
         Box::new(TableSnapshot {
             leader_index: self.leader_index,
+            reset_carried: self.reset_carried,
             data: self.data.snapshot_at(instant),
             staging: self
                 .restoring
@@ -1681,6 +1755,34 @@ impl StateMachine for Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_is_written_short_until_a_reset_is_carried_out() {
+        let meta = Meta {
+            generation: 3,
+            applied: 40,
+            leader_index: 39,
+            restore_id: 7,
+            staging: 4,
+            reset_carried: 0,
+        };
+        // Without a reset carried, the value a version before it wrote
+        // and reads.
+        let short = meta.encode();
+        assert_eq!(short.as_ref().len(), META_V2_BYTES);
+        assert_eq!(Meta::decode(1, short.as_ref()).expect("decode"), meta);
+        let carried = Meta {
+            reset_carried: (1 << 63) | 9,
+            ..meta
+        };
+        let long = carried.encode();
+        assert_eq!(long.as_ref().len(), META_BYTES);
+        assert_eq!(&long.as_ref()[..META_V2_BYTES], short.as_ref());
+        assert_eq!(Meta::decode(1, long.as_ref()).expect("decode"), carried);
+        let v1 = Meta::decode(1, &short.as_ref()[..META_V1_BYTES]).expect("decode");
+        assert_eq!((v1.generation, v1.applied, v1.reset_carried), (3, 40, 0));
+        assert!(Meta::decode(1, &long.as_ref()[..44]).is_err());
+    }
 
     fn apply_one(table: &mut Table, command: &Command) -> Response {
         let index = LogIndex(table.applied_index().0 + 1);

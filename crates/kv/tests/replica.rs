@@ -7,8 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::apply;
 use regatta_kv::command::{
-    decode, encode, Command, KeyRange, PutRequest, Query, RangeRequest, ReplicatedBatch,
-    ReplicatedResult, Response, ResponseOp,
+    decode, encode, encode_restore_commit_reset, Command, KeyRange, PutRequest, Query,
+    RangeRequest, ReplicatedBatch, ReplicatedResult, Response, ResponseOp,
 };
 use regatta_kv::{read_table_item, split_table_item, Store, Table, TableMode};
 use regatta_multiraft::StateMachine;
@@ -566,4 +566,97 @@ fn a_checked_install_cannot_take_the_table_back() {
     assert!(late.iter().all(|step| !outcome(step).accepted));
     assert_eq!(table.revision(), 20);
     assert_eq!(contents(&table), vec![]);
+}
+
+/// An install that carried out an operator's reset records the reset in
+/// its commit's own write (`encode_restore_commit_reset`): the table's reset
+/// carried survives a reopen and travels in the table's Raft snapshot,
+/// and a later ordinary commit keeps it. A puller reads it to tell a
+/// spent `reset/<group>` record from a live one.
+#[test]
+fn a_carried_out_reset_is_recorded_with_the_commit() {
+    const RESET: u64 = (1 << 63) | 77;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut table = store.open_table_as(4, TableMode::Replica).expect("table");
+    apply(&mut table, &[replicated(1, vec![put("k", "v")])]);
+    assert_eq!(store.table_reset_carried(4).expect("meta"), 0);
+    // A table that never carried out a reset keeps writing version 2
+    // snapshots, which older readers take.
+    let mut plain = Vec::new();
+    table.snapshot().write_to(&mut plain).expect("write");
+    assert_eq!(plain[0], 2);
+
+    // A commit of another restore than the one under way records nothing.
+    let begun = apply(&mut table, &[Command::RestoreBegin { restore_id: RESET }]);
+    assert!(outcome(&begun[0]).accepted);
+    let refused = apply_encoded(&mut table, encode_restore_commit_reset(5, 1, RESET));
+    assert!(!outcome(&refused).accepted);
+    assert_eq!(store.table_reset_carried(4).expect("meta"), 0);
+
+    let committed = apply_encoded(&mut table, encode_restore_commit_reset(RESET, 1, RESET));
+    assert!(outcome(&committed).accepted);
+    assert_eq!(table.revision(), 1);
+    assert_eq!(contents(&table), Vec::new());
+    assert_eq!(store.table_reset_carried(4).expect("meta"), RESET);
+
+    // An ordinary install later keeps it.
+    let steps = apply(
+        &mut table,
+        &[
+            Command::RestoreBegin { restore_id: 9 },
+            Command::RestoreChunk {
+                restore_id: 9,
+                items: vec![(b"a".to_vec(), vec![0u8; 24])],
+            },
+            Command::RestoreCommit {
+                restore_id: 9,
+                leader_index: 30,
+            },
+        ],
+    );
+    assert!(steps.iter().all(|step| outcome(step).accepted));
+    assert_eq!(table.revision(), 30);
+    assert_eq!(store.table_reset_carried(4).expect("meta"), RESET);
+
+    // A reopen keeps it.
+    table.sync().expect("sync");
+    drop(table);
+    let table = store.open_table_as(4, TableMode::Replica).expect("reopen");
+    assert_eq!(store.table_reset_carried(4).expect("meta"), RESET);
+
+    // So does a replica installed from the table's Raft snapshot.
+    let mut raft_snapshot = Vec::new();
+    table
+        .snapshot()
+        .write_to(&mut raft_snapshot)
+        .expect("write");
+    assert_eq!(raft_snapshot[0], 3);
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other_store = Store::open(other_dir.path()).expect("store");
+    let mut other = other_store
+        .open_table_as(4, TableMode::Replica)
+        .expect("table");
+    other
+        .restore(table.applied_index(), &mut raft_snapshot.as_slice())
+        .expect("install");
+    assert_eq!(other.revision(), 30);
+    assert_eq!(contents(&other), contents(&table));
+    assert_eq!(other_store.table_reset_carried(4).expect("meta"), RESET);
+
+    // And a version 2 snapshot installed over it clears it: the snapshot
+    // is the whole state.
+    other
+        .restore(LogIndex(50), &mut plain.as_slice())
+        .expect("install");
+    assert_eq!(other_store.table_reset_carried(4).expect("meta"), 0);
+}
+
+/// Applies one encoded command as the next entry.
+fn apply_encoded(table: &mut Table, command: Vec<u8>) -> Response {
+    let index = LogIndex(table.applied_index().0 + 1);
+    let results = table
+        .apply_batch(&[(index, Bytes::from(command))])
+        .expect("apply");
+    decode::<Response>(&results[0]).expect("response")
 }

@@ -843,6 +843,21 @@ async fn install_snapshot_once(
             return Err(error.into());
         }
     };
+    // A record of a reset that an install already carried out (a crash
+    // came between that install's commit and the record's deletion, or
+    // the deletion failed) is spent: followed, it would take the table
+    // back a second time. The begin above was applied here, so the
+    // table's reset carried includes every commit before it.
+    let reset_request = match reset_request {
+        Some(restore_id) if restore_id == node.table_reset_carried(group) => {
+            tracing::info!(table = %name, "deleting the record of a reset already carried out");
+            if let Err(error) = node.clear_reset_request(group, restore_id).await {
+                tracing::warn!(table = %name, %error, "could not delete a spent reset's record");
+            }
+            None
+        }
+        other => other,
+    };
     let older = if reset_request.is_some() {
         OlderCopy::Allowed
     } else {
@@ -892,10 +907,11 @@ async fn install_snapshot_once(
         restore.abort().await;
         return Err(error);
     }
-    let summary = restore
-        .commit()
-        .await
-        .map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
+    let committed = match reset_request {
+        Some(reset_id) => restore.commit_reset(reset_id).await,
+        None => restore.commit().await,
+    };
+    let summary = committed.map_err(|error| Error::Protocol(format!("the snapshot: {error}")))?;
     node.count_snapshot_install(group);
     if let Some(restore_id) = reset_request {
         if let Err(error) = node.clear_reset_request(group, restore_id).await {

@@ -11,7 +11,7 @@ use regatta_kv::command::{encode, Command, PutRequest};
 use regatta_replication::proto;
 use regatta_replication::{start_follower, FollowerConfig};
 use regatta_server::ClusterRole;
-use regatta_server::{Node, NodeConfig};
+use regatta_server::{reset_request_key, Node, NodeConfig, META_GROUP};
 use tonic::{Request, Response, Status};
 
 fn free_address() -> SocketAddr {
@@ -42,6 +42,10 @@ struct FakeLeader {
     /// When set, a snapshot request waits for a permit before it is
     /// answered (counted in `snapshots` before it waits).
     snapshot_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// With `stale_snapshot_at`: a stream from any index below 10 (not
+    /// only 0) first sends the puts up to leader index 10, so that a
+    /// table taken back to the stale snapshot moves on past it again.
+    refill: bool,
 }
 
 impl FakeLeader {
@@ -95,9 +99,12 @@ impl proto::log_server::Log for FakeLeader {
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         if self.stale_snapshot_at.is_some() {
             let from = request.get_ref().leader_index;
+            let refill = from == 0 || (self.refill && from < 10);
             tokio::spawn(async move {
-                if from == 0 {
-                    let commands = (1..=10u64).map(|index| put_command(index, 1)).collect();
+                if refill {
+                    let commands = (from + 1..=10u64)
+                        .map(|index| put_command(index, 1))
+                        .collect();
                     let response = commands_response(commands, 10);
                     if sender.send(Ok(response)).await.is_err() {
                         return;
@@ -433,6 +440,103 @@ async fn a_reset_that_an_ordinary_install_displaces_is_still_followed() {
         assert!(Instant::now() < deadline, "the reset's record stayed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    follower.stop().await;
+    node.stop().await;
+}
+
+/// A reset's record that outlives the install that carried the reset out
+/// (a crash between that install's commit and the record's deletion, or a
+/// failed deletion) is spent: the table recorded the reset in the
+/// install's commit, and the next puller to read the record deletes it
+/// instead of following it. Before, that record let one later install
+/// take the table back to an older copy a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_reset_record_does_not_take_the_table_back() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fake = FakeLeader {
+        stale_snapshot_at: Some(5),
+        snapshot_gate: Some(Arc::clone(&gate)),
+        refill: true,
+        ..FakeLeader::default()
+    };
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_follower_node(dir.path()).await;
+    let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.snapshots.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never asked for the snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let group = node.table_group("etcd").expect("the copy of the table");
+    node.request_resync(group).await.expect("reset");
+    let reset_id = node
+        .table_reset_requested(group)
+        .await
+        .expect("reset record")
+        .expect("the reset's record");
+    gate.add_permits(1_000);
+    // The reset is carried out (to the leader's copy at 5) and its record
+    // deleted; the log then brings the table back up to 10, where the
+    // stale snapshot is refused again.
+    while node.snapshot_installs(group) < 1
+        || node
+            .table_reset_requested(group)
+            .await
+            .expect("reset record")
+            .is_some()
+        || node.table_revision(group, true).await.expect("revision") != 10
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reset was not carried out, or the table did not move on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.table_reset_carried(group), reset_id);
+    let installs = node.snapshot_installs(group);
+
+    // The record comes back, as a crash before its deletion leaves it.
+    let record = Command::Put(PutRequest {
+        key: reset_request_key(group),
+        value: reset_id.to_le_bytes().to_vec(),
+        prev_kv: false,
+    });
+    node.write(META_GROUP, &record).await.expect("record");
+    // The puller's pauses after refused copies have grown (to 5 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node
+        .table_reset_requested(group)
+        .await
+        .expect("reset record")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the spent record was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two more snapshot requests: installs that read no record and refuse
+    // the older copy.
+    let requests = fake.snapshots.load(Ordering::SeqCst);
+    while fake.snapshots.load(Ordering::SeqCst) < requests + 2 {
+        assert!(Instant::now() < deadline, "the puller stopped asking");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        node.snapshot_installs(group),
+        installs,
+        "the spent record took the table back again"
+    );
+    assert_eq!(
+        node.table_revision(group, true).await.expect("revision"),
+        10,
+        "the table's revision moved back"
+    );
     follower.stop().await;
     node.stop().await;
 }

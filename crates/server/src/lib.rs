@@ -60,9 +60,9 @@ pub use error::{Error, Result};
 pub use etcd_api::{EtcdApi, ETCD_API_VERSION};
 pub use maintenance::MaintenanceApi;
 pub use node::{
-    prefix_end, random_u64, validate_table_name, ClusterRole, GroupFacts, MemberAddresses,
-    MemberInfo, Node, NodeConfig, ProposalCounts, RaftEvents, ReplicationFacts, TableEntry,
-    WriteForwarder, META_GROUP,
+    prefix_end, random_u64, reset_request_key, validate_table_name, ClusterRole, GroupFacts,
+    MemberAddresses, MemberInfo, Node, NodeConfig, ProposalCounts, RaftEvents, ReplicationFacts,
+    TableEntry, WriteForwarder, META_GROUP,
 };
 pub use regatta_api::{RegattaApi, RANGE_RESPONSE_BYTES_MAX};
 pub use rest::{health, metrics, serve_rest};

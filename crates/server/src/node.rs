@@ -754,6 +754,18 @@ impl Node {
         table_flag(group, self.store.table_reset_pending(group.0))
     }
 
+    /// The restore id of the last operator's reset that an install of
+    /// table `group` carried out (0 if none, or if the table's metadata
+    /// cannot be read), as this node applied it.
+    pub fn table_reset_carried(&self, group: GroupId) -> u64 {
+        self.store
+            .table_reset_carried(group.0)
+            .unwrap_or_else(|error| {
+                tracing::warn!(group = group.0, %error, "cannot read the table's metadata");
+                0
+            })
+    }
+
     /// Follower clusters: makes table `group` install a fresh snapshot of
     /// the leader cluster's copy. It begins a restore that no puller owns:
     /// the table refuses replicated batches until a snapshot install
@@ -899,9 +911,14 @@ impl Node {
     /// fresh request id, retrying it (with the same id, so it applies
     /// once) while there is no leader.
     pub async fn propose(&self, group: GroupId, command: &Command) -> Result<Response> {
+        self.propose_encoded(group, Bytes::from(encode(command)))
+            .await
+    }
+
+    /// [`Node::propose`] of an encoded command.
+    pub async fn propose_encoded(&self, group: GroupId, payload: Bytes) -> Result<Response> {
         let session = self.sessions.check_out();
         let id = session.id;
-        let payload = Bytes::from(encode(command));
         let deadline = Instant::now() + self.config.request_timeout;
         // Whether an attempt may have reached a log: forwarded and then
         // the leader changed (`NotLeader` from the host), or covered by a
@@ -1656,7 +1673,9 @@ fn replica_source_key(name: &str) -> Vec<u8> {
     key
 }
 
-fn reset_request_key(group: GroupId) -> Vec<u8> {
+/// The metadata group's key of the record of an operator's reset of
+/// follower table `group` (`reset/<group>`, `docs/kv-format.md`).
+pub fn reset_request_key(group: GroupId) -> Vec<u8> {
     let mut key = RESET_REQUEST_PREFIX.to_vec();
     key.extend_from_slice(group.0.to_string().as_bytes());
     key

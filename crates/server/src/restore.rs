@@ -9,7 +9,10 @@
 //! commit, once the whole stream arrived: a torn or corrupt stream never
 //! changes what readers see.
 
-use regatta_kv::command::{Command, ReplicatedResult, ResponseOp};
+use bytes::Bytes;
+use regatta_kv::command::{
+    encode, encode_restore_commit_reset, Command, ReplicatedResult, ResponseOp,
+};
 use regatta_wal::GroupId;
 
 use crate::{Error, Node, Result};
@@ -229,15 +232,26 @@ impl<'a> TableRestore<'a> {
     /// a follower cluster, the table then holds the copy's leader index.
     /// On any failure it proposes `RestoreAbort` (harmless if the commit
     /// applied after all: the abort then finds no restore under way).
-    pub async fn commit(mut self) -> Result<RestoreSummary> {
-        let committed = self.try_commit().await;
+    pub async fn commit(self) -> Result<RestoreSummary> {
+        self.commit_carrying(None).await
+    }
+
+    /// Commits, recording in the same write that this install carried
+    /// out the operator's reset `reset_id` (follower tables;
+    /// `encode_restore_commit_reset`).
+    pub async fn commit_reset(self, reset_id: u64) -> Result<RestoreSummary> {
+        self.commit_carrying(Some(reset_id)).await
+    }
+
+    async fn commit_carrying(mut self, reset_id: Option<u64>) -> Result<RestoreSummary> {
+        let committed = self.try_commit(reset_id).await;
         if committed.is_err() {
             self.abort().await;
         }
         committed
     }
 
-    async fn try_commit(&mut self) -> Result<RestoreSummary> {
+    async fn try_commit(&mut self, reset_id: Option<u64>) -> Result<RestoreSummary> {
         if !self.complete {
             return Err(Error::InvalidArgument(format!(
                 "the snapshot stream ended after {} bytes, before its last chunk",
@@ -248,11 +262,16 @@ impl<'a> TableRestore<'a> {
             self.flush().await?;
         }
         self.summary.index = self.index.unwrap_or(0);
-        let step = Command::RestoreCommit {
-            restore_id: self.restore_id,
-            leader_index: self.summary.index,
+        let step = match reset_id {
+            None => encode(&Command::RestoreCommit {
+                restore_id: self.restore_id,
+                leader_index: self.summary.index,
+            }),
+            Some(reset_id) => {
+                encode_restore_commit_reset(self.restore_id, self.summary.index, reset_id)
+            }
         };
-        if propose(self.node, self.group, &step).await?.accepted {
+        if propose_encoded(self.node, self.group, step).await?.accepted {
             Ok(self.summary)
         } else {
             Err(Error::Unavailable(
@@ -276,7 +295,20 @@ impl<'a> TableRestore<'a> {
 /// Proposes a replication command (a `Replicated` batch or a restore
 /// step) and returns the table's verdict.
 pub async fn propose(node: &Node, group: GroupId, command: &Command) -> Result<ReplicatedResult> {
-    match node.propose(group, command).await?.result {
+    propose_encoded(node, group, encode(command)).await
+}
+
+/// [`propose`] of an encoded command.
+async fn propose_encoded(
+    node: &Node,
+    group: GroupId,
+    command: Vec<u8>,
+) -> Result<ReplicatedResult> {
+    match node
+        .propose_encoded(group, Bytes::from(command))
+        .await?
+        .result
+    {
         Ok(ResponseOp::Replicated(result)) => Ok(result),
         Ok(other) => Err(Error::Internal(format!(
             "an unexpected result of a replication command: {other:?}"
