@@ -263,9 +263,12 @@ impl Store {
 
     /// Whether the restore under way in table `group` was begun by an
     /// operator's reset (or by an install that carries one on): its id
-    /// has [`RESET_RESTORE_ID_BIT`] set.
+    /// has [`RESET_RESTORE_ID_BIT`] set, and is not that of the reset an
+    /// install already carried out (a retried begin of that reset that
+    /// applied late).
     pub fn table_reset_pending(&self, group: u64) -> Result<bool> {
-        Ok(self.read_meta(group)?.restore_id & RESET_RESTORE_ID_BIT != 0)
+        let meta = self.read_meta(group)?;
+        Ok(meta.restore_id & RESET_RESTORE_ID_BIT != 0 && meta.restore_id != meta.reset_carried)
     }
 
     /// The restore id of the last operator's reset that an install of
@@ -337,7 +340,7 @@ struct Meta {
     /// The generation being filled by the restore.
     staging: u64,
     /// The restore id of the last operator's reset that an install
-    /// carried out (`RestoreCommitReset`), 0 if none.
+    /// carried out (`encode_restore_commit_reset`), 0 if none.
     reset_carried: u64,
 }
 

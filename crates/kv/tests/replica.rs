@@ -590,6 +590,7 @@ fn a_carried_out_reset_is_recorded_with_the_commit() {
     // A commit of another restore than the one under way records nothing.
     let begun = apply(&mut table, &[Command::RestoreBegin { restore_id: RESET }]);
     assert!(outcome(&begun[0]).accepted);
+    assert!(store.table_reset_pending(4).expect("meta"));
     let refused = apply_encoded(&mut table, encode_restore_commit_reset(5, 1, RESET));
     assert!(!outcome(&refused).accepted);
     assert_eq!(store.table_reset_carried(4).expect("meta"), 0);
@@ -599,6 +600,14 @@ fn a_carried_out_reset_is_recorded_with_the_commit() {
     assert_eq!(table.revision(), 1);
     assert_eq!(contents(&table), Vec::new());
     assert_eq!(store.table_reset_carried(4).expect("meta"), RESET);
+    assert!(!store.table_restore_pending(4).expect("meta"));
+
+    // A retried begin of the same reset that applies late is a restore
+    // under way, but not a reset that may take the table back.
+    let late = apply(&mut table, &[Command::RestoreBegin { restore_id: RESET }]);
+    assert!(outcome(&late[0]).accepted);
+    assert!(store.table_restore_pending(4).expect("meta"));
+    assert!(!store.table_reset_pending(4).expect("meta"));
 
     // An ordinary install later keeps it.
     let steps = apply(

@@ -848,20 +848,19 @@ async fn install_snapshot_once(
     // the deletion failed) is spent: followed, it would take the table
     // back a second time. The begin above was applied here, so the
     // table's reset carried includes every commit before it.
-    let reset_request = match reset_request {
+    let (reset_request, older) = match reset_request {
         Some(restore_id) if restore_id == node.table_reset_carried(group) => {
             tracing::info!(table = %name, "deleting the record of a reset already carried out");
             if let Err(error) = node.clear_reset_request(group, restore_id).await {
                 tracing::warn!(table = %name, %error, "could not delete a spent reset's record");
             }
-            None
+            // No reset is live (one writes its record before its begin),
+            // so a reset-marked restore this install began from (a
+            // deposed puller's view) does not let it go back either.
+            (None, OlderCopy::Refused)
         }
-        other => other,
-    };
-    let older = if reset_request.is_some() {
-        OlderCopy::Allowed
-    } else {
-        older
+        Some(restore_id) => (Some(restore_id), OlderCopy::Allowed),
+        None => (None, older),
     };
     let mut reported_bytes = 0u64;
     let mut checked_index = None;
@@ -915,7 +914,8 @@ async fn install_snapshot_once(
     node.count_snapshot_install(group);
     if let Some(restore_id) = reset_request {
         if let Err(error) = node.clear_reset_request(group, restore_id).await {
-            // Left, it lets a later install of this table go back too.
+            // Left, it is found spent by the next install (the table
+            // recorded the reset with the commit).
             tracing::warn!(table = %name, %error, "could not clear the carried-out reset's record");
         }
     }
