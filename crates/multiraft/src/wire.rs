@@ -514,8 +514,16 @@ impl Reader<'_> {
         decode_payload(&slice).map_err(|e| self.error(e.to_string()))
     }
 
+    /// At most `READ_IDS_PER_MESSAGE_MAX` (what a sender's merged read
+    /// messages hold): a leader confirms each id it is sent.
     fn read_ids(&mut self) -> Result<Vec<ReadId>, WireError> {
         let count = self.count(8)?;
+        if count > regatta_raft::READ_IDS_PER_MESSAGE_MAX {
+            return Err(self.error(format!(
+                "{count} read ids in one message, over {}",
+                regatta_raft::READ_IDS_PER_MESSAGE_MAX
+            )));
+        }
         (0..count).map(|_| self.u64().map(ReadId)).collect()
     }
 }
@@ -925,6 +933,26 @@ mod tests {
         );
         let error = decode_batch(&Bytes::from(append)).expect_err("too many entries");
         assert!(error.to_string().contains("entries, over"), "{error}");
+
+        // A leader confirms each read id it is sent: no more than a
+        // sender's merged read message holds.
+        let ids = |count: usize| (0..count as u64).map(ReadId).collect::<Vec<_>>();
+        let most = regatta_raft::READ_IDS_PER_MESSAGE_MAX;
+        let reads = one_message(1, MessageBody::ReadIndex { ids: ids(most) });
+        assert!(decode_batch(&Bytes::from(reads)).is_ok());
+        for body in [
+            MessageBody::ReadIndex { ids: ids(most + 1) },
+            MessageBody::ReadIndexResponse {
+                index: LogIndex(3),
+                ids: ids(most + 1),
+            },
+        ] {
+            let error = decode_batch(&Bytes::from(one_message(1, body))).expect_err("too many ids");
+            assert!(
+                error.to_string().contains("read ids in one message"),
+                "{error}"
+            );
+        }
 
         let proposal = one_message(
             1,

@@ -719,6 +719,9 @@ impl<S: Storage> Raft<S> {
             MessageBody::Vote {
                 pre_vote, transfer, ..
             } => {
+                // Only a voter's transfer campaign (which the leader began)
+                // passes the lease; anyone else's flag counts for nothing.
+                let transfer = transfer && self.membership.is_voter(message.from);
                 if !transfer && self.in_lease() {
                     return false;
                 }
@@ -846,7 +849,12 @@ impl<S: Storage> Raft<S> {
             }
             MessageBody::TimeoutNow => {
                 // A transfer: campaign at once, past the voters' stickiness.
-                self.campaign_with(CampaignKind::Transfer);
+                // Only the leader this node follows begins one: from anyone
+                // else (a stale or misbehaving peer) it would depose a
+                // healthy leader past its lease.
+                if self.leader == Some(from) {
+                    self.campaign_with(CampaignKind::Transfer);
+                }
             }
             MessageBody::ReadIndexResponse { index, ids } => {
                 let states = ids.into_iter().map(|id| ReadState { id, index });
@@ -1402,7 +1410,11 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         };
         progress.on_heartbeat_response();
-        progress.acked_round = progress.acked_round.max(round);
+        // No heartbeat of this term carried a later round than the current
+        // one: a later one would confirm read rounds not yet begun.
+        if round <= self.reads.round {
+            progress.acked_round = progress.acked_round.max(round);
+        }
         // A follower behind us gets an append even if it carries nothing
         // new: appends lost in flight leave `next_index` past what it holds,
         // and its rejection of this one resynchronises it.
@@ -2061,6 +2073,10 @@ fn is_well_formed(
     prev_term: Term,
     entries: &[Entry],
 ) -> bool {
+    // Only index 0 has term 0; and no entry is of a term after its sender's.
+    if (prev_index > LogIndex(0) && prev_term == Term(0)) || prev_term > message_term {
+        return false;
+    }
     let mut previous_term = prev_term;
     for (position, entry) in entries.iter().enumerate() {
         let expected_index = prev_index.plus(position as u64 + 1);

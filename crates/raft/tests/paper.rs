@@ -669,6 +669,99 @@ mod replication {
         );
     }
 
+    /// Messages that only the leader, or a voter, may send are ignored
+    /// from anyone else: a TimeoutNow from a node that is not the leader
+    /// (it deposed a healthy leader past its lease), a transfer vote from
+    /// a non-voter at a higher term (it passed the lease), and a heartbeat
+    /// answer naming a read round not begun yet (it confirmed future
+    /// reads without asking). An append whose previous entry has term 0
+    /// past index 0 cannot be true and is dropped.
+    #[test]
+    fn what_only_the_leader_or_a_voter_may_send_is_ignored_from_others() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.node(1)
+            .propose(vec![Bytes::from_static(b"x")])
+            .expect("leader");
+        c.settle();
+        let term = c.term(2);
+
+        // A TimeoutNow from node 3, a follower like node 2.
+        let timeout_now = Message {
+            from: NodeId(3),
+            to: NodeId(2),
+            term,
+            body: MessageBody::TimeoutNow,
+        };
+        let _ = c.node(2).step(timeout_now);
+        c.settle();
+        assert_eq!(c.term(2), term, "node 2 campaigned on node 3's word");
+        assert_eq!(c.role(1), Role::Leader);
+
+        // A transfer vote from node 9, in no membership, at a higher term.
+        let vote = Message {
+            from: NodeId(9),
+            to: NodeId(2),
+            term: Term(term.0 + 5),
+            body: MessageBody::Vote {
+                last_index: LogIndex(1 << 40),
+                last_term: Term(term.0 + 5),
+                pre_vote: false,
+                transfer: true,
+            },
+        };
+        let _ = c.node(2).step(vote);
+        c.settle();
+        assert_eq!(
+            c.term(2),
+            term,
+            "a non-voter's transfer vote passed the lease"
+        );
+        assert_eq!(c.role(1), Role::Leader);
+
+        // An append with a previous entry of term 0 past index 0 leaves the
+        // follower's log as it was and gets no answer.
+        let last = c.last_index(2);
+        let append = Message {
+            from: NodeId(1),
+            to: NodeId(2),
+            term,
+            body: MessageBody::Append {
+                prev_index: last,
+                prev_term: Term(0),
+                entries: Vec::new(),
+                commit: LogIndex(0),
+                wants_ack: true,
+            },
+        };
+        let answers = c.count_delivered("append_response");
+        let _ = c.node(2).step(append);
+        c.settle();
+        assert_eq!(c.last_index(2), last);
+        assert_eq!(c.count_delivered("append_response"), answers);
+
+        // Node 1 is cut off with a read under way; node 2 claims to have
+        // answered every read round, this one and all later ones. Counted,
+        // the claim makes node 1 and node 2 a quorum for reads node 1 can
+        // no longer confirm.
+        c.isolate(1);
+        c.read(1, 7).expect("still leader");
+        let claim = Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term,
+            body: MessageBody::HeartbeatResponse { round: u64::MAX },
+        };
+        let _ = c.node(1).step(claim);
+        c.settle();
+        c.read(1, 8).expect("still leader");
+        c.settle();
+        assert!(
+            c.confirmed_reads(1).is_empty(),
+            "a read was confirmed by a round node 2 never answered"
+        );
+    }
+
     /// A snapshot message from a peer whose metadata cannot be true (a
     /// term above the message's, index 0 or near `u64::MAX`, no voters) is
     /// dropped: it used to be installed and trip the invariant check (a
