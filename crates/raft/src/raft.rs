@@ -847,14 +847,12 @@ impl<S: Storage> Raft<S> {
                 self.leader = Some(from);
                 self.handle_snapshot(from, meta);
             }
-            MessageBody::TimeoutNow => {
-                // A transfer: campaign at once, past the voters' stickiness.
-                // Only the leader this node follows begins one: from anyone
-                // else (a stale or misbehaving peer) it would depose a
-                // healthy leader past its lease.
-                if self.leader == Some(from) {
-                    self.campaign_with(CampaignKind::Transfer);
-                }
+            // A transfer: campaign at once, past the voters' stickiness.
+            // Only the leader this node follows begins one: from anyone
+            // else (a stale or misbehaving peer) it would depose a healthy
+            // leader past its lease.
+            MessageBody::TimeoutNow if self.leader == Some(from) => {
+                self.campaign_with(CampaignKind::Transfer);
             }
             MessageBody::ReadIndexResponse { index, ids } => {
                 let states = ids.into_iter().map(|id| ReadState { id, index });
