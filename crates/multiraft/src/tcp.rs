@@ -198,11 +198,29 @@ pub struct TcpConfig {
     /// at once (and counted), so that idle connections cannot use up the
     /// process's file descriptors. Default 1,024.
     pub incoming_connections_max: usize,
+    /// A frame whose length has arrived must be complete within this plus
+    /// its length at 1 MiB/s; otherwise the connection is closed (and the
+    /// frame counted as refused), so that a peer that announces a large
+    /// frame and stalls, or trickles it, holds nothing for long. Default
+    /// 10 s.
+    pub frame_body_timeout_min: Duration,
+    /// An incoming snapshot must arrive, as a whole, within
+    /// `snapshot_idle_timeout` plus its announced size at this rate, or
+    /// its slot is freed (a peer trickling chunks just inside the idle
+    /// timeout would otherwise hold it for ever). Set it below any
+    /// sender's `snapshot_bytes_per_second_max`. Default 64 KiB/s.
+    pub snapshot_bytes_per_second_min: u64,
 }
 
 /// How long an incoming connection may take for its TLS and Regatta
 /// handshakes.
 const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A frame's body must arrive at this rate at least, after
+/// `TcpConfig::frame_body_timeout_min`.
+const FRAME_BODY_BYTES_PER_SECOND_MIN: u64 = 1 << 20;
+/// A frame's body is read into a buffer that grows as bytes arrive, from
+/// at most this: the length alone never allocates.
+const FRAME_BODY_INITIAL_BYTES_MAX: usize = 64 * 1024;
 /// TCP keepalive on every peer connection: a peer that vanished without a
 /// reset (power loss, a partition that drops packets) is noticed within
 /// about a minute, and quiesced groups are woken (`wake_all`).
@@ -238,6 +256,8 @@ impl TcpConfig {
             connect_timeout: Duration::from_secs(3),
             resolver: None,
             incoming_connections_max: 1024,
+            frame_body_timeout_min: Duration::from_secs(10),
+            snapshot_bytes_per_second_min: 64 * 1024,
         }
     }
 }
@@ -1210,7 +1230,15 @@ async fn serve_stream(
                 stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            receive_snapshot(&config, &mut stream, Bytes::from(body), &host, &stats).await;
+            receive_snapshot(
+                &config,
+                &mut stream,
+                Bytes::from(body),
+                sender,
+                &host,
+                &stats,
+            )
+            .await;
             return;
         }
         if body[0] != FRAME_MESSAGE_BATCH {
@@ -1222,6 +1250,12 @@ async fn serve_stream(
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // A node speaks only for itself: a message claiming another
+        // sender (a removed node posing as a member) closes the link.
+        if messages.iter().any(|(_, message)| message.from != sender) {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         // A snapshot message comes only with its data, on a snapshot
         // stream: without it, the group could not install what it
         // accepted.
@@ -1251,8 +1285,21 @@ async fn read_frame(
         stats.frames_refused.fetch_add(1, Ordering::Relaxed);
         return None;
     }
-    let mut body = vec![0u8; length as usize];
-    stream.read_exact(&mut body).await.ok()?;
+    // 32 bytes spare: `read_to_end` keeps that much room to look for more,
+    // and would otherwise grow a buffer that the body just filled.
+    let mut body = Vec::with_capacity((length as usize).min(FRAME_BODY_INITIAL_BYTES_MAX) + 32);
+    let deadline = config.frame_body_timeout_min
+        + Duration::from_millis(u64::from(length) * 1_000 / FRAME_BODY_BYTES_PER_SECOND_MIN);
+    let mut limited = (&mut *stream).take(u64::from(length));
+    let read = limited.read_to_end(&mut body);
+    match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(read)) if read == length as usize => {}
+        Ok(Ok(_)) | Ok(Err(_)) => return None,
+        Err(_) => {
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    }
     if crc32c::crc32c(&body) != checksum {
         stats.frames_refused.fetch_add(1, Ordering::Relaxed);
         return None;
@@ -1268,6 +1315,7 @@ async fn receive_snapshot(
     config: &TcpConfig,
     stream: &mut IncomingStream,
     header: Bytes,
+    sender: NodeId,
     host: &OnceLock<WeakNodeHost>,
     stats: &TcpStats,
 ) {
@@ -1275,6 +1323,10 @@ async fn receive_snapshot(
         stats.frames_refused.fetch_add(1, Ordering::Relaxed);
         return;
     };
+    if message.from != sender {
+        stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     if total_bytes > config.snapshot_bytes_max {
         stats.frames_refused.fetch_add(1, Ordering::Relaxed);
         return;
@@ -1295,12 +1347,20 @@ async fn receive_snapshot(
     drop(receiver);
     let mut file = tokio::io::BufWriter::new(tokio::fs::File::from_std(file));
     let mut received: u64 = 0;
-    while received < total_bytes {
-        let frame = tokio::time::timeout(
-            config.snapshot_idle_timeout,
-            read_frame(config, stream, stats),
+    // The whole transfer has a deadline too: chunks trickled each just
+    // inside the idle timeout would hold the slot for ever.
+    let whole = config.snapshot_idle_timeout
+        + Duration::from_millis(
+            total_bytes.saturating_mul(1_000) / config.snapshot_bytes_per_second_min.max(1),
         );
+    let deadline = tokio::time::Instant::now() + whole;
+    while received < total_bytes {
+        let idle = tokio::time::Instant::now() + config.snapshot_idle_timeout;
+        let frame = tokio::time::timeout_at(idle.min(deadline), read_frame(config, stream, stats));
         let Ok(Some(body)) = frame.await else {
+            if tokio::time::Instant::now() >= deadline {
+                stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         };
         let chunk = &body[1..];

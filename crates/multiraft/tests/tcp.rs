@@ -469,6 +469,117 @@ async fn malformed_snapshot_streams_are_refused() {
     transport.shutdown();
 }
 
+/// A peer speaks only for the node it named at its handshake: a message,
+/// or a snapshot header, claiming another sender closes the connection
+/// (a removed node could otherwise pose as a member). A frame whose
+/// length came but whose body stalls, and a snapshot whose chunks trickle
+/// in each just inside the idle timeout, are dropped at their deadlines
+/// instead of holding the connection, and a snapshot slot, for ever.
+#[tokio::test]
+async fn a_peer_speaks_only_for_itself_and_cannot_stall_a_frame_or_snapshot() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let mut config = TcpConfig::new(NodeId(1), CLUSTER);
+    config.frame_body_timeout_min = Duration::from_millis(300);
+    config.snapshot_idle_timeout = Duration::from_millis(500);
+    config.snapshot_bytes_per_second_min = 1_000;
+    let transport = TcpTransport::start(config, listener);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _host = attach_bare_host(&transport, dir.path());
+    let refused = || {
+        transport
+            .stats()
+            .frames_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // Node 2's connection carrying a heartbeat from node 3.
+    let mut stream = handshake(address).await;
+    let posing = Message {
+        from: NodeId(3),
+        to: NodeId(1),
+        term: Term(3),
+        body: MessageBody::Heartbeat {
+            commit: LogIndex(0),
+            round: 0,
+        },
+    };
+    let mut batch = vec![1u8];
+    regatta_multiraft::wire::encode_batch(&[(GroupId(1), posing)], &mut batch);
+    stream.write_all(&frame(&batch)).await.expect("write");
+    closed_unconfirmed(&mut stream).await;
+    assert_eq!(refused(), 1);
+
+    // A snapshot header whose message is from node 3 (announcing enough
+    // bytes that its whole-transfer deadline is far off).
+    let snapshot = MessageBody::Snapshot {
+        meta: SnapshotMeta {
+            index: LogIndex(10),
+            term: Term(3),
+            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
+        },
+    };
+    let message = Message {
+        from: NodeId(3),
+        to: NodeId(1),
+        term: Term(3),
+        body: snapshot.clone(),
+    };
+    let mut header = vec![2u8];
+    header.extend_from_slice(&100_000u64.to_le_bytes());
+    regatta_multiraft::wire::encode_batch(&[(GroupId(1), message)], &mut header);
+    let mut stream = handshake(address).await;
+    stream.write_all(&frame(&header)).await.expect("write");
+    closed_unconfirmed(&mut stream).await;
+    assert_eq!(refused(), 2);
+
+    // A frame of 1,000 bytes announced, 10 sent, then nothing.
+    let mut stream = handshake(address).await;
+    let mut stalled = 1_000u32.to_le_bytes().to_vec();
+    stalled.extend_from_slice(&0u32.to_le_bytes());
+    stalled.extend_from_slice(&[1u8; 10]);
+    stream.write_all(&stalled).await.expect("write");
+    closed_unconfirmed(&mut stream).await;
+    assert_eq!(refused(), 3);
+
+    // A snapshot of 1,000 bytes (so 1.5 s in all at 1,000 bytes/s after
+    // the 0.5 s idle timeout), one byte every 0.2 s.
+    let mut stream = handshake(address).await;
+    stream
+        .write_all(&snapshot_header(1_000, snapshot))
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let trickle = async {
+        loop {
+            let chunk = frame(&[3u8, 7u8]);
+            if stream.write_all(&chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(10), trickle).await;
+    assert!(
+        ended.is_ok(),
+        "the trickled snapshot held its slot for 10 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1_000));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused() < 4 {
+        assert!(Instant::now() < deadline, "the trickle was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        transport
+            .stats()
+            .snapshots_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    transport.shutdown();
+}
+
 /// Beyond `incoming_snapshots_max` snapshots being received at once, a
 /// new one is refused at its header; once one finishes or stalls past
 /// `snapshot_idle_timeout`, the slot is free.
