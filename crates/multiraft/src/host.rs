@@ -3259,6 +3259,14 @@ impl<W: std::io::Write> std::io::Write for CountingWriter<W> {
     }
 }
 
+/// Whether a snapshot's data opens: its session table's length fits the
+/// data and the table decodes. A transport checks data from the network
+/// with it before delivering: a snapshot that Raft accepted and the apply
+/// thread then could not open would stop the group on this node for good.
+pub(crate) fn check_snapshot_data(data: &SnapshotData) -> Result<(), String> {
+    read_snapshot(data).map(|_| ())
+}
+
 /// Opens a snapshot's data: the session table, and a reader positioned at
 /// the state machine's stream, limited to the file's announced length.
 fn read_snapshot(

@@ -1385,6 +1385,22 @@ async fn receive_snapshot(
         return;
     }
     let data = pending.finish(total_bytes);
+    // Opened once before Raft sees it (off the runtime: the session table
+    // is read from disk): data the apply thread could not open would stop
+    // the group here after Raft had already accepted the snapshot.
+    let checked = {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || crate::host::check_snapshot_data(&data)).await
+    };
+    match checked {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(group = group.0, from = message.from.0, %error, "refused a snapshot whose data does not open");
+            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => return,
+    }
     let Some(host) = host.get().and_then(WeakNodeHost::upgrade) else {
         return;
     };

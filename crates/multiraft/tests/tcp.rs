@@ -580,6 +580,50 @@ async fn a_peer_speaks_only_for_itself_and_cannot_stall_a_frame_or_snapshot() {
     transport.shutdown();
 }
 
+/// A snapshot whose data does not open (its session table's length runs
+/// past the data) is refused before Raft sees it: unanswered, so the
+/// sender retries, and the group runs on. Delivered, it was accepted by
+/// Raft (the log replaced, the membership too) and then failed on the
+/// apply thread, which stopped the group on this node for good.
+#[tokio::test]
+async fn a_snapshot_whose_data_does_not_open_is_refused_before_raft_sees_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let transport = TcpTransport::start(TcpConfig::new(NodeId(1), CLUSTER), listener);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = attach_bare_host(&transport, dir.path());
+    let snapshot = MessageBody::Snapshot {
+        meta: SnapshotMeta {
+            index: LogIndex(10),
+            term: Term(3),
+            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
+        },
+    };
+    let mut stream = handshake(address).await;
+    stream
+        .write_all(&snapshot_header(10, snapshot))
+        .await
+        .expect("write");
+    // A session table of 1,000 bytes announced in 10 bytes of data.
+    let mut chunk = vec![3u8];
+    chunk.extend_from_slice(&1_000u32.to_le_bytes());
+    chunk.extend_from_slice(&[0u8; 6]);
+    stream.write_all(&frame(&chunk)).await.expect("write");
+    closed_unconfirmed(&mut stream).await;
+    assert_eq!(
+        transport
+            .stats()
+            .frames_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The group still answers, at the term it had.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = host.status(GroupId(1)).await.expect("the group runs");
+    assert!(status.hard_state.term < Term(3), "{status:?}");
+    transport.shutdown();
+}
+
 /// Beyond `incoming_snapshots_max` snapshots being received at once, a
 /// new one is refused at its header; once one finishes or stalls past
 /// `snapshot_idle_timeout`, the slot is free.
