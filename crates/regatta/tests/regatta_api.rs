@@ -248,3 +248,133 @@ async fn tables_kv_and_paged_iteration() {
         .expect_err("gone");
     assert_eq!(gone.code(), Code::NotFound);
 }
+
+/// One call over raw HTTP/2: its `grpc-status`, `grpc-message` and
+/// `grpc-accept-encoding`, from the headers of a trailers-only answer or
+/// from the trailers.
+async fn raw_call(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (String, String, String) {
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://regatta{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).expect("request");
+    let ready = sender.clone().ready().await.expect("ready");
+    *sender = ready;
+    let (response, mut stream) = sender.send_request(request, body.is_empty()).expect("send");
+    if !body.is_empty() {
+        stream
+            .send_data(bytes::Bytes::copy_from_slice(body), true)
+            .expect("body");
+    }
+    let response = response.await.expect("response");
+    let field = |map: &http::HeaderMap, name: &str| {
+        map.get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let headers = response.headers().clone();
+    if headers.contains_key("grpc-status") {
+        return (
+            field(&headers, "grpc-status"),
+            field(&headers, "grpc-message"),
+            field(&headers, "grpc-accept-encoding"),
+        );
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
+    (
+        field(&trailers, "grpc-status"),
+        field(&trailers, "grpc-message"),
+        field(&headers, "grpc-accept-encoding"),
+    )
+}
+
+/// Requests that are not well-formed gRPC calls get client errors, never
+/// INTERNAL, on every service: a message tonic cannot decode (the
+/// services it serves answered INTERNAL), a request without a message, a
+/// method other than POST (tonic served it as a call), and a compressed
+/// request, which is told the one encoding accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_are_not_grpc_calls_get_client_errors_not_internal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regatta = Regatta::start(&dir.path().join("node"));
+    let _serving = connect(&regatta).await;
+    let tcp = tokio::net::TcpStream::connect(regatta.api)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("http/2");
+    tokio::spawn(connection);
+    let garbage = [0u8, 0, 0, 0, 2, 0xff, 0xff];
+
+    let (status, message, _) = raw_call(
+        &mut sender,
+        http::Method::POST,
+        "/regatta.v1.Tables/List",
+        &[],
+        &garbage,
+    )
+    .await;
+    assert_eq!(status, "3", "an undecodable message to tonic: {message}");
+    let (status, message, _) = raw_call(
+        &mut sender,
+        http::Method::POST,
+        "/regatta.v1.Tables/List",
+        &[],
+        &[],
+    )
+    .await;
+    assert_eq!(status, "3", "no message: {message}");
+    for path in ["/etcdserverpb.KV/Put", "/regatta.v1.Tables/List"] {
+        let (status, message, _) =
+            raw_call(&mut sender, http::Method::GET, path, &[], &garbage).await;
+        assert_eq!(status, "3", "GET {path}: {message}");
+        assert!(message.contains("POST"), "{message}");
+    }
+    let (status, message, accepted) = raw_call(
+        &mut sender,
+        http::Method::POST,
+        "/etcdserverpb.KV/Put",
+        &[("grpc-encoding", "gzip")],
+        &[1, 0, 0, 0, 2, 0x1f, 0x8b],
+    )
+    .await;
+    assert_eq!(status, "12", "compressed: {message}");
+    assert_eq!(accepted, "identity");
+    // The short path still serves a well-formed call.
+    let put = {
+        use prost::Message;
+        regatta_server::proto::etcdserverpb::PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(put.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&put);
+    let (status, message, _) = raw_call(
+        &mut sender,
+        http::Method::POST,
+        "/etcdserverpb.KV/Put",
+        &[],
+        &framed,
+    )
+    .await;
+    assert_eq!(status, "0", "{message}");
+}

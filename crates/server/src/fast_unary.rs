@@ -162,28 +162,66 @@ impl<S, B> tower::Service<http::Request<B>> for FastUnary<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<BoxBody>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = http::Response<BoxBody>;
     type Error = S::Error;
-    type Future = futures_util::future::Either<S::Future, Served<S::Error>>;
+    type Future = Served<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = match Call::of_path(request.uri().path()) {
-            Some(call) if request.method() == http::Method::POST => call,
-            _ => return futures_util::future::Either::Left(self.inner.call(request)),
+        // Every gRPC call is a POST; anything else would reach tonic, which
+        // serves it as one and answers a body it cannot read with INTERNAL.
+        if request.method() != http::Method::POST {
+            let refused = Status::invalid_argument(format!(
+                "gRPC calls are HTTP/2 POST requests, not {}",
+                request.method()
+            ));
+            return Box::pin(std::future::ready(Ok(refused.into_http())));
+        }
+        let Some(call) = Call::of_path(request.uri().path()) else {
+            let served = self.inner.call(request);
+            return Box::pin(async move { served.await.map(refine_tonic_status) });
         };
         let apis = Arc::clone(&self.apis);
         let limit = self.request_bytes_max;
-        futures_util::future::Either::Right(Box::pin(async move {
-            Ok(serve(&apis, call, request, limit).await)
-        }))
+        Box::pin(async move { Ok(serve(&apis, call, request, limit).await) })
     }
+}
+
+/// tonic answers a request message it cannot decode with INTERNAL, and
+/// one over its size limit with OUT_OF_RANGE, on every call this layer
+/// leaves to it; client input must get neither. These become
+/// INVALID_ARGUMENT and RESOURCE_EXHAUSTED, as on the short path. Only
+/// trailers-only answers carry them (the handler never ran), and only
+/// the texts of tonic's own decoding errors are rewritten.
+fn refine_tonic_status(mut response: http::Response<BoxBody>) -> http::Response<BoxBody> {
+    const DECODING: [&str; 3] = [
+        "failed to decode Protobuf message",
+        "Missing request message",
+        "protocol error: received message with compressed-flag",
+    ];
+    const TOO_LARGE: &str = "Error, decoded message length too large";
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let message = status.message();
+    let code = match status.code() {
+        tonic::Code::Internal if DECODING.iter().any(|text| message.starts_with(text)) => {
+            tonic::Code::InvalidArgument
+        }
+        tonic::Code::OutOfRange if message.starts_with(TOO_LARGE) => tonic::Code::ResourceExhausted,
+        _ => return response,
+    };
+    response
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from(code as i32));
+    response
 }
 
 async fn serve<B>(
@@ -199,6 +237,12 @@ where
     use crate::proto::etcdserverpb::kv_server::Kv as EtcdKv;
     use crate::proto::regatta::v1::kv_server::Kv as RegattaKv;
     let (parts, body) = request.into_parts();
+    // A compressed request is refused from its header, before its body is
+    // read (no compression is offered).
+    let encoding = parts.headers.get("grpc-encoding");
+    if encoding.is_some_and(|encoding| encoding.as_bytes() != b"identity") {
+        return unimplemented_compression().into_http();
+    }
     // A client that never finishes its body must not hold it (up to the
     // request limit) forever.
     let read = tokio::time::timeout(REQUEST_BODY_TIMEOUT, read_message(body, limit, call));
@@ -210,6 +254,7 @@ where
     });
     let message = match read {
         Ok(message) => message,
+        Err(Error::Unimplemented(_)) => return unimplemented_compression().into_http(),
         Err(error) => return Status::from(error).into_http(),
     };
     let metadata = MetadataMap::from_headers(parts.headers);
@@ -235,6 +280,19 @@ where
         (Api::Regatta, Method::DeleteRange) => unary!(RegattaKv, &apis.regatta, delete_range),
         (Api::Regatta, Method::Txn) => unary!(RegattaKv, &apis.regatta, txn),
     }
+}
+
+/// The refusal of a compressed request: UNIMPLEMENTED, naming the only
+/// encoding accepted (`grpc-accept-encoding`), as gRPC's compression
+/// rules ask.
+fn unimplemented_compression() -> Status {
+    let mut status =
+        Status::unimplemented("compressed requests are not supported: send them uncompressed");
+    status.metadata_mut().insert(
+        "grpc-accept-encoding",
+        tonic::metadata::MetadataValue::from_static("identity"),
+    );
+    status
 }
 
 /// The one message of a unary request body, without its prefix.
@@ -267,10 +325,18 @@ where
     }
     let compressed = body.get_u8();
     let length = body.get_u32() as usize;
-    if compressed != 0 {
-        return Err(Error::Unimplemented(
-            "compressed requests are not supported: send them uncompressed".into(),
-        ));
+    match compressed {
+        0 => {}
+        1 => {
+            return Err(Error::Unimplemented(
+                "compressed requests are not supported: send them uncompressed".into(),
+            ))
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "the message prefix's compressed flag is {other}; gRPC allows 0 and 1"
+            )))
+        }
     }
     if length > limit {
         return Err(too_large(format!(
@@ -418,6 +484,9 @@ mod tests {
         assert_eq!(code, tonic::Code::InvalidArgument, "no prefix: {message}");
         let (code, _) = status(read(framed(1, 3, b"abc"), 100));
         assert_eq!(code, tonic::Code::Unimplemented, "compressed");
+        let (code, message) = status(read(framed(2, 3, b"abc"), 100));
+        assert_eq!(code, tonic::Code::InvalidArgument, "a flag gRPC lacks");
+        assert!(message.contains("flag is 2"), "{message}");
         let (code, message) = status(read(framed(0, 10, b"abc"), 100));
         assert_eq!(code, tonic::Code::InvalidArgument, "truncated");
         assert!(message.contains("10 bytes"), "{message}");
@@ -467,5 +536,58 @@ mod tests {
         );
         let bytes = collected.to_bytes();
         assert_eq!(&bytes[..], &[0, 0, 0, 0, 0], "an empty message, prefixed");
+    }
+
+    #[test]
+    fn a_compressed_request_is_told_the_encoding_accepted() {
+        let response = unimplemented_compression().into_http();
+        let headers = response.headers();
+        assert_eq!(
+            headers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"12"[..])
+        );
+        assert_eq!(
+            headers.get("grpc-accept-encoding").map(|v| v.as_bytes()),
+            Some(&b"identity"[..])
+        );
+    }
+
+    #[test]
+    fn tonics_decoding_errors_become_client_errors() {
+        let answered = |status: Status| {
+            let response = refine_tonic_status(status.into_http());
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .expect("a status");
+            tonic::Code::from(code)
+        };
+        assert_eq!(
+            answered(Status::internal(
+                "failed to decode Protobuf message: buffer underflow"
+            )),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            answered(Status::internal("Missing request message.")),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            answered(Status::out_of_range(
+                "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes"
+            )),
+            tonic::Code::ResourceExhausted
+        );
+        // A handler's own INTERNAL (a storage failure) stays what it is.
+        assert_eq!(
+            answered(Status::internal("storage failed")),
+            tonic::Code::Internal
+        );
+        assert_eq!(
+            answered(Status::out_of_range("a revision past the end")),
+            tonic::Code::OutOfRange
+        );
     }
 }

@@ -176,9 +176,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_string();
-        let metrics = self.metrics.clone();
-        let started = Instant::now();
+        let mut pending = PendingCall {
+            method: request.uri().path().to_string(),
+            metrics: self.metrics.clone(),
+            started: Instant::now(),
+            has_deadline: request.headers().contains_key("grpc-timeout"),
+            recorded: false,
+        };
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = call.await;
@@ -191,10 +195,43 @@ where
                     .map_or("OK", code_name),
                 Err(_) => "UNKNOWN",
             };
-            let micros = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
-            metrics.record(&method, code, micros);
+            pending.record(code);
             response
         })
+    }
+}
+
+/// A call being served: recorded with its status when it ends, or, if
+/// it is dropped first (its `grpc-timeout` ran out, which tonic enforces
+/// outside this layer, or the client reset the stream), as
+/// DEADLINE_EXCEEDED or CANCELLED. The slowest calls are the ones a
+/// histogram must not lose.
+struct PendingCall {
+    method: String,
+    metrics: GrpcMetrics,
+    started: Instant,
+    has_deadline: bool,
+    recorded: bool,
+}
+
+impl PendingCall {
+    fn record(&mut self, code: &'static str) {
+        let micros = self.started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.metrics.record(&self.method, code, micros);
+        self.recorded = true;
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if !self.recorded {
+            let code = if self.has_deadline {
+                "DEADLINE_EXCEEDED"
+            } else {
+                "CANCELLED"
+            };
+            self.record(code);
+        }
     }
 }
 
@@ -234,6 +271,47 @@ mod tests {
             .iter()
             .any(|(method, _, _)| method == "other"));
         assert_eq!(code_name(14), "UNAVAILABLE");
+    }
+
+    /// A call dropped before it ends (its deadline ran out, or its client
+    /// reset the stream) is counted too, with its latency so far: before,
+    /// it vanished from the metrics.
+    #[test]
+    fn a_call_dropped_before_its_end_is_counted() {
+        let metrics = GrpcMetrics::default();
+        let never = tower::service_fn(|_: http::Request<()>| {
+            std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>()
+        });
+        let mut service = GrpcMetricsService {
+            inner: never,
+            metrics: metrics.clone(),
+        };
+        let call = |path: &str, timeout: bool| {
+            let mut request = http::Request::builder().uri(path);
+            if timeout {
+                request = request.header("grpc-timeout", "100m");
+            }
+            request.body(()).expect("request")
+        };
+        let pending = tower::Service::call(&mut service, call("/etcdserverpb.KV/Put", true));
+        drop(pending);
+        let pending = tower::Service::call(&mut service, call("/etcdserverpb.KV/Range", false));
+        drop(pending);
+        let codes: Vec<(String, &str)> = metrics
+            .snapshot()
+            .into_iter()
+            .map(|(method, code, counts)| {
+                assert_eq!(counts.calls, 1);
+                (method, code)
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("/etcdserverpb.KV/Put".to_string(), "DEADLINE_EXCEEDED"),
+                ("/etcdserverpb.KV/Range".to_string(), "CANCELLED"),
+            ]
+        );
     }
 
     /// A client's path with characters a label value cannot hold (the
