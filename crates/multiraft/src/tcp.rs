@@ -199,11 +199,14 @@ pub struct TcpConfig {
     /// process's file descriptors. Default 1,024.
     pub incoming_connections_max: usize,
     /// A frame whose length has arrived must be complete within this plus
-    /// its length at 1 MiB/s; otherwise the connection is closed (and the
-    /// frame counted as refused), so that a peer that announces a large
-    /// frame and stalls, or trickles it, holds nothing for long. Default
-    /// 10 s.
+    /// its length at `frame_bytes_per_second_min`; otherwise the
+    /// connection is closed (and the frame counted as refused), so that a
+    /// peer that announces a large frame and stalls, or trickles it, holds
+    /// nothing for long. Default 10 s.
     pub frame_body_timeout_min: Duration,
+    /// See `frame_body_timeout_min`. Low, so that a slow link still
+    /// carries a full frame (64 MiB in about 17 minutes). Default 64 KiB/s.
+    pub frame_bytes_per_second_min: u64,
     /// An incoming snapshot must arrive, as a whole, within
     /// `snapshot_idle_timeout` plus its announced size at this rate, or
     /// its slot is freed (a peer trickling chunks just inside the idle
@@ -215,9 +218,6 @@ pub struct TcpConfig {
 /// How long an incoming connection may take for its TLS and Regatta
 /// handshakes.
 const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A frame's body must arrive at this rate at least, after
-/// `TcpConfig::frame_body_timeout_min`.
-const FRAME_BODY_BYTES_PER_SECOND_MIN: u64 = 1 << 20;
 /// A frame's body is read into a buffer that grows as bytes arrive, from
 /// at most this: the length alone never allocates.
 const FRAME_BODY_INITIAL_BYTES_MAX: usize = 64 * 1024;
@@ -257,6 +257,7 @@ impl TcpConfig {
             resolver: None,
             incoming_connections_max: 1024,
             frame_body_timeout_min: Duration::from_secs(10),
+            frame_bytes_per_second_min: 64 * 1024,
             snapshot_bytes_per_second_min: 64 * 1024,
         }
     }
@@ -454,6 +455,16 @@ impl TcpTransport {
     /// messages wait for [`TcpTransport::attach`] (they are dropped until a
     /// host is attached, as if lost).
     pub fn start(config: TcpConfig, listener: TcpListener) -> Arc<TcpTransport> {
+        if let Some(paced) = config.snapshot_bytes_per_second_max {
+            if paced < config.snapshot_bytes_per_second_min {
+                tracing::warn!(
+                    paced,
+                    minimum = config.snapshot_bytes_per_second_min,
+                    "snapshots are paced below the rate receivers with this configuration \
+                     require: large ones will be cut off"
+                );
+            }
+        }
         let host: Arc<OnceLock<WeakNodeHost>> = Arc::new(OnceLock::new());
         let stats = Arc::new(TcpStats::default());
         let removed: Arc<RemovedIds> = Arc::default();
@@ -1289,7 +1300,9 @@ async fn read_frame(
     // and would otherwise grow a buffer that the body just filled.
     let mut body = Vec::with_capacity((length as usize).min(FRAME_BODY_INITIAL_BYTES_MAX) + 32);
     let deadline = config.frame_body_timeout_min
-        + Duration::from_millis(u64::from(length) * 1_000 / FRAME_BODY_BYTES_PER_SECOND_MIN);
+        + Duration::from_millis(
+            u64::from(length) * 1_000 / config.frame_bytes_per_second_min.max(1),
+        );
     let mut limited = (&mut *stream).take(u64::from(length));
     let read = limited.read_to_end(&mut body);
     match tokio::time::timeout(deadline, read).await {

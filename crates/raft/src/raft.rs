@@ -719,9 +719,11 @@ impl<S: Storage> Raft<S> {
             MessageBody::Vote {
                 pre_vote, transfer, ..
             } => {
-                // Only a voter's transfer campaign (which the leader began)
-                // passes the lease; anyone else's flag counts for nothing.
-                let transfer = transfer && self.membership.is_voter(message.from);
+                // Only a member's transfer campaign (which the leader began)
+                // passes the lease; a non-member's flag counts for nothing.
+                // A member, not only a voter: a learner just promoted is a
+                // voter in its own log before it is in this node's.
+                let transfer = transfer && self.membership.contains(message.from);
                 if !transfer && self.in_lease() {
                     return false;
                 }
@@ -848,10 +850,14 @@ impl<S: Storage> Raft<S> {
                 self.handle_snapshot(from, meta);
             }
             // A transfer: campaign at once, past the voters' stickiness.
-            // Only the leader this node follows begins one: from anyone
-            // else (a stale or misbehaving peer) it would depose a healthy
-            // leader past its lease.
-            MessageBody::TimeoutNow if self.leader == Some(from) => {
+            // Only the leader this node follows begins one, or, while it
+            // knows none (just restarted: the leader's TimeoutNow may come
+            // before its next append or heartbeat), a voter: from anyone
+            // else it would depose a healthy leader past its lease.
+            MessageBody::TimeoutNow
+                if self.leader == Some(from)
+                    || (self.leader.is_none() && self.membership.is_voter(from)) =>
+            {
                 self.campaign_with(CampaignKind::Transfer);
             }
             MessageBody::ReadIndexResponse { index, ids } => {

@@ -1843,6 +1843,22 @@ mod client {
         );
     }
 
+    /// A transfer to a node that just restarted (it knows no leader yet:
+    /// the TimeoutNow comes before any append or heartbeat) goes through:
+    /// the target takes it from a voter while it knows no leader.
+    #[test]
+    fn a_transfer_to_a_node_that_just_restarted_goes_through() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "x").expect("leader");
+        c.settle();
+        let storage = c.stop(2);
+        c.restart(2, storage);
+        c.node(1).transfer_leader(n(2)).expect("started");
+        c.settle();
+        assert_eq!(c.role(2), Role::Leader, "the transfer stalled");
+    }
+
     /// Thesis §3.10: leadership moves to the chosen node, catching it up
     /// first; proposals are refused meanwhile.
     #[test]

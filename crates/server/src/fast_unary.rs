@@ -201,10 +201,12 @@ where
 /// trailers-only answers carry them (the handler never ran), and only
 /// the texts of tonic's own decoding errors are rewritten.
 fn refine_tonic_status(mut response: http::Response<BoxBody>) -> http::Response<BoxBody> {
-    const DECODING: [&str; 3] = [
+    const DECODING: [&str; 5] = [
         "failed to decode Protobuf message",
         "Missing request message",
+        "Unexpected EOF decoding stream",
         "protocol error: received message with compressed-flag",
+        "protocol error: received message with invalid compression flag",
     ];
     const TOO_LARGE: &str = "Error, decoded message length too large";
     let Some(status) = Status::from_header_map(response.headers()) else {
@@ -254,7 +256,6 @@ where
     });
     let message = match read {
         Ok(message) => message,
-        Err(Error::Unimplemented(_)) => return unimplemented_compression().into_http(),
         Err(error) => return Status::from(error).into_http(),
     };
     let metadata = MetadataMap::from_headers(parts.headers);
@@ -327,9 +328,13 @@ where
     let length = body.get_u32() as usize;
     match compressed {
         0 => {}
+        // A compressed call names its encoding in `grpc-encoding`, which
+        // is refused before the body is read: this one named none.
         1 => {
-            return Err(Error::Unimplemented(
-                "compressed requests are not supported: send them uncompressed".into(),
+            return Err(Error::InvalidArgument(
+                "the message is flagged compressed, but the call names no grpc-encoding \
+                 (and none is supported: send it uncompressed)"
+                    .into(),
             ))
         }
         other => {
@@ -482,8 +487,12 @@ mod tests {
     fn bad_frames_get_precise_statuses_not_internal() {
         let (code, message) = status(read(vec![0, 0], 100));
         assert_eq!(code, tonic::Code::InvalidArgument, "no prefix: {message}");
-        let (code, _) = status(read(framed(1, 3, b"abc"), 100));
-        assert_eq!(code, tonic::Code::Unimplemented, "compressed");
+        let (code, message) = status(read(framed(1, 3, b"abc"), 100));
+        assert_eq!(
+            code,
+            tonic::Code::InvalidArgument,
+            "flagged compressed without an encoding: {message}"
+        );
         let (code, message) = status(read(framed(2, 3, b"abc"), 100));
         assert_eq!(code, tonic::Code::InvalidArgument, "a flag gRPC lacks");
         assert!(message.contains("flag is 2"), "{message}");
@@ -572,6 +581,16 @@ mod tests {
         );
         assert_eq!(
             answered(Status::internal("Missing request message.")),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            answered(Status::internal("Unexpected EOF decoding stream.")),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            answered(Status::internal(
+                "protocol error: received message with invalid compression flag: 2 (valid flags are 0 and 1) while receiving request"
+            )),
             tonic::Code::InvalidArgument
         );
         assert_eq!(

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::codegen::http;
 
@@ -180,7 +180,10 @@ where
             method: request.uri().path().to_string(),
             metrics: self.metrics.clone(),
             started: Instant::now(),
-            has_deadline: request.headers().contains_key("grpc-timeout"),
+            deadline: request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|value| grpc_timeout(value.as_bytes())),
             recorded: false,
         };
         let call = self.inner.call(request);
@@ -202,16 +205,36 @@ where
 }
 
 /// A call being served: recorded with its status when it ends, or, if
-/// it is dropped first (its `grpc-timeout` ran out, which tonic enforces
-/// outside this layer, or the client reset the stream), as
-/// DEADLINE_EXCEEDED or CANCELLED. The slowest calls are the ones a
+/// it is dropped first, as DEADLINE_EXCEEDED when its `grpc-timeout` had
+/// run out (tonic enforces it outside this layer) and CANCELLED otherwise
+/// (its client reset the stream, or the connection went). The slowest calls are the ones a
 /// histogram must not lose.
 struct PendingCall {
     method: String,
     metrics: GrpcMetrics,
     started: Instant,
-    has_deadline: bool,
+    /// The call's `grpc-timeout`, if it carried one.
+    deadline: Option<Duration>,
     recorded: bool,
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`,
+/// `m`, `u`, `n`).
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 impl PendingCall {
@@ -225,7 +248,11 @@ impl PendingCall {
 impl Drop for PendingCall {
     fn drop(&mut self) {
         if !self.recorded {
-            let code = if self.has_deadline {
+            // Past its deadline, tonic dropped it; before, its client did.
+            let expired = self
+                .deadline
+                .is_some_and(|deadline| self.started.elapsed() >= deadline);
+            let code = if expired {
                 "DEADLINE_EXCEEDED"
             } else {
                 "CANCELLED"
@@ -286,16 +313,22 @@ mod tests {
             inner: never,
             metrics: metrics.clone(),
         };
-        let call = |path: &str, timeout: bool| {
+        let call = |path: &str, timeout: Option<&str>| {
             let mut request = http::Request::builder().uri(path);
-            if timeout {
-                request = request.header("grpc-timeout", "100m");
+            if let Some(timeout) = timeout {
+                request = request.header("grpc-timeout", timeout);
             }
             request.body(()).expect("request")
         };
-        let pending = tower::Service::call(&mut service, call("/etcdserverpb.KV/Put", true));
+        // Dropped past its 1 ns deadline; dropped with 100 s to go; no
+        // deadline.
+        let pending = tower::Service::call(&mut service, call("/etcdserverpb.KV/Put", Some("1n")));
+        std::thread::sleep(Duration::from_millis(1));
         drop(pending);
-        let pending = tower::Service::call(&mut service, call("/etcdserverpb.KV/Range", false));
+        let pending =
+            tower::Service::call(&mut service, call("/etcdserverpb.KV/Range", Some("100S")));
+        drop(pending);
+        let pending = tower::Service::call(&mut service, call("/etcdserverpb.KV/Txn", None));
         drop(pending);
         let codes: Vec<(String, &str)> = metrics
             .snapshot()
@@ -310,8 +343,14 @@ mod tests {
             vec![
                 ("/etcdserverpb.KV/Put".to_string(), "DEADLINE_EXCEEDED"),
                 ("/etcdserverpb.KV/Range".to_string(), "CANCELLED"),
+                ("/etcdserverpb.KV/Txn".to_string(), "CANCELLED"),
             ]
         );
+        assert_eq!(grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout(b"123456789S"), None, "over 8 digits");
+        assert_eq!(grpc_timeout(b"5x"), None);
+        assert_eq!(grpc_timeout(b"S"), None);
     }
 
     /// A client's path with characters a label value cannot hold (the
