@@ -1245,6 +1245,41 @@ mod membership {
         assert_eq!(voters(&c, 4), vec![1, 2, 3, 4]);
     }
 
+    /// A transfer to a learner just promoted, before the other voters
+    /// appended its promotion: they see a learner's campaign, and grant
+    /// its transfer flag all the same (a vote does not consult the
+    /// configuration, thesis §4.2.3). Refused while in their lease, the
+    /// group had no leader until the leases ran out.
+    #[test]
+    fn a_transfer_to_a_just_promoted_learner_wins_at_once() {
+        let mut c = Cluster::new(&[1, 2, 3]);
+        c.elect(1);
+        c.propose(1, "before").expect("leader");
+        c.settle();
+        c.add_empty(4);
+        change(
+            &mut c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote: false,
+            },
+        )
+        .expect("accepted");
+        c.settle();
+        c.tick_all(30);
+        // Only node 4 receives its promotion.
+        c.cut(1, 2);
+        c.cut(1, 3);
+        change(&mut c, 1, ConfChange::Promote { node: n(4) }).expect("caught up");
+        c.settle();
+        assert_eq!(voters(&c, 4), vec![1, 2, 3, 4]);
+        assert_eq!(voters(&c, 2), vec![1, 2, 3]);
+        c.node(1).transfer_leader(n(4)).expect("started");
+        c.settle();
+        assert_eq!(c.role(4), Role::Leader, "the transfer campaign lost");
+    }
+
     /// A learner marked for automatic promotion becomes a voter once caught up.
     #[test]
     fn auto_promotion_after_catch_up() {
