@@ -350,7 +350,8 @@ fn frame(body: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// A snapshot header frame announcing `total` bytes of data for `body`.
+/// A snapshot header frame announcing `total` bytes of data for `body`,
+/// from node 2 to node 1 in group 1.
 fn snapshot_header(total: u64, body: MessageBody) -> Vec<u8> {
     let message = Message {
         from: NodeId(2),
@@ -358,10 +359,27 @@ fn snapshot_header(total: u64, body: MessageBody) -> Vec<u8> {
         term: Term(3),
         body,
     };
+    snapshot_header_of(GroupId(1), message, total)
+}
+
+/// A snapshot header frame announcing `total` bytes of data for `message`
+/// of `group`.
+fn snapshot_header_of(group: GroupId, message: Message, total: u64) -> Vec<u8> {
     let mut header = vec![2u8];
     header.extend_from_slice(&total.to_le_bytes());
-    regatta_multiraft::wire::encode_batch(&[(GroupId(1), message)], &mut header);
+    regatta_multiraft::wire::encode_batch(&[(group, message)], &mut header);
     frame(&header)
+}
+
+/// A snapshot message body at index 10, term 3, voters 1 and 2.
+fn snapshot_body() -> MessageBody {
+    MessageBody::Snapshot {
+        meta: SnapshotMeta {
+            index: LogIndex(10),
+            term: Term(3),
+            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
+        },
+    }
 }
 
 /// Waits until the peer closes the connection without confirming.
@@ -389,13 +407,7 @@ async fn malformed_snapshot_streams_are_refused() {
     let transport = TcpTransport::start(config, listener);
     let dir = tempfile::tempdir().expect("tempdir");
     let _host = attach_bare_host(&transport, dir.path());
-    let snapshot = MessageBody::Snapshot {
-        meta: SnapshotMeta {
-            index: LogIndex(10),
-            term: Term(3),
-            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
-        },
-    };
+    let snapshot = snapshot_body();
 
     let mut stream = handshake(address).await;
     stream
@@ -430,11 +442,11 @@ async fn malformed_snapshot_streams_are_refused() {
             term: Term(3),
             body: snapshot.clone(),
         };
-        let mut header = vec![2u8];
-        header.extend_from_slice(&10u64.to_le_bytes());
-        regatta_multiraft::wire::encode_batch(&[(group, message)], &mut header);
         let mut stream = handshake(address).await;
-        stream.write_all(&frame(&header)).await.expect("write");
+        stream
+            .write_all(&snapshot_header_of(group, message, 10))
+            .await
+            .expect("write");
         closed_unconfirmed(&mut stream).await;
     }
 
@@ -512,24 +524,18 @@ async fn a_peer_speaks_only_for_itself_and_cannot_stall_a_frame_or_snapshot() {
 
     // A snapshot header whose message is from node 3 (announcing enough
     // bytes that its whole-transfer deadline is far off).
-    let snapshot = MessageBody::Snapshot {
-        meta: SnapshotMeta {
-            index: LogIndex(10),
-            term: Term(3),
-            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
-        },
-    };
+    let snapshot = snapshot_body();
     let message = Message {
         from: NodeId(3),
         to: NodeId(1),
         term: Term(3),
         body: snapshot.clone(),
     };
-    let mut header = vec![2u8];
-    header.extend_from_slice(&100_000u64.to_le_bytes());
-    regatta_multiraft::wire::encode_batch(&[(GroupId(1), message)], &mut header);
     let mut stream = handshake(address).await;
-    stream.write_all(&frame(&header)).await.expect("write");
+    stream
+        .write_all(&snapshot_header_of(GroupId(1), message, 100_000))
+        .await
+        .expect("write");
     closed_unconfirmed(&mut stream).await;
     assert_eq!(refused(), 2);
 
@@ -592,13 +598,7 @@ async fn a_snapshot_whose_data_does_not_open_is_refused_before_raft_sees_it() {
     let transport = TcpTransport::start(TcpConfig::new(NodeId(1), CLUSTER), listener);
     let dir = tempfile::tempdir().expect("tempdir");
     let host = attach_bare_host(&transport, dir.path());
-    let snapshot = MessageBody::Snapshot {
-        meta: SnapshotMeta {
-            index: LogIndex(10),
-            term: Term(3),
-            membership: Membership::with_voters([NodeId(1), NodeId(2)]),
-        },
-    };
+    let snapshot = snapshot_body();
     let mut stream = handshake(address).await;
     stream
         .write_all(&snapshot_header(10, snapshot))
@@ -643,16 +643,7 @@ async fn concurrent_incoming_snapshots_are_bounded() {
             .snapshots_refused
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    let header = snapshot_header(
-        100,
-        MessageBody::Snapshot {
-            meta: SnapshotMeta {
-                index: LogIndex(10),
-                term: Term(3),
-                membership: Membership::with_voters([NodeId(1), NodeId(2)]),
-            },
-        },
-    );
+    let header = snapshot_header(100, snapshot_body());
 
     // The first holds the only slot: its header is in, its data is not.
     let mut first = handshake(address).await;

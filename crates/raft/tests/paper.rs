@@ -1216,26 +1216,37 @@ mod membership {
             .collect()
     }
 
-    /// Thesis §4.2.1: a node joins as a learner, catches up without voting,
-    /// and is promoted to voter.
-    #[test]
-    fn add_learner_catch_up_then_promote() {
+    /// Proposes, on node 1, to add node 4 as a learner.
+    fn add_learner_4(c: &mut Cluster, auto_promote: bool) -> regatta_raft::Result<Proposed> {
+        change(
+            c,
+            1,
+            ConfChange::AddLearner {
+                node: n(4),
+                auto_promote,
+            },
+        )
+    }
+
+    /// Nodes 1 to 3 with 1 leading, one command applied, and node 4 added
+    /// as a learner (not promoted automatically) that has caught up.
+    fn with_caught_up_learner_4() -> Cluster {
         let mut c = Cluster::new(&[1, 2, 3]);
         c.elect(1);
         c.propose(1, "before").expect("leader");
         c.settle();
         c.add_empty(4);
-        change(
-            &mut c,
-            1,
-            ConfChange::AddLearner {
-                node: n(4),
-                auto_promote: false,
-            },
-        )
-        .expect("accepted");
+        add_learner_4(&mut c, false).expect("accepted");
         c.settle();
         c.tick_all(30);
+        c
+    }
+
+    /// Thesis §4.2.1: a node joins as a learner, catches up without voting,
+    /// and is promoted to voter.
+    #[test]
+    fn add_learner_catch_up_then_promote() {
+        let mut c = with_caught_up_learner_4();
         assert_eq!(c.applied_commands(4), vec!["before"]);
         assert!(c.nodes[&n(4)].status().membership.learners.contains(&n(4)));
         assert_eq!(c.role(4), Role::Follower, "a learner never campaigns");
@@ -1252,22 +1263,7 @@ mod membership {
     /// group had no leader until the leases ran out.
     #[test]
     fn a_transfer_to_a_just_promoted_learner_wins_at_once() {
-        let mut c = Cluster::new(&[1, 2, 3]);
-        c.elect(1);
-        c.propose(1, "before").expect("leader");
-        c.settle();
-        c.add_empty(4);
-        change(
-            &mut c,
-            1,
-            ConfChange::AddLearner {
-                node: n(4),
-                auto_promote: false,
-            },
-        )
-        .expect("accepted");
-        c.settle();
-        c.tick_all(30);
+        let mut c = with_caught_up_learner_4();
         // Only node 4 receives its promotion.
         c.cut(1, 2);
         c.cut(1, 3);
@@ -1286,15 +1282,7 @@ mod membership {
         let mut c = Cluster::new(&[1, 2, 3]);
         c.elect(1);
         c.add_empty(4);
-        change(
-            &mut c,
-            1,
-            ConfChange::AddLearner {
-                node: n(4),
-                auto_promote: true,
-            },
-        )
-        .expect("accepted");
+        add_learner_4(&mut c, true).expect("accepted");
         c.settle();
         c.tick_all(3);
         assert_eq!(voters(&c, 1), vec![1, 2, 3, 4]);
@@ -1315,15 +1303,7 @@ mod membership {
         // the change that adds it, but the leader cannot commit it yet.
         c.cut(1, 2);
         c.cut(1, 3);
-        change(
-            &mut c,
-            1,
-            ConfChange::AddLearner {
-                node: n(4),
-                auto_promote: true,
-            },
-        )
-        .expect("accepted");
+        add_learner_4(&mut c, true).expect("accepted");
         c.settle();
         assert_eq!(c.last_index(4), c.last_index(1), "the learner holds it");
         assert!(c.commit(1) < c.last_index(1), "not committed yet");
@@ -1342,15 +1322,7 @@ mod membership {
         c.elect(1);
         c.add_empty(4);
         c.cut(1, 4);
-        change(
-            &mut c,
-            1,
-            ConfChange::AddLearner {
-                node: n(4),
-                auto_promote: false,
-            },
-        )
-        .expect("accepted");
+        add_learner_4(&mut c, false).expect("accepted");
         c.settle();
         let error = change(&mut c, 1, ConfChange::Promote { node: n(4) }).expect_err("lagging");
         assert!(error.to_string().contains("has not caught up"), "{error}");
@@ -1517,15 +1489,7 @@ mod membership {
         c.elect(1);
         c.add_empty(4);
         assert!(c.nodes[&n(4)].status().membership.voters.is_empty());
-        change(
-            &mut c,
-            1,
-            ConfChange::AddLearner {
-                node: n(4),
-                auto_promote: false,
-            },
-        )
-        .expect("accepted");
+        add_learner_4(&mut c, false).expect("accepted");
         c.settle();
         c.tick_all(2);
         assert_eq!(voters(&c, 4), vec![1, 2, 3]);

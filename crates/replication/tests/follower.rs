@@ -216,6 +216,20 @@ async fn start_follower_node(dir: &std::path::Path) -> Arc<Node> {
     Node::start(config).await.expect("node")
 }
 
+/// Waits until the fake has had `count` snapshot requests, failing with
+/// `what` past `deadline`.
+async fn wait_for_snapshot_requests(
+    fake: &FakeLeader,
+    count: usize,
+    deadline: Instant,
+    what: &str,
+) {
+    while fake.snapshots.load(Ordering::SeqCst) < count {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn wait_for_replicates(fake: &FakeLeader, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while fake.replicates() == 0 {
@@ -344,13 +358,13 @@ async fn a_snapshot_older_than_the_table_is_not_installed() {
     let node = start_follower_node(dir.path()).await;
     let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fake.snapshots.load(Ordering::SeqCst) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never asked for the snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_snapshot_requests(
+        &fake,
+        1,
+        deadline,
+        "the follower never asked for the snapshot",
+    )
+    .await;
     let group = node.table_group("etcd").expect("the copy of the table");
     // The second snapshot request comes after the first was refused; the
     // refusal is reported while the puller pauses (a new stream clears
@@ -407,13 +421,13 @@ async fn a_reset_that_an_ordinary_install_displaces_is_still_followed() {
     let deadline = Instant::now() + Duration::from_secs(20);
     // The log sent the table (at revision 10) to a snapshot: the puller
     // asked for it, refusing older copies, and waits at the gate.
-    while fake.snapshots.load(Ordering::SeqCst) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never asked for the snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_snapshot_requests(
+        &fake,
+        1,
+        deadline,
+        "the follower never asked for the snapshot",
+    )
+    .await;
     let group = node.table_group("etcd").expect("the copy of the table");
     assert_eq!(
         node.table_revision(group, true).await.expect("revision"),
@@ -464,13 +478,13 @@ async fn a_spent_reset_record_does_not_take_the_table_back() {
     let node = start_follower_node(dir.path()).await;
     let follower = start_follower(Arc::clone(&node), FollowerConfig::new(url)).expect("follower");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while fake.snapshots.load(Ordering::SeqCst) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never asked for the snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_snapshot_requests(
+        &fake,
+        1,
+        deadline,
+        "the follower never asked for the snapshot",
+    )
+    .await;
     let group = node.table_group("etcd").expect("the copy of the table");
     node.request_resync(group).await.expect("reset");
     let reset_id = node
@@ -523,10 +537,7 @@ async fn a_spent_reset_record_does_not_take_the_table_back() {
     // Two more snapshot requests: installs that read no record and refuse
     // the older copy.
     let requests = fake.snapshots.load(Ordering::SeqCst);
-    while fake.snapshots.load(Ordering::SeqCst) < requests + 2 {
-        assert!(Instant::now() < deadline, "the puller stopped asking");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_snapshot_requests(&fake, requests + 2, deadline, "the puller stopped asking").await;
     assert_eq!(
         node.snapshot_installs(group),
         installs,
