@@ -61,9 +61,36 @@ pub struct Regatta {
 }
 
 impl Regatta {
-    /// Starts `regatta leader --dev` on `dir`, with fresh ports.
+    /// Starts `regatta leader --dev` on `dir`, with fresh ports. A port
+    /// is free when it is picked, but another test may take it before
+    /// the child binds it: a child that exits for that reason is started
+    /// again, on a fresh data directory and other ports.
     pub fn start(dir: &Path) -> Regatta {
-        Regatta::start_on(dir, free_address(), free_address(), &[])
+        for _ in 0..5 {
+            let mut regatta = Regatta::start_on(dir, free_address(), free_address(), &[]);
+            if !regatta.lost_a_port_race() {
+                return regatta;
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_file(dir.with_extension("log"));
+        }
+        panic!("regatta lost the race for its ports five times");
+    }
+
+    /// Waits (at most 10 s) until the child listens on its API port, and
+    /// says whether it exited instead because a port was taken.
+    fn lost_a_port_race(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.api).is_ok() {
+                return false;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.log().contains("Address already in use");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// Starts it on the given addresses, with extra flags.
