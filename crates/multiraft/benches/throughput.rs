@@ -15,7 +15,8 @@
 //! `THROUGHPUT_WAL_BATCH_WAIT_MICROS` and `THROUGHPUT_WAL_CACHE_BYTES` set
 //! the WAL's `batch_wait_micros_max` and `cache_bytes_max` for experiments;
 //! `THROUGHPUT_WAL_STATS` prints per-node WAL and transport rates;
-//! `THROUGHPUT_WORKERS` sets the workers per node (default 2);
+//! `THROUGHPUT_WORKERS` sets the workers per node (default the hosts' own,
+//! `HostConfig::workers`: half the cores, at least 1);
 //! `THROUGHPUT_COMMIT_DELAY_MICROS` sets the hosts' `commit_broadcast_delay`;
 //! `THROUGHPUT_LEADERS_ON=<node>` moves every group's leadership to that
 //! node (1, 2 or 3) before measuring, instead of leaving the elections'

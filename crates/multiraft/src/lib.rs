@@ -31,8 +31,8 @@ pub use address::{AddressError, PeerAddress, Resolver};
 pub use applied::{AppliedWatch, GroupStopped};
 pub use error::{Error, UnsentCause};
 pub use host::{
-    HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,
-    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL, NODE_STOPPING,
+    default_workers, HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,
+    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL, NODE_STOPPING, WORKERS_DEFAULT_MAX,
 };
 pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;

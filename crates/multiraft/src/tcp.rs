@@ -806,6 +806,9 @@ async fn send_until_broken(
                 },
                 _ = stream.read(&mut probe) => return true,
             }
+            // Let this turn's other senders queue theirs, so that they
+            // leave in this frame rather than in one each.
+            tokio::task::yield_now().await;
             continue;
         }
         if version < FORMAT_VERSION {

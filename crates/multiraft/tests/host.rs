@@ -148,6 +148,9 @@ fn new_host(
 ) -> NodeHost {
     let mut config = HostConfig::new(NodeId(id), dir);
     config.tick_interval = Duration::from_millis(5);
+    // Two workers whatever the machine (the default follows its cores):
+    // groups on different workers of one host stay covered.
+    config.workers = 2;
     configure(&mut config);
     let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let transport_handle: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
