@@ -228,11 +228,13 @@ async fn run_row(groups: u64, payload_bytes: usize, duration: Duration) -> Row {
             let after = wal.stats();
             let seconds = duration.as_secs_f64();
             eprintln!(
-                "node {}: {:.0} requests/s, {:.0} batches/s, {:.0} fsyncs/s, {:.0} KiB/s, {:.0} cache hits/s, {:.0} cache misses/s",
+                "node {}: {:.0} requests/s, {:.0} batches/s, {:.0} fsyncs/s ({:.0} µs each), {:.0} KiB/s, {:.0} cache hits/s, {:.0} cache misses/s",
                 node + 1,
                 (after.requests - before.requests) as f64 / seconds,
                 (after.batches - before.batches) as f64 / seconds,
                 (after.fsyncs - before.fsyncs) as f64 / seconds,
+                (after.fsync_micros_total - before.fsync_micros_total) as f64
+                    / (after.fsyncs - before.fsyncs).max(1) as f64,
                 (after.bytes_written - before.bytes_written) as f64 / seconds / 1024.0,
                 (after.cache_hits - before.cache_hits) as f64 / seconds,
                 (after.cache_misses - before.cache_misses) as f64 / seconds,
