@@ -761,6 +761,7 @@ impl NodeHost {
             proposals: BTreeMap::new(),
             waiting_ids: FxHashMap::default(),
             reads: FxHashMap::default(),
+            read_leaders: FxHashMap::default(),
             known_leader: None,
             next_read: first_read_id(),
             reads_checked_below: 0,
@@ -1436,6 +1437,9 @@ struct Group {
     /// an entry with their id is applied here.
     waiting_ids: FxHashMap<RequestId, Vec<Waiter>>,
     reads: FxHashMap<ReadId, PendingRead>,
+    /// The leader each forwarded read was last sent to (a follower's
+    /// reads only; entries of reads gone are swept now and then).
+    read_leaders: FxHashMap<ReadId, NodeId>,
     /// The leader as of the last `Ready`: when it changes, reads waiting
     /// on the old one fail with `NotLeader` (their caller retries) instead
     /// of waiting for a leader that may be gone.
@@ -1971,6 +1975,8 @@ impl Group {
             // come (its answer or refusal lost on the way); a read state
             // that comes later finds nobody and is ignored.
             self.reads.retain(|_, read| !read.is_abandoned());
+            self.read_leaders
+                .retain(|id, _| self.reads.contains_key(id));
             // Only the compaction hold is released: the transfer may still
             // be running (a large snapshot on a paced link), and its report
             // comes on the unbounded control channel.
@@ -2023,14 +2029,28 @@ impl Group {
             let times = self.read_resends.get(&id).map_or(0, |(times, _)| *times) + 1;
             let gap_checks = 1u64 << times.min(6);
             self.read_resends.insert(id, (times, check + gap_checks));
-            if let Err(source) = self.raft.read_index(id) {
-                if let Some(read) = self.reads.remove(&id) {
-                    read.fail(Error::Raft {
-                        group: self.group,
-                        source,
-                    });
+            match self.raft.read_index(id) {
+                Ok(()) => self.note_read_leader(id),
+                Err(source) => {
+                    if let Some(read) = self.reads.remove(&id) {
+                        read.fail(Error::Raft {
+                            group: self.group,
+                            source,
+                        });
+                    }
                 }
             }
+        }
+    }
+
+    /// Notes where read `id`, just asked of the core, went: the leader,
+    /// if this node follows one.
+    fn note_read_leader(&mut self, id: ReadId) {
+        if self.raft.role() == Role::Leader {
+            return;
+        }
+        if let Some(leader) = self.raft.leader() {
+            self.read_leaders.insert(id, leader);
         }
     }
 
@@ -2170,6 +2190,7 @@ impl Group {
                 match self.raft.read_index(id) {
                     Ok(()) => {
                         self.reads.insert(id, read);
+                        self.note_read_leader(id);
                     }
                     Err(source) => read.fail(Error::Raft { group, source }),
                 }
@@ -2532,11 +2553,21 @@ impl Group {
                 self.known_leader = soft.leader;
                 // A read forwarded to (or confirmed by) the old leader may
                 // never be answered; its caller retries with the new one.
-                for (_, read) in self.reads.drain() {
-                    read.fail(Error::NotLeader {
-                        group: self.group,
-                        leader_hint: soft.leader,
-                    });
+                // A read already forwarded to the new leader (asked in
+                // the same turn as the message that made it known) waits
+                // for its answer, or for its resend if that was lost.
+                let read_leaders = std::mem::take(&mut self.read_leaders);
+                for (id, read) in std::mem::take(&mut self.reads) {
+                    match read_leaders.get(&id) {
+                        Some(asked) if soft.leader == Some(*asked) => {
+                            self.reads.insert(id, read);
+                            self.read_leaders.insert(id, *asked);
+                        }
+                        _ => read.fail(Error::NotLeader {
+                            group: self.group,
+                            leader_hint: soft.leader,
+                        }),
+                    }
                 }
                 // So may a proposal forwarded to the old leader (it dies
                 // with the leader unless it was replicated). Its caller

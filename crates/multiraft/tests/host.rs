@@ -1291,6 +1291,99 @@ fn requests_forwarded_to_a_full_worker_are_refused_to_their_sender() {
     runtime.block_on(host.stop());
 }
 
+/// A read asked in the same worker turn as the message that makes the
+/// leader known goes to that leader and waits for its answer: the leader
+/// change the turn reports does not fail it (it failed with `NotLeader`,
+/// and its caller had to retry for nothing).
+#[tokio::test]
+async fn a_read_forwarded_as_its_leader_becomes_known_is_answered() {
+    use regatta_raft::{LogIndex, Message, MessageBody, Term};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = Arc::new(CaptureTransport::default());
+    let mut config = HostConfig::new(NodeId(1), dir.path());
+    config.tick_interval = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(30);
+    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+    let handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
+    let host = NodeHost::new(config, wal, handle, tokio::runtime::Handle::current()).expect("host");
+    host.start_group(
+        GROUP,
+        vec![NodeId(1), NodeId(2), NodeId(3)],
+        Box::new(KvMachine::default()),
+    )
+    .expect("group");
+    // Let the group start, so that its first turn is behind it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // On this single-threaded runtime nothing else runs until this task
+    // waits: the heartbeat that makes node 2 the known leader and the read
+    // are both queued before the worker's next turn, which takes them
+    // together.
+    host.deliver(vec![(
+        GROUP,
+        Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: Term(1),
+            body: MessageBody::Heartbeat {
+                commit: LogIndex(0),
+                round: 1,
+            },
+        },
+    )]);
+    let read = host.read_linearizable(GROUP, Bytes::new());
+    tokio::pin!(read);
+    // Polled once: the read is queued, and waits for its answer.
+    tokio::select! {
+        biased;
+        answer = &mut read => panic!("answered at once: {answer:?}"),
+        () = std::future::ready(()) => {}
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ids = loop {
+        let ids: Vec<_> = transport
+            .sent
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, message)| message.to == NodeId(2))
+            .filter_map(|(_, message)| match &message.body {
+                MessageBody::ReadIndex { ids } => Some(ids.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if !ids.is_empty() {
+            break ids;
+        }
+        assert!(Instant::now() < deadline, "the read was not forwarded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // The worker's turn has reported the new leader by now.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::select! {
+        biased;
+        answer = &mut read => panic!("the read ended before its answer came: {answer:?}"),
+        () = std::future::ready(()) => {}
+    }
+    host.deliver(vec![(
+        GROUP,
+        Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: Term(1),
+            body: MessageBody::ReadIndexResponse {
+                index: LogIndex(0),
+                ids,
+            },
+        },
+    )]);
+    let answer = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("answered");
+    assert!(answer.is_ok(), "{answer:?}");
+    host.stop().await;
+}
+
 /// A follower whose forwarded read is refused (`ReadRefused`) fails that
 /// read at once with the leader's reason, instead of holding its caller
 /// until the request timeout; other reads are not touched.
