@@ -13,7 +13,7 @@
 //! `snapshot_bytes_per_second_max`; the receiver answers one byte once it
 //! has handed the whole snapshot to its host.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -198,14 +198,6 @@ pub struct TcpConfig {
     /// at once (and counted), so that idle connections cannot use up the
     /// process's file descriptors. Default 1,024.
     pub incoming_connections_max: usize,
-    /// Incoming connections one sending node may hold open at once after
-    /// their handshake; when it opens one more, its oldest is closed (and
-    /// counted as displaced). A node needs one connection for its
-    /// messages and one per snapshot it sends here; the rest of the room
-    /// is for connections it gave up on that this side has not yet seen
-    /// end. So no one peer holds all of `incoming_connections_max`, and a
-    /// node that dials again is never refused. Default 16.
-    pub incoming_connections_per_peer_max: usize,
     /// A frame whose length has arrived must be complete within this plus
     /// its length at `frame_bytes_per_second_min`; otherwise the
     /// connection is closed (and the frame counted as refused), so that a
@@ -264,7 +256,6 @@ impl TcpConfig {
             connect_timeout: Duration::from_secs(3),
             resolver: None,
             incoming_connections_max: 1024,
-            incoming_connections_per_peer_max: 16,
             frame_body_timeout_min: Duration::from_secs(10),
             frame_bytes_per_second_min: 64 * 1024,
             snapshot_bytes_per_second_min: 64 * 1024,
@@ -292,9 +283,6 @@ pub struct TcpStats {
     /// Incoming connections closed at once because
     /// `incoming_connections_max` were open.
     pub connections_refused: AtomicU64,
-    /// Incoming connections closed because their sender opened more than
-    /// `incoming_connections_per_peer_max`: its oldest.
-    pub connections_displaced: AtomicU64,
     /// Snapshots the receiver confirmed.
     pub snapshots_sent: AtomicU64,
     /// Snapshot chunk frames sent.
@@ -1144,18 +1132,10 @@ async fn accept_loop(
     removed: Arc<RemovedIds>,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 ) {
+    let snapshot_slots = Arc::new(tokio::sync::Semaphore::new(config.incoming_snapshots_max));
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(
         config.incoming_connections_max.max(1),
     ));
-    let incoming = Arc::new(Incoming {
-        snapshot_slots: tokio::sync::Semaphore::new(config.incoming_snapshots_max),
-        config,
-        host,
-        stats,
-        removed,
-        senders: SenderConnections::default(),
-    });
-    let stats = &incoming.stats;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1168,33 +1148,33 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         keep_alive(&stream);
-        let connection = tokio::spawn(serve_connection(Arc::clone(&incoming), stream, slot));
+        let connection = tokio::spawn(serve_connection(
+            config.clone(),
+            stream,
+            Arc::clone(&host),
+            Arc::clone(&stats),
+            Arc::clone(&removed),
+            Arc::clone(&snapshot_slots),
+            slot,
+        ));
         let mut tasks = tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|task| !task.is_finished());
         tasks.push(connection.abort_handle());
     }
 }
 
-/// What every incoming connection of a transport shares.
-struct Incoming {
-    config: TcpConfig,
-    host: Arc<OnceLock<WeakNodeHost>>,
-    stats: Arc<TcpStats>,
-    removed: Arc<RemovedIds>,
-    /// `incoming_snapshots_max` slots.
-    snapshot_slots: tokio::sync::Semaphore,
-    senders: SenderConnections,
-}
-
 /// Accepts one connection (TLS first, when configured), then reads the
 /// peer's frames until the connection ends or a frame is bad.
 async fn serve_connection(
-    incoming: Arc<Incoming>,
+    config: TcpConfig,
     tcp: TcpStream,
+    host: Arc<OnceLock<WeakNodeHost>>,
+    stats: Arc<TcpStats>,
+    removed: Arc<RemovedIds>,
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let stats = &incoming.stats;
-    let stream: BoxedStream = match &incoming.config.tls {
+    let stream: BoxedStream = match &config.tls {
         Some(tls) => {
             let accept = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server)).accept(tcp);
             match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, accept).await {
@@ -1207,85 +1187,17 @@ async fn serve_connection(
         }
         None => Box::new(tcp),
     };
-    serve_stream(&incoming, stream).await;
+    serve_stream(config, stream, host, stats, &removed, snapshot_slots).await;
 }
 
-/// Incoming connections past their handshake, by sending node, oldest
-/// first, each with what closes it.
-#[derive(Default)]
-struct SenderConnections {
-    open: Mutex<HashMap<NodeId, SenderQueue>>,
-    next_id: AtomicU64,
-}
-
-/// One sender's connections, oldest first: an id each, and what closes it.
-type SenderQueue = VecDeque<(u64, Arc<Notify>)>;
-
-/// One connection's place in [`SenderConnections`]; it leaves when this
-/// is dropped. `displaced` is notified when its sender opened too many.
-struct SenderSlot<'a> {
-    connections: &'a SenderConnections,
-    sender: NodeId,
-    id: u64,
-    displaced: Arc<Notify>,
-}
-
-impl SenderConnections {
-    /// Counts a new connection of `sender`; if that makes more than
-    /// `per_sender_max`, the sender's oldest ones are told to close.
-    fn admit(&self, sender: NodeId, per_sender_max: usize) -> SenderSlot<'_> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let displaced = Arc::new(Notify::new());
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let connections = open.entry(sender).or_default();
-        connections.push_back((id, Arc::clone(&displaced)));
-        while connections.len() > per_sender_max.max(1) {
-            if let Some((_, oldest)) = connections.pop_front() {
-                // A stored permit: the oldest closes even if it is not
-                // waiting at this moment.
-                oldest.notify_one();
-            }
-        }
-        SenderSlot {
-            connections: self,
-            sender,
-            id,
-            displaced,
-        }
-    }
-
-    /// Connections of `sender` counted now.
-    #[cfg(test)]
-    fn open_of(&self, sender: NodeId) -> usize {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(&sender).map_or(0, VecDeque::len)
-    }
-}
-
-impl Drop for SenderSlot<'_> {
-    fn drop(&mut self) {
-        let mut open = self
-            .connections
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(connections) = open.get_mut(&self.sender) {
-            connections.retain(|(id, _)| *id != self.id);
-            if connections.is_empty() {
-                open.remove(&self.sender);
-            }
-        }
-    }
-}
-
-async fn serve_stream(incoming: &Incoming, mut stream: BoxedStream) {
-    let Incoming {
-        config,
-        stats,
-        removed,
-        senders,
-        ..
-    } = incoming;
+async fn serve_stream(
+    config: TcpConfig,
+    mut stream: BoxedStream,
+    host: Arc<OnceLock<WeakNodeHost>>,
+    stats: Arc<TcpStats>,
+    removed: &RemovedIds,
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
+) {
     let mut handshake = [0u8; HANDSHAKE_BYTES];
     let read = tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, stream.read_exact(&mut handshake));
     if !matches!(read.await, Ok(Ok(_))) || &handshake[0..8] != HANDSHAKE_MAGIC {
@@ -1316,33 +1228,10 @@ async fn serve_stream(incoming: &Incoming, mut stream: BoxedStream) {
         stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let slot = senders.admit(sender, config.incoming_connections_per_peer_max);
-    let stream: IncomingStream = tokio::io::BufReader::with_capacity(INCOMING_BUFFER_BYTES, stream);
-    tokio::select! {
-        () = slot.displaced.notified() => {
-            stats.connections_displaced.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                node = sender.0,
-                "closed a peer's oldest connection: it opened more than incoming_connections_per_peer_max"
-            );
-        }
-        () = serve_frames(incoming, stream, sender) => {}
-    }
-}
-
-/// Reads an accepted connection's frames from `sender` until it ends, a
-/// frame is bad, or a snapshot was received.
-async fn serve_frames(incoming: &Incoming, mut stream: IncomingStream, sender: NodeId) {
-    let Incoming {
-        config,
-        host,
-        stats,
-        removed,
-        snapshot_slots,
-        ..
-    } = incoming;
+    let mut stream: IncomingStream =
+        tokio::io::BufReader::with_capacity(INCOMING_BUFFER_BYTES, stream);
     loop {
-        let Some(body) = read_frame(config, &mut stream, stats).await else {
+        let Some(body) = read_frame(&config, &mut stream, &stats).await else {
             return;
         };
         // A node removed since its handshake: closed, so that it dials
@@ -1355,7 +1244,15 @@ async fn serve_frames(incoming: &Incoming, mut stream: IncomingStream, sender: N
                 stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            receive_snapshot(config, &mut stream, Bytes::from(body), sender, host, stats).await;
+            receive_snapshot(
+                &config,
+                &mut stream,
+                Bytes::from(body),
+                sender,
+                &host,
+                &stats,
+            )
+            .await;
             return;
         }
         if body[0] != FRAME_MESSAGE_BATCH {
@@ -1551,38 +1448,6 @@ fn decode_snapshot_header(body: &Bytes) -> Option<(GroupId, Message, u64)> {
 mod tests {
     use super::*;
     use regatta_raft::{MessageBody, Term};
-
-    /// Past the bound, a sender's oldest connections are told to close,
-    /// oldest first, and nobody else's; a closed connection leaves the
-    /// count, and so does a displaced one when it ends.
-    #[test]
-    fn a_senders_oldest_connections_are_displaced_past_the_bound() {
-        let senders = SenderConnections::default();
-        let first = senders.admit(NodeId(2), 2);
-        let second = senders.admit(NodeId(2), 2);
-        let other = senders.admit(NodeId(3), 2);
-        assert_eq!(senders.open_of(NodeId(2)), 2);
-        let third = senders.admit(NodeId(2), 2);
-        assert_eq!(senders.open_of(NodeId(2)), 2);
-        let notified = |slot: &SenderSlot<'_>| {
-            let waiting = slot.displaced.notified();
-            tokio::pin!(waiting);
-            waiting.enable()
-        };
-        assert!(notified(&first), "the oldest is displaced");
-        assert!(!notified(&second));
-        assert!(!notified(&third));
-        assert!(!notified(&other), "another sender's connection stays");
-        drop(first);
-        assert_eq!(senders.open_of(NodeId(2)), 2, "it had already left");
-        drop(second);
-        assert_eq!(senders.open_of(NodeId(2)), 1);
-        drop(third);
-        assert_eq!(senders.open_of(NodeId(2)), 0);
-        assert_eq!(senders.open_of(NodeId(3)), 1);
-        drop(other);
-        assert!(senders.open.lock().expect("lock").is_empty());
-    }
 
     fn heartbeat(round: u64) -> (GroupId, Message) {
         let message = Message {

@@ -324,75 +324,21 @@ async fn incoming_connections_are_bounded() {
     transport.shutdown();
 }
 
-/// One peer cannot hold every connection slot: past
-/// `incoming_connections_per_peer_max` connections of one sender, its
-/// oldest is closed (and counted), its newer ones and other senders'
-/// stay open, and a node that dials again is never refused.
-#[tokio::test]
-async fn a_peer_holds_at_most_its_share_of_connections() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let mut config = TcpConfig::new(NodeId(1), CLUSTER);
-    config.incoming_connections_per_peer_max = 2;
-    let transport = TcpTransport::start(config, listener);
-    let mut first = handshake(address).await;
-    let mut second = handshake(address).await;
-    let mut other = handshake_as(address, 3).await;
-    let mut third = handshake(address).await;
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut rest))
-        .await
-        .expect("the oldest connection of node 2 is closed");
-    assert!(read.is_err() || rest.is_empty(), "nothing is written to it");
-    let displaced = || {
-        transport
-            .stats()
-            .connections_displaced
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    assert_eq!(displaced(), 1);
-    for stream in [&mut second, &mut third, &mut other] {
-        let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
-        assert!(read.is_err(), "a newer connection stays open: {read:?}");
-    }
-    // Each further dial of node 2 is accepted and displaces the oldest.
-    let _fourth = handshake(address).await;
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut rest))
-        .await
-        .expect("the next oldest is closed")
-        .ok();
-    assert_eq!(displaced(), 2);
-    transport.shutdown();
-}
-
 /// Connects to `address` and sends the handshake of node 2 of `cluster`;
 /// the answer is left for the caller to read.
 async fn send_handshake(address: SocketAddr, cluster: u64) -> TcpStream {
-    send_handshake_as(address, cluster, 2).await
-}
-
-/// Connects to `address` and sends the handshake of node `node` of
-/// `cluster`; the answer is left for the caller to read.
-async fn send_handshake_as(address: SocketAddr, cluster: u64, node: u64) -> TcpStream {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     let mut handshake = b"RGRAFTv1".to_vec();
     handshake.extend_from_slice(&1u32.to_le_bytes());
     handshake.extend_from_slice(&cluster.to_le_bytes());
-    handshake.extend_from_slice(&node.to_le_bytes());
+    handshake.extend_from_slice(&2u64.to_le_bytes());
     stream.write_all(&handshake).await.expect("write");
     stream
 }
 
 /// Opens a connection to `address` as node 2 of `CLUSTER`, accepted.
 async fn handshake(address: SocketAddr) -> TcpStream {
-    handshake_as(address, 2).await
-}
-
-/// Opens a connection to `address` as node `node` of `CLUSTER`, accepted.
-async fn handshake_as(address: SocketAddr, node: u64) -> TcpStream {
-    let mut stream = send_handshake_as(address, CLUSTER, node).await;
+    let mut stream = send_handshake(address, CLUSTER).await;
     assert_eq!(stream.read_u8().await.expect("answer"), 0, "accepted");
     stream
 }

@@ -507,11 +507,6 @@ impl Node {
                 stats.connections_refused.load(Relaxed),
             ),
             (
-                "peer_connections_displaced",
-                "Incoming peer connections closed because their node opened more than its share: its oldest.",
-                stats.connections_displaced.load(Relaxed),
-            ),
-            (
                 "snapshots_sent",
                 "Raft snapshots the receiving peer confirmed.",
                 stats.snapshots_sent.load(Relaxed),
