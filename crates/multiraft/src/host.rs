@@ -1438,7 +1438,8 @@ struct Group {
     waiting_ids: FxHashMap<RequestId, Vec<Waiter>>,
     reads: FxHashMap<ReadId, PendingRead>,
     /// The leader each forwarded read was last sent to (a follower's
-    /// reads only; entries of reads gone are swept now and then).
+    /// reads only): removed with the read, and swept now and then for
+    /// reads that ended elsewhere (abandoned by their callers).
     read_leaders: FxHashMap<ReadId, NodeId>,
     /// The leader as of the last `Ready`: when it changes, reads waiting
     /// on the old one fail with `NotLeader` (their caller retries) instead
@@ -2032,6 +2033,7 @@ impl Group {
             match self.raft.read_index(id) {
                 Ok(()) => self.note_read_leader(id),
                 Err(source) => {
+                    self.read_leaders.remove(&id);
                     if let Some(read) = self.reads.remove(&id) {
                         read.fail(Error::Raft {
                             group: self.group,
@@ -2504,6 +2506,7 @@ impl Group {
                 .as_ref()
                 .is_some_and(|soft| soft.leader != self.known_leader);
             for state in ready.read_states {
+                self.read_leaders.remove(&state.id);
                 match self.reads.remove(&state.id) {
                     Some(PendingRead::Query(query, reply)) => {
                         self.apply.send(ApplyWork::Read {
@@ -2522,6 +2525,7 @@ impl Group {
             // Forwarded reads the receiver would not confirm: the same.
             for (ids, source) in ready.refused_reads {
                 for id in ids {
+                    self.read_leaders.remove(&id);
                     if let Some(read) = self.reads.remove(&id) {
                         read.fail(Error::Raft {
                             group,
@@ -2634,6 +2638,7 @@ impl Group {
             }
         }
         for id in reads {
+            self.read_leaders.remove(id);
             if let Some(read) = self.reads.remove(id) {
                 read.fail(error.clone());
             }
