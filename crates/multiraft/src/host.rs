@@ -2011,6 +2011,8 @@ impl Group {
         self.reads.retain(|_, read| !read.is_abandoned());
         self.read_resends
             .retain(|id, _| self.reads.contains_key(id));
+        self.read_leaders
+            .retain(|id, _| self.reads.contains_key(id));
         if self.raft.role() == Role::Leader || self.reads.is_empty() {
             return;
         }
