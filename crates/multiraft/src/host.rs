@@ -1438,8 +1438,8 @@ struct Group {
     waiting_ids: FxHashMap<RequestId, Vec<Waiter>>,
     reads: FxHashMap<ReadId, PendingRead>,
     /// The leader each forwarded read was last sent to (a follower's
-    /// reads only): removed with the read, and swept now and then for
-    /// reads that ended elsewhere (abandoned by their callers).
+    /// reads only): removed with the read; those of reads abandoned by
+    /// their callers go at the next resend check (`resend_reads`).
     read_leaders: FxHashMap<ReadId, NodeId>,
     /// The leader as of the last `Ready`: when it changes, reads waiting
     /// on the old one fail with `NotLeader` (their caller retries) instead
@@ -1976,8 +1976,6 @@ impl Group {
             // come (its answer or refusal lost on the way); a read state
             // that comes later finds nobody and is ignored.
             self.reads.retain(|_, read| !read.is_abandoned());
-            self.read_leaders
-                .retain(|id, _| self.reads.contains_key(id));
             // Only the compaction hold is released: the transfer may still
             // be running (a large snapshot on a paced link), and its report
             // comes on the unbounded control channel.

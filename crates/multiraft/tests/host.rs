@@ -1291,19 +1291,16 @@ fn requests_forwarded_to_a_full_worker_are_refused_to_their_sender() {
     runtime.block_on(host.stop());
 }
 
-/// A read asked in the same worker turn as the message that makes the
-/// leader known goes to that leader and waits for its answer: the leader
-/// change the turn reports does not fail it (it failed with `NotLeader`,
-/// and its caller had to retry for nothing).
-#[tokio::test]
-async fn a_read_forwarded_as_its_leader_becomes_known_is_answered() {
-    use regatta_raft::{LogIndex, Message, MessageBody, Term};
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Node 1's host for a group of voters 1, 2 and 3, sending into a
+/// capturing transport, ticking only once a second (no election of its
+/// own during a test, which would fail reads as "leader changed") and
+/// giving requests 30 s.
+fn quiet_follower(dir: &Path) -> (NodeHost, Arc<CaptureTransport>) {
     let transport = Arc::new(CaptureTransport::default());
-    let mut config = HostConfig::new(NodeId(1), dir.path());
+    let mut config = HostConfig::new(NodeId(1), dir);
     config.tick_interval = Duration::from_secs(1);
     config.request_timeout = Duration::from_secs(30);
-    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
     let handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
     let host = NodeHost::new(config, wal, handle, tokio::runtime::Handle::current()).expect("host");
     host.start_group(
@@ -1312,24 +1309,57 @@ async fn a_read_forwarded_as_its_leader_becomes_known_is_answered() {
         Box::new(KvMachine::default()),
     )
     .expect("group");
+    (host, transport)
+}
+
+/// Node 2's heartbeat as leader of term 1, to node 1.
+fn heartbeat_from_node_2() -> (GroupId, regatta_raft::Message) {
+    (
+        GROUP,
+        regatta_raft::Message {
+            from: NodeId(2),
+            to: NodeId(1),
+            term: regatta_raft::Term(1),
+            body: regatta_raft::MessageBody::Heartbeat {
+                commit: regatta_raft::LogIndex(0),
+                round: 1,
+            },
+        },
+    )
+}
+
+/// The ids of every read node 1 forwarded to node 2 so far.
+fn reads_forwarded_to_node_2(transport: &CaptureTransport) -> Vec<regatta_raft::ReadId> {
+    transport
+        .sent
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(_, message)| message.to == NodeId(2))
+        .filter_map(|(_, message)| match &message.body {
+            regatta_raft::MessageBody::ReadIndex { ids } => Some(ids.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// A read asked in the same worker turn as the message that makes the
+/// leader known goes to that leader and waits for its answer: the leader
+/// change the turn reports does not fail it (it failed with `NotLeader`,
+/// and its caller had to retry for nothing).
+#[tokio::test]
+async fn a_read_forwarded_as_its_leader_becomes_known_is_answered() {
+    use regatta_raft::{LogIndex, Message, MessageBody, Term};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, transport) = quiet_follower(dir.path());
     // Let the group start, so that its first turn is behind it.
     tokio::time::sleep(Duration::from_millis(50)).await;
     // On this single-threaded runtime nothing else runs until this task
     // waits: the heartbeat that makes node 2 the known leader and the read
     // are both queued before the worker's next turn, which takes them
     // together.
-    host.deliver(vec![(
-        GROUP,
-        Message {
-            from: NodeId(2),
-            to: NodeId(1),
-            term: Term(1),
-            body: MessageBody::Heartbeat {
-                commit: LogIndex(0),
-                round: 1,
-            },
-        },
-    )]);
+    host.deliver(vec![heartbeat_from_node_2()]);
     let read = host.read_linearizable(GROUP, Bytes::new());
     tokio::pin!(read);
     // Polled once: the read is queued, and waits for its answer.
@@ -1340,18 +1370,7 @@ async fn a_read_forwarded_as_its_leader_becomes_known_is_answered() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let ids = loop {
-        let ids: Vec<_> = transport
-            .sent
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(_, message)| message.to == NodeId(2))
-            .filter_map(|(_, message)| match &message.body {
-                MessageBody::ReadIndex { ids } => Some(ids.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let ids = reads_forwarded_to_node_2(&transport);
         if !ids.is_empty() {
             break ids;
         }
@@ -1389,51 +1408,13 @@ async fn a_read_forwarded_as_its_leader_becomes_known_is_answered() {
 /// until the request timeout; other reads are not touched.
 #[tokio::test]
 async fn a_refused_forwarded_read_fails_at_once() {
-    use regatta_raft::{Message, MessageBody, ReadId, Refusal, Term};
+    use regatta_raft::{Message, MessageBody, Refusal, Term};
     let dir = tempfile::tempdir().expect("tempdir");
-    let transport = Arc::new(CaptureTransport::default());
-    let mut config = HostConfig::new(NodeId(1), dir.path());
-    // No election of its own during the test (which would fail the reads
-    // as "leader changed").
-    config.tick_interval = Duration::from_secs(1);
-    config.request_timeout = Duration::from_secs(30);
-    let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
-    let handle: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(config, wal, handle, tokio::runtime::Handle::current()).expect("host");
-    host.start_group(
-        GROUP,
-        vec![NodeId(1), NodeId(2), NodeId(3)],
-        Box::new(KvMachine::default()),
-    )
-    .expect("group");
+    let (host, transport) = quiet_follower(dir.path());
     // Node 2 leads term 1 (node 1 hears its heartbeat, and answers into
     // the capturing transport).
-    host.deliver(vec![(
-        GROUP,
-        Message {
-            from: NodeId(2),
-            to: NodeId(1),
-            term: Term(1),
-            body: MessageBody::Heartbeat {
-                commit: regatta_raft::LogIndex(0),
-                round: 1,
-            },
-        },
-    )]);
-    let forwarded_ids = || -> Vec<ReadId> {
-        transport
-            .sent
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(_, message)| message.to == NodeId(2))
-            .filter_map(|(_, message)| match &message.body {
-                MessageBody::ReadIndex { ids } => Some(ids.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect()
-    };
+    host.deliver(vec![heartbeat_from_node_2()]);
+    let forwarded_ids = || reads_forwarded_to_node_2(&transport);
     let refused = {
         let host = host.clone();
         tokio::spawn(async move { host.read_linearizable(GROUP, Bytes::new()).await })

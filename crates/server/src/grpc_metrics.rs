@@ -207,8 +207,8 @@ where
 /// A call being served: recorded with its status when it ends, or, if
 /// it is dropped first, as DEADLINE_EXCEEDED when its `grpc-timeout` had
 /// run out (tonic enforces it outside this layer) and CANCELLED otherwise
-/// (its client reset the stream, or the connection went). The slowest calls are the ones a
-/// histogram must not lose.
+/// (its client reset the stream, or the connection went). The slowest
+/// calls are the ones a histogram must not lose.
 struct PendingCall {
     method: String,
     metrics: GrpcMetrics,
