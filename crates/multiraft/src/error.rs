@@ -122,6 +122,9 @@ pub enum Error {
     /// The host's own files (session tables) could not be read or written.
     #[error("host state: {0}")]
     State(String),
+    /// A setting of `HostConfig` is out of its range; the message names it.
+    #[error("host configuration: {0}")]
+    Config(String),
     /// The log failed.
     #[error("write-ahead log: {0}")]
     Wal(#[from] regatta_wal::Error),

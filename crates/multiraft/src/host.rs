@@ -185,6 +185,28 @@ impl HostConfig {
             },
         }
     }
+
+    /// Checks the settings a host cannot run with (the Raft settings are
+    /// checked per group, by `regatta-raft`).
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.workers == 0 || self.workers > WORKERS_MAX {
+            return Err(Error::Config(format!(
+                "workers is {}: give 1 to {WORKERS_MAX}",
+                self.workers
+            )));
+        }
+        if self.group_inbox_max == 0 {
+            return Err(Error::Config(
+                "group_inbox_max is 0: a worker needs room for one request at least".into(),
+            ));
+        }
+        if self.tick_interval.is_zero() {
+            return Err(Error::Config(
+                "tick_interval is 0: give a tick of at least 1 ms".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Workers a host runs by default: half the cores this process may use
@@ -203,6 +225,9 @@ pub fn default_workers() -> usize {
 
 /// The most workers [`default_workers`] picks, however many cores.
 pub const WORKERS_DEFAULT_MAX: usize = 16;
+
+/// The most workers a host runs (each has an apply thread).
+pub const WORKERS_MAX: usize = 256;
 
 type Reply = oneshot::Sender<Result<Bytes, Error>>;
 /// Answers an apply thread collected during one wake-up, for its worker's
@@ -602,6 +627,7 @@ impl NodeHost {
         transport: Arc<dyn Transport>,
         runtime: tokio::runtime::Handle,
     ) -> Result<NodeHost, Error> {
+        config.validate()?;
         let stop_reasons = StopReasons::default();
         let sessions = SnapshotStore::open(config.state_dir.join("sessions"), 1)
             .map_err(|error| Error::State(format!("open the session tables: {error}")))?;
@@ -611,7 +637,7 @@ impl NodeHost {
         let quiesced_groups: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut workers = Vec::new();
         let mut tasks = Vec::new();
-        for _ in 0..config.workers.max(1) {
+        for _ in 0..config.workers {
             let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
             let (control_sender, control) = mpsc::unbounded_channel();
             let (apply_sender, apply_inbox) = mpsc::unbounded_channel();

@@ -32,7 +32,7 @@ pub use applied::{AppliedWatch, GroupStopped};
 pub use error::{Error, UnsentCause};
 pub use host::{
     default_workers, HostConfig, NodeHost, SessionFilter, StateMachine, StateReader, WeakNodeHost,
-    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL, NODE_STOPPING, WORKERS_DEFAULT_MAX,
+    INSTALL_CUT_AFTER_WAL, INSTALL_CUT_BEFORE_WAL, NODE_STOPPING, WORKERS_DEFAULT_MAX, WORKERS_MAX,
 };
 pub use snapshot::{PendingSnapshot, SnapshotData, SnapshotDir, SnapshotSource};
 pub use storage::GroupStorage;

@@ -235,6 +235,43 @@ async fn read_until(host: &NodeHost, key: &str, expected: &str) {
 
 /// Elect, replicate through the host, read linearizably on followers,
 /// crash and restart a follower from its WAL.
+/// Settings a host cannot run with are refused by name when it is
+/// created, not met later as a panic (a zero-capacity inbox or a zero
+/// tick would panic inside tokio).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_refuses_settings_it_cannot_run_with() {
+    type Change = fn(&mut HostConfig);
+    let settings: [(&str, Change); 4] = [
+        ("workers is 0", |config| config.workers = 0),
+        ("workers is 257", |config| {
+            config.workers = regatta_multiraft::WORKERS_MAX + 1
+        }),
+        ("group_inbox_max is 0", |config| config.group_inbox_max = 0),
+        ("tick_interval is 0", |config| {
+            config.tick_interval = Duration::ZERO
+        }),
+    ];
+    for (says, change) in settings {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = HostConfig::new(NodeId(1), dir.path());
+        change(&mut config);
+        let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).expect("wal"));
+        let transport: Arc<dyn Transport> = LocalTransport::new();
+        let refused = NodeHost::new(config, wal, transport, tokio::runtime::Handle::current());
+        match refused {
+            Err(Error::Config(message)) => assert!(message.contains(says), "{message}"),
+            Err(other) => panic!("{says}: refused with {other}"),
+            Ok(_) => panic!("{says}: accepted"),
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = HostConfig::new(NodeId(1), dir.path());
+    config.workers = regatta_multiraft::WORKERS_MAX;
+    config
+        .validate()
+        .expect("the largest worker count is valid");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_elect_replicate_read_and_recover() {
     let (dirs, transport, mut hosts) = start_three_hosts();

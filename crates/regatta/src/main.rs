@@ -291,6 +291,18 @@ struct LeaderArgs {
     )]
     raft_compaction_overhead: u64,
 
+    /// Raft workers: each steps, persists and sends for its share of the
+    /// tables' groups, and applies them on an OS thread of its own. More
+    /// workers use more cores under load; fewer make bigger batches (one
+    /// WAL write and one frame per peer carry a whole turn). Default: half
+    /// the cores, at least 1, at most 16.
+    #[arg(
+        long = "raft.workers",
+        env = "REGATTA_RAFT_WORKERS",
+        value_parser = clap::value_parser!(u64).range(1..=regatta_multiraft::WORKERS_MAX as u64)
+    )]
+    raft_workers: Option<u64>,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log-level", default_value = "info", env = "REGATTA_LOG_LEVEL")]
     log_level: tracing::Level,
@@ -808,6 +820,9 @@ fn node_config(args: &LeaderArgs) -> Result<NodeConfig, String> {
     config.request_timeout = Duration::from_millis(args.api_request_timeout_ms.max(1));
     config.snapshot_every_entries = args.raft_snapshot_entries;
     config.compaction_overhead_entries = args.raft_compaction_overhead;
+    if let Some(workers) = args.raft_workers {
+        config.workers = workers as usize;
+    }
     Ok(config)
 }
 

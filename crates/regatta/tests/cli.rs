@@ -59,9 +59,18 @@ fn help_and_version_explain_themselves() {
     );
 }
 
+/// The apply threads of process `pid` (Linux names threads in /proc).
+fn apply_threads(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read the process's threads");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "regatta-apply")
+        .count()
+}
+
 /// Start-up mistakes an operator makes are refused before anything starts,
-/// naming the flag: cluster flags with `--dev`, a zero request timeout, a
-/// data directory that is a file, and a peer port already taken.
+/// naming the flag: cluster flags with `--dev`, a zero request timeout,
+/// a worker count out of range, a data directory that is a file, and a peer port already taken.
 #[test]
 fn start_up_mistakes_are_refused_naming_the_flag() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -102,6 +111,20 @@ fn start_up_mistakes_are_refused_naming_the_flag() {
         !success && error.contains("--api.request-timeout-ms"),
         "{error}"
     );
+    for workers in ["0", "257"] {
+        let (success, _, error) = regatta(&[
+            "leader",
+            "--dev",
+            "--raft.workers",
+            workers,
+            "--data-dir",
+            &data_flag,
+        ]);
+        assert!(
+            !success && error.contains("--raft.workers") && error.contains("1..=256"),
+            "{workers}: {error}"
+        );
+    }
     // Peer addresses may be names, but must be well formed; listening
     // addresses must be IP addresses.
     for (flag, value, says) in [
@@ -215,7 +238,7 @@ async fn a_config_file_with_env_overrides_and_the_client_commands() {
     let config = dir.path().join("regatta.yaml");
     std::fs::write(
         &config,
-        format!("dev: true\napi:\n  address: {unused}\nraft:\n  address: {raft}\n"),
+        format!("dev: true\napi:\n  address: {unused}\nraft:\n  address: {raft}\n  workers: 3\n"),
     )
     .expect("config");
     let data = dir.path().join("node");
@@ -238,6 +261,9 @@ async fn a_config_file_with_env_overrides_and_the_client_commands() {
         dir: data,
     };
     drop(connect(&node).await);
+    // raft.workers from the file: one apply thread per worker.
+    let apply_threads = apply_threads(node.child.id());
+    assert_eq!(apply_threads, 3, "raft.workers: 3 in the file");
     let address = api.to_string();
     let a = address.as_str();
 

@@ -106,6 +106,10 @@ pub struct NodeConfig {
     pub snapshot_every_entries: u64,
     /// Entries a compaction leaves in the log, for followers that lag.
     pub compaction_overhead_entries: u64,
+    /// Raft workers (each with an apply thread), 1 to
+    /// [`regatta_multiraft::WORKERS_MAX`]. Default
+    /// [`regatta_multiraft::default_workers`].
+    pub workers: usize,
     /// Leader or follower cluster.
     pub role: ClusterRole,
     /// Mutual TLS between Raft peers; plain TCP when `None`.
@@ -135,6 +139,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(10),
             snapshot_every_entries: 10_000,
             compaction_overhead_entries: 1_000,
+            workers: regatta_multiraft::default_workers(),
             role: ClusterRole::Leader,
             peer_tls: None,
             admin_token: None,
@@ -400,6 +405,7 @@ impl Node {
         host_config.request_timeout = config.request_timeout;
         host_config.snapshot_every_entries = config.snapshot_every_entries;
         host_config.compaction_overhead_entries = config.compaction_overhead_entries;
+        host_config.workers = config.workers;
         let as_transport: Arc<dyn Transport> = Arc::clone(&transport) as Arc<dyn Transport>;
         let wal = Arc::new(wal);
         let host = NodeHost::new(
