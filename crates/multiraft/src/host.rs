@@ -30,7 +30,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use regatta_raft::{
     CommitBroadcast, ConfChange, Config, Entry, EntryPayload, LogIndex, Message, MessageBody,
-    NodeId, Proposed, RaftNode, ReadId, Refusal, RequestId, Role, SnapshotMeta, Status, Term,
+    NodeId, Proposed, RaftNode, ReadId, ReadState, Refusal, RequestId, Role, SnapshotMeta,
+    SoftState, Status, Term,
 };
 use regatta_wal::{GroupId, SnapshotStore, Wal, WriteBatch};
 use rustc_hash::FxHashMap;
@@ -778,38 +779,14 @@ impl NodeHost {
                 applied_sender.sink(),
             ))
             .map_err(|_| self.stopped(group))?;
-        let state = Group {
-            group,
-            incarnation,
+        let state = Group::new(
+            (group, incarnation),
             raft,
             apply,
-            applied: applied_sender,
-            proposals: BTreeMap::new(),
-            waiting_ids: FxHashMap::default(),
-            reads: FxHashMap::default(),
-            read_leaders: FxHashMap::default(),
-            known_leader: None,
-            next_read: first_read_id(),
-            reads_checked_below: 0,
-            read_checks: 0,
-            read_resends: FxHashMap::default(),
-            read_resend_ticks: ticks_in(READ_RESEND_INTERVAL, self.inner.config.tick_interval),
-            quiesce_after_ticks: self.inner.config.quiesce_after_ticks,
-            idle_ticks: 0,
-            ticks: 0,
-            quiesced: false,
-            last_index_seen: LogIndex(0),
-            commit_due: false,
-            pending_install: None,
-            snapshots_out: FxHashMap::default(),
-            snapshot_every_entries: self.inner.config.snapshot_every_entries,
-            compaction_overhead_entries: self.inner.config.compaction_overhead_entries,
-            compacted_at: LogIndex(0),
-            saving_sessions: false,
-            pending_compaction: None,
-            installing: None,
-            snapshots: self.inner.snapshots.clone(),
-        };
+            applied_sender,
+            &self.inner.config,
+            self.inner.snapshots.clone(),
+        );
         inbox
             .try_send(WorkerInput::Start(group, Box::new(state)))
             .map_err(|_| {
@@ -1739,94 +1716,15 @@ impl Worker {
                 readies,
                 removed,
                 result,
-            } => {
-                for (group, reply) in removed {
-                    if result.is_ok() {
-                        if let Err(error) = self.snapshots.remove_installs(group.0, u64::MAX, None)
-                        {
-                            tracing::warn!(group = group.0, %error, "cannot delete a removed group's snapshot copies");
-                        }
-                    }
-                    let outcome = result.clone().map_err(Error::Wal).and_then(|()| {
-                        self.sessions.remove_group(group).map_err(|error| {
-                            Error::State(format!(
-                                "remove the session table of group {}: {error}",
-                                group.0
-                            ))
-                        })
-                    });
-                    let _ = reply.send(outcome);
-                }
-                for (group, number) in readies {
-                    let Some(state) = self.groups.get_mut(&group) else {
-                        continue;
-                    };
-                    if let Err(error) = &result {
-                        // Never acknowledge after a failed write: stop the group.
-                        let reason = format!("persisting the group's Raft state failed: {error}");
-                        note_stopped(&self.stop_reasons, group, &reason);
-                        state.fail_all(reason);
-                        self.groups.remove(&group);
-                        self.active.remove(&group);
-                        continue;
-                    }
-                    state.on_persisted(number);
-                    touched.insert(group);
-                }
-            }
+            } => self.on_batch_persisted(readies, removed, result, touched),
             Control::SnapshotReady {
                 group,
                 incarnation,
-                mut message,
+                message,
                 index,
                 data,
-            } => {
-                let Some(state) = self.groups.get_mut(&group) else {
-                    return;
-                };
-                if state.incarnation != incarnation {
-                    return;
-                }
-                let to = message.to;
-                let meta = data.and_then(|data| {
-                    let meta = state
-                        .raft
-                        .snapshot_meta_at(index)
-                        .map_err(|error| error.to_string())?;
-                    Ok((meta, data))
-                });
-                match meta {
-                    Ok((meta, data)) => {
-                        // The state copied is at `index`, maybe newer than
-                        // the one Raft named: describe what is sent.
-                        state.snapshots_out.insert(to, (meta.index, state.ticks));
-                        message.body = MessageBody::Snapshot { meta };
-                        self.transport.send_snapshot(group, message, data);
-                    }
-                    Err(_) => {
-                        state.snapshots_out.remove(&to);
-                        state.raft.report_snapshot(to, false);
-                    }
-                }
-                touched.insert(group);
-            }
-            Control::Applied(reports) => {
-                for GroupApplied {
-                    group,
-                    incarnation,
-                    index,
-                    results,
-                } in reports
-                {
-                    if let Some(state) = self.groups.get_mut(&group) {
-                        if state.incarnation != incarnation {
-                            continue;
-                        }
-                        state.on_applied(index, results);
-                        touched.insert(group);
-                    }
-                }
-            }
+            } => self.send_snapshot(group, incarnation, message, index, data, touched),
+            Control::Applied(reports) => self.on_applied(reports, touched),
             Control::SessionsSaved {
                 group,
                 incarnation,
@@ -1844,23 +1742,7 @@ impl Worker {
                 group,
                 incarnation,
                 reason,
-            } => {
-                // Only for the run of the group that failed: a late report
-                // of a removed group must not stop, nor name a reason for,
-                // the next group of its id.
-                if self
-                    .groups
-                    .get(&group)
-                    .is_some_and(|state| state.incarnation == incarnation)
-                {
-                    if let Some(mut state) = self.groups.remove(&group) {
-                        self.note_stopped(group, &reason);
-                        state.fail_all(reason);
-                    }
-                    self.active.remove(&group);
-                    touched.remove(&group);
-                }
-            }
+            } => self.on_failed(group, incarnation, reason, touched),
             Control::SnapshotReport {
                 group,
                 to,
@@ -1884,40 +1766,173 @@ impl Worker {
                 }
             }
             Control::RefuseForwarded { refusals, reason } => {
-                let refusal = Refusal::Overloaded { reason };
-                let mut messages: Vec<(GroupId, Message)> = Vec::new();
-                for forwarded in refusals {
-                    if !self.groups.contains_key(&forwarded.group) {
-                        continue;
-                    }
-                    let message = |body| Message {
-                        from: self.node_id,
-                        to: forwarded.from,
-                        term: Term(0),
-                        body,
-                    };
-                    if !forwarded.proposals.is_empty() {
-                        let body = MessageBody::ProposeRefused {
-                            ids: forwarded.proposals,
-                            refusal: refusal.clone(),
-                        };
-                        messages.push((forwarded.group, message(body)));
-                    }
-                    for ids in forwarded
-                        .reads
-                        .chunks(regatta_raft::READ_IDS_PER_MESSAGE_MAX)
-                    {
-                        let body = MessageBody::ReadRefused {
-                            ids: ids.to_vec(),
-                            refusal: refusal.clone(),
-                        };
-                        messages.push((forwarded.group, message(body)));
-                    }
+                self.refuse_forwarded(refusals, Refusal::Overloaded { reason });
+            }
+        }
+    }
+
+    /// The apply thread's reports: applied indexes and results, for the
+    /// current run of each group only.
+    fn on_applied(&mut self, reports: Vec<GroupApplied>, touched: &mut BTreeSet<GroupId>) {
+        for GroupApplied {
+            group,
+            incarnation,
+            index,
+            results,
+        } in reports
+        {
+            if let Some(state) = self.groups.get_mut(&group) {
+                if state.incarnation != incarnation {
+                    continue;
                 }
-                if !messages.is_empty() {
-                    self.transport.send(messages);
+                state.on_applied(index, results);
+                touched.insert(group);
+            }
+        }
+    }
+
+    /// The apply thread cannot go on with a group: it stops, only for the
+    /// run that failed (a late report of a removed group must not stop,
+    /// nor name a reason for, the next group of its id).
+    fn on_failed(
+        &mut self,
+        group: GroupId,
+        incarnation: u64,
+        reason: String,
+        touched: &mut BTreeSet<GroupId>,
+    ) {
+        if self
+            .groups
+            .get(&group)
+            .is_some_and(|state| state.incarnation == incarnation)
+        {
+            if let Some(mut state) = self.groups.remove(&group) {
+                self.note_stopped(group, &reason);
+                state.fail_all(reason);
+            }
+            self.active.remove(&group);
+            touched.remove(&group);
+        }
+    }
+
+    /// A WAL batch of this worker is durable (or failed): removed groups
+    /// finish their removal, and each ready's group hears it persisted.
+    fn on_batch_persisted(
+        &mut self,
+        readies: Vec<(GroupId, u64)>,
+        removed: Vec<Removal>,
+        result: regatta_wal::Result<()>,
+        touched: &mut BTreeSet<GroupId>,
+    ) {
+        for (group, reply) in removed {
+            if result.is_ok() {
+                if let Err(error) = self.snapshots.remove_installs(group.0, u64::MAX, None) {
+                    tracing::warn!(group = group.0, %error, "cannot delete a removed group's snapshot copies");
                 }
             }
+            let outcome = result.clone().map_err(Error::Wal).and_then(|()| {
+                self.sessions.remove_group(group).map_err(|error| {
+                    Error::State(format!(
+                        "remove the session table of group {}: {error}",
+                        group.0
+                    ))
+                })
+            });
+            let _ = reply.send(outcome);
+        }
+        for (group, number) in readies {
+            let Some(state) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            if let Err(error) = &result {
+                // Never acknowledge after a failed write: stop the group.
+                let reason = format!("persisting the group's Raft state failed: {error}");
+                note_stopped(&self.stop_reasons, group, &reason);
+                state.fail_all(reason);
+                self.groups.remove(&group);
+                self.active.remove(&group);
+                continue;
+            }
+            state.on_persisted(number);
+            touched.insert(group);
+        }
+    }
+
+    /// The apply thread copied the state a snapshot message stands for:
+    /// the message leaves with it, or Raft hears the snapshot failed.
+    fn send_snapshot(
+        &mut self,
+        group: GroupId,
+        incarnation: u64,
+        mut message: Message,
+        index: LogIndex,
+        data: Result<SnapshotData, String>,
+        touched: &mut BTreeSet<GroupId>,
+    ) {
+        let Some(state) = self.groups.get_mut(&group) else {
+            return;
+        };
+        if state.incarnation != incarnation {
+            return;
+        }
+        let to = message.to;
+        let meta = data.and_then(|data| {
+            let meta = state
+                .raft
+                .snapshot_meta_at(index)
+                .map_err(|error| error.to_string())?;
+            Ok((meta, data))
+        });
+        match meta {
+            Ok((meta, data)) => {
+                // The state copied is at `index`, maybe newer than the one
+                // Raft named: describe what is sent.
+                state.snapshots_out.insert(to, (meta.index, state.ticks));
+                message.body = MessageBody::Snapshot { meta };
+                self.transport.send_snapshot(group, message, data);
+            }
+            Err(_) => {
+                state.snapshots_out.remove(&to);
+                state.raft.report_snapshot(to, false);
+            }
+        }
+        touched.insert(group);
+    }
+
+    /// Forwarded proposals and reads this worker's full inbox dropped:
+    /// their senders hear `refusal` now rather than at their timeout.
+    fn refuse_forwarded(&mut self, refusals: Vec<ForwardedRefusal>, refusal: Refusal) {
+        let mut messages: Vec<(GroupId, Message)> = Vec::new();
+        for forwarded in refusals {
+            if !self.groups.contains_key(&forwarded.group) {
+                continue;
+            }
+            let message = |body| Message {
+                from: self.node_id,
+                to: forwarded.from,
+                term: Term(0),
+                body,
+            };
+            if !forwarded.proposals.is_empty() {
+                let body = MessageBody::ProposeRefused {
+                    ids: forwarded.proposals,
+                    refusal: refusal.clone(),
+                };
+                messages.push((forwarded.group, message(body)));
+            }
+            for ids in forwarded
+                .reads
+                .chunks(regatta_raft::READ_IDS_PER_MESSAGE_MAX)
+            {
+                let body = MessageBody::ReadRefused {
+                    ids: ids.to_vec(),
+                    refusal: refusal.clone(),
+                };
+                messages.push((forwarded.group, message(body)));
+            }
+        }
+        if !messages.is_empty() {
+            self.transport.send(messages);
         }
     }
 
@@ -1987,6 +2002,51 @@ impl Worker {
 }
 
 impl Group {
+    /// A group run that has not stepped yet: `id` is the group and the
+    /// incarnation of this run, `applied` publishes its applied index.
+    fn new(
+        id: (GroupId, u64),
+        raft: RaftNode<GroupStorage>,
+        apply: ApplyOutbox,
+        applied: AppliedPublisher,
+        config: &HostConfig,
+        snapshots: SnapshotDir,
+    ) -> Group {
+        let (group, incarnation) = id;
+        Group {
+            group,
+            incarnation,
+            raft,
+            apply,
+            applied,
+            proposals: BTreeMap::new(),
+            waiting_ids: FxHashMap::default(),
+            reads: FxHashMap::default(),
+            read_leaders: FxHashMap::default(),
+            known_leader: None,
+            next_read: first_read_id(),
+            reads_checked_below: 0,
+            read_checks: 0,
+            read_resends: FxHashMap::default(),
+            read_resend_ticks: ticks_in(READ_RESEND_INTERVAL, config.tick_interval),
+            quiesce_after_ticks: config.quiesce_after_ticks,
+            idle_ticks: 0,
+            ticks: 0,
+            quiesced: false,
+            last_index_seen: LogIndex(0),
+            commit_due: false,
+            pending_install: None,
+            snapshots_out: FxHashMap::default(),
+            snapshot_every_entries: config.snapshot_every_entries,
+            compaction_overhead_entries: config.compaction_overhead_entries,
+            compacted_at: LogIndex(0),
+            saving_sessions: false,
+            pending_compaction: None,
+            installing: None,
+            snapshots,
+        }
+    }
+
     fn tick(&mut self) {
         self.raft.tick();
         self.idle_ticks += 1;
@@ -2191,26 +2251,7 @@ impl Group {
                 self.propose_on_leader(reply, |raft| raft.propose(vec![command]));
             }
             Input::ProposeWithId { id, command, reply } => {
-                if self.raft.role() == Role::Leader {
-                    self.propose_and_track(reply, |raft| raft.propose_with_id(id, command));
-                    return;
-                }
-                // Forwarded: answered when this node applies the id.
-                match self.raft.propose_with_id(id, command) {
-                    Ok(Proposed::Appended { last, term, .. }) => {
-                        self.track_proposal(last, term, reply);
-                    }
-                    Ok(Proposed::Forwarded { leader }) => {
-                        let waiter = Waiter {
-                            peer: leader,
-                            reply,
-                        };
-                        self.waiting_ids.entry(id).or_default().push(waiter);
-                    }
-                    Err(source) => {
-                        let _ = reply.send(Err(Error::Raft { group, source }));
-                    }
-                }
+                self.propose_with_id(id, command, reply);
             }
             Input::Read(read) => {
                 let id = ReadId(self.next_read);
@@ -2247,23 +2288,7 @@ impl Group {
                 let result = self.raft.force_remove(node).map(|()| Bytes::new());
                 let _ = reply.send(result.map_err(|source| Error::Raft { group, source }));
             }
-            Input::Snapshot { message, data } => {
-                let offered = match &message.body {
-                    MessageBody::Snapshot { meta } => Some((meta.index, meta.term)),
-                    _ => None,
-                };
-                let _ = self.raft.step(message);
-                // The data goes with the snapshot Raft took: one it refused
-                // (an older term's, one at or below the commit index) must
-                // not replace the data of one accepted earlier this turn.
-                let accepted = self
-                    .raft
-                    .snapshot_to_install()
-                    .map(|meta| (meta.index, meta.term));
-                if let Some((index, term)) = offered.filter(|_| offered == accepted) {
-                    self.pending_install = Some((index, term, data));
-                }
-            }
+            Input::Snapshot { message, data } => self.offer_snapshot(message, data),
             Input::SnapshotReport { to, delivered } => {
                 self.snapshots_out.remove(&to);
                 self.raft.report_snapshot(to, delivered);
@@ -2276,6 +2301,51 @@ impl Group {
                     reply,
                 });
             }
+        }
+    }
+
+    /// A proposal under a client's request id: a leader appends and
+    /// tracks it; a follower forwards it and answers when this node
+    /// applies the id.
+    fn propose_with_id(&mut self, id: RequestId, command: Bytes, reply: Reply) {
+        if self.raft.role() == Role::Leader {
+            self.propose_and_track(reply, |raft| raft.propose_with_id(id, command));
+            return;
+        }
+        match self.raft.propose_with_id(id, command) {
+            Ok(Proposed::Appended { last, term, .. }) => {
+                self.track_proposal(last, term, reply);
+            }
+            Ok(Proposed::Forwarded { leader }) => {
+                let waiter = Waiter {
+                    peer: leader,
+                    reply,
+                };
+                self.waiting_ids.entry(id).or_default().push(waiter);
+            }
+            Err(source) => {
+                let group = self.group;
+                let _ = reply.send(Err(Error::Raft { group, source }));
+            }
+        }
+    }
+
+    /// A snapshot from the leader, with its data: Raft decides whether to
+    /// take it. The data goes with the snapshot Raft took: one it refused
+    /// (an older term's, one at or below the commit index) must not
+    /// replace the data of one accepted earlier this turn.
+    fn offer_snapshot(&mut self, message: Message, data: SnapshotData) {
+        let offered = match &message.body {
+            MessageBody::Snapshot { meta } => Some((meta.index, meta.term)),
+            _ => None,
+        };
+        let _ = self.raft.step(message);
+        let accepted = self
+            .raft
+            .snapshot_to_install()
+            .map(|meta| (meta.index, meta.term));
+        if let Some((index, term)) = offered.filter(|_| offered == accepted) {
+            self.pending_install = Some((index, term, data));
         }
     }
 
@@ -2459,163 +2529,197 @@ impl Group {
                 .ready()
                 .map_err(|error| format!("raft: {error}"))?;
             let group = self.group;
-            for message in std::mem::take(&mut ready.messages) {
-                if let MessageBody::Snapshot { meta } = &message.body {
-                    // A snapshot message leaves only with the state it
-                    // stands for: the apply thread copies it first (see
-                    // `Control::SnapshotReady`).
-                    self.snapshots_out
-                        .insert(message.to, (meta.index, self.ticks));
-                    self.apply.send(ApplyWork::TakeSnapshot { group, message });
-                } else {
-                    outbox.push((group, message));
-                }
-            }
-            if let Some(meta) = ready.snapshot {
-                let data = match self.pending_install.take() {
-                    Some((index, term, data)) if index == meta.index && term == meta.term => data,
-                    Some((index, term, _)) => {
-                        return Err(format!(
-                            "the snapshot accepted at {} (term {}) came with the data of another, at {index} (term {})",
-                            meta.index.0, meta.term.0, term.0
-                        ));
-                    }
-                    None => return Err("a snapshot was accepted without its data".into()),
-                };
-                // The order that survives a crash anywhere: the data is
-                // kept durably, then the WAL records the install, then
-                // (`on_persisted`) the state machine restores. A restart
-                // between the last two restores from the kept copy.
-                self.snapshots
-                    .keep_for_install(&data, self.group.0, meta.index.0)
-                    .map_err(|error| {
-                        format!(
-                            "keep the snapshot at {} for its install: {error}",
-                            meta.index.0
-                        )
-                    })?;
-                self.compacted_at = meta.index;
-                // A compaction planned against the old log would refuse
-                // the whole batch: the install replaces that log.
-                self.pending_compaction = None;
-                batch.install_snapshot(self.group, meta.clone());
-                self.installing = Some((ready.number, meta, data));
+            self.route_messages(std::mem::take(&mut ready.messages), outbox);
+            if let Some(meta) = ready.snapshot.take() {
+                self.stage_install(meta, ready.number, batch)?;
             }
             if let Some((meta, compact_to)) = self.pending_compaction.take() {
                 batch.snapshot(self.group, meta);
                 batch.compact(self.group, compact_to);
             }
             if !ready.entries.is_empty() {
-                batch.entries(self.group, ready.entries);
+                batch.entries(self.group, std::mem::take(&mut ready.entries));
             }
             if let Some(hard_state) = ready.hard_state {
                 batch.hard_state(self.group, hard_state);
             }
             persisted.extend(
-                ready
-                    .persisted_messages
+                std::mem::take(&mut ready.persisted_messages)
                     .into_iter()
                     .map(|message| (group, message)),
             );
             readies.push((self.group, ready.number));
             self.pending_install = None;
             if !ready.committed_entries.is_empty() {
-                let replies = self.take_replies(&ready.committed_entries);
-                self.apply.send(ApplyWork::Entries(
-                    self.group,
-                    ready.committed_entries,
-                    replies,
-                ));
+                let committed = std::mem::take(&mut ready.committed_entries);
+                let replies = self.take_replies(&committed);
+                self.apply
+                    .send(ApplyWork::Entries(self.group, committed, replies));
             }
-            let leader_changed = ready
-                .soft_state
-                .as_ref()
-                .is_some_and(|soft| soft.leader != self.known_leader);
-            for state in ready.read_states {
-                self.read_leaders.remove(&state.id);
-                match self.reads.remove(&state.id) {
-                    Some(PendingRead::Query(query, reply)) => {
-                        self.apply.send(ApplyWork::Read {
-                            group: self.group,
-                            index: state.index,
-                            query,
-                            reply,
-                        });
-                    }
-                    Some(PendingRead::Index(reply)) => {
-                        let _ = reply.send(Ok(state.index));
-                    }
-                    None => {}
-                }
-            }
-            // Forwarded reads the receiver would not confirm: the same.
-            for (ids, source) in ready.refused_reads {
-                for id in ids {
-                    self.read_leaders.remove(&id);
-                    if let Some(read) = self.reads.remove(&id) {
-                        read.fail(Error::Raft {
-                            group,
-                            source: source.clone(),
-                        });
-                    }
-                }
-            }
-            // Forwarded proposals the leader did not append: their callers
-            // hear why now (and retry if that may help) instead of waiting
-            // out their timeout.
-            for (ids, source) in ready.refused_proposals {
-                for id in ids {
-                    for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
-                        let source = source.clone();
-                        let _ = waiter.reply.send(Err(Error::Raft { group, source }));
-                    }
-                }
-            }
-            if let (true, Some(soft)) = (leader_changed, ready.soft_state) {
-                // Once per change of leader and group: elections, moves and
-                // losses of quorum can be read from the log.
-                tracing::info!(
-                    group = self.group.0,
-                    leader = ?soft.leader.map(|leader| leader.0),
-                    role = ?soft.role,
-                    "group leader changed"
-                );
-                self.known_leader = soft.leader;
-                // A read forwarded to (or confirmed by) the old leader may
-                // never be answered; its caller retries with the new one.
-                // A read already forwarded to the new leader (asked in
-                // the same turn as the message that made it known) waits
-                // for its answer, or for its resend if that was lost.
-                let read_leaders = std::mem::take(&mut self.read_leaders);
-                for (id, read) in std::mem::take(&mut self.reads) {
-                    match read_leaders.get(&id) {
-                        Some(asked) if soft.leader == Some(*asked) => {
-                            self.reads.insert(id, read);
-                            self.read_leaders.insert(id, *asked);
-                        }
-                        _ => read.fail(Error::NotLeader {
-                            group: self.group,
-                            leader_hint: soft.leader,
-                        }),
-                    }
-                }
-                // So may a proposal forwarded to the old leader (it dies
-                // with the leader unless it was replicated). Its caller
-                // retries under the same request id, which the session
-                // table applies at most once, without waiting out its
-                // timeout.
-                for (_, replies) in self.waiting_ids.drain() {
-                    for waiter in replies {
-                        let _ = waiter.reply.send(Err(Error::NotLeader {
-                            group: self.group,
-                            leader_hint: soft.leader,
-                        }));
-                    }
+            self.answer_read_states(std::mem::take(&mut ready.read_states));
+            self.answer_refusals(
+                std::mem::take(&mut ready.refused_reads),
+                std::mem::take(&mut ready.refused_proposals),
+            );
+            if let Some(soft) = ready.soft_state {
+                if soft.leader != self.known_leader {
+                    self.on_leader_change(soft);
                 }
             }
         }
         self.answer_proposals_cut_from_the_log();
         Ok(())
+    }
+
+    /// A ready's messages go to `outbox`, but for snapshot messages: a
+    /// snapshot message leaves only with the state it stands for, which
+    /// the apply thread copies first (see `Control::SnapshotReady`).
+    fn route_messages(&mut self, messages: Vec<Message>, outbox: &mut Vec<(GroupId, Message)>) {
+        let group = self.group;
+        for message in messages {
+            if let MessageBody::Snapshot { meta } = &message.body {
+                self.snapshots_out
+                    .insert(message.to, (meta.index, self.ticks));
+                self.apply.send(ApplyWork::TakeSnapshot { group, message });
+            } else {
+                outbox.push((group, message));
+            }
+        }
+    }
+
+    /// Raft accepted the snapshot at `meta` in ready `number`: its data is
+    /// kept for the install and the WAL batch records the install.
+    fn stage_install(
+        &mut self,
+        meta: SnapshotMeta,
+        number: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), String> {
+        let data = match self.pending_install.take() {
+            Some((index, term, data)) if index == meta.index && term == meta.term => data,
+            Some((index, term, _)) => {
+                return Err(format!(
+                    "the snapshot accepted at {} (term {}) came with the data of another, at {index} (term {})",
+                    meta.index.0, meta.term.0, term.0
+                ));
+            }
+            None => return Err("a snapshot was accepted without its data".into()),
+        };
+        // The order that survives a crash anywhere: the data is kept
+        // durably, then the WAL records the install, then (`on_persisted`)
+        // the state machine restores. A restart between the last two
+        // restores from the kept copy.
+        self.snapshots
+            .keep_for_install(&data, self.group.0, meta.index.0)
+            .map_err(|error| {
+                format!(
+                    "keep the snapshot at {} for its install: {error}",
+                    meta.index.0
+                )
+            })?;
+        self.compacted_at = meta.index;
+        // A compaction planned against the old log would refuse the whole
+        // batch: the install replaces that log.
+        self.pending_compaction = None;
+        batch.install_snapshot(self.group, meta.clone());
+        self.installing = Some((number, meta, data));
+        Ok(())
+    }
+
+    /// Confirmed read indexes: a query waits on the apply thread for its
+    /// index; a caller that wanted the index alone gets it now.
+    fn answer_read_states(&mut self, read_states: Vec<ReadState>) {
+        for state in read_states {
+            self.read_leaders.remove(&state.id);
+            match self.reads.remove(&state.id) {
+                Some(PendingRead::Query(query, reply)) => {
+                    self.apply.send(ApplyWork::Read {
+                        group: self.group,
+                        index: state.index,
+                        query,
+                        reply,
+                    });
+                }
+                Some(PendingRead::Index(reply)) => {
+                    let _ = reply.send(Ok(state.index));
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Forwarded reads the receiver would not confirm, and forwarded
+    /// proposals the leader did not append: their callers hear why now
+    /// (and retry if that may help) instead of waiting out their timeout.
+    fn answer_refusals(
+        &mut self,
+        refused_reads: Vec<(Vec<ReadId>, regatta_raft::Error)>,
+        refused_proposals: Vec<(Vec<RequestId>, regatta_raft::Error)>,
+    ) {
+        let group = self.group;
+        for (ids, source) in refused_reads {
+            for id in ids {
+                self.read_leaders.remove(&id);
+                if let Some(read) = self.reads.remove(&id) {
+                    read.fail(Error::Raft {
+                        group,
+                        source: source.clone(),
+                    });
+                }
+            }
+        }
+        for (ids, source) in refused_proposals {
+            for id in ids {
+                for waiter in self.waiting_ids.remove(&id).unwrap_or_default() {
+                    let source = source.clone();
+                    let _ = waiter.reply.send(Err(Error::Raft { group, source }));
+                }
+            }
+        }
+    }
+
+    /// The group's leader changed (once per change: elections, moves and
+    /// losses of quorum can be read from the log). Reads and forwarded
+    /// proposals that went to another node may never be answered; their
+    /// callers hear `NotLeader` and retry.
+    fn on_leader_change(&mut self, soft: SoftState) {
+        tracing::info!(
+            group = self.group.0,
+            leader = ?soft.leader.map(|leader| leader.0),
+            role = ?soft.role,
+            "group leader changed"
+        );
+        self.known_leader = soft.leader;
+        // A read forwarded to (or confirmed by) the old leader may never be
+        // answered; its caller retries with the new one. A read already
+        // forwarded to the new leader (asked in the same turn as the
+        // message that made it known) waits for its answer, or for its
+        // resend if that was lost.
+        let read_leaders = std::mem::take(&mut self.read_leaders);
+        for (id, read) in std::mem::take(&mut self.reads) {
+            match read_leaders.get(&id) {
+                Some(asked) if soft.leader == Some(*asked) => {
+                    self.reads.insert(id, read);
+                    self.read_leaders.insert(id, *asked);
+                }
+                _ => read.fail(Error::NotLeader {
+                    group: self.group,
+                    leader_hint: soft.leader,
+                }),
+            }
+        }
+        // So may a proposal forwarded to the old leader (it dies with the
+        // leader unless it was replicated). Its caller retries under the
+        // same request id, which the session table applies at most once,
+        // without waiting out its timeout.
+        for (_, replies) in self.waiting_ids.drain() {
+            for waiter in replies {
+                let _ = waiter.reply.send(Err(Error::NotLeader {
+                    group: self.group,
+                    leader_hint: soft.leader,
+                }));
+            }
+        }
     }
 
     /// Proposals past the end of this node's log: another leader's append
@@ -3124,133 +3228,22 @@ fn apply_one(
             reports.remove(&group);
         }
         ApplyWork::Entries(group, entries, replies) => {
-            let Some(applier) = appliers.get_mut(&group) else {
-                let reason = format!("group {} was removed from this node", group.0);
-                answer_stopped(group, &reason, replies);
-                return;
-            };
-            let results = reports.entry(group).or_default();
-            let reported = results.len();
-            let applied = apply_entries(
-                group,
-                applier,
-                &entries,
-                results,
-                context.session_expiry_entries,
+            apply_committed(
+                group, &entries, replies, appliers, reports, answers, context,
             );
-            if let Err(reason) = applied {
-                answer_stopped(group, &reason, replies);
-                stop_applier(group, reason, appliers, reports, context);
-                return;
-            }
-            // Counted before answered: whoever hears of a write can find
-            // it in the applied index (`NodeHost::applied_index_watch`).
-            if applier.published.publish(applier.applied) {
-                answer_proposers(group, &results[reported..], replies, answers);
-            } else {
-                // The worker stopped the group meanwhile and answered all
-                // its other proposers so.
-                answer_stopped(group, "the group stopped on this node", replies);
-            }
         }
         ApplyWork::SaveSessions(group) => {
-            let Some(applier) = appliers.get_mut(&group) else {
-                return;
-            };
-            let synced = applier.state_machine.sync().map_err(|error| {
-                Error::State(format!(
-                    "make the state machine of group {} durable: {error}",
-                    group.0
-                ))
-            });
-            let saved =
-                synced.and_then(|()| save_sessions(&context.sessions, group, &applier.sessions));
-            let (index, result) = match saved {
-                Ok(index) => (index, Ok(())),
-                Err(error) => (LogIndex(0), Err(error)),
-            };
-            let _ = context.control.send(Control::SessionsSaved {
-                group,
-                incarnation: applier.incarnation,
-                index,
-                result,
-            });
+            if let Some(applier) = appliers.get_mut(&group) {
+                save_applier_sessions(group, applier, context);
+            }
         }
         ApplyWork::TakeSnapshot { group, message } => {
-            let Some(applier) = appliers.get_mut(&group) else {
-                return;
-            };
-            // The copy is taken here, at `index`; writing it out happens
-            // on a blocking thread while the apply thread goes on.
-            let source = applier.state_machine.snapshot();
-            let table = applier.sessions.encode();
-            let index = applier.applied;
-            let incarnation = applier.incarnation;
-            let control = context.control.clone();
-            let snapshots = context.snapshots.clone();
-            context.runtime.spawn_blocking(move || {
-                let data = write_snapshot(&snapshots, &table, source)
-                    .map_err(|error| format!("write the snapshot at {}: {error}", index.0));
-                let _ = control.send(Control::SnapshotReady {
-                    group,
-                    incarnation,
-                    message,
-                    index,
-                    data,
-                });
-            });
+            if let Some(applier) = appliers.get_mut(&group) {
+                take_snapshot(group, applier, message, context);
+            }
         }
         ApplyWork::Restore { group, meta, data } => {
-            let Some(applier) = appliers.get_mut(&group) else {
-                return;
-            };
-            let installed = read_snapshot(&data).and_then(|(mut sessions, mut state)| {
-                // The snapshot's session table is durable before the state
-                // machine holds the snapshot. In the other order, a crash
-                // between the two would restart with the state machine at
-                // the snapshot (no gap, so the copy is deleted) and the
-                // old session table: request ids applied before the
-                // snapshot would be unknown here, and a retry of one
-                // applied again on this replica alone. A crash after the
-                // save and before the restore leaves a gap, which
-                // `finish_install` closes from the kept copy.
-                sessions.advance(meta.index);
-                save_sessions(&context.sessions, group, &sessions)
-                    .map_err(|error| error.to_string())?;
-                applier
-                    .state_machine
-                    .restore(meta.index, &mut state)
-                    .map_err(|error| format!("the state machine's restore failed: {error}"))?;
-                applier.sessions = sessions;
-                applier.applied = meta.index;
-                Ok(())
-            });
-            match installed {
-                Ok(()) => {
-                    tracing::info!(
-                        group = group.0,
-                        index = meta.index.0,
-                        term = meta.term.0,
-                        "installed a snapshot from the leader"
-                    );
-                    // The state machine holds it durably: its copy goes.
-                    if let Err(error) =
-                        context
-                            .snapshots
-                            .remove_installs(group.0, meta.index.0, None)
-                    {
-                        tracing::warn!(group = group.0, %error, "cannot delete an installed snapshot's copy; the next start retries");
-                    }
-                    // Publishes the new applied index; waiting reads go on.
-                    reports.entry(group).or_default();
-                }
-                Err(reason) => {
-                    let reason =
-                        format!("cannot install the snapshot at {}: {reason}", meta.index.0);
-                    tracing::error!(group = group.0, "{reason}; the group stops");
-                    stop_applier(group, reason, appliers, reports, context);
-                }
-            }
+            restore_snapshot(group, meta, &data, appliers, reports, context);
         }
         ApplyWork::Read {
             group,
@@ -3266,6 +3259,150 @@ fn apply_one(
             } else {
                 applier.waiting.push((index, query, reply));
             }
+        }
+    }
+}
+
+/// Applies committed entries of `group` and queues its proposers'
+/// answers; a failed apply stops the group.
+fn apply_committed(
+    group: GroupId,
+    entries: &[Entry],
+    replies: Vec<(LogIndex, Reply)>,
+    appliers: &mut FxHashMap<GroupId, Applier>,
+    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    answers: &mut Answers,
+    context: &ApplyContext,
+) {
+    let Some(applier) = appliers.get_mut(&group) else {
+        let reason = format!("group {} was removed from this node", group.0);
+        answer_stopped(group, &reason, replies);
+        return;
+    };
+    let results = reports.entry(group).or_default();
+    let reported = results.len();
+    let applied = apply_entries(
+        group,
+        applier,
+        entries,
+        results,
+        context.session_expiry_entries,
+    );
+    if let Err(reason) = applied {
+        answer_stopped(group, &reason, replies);
+        stop_applier(group, reason, appliers, reports, context);
+        return;
+    }
+    // Counted before answered: whoever hears of a write can find it in the
+    // applied index (`NodeHost::applied_index_watch`).
+    if applier.published.publish(applier.applied) {
+        answer_proposers(group, &results[reported..], replies, answers);
+    } else {
+        // The worker stopped the group meanwhile and answered all its
+        // other proposers so.
+        answer_stopped(group, "the group stopped on this node", replies);
+    }
+}
+
+/// Makes the state machine durable, then saves the session table, and
+/// tells the worker at which index (so that it may compact up to it).
+fn save_applier_sessions(group: GroupId, applier: &mut Applier, context: &ApplyContext) {
+    let synced = applier.state_machine.sync().map_err(|error| {
+        Error::State(format!(
+            "make the state machine of group {} durable: {error}",
+            group.0
+        ))
+    });
+    let saved = synced.and_then(|()| save_sessions(&context.sessions, group, &applier.sessions));
+    let (index, result) = match saved {
+        Ok(index) => (index, Ok(())),
+        Err(error) => (LogIndex(0), Err(error)),
+    };
+    let _ = context.control.send(Control::SessionsSaved {
+        group,
+        incarnation: applier.incarnation,
+        index,
+        result,
+    });
+}
+
+/// Copies the state for a snapshot message here, at the applied index;
+/// writing it out happens on a blocking thread while the apply thread
+/// goes on, and the worker sends the message once it is written.
+fn take_snapshot(group: GroupId, applier: &mut Applier, message: Message, context: &ApplyContext) {
+    let source = applier.state_machine.snapshot();
+    let table = applier.sessions.encode();
+    let index = applier.applied;
+    let incarnation = applier.incarnation;
+    let control = context.control.clone();
+    let snapshots = context.snapshots.clone();
+    context.runtime.spawn_blocking(move || {
+        let data = write_snapshot(&snapshots, &table, source)
+            .map_err(|error| format!("write the snapshot at {}: {error}", index.0));
+        let _ = control.send(Control::SnapshotReady {
+            group,
+            incarnation,
+            message,
+            index,
+            data,
+        });
+    });
+}
+
+/// Installs a snapshot from the leader into the state machine; a failed
+/// install stops the group.
+fn restore_snapshot(
+    group: GroupId,
+    meta: SnapshotMeta,
+    data: &SnapshotData,
+    appliers: &mut FxHashMap<GroupId, Applier>,
+    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    context: &ApplyContext,
+) {
+    let Some(applier) = appliers.get_mut(&group) else {
+        return;
+    };
+    let installed = read_snapshot(data).and_then(|(mut sessions, mut state)| {
+        // The snapshot's session table is durable before the state machine
+        // holds the snapshot. In the other order, a crash between the two
+        // would restart with the state machine at the snapshot (no gap, so
+        // the copy is deleted) and the old session table: request ids
+        // applied before the snapshot would be unknown here, and a retry
+        // of one applied again on this replica alone. A crash after the
+        // save and before the restore leaves a gap, which `finish_install`
+        // closes from the kept copy.
+        sessions.advance(meta.index);
+        save_sessions(&context.sessions, group, &sessions).map_err(|error| error.to_string())?;
+        applier
+            .state_machine
+            .restore(meta.index, &mut state)
+            .map_err(|error| format!("the state machine's restore failed: {error}"))?;
+        applier.sessions = sessions;
+        applier.applied = meta.index;
+        Ok(())
+    });
+    match installed {
+        Ok(()) => {
+            tracing::info!(
+                group = group.0,
+                index = meta.index.0,
+                term = meta.term.0,
+                "installed a snapshot from the leader"
+            );
+            // The state machine holds it durably: its copy goes.
+            if let Err(error) = context
+                .snapshots
+                .remove_installs(group.0, meta.index.0, None)
+            {
+                tracing::warn!(group = group.0, %error, "cannot delete an installed snapshot's copy; the next start retries");
+            }
+            // Publishes the new applied index; waiting reads go on.
+            reports.entry(group).or_default();
+        }
+        Err(reason) => {
+            let reason = format!("cannot install the snapshot at {}: {reason}", meta.index.0);
+            tracing::error!(group = group.0, "{reason}; the group stops");
+            stop_applier(group, reason, appliers, reports, context);
         }
     }
 }
