@@ -941,14 +941,7 @@ async fn run_node(
         config.role = regatta_server::ClusterRole::Follower;
     }
     config.peer_tls = peer_tls(&args.tls)?;
-    if let Some(file) = &args.api_admin_token_file {
-        let token = std::fs::read_to_string(file)
-            .map_err(|error| format!("--api.admin-token-file {}: {error}", file.display()))?;
-        config.admin_token = Some(
-            regatta_server::auth::AdminToken::new(&token)
-                .map_err(|error| format!("--api.admin-token-file {}: {error}", file.display()))?,
-        );
-    }
+    config.admin_token = admin_token(&args)?;
     let api_tls = server_tls(
         "api",
         &args.tls.api_cert_filename,
@@ -957,30 +950,8 @@ async fn run_node(
         &args.tls.api_allowed_cn,
         regatta_server::tls::grpc_alpn(),
     )?;
-    let replication_tls = if follower.is_some() {
-        None
-    } else if args.replication_address.is_none() {
-        let tls = &args.tls;
-        if tls.replication_cert_filename.is_some()
-            || tls.replication_key_filename.is_some()
-            || tls.replication_ca_filename.is_some()
-        {
-            return Err("--replication.cert-filename, --replication.key-filename and --replication.ca-filename need --replication.address".into());
-        }
-        None
-    } else {
-        server_tls(
-            "replication",
-            &args.tls.replication_cert_filename,
-            &args.tls.replication_key_filename,
-            &args.tls.replication_ca_filename,
-            &args.tls.replication_allowed_cn,
-            regatta_server::tls::grpc_alpn(),
-        )?
-    };
-    let api = tokio::net::TcpListener::bind(args.api_address)
-        .await
-        .map_err(|error| format!("--api.address {}: {error}", args.api_address))?;
+    let replication_tls = replication_tls(&args, follower.is_some())?;
+    let api = bind(args.api_address, "--api.address").await?;
     tracing::info!(
         node = config.node_id.0,
         data_dir = %config.data_dir.display(),
@@ -989,30 +960,9 @@ async fn run_node(
         role = if follower.is_some() { "follower" } else { "leader" },
         "starting regatta node"
     );
-    if args.api_address.ip().is_unspecified() && args.api_advertise_address.is_none() {
-        tracing::warn!(
-            api = %args.api_address,
-            "--api.address listens on every interface, and MemberList gives clients that \
-             address, which they cannot reach from elsewhere: set --api.advertise-address"
-        );
-    }
-    let raft_unspecified = args
-        .raft_address
-        .socket_addr()
-        .is_some_and(|address| address.ip().is_unspecified());
-    if raft_unspecified && (config.members.len() > 1 || args.raft_join) {
-        tracing::warn!(
-            raft = %args.raft_address,
-            "--raft.address is the address peers dial, and this one reaches no host: give a \
-             routable --raft.address, and listen on every interface with --raft.listen-address"
-        );
-    }
+    warn_of_unreachable_addresses(&args, &config);
     let replication_listener = match args.replication_address {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|error| format!("--replication.address {address}: {error}"))?,
-        ),
+        Some(address) => Some(bind(address, "--replication.address").await?),
         None => None,
     };
     let rest_tls = server_tls(
@@ -1027,11 +977,7 @@ async fn run_node(
         return Err("--rest.cert-filename and --rest.key-filename need --rest.address".into());
     }
     let rest_listener = match args.rest_address {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|error| format!("--rest.address {address}: {error}"))?,
-        ),
+        Some(address) => Some(bind(address, "--rest.address").await?),
         None => None,
     };
     let node = Node::start(config)
@@ -1076,76 +1022,8 @@ async fn run_node(
             },
         ))
     });
-    // Say when the cluster can serve, so that a user knows when to connect.
-    let ready_node = std::sync::Arc::clone(&node);
-    // The URL this node gives clients (`--api.advertise-address`).
-    let api_address = node
-        .config()
-        .client_urls
-        .get(&node.config().node_id)
-        .cloned()
-        .unwrap_or_else(|| args.api_address.to_string());
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let etcd_table = ready_node.config().etcd_table.clone();
-            if let Ok(group) = ready_node.table_group(&etcd_table) {
-                // A linearizable read answers once this node has applied
-                // what the leader had committed: a joining node is ready
-                // only once it has caught up, not when it first hears of
-                // a leader.
-                if ready_node.facts(group).leader != 0 && caught_up(&ready_node, group).await {
-                    tracing::info!(
-                        api = %api_address,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "ready: try `etcdctl --endpoints={api_address} put hello world`"
-                    );
-                    return;
-                }
-            }
-        }
-    });
-    // The API keeps serving while leaderships move away (and, with
-    // --raft.leave-on-terminate, while this node leaves), so that clients
-    // see no gap.
-    let shutdown = {
-        let node = std::sync::Arc::clone(&node);
-        let leave = args.raft_leave_on_terminate;
-        let mut removed = node.removed();
-        let removed = async move {
-            let _ = removed.wait_for(|removed| *removed).await.is_ok();
-        };
-        async move {
-            // Whether to hand over the leaderships this node still holds.
-            let hand_over = tokio::select! {
-                _ = shutdown_signal() => {
-                    if leave {
-                        tracing::info!("leaving the cluster (--raft.leave-on-terminate)");
-                        match node.leave(Duration::from_secs(30)).await {
-                            Ok(()) => tracing::info!("left the cluster"),
-                            Err(error) => tracing::error!(%error, "leaving the cluster failed"),
-                        }
-                        false
-                    } else {
-                        true
-                    }
-                }
-                _ = removed => {
-                    tracing::warn!("this node was removed from the cluster: shutting down; wipe its data directory before adding it again");
-                    // Table groups drop a member after the metadata group
-                    // does, each by its leader: a table this node still
-                    // leads gets a new leader now rather than after an
-                    // election timeout.
-                    true
-                }
-            };
-            if hand_over {
-                let held = node.drain(Duration::from_secs(5)).await;
-                tracing::info!(still_leading = held, "handed over leaderships");
-            }
-        }
-    };
+    announce_ready(&node, &args);
+    let shutdown = shut_down_when_told(&node, args.raft_leave_on_terminate);
     let served = regatta_server::serve(std::sync::Arc::clone(&node), api, api_tls, shutdown).await;
     tracing::info!("shutting down");
     // Stopping the node ends the open log streams; then the replication
@@ -1165,6 +1043,156 @@ async fn run_node(
         }
     }
     served.map_err(|error| error.to_string())
+}
+
+/// Binds a listening address, naming its `flag` when that fails.
+async fn bind(
+    address: std::net::SocketAddr,
+    flag: &str,
+) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| format!("{flag} {address}: {error}"))
+}
+
+/// The admin token from `--api.admin-token-file`, if given.
+fn admin_token(args: &LeaderArgs) -> Result<Option<regatta_server::auth::AdminToken>, String> {
+    let Some(file) = &args.api_admin_token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(file)
+        .map_err(|error| format!("--api.admin-token-file {}: {error}", file.display()))?;
+    regatta_server::auth::AdminToken::new(&token)
+        .map(Some)
+        .map_err(|error| format!("--api.admin-token-file {}: {error}", file.display()))
+}
+
+/// TLS for the replication API a leader cluster's node serves; none on
+/// a follower cluster, and refused without `--replication.address`.
+fn replication_tls(
+    args: &LeaderArgs,
+    on_follower: bool,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    if on_follower {
+        return Ok(None);
+    }
+    let tls = &args.tls;
+    if args.replication_address.is_none() {
+        if tls.replication_cert_filename.is_some()
+            || tls.replication_key_filename.is_some()
+            || tls.replication_ca_filename.is_some()
+        {
+            return Err("--replication.cert-filename, --replication.key-filename and --replication.ca-filename need --replication.address".into());
+        }
+        return Ok(None);
+    }
+    server_tls(
+        "replication",
+        &tls.replication_cert_filename,
+        &tls.replication_key_filename,
+        &tls.replication_ca_filename,
+        &tls.replication_allowed_cn,
+        regatta_server::tls::grpc_alpn(),
+    )
+}
+
+/// Warns of listening addresses that others would be given but could not
+/// reach (every interface, 0.0.0.0 or [::]).
+fn warn_of_unreachable_addresses(args: &LeaderArgs, config: &regatta_server::NodeConfig) {
+    if args.api_address.ip().is_unspecified() && args.api_advertise_address.is_none() {
+        tracing::warn!(
+            api = %args.api_address,
+            "--api.address listens on every interface, and MemberList gives clients that \
+             address, which they cannot reach from elsewhere: set --api.advertise-address"
+        );
+    }
+    let raft_unspecified = args
+        .raft_address
+        .socket_addr()
+        .is_some_and(|address| address.ip().is_unspecified());
+    if raft_unspecified && (config.members.len() > 1 || args.raft_join) {
+        tracing::warn!(
+            raft = %args.raft_address,
+            "--raft.address is the address peers dial, and this one reaches no host: give a \
+             routable --raft.address, and listen on every interface with --raft.listen-address"
+        );
+    }
+}
+
+/// Says when the cluster can serve, so that a user knows when to connect:
+/// once a linearizable read would answer here (a joining node is ready
+/// only once it has caught up, not when it first hears of a leader).
+fn announce_ready(node: &std::sync::Arc<Node>, args: &LeaderArgs) {
+    let node = std::sync::Arc::clone(node);
+    // The URL this node gives clients (`--api.advertise-address`).
+    let api_address = node
+        .config()
+        .client_urls
+        .get(&node.config().node_id)
+        .cloned()
+        .unwrap_or_else(|| args.api_address.to_string());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let etcd_table = node.config().etcd_table.clone();
+            let Ok(group) = node.table_group(&etcd_table) else {
+                continue;
+            };
+            if node.facts(group).leader != 0 && caught_up(&node, group).await {
+                tracing::info!(
+                    api = %api_address,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "ready: try `etcdctl --endpoints={api_address} put hello world`"
+                );
+                return;
+            }
+        }
+    });
+}
+
+/// Completes when the API should stop serving: on SIGTERM or Ctrl-C
+/// (after leaving the cluster with `--raft.leave-on-terminate`), or once
+/// this node was removed; then hands over the leaderships it still
+/// holds. The API keeps serving meanwhile, so that clients see no gap.
+fn shut_down_when_told(
+    node: &std::sync::Arc<Node>,
+    leave: bool,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let node = std::sync::Arc::clone(node);
+    let mut removed = node.removed();
+    let removed = async move {
+        let _ = removed.wait_for(|removed| *removed).await.is_ok();
+    };
+    async move {
+        // Whether to hand over the leaderships this node still holds.
+        let hand_over = tokio::select! {
+            _ = shutdown_signal() => {
+                if leave {
+                    tracing::info!("leaving the cluster (--raft.leave-on-terminate)");
+                    match node.leave(Duration::from_secs(30)).await {
+                        Ok(()) => tracing::info!("left the cluster"),
+                        Err(error) => tracing::error!(%error, "leaving the cluster failed"),
+                    }
+                    false
+                } else {
+                    true
+                }
+            }
+            _ = removed => {
+                tracing::warn!("this node was removed from the cluster: shutting down; wipe its data directory before adding it again");
+                // Table groups drop a member after the metadata group
+                // does, each by its leader: a table this node still leads
+                // gets a new leader now rather than after an election
+                // timeout.
+                true
+            }
+        };
+        if hand_over {
+            let held = node.drain(Duration::from_secs(5)).await;
+            tracing::info!(still_leading = held, "handed over leaderships");
+        }
+    }
 }
 
 /// The long flag names of subcommand `name` (`leader` or `follower`),

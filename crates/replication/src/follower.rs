@@ -25,7 +25,7 @@ use regatta_kv::command::{decode, encode, Command, ReplicatedBatch, Response as 
 use regatta_server::restore::{propose, Chunk, TableRestore};
 use regatta_server::{Node, ReplicationFacts, WriteForwarder, META_GROUP};
 use regatta_wal::GroupId;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
@@ -582,7 +582,7 @@ async fn pull_once(
     let table_id = node.replica_source(name).await?.unwrap_or(0);
     let mut client = proto::log_client::LogClient::new(channel.clone())
         .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
-    let mut stream = client
+    let stream = client
         .replicate(proto::ReplicateRequest {
             table: name.as_bytes().to_vec(),
             leader_index: applied,
@@ -590,36 +590,7 @@ async fn pull_once(
         })
         .await?
         .into_inner();
-    // A reader task keeps receiving while a batch is being proposed, so
-    // that the next proposal takes everything that arrived meanwhile, up
-    // to `STREAM_BUFFER_BYTES_MAX`: each response travels with its share
-    // of the budget, given back once its commands are proposed.
-    let (sender, mut receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
-    let budget = Arc::new(Semaphore::new(STREAM_BUFFER_BYTES_MAX));
-    let reader = tokio::spawn(async move {
-        loop {
-            let message = match tokio::time::timeout(LOG_SILENCE_MAX, stream.message()).await {
-                Ok(message) => message,
-                Err(_) => Err(tonic::Status::unavailable(format!(
-                    "the leader node sent nothing for {} s (it sends a heartbeat every second)",
-                    LOG_SILENCE_MAX.as_secs()
-                ))),
-            };
-            let size = match &message {
-                Ok(Some(response)) => prost::Message::encoded_len(response),
-                _ => 0,
-            };
-            let share = size.min(STREAM_BUFFER_BYTES_MAX) as u32;
-            let Ok(permit) = Arc::clone(&budget).acquire_many_owned(share).await else {
-                return;
-            };
-            let end = !matches!(message, Ok(Some(_)));
-            if sender.send((message, permit)).await.is_err() || end {
-                return;
-            }
-        }
-    });
-    let _reader = AbortOnDrop(reader);
+    let (mut receiver, _reader) = spawn_log_reader(stream);
     state.error = None;
     // The budget shares of the responses being proposed.
     let mut held = Vec::new();
@@ -628,47 +599,12 @@ async fn pull_once(
         let Some(message) = receiver.recv().await else {
             return Ok(());
         };
-        let mut pending = Some(message);
-        let mut commands: Vec<Vec<u8>> = Vec::new();
-        let mut bytes = 0usize;
-        let mut stop = None;
-        // The serving node's own commit index, for the error below (the
-        // state keeps the highest any node reported).
-        let mut served = 0;
         let first = applied + 1;
-        while let Some((message, permit)) = pending.take() {
-            held.push(permit);
-            let Some(response) = message? else {
-                stop = Some(Ok(()));
-                break;
-            };
-            served = response.leader_index;
-            state.received += 1;
-            state.heard(response.leader_index, applied);
-            match response.response {
-                Some(proto::replicate_response::Response::CommandsResponse(batch)) => {
-                    for command in batch.commands {
-                        let expected = first + commands.len() as u64;
-                        if command.leader_index != expected {
-                            return Err(Error::Protocol(format!(
-                                "leader index {} where {expected} was next",
-                                command.leader_index
-                            )));
-                        }
-                        bytes += command.command.len();
-                        commands.push(command.command);
-                    }
-                }
-                Some(proto::replicate_response::Response::ErrorResponse(error)) => {
-                    stop = Some(Err(error.error));
-                    break;
-                }
-                None => return Err(Error::Protocol("an empty replicate response".into())),
-            }
-            if bytes < PROPOSAL_BYTES_MAX {
-                pending = receiver.try_recv().ok();
-            }
-        }
+        let Gathered {
+            commands,
+            stop,
+            served,
+        } = gather(message, &mut receiver, &mut held, (first, applied), state)?;
         if !commands.is_empty() {
             let result = propose(
                 node,
@@ -717,6 +653,114 @@ async fn pull_once(
             }
         }
     }
+}
+
+/// A response of the leader's log stream (or how the stream ended),
+/// with its share of the stream's buffer budget.
+type Received = (
+    std::result::Result<Option<proto::ReplicateResponse>, tonic::Status>,
+    OwnedSemaphorePermit,
+);
+
+/// A reader task keeps receiving while a batch is being proposed, so that
+/// the next proposal takes everything that arrived meanwhile, up to
+/// `STREAM_BUFFER_BYTES_MAX`: each response travels with its share of the
+/// budget, given back once its commands are proposed. The task ends with
+/// the stream, or when the returned guard drops.
+fn spawn_log_reader(
+    mut stream: tonic::Streaming<proto::ReplicateResponse>,
+) -> (mpsc::Receiver<Received>, AbortOnDrop) {
+    let (sender, receiver) = mpsc::channel(STREAM_BUFFER_RESPONSES);
+    let budget = Arc::new(Semaphore::new(STREAM_BUFFER_BYTES_MAX));
+    let reader = tokio::spawn(async move {
+        loop {
+            let message = match tokio::time::timeout(LOG_SILENCE_MAX, stream.message()).await {
+                Ok(message) => message,
+                Err(_) => Err(tonic::Status::unavailable(format!(
+                    "the leader node sent nothing for {} s (it sends a heartbeat every second)",
+                    LOG_SILENCE_MAX.as_secs()
+                ))),
+            };
+            let size = match &message {
+                Ok(Some(response)) => prost::Message::encoded_len(response),
+                _ => 0,
+            };
+            let share = size.min(STREAM_BUFFER_BYTES_MAX) as u32;
+            let Ok(permit) = Arc::clone(&budget).acquire_many_owned(share).await else {
+                return;
+            };
+            let end = !matches!(message, Ok(Some(_)));
+            if sender.send((message, permit)).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    (receiver, AbortOnDrop(reader))
+}
+
+/// What one turn of the pull loop took from the stream.
+struct Gathered {
+    /// Commands in leader-index order, from the next one on.
+    commands: Vec<Vec<u8>>,
+    /// The stream ended (`Ok`) or the leader answered an error code.
+    stop: Option<std::result::Result<(), i32>>,
+    /// The serving node's own commit index, for a `LeaderBehind` error
+    /// (the state keeps the highest any node reported).
+    served: u64,
+}
+
+/// Takes `message` and whatever else arrived meanwhile, up to
+/// `PROPOSAL_BYTES_MAX` of commands, checking that the commands follow on
+/// from `first`; `applied` is the leader index the table holds. The
+/// responses' budget shares go to `held` until the commands are proposed.
+fn gather(
+    message: Received,
+    receiver: &mut mpsc::Receiver<Received>,
+    held: &mut Vec<OwnedSemaphorePermit>,
+    (first, applied): (u64, u64),
+    state: &mut LagState,
+) -> Result<Gathered> {
+    let mut pending = Some(message);
+    let mut gathered = Gathered {
+        commands: Vec::new(),
+        stop: None,
+        served: 0,
+    };
+    let mut bytes = 0usize;
+    while let Some((message, permit)) = pending.take() {
+        held.push(permit);
+        let Some(response) = message? else {
+            gathered.stop = Some(Ok(()));
+            break;
+        };
+        gathered.served = response.leader_index;
+        state.received += 1;
+        state.heard(response.leader_index, applied);
+        match response.response {
+            Some(proto::replicate_response::Response::CommandsResponse(batch)) => {
+                for command in batch.commands {
+                    let expected = first + gathered.commands.len() as u64;
+                    if command.leader_index != expected {
+                        return Err(Error::Protocol(format!(
+                            "leader index {} where {expected} was next",
+                            command.leader_index
+                        )));
+                    }
+                    bytes += command.command.len();
+                    gathered.commands.push(command.command);
+                }
+            }
+            Some(proto::replicate_response::Response::ErrorResponse(error)) => {
+                gathered.stop = Some(Err(error.error));
+                break;
+            }
+            None => return Err(Error::Protocol("an empty replicate response".into())),
+        }
+        if bytes < PROPOSAL_BYTES_MAX {
+            pending = receiver.try_recv().ok();
+        }
+    }
+    Ok(gathered)
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -832,69 +876,21 @@ async fn install_snapshot_once(
         OlderCopy::Allowed => TableRestore::begin_reset(node, group).await?,
         OlderCopy::Refused => TableRestore::begin(node, group).await?,
     };
-    // An operator's reset that came just before this install began was
-    // replaced by it (a table has one restore under way), and its record
-    // says to follow it all the same. Read after the begin, so that no
-    // reset applied before it is missed.
-    let reset_request = match node.table_reset_requested(group).await {
-        Ok(request) => request,
+    let (reset_request, older) = match reset_to_carry_out(node, name, group, older).await {
+        Ok(reset) => reset,
         Err(error) => {
             restore.abort().await;
-            return Err(error.into());
+            return Err(error);
         }
     };
-    // A record of a reset that an install already carried out (a crash
-    // came between that install's commit and the record's deletion, or
-    // the deletion failed) is spent: followed, it would take the table
-    // back a second time. The begin above was applied here, so the
-    // table's reset carried includes every commit before it.
-    let (reset_request, older) = match reset_request {
-        Some(restore_id) if restore_id == node.table_reset_carried(group) => {
-            tracing::info!(table = %name, "deleting the record of a reset already carried out");
-            if let Err(error) = node.clear_reset_request(group, restore_id).await {
-                tracing::warn!(table = %name, %error, "could not delete a spent reset's record");
-            }
-            // No reset is live (one writes its record before its begin),
-            // so a reset-marked restore this install began from (a
-            // deposed puller's view) does not let it go back either.
-            (None, OlderCopy::Refused)
-        }
-        Some(restore_id) => (Some(restore_id), OlderCopy::Allowed),
-        None => (None, older),
-    };
-    let mut reported_bytes = 0u64;
-    let mut checked_index = None;
-    let received: Result<()> = async {
-        while let Some(chunk) = stream.message().await? {
-            restore
-                .push(Chunk {
-                    data: &chunk.data,
-                    len: chunk.len,
-                    index: chunk.index,
-                    crc32c: chunk.crc32c,
-                    offset: chunk.offset,
-                    last: chunk.last,
-                })
-                .await
-                .map_err(|error| Error::Protocol(format!("a bad snapshot: {error}")))?;
-            if checked_index.is_none() && older == OlderCopy::Refused {
-                // Checked once the first chunk names the copy's revision,
-                // before the rest is streamed, and again before the commit.
-                checked_index = restore.index();
-                refuse_older_copy(node, name, group, restore.index()).await?;
-            }
-            installs.pace.take(chunk.data.len() as u64).await;
-            let received = restore.received_bytes();
-            if received - reported_bytes >= 64 << 20 {
-                reported_bytes = received;
-                tracing::info!(table = %name, mib = received >> 20, "installing the leader's snapshot");
-            }
-            if chunk.last {
-                break;
-            }
-        }
-        Ok(())
-    }
+    let received = receive_chunks(
+        node,
+        (name, group),
+        &mut stream,
+        &mut restore,
+        installs,
+        older,
+    )
     .await;
     let received = match received {
         Ok(()) if older == OlderCopy::Refused => {
@@ -930,6 +926,83 @@ async fn install_snapshot_once(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "installed the leader's snapshot"
     );
+    Ok(())
+}
+
+/// The operator's reset this install carries out, if any, and whether the
+/// copy may be older than the table.
+///
+/// A reset that came just before this install began was replaced by it
+/// (a table has one restore under way), and its record says to follow it
+/// all the same; it is read after the install's begin, so that no reset
+/// applied before it is missed. A record of a reset that an install
+/// already carried out (a crash came between that install's commit and
+/// the record's deletion, or the deletion failed) is spent: followed, it
+/// would take the table back a second time. The begin was applied here,
+/// so the table's reset carried includes every commit before it.
+async fn reset_to_carry_out(
+    node: &Node,
+    name: &str,
+    group: GroupId,
+    older: OlderCopy,
+) -> Result<(Option<u64>, OlderCopy)> {
+    match node.table_reset_requested(group).await? {
+        Some(restore_id) if restore_id == node.table_reset_carried(group) => {
+            tracing::info!(table = %name, "deleting the record of a reset already carried out");
+            if let Err(error) = node.clear_reset_request(group, restore_id).await {
+                tracing::warn!(table = %name, %error, "could not delete a spent reset's record");
+            }
+            // No reset is live (one writes its record before its begin),
+            // so a reset-marked restore this install began from (a
+            // deposed puller's view) does not let it go back either.
+            Ok((None, OlderCopy::Refused))
+        }
+        Some(restore_id) => Ok((Some(restore_id), OlderCopy::Allowed)),
+        None => Ok((None, older)),
+    }
+}
+
+/// Pushes the snapshot's chunks into `restore` at the install pace, until
+/// the last; an older copy than the table's is refused from its first
+/// chunk on, unless `older` allows it.
+async fn receive_chunks(
+    node: &Node,
+    (name, group): (&str, GroupId),
+    stream: &mut tonic::Streaming<proto::SnapshotChunk>,
+    restore: &mut TableRestore<'_>,
+    installs: &InstallLimits,
+    older: OlderCopy,
+) -> Result<()> {
+    let mut reported_bytes = 0u64;
+    let mut checked_index = None;
+    while let Some(chunk) = stream.message().await? {
+        restore
+            .push(Chunk {
+                data: &chunk.data,
+                len: chunk.len,
+                index: chunk.index,
+                crc32c: chunk.crc32c,
+                offset: chunk.offset,
+                last: chunk.last,
+            })
+            .await
+            .map_err(|error| Error::Protocol(format!("a bad snapshot: {error}")))?;
+        if checked_index.is_none() && older == OlderCopy::Refused {
+            // Checked once the first chunk names the copy's revision,
+            // before the rest is streamed, and again before the commit.
+            checked_index = restore.index();
+            refuse_older_copy(node, name, group, restore.index()).await?;
+        }
+        installs.pace.take(chunk.data.len() as u64).await;
+        let received = restore.received_bytes();
+        if received - reported_bytes >= 64 << 20 {
+            reported_bytes = received;
+            tracing::info!(table = %name, mib = received >> 20, "installing the leader's snapshot");
+        }
+        if chunk.last {
+            break;
+        }
+    }
     Ok(())
 }
 

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use regatta_multiraft::{AppliedWatch, NodeHost};
-use regatta_raft::{EntryPayload, LogIndex};
+use regatta_multiraft::{AppliedWatch, NodeHost, SessionFilter};
+use regatta_raft::{Entry, EntryPayload, LogIndex};
 use regatta_server::Node;
 use regatta_wal::GroupId;
 use tokio::sync::mpsc;
@@ -298,32 +298,7 @@ async fn stream_log(
                         return;
                     }
                     debug_assert_eq!(entries[0].index, after.next(), "entries without a gap");
-                    let mut commands = Vec::with_capacity(entries.len());
-                    let mut restored = false;
-                    for entry in &entries {
-                        let mut command = if sessions.admits(entry) {
-                            command_bytes(&entry.payload)
-                        } else {
-                            Vec::new()
-                        };
-                        if regatta_kv::command::is_restore_preparation(&command) {
-                            // A restore's steps change nothing a follower
-                            // holds; only its commit does (below).
-                            command = Vec::new();
-                        }
-                        if regatta_kv::command::is_restore_commit(&command) {
-                            // The table was restored from a backup: what
-                            // a follower holds is replaced as a whole, by
-                            // a snapshot taken after the commit.
-                            restored = true;
-                            break;
-                        }
-                        after = entry.index;
-                        commands.push(proto::ReplicateCommand {
-                            leader_index: entry.index.0,
-                            command,
-                        });
-                    }
+                    let (commands, restored) = commands_of(&entries, &mut sessions, &mut after);
                     if restored {
                         if !commands.is_empty() {
                             let response = commands_response(commands, applied_index.0);
@@ -354,20 +329,7 @@ async fn stream_log(
         match tokio::time::timeout(HEARTBEAT_INTERVAL, applied.changed_from(applied_index)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => {
-                // A failure is this node's (another may serve); otherwise
-                // the group was removed: the table was dropped, and every
-                // node will say so, so the follower need not move on.
-                let status = match host.stop_reason(group) {
-                    Some(reason) => Status::unavailable(format!(
-                        "the table's group {} stopped on this node: {reason}",
-                        group.0
-                    )),
-                    None => Status::not_found(format!(
-                        "the table's group {} was removed on this node (the table was dropped)",
-                        group.0
-                    )),
-                };
-                let _ = sender.send(Err(status)).await;
+                let _ = sender.send(Err(stopped_status(&host, group))).await;
                 return;
             }
             Err(_) => {
@@ -381,5 +343,55 @@ async fn stream_log(
                 }
             }
         }
+    }
+}
+
+/// The commands a follower applies for `entries`, which follow on from
+/// `after` (moved to the last one taken), and whether a restore's commit
+/// ended them: a retried request (in the log twice, applied once) and a
+/// restore's steps go as empty commands; a restore's commit is not taken,
+/// because what a follower holds is then replaced as a whole, by a
+/// snapshot taken after it.
+fn commands_of(
+    entries: &[Entry],
+    sessions: &mut SessionFilter,
+    after: &mut LogIndex,
+) -> (Vec<proto::ReplicateCommand>, bool) {
+    let mut commands = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let mut command = if sessions.admits(entry) {
+            command_bytes(&entry.payload)
+        } else {
+            Vec::new()
+        };
+        if regatta_kv::command::is_restore_preparation(&command) {
+            command = Vec::new();
+        }
+        if regatta_kv::command::is_restore_commit(&command) {
+            return (commands, true);
+        }
+        *after = entry.index;
+        commands.push(proto::ReplicateCommand {
+            leader_index: entry.index.0,
+            command,
+        });
+    }
+    (commands, false)
+}
+
+/// Why a table's group stopped applying on this node, for its follower:
+/// a failure is this node's (another may serve); otherwise the group was
+/// removed: the table was dropped, and every node will say so, so the
+/// follower need not move on.
+fn stopped_status(host: &NodeHost, group: GroupId) -> Status {
+    match host.stop_reason(group) {
+        Some(reason) => Status::unavailable(format!(
+            "the table's group {} stopped on this node: {reason}",
+            group.0
+        )),
+        None => Status::not_found(format!(
+            "the table's group {} was removed on this node (the table was dropped)",
+            group.0
+        )),
     }
 }

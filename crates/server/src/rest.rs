@@ -182,6 +182,12 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
     family
 }
 
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help.trim_end_matches('.'), family.clone());
+    family
+}
+
 fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     let counter = Counter::<u64>::default();
     counter.inc_by(value);
@@ -268,6 +274,183 @@ struct ReplicationGauges {
     installs: Family<Labels, Counter>,
 }
 
+impl ReplicationGauges {
+    fn register(registry: &mut Registry) -> ReplicationGauges {
+        ReplicationGauges {
+            lag_ms: gauge_family(
+                registry,
+                "replication_lag_milliseconds",
+                "How long the table has been behind the leader cluster; 0 when caught up.",
+            ),
+            lag_entries: gauge_family(
+                registry,
+                "replication_lag_entries",
+                "The leader cluster's index of the table minus the index held here (on the pulling node).",
+            ),
+            leader_index: gauge_family(
+                registry,
+                "replication_applied_leader_index",
+                "The leader index this node's copy of the table holds.",
+            ),
+            stalled: gauge_family(
+                registry,
+                "replication_stalled",
+                "1 while the table's replication reports an error (e.g. the leader is behind).",
+            ),
+            installs: counter_family(
+                registry,
+                "replication_snapshot_installs",
+                "Snapshots of the leader cluster's table this node installed (the log no longer \
+                 reached back, the leader's table was restored, or an operator reset the table)",
+            ),
+        }
+    }
+
+    /// Sets the gauges of table `group`, labelled `labels`.
+    async fn record(&self, node: &Node, group: GroupId, labels: &Labels) {
+        let facts = node.replication_view(group).await;
+        self.lag_ms.get_or_create(labels).set(as_i64(facts.lag_ms));
+        self.lag_entries.get_or_create(labels).set(as_i64(
+            facts
+                .leader_index
+                .saturating_sub(facts.applied_leader_index),
+        ));
+        self.leader_index
+            .get_or_create(labels)
+            .set(as_i64(facts.applied_leader_index));
+        self.stalled
+            .get_or_create(labels)
+            .set(i64::from(facts.error.is_some()));
+        self.installs
+            .get_or_create(labels)
+            .inc_by(node.snapshot_installs(group));
+    }
+}
+
+/// The per-table gauges and counters of every node.
+struct TableMetrics {
+    term: Family<Labels, Gauge>,
+    commit: Family<Labels, Gauge>,
+    applied: Family<Labels, Gauge>,
+    leader: Family<Labels, Gauge>,
+    is_leader: Family<Labels, Gauge>,
+    disk: Family<Labels, Gauge>,
+    log_bytes: Family<Labels, Gauge>,
+    apply_lag: Family<Labels, Gauge>,
+    leader_changes: Family<Labels, Counter>,
+    elections: Family<Labels, Counter>,
+    proposals: Family<Labels, Counter>,
+    proposals_failed: Family<Labels, Counter>,
+}
+
+impl TableMetrics {
+    fn register(registry: &mut Registry) -> TableMetrics {
+        TableMetrics {
+            term: gauge_family(registry, "table_raft_term", "The table group's Raft term."),
+            commit: gauge_family(
+                registry,
+                "table_commit_index",
+                "The table group's commit index.",
+            ),
+            applied: gauge_family(
+                registry,
+                "table_applied_index",
+                "The table group's applied index on this node.",
+            ),
+            leader: gauge_family(
+                registry,
+                "table_leader_id",
+                "The node id of the table group's leader as this node knows it; 0 when none.",
+            ),
+            is_leader: gauge_family(
+                registry,
+                "table_is_leader",
+                "1 when this node leads the table's group.",
+            ),
+            disk: gauge_family(
+                registry,
+                "table_db_size_bytes",
+                "Bytes the table's data takes on disk.",
+            ),
+            log_bytes: gauge_family(
+                registry,
+                "table_log_size_bytes",
+                "Bytes of the table group's Raft log held in the WAL.",
+            ),
+            apply_lag: gauge_family(
+                registry,
+                "table_apply_lag_entries",
+                "Committed entries of the table's group not yet applied on this node.",
+            ),
+            leader_changes: counter_family(
+                registry,
+                "table_leader_changes",
+                "Times this node saw the table group's leader change",
+            ),
+            elections: counter_family(
+                registry,
+                "table_term_increases",
+                "Term increases of the table's group seen by this node: elections, won or not",
+            ),
+            proposals: counter_family(
+                registry,
+                "table_proposals",
+                "Writes this node proposed to the table's group (each once, however often Raft retried it)",
+            ),
+            proposals_failed: counter_family(
+                registry,
+                "table_proposals_failed",
+                "Proposals of this node to the table's group that failed: no leader in time, refused, or the group stopped",
+            ),
+        }
+    }
+
+    /// Sets the metrics of one group (a table's, or the catalogue's),
+    /// labelled `labels`.
+    fn record(&self, node: &Node, state: &GroupState, labels: &Labels) {
+        if let Ok(status) = &state.status {
+            self.term
+                .get_or_create(labels)
+                .set(as_i64(status.hard_state.term.0));
+            self.commit
+                .get_or_create(labels)
+                .set(as_i64(status.hard_state.commit.0));
+            self.applied
+                .get_or_create(labels)
+                .set(as_i64(status.applied.0));
+            self.leader
+                .get_or_create(labels)
+                .set(as_i64(status.soft_state.leader.map_or(0, |id| id.0)));
+            self.is_leader.get_or_create(labels).set(i64::from(
+                status.soft_state.leader == Some(node.config().node_id),
+            ));
+            self.apply_lag.get_or_create(labels).set(as_i64(
+                status.hard_state.commit.0.saturating_sub(status.applied.0),
+            ));
+        }
+        let counts = node.proposal_counts(state.group);
+        self.proposals.get_or_create(labels).inc_by(counts.proposed);
+        self.proposals_failed
+            .get_or_create(labels)
+            .inc_by(counts.failed);
+        let events = node.raft_events(state.group);
+        self.leader_changes
+            .get_or_create(labels)
+            .inc_by(events.leader_changes);
+        self.elections
+            .get_or_create(labels)
+            .inc_by(events.term_increases);
+        if state.group != META_GROUP {
+            self.disk
+                .get_or_create(labels)
+                .set(as_i64(node.table_disk_bytes(state.group)));
+            self.log_bytes
+                .get_or_create(labels)
+                .set(as_i64(node.log_bytes(state.group)));
+        }
+    }
+}
+
 fn as_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -289,167 +472,15 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         "1 when /healthz answers 200, else 0.",
         i64::from(verdict(node, &states).is_ok()),
     );
-    let term = gauge_family(
-        &mut registry,
-        "table_raft_term",
-        "The table group's Raft term.",
-    );
-    let commit = gauge_family(
-        &mut registry,
-        "table_commit_index",
-        "The table group's commit index.",
-    );
-    let applied = gauge_family(
-        &mut registry,
-        "table_applied_index",
-        "The table group's applied index on this node.",
-    );
-    let leader = gauge_family(
-        &mut registry,
-        "table_leader_id",
-        "The node id of the table group's leader as this node knows it; 0 when none.",
-    );
-    let is_leader = gauge_family(
-        &mut registry,
-        "table_is_leader",
-        "1 when this node leads the table's group.",
-    );
-    let disk = gauge_family(
-        &mut registry,
-        "table_db_size_bytes",
-        "Bytes the table's data takes on disk.",
-    );
-    let replication = (node.config().role == ClusterRole::Follower).then(|| ReplicationGauges {
-        lag_ms: gauge_family(
-            &mut registry,
-            "replication_lag_milliseconds",
-            "How long the table has been behind the leader cluster; 0 when caught up.",
-        ),
-        lag_entries: gauge_family(
-            &mut registry,
-            "replication_lag_entries",
-            "The leader cluster's index of the table minus the index held here (on the pulling node).",
-        ),
-        leader_index: gauge_family(
-            &mut registry,
-            "replication_applied_leader_index",
-            "The leader index this node's copy of the table holds.",
-        ),
-        stalled: gauge_family(
-            &mut registry,
-            "replication_stalled",
-            "1 while the table's replication reports an error (e.g. the leader is behind).",
-        ),
-        installs: {
-            let family = Family::<Labels, Counter>::default();
-            registry.register(
-                "replication_snapshot_installs",
-                "Snapshots of the leader cluster's table this node installed (the log no longer \
-                 reached back, the leader's table was restored, or an operator reset the table)",
-                family.clone(),
-            );
-            family
-        },
-    });
-    let log_bytes = gauge_family(
-        &mut registry,
-        "table_log_size_bytes",
-        "Bytes of the table group's Raft log held in the WAL.",
-    );
-    let apply_lag = gauge_family(
-        &mut registry,
-        "table_apply_lag_entries",
-        "Committed entries of the table's group not yet applied on this node.",
-    );
-    let leader_changes = Family::<Labels, Counter>::default();
-    registry.register(
-        "table_leader_changes",
-        "Times this node saw the table group's leader change",
-        leader_changes.clone(),
-    );
-    let elections = Family::<Labels, Counter>::default();
-    registry.register(
-        "table_term_increases",
-        "Term increases of the table's group seen by this node: elections, won or not",
-        elections.clone(),
-    );
-    let proposals = Family::<Labels, Counter>::default();
-    registry.register(
-        "table_proposals",
-        "Writes this node proposed to the table's group (each once, however often Raft retried it)",
-        proposals.clone(),
-    );
-    let proposals_failed = Family::<Labels, Counter>::default();
-    registry.register(
-        "table_proposals_failed",
-        "Proposals of this node to the table's group that failed: no leader in time, refused, or the group stopped",
-        proposals_failed.clone(),
-    );
-    let own = node.config().node_id;
-    for state in states {
+    let tables = TableMetrics::register(&mut registry);
+    let replication = (node.config().role == ClusterRole::Follower)
+        .then(|| ReplicationGauges::register(&mut registry));
+    for state in &states {
         let name = state.table.clone().unwrap_or_else(|| "_catalogue".into());
         let labels: Labels = vec![("table".into(), name)];
-        if let Ok(status) = &state.status {
-            term.get_or_create(&labels)
-                .set(as_i64(status.hard_state.term.0));
-            commit
-                .get_or_create(&labels)
-                .set(as_i64(status.hard_state.commit.0));
-            applied.get_or_create(&labels).set(as_i64(status.applied.0));
-            leader
-                .get_or_create(&labels)
-                .set(as_i64(status.soft_state.leader.map_or(0, |id| id.0)));
-            is_leader
-                .get_or_create(&labels)
-                .set(i64::from(status.soft_state.leader == Some(own)));
-            apply_lag.get_or_create(&labels).set(as_i64(
-                status.hard_state.commit.0.saturating_sub(status.applied.0),
-            ));
-        }
-        let counts = node.proposal_counts(state.group);
-        proposals.get_or_create(&labels).inc_by(counts.proposed);
-        proposals_failed
-            .get_or_create(&labels)
-            .inc_by(counts.failed);
-        let events = node.raft_events(state.group);
-        leader_changes
-            .get_or_create(&labels)
-            .inc_by(events.leader_changes);
-        elections
-            .get_or_create(&labels)
-            .inc_by(events.term_increases);
-        let group = state.group;
-        if group == META_GROUP {
-            continue;
-        }
-        disk.get_or_create(&labels)
-            .set(as_i64(node.table_disk_bytes(group)));
-        log_bytes
-            .get_or_create(&labels)
-            .set(as_i64(node.log_bytes(group)));
-        if let Some(gauges) = &replication {
-            let facts = node.replication_view(group).await;
-            gauges
-                .lag_ms
-                .get_or_create(&labels)
-                .set(as_i64(facts.lag_ms));
-            gauges.lag_entries.get_or_create(&labels).set(as_i64(
-                facts
-                    .leader_index
-                    .saturating_sub(facts.applied_leader_index),
-            ));
-            gauges
-                .leader_index
-                .get_or_create(&labels)
-                .set(as_i64(facts.applied_leader_index));
-            gauges
-                .stalled
-                .get_or_create(&labels)
-                .set(i64::from(facts.error.is_some()));
-            gauges
-                .installs
-                .get_or_create(&labels)
-                .inc_by(node.snapshot_installs(group));
+        tables.record(node, state, &labels);
+        if let (Some(gauges), true) = (&replication, state.group != META_GROUP) {
+            gauges.record(node, state.group, &labels).await;
         }
     }
     gauge(
@@ -458,65 +489,80 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         "Groups on this node that stopped ticking because they are idle.",
         as_i64(node.host().quiesced_group_count()),
     );
+    register_store_metrics(&mut registry, node);
+    register_wal_metrics(&mut registry, node);
+    register_grpc_metrics(&mut registry, node);
+    register_transport_metrics(&mut registry, node);
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// The table storage engine's memory and journals.
+fn register_store_metrics(registry: &mut Registry, node: &Node) {
     let engine = node.table_engine_stats();
     gauge(
-        &mut registry,
+        registry,
         "table_store_write_buffer_bytes",
         "Bytes of table writes in memory not yet flushed by the storage engine; writes halt above regatta_table_store_write_buffer_limit_bytes.",
         as_i64(engine.write_buffer_bytes),
     );
     gauge(
-        &mut registry,
+        registry,
         "table_store_write_buffer_limit_bytes",
         "The storage engine's write buffer limit: above it, table writes halt until a flush frees room.",
         as_i64(regatta_kv::WRITE_BUFFER_BYTES_MAX),
     );
     gauge(
-        &mut registry,
+        registry,
         "table_store_journals",
         "Journal files of the table storage engine on disk; a number that keeps growing means it does not flush.",
         as_i64(engine.journals),
     );
+}
+
+/// The WAL's counters, sizes and fsync times.
+fn register_wal_metrics(registry: &mut Registry, node: &Node) {
     let wal = node.wal_stats();
     counter(
-        &mut registry,
+        registry,
         "wal_requests",
         "WAL write requests acknowledged.",
         wal.requests,
     );
     counter(
-        &mut registry,
+        registry,
         "wal_batches",
         "WAL batches written (one write, at most one fsync each).",
         wal.batches,
     );
-    counter(&mut registry, "wal_fsyncs", "WAL fsyncs.", wal.fsyncs);
+    counter(registry, "wal_fsyncs", "WAL fsyncs.", wal.fsyncs);
     counter(
-        &mut registry,
+        registry,
         "wal_cache_hits",
         "WAL entries records read from the record cache.",
         wal.cache_hits,
     );
     counter(
-        &mut registry,
+        registry,
         "wal_cache_misses",
         "WAL entries records read from disk.",
         wal.cache_misses,
     );
     counter(
-        &mut registry,
+        registry,
         "wal_written_bytes",
         "Bytes written to WAL segments.",
         wal.bytes_written,
     );
     gauge(
-        &mut registry,
+        registry,
         "wal_segments",
         "WAL segments on disk.",
         as_i64(wal.segments),
     );
     gauge(
-        &mut registry,
+        registry,
         "wal_size_bytes",
         "Bytes of all WAL segments on disk.",
         as_i64(wal.size_bytes),
@@ -531,11 +577,15 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
         ),
     );
     gauge(
-        &mut registry,
+        registry,
         "wal_failed",
         "1 once the WAL failed (a write or fsync error): the node takes no more writes.",
         i64::from(node.wal_failure().is_some()),
     );
+}
+
+/// gRPC calls by method and status, and their latency.
+fn register_grpc_metrics(registry: &mut Registry, node: &Node) {
     let grpc_calls = Family::<Labels, Counter>::default();
     registry.register(
         "grpc_calls",
@@ -578,9 +628,13 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
                 .collect(),
         ),
     );
+}
+
+/// The peer transport's counters.
+fn register_transport_metrics(registry: &mut Registry, node: &Node) {
     let transport = node.transport_stats();
     for (name, help, value) in transport {
-        counter(&mut registry, name, help, value);
+        counter(registry, name, help, value);
     }
     let by_kind = Family::<Labels, Counter>::default();
     registry.register(
@@ -593,7 +647,4 @@ pub async fn metrics(node: &Node) -> Result<String, std::fmt::Error> {
             .get_or_create(&vec![("kind".to_string(), kind.to_string())])
             .inc_by(count);
     }
-    let mut out = String::new();
-    encode(&mut out, &registry)?;
-    Ok(out)
 }
