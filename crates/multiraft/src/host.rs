@@ -487,6 +487,16 @@ enum ApplyWork {
         meta: SnapshotMeta,
         data: SnapshotData,
     },
+    /// A restore ran on a blocking thread (so that the apply thread's
+    /// other groups went on): the group's applier comes back, with the
+    /// outcome, and its work queued meanwhile follows.
+    Restored {
+        group: GroupId,
+        applier: Box<Applier>,
+        meta: SnapshotMeta,
+        took: Duration,
+        result: Result<(), String>,
+    },
 }
 
 impl ApplyWork {
@@ -499,15 +509,16 @@ impl ApplyWork {
             ApplyWork::Entries(group, ..) => (*group, "applying committed entries"),
             ApplyWork::Read { group, .. } => (*group, "reading"),
             ApplyWork::TakeSnapshot { group, .. } => (*group, "copying the state for a snapshot"),
-            ApplyWork::Restore { group, .. } => (*group, "installing a snapshot"),
+            ApplyWork::Restore { group, .. } => (*group, "starting a snapshot install"),
+            ApplyWork::Restored { group, .. } => (*group, "finishing a snapshot install"),
         }
     }
 }
 
 /// One piece of apply work that takes this long is logged as a warning:
 /// every later apply of the worker's groups waited for it, so the
-/// state machine's storage may be stalled or overloaded (a large snapshot
-/// install may also take this long).
+/// state machine's storage may be stalled or overloaded. (A snapshot
+/// install runs on a blocking thread, holding up its own group only.)
 const SLOW_APPLY_WARNING: Duration = Duration::from_secs(1);
 
 type WorkerChannels = (
@@ -642,6 +653,7 @@ impl NodeHost {
             let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
             let (control_sender, control) = mpsc::unbounded_channel();
             let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
+            let apply_back = apply_sender.downgrade();
             let apply = ApplyOutbox::new(apply_sender);
             let (answer_sender, mut answer_inbox) = mpsc::unbounded_channel::<Answers>();
             let context = ApplyContext {
@@ -651,6 +663,7 @@ impl NodeHost {
                 session_expiry_entries: config.session_expiry_entries,
                 runtime: runtime.clone(),
                 answers: answer_sender,
+                work: apply_back,
             };
             // The state machine's storage may block (an engine's write
             // stall, a large restore): on a thread of its own, that never
@@ -2820,6 +2833,9 @@ struct ApplyContext {
     runtime: tokio::runtime::Handle,
     /// To the worker's answer task.
     answers: mpsc::UnboundedSender<Answers>,
+    /// To this apply thread, for restores that ran elsewhere; weak, so
+    /// that the thread still ends when its worker goes.
+    work: mpsc::WeakUnboundedSender<Vec<ApplyWork>>,
 }
 
 /// Applies committed entries in order for every group of a worker, and
@@ -2830,6 +2846,9 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<Vec<ApplyWork>>, context: ApplyC
     let mut appliers: FxHashMap<GroupId, Applier> = FxHashMap::default();
     let mut reports: BTreeMap<GroupId, Vec<AppliedResult>> = BTreeMap::new();
     let mut answers: Answers = Vec::new();
+    // Groups whose restore runs on a blocking thread, with their work
+    // that came meanwhile, in order.
+    let mut restoring: FxHashMap<GroupId, Vec<ApplyWork>> = FxHashMap::default();
     while let Some(first) = work.blocking_recv() {
         let mut turns = vec![first];
         while let Ok(turn) = work.try_recv() {
@@ -2838,7 +2857,13 @@ fn apply_loop(mut work: mpsc::UnboundedReceiver<Vec<ApplyWork>>, context: ApplyC
         for item in turns.into_iter().flatten() {
             let (group, what) = item.describe();
             let started = std::time::Instant::now();
-            apply_one(item, &mut appliers, &mut reports, &mut answers, &context);
+            let mut state = ApplyState {
+                appliers: &mut appliers,
+                reports: &mut reports,
+                answers: &mut answers,
+                restoring: &mut restoring,
+            };
+            apply_or_defer(item, &mut state, &context);
             let took = started.elapsed();
             if took >= SLOW_APPLY_WARNING {
                 tracing::warn!(
@@ -3194,17 +3219,29 @@ impl SessionFilter {
     }
 }
 
-fn apply_one(
-    item: ApplyWork,
-    appliers: &mut FxHashMap<GroupId, Applier>,
-    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
-    answers: &mut Answers,
-    context: &ApplyContext,
-) {
+/// What the apply thread keeps across its work items.
+struct ApplyState<'a> {
+    appliers: &'a mut FxHashMap<GroupId, Applier>,
+    reports: &'a mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    answers: &'a mut Answers,
+    /// Groups whose restore runs on a blocking thread, with their work
+    /// that came meanwhile, in order.
+    restoring: &'a mut FxHashMap<GroupId, Vec<ApplyWork>>,
+}
+
+/// Does one piece of apply work, or queues it behind its group's restore.
+fn apply_or_defer(item: ApplyWork, state: &mut ApplyState<'_>, context: &ApplyContext) {
+    let (group, _) = item.describe();
+    if state.restoring.contains_key(&group) && !matches!(item, ApplyWork::Restored { .. }) {
+        if let Some(queued) = state.restoring.get_mut(&group) {
+            queued.push(item);
+        }
+        return;
+    }
     match item {
         ApplyWork::Register(group, incarnation, state_machine, sessions, published) => {
             let applied = state_machine.applied_index();
-            appliers.insert(
+            state.appliers.insert(
                 group,
                 Applier {
                     incarnation,
@@ -3217,7 +3254,7 @@ fn apply_one(
             );
         }
         ApplyWork::Unregister { group, reason } => {
-            if let Some(applier) = appliers.remove(&group) {
+            if let Some(applier) = state.appliers.remove(&group) {
                 for (_, _, reply) in applier.waiting {
                     let _ = reply.send(Err(Error::GroupStopped {
                         group,
@@ -3225,25 +3262,37 @@ fn apply_one(
                     }));
                 }
             }
-            reports.remove(&group);
+            state.reports.remove(&group);
         }
         ApplyWork::Entries(group, entries, replies) => {
-            apply_committed(
-                group, &entries, replies, appliers, reports, answers, context,
-            );
+            apply_committed(group, &entries, replies, state, context);
         }
         ApplyWork::SaveSessions(group) => {
-            if let Some(applier) = appliers.get_mut(&group) {
+            if let Some(applier) = state.appliers.get_mut(&group) {
                 save_applier_sessions(group, applier, context);
             }
         }
         ApplyWork::TakeSnapshot { group, message } => {
-            if let Some(applier) = appliers.get_mut(&group) {
+            if let Some(applier) = state.appliers.get_mut(&group) {
                 take_snapshot(group, applier, message, context);
             }
         }
         ApplyWork::Restore { group, meta, data } => {
-            restore_snapshot(group, meta, &data, appliers, reports, context);
+            start_restore(group, meta, data, state, context);
+        }
+        ApplyWork::Restored {
+            group,
+            applier,
+            meta,
+            took,
+            result,
+        } => {
+            finish_restore(group, *applier, (meta, took, result), state, context);
+            // The group's work that waited, in order; a restore among it
+            // makes the rest wait again.
+            for queued in state.restoring.remove(&group).unwrap_or_default() {
+                apply_or_defer(queued, state, context);
+            }
         }
         ApplyWork::Read {
             group,
@@ -3251,11 +3300,12 @@ fn apply_one(
             query,
             reply,
         } => {
-            let Some(applier) = appliers.get_mut(&group) else {
+            let Some(applier) = state.appliers.get_mut(&group) else {
                 return;
             };
             if index <= applier.applied {
-                answers.push((reply, Ok(applier.state_machine.read(&query))));
+                let answer = applier.state_machine.read(&query);
+                state.answers.push((reply, Ok(answer)));
             } else {
                 applier.waiting.push((index, query, reply));
             }
@@ -3269,11 +3319,15 @@ fn apply_committed(
     group: GroupId,
     entries: &[Entry],
     replies: Vec<(LogIndex, Reply)>,
-    appliers: &mut FxHashMap<GroupId, Applier>,
-    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
-    answers: &mut Answers,
+    state: &mut ApplyState<'_>,
     context: &ApplyContext,
 ) {
+    let ApplyState {
+        appliers,
+        reports,
+        answers,
+        ..
+    } = state;
     let Some(applier) = appliers.get_mut(&group) else {
         let reason = format!("group {} was removed from this node", group.0);
         answer_stopped(group, &reason, replies);
@@ -3349,44 +3403,91 @@ fn take_snapshot(group: GroupId, applier: &mut Applier, message: Message, contex
     });
 }
 
-/// Installs a snapshot from the leader into the state machine; a failed
-/// install stops the group.
-fn restore_snapshot(
+/// Starts installing a snapshot from the leader into the group's state
+/// machine, on a blocking thread that takes the group's applier along:
+/// the apply thread's other groups go on meanwhile (a large install takes
+/// seconds), and the group's own work waits in `ApplyState::restoring`
+/// until `ApplyWork::Restored` brings the applier back.
+fn start_restore(
     group: GroupId,
     meta: SnapshotMeta,
-    data: &SnapshotData,
-    appliers: &mut FxHashMap<GroupId, Applier>,
-    reports: &mut BTreeMap<GroupId, Vec<AppliedResult>>,
+    data: SnapshotData,
+    state: &mut ApplyState<'_>,
     context: &ApplyContext,
 ) {
-    let Some(applier) = appliers.get_mut(&group) else {
+    let Some(mut applier) = state.appliers.remove(&group) else {
         return;
     };
-    let installed = read_snapshot(data).and_then(|(mut sessions, mut state)| {
-        // The snapshot's session table is durable before the state machine
-        // holds the snapshot. In the other order, a crash between the two
-        // would restart with the state machine at the snapshot (no gap, so
-        // the copy is deleted) and the old session table: request ids
-        // applied before the snapshot would be unknown here, and a retry
-        // of one applied again on this replica alone. A crash after the
-        // save and before the restore leaves a gap, which `finish_install`
-        // closes from the kept copy.
-        sessions.advance(meta.index);
-        save_sessions(&context.sessions, group, &sessions).map_err(|error| error.to_string())?;
-        applier
-            .state_machine
-            .restore(meta.index, &mut state)
-            .map_err(|error| format!("the state machine's restore failed: {error}"))?;
-        applier.sessions = sessions;
-        applier.applied = meta.index;
-        Ok(())
+    state.restoring.insert(group, Vec::new());
+    let sessions = context.sessions.clone();
+    let back = context.work.clone();
+    // Held until the restore ends: the host's `stop` waits for the answer
+    // task, hence for the state machine to be left alone.
+    let answers = context.answers.clone();
+    context.runtime.spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = restore_applier(group, &meta, &data, &mut applier, &sessions);
+        let restored = ApplyWork::Restored {
+            group,
+            applier: Box::new(applier),
+            meta,
+            took: started.elapsed(),
+            result,
+        };
+        // Without the apply thread (its host stopped), the applier drops.
+        if let Some(back) = back.upgrade() {
+            let _ = back.send(vec![restored]);
+        }
+        drop(answers);
     });
-    match installed {
+}
+
+/// Replaces the applier's state with the snapshot in `data`.
+///
+/// The snapshot's session table is durable before the state machine holds
+/// the snapshot. In the other order, a crash between the two would
+/// restart with the state machine at the snapshot (no gap, so the copy is
+/// deleted) and the old session table: request ids applied before the
+/// snapshot would be unknown here, and a retry of one applied again on
+/// this replica alone. A crash after the save and before the restore
+/// leaves a gap, which `finish_install` closes from the kept copy.
+fn restore_applier(
+    group: GroupId,
+    meta: &SnapshotMeta,
+    data: &SnapshotData,
+    applier: &mut Applier,
+    store: &SnapshotStore,
+) -> Result<(), String> {
+    let (mut sessions, mut state) = read_snapshot(data)?;
+    sessions.advance(meta.index);
+    save_sessions(store, group, &sessions).map_err(|error| error.to_string())?;
+    applier
+        .state_machine
+        .restore(meta.index, &mut state)
+        .map_err(|error| format!("the state machine's restore failed: {error}"))?;
+    applier.sessions = sessions;
+    applier.applied = meta.index;
+    Ok(())
+}
+
+/// The group's applier is back from its restore: a restored group
+/// publishes its new applied index (waiting reads go on), and a failed
+/// install stops the group.
+fn finish_restore(
+    group: GroupId,
+    applier: Applier,
+    (meta, took, result): (SnapshotMeta, Duration, Result<(), String>),
+    state: &mut ApplyState<'_>,
+    context: &ApplyContext,
+) {
+    state.appliers.insert(group, applier);
+    match result {
         Ok(()) => {
             tracing::info!(
                 group = group.0,
                 index = meta.index.0,
                 term = meta.term.0,
+                took_ms = took.as_millis() as u64,
                 "installed a snapshot from the leader"
             );
             // The state machine holds it durably: its copy goes.
@@ -3396,13 +3497,12 @@ fn restore_snapshot(
             {
                 tracing::warn!(group = group.0, %error, "cannot delete an installed snapshot's copy; the next start retries");
             }
-            // Publishes the new applied index; waiting reads go on.
-            reports.entry(group).or_default();
+            state.reports.entry(group).or_default();
         }
         Err(reason) => {
             let reason = format!("cannot install the snapshot at {}: {reason}", meta.index.0);
             tracing::error!(group = group.0, "{reason}; the group stops");
-            stop_applier(group, reason, appliers, reports, context);
+            stop_applier(group, reason, state.appliers, state.reports, context);
         }
     }
 }

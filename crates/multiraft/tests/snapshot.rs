@@ -30,6 +30,10 @@ struct Kv {
     failing_restores: Arc<std::sync::atomic::AtomicUsize>,
     /// How long writing out a snapshot takes, as for a large table.
     snapshot_delay: Duration,
+    /// While set, a restore waits (as a large table's install takes
+    /// long); `restore_entered` tells that one began.
+    restore_held: Arc<std::sync::atomic::AtomicBool>,
+    restore_entered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A snapshot that takes `delay` to write out.
@@ -86,6 +90,10 @@ impl StateMachine for Kv {
         })
     }
     fn restore(&mut self, index: LogIndex, data: &mut dyn std::io::Read) -> std::io::Result<()> {
+        self.restore_entered.store(true, Ordering::SeqCst);
+        while self.restore_held.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let failing = self.failing_restores.load(Ordering::SeqCst);
         if failing > 0 {
             self.failing_restores.store(failing - 1, Ordering::SeqCst);
@@ -124,16 +132,17 @@ fn config_large(id: u64, dir: &std::path::Path) -> HostConfig {
 
 /// Host `id` on `dir`, reachable over the in-process `transport`.
 fn open_in_process(transport: &Arc<LocalTransport>, id: u64, dir: &std::path::Path) -> NodeHost {
-    let wal = Arc::new(Wal::open(WalConfig::new(dir)).expect("wal"));
+    open_in_process_with(transport, config(id, dir))
+}
+
+/// A host with `config`, reachable over the in-process `transport`.
+fn open_in_process_with(transport: &Arc<LocalTransport>, config: HostConfig) -> NodeHost {
+    let id = config.node_id;
+    let wal = Arc::new(Wal::open(WalConfig::new(&config.state_dir)).expect("wal"));
     let as_transport: Arc<dyn Transport> = Arc::clone(transport) as Arc<dyn Transport>;
-    let host = NodeHost::new(
-        config(id, dir),
-        wal,
-        as_transport,
-        tokio::runtime::Handle::current(),
-    )
-    .expect("host");
-    transport.register(NodeId(id), &host);
+    let host =
+        NodeHost::new(config, wal, as_transport, tokio::runtime::Handle::current()).expect("host");
+    transport.register(id, &host);
     host
 }
 
@@ -335,6 +344,87 @@ async fn a_slow_snapshot_lands_while_writes_go_on() {
         per_second > 150.0,
         "too few writes to outrun compaction: {per_second:.0}/s"
     );
+    for host in hosts.values().chain([&joiner]) {
+        host.stop().await;
+    }
+}
+
+/// A snapshot install runs beside the apply thread, not on it: while one
+/// group's install is held up (as a large table's would be), another
+/// group sharing the apply thread (one worker) still applies and answers
+/// its proposals. Before, the install ran on the apply thread and every
+/// group of the node waited for it, leaders' writes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_install_does_not_hold_up_other_groups_applies() {
+    const OTHER: GroupId = GroupId(6);
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let transport = LocalTransport::new();
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let hosts: BTreeMap<u64, NodeHost> = (1..=3u64)
+        .map(|id| {
+            let host = open_in_process(&transport, id, dirs[id as usize - 1].path());
+            host.start_group(GROUP, voters.clone(), Box::new(Kv::default()))
+                .expect("group");
+            (id, host)
+        })
+        .collect();
+    let mut joiner_config = config(5, dirs[3].path());
+    joiner_config.workers = 1;
+    let joiner = open_in_process_with(&transport, joiner_config);
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let restored_at: Arc<Mutex<Option<LogIndex>>> = Arc::default();
+    let machine = Kv {
+        restored_at: Arc::clone(&restored_at),
+        restore_held: Arc::clone(&held),
+        restore_entered: Arc::clone(&entered),
+        ..Kv::default()
+    };
+    joiner
+        .start_group(GROUP, Vec::new(), Box::new(machine))
+        .expect("group");
+    // A group of its own, on the same worker and apply thread.
+    joiner
+        .start_group(OTHER, vec![NodeId(5)], Box::new(Kv::default()))
+        .expect("other group");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while joiner.propose(OTHER, Bytes::from("o=0")).await.is_err() {
+        assert!(Instant::now() < deadline, "the other group never elected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    write_compact_and_add(&hosts, joiner.node_id(), 0).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !entered.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the joiner never began its install"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 1..=20 {
+        let write = joiner.propose(OTHER, Bytes::from(format!("o={i}")));
+        tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .expect("a write of the other group waited for the held install")
+            .expect("the other group's write applied");
+    }
+    assert_eq!(
+        joiner
+            .read_stale(OTHER, Bytes::from("o"))
+            .await
+            .expect("read"),
+        Bytes::from("20")
+    );
+    assert!(
+        restored_at.lock().expect("lock").is_none(),
+        "the install finished while held"
+    );
+
+    held.store(false, Ordering::SeqCst);
+    check_joined(&joiner, &restored_at, 0).await;
     for host in hosts.values().chain([&joiner]) {
         host.stop().await;
     }
