@@ -367,6 +367,58 @@ fn percentile(sorted: &[u32], fraction: f64) -> f64 {
 }
 
 /// Runs the benchmark and prints its summary.
+/// Puts every key of the key space once (`--clients` at a time), so that
+/// reads find values.
+async fn fill(
+    connections: &[Connection],
+    args: &Arc<BenchArgs>,
+    value: &Arc<Vec<u8>>,
+) -> Result<(), String> {
+    eprintln!("filling {} keys", args.key_space_size);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut fillers = Vec::new();
+    for client in 0..args.clients {
+        let mut kv = connections[client % connections.len()].clone();
+        let (next, args, value) = (Arc::clone(&next), Arc::clone(args), Arc::clone(value));
+        fillers.push(tokio::spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= args.key_space_size {
+                    return Ok(());
+                }
+                let put = pb::PutRequest {
+                    key: key(index, args.key_size),
+                    value: value.to_vec(),
+                    ..pb::PutRequest::default()
+                };
+                kv.call::<_, pb::PutResponse>(PUT, &put).await?;
+            }
+        }));
+    }
+    for filler in fillers {
+        filler
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error: String| format!("filling: {error}"))?;
+    }
+    Ok(())
+}
+
+/// Prints how many of `total` requests are `done`, every 2 s, until
+/// aborted.
+fn report_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let finished = done.load(Ordering::Relaxed);
+            eprintln!(
+                "  {finished}/{total} ({:.0}%)",
+                finished as f64 * 100.0 / total as f64
+            );
+        }
+    })
+}
+
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.endpoints.is_empty() {
         return Err("--clients, --conns, --total and --endpoints must be positive".into());
@@ -385,33 +437,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let args = Arc::new(args);
     let value = Arc::new(vec![b'v'; args.val_size]);
     if matches!(args.workload, Workload::Range | Workload::Mixed) && !args.no_fill {
-        eprintln!("filling {} keys", args.key_space_size);
-        let next = Arc::new(AtomicU64::new(0));
-        let mut fillers = Vec::new();
-        for client in 0..args.clients {
-            let mut kv = connections[client % connections.len()].clone();
-            let (next, args, value) = (Arc::clone(&next), Arc::clone(&args), Arc::clone(&value));
-            fillers.push(tokio::spawn(async move {
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= args.key_space_size {
-                        return Ok(());
-                    }
-                    let put = pb::PutRequest {
-                        key: key(index, args.key_size),
-                        value: value.to_vec(),
-                        ..pb::PutRequest::default()
-                    };
-                    kv.call::<_, pb::PutResponse>(PUT, &put).await?;
-                }
-            }));
-        }
-        for filler in fillers {
-            filler
-                .await
-                .map_err(|error| error.to_string())?
-                .map_err(|error: String| format!("filling: {error}"))?;
-        }
+        fill(&connections, &args, &value).await?;
     }
     eprintln!(
         "{:?}: {} requests, {} clients, {} connections",
@@ -422,19 +448,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let first_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let progress_done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let progress = {
-        let (done, total) = (Arc::clone(&progress_done), args.total);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let finished = done.load(Ordering::Relaxed);
-                eprintln!(
-                    "  {finished}/{total} ({:.0}%)",
-                    finished as f64 * 100.0 / total as f64
-                );
-            }
-        })
-    };
+    let progress = report_progress(Arc::clone(&progress_done), args.total);
     let mut tasks = Vec::new();
     for client in 0..args.clients {
         let mut kv = connections[client % connections.len()].clone();

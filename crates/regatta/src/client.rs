@@ -427,6 +427,7 @@ pub fn print(output: Output, value: Value, lines: Vec<String>) {
 pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), String> {
     let mut client = pb::kv_client::KvClient::new(channel(connection).await?)
         .max_decoding_message_size(64 << 20);
+    let output = connection.output;
     match command {
         KvCommand::Get {
             table,
@@ -443,48 +444,18 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
                 (false, Some(end)) => end.into_bytes(),
                 (false, None) => Vec::new(),
             };
-            let response = client
-                .range(pb::RangeRequest {
-                    table: table.into_bytes(),
-                    key: key.into_bytes(),
-                    range_end,
-                    limit,
-                    linearizable,
-                    keys_only,
-                    count_only,
-                    ..pb::RangeRequest::default()
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            let revision = response.header.map_or(0, |header| header.revision);
-            let kvs: Vec<Value> = response
-                .kvs
-                .iter()
-                .map(|kv| {
-                    json!({
-                        "key": text(&kv.key),
-                        "value": text(&kv.value),
-                        "create_revision": kv.create_revision,
-                        "mod_revision": kv.mod_revision,
-                    })
-                })
-                .collect();
-            let mut lines = Vec::new();
-            if count_only {
-                lines.push(response.count.to_string());
-            }
-            for kv in &response.kvs {
-                lines.push(text(&kv.key));
-                if !keys_only {
-                    lines.push(text(&kv.value));
-                }
-            }
-            print(
-                connection.output,
-                json!({"revision": revision, "count": response.count, "more": response.more, "kvs": kvs}),
-                lines,
-            );
+            let request = pb::RangeRequest {
+                table: table.into_bytes(),
+                key: key.into_bytes(),
+                range_end,
+                limit,
+                linearizable,
+                keys_only,
+                count_only,
+                ..pb::RangeRequest::default()
+            };
+            let response = client.range(request).await.map_err(status)?.into_inner();
+            print_range(output, &response, keys_only, count_only);
         }
         KvCommand::Put { table, key, value } => {
             let response = client
@@ -498,11 +469,7 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
                 .map_err(status)?
                 .into_inner();
             let revision = response.header.map_or(0, |header| header.revision);
-            print(
-                connection.output,
-                json!({"revision": revision}),
-                vec!["OK".into()],
-            );
+            print(output, json!({"revision": revision}), vec!["OK".into()]);
         }
         KvCommand::Delete { table, key, prefix } => {
             let range_end = if prefix {
@@ -523,7 +490,7 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
                 .into_inner();
             let revision = response.header.map_or(0, |header| header.revision);
             print(
-                connection.output,
+                output,
                 json!({"revision": revision, "deleted": response.deleted}),
                 vec![response.deleted.to_string()],
             );
@@ -534,33 +501,13 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
             success,
             failure,
         } => {
-            let compare = compare
-                .iter()
-                .map(|spec| {
-                    let (key, value) = spec
-                        .split_once('=')
-                        .ok_or_else(|| format!("--if-value {spec:?}: expected key=value"))?;
-                    Ok(mvcc::Compare {
-                        result: mvcc::compare::CompareResult::Equal as i32,
-                        target: mvcc::compare::CompareTarget::Value as i32,
-                        key: key.into(),
-                        range_end: Vec::new(),
-                        target_union: Some(mvcc::compare::TargetUnion::Value(value.into())),
-                    })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            let success = success.iter().map(|s| op(s)).collect::<Result<_, _>>()?;
-            let failure = failure.iter().map(|s| op(s)).collect::<Result<_, _>>()?;
-            let response = client
-                .txn(pb::TxnRequest {
-                    table: table.into_bytes(),
-                    compare,
-                    success,
-                    failure,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
+            let request = pb::TxnRequest {
+                table: table.into_bytes(),
+                compare: value_compares(&compare)?,
+                success: success.iter().map(|s| op(s)).collect::<Result<_, _>>()?,
+                failure: failure.iter().map(|s| op(s)).collect::<Result<_, _>>()?,
+            };
+            let response = client.txn(request).await.map_err(status)?.into_inner();
             let revision = response.header.map_or(0, |header| header.revision);
             let verdict = if response.succeeded {
                 "SUCCESS"
@@ -568,13 +515,66 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
                 "FAILURE"
             };
             print(
-                connection.output,
+                output,
                 json!({"revision": revision, "succeeded": response.succeeded}),
                 vec![verdict.into()],
             );
         }
     }
     Ok(())
+}
+
+/// Prints a range's answer: as JSON, or as the count (with
+/// `count_only`), then each key and (but with `keys_only`) its value, a
+/// line each.
+fn print_range(output: Output, response: &pb::RangeResponse, keys_only: bool, count_only: bool) {
+    let revision = response.header.as_ref().map_or(0, |header| header.revision);
+    let kvs: Vec<Value> = response
+        .kvs
+        .iter()
+        .map(|kv| {
+            json!({
+                "key": text(&kv.key),
+                "value": text(&kv.value),
+                "create_revision": kv.create_revision,
+                "mod_revision": kv.mod_revision,
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    if count_only {
+        lines.push(response.count.to_string());
+    }
+    for kv in &response.kvs {
+        lines.push(text(&kv.key));
+        if !keys_only {
+            lines.push(text(&kv.value));
+        }
+    }
+    print(
+        output,
+        json!({"revision": revision, "count": response.count, "more": response.more, "kvs": kvs}),
+        lines,
+    );
+}
+
+/// `--if-value key=value` compares: the key's value equals `value`.
+fn value_compares(specs: &[String]) -> Result<Vec<mvcc::Compare>, String> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (key, value) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--if-value {spec:?}: expected key=value"))?;
+            Ok(mvcc::Compare {
+                result: mvcc::compare::CompareResult::Equal as i32,
+                target: mvcc::compare::CompareTarget::Value as i32,
+                key: key.into(),
+                range_end: Vec::new(),
+                target_union: Some(mvcc::compare::TargetUnion::Value(value.into())),
+            })
+        })
+        .collect()
 }
 
 /// Runs a `table` command.

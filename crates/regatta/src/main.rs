@@ -1211,53 +1211,46 @@ fn node_keys(name: &str) -> std::collections::BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn main() -> ExitCode {
-    let arguments: Vec<String> = std::env::args().collect();
-    // The subcommand: the first argument that is not `--config` or its
-    // file (which may come before it).
+/// Which node subcommand's keys a config file may set: the first
+/// argument that is not `--config` or its file (which may come before
+/// it) names it.
+fn node_subcommand(arguments: &[String]) -> &'static str {
     let mut words = arguments.iter().skip(1);
-    let mut subcommand = "leader";
     while let Some(word) = words.next() {
         if word == "--config" {
             words.next();
         } else if !word.starts_with("--config=") {
-            if word == "follower" {
-                subcommand = "follower";
-            }
-            break;
+            return if word == "follower" {
+                "follower"
+            } else {
+                "leader"
+            };
         }
     }
-    let arguments = match config::expand(arguments, &node_keys(subcommand)) {
-        Ok(arguments) => arguments,
-        Err(error) => {
-            eprintln!("regatta: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let cli = Cli::parse_from(arguments);
-    if matches!(cli.command, Command::Leader(_) | Command::Follower(_)) {
-        // Fail-stop, for a node only (a client command's panic is its
-        // own): a panic on any thread (a storage engine's background
-        // thread included) may leave shared state poisoned, and a node
-        // that lingers half-alive serves nothing. Report it, then abort,
-        // so that the supervisor restarts the node and it recovers from
-        // disk.
-        let report = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            report(info);
-            eprintln!("regatta: a thread panicked; aborting so the node restarts from its data");
-            std::process::abort();
-        }));
-    }
-    let level = match &cli.command {
-        Command::Leader(args) => args.log_level,
-        Command::Follower(args) => args.node.log_level,
-        _ => tracing::Level::WARN,
-    };
-    let format = match &cli.command {
-        Command::Leader(args) => args.log_format,
-        Command::Follower(args) => args.node.log_format,
-        _ => LogFormat::Text,
+    "leader"
+}
+
+/// Fail-stop, for a node only (a client command's panic is its own): a
+/// panic on any thread (a storage engine's background thread included)
+/// may leave shared state poisoned, and a node that lingers half-alive
+/// serves nothing. Report it, then abort, so that the supervisor restarts
+/// the node and it recovers from disk.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("regatta: a thread panicked; aborting so the node restarts from its data");
+        std::process::abort();
+    }));
+}
+
+/// Logs to stderr at the node's `--log-level` and `--log-format`; a
+/// client command logs warnings only, as text.
+fn start_logging(command: &Command) {
+    let (level, format) = match command {
+        Command::Leader(args) => (args.log_level, args.log_format),
+        Command::Follower(args) => (args.node.log_level, args.node.log_format),
+        _ => (tracing::Level::WARN, LogFormat::Text),
     };
     let logs = tracing_subscriber::fmt()
         .with_max_level(level)
@@ -1269,6 +1262,23 @@ fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
+}
+
+fn main() -> ExitCode {
+    let arguments: Vec<String> = std::env::args().collect();
+    let subcommand = node_subcommand(&arguments);
+    let arguments = match config::expand(arguments, &node_keys(subcommand)) {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            eprintln!("regatta: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(arguments);
+    if matches!(cli.command, Command::Leader(_) | Command::Follower(_)) {
+        abort_on_panic();
+    }
+    start_logging(&cli.command);
     let runtime = match regatta_multiraft::runtime::builder().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -356,18 +356,7 @@ impl Node {
                 config.members.keys().map(|id| id.0).collect::<Vec<_>>()
             ))
         })?;
-        if config.data_dir.exists() && !config.data_dir.is_dir() {
-            return Err(Error::Config(format!(
-                "the data directory {} is a file, not a directory (--data-dir)",
-                config.data_dir.display()
-            )));
-        }
-        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
-            Error::Config(format!(
-                "create the data directory {} (--data-dir): {error}",
-                config.data_dir.display()
-            ))
-        })?;
+        create_data_dir(&config.data_dir)?;
         let listener = match config.listen_address {
             Some(address) => TcpListener::bind(address).await.map_err(|error| {
                 Error::Config(format!(
@@ -376,25 +365,7 @@ impl Node {
             })?,
             None => listen_on_own_address(own_address, config.members.len() > 1).await?,
         };
-        let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
-        tcp.peers = config
-            .members
-            .iter()
-            .chain(&config.peer_addresses)
-            .filter(|(id, _)| **id != config.node_id)
-            .map(|(id, address)| (*id, address.clone()))
-            .collect();
-        tcp.tls = config.peer_tls.clone();
-        if tcp.tls.is_none() {
-            if let Ok(local) = listener.local_addr() {
-                if !local.ip().is_loopback() {
-                    tracing::warn!(
-                        address = %local,
-                        "the Raft peer port listens beyond loopback without TLS: whoever reaches it can send Raft messages as any node (docs/security.md); set --raft.cert-filename, --raft.key-filename, --raft.ca-filename and --raft.allowed-cn"
-                    );
-                }
-            }
-        }
+        let tcp = peer_transport_config(&config, &listener);
         let tombstones_due = membership::DueTombstones::open(&config.data_dir)?;
         let transport = TcpTransport::start(tcp, listener);
         let wal = Wal::open(WalConfig::new(config.data_dir.join("wal")))
@@ -414,7 +385,10 @@ impl Node {
             as_transport,
             tokio::runtime::Handle::current(),
         )
-        .map_err(|error| Error::Storage(error.to_string()))?;
+        .map_err(|error| match error {
+            regatta_multiraft::Error::Config(message) => Error::Config(message),
+            other => Error::Storage(other.to_string()),
+        })?;
         transport.attach(&host);
         let node = Arc::new(Node {
             config,
@@ -1523,6 +1497,46 @@ impl Node {
             *self.facts.write().unwrap_or_else(|p| p.into_inner()) = facts;
         }
     }
+}
+
+/// Makes the data directory, refusing a file in its place.
+fn create_data_dir(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "the data directory {} is a file, not a directory (--data-dir)",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|error| {
+        Error::Config(format!(
+            "create the data directory {} (--data-dir): {error}",
+            dir.display()
+        ))
+    })
+}
+
+/// The peer transport's settings: every other member and declared peer
+/// address, and TLS. Warns when the peer port listens beyond loopback
+/// without TLS.
+fn peer_transport_config(config: &NodeConfig, listener: &TcpListener) -> TcpConfig {
+    let mut tcp = TcpConfig::new(config.node_id, config.cluster_id);
+    tcp.peers = config
+        .members
+        .iter()
+        .chain(&config.peer_addresses)
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(id, address)| (*id, address.clone()))
+        .collect();
+    tcp.tls = config.peer_tls.clone();
+    if let (None, Ok(local)) = (&tcp.tls, listener.local_addr()) {
+        if !local.ip().is_loopback() {
+            tracing::warn!(
+                address = %local,
+                "the Raft peer port listens beyond loopback without TLS: whoever reaches it can send Raft messages as any node (docs/security.md); set --raft.cert-filename, --raft.key-filename, --raft.ca-filename and --raft.allowed-cn"
+            );
+        }
+    }
+    tcp
 }
 
 /// Listens for peers on this node's own peer address (`--raft.address`).
