@@ -8,6 +8,8 @@
 //!   with the leader's, one puller per table on the node leading it, and
 //!   writes forwarded to the leader cluster.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod error;
 pub mod follower;
 pub mod leader;
