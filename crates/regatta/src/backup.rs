@@ -458,7 +458,9 @@ fn verify_table(dir: &Path, table: &TableEntry, bar: &ProgressBar) -> Result<(),
 
 /// `regatta restore`: checks every file of the backup, then replaces each
 /// table's contents with it.
-pub async fn restore(args: RestoreArgs) -> Result<(), String> {
+/// The backup's tables that `--table` picks (all by default), each
+/// checked against the manifest's checksum first.
+fn tables_to_restore(args: &RestoreArgs) -> Result<Vec<TableEntry>, String> {
     let manifest = read_manifest(&args.dir)?;
     let mut tables: Vec<TableEntry> = manifest.tables.clone();
     if !args.tables.is_empty() {
@@ -482,6 +484,11 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
         "restore: the backup checks out: {} tables, {total} bytes",
         tables.len()
     );
+    Ok(tables)
+}
+
+pub async fn restore(args: RestoreArgs) -> Result<(), String> {
+    let tables = tables_to_restore(&args)?;
     if !args.confirm {
         for table in &tables {
             eprintln!(

@@ -652,6 +652,38 @@ pub async fn table(connection: &Connection, command: TableCommand) -> Result<(),
 }
 
 /// Runs `regatta status`: the node's `Cluster.Status`, one line per table.
+/// One table's row of `regatta status`: its Raft state, sizes, on a
+/// follower cluster its replication, and its members.
+fn table_line(name: &str, table: &pb::TableStatus, follower: bool) -> String {
+    let leader = if table.leader.is_empty() {
+        "-"
+    } else {
+        &table.leader
+    };
+    let mut line = format!(
+        "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12}",
+        name,
+        leader,
+        table.raft_term,
+        table.raft_index,
+        table.raft_applied_index,
+        table.db_size,
+        table.log_size
+    );
+    if follower {
+        line.push_str(&format!(
+            " {:>12} {:>12} {:>8}",
+            table.leader_index, table.applied_leader_index, table.replication_lag_ms
+        ));
+    }
+    let join = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    line.push_str(&format!("  {}", join(&table.voters)));
+    if !table.learners.is_empty() {
+        line.push_str(&format!(" (learners {})", join(&table.learners)));
+    }
+    line
+}
+
 pub async fn node_status(connection: &Connection) -> Result<(), String> {
     let mut client = pb::cluster_client::ClusterClient::new(channel(connection).await?);
     let response = client
@@ -685,32 +717,7 @@ pub async fn node_status(connection: &Connection) -> Result<(), String> {
     let mut tables = Vec::new();
     for name in names {
         let table = &response.tables[name];
-        let mut line = format!(
-            "{:<24} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12}",
-            name,
-            if table.leader.is_empty() {
-                "-"
-            } else {
-                &table.leader
-            },
-            table.raft_term,
-            table.raft_index,
-            table.raft_applied_index,
-            table.db_size,
-            table.log_size
-        );
-        if follower {
-            line.push_str(&format!(
-                " {:>12} {:>12} {:>8}",
-                table.leader_index, table.applied_leader_index, table.replication_lag_ms
-            ));
-        }
-        let join = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-        line.push_str(&format!("  {}", join(&table.voters)));
-        if !table.learners.is_empty() {
-            line.push_str(&format!(" (learners {})", join(&table.learners)));
-        }
-        lines.push(line);
+        lines.push(table_line(name, table, follower));
         tables.push(json!({
             "name": name,
             "leader": table.leader,

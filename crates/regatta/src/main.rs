@@ -983,21 +983,7 @@ async fn run_node(
     let node = Node::start(config)
         .await
         .map_err(|error| error.to_string())?;
-    let (stop_rest, rest_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(listener) = rest_listener {
-        if let Ok(address) = listener.local_addr() {
-            let scheme = if rest_tls.is_some() { "https" } else { "http" };
-            tracing::info!(%address, scheme, "serving /metrics and /healthz");
-        }
-        tokio::spawn(regatta_server::serve_rest(
-            std::sync::Arc::clone(&node),
-            listener,
-            rest_tls,
-            async move {
-                let _ = rest_stopped.await;
-            },
-        ));
-    }
+    let stop_rest = rest_listener.map(|listener| serve_rest(&node, listener, rest_tls));
     let puller = match follower {
         Some(follower) => {
             tracing::info!(leader = %follower.leader_urls.join(","), "replicating the leader cluster");
@@ -1008,28 +994,21 @@ async fn run_node(
         }
         None => None,
     };
-    let (stop_replication, replication_stopped) = tokio::sync::oneshot::channel::<()>();
-    let replication = replication_listener.map(|listener| {
-        if let Ok(address) = listener.local_addr() {
-            tracing::info!(%address, "serving the replication API");
-        }
-        tokio::spawn(regatta_replication::serve(
-            std::sync::Arc::clone(&node),
-            listener,
-            replication_tls,
-            async move {
-                let _ = replication_stopped.await;
-            },
-        ))
-    });
+    let replication =
+        replication_listener.map(|listener| serve_replication(&node, listener, replication_tls));
     announce_ready(&node, &args);
     let shutdown = shut_down_when_told(&node, args.raft_leave_on_terminate);
     let served = regatta_server::serve(std::sync::Arc::clone(&node), api, api_tls, shutdown).await;
     tracing::info!("shutting down");
     // Stopping the node ends the open log streams; then the replication
     // server can finish.
-    let _ = stop_replication.send(());
-    let _ = stop_rest.send(());
+    if let Some(stop) = stop_rest {
+        let _ = stop.send(());
+    }
+    let replication = replication.map(|(stop, task)| {
+        let _ = stop.send(());
+        task
+    });
     if let Some(puller) = puller {
         puller.stop().await;
     }
@@ -1043,6 +1022,56 @@ async fn run_node(
         }
     }
     served.map_err(|error| error.to_string())
+}
+
+/// Serves `/metrics` and `/healthz` until the returned sender is used.
+fn serve_rest(
+    node: &std::sync::Arc<Node>,
+    listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Ok(address) = listener.local_addr() {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%address, scheme, "serving /metrics and /healthz");
+    }
+    tokio::spawn(regatta_server::serve_rest(
+        std::sync::Arc::clone(node),
+        listener,
+        tls,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    stop
+}
+
+/// The replication API's task, which serves until the returned sender is
+/// used.
+type ReplicationServer = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), String>>,
+);
+
+/// Serves the leader cluster's replication API.
+fn serve_replication(
+    node: &std::sync::Arc<Node>,
+    listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> ReplicationServer {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "serving the replication API");
+    }
+    let task = tokio::spawn(regatta_replication::serve(
+        std::sync::Arc::clone(node),
+        listener,
+        tls,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, task)
 }
 
 /// Binds a listening address, naming its `flag` when that fails.
