@@ -1351,6 +1351,75 @@ impl Table {
     /// Applies `RestoreBegin`, `RestoreChunk`, `RestoreCommit` or
     /// `RestoreAbort` at `index`. A commit that names the operator's reset
     /// its install carried out (`reset_id`) records it in the same write.
+    /// Begins restore `restore_id` into a new partition (a generation of
+    /// its own), dropping any restore left unfinished.
+    fn begin_restore(&mut self, restore_id: u64) -> Result<()> {
+        let generation = self.next_generation()?;
+        if let Some(abandoned) = self.restoring.take() {
+            self.store.keyspace.delete_partition(abandoned.data)?;
+        }
+        let data = self.store.keyspace.open_partition(
+            &partition_name(self.group, generation),
+            PartitionCreateOptions::default(),
+        )?;
+        self.restoring = Some(Restoring {
+            restore_id,
+            generation,
+            data,
+        });
+        self.commit_writes(BTreeMap::new())
+    }
+
+    /// Writes checked items into the restore under way, with the table's
+    /// meta (its applied index) in the same batch.
+    fn write_restore_chunk(&mut self, items: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let Some(restoring) = &self.restoring else {
+            return Ok(());
+        };
+        let mut batch = self.store.keyspace.batch();
+        for (key, record) in items {
+            batch.insert(&restoring.data, key, record);
+        }
+        batch.insert(
+            &self.store.meta,
+            self.group.to_be_bytes(),
+            self.meta().encode().as_ref(),
+        );
+        batch.commit()?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Switches the table to the restored copy: the copy is durable before
+    /// the switch names it, and readers move to it before the old data is
+    /// deleted.
+    fn commit_restore(
+        &mut self,
+        restoring: Restoring,
+        leader_index: u64,
+        reset_id: Option<u64>,
+    ) -> Result<()> {
+        let keyspace = self.store.keyspace.clone();
+        keyspace.persist(PersistMode::SyncAll)?;
+        let switch = Arc::clone(&self.store.switch);
+        let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
+        let old = self.replace_data(restoring.data);
+        self.generation = restoring.generation;
+        if self.mode == TableMode::Replica {
+            self.leader_index = leader_index;
+        }
+        if let Some(reset_id) = reset_id {
+            self.reset_carried = reset_id;
+        }
+        self.store
+            .meta
+            .insert(self.group.to_be_bytes(), self.meta().encode().as_ref())?;
+        keyspace.persist(PersistMode::SyncAll)?;
+        self.publish();
+        keyspace.delete_partition(old)?;
+        Ok(())
+    }
+
     fn apply_restore_step(
         &mut self,
         index: LogIndex,
@@ -1361,20 +1430,7 @@ impl Table {
         let current = self.restoring.as_ref().map(|r| r.restore_id);
         let accepted = match (step, reset_id) {
             (Command::RestoreBegin { restore_id }, _) if restore_id != 0 => {
-                let generation = self.next_generation()?;
-                if let Some(abandoned) = self.restoring.take() {
-                    self.store.keyspace.delete_partition(abandoned.data)?;
-                }
-                let data = self.store.keyspace.open_partition(
-                    &partition_name(self.group, generation),
-                    PartitionCreateOptions::default(),
-                )?;
-                self.restoring = Some(Restoring {
-                    restore_id,
-                    generation,
-                    data,
-                });
-                self.commit_writes(BTreeMap::new())?;
+                self.begin_restore(restore_id)?;
                 true
             }
             (Command::RestoreChunk { restore_id, items }, _) if current == Some(restore_id) => {
@@ -1385,20 +1441,7 @@ impl Table {
                     self.commit_writes(BTreeMap::new())?;
                     return Ok(Err(format!("a restore chunk is refused: {error}")));
                 }
-                let Some(restoring) = &self.restoring else {
-                    unreachable!("a restore under way")
-                };
-                let mut batch = self.store.keyspace.batch();
-                for (key, record) in items {
-                    batch.insert(&restoring.data, key, record);
-                }
-                batch.insert(
-                    &self.store.meta,
-                    self.group.to_be_bytes(),
-                    self.meta().encode().as_ref(),
-                );
-                batch.commit()?;
-                self.publish();
+                self.write_restore_chunk(items)?;
                 true
             }
             (
@@ -1408,37 +1451,19 @@ impl Table {
                 },
                 reset_id,
             ) if current == Some(restore_id) => {
-                let Some(restoring) = self.restoring.take() else {
-                    unreachable!("a restore under way")
-                };
-                let keyspace = self.store.keyspace.clone();
-                // The copy is durable before the switch names it.
-                keyspace.persist(PersistMode::SyncAll)?;
-                let switch = Arc::clone(&self.store.switch);
-                let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
-                let old = self.replace_data(restoring.data);
-                self.generation = restoring.generation;
-                if self.mode == TableMode::Replica {
-                    self.leader_index = leader_index;
+                if let Some(restoring) = self.restoring.take() {
+                    self.commit_restore(restoring, leader_index, reset_id)?;
                 }
-                if let Some(reset_id) = reset_id {
-                    self.reset_carried = reset_id;
-                }
-                self.store
-                    .meta
-                    .insert(self.group.to_be_bytes(), self.meta().encode().as_ref())?;
-                keyspace.persist(PersistMode::SyncAll)?;
-                // Readers move to the new data before the old is deleted.
-                self.publish();
-                keyspace.delete_partition(old)?;
                 true
             }
             (Command::RestoreAbort { restore_id }, _) if current == Some(restore_id) => {
-                let Some(abandoned) = self.restoring.take() else {
-                    unreachable!("a restore under way")
-                };
+                // The meta written with the applied index no longer names
+                // the restore; then its partition goes.
+                let abandoned = self.restoring.take();
                 self.commit_writes(BTreeMap::new())?;
-                self.store.keyspace.delete_partition(abandoned.data)?;
+                if let Some(abandoned) = abandoned {
+                    self.store.keyspace.delete_partition(abandoned.data)?;
+                }
                 true
             }
             _ => {
