@@ -707,27 +707,17 @@ impl Node {
         Ok(())
     }
 
-    /// UNSAFE: removes `id` from every group hosted here, on this node
-    /// alone, without a quorum. For a cluster that lost its quorum for
-    /// good: run it on one survivor (the most up-to-date), then wipe and
-    /// re-add the others. Writes acknowledged only by lost nodes are lost.
-    pub async fn force_remove_member(&self, id: NodeId) -> Result<()> {
-        if id == self.config.node_id {
-            return Err(Error::InvalidArgument(
-                "a node cannot force-remove itself; run it on a survivor".into(),
-            ));
-        }
-        self.wait_for_catalogue_groups().await?;
+    /// The groups on this node that hold `id`, the metadata group last
+    /// (table groups lose the node first, so that the reconciler, once the
+    /// metadata group changes, finds nothing left to do). Every group is
+    /// looked at before anything changes: a group this node leads has a
+    /// quorum (a leader that stops hearing from one steps down), and a
+    /// change forced beside a working quorum can elect two leaders, so
+    /// such a group refuses the whole force-remove.
+    async fn groups_to_force(&self, id: NodeId) -> Result<Vec<GroupId>> {
         let mut groups = self.running_groups();
-        // The metadata group last: table groups first lose the node, so
-        // that the reconciler, once the metadata group changes, finds
-        // nothing left to do.
         groups.retain(|group| *group != META_GROUP);
         groups.push(META_GROUP);
-        // Every group first, before anything changes: a group this node
-        // leads has a quorum (a leader that stops hearing from one steps
-        // down), and a change forced beside a working quorum can elect two
-        // leaders.
         let mut holding = Vec::new();
         for group in groups {
             let status = match self.host.status(group).await {
@@ -763,6 +753,21 @@ impl Node {
                 id.0
             )));
         }
+        Ok(holding)
+    }
+
+    /// UNSAFE: removes `id` from every group hosted here, on this node
+    /// alone, without a quorum. For a cluster that lost its quorum for
+    /// good: run it on one survivor (the most up-to-date), then wipe and
+    /// re-add the others. Writes acknowledged only by lost nodes are lost.
+    pub async fn force_remove_member(&self, id: NodeId) -> Result<()> {
+        if id == self.config.node_id {
+            return Err(Error::InvalidArgument(
+                "a node cannot force-remove itself; run it on a survivor".into(),
+            ));
+        }
+        self.wait_for_catalogue_groups().await?;
+        let holding = self.groups_to_force(id).await?;
         // A tombstone keeps the id from being added again, and makes the
         // peers refuse the node if it ever comes back (it would otherwise
         // run as a ghost). It is written by the reconciler once the
