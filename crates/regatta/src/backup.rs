@@ -556,6 +556,69 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a backup file (on a blocking thread) and sends it as restore
+/// chunks while the stream sends. It hashes what it sends and marks the
+/// last chunk only if the whole matches the manifest, so a file changed
+/// since the check makes the server abort instead of commit.
+fn send_file_chunks(
+    mut file: File,
+    path: &Path,
+    table: &TableEntry,
+    sender: &tokio::sync::mpsc::Sender<pb::RestoreMessage>,
+    bar: &ProgressBar,
+) -> Result<(), String> {
+    let length = table.bytes;
+    let mut offset = 0u64;
+    let mut hasher = Sha256::new();
+    loop {
+        let want = (length - offset).min(RESTORE_CHUNK_BYTES as u64) as usize;
+        let mut data = vec![0u8; want];
+        let mut filled = 0;
+        while filled < data.len() {
+            let read = file
+                .read(&mut data[filled..])
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            filled += read;
+        }
+        if filled < want {
+            return Err(format!(
+                "{} became shorter while being restored",
+                path.display()
+            ));
+        }
+        hasher.update(&data);
+        let last = offset + filled as u64 >= length;
+        if last && hex(&hasher.clone().finalize()) != table.sha256 {
+            return Err(format!(
+                "{} changed while being restored (its checksum no longer matches)",
+                path.display()
+            ));
+        }
+        let chunk = pb::SnapshotChunk {
+            len: filled as u64,
+            index: table.revision,
+            crc32c: crc32c::crc32c(&data),
+            offset,
+            last,
+            data,
+        };
+        offset += filled as u64;
+        let message = pb::RestoreMessage {
+            data: Some(pb::restore_message::Data::Chunk(chunk)),
+        };
+        if sender.blocking_send(message).is_err() {
+            return Ok(());
+        }
+        bar.set_position(offset);
+        if last {
+            return Ok(());
+        }
+    }
+}
+
 async fn restore_table(
     client: &mut pb::maintenance_client::MaintenanceClient<tonic::transport::Channel>,
     args: &RestoreArgs,
@@ -563,7 +626,7 @@ async fn restore_table(
     prefix: String,
 ) -> Result<pb::RestoreResponse, String> {
     let path = args.dir.join(&table.file);
-    let mut file =
+    let file =
         File::open(&path).map_err(|error| format!("cannot open {}: {error}", path.display()))?;
     let (sender, receiver) = tokio::sync::mpsc::channel(RESTORE_BUFFER_CHUNKS);
     let info = pb::RestoreMessage {
@@ -573,64 +636,9 @@ async fn restore_table(
     };
     let _ = sender.send(info).await;
     let bar = progress(Some(table.bytes), prefix);
-    let revision = table.revision;
-    let length = table.bytes;
-    let expected_sha256 = table.sha256.clone();
-    let reader_bar = bar.clone();
-    // Reads the file on a blocking thread while the stream sends. It
-    // hashes what it sends and marks the last chunk only if the whole
-    // matches the manifest, so a file changed since the check makes the
-    // server abort instead of commit.
-    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut offset = 0u64;
-        let mut hasher = Sha256::new();
-        loop {
-            let want = (length - offset).min(RESTORE_CHUNK_BYTES as u64) as usize;
-            let mut data = vec![0u8; want];
-            let mut filled = 0;
-            while filled < data.len() {
-                let read = file
-                    .read(&mut data[filled..])
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-                if read == 0 {
-                    break;
-                }
-                filled += read;
-            }
-            if filled < want {
-                return Err(format!(
-                    "{} became shorter while being restored",
-                    path.display()
-                ));
-            }
-            hasher.update(&data);
-            let last = offset + filled as u64 >= length;
-            if last && hex(&hasher.clone().finalize()) != expected_sha256 {
-                return Err(format!(
-                    "{} changed while being restored (its checksum no longer matches)",
-                    path.display()
-                ));
-            }
-            let chunk = pb::SnapshotChunk {
-                len: filled as u64,
-                index: revision,
-                crc32c: crc32c::crc32c(&data),
-                offset,
-                last,
-                data,
-            };
-            offset += filled as u64;
-            let message = pb::RestoreMessage {
-                data: Some(pb::restore_message::Data::Chunk(chunk)),
-            };
-            if sender.blocking_send(message).is_err() {
-                return Ok(());
-            }
-            reader_bar.set_position(offset);
-            if last {
-                return Ok(());
-            }
-        }
+    let (entry, reader_bar) = (table.clone(), bar.clone());
+    let reader = tokio::task::spawn_blocking(move || {
+        send_file_chunks(file, &path, &entry, &sender, &reader_bar)
     });
     let request = args
         .connection
