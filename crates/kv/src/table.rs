@@ -1399,18 +1399,32 @@ impl Table {
         leader_index: u64,
         reset_id: Option<u64>,
     ) -> Result<()> {
+        self.switch_data(restoring.data, |table| {
+            table.generation = restoring.generation;
+            if table.mode == TableMode::Replica {
+                table.leader_index = leader_index;
+            }
+            if let Some(reset_id) = reset_id {
+                table.reset_carried = reset_id;
+            }
+        })
+    }
+
+    /// Switches the table to the data in `fresh`: the new data is durable
+    /// before the switch names it; under the switch lock, `update` sets
+    /// what the new data stands for and one meta write names it; readers
+    /// move to it before the old data is deleted.
+    fn switch_data(
+        &mut self,
+        fresh: PartitionHandle,
+        update: impl FnOnce(&mut Table),
+    ) -> Result<()> {
         let keyspace = self.store.keyspace.clone();
         keyspace.persist(PersistMode::SyncAll)?;
         let switch = Arc::clone(&self.store.switch);
         let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
-        let old = self.replace_data(restoring.data);
-        self.generation = restoring.generation;
-        if self.mode == TableMode::Replica {
-            self.leader_index = leader_index;
-        }
-        if let Some(reset_id) = reset_id {
-            self.reset_carried = reset_id;
-        }
+        let old = self.replace_data(fresh);
+        update(self);
         self.store
             .meta
             .insert(self.group.to_be_bytes(), self.meta().encode().as_ref())?;
@@ -1556,22 +1570,14 @@ impl Table {
             return Err(error);
         }
         // The switch: one atomic write names the new generations.
-        keyspace.persist(PersistMode::SyncAll)?;
-        let switch = Arc::clone(&self.store.switch);
-        let _switch = switch.write().unwrap_or_else(|p| p.into_inner());
-        let old = self.replace_data(fresh);
-        let old_staging = std::mem::replace(&mut self.restoring, staging);
-        self.generation = generation;
-        self.applied = index;
-        self.leader_index = leader_index;
-        self.reset_carried = reset_carried;
-        self.store
-            .meta
-            .insert(self.group.to_be_bytes(), self.meta().encode().as_ref())?;
-        keyspace.persist(PersistMode::SyncAll)?;
-        // Readers move to the new data before the old is deleted.
-        self.publish();
-        keyspace.delete_partition(old)?;
+        let mut old_staging = None;
+        self.switch_data(fresh, |table| {
+            old_staging = std::mem::replace(&mut table.restoring, staging);
+            table.generation = generation;
+            table.applied = index;
+            table.leader_index = leader_index;
+            table.reset_carried = reset_carried;
+        })?;
         if let Some(old_staging) = old_staging {
             keyspace.delete_partition(old_staging.data)?;
         }
