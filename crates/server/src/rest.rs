@@ -539,6 +539,12 @@ fn register_wal_metrics(registry: &mut Registry, node: &Node) {
     counter(registry, "wal_fsyncs", "WAL fsyncs.", wal.fsyncs);
     counter(
         registry,
+        "wal_direct_writes",
+        "WAL batches written with direct I/O (O_DIRECT), bypassing the page cache.",
+        wal.direct_writes,
+    );
+    counter(
+        registry,
         "wal_cache_hits",
         "WAL entries records read from the record cache.",
         wal.cache_hits,

@@ -720,9 +720,27 @@ fn a_second_instance_on_one_directory_is_refused() {
 /// filled end fills the next step.
 #[test]
 fn segments_are_zero_filled_ahead_and_appends_continue_after_reopen() {
+    zero_fill_and_reopen(false);
+    zero_fill_and_reopen(true);
+}
+
+/// The zero-fill test with buffered or direct writes; direct writes round
+/// the zeros up to the next 4 KiB block.
+fn zero_fill_and_reopen(direct_io: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let step = regatta_wal::format::ZERO_FILL_STEP_BYTES;
-    let wal = Wal::open(WalConfig::new(dir.path())).expect("open");
+    let config = || WalConfig {
+        direct_io,
+        ..WalConfig::new(dir.path())
+    };
+    let block = |offset: u64| {
+        if direct_io {
+            offset.div_ceil(4096) * 4096
+        } else {
+            offset
+        }
+    };
+    let wal = Wal::open(config()).expect("open");
     for index in 1..=3 {
         append_entries(&wal, 1, entries(index, 1, 1, "first"));
     }
@@ -734,7 +752,7 @@ fn segments_are_zero_filled_ahead_and_appends_continue_after_reopen() {
     assert_eq!(how, SegmentEnd::Clean);
     assert!(end > SEGMENT_HEADER_BYTES as u64);
     assert!(bytes[end as usize..].iter().all(|byte| *byte == 0));
-    let wal = Wal::open(WalConfig::new(dir.path())).expect("reopen");
+    let wal = Wal::open(config()).expect("reopen");
     for index in 4..=6 {
         append_entries(&wal, 1, entries(index, 1, 1, "second"));
     }
@@ -745,20 +763,42 @@ fn segments_are_zero_filled_ahead_and_appends_continue_after_reopen() {
         payload: EntryPayload::Normal(Bytes::from(vec![7u8; step as usize])),
     };
     append_entries(&wal, 1, vec![big.clone()]);
+    let direct_writes = wal.stats().direct_writes;
+    let expect_direct = direct_io && takes_direct_io(dir.path());
+    assert_eq!(
+        direct_writes > 0,
+        expect_direct,
+        "{direct_writes} direct writes"
+    );
     drop(wal);
     assert_eq!(segment_files(dir.path()), vec![segment.clone()]);
     let (end, how) = data_end(&segment);
     assert_eq!(how, SegmentEnd::Clean);
     assert_eq!(
         fs::metadata(&segment).expect("stat").len(),
-        end + step,
+        block(end + step),
         "the write past the filled end filled one more step"
     );
-    let wal = Wal::open(WalConfig::new(dir.path())).expect("reopen");
+    let wal = Wal::open(config()).expect("reopen");
     let mut expected = entries(1, 3, 1, "first");
     expected.extend(entries(4, 3, 1, "second"));
     expected.push(big);
     assert_eq!(all_entries(&wal, 1), expected);
+}
+
+/// Whether the file system of `dir` opens files with `O_DIRECT` (tmpfs
+/// before Linux 6.6 does not; the WAL then writes through the page cache).
+fn takes_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("direct-probe");
+    let opened = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .is_ok();
+    let _ = fs::remove_file(&path);
+    opened
 }
 
 /// Rewrites a current segment as an older `version` wrote it: that version
