@@ -5,7 +5,8 @@
 //! nothing beyond a torn point is visible (each group's log is an exact
 //! prefix of what the child wrote). Each seed crashes twice: the second
 //! child reopens the recovered log and appends after its tail, so that the
-//! second crash hits a log that already went through a recovery.
+//! second crash hits a log that already went through a recovery. Rounds
+//! alternate between direct and buffered writes (`WalConfig::direct_io`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -29,8 +30,12 @@ const THREADS: u64 = 4;
 const GROUPS_PER_THREAD: u64 = 4;
 const COMPACT_EVERY_ENTRIES: u64 = 300;
 
-fn config(dir: &Path) -> WalConfig {
+/// The log's settings for a child of `seed` in `round`: direct and
+/// buffered writes alternate between rounds (and between seeds at a
+/// round), so both paths crash, and each recovers what the other wrote.
+fn config(dir: &Path, seed: u64, round: u64) -> WalConfig {
     let mut config = WalConfig::new(dir);
+    config.direct_io = (seed + round) % 2 == 0;
     config.segment_size_bytes_max = 64 * 1024;
     config.rewrite_after_segments = 3;
     config.rewrite_group_bytes_max = 16 * 1024;
@@ -68,7 +73,7 @@ fn crash_child() {
         .ok()
         .and_then(|round| round.parse().ok())
         .unwrap_or(0);
-    let wal = Arc::new(Wal::open(config(Path::new(&dir))).expect("child open"));
+    let wal = Arc::new(Wal::open(config(Path::new(&dir), seed, round)).expect("child open"));
     let threads: Vec<_> = (0..THREADS)
         .map(|thread| {
             let wal = Arc::clone(&wal);
@@ -163,7 +168,7 @@ fn run_and_kill(dir: &Path, seed: u64, round: u64, kill_after: Duration) -> Hash
 }
 
 fn check_recovered(dir: &Path, seed: u64, acknowledged: &HashMap<u64, u64>) {
-    let wal = Wal::open(config(dir)).expect("reopen after SIGKILL");
+    let wal = Wal::open(config(dir, seed, 0)).expect("reopen after SIGKILL");
     for (group, acknowledged_last) in acknowledged {
         let group_id = GroupId(*group);
         let last = wal.last_index(group_id);

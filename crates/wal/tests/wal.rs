@@ -912,6 +912,64 @@ fn a_record_image_in_a_value_does_not_stop_a_torn_log_from_opening() {
     assert_eq!(all_entries(&wal, 1), entries(1, 3, 1, "acked"));
 }
 
+/// A direct write rewrites the block its records start in, and a crash can
+/// tear it at any 512-byte sector: the sectors before the tear hold the new
+/// bytes, the ones after it the old zeros. The acknowledged records in the
+/// rewritten block are the same bytes in both, so what is lost is only the
+/// torn write's own records from the tear on; each group's log stays a
+/// prefix of what was written, and appends go on after it.
+#[test]
+fn a_direct_write_torn_at_a_sector_loses_only_that_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    for index in 1..=3 {
+        append_entries(&wal, 1, entries(index, 1, 1, "acked"));
+    }
+    assert_eq!(
+        wal.stats().direct_writes > 0,
+        takes_direct_io(dir.path()),
+        "direct writes are the default"
+    );
+    drop(wal);
+    let segment = segment_files(dir.path()).pop().expect("segment");
+    let (acked_end, _) = data_end(&segment);
+    assert!(
+        acked_end % 4096 != 0,
+        "the acknowledged records end mid-block"
+    );
+    let wal = Wal::open(config(dir.path())).expect("open");
+    let mut batch = WriteBatch::new();
+    batch.entries(GroupId(1), entries(4, 20, 1, &"torn".repeat(20)));
+    batch.entries(GroupId(2), entries(1, 20, 1, &"torn".repeat(20)));
+    wal.append(batch).expect("append");
+    drop(wal);
+    let (written_end, _) = data_end(&segment);
+    assert!(written_end - acked_end > 2048, "the write spans sectors");
+    // The first sector boundary past the write's first record header.
+    let tear = (acked_end + RECORD_HEADER_BYTES as u64).div_ceil(512) * 512;
+    let mut bytes = fs::read(&segment).expect("read");
+    bytes[tear as usize..written_end as usize].fill(0);
+    fs::write(&segment, &bytes).expect("write");
+    let (_, how) = data_end(&segment);
+    assert!(
+        matches!(how, SegmentEnd::Torn { offset } if offset >= acked_end),
+        "a torn tail after the acknowledged records, not {how:?}"
+    );
+    let wal = Wal::open(config(dir.path())).expect("open after the torn write");
+    let group_1 = all_entries(&wal, 1);
+    let mut written_1 = entries(1, 3, 1, "acked");
+    written_1.extend(entries(4, 20, 1, &"torn".repeat(20)));
+    assert!(group_1.len() >= 3 && written_1.starts_with(&group_1));
+    assert!(entries(1, 20, 1, &"torn".repeat(20)).starts_with(&all_entries(&wal, 2)));
+    let next = group_1.len() as u64 + 1;
+    append_entries(&wal, 1, entries(next, 2, 2, "after"));
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    let mut expected = group_1;
+    expected.extend(entries(next, 2, 2, "after"));
+    assert_eq!(all_entries(&wal, 1), expected);
+}
+
 /// The pages of a write reach the disk in any order: a last write whose
 /// first page is missing while its later records landed is a torn write.
 /// Open keeps every acknowledged write before it, drops it, and appends
