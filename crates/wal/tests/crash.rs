@@ -35,7 +35,7 @@ const COMPACT_EVERY_ENTRIES: u64 = 300;
 /// round), so both paths crash, and each recovers what the other wrote.
 fn config(dir: &Path, seed: u64, round: u64) -> WalConfig {
     let mut config = WalConfig::new(dir);
-    config.direct_io = (seed + round) % 2 == 0;
+    config.direct_io = (seed + round).is_multiple_of(2);
     config.segment_size_bytes_max = 64 * 1024;
     config.rewrite_after_segments = 3;
     config.rewrite_group_bytes_max = 16 * 1024;
