@@ -31,13 +31,19 @@ pub(crate) fn block_ceil(offset: u64) -> u64 {
 /// The active segment opened for direct writes.
 pub(crate) struct DirectFile {
     file: File,
-    /// The records' bytes from the start of the block they end in to
-    /// their end: shorter than one block.
+    /// The records' bytes from the start of a block to their end: the
+    /// partial block they end in, and before it any bytes deferred (see
+    /// [`DirectFile::defer`]). Everything before it is on disk.
     tail: Vec<u8>,
+    /// Whether `tail` holds bytes not written yet.
+    deferred: bool,
     /// Reused memory for the blocks of a write, one block longer than the
     /// largest write so far so that an aligned window always fits.
     staging: Vec<u8>,
 }
+
+/// Deferred bytes beyond this are written out at the next deferral.
+const DEFERRED_BYTES_MAX: usize = 64 * 1024;
 
 impl DirectFile {
     /// Opens `path` for direct writes after records that end with `tail`
@@ -46,7 +52,7 @@ impl DirectFile {
     pub(crate) fn open(path: &Path, tail: Vec<u8>) -> io::Result<Option<DirectFile>> {
         assert!(
             (tail.len() as u64) < DIRECT_BLOCK_BYTES,
-            "a tail is shorter than a block"
+            "an opened segment's tail is shorter than a block"
         );
         let opened = OpenOptions::new()
             .write(true)
@@ -56,6 +62,7 @@ impl DirectFile {
             Ok(file) => Ok(Some(DirectFile {
                 file,
                 tail,
+                deferred: false,
                 staging: Vec::new(),
             })),
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => Ok(None),
@@ -63,17 +70,45 @@ impl DirectFile {
         }
     }
 
+    /// Takes `data`, to go at `base` where the records end, without
+    /// writing it: the next write or [`DirectFile::flush`] writes it with
+    /// the tail. For records that need no fsync (commit indexes): a direct
+    /// write waits for the disk, which a buffered one did not. Returns
+    /// false, taking nothing, when enough is deferred already.
+    pub(crate) fn defer(&mut self, base: u64, data: &[u8]) -> bool {
+        self.check_tail(base);
+        if self.tail.len() + data.len() > DEFERRED_BYTES_MAX {
+            return false;
+        }
+        self.tail.extend_from_slice(data);
+        self.deferred = true;
+        true
+    }
+
+    /// Writes any deferred bytes; `end` is where the records end. Returns
+    /// where the written blocks end, if anything was written.
+    pub(crate) fn flush(&mut self, end: u64) -> io::Result<Option<u64>> {
+        if !self.deferred {
+            return Ok(None);
+        }
+        self.write(end, &[], end).map(Some)
+    }
+
+    /// The deferred bytes and the offset they start at, when there are
+    /// any: what a writer falling back to buffered writes must write first.
+    pub(crate) fn unwritten(&self, end: u64) -> Option<(u64, &[u8])> {
+        self.deferred
+            .then(|| (end - self.tail.len() as u64, self.tail.as_slice()))
+    }
+
     /// Writes `data` at `base`, where the records end, and zeros after it
-    /// to at least `zeros_to`, in whole blocks. Returns where the written
-    /// blocks end. An `EINVAL` error means the file system refused direct
-    /// I/O after all; nothing was written then.
+    /// to at least `zeros_to`, in whole blocks, with the deferred bytes
+    /// before it. Returns where the written blocks end. An `EINVAL` error
+    /// means the file system refused direct I/O after all; nothing was
+    /// written then.
     pub(crate) fn write(&mut self, base: u64, data: &[u8], zeros_to: u64) -> io::Result<u64> {
-        let start = block_floor(base);
-        assert_eq!(
-            base - start,
-            self.tail.len() as u64,
-            "the tail must end where the records end"
-        );
+        self.check_tail(base);
+        let start = base - self.tail.len() as u64;
         let end = base + data.len() as u64;
         let written_end = block_ceil(end.max(zeros_to));
         let length = (written_end - start) as usize;
@@ -94,7 +129,17 @@ impl DirectFile {
         let tail_end = (end - start) as usize;
         self.tail.clear();
         self.tail.extend_from_slice(&window[tail_start..tail_end]);
+        self.deferred = false;
         Ok(written_end)
+    }
+
+    /// The tail starts on a block boundary and ends at `base`.
+    fn check_tail(&self, base: u64) {
+        let length = self.tail.len() as u64;
+        assert!(
+            base >= length && (base - length).is_multiple_of(DIRECT_BLOCK_BYTES),
+            "the tail must run from a block boundary to where the records end"
+        );
     }
 }
 
@@ -127,9 +172,17 @@ mod tests {
         };
         let mut expected = header;
         let mut zeroed_end = 0;
-        for (step, length) in [10usize, 4000, 100, 9000, 1, 5000].into_iter().enumerate() {
+        // Steps 1, 4, 6 and 7 are deferred: the next write, or the flush at
+        // the end, writes them.
+        let lengths = [10usize, 300, 4000, 100, 9000, 1, 5000, 700];
+        for (step, length) in lengths.into_iter().enumerate() {
             let data = vec![step as u8 + 1; length];
             let base = expected.len() as u64;
+            expected.extend_from_slice(&data);
+            if matches!(step, 1 | 4 | 6 | 7) {
+                assert!(direct.defer(base, &data), "a small deferral is taken");
+                continue;
+            }
             let zeros_to = if step == 3 { base + 70_000 } else { 0 };
             let written = match direct.write(base, &data, zeros_to) {
                 Ok(written) => written,
@@ -139,11 +192,22 @@ mod tests {
                 }
                 Err(error) => panic!("direct write: {error}"),
             };
-            expected.extend_from_slice(&data);
             assert_eq!(written % DIRECT_BLOCK_BYTES, 0);
             assert!(written >= expected.len() as u64 && written >= zeros_to);
             zeroed_end = zeroed_end.max(written);
         }
+        let end = expected.len() as u64;
+        let (start, unwritten) = direct.unwritten(end).expect("deferred bytes");
+        assert_eq!(start % DIRECT_BLOCK_BYTES, 0);
+        assert_eq!(unwritten, &expected[start as usize..]);
+        assert!(unwritten.len() > 5700, "two deferrals after the last write");
+        let flushed = direct.flush(end).expect("flush").expect("deferred bytes");
+        zeroed_end = zeroed_end.max(flushed);
+        assert_eq!(direct.flush(end).expect("flush"), None, "nothing left");
+        assert!(
+            !direct.defer(end, &vec![9u8; DEFERRED_BYTES_MAX]),
+            "too much to defer"
+        );
         let on_disk = std::fs::read(&path).expect("read back");
         assert_eq!(on_disk.len() as u64, zeroed_end);
         assert_eq!(&on_disk[..expected.len()], &expected[..]);

@@ -1368,7 +1368,7 @@ impl Writer {
         } else {
             end
         };
-        if !self.write_direct(buffer, zeros_to)? {
+        if !self.write_direct(buffer, zeros_to, must_sync)? {
             self.write_buffered(buffer, zeros_to)?;
         }
         self.unsynced = true;
@@ -1390,29 +1390,72 @@ impl Writer {
     /// Writes `buffer` at the records' end with a direct write, zeros after
     /// it to `zeros_to`. False when direct writes are off, or the file
     /// system refused this one (they stay off for the segment then, and
-    /// nothing was written).
-    fn write_direct(&mut self, buffer: &[u8], zeros_to: u64) -> Result<bool> {
+    /// the bytes deferred before it went through the page cache). A
+    /// buffer that needs no fsync and fits before the zero-filled end is
+    /// deferred, not written: the next write carries it, or the next fsync
+    /// writes it first (a direct write waits for the disk).
+    fn write_direct(&mut self, buffer: &[u8], zeros_to: u64, must_sync: bool) -> Result<bool> {
+        let base = self.active.size_bytes;
+        let end = base + buffer.len() as u64;
         let Some(direct) = self.active.direct.as_mut() else {
             return Ok(false);
         };
-        match direct.write(self.active.size_bytes, buffer, zeros_to) {
-            Ok(written_end) => {
+        if !must_sync && end <= self.active.zeroed_end && direct.defer(base, buffer) {
+            return Ok(true);
+        }
+        let written = direct.write(base, buffer, zeros_to);
+        match self.direct_outcome(written, base)? {
+            Some(written_end) => {
                 self.active.zeroed_end = self.active.zeroed_end.max(written_end);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Counts a direct write that succeeded. On `EINVAL` turns direct writes
+    /// off for the segment, after writing the deferred bytes before `end`
+    /// through the page cache; `Ok(None)` then.
+    fn direct_outcome(&mut self, written: std::io::Result<u64>, end: u64) -> Result<Option<u64>> {
+        let path = || segment_path(&self.shared.config.dir, self.active.sequence);
+        match written {
+            Ok(written_end) => {
                 self.shared
                     .counters
                     .direct_writes
                     .fetch_add(1, Ordering::Relaxed);
-                Ok(true)
+                Ok(Some(written_end))
             }
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                self.active.direct = None;
-                Ok(false)
+                if let Some(direct) = self.active.direct.take() {
+                    if let Some((start, bytes)) = direct.unwritten(end) {
+                        self.active
+                            .file
+                            .write_all_at(bytes, start)
+                            .map_err(|e| Error::io(format!("write {}", path().display()), e))?;
+                    }
+                }
+                Ok(None)
             }
-            Err(error) => {
-                let path = segment_path(&self.shared.config.dir, self.active.sequence);
-                Err(Error::io(format!("write {}", path.display()), error))
-            }
+            Err(error) => Err(Error::io(format!("write {}", path().display()), error)),
         }
+    }
+
+    /// Writes the bytes the direct writer deferred, before an fsync.
+    fn flush_deferred(&mut self) -> Result<()> {
+        let end = self.active.size_bytes;
+        let Some(direct) = self.active.direct.as_mut() else {
+            return Ok(());
+        };
+        let written = match direct.flush(end) {
+            Ok(None) => return Ok(()),
+            Ok(Some(written_end)) => Ok(written_end),
+            Err(error) => Err(error),
+        };
+        if let Some(written_end) = self.direct_outcome(written, end)? {
+            self.active.zeroed_end = self.active.zeroed_end.max(written_end);
+        }
+        Ok(())
     }
 
     /// Writes `buffer` at the records' end through the page cache, and the
@@ -1444,6 +1487,7 @@ impl Writer {
         if !self.unsynced {
             return Ok(());
         }
+        self.flush_deferred()?;
         if self.shared.config.sync_mode != SyncMode::Fdatasync {
             self.unsynced = false;
             return Ok(());
