@@ -432,6 +432,40 @@ fn commit_only_hard_states_are_written_without_fsync() {
     assert_eq!(wal.hard_state(GroupId(2)), hard_state(1, 3, 0));
 }
 
+/// With direct writes, commit-only batches wait in memory for the next
+/// write: they cost no disk write of their own. A clean close writes and
+/// fsyncs what waits, so the last commit index survives it.
+#[test]
+fn deferred_commit_indexes_ride_the_next_write_and_survive_a_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let direct = takes_direct_io(dir.path());
+    let wal = Wal::open(config(dir.path())).expect("open");
+    append_synced(&wal, entries(1, 3, 1, "s"), hard_state(1, 1, 0));
+    // The first batch after an open is followed by garbage collection,
+    // which fsyncs; the ones after it are steady state.
+    append_hard_state(&wal, 1, hard_state(1, 1, 1));
+    let before = wal.stats();
+    append_hard_state(&wal, 1, hard_state(1, 1, 2));
+    append_hard_state(&wal, 1, hard_state(1, 1, 3));
+    let after = wal.stats();
+    assert_eq!(after.fsyncs, before.fsyncs, "commit indexes need no fsync");
+    if direct {
+        assert_eq!(
+            after.direct_writes, before.direct_writes,
+            "nor a write of their own"
+        );
+    }
+    append_synced(&wal, entries(4, 1, 1, "s"), hard_state(1, 1, 3));
+    if direct {
+        assert_eq!(wal.stats().direct_writes, after.direct_writes + 1);
+    }
+    append_hard_state(&wal, 1, hard_state(1, 1, 4));
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.hard_state(GroupId(1)), hard_state(1, 1, 4));
+    assert_eq!(all_entries(&wal, 1), entries(1, 4, 1, "s"));
+}
+
 /// Only the last segment may end in bytes no fsync covered: a roll, and
 /// garbage collection, fsync an unsynced commit index first.
 #[test]
