@@ -256,7 +256,8 @@ impl WriteBatch {
 pub struct WalStats {
     /// Requests acknowledged.
     pub requests: u64,
-    /// Batches written (each one write and at most one fsync).
+    /// Batches written (each one write and at most one fsync; with direct
+    /// writes a batch that needs no fsync may ride with the next one).
     pub batches: u64,
     /// fsyncs done.
     pub fsyncs: u64,
