@@ -370,6 +370,13 @@ impl Node {
         let transport = TcpTransport::start(tcp, listener);
         let wal = Wal::open(WalConfig::new(config.data_dir.join("wal")))
             .map_err(|error| Error::Storage(format!("open the WAL: {error}")))?;
+        if wal.direct_io() {
+            tracing::info!("the WAL writes with direct I/O (O_DIRECT)");
+        } else {
+            tracing::warn!(
+                "the WAL's file system refuses direct I/O (O_DIRECT): it writes through the page cache"
+            );
+        }
         let store = Store::open(&config.data_dir.join("tables"))
             .map_err(|error| Error::Storage(format!("open the table store: {error}")))?;
         let mut host_config = HostConfig::new(config.node_id, config.data_dir.join("host"));

@@ -329,6 +329,8 @@ struct Shared {
     counters: Counters,
     /// The record checksum salt of the segments this process writes.
     salt: u32,
+    /// Whether the active segment is written with direct I/O.
+    direct_io: std::sync::atomic::AtomicBool,
 }
 
 /// The shared write-ahead log of a node.
@@ -394,6 +396,7 @@ impl Wal {
             cache: Mutex::new(RecordCache::new(config.cache_bytes_max)),
             failure: Mutex::new(None),
             counters: Counters::default(),
+            direct_io: std::sync::atomic::AtomicBool::new(false),
             config,
         });
         let active = Writer::open_active(&shared)?;
@@ -537,6 +540,13 @@ impl Wal {
     /// costs no write and no fsync.
     pub fn barrier(&self) -> Result<()> {
         self.append(WriteBatch::new())
+    }
+
+    /// Whether the active segment is written with direct I/O: false when
+    /// `WalConfig::direct_io` is off or the file system refuses `O_DIRECT`
+    /// (docs/wal-format.md, "Direct writes").
+    pub fn direct_io(&self) -> bool {
+        self.shared.direct_io.load(Ordering::Relaxed)
     }
 
     /// Counters.
@@ -1044,6 +1054,19 @@ fn open_direct(
         .map_err(|e| Error::io(format!("open {} for direct writes", path.display()), e))
 }
 
+/// Opens the active segment for direct writes (see [`open_direct`]) and
+/// records whether they are on.
+fn open_active_direct(
+    shared: &Shared,
+    path: &Path,
+    file: &File,
+    size_bytes: u64,
+) -> Result<Option<DirectFile>> {
+    let direct = open_direct(&shared.config, path, file, size_bytes)?;
+    shared.direct_io.store(direct.is_some(), Ordering::Relaxed);
+    Ok(direct)
+}
+
 /// What a request will write, checked against the log as it will be.
 struct Encoded {
     records: Vec<(u64, Record, u64, u32)>,
@@ -1147,7 +1170,7 @@ impl Writer {
             length >= size,
             "segment {sequence} shorter than its records"
         );
-        let direct = open_direct(&shared.config, &path, &file, size)?;
+        let direct = open_active_direct(shared, &path, &file, size)?;
         Ok(ActiveSegment {
             sequence,
             file,
@@ -1428,6 +1451,7 @@ impl Writer {
                 Ok(Some(written_end))
             }
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                self.shared.direct_io.store(false, Ordering::Relaxed);
                 if let Some(direct) = self.active.direct.take() {
                     if let Some((start, bytes)) = direct.unwritten(end) {
                         self.active
@@ -1733,7 +1757,7 @@ fn create_segment(shared: &Shared, sequence: u64) -> Result<ActiveSegment> {
         .map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
     sync_dir(dir)?;
     let reader = File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let direct = open_direct(&shared.config, &path, &file, header)?;
+    let direct = open_active_direct(shared, &path, &file, header)?;
     lock(&shared.segments).insert(sequence, (Arc::new(reader), SEGMENT_HEADER_BYTES as u64));
     Ok(ActiveSegment {
         sequence,

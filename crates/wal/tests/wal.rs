@@ -804,6 +804,7 @@ fn zero_fill_and_reopen(direct_io: bool) {
         expect_direct,
         "{direct_writes} direct writes"
     );
+    assert_eq!(wal.direct_io(), expect_direct, "the log says how it writes");
     drop(wal);
     assert_eq!(segment_files(dir.path()), vec![segment.clone()]);
     let (end, how) = data_end(&segment);
