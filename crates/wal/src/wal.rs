@@ -28,18 +28,17 @@ use rustc_hash::FxHashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-
-use crate::direct::{block_floor, DirectFile, DIRECT_BLOCK_BYTES};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regatta_raft::{Entry, HardState, LogIndex, SnapshotMeta, Term};
 
 use crate::cache::RecordCache;
+use crate::direct::{block_floor, DirectFile, DIRECT_BLOCK_BYTES};
 use crate::error::{Error, Result};
 use crate::format::{
     check_segment_header, encode_record_with, encode_segment_header, new_salt, read_u32,
@@ -330,7 +329,7 @@ struct Shared {
     /// The record checksum salt of the segments this process writes.
     salt: u32,
     /// Whether the active segment is written with direct I/O.
-    direct_io: std::sync::atomic::AtomicBool,
+    direct_io: AtomicBool,
 }
 
 /// The shared write-ahead log of a node.
@@ -396,7 +395,7 @@ impl Wal {
             cache: Mutex::new(RecordCache::new(config.cache_bytes_max)),
             failure: Mutex::new(None),
             counters: Counters::default(),
-            direct_io: std::sync::atomic::AtomicBool::new(false),
+            direct_io: AtomicBool::new(false),
             config,
         });
         let active = Writer::open_active(&shared)?;
@@ -1428,27 +1427,23 @@ impl Writer {
             return Ok(true);
         }
         let written = direct.write(base, buffer, zeros_to);
-        match self.direct_outcome(written, base)? {
-            Some(written_end) => {
-                self.active.zeroed_end = self.active.zeroed_end.max(written_end);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        self.direct_outcome(written, base)
     }
 
-    /// Counts a direct write that succeeded. On `EINVAL` turns direct writes
-    /// off for the segment, after writing the deferred bytes before `end`
-    /// through the page cache; `Ok(None)` then.
-    fn direct_outcome(&mut self, written: std::io::Result<u64>, end: u64) -> Result<Option<u64>> {
+    /// Counts a direct write that succeeded and moves the zero-filled end
+    /// to the end of its blocks. On `EINVAL` turns direct writes off for
+    /// the segment, after writing the deferred bytes before `end` through
+    /// the page cache; false then.
+    fn direct_outcome(&mut self, written: std::io::Result<u64>, end: u64) -> Result<bool> {
         let path = || segment_path(&self.shared.config.dir, self.active.sequence);
         match written {
             Ok(written_end) => {
+                self.active.zeroed_end = self.active.zeroed_end.max(written_end);
                 self.shared
                     .counters
                     .direct_writes
                     .fetch_add(1, Ordering::Relaxed);
-                Ok(Some(written_end))
+                Ok(true)
             }
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                 self.shared.direct_io.store(false, Ordering::Relaxed);
@@ -1460,7 +1455,7 @@ impl Writer {
                             .map_err(|e| Error::io(format!("write {}", path().display()), e))?;
                     }
                 }
-                Ok(None)
+                Ok(false)
             }
             Err(error) => Err(Error::io(format!("write {}", path().display()), error)),
         }
@@ -1472,15 +1467,10 @@ impl Writer {
         let Some(direct) = self.active.direct.as_mut() else {
             return Ok(());
         };
-        let written = match direct.flush(end) {
-            Ok(None) => return Ok(()),
-            Ok(Some(written_end)) => Ok(written_end),
-            Err(error) => Err(error),
+        let Some(written) = direct.flush(end).transpose() else {
+            return Ok(());
         };
-        if let Some(written_end) = self.direct_outcome(written, end)? {
-            self.active.zeroed_end = self.active.zeroed_end.max(written_end);
-        }
-        Ok(())
+        self.direct_outcome(written, end).map(|_| ())
     }
 
     /// Writes `buffer` at the records' end through the page cache, and the

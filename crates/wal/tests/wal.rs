@@ -973,9 +973,10 @@ fn a_direct_write_torn_at_a_sector_loses_only_that_write() {
         "the acknowledged records end mid-block"
     );
     let wal = Wal::open(config(dir.path())).expect("open");
+    let torn_tag = "torn".repeat(20);
     let mut batch = WriteBatch::new();
-    batch.entries(GroupId(1), entries(4, 20, 1, &"torn".repeat(20)));
-    batch.entries(GroupId(2), entries(1, 20, 1, &"torn".repeat(20)));
+    batch.entries(GroupId(1), entries(4, 20, 1, &torn_tag));
+    batch.entries(GroupId(2), entries(1, 20, 1, &torn_tag));
     wal.append(batch).expect("append");
     drop(wal);
     let (written_end, _) = data_end(&segment);
@@ -993,9 +994,9 @@ fn a_direct_write_torn_at_a_sector_loses_only_that_write() {
     let wal = Wal::open(config(dir.path())).expect("open after the torn write");
     let group_1 = all_entries(&wal, 1);
     let mut written_1 = entries(1, 3, 1, "acked");
-    written_1.extend(entries(4, 20, 1, &"torn".repeat(20)));
+    written_1.extend(entries(4, 20, 1, &torn_tag));
     assert!(group_1.len() >= 3 && written_1.starts_with(&group_1));
-    assert!(entries(1, 20, 1, &"torn".repeat(20)).starts_with(&all_entries(&wal, 2)));
+    assert!(entries(1, 20, 1, &torn_tag).starts_with(&all_entries(&wal, 2)));
     let next = group_1.len() as u64 + 1;
     append_entries(&wal, 1, entries(next, 2, 2, "after"));
     drop(wal);
