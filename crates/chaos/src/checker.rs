@@ -362,6 +362,27 @@ fn relevant(operation: &Operation) -> bool {
 /// `narrow` made definite) only after, since such a write is needed only
 /// where a read or a compare-and-set requires it.
 fn check_key(operations: &[Operation]) -> Option<bool> {
+    let Some((kept, mut steps, garbage)) = search_steps(operations) else {
+        return Some(false);
+    };
+    if steps.is_empty() {
+        return Some(true);
+    }
+    let mut unknown: Vec<bool> = kept.iter().map(|o| o.outcome == Outcome::Info).collect();
+    let mut rets: Vec<u64> = kept.iter().map(|o| o.ret).collect();
+    let was_unknown = unknown.clone();
+    narrow(&mut steps, &mut unknown, &mut rets, garbage);
+    // Tried in the second pass: unknown operations, and unknown writes
+    // made definite (their windows are long, and they are needed only
+    // where their value is read).
+    let deferred = was_unknown;
+    Search::new(&kept, steps, unknown, &rets, deferred).run()
+}
+
+/// The operations of a key the search needs, their steps and the
+/// `garbage` value `narrow` may merge unobserved values into; `None` if a
+/// definite outcome fits no state, which makes the history impossible.
+fn search_steps(operations: &[Operation]) -> Option<(Vec<&Operation>, Vec<Step>, u32)> {
     // An unknown write whose value nobody observed can be taken as never
     // applied, which keeps the verdict and spares the search. A failed
     // compare-and-set observes any value but its expected one, so with one
@@ -388,29 +409,23 @@ fn check_key(operations: &[Operation]) -> Option<bool> {
             // a definite one makes the history impossible, an unknown one
             // never took effect.
             None if unknown => {}
-            None => return Some(false),
+            None => return None,
         }
     }
-    let count = steps.len();
-    if count == 0 {
-        return Some(true);
-    }
-    let mut unknown: Vec<bool> = kept.iter().map(|o| o.outcome == Outcome::Info).collect();
-    let mut rets: Vec<u64> = kept.iter().map(|o| o.ret).collect();
     let garbage = ids.len() as u32;
-    let was_unknown = unknown.clone();
-    narrow(&mut steps, &mut unknown, &mut rets, garbage);
-    let definite = unknown.iter().filter(|unknown| !**unknown).count();
-    // Tried in the second pass: unknown operations, and unknown writes
-    // made definite (their windows are long, and they are needed only
-    // where their value is read).
-    let deferred = was_unknown;
+    Some((kept, steps, garbage))
+}
 
-    // Events in time order: calls before returns at equal times would
-    // wrongly order overlapping operations, so returns sort after calls.
-    // An unknown operation never returns: it may take effect at any time
-    // after its call, or never.
-    let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * count);
+/// An event of the search: (time, 0 for a call or 1 for a return, the
+/// operation's index).
+type Event = (u64, u8, usize);
+
+/// The call and return events of `kept` in time order: calls before
+/// returns at equal times, since the other order would wrongly order
+/// overlapping operations. An unknown operation never returns: it may take
+/// effect at any time after its call, or never.
+fn events(kept: &[&Operation], unknown: &[bool], rets: &[u64]) -> Vec<Event> {
+    let mut events: Vec<Event> = Vec::with_capacity(2 * kept.len());
     for (index, operation) in kept.iter().enumerate() {
         events.push((operation.call, 0, index));
         if !unknown[index] {
@@ -418,35 +433,85 @@ fn check_key(operations: &[Operation]) -> Option<bool> {
         }
     }
     events.sort_unstable();
-    // Unknown operations with the same step are interchangeable: once
-    // called, each stays a candidate to the end. So only the earliest
-    // called of a class not yet linearized is tried.
-    let mut class_previous: Vec<Option<usize>> = vec![None; count];
+    events
+}
+
+/// For each unknown operation, the one called just before it with the same
+/// step. Such operations are interchangeable: once called, each stays a
+/// candidate to the end, so only the earliest called of a class not yet
+/// linearized is tried.
+fn class_previous(events: &[Event], unknown: &[bool], steps: &[Step]) -> Vec<Option<usize>> {
+    let mut class_previous: Vec<Option<usize>> = vec![None; steps.len()];
     let mut class_last: HashMap<Step, usize> = HashMap::new();
-    for &(_, kind, index) in &events {
+    for &(_, kind, index) in events {
         if kind == 0 && unknown[index] {
             class_previous[index] = class_last.insert(steps[index], index);
         }
     }
-    // The list: node 0 is the head, event `i` is node `i + 1`, and the
-    // last node is the end.
-    let end = events.len() + 1;
-    let mut next: Vec<usize> = (1..=end + 1).collect();
-    next[end] = end;
-    let mut prev: Vec<usize> = (0..=end).map(|node| node.saturating_sub(1)).collect();
-    let mut call_node = vec![0usize; count];
-    let mut return_node: Vec<Option<usize>> = vec![None; count];
-    for (position, &(_, kind, index)) in events.iter().enumerate() {
-        if kind == 0 {
-            call_node[index] = position + 1;
-        } else {
-            return_node[index] = Some(position + 1);
+    class_previous
+}
+
+/// The doubly linked list of events the search lifts operations out of:
+/// node 0 is the head, event `i` is node `i + 1`, and the last node is the
+/// end.
+struct EventList {
+    next: Vec<usize>,
+    prev: Vec<usize>,
+    /// Each operation's call node.
+    call_node: Vec<usize>,
+    /// Each operation's return node (none for an unknown one).
+    return_node: Vec<Option<usize>>,
+    /// The end node.
+    end: usize,
+}
+
+impl EventList {
+    /// The list of `events`, for `count` operations.
+    fn new(events: &[Event], count: usize) -> EventList {
+        let end = events.len() + 1;
+        let mut next: Vec<usize> = (1..=end + 1).collect();
+        next[end] = end;
+        let prev: Vec<usize> = (0..=end).map(|node| node.saturating_sub(1)).collect();
+        let mut call_node = vec![0usize; count];
+        let mut return_node: Vec<Option<usize>> = vec![None; count];
+        for (position, &(_, kind, index)) in events.iter().enumerate() {
+            if kind == 0 {
+                call_node[index] = position + 1;
+            } else {
+                return_node[index] = Some(position + 1);
+            }
+        }
+        EventList {
+            next,
+            prev,
+            call_node,
+            return_node,
+            end,
         }
     }
-    let zobrist: Vec<u128> = (0..count as u64).map(zobrist_key).collect();
-    // Unknown operations are numbered apart: the set of them linearized is
-    // a bitset, compared by inclusion (below).
-    let mut unknown_slot = vec![usize::MAX; count];
+
+    /// Lifts `operation`'s events out of the list.
+    fn lift_operation(&mut self, operation: usize) {
+        lift(&mut self.next, &mut self.prev, self.call_node[operation]);
+        if let Some(node) = self.return_node[operation] {
+            lift(&mut self.next, &mut self.prev, node);
+        }
+    }
+
+    /// Puts `operation`'s events back, the reverse of `lift_operation`.
+    fn unlift_operation(&mut self, operation: usize) {
+        if let Some(node) = self.return_node[operation] {
+            unlift(&mut self.next, &mut self.prev, node);
+        }
+        unlift(&mut self.next, &mut self.prev, self.call_node[operation]);
+    }
+}
+
+/// Unknown operations are numbered apart, so that the set of them
+/// linearized is a bitset: each one's number (`usize::MAX` for a definite
+/// one) and how many there are.
+fn unknown_slots(unknown: &[bool]) -> (Vec<usize>, usize) {
+    let mut unknown_slot = vec![usize::MAX; unknown.len()];
     let mut unknown_count = 0usize;
     for (index, unknown) in unknown.iter().enumerate() {
         if *unknown {
@@ -454,109 +519,201 @@ fn check_key(operations: &[Operation]) -> Option<bool> {
             unknown_count += 1;
         }
     }
+    (unknown_slot, unknown_count)
+}
 
-    struct Choice {
-        operation: usize,
-        previous: u32,
-        lazy: bool,
+/// A choice the search made, to undo when it backtracks.
+struct Choice {
+    operation: usize,
+    previous: u32,
+    lazy: bool,
+}
+
+/// The search over one key's events (see `check_key`).
+struct Search {
+    events: Vec<Event>,
+    steps: Vec<Step>,
+    unknown: Vec<bool>,
+    /// Operations tried only in the second pass.
+    deferred: Vec<bool>,
+    class_previous: Vec<Option<usize>>,
+    list: EventList,
+    zobrist: Vec<u128>,
+    unknown_slot: Vec<usize>,
+    /// How many definite operations there are: the search succeeds once
+    /// it linearized them all.
+    definite: usize,
+    stack: Vec<Choice>,
+    /// Explored states: (hash of the definite operations linearized,
+    /// value) to the sets of unknown operations linearized with them. A
+    /// state whose unknown set includes an explored one is no better than
+    /// it: an unknown operation not yet linearized may still be, or never
+    /// be, so fewer of them linearized leaves every choice open.
+    seen: HashMap<(u128, u32), Vec<Box<[u64]>>>,
+    states: usize,
+    linearized_unknown: Vec<u64>,
+    linearized_definite: usize,
+    state: u32,
+    set_hash: u128,
+    node: usize,
+    /// The pass: definite calls first (false), then unknown ones (true).
+    lazy: bool,
+}
+
+impl Search {
+    /// The search over `kept`'s `steps` once `narrow` ran; `unknown` and
+    /// `rets` are as `narrow` left them.
+    fn new(
+        kept: &[&Operation],
+        steps: Vec<Step>,
+        unknown: Vec<bool>,
+        rets: &[u64],
+        deferred: Vec<bool>,
+    ) -> Search {
+        let count = steps.len();
+        let definite = unknown.iter().filter(|unknown| !**unknown).count();
+        let events = events(kept, &unknown, rets);
+        let class_previous = class_previous(&events, &unknown, &steps);
+        let list = EventList::new(&events, count);
+        let zobrist: Vec<u128> = (0..count as u64).map(zobrist_key).collect();
+        let (unknown_slot, unknown_count) = unknown_slots(&unknown);
+        let node = list.next[0];
+        Search {
+            events,
+            steps,
+            unknown,
+            deferred,
+            class_previous,
+            list,
+            zobrist,
+            unknown_slot,
+            definite,
+            stack: Vec::new(),
+            seen: HashMap::new(),
+            states: 0,
+            linearized_unknown: vec![0u64; unknown_count.div_ceil(64)],
+            linearized_definite: 0,
+            state: 0,
+            set_hash: 0,
+            node,
+            lazy: false,
+        }
     }
-    let mut stack: Vec<Choice> = Vec::new();
-    // Explored states: (hash of the definite operations linearized, value)
-    // to the sets of unknown operations linearized with them. A state
-    // whose unknown set includes an explored one is no better than it:
-    // an unknown operation not yet linearized may still be, or never be,
-    // so fewer of them linearized leaves every choice open.
-    let mut seen: HashMap<(u128, u32), Vec<Box<[u64]>>> = HashMap::new();
-    let mut states = 0usize;
-    let mut linearized_unknown = vec![0u64; unknown_count.div_ceil(64)];
-    let mut linearized_definite = 0usize;
-    let mut state = 0u32;
-    let mut set_hash = 0u128;
-    let mut node = next[0];
-    // The pass: definite calls first (false), then unknown ones (true).
-    let mut lazy = false;
-    loop {
-        if linearized_definite == definite {
-            return Some(true);
-        }
-        // A definite operation is left, so its return is in the list.
-        assert!(node != end, "the scan passed every pending return");
-        let (_, kind, operation) = events[node - 1];
-        if kind == 0 {
-            let canonical = !unknown[operation]
-                || class_previous[operation]
-                    .is_none_or(|previous| is_set(&linearized_unknown, unknown_slot[previous]));
-            if deferred[operation] == lazy && canonical {
-                // An unknown operation that changes nothing only closes
-                // options: it may as well never have happened.
-                let useful = |after: &u32| !unknown[operation] || *after != state;
-                if let Some(after) = steps[operation].apply(state).filter(useful) {
-                    let hash = if unknown[operation] {
-                        set_bit(&mut linearized_unknown, unknown_slot[operation]);
-                        set_hash
-                    } else {
-                        set_hash ^ zobrist[operation]
-                    };
-                    let explored = seen.entry((hash, after)).or_default();
-                    let dominated = explored
-                        .iter()
-                        .any(|other| is_subset(other, &linearized_unknown));
-                    if !dominated {
-                        explored.push(linearized_unknown.clone().into_boxed_slice());
-                        states += 1;
-                        if states > STATES_MAX {
-                            return None;
-                        }
-                        stack.push(Choice {
-                            operation,
-                            previous: state,
-                            lazy,
-                        });
-                        state = after;
-                        set_hash = hash;
-                        lift(&mut next, &mut prev, call_node[operation]);
-                        if let Some(node) = return_node[operation] {
-                            lift(&mut next, &mut prev, node);
-                        }
-                        if !unknown[operation] {
-                            linearized_definite += 1;
-                        }
-                        node = next[0];
-                        lazy = false;
-                        continue;
-                    }
-                    if unknown[operation] {
-                        clear_bit(&mut linearized_unknown, unknown_slot[operation]);
-                    }
-                }
+
+    /// `Some(true)` linearizable, `Some(false)` not, `None` gave up.
+    fn run(mut self) -> Option<bool> {
+        loop {
+            if self.linearized_definite == self.definite {
+                return Some(true);
             }
-            node = next[node];
-            continue;
+            // A definite operation is left, so its return is in the list.
+            assert!(
+                self.node != self.list.end,
+                "the scan passed every pending return"
+            );
+            let (_, kind, operation) = self.events[self.node - 1];
+            if kind == 0 {
+                if !self.visit_call(operation)? {
+                    self.node = self.list.next[self.node];
+                }
+                continue;
+            }
+            if !self.lazy {
+                // Every definite candidate was tried; now the unknown ones.
+                self.lazy = true;
+                self.node = self.list.next[0];
+                continue;
+            }
+            // The first pending return: some candidate had to come first
+            // and none led anywhere. Undo the last choice and try the next.
+            if !self.backtrack() {
+                return Some(false);
+            }
         }
-        if !lazy {
-            // Every definite candidate was tried; now the unknown ones.
-            lazy = true;
-            node = next[0];
-            continue;
+    }
+
+    /// Tries to linearize `operation` at its call event: `Some(true)` if
+    /// it did (the scan restarts), `Some(false)` if the scan moves on,
+    /// `None` if the search ran out of states.
+    fn visit_call(&mut self, operation: usize) -> Option<bool> {
+        let unknown = self.unknown[operation];
+        let canonical = !unknown
+            || self.class_previous[operation].is_none_or(|previous| {
+                is_set(&self.linearized_unknown, self.unknown_slot[previous])
+            });
+        if self.deferred[operation] != self.lazy || !canonical {
+            return Some(false);
         }
-        // The first pending return: some candidate had to come first and
-        // none led anywhere. Undo the last choice and try the next.
-        let Some(choice) = stack.pop() else {
+        // An unknown operation that changes nothing only closes options:
+        // it may as well never have happened.
+        let state = self.state;
+        let useful = |after: &u32| !unknown || *after != state;
+        let Some(after) = self.steps[operation].apply(state).filter(useful) else {
             return Some(false);
         };
-        if let Some(node) = return_node[choice.operation] {
-            unlift(&mut next, &mut prev, node);
-        }
-        unlift(&mut next, &mut prev, call_node[choice.operation]);
-        if unknown[choice.operation] {
-            clear_bit(&mut linearized_unknown, unknown_slot[choice.operation]);
+        let hash = if unknown {
+            set_bit(&mut self.linearized_unknown, self.unknown_slot[operation]);
+            self.set_hash
         } else {
-            linearized_definite -= 1;
-            set_hash ^= zobrist[choice.operation];
+            self.set_hash ^ self.zobrist[operation]
+        };
+        let explored = self.seen.entry((hash, after)).or_default();
+        let dominated = explored
+            .iter()
+            .any(|other| is_subset(other, &self.linearized_unknown));
+        if dominated {
+            if unknown {
+                clear_bit(&mut self.linearized_unknown, self.unknown_slot[operation]);
+            }
+            return Some(false);
         }
-        state = choice.previous;
-        lazy = choice.lazy;
-        node = next[call_node[choice.operation]];
+        explored.push(self.linearized_unknown.clone().into_boxed_slice());
+        self.states += 1;
+        if self.states > STATES_MAX {
+            return None;
+        }
+        self.linearize(operation, after, hash);
+        Some(true)
+    }
+
+    /// Takes `operation` as the next linearized one, leaving the register
+    /// at `after` and the definite set's hash at `hash`.
+    fn linearize(&mut self, operation: usize, after: u32, hash: u128) {
+        self.stack.push(Choice {
+            operation,
+            previous: self.state,
+            lazy: self.lazy,
+        });
+        self.state = after;
+        self.set_hash = hash;
+        self.list.lift_operation(operation);
+        if !self.unknown[operation] {
+            self.linearized_definite += 1;
+        }
+        self.node = self.list.next[0];
+        self.lazy = false;
+    }
+
+    /// Undoes the last choice and moves the scan past it; false when there
+    /// is none left to undo.
+    fn backtrack(&mut self) -> bool {
+        let Some(choice) = self.stack.pop() else {
+            return false;
+        };
+        self.list.unlift_operation(choice.operation);
+        if self.unknown[choice.operation] {
+            clear_bit(
+                &mut self.linearized_unknown,
+                self.unknown_slot[choice.operation],
+            );
+        } else {
+            self.linearized_definite -= 1;
+            self.set_hash ^= self.zobrist[choice.operation];
+        }
+        self.state = choice.previous;
+        self.lazy = choice.lazy;
+        self.node = self.list.next[self.list.call_node[choice.operation]];
+        true
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use regatta_chaos::checker::{self, Operation, Verdict};
-use regatta_chaos::harness::{self, Fault, RunConfig};
+use regatta_chaos::harness::{self, Fault, Report, RunConfig};
 use regatta_chaos::sequential::{self, FollowerRead};
 
 /// Jepsen-style verification of Regatta: faults, concurrent clients, and
@@ -165,28 +165,57 @@ fn main() -> ExitCode {
     if let Some(path) = &cli.check_history {
         return check_saved_history(path);
     }
-    if cli.nodes != 3 && cli.nodes != 5 {
-        eprintln!("regatta-chaos: --nodes must be 3 or 5, not {}", cli.nodes);
-        return ExitCode::from(2);
-    }
-    if ![0, 1, 3].contains(&cli.follower_nodes) {
-        eprintln!(
-            "regatta-chaos: --follower-nodes must be 0, 1 or 3, not {}",
-            cli.follower_nodes
-        );
-        return ExitCode::from(2);
-    }
-    if cli.clients == 0 || cli.keys == 0 || cli.ops_per_key == 0 {
-        eprintln!("regatta-chaos: --clients, --keys and --ops-per-key must be at least 1");
-        return ExitCode::from(2);
-    }
-    let faults = match faults(&cli.nemesis) {
-        Ok(faults) => faults,
+    let config = match run_config(&cli) {
+        Ok(config) => config,
         Err(error) => {
             eprintln!("regatta-chaos: {error}");
             return ExitCode::from(2);
         }
     };
+    let (seed, dir) = (config.seed, config.dir.clone());
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("seed {seed}");
+    let report = match run_harness(config) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("regatta-chaos: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_report(&report, cli.follower_nodes);
+    save_history(&report, &cli.out);
+    for node in &report.diverged {
+        println!("diverged: {node}");
+    }
+    if is_clean(&report) && !cli.keep_dir {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("the nodes' data and logs are kept in {}", dir.display());
+    }
+    print_verdict(&report, seed)
+}
+
+/// Checks the flags' values, so that a bad one fails before anything
+/// starts.
+fn validate(cli: &Cli) -> Result<(), String> {
+    if cli.nodes != 3 && cli.nodes != 5 {
+        return Err(format!("--nodes must be 3 or 5, not {}", cli.nodes));
+    }
+    if ![0, 1, 3].contains(&cli.follower_nodes) {
+        return Err(format!(
+            "--follower-nodes must be 0, 1 or 3, not {}",
+            cli.follower_nodes
+        ));
+    }
+    if cli.clients == 0 || cli.keys == 0 || cli.ops_per_key == 0 {
+        return Err("--clients, --keys and --ops-per-key must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// The `regatta` binary: `--regatta`, else the release build if there is
+/// one, else the debug build; it must exist.
+fn regatta_binary(cli: &Cli) -> Result<PathBuf, String> {
     let binary = cli.regatta.clone().unwrap_or_else(|| {
         let release = PathBuf::from("target/release/regatta");
         if release.exists() {
@@ -196,9 +225,20 @@ fn main() -> ExitCode {
         }
     });
     if !binary.exists() {
-        eprintln!("regatta-chaos: {} does not exist; build it (cargo build --release -p regatta) or pass --regatta", binary.display());
-        return ExitCode::from(2);
+        return Err(format!(
+            "{} does not exist; build it (cargo build --release -p regatta) or pass --regatta",
+            binary.display()
+        ));
     }
+    Ok(binary)
+}
+
+/// The run's settings from the flags; the seed defaults to one from the
+/// clock, made odd so that it is never 0.
+fn run_config(cli: &Cli) -> Result<RunConfig, String> {
+    validate(cli)?;
+    let faults = faults(&cli.nemesis)?;
+    let binary = regatta_binary(cli)?;
     let seed = cli.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -206,12 +246,9 @@ fn main() -> ExitCode {
             .unwrap_or(1)
             | 1
     });
-    let dir = std::env::temp_dir().join(format!("regatta-chaos-{seed}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    println!("seed {seed}");
-    let config = RunConfig {
+    Ok(RunConfig {
         binary,
-        dir: dir.clone(),
+        dir: std::env::temp_dir().join(format!("regatta-chaos-{seed}")),
         nodes: cli.nodes,
         followers: cli.follower_nodes,
         clients: cli.clients,
@@ -221,24 +258,23 @@ fn main() -> ExitCode {
         faults,
         seed,
         ballast_bytes: cli.ballast_mb * 1024 * 1024,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    })
+}
+
+/// Runs the harness on a multi-threaded runtime of its own.
+fn run_harness(config: RunConfig) -> Result<Report, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("regatta-chaos: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let report = match runtime.block_on(harness::run(config)) {
-        Ok(report) => report,
-        Err(error) => {
-            eprintln!("regatta-chaos: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
+        .map_err(|error| error.to_string())?;
+    runtime
+        .block_on(harness::run(config))
+        .map_err(|error| error.to_string())
+}
+
+/// Prints the schedule, the operation counts and every anomaly but the
+/// verdict's; the follower cluster's line only when there is one.
+fn print_report(report: &Report, follower_nodes: u64) {
     for (at, event) in &report.schedule {
         println!("{at:>8} ms  {event}");
     }
@@ -261,7 +297,7 @@ fn main() -> ExitCode {
         report.installs_cut,
         report.peer_link_bytes
     );
-    if cli.follower_nodes > 0 {
+    if follower_nodes > 0 {
         println!(
             "follower cluster: {} reads; {} anomalies",
             report.follower_reads.len(),
@@ -277,34 +313,41 @@ fn main() -> ExitCode {
             report.unread_keys
         );
     }
+}
+
+/// Saves the leader history and the follower reads as JSON at `out`, for
+/// `--check-history`; a failure to save is reported and does not fail
+/// the run.
+fn save_history(report: &Report, out: &std::path::Path) {
     let saved = serde_json::json!({
         "leader": &report.history,
         "follower": &report.follower_reads,
     });
     match serde_json::to_vec_pretty(&saved) {
         Ok(json) => {
-            if let Err(error) = std::fs::write(&cli.out, json) {
-                eprintln!("regatta-chaos: write {}: {error}", cli.out.display());
+            if let Err(error) = std::fs::write(out, json) {
+                eprintln!("regatta-chaos: write {}: {error}", out.display());
             } else {
-                println!("history saved to {}", cli.out.display());
+                println!("history saved to {}", out.display());
             }
         }
         Err(error) => eprintln!("regatta-chaos: {error}"),
     }
-    for node in &report.diverged {
-        println!("diverged: {node}");
-    }
-    let clean = report.verdict == Verdict::Linearizable
+}
+
+/// Whether the run found nothing wrong at all, so its data need not be
+/// kept.
+fn is_clean(report: &Report) -> bool {
+    report.verdict == Verdict::Linearizable
         && report.lost_writes == 0
         && report.unread_keys == 0
         && report.diverged.is_empty()
         && report.follower_anomalies.is_empty()
-        && report.revision_anomalies.is_empty();
-    if clean && !cli.keep_dir {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        println!("the nodes' data and logs are kept in {}", dir.display());
-    }
+        && report.revision_anomalies.is_empty()
+}
+
+/// Prints the verdict with the replay seed; success only for a clean run.
+fn print_verdict(report: &Report, seed: u64) -> ExitCode {
     match &report.verdict {
         Verdict::Linearizable if !report.follower_anomalies.is_empty() => {
             println!(

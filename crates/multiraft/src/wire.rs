@@ -84,33 +84,11 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
             entries,
             commit,
             wants_ack,
-        } => {
-            out.push(if *wants_ack {
-                KIND_APPEND
-            } else {
-                KIND_APPEND_QUIET
-            });
-            put_u64(out, prev_index.0);
-            put_u64(out, prev_term.0);
-            put_u64(out, commit.0);
-            put_u32(out, entries.len() as u32);
-            for entry in entries {
-                put_u64(out, entry.term.0);
-                put_u32(out, payload_size_bytes(&entry.payload) as u32);
-                encode_payload(&entry.payload, out);
-            }
-        }
+        } => encode_append((*prev_index, *prev_term), entries, *commit, *wants_ack, out),
         MessageBody::AppendResponse { index, reject } => {
             out.push(KIND_APPEND_RESPONSE);
             put_u64(out, index.0);
-            match reject {
-                None => out.push(0),
-                Some(hint) => {
-                    out.push(1);
-                    put_u64(out, hint.index.0);
-                    put_u64(out, hint.term.0);
-                }
-            }
+            encode_reject(reject.as_ref(), out);
         }
         MessageBody::Vote {
             pre_vote,
@@ -184,6 +162,43 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
     }
 }
 
+/// An append's kind (asking for an acknowledgement or not) and fields:
+/// `(prev_index, prev_term)` is the entry the first one follows.
+fn encode_append(
+    (prev_index, prev_term): (LogIndex, Term),
+    entries: &[Entry],
+    commit: LogIndex,
+    wants_ack: bool,
+    out: &mut Vec<u8>,
+) {
+    out.push(if wants_ack {
+        KIND_APPEND
+    } else {
+        KIND_APPEND_QUIET
+    });
+    put_u64(out, prev_index.0);
+    put_u64(out, prev_term.0);
+    put_u64(out, commit.0);
+    put_u32(out, entries.len() as u32);
+    for entry in entries {
+        put_u64(out, entry.term.0);
+        put_u32(out, payload_size_bytes(&entry.payload) as u32);
+        encode_payload(&entry.payload, out);
+    }
+}
+
+/// An append response's rejection: a flag, then the hint if rejected.
+fn encode_reject(reject: Option<&RejectHint>, out: &mut Vec<u8>) {
+    match reject {
+        None => out.push(0),
+        Some(hint) => {
+            out.push(1);
+            put_u64(out, hint.index.0);
+            put_u64(out, hint.term.0);
+        }
+    }
+}
+
 /// A refusal: its kind, a node id (0 for none), and a reason cut to
 /// `REFUSAL_REASON_BYTES_MAX` bytes at a character boundary.
 fn encode_refusal(refusal: &Refusal, out: &mut Vec<u8>) {
@@ -253,18 +268,7 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
     let body = match kind {
         KIND_APPEND => decode_append(reader, true)?,
         KIND_APPEND_QUIET => decode_append(reader, false)?,
-        KIND_APPEND_RESPONSE => {
-            let index = LogIndex(reader.u64()?);
-            let reject = match reader.u8()? {
-                0 => None,
-                1 => Some(RejectHint {
-                    index: LogIndex(reader.u64()?),
-                    term: Term(reader.u64()?),
-                }),
-                other => return Err(reader.error(format!("reject flag {other}"))),
-            };
-            MessageBody::AppendResponse { index, reject }
-        }
+        KIND_APPEND_RESPONSE => decode_append_response(reader)?,
         KIND_VOTE => {
             let flags = reader.flags()?;
             MessageBody::Vote {
@@ -288,20 +292,7 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
         KIND_HEARTBEAT_RESPONSE => MessageBody::HeartbeatResponse {
             round: reader.u64()?,
         },
-        KIND_SNAPSHOT => {
-            let index = LogIndex(reader.u64()?);
-            let term = Term(reader.u64()?);
-            let length = reader.u32()? as usize;
-            let membership =
-                decode_membership(reader.take(length)?).map_err(|e| reader.error(e.to_string()))?;
-            MessageBody::Snapshot {
-                meta: SnapshotMeta {
-                    index,
-                    term,
-                    membership,
-                },
-            }
-        }
+        KIND_SNAPSHOT => decode_snapshot(reader)?,
         KIND_TIMEOUT_NOW => MessageBody::TimeoutNow,
         KIND_READ_INDEX => MessageBody::ReadIndex {
             ids: reader.read_ids()?,
@@ -310,38 +301,12 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
             index: LogIndex(reader.u64()?),
             ids: reader.read_ids()?,
         },
-        KIND_PROPOSE => {
-            // A payload is at least its 4-byte length and a 1-byte kind.
-            let count = reader.count(5)?.min(MESSAGE_ITEMS_MAX + 1);
-            if count > MESSAGE_ITEMS_MAX {
-                return Err(
-                    reader.error(format!("a proposal of over {MESSAGE_ITEMS_MAX} commands"))
-                );
-            }
-            let mut payloads = Vec::with_capacity(count);
-            for _ in 0..count {
-                let payload = reader.payload()?;
-                // The core refuses empty entries from a peer; refused here,
-                // they cost no memory first.
-                if matches!(payload, EntryPayload::Empty) {
-                    return Err(reader.error("an empty entry in a proposal".into()));
-                }
-                payloads.push(payload);
-            }
-            MessageBody::Propose { payloads }
-        }
+        KIND_PROPOSE => decode_propose(reader)?,
         KIND_TRANSFER_LEADER => MessageBody::TransferLeader {
             target: NodeId(reader.u64()?),
         },
         KIND_PROPOSE_REFUSED => decode_propose_refused(reader)?,
-        KIND_READ_REFUSED => {
-            let refusal = decode_refusal(reader)?;
-            let ids = reader.read_ids()?;
-            if ids.len() > MESSAGE_ITEMS_MAX {
-                return Err(reader.error(format!("a refusal of over {MESSAGE_ITEMS_MAX} reads")));
-            }
-            MessageBody::ReadRefused { ids, refusal }
-        }
+        KIND_READ_REFUSED => decode_read_refused(reader)?,
         other => return Err(reader.error(format!("unknown message kind {other}"))),
     };
     Ok((
@@ -353,6 +318,62 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<(GroupId, Message), WireErr
             body,
         },
     ))
+}
+
+fn decode_append_response(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+    let index = LogIndex(reader.u64()?);
+    let reject = match reader.u8()? {
+        0 => None,
+        1 => Some(RejectHint {
+            index: LogIndex(reader.u64()?),
+            term: Term(reader.u64()?),
+        }),
+        other => return Err(reader.error(format!("reject flag {other}"))),
+    };
+    Ok(MessageBody::AppendResponse { index, reject })
+}
+
+fn decode_snapshot(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+    let index = LogIndex(reader.u64()?);
+    let term = Term(reader.u64()?);
+    let length = reader.u32()? as usize;
+    let membership =
+        decode_membership(reader.take(length)?).map_err(|e| reader.error(e.to_string()))?;
+    Ok(MessageBody::Snapshot {
+        meta: SnapshotMeta {
+            index,
+            term,
+            membership,
+        },
+    })
+}
+
+fn decode_propose(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+    // A payload is at least its 4-byte length and a 1-byte kind.
+    let count = reader.count(5)?.min(MESSAGE_ITEMS_MAX + 1);
+    if count > MESSAGE_ITEMS_MAX {
+        return Err(reader.error(format!("a proposal of over {MESSAGE_ITEMS_MAX} commands")));
+    }
+    let mut payloads = Vec::with_capacity(count);
+    for _ in 0..count {
+        let payload = reader.payload()?;
+        // The core refuses empty entries from a peer; refused here, they
+        // cost no memory first.
+        if matches!(payload, EntryPayload::Empty) {
+            return Err(reader.error("an empty entry in a proposal".into()));
+        }
+        payloads.push(payload);
+    }
+    Ok(MessageBody::Propose { payloads })
+}
+
+fn decode_read_refused(reader: &mut Reader<'_>) -> Result<MessageBody, WireError> {
+    let refusal = decode_refusal(reader)?;
+    let ids = reader.read_ids()?;
+    if ids.len() > MESSAGE_ITEMS_MAX {
+        return Err(reader.error(format!("a refusal of over {MESSAGE_ITEMS_MAX} reads")));
+    }
+    Ok(MessageBody::ReadRefused { ids, refusal })
 }
 
 fn decode_refusal(reader: &mut Reader<'_>) -> Result<Refusal, WireError> {

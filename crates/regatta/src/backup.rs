@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use serde_json::json;
 
-use crate::client::{channel, print, Connection};
+use crate::client::{channel, print, Connection, Output};
 
 /// The manifest's file name in a backup directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -218,19 +218,7 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
     }
     fs::create_dir_all(dir).map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
     let channel = channel(&args.connection).await?;
-    let names = if args.tables.is_empty() {
-        let mut tables = pb::tables_client::TablesClient::new(channel.clone());
-        let listed = tables
-            .list(pb::ListTablesRequest {})
-            .await
-            .map_err(status)?
-            .into_inner();
-        let mut names: Vec<String> = listed.tables.into_iter().map(|t| t.name).collect();
-        names.sort();
-        names
-    } else {
-        args.tables.clone()
-    };
+    let names = tables_to_back_up(&args, &channel).await?;
     if names.is_empty() {
         return Err("the cluster has no tables to back up".into());
     }
@@ -264,10 +252,40 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|error| format!("cannot encode the manifest: {error}"))?;
     write_durably(dir, MANIFEST_FILE, &json)?;
-    let bytes: u64 = manifest.tables.iter().map(|t| t.bytes).sum();
-    let seconds = started.elapsed().as_secs_f64();
-    print(
+    print_backup(
         args.connection.output,
+        dir,
+        &manifest,
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// The tables `--table` names, or else every table of the cluster, by
+/// name.
+async fn tables_to_back_up(
+    args: &BackupArgs,
+    channel: &tonic::transport::Channel,
+) -> Result<Vec<String>, String> {
+    if !args.tables.is_empty() {
+        return Ok(args.tables.clone());
+    }
+    let mut tables = pb::tables_client::TablesClient::new(channel.clone());
+    let listed = tables
+        .list(pb::ListTablesRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut names: Vec<String> = listed.tables.into_iter().map(|t| t.name).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Says what a finished backup holds.
+fn print_backup(output: Output, dir: &Path, manifest: &Manifest, seconds: f64) {
+    let bytes: u64 = manifest.tables.iter().map(|t| t.bytes).sum();
+    print(
+        output,
         json!({
             "dir": dir.display().to_string(),
             "seconds": seconds,
@@ -284,7 +302,6 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
             dir.display(),
         )],
     );
-    Ok(())
 }
 
 async fn backup_table(
@@ -318,11 +335,7 @@ async fn backup_table(
         .await
         .map_err(|error| format!("table {name}: {}", status(error)))?
     {
-        if chunk.offset != offset
-            || chunk.len != chunk.data.len() as u64
-            || crc32c::crc32c(&chunk.data) != chunk.crc32c
-            || *revision.get_or_insert(chunk.index) != chunk.index
-        {
+        if !chunk_follows(&chunk, offset, &mut revision) {
             return Err(format!(
                 "table {name}: a damaged chunk at offset {} (expected offset {offset})",
                 chunk.offset
@@ -350,13 +363,7 @@ async fn backup_table(
     let keys = counter
         .finish()
         .map_err(|error| format!("table {name}: {error}"))?;
-    let file = out
-        .into_inner()
-        .map_err(|error| format!("cannot write {}: {error}", partial.display()))?;
-    file.sync_all()
-        .map_err(|error| format!("cannot sync {}: {error}", partial.display()))?;
-    fs::rename(&partial, dir.join(&file_name))
-        .map_err(|error| format!("cannot rename {}: {error}", partial.display()))?;
+    publish_durably(out, &partial, &dir.join(&file_name))?;
     sync_dir(dir)?;
     Ok(TableEntry {
         name: name.to_string(),
@@ -366,6 +373,27 @@ async fn backup_table(
         bytes: offset,
         sha256: hex(&hasher.finalize()),
     })
+}
+
+/// Whether `chunk` is intact and follows on at `offset`, from the same
+/// revision as the chunks before it (`revision`, set by the first).
+fn chunk_follows(chunk: &pb::SnapshotChunk, offset: u64, revision: &mut Option<u64>) -> bool {
+    chunk.offset == offset
+        && chunk.len == chunk.data.len() as u64
+        && crc32c::crc32c(&chunk.data) == chunk.crc32c
+        && *revision.get_or_insert(chunk.index) == chunk.index
+}
+
+/// Flushes and syncs the file written through `out` at `partial`, then
+/// renames it to `path` (the caller syncs the directory).
+fn publish_durably(out: BufWriter<File>, partial: &Path, path: &Path) -> Result<(), String> {
+    let file = out
+        .into_inner()
+        .map_err(|error| format!("cannot write {}: {error}", partial.display()))?;
+    file.sync_all()
+        .map_err(|error| format!("cannot sync {}: {error}", partial.display()))?;
+    fs::rename(partial, path)
+        .map_err(|error| format!("cannot rename {}: {error}", partial.display()))
 }
 
 /// Reads and checks a backup directory's manifest.

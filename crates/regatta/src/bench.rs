@@ -210,13 +210,7 @@ impl Connection {
         path: &str,
         request: &Q,
     ) -> Result<A, String> {
-        let length = request.encoded_len();
-        let mut body = BytesMut::with_capacity(GRPC_PREFIX_BYTES + length);
-        body.put_u8(0);
-        body.put_u32(u32::try_from(length).map_err(|_| "request too large".to_string())?);
-        request
-            .encode(&mut body)
-            .map_err(|error| format!("encoding the request: {error}"))?;
+        let body = grpc_frame(request)?;
         let http_request = http::Request::post(format!("{}{path}", self.uri_prefix))
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
@@ -232,7 +226,7 @@ impl Connection {
             .map_err(|error| format!("request: {error}"))?;
         // Buffered by h2 and sent as the stream's window allows.
         stream
-            .send_data(body.freeze(), true)
+            .send_data(body, true)
             .map_err(|error| format!("request body: {error}"))?;
         let response = response
             .await
@@ -241,27 +235,7 @@ impl Connection {
         if head.status != http::StatusCode::OK {
             return Err(format!("HTTP status {}", head.status));
         }
-        // A unary answer nearly always arrives as one DATA frame: keep it
-        // without a copy, and join frames only when there are several.
-        let mut message: Option<Bytes> = None;
-        let mut joined: Option<BytesMut> = None;
-        while let Some(chunk) = received.data().await {
-            let chunk = chunk.map_err(|error| format!("response: {error}"))?;
-            received
-                .flow_control()
-                .release_capacity(chunk.len())
-                .map_err(|error| format!("response: {error}"))?;
-            match (&mut joined, message.take()) {
-                (Some(joined), _) => joined.extend_from_slice(&chunk),
-                (None, None) => message = Some(chunk),
-                (None, Some(first)) => {
-                    let mut both = BytesMut::with_capacity(first.len() + chunk.len());
-                    both.extend_from_slice(&first);
-                    both.extend_from_slice(&chunk);
-                    joined = Some(both);
-                }
-            }
-        }
+        let bytes = receive_body(&mut received).await?;
         let trailers = received
             .trailers()
             .await
@@ -273,26 +247,66 @@ impl Connection {
             let message = percent_encoding::percent_decode_str(message).decode_utf8_lossy();
             return Err(format!("grpc-status {status:?}: {message}"));
         }
-        let mut bytes = match (joined, message) {
-            (Some(joined), _) => joined.freeze(),
-            (None, Some(message)) => message,
-            (None, None) => Bytes::new(),
-        };
-        let declared = match bytes.get(..GRPC_PREFIX_BYTES) {
-            Some([0, length @ ..]) => {
-                u32::from_be_bytes([length[0], length[1], length[2], length[3]])
-            }
-            _ => return Err("a response without one uncompressed message".into()),
-        };
-        bytes.advance(GRPC_PREFIX_BYTES);
-        if bytes.len() != declared as usize {
-            return Err(format!(
-                "a response of {} bytes, where its prefix says {declared}",
-                bytes.len()
-            ));
-        }
-        A::decode(bytes).map_err(|error| format!("decoding the response: {error}"))
+        grpc_message(bytes)
     }
+}
+
+/// `request` as a gRPC message: uncompressed, with its length prefix.
+fn grpc_frame<Q: Message>(request: &Q) -> Result<Bytes, String> {
+    let length = request.encoded_len();
+    let mut body = BytesMut::with_capacity(GRPC_PREFIX_BYTES + length);
+    body.put_u8(0);
+    body.put_u32(u32::try_from(length).map_err(|_| "request too large".to_string())?);
+    request
+        .encode(&mut body)
+        .map_err(|error| format!("encoding the request: {error}"))?;
+    Ok(body.freeze())
+}
+
+/// A response's DATA frames, releasing their flow-control capacity. A
+/// unary answer nearly always arrives as one frame: it is kept without a
+/// copy, and frames are joined only when there are several.
+async fn receive_body(received: &mut h2::RecvStream) -> Result<Bytes, String> {
+    let mut message: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(chunk) = received.data().await {
+        let chunk = chunk.map_err(|error| format!("response: {error}"))?;
+        received
+            .flow_control()
+            .release_capacity(chunk.len())
+            .map_err(|error| format!("response: {error}"))?;
+        match (&mut joined, message.take()) {
+            (Some(joined), _) => joined.extend_from_slice(&chunk),
+            (None, None) => message = Some(chunk),
+            (None, Some(first)) => {
+                let mut both = BytesMut::with_capacity(first.len() + chunk.len());
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&chunk);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(match (joined, message) {
+        (Some(joined), _) => joined.freeze(),
+        (None, Some(message)) => message,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// The one uncompressed gRPC message of a response body, decoded.
+fn grpc_message<A: Message + Default>(mut bytes: Bytes) -> Result<A, String> {
+    let declared = match bytes.get(..GRPC_PREFIX_BYTES) {
+        Some([0, length @ ..]) => u32::from_be_bytes([length[0], length[1], length[2], length[3]]),
+        _ => return Err("a response without one uncompressed message".into()),
+    };
+    bytes.advance(GRPC_PREFIX_BYTES);
+    if bytes.len() != declared as usize {
+        return Err(format!(
+            "a response of {} bytes, where its prefix says {declared}",
+            bytes.len()
+        ));
+    }
+    A::decode(bytes).map_err(|error| format!("decoding the response: {error}"))
 }
 
 /// A gRPC status field of a response: from its trailers, or from its
@@ -406,11 +420,11 @@ async fn fill(
 
 /// Prints how many of `total` requests are `done`, every 2 s, until
 /// aborted.
-fn report_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+fn report_progress(tally: Arc<Tally>, total: u64) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let finished = done.load(Ordering::Relaxed);
+            let finished = tally.done.load(Ordering::Relaxed);
             eprintln!(
                 "  {finished}/{total} ({:.0}%)",
                 finished as f64 * 100.0 / total as f64
@@ -419,21 +433,24 @@ fn report_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<
     })
 }
 
+/// What the clients of a run share: how many requests were issued, how
+/// many are done (for the progress line) and how many failed, with the
+/// first failure's message.
+#[derive(Default)]
+struct Tally {
+    issued: AtomicU64,
+    done: AtomicU64,
+    errors: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+/// Runs the workload, with a progress line every 2 s, and prints one
+/// `RESULT` line of its rate and latency percentiles.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.endpoints.is_empty() {
         return Err("--clients, --conns, --total and --endpoints must be positive".into());
     }
-    let tls = crate::client::client_tls(
-        args.cacert.as_deref(),
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-    )?;
-    let mut connections = Vec::new();
-    for index in 0..args.conns {
-        let entry = &args.endpoints[index % args.endpoints.len()];
-        let (host, port) = bench_endpoint(entry, tls.is_some())?;
-        connections.push(Connection::open(&host, port, tls.as_ref()).await?);
-    }
+    let connections = open_connections(&args).await?;
     let args = Arc::new(args);
     let value = Arc::new(vec![b'v'; args.val_size]);
     if matches!(args.workload, Workload::Range | Workload::Mixed) && !args.no_fill {
@@ -443,38 +460,14 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         "{:?}: {} requests, {} clients, {} connections",
         args.workload, args.total, args.clients, args.conns
     );
-    let issued = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let progress_done = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally::default());
     let started = Instant::now();
-    let progress = report_progress(Arc::clone(&progress_done), args.total);
+    let progress = report_progress(Arc::clone(&tally), args.total);
     let mut tasks = Vec::new();
     for client in 0..args.clients {
-        let mut kv = connections[client % connections.len()].clone();
-        let first_error = Arc::clone(&first_error);
-        let (issued, errors, done, args, value) = (
-            Arc::clone(&issued),
-            Arc::clone(&errors),
-            Arc::clone(&progress_done),
-            Arc::clone(&args),
-            Arc::clone(&value),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (client as u64 + 1).wrapping_mul(0xD1B5));
-            let mut latencies = Vec::new();
-            while issued.fetch_add(1, Ordering::Relaxed) < args.total {
-                let start = Instant::now();
-                if let Err(error) = one(&mut kv, args.workload, &args, &mut rng, &value).await {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                    first.get_or_insert(error);
-                }
-                latencies.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            latencies
-        }));
+        let kv = connections[client % connections.len()].clone();
+        let (tally, args, value) = (Arc::clone(&tally), Arc::clone(&args), Arc::clone(&value));
+        tasks.push(tokio::spawn(run_client(client, kv, tally, args, value)));
     }
     let mut latencies = Vec::new();
     for task in tasks {
@@ -483,7 +476,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let elapsed = started.elapsed().as_secs_f64();
     progress.abort();
     latencies.sort_unstable();
-    let errors = errors.load(Ordering::Relaxed);
+    let errors = tally.errors.load(Ordering::Relaxed);
     let rate = latencies.len() as f64 / elapsed;
     println!(
         "RESULT workload={:?} total={} clients={} conns={} seconds={elapsed:.2} requests_per_second={rate:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} errors={errors}",
@@ -496,13 +489,57 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         percentile(&latencies, 0.99),
     );
     if errors > 0 {
-        let first = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let first = tally
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         return Err(format!(
             "{errors} requests failed; the first: {}",
             first.unwrap_or_default()
         ));
     }
     Ok(())
+}
+
+/// `--conns` connections, spread round-robin over `--endpoints`.
+async fn open_connections(args: &BenchArgs) -> Result<Vec<Connection>, String> {
+    let tls = crate::client::client_tls(
+        args.cacert.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
+    let mut connections = Vec::new();
+    for index in 0..args.conns {
+        let entry = &args.endpoints[index % args.endpoints.len()];
+        let (host, port) = bench_endpoint(entry, tls.is_some())?;
+        connections.push(Connection::open(&host, port, tls.as_ref()).await?);
+    }
+    Ok(connections)
+}
+
+/// One client: a request at a time until the run's total is issued. Gives
+/// each request's latency in microseconds.
+async fn run_client(
+    client: usize,
+    mut kv: Connection,
+    tally: Arc<Tally>,
+    args: Arc<BenchArgs>,
+    value: Arc<Vec<u8>>,
+) -> Vec<u32> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (client as u64 + 1).wrapping_mul(0xD1B5));
+    let mut latencies = Vec::new();
+    while tally.issued.fetch_add(1, Ordering::Relaxed) < args.total {
+        let start = Instant::now();
+        if let Err(error) = one(&mut kv, args.workload, &args, &mut rng, &value).await {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            let mut first = tally.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert(error);
+        }
+        latencies.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        tally.done.fetch_add(1, Ordering::Relaxed);
+    }
+    latencies
 }
 
 #[cfg(test)]

@@ -7,6 +7,9 @@ use regatta_server::proto::regatta::v1 as pb;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
+/// The Regatta KV client the `kv` commands use.
+type KvClient = pb::kv_client::KvClient<Channel>;
+
 /// How results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -457,43 +460,9 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
             let response = client.range(request).await.map_err(status)?.into_inner();
             print_range(output, &response, keys_only, count_only);
         }
-        KvCommand::Put { table, key, value } => {
-            let response = client
-                .put(pb::PutRequest {
-                    table: table.into_bytes(),
-                    key: key.into_bytes(),
-                    value: value.into_bytes(),
-                    prev_kv: false,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            let revision = response.header.map_or(0, |header| header.revision);
-            print(output, json!({"revision": revision}), vec!["OK".into()]);
-        }
+        KvCommand::Put { table, key, value } => put(&mut client, output, table, key, value).await?,
         KvCommand::Delete { table, key, prefix } => {
-            let range_end = if prefix {
-                prefix_end(key.as_bytes())
-            } else {
-                Vec::new()
-            };
-            let response = client
-                .delete_range(pb::DeleteRangeRequest {
-                    table: table.into_bytes(),
-                    key: key.into_bytes(),
-                    range_end,
-                    prev_kv: false,
-                    count: true,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            let revision = response.header.map_or(0, |header| header.revision);
-            print(
-                output,
-                json!({"revision": revision, "deleted": response.deleted}),
-                vec![response.deleted.to_string()],
-            );
+            delete(&mut client, output, table, key, prefix).await?
         }
         KvCommand::Txn {
             table,
@@ -507,20 +476,82 @@ pub async fn kv(connection: &Connection, command: KvCommand) -> Result<(), Strin
                 success: success.iter().map(|s| op(s)).collect::<Result<_, _>>()?,
                 failure: failure.iter().map(|s| op(s)).collect::<Result<_, _>>()?,
             };
-            let response = client.txn(request).await.map_err(status)?.into_inner();
-            let revision = response.header.map_or(0, |header| header.revision);
-            let verdict = if response.succeeded {
-                "SUCCESS"
-            } else {
-                "FAILURE"
-            };
-            print(
-                output,
-                json!({"revision": revision, "succeeded": response.succeeded}),
-                vec![verdict.into()],
-            );
+            txn(&mut client, output, request).await?
         }
     }
+    Ok(())
+}
+
+/// `kv put`: writes one key.
+async fn put(
+    client: &mut KvClient,
+    output: Output,
+    table: String,
+    key: String,
+    value: String,
+) -> Result<(), String> {
+    let response = client
+        .put(pb::PutRequest {
+            table: table.into_bytes(),
+            key: key.into_bytes(),
+            value: value.into_bytes(),
+            prev_kv: false,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let revision = response.header.map_or(0, |header| header.revision);
+    print(output, json!({"revision": revision}), vec!["OK".into()]);
+    Ok(())
+}
+
+/// `kv delete`: deletes one key, or every key with its prefix.
+async fn delete(
+    client: &mut KvClient,
+    output: Output,
+    table: String,
+    key: String,
+    prefix: bool,
+) -> Result<(), String> {
+    let range_end = if prefix {
+        prefix_end(key.as_bytes())
+    } else {
+        Vec::new()
+    };
+    let response = client
+        .delete_range(pb::DeleteRangeRequest {
+            table: table.into_bytes(),
+            key: key.into_bytes(),
+            range_end,
+            prev_kv: false,
+            count: true,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let revision = response.header.map_or(0, |header| header.revision);
+    print(
+        output,
+        json!({"revision": revision, "deleted": response.deleted}),
+        vec![response.deleted.to_string()],
+    );
+    Ok(())
+}
+
+/// `kv txn`: runs the transaction and says which branch it took.
+async fn txn(client: &mut KvClient, output: Output, request: pb::TxnRequest) -> Result<(), String> {
+    let response = client.txn(request).await.map_err(status)?.into_inner();
+    let revision = response.header.map_or(0, |header| header.revision);
+    let verdict = if response.succeeded {
+        "SUCCESS"
+    } else {
+        "FAILURE"
+    };
+    print(
+        output,
+        json!({"revision": revision, "succeeded": response.succeeded}),
+        vec![verdict.into()],
+    );
     Ok(())
 }
 

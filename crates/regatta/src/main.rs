@@ -965,21 +965,7 @@ async fn run_node(
         Some(address) => Some(bind(address, "--replication.address").await?),
         None => None,
     };
-    let rest_tls = server_tls(
-        "rest",
-        &args.tls.rest_cert_filename,
-        &args.tls.rest_key_filename,
-        &args.tls.rest_ca_filename,
-        &args.tls.rest_allowed_cn,
-        vec![b"http/1.1".to_vec()],
-    )?;
-    if rest_tls.is_some() && args.rest_address.is_none() {
-        return Err("--rest.cert-filename and --rest.key-filename need --rest.address".into());
-    }
-    let rest_listener = match args.rest_address {
-        Some(address) => Some(bind(address, "--rest.address").await?),
-        None => None,
-    };
+    let (rest_listener, rest_tls) = rest_endpoint(&args).await?;
     let node = Node::start(config)
         .await
         .map_err(|error| error.to_string())?;
@@ -1000,28 +986,74 @@ async fn run_node(
     let shutdown = shut_down_when_told(&node, args.raft_leave_on_terminate);
     let served = regatta_server::serve(std::sync::Arc::clone(&node), api, api_tls, shutdown).await;
     tracing::info!("shutting down");
-    // Stopping the node ends the open log streams; then the replication
-    // server can finish.
-    if let Some(stop) = stop_rest {
-        let _ = stop.send(());
+    let services = Services {
+        stop_rest,
+        replication,
+        puller,
+    };
+    services.stop(&node).await;
+    served.map_err(|error| error.to_string())
+}
+
+/// The REST listener (`--rest.address`) and its TLS, which needs it.
+async fn rest_endpoint(
+    args: &LeaderArgs,
+) -> Result<
+    (
+        Option<tokio::net::TcpListener>,
+        Option<std::sync::Arc<rustls::ServerConfig>>,
+    ),
+    String,
+> {
+    let rest_tls = server_tls(
+        "rest",
+        &args.tls.rest_cert_filename,
+        &args.tls.rest_key_filename,
+        &args.tls.rest_ca_filename,
+        &args.tls.rest_allowed_cn,
+        vec![b"http/1.1".to_vec()],
+    )?;
+    if rest_tls.is_some() && args.rest_address.is_none() {
+        return Err("--rest.cert-filename and --rest.key-filename need --rest.address".into());
     }
-    let replication = replication.map(|(stop, task)| {
-        let _ = stop.send(());
-        task
-    });
-    if let Some(puller) = puller {
-        puller.stop().await;
-    }
-    node.stop().await;
-    if let Some(mut replication) = replication {
-        match tokio::time::timeout(Duration::from_secs(5), &mut replication).await {
-            Ok(Ok(Err(error))) => tracing::error!("{error}"),
-            Ok(Err(error)) => tracing::error!("the replication API task failed: {error}"),
-            Ok(Ok(Ok(()))) => {}
-            Err(_) => replication.abort(),
+    let rest_listener = match args.rest_address {
+        Some(address) => Some(bind(address, "--rest.address").await?),
+        None => None,
+    };
+    Ok((rest_listener, rest_tls))
+}
+
+/// What a node runs beside its API, stopped with it.
+struct Services {
+    stop_rest: Option<tokio::sync::oneshot::Sender<()>>,
+    replication: Option<ReplicationServer>,
+    puller: Option<regatta_replication::Follower>,
+}
+
+impl Services {
+    /// Stops them and the node. Stopping the node ends the open log
+    /// streams; then the replication server can finish.
+    async fn stop(self, node: &Node) {
+        if let Some(stop) = self.stop_rest {
+            let _ = stop.send(());
+        }
+        let replication = self.replication.map(|(stop, task)| {
+            let _ = stop.send(());
+            task
+        });
+        if let Some(puller) = self.puller {
+            puller.stop().await;
+        }
+        node.stop().await;
+        if let Some(mut replication) = replication {
+            match tokio::time::timeout(Duration::from_secs(5), &mut replication).await {
+                Ok(Ok(Err(error))) => tracing::error!("{error}"),
+                Ok(Err(error)) => tracing::error!("the replication API task failed: {error}"),
+                Ok(Ok(Ok(()))) => {}
+                Err(_) => replication.abort(),
+            }
         }
     }
-    served.map_err(|error| error.to_string())
 }
 
 /// Serves `/metrics` and `/healthz` until the returned sender is used.

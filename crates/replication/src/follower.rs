@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use regatta_kv::command::{decode, encode, Command, ReplicatedBatch, Response as KvResponse};
-use regatta_server::restore::{propose, Chunk, TableRestore};
+use regatta_server::restore::{propose, Chunk, RestoreSummary, TableRestore};
 use regatta_server::{Node, ReplicationFacts, WriteForwarder, META_GROUP};
 use regatta_wal::GroupId;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -579,18 +579,7 @@ async fn pull_once(
         return install_snapshot(node, channel, name, group, installs, state, older).await;
     }
     tracing::info!(table = %name, leader_index = applied, "streaming the leader's log");
-    let table_id = node.replica_source(name).await?.unwrap_or(0);
-    let mut client = proto::log_client::LogClient::new(channel.clone())
-        .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
-    let stream = client
-        .replicate(proto::ReplicateRequest {
-            table: name.as_bytes().to_vec(),
-            leader_index: applied,
-            table_id,
-        })
-        .await?
-        .into_inner();
-    let (mut receiver, _reader) = spawn_log_reader(stream);
+    let (mut receiver, _reader) = open_log_stream(node, channel, name, applied).await?;
     state.error = None;
     // The budget shares of the responses being proposed.
     let mut held = Vec::new();
@@ -638,21 +627,45 @@ async fn pull_once(
                 install_snapshot(node, channel, name, group, installs, state, older).await?;
                 return Ok(());
             }
-            Some(Err(code)) if code == proto::ReplicateError::LeaderBehind as i32 => {
-                return Err(Error::LeaderBehind(format!(
-                    "the serving node's table {name:?} is at index {served}, behind this \
-                     follower's {applied}; nothing is deleted here; the follower tries the \
-                     leader cluster's other nodes and waits for one to catch up, or for an \
-                     operator to reset this table"
-                )));
-            }
-            Some(Err(code)) => {
-                return Err(Error::Protocol(format!(
-                    "an unknown replicate error {code}"
-                )))
-            }
+            Some(Err(code)) => return Err(stream_refusal(code, name, served, applied)),
         }
     }
+}
+
+/// Asks the leader cluster for the table's log after `applied`; the
+/// responses arrive on the returned receiver (read by the returned task).
+async fn open_log_stream(
+    node: &Node,
+    channel: &Channel,
+    name: &str,
+    applied: u64,
+) -> Result<(mpsc::Receiver<Received>, AbortOnDrop)> {
+    let table_id = node.replica_source(name).await?.unwrap_or(0);
+    let mut client = proto::log_client::LogClient::new(channel.clone())
+        .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
+    let stream = client
+        .replicate(proto::ReplicateRequest {
+            table: name.as_bytes().to_vec(),
+            leader_index: applied,
+            table_id,
+        })
+        .await?
+        .into_inner();
+    Ok(spawn_log_reader(stream))
+}
+
+/// The error for a log stream the leader ended with `code` (other than
+/// `USE_SNAPSHOT`, which the caller answers with an install).
+fn stream_refusal(code: i32, name: &str, served: u64, applied: u64) -> Error {
+    if code == proto::ReplicateError::LeaderBehind as i32 {
+        return Error::LeaderBehind(format!(
+            "the serving node's table {name:?} is at index {served}, behind this \
+             follower's {applied}; nothing is deleted here; the follower tries the \
+             leader cluster's other nodes and waits for one to catch up, or for an \
+             operator to reset this table"
+        ));
+    }
+    Error::Protocol(format!("an unknown replicate error {code}"))
 }
 
 /// A response of the leader's log stream (or how the stream ended),
@@ -862,16 +875,7 @@ async fn install_snapshot_once(
         .map_err(|_| Error::Protocol("the install limit was closed".into()))?;
     tracing::info!(table = %name, "installing the leader's snapshot");
     let started = Instant::now();
-    let table_id = node.replica_source(name).await?.unwrap_or(0);
-    let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone())
-        .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
-    let mut stream = client
-        .stream(proto::SnapshotRequest {
-            table: name.as_bytes().to_vec(),
-            table_id,
-        })
-        .await?
-        .into_inner();
+    let mut stream = open_snapshot_stream(node, channel, name).await?;
     let mut restore = match older {
         OlderCopy::Allowed => TableRestore::begin_reset(node, group).await?,
         OlderCopy::Refused => TableRestore::begin(node, group).await?,
@@ -902,6 +906,49 @@ async fn install_snapshot_once(
         restore.abort().await;
         return Err(error);
     }
+    let summary = commit_install(node, name, group, restore, reset_request).await?;
+    state.received += 1;
+    state.update(summary.index, summary.index);
+    state.report(node, group);
+    tracing::info!(
+        table = %name,
+        leader_index = summary.index,
+        keys = summary.keys,
+        bytes = summary.bytes,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "installed the leader's snapshot"
+    );
+    Ok(())
+}
+
+/// Asks the leader cluster for a snapshot of the table.
+async fn open_snapshot_stream(
+    node: &Node,
+    channel: &Channel,
+    name: &str,
+) -> Result<tonic::Streaming<proto::SnapshotChunk>> {
+    let table_id = node.replica_source(name).await?.unwrap_or(0);
+    let mut client = proto::snapshot_client::SnapshotClient::new(channel.clone())
+        .max_decoding_message_size(LEADER_MESSAGE_BYTES_MAX);
+    let stream = client
+        .stream(proto::SnapshotRequest {
+            table: name.as_bytes().to_vec(),
+            table_id,
+        })
+        .await?
+        .into_inner();
+    Ok(stream)
+}
+
+/// Switches the table to the received copy (recording the reset it
+/// carries out, if any), then clears that reset's record.
+async fn commit_install(
+    node: &Node,
+    name: &str,
+    group: GroupId,
+    restore: TableRestore<'_>,
+    reset_request: Option<u64>,
+) -> Result<RestoreSummary> {
     let committed = match reset_request {
         Some(reset_id) => restore.commit_reset(reset_id).await,
         None => restore.commit().await,
@@ -915,18 +962,7 @@ async fn install_snapshot_once(
             tracing::warn!(table = %name, %error, "could not clear the carried-out reset's record");
         }
     }
-    state.received += 1;
-    state.update(summary.index, summary.index);
-    state.report(node, group);
-    tracing::info!(
-        table = %name,
-        leader_index = summary.index,
-        keys = summary.keys,
-        bytes = summary.bytes,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "installed the leader's snapshot"
-    );
-    Ok(())
+    Ok(summary)
 }
 
 /// The operator's reset this install carries out, if any, and whether the

@@ -8,6 +8,7 @@
 //! leader cluster can serve: everything at or below its applied index is
 //! committed.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -283,48 +284,20 @@ async fn stream_log(
             return;
         }
     };
+    let mut stream = LogSender {
+        host: &host,
+        group,
+        sessions: &mut sessions,
+        sender: &sender,
+    };
     loop {
         let applied_index = applied.get();
-        while after < applied_index {
-            let entries = host.log_entries(
-                group,
-                after.next(),
-                applied_index.next(),
-                RESPONSE_BYTES_MAX,
-            );
-            let response = match entries {
-                Ok(entries) => {
-                    if entries.is_empty() {
-                        return;
-                    }
-                    debug_assert_eq!(entries[0].index, after.next(), "entries without a gap");
-                    let (commands, restored) = commands_of(&entries, &mut sessions, &mut after);
-                    if restored {
-                        if !commands.is_empty() {
-                            let response = commands_response(commands, applied_index.0);
-                            if sender.send(Ok(response)).await.is_err() {
-                                return;
-                            }
-                        }
-                        let response =
-                            error_response(proto::ReplicateError::UseSnapshot, applied_index.0);
-                        let _ = sender.send(Ok(response)).await;
-                        return;
-                    }
-                    Ok(commands_response(commands, applied_index.0))
-                }
-                Err(regatta_multiraft::Error::Compacted { .. }) => {
-                    let response =
-                        error_response(proto::ReplicateError::UseSnapshot, applied_index.0);
-                    let _ = sender.send(Ok(response)).await;
-                    return;
-                }
-                Err(error) => Err(Status::from(Error::Raft(error))),
-            };
-            let failed = response.is_err();
-            if sender.send(response).await.is_err() || failed {
-                return;
-            }
+        if stream
+            .send_up_to(&mut after, applied_index)
+            .await
+            .is_break()
+        {
+            return;
         }
         match tokio::time::timeout(HEARTBEAT_INTERVAL, applied.changed_from(applied_index)).await {
             Ok(Ok(_)) => {}
@@ -343,6 +316,79 @@ async fn stream_log(
                 }
             }
         }
+    }
+}
+
+/// What `stream_log` sends the log of a group with.
+struct LogSender<'a> {
+    host: &'a NodeHost,
+    group: GroupId,
+    sessions: &'a mut SessionFilter,
+    sender: &'a mpsc::Sender<Result<proto::ReplicateResponse, Status>>,
+}
+
+impl LogSender<'_> {
+    /// Sends the log after `after` up to `applied_index`, in responses of
+    /// at most `RESPONSE_BYTES_MAX`, moving `after` along. `Break` when the
+    /// stream is over: the client went away, the log no longer reaches
+    /// back (the follower is told to take a snapshot), or a restore's
+    /// commit ended what the follower can follow.
+    async fn send_up_to(
+        &mut self,
+        after: &mut LogIndex,
+        applied_index: LogIndex,
+    ) -> ControlFlow<()> {
+        while *after < applied_index {
+            let entries = self.host.log_entries(
+                self.group,
+                after.next(),
+                applied_index.next(),
+                RESPONSE_BYTES_MAX,
+            );
+            let response = match entries {
+                Ok(entries) => {
+                    if entries.is_empty() {
+                        return ControlFlow::Break(());
+                    }
+                    debug_assert_eq!(entries[0].index, after.next(), "entries without a gap");
+                    let (commands, restored) = commands_of(&entries, self.sessions, after);
+                    if restored {
+                        return self.end_at_restore(commands, applied_index).await;
+                    }
+                    Ok(commands_response(commands, applied_index.0))
+                }
+                Err(regatta_multiraft::Error::Compacted { .. }) => {
+                    let response =
+                        error_response(proto::ReplicateError::UseSnapshot, applied_index.0);
+                    let _ = self.sender.send(Ok(response)).await;
+                    return ControlFlow::Break(());
+                }
+                Err(error) => Err(Status::from(Error::Raft(error))),
+            };
+            let failed = response.is_err();
+            if self.sender.send(response).await.is_err() || failed {
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A restore's commit ends the stream: the commands before it go,
+    /// then the follower is told to take a snapshot.
+    async fn end_at_restore(
+        &mut self,
+        commands: Vec<proto::ReplicateCommand>,
+        applied_index: LogIndex,
+    ) -> ControlFlow<()> {
+        if !commands.is_empty() {
+            let response = commands_response(commands, applied_index.0);
+            if self.sender.send(Ok(response)).await.is_err() {
+                return ControlFlow::Break(());
+            }
+        }
+        let response = error_response(proto::ReplicateError::UseSnapshot, applied_index.0);
+        let _ = self.sender.send(Ok(response)).await;
+        ControlFlow::Break(())
     }
 }
 

@@ -1901,43 +1901,7 @@ fn check_update(
 ) -> Result<Record, String> {
     match update {
         Update::Entries { entries, .. } => {
-            let Some(first) = entries.first().map(|entry| entry.index) else {
-                return Err("an entries update with no entries".into());
-            };
-            if first <= bounds.compacted.0 {
-                return Err(format!(
-                    "entries from {first} would overwrite the compacted prefix up to {}",
-                    bounds.compacted.0
-                ));
-            }
-            if first > bounds.last.next() {
-                return Err(format!(
-                    "entries from {first} leave a gap after the last index {}",
-                    bounds.last
-                ));
-            }
-            if entries
-                .iter()
-                .enumerate()
-                .any(|(p, e)| e.index != first.plus(p as u64))
-            {
-                return Err("entries are not contiguous".into());
-            }
-            if first < bounds.overlay_start {
-                bounds.overlay.clear();
-                bounds.overlay_start = first;
-            } else {
-                bounds
-                    .overlay
-                    .truncate(first.distance_from(bounds.overlay_start) as usize);
-            }
-            bounds
-                .overlay
-                .extend(entries.iter().map(|entry| entry.term));
-            bounds.last = bounds
-                .overlay_start
-                .plus(bounds.overlay.len() as u64)
-                .prev();
+            check_entries(entries, bounds)?;
             Ok(Record::Entries(Vec::new()))
         }
         Update::HardState { state, .. } => {
@@ -1958,39 +1922,18 @@ fn check_update(
             })
         }
         Update::InstallSnapshot { meta, .. } => {
-            if meta.index <= bounds.compacted.0 {
-                return Err(format!(
-                    "an installed snapshot at {} must be past the compacted prefix up to {}",
-                    meta.index, bounds.compacted.0
-                ));
-            }
-            *bounds = Bounds {
-                compacted: (meta.index, meta.term),
-                last: meta.index,
-                snapshot_index: Some(meta.index),
-                overlay_start: meta.index.next(),
-                overlay: Vec::new(),
-                hide_indexed: true,
-                hard_state: bounds.hard_state,
-            };
+            check_install(meta, bounds)?;
             Ok(Record::Snapshot {
                 meta: meta.clone(),
                 installed: true,
             })
         }
         Update::Compact { index, .. } => {
-            let covered = bounds
-                .snapshot_index
-                .is_some_and(|snapshot| snapshot >= *index);
-            match bounds.term(indexed, *index) {
-                Some(term) if covered => {
-                    if *index > bounds.compacted.0 {
-                        bounds.compacted = (*index, term);
-                    }
-                    Ok(Record::Compaction { index: *index, term })
-                }
-                _ => Err(format!("cannot compact to {index}: it must be held in the log and covered by a snapshot")),
-            }
+            let term = check_compaction(*index, bounds, indexed)?;
+            Ok(Record::Compaction {
+                index: *index,
+                term,
+            })
         }
         Update::RemoveGroup { .. } => {
             *bounds = Bounds {
@@ -2000,6 +1943,94 @@ fn check_update(
             };
             Ok(Record::GroupRemoved)
         }
+    }
+}
+
+/// Entries must follow on from the group's log (after its compacted
+/// prefix, without a gap, contiguous); they replace any entries from
+/// their first index on.
+fn check_entries(entries: &[Entry], bounds: &mut Bounds) -> Result<(), String> {
+    let Some(first) = entries.first().map(|entry| entry.index) else {
+        return Err("an entries update with no entries".into());
+    };
+    if first <= bounds.compacted.0 {
+        return Err(format!(
+            "entries from {first} would overwrite the compacted prefix up to {}",
+            bounds.compacted.0
+        ));
+    }
+    if first > bounds.last.next() {
+        return Err(format!(
+            "entries from {first} leave a gap after the last index {}",
+            bounds.last
+        ));
+    }
+    if entries
+        .iter()
+        .enumerate()
+        .any(|(p, e)| e.index != first.plus(p as u64))
+    {
+        return Err("entries are not contiguous".into());
+    }
+    if first < bounds.overlay_start {
+        bounds.overlay.clear();
+        bounds.overlay_start = first;
+    } else {
+        bounds
+            .overlay
+            .truncate(first.distance_from(bounds.overlay_start) as usize);
+    }
+    bounds
+        .overlay
+        .extend(entries.iter().map(|entry| entry.term));
+    bounds.last = bounds
+        .overlay_start
+        .plus(bounds.overlay.len() as u64)
+        .prev();
+    Ok(())
+}
+
+/// An installed snapshot must be past the compacted prefix; the group's
+/// log then starts after it.
+fn check_install(meta: &SnapshotMeta, bounds: &mut Bounds) -> Result<(), String> {
+    if meta.index <= bounds.compacted.0 {
+        return Err(format!(
+            "an installed snapshot at {} must be past the compacted prefix up to {}",
+            meta.index, bounds.compacted.0
+        ));
+    }
+    *bounds = Bounds {
+        compacted: (meta.index, meta.term),
+        last: meta.index,
+        snapshot_index: Some(meta.index),
+        overlay_start: meta.index.next(),
+        overlay: Vec::new(),
+        hide_indexed: true,
+        hard_state: bounds.hard_state,
+    };
+    Ok(())
+}
+
+/// A compaction must end at an index the log holds and a snapshot
+/// covers; gives that index's term.
+fn check_compaction(
+    index: LogIndex,
+    bounds: &mut Bounds,
+    indexed: Option<&GroupState>,
+) -> Result<Term, String> {
+    let covered = bounds
+        .snapshot_index
+        .is_some_and(|snapshot| snapshot >= index);
+    match bounds.term(indexed, index) {
+        Some(term) if covered => {
+            if index > bounds.compacted.0 {
+                bounds.compacted = (index, term);
+            }
+            Ok(term)
+        }
+        _ => Err(format!(
+            "cannot compact to {index}: it must be held in the log and covered by a snapshot"
+        )),
     }
 }
 

@@ -191,6 +191,8 @@ fn report(name: &str, mut values: Vec<Duration>, unseen: usize) {
     );
 }
 
+/// Starts both clusters, then measures lag under load, first visibility
+/// and (unless `--backlog` is 0) the follower's apply rate.
 async fn run(cli: Cli) -> Result<(), String> {
     if !cli.regatta.exists() {
         return Err(format!(
@@ -202,7 +204,43 @@ async fn run(cli: Cli) -> Result<(), String> {
         return Err("--rate and --leader-nodes must be at least 1".into());
     }
     let root = tempfile::tempdir().map_err(|error| error.to_string())?;
-    let free = || free_address().map_err(|error| error.to_string());
+    let (mut processes, leader_api, replication) = start_leader_cluster(&cli, root.path())?;
+    let any = "127.0.0.1:0".parse().map_err(|_| "an address")?;
+    let link = Proxy::start(any, replication)
+        .await
+        .map_err(|error| error.to_string())?;
+    link.set_latency(Duration::from_millis(cli.latency_ms));
+    let (follower_process, follower_api) = start_follower(&cli, root.path(), &link)?;
+    processes.push(follower_process);
+
+    let mut leader = kv_client(leader_api).await;
+    let mut follower = kv_client(follower_api).await;
+    wait_until_serving(&mut leader, "the leader").await;
+    wait_until_serving(&mut follower, "the follower").await;
+    println!(
+        "leader cluster: {} nodes; follower: 1 node, {} ms each way; {} puts/s of {} B for {} s",
+        cli.leader_nodes, cli.latency_ms, cli.rate, cli.value_bytes, cli.seconds
+    );
+    measure_load(&cli, &leader, &follower).await;
+    measure_lone_writes(&cli, &mut leader, &follower).await;
+    if cli.backlog > 0 {
+        measure_apply_rate(&cli, &leader, &mut follower, &link).await?;
+    }
+    drop(processes);
+    Ok(())
+}
+
+/// A free address on 127.0.0.1, its error as text.
+fn free() -> Result<std::net::SocketAddr, String> {
+    free_address().map_err(|error| error.to_string())
+}
+
+/// Starts the leader cluster; returns its processes, node 1's API address
+/// and node 1's replication address (the one the follower reaches).
+fn start_leader_cluster(
+    cli: &Cli,
+    root: &Path,
+) -> Result<(Vec<Process>, std::net::SocketAddr, std::net::SocketAddr), String> {
     let mut rafts = Vec::new();
     for _ in 0..cli.leader_nodes {
         rafts.push(free()?);
@@ -227,18 +265,22 @@ async fn run(cli: Cli) -> Result<(), String> {
             "--replication.address".into(),
             replication_address.to_string(),
         ];
-        let dir = root.path().join(format!("leader{id}"));
+        let dir = root.join(format!("leader{id}"));
         processes.push(spawn(&cli.regatta, "leader", &dir, &flags).map_err(|e| e.to_string())?);
     }
-    let (leader_api, replication) = match (leader_api, replication) {
-        (Some(api), Some(replication)) => (api, replication),
-        _ => return Err("no leader node".into()),
-    };
-    let any = "127.0.0.1:0".parse().map_err(|_| "an address")?;
-    let link = Proxy::start(any, replication)
-        .await
-        .map_err(|error| error.to_string())?;
-    link.set_latency(Duration::from_millis(cli.latency_ms));
+    match (leader_api, replication) {
+        (Some(api), Some(replication)) => Ok((processes, api, replication)),
+        _ => Err("no leader node".into()),
+    }
+}
+
+/// Starts the single-node follower cluster, reaching the leader cluster
+/// through `link`; returns its process and its API address.
+fn start_follower(
+    cli: &Cli,
+    root: &Path,
+    link: &Proxy,
+) -> Result<(Process, std::net::SocketAddr), String> {
     let follower_api = free()?;
     let flags = vec![
         "--dev".into(),
@@ -249,23 +291,82 @@ async fn run(cli: Cli) -> Result<(), String> {
         "--replication.leader-address".into(),
         link.address().to_string(),
     ];
-    let dir = root.path().join("follower");
-    processes.push(spawn(&cli.regatta, "follower", &dir, &flags).map_err(|e| e.to_string())?);
+    let dir = root.join("follower");
+    let process = spawn(&cli.regatta, "follower", &dir, &flags).map_err(|e| e.to_string())?;
+    Ok((process, follower_api))
+}
 
-    let mut leader = kv_client(leader_api).await;
-    let mut follower = kv_client(follower_api).await;
-    wait_until_serving(&mut leader, "the leader").await;
-    wait_until_serving(&mut follower, "the follower").await;
-    println!(
-        "leader cluster: {} nodes; follower: 1 node, {} ms each way; {} puts/s of {} B for {} s",
-        cli.leader_nodes, cli.latency_ms, cli.rate, cli.value_bytes, cli.seconds
-    );
+/// A prober of the follower's revision and what it has seen so far.
+struct Probe {
+    samples: Arc<Mutex<Vec<(Instant, i64)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    prober: tokio::task::JoinHandle<()>,
+}
 
-    // Lag under a steady load.
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = start_prober(follower.clone(), Arc::clone(&samples), Arc::clone(&stop));
+impl Probe {
+    /// Starts probing `follower`.
+    fn start(follower: &pb::kv_client::KvClient<Channel>) -> Probe {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let prober = start_prober(follower.clone(), Arc::clone(&samples), Arc::clone(&stop));
+        Probe {
+            samples,
+            stop,
+            prober,
+        }
+    }
+
+    /// Stops probing; returns every (time, revision) seen.
+    async fn finish(self) -> Vec<(Instant, i64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.prober.await;
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        samples
+    }
+}
+
+/// Lag under a steady load: puts at `--rate` for `--seconds`, each put's
+/// lag from its acknowledgement to the first probe showing it.
+async fn measure_load(
+    cli: &Cli,
+    leader: &pb::kv_client::KvClient<Channel>,
+    follower: &pb::kv_client::KvClient<Channel>,
+) {
+    let probe = Probe::start(follower);
     let acks = Arc::new(Mutex::new(Vec::new()));
+    let total = cli.rate * cli.seconds;
+    let (failed, elapsed) = offer_load(cli, leader, &acks).await;
+    // Let the last writes arrive.
+    tokio::time::sleep(Duration::from_millis(cli.latency_ms * 4 + 500)).await;
+    let samples = probe.finish().await;
+    let acks = acks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    println!(
+        "offered {:.0} puts/s: {} acknowledged, {failed} failed, in {:.1} s; {} follower probes",
+        total as f64 / elapsed.as_secs_f64(),
+        acks.len(),
+        elapsed.as_secs_f64(),
+        samples.len()
+    );
+    let (load_lags, unseen) = lags(&acks, &samples);
+    report(
+        "lag under load (ack on leader → visible on follower)",
+        load_lags,
+        unseen,
+    );
+}
+
+/// Puts at `--rate` for `--seconds`, at most 512 in flight, recording
+/// each acknowledgement's (revision, time) in `acks`; returns how many
+/// failed and how long they all took.
+async fn offer_load(
+    cli: &Cli,
+    leader: &pb::kv_client::KvClient<Channel>,
+    acks: &Arc<Mutex<Vec<(i64, Instant)>>>,
+) -> (u64, Duration) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
     let interval = Duration::from_secs_f64(1.0 / cli.rate as f64);
     let started = Instant::now();
@@ -279,7 +380,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             break;
         };
         let mut client = leader.clone();
-        let acks = Arc::clone(&acks);
+        let acks = Arc::clone(acks);
         let request = put_request(format!("load/{:06}", sequence % 100_000), cli.value_bytes);
         tasks.push(tokio::spawn(async move {
             let result = client.put(request).await;
@@ -301,31 +402,16 @@ async fn run(cli: Cli) -> Result<(), String> {
             failed += 1;
         }
     }
-    let elapsed = started.elapsed();
-    // Let the last writes arrive.
-    tokio::time::sleep(Duration::from_millis(cli.latency_ms * 4 + 500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = prober.await;
-    let acks = acks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    println!(
-        "offered {:.0} puts/s: {} acknowledged, {failed} failed, in {:.1} s; {} follower probes",
-        total as f64 / elapsed.as_secs_f64(),
-        acks.len(),
-        elapsed.as_secs_f64(),
-        samples.len()
-    );
-    let (load_lags, unseen) = lags(&acks, &samples);
-    report(
-        "lag under load (ack on leader → visible on follower)",
-        load_lags,
-        unseen,
-    );
+    (failed, started.elapsed())
+}
 
-    // Lone writes.
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = start_prober(follower.clone(), Arc::clone(&samples), Arc::clone(&stop));
+/// First visibility: the lag of lone writes, one every 200 ms.
+async fn measure_lone_writes(
+    cli: &Cli,
+    leader: &mut pb::kv_client::KvClient<Channel>,
+    follower: &pb::kv_client::KvClient<Channel>,
+) {
+    let probe = Probe::start(follower);
     let mut lone = Vec::new();
     for i in 0..30 {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -338,68 +424,78 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     tokio::time::sleep(Duration::from_millis(cli.latency_ms * 4 + 500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = prober.await;
-    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let samples = probe.finish().await;
     let (lone_lags, unseen) = lags(&lone, &samples);
     report("first visibility of a lone write", lone_lags, unseen);
+}
 
-    // Apply rate: a backlog built while the link is cut.
-    if cli.backlog > 0 {
-        link.cut();
-        let written = Instant::now();
-        let mut tasks = Vec::new();
-        let chunk = cli.backlog.div_ceil(64);
-        for worker in 0..64u64 {
-            let mut client = leader.clone();
-            let value_bytes = cli.value_bytes;
-            tasks.push(tokio::spawn(async move {
-                let mut last = 0;
-                for i in worker * chunk..((worker + 1) * chunk) {
-                    if let Ok(response) = client
-                        .put(put_request(format!("backlog/{i:07}"), value_bytes))
-                        .await
-                    {
-                        last = response.into_inner().header.map_or(0, |h| h.revision);
-                    }
-                }
-                last
-            }));
+/// Apply rate: a backlog built while the link is cut, then the time the
+/// follower takes to hold it all once the link heals.
+async fn measure_apply_rate(
+    cli: &Cli,
+    leader: &pb::kv_client::KvClient<Channel>,
+    follower: &mut pb::kv_client::KvClient<Channel>,
+    link: &Proxy,
+) -> Result<(), String> {
+    link.cut();
+    let target = write_backlog(cli, leader).await;
+    let before = follower_revision(follower).await.unwrap_or(0);
+    link.heal();
+    let healed = Instant::now();
+    loop {
+        let revision = follower_revision(follower).await.unwrap_or(0);
+        if revision >= target {
+            break;
         }
-        let mut target = 0;
-        for task in tasks {
-            target = target.max(task.await.unwrap_or(0));
+        if healed.elapsed() > Duration::from_secs(300) {
+            return Err(format!(
+                "the follower is at revision {revision} of {target} 300 s after the link healed"
+            ));
         }
-        println!(
-            "backlog: {} puts in {:.1} s on the leader while the link was cut",
-            chunk * 64,
-            written.elapsed().as_secs_f64()
-        );
-        let before = follower_revision(&mut follower).await.unwrap_or(0);
-        link.heal();
-        let healed = Instant::now();
-        loop {
-            let revision = follower_revision(&mut follower).await.unwrap_or(0);
-            if revision >= target {
-                break;
-            }
-            if healed.elapsed() > Duration::from_secs(300) {
-                return Err(format!(
-                    "the follower is at revision {revision} of {target} 300 s after the link healed"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let took = healed.elapsed();
-        println!(
-            "follower apply rate: {} leader entries in {:.2} s after the link healed = {:.0} entries/s",
-            target - before,
-            took.as_secs_f64(),
-            (target - before) as f64 / took.as_secs_f64()
-        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    drop(processes);
+    let took = healed.elapsed();
+    println!(
+        "follower apply rate: {} leader entries in {:.2} s after the link healed = {:.0} entries/s",
+        target - before,
+        took.as_secs_f64(),
+        (target - before) as f64 / took.as_secs_f64()
+    );
     Ok(())
+}
+
+/// Writes `--backlog` puts on the leader from 64 workers; returns the
+/// highest revision acknowledged, which the follower must reach.
+async fn write_backlog(cli: &Cli, leader: &pb::kv_client::KvClient<Channel>) -> i64 {
+    let written = Instant::now();
+    let mut tasks = Vec::new();
+    let chunk = cli.backlog.div_ceil(64);
+    for worker in 0..64u64 {
+        let mut client = leader.clone();
+        let value_bytes = cli.value_bytes;
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for i in worker * chunk..((worker + 1) * chunk) {
+                if let Ok(response) = client
+                    .put(put_request(format!("backlog/{i:07}"), value_bytes))
+                    .await
+                {
+                    last = response.into_inner().header.map_or(0, |h| h.revision);
+                }
+            }
+            last
+        }));
+    }
+    let mut target = 0;
+    for task in tasks {
+        target = target.max(task.await.unwrap_or(0));
+    }
+    println!(
+        "backlog: {} puts in {:.1} s on the leader while the link was cut",
+        chunk * 64,
+        written.elapsed().as_secs_f64()
+    );
+    target
 }
 
 fn main() -> ExitCode {
