@@ -623,6 +623,83 @@ pub struct WeakNodeHost {
     inner: std::sync::Weak<HostInner>,
 }
 
+/// What every worker of a host shares.
+struct WorkerShared<'a> {
+    wal: &'a Arc<Wal>,
+    transport: &'a Arc<dyn Transport>,
+    sessions: &'a SnapshotStore,
+    snapshots: &'a SnapshotDir,
+    quiesced_groups: &'a Arc<std::sync::atomic::AtomicU64>,
+    stop_reasons: &'a StopReasons,
+}
+
+/// Starts a worker on `runtime`, with its apply thread and the task that
+/// sends that thread's answers (pushed to `tasks`); gives the worker's
+/// inbox, control channel and apply outbox.
+fn spawn_worker(
+    config: &HostConfig,
+    shared: &WorkerShared<'_>,
+    runtime: &tokio::runtime::Handle,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<WorkerChannels, Error> {
+    let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
+    let (control_sender, control) = mpsc::unbounded_channel();
+    let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
+    let apply_back = apply_sender.downgrade();
+    let apply = ApplyOutbox::new(apply_sender);
+    let (answer_sender, mut answer_inbox) = mpsc::unbounded_channel::<Answers>();
+    let context = ApplyContext {
+        control: control_sender.clone(),
+        sessions: shared.sessions.clone(),
+        snapshots: shared.snapshots.clone(),
+        session_expiry_entries: config.session_expiry_entries,
+        runtime: runtime.clone(),
+        answers: answer_sender,
+        work: apply_back,
+    };
+    // The state machine's storage may block (an engine's write stall, a
+    // large restore): on a thread of its own, that never holds up the
+    // runtime's threads, which run Raft and the API.
+    std::thread::Builder::new()
+        .name("regatta-apply".into())
+        .spawn(move || apply_loop(apply_inbox, context))
+        .map_err(|error| Error::State(format!("start an apply thread: {error}")))?;
+    // Waking a task from outside the runtime is dearer than from inside
+    // it, so the apply thread hands each wake-up's answers over at once,
+    // and this task, inside, wakes their callers. It ends when the apply
+    // thread does.
+    tasks.push(runtime.spawn(async move {
+        while let Some(answers) = answer_inbox.recv().await {
+            for (reply, answer) in answers {
+                let _ = reply.send(answer);
+            }
+        }
+    }));
+    let worker = Worker {
+        node_id: config.node_id,
+        groups: FxHashMap::default(),
+        commit_due: Vec::new(),
+        active: BTreeSet::new(),
+        wal: Arc::clone(shared.wal),
+        transport: Arc::clone(shared.transport),
+        control_sender: control_sender.clone(),
+        quiesced_groups: Arc::clone(shared.quiesced_groups),
+        quiesced_published: 0,
+        removing: Vec::new(),
+        sessions: shared.sessions.clone(),
+        snapshots: shared.snapshots.clone(),
+        apply: apply.clone(),
+        stop_reasons: Arc::clone(shared.stop_reasons),
+    };
+    tasks.push(runtime.spawn(worker.run(
+        inbox,
+        control,
+        config.tick_interval,
+        config.commit_broadcast_delay,
+    )));
+    Ok((inbox_sender, control_sender, apply))
+}
+
 impl WeakNodeHost {
     /// The host, if it still exists.
     pub fn upgrade(&self) -> Option<NodeHost> {
@@ -649,63 +726,16 @@ impl NodeHost {
         let quiesced_groups: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut workers = Vec::new();
         let mut tasks = Vec::new();
+        let shared = WorkerShared {
+            wal: &wal,
+            transport: &transport,
+            sessions: &sessions,
+            snapshots: &snapshots,
+            quiesced_groups: &quiesced_groups,
+            stop_reasons: &stop_reasons,
+        };
         for _ in 0..config.workers {
-            let (inbox_sender, inbox) = mpsc::channel(config.group_inbox_max);
-            let (control_sender, control) = mpsc::unbounded_channel();
-            let (apply_sender, apply_inbox) = mpsc::unbounded_channel();
-            let apply_back = apply_sender.downgrade();
-            let apply = ApplyOutbox::new(apply_sender);
-            let (answer_sender, mut answer_inbox) = mpsc::unbounded_channel::<Answers>();
-            let context = ApplyContext {
-                control: control_sender.clone(),
-                sessions: sessions.clone(),
-                snapshots: snapshots.clone(),
-                session_expiry_entries: config.session_expiry_entries,
-                runtime: runtime.clone(),
-                answers: answer_sender,
-                work: apply_back,
-            };
-            // The state machine's storage may block (an engine's write
-            // stall, a large restore): on a thread of its own, that never
-            // holds up the runtime's threads, which run Raft and the API.
-            std::thread::Builder::new()
-                .name("regatta-apply".into())
-                .spawn(move || apply_loop(apply_inbox, context))
-                .map_err(|error| Error::State(format!("start an apply thread: {error}")))?;
-            // Waking a task from outside the runtime is dearer than from
-            // inside it, so the apply thread hands each wake-up's answers
-            // over at once, and this task, inside, wakes their callers.
-            // It ends when the apply thread does.
-            tasks.push(runtime.spawn(async move {
-                while let Some(answers) = answer_inbox.recv().await {
-                    for (reply, answer) in answers {
-                        let _ = reply.send(answer);
-                    }
-                }
-            }));
-            let worker = Worker {
-                node_id: config.node_id,
-                groups: FxHashMap::default(),
-                commit_due: Vec::new(),
-                active: BTreeSet::new(),
-                wal: Arc::clone(&wal),
-                transport: Arc::clone(&transport),
-                control_sender: control_sender.clone(),
-                quiesced_groups: Arc::clone(&quiesced_groups),
-                quiesced_published: 0,
-                removing: Vec::new(),
-                sessions: sessions.clone(),
-                snapshots: snapshots.clone(),
-                apply: apply.clone(),
-                stop_reasons: Arc::clone(&stop_reasons),
-            };
-            tasks.push(runtime.spawn(worker.run(
-                inbox,
-                control,
-                config.tick_interval,
-                config.commit_broadcast_delay,
-            )));
-            workers.push((inbox_sender, control_sender, apply));
+            workers.push(spawn_worker(&config, &shared, &runtime, &mut tasks)?);
         }
         Ok(NodeHost {
             inner: Arc::new(HostInner {
@@ -749,23 +779,9 @@ impl NodeHost {
             return Err(Error::GroupExists(group));
         }
         let mut state_machine = state_machine;
-        let mut config = self.inner.config.raft.clone();
-        config.id = self.inner.config.node_id;
-        config.applied = self.finish_install(group, state_machine.as_mut())?;
-        config.initial_voters = initial_voters;
-        config.seed ^= group.0.rotate_left(17);
-        let sessions = load_sessions(
-            &self.inner.sessions,
-            &self.inner.wal,
-            group,
-            config.applied,
-            self.inner.config.session_expiry_entries,
-        )?;
-        let initially_applied = config.applied;
+        let (raft, sessions, initially_applied) =
+            self.open_group(group, initial_voters, state_machine.as_mut())?;
         let reader = state_machine.reader();
-        let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
-        let raft =
-            RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
         let worker_index = self.worker_of(group);
         let (inbox, apply) = {
             let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
@@ -824,6 +840,34 @@ impl NodeHost {
                 },
             );
         Ok(())
+    }
+
+    /// A group's Raft node as the WAL and the state machine left it (an
+    /// install a crash interrupted is finished first), its session table,
+    /// and the index the state machine has applied.
+    fn open_group(
+        &self,
+        group: GroupId,
+        initial_voters: Vec<NodeId>,
+        state_machine: &mut dyn StateMachine,
+    ) -> Result<(RaftNode<GroupStorage>, SessionTable, LogIndex), Error> {
+        let mut config = self.inner.config.raft.clone();
+        config.id = self.inner.config.node_id;
+        config.applied = self.finish_install(group, state_machine)?;
+        config.initial_voters = initial_voters;
+        config.seed ^= group.0.rotate_left(17);
+        let sessions = load_sessions(
+            &self.inner.sessions,
+            &self.inner.wal,
+            group,
+            config.applied,
+            self.inner.config.session_expiry_entries,
+        )?;
+        let applied = config.applied;
+        let storage = GroupStorage::new(Arc::clone(&self.inner.wal), group);
+        let raft =
+            RaftNode::new(config, storage).map_err(|source| Error::Raft { group, source })?;
+        Ok((raft, sessions, applied))
     }
 
     /// Brings the state machine to the snapshot the WAL installed, when a
@@ -3253,17 +3297,7 @@ fn apply_or_defer(item: ApplyWork, state: &mut ApplyState<'_>, context: &ApplyCo
                 },
             );
         }
-        ApplyWork::Unregister { group, reason } => {
-            if let Some(applier) = state.appliers.remove(&group) {
-                for (_, _, reply) in applier.waiting {
-                    let _ = reply.send(Err(Error::GroupStopped {
-                        group,
-                        reason: reason.clone(),
-                    }));
-                }
-            }
-            state.reports.remove(&group);
-        }
+        ApplyWork::Unregister { group, reason } => unregister(group, reason, state),
         ApplyWork::Entries(group, entries, replies) => {
             apply_committed(group, &entries, replies, state, context);
         }
@@ -3299,17 +3333,38 @@ fn apply_or_defer(item: ApplyWork, state: &mut ApplyState<'_>, context: &ApplyCo
             index,
             query,
             reply,
-        } => {
-            let Some(applier) = state.appliers.get_mut(&group) else {
-                return;
-            };
-            if index <= applier.applied {
-                let answer = applier.state_machine.read(&query);
-                state.answers.push((reply, Ok(answer)));
-            } else {
-                applier.waiting.push((index, query, reply));
-            }
+        } => read_at(group, (index, query, reply), state),
+    }
+}
+
+/// Drops a group's state machine; the reads waiting on it fail.
+fn unregister(group: GroupId, reason: String, state: &mut ApplyState<'_>) {
+    if let Some(applier) = state.appliers.remove(&group) {
+        for (_, _, reply) in applier.waiting {
+            let _ = reply.send(Err(Error::GroupStopped {
+                group,
+                reason: reason.clone(),
+            }));
         }
+    }
+    state.reports.remove(&group);
+}
+
+/// Serves a read once its index is applied: now, or when the apply that
+/// reaches it reports.
+fn read_at(
+    group: GroupId,
+    (index, query, reply): (LogIndex, Bytes, Reply),
+    state: &mut ApplyState<'_>,
+) {
+    let Some(applier) = state.appliers.get_mut(&group) else {
+        return;
+    };
+    if index <= applier.applied {
+        let answer = applier.state_machine.read(&query);
+        state.answers.push((reply, Ok(answer)));
+    } else {
+        applier.waiting.push((index, query, reply));
     }
 }
 

@@ -1198,36 +1198,10 @@ async fn serve_stream(
     removed: &RemovedIds,
     snapshot_slots: Arc<tokio::sync::Semaphore>,
 ) {
-    let mut handshake = [0u8; HANDSHAKE_BYTES];
-    let read = tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, stream.read_exact(&mut handshake));
-    if !matches!(read.await, Ok(Ok(_))) || &handshake[0..8] != HANDSHAKE_MAGIC {
+    let Some(sender) = accept_handshake(&config, &mut stream, removed).await else {
         stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
         return;
-    }
-    let version = u32::from_le_bytes([handshake[8], handshake[9], handshake[10], handshake[11]]);
-    let mut cluster = [0u8; 8];
-    cluster.copy_from_slice(&handshake[12..20]);
-    let mut sender = [0u8; 8];
-    sender.copy_from_slice(&handshake[20..28]);
-    let sender = NodeId(u64::from_le_bytes(sender));
-    let answer = if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
-        ANSWER_WRONG_VERSION
-    } else if u64::from_le_bytes(cluster) != config.cluster_id {
-        ANSWER_WRONG_CLUSTER
-    } else if removed.refuses(sender) {
-        tracing::info!(
-            node = sender.0,
-            "refused a dial from a node removed from the cluster"
-        );
-        ANSWER_REMOVED
-    } else {
-        ANSWER_ACCEPTED
     };
-    let answered = stream.write_u8(answer).await.is_ok() && stream.flush().await.is_ok();
-    if !answered || answer != ANSWER_ACCEPTED {
-        stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
     let mut stream: IncomingStream =
         tokio::io::BufReader::with_capacity(INCOMING_BUFFER_BYTES, stream);
     loop {
@@ -1255,35 +1229,69 @@ async fn serve_stream(
             .await;
             return;
         }
-        if body[0] != FRAME_MESSAGE_BATCH {
-            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let batch = Bytes::from(body).slice(1..);
-        let Ok(messages) = decode_batch(&batch) else {
+        let Some(messages) = checked_batch(body, sender) else {
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        // A node speaks only for itself: a message claiming another
-        // sender (a removed node posing as a member) closes the link.
-        if messages.iter().any(|(_, message)| message.from != sender) {
-            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        // A snapshot message comes only with its data, on a snapshot
-        // stream: without it, the group could not install what it
-        // accepted.
-        if messages
-            .iter()
-            .any(|(_, message)| matches!(message.body, regatta_raft::MessageBody::Snapshot { .. }))
-        {
-            stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         if let Some(host) = host.get().and_then(WeakNodeHost::upgrade) {
             host.deliver(messages);
         }
     }
+}
+
+/// Reads and answers a dialling peer's handshake: the sender's id when it
+/// is accepted; `None` (the caller counts the refusal) when it was bad,
+/// of another version or cluster, from a removed node, or the answer
+/// could not be written.
+async fn accept_handshake(
+    config: &TcpConfig,
+    stream: &mut BoxedStream,
+    removed: &RemovedIds,
+) -> Option<NodeId> {
+    let mut handshake = [0u8; HANDSHAKE_BYTES];
+    let read = tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, stream.read_exact(&mut handshake));
+    if !matches!(read.await, Ok(Ok(_))) || &handshake[0..8] != HANDSHAKE_MAGIC {
+        return None;
+    }
+    let version = u32::from_le_bytes([handshake[8], handshake[9], handshake[10], handshake[11]]);
+    let mut cluster = [0u8; 8];
+    cluster.copy_from_slice(&handshake[12..20]);
+    let mut sender = [0u8; 8];
+    sender.copy_from_slice(&handshake[20..28]);
+    let sender = NodeId(u64::from_le_bytes(sender));
+    let answer = if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
+        ANSWER_WRONG_VERSION
+    } else if u64::from_le_bytes(cluster) != config.cluster_id {
+        ANSWER_WRONG_CLUSTER
+    } else if removed.refuses(sender) {
+        tracing::info!(
+            node = sender.0,
+            "refused a dial from a node removed from the cluster"
+        );
+        ANSWER_REMOVED
+    } else {
+        ANSWER_ACCEPTED
+    };
+    let answered = stream.write_u8(answer).await.is_ok() && stream.flush().await.is_ok();
+    (answered && answer == ANSWER_ACCEPTED).then_some(sender)
+}
+
+/// The messages of a message batch frame `body` from `sender`, or `None`
+/// for a frame to refuse: not a batch, undecodable, a message claiming
+/// another sender (a removed node posing as a member), or a snapshot
+/// message, which comes only with its data on a snapshot stream (without
+/// it the group could not install what it accepted).
+fn checked_batch(body: Vec<u8>, sender: NodeId) -> Option<Vec<(GroupId, Message)>> {
+    if body[0] != FRAME_MESSAGE_BATCH {
+        return None;
+    }
+    let batch = Bytes::from(body).slice(1..);
+    let messages = decode_batch(&batch).ok()?;
+    let forged = messages.iter().any(|(_, message)| message.from != sender);
+    let snapshot = messages
+        .iter()
+        .any(|(_, message)| matches!(message.body, regatta_raft::MessageBody::Snapshot { .. }));
+    (!forged && !snapshot).then_some(messages)
 }
 
 /// Reads one frame body (at least the type byte); `None` when the
@@ -1361,10 +1369,43 @@ async fn receive_snapshot(
         return;
     };
     drop(receiver);
-    let mut file = tokio::io::BufWriter::new(tokio::fs::File::from_std(file));
+    let file = tokio::io::BufWriter::new(tokio::fs::File::from_std(file));
+    if receive_snapshot_data(config, stream, stats, file, total_bytes)
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let data = pending.finish(total_bytes);
+    if !snapshot_data_opens(group, message.from, &data, stats).await {
+        return;
+    }
+    let Some(host) = host.get().and_then(WeakNodeHost::upgrade) else {
+        return;
+    };
+    if !host.deliver_snapshot(group, message, data) {
+        return;
+    }
+    stats.snapshots_received.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.write_u8(ANSWER_SNAPSHOT_DELIVERED).await;
+    let _ = stream.flush().await;
+}
+
+/// Copies exactly `total_bytes` of snapshot data from chunk frames into
+/// `file`, then syncs it (here, off the worker: the host links it durably
+/// before the WAL records its install, and that sync is then cheap).
+/// `None` when the transfer failed: a bad or oversized chunk, a stall past
+/// the idle timeout, the whole transfer past its deadline (chunks
+/// trickled each just inside the idle timeout would hold the slot for
+/// ever), or a write that failed.
+async fn receive_snapshot_data(
+    config: &TcpConfig,
+    stream: &mut IncomingStream,
+    stats: &TcpStats,
+    mut file: tokio::io::BufWriter<tokio::fs::File>,
+    total_bytes: u64,
+) -> Option<()> {
     let mut received: u64 = 0;
-    // The whole transfer has a deadline too: chunks trickled each just
-    // inside the idle timeout would hold the slot for ever.
     let whole = config.snapshot_idle_timeout
         + Duration::from_millis(
             total_bytes.saturating_mul(1_000) / config.snapshot_bytes_per_second_min.max(1),
@@ -1377,7 +1418,7 @@ async fn receive_snapshot(
             if tokio::time::Instant::now() >= deadline {
                 stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             }
-            return;
+            return None;
         };
         let chunk = &body[1..];
         if body[0] != FRAME_SNAPSHOT_CHUNK
@@ -1385,47 +1426,38 @@ async fn receive_snapshot(
             || received + chunk.len() as u64 > total_bytes
         {
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
-        if file.write_all(chunk).await.is_err() {
-            return;
-        }
+        file.write_all(chunk).await.ok()?;
         received += chunk.len() as u64;
     }
-    if file.flush().await.is_err() {
-        return;
-    }
-    // Synced here, off the worker: the host links it durably before the
-    // WAL records its install, and that sync is then cheap.
-    if file.get_ref().sync_all().await.is_err() {
-        return;
-    }
-    let data = pending.finish(total_bytes);
-    // Opened once before Raft sees it (off the runtime: the session table
-    // is read from disk): data the apply thread could not open would stop
-    // the group here after Raft had already accepted the snapshot.
+    file.flush().await.ok()?;
+    file.get_ref().sync_all().await.ok()
+}
+
+/// Whether a received snapshot's data opens. It is opened once before
+/// Raft sees it (off the runtime: the session table is read from disk):
+/// data the apply thread could not open would stop the group after Raft
+/// had already accepted the snapshot.
+async fn snapshot_data_opens(
+    group: GroupId,
+    from: NodeId,
+    data: &SnapshotData,
+    stats: &TcpStats,
+) -> bool {
     let checked = {
         let data = data.clone();
         tokio::task::spawn_blocking(move || crate::host::check_snapshot_data(&data)).await
     };
     match checked {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => true,
         Ok(Err(error)) => {
-            tracing::warn!(group = group.0, from = message.from.0, %error, "refused a snapshot whose data does not open");
+            tracing::warn!(group = group.0, from = from.0, %error, "refused a snapshot whose data does not open");
             stats.frames_refused.fetch_add(1, Ordering::Relaxed);
-            return;
+            false
         }
-        Err(_) => return,
+        Err(_) => false,
     }
-    let Some(host) = host.get().and_then(WeakNodeHost::upgrade) else {
-        return;
-    };
-    if !host.deliver_snapshot(group, message, data) {
-        return;
-    }
-    stats.snapshots_received.fetch_add(1, Ordering::Relaxed);
-    let _ = stream.write_u8(ANSWER_SNAPSHOT_DELIVERED).await;
-    let _ = stream.flush().await;
 }
 
 /// Decodes a snapshot header body: type, data length u64, then a batch of

@@ -116,12 +116,7 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
         }
         MessageBody::Snapshot { meta } => {
             out.push(KIND_SNAPSHOT);
-            put_u64(out, meta.index.0);
-            put_u64(out, meta.term.0);
-            let mut membership = Vec::new();
-            encode_membership(&meta.membership, &mut membership);
-            put_u32(out, membership.len() as u32);
-            out.extend_from_slice(&membership);
+            encode_snapshot_meta(meta, out);
         }
         MessageBody::TimeoutNow => out.push(KIND_TIMEOUT_NOW),
         MessageBody::ReadIndex { ids } => {
@@ -148,11 +143,7 @@ pub fn encode_message(group: GroupId, message: &Message, out: &mut Vec<u8>) {
         MessageBody::ProposeRefused { ids, refusal } => {
             out.push(KIND_PROPOSE_REFUSED);
             encode_refusal(refusal, out);
-            put_u32(out, ids.len() as u32);
-            for id in ids {
-                put_u64(out, id.client);
-                put_u64(out, id.sequence);
-            }
+            put_request_ids(out, ids);
         }
         MessageBody::ReadRefused { ids, refusal } => {
             out.push(KIND_READ_REFUSED);
@@ -184,6 +175,25 @@ fn encode_append(
         put_u64(out, entry.term.0);
         put_u32(out, payload_size_bytes(&entry.payload) as u32);
         encode_payload(&entry.payload, out);
+    }
+}
+
+/// A snapshot's index, term and membership (length-prefixed).
+fn encode_snapshot_meta(meta: &SnapshotMeta, out: &mut Vec<u8>) {
+    put_u64(out, meta.index.0);
+    put_u64(out, meta.term.0);
+    let mut membership = Vec::new();
+    encode_membership(&meta.membership, &mut membership);
+    put_u32(out, membership.len() as u32);
+    out.extend_from_slice(&membership);
+}
+
+/// Request ids: a count, then each id's client and sequence.
+fn put_request_ids(out: &mut Vec<u8>, ids: &[RequestId]) {
+    put_u32(out, ids.len() as u32);
+    for id in ids {
+        put_u64(out, id.client);
+        put_u64(out, id.sequence);
     }
 }
 

@@ -879,70 +879,11 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
         match message.body {
-            MessageBody::Propose { payloads } => {
-                // Only proposals with request ids have a caller waiting on
-                // the follower; they hear of a refusal at once.
-                let ids: Vec<RequestId> = payloads
-                    .iter()
-                    .filter_map(|payload| match payload {
-                        EntryPayload::Session { id, .. } => Some(*id),
-                        _ => None,
-                    })
-                    .collect();
-                let refusal = if self.role != Role::Leader {
-                    Refusal::NotLeader {
-                        leader_hint: self.leader,
-                    }
-                } else {
-                    match self.propose_payloads(payloads) {
-                        Ok(Proposed::Appended { last, .. }) => {
-                            if let Some(progress) = self.progress.get_mut(&from) {
-                                progress.commit_wanted = progress.commit_wanted.max(last);
-                            }
-                            return Ok(());
-                        }
-                        Ok(Proposed::Forwarded { .. }) => return Ok(()),
-                        Err(error) => Refusal::from_error(&error, Some(self.id)),
-                    }
-                };
-                if !ids.is_empty() {
-                    self.send(from, Term(0), MessageBody::ProposeRefused { ids, refusal });
-                }
-            }
+            MessageBody::Propose { payloads } => self.propose_forwarded(from, payloads),
             MessageBody::ProposeRefused { ids, refusal } if !ids.is_empty() => {
                 self.refused_proposals.push((ids, refusal.into_error()));
             }
-            MessageBody::ReadIndex { ids } => {
-                // Reads it will not confirm are answered, so that their
-                // callers retry (or give up) now rather than at their
-                // timeout; one refusal for all those refused alike.
-                let mut refused: Vec<(Refusal, Vec<ReadId>)> = Vec::new();
-                for id in ids {
-                    let refusal = if self.role != Role::Leader {
-                        Refusal::NotLeader {
-                            leader_hint: self.leader,
-                        }
-                    } else {
-                        match self.leader_read(id, Some(from)) {
-                            Ok(()) => continue,
-                            Err(error) => Refusal::from_error(&error, Some(self.id)),
-                        }
-                    };
-                    match refused.iter_mut().find(|(kept, _)| *kept == refusal) {
-                        Some((_, all)) => all.push(id),
-                        None => refused.push((refusal, vec![id])),
-                    }
-                }
-                for (refusal, ids) in refused {
-                    for chunk in ids.chunks(crate::types::READ_IDS_PER_MESSAGE_MAX) {
-                        let body = MessageBody::ReadRefused {
-                            ids: chunk.to_vec(),
-                            refusal: refusal.clone(),
-                        };
-                        self.send(from, Term(0), body);
-                    }
-                }
-            }
+            MessageBody::ReadIndex { ids } => self.read_forwarded(from, ids),
             MessageBody::ReadRefused { ids, refusal } if !ids.is_empty() => {
                 self.refused_reads.push((ids, refusal.into_error()));
             }
@@ -952,6 +893,71 @@ impl<S: Storage> Raft<S> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A proposal a follower forwarded: appended here if this node leads.
+    /// Only proposals with request ids have a caller waiting on the
+    /// follower; they hear of a refusal at once.
+    fn propose_forwarded(&mut self, from: NodeId, payloads: Vec<EntryPayload>) {
+        let ids: Vec<RequestId> = payloads
+            .iter()
+            .filter_map(|payload| match payload {
+                EntryPayload::Session { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let refusal = if self.role != Role::Leader {
+            Refusal::NotLeader {
+                leader_hint: self.leader,
+            }
+        } else {
+            match self.propose_payloads(payloads) {
+                Ok(Proposed::Appended { last, .. }) => {
+                    if let Some(progress) = self.progress.get_mut(&from) {
+                        progress.commit_wanted = progress.commit_wanted.max(last);
+                    }
+                    return;
+                }
+                Ok(Proposed::Forwarded { .. }) => return,
+                Err(error) => Refusal::from_error(&error, Some(self.id)),
+            }
+        };
+        if !ids.is_empty() {
+            self.send(from, Term(0), MessageBody::ProposeRefused { ids, refusal });
+        }
+    }
+
+    /// Reads a follower forwarded: confirmed here if this node leads. Reads
+    /// it will not confirm are answered, so that their callers retry (or
+    /// give up) now rather than at their timeout; one refusal for all
+    /// those refused alike.
+    fn read_forwarded(&mut self, from: NodeId, ids: Vec<ReadId>) {
+        let mut refused: Vec<(Refusal, Vec<ReadId>)> = Vec::new();
+        for id in ids {
+            let refusal = if self.role != Role::Leader {
+                Refusal::NotLeader {
+                    leader_hint: self.leader,
+                }
+            } else {
+                match self.leader_read(id, Some(from)) {
+                    Ok(()) => continue,
+                    Err(error) => Refusal::from_error(&error, Some(self.id)),
+                }
+            };
+            match refused.iter_mut().find(|(kept, _)| *kept == refusal) {
+                Some((_, all)) => all.push(id),
+                None => refused.push((refusal, vec![id])),
+            }
+        }
+        for (refusal, ids) in refused {
+            for chunk in ids.chunks(crate::types::READ_IDS_PER_MESSAGE_MAX) {
+                let body = MessageBody::ReadRefused {
+                    ids: chunk.to_vec(),
+                    refusal: refusal.clone(),
+                };
+                self.send(from, Term(0), body);
+            }
+        }
     }
 
     // ---------------------------------------------------------------------
@@ -1478,8 +1484,11 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// Appends payloads as the leader after every check.
-    fn propose_payloads(&mut self, payloads: Vec<EntryPayload>) -> Result<Proposed> {
+    /// Refuses a proposal this leader cannot take now: empty, holding an
+    /// empty entry, during a leadership transfer, over the apply backlog
+    /// (membership changes excepted), or a membership change that is not
+    /// alone or not allowed now.
+    fn check_proposal(&self, payloads: &[EntryPayload]) -> Result<()> {
         if payloads.is_empty() {
             return Err(Error::InvalidProposal(
                 "a proposal needs at least one command".into(),
@@ -1523,6 +1532,12 @@ impl<S: Storage> Raft<S> {
             }
             self.check_conf_change(change)?;
         }
+        Ok(())
+    }
+
+    /// Appends payloads as the leader after every check.
+    fn propose_payloads(&mut self, payloads: Vec<EntryPayload>) -> Result<Proposed> {
+        self.check_proposal(&payloads)?;
         let last_index = self.log.last_index();
         let term = self.term;
         let entries: Vec<Entry> = payloads

@@ -1187,16 +1187,6 @@ impl Node {
     /// group id counter. With `bootstrap`, also on the bootstrap marker, so
     /// that it happens once per cluster.
     async fn create_table_once(&self, name: &str, bootstrap: bool) -> Result<TableEntry> {
-        let count = |key: &[u8]| {
-            RequestOp::Range(RangeRequest {
-                range: KeyRange {
-                    key: key.to_vec(),
-                    range_end: Vec::new(),
-                },
-                count_only: true,
-                ..RangeRequest::default()
-            })
-        };
         // The group starts with the cluster's voters of now; learners and
         // later members are added by the group's leader (membership.rs).
         let voters: Vec<NodeId> = self.membership().await?.voters.into_iter().collect();
@@ -1205,36 +1195,9 @@ impl Node {
                 "this node has not joined the cluster yet".into(),
             ));
         }
-        let mut entry = Vec::with_capacity(8 + 8 * voters.len());
         for _ in 0..16 {
             let next = self.next_group_id().await?;
-            let key = catalogue_key(name);
-            entry.clear();
-            entry.extend_from_slice(&next.0.to_le_bytes());
-            for voter in &voters {
-                entry.extend_from_slice(&voter.0.to_le_bytes());
-            }
-            let mut command = TxnRequest {
-                compare: vec![
-                    compare(&key, CompareTarget::CreateRevision(0)),
-                    compare(NEXT_ID_KEY, CompareTarget::Version(next.1)),
-                ],
-                success: vec![
-                    put(&key, &entry),
-                    put(NEXT_ID_KEY, &(next.0 + 1).to_le_bytes()),
-                ],
-                failure: vec![count(&key), count(BOOTSTRAPPED_KEY)],
-            };
-            if bootstrap {
-                command
-                    .compare
-                    .push(compare(BOOTSTRAPPED_KEY, CompareTarget::CreateRevision(0)));
-                command.success.push(put(BOOTSTRAPPED_KEY, b"1"));
-                command
-                    .success
-                    .push(put(INCARNATION_KEY, &random_u64().to_le_bytes()));
-            }
-            let command = Command::Txn(command);
+            let command = Command::Txn(create_table_txn(name, next, &voters, bootstrap));
             let response = self.write(META_GROUP, &command).await?;
             match response.result {
                 Ok(ResponseOp::Txn(txn)) if txn.succeeded => {
@@ -1706,6 +1669,56 @@ pub fn reset_request_key(group: GroupId) -> Vec<u8> {
     let mut key = RESET_REQUEST_PREFIX.to_vec();
     key.extend_from_slice(group.0.to_string().as_bytes());
     key
+}
+
+/// The catalogue transaction that creates table `name` as group `next.0`
+/// (the next-id key at version `next.1`) with `voters`: it succeeds only
+/// if the name is free and no other creation took the id; when it fails,
+/// its responses count the name's key and (for `bootstrap`, which also
+/// marks the cluster bootstrapped) the bootstrap key.
+fn create_table_txn(
+    name: &str,
+    next: (u64, i64),
+    voters: &[NodeId],
+    bootstrap: bool,
+) -> TxnRequest {
+    let count = |key: &[u8]| {
+        RequestOp::Range(RangeRequest {
+            range: KeyRange {
+                key: key.to_vec(),
+                range_end: Vec::new(),
+            },
+            count_only: true,
+            ..RangeRequest::default()
+        })
+    };
+    let key = catalogue_key(name);
+    let mut entry = Vec::with_capacity(8 + 8 * voters.len());
+    entry.extend_from_slice(&next.0.to_le_bytes());
+    for voter in voters {
+        entry.extend_from_slice(&voter.0.to_le_bytes());
+    }
+    let mut command = TxnRequest {
+        compare: vec![
+            compare(&key, CompareTarget::CreateRevision(0)),
+            compare(NEXT_ID_KEY, CompareTarget::Version(next.1)),
+        ],
+        success: vec![
+            put(&key, &entry),
+            put(NEXT_ID_KEY, &(next.0 + 1).to_le_bytes()),
+        ],
+        failure: vec![count(&key), count(BOOTSTRAPPED_KEY)],
+    };
+    if bootstrap {
+        command
+            .compare
+            .push(compare(BOOTSTRAPPED_KEY, CompareTarget::CreateRevision(0)));
+        command.success.push(put(BOOTSTRAPPED_KEY, b"1"));
+        command
+            .success
+            .push(put(INCARNATION_KEY, &random_u64().to_le_bytes()));
+    }
+    command
 }
 
 fn catalogue_key(name: &str) -> Vec<u8> {

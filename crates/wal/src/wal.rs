@@ -775,39 +775,8 @@ fn first_pass(
         ));
     }
     for raw in &records {
-        let position = (sequence, raw.offset);
         let floor = floors.entry(raw.group).or_default();
-        match raw.kind {
-            RecordType::GroupRemoved => {
-                *floor = Floor {
-                    removed_at: Some(position),
-                    ..Floor::default()
-                }
-            }
-            RecordType::Rewritten => {
-                if let Record::Rewritten { segment, offset } = decode_at(&path, &bytes, raw)? {
-                    let from = (segment, offset);
-                    floor.rewritten_from = floor.rewritten_from.max(Some(from));
-                    floor.installed_at = floor.installed_at.filter(|installed| *installed >= from);
-                }
-            }
-            RecordType::Snapshot | RecordType::Compaction => match decode_at(&path, &bytes, raw)? {
-                Record::Snapshot {
-                    meta,
-                    installed: true,
-                } => {
-                    floor.installed_at = Some(position);
-                    floor.floor = Some((meta.index, meta.term, sequence));
-                }
-                Record::Compaction { index, term }
-                    if floor.floor.is_none_or(|(known, _, _)| index > known) =>
-                {
-                    floor.floor = Some((index, term, sequence));
-                }
-                _ => {}
-            },
-            RecordType::Entries | RecordType::HardState => {}
-        }
+        note_floor(floor, (&path, &bytes, raw), sequence)?;
     }
     match scan.end {
         SegmentEnd::Clean => Ok(Some(scan.data_end)),
@@ -822,6 +791,49 @@ fn first_pass(
         )),
         SegmentEnd::Corrupt { offset, reason } => Err(corruption(&path, offset, reason)),
     }
+}
+
+/// What a record of pass 1 says of its group's floor: a removal starts the
+/// group over, a rewrite moves where its records start, an install or a
+/// compaction raises the index its log starts after.
+fn note_floor(
+    floor: &mut Floor,
+    (path, bytes, raw): (&Path, &Bytes, &RawRecord),
+    sequence: u64,
+) -> Result<()> {
+    let position = (sequence, raw.offset);
+    match raw.kind {
+        RecordType::GroupRemoved => {
+            *floor = Floor {
+                removed_at: Some(position),
+                ..Floor::default()
+            }
+        }
+        RecordType::Rewritten => {
+            if let Record::Rewritten { segment, offset } = decode_at(path, bytes, raw)? {
+                let from = (segment, offset);
+                floor.rewritten_from = floor.rewritten_from.max(Some(from));
+                floor.installed_at = floor.installed_at.filter(|installed| *installed >= from);
+            }
+        }
+        RecordType::Snapshot | RecordType::Compaction => match decode_at(path, bytes, raw)? {
+            Record::Snapshot {
+                meta,
+                installed: true,
+            } => {
+                floor.installed_at = Some(position);
+                floor.floor = Some((meta.index, meta.term, sequence));
+            }
+            Record::Compaction { index, term }
+                if floor.floor.is_none_or(|(known, _, _)| index > known) =>
+            {
+                floor.floor = Some((index, term, sequence));
+            }
+            _ => {}
+        },
+        RecordType::Entries | RecordType::HardState => {}
+    }
+    Ok(())
 }
 
 /// Pass 2 over one segment: applies its live records to `index`.
