@@ -331,8 +331,9 @@ impl LogSender<'_> {
     /// Sends the log after `after` up to `applied_index`, in responses of
     /// at most `RESPONSE_BYTES_MAX`, moving `after` along. `Break` when the
     /// stream is over: the client went away, the log no longer reaches
-    /// back (the follower is told to take a snapshot), or a restore's
-    /// commit ended what the follower can follow.
+    /// back (the follower is told to take a snapshot), a restore's commit
+    /// ended what the follower can follow, the log had nothing where the
+    /// applied index says it must, or reading it failed (sent as a status).
     async fn send_up_to(
         &mut self,
         after: &mut LogIndex,

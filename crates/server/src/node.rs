@@ -1673,9 +1673,10 @@ pub fn reset_request_key(group: GroupId) -> Vec<u8> {
 
 /// The catalogue transaction that creates table `name` as group `next.0`
 /// (the next-id key at version `next.1`) with `voters`: it succeeds only
-/// if the name is free and no other creation took the id; when it fails,
-/// its responses count the name's key and (for `bootstrap`, which also
-/// marks the cluster bootstrapped) the bootstrap key.
+/// if the name is free, no other creation took the id and (for
+/// `bootstrap`, which also marks the cluster bootstrapped) the cluster was
+/// not bootstrapped yet; when it fails, its responses count the name's
+/// key and the bootstrap key, for the caller to tell why.
 fn create_table_txn(
     name: &str,
     next: (u64, i64),
